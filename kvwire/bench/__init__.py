@@ -1,0 +1,1 @@
+"""``kvwire-bench``: the operators' benchmarks. Entry point: :func:`kvwire.bench.cli.main`."""

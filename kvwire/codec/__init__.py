@@ -1,0 +1,54 @@
+"""How a chunk of KV travels: ``raw``, ``fp8``, ``int4``, each optionally ``+lz4``.
+
+>>> import torch, kvwire.codec
+>>> codec = kvwire.codec.get("fp8")
+>>> x = torch.randn(16, 8, 128, dtype=torch.bfloat16)
+>>> enc = codec.encode(x, role="k")
+>>> round(x.numel() * 2 / enc.nbytes, 2)
+1.94
+>>> codec.decode(enc).shape
+torch.Size([16, 8, 128])
+
+Each codec's CPU implementation here is the specification of its bytes
+(``docs/formats.md``); the CUDA kernels in ``src_cuda/`` must reproduce it.
+"""
+
+from __future__ import annotations
+
+from kvwire.codec.base import ROLES, ChunkSpec, Codec, Encoded, as_chunk
+from kvwire.codec.fp8 import Fp8Codec
+from kvwire.codec.int4 import GROUP_SIZES, Int4Codec
+from kvwire.codec.lz4stage import Lz4Stage
+from kvwire.codec.raw import RawCodec
+
+BASE_CODECS = ("raw", "fp8", "int4")
+NAMES = BASE_CODECS + tuple(f"{n}+lz4" for n in BASE_CODECS)
+
+
+def get(name: str, *, group_size: int = 64) -> Codec:
+    """The codec called ``name`` (see ``NAMES``); ``group_size`` applies to ``int4`` values.
+
+    Also accepts a descriptor as peers exchange it, e.g. ``"int4/g128+lz4"``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"codec: expected a name, got {type(name).__name__}")
+    base, plus, stage = name.partition("+")
+    if plus and stage != "lz4":
+        raise ValueError(f"codec: unknown stage {stage!r} in {name!r}; known codecs: {', '.join(NAMES)}")
+    base, slash, param = base.partition("/")
+    if slash:
+        if base != "int4" or not param.startswith("g") or not param[1:].isdigit():
+            raise ValueError(f"codec: malformed descriptor {name!r}")
+        group_size = int(param[1:])
+    if base == "raw":
+        codec: Codec = RawCodec()
+    elif base == "fp8":
+        codec = Fp8Codec()
+    elif base == "int4":
+        codec = Int4Codec(group_size=group_size)
+    else:
+        raise ValueError(f"codec: unknown codec {name!r}; known codecs: {', '.join(NAMES)}")
+    return Lz4Stage(codec) if plus else codec
+
+
+__all__ = ["get", "NAMES", "ROLES", "GROUP_SIZES", "ChunkSpec", "Codec", "Encoded", "as_chunk"]

@@ -1,0 +1,191 @@
+"""The codec interface and the chunk every codec encodes.
+
+A *chunk* is a run of tokens of one tensor of one layer, seen by every codec as a
+3-D tensor ``[tokens, heads, head_dim]``: a latent ``kv`` has one head, and a ``state``
+is seen as ``[rows, 1, last_dim]``. A chunk starts on a block boundary, which the
+``int4`` key grouping relies on. The wire bytes of a chunk carry no header: the frame
+that carries them says which chunk they are (see ``docs/formats.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvwire.layout import DTYPE_NAMES
+
+ROLES = ("k", "v", "kv", "state")
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What a receiver must know to decode a chunk's bytes."""
+
+    tokens: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    role: str
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role: {self.role!r} is not one of {ROLES}")
+        if self.dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype: {self.dtype} is not bfloat16, float16 or float32")
+        for name in ("tokens", "heads", "head_dim", "block_size"):
+            value = getattr(self, name)
+            if value < (0 if name == "tokens" else 1):
+                raise ValueError(f"{name}: invalid value {value}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.tokens, self.heads, self.head_dim)
+
+    @property
+    def numel(self) -> int:
+        return self.tokens * self.heads * self.head_dim
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes of the chunk before any codec: its logical size."""
+        return self.numel * self.itemsize
+
+
+def as_chunk(x: torch.Tensor, role: str, block_size: int = 16) -> tuple[torch.Tensor, ChunkSpec]:
+    """Validate ``x`` and view it as ``[tokens, heads, head_dim]``; return it with its spec.
+
+    Accepts ``[T, H, D]``; ``[T, D]`` (one head, e.g. an MLA latent); for ``role='state'``
+    any shape, flattened to ``[rows, 1, last_dim]``. Non-contiguous inputs are copied.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPE_NAMES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported; expected bfloat16, float16 or float32")
+    if role not in ROLES:
+        raise ValueError(f"role: {role!r} is not one of {ROLES}")
+    if role == "state":
+        if x.dim() == 0:
+            raise ValueError("x: a state needs at least one dimension")
+        x3 = x.reshape(-1, 1, x.shape[-1])
+    elif x.dim() == 3:
+        x3 = x
+    elif x.dim() == 2:
+        x3 = x.unsqueeze(1)
+    else:
+        raise ValueError(f"x: expected [tokens, heads, head_dim] or [tokens, dim], got shape {tuple(x.shape)}")
+    if x3.shape[-1] == 0 or x3.shape[1] == 0:
+        raise ValueError(f"x: empty head dimension in shape {tuple(x.shape)}")
+    spec = ChunkSpec(x3.shape[0], x3.shape[1], x3.shape[2], x.dtype, role, block_size)
+    return x3.contiguous(), spec
+
+
+@dataclass
+class Encoded:
+    """An encoded chunk: ``data`` is a 1-D uint8 tensor holding exactly the wire bytes."""
+
+    codec: str
+    spec: ChunkSpec
+    data: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Size on the wire, in bytes."""
+        return self.data.numel()
+
+    def tobytes(self) -> bytes:
+        return self.data.cpu().numpy().tobytes()
+
+
+class Codec:
+    """A way for a chunk of KV to travel. Subclasses implement the byte format.
+
+    ``encode(x, role, block_size)`` -> :class:`Encoded`; ``decode(encoded, out=None)`` ->
+    ``[tokens, heads, head_dim]`` tensor in the original dtype (written into ``out`` if
+    given). ``decode_bytes(buf, spec)`` decodes wire bytes received elsewhere.
+    """
+
+    name: str = ""
+    lossless: bool = False
+
+    @property
+    def descriptor(self) -> str:
+        """Name plus every parameter that changes the bytes; peers must agree on it."""
+        return self.name
+
+    def check(self, spec: ChunkSpec) -> None:
+        """Raise ``ValueError`` if this codec cannot encode chunks like ``spec``."""
+
+    def encoded_size(self, spec: ChunkSpec) -> int:
+        """Exact wire size of such a chunk, or for variable-size codecs an upper bound."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, role: str, block_size: int = 16) -> Encoded:
+        x3, spec = as_chunk(x, role, block_size)
+        self.check(spec)
+        return Encoded(self.descriptor, spec, self._encode(x3, spec))
+
+    def decode(self, encoded: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
+        if encoded.codec != self.descriptor:
+            raise ValueError(f"encoded: made by codec {encoded.codec!r}, not {self.descriptor!r}")
+        return self.decode_bytes(encoded.data, encoded.spec, out)
+
+    def decode_bytes(self, buf, spec: ChunkSpec, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode wire bytes (a uint8 tensor, bytes-like or memoryview) of a chunk like ``spec``."""
+        self.check(spec)
+        data = _as_uint8(buf)
+        y = self._decode(data, spec)
+        if out is None:
+            return y
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != spec.dtype:
+            raise TypeError(f"out: dtype {out.dtype} does not match the chunk's {spec.dtype}")
+        if out.numel() != spec.numel:
+            raise ValueError(f"out: has {out.numel()} elements, the chunk has {spec.numel} {spec.shape}")
+        if out.is_contiguous():
+            out.view(spec.shape).copy_(y)
+        else:
+            out.copy_(y.reshape(out.shape))
+        return out
+
+    # Subclasses implement these on validated, contiguous inputs.
+    def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<codec {self.descriptor}>"
+
+
+def _as_uint8(buf) -> torch.Tensor:
+    if isinstance(buf, torch.Tensor):
+        if buf.dtype != torch.uint8 or buf.dim() != 1:
+            raise TypeError(f"buf: expected a 1-D uint8 tensor, got {buf.dtype} of shape {tuple(buf.shape)}")
+        return buf
+    try:
+        mv = memoryview(buf).cast("B")
+    except TypeError as exc:
+        raise TypeError(f"buf: expected bytes-like data, got {type(buf).__name__}") from exc
+    if len(mv) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mv, dtype=torch.uint8)
+
+
+def check_length(data: torch.Tensor, expected: int, codec: str) -> None:
+    if data.numel() != expected:
+        raise ValueError(f"buf: {codec} chunk must be {expected} bytes, got {data.numel()}")
+
+
+def take(data: torch.Tensor, offset: int, nbytes: int, what: str) -> torch.Tensor:
+    """A bounds-checked byte slice, so a short buffer fails with a clear message."""
+    if offset + nbytes > data.numel():
+        raise ValueError(f"buf: too short for the {what} ({data.numel()} bytes, need {offset + nbytes})")
+    return data[offset : offset + nbytes]

@@ -1,0 +1,142 @@
+"""``int4``: asymmetric 4-bit codes with an fp16 scale and fp16 zero-point per group.
+
+Groups (the KIVI split, because keys have a few outlier *channels* while values do not):
+
+* keys (role ``k``): per channel, along the tokens of one block: group ``[b, h, d]``
+  covers tokens ``b*block_size .. (b+1)*block_size - 1`` of the chunk (the last group
+  of a partial block covers only the tokens present);
+* values, latents and states (``v``, ``kv``, ``state``): per token, along ``head_dim``
+  in runs of ``group_size`` (32, 64 or 128) channels.
+
+The float operations below are the specification (IEEE fp32, round-to-nearest-even,
+no fused multiply-add); the CUDA kernels reproduce them bit for bit:
+
+    mn, mx = min, max of the group over finite values (0, 0 when none is finite)
+    zero   = fp16(clamp(mn, -65504, 65504));            z = float(zero)
+    scale  = fp16(clamp((mx - z) / 15, -65504, 65504));  s = float(scale)
+    inv    = 1 / s if s > 0 else 0
+    code   = clamp(rint((x - z) * inv), 0, 15)          ; NaN -> 0
+    x'     = float(code) * s + z (two roundings), then rounded to the cache dtype
+
+A constant group (mx == mn) decodes exactly whenever its value is an fp16 number.
+Wire bytes: ``scales`` (fp16), ``zeros`` (fp16), then ``codes``: two per byte along
+``head_dim``, the even channel in the low nibble.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvwire.codec.base import ChunkSpec, Codec, check_length, take
+
+GROUP_SIZES = (32, 64, 128)
+FP16_MAX = 65504.0
+
+
+def _finite_minmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    finite = torch.isfinite(x)
+    mn = torch.where(finite, x, math.inf).amin(dim=dim)
+    mx = torch.where(finite, x, -math.inf).amax(dim=dim)
+    none = ~finite.any(dim=dim)
+    zero = torch.zeros_like(mn)
+    return torch.where(none, zero, mn), torch.where(none, zero, mx)
+
+
+def int4_params(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale fp16, zero fp16) of groups with fp32 ``mn`` / ``mx``, as the format defines."""
+    zero = mn.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    scale = ((mx - zero.float()) / 15.0).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    return scale, zero
+
+
+def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (uint8, one per element) of fp32 ``x`` with broadcastable fp16 params."""
+    s = scale.float()
+    inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
+    q = torch.round((x - zero.float()) * inv)
+    q = torch.nan_to_num(q, nan=0.0).clamp(0, 15)
+    return q.to(torch.uint8)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` codes -> ``[..., D/2]`` bytes, the even element in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+class Int4Codec(Codec):
+    name = "int4"
+
+    def __init__(self, group_size: int = 64) -> None:
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size: {group_size} is not one of {GROUP_SIZES}")
+        self.group_size = group_size
+
+    @property
+    def descriptor(self) -> str:
+        return f"int4/g{self.group_size}"
+
+    def check(self, spec: ChunkSpec) -> None:
+        if spec.head_dim % 2:
+            raise ValueError(f"head_dim: int4 packs two codes per byte, so head_dim must be even, got {spec.head_dim}")
+        if spec.role != "k" and spec.head_dim % self.group_size:
+            raise ValueError(
+                f"head_dim: {spec.head_dim} is not a multiple of the int4 group_size {self.group_size} "
+                f"(role {spec.role!r}); choose group_size from {GROUP_SIZES} dividing it"
+            )
+
+    def _num_groups(self, spec: ChunkSpec) -> int:
+        if spec.role == "k":
+            blocks = -(-spec.tokens // spec.block_size)
+            return blocks * spec.heads * spec.head_dim
+        return spec.tokens * spec.heads * (spec.head_dim // self.group_size)
+
+    def encoded_size(self, spec: ChunkSpec) -> int:
+        self.check(spec)
+        return self._num_groups(spec) * 4 + spec.numel // 2
+
+    def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        xf = x3.float()
+        T, H, D = spec.shape
+        if spec.role == "k":
+            bs = spec.block_size
+            blocks = -(-T // bs)
+            padded = torch.full((blocks * bs, H, D), math.nan)
+            padded[:T] = xf
+            mn, mx = _finite_minmax(padded.view(blocks, bs, H, D), dim=1)  # [NB, H, D]
+            scale, zero = int4_params(mn, mx)
+            per_token = lambda p: p.repeat_interleave(bs, dim=0)[:T]  # noqa: E731
+            codes = int4_codes(xf, per_token(scale), per_token(zero))
+        else:
+            g = self.group_size
+            grouped = xf.view(T, H, D // g, g)
+            mn, mx = _finite_minmax(grouped, dim=-1)  # [T, H, D/g]
+            scale, zero = int4_params(mn, mx)
+            codes = int4_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1)).view(T, H, D)
+        return torch.cat(
+            [scale.reshape(-1).view(torch.uint8), zero.reshape(-1).view(torch.uint8), pack_nibbles(codes).reshape(-1)]
+        )
+
+    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        check_length(data, self.encoded_size(spec), self.name)
+        groups = self._num_groups(spec)
+        scale = take(data, 0, groups * 2, "int4 scales").clone().view(torch.float16).float()
+        zero = take(data, groups * 2, groups * 2, "int4 zeros").clone().view(torch.float16).float()
+        packed = take(data, groups * 4, spec.numel // 2, "int4 codes")
+        T, H, D = spec.shape
+        codes = unpack_nibbles(packed.view(T, H, D // 2)).float()
+        if spec.role == "k":
+            bs = spec.block_size
+            s = scale.view(-1, H, D).repeat_interleave(bs, dim=0)[:T]
+            z = zero.view(-1, H, D).repeat_interleave(bs, dim=0)[:T]
+            return (codes * s + z).to(spec.dtype)
+        g = self.group_size
+        s = scale.view(T, H, D // g, 1)
+        z = zero.view(T, H, D // g, 1)
+        return (codes.view(T, H, D // g, g) * s + z).view(T, H, D).to(spec.dtype)

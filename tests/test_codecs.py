@@ -1,0 +1,226 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import kvwire.codec
+from kvwire.codec.fp8 import E4M3_NAN
+from kvwire.codec.lz4stage import LZ4_BLOCK
+from kvwire.codec.synthetic import realistic_keys, relative_mse
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+shapes = st.tuples(
+    st.integers(1, 70),  # tokens: often not a multiple of the block size
+    st.integers(1, 4),  # heads
+    st.sampled_from([64, 128, 192, 256]),  # head_dim
+)
+
+
+def gaussian(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_raw_roundtrips_every_bit_pattern(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 256, (math.prod(shape) * torch.empty((), dtype=dtype).element_size(),), generator=g)
+    x = bits.to(torch.uint8).view(dtype).view(shape)  # includes NaN payloads, inf, subnormals
+    for name in ("raw", "raw+lz4"):
+        codec = kvwire.codec.get(name)
+        y = codec.decode(codec.encode(x, "k"))
+        assert torch.equal(y.view(torch.uint8), x.view(torch.uint8))
+
+
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), role=st.sampled_from(["k", "v"]), seed=st.integers(0, 2**16))
+def test_fp8_relative_mse_on_gaussian(shape, dtype, role, seed):
+    x = gaussian(shape, dtype, seed)
+    codec = kvwire.codec.get("fp8")
+    enc = codec.encode(x, role)
+    assert enc.nbytes == codec.encoded_size(enc.spec) == shape[0] * shape[1] * (4 + shape[2])
+    assert relative_mse(x, codec.decode(enc)) <= 1e-3
+
+
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    role=st.sampled_from(["k", "v", "kv"]),
+    block_size=st.sampled_from([16, 32, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_relative_mse_on_gaussian(shape, dtype, role, block_size, seed):
+    x = gaussian(shape, dtype, seed)
+    codec = kvwire.codec.get("int4", group_size=64)
+    enc = codec.encode(x, role, block_size)
+    T, H, D = shape
+    groups = (-(-T // block_size) * H * D) if role == "k" else T * H * D // 64
+    assert enc.nbytes == codec.encoded_size(enc.spec) == groups * 4 + T * H * D // 2
+    assert relative_mse(x, codec.decode(enc)) <= 1.5e-2
+
+
+@given(shape=shapes, name=st.sampled_from(["fp8+lz4", "int4+lz4"]), seed=st.integers(0, 2**16))
+def test_lz4_stage_is_lossless_over_its_inner_codec(shape, name, seed):
+    x = gaussian(shape, torch.bfloat16, seed)
+    outer, inner = kvwire.codec.get(name), kvwire.codec.get(name.split("+")[0])
+    enc = outer.encode(x, "v")
+    assert enc.nbytes <= outer.encoded_size(enc.spec)
+    assert torch.equal(outer.decode(enc), inner.decode(inner.encode(x, "v")))
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, ratio",
+    [(torch.bfloat16, 128, 256 / 132), (torch.float16, 64, 128 / 68), (torch.float32, 128, 512 / 132)],
+)
+def test_fp8_compression_ratio_matches_the_format(dtype, head_dim, ratio):
+    x = gaussian((64, 8, head_dim), dtype, 0)
+    enc = kvwire.codec.get("fp8").encode(x, "k")
+    assert x.numel() * x.element_size() / enc.nbytes == pytest.approx(ratio)
+    if dtype == torch.bfloat16:
+        assert round(ratio, 2) == 1.94
+
+
+def test_fp8_golden_bytes():
+    # amax 4 -> scale 4/448; x * (1/scale) = 112, -224, 56, 448 -> e4m3 0x6E, 0xF6, 0x66, 0x7E.
+    x = torch.tensor([[[1.0, -2.0, 0.5, 4.0]]])
+    enc = kvwire.codec.get("fp8").encode(x, "k")
+    scale = torch.tensor([4.0 / 448.0], dtype=torch.float32)
+    assert enc.tobytes() == scale.numpy().tobytes() + bytes([0x6E, 0xF6, 0x66, 0x7E])
+
+
+def test_fp8_special_values():
+    x = torch.tensor([[[0.0] * 4], [[1.0, math.inf, -math.inf, math.nan]], [[math.nan] * 4]])
+    codec = kvwire.codec.get("fp8")
+    enc = codec.encode(x, "v")
+    scales = enc.data[:12].clone().view(torch.float32)
+    codes = enc.data[12:].view(3, 4)
+    assert scales.tolist() == [1.0, pytest.approx(1.0 / 448.0), 1.0]  # zero and all-NaN rows: scale 1
+    assert codes[0].tolist() == [0, 0, 0, 0]
+    assert codes[1].tolist()[1:] == [0x7E, 0xFE, E4M3_NAN]  # +inf, -inf saturate; NaN canonical
+    y = codec.decode(enc)
+    assert (y[0] == 0).all()
+    assert y[1, 0, 1] == 1.0 and y[1, 0, 2] == -1.0  # inf -> the row's amax
+    assert torch.isnan(y[1, 0, 3]) and torch.isnan(y[2]).all()
+
+
+def test_fp8_saturates_instead_of_overflowing():
+    x = torch.tensor([[[1e30, -3e38, 5.0, 0.0]]], dtype=torch.float32)
+    y = kvwire.codec.get("fp8").decode(kvwire.codec.get("fp8").encode(x, "k"))
+    assert torch.isfinite(y).all()
+    assert y[0, 0, 1] == pytest.approx(-3e38, rel=0.07)
+
+
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("value", [0.0, 1.5, -3.25, 1000.0])
+def test_int4_constant_groups_are_exact(role, value):
+    x = torch.full((40, 2, 64), value, dtype=torch.bfloat16)
+    codec = kvwire.codec.get("int4")
+    assert torch.equal(codec.decode(codec.encode(x, role, 16)), x)
+
+
+def test_int4_extremes_reach_both_ends_of_the_code_range():
+    x = torch.linspace(-1, 1, 64).reshape(1, 1, 64)
+    enc = kvwire.codec.get("int4").encode(x, "v")
+    packed = enc.data[4:]
+    codes = torch.stack([packed & 15, packed >> 4], -1).flatten()
+    assert codes[0] == 0 and codes[-1] == 15
+
+
+def test_int4_handles_non_finite_values():
+    x = torch.randn(16, 1, 64)
+    x[0, 0, 0], x[1, 0, 1], x[2, 0, 2] = math.inf, -math.inf, math.nan
+    codec = kvwire.codec.get("int4")
+    for role in ("k", "v"):
+        y = codec.decode(codec.encode(x, role))
+        assert torch.isfinite(y).all()
+        finite = torch.isfinite(x)
+        assert relative_mse(x[finite], y[finite]) < 1.5e-2
+
+
+def test_int4_per_channel_keys_beat_per_token_on_realistic_keys():
+    keys = realistic_keys(512, 8, 128, seed=3)
+    codec = kvwire.codec.get("int4", group_size=64)
+    per_channel = relative_mse(keys, codec.decode(codec.encode(keys, "k", 16)))
+    per_token = relative_mse(keys, codec.decode(codec.encode(keys, "v", 16)))
+    assert per_channel * 3 < per_token, (per_channel, per_token)
+
+
+def test_int4_partial_last_key_block_uses_only_present_tokens():
+    x = torch.randn(17, 1, 64)
+    x[16] = 100.0  # alone in its block: that group is constant, so exact
+    codec = kvwire.codec.get("int4")
+    y = codec.decode(codec.encode(x, "k", 16))
+    assert torch.equal(y[16], x[16])
+
+
+def test_lz4_stores_incompressible_blocks_and_shrinks_compressible_ones():
+    codec = kvwire.codec.get("raw+lz4")
+    noise = torch.randint(0, 256, (LZ4_BLOCK * 2 + 100,), dtype=torch.uint8).view(torch.bfloat16).view(-1, 1, 2)
+    enc = codec.encode(noise, "k")
+    assert enc.nbytes == noise.numel() * 2 + 4 * 3  # three blocks stored as is, header each
+    zeros = torch.zeros(4096, 8, 128, dtype=torch.bfloat16)
+    assert codec.encode(zeros, "k").nbytes < 0.01 * zeros.numel() * 2
+
+
+def test_lz4_bplanes_help_bf16():
+    x = realistic_keys(1024, 8, 128)
+    plain = kvwire.codec.get("raw+lz4").encode(x, "k").nbytes
+    assert plain < x.numel() * 2 * 0.95  # the exponent plane compresses
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: kvwire.codec.get("zstd"), ValueError, "unknown codec"),
+        (lambda: kvwire.codec.get("fp8+zstd"), ValueError, "stage"),
+        (lambda: kvwire.codec.get("int4", group_size=48), ValueError, "group_size"),
+        (lambda: kvwire.codec.get("raw").encode(torch.zeros(4, 2, 8, dtype=torch.int32), "k"), TypeError, "dtype"),
+        (lambda: kvwire.codec.get("raw").encode(torch.zeros(4, 2, 2, 8), "k"), ValueError, "shape"),
+        (lambda: kvwire.codec.get("raw").encode(torch.zeros(4, 8), "q"), ValueError, "role"),
+        (lambda: kvwire.codec.get("int4").encode(torch.zeros(4, 2, 63), "k"), ValueError, "even"),
+        (lambda: kvwire.codec.get("int4").encode(torch.zeros(4, 2, 96), "v"), ValueError, "group_size"),
+        (lambda: kvwire.codec.get("raw").encode([1.0], "k"), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("name", kvwire.codec.NAMES)
+def test_truncated_or_padded_bytes_are_rejected(name):
+    codec = kvwire.codec.get(name)
+    x = gaussian((20, 2, 64), torch.float16, 1)
+    enc = codec.encode(x, "v")
+    with pytest.raises(ValueError, match="buf"):
+        codec.decode_bytes(enc.data[:-1], enc.spec)
+    with pytest.raises(ValueError, match="buf"):
+        codec.decode_bytes(torch.cat([enc.data, torch.zeros(3, dtype=torch.uint8)]), enc.spec)
+
+
+def test_decode_into_out_and_non_contiguous_input():
+    x = gaussian((8, 64, 4), torch.bfloat16, 2).transpose(1, 2)  # non-contiguous [8, 4, 64]
+    codec = kvwire.codec.get("fp8")
+    out = torch.empty(8, 4, 64, dtype=torch.bfloat16)
+    assert codec.decode(codec.encode(x, "k"), out=out) is out
+    assert relative_mse(x, out) < 1e-3
+    with pytest.raises(TypeError, match="out"):
+        codec.decode(codec.encode(x, "k"), out=torch.empty(8, 4, 64))
+
+
+def test_states_and_latents_use_the_value_rule():
+    codec = kvwire.codec.get("int4", group_size=64)
+    state = gaussian((2, 64, 64), torch.bfloat16, 5)
+    enc = codec.encode(state, "state")
+    assert enc.spec.shape == (128, 1, 64)
+    assert codec.decode(enc).view(2, 64, 64).shape == state.shape
+    latent = gaussian((33, 576), torch.bfloat16, 6)
+    assert kvwire.codec.get("fp8").encode(latent, "kv").spec.shape == (33, 1, 576)
+
+
+def test_descriptor_roundtrip():
+    for name in kvwire.codec.NAMES:
+        codec = kvwire.codec.get(name, group_size=128)
+        assert kvwire.codec.get(codec.descriptor).descriptor == codec.descriptor
