@@ -1,0 +1,52 @@
+"""kvwire: move an LLM's KV cache from prefill to decode, layer by layer, across sites.
+
+>>> import kvwire
+>>> layout = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
+>>> rx = kvwire.Receiver(layout, secret="example-secret", kv_caches=layout.allocate(8))
+>>> tx = kvwire.Sender(layout, rx.address, secret="example-secret", kv_caches=layout.allocate(8), streams=2)
+>>> h = rx.expect("r1", block_ids=[3, 4], num_tokens=20)
+>>> t = tx.transfer("r1", block_ids=[0, 1], num_tokens=20)
+>>> for i in range(layout.num_layers):
+...     t.send_layer(i)
+>>> t.finish(timeout=10)["num_tokens"], h.wait(timeout=10)["ok"]
+(20, True)
+>>> tx.close(); rx.close()
+"""
+
+from kvwire.engine import ReceiveHandle, Receiver, SendHandle, Sender
+from kvwire.errors import (
+    AuthenticationFailed,
+    Cancelled,
+    KvwireError,
+    LayoutMismatch,
+    PeerLost,
+    ProtocolError,
+    TransferError,
+    TransferTimeout,
+)
+from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
+from kvwire.transport.tcp import SocketOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationFailed",
+    "Cancelled",
+    "KVLayout",
+    "KvwireError",
+    "LayerSpec",
+    "LayoutMismatch",
+    "PagedTensorSpec",
+    "PeerLost",
+    "ProtocolError",
+    "ReceiveHandle",
+    "Receiver",
+    "Selection",
+    "SendHandle",
+    "Sender",
+    "SocketOptions",
+    "StateSpec",
+    "TransferError",
+    "TransferTimeout",
+    "__version__",
+]

@@ -1,0 +1,109 @@
+"""Cutting a layer into chunks, and moving a chunk between a cache and wire bytes.
+
+A chunk is a run of rows of one tensor of one layer: whole blocks of a paged tensor
+(only the request's last block may be partial), or rows of a state. Chunks are sized so
+their encoded bytes stay under the receiver's largest payload, and each decodes alone,
+so chunks can travel on any connection and be placed in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvwire.codec import ChunkSpec, Codec
+from kvwire.layout import STATE_NAME, KVLayout, Selection, gather_tokens, scatter_tokens
+from kvwire.proto.request import TensorPlan
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    layer: int
+    tensor: int  # index into the layer's tensor names
+    name: str
+    start: int
+    count: int
+
+
+def role_of(name: str) -> str:
+    return name  # tensor names are the codec roles: k, v, kv, state
+
+
+def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
+    return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, role_of(t.name), layout.block_size)
+
+
+def plan_chunks(
+    layout: KVLayout, codec: Codec, tensors: list[TensorPlan], target_bytes: int, max_payload: int
+) -> list[ChunkRef]:
+    """Chunks covering every row of ``tensors`` (one layer), each <= ``max_payload`` encoded."""
+    chunks = []
+    for t in tensors:
+        if t.rows == 0:
+            continue
+        unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(t.unit, t.rows)))
+        units = max(1, target_bytes // max(unit_bytes, 1))
+        rows_per_chunk = units * t.unit
+        while rows_per_chunk > t.unit and codec.encoded_size(chunk_spec(layout, t, rows_per_chunk)) > max_payload:
+            rows_per_chunk -= t.unit
+        if codec.encoded_size(chunk_spec(layout, t, min(rows_per_chunk, t.rows))) > max_payload:
+            raise ValueError(
+                f"layer {t.layer} {t.name!r}: one {'block' if t.unit > 1 else 'row'} encodes to "
+                f"{unit_bytes} bytes, more than the receiver's largest payload ({max_payload}); "
+                f"raise the receiver's slot_bytes"
+            )
+        for start in range(0, t.rows, rows_per_chunk):
+            chunks.append(ChunkRef(t.layer, t.index, t.name, start, min(rows_per_chunk, t.rows - start)))
+    return chunks
+
+
+def source_rows(
+    layer_caches: dict[str, torch.Tensor], state: torch.Tensor | None, sel: Selection, block_size: int, c: ChunkRef
+) -> torch.Tensor:
+    """The rows of a chunk, as ``[count, ...]`` in the cache dtype (on the cache's device)."""
+    if c.name == STATE_NAME:
+        assert state is not None
+        return state.reshape(-1, state.shape[-1])[c.start : c.start + c.count]
+    return gather_tokens(layer_caches[c.name], sel, block_size, c.start, c.start + c.count)
+
+
+def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: ChunkRef) -> list[memoryview] | None:
+    """Zero-copy views of a raw chunk in a contiguous CPU cache (runs of consecutive blocks
+    coalesced), or None when the cache cannot be read that way."""
+    if cache.device.type != "cpu" or not cache.is_contiguous():
+        return None
+    first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
+    ids = sel.block_ids[first:last]
+    tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
+    flat = cache.view(cache.shape[0], -1).view(torch.uint8)
+    per_token = flat.shape[1] // block_size
+    views, i = [], 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        run = flat[ids[i] : ids[j - 1] + 1].reshape(-1)
+        if j == len(ids) and tail < block_size:
+            run = run[: run.numel() - (block_size - tail) * per_token]
+        views.append(memoryview(run.numpy()))
+        i = j
+    return views
+
+
+def place_rows(
+    layer_caches: dict[str, torch.Tensor],
+    state: torch.Tensor | None,
+    sel: Selection,
+    block_size: int,
+    c: ChunkRef,
+    rows: torch.Tensor,
+) -> None:
+    """Write decoded rows (``[count, heads, head_dim]``) into their destination."""
+    if c.name == STATE_NAME:
+        assert state is not None
+        dest = state.view(-1, state.shape[-1])[c.start : c.start + c.count]
+        dest.copy_(rows.reshape(dest.shape), non_blocking=True)
+        return
+    cache = layer_caches[c.name]
+    scatter_tokens(cache, sel, block_size, c.start, rows.reshape(rows.shape[0], *cache.shape[2:]).to(cache.device))

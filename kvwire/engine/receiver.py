@@ -1,0 +1,735 @@
+"""The decode side: accept senders, check every frame, place chunks where ``expect`` said.
+
+Each connection has one reader thread. For a DATA frame it validates the header against
+the request's plan (known request, layer and tensor in range, rows inside the request,
+block-aligned, the payload size the codec implies), receives the payload with
+``recv_into`` straight into a staging slot, verifies its CRC32C, and only then decodes
+it into the destination blocks. Data for a request nobody has ``expect``-ed yet stays
+in its slot; the sender gets no credit back for it, so it slows down rather than
+overrun the staging budget. A bad frame closes its connection (logged); other
+connections and other senders carry on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import kvwire.codec
+from kvwire.codec import ChunkSpec
+from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
+from kvwire.engine.sender import _request_id, layout_summary, secret_bytes
+from kvwire.errors import (
+    Cancelled,
+    KvwireError,
+    PeerLost,
+    ProtocolError,
+    TransferError,
+    TransferTimeout,
+)
+from kvwire.layout import KVLayout, Selection
+from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection, parse_header
+from kvwire.proto.frames import HEADER_SIZE, FrameType
+from kvwire.proto.request import RequestPlan
+from kvwire.staging import StagingPool
+from kvwire.transport.tcp import SocketOptions, TcpListener, TcpStream, parse_address
+
+log = logging.getLogger("kvwire.receiver")
+
+DEFAULT_STAGING_BYTES = 256 << 20
+DEFAULT_SLOT_BYTES = (4 << 20) + (64 << 10)  # a 4 MiB chunk plus the lz4 stage's worst-case headers
+REAPER_PERIOD_S = 0.05
+
+
+@dataclass(eq=False)
+class _RConn:
+    stream: TcpStream
+    proto: ServerConnection
+    session: _Session | None = None
+    alive: bool = True
+
+    def send(self, frame: bytes) -> bool:
+        try:
+            self.stream.send_parts([frame])
+            return True
+        except PeerLost:
+            return False
+
+
+@dataclass(eq=False)
+class _Session:
+    id: str
+    peer: str
+    conns: list = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+    codec: object = None
+
+    def any_conn(self) -> _RConn | None:
+        return next((c for c in self.conns if c.alive), None)
+
+
+@dataclass(eq=False)
+class _Parked:
+    ref: ChunkRef
+    spec: ChunkSpec
+    slot: object
+    length: int
+    conn: _RConn
+
+
+@dataclass(eq=False)
+class _Incoming:
+    """A request announced by a sender's BEGIN, matched (or not yet) with an ``expect``."""
+
+    session: _Session
+    tag: int
+    request_id: str
+    num_tokens: int
+    plan: RequestPlan
+    created: float
+    handle: ReceiveHandle | None = None
+    parked: list = field(default_factory=list)
+    writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
+    finished: bool = False
+
+
+class ReceiveHandle:
+    """Where one request lands, and how to wait for it. Create with :meth:`Receiver.expect`."""
+
+    def __init__(self, receiver: Receiver, request_id: str, sel: Selection, states, deadline: float) -> None:
+        self._receiver = receiver
+        self.request_id = request_id
+        self.selection = sel
+        self.states: dict[int, torch.Tensor] = dict(states or {})
+        self.deadline = deadline
+        self._incoming: _Incoming | None = None
+        self._error: TransferError | None = None
+        self._finished = False
+        self.t_expected = time.monotonic()
+        self.t_first_byte: float | None = None
+        self.t_done: float | None = None
+        self.wire_bytes = 0
+        self.logical_bytes = 0
+        self.chunks = 0
+        self.duplicates = 0
+        self.layer_done_at: dict[int, float] = {}
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Block until every tensor of ``layer`` is in place (or raise the transfer's error)."""
+        if not 0 <= layer < self._receiver.layout.num_layers:
+            raise ValueError(f"layer: {layer} out of range for {self._receiver.layout.num_layers} layers")
+        self._receiver._wait(self, lambda: self._layer_ready(layer), timeout)
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until the whole request is in place; return its statistics."""
+        self._receiver._wait(self, lambda: self._finished, timeout)
+        return self.stats()
+
+    def done(self) -> bool:
+        """True once the request ended, successfully or not."""
+        return self._finished
+
+    def ok(self) -> bool:
+        return self._finished and self._error is None
+
+    def cancel(self, reason: str = "cancelled by the receiver") -> None:
+        """Stop receiving; the sender's ``finish`` raises ``Cancelled``."""
+        self._receiver._cancel(self, reason)
+
+    def stats(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "num_tokens": self.selection.num_tokens,
+            "wire_bytes": self.wire_bytes,
+            "logical_bytes": self.logical_bytes,
+            "chunks": self.chunks,
+            "duplicates": self.duplicates,
+            "ok": self.ok(),
+            "error": None if self._error is None else str(self._error),
+            "receive_ms": None if self.t_done is None or self.t_first_byte is None
+            else (self.t_done - self.t_first_byte) * 1e3,
+        }  # fmt: skip
+
+    def _layer_ready(self, layer: int) -> bool:
+        inc = self._incoming
+        if self._finished:
+            return True
+        return inc is not None and inc.plan.layer_complete(layer) and not inc.writing[layer]
+
+
+class Receiver:
+    """Accepts :class:`~kvwire.Sender` connections and places their KV into ``kv_caches``.
+
+    Args:
+        layout: the KV layout; senders with another layout are refused at handshake.
+        listen: ``"host:port"`` or ``(host, port)``; port 0 picks a free port (see ``address``).
+        secret: shared secret (bytes or str, >= 8 bytes); default ``$KVWIRE_SECRET``.
+        kv_caches: this side's paged caches, one dict per layer.
+        staging_bytes: host memory for payloads between the network and the caches; data
+            that arrives before ``expect`` waits here.
+        slot_bytes: the largest payload a sender may put in one frame.
+        window_bytes: credit per connection: payload bytes a sender may have outstanding.
+        codecs: codec names accepted (default: all).
+        unclaimed_timeout: seconds a request may wait for ``expect`` before it is refused.
+        tls: an ``ssl.SSLContext`` (server side).
+
+    Example::
+
+        receiver = kvwire.Receiver(layout, listen="0.0.0.0:7400", secret=key, kv_caches=caches)
+        h = receiver.expect("req-1", block_ids=[0, 1, 5], num_tokens=40)
+        h.wait_layer(0)      # layer 0 is usable
+        h.wait(timeout=10)   # every layer is
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        listen: str | tuple[str, int] = ("127.0.0.1", 0),
+        *,
+        secret: bytes | str | None = None,
+        kv_caches: Sequence[Mapping[str, torch.Tensor]],
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        slot_bytes: int = DEFAULT_SLOT_BYTES,
+        window_bytes: int | None = None,
+        codecs: Sequence[str] | None = None,
+        unclaimed_timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+        socket_options: SocketOptions | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
+        self.layout = layout
+        self._secret = secret_bytes(secret)
+        self._num_blocks = layout.check_caches(kv_caches)
+        self._caches = [dict(c) for c in kv_caches]
+        first = next((t for c in self._caches for t in c.values()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
+        self._pool = StagingPool(staging_bytes, slot_bytes)
+        self._window = window_bytes or max(slot_bytes, self._pool.budget_bytes // 8)
+        if self._window < slot_bytes:
+            raise ValueError(f"window_bytes: {self._window} is less than one slot ({slot_bytes})")
+        self._slot_bytes = slot_bytes
+        self._unclaimed_timeout = unclaimed_timeout
+        self._handshake_timeout = handshake_timeout
+        self._codecs: dict[str, kvwire.codec.Codec] = {}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sessions: dict[str, _Session] = {}
+        self._by_id: dict[str, _Incoming] = {}
+        self._expected: dict[str, ReceiveHandle] = {}
+        self._cancelled_ids: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._conns: list[_RConn] = []
+        self._rejected: collections.deque = collections.deque(maxlen=32)
+        self._counters = collections.Counter()
+        self._closed = False
+        self._listener = TcpListener(parse_address(listen, "listen"), socket_options or SocketOptions(), tls)
+        self._threads = [
+            threading.Thread(target=self._accept_loop, name="kvwire-accept", daemon=True),
+            threading.Thread(target=self._reap_loop, name="kvwire-reaper", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` this receiver listens on."""
+        return self._listener.address
+
+    # -- the public surface --------------------------------------------------------------
+    def expect(
+        self,
+        request_id: str | int,
+        block_ids: Sequence[int] | torch.Tensor,
+        num_tokens: int,
+        *,
+        states: Mapping[int, torch.Tensor] | None = None,
+        deadline: float = 60.0,
+    ) -> ReceiveHandle:
+        """Name where request ``request_id`` lands: ``num_tokens`` tokens into ``block_ids``
+        (in token order; the last block may be partial) and, for layers with a state, into
+        ``states[layer]``. Data that arrived earlier is placed now. ``deadline``: seconds
+        from now within which the request must complete, else ``TransferTimeout``."""
+        if self._closed:
+            raise ValueError("expect: the receiver is closed")
+        request_id = _request_id(request_id)
+        sel = Selection(tuple(block_ids.tolist() if isinstance(block_ids, torch.Tensor) else block_ids), num_tokens)
+        sel.check(self.layout.block_size, self._num_blocks)
+        self.layout.check_states(states)
+        for i, t in (states or {}).items():
+            if not t.is_contiguous():
+                raise ValueError(f"states[{i}]: must be contiguous")
+        if deadline <= 0:
+            raise ValueError(f"deadline: must be positive, got {deadline}")
+        handle = ReceiveHandle(self, request_id, sel, states, time.monotonic() + deadline)
+        with self._lock:
+            if request_id in self._expected or (
+                request_id in self._by_id and self._by_id[request_id].handle is not None
+            ):
+                raise ValueError(f"request_id: {request_id!r} is already expected")
+            reason = self._cancelled_ids.pop(request_id, None)
+            if reason is not None:
+                self._finish(handle, None, Cancelled(f"request {request_id!r} was cancelled by the sender: {reason}"))
+                return handle
+            inc = self._by_id.get(request_id)
+            if inc is not None and not inc.finished:
+                parked, actions = self._bind(inc, handle)
+            else:
+                self._expected[request_id] = handle
+                parked, actions = [], []
+        self._run(actions)
+        self._place_parked(handle._incoming, parked)
+        return handle
+
+    def stats(self) -> dict:
+        with self._lock:
+            conns = [c.stream.stats() | {"alive": c.alive} for c in self._conns if c.alive]
+            return {
+                "connections": conns,
+                "sessions": len(self._sessions),
+                "pending_expect": len(self._expected),
+                "staging": self._pool.stats(),
+                "rejected": list(self._rejected),
+                **dict(self._counters),
+            }
+
+    def close(self) -> None:
+        """Stop listening, close every connection; open requests fail with ``Cancelled``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            handles = list(self._expected.values()) + [i.handle for i in self._by_id.values() if i.handle]
+            for h in handles:
+                self._finish(h, None, Cancelled(f"request {h.request_id!r}: the receiver was closed"))
+            for inc in self._by_id.values():
+                self._release_parked(inc)
+            conns = list(self._conns)
+            self._cond.notify_all()
+        self._listener.close()
+        for c in conns:
+            c.stream.close()
+        self._pool.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- connections ---------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                stream = self._listener.accept()
+            except ConnectionAbortedError as exc:
+                self._reject(None, f"TLS: {exc}")
+                continue
+            except OSError:
+                return  # the listener was closed
+            threading.Thread(target=self._serve, args=(stream,), name="kvwire-recv", daemon=True).start()
+
+    def _check_codec(self, descriptor: str) -> str | None:
+        try:
+            codec = kvwire.codec.get(descriptor)
+        except ValueError as exc:
+            return str(exc)
+        if self._accepted_codecs is not None and codec.descriptor not in self._accepted_codecs:
+            return f"accepted codecs are {sorted(self._accepted_codecs)}"
+        return None
+
+    def _serve(self, stream: TcpStream) -> None:
+        proto = ServerConnection(
+            self._secret,
+            fingerprint=self.layout.fingerprint(),
+            layout=layout_summary(self.layout),
+            check_codec=self._check_codec,
+            window=self._window,
+            max_payload=self._slot_bytes,
+        )
+        conn = _RConn(stream, proto)
+        with self._lock:
+            if self._closed:
+                stream.close()
+                return
+            self._conns.append(conn)
+        try:
+            stream.settimeout(self._handshake_timeout)
+            while conn.session is None:
+                header = parse_header(stream.recv_exact(HEADER_SIZE))
+                n = proto.on_header(header)
+                events = proto.on_payload(header, stream.recv_exact(n))
+                stream.send_parts([proto.data_to_send()])
+                for e in events:
+                    if isinstance(e, Authenticated):
+                        self._join_session(conn, e)
+            stream.settimeout(None)
+            while True:
+                self._read_frame(conn)
+        except (KvwireError, OSError) as exc:
+            out = proto.data_to_send()  # a REJECT explaining why, if the handshake failed
+            if out:
+                conn.send(out)
+            if conn.session is None:
+                self._reject(stream.peer, str(exc))
+            elif not isinstance(exc, PeerLost):
+                self._counters["protocol_errors"] += 1
+                log.warning("closing connection from %s: %s", stream.peer, exc)
+        finally:
+            stream.close()
+            self._connection_closed(conn)
+
+    def _reject(self, peer: str | None, reason: str) -> None:
+        log.warning("refused a connection from %s: %s", peer or "?", reason)
+        with self._lock:
+            self._counters["rejected_connections"] += 1
+            self._rejected.append({"peer": peer, "reason": reason, "time": time.time()})
+
+    def _join_session(self, conn: _RConn, event: Authenticated) -> None:
+        hello = event.hello
+        self._codecs.setdefault(hello.codec, kvwire.codec.get(hello.codec))
+        with self._lock:
+            session = self._sessions.get(hello.session)
+            if session is None:
+                session = self._sessions[hello.session] = _Session(hello.session, conn.stream.peer)
+            session.conns.append(conn)
+            session.codec = self._codecs[hello.codec]
+            conn.session = session
+
+    def _connection_closed(self, conn: _RConn) -> None:
+        with self._lock:
+            conn.alive = False
+            if conn in self._conns:
+                self._conns.remove(conn)
+            session = conn.session
+            if session is None or session.any_conn() is not None:
+                return
+            self._sessions.pop(session.id, None)
+            for inc in session.tags.values():
+                if not inc.finished:
+                    self._fail(inc, PeerLost(f"request {inc.request_id!r}: the sender's connections are all gone"))
+                self._forget(inc)
+            self._cond.notify_all()
+
+    # -- frames --------------------------------------------------------------------------
+    def _read_frame(self, conn: _RConn) -> None:
+        stream, proto = conn.stream, conn.proto
+        header = parse_header(stream.recv_exact(HEADER_SIZE))
+        n = proto.on_header(header)
+        if header.type != FrameType.DATA:
+            for event in proto.on_payload(header, stream.recv_exact(n)):
+                if isinstance(event, Begin):
+                    self._on_begin(conn, event)
+                elif isinstance(event, Cancel):
+                    self._on_cancel(conn, event)
+            return
+        inc, ref, spec = self._check_data(conn, header)
+        slot = self._pool.acquire()
+        try:
+            view = slot.view(n)
+            stream.recv_into_exact(view)
+            proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
+        except BaseException:
+            slot.release()
+            raise
+        self._counters["frames"] += 1
+        self._counters["wire_bytes"] += n
+        parked = _Parked(ref, spec, slot, n, conn)
+        with self._lock:
+            if inc.finished:
+                drop = True
+            elif inc.handle is None:
+                inc.parked.append(parked)
+                self._counters["parked_chunks"] += 1
+                return
+            else:
+                drop = False
+        if drop:
+            self._release(parked)
+        else:
+            self._place(inc, parked)
+
+    def _check_data(self, conn: _RConn, header: Header) -> tuple[_Incoming, ChunkRef, ChunkSpec]:
+        """Everything about a DATA frame that can be checked before its payload is read."""
+        with self._lock:
+            inc = conn.session.tags.get(header.tag)
+        if inc is None:
+            raise ProtocolError(f"DATA for tag {header.tag} before its BEGIN")
+        t = inc.plan.check(header.layer, header.tensor, header.start, header.count)
+        spec = chunk_spec(self.layout, t, header.count)
+        codec = conn.session.codec
+        size = codec.encoded_size(spec)
+        variable = codec.name.endswith("+lz4")  # compressed chunks vary in size, up to a bound
+        if header.length > size or (not variable and header.length != size):
+            raise ProtocolError(
+                f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
+                f"{codec.descriptor} needs {'at most ' if variable else ''}{size}"
+            )
+        return inc, ChunkRef(header.layer, header.tensor, t.name, header.start, header.count), spec
+
+    def _on_begin(self, conn: _RConn, event: Begin) -> None:
+        session = conn.session
+        actions: list = []
+        parked: list = []
+        with self._lock:
+            known = session.tags.get(event.tag)
+            if known is not None:
+                if (known.request_id, known.num_tokens) != (event.request_id, event.num_tokens):
+                    raise ProtocolError(f"BEGIN for tag {event.tag} changed its request")
+                return
+            inc = _Incoming(
+                session, event.tag, event.request_id, event.num_tokens,
+                RequestPlan(self.layout, event.num_tokens), time.monotonic(),
+            )  # fmt: skip
+            session.tags[event.tag] = inc
+            reason = self._cancelled_ids.pop(event.request_id, None)
+            if reason is not None:
+                inc.finished = True
+                actions.append((conn, conn.proto.cancel(event.tag, reason)))
+            elif event.request_id in self._by_id:
+                inc.finished = True
+                message = f"request id {event.request_id!r} is already being received from another transfer"
+                actions.append((conn, conn.proto.ack(event.tag, False, message)))
+            else:
+                self._by_id[event.request_id] = inc
+                handle = self._expected.pop(event.request_id, None)
+                if handle is not None:
+                    parked, actions = self._bind(inc, handle)
+        self._run(actions)
+        self._place_parked(session.tags[event.tag], parked)
+
+    def _on_cancel(self, conn: _RConn, event: Cancel) -> None:
+        with self._lock:
+            inc = conn.session.tags.get(event.tag)
+            if inc is None or inc.finished:
+                return
+            self._fail(inc, Cancelled(f"request {inc.request_id!r} cancelled by the sender: {event.reason}"))
+            if inc.handle is None:
+                self._remember_cancel(inc.request_id, event.reason)
+            self._cond.notify_all()
+
+    # -- matching and placing ------------------------------------------------------------
+    def _bind(self, inc: _Incoming, handle: ReceiveHandle) -> tuple[list, list]:
+        """Join a sender's request with an expect (lock held). Returns (parked, actions)."""
+        if inc.num_tokens != handle.selection.num_tokens:
+            message = f"sender sends {inc.num_tokens} tokens, the receiver expects {handle.selection.num_tokens}"
+            inc.handle = handle
+            handle._incoming = inc
+            return [], self._fail(inc, TransferError(f"request {inc.request_id!r}: {message}"))
+        inc.handle = handle
+        handle._incoming = inc
+        parked, inc.parked = inc.parked, []
+        actions = self._maybe_complete(inc)
+        return parked, actions
+
+    def _place_parked(self, inc: _Incoming | None, parked: list[_Parked]) -> None:
+        for i, p in enumerate(parked):
+            try:
+                self._place(inc, p)
+            except ProtocolError as exc:
+                log.warning("closing connection from %s: %s", p.conn.stream.peer, exc)
+                p.conn.stream.close()
+                for rest in parked[i + 1 :]:
+                    self._release(rest)
+                return
+
+    def _place(self, inc: _Incoming, p: _Parked) -> None:
+        ref = p.ref
+        with self._lock:
+            handle = inc.handle
+            if inc.finished or handle is None:
+                drop = True
+            else:
+                try:
+                    drop = inc.plan.is_duplicate(ref.layer, ref.tensor, ref.start, ref.count)
+                except ProtocolError:
+                    self._release_locked(p)
+                    raise
+                if drop:
+                    handle.duplicates += 1
+                else:
+                    inc.plan.mark(ref.layer, ref.tensor, ref.start, ref.count)
+                    inc.writing[ref.layer] += 1
+                    handle.t_first_byte = handle.t_first_byte or time.monotonic()
+        if drop:
+            self._release(p)
+            return
+        error = None
+        try:
+            self._write(inc.session.codec, handle, p)
+        except Exception as exc:  # a decode failure must fail the request, not the thread
+            log.exception("placing a chunk of %r failed", inc.request_id)
+            error = TransferError(f"request {inc.request_id!r}: placing layer {ref.layer} {ref.name} failed: {exc}")
+        self._release(p)
+        with self._lock:
+            inc.writing[ref.layer] -= 1
+            handle.chunks += 1
+            handle.wire_bytes += p.length
+            handle.logical_bytes += p.spec.raw_nbytes
+            if error is not None:
+                actions = self._fail(inc, error)
+            else:
+                if inc.plan.layer_complete(ref.layer) and not inc.writing[ref.layer]:
+                    handle.layer_done_at.setdefault(ref.layer, time.monotonic())
+                actions = self._maybe_complete(inc)
+            self._cond.notify_all()
+        self._run(actions)
+
+    def _write(self, codec, handle: ReceiveHandle, p: _Parked) -> None:
+        data = p.slot.tensor[: p.length]
+        spec = p.spec
+        if codec.name == "raw":
+            rows = data.view(spec.dtype).view(spec.shape)
+        else:
+            rows = codec.decode_bytes(data, spec)
+        caches = self._caches[p.ref.layer]
+        state = handle.states.get(p.ref.layer)
+        if self._side_stream is not None:
+            with torch.cuda.stream(self._side_stream):
+                place_rows(caches, state, handle.selection, self.layout.block_size, p.ref, rows)
+            self._side_stream.synchronize()  # the slot is reused after this returns
+        else:
+            place_rows(caches, state, handle.selection, self.layout.block_size, p.ref, rows)
+
+    def _maybe_complete(self, inc: _Incoming) -> list:
+        """(lock held) Finish the request if every chunk is in place; return frames to send."""
+        if inc.finished or inc.handle is None or not inc.plan.complete or any(inc.writing.values()):
+            return []
+        handle = inc.handle
+        self._finish(handle, inc, None)
+        conn = inc.session.any_conn()
+        self._counters["completed"] += 1
+        return [(conn, conn.proto.ack(inc.tag, True))] if conn else []
+
+    def _fail(self, inc: _Incoming, error: TransferError) -> list:
+        """(lock held) End a request with ``error``; return frames that tell the sender."""
+        if inc.finished:
+            return []
+        if inc.handle is not None:
+            self._finish(inc.handle, inc, error)
+        else:
+            inc.finished = True
+        self._release_parked(inc)
+        self._counters["failed"] += 1
+        conn = inc.session.any_conn()
+        if conn is None or isinstance(error, PeerLost):
+            return []
+        if isinstance(error, Cancelled) and "by the sender" in str(error):
+            return []
+        return [(conn, conn.proto.ack(inc.tag, False, str(error)))]
+
+    def _finish(self, handle: ReceiveHandle, inc: _Incoming | None, error: TransferError | None) -> None:
+        if handle._finished:
+            return
+        handle._error = error
+        handle._finished = True
+        handle.t_done = time.monotonic()
+        if inc is not None:
+            inc.finished = True
+            self._forget(inc)
+        self._expected.pop(handle.request_id, None)
+        self._cond.notify_all()
+
+    def _forget(self, inc: _Incoming) -> None:
+        if self._by_id.get(inc.request_id) is inc:
+            del self._by_id[inc.request_id]
+
+    def _remember_cancel(self, request_id: str, reason: str) -> None:
+        self._cancelled_ids[request_id] = reason
+        while len(self._cancelled_ids) > 4096:
+            self._cancelled_ids.popitem(last=False)
+
+    def _release_parked(self, inc: _Incoming) -> None:
+        parked, inc.parked = inc.parked, []
+        for p in parked:
+            self._release_locked(p)
+
+    def _release_locked(self, p: _Parked) -> None:
+        p.slot.release()
+        if p.conn.alive:
+            frame = p.conn.proto.credit(p.length)
+            threading.Thread(target=p.conn.send, args=(frame,), daemon=True).start()
+
+    def _release(self, p: _Parked) -> None:
+        p.slot.release()
+        p.conn.send(p.conn.proto.credit(p.length))
+
+    @staticmethod
+    def _run(actions: list) -> None:
+        for conn, frame in actions:
+            if conn is not None:
+                conn.send(frame)
+
+    # -- waiting, deadlines, cancellation -------------------------------------------------
+    def _wait(self, handle: ReceiveHandle, ready, timeout: float | None) -> None:
+        end = handle.deadline if timeout is None else min(handle.deadline, time.monotonic() + timeout)
+        with self._lock:
+            while not ready():
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            finished, error = handle._finished, handle._error
+        if error is not None:
+            raise error
+        if not ready():
+            if time.monotonic() >= handle.deadline:
+                self._expire(handle)
+                raise handle._error or TransferTimeout(f"request {handle.request_id!r}: deadline passed")
+            raise TransferTimeout(f"request {handle.request_id!r}: not complete within {timeout:.3g} s")
+        del finished
+
+    def _expire(self, handle: ReceiveHandle) -> None:
+        self._end_handle(handle, TransferTimeout(f"request {handle.request_id!r}: deadline passed"))
+
+    def _cancel(self, handle: ReceiveHandle, reason: str) -> None:
+        self._end_handle(handle, Cancelled(f"request {handle.request_id!r} {reason}"), reason)
+
+    def _end_handle(self, handle: ReceiveHandle, error: TransferError, reason: str | None = None) -> None:
+        actions = []
+        with self._lock:
+            if handle._finished:
+                return
+            inc = handle._incoming
+            if inc is None:
+                self._finish(handle, None, error)
+                if reason is not None:
+                    self._remember_cancel(handle.request_id, reason)
+            else:
+                self._finish(handle, inc, error)
+                self._release_parked(inc)
+                conn = inc.session.any_conn()
+                if conn is not None:
+                    actions.append((conn, conn.proto.cancel(inc.tag, str(error))))
+        self._run(actions)
+
+    def _reap_loop(self) -> None:
+        while not self._closed:
+            time.sleep(REAPER_PERIOD_S)
+            now = time.monotonic()
+            with self._lock:
+                expired = [h for h in self._expected.values() if h.deadline <= now]
+                expired += [i.handle for i in self._by_id.values() if i.handle and i.handle.deadline <= now]
+                unclaimed = [
+                    i for i in self._by_id.values() if i.handle is None and now - i.created > self._unclaimed_timeout
+                ]
+                actions = []
+                for inc in unclaimed:
+                    actions += self._fail(
+                        inc, TransferError(f"no expect() for {inc.request_id!r} within {self._unclaimed_timeout} s")
+                    )
+                    self._forget(inc)
+            self._run(actions)
+            for h in expired:
+                self._expire(h)

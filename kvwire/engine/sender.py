@@ -1,0 +1,606 @@
+"""The prefill side: stream a request's KV, layer by layer, to one receiver.
+
+Threads (all daemon, all ended by :meth:`Sender.close`):
+
+* one *encoder*: takes ``(transfer, layer)`` jobs in the order ``send_layer`` was
+  called, cuts the layer into chunks, gathers and encodes each into a staging slot (or,
+  for ``raw`` from a contiguous CPU cache, points at the cache itself: zero copies),
+  and queues it;
+* per connection, a *writer* that takes the next queued chunk when the receiver has
+  granted this connection credit for it, and a *reader* for acknowledgements, credits
+  and cancellations.
+
+Chunks leave in queue order, so layer i is on the wire before layer i+1. When a
+connection dies, the chunks it carried for unacknowledged transfers are encoded again
+from the cache and sent on the others (the receiver drops exact repeats); when the
+last one dies, every open transfer fails with :class:`~kvwire.errors.PeerLost`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import kvwire.codec
+from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, source_rows
+from kvwire.errors import Cancelled, KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.layout import KVLayout, Selection, check_tensor
+from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameType, Header, crc32c, parse_header
+from kvwire.proto.frames import HEADER_SIZE
+from kvwire.proto.request import RequestPlan
+from kvwire.staging import StagingPool
+from kvwire.transport.tcp import SocketOptions, TcpStream, connect, parse_address
+
+log = logging.getLogger("kvwire.sender")
+
+DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8; see docs/benchmarks.md
+DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
+DEFAULT_STAGING_BYTES = 64 << 20
+
+
+def secret_bytes(secret: bytes | str | None) -> bytes:
+    """The shared secret from the argument or ``KVWIRE_SECRET``; refuse to run without one."""
+    if secret is None:
+        secret = os.environ.get("KVWIRE_SECRET")
+    if secret is None:
+        raise ValueError("secret: a shared secret is required (pass secret= or set KVWIRE_SECRET)")
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TypeError(f"secret: expected bytes or str, got {type(secret).__name__}")
+    if len(secret) < 8:
+        raise ValueError("secret: must be at least 8 bytes")
+    return secret
+
+
+def layout_summary(layout: KVLayout) -> str:
+    kinds = sorted({"/".join(layer.tensor_names) for layer in layout.layers})
+    return f"{layout.num_layers} layers [{', '.join(kinds)}], block {layout.block_size}, {layout.dtype}"
+
+
+@dataclass
+class _OutChunk:
+    transfer: SendHandle
+    ref: ChunkRef
+    header: Header
+    parts: list
+    slot: object | None
+    logical_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.length
+
+
+@dataclass
+class _Conn:
+    index: int
+    stream: TcpStream
+    proto: ClientConnection
+    credit: int
+    alive: bool = True
+    begun: set = field(default_factory=set)
+    inflight: dict = field(default_factory=lambda: collections.defaultdict(list))
+    threads: list = field(default_factory=list)
+
+
+class SendHandle:
+    """One request on its way. Create with :meth:`Sender.transfer`.
+
+    Call :meth:`send_layer` for every layer as soon as it is computed (it returns at once),
+    then :meth:`finish` to wait for the receiver's acknowledgement.
+    """
+
+    def __init__(self, sender: Sender, tag: int, request_id: str, sel: Selection, states, deadline: float) -> None:
+        self._sender = sender
+        self.tag = tag
+        self.request_id = request_id
+        self.selection = sel
+        self.plan = RequestPlan(sender.layout, sel.num_tokens)
+        self._states: dict[int, torch.Tensor] = dict(states or {})
+        self._deadline = deadline
+        self._sent_layers: set[int] = set()
+        self._done = threading.Event()
+        self._error: TransferError | None = None
+        self.logical_bytes = 0
+        self.wire_bytes = 0
+        self.chunks = 0
+        self.resent_chunks = 0
+        self.t_created = time.monotonic()
+        self.t_first_layer: float | None = None
+        self.t_last_layer: float | None = None
+        self.t_acked: float | None = None
+        self.layer_sent_at: dict[int, float] = {}
+
+    def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
+        """Queue layer ``layer`` (its paged tensors, and its state if it has one); returns at once.
+
+        The blocks must keep their contents until :meth:`finish` returns: kvwire reads them
+        in the background. With CUDA tensors, the read is ordered after the work already
+        queued on the current stream.
+        """
+        if self._done.is_set():
+            raise ValueError(f"send_layer: transfer {self.request_id!r} has already ended")
+        L = self._sender.layout.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= layer < L:
+            raise ValueError(f"layer: {layer} out of range for {L} layers")
+        if layer in self._sent_layers:
+            raise ValueError(f"layer: {layer} was already sent for {self.request_id!r}")
+        spec = self._sender.layout.layers[layer].state
+        if state is not None:
+            if spec is None:
+                raise ValueError(f"state: layer {layer} has no state in the layout")
+            check_tensor(state, self._sender.layout.dtype, "state")
+            if tuple(state.shape) != spec.shape:
+                raise ValueError(f"state: expected shape {spec.shape} for layer {layer}, got {tuple(state.shape)}")
+            self._states[layer] = state
+        elif spec is not None and layer not in self._states:
+            raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
+        event = None
+        if self._sender._device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        now = time.monotonic()
+        self.t_first_layer = self.t_first_layer or now
+        self.t_last_layer = now
+        self.layer_sent_at[layer] = now
+        self._sent_layers.add(layer)
+        self._sender._enqueue_layer(self, layer, event)
+
+    def finish(self, timeout: float | None = None) -> dict:
+        """Wait for the receiver's acknowledgement; return this transfer's statistics.
+
+        Raises ``ValueError`` if a layer was never sent, or a :class:`TransferError`:
+        ``TransferTimeout`` (the transfer is then cancelled), ``PeerLost``, ``Cancelled``...
+        """
+        missing = sorted(set(range(self._sender.layout.num_layers)) - self._sent_layers)
+        if missing and not self._done.is_set():
+            raise ValueError(f"finish: layers {missing} of {self.request_id!r} were never sent")
+        remaining = self._deadline - time.monotonic()
+        wait = remaining if timeout is None else min(timeout, remaining)
+        if not self._done.wait(max(wait, 0)):
+            self._sender._cancel(self, f"sender gave up after {wait:.3g} s", TransferTimeout)
+        if self._error is not None:
+            raise self._error
+        return self.stats()
+
+    def cancel(self, reason: str = "cancelled by the sender") -> None:
+        """Stop sending; the receiver's handle fails with ``Cancelled``."""
+        self._sender._cancel(self, reason, Cancelled)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def stats(self) -> dict:
+        exposed = None
+        if self.t_acked is not None and self.t_last_layer is not None:
+            exposed = (self.t_acked - self.t_last_layer) * 1e3
+        return {
+            "request_id": self.request_id,
+            "num_tokens": self.selection.num_tokens,
+            "logical_bytes": self.logical_bytes,
+            "wire_bytes": self.wire_bytes,
+            "chunks": self.chunks,
+            "resent_chunks": self.resent_chunks,
+            "exposed_ms": exposed,
+            "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
+        }
+
+    def _complete(self, error: TransferError | None) -> None:
+        if self._done.is_set():
+            return
+        self._error = error
+        self.t_acked = time.monotonic()
+        self._done.set()
+
+
+class Sender:
+    """Streams KV caches to one :class:`~kvwire.Receiver` over ``streams`` TCP connections.
+
+    Args:
+        layout: the KV layout; the receiver must have the same (checked at connect).
+        peer: the receiver's ``"host:port"`` or ``(host, port)``.
+        secret: shared secret (bytes or str, >= 8 bytes); default ``$KVWIRE_SECRET``.
+        kv_caches: this side's paged caches, one dict per layer (see ``KVLayout.allocate``).
+        streams: TCP connections to open.
+        codec: ``raw``, ``fp8``, ``int4`` or any of them ``+lz4`` (see ``kvwire.codec``).
+        staging_bytes: host memory for encoded chunks waiting for the network.
+        chunk_bytes: target encoded size of one frame.
+        tls: an ``ssl.SSLContext`` (client side) to encrypt the connections.
+
+    Example::
+
+        sender = kvwire.Sender(layout, "decode-host:7400", secret=key, kv_caches=caches)
+        t = sender.transfer("req-1", block_ids=[4, 9, 2], num_tokens=40)
+        for i in range(layout.num_layers):
+            ...                      # compute layer i
+            t.send_layer(i)          # returns at once
+        t.finish(timeout=10)         # the receiver has every byte in place
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        peer: str | tuple[str, int],
+        *,
+        secret: bytes | str | None = None,
+        kv_caches: Sequence[Mapping[str, torch.Tensor]],
+        streams: int = DEFAULT_STREAMS,
+        codec: str = "raw",
+        group_size: int = 64,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        tls: ssl.SSLContext | None = None,
+        socket_options: SocketOptions | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
+        if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
+            raise ValueError(f"streams: expected an int in 1..64, got {streams!r}")
+        if chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes: at least 4096, got {chunk_bytes}")
+        self.layout = layout
+        self.codec = kvwire.codec.get(codec, group_size=group_size)
+        self._secret = secret_bytes(secret)
+        self._address = parse_address(peer, "peer")
+        self._num_blocks = layout.check_caches(kv_caches)
+        self._caches = [dict(c) for c in kv_caches]
+        first = next((t for c in self._caches for t in c.values()), None)
+        self._device = first.device if first is not None else torch.device("cpu")
+        self._chunk_bytes = chunk_bytes
+        self._pool = StagingPool(staging_bytes, chunk_bytes + 64 * 1024)
+        self._lock = threading.Lock()
+        self._jobs: collections.deque = collections.deque()
+        self._jobs_cond = threading.Condition(self._lock)
+        self._out: collections.deque[_OutChunk] = collections.deque()
+        self._out_cond = threading.Condition(self._lock)
+        self._out_bytes = 0
+        self._out_limit = staging_bytes  # zero-copy chunks are bounded by bytes too
+        self._transfers: dict[int, SendHandle] = {}
+        self._next_tag = 1
+        self._closed = False
+        self._session = os.urandom(16).hex()
+        self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self.max_payload = 0
+        self._conns: list[_Conn] = []
+        try:
+            for i in range(streams):
+                self._conns.append(self._open(i, streams, tls, socket_options or SocketOptions(), connect_timeout))
+        except BaseException:
+            for c in self._conns:
+                c.stream.close()
+            self._pool.close()
+            raise
+        if self._chunk_bytes > self.max_payload:
+            self._chunk_bytes = self.max_payload
+        self._threads = [threading.Thread(target=self._encode_loop, name="kvwire-encoder", daemon=True)]
+        for c in self._conns:
+            c.threads = [
+                threading.Thread(target=self._write_loop, args=(c,), name=f"kvwire-send-{c.index}", daemon=True),
+                threading.Thread(target=self._read_loop, args=(c,), name=f"kvwire-ack-{c.index}", daemon=True),
+            ]
+            self._threads += c.threads
+        for t in self._threads:
+            t.start()
+
+    # -- connecting ----------------------------------------------------------------------
+    def _open(self, index: int, count: int, tls, options: SocketOptions, timeout: float) -> _Conn:
+        stream = connect(self._address, options, timeout=timeout, tls=tls)
+        proto = ClientConnection(
+            self._secret,
+            session=self._session,
+            conn_index=index,
+            conn_count=count,
+            fingerprint=self.layout.fingerprint(),
+            layout=layout_summary(self.layout),
+            codec=self.codec.descriptor,
+        )
+        try:
+            stream.send_parts([proto.data_to_send()])
+            while True:
+                header = parse_header(stream.recv_exact(HEADER_SIZE))
+                n = proto.on_header(header)
+                events = proto.on_payload(header, stream.recv_exact(n))
+                out = proto.data_to_send()
+                if out:
+                    stream.send_parts([out])
+                accepted = [e for e in events if isinstance(e, Accepted)]
+                if accepted:
+                    break
+        except KvwireError:
+            stream.close()
+            raise
+        except OSError as exc:
+            stream.close()
+            raise PeerLost(f"handshake with {stream.peer} failed: {exc}") from None
+        stream.settimeout(None)
+        self.max_payload = accepted[0].max_payload
+        return _Conn(index, stream, proto, credit=accepted[0].window)
+
+    # -- the public surface --------------------------------------------------------------
+    def transfer(
+        self,
+        request_id: str | int,
+        block_ids: Sequence[int] | torch.Tensor,
+        num_tokens: int,
+        *,
+        states: Mapping[int, torch.Tensor] | None = None,
+        deadline: float = 60.0,
+    ) -> SendHandle:
+        """Start a transfer of ``num_tokens`` tokens held in ``block_ids`` (in token order).
+
+        ``states``: layer index -> state tensor, for layers with a request-level state
+        (or pass each to ``send_layer``). ``deadline``: seconds from now within which the
+        transfer must end; past it, ``finish`` raises ``TransferTimeout``.
+        """
+        if self._closed:
+            raise ValueError("transfer: the sender is closed")
+        request_id = _request_id(request_id)
+        sel = Selection(tuple(block_ids.tolist() if isinstance(block_ids, torch.Tensor) else block_ids), num_tokens)
+        sel.check(self.layout.block_size, self._num_blocks)
+        for i, t in (states or {}).items():
+            spec = self.layout.layers[i].state if isinstance(i, int) and 0 <= i < self.layout.num_layers else None
+            if spec is None:
+                raise ValueError(f"states: layer {i!r} has no state in the layout")
+            check_tensor(t, self.layout.dtype, f"states[{i}]")
+            if tuple(t.shape) != spec.shape:
+                raise ValueError(f"states[{i}]: expected shape {spec.shape}, got {tuple(t.shape)}")
+        if deadline <= 0:
+            raise ValueError(f"deadline: must be positive, got {deadline}")
+        with self._lock:
+            if not any(c.alive for c in self._conns):
+                raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
+            tag = self._next_tag
+            self._next_tag += 1
+            handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline)
+            self._transfers[tag] = handle
+        return handle
+
+    def send(
+        self,
+        request_id: str | int,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        *,
+        states: Mapping[int, torch.Tensor] | None = None,
+        timeout: float = 60.0,
+    ) -> dict:
+        """Send every layer of a request at once and wait for the acknowledgement."""
+        handle = self.transfer(request_id, block_ids, num_tokens, states=states, deadline=timeout)
+        for i in range(self.layout.num_layers):
+            handle.send_layer(i)
+        return handle.finish()
+
+    def stats(self) -> dict:
+        """Link statistics per connection (bytes, goodput, TCP_INFO) and staging use."""
+        with self._lock:
+            active = sum(1 for t in self._transfers.values() if not t.done())
+        return {
+            "codec": self.codec.descriptor,
+            "streams": len(self._conns),
+            "alive_streams": sum(c.alive for c in self._conns),
+            "active_transfers": active,
+            "connections": [c.stream.stats() | {"alive": c.alive, "credit": c.credit} for c in self._conns],
+            "staging": self._pool.stats(),
+        }
+
+    def close(self) -> None:
+        """Close the connections; transfers still open fail with ``Cancelled``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            open_transfers = [t for t in self._transfers.values() if not t.done()]
+            self._jobs_cond.notify_all()
+            self._out_cond.notify_all()
+        for t in open_transfers:
+            t._complete(Cancelled(f"transfer {t.request_id!r}: the sender was closed"))
+        for c in self._conns:
+            c.stream.close()
+        self._pool.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------
+    def _enqueue_layer(self, handle: SendHandle, layer: int, event) -> None:
+        with self._lock:
+            self._jobs.append((handle, layer, event, None))
+            self._jobs_cond.notify()
+
+    def _cancel(self, handle: SendHandle, reason: str, error: type[TransferError]) -> None:
+        if handle.done():
+            return
+        handle._complete(error(f"transfer {handle.request_id!r}: {reason}"))
+        with self._lock:
+            conns = [c for c in self._conns if c.alive]
+        for c in conns:
+            try:
+                frames = []
+                if handle.tag not in c.begun:
+                    frames.append(c.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens))
+                    c.begun.add(handle.tag)
+                c.stream.send_parts(frames + [c.proto.cancel(handle.tag, reason)])
+                break
+            except PeerLost:
+                continue
+
+    def _encode_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._jobs_cond.wait()
+                if self._closed:
+                    return
+                handle, layer, event, resend = self._jobs.popleft()
+            if handle.done():
+                continue
+            try:
+                refs = resend or plan_chunks(
+                    self.layout, self.codec, handle.plan.tensors[layer], self._chunk_bytes, self.max_payload
+                )
+                if event is not None:
+                    self._side_stream.wait_event(event)
+                for ref in refs:
+                    if handle.done():
+                        break
+                    chunk = self._encode(handle, ref)
+                    with self._lock:
+                        while self._out_bytes >= self._out_limit and not self._closed:
+                            self._out_cond.wait()
+                        if self._closed:
+                            if chunk.slot is not None:
+                                chunk.slot.release()
+                            return
+                        self._out.append(chunk)
+                        self._out_bytes += chunk.nbytes
+                        self._out_cond.notify_all()
+            except Exception as exc:  # a bug or a bad tensor must fail the transfer, not kill the thread
+                log.exception("encoding layer %d of %r failed", layer, handle.request_id)
+                self._cancel(handle, f"encoding layer {layer} failed: {exc}", TransferError)
+
+    def _encode(self, handle: SendHandle, ref: ChunkRef) -> _OutChunk:
+        caches = self._caches[ref.layer]
+        state = handle._states.get(ref.layer)
+        sel = handle.selection
+        bs = self.layout.block_size
+        spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
+        parts = raw_views(caches[ref.name], sel, bs, ref) if self.codec.name == "raw" and ref.name in caches else None
+        slot = None
+        if parts is None:
+            rows = source_rows(caches, state, sel, bs, ref)
+            if rows.device.type == "cuda":
+                with torch.cuda.stream(self._side_stream):
+                    rows = rows.to("cpu")
+            encoded = self.codec.encode(rows, spec.role, bs).data
+            slot = self._pool.acquire()
+            n = encoded.numel()
+            slot.tensor[:n].copy_(encoded)
+            parts = [slot.view(n)]
+        crc = 0
+        for p in parts:
+            crc = crc32c(p, crc)
+        length = sum(p.nbytes for p in parts)
+        header = Header(
+            FrameType.DATA, tag=handle.tag, layer=ref.layer, tensor=ref.tensor, start=ref.start, count=ref.count,
+            length=length, payload_crc=crc,
+        )  # fmt: skip
+        return _OutChunk(handle, ref, header, parts, slot, spec.raw_nbytes)
+
+    def _next_chunk(self, conn: _Conn) -> _OutChunk | None:
+        """The next chunk this connection has credit for; None once closed or dead."""
+        with self._lock:
+            while True:
+                if self._closed or not conn.alive:
+                    return None
+                if self._out and self._out[0].nbytes <= conn.credit:
+                    chunk = self._out.popleft()
+                    self._out_bytes -= chunk.nbytes
+                    conn.credit -= chunk.nbytes
+                    conn.inflight[chunk.transfer.tag].append(chunk.ref)
+                    self._out_cond.notify_all()
+                    return chunk
+                self._out_cond.wait()
+
+    def _write_loop(self, conn: _Conn) -> None:
+        while True:
+            chunk = self._next_chunk(conn)
+            if chunk is None:
+                return
+            handle = chunk.transfer
+            try:
+                if handle.done():  # cancelled or failed while queued: give the credit back
+                    with self._lock:
+                        conn.credit += chunk.nbytes
+                        self._out_cond.notify_all()
+                    continue
+                frames: list = []
+                if handle.tag not in conn.begun:
+                    conn.begun.add(handle.tag)
+                    frames.append(conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens))
+                conn.stream.send_parts(frames + [chunk.header.pack(), *chunk.parts])
+                handle.chunks += 1
+                handle.wire_bytes += chunk.nbytes
+                handle.logical_bytes += chunk.logical_bytes
+            except PeerLost as exc:
+                self._connection_lost(conn, exc)
+                return
+            finally:
+                if chunk.slot is not None:
+                    chunk.slot.release()
+
+    def _read_loop(self, conn: _Conn) -> None:
+        try:
+            while True:
+                header = parse_header(conn.stream.recv_exact(HEADER_SIZE))
+                n = conn.proto.on_header(header)
+                for event in conn.proto.on_payload(header, conn.stream.recv_exact(n)):
+                    self._on_event(conn, event)
+        except (PeerLost, ProtocolError) as exc:
+            self._connection_lost(conn, exc)
+
+    def _on_event(self, conn: _Conn, event) -> None:
+        if isinstance(event, Credit):
+            with self._lock:
+                conn.credit += event.nbytes
+                self._out_cond.notify_all()
+            return
+        with self._lock:
+            handle = self._transfers.get(event.tag)
+        if handle is None:
+            return
+        if isinstance(event, Ack):
+            with self._lock:
+                self._transfers.pop(event.tag, None)
+                for c in self._conns:
+                    c.inflight.pop(event.tag, None)
+                    c.begun.discard(event.tag)
+            handle._complete(None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}"))
+        elif isinstance(event, Cancel):
+            handle._complete(Cancelled(f"transfer {handle.request_id!r} cancelled by the receiver: {event.reason}"))
+
+    def _connection_lost(self, conn: _Conn, exc: Exception) -> None:
+        with self._lock:
+            if not conn.alive or self._closed:
+                return
+            conn.alive = False
+            alive = [c for c in self._conns if c.alive]
+            lost = {tag: refs for tag, refs in conn.inflight.items() if tag in self._transfers}
+            conn.inflight.clear()
+            if alive:
+                for tag, refs in lost.items():
+                    handle = self._transfers[tag]
+                    handle.resent_chunks += len(refs)
+                    self._jobs.appendleft((handle, refs[0].layer, None, list(refs)))
+                self._jobs_cond.notify()
+            doomed = [] if alive else [t for t in self._transfers.values() if not t.done()]
+            self._out_cond.notify_all()
+        conn.stream.close()
+        log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))
+        for t in doomed:
+            t._complete(PeerLost(f"transfer {t.request_id!r}: every connection to the receiver is lost ({exc})"))
+
+
+def _request_id(request_id: str | int) -> str:
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        raise TypeError(f"request_id: expected str or int, got {type(request_id).__name__}")
+    text = str(request_id)
+    if not text or len(text.encode()) > 1024:
+        raise ValueError("request_id: must be 1..1024 bytes")
+    return text

@@ -1,0 +1,380 @@
+"""The per-connection protocol state machine, sans I/O.
+
+The I/O layer reads exactly ``HEADER_SIZE`` bytes and calls :meth:`on_header`, which
+validates the header *for the current state* and says how many payload bytes follow.
+For DATA it is the I/O layer that chooses where those bytes land (a staging slot,
+with ``recv_into``); it then calls :meth:`on_payload` with a view of them. Events come
+back as return values; bytes to send accumulate in :meth:`data_to_send`.
+
+Handshake (the client is the sender, the server the receiver)::
+
+    client                                   server
+    HELLO  {version, session, conn, conns,
+            nonce_c, fingerprint, codec}  ->
+                                          <- CHALLENGE {nonce_s, proof_s}
+    (checks proof_s: the server knows the secret too)
+    AUTH   {proof_c}                      ->
+                                          <- ACCEPT {window, max_payload}
+                                             or REJECT {code, reason}, then close
+
+    proof_s = HMAC-SHA256(secret, "kvwire-server" 0 nonce_c nonce_s)
+    proof_c = HMAC-SHA256(secret, "kvwire-client" 0 nonce_c nonce_s session)
+
+The server accepts nothing but HELLO and AUTH until the client has proven itself, so a
+peer without the secret cannot make the receiver parse a single DATA frame. Any error
+moves the connection to ``ERROR``, a state nothing leaves.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
+from kvwire.proto.frames import (
+    PROTOCOL_VERSION,
+    AckStatus,
+    FrameType,
+    Header,
+    check_payload,
+    control_frame,
+    field,
+    json_frame,
+    parse_json,
+    parse_text,
+)
+
+NONCE_BYTES = 32
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    AWAIT_CHALLENGE = "await_challenge"
+    AWAIT_AUTH = "await_auth"
+    AWAIT_ACCEPT = "await_accept"
+    OPEN = "open"
+    ERROR = "error"
+
+
+# Which frames each side may receive in each state: anything else is a ProtocolError.
+ALLOWED: dict[tuple[Role, State], frozenset[FrameType]] = {
+    (Role.SERVER, State.AWAIT_HELLO): frozenset({FrameType.HELLO}),
+    (Role.SERVER, State.AWAIT_AUTH): frozenset({FrameType.AUTH}),
+    (Role.SERVER, State.OPEN): frozenset({FrameType.BEGIN, FrameType.DATA, FrameType.CANCEL}),
+    (Role.CLIENT, State.AWAIT_CHALLENGE): frozenset({FrameType.CHALLENGE, FrameType.REJECT}),
+    (Role.CLIENT, State.AWAIT_ACCEPT): frozenset({FrameType.ACCEPT, FrameType.REJECT}),
+    (Role.CLIENT, State.OPEN): frozenset({FrameType.ACK, FrameType.CANCEL, FrameType.CREDIT, FrameType.REJECT}),
+}
+
+
+# -- events ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hello:
+    session: str
+    conn_index: int
+    conn_count: int
+    fingerprint: str
+    layout: str
+    codec: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Client side: the handshake is done; the session's terms."""
+
+    window: int
+    max_payload: int
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """Server side: the client proved itself and its layout and codec fit."""
+
+    hello: Hello
+
+
+@dataclass(frozen=True)
+class Begin:
+    tag: int
+    request_id: str
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Data:
+    header: Header
+    payload: memoryview
+
+
+@dataclass(frozen=True)
+class Ack:
+    tag: int
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    tag: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Credit:
+    nbytes: int
+
+
+Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit
+
+
+def _proof(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, label + b"\0" + b"".join(parts), hashlib.sha256).digest()
+
+
+def _hex_field(obj: dict, name: str, frame: str, nbytes: int) -> bytes:
+    text = field(obj, name, str, frame)
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise ProtocolError(f"{frame}: field {name!r} is not hex") from None
+    if len(value) != nbytes:
+        raise ProtocolError(f"{frame}: field {name!r} must be {nbytes} bytes")
+    return value
+
+
+class Connection:
+    """State shared by both roles: the transition table, the outbox, the error state."""
+
+    role: Role
+
+    def __init__(self, state: State, max_payload: int) -> None:
+        self.state = state
+        self.max_payload = max_payload
+        self._outbox: list[bytes] = []
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def on_header(self, header: Header) -> int:
+        """Check that ``header`` may arrive now; return how many payload bytes follow."""
+        allowed = ALLOWED.get((self.role, self.state), frozenset())
+        if header.type not in allowed:
+            self._fail()
+            raise ProtocolError(f"{self.role.value} got {header.type.name} in state {self.state.value}")
+        if header.type == FrameType.DATA and not 0 < header.length <= self.max_payload:
+            self._fail()
+            raise ProtocolError(f"DATA payload of {header.length} bytes outside 1..{self.max_payload}")
+        return header.length
+
+    def on_payload(self, header: Header, payload) -> list[Event]:
+        """Handle a frame whose header passed :meth:`on_header`; return its events."""
+        try:
+            return self._handle(header, memoryview(payload))
+        except Exception:
+            self._fail()
+            raise
+
+    def _fail(self) -> None:
+        self.state = State.ERROR
+
+    def _handle(self, header: Header, payload: memoryview) -> list[Event]:
+        raise NotImplementedError
+
+
+class ClientConnection(Connection):
+    """The sender's end of one connection."""
+
+    role = Role.CLIENT
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        session: str,
+        conn_index: int,
+        conn_count: int,
+        fingerprint: str,
+        layout: str,
+        codec: str,
+    ) -> None:
+        super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
+        self._secret = secret
+        self._nonce = os.urandom(NONCE_BYTES)
+        self._session = session
+        self._outbox.append(
+            json_frame(
+                FrameType.HELLO,
+                {
+                    "version": PROTOCOL_VERSION,
+                    "session": session,
+                    "conn": conn_index,
+                    "conns": conn_count,
+                    "nonce": self._nonce.hex(),
+                    "fingerprint": fingerprint,
+                    "layout": layout,
+                    "codec": codec,
+                },
+            )
+        )
+
+    def _handle(self, header: Header, payload: memoryview) -> list[Event]:
+        t = header.type
+        if t == FrameType.REJECT:
+            obj = parse_json(header, payload)
+            code, reason = obj.get("code"), str(obj.get("reason", "no reason given"))
+            self._fail()
+            if code == "auth":
+                raise AuthenticationFailed(f"receiver rejected us: {reason}")
+            if code in ("layout", "codec"):
+                raise LayoutMismatch(f"receiver rejected us: {reason}")
+            raise ProtocolError(f"receiver rejected us ({code}): {reason}")
+        if t == FrameType.CHALLENGE:
+            obj = parse_json(header, payload)
+            server_nonce = _hex_field(obj, "nonce", "CHALLENGE", NONCE_BYTES)
+            proof = _hex_field(obj, "proof", "CHALLENGE", 32)
+            if not hmac.compare_digest(proof, _proof(self._secret, b"kvwire-server", self._nonce, server_nonce)):
+                self._fail()
+                raise AuthenticationFailed("the receiver did not prove it knows the shared secret")
+            mine = _proof(self._secret, b"kvwire-client", self._nonce, server_nonce, self._session.encode())
+            self._outbox.append(json_frame(FrameType.AUTH, {"proof": mine.hex()}))
+            self.state = State.AWAIT_ACCEPT
+            return []
+        if t == FrameType.ACCEPT:
+            obj = parse_json(header, payload)
+            window = field(obj, "window", int, "ACCEPT")
+            max_payload = field(obj, "max_payload", int, "ACCEPT")
+            if window <= 0 or max_payload <= 0:
+                raise ProtocolError("ACCEPT: window and max_payload must be positive")
+            self.max_payload = max_payload
+            self.state = State.OPEN
+            return [Accepted(window, max_payload)]
+        if t == FrameType.ACK:
+            ok = header.flags == AckStatus.OK
+            return [Ack(header.tag, ok, parse_text(header, payload))]
+        if t == FrameType.CANCEL:
+            return [Cancel(header.tag, parse_text(header, payload))]
+        if t == FrameType.CREDIT:
+            check_payload(header, payload)
+            return [Credit(header.start)]
+        raise AssertionError(t)  # unreachable: on_header checked the table
+
+    # -- what the sender says once open ----------------------------------------------
+    def begin(self, tag: int, request_id: str, num_tokens: int) -> bytes:
+        return control_frame(FrameType.BEGIN, request_id.encode(), tag=tag, count=num_tokens)
+
+    def cancel(self, tag: int, reason: str) -> bytes:
+        return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
+
+
+CodecCheck = Callable[[str], "str | None"]
+
+
+class ServerConnection(Connection):
+    """The receiver's end of one connection.
+
+    ``check_codec(descriptor)`` returns None when the codec is acceptable, else why not.
+    """
+
+    role = Role.SERVER
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        fingerprint: str,
+        layout: str,
+        check_codec: CodecCheck,
+        window: int,
+        max_payload: int,
+    ) -> None:
+        super().__init__(State.AWAIT_HELLO, max_payload=max_payload)
+        self._secret = secret
+        self._fingerprint = fingerprint
+        self._layout = layout
+        self._check_codec = check_codec
+        self._window = window
+        self._nonce = os.urandom(NONCE_BYTES)
+        self._client_nonce = b""
+        self.hello: Hello | None = None
+
+    def _reject(self, code: str, reason: str, error: type[Exception]) -> None:
+        self._outbox.append(json_frame(FrameType.REJECT, {"code": code, "reason": reason}))
+        self._fail()
+        raise error(reason)
+
+    def _handle(self, header: Header, payload: memoryview) -> list[Event]:
+        t = header.type
+        if t == FrameType.HELLO:
+            obj = parse_json(header, payload)
+            version = field(obj, "version", int, "HELLO")
+            if version != PROTOCOL_VERSION:
+                self._reject(
+                    "version", f"protocol version {version} not supported (this side: {PROTOCOL_VERSION})", ProtocolError
+                )
+            self._client_nonce = _hex_field(obj, "nonce", "HELLO", NONCE_BYTES)
+            self.hello = Hello(
+                session=field(obj, "session", str, "HELLO"),
+                conn_index=field(obj, "conn", int, "HELLO"),
+                conn_count=field(obj, "conns", int, "HELLO"),
+                fingerprint=field(obj, "fingerprint", str, "HELLO"),
+                layout=field(obj, "layout", str, "HELLO"),
+                codec=field(obj, "codec", str, "HELLO"),
+            )
+            proof = _proof(self._secret, b"kvwire-server", self._client_nonce, self._nonce)
+            self._outbox.append(json_frame(FrameType.CHALLENGE, {"nonce": self._nonce.hex(), "proof": proof.hex()}))
+            self.state = State.AWAIT_AUTH
+            return []
+        if t == FrameType.AUTH:
+            obj = parse_json(header, payload)
+            proof = _hex_field(obj, "proof", "AUTH", 32)
+            hello = self.hello
+            assert hello is not None
+            expected = _proof(self._secret, b"kvwire-client", self._client_nonce, self._nonce, hello.session.encode())
+            if not hmac.compare_digest(proof, expected):
+                self._reject("auth", "authentication failed: wrong shared secret", AuthenticationFailed)
+            if hello.fingerprint != self._fingerprint:
+                self._reject(
+                    "layout",
+                    f"KV layout mismatch: sender has {hello.layout} (fingerprint {hello.fingerprint[:12]}), "
+                    f"receiver has {self._layout} (fingerprint {self._fingerprint[:12]})",
+                    LayoutMismatch,
+                )
+            why = self._check_codec(hello.codec)
+            if why is not None:
+                self._reject("codec", f"codec {hello.codec!r} refused by the receiver: {why}", LayoutMismatch)
+            self._outbox.append(json_frame(FrameType.ACCEPT, {"window": self._window, "max_payload": self.max_payload}))
+            self.state = State.OPEN
+            return [Authenticated(hello)]
+        if t == FrameType.BEGIN:
+            request_id = parse_text(header, payload)
+            if not request_id:
+                raise ProtocolError("BEGIN: empty request id")
+            return [Begin(header.tag, request_id, header.count)]
+        if t == FrameType.DATA:
+            check_payload(header, payload)
+            return [Data(header, payload)]
+        if t == FrameType.CANCEL:
+            return [Cancel(header.tag, parse_text(header, payload))]
+        raise AssertionError(t)
+
+    # -- what the receiver says once open --------------------------------------------
+    def ack(self, tag: int, ok: bool, message: str = "") -> bytes:
+        status = AckStatus.OK if ok else AckStatus.FAILED
+        return control_frame(FrameType.ACK, message.encode()[:4096], tag=tag, flags=status)
+
+    def credit(self, nbytes: int) -> bytes:
+        return control_frame(FrameType.CREDIT, start=nbytes)
+
+    def cancel(self, tag: int, reason: str) -> bytes:
+        return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)

@@ -1,0 +1,158 @@
+"""Frames: one fixed 32-byte header, then ``length`` payload bytes.
+
+Header (little-endian)::
+
+    offset size field
+    0      2    magic        0x4B57 ("KW")
+    2      1    type         FrameType
+    3      1    flags        type-specific (ACK: status)
+    4      4    tag          the request's number within this session (0: none)
+    8      2    layer
+    10     1    tensor       index into the layer's tensor names (k, v | kv, then state)
+    11     1    reserved     0
+    12     4    start        DATA: first row (token) of the chunk; CREDIT: bytes granted
+    16     4    count        DATA: rows in the chunk; BEGIN: num_tokens
+    20     4    length       payload bytes that follow
+    24     4    payload_crc  CRC32C of the payload
+    28     4    header_crc   CRC32C of bytes 0..27
+
+The header checksum means a corrupted header can never point a payload at the wrong
+place; the payload checksum is checked before any payload byte is used. Control
+payloads (everything but DATA) are small and are UTF-8 JSON or UTF-8 text.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+
+from kvwire.errors import ProtocolError
+
+try:
+    from crc32c import crc32c as _crc32c
+except ImportError:  # pragma: no cover - crc32c is a dependency; this keeps GPU-only images importable
+    _crc32c = None
+
+MAGIC = 0x4B57
+HEADER = struct.Struct("<HBBIHBBIIIII")
+HEADER_SIZE = HEADER.size  # 32
+_HEADER_BODY = struct.Struct("<HBBIHBBIIII")
+MAX_CONTROL_PAYLOAD = 64 * 1024  # handshakes and acks are tiny; a bigger one is an attack or a bug
+PROTOCOL_VERSION = 1
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1  # client -> server: who I am, what I will send
+    CHALLENGE = 2  # server -> client: nonce and the server's proof
+    AUTH = 3  # client -> server: the client's proof
+    ACCEPT = 4  # server -> client: session terms (window, max payload)
+    REJECT = 5  # either way, then close: why
+    BEGIN = 6  # client -> server: tag <-> request id, num_tokens
+    DATA = 7  # client -> server: one encoded chunk
+    ACK = 8  # server -> client: request complete (flags 0) or failed (flags = AckStatus)
+    CANCEL = 9  # either way: a request is cancelled
+    CREDIT = 10  # server -> client: ``start`` more payload bytes may be sent on this connection
+
+
+class AckStatus(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # the receiver could not complete the request; the payload says why
+
+
+def crc32c(data, value: int = 0) -> int:
+    if _crc32c is None:  # pragma: no cover
+        raise ImportError("kvwire needs the crc32c package: pip install crc32c")
+    return _crc32c(data, value)
+
+
+@dataclass(frozen=True)
+class Header:
+    type: FrameType
+    tag: int = 0
+    layer: int = 0
+    tensor: int = 0
+    start: int = 0
+    count: int = 0
+    length: int = 0
+    payload_crc: int = 0
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        body = _HEADER_BODY.pack(
+            MAGIC,
+            self.type,
+            self.flags,
+            self.tag,
+            self.layer,
+            self.tensor,
+            0,
+            self.start,
+            self.count,
+            self.length,
+            self.payload_crc,
+        )
+        return body + struct.pack("<I", crc32c(body))
+
+
+def parse_header(data) -> Header:
+    """Parse exactly ``HEADER_SIZE`` bytes. Raises :class:`ProtocolError` on anything wrong."""
+    if len(data) != HEADER_SIZE:
+        raise ProtocolError(f"frame header must be {HEADER_SIZE} bytes, got {len(data)}")
+    fields = HEADER.unpack(data)
+    magic, ftype, flags, tag, layer, tensor, reserved, start, count, length, payload_crc, header_crc = fields
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic 0x{magic:04x} (not a kvwire peer, or the stream lost sync)")
+    if crc32c(bytes(data[:28])) != header_crc:
+        raise ProtocolError("frame header checksum mismatch")
+    try:
+        ftype = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {ftype}") from None
+    if reserved:
+        raise ProtocolError("reserved header byte is not zero")
+    if ftype != FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
+        raise ProtocolError(f"{ftype.name} payload of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
+    return Header(ftype, tag, layer, tensor, start, count, length, payload_crc, flags)
+
+
+def control_frame(ftype: FrameType, payload: bytes = b"", **fields) -> bytes:
+    """A whole control frame (header + payload) as bytes."""
+    return Header(ftype, length=len(payload), payload_crc=crc32c(payload), **fields).pack() + payload
+
+
+def json_frame(ftype: FrameType, obj: dict, **fields) -> bytes:
+    return control_frame(ftype, json.dumps(obj, separators=(",", ":")).encode(), **fields)
+
+
+def check_payload(header: Header, payload) -> None:
+    if crc32c(payload) != header.payload_crc:
+        raise ProtocolError(f"{header.type.name} payload checksum mismatch (tag {header.tag}, layer {header.layer})")
+
+
+def parse_json(header: Header, payload) -> dict:
+    check_payload(header, payload)
+    try:
+        obj = json.loads(bytes(payload).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{header.type.name} payload is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{header.type.name} payload is not a JSON object")
+    return obj
+
+
+def parse_text(header: Header, payload) -> str:
+    check_payload(header, payload)
+    try:
+        return bytes(payload).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{header.type.name} payload is not UTF-8") from None
+
+
+def field(obj: dict, name: str, kind: type, frame: str):
+    """A typed field of a JSON control payload, or a ProtocolError naming it."""
+    value = obj.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"{frame}: field {name!r} missing or not {kind.__name__}")
+    return value
