@@ -13,7 +13,7 @@
 >>> tx.close(); rx.close()
 """
 
-from kvwire.engine import ReceiveHandle, Receiver, SendHandle, Sender
+from kvwire.engine import ReceiveHandle, Receiver, Sender, SendHandle
 from kvwire.errors import (
     AuthenticationFailed,
     Cancelled,

@@ -1,6 +1,6 @@
 """The pipeline: :class:`Sender` and :class:`Receiver`."""
 
 from kvwire.engine.receiver import ReceiveHandle, Receiver
-from kvwire.engine.sender import SendHandle, Sender
+from kvwire.engine.sender import Sender, SendHandle
 
 __all__ = ["ReceiveHandle", "Receiver", "SendHandle", "Sender"]

@@ -35,7 +35,7 @@ from kvwire.errors import (
     TransferTimeout,
 )
 from kvwire.layout import KVLayout, Selection
-from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection, parse_header
+from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan
 from kvwire.staging import StagingPool

@@ -571,7 +571,9 @@ class Sender:
                 for c in self._conns:
                     c.inflight.pop(event.tag, None)
                     c.begun.discard(event.tag)
-            handle._complete(None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}"))
+            handle._complete(
+                None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}")
+            )
         elif isinstance(event, Cancel):
             handle._complete(Cancelled(f"transfer {handle.request_id!r} cancelled by the receiver: {event.reason}"))
 

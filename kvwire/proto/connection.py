@@ -170,8 +170,9 @@ class Connection:
         """Check that ``header`` may arrive now; return how many payload bytes follow."""
         allowed = ALLOWED.get((self.role, self.state), frozenset())
         if header.type not in allowed:
+            message = f"{self.role.value} got {header.type.name} in state {self.state.value}"
             self._fail()
-            raise ProtocolError(f"{self.role.value} got {header.type.name} in state {self.state.value}")
+            raise ProtocolError(message)
         if header.type == FrameType.DATA and not 0 < header.length <= self.max_payload:
             self._fail()
             raise ProtocolError(f"DATA payload of {header.length} bytes outside 1..{self.max_payload}")
@@ -320,7 +321,9 @@ class ServerConnection(Connection):
             version = field(obj, "version", int, "HELLO")
             if version != PROTOCOL_VERSION:
                 self._reject(
-                    "version", f"protocol version {version} not supported (this side: {PROTOCOL_VERSION})", ProtocolError
+                    "version",
+                    f"protocol version {version} not supported (this side: {PROTOCOL_VERSION})",
+                    ProtocolError,
                 )
             self._client_nonce = _hex_field(obj, "nonce", "HELLO", NONCE_BYTES)
             self.hello = Hello(

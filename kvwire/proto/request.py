@@ -61,9 +61,7 @@ class RequestPlan:
         """Validate a chunk's position; return its tensor plan. Raises ProtocolError."""
         t = self.tensor(layer, index)
         if count <= 0 or start < 0 or start + count > t.rows:
-            raise ProtocolError(
-                f"chunk rows {start}..{start + count} outside 0..{t.rows} of layer {layer} {t.name!r}"
-            )
+            raise ProtocolError(f"chunk rows {start}..{start + count} outside 0..{t.rows} of layer {layer} {t.name!r}")
         if start % t.unit or ((start + count) % t.unit and start + count != t.rows):
             raise ProtocolError(f"chunk rows {start}..{start + count} of {t.name!r} not aligned to blocks of {t.unit}")
         return t

@@ -1,0 +1,284 @@
+"""Sender to Receiver over real sockets on 127.0.0.1."""
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+import kvwire
+from tests.helpers import SECRET, assert_transferred, filled, random_states, sender_process
+
+LAYOUTS = {
+    "mha": kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=4, head_dim=64, block_size=16),
+    "gqa": kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=2, head_dim=128, block_size=32, dtype="fp16"),
+    "mla": kvwire.KVLayout.mla(num_layers=3, latent_dim=576, block_size=64),
+    "hybrid": kvwire.KVLayout.hybrid("LLFLLF", num_kv_heads=2, head_dim=64, state_shape=(2, 64, 64), block_size=16),
+}
+
+
+@pytest.fixture
+def receiver_for():
+    made = []
+
+    def make(layout, num_blocks=64, **kw):
+        dst = layout.allocate(num_blocks)
+        rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, **kw)
+        made.append(rx)
+        return rx, dst
+
+    yield make
+    for rx in made:
+        rx.close()
+
+
+def sender(layout, rx, src, **kw):
+    kw.setdefault("streams", 3)
+    return kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, **kw)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_raw_transfer_is_bit_exact(name, receiver_for):
+    layout = LAYOUTS[name]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64)
+    src_states, dst_states = random_states(layout), {i: torch.zeros_like(t) for i, t in random_states(layout).items()}
+    bs = layout.block_size
+    num_tokens = 5 * bs + 3  # a partial last block
+    src_blocks, dst_blocks = [9, 2, 40, 41, 42, 7], [63, 0, 5, 6, 30, 31]
+    h = rx.expect("r", dst_blocks, num_tokens, states=dst_states)
+    with sender(layout, rx, src, chunk_bytes=16 << 10) as tx:
+        stats = tx.send("r", src_blocks, num_tokens, states=src_states, timeout=30)
+    h.wait(timeout=10)
+    assert stats["logical_bytes"] == layout.request_bytes(num_tokens)
+    assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens, "raw", src_states, dst_states)
+    # the rest of the partial block and every other block are untouched
+    last = dst_blocks[-1]
+    for layer in dst:
+        for t in layer.values():
+            assert (t[last, 3:] == 0).all()
+            assert (t[[b for b in range(64) if b not in dst_blocks]] == 0).all()
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4", "fp8+lz4", "int4+lz4", "raw+lz4"])
+@pytest.mark.parametrize("name", ["gqa", "hybrid"])
+def test_lossy_codecs_deliver_what_the_reference_decodes(codec, name, receiver_for):
+    layout = LAYOUTS[name]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=4)
+    src_states, dst_states = random_states(layout), {i: torch.zeros_like(t) for i, t in random_states(layout).items()}
+    n = 3 * layout.block_size + 1
+    h = rx.expect("r", [1, 2, 3, 4], n, states=dst_states)
+    with sender(layout, rx, src, codec=codec, chunk_bytes=8 << 10) as tx:
+        stats = tx.send("r", [10, 11, 12, 13], n, states=src_states, timeout=30)
+    h.wait(timeout=10)
+    assert_transferred(layout, src, [10, 11, 12, 13], dst, [1, 2, 3, 4], n, codec, src_states, dst_states)
+    if not codec.startswith("raw"):
+        assert stats["wire_bytes"] < stats["logical_bytes"] / 1.8
+
+
+def test_incremental_transfer_sends_only_the_tail(receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=5)
+    bs = layout.block_size
+    # The decode side already holds the first 3 blocks of the prompt (prefix cache hit).
+    prefix_src, prefix_dst = [20, 21, 22], [50, 51, 52]
+    for s_layer, d_layer in zip(src, dst):
+        for name in s_layer:
+            d_layer[name][prefix_dst] = s_layer[name][prefix_src]
+    tail_src, tail_dst, tail_tokens = [23, 24], [53, 54], bs + 7
+    h = rx.expect("tail", tail_dst, tail_tokens)
+    with sender(layout, rx, src) as tx:
+        stats = tx.send("tail", tail_src, tail_tokens)
+    h.wait(timeout=10)
+    assert stats["logical_bytes"] == layout.request_bytes(tail_tokens)
+    total = 3 * bs + tail_tokens
+    assert_transferred(layout, src, prefix_src + tail_src, dst, prefix_dst + tail_dst, total)
+
+
+def test_64_concurrent_requests_on_one_sender(receiver_for):
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16)
+    rx, dst = receiver_for(layout, num_blocks=256)
+    src = filled(layout, 256, seed=6)
+    requests = [(f"q{i}", [4 * i + j for j in range(4)], 16 * 3 + i % 16 + 1) for i in range(64)]
+    handles = [rx.expect(rid, [255 - b for b in blocks], n) for rid, blocks, n in requests]
+    with sender(layout, rx, src, streams=4, chunk_bytes=4096) as tx:
+        transfers = [tx.transfer(rid, blocks, n) for rid, blocks, n in requests]
+        for layer in range(layout.num_layers):  # interleaved, as a batched prefill would
+            for t in transfers:
+                t.send_layer(layer)
+        for t in transfers:
+            t.finish(timeout=60)
+    for h in handles:
+        h.wait(timeout=10)
+    for _, blocks, n in requests:
+        assert_transferred(layout, src, blocks, dst, [255 - b for b in blocks], n)
+
+
+def test_layers_become_usable_one_by_one(receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=7)
+    h = rx.expect("lw", [0, 1], 20)
+    with sender(layout, rx, src) as tx:
+        t = tx.transfer("lw", [5, 6], 20)
+        t.send_layer(0)
+        h.wait_layer(0, timeout=10)
+        assert torch.equal(dst[0]["k"][0], src[0]["k"][5])
+        assert not h.done() and (dst[1]["k"][0] == 0).all()
+        with pytest.raises(kvwire.TransferTimeout):
+            h.wait_layer(1, timeout=0.2)
+        t.send_layer(1)
+        t.send_layer(2)
+        stats = t.finish(timeout=10)
+    assert h.wait(timeout=10)["ok"]
+    assert stats["exposed_ms"] is not None and stats["exposed_ms"] >= 0
+
+
+def test_data_before_expect_waits_and_credit_slows_the_sender(receiver_for):
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    # 4 layers x 2 tensors x 64 blocks x 32 KiB = 16 MiB, four times the staging budget.
+    rx, dst = receiver_for(layout, num_blocks=64, staging_bytes=4 << 20, slot_bytes=256 << 10,
+                           window_bytes=1 << 20)  # fmt: skip
+    src = filled(layout, 64, seed=8)
+    blocks = list(range(64))
+    with sender(layout, rx, src, streams=2, chunk_bytes=128 << 10) as tx:
+        t = tx.transfer("early", blocks, 64 * 16)
+        for i in range(4):
+            t.send_layer(i)
+        with pytest.raises(kvwire.TransferTimeout):
+            t.finish(timeout=1.0)  # nobody expects it yet: the sender is held back by credit
+        staging = rx.stats()["staging"]
+        assert 0 < staging["high_water_bytes"] <= staging["budget_bytes"]
+        assert rx.stats()["parked_chunks"] > 0
+        assert rx.stats()["wire_bytes"] < 8 << 20  # far less than the 16 MiB request
+        h = rx.expect("early", blocks, 64 * 16)
+        t2 = tx.transfer("early-2", blocks, 64 * 16)
+        for i in range(4):
+            t2.send_layer(i)
+        h2 = rx.expect("early-2", blocks, 64 * 16)
+        t2.finish(timeout=30)
+        h2.wait(timeout=10)
+    assert_transferred(layout, src, blocks, dst, blocks, 64 * 16)
+    assert h.done() and not h.ok()  # the first transfer timed out on the sender, which cancelled it
+
+
+def test_sender_in_another_process(receiver_for):
+    layout = LAYOUTS["gqa"]
+    rx, dst = receiver_for(layout)
+    h = rx.expect("proc-req", [3, 4, 5], 70)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(
+        target=sender_process, args=(rx.address, layout.to_dict(), 64, 11, [7, 8, 9], 70, None, "raw", ready)
+    )
+    p.start()
+    try:
+        h.wait(timeout=60)
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    finally:
+        p.kill()
+    assert_transferred(layout, filled(layout, 64, 11), [7, 8, 9], dst, [3, 4, 5], 70)
+
+
+def test_stats_report_tcp_info_and_staging(receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64)) as tx:
+        rx.expect("s", [0], 16)
+        tx.send("s", [1], 16)
+        stats = tx.stats()
+    assert stats["alive_streams"] == 3 and len(stats["connections"]) == 3
+    tcp = stats["connections"][0]["tcp"]
+    for key in ("rtt_us", "snd_cwnd", "total_retrans", "delivery_rate", "bytes_acked"):
+        assert key in tcp
+    assert sum(c["bytes_sent"] for c in stats["connections"]) > layout.request_bytes(16)
+    assert rx.stats()["completed"] == 1
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda tx: tx.transfer("x", [0, 99], 20), ValueError, r"block_ids\[1\]"),
+        (lambda tx: tx.transfer("x", [0, 1], 40), ValueError, "num_tokens"),
+        (lambda tx: tx.transfer("x", [0], 4, deadline=0), ValueError, "deadline"),
+        (lambda tx: tx.transfer(None, [0], 4), TypeError, "request_id"),
+        (lambda tx: tx.transfer("x", [0], 4).send_layer(7), ValueError, "layer"),
+        (lambda tx: tx.transfer("x", [0], 4).finish(), ValueError, "never sent"),
+    ],
+)
+def test_bad_sender_arguments_name_the_problem(call, error, message, receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64)) as tx:
+        with pytest.raises(error, match=message):
+            call(tx)
+
+
+def test_sending_a_layer_twice_is_refused(receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64)) as tx:
+        t = tx.transfer("x", [0], 4)
+        t.send_layer(0)
+        with pytest.raises(ValueError, match="already sent"):
+            t.send_layer(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"codec": "zstd"}, ValueError, "unknown codec"),
+        ({"streams": 0}, ValueError, "streams"),
+        ({"secret": None}, ValueError, "secret"),
+        ({"secret": "short"}, ValueError, "secret"),
+        ({"kv_caches": []}, ValueError, "kv_caches"),
+    ],
+)
+def test_bad_sender_construction(kwargs, error, message, receiver_for, monkeypatch):
+    monkeypatch.delenv("KVWIRE_SECRET", raising=False)
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    args = {"secret": SECRET, "kv_caches": layout.allocate(4)} | kwargs
+    with pytest.raises(error, match=message):
+        kvwire.Sender(layout, rx.address, **args)
+
+
+def test_bad_expect_arguments(receiver_for):
+    layout = LAYOUTS["hybrid"]
+    rx, _ = receiver_for(layout)
+    with pytest.raises(ValueError, match="states"):
+        rx.expect("x", [0], 4)  # the hybrid layout needs states
+    states = {i: torch.zeros_like(t) for i, t in random_states(layout).items()}
+    with pytest.raises(ValueError, match=r"block_ids\[0\]"):
+        rx.expect("x", [64], 4, states=states)
+    rx.expect("x", [0], 4, states=states)
+    with pytest.raises(ValueError, match="already expected"):
+        rx.expect("x", [1], 4, states=states)
+
+
+def test_concurrent_senders_to_one_receiver(receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, dst = receiver_for(layout, num_blocks=64)
+    srcs = [filled(layout, 64, seed=s) for s in range(3)]
+    handles = [rx.expect(f"s{i}", [10 * i, 10 * i + 1], 32) for i in range(3)]
+    errors = []
+
+    def run(i):
+        try:
+            with sender(layout, rx, srcs[i], streams=2) as tx:
+                tx.send(f"s{i}", [i, i + 1], 32)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, h in enumerate(handles):
+        h.wait(timeout=10)
+        assert_transferred(layout, srcs[i], [i, i + 1], dst, [10 * i, 10 * i + 1], 32)

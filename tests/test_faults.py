@@ -1,0 +1,238 @@
+"""Every failure ends as a typed error within its deadline; nothing is written out of bounds."""
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+
+import kvwire
+from kvwire.proto import FrameType, Header, crc32c
+from tests.helpers import SECRET, WireClient, assert_transferred, filled, receiver_process, sender_process
+
+LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
+
+
+@pytest.fixture
+def rx():
+    dst = LAYOUT.allocate(32)
+    receiver = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    receiver.dst = dst
+    yield receiver
+    receiver.close()
+
+
+def untouched(caches) -> bool:
+    return all((t == 0).all() for layer in caches for t in layer.values())
+
+
+def still_serves(rx, request_id="after") -> None:
+    """A well-behaved sender still gets through after whatever the test did."""
+    src = filled(LAYOUT, 32, seed=99)
+    h = rx.expect(request_id, [30, 31], 20)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2) as tx:
+        tx.send(request_id, [0, 1], 20, timeout=20)
+    h.wait(timeout=10)
+    assert_transferred(LAYOUT, src, [0, 1], rx.dst, [30, 31], 20)
+
+
+def test_wrong_secret_fails_on_both_sides(rx):
+    with pytest.raises(kvwire.AuthenticationFailed, match="prove"):
+        kvwire.Sender(LAYOUT, rx.address, secret="not-the-secret", kv_caches=LAYOUT.allocate(4))
+    time.sleep(0.2)
+    assert rx.stats()["rejected_connections"] >= 1
+    still_serves(rx)
+
+
+def test_wrong_layout_fails_on_both_sides(rx):
+    other = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=32)
+    with pytest.raises(kvwire.LayoutMismatch, match="block 32.*block 16"):
+        kvwire.Sender(other, rx.address, secret=SECRET, kv_caches=other.allocate(4))
+    time.sleep(0.2)
+    assert "layout mismatch" in rx.stats()["rejected"][-1]["reason"]
+
+
+def test_refused_codec():
+    r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4), codecs=["fp8"])
+    try:
+        with pytest.raises(kvwire.LayoutMismatch, match="codec 'raw' refused"):
+            kvwire.Sender(LAYOUT, r.address, secret=SECRET, kv_caches=LAYOUT.allocate(4), codec="raw")
+    finally:
+        r.close()
+
+
+def data_frame(tag=1, layer=0, tensor=0, start=0, count=16, payload=None, crc=None):
+    payload = payload if payload is not None else bytes(count * 2 * 64 * 2)
+    return Header(FrameType.DATA, tag=tag, layer=layer, tensor=tensor, start=start, count=count, length=len(payload),
+                  payload_crc=crc32c(payload) if crc is None else crc).pack() + payload  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(lambda: data_frame(crc=1234), id="corrupted-payload"),
+        pytest.param(lambda: data_frame(start=32, count=16), id="rows-past-the-request"),
+        pytest.param(lambda: data_frame(layer=3), id="layer-out-of-range"),
+        pytest.param(lambda: data_frame(tensor=2), id="tensor-out-of-range"),
+        pytest.param(lambda: data_frame(start=8, count=16), id="misaligned-rows"),
+        pytest.param(lambda: data_frame(payload=bytes(1000)), id="wrong-payload-size"),
+        pytest.param(lambda: data_frame(tag=9), id="unknown-tag"),
+        pytest.param(lambda: b"GET / HTTP/1.1\r\n\r\n" + bytes(20), id="not-kvwire"),
+    ],
+)
+def test_bad_frames_close_the_connection_and_write_nothing(rx, frame):
+    h = rx.expect("victim", [4, 5], 20)
+    client = WireClient(rx.address, LAYOUT)
+    client.send(client.proto.begin(1, "victim", 20) + frame())
+    assert client.closed_by_peer()
+    with pytest.raises(kvwire.PeerLost):
+        h.wait(timeout=5)  # its only connection is gone
+    assert untouched(rx.dst)
+    assert rx.stats()["protocol_errors"] >= 1
+    still_serves(rx)
+
+
+def test_overlapping_resend_is_refused(rx):
+    rx.expect("ov", [4, 5], 32)
+    client = WireClient(rx.address, LAYOUT)
+    client.send(client.proto.begin(1, "ov", 32) + data_frame(start=0, count=32, payload=bytes(32 * 256)))
+    client.send(data_frame(start=16, count=16))
+    assert client.closed_by_peer()
+
+
+def test_truncated_frame_then_disconnect(rx):
+    h = rx.expect("trunc", [4, 5], 20)
+    client = WireClient(rx.address, LAYOUT)
+    client.send(client.proto.begin(1, "trunc", 20) + data_frame()[:500])
+    client.close()
+    with pytest.raises(kvwire.PeerLost):
+        h.wait(timeout=5)
+    assert untouched(rx.dst)
+    still_serves(rx)
+
+
+def test_sender_killed_mid_transfer(rx):
+    h = rx.expect("proc-req", [4, 5, 6], 40)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=sender_process, args=(rx.address, LAYOUT.to_dict(), 32, 3, [0, 1, 2], 40, 1, "raw", ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        h.wait_layer(0, timeout=10)
+        os.kill(p.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(kvwire.PeerLost):
+            h.wait(timeout=20)
+        assert time.monotonic() - t0 < 5
+    finally:
+        p.kill()
+        p.join()
+    still_serves(rx)
+
+
+def test_receiver_killed_mid_transfer():
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    ctx = multiprocessing.get_context("spawn")
+    ports = ctx.Queue()
+    p = ctx.Process(target=receiver_process, args=(layout.to_dict(), 64, ports, False))
+    p.start()
+    try:
+        address = ports.get(timeout=60)
+        src = filled(layout, 64)
+        with kvwire.Sender(layout, address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=256 << 10) as tx:
+            t = tx.transfer("doomed", list(range(64)), 1024, deadline=30)
+            for i in range(4):
+                t.send_layer(i)  # 16 MiB; the receiver never expects it, so credit runs out
+            time.sleep(0.5)
+            os.kill(p.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.PeerLost):
+                t.finish(timeout=20)
+            assert time.monotonic() - t0 < 5
+            with pytest.raises(kvwire.PeerLost):
+                tx.transfer("next", [0], 4)
+    finally:
+        p.kill()
+        p.join()
+
+
+def test_one_connection_reset_mid_transfer_still_completes(rx):
+    src = filled(LAYOUT, 32, seed=12)
+    blocks, dst_blocks = list(range(8)), list(range(10, 18))
+    h = rx.expect("reset", dst_blocks, 8 * 16)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=3, chunk_bytes=4096) as tx:
+        t = tx.transfer("reset", blocks, 8 * 16)
+        t.send_layer(0)
+        h.wait_layer(0, timeout=10)
+        tx._conns[1].stream.sock.shutdown(2)  # as if a middlebox reset it
+        t.send_layer(1)
+        t.send_layer(2)
+        t.finish(timeout=20)
+        assert tx.stats()["alive_streams"] == 2
+    h.wait(timeout=10)
+    assert_transferred(LAYOUT, src, blocks, rx.dst, dst_blocks, 8 * 16)
+
+
+def test_receiver_deadline_and_sender_timeout(rx):
+    h = rx.expect("late", [4], 10, deadline=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(kvwire.TransferTimeout):
+        h.wait()
+    assert 0.4 < time.monotonic() - t0 < 3
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:
+        t = tx.transfer("never-expected", [0], 10, deadline=0.5)
+        t.send_layer(0)  # layers 1 and 2 never come
+        with pytest.raises(ValueError, match="never sent"):
+            t.finish()
+        t.send_layer(1)
+        t.send_layer(2)
+        h2 = rx.expect("never-expected", [4], 10, deadline=10)
+        h2.wait(timeout=10)  # completes: it was only missing layers
+        t.finish()
+
+
+def test_cancel_from_either_side(rx):
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:
+        h = rx.expect("c1", [4], 10)
+        t = tx.transfer("c1", [0], 10)
+        t.send_layer(0)
+        h.wait_layer(0, timeout=5)
+        h.cancel("decode instance went away")
+        with pytest.raises(kvwire.Cancelled, match="decode instance went away"):
+            t.finish(timeout=5)
+
+        h2 = rx.expect("c2", [5], 10)
+        t2 = tx.transfer("c2", [1], 10)
+        t2.send_layer(0)
+        h2.wait_layer(0, timeout=5)
+        t2.cancel("prefill aborted")
+        with pytest.raises(kvwire.Cancelled, match="prefill aborted"):
+            h2.wait(timeout=5)
+        with pytest.raises(kvwire.Cancelled):
+            t2.finish()
+    still_serves(rx)
+
+
+def test_token_count_disagreement_fails_both_sides(rx):
+    h = rx.expect("mismatch", [4, 5], 20)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:
+        with pytest.raises(kvwire.TransferError, match="expects 20"):
+            tx.send("mismatch", [0, 1], 30, timeout=10)
+    with pytest.raises(kvwire.TransferError, match="expects 20"):
+        h.wait(timeout=5)
+    assert untouched(rx.dst)
+
+
+def test_receiver_close_fails_open_requests():
+    r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4))
+    h = r.expect("x", [0], 4)
+    r.close()
+    with pytest.raises(kvwire.Cancelled):
+        h.wait(timeout=1)
+
+
+def test_unreachable_peer():
+    with pytest.raises(kvwire.PeerLost, match="cannot connect"):
+        kvwire.Sender(LAYOUT, ("127.0.0.1", 1), secret=SECRET, kv_caches=LAYOUT.allocate(4), connect_timeout=2)

@@ -1,0 +1,189 @@
+"""The protocol, sans I/O: handshake, framing h11-style (whole, byte by byte, trailing), fuzz."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
+from kvwire.proto import (
+    NEED_DATA,
+    Accepted,
+    Ack,
+    Authenticated,
+    Begin,
+    ClientConnection,
+    Data,
+    FrameReader,
+    FrameType,
+    Header,
+    ServerConnection,
+    State,
+    crc32c,
+    parse_header,
+)
+from kvwire.proto.frames import HEADER_SIZE, json_frame
+
+SECRET = b"correct horse battery"
+
+
+def client(secret=SECRET, fingerprint="f" * 32, codec="raw"):
+    return ClientConnection(
+        secret, session="ab" * 8, conn_index=0, conn_count=1, fingerprint=fingerprint, layout="L", codec=codec
+    )
+
+
+def server(secret=SECRET, fingerprint="f" * 32, accept=lambda c: None):
+    return ServerConnection(
+        secret, fingerprint=fingerprint, layout="L", check_codec=accept, window=1 << 20, max_payload=1 << 16
+    )
+
+
+def pump(data: bytes, reader: FrameReader, mode: str) -> list:
+    """Feed ``data`` whole, byte by byte, or with trailing garbage; collect events."""
+    events = []
+    chunks = [data] if mode != "bytewise" else [data[i : i + 1] for i in range(len(data))]
+    if mode == "trailing":
+        chunks = [data + b"\x00\x01"]
+    for chunk in chunks:
+        reader.feed(chunk)
+        while True:
+            got = reader.next_events()
+            if got is NEED_DATA:
+                break
+            events += got
+    if mode == "trailing":
+        assert reader.trailing == b"\x00\x01"
+    return events
+
+
+def handshake(c, s, mode="whole"):
+    cr, sr = FrameReader(c), FrameReader(s)
+    events_s = pump(c.data_to_send(), sr, mode)  # HELLO
+    pump(s.data_to_send(), cr, mode)  # CHALLENGE -> client queues AUTH
+    events_s += pump(c.data_to_send(), sr, mode)  # AUTH -> ACCEPT or REJECT
+    return cr, sr, events_s
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytewise", "trailing"])
+def test_handshake_then_data_and_ack(mode):
+    c, s = client(), server()
+    cr, sr, events_s = handshake(c, s, "whole" if mode == "trailing" else mode)
+    assert [type(e) for e in events_s] == [Authenticated]
+    assert events_s[0].hello.codec == "raw"
+    events_c = pump(s.data_to_send(), cr, "whole" if mode == "trailing" else mode)
+    assert events_c == [Accepted(window=1 << 20, max_payload=1 << 16)]
+    assert c.state == s.state == State.OPEN
+
+    payload = bytes(range(256)) * 4
+    frames = c.begin(7, "req-1", 100)
+    frames += Header(FrameType.DATA, tag=7, layer=2, tensor=1, start=16, count=4, length=len(payload),
+                     payload_crc=crc32c(payload)).pack() + payload  # fmt: skip
+    sr2 = FrameReader(s)
+    events = pump(frames, sr2, mode)
+    assert events[0] == Begin(7, "req-1", 100)
+    assert isinstance(events[1], Data) and bytes(events[1].payload) == payload
+    assert events[1].header.layer == 2 and events[1].header.start == 16
+
+    cr2 = FrameReader(c)
+    assert pump(s.ack(7, True) + s.ack(8, False, "boom"), cr2, mode) == [Ack(7, True, ""), Ack(8, False, "boom")]
+
+
+def test_wrong_secret_is_rejected_before_any_data():
+    c, s = client(secret=b"wrong secret!!"), server()
+    cr, sr = FrameReader(c), FrameReader(s)
+    pump(c.data_to_send(), sr, "whole")
+    with pytest.raises(AuthenticationFailed, match="did not prove"):
+        pump(s.data_to_send(), cr, "whole")  # the client sees the server cannot prove the secret it has
+    assert c.state == State.ERROR
+
+
+def test_server_rejects_a_client_with_the_wrong_secret():
+    c, s = client(), server()
+    cr, sr = FrameReader(c), FrameReader(s)
+    pump(c.data_to_send(), sr, "whole")
+    pump(s.data_to_send(), cr, "whole")
+    forged = json_frame(FrameType.AUTH, {"proof": "00" * 32})
+    with pytest.raises(AuthenticationFailed, match="wrong shared secret"):
+        pump(forged, sr, "whole")
+    reject = s.data_to_send()
+    assert parse_header(reject[:HEADER_SIZE]).type == FrameType.REJECT
+    assert s.state == State.ERROR
+
+
+@pytest.mark.parametrize(
+    "server_kwargs, client_kwargs, message",
+    [
+        ({"fingerprint": "a" * 32}, {}, "layout mismatch"),
+        ({"accept": lambda c: "only fp8"}, {"codec": "raw"}, "codec 'raw' refused"),
+    ],
+)
+def test_layout_and_codec_mismatch_fail_on_both_sides(server_kwargs, client_kwargs, message):
+    c, s = client(**client_kwargs), server(**server_kwargs)
+    cr, sr = FrameReader(c), FrameReader(s)
+    pump(c.data_to_send(), sr, "whole")
+    pump(s.data_to_send(), cr, "whole")
+    with pytest.raises(LayoutMismatch, match=message):
+        pump(c.data_to_send(), sr, "whole")
+    with pytest.raises(LayoutMismatch, match=message):
+        pump(s.data_to_send(), cr, "whole")
+
+
+def test_data_before_authentication_is_a_protocol_error():
+    s = server()
+    frame = Header(FrameType.DATA, tag=1, length=4, payload_crc=crc32c(b"abcd")).pack() + b"abcd"
+    with pytest.raises(ProtocolError, match="DATA in state await_hello"):
+        pump(frame, FrameReader(s), "whole")
+    assert s.state == State.ERROR
+    with pytest.raises(ProtocolError):  # nothing leaves the error state
+        pump(client().data_to_send(), FrameReader(s), "whole")
+
+
+def test_corrupted_payload_and_header_are_detected():
+    c, s = client(), server()
+    handshake(c, s)
+    payload = b"x" * 100
+    good = Header(FrameType.DATA, tag=1, length=100, payload_crc=crc32c(payload)).pack()
+    with pytest.raises(ProtocolError, match="checksum"):
+        pump(good + b"y" + payload[1:], FrameReader(s), "whole")
+    s2 = server()
+    handshake(client(), s2)
+    bad_header = bytearray(good)
+    bad_header[12] ^= 1  # flip a bit of ``start``
+    with pytest.raises(ProtocolError, match="header checksum"):
+        pump(bytes(bad_header) + payload, FrameReader(s2), "whole")
+
+
+def test_oversized_payloads_are_refused_before_reading_them():
+    c, s = client(), server()
+    handshake(c, s)
+    with pytest.raises(ProtocolError, match="outside"):
+        s.on_header(Header(FrameType.DATA, tag=1, length=(1 << 16) + 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        parse_header(Header(FrameType.BEGIN, length=1 << 20).pack())
+
+
+@given(st.binary(max_size=300))
+def test_garbage_into_a_fresh_server_parses_or_raises_protocol_error(data):
+    reader = FrameReader(server())
+    reader.feed(data)
+    try:
+        while reader.next_events() is not NEED_DATA:
+            pass
+    except ProtocolError:
+        pass
+
+
+@given(st.binary(max_size=200), st.integers(0, 2))
+def test_garbage_after_a_handshake_parses_or_raises_protocol_error(data, where):
+    c, s = client(), server()
+    cr, _, _ = handshake(c, s)
+    pump(s.data_to_send(), cr, "whole")  # ACCEPT
+    target, reader = (s, FrameReader(s)) if where else (c, cr)
+    prefix = Header(FrameType.DATA, tag=1, length=len(data) or 1).pack() if where == 2 else b""
+    reader.feed(prefix + data)
+    try:
+        while reader.next_events() is not NEED_DATA:
+            pass
+    except ProtocolError:
+        pass
+    assert target.state in (State.OPEN, State.ERROR)
