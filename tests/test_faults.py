@@ -200,6 +200,9 @@ def test_cancel_from_either_side(rx):
         t.send_layer(0)
         h.wait_layer(0, timeout=5)
         h.cancel("decode instance went away")
+        end = time.monotonic() + 5
+        while not t.done() and time.monotonic() < end:  # the CANCEL frame is on its way
+            time.sleep(0.01)
         with pytest.raises(kvwire.Cancelled, match="decode instance went away"):
             t.finish(timeout=5)
 
