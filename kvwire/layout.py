@@ -245,7 +245,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def fingerprint(self) -> str:
         """A stable hex digest of everything both peers must agree on (not the pool size)."""

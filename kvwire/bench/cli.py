@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from kvwire.bench import codec_report
+import kvwire.codec
+from kvwire.bench import codec_report, loopback, profiles
 from kvwire.bench.report import table, write_json
 
 
@@ -27,6 +28,74 @@ def _cmd_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loopback(args: argparse.Namespace) -> int:
+    loopback.check_arguments(args)
+    layout = profiles.get(args.profile).layout()
+    gib = layout.request_bytes(args.tokens) * args.requests / 2**30
+    print(
+        f"kvwire-bench loopback: {args.profile}, {args.tokens} tokens x {args.requests} request(s) "
+        f"= {gib:.2f} GiB logical, x {args.rounds} round(s); codec {args.codec}; {args.streams} connections",
+        flush=True,
+    )
+    report = loopback.run(args, progress=lambda line: print(line, flush=True))
+    report["machine"] = _machine()
+    print()
+    print(table(("figure", "value"), loopback.summary_rows(report)))
+    print()
+    print(table(loopback.CONNECTION_HEADERS, loopback.connection_rows(report)))
+    print("GB/s = 1e9 bytes per second; wire counts encoded bytes, effective counts logical KV bytes")
+    if args.json:
+        write_json(args.json, report)
+    if report["errors"]:
+        print("transfer errors:", *report["errors"], sep="\n  ", file=sys.stderr)
+        return 1
+    if report["verified"] is False:
+        print("VERIFICATION FAILED: the destination does not hold what the codec says", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    if args.link_gbit <= 0:
+        raise ValueError(f"--link-gbit: must be positive, got {args.link_gbit}")
+    link_bytes = args.link_gbit * 1e9 / 8
+    rows, results = [], []
+    for p in profiles.PROFILES.values():
+        layout = p.layout()
+        per_token = layout.bytes_per_token()
+        rates = {}
+        for name in ("raw", "fp8", "int4"):
+            codec = kvwire.codec.get(name)
+            wire = _wire_bytes_per_token(layout, codec)
+            rates[name] = link_bytes / wire
+        results.append(
+            {"profile": p.name, "layers": layout.num_layers, "kv_bytes_per_token": per_token,
+             "state_bytes_per_request": layout.state_bytes(), "tokens_per_s": rates, "source": p.source}
+        )  # fmt: skip
+        rows.append([p.name, layout.num_layers, per_token / 1024, layout.state_bytes() / 2**20,
+                     rates["raw"], rates["fp8"], rates["int4"]])  # fmt: skip
+    print(f"prefill tokens per second that a {args.link_gbit:g} Gbit/s link can carry, per codec")
+    print(table(("profile", "layers", "KiB/token", "state MiB", "raw tok/s", "fp8 tok/s", "int4 tok/s"), rows))
+    print("sources:")
+    for p in profiles.PROFILES.values():
+        print(f"  {p.name}: {p.description}. {p.source}")
+    if args.json:
+        write_json(args.json, {"kind": "profiles", "link_gbit": args.link_gbit, "profiles": results})
+    return 0
+
+
+def _wire_bytes_per_token(layout, codec) -> float:
+    """Encoded bytes per token for a long request (1024 tokens; states excluded)."""
+    from kvwire.codec import ChunkSpec
+
+    tokens = 1024
+    total = 0
+    for layer in layout.layers:
+        for p in layer.paged:
+            total += codec.encoded_size(ChunkSpec(tokens, p.heads, p.head_dim, layout.dtype, p.name, layout.block_size))
+    return total / tokens
+
+
 def _machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -42,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     codec_report.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
     p.set_defaults(func=_cmd_codec)
+
+    p = sub.add_parser("loopback", help="sender and receiver processes on 127.0.0.1: throughput, latency, checks")
+    loopback.add_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout)")
+    p.set_defaults(func=_cmd_loopback)
+
+    p = sub.add_parser("profiles", help="model profiles and what a link carries per codec")
+    p.add_argument("--link-gbit", type=float, default=100.0, help="link rate in Gbit/s (default 100)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.set_defaults(func=_cmd_profiles)
     return parser
 
 

@@ -49,7 +49,7 @@ class ChunkSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def raw_nbytes(self) -> int:

@@ -1,0 +1,481 @@
+"""``kvwire-bench loopback``: a receiver and a sender in two processes on 127.0.0.1.
+
+The sender holds a model profile's KV for ``--requests`` requests of ``--tokens`` tokens
+and streams it ``--rounds`` times; the receiver expects each request, waits for it and
+checks that the destination holds exactly what the codec's CPU reference says. With
+``--baseline``, plain sockets then move the same number of bytes over the same number
+of connections (each side: ``sendall`` / ``recv_into`` of 1 MiB, as ``iperf3 -l 1M``
+does), so the ratio between the two is measured on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+
+import torch
+
+import kvwire
+import kvwire.codec
+from kvwire.bench import profiles
+from kvwire.layout import Selection, gather_tokens
+
+BASELINE_BUFFER = 1 << 20
+_PRIME = 1_000_003  # fill pattern period: not a multiple of any block, so misplaced blocks differ
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="llama3-8b", help="model profile (see `kvwire-bench profiles`)")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per request (default 8192: 1 GiB for llama3-8b)")
+    p.add_argument("--requests", type=int, default=1, help="requests in flight at once")
+    p.add_argument("--rounds", type=int, default=1, help="times the requests are sent (total = rounds x requests)")
+    p.add_argument("--codec", default="raw", help="raw, fp8, int4, or any +lz4")
+    p.add_argument("--streams", type=int, default=kvwire.engine.sender.DEFAULT_STREAMS, help="TCP connections")
+    p.add_argument("--transport", default="tcp", choices=["tcp"], help="byte mover (tcp)")
+    p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
+    p.add_argument("--staging-mib", type=int, default=256, help="receiver staging budget in MiB")
+    p.add_argument("--layer-ms", type=float, default=0.0, help="produce one layer every N ms, as a prefill would")
+    p.add_argument("--baseline", action="store_true", help="also move the same bytes over plain sockets")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the destination")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    profiles.get(args.profile)
+    kvwire.codec.get(args.codec)
+    for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if args.layer_ms < 0:
+        raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
+    if args.streams > 64:
+        raise ValueError(f"--streams: at most 64, got {args.streams}")
+
+
+# -- what both processes agree on ----------------------------------------------------------
+def _layout_and_blocks(args) -> tuple[kvwire.KVLayout, int, int]:
+    layout = profiles.get(args.profile).layout()
+    per_request = -(-args.tokens // layout.block_size)
+    return layout, per_request, per_request * args.requests
+
+
+def fill(caches, states, seed: int, dtype: torch.dtype) -> None:
+    """Deterministic, cheap, position-dependent contents (randn over GiBs takes too long)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(_PRIME, generator=g).to(dtype)
+    offset = 0
+    for tensors in [*caches, states]:
+        for t in tensors.values():
+            flat = t.view(-1)
+            for start in range(0, flat.numel(), _PRIME):
+                n = min(_PRIME, flat.numel() - start)
+                shift = (offset + start) % _PRIME
+                flat[start : start + n] = base.roll(-shift)[:n]
+            offset += 7919
+
+
+def _states(layout: kvwire.KVLayout) -> dict[int, torch.Tensor]:
+    return layout.allocate_states()
+
+
+def _src_blocks(i: int, per: int) -> list[int]:
+    return list(range(i * per, (i + 1) * per))
+
+
+def _dst_blocks(i: int, per: int) -> list[int]:
+    return list(reversed(_src_blocks(i, per)))  # a different order exercises the scatter
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _rss_bytes() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, kib = line.split()[:2]
+                values[key] = int(kib) * 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+# -- the receiver process ------------------------------------------------------------------
+def receiver_main(pipe, args: argparse.Namespace, secret: str) -> None:
+    torch.set_num_threads(1)
+    layout, per, total_blocks = _layout_and_blocks(args)
+    dst = layout.allocate(total_blocks)
+    states = [{i: t for i, t in _states(layout).items()} for _ in range(args.requests)]
+    rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20)
+    base_listener = socket.create_server(("127.0.0.1", 0))
+    pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
+    reference = None
+    rss_start = _rss_bytes()[0]
+    _reset_peak_rss()
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "quit":
+            break
+        if cmd[0] == "expect":
+            round_ = cmd[1]
+            for layer in dst:  # so a round that delivers nothing cannot pass on the last one's bytes
+                for t in layer.values():
+                    t.zero_()
+            cpu0 = _cpu_seconds()
+            handles = [
+                rx.expect(f"{round_}-{i}", _dst_blocks(i, per), args.tokens, states=states[i], deadline=600)
+                for i in range(args.requests)
+            ]
+            pipe.send("ready")
+            error = None
+            try:
+                for h in handles:
+                    h.wait()
+            except kvwire.TransferError as exc:
+                error = str(exc)
+            cpu = _cpu_seconds() - cpu0
+            verified = None
+            if error is None and not args.no_verify:
+                if reference is None:
+                    reference = layout.allocate(total_blocks), _states(layout)
+                    fill(reference[0], reference[1], seed=1, dtype=layout.dtype)
+                verified = _verify(layout, args, reference, dst, states, per)
+            pipe.send({"error": error, "cpu_s": cpu, "verified": verified, "stats": rx.stats()})
+        elif cmd[0] == "baseline":
+            pipe.send(_baseline_receive(base_listener, args.streams, cmd[1]))
+        elif cmd[0] == "rss":
+            rss, hwm = _rss_bytes()
+            pipe.send({"start": rss_start, "now": rss, "peak": hwm})
+    rx.close()
+
+
+def _verify(layout, args, reference, dst, states, per) -> bool:
+    codec = kvwire.codec.get(args.codec)
+    src, src_states = reference
+    bs = layout.block_size
+    for i in range(args.requests):
+        s_sel = Selection(tuple(_src_blocks(i, per)), args.tokens)
+        d_sel = Selection(tuple(_dst_blocks(i, per)), args.tokens)
+        for layer, spec in enumerate(layout.layers):
+            for p in spec.paged:
+                a = gather_tokens(src[layer][p.name], s_sel, bs)
+                b = gather_tokens(dst[layer][p.name], d_sel, bs)
+                want = a if codec.name == "raw" else codec.decode(codec.encode(a, p.name, bs)).view(a.shape)
+                if not torch.equal(
+                    b.view(torch.uint8) if codec.lossless else b, want.view(torch.uint8) if codec.lossless else want
+                ):
+                    return False
+            if spec.state is not None:
+                a = src_states[layer]
+                want = a if codec.name == "raw" else codec.decode(codec.encode(a, "state", bs)).view(a.shape)
+                if not torch.equal(states[i][layer], want):
+                    return False
+    return True
+
+
+def _baseline_receive(listener: socket.socket, streams: int, nbytes: int) -> dict:
+    conns = [listener.accept()[0] for _ in range(streams)]
+    share = [nbytes // streams + (1 if i < nbytes % streams else 0) for i in range(streams)]
+    cpu0 = _cpu_seconds()
+
+    def drain(sock: socket.socket, n: int) -> None:
+        buf = bytearray(BASELINE_BUFFER)
+        view = memoryview(buf)
+        while n:
+            got = sock.recv_into(view, min(n, BASELINE_BUFFER))
+            if not got:
+                raise ConnectionError("baseline sender closed early")
+            n -= got
+        sock.sendall(b"!")  # the same end-to-end acknowledgement kvwire waits for
+
+    threads = [threading.Thread(target=drain, args=(c, n)) for c, n in zip(conns, share)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in conns:
+        c.close()
+    return {"cpu_s": _cpu_seconds() - cpu0}
+
+
+# -- the sender process --------------------------------------------------------------------
+def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_address) -> None:
+    torch.set_num_threads(1)
+    layout, per, total_blocks = _layout_and_blocks(args)
+    src = layout.allocate(total_blocks)
+    states = _states(layout)
+    fill(src, states, seed=1, dtype=layout.dtype)
+    tx = kvwire.Sender(
+        layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
+        chunk_bytes=args.chunk_kib << 10,
+    )  # fmt: skip
+    pipe.send("ready")
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "quit":
+            break
+        if cmd[0] == "send":
+            pipe.send(_send_round(tx, layout, args, cmd[1], per, states, streamed=cmd[2]))
+        elif cmd[0] == "baseline":
+            pipe.send(_baseline_send(baseline_address, args.streams, cmd[1]))
+        elif cmd[0] == "stats":
+            pipe.send(tx.stats())
+    tx.close()
+
+
+def _send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) -> dict:
+    cpu0 = _cpu_seconds()
+    t0 = time.monotonic()
+    transfers = [
+        tx.transfer(f"{round_}-{i}", _src_blocks(i, per), args.tokens, states=states, deadline=600)
+        for i in range(args.requests)
+    ]
+    timeline = []
+    if args.layer_ms and not streamed:
+        time.sleep(layout.num_layers * args.layer_ms / 1e3)  # the whole prefill, then the transfer
+    for layer in range(layout.num_layers):
+        if args.layer_ms and streamed:
+            time.sleep(args.layer_ms / 1e3)  # this layer's share of the prefill
+        produced = time.monotonic() - t0
+        for t in transfers:
+            t.send_layer(layer)
+        timeline.append({"layer": layer, "produced_s": produced})
+    prefill_end = time.monotonic()
+    results = [t.finish() for t in transfers]
+    t_end = time.monotonic()
+    return {
+        "seconds": t_end - t0,
+        "exposed_ms": (t_end - prefill_end) * 1e3,
+        "wire_bytes": sum(r["wire_bytes"] for r in results),
+        "logical_bytes": sum(r["logical_bytes"] for r in results),
+        "resent_chunks": sum(r["resent_chunks"] for r in results),
+        "cpu_s": _cpu_seconds() - cpu0,
+        "timeline": timeline,
+    }
+
+
+def _baseline_send(address, streams: int, nbytes: int) -> dict:
+    share = [nbytes // streams + (1 if i < nbytes % streams else 0) for i in range(streams)]
+    socks = [socket.create_connection(tuple(address)) for _ in range(streams)]
+    payload = memoryview(bytearray(os.urandom(BASELINE_BUFFER)))
+    cpu0 = _cpu_seconds()
+
+    def pump(sock: socket.socket, n: int) -> None:
+        while n:
+            k = min(n, BASELINE_BUFFER)
+            sock.sendall(payload[:k])
+            n -= k
+        if sock.recv(1) != b"!":
+            raise ConnectionError("baseline receiver did not acknowledge")
+
+    threads = [threading.Thread(target=pump, args=(s, n)) for s, n in zip(socks, share)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    return {"seconds": seconds, "cpu_s": _cpu_seconds() - cpu0}
+
+
+# -- the parent ----------------------------------------------------------------------------
+def run(args: argparse.Namespace, progress=print) -> dict:
+    """Run the benchmark; return the report (the ``--json`` document)."""
+    check_arguments(args)
+    layout, per, total_blocks = _layout_and_blocks(args)
+    secret = os.urandom(16).hex()
+    ctx = multiprocessing.get_context("spawn")
+    rx_pipe, rx_child = ctx.Pipe()
+    tx_pipe, tx_child = ctx.Pipe()
+    receiver = ctx.Process(target=receiver_main, args=(rx_child, args, secret), name="kvwire-bench-receiver")
+    receiver.start()
+    sender = None
+    try:
+        addresses = _recv(rx_pipe, receiver, 120)
+        sender = ctx.Process(
+            target=sender_main,
+            args=(tx_child, args, secret, addresses["address"], addresses["baseline_address"]),
+            name="kvwire-bench-sender",
+        )
+        sender.start()
+        _recv(tx_pipe, sender, 300)
+        rounds, baselines, overlap = [], [], None
+        for r in range(args.rounds):
+            rx_pipe.send(("expect", r))
+            _recv(rx_pipe, receiver, 60)
+            tx_pipe.send(("send", r, True))
+            sent = _recv(tx_pipe, sender, 900)
+            received = _recv(rx_pipe, receiver, 900)
+            rounds.append((sent, received))
+            if args.quiet is False:
+                progress(
+                    f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
+                    f"verified={received['verified']}"
+                )
+            if args.baseline:
+                nbytes = sent["wire_bytes"]
+                rx_pipe.send(("baseline", nbytes))
+                tx_pipe.send(("baseline", nbytes))
+                b_sent = _recv(tx_pipe, sender, 900)
+                b_recv = _recv(rx_pipe, receiver, 900)
+                baselines.append((b_sent, b_recv, nbytes))
+                if args.quiet is False:
+                    progress(f"  baseline {r + 1}/{args.rounds}: {nbytes / b_sent['seconds'] / 1e9:.3f} GB/s")
+        if args.layer_ms:
+            rx_pipe.send(("expect", args.rounds))
+            _recv(rx_pipe, receiver, 60)
+            tx_pipe.send(("send", args.rounds, False))
+            overlap = _recv(tx_pipe, sender, 900)
+            _recv(rx_pipe, receiver, 900)
+        tx_pipe.send(("stats",))
+        sender_stats = _recv(tx_pipe, sender, 60)
+        rx_pipe.send(("rss",))
+        rss = _recv(rx_pipe, receiver, 60)
+        return _report(args, layout, rounds, baselines, overlap, sender_stats, rss)
+    finally:
+        for pipe in (tx_pipe, rx_pipe):
+            try:
+                pipe.send(("quit",))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in (sender, receiver):
+            if p is not None:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+
+
+def _recv(pipe, process, timeout: float):
+    end = time.monotonic() + timeout
+    while not pipe.poll(0.2):
+        if not process.is_alive():
+            raise RuntimeError(f"{process.name} exited with code {process.exitcode}")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{process.name} did not answer within {timeout} s")
+    return pipe.recv()
+
+
+def _report(args, layout, rounds, baselines, overlap, sender_stats, rss) -> dict:
+    best = max(rounds, key=lambda r: r[0]["wire_bytes"] / r[0]["seconds"])
+    sent, received = best
+    wire = sent["wire_bytes"] / sent["seconds"] / 1e9
+    effective = sent["logical_bytes"] / sent["seconds"] / 1e9
+    errors = [r[1]["error"] for r in rounds if r[1]["error"]]
+    verified = None if args.no_verify else (not errors and all(r[1]["verified"] for r in rounds))
+    gb_moved = sum(r[0]["wire_bytes"] for r in rounds) / 1e9
+    report = {
+        "kind": "loopback",
+        "profile": args.profile,
+        "codec": kvwire.codec.get(args.codec).descriptor,
+        "tokens": args.tokens,
+        "requests": args.requests,
+        "rounds": args.rounds,
+        "streams": args.streams,
+        "transport": args.transport,
+        "layer_ms": args.layer_ms,
+        "logical_bytes_per_round": sent["logical_bytes"],
+        "wire_bytes_per_round": sent["wire_bytes"],
+        "seconds": sent["seconds"],
+        "wire_gb_per_s": wire,
+        "effective_gb_per_s": effective,
+        "exposed_ms": sent["exposed_ms"],
+        "verified": verified,
+        "errors": errors,
+        "cpu_s_per_gb": {
+            "sender": sum(r[0]["cpu_s"] for r in rounds) / gb_moved,
+            "receiver": sum(r[1]["cpu_s"] for r in rounds) / gb_moved,
+        },
+        "staging": {"receiver": received["stats"]["staging"], "sender": sender_stats["staging"]},
+        "receiver_rss": {
+            "before_transfers_bytes": rss["start"],
+            "peak_bytes": rss["peak"],
+            "growth_bytes": rss["peak"] - rss["start"],
+        },
+        "connections": [
+            {"bytes_sent": c["bytes_sent"], "goodput_gb_per_s": c["goodput_gb_per_s"], "tcp": c["tcp"]}
+            for c in sender_stats["connections"]
+        ],
+        "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
+        "timeline": sent["timeline"],
+    }
+    if baselines:
+        b_best = min(baselines, key=lambda b: b[0]["seconds"])
+        report["baseline_gb_per_s"] = b_best[2] / b_best[0]["seconds"] / 1e9
+        report["ratio_to_baseline"] = wire / report["baseline_gb_per_s"]
+        b_gb = sum(b[2] for b in baselines) / 1e9
+        report["baseline_cpu_s_per_gb"] = {
+            "sender": sum(b[0]["cpu_s"] for b in baselines) / b_gb,
+            "receiver": sum(b[1]["cpu_s"] for b in baselines) / b_gb,
+        }
+    if overlap is not None:
+        report["exposed_ms_after_prefill"] = overlap["exposed_ms"]
+        per_layer = sent["wire_bytes"] / layout.num_layers
+        report["one_layer_wire_ms"] = per_layer / (sent["wire_bytes"] / sent["seconds"]) * 1e3
+    return report
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    gib = report["logical_bytes_per_round"] / 2**30
+    rows = [
+        ("profile / codec", f"{report['profile']} / {report['codec']}"),
+        ("moved per round", f"{gib:.3f} GiB logical, {report['wire_bytes_per_round'] / 2**30:.3f} GiB on the wire"),
+        ("requests x rounds", f"{report['requests']} x {report['rounds']}, {report['streams']} TCP connections"),
+        ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
+        ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s (logical KV bytes)"),
+        ("exposed latency", f"{report['exposed_ms']:.1f} ms (last send_layer -> acknowledgement)"),
+    ]
+    if "baseline_gb_per_s" in report:
+        rows.append(("plain sockets", f"{report['baseline_gb_per_s']:.3f} GB/s, same bytes and connections"))
+        rows.append(("kvwire / plain", f"{report['ratio_to_baseline']:.3f}"))
+    if "exposed_ms_after_prefill" in report:
+        rows.append(("exposed, no overlap", f"{report['exposed_ms_after_prefill']:.1f} ms (send after the last layer)"))
+        rows.append(("one layer's wire time", f"{report['one_layer_wire_ms']:.1f} ms"))
+    cpu = report["cpu_s_per_gb"]
+    rows.append(("CPU s per GB", f"sender {cpu['sender']:.3f}, receiver {cpu['receiver']:.3f}"))
+    st = report["staging"]["receiver"]
+    rows.append(
+        ("receiver staging", f"high water {st['high_water_bytes'] / 2**20:.0f} of {st['budget_bytes'] / 2**20:.0f} MiB")
+    )
+    rows.append(("receiver RSS growth", f"{report['receiver_rss']['growth_bytes'] / 2**20:.0f} MiB during transfers"))
+    rows.append(("verified", str(report["verified"])))
+    return rows
+
+
+def connection_rows(report: dict) -> list[list[object]]:
+    return [
+        [i, c["bytes_sent"] / 2**20, c["tcp"].get("rtt_us", 0) / 1e3, c["tcp"].get("snd_cwnd", 0),
+         c["tcp"].get("total_retrans", 0), c["tcp"].get("delivery_rate", 0) / 1e9]
+        for i, c in enumerate(report["connections"])
+    ]  # fmt: skip
+
+
+CONNECTION_HEADERS = ("conn", "MiB sent", "rtt ms", "cwnd", "retrans", "delivery GB/s")
+
+
+def main(args: argparse.Namespace) -> int:
+    layout = profiles.get(args.profile).layout()
+    gib = layout.request_bytes(args.tokens) * args.requests / 2**30
+    print(
+        f"loopback: {args.profile}, {args.tokens} tokens x {args.requests} requests ({gib:.2f} GiB logical) "
+        f"x {args.rounds} rounds, codec {args.codec}, {args.streams} connections",
+        file=sys.stderr,
+    )
+    return 0 if run(args) else 1
