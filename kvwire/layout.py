@@ -439,6 +439,19 @@ def gather_tokens(
     return blocks.reshape(-1, *cache.shape[2:])[: stop - start]
 
 
+def block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Split block ids into runs of consecutive ids: ``(position, first_id, length)``."""
+    runs = []
+    i = 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        runs.append((i, ids[i], j - i))
+        i = j
+    return runs
+
+
 def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: int, data: torch.Tensor) -> None:
     """Write ``data`` (``[T, *token_shape]``) as tokens ``[start, start + T)`` of a selection.
 
@@ -447,7 +460,14 @@ def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: 
     count = data.shape[0]
     first = start // block_size
     full = count // block_size
-    if full:
+    if full and cache.device.type == "cpu" and cache.is_contiguous() and data.device.type == "cpu":
+        # One memcpy per run of consecutive blocks: several times faster than index_copy_,
+        # whose generic per-index loop dominated the receiver's CPU time.
+        dst = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
+        src = data[: full * block_size].contiguous().view(full, -1).view(torch.uint8).numpy()
+        for pos, block, n in block_runs(sel.block_ids[first : first + full]):
+            dst[block : block + n] = src[pos : pos + n]
+    elif full:
         ids = torch.tensor(sel.block_ids[first : first + full], dtype=torch.long, device=cache.device)
         cache.index_copy_(0, ids, data[: full * block_size].reshape(full, block_size, *data.shape[1:]))
     rest = count - full * block_size

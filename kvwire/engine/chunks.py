@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvwire.codec import ChunkSpec, Codec
-from kvwire.layout import STATE_NAME, KVLayout, Selection, gather_tokens, scatter_tokens
+from kvwire.layout import STATE_NAME, KVLayout, Selection, block_runs, gather_tokens, scatter_tokens
 from kvwire.proto.request import TensorPlan
 
 
@@ -78,16 +78,13 @@ def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: ChunkRef)
     tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
     flat = cache.view(cache.shape[0], -1).view(torch.uint8)
     per_token = flat.shape[1] // block_size
-    views, i = [], 0
-    while i < len(ids):
-        j = i + 1
-        while j < len(ids) and ids[j] == ids[j - 1] + 1:
-            j += 1
-        run = flat[ids[i] : ids[j - 1] + 1].reshape(-1)
-        if j == len(ids) and tail < block_size:
+    views = []
+    runs = block_runs(ids)
+    for k, (_, block, n) in enumerate(runs):
+        run = flat[block : block + n].reshape(-1)
+        if k == len(runs) - 1 and tail < block_size:
             run = run[: run.numel() - (block_size - tail) * per_token]
         views.append(memoryview(run.numpy()))
-        i = j
     return views
 
 

@@ -54,6 +54,23 @@ class _RConn:
     proto: ServerConnection
     session: _Session | None = None
     alive: bool = True
+    owed: int = 0  # payload bytes released but not yet returned to the sender as credit
+    owed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def owe(self, nbytes: int, batch: int) -> bytes | None:
+        """Add released bytes; return a CREDIT frame once ``batch`` bytes are owed.
+
+        Batching cuts the wake-ups of the sender's ack thread several times over; the
+        sender keeps ``window - batch`` >= one chunk of credit, so it never waits on a
+        batch that cannot fill."""
+        if not self.alive:
+            return None
+        with self.owed_lock:
+            self.owed += nbytes
+            if self.owed < batch:
+                return None
+            owed, self.owed = self.owed, 0
+        return self.proto.credit(owed)
 
     def send(self, frame: bytes) -> bool:
         try:
@@ -219,6 +236,7 @@ class Receiver:
         if self._window < slot_bytes:
             raise ValueError(f"window_bytes: {self._window} is less than one slot ({slot_bytes})")
         self._slot_bytes = slot_bytes
+        self._credit_batch = min(self._window // 4, self._window - slot_bytes)
         self._unclaimed_timeout = unclaimed_timeout
         self._handshake_timeout = handshake_timeout
         self._codecs: dict[str, kvwire.codec.Codec] = {}
@@ -656,14 +674,18 @@ class Receiver:
             self._release_locked(p)
 
     def _release_locked(self, p: _Parked) -> None:
+        """(lock held) Free a chunk's slot; its credit goes back from another thread, so a
+        slow socket never blocks while the lock is held."""
         p.slot.release()
-        if p.conn.alive:
-            frame = p.conn.proto.credit(p.length)
+        frame = p.conn.owe(p.length, self._credit_batch)
+        if frame is not None:
             threading.Thread(target=p.conn.send, args=(frame,), daemon=True).start()
 
     def _release(self, p: _Parked) -> None:
         p.slot.release()
-        p.conn.send(p.conn.proto.credit(p.length))
+        frame = p.conn.owe(p.length, self._credit_batch)
+        if frame is not None:
+            p.conn.send(frame)
 
     @staticmethod
     def _run(actions: list) -> None:

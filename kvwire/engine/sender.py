@@ -70,14 +70,22 @@ def layout_summary(layout: KVLayout) -> str:
 class _OutChunk:
     transfer: SendHandle
     ref: ChunkRef
-    header: Header
-    parts: list
-    slot: object | None
+    parts: list  # buffers whose concatenation is the payload
+    slot: object | None  # the staging slot holding the payload, if it is not read from the cache itself
+    nbytes: int
     logical_bytes: int
 
-    @property
-    def nbytes(self) -> int:
-        return self.header.length
+    def header(self) -> bytes:
+        """The DATA header; its CRC is computed here, just before the send, while the
+        payload is about to be read anyway (so it is still in cache for sendmsg)."""
+        crc = 0
+        for p in self.parts:
+            crc = crc32c(p, crc)
+        ref = self.ref
+        return Header(
+            FrameType.DATA, tag=self.transfer.tag, layer=ref.layer, tensor=ref.tensor, start=ref.start,
+            count=ref.count, length=self.nbytes, payload_crc=crc,
+        ).pack()  # fmt: skip
 
 
 @dataclass
@@ -493,15 +501,7 @@ class Sender:
             n = encoded.numel()
             slot.tensor[:n].copy_(encoded)
             parts = [slot.view(n)]
-        crc = 0
-        for p in parts:
-            crc = crc32c(p, crc)
-        length = sum(p.nbytes for p in parts)
-        header = Header(
-            FrameType.DATA, tag=handle.tag, layer=ref.layer, tensor=ref.tensor, start=ref.start, count=ref.count,
-            length=length, payload_crc=crc,
-        )  # fmt: skip
-        return _OutChunk(handle, ref, header, parts, slot, spec.raw_nbytes)
+        return _OutChunk(handle, ref, parts, slot, sum(p.nbytes for p in parts), spec.raw_nbytes)
 
     def _next_chunk(self, conn: _Conn) -> _OutChunk | None:
         """The next chunk this connection has credit for; None once closed or dead."""
@@ -534,7 +534,7 @@ class Sender:
                 if handle.tag not in conn.begun:
                     conn.begun.add(handle.tag)
                     frames.append(conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens))
-                conn.stream.send_parts(frames + [chunk.header.pack(), *chunk.parts])
+                conn.stream.send_parts(frames + [chunk.header(), *chunk.parts])
                 handle.chunks += 1
                 handle.wire_bytes += chunk.nbytes
                 handle.logical_bytes += chunk.logical_bytes
