@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvwire.codec
@@ -224,3 +224,33 @@ def test_descriptor_roundtrip():
     for name in kvwire.codec.NAMES:
         codec = kvwire.codec.get(name, group_size=128)
         assert kvwire.codec.get(codec.descriptor).descriptor == codec.descriptor
+
+
+# -- the vectorised reference against docs/formats.md implemented element by element ----------
+from tests import spec_scalar  # noqa: E402
+
+special = st.sampled_from([0.0, -0.0, 1e-8, -1e-8, 1e-3, 448.0, 1e4, -1e4, 3e38, math.inf, -math.inf, math.nan])
+element = st.one_of(st.floats(-20, 20, width=32), special)
+
+
+@settings(max_examples=25)
+@given(
+    st.lists(element, min_size=64, max_size=64 * 3).map(lambda v: v[: len(v) // 64 * 64]),
+    st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_fp8_bytes_follow_the_written_format(values, dtype):
+    x = torch.tensor(values).to(dtype).view(-1, 1, 64)
+    ours = kvwire.codec.get("fp8").encode(x, "v").tobytes()
+    assert ours == spec_scalar.fp8_encode(x.float().numpy())
+
+
+@settings(max_examples=25)
+@given(
+    st.lists(element, min_size=64, max_size=64 * 5).map(lambda v: v[: len(v) // 64 * 64]),
+    st.sampled_from(["k", "v"]),
+    st.sampled_from([torch.bfloat16, torch.float16]),
+)
+def test_int4_bytes_follow_the_written_format(values, role, dtype):
+    x = torch.tensor(values).to(dtype).view(-1, 2, 32)
+    ours = kvwire.codec.get("int4", group_size=32).encode(x, role, block_size=2).tobytes()
+    assert ours == spec_scalar.int4_encode(x.float().numpy(), role, block_size=2, group_size=32)

@@ -24,21 +24,23 @@ E4M3_MAX = 448.0
 E4M3_NAN = 0x7F
 
 
-def fp8_scales(x: torch.Tensor) -> torch.Tensor:
-    """Per-row fp32 scale of ``x`` (``[..., D]``), as the format defines it."""
-    xf = x.float()
-    amax = torch.where(torch.isfinite(xf), xf.abs(), 0.0).amax(dim=-1)
+def fp8_scales(xf: torch.Tensor) -> torch.Tensor:
+    """Per-row fp32 scale of fp32 ``xf`` (``[..., D]``), as the format defines it."""
+    amax = xf.abs().amax(dim=-1)
+    if not torch.isfinite(amax).all():  # rare: only then pay for masking inf and NaN out
+        amax = torch.where(torch.isfinite(xf), xf.abs(), 0.0).amax(dim=-1)
     scale = amax / E4M3_MAX
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale.masked_fill_(scale == 0, 1.0)
 
 
-def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 codes (uint8) of ``x`` given per-row ``scale``."""
-    xf = x.float()
-    inv = torch.reciprocal(scale).unsqueeze(-1)
-    q = (xf * inv).clamp(-E4M3_MAX, E4M3_MAX)
-    codes = q.to(torch.float8_e4m3fn).view(torch.uint8)
-    return torch.where(torch.isnan(xf), torch.full_like(codes, E4M3_NAN), codes)
+def fp8_codes_into(out: torch.Tensor, xf: torch.Tensor, scale: torch.Tensor) -> None:
+    """Write the E4M3 codes of fp32 ``xf`` with per-row ``scale`` into uint8 ``out``."""
+    q = xf * torch.reciprocal(scale).unsqueeze(-1)
+    q.clamp_(-E4M3_MAX, E4M3_MAX)  # saturate; NaN stays NaN
+    out.view(torch.float8_e4m3fn).view(q.shape).copy_(q)
+    nan = torch.isnan(q)
+    if nan.any():
+        out.view(q.shape)[nan] = E4M3_NAN  # one canonical NaN, whatever its sign
 
 
 class Fp8Codec(Codec):
@@ -49,9 +51,13 @@ class Fp8Codec(Codec):
         return rows * 4 + rows * spec.head_dim
 
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        scale = fp8_scales(x3)
-        codes = fp8_codes(x3, scale)
-        return torch.cat([scale.reshape(-1).view(torch.uint8), codes.reshape(-1)])
+        rows = spec.tokens * spec.heads
+        out = torch.empty(rows * 4 + spec.numel, dtype=torch.uint8)
+        xf = x3.float()
+        scale = fp8_scales(xf)
+        out[: rows * 4].view(torch.float32).copy_(scale.view(-1))
+        fp8_codes_into(out[rows * 4 :], xf, scale)
+        return out
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         check_length(data, self.encoded_size(spec), self.name)

@@ -11,7 +11,8 @@ Groups (the KIVI split, because keys have a few outlier *channels* while values 
 The float operations below are the specification (IEEE fp32, round-to-nearest-even,
 no fused multiply-add); the CUDA kernels reproduce them bit for bit:
 
-    mn, mx = min, max of the group over finite values (0, 0 when none is finite)
+    mn, mx = min, max of the group over finite values (0, 0 when none is finite),
+             each plus 0.0 (so a -0 becomes +0)
     zero   = fp16(clamp(mn, -65504, 65504));            z = float(zero)
     scale  = fp16(clamp((mx - z) / 15, -65504, 65504));  s = float(scale)
     inv    = 1 / s if s > 0 else 0
@@ -36,6 +37,10 @@ FP16_MAX = 65504.0
 
 
 def _finite_minmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max over ``dim`` of the finite values; (0, 0) where none is finite."""
+    mn, mx = torch.aminmax(x, dim=dim)
+    if torch.isfinite(mn).all() and torch.isfinite(mx).all():
+        return mn, mx  # the common case: one pass
     finite = torch.isfinite(x)
     mn = torch.where(finite, x, math.inf).amin(dim=dim)
     mx = torch.where(finite, x, -math.inf).amax(dim=dim)
@@ -46,6 +51,8 @@ def _finite_minmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
 
 def int4_params(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale fp16, zero fp16) of groups with fp32 ``mn`` / ``mx``, as the format defines."""
+    mn = mn + 0.0  # -0 becomes +0: a min over {-0, +0} may return either, so pin it
+    mx = mx + 0.0
     zero = mn.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     scale = ((mx - zero.float()) / 15.0).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     return scale, zero
@@ -55,8 +62,9 @@ def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     """Codes 0..15 (uint8, one per element) of fp32 ``x`` with broadcastable fp16 params."""
     s = scale.float()
     inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
-    q = torch.round((x - zero.float()) * inv)
-    q = torch.nan_to_num(q, nan=0.0).clamp(0, 15)
+    q = x - zero.float()
+    q.mul_(inv).round_()  # (x - z) * inv, then ties-to-even
+    q.nan_to_num_(nan=0.0).clamp_(0, 15)
     return q.to(torch.uint8)
 
 
@@ -68,6 +76,18 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     low, high = packed & 0x0F, packed >> 4
     return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def _key_blocks(x: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    """``[T, H, D]`` as ``[blocks, tokens, H, D]`` views: the full blocks, then the partial one."""
+    T = x.shape[0]
+    full = T // block_size
+    parts = []
+    if full:
+        parts.append(x[: full * block_size].view(full, block_size, *x.shape[1:]))
+    if T % block_size:
+        parts.append(x[full * block_size :].unsqueeze(0))
+    return parts
 
 
 class Int4Codec(Codec):
@@ -105,14 +125,15 @@ class Int4Codec(Codec):
         xf = x3.float()
         T, H, D = spec.shape
         if spec.role == "k":
-            bs = spec.block_size
-            blocks = -(-T // bs)
-            padded = torch.full((blocks * bs, H, D), math.nan)
-            padded[:T] = xf
-            mn, mx = _finite_minmax(padded.view(blocks, bs, H, D), dim=1)  # [NB, H, D]
-            scale, zero = int4_params(mn, mx)
-            per_token = lambda p: p.repeat_interleave(bs, dim=0)[:T]  # noqa: E731
-            codes = int4_codes(xf, per_token(scale), per_token(zero))
+            params, codes = [], []
+            for part in _key_blocks(xf, spec.block_size):  # [blocks, tokens, H, D]
+                mn, mx = _finite_minmax(part, dim=1)
+                scale, zero = int4_params(mn, mx)
+                params.append((scale, zero))
+                codes.append(int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1)).view(-1, H, D))
+            scale = torch.cat([p[0] for p in params])
+            zero = torch.cat([p[1] for p in params])
+            codes = torch.cat(codes) if len(codes) > 1 else codes[0]
         else:
             g = self.group_size
             grouped = xf.view(T, H, D // g, g)
@@ -132,11 +153,19 @@ class Int4Codec(Codec):
         T, H, D = spec.shape
         codes = unpack_nibbles(packed.view(T, H, D // 2)).float()
         if spec.role == "k":
-            bs = spec.block_size
-            s = scale.view(-1, H, D).repeat_interleave(bs, dim=0)[:T]
-            z = zero.view(-1, H, D).repeat_interleave(bs, dim=0)[:T]
-            return (codes * s + z).to(spec.dtype)
+            out = torch.empty(T, H, D)
+            s, z = scale.view(-1, H, D), zero.view(-1, H, D)
+            row = block = 0
+            for part in _key_blocks(codes, spec.block_size):
+                n, bs = part.shape[0], part.shape[1]
+                y = part * s[block : block + n].unsqueeze(1)
+                y += z[block : block + n].unsqueeze(1)
+                out[row : row + n * bs] = y.view(-1, H, D)
+                row, block = row + n * bs, block + n
+            return out.to(spec.dtype)
         g = self.group_size
         s = scale.view(T, H, D // g, 1)
         z = zero.view(T, H, D // g, 1)
-        return (codes.view(T, H, D // g, g) * s + z).view(T, H, D).to(spec.dtype)
+        y = codes.view(T, H, D // g, g) * s
+        y += z
+        return y.view(T, H, D).to(spec.dtype)

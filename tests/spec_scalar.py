@@ -1,0 +1,101 @@
+"""docs/formats.md, implemented literally: one element at a time with numpy fp32 scalars.
+
+Deliberately slow and independent of kvwire.codec, so the tests can check that the fast
+vectorised reference (and, on a GPU, the kernels) produce exactly these bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+F32 = np.float32
+
+# Every finite E4M3 value, by code (0x00..0x7E; 0x7F is NaN), for round-to-nearest-even.
+_E4M3 = []
+for code in range(0x7F):
+    exp, man = code >> 3, code & 7
+    _E4M3.append(F32(man / 8 * 2.0**-6) if exp == 0 else F32((1 + man / 8) * 2.0 ** (exp - 7)))
+
+
+def e4m3(q: np.float32) -> int:
+    """Round to the nearest E4M3 value, ties to the even code; the sign bit is kept."""
+    if np.isnan(q):
+        return 0x7F
+    sign = 0x80 if np.signbit(q) else 0
+    mag = min(abs(float(q)), 448.0)
+    hi = bisect.bisect_left(_E4M3, mag)  # codes are monotonic in value
+    if hi == 0:
+        return sign
+    lo = hi - 1
+    if hi == len(_E4M3):
+        return sign | lo
+    d_lo, d_hi = mag - float(_E4M3[lo]), float(_E4M3[hi]) - mag
+    best = lo if d_lo < d_hi or (d_lo == d_hi and lo % 2 == 0) else hi
+    return sign | best
+
+
+def fp8_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> wire bytes."""
+    T, H, D = x.shape
+    scales, codes = [], []
+    for t in range(T):
+        for h in range(H):
+            row = x[t, h]
+            finite = [abs(v) for v in row if np.isfinite(v)]
+            amax = F32(max(finite)) if finite else F32(0)
+            scale = F32(amax / F32(448))
+            if scale == 0:
+                scale = F32(1)
+            inv = F32(F32(1) / scale)
+            scales.append(scale)
+            for v in row:
+                q = F32(v * inv)
+                if not np.isnan(q):
+                    q = F32(min(max(q, F32(-448)), F32(448)))
+                codes.append(e4m3(q))
+    return np.array(scales, dtype="<f4").tobytes() + bytes(codes)
+
+
+def _int4_group(values: list[np.float32]) -> tuple[np.float16, np.float16, list[int]]:
+    finite = [v for v in values if np.isfinite(v)]
+    mn, mx = (F32(min(finite)), F32(max(finite))) if finite else (F32(0), F32(0))
+    mn, mx = F32(mn + F32(0)), F32(mx + F32(0))  # -0 becomes +0: min/max may return either zero
+    zero = np.float16(min(max(mn, F32(-65504)), F32(65504)))
+    z = F32(zero)
+    scale = np.float16(min(max(F32(F32(mx - z) / F32(15)), F32(-65504)), F32(65504)))
+    s = F32(scale)
+    inv = F32(F32(1) / s) if s > 0 else F32(0)
+    codes = []
+    for v in values:
+        c = np.rint(F32(F32(v - z) * inv))
+        codes.append(0 if np.isnan(c) else int(min(max(c, 0), 15)))
+    return scale, zero, codes
+
+
+def int4_encode(x: np.ndarray, role: str, block_size: int, group_size: int) -> bytes:
+    T, H, D = x.shape
+    codes = np.zeros((T, H, D), dtype=np.uint8)
+    scales, zeros = [], []
+    if role == "k":
+        for b in range(-(-T // block_size)):
+            rows = range(b * block_size, min((b + 1) * block_size, T))
+            for h in range(H):
+                for d in range(D):
+                    s, z, c = _int4_group([x[t, h, d] for t in rows])
+                    scales.append(s)
+                    zeros.append(z)
+                    for t, code in zip(rows, c):
+                        codes[t, h, d] = code
+    else:
+        for t in range(T):
+            for h in range(H):
+                for j in range(D // group_size):
+                    chans = range(j * group_size, (j + 1) * group_size)
+                    s, z, c = _int4_group([x[t, h, d] for d in chans])
+                    scales.append(s)
+                    zeros.append(z)
+                    codes[t, h, list(chans)] = c
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return np.array(scales, "<f2").tobytes() + np.array(zeros, "<f2").tobytes() + packed.tobytes()
