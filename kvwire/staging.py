@@ -23,9 +23,15 @@ import time
 
 import torch
 
+from kvwire.errors import KvwireError
+
 
 class StagingTimeout(TimeoutError):
     """No slot became free before the deadline."""
+
+
+class StagingClosed(KvwireError):
+    """The pool was closed (its owner is shutting down) while waiting for a slot."""
 
 
 class Slot:
@@ -88,7 +94,7 @@ class StagingPool:
                     self._cond.wait(remaining)
                 self._wait_seconds += time.monotonic() - t0
             if self._closed:
-                raise RuntimeError("staging pool is closed")
+                raise StagingClosed("staging pool is closed")
             index = self._free.pop()
             self._in_use += 1
             self._high_water = max(self._high_water, self._in_use)

@@ -69,7 +69,8 @@ def _int4_group(values: list[np.float32]) -> tuple[np.float16, np.float16, list[
     inv = F32(F32(1) / s) if s > 0 else F32(0)
     codes = []
     for v in values:
-        c = np.rint(F32(F32(v - z) * inv))
+        with np.errstate(invalid="ignore"):  # inf * 0 is NaN, which the format maps to code 0
+            c = np.rint(F32(F32(v - z) * inv))
         codes.append(0 if np.isnan(c) else int(min(max(c, 0), 15)))
     return scale, zero, codes
 

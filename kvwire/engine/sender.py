@@ -36,7 +36,7 @@ from kvwire.layout import KVLayout, Selection, check_tensor
 from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameType, Header, crc32c, parse_header
 from kvwire.proto.frames import HEADER_SIZE
 from kvwire.proto.request import RequestPlan
-from kvwire.staging import StagingPool
+from kvwire.staging import StagingClosed, StagingPool
 from kvwire.transport.tcp import SocketOptions, TcpStream, connect, parse_address
 
 log = logging.getLogger("kvwire.sender")
@@ -479,6 +479,8 @@ class Sender:
                         self._out.append(chunk)
                         self._out_bytes += chunk.nbytes
                         self._out_cond.notify_all()
+            except StagingClosed:
+                return  # the sender is closing
             except Exception as exc:  # a bug or a bad tensor must fail the transfer, not kill the thread
                 log.exception("encoding layer %d of %r failed", layer, handle.request_id)
                 self._cancel(handle, f"encoding layer {layer} failed: {exc}", TransferError)
