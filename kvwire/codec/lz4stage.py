@@ -113,17 +113,22 @@ class Lz4Stage(Codec):
         n = self.inner.encoded_size(spec)
         return n + 4 * (-(-n // LZ4_BLOCK))
 
+    def pack(self, inner_bytes: np.ndarray, spec: ChunkSpec) -> bytes:
+        """The lossless stage alone: the inner codec's bytes (e.g. made by a GPU kernel) -> wire bytes."""
+        return compress_blocks(split_planes(inner_bytes, self._plane_width(spec)))
+
+    def unpack(self, data: torch.Tensor, spec: ChunkSpec) -> np.ndarray:
+        """Wire bytes -> the inner codec's bytes, checked against the size the chunk implies."""
+        if data.device.type != "cpu":
+            data = data.cpu()
+        return join_planes(decompress_blocks(data, self.inner.encoded_size(spec)), self._plane_width(spec))
+
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        inner = self.inner._encode(x3, spec).numpy()
-        packed = compress_blocks(split_planes(inner, self._plane_width(spec)))
+        packed = self.pack(self.inner._encode(x3, spec).numpy(), spec)
         return torch.frombuffer(bytearray(packed), dtype=torch.uint8) if packed else torch.empty(0, dtype=torch.uint8)
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        expected = self.inner.encoded_size(spec)
-        if data.device.type != "cpu":
-            data = data.cpu()
-        plain = join_planes(decompress_blocks(data, expected), self._plane_width(spec))
-        return self.inner._decode(torch.from_numpy(plain), spec)
+        return self.inner._decode(torch.from_numpy(self.unpack(data, spec)), spec)
 
 
 __all__ = ["Lz4Stage", "LZ4_BLOCK", "take"]

@@ -117,6 +117,22 @@ class _Incoming:
     finished: bool = False
 
 
+class _KernelsByCodec:
+    """The CUDA kernel backend for each codec a session uses, or None where the kernels
+    do not cover it (then the CPU reference decodes and the result is copied over)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self._device, self._dtype = device, dtype
+        self._cache: dict[str, object] = {}
+
+    def get(self, descriptor: str):
+        if descriptor not in self._cache:
+            from kvwire.engine.sender import _gpu_kernels
+
+            self._cache[descriptor] = _gpu_kernels(self._device, kvwire.codec.get(descriptor), self._dtype)
+        return self._cache[descriptor]
+
+
 class ReceiveHandle:
     """Where one request lands, and how to wait for it. Create with :meth:`Receiver.expect`."""
 
@@ -230,6 +246,7 @@ class Receiver:
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self._kernels = _KernelsByCodec(self._device, layout.dtype) if self._device.type == "cuda" else None
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
         self._pool = StagingPool(staging_bytes, slot_bytes)
         self._window = window_bytes or max(slot_bytes, self._pool.budget_bytes // 8)
@@ -607,6 +624,10 @@ class Receiver:
     def _write(self, codec, handle: ReceiveHandle, p: _Parked) -> None:
         data = p.slot.tensor[: p.length]
         spec = p.spec
+        kernels_backend = self._kernels.get(codec.descriptor) if self._kernels is not None else None
+        if kernels_backend is not None:
+            self._write_on_gpu(kernels_backend, codec, handle, p, data)
+            return
         if codec.name == "raw":
             rows = data.view(spec.dtype).view(spec.shape)
         else:
@@ -619,6 +640,23 @@ class Receiver:
             self._side_stream.synchronize()  # the slot is reused after this returns
         else:
             place_rows(caches, state, handle.selection, self.layout.block_size, p.ref, rows)
+
+    def _write_on_gpu(self, backend, codec, handle: ReceiveHandle, p: _Parked, data: torch.Tensor) -> None:
+        """Copy the payload to the GPU on the side stream and decode + scatter it there."""
+        from kvwire.cuda import kernels
+
+        if hasattr(codec, "unpack"):  # +lz4: the lossless stage runs on the host
+            data = torch.from_numpy(codec.unpack(data, p.spec))
+        ref = p.ref
+        if ref.name == "state":
+            chunk = kernels.Chunk.state(handle.states[ref.layer], ref.start, ref.count)
+        else:
+            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], handle.selection.block_ids, ref.start,
+                                        ref.count, self.layout.block_size)  # fmt: skip
+        with torch.cuda.stream(self._side_stream):
+            on_device = data.to(self._device, non_blocking=True)
+            kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=self._side_stream)
+        self._side_stream.synchronize()  # the slot is reused, and the ACK promises the bytes are there
 
     def _maybe_complete(self, inc: _Incoming) -> list:
         """(lock held) Finish the request if every chunk is in place; return frames to send."""

@@ -280,6 +280,7 @@ class Sender:
         self._closed = False
         self._session = os.urandom(16).hex()
         self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        self._kernels = _gpu_kernels(self._device, self.codec, layout.dtype)
         self.max_payload = 0
         self._conns: list[_Conn] = []
         try:
@@ -493,7 +494,10 @@ class Sender:
         spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
         parts = raw_views(caches[ref.name], sel, bs, ref) if self.codec.name == "raw" and ref.name in caches else None
         slot = None
-        if parts is None:
+        if parts is None and self._kernels is not None:
+            slot, n = self._encode_on_gpu(handle, ref, spec)
+            parts = [slot.view(n)]
+        elif parts is None:
             rows = source_rows(caches, state, sel, bs, ref)
             if rows.device.type == "cuda":
                 with torch.cuda.stream(self._side_stream):
@@ -504,6 +508,28 @@ class Sender:
             slot.tensor[:n].copy_(encoded)
             parts = [slot.view(n)]
         return _OutChunk(handle, ref, parts, slot, sum(p.nbytes for p in parts), spec.raw_nbytes)
+
+    def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec) -> tuple:
+        """Gather + encode with the CUDA kernels on the side stream, then copy the bytes into
+        a pinned slot (and run the ``+lz4`` stage there, on the host)."""
+        from kvwire.cuda import kernels
+
+        if ref.name == "state":
+            chunk = kernels.Chunk.state(handle._states[ref.layer], ref.start, ref.count)
+        else:
+            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], handle.selection.block_ids, ref.start,
+                                        ref.count, self.layout.block_size)  # fmt: skip
+        slot = self._pool.acquire()
+        with torch.cuda.stream(self._side_stream):
+            encoded = kernels.encode(self._kernels, self.codec, chunk, spec.role, stream=self._side_stream)
+            n = encoded.numel()
+            slot.tensor[:n].copy_(encoded, non_blocking=True)
+        self._side_stream.synchronize()
+        if hasattr(self.codec, "pack"):  # +lz4
+            packed = self.codec.pack(slot.tensor[:n].numpy(), spec)
+            n = len(packed)
+            slot.tensor[:n].copy_(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
+        return slot, n
 
     def _next_chunk(self, conn: _Conn) -> _OutChunk | None:
         """The next chunk this connection has credit for; None once closed or dead."""
@@ -599,6 +625,19 @@ class Sender:
         log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))
         for t in doomed:
             t._complete(PeerLost(f"transfer {t.request_id!r}: every connection to the receiver is lost ({exc})"))
+
+
+def _gpu_kernels(device: torch.device, codec, dtype: torch.dtype):
+    """The CUDA kernel backend when the caches are on a GPU and the kernels cover the codec."""
+    if device.type != "cuda":
+        return None
+    from kvwire import cuda
+    from kvwire.cuda import kernels
+
+    if not cuda.available() or not kernels.supports(codec, dtype):
+        log.info("caches on %s but no CUDA kernels for %s/%s: using the CPU reference", device, codec, dtype)
+        return None
+    return kernels.gpu_backend(device.index or 0)
 
 
 def _request_id(request_id: str | int) -> str:

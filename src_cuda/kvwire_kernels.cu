@@ -1,0 +1,530 @@
+// kvwire CUDA kernels: paged gather fused with encode, decode fused with scatter.
+//
+// The bytes these kernels write are specified in docs/formats.md and by the CPU
+// reference in kvwire/codec/; every float operation below is the one the format names,
+// with explicit round-to-nearest intrinsics (__fdiv_rn, __fmul_rn, __fsub_rn,
+// __fadd_rn) so that no compiler contraction or fast-math approximation can change a
+// bit. The file includes no header, so NVRTC can compile it anywhere without a CUDA
+// toolkit include path; the half-precision and FP8 conversions are written out here.
+//
+// Addressing (as vLLM's cache kernels do): a chunk is rows [0, T) of one tensor of one
+// request. Row t lives in block block_table[t / bs] at position t % bs; element (t, h, d)
+// is at  cache + block * s_block + (t % bs) * s_tok + h * s_head + d * s_dim  (all
+// strides in elements, 64-bit), so NHD and HND caches both work. A request-level state
+// is passed as one block of T rows. VEC=true means 16-byte vector loads and stores are
+// legal: s_dim == 1, D a multiple of 8, and every row start 16-byte aligned; the
+// launcher checks that on the host.
+//
+// Wire layouts written to `out` (see docs/formats.md):
+//   fp8:  float scale[T*H] | u8 code[T*H*D]
+//   int4: half scale[NG] | half zero[NG] | u8 packed[T*H*D/2]
+
+#ifdef KVW_HOST_EMULATION
+#include "host_emulation.h"
+#endif
+
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef long long i64;
+
+// 16-byte vector for loads and stores (our own type, so no header is needed).
+struct alignas(16) V16 {
+  unsigned int w[4];
+};
+
+#define WARP 32
+#define E4M3_MAX 448.0f
+#define FP16_MAX 65504.0f
+
+// ---------------------------------------------------------------------------------
+// Element conversions. KIND 0: bfloat16, KIND 1: float16.
+// ---------------------------------------------------------------------------------
+__device__ __forceinline__ float half_to_float(u16 h) {
+#ifdef KVW_HOST_EMULATION
+  return emu_half_to_float(h);
+#else
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#endif
+}
+
+__device__ __forceinline__ u16 float_to_half_rn(float f) {
+#ifdef KVW_HOST_EMULATION
+  return emu_float_to_half(f);
+#else
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#endif
+}
+
+__device__ __forceinline__ u16 float_to_bf16_rn(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN (torch gives the same quiet NaN)
+  u += 0x7fffu + ((u >> 16) & 1u);                      // round to nearest, ties to even
+  return (u16)(u >> 16);
+}
+
+template <int KIND>
+__device__ __forceinline__ float to_float(u16 v) {
+  if (KIND == 0) return __uint_as_float(((unsigned int)v) << 16);
+  return half_to_float(v);
+}
+
+template <int KIND>
+__device__ __forceinline__ u16 from_float(float f) {
+  if (KIND == 0) return float_to_bf16_rn(f);
+  return float_to_half_rn(f);
+}
+
+// E4M3 ("fn": no infinities, max 448, NaN = 0x7F/0xFF), round to nearest even,
+// subnormals kept, sign kept. `q` is already clamped to [-448, 448] and not NaN.
+__device__ __forceinline__ u8 float_to_e4m3(float q) {
+  unsigned int bits = __float_as_uint(q);
+  u8 sign = (u8)((bits >> 24) & 0x80u);
+  unsigned int a = bits & 0x7fffffffu;
+  float mag = __uint_as_float(a);
+  u8 code;
+  if (mag < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9 (exact scaling by 512)
+    code = (u8)rintf(mag * 512.0f);  // 0..8; 8 is the smallest normal, 2^-6
+  } else {
+    // Round the 23-bit mantissa to 3 bits; a carry moves into the exponent by itself.
+    unsigned int r = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+    code = (u8)(r - (120u << 3));  // exponent bias 127 -> 7
+  }
+  return sign | code;
+}
+
+__device__ __forceinline__ float e4m3_to_float(u8 c) {
+  unsigned int m = c & 0x7fu;
+  if (m == 0x7fu) return __uint_as_float(0x7fc00000u);
+  unsigned int e = m >> 3, man = m & 7u;
+  float v = e == 0 ? (float)man * 0.001953125f  // man * 2^-9, exact
+                   : __uint_as_float(((e + 120u) << 23) | (man << 20));
+  return (c & 0x80u) ? -v : v;
+}
+
+__device__ __forceinline__ bool finite(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
+
+// ---------------------------------------------------------------------------------
+// Addressing
+// ---------------------------------------------------------------------------------
+struct Paged {
+  u16* base;
+  const int* block_table;
+  i64 s_block, s_tok, s_head, s_dim;
+  int bs;
+  __device__ __forceinline__ u16* row(int t, int h) const {
+    return base + (i64)block_table[t / bs] * s_block + (i64)(t % bs) * s_tok + (i64)h * s_head;
+  }
+};
+
+__device__ __forceinline__ Paged make_paged(u16* base, const int* table, int bs, i64 sb, i64 st, i64 sh, i64 sd) {
+  Paged p;
+  p.base = base;
+  p.block_table = table;
+  p.bs = bs;
+  p.s_block = sb;
+  p.s_tok = st;
+  p.s_head = sh;
+  p.s_dim = sd;
+  return p;
+}
+
+// Load / store 8 consecutive elements of a row (VEC) or one element.
+template <int KIND>
+__device__ __forceinline__ void load8(const u16* p, float* x) {
+  V16 v = *reinterpret_cast<const V16*>(p);
+  const u16* h = reinterpret_cast<const u16*>(&v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = to_float<KIND>(h[i]);
+}
+
+template <int KIND>
+__device__ __forceinline__ void store8(u16* p, const float* y) {
+  V16 v;
+  u16* h = reinterpret_cast<u16*>(&v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) h[i] = from_float<KIND>(y[i]);
+  *reinterpret_cast<V16*>(p) = v;
+}
+
+// ---------------------------------------------------------------------------------
+// raw: gather and scatter, 16 bytes per thread when VEC.
+// ---------------------------------------------------------------------------------
+template <bool VEC>
+__device__ void raw_gather(Paged src, int T, int H, int D, u16* out) {
+  const int per = VEC ? 8 : 1;
+  i64 n = (i64)T * H * (D / per);
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    int d = (int)(i % (D / per)) * per;
+    i64 rowid = i / (D / per);
+    int h = (int)(rowid % H), t = (int)(rowid / H);
+    const u16* p = src.row(t, h);
+    if (VEC) {
+      *reinterpret_cast<V16*>(out + rowid * D + d) = *reinterpret_cast<const V16*>(p + d);
+    } else {
+      out[rowid * D + d] = p[(i64)d * src.s_dim];
+    }
+  }
+}
+
+template <bool VEC>
+__device__ void raw_scatter(Paged dst, int T, int H, int D, const u16* in) {
+  const int per = VEC ? 8 : 1;
+  i64 n = (i64)T * H * (D / per);
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    int d = (int)(i % (D / per)) * per;
+    i64 rowid = i / (D / per);
+    int h = (int)(rowid % H), t = (int)(rowid / H);
+    u16* p = dst.row(t, h);
+    if (VEC) {
+      *reinterpret_cast<V16*>(p + d) = *reinterpret_cast<const V16*>(in + rowid * D + d);
+    } else {
+      p[(i64)d * dst.s_dim] = in[rowid * D + d];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// fp8: one warp per (token, head) row.
+// ---------------------------------------------------------------------------------
+template <int KIND, bool VEC>
+__device__ void fp8_encode(Paged src, int T, int H, int D, u8* out) {
+  int lane = threadIdx.x % WARP;
+  i64 rows = (i64)T * H;
+  i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
+  i64 stride = (i64)gridDim.x * blockDim.x / WARP;
+  for (; row < rows; row += stride) {
+    int t = (int)(row / H), h = (int)(row % H);
+    const u16* p = src.row(t, h);
+    float amax = 0.0f;
+    if (VEC) {
+      for (int d = lane * 8; d < D; d += WARP * 8) {
+        float x[8];
+        load8<KIND>(p + d, x);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (finite(x[i])) amax = fmaxf(amax, fabsf(x[i]));
+      }
+    } else {
+      for (int d = lane; d < D; d += WARP) {
+        float x = to_float<KIND>(p[(i64)d * src.s_dim]);
+        if (finite(x)) amax = fmaxf(amax, fabsf(x));
+      }
+    }
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float scale = __fdiv_rn(amax, E4M3_MAX);
+    if (scale == 0.0f) scale = 1.0f;
+    float inv = __fdiv_rn(1.0f, scale);
+    if (lane == 0) reinterpret_cast<float*>(out)[row] = scale;
+    u8* codes = out + 4 * rows + row * D;
+    if (VEC) {
+      for (int d = lane * 8; d < D; d += WARP * 8) {
+        float x[8];
+        load8<KIND>(p + d, x);
+        unsigned int word[2] = {0u, 0u};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float q = __fmul_rn(x[i], inv);
+          unsigned int c = q != q ? 0x7fu : float_to_e4m3(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX));
+          word[i / 4] |= c << (8 * (i % 4));
+        }
+        // The codes start 4*T*H bytes into the chunk: only 4-byte alignment is certain.
+        reinterpret_cast<unsigned int*>(codes + d)[0] = word[0];
+        reinterpret_cast<unsigned int*>(codes + d)[1] = word[1];
+      }
+    } else {
+      for (int d = lane; d < D; d += WARP) {
+        float q = __fmul_rn(to_float<KIND>(p[(i64)d * src.s_dim]), inv);
+        codes[d] = q != q ? (u8)0x7f : float_to_e4m3(fminf(fmaxf(q, -E4M3_MAX), E4M3_MAX));
+      }
+    }
+  }
+}
+
+template <int KIND, bool VEC>
+__device__ void fp8_decode(Paged dst, int T, int H, int D, const u8* in) {
+  int lane = threadIdx.x % WARP;
+  i64 rows = (i64)T * H;
+  i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
+  i64 stride = (i64)gridDim.x * blockDim.x / WARP;
+  for (; row < rows; row += stride) {
+    int t = (int)(row / H), h = (int)(row % H);
+    u16* p = dst.row(t, h);
+    float scale = reinterpret_cast<const float*>(in)[row];
+    const u8* codes = in + 4 * rows + row * D;
+    if (VEC) {
+      for (int d = lane * 8; d < D; d += WARP * 8) {
+        const unsigned int* word = reinterpret_cast<const unsigned int*>(codes + d);
+        unsigned int w0 = word[0], w1 = word[1];
+        float y[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) y[i] = __fmul_rn(e4m3_to_float((u8)(((i < 4 ? w0 : w1) >> (8 * (i % 4))) & 0xffu)), scale);
+        store8<KIND>(p + d, y);
+      }
+    } else {
+      for (int d = lane; d < D; d += WARP)
+        p[(i64)d * dst.s_dim] = from_float<KIND>(__fmul_rn(e4m3_to_float(codes[d]), scale));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// int4: group parameters, then codes. One thread per group.
+// ---------------------------------------------------------------------------------
+struct Int4Params {
+  u16 scale, zero;  // fp16 bits
+  float s, z, inv;
+};
+
+__device__ __forceinline__ Int4Params int4_params(float mn, float mx, bool any) {
+  if (!any) mn = mx = 0.0f;
+  mn = __fadd_rn(mn, 0.0f);  // -0 becomes +0
+  mx = __fadd_rn(mx, 0.0f);
+  Int4Params p;
+  p.zero = float_to_half_rn(fminf(fmaxf(mn, -FP16_MAX), FP16_MAX));
+  p.z = half_to_float(p.zero);
+  float s = __fdiv_rn(__fsub_rn(mx, p.z), 15.0f);
+  p.scale = float_to_half_rn(fminf(fmaxf(s, -FP16_MAX), FP16_MAX));
+  p.s = half_to_float(p.scale);
+  p.inv = p.s > 0.0f ? __fdiv_rn(1.0f, p.s) : 0.0f;
+  return p;
+}
+
+__device__ __forceinline__ unsigned int int4_code(float x, const Int4Params& p) {
+  float c = rintf(__fmul_rn(__fsub_rn(x, p.z), p.inv));
+  if (c != c) return 0u;
+  return (unsigned int)fminf(fmaxf(c, 0.0f), 15.0f);
+}
+
+__device__ __forceinline__ float int4_value(unsigned int code, float s, float z) {
+  return __fadd_rn(__fmul_rn((float)code, s), z);
+}
+
+// Values, latents, states: group (t, h, j) = channels j*G .. j*G+G-1 of one row.
+template <int KIND, bool VEC>
+__device__ void int4v_encode(Paged src, int T, int H, int D, int G, u8* out) {
+  i64 groups = (i64)T * H * (D / G);
+  u16* scales = reinterpret_cast<u16*>(out);
+  u16* zeros = scales + groups;
+  u8* packed = out + 4 * groups;
+  for (i64 g = blockIdx.x * (i64)blockDim.x + threadIdx.x; g < groups; g += (i64)gridDim.x * blockDim.x) {
+    int j = (int)(g % (D / G));
+    i64 rowid = g / (D / G);
+    int t = (int)(rowid / H), h = (int)(rowid % H);
+    const u16* p = src.row(t, h) + (i64)j * G * src.s_dim;
+    float mn = 3.0e38f, mx = -3.0e38f;
+    bool any = false;
+    for (int k = 0; k < G; k += 8) {
+      float x[8];
+      if (VEC) {
+        load8<KIND>(p + k, x);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = to_float<KIND>(p[(i64)(k + i) * src.s_dim]);
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (finite(x[i])) {
+          mn = fminf(mn, x[i]);
+          mx = fmaxf(mx, x[i]);
+          any = true;
+        }
+    }
+    Int4Params prm = int4_params(mn, mx, any);
+    scales[g] = prm.scale;
+    zeros[g] = prm.zero;
+    u8* dst = packed + (rowid * D + (i64)j * G) / 2;
+    for (int k = 0; k < G; k += 8) {
+      float x[8];
+      if (VEC) {
+        load8<KIND>(p + k, x);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) x[i] = to_float<KIND>(p[(i64)(k + i) * src.s_dim]);
+      }
+      unsigned int word = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) word |= int4_code(x[i], prm) << (4 * i);
+      *reinterpret_cast<unsigned int*>(dst + k / 2) = word;  // 4 bytes: channel k in the low nibble
+    }
+  }
+}
+
+template <int KIND, bool VEC>
+__device__ void int4v_decode(Paged dst, int T, int H, int D, int G, const u8* in) {
+  i64 groups = (i64)T * H * (D / G);
+  const u16* scales = reinterpret_cast<const u16*>(in);
+  const u16* zeros = scales + groups;
+  const u8* packed = in + 4 * groups;
+  for (i64 g = blockIdx.x * (i64)blockDim.x + threadIdx.x; g < groups; g += (i64)gridDim.x * blockDim.x) {
+    int j = (int)(g % (D / G));
+    i64 rowid = g / (D / G);
+    int t = (int)(rowid / H), h = (int)(rowid % H);
+    u16* p = dst.row(t, h) + (i64)j * G * dst.s_dim;
+    float s = half_to_float(scales[g]), z = half_to_float(zeros[g]);
+    const u8* src = packed + (rowid * D + (i64)j * G) / 2;
+    for (int k = 0; k < G; k += 8) {
+      unsigned int word = *reinterpret_cast<const unsigned int*>(src + k / 2);
+      float y[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) y[i] = int4_value((word >> (4 * i)) & 15u, s, z);
+      if (VEC) {
+        store8<KIND>(p + k, y);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) p[(i64)(k + i) * dst.s_dim] = from_float<KIND>(y[i]);
+      }
+    }
+  }
+}
+
+// Keys: group (b, h, d) = channel d of head h over the tokens of block b. One thread
+// handles the channel pair (2c, 2c+1), so it writes whole code bytes.
+template <int KIND>
+__device__ void int4k_encode(Paged src, int T, int H, int D, u8* out) {
+  int bs = src.bs;
+  int nb = (T + bs - 1) / bs;
+  i64 groups = (i64)nb * H * D;
+  i64 pairs = (i64)nb * H * (D / 2);
+  u16* scales = reinterpret_cast<u16*>(out);
+  u16* zeros = scales + groups;
+  u8* packed = out + 4 * groups;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < pairs; i += (i64)gridDim.x * blockDim.x) {
+    int c = (int)(i % (D / 2));
+    i64 bh = i / (D / 2);
+    int h = (int)(bh % H), b = (int)(bh / H);
+    int t0 = b * bs, t1 = min(T, t0 + bs);
+    float mn[2] = {3.0e38f, 3.0e38f}, mx[2] = {-3.0e38f, -3.0e38f};
+    bool any[2] = {false, false};
+    for (int t = t0; t < t1; ++t) {
+      const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float x = to_float<KIND>(p[(i64)e * src.s_dim]);
+        if (finite(x)) {
+          mn[e] = fminf(mn[e], x);
+          mx[e] = fmaxf(mx[e], x);
+          any[e] = true;
+        }
+      }
+    }
+    Int4Params prm[2] = {int4_params(mn[0], mx[0], any[0]), int4_params(mn[1], mx[1], any[1])};
+    i64 gid = ((i64)b * H + h) * D + 2 * c;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      scales[gid + e] = prm[e].scale;
+      zeros[gid + e] = prm[e].zero;
+    }
+    for (int t = t0; t < t1; ++t) {
+      const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
+      unsigned int lo = int4_code(to_float<KIND>(p[0]), prm[0]);
+      unsigned int hi = int4_code(to_float<KIND>(p[src.s_dim]), prm[1]);
+      packed[((i64)t * H + h) * (D / 2) + c] = (u8)(lo | (hi << 4));
+    }
+  }
+}
+
+template <int KIND>
+__device__ void int4k_decode(Paged dst, int T, int H, int D, const u8* in) {
+  int bs = dst.bs;
+  int nb = (T + bs - 1) / bs;
+  i64 groups = (i64)nb * H * D;
+  i64 pairs = (i64)T * H * (D / 2);
+  const u16* scales = reinterpret_cast<const u16*>(in);
+  const u16* zeros = scales + groups;
+  const u8* packed = in + 4 * groups;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < pairs; i += (i64)gridDim.x * blockDim.x) {
+    int c = (int)(i % (D / 2));
+    i64 th = i / (D / 2);
+    int h = (int)(th % H), t = (int)(th / H);
+    i64 gid = ((i64)(t / bs) * H + h) * D + 2 * c;
+    u8 byte = packed[i];
+    u16* p = dst.row(t, h) + (i64)(2 * c) * dst.s_dim;
+    p[0] = from_float<KIND>(int4_value(byte & 15u, half_to_float(scales[gid]), half_to_float(zeros[gid])));
+    p[dst.s_dim] =
+        from_float<KIND>(int4_value(byte >> 4, half_to_float(scales[gid + 1]), half_to_float(zeros[gid + 1])));
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Entry points: kvw_<op>_<dtype>[_vec]. Arguments are the same for every encode:
+//   (cache, block_table, T, H, D, bs, s_block, s_tok, s_head, s_dim, out [, G])
+// and every decode takes `in` in place of `out`.
+// ---------------------------------------------------------------------------------
+#define PAGED_ARGS u16 *cache, const int *table, int T, int H, int D, int bs, i64 sb, i64 st, i64 sh, i64 sd
+#define PAGED make_paged(cache, table, bs, sb, st, sh, sd)
+
+#define DEFINE_FOR_KIND(NAME, KIND)                                                                            \
+  extern "C" __global__ void kvw_raw_gather_##NAME(PAGED_ARGS, u16* out) { raw_gather<false>(PAGED, T, H, D, out); } \
+  extern "C" __global__ void kvw_raw_gather_##NAME##_vec(PAGED_ARGS, u16* out) {                               \
+    raw_gather<true>(PAGED, T, H, D, out);                                                                     \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_raw_scatter_##NAME(PAGED_ARGS, const u16* in) {                               \
+    raw_scatter<false>(PAGED, T, H, D, in);                                                                    \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_raw_scatter_##NAME##_vec(PAGED_ARGS, const u16* in) {                         \
+    raw_scatter<true>(PAGED, T, H, D, in);                                                                     \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_fp8_encode_##NAME(PAGED_ARGS, u8* out) {                                      \
+    fp8_encode<KIND, false>(PAGED, T, H, D, out);                                                              \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_fp8_encode_##NAME##_vec(PAGED_ARGS, u8* out) {                                \
+    fp8_encode<KIND, true>(PAGED, T, H, D, out);                                                               \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_fp8_decode_##NAME(PAGED_ARGS, const u8* in) {                                 \
+    fp8_decode<KIND, false>(PAGED, T, H, D, in);                                                               \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_fp8_decode_##NAME##_vec(PAGED_ARGS, const u8* in) {                           \
+    fp8_decode<KIND, true>(PAGED, T, H, D, in);                                                                \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4v_encode_##NAME(PAGED_ARGS, u8* out, int G) {                             \
+    int4v_encode<KIND, false>(PAGED, T, H, D, G, out);                                                         \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4v_encode_##NAME##_vec(PAGED_ARGS, u8* out, int G) {                       \
+    int4v_encode<KIND, true>(PAGED, T, H, D, G, out);                                                          \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4v_decode_##NAME(PAGED_ARGS, const u8* in, int G) {                        \
+    int4v_decode<KIND, false>(PAGED, T, H, D, G, in);                                                          \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4v_decode_##NAME##_vec(PAGED_ARGS, const u8* in, int G) {                  \
+    int4v_decode<KIND, true>(PAGED, T, H, D, G, in);                                                           \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4k_encode_##NAME(PAGED_ARGS, u8* out) { int4k_encode<KIND>(PAGED, T, H, D, out); } \
+  extern "C" __global__ void kvw_int4k_decode_##NAME(PAGED_ARGS, const u8* in) { int4k_decode<KIND>(PAGED, T, H, D, in); }
+
+DEFINE_FOR_KIND(bf16, 0)
+DEFINE_FOR_KIND(fp16, 1)
+
+#ifdef KVW_HOST_EMULATION
+// Host wrappers: emu_<kernel>(grid, block, <kernel arguments>), run by emu_launch.
+#define EMU_WRAP(FN, BUF_T)                                                                        \
+  extern "C" void emu_##FN(unsigned int grid, unsigned int block, PAGED_ARGS, BUF_T buf, int G) { \
+    emu_launch(grid, block, [&] { FN(cache, table, T, H, D, bs, sb, st, sh, sd, buf); });         \
+    (void)G;                                                                                       \
+  }
+#define EMU_WRAP_G(FN, BUF_T)                                                                      \
+  extern "C" void emu_##FN(unsigned int grid, unsigned int block, PAGED_ARGS, BUF_T buf, int G) { \
+    emu_launch(grid, block, [&] { FN(cache, table, T, H, D, bs, sb, st, sh, sd, buf, G); });      \
+  }
+#define EMU_FOR_KIND(NAME)                               \
+  EMU_WRAP(kvw_raw_gather_##NAME, u16*)                  \
+  EMU_WRAP(kvw_raw_gather_##NAME##_vec, u16*)            \
+  EMU_WRAP(kvw_raw_scatter_##NAME, const u16*)           \
+  EMU_WRAP(kvw_raw_scatter_##NAME##_vec, const u16*)     \
+  EMU_WRAP(kvw_fp8_encode_##NAME, u8*)                   \
+  EMU_WRAP(kvw_fp8_encode_##NAME##_vec, u8*)             \
+  EMU_WRAP(kvw_fp8_decode_##NAME, const u8*)             \
+  EMU_WRAP(kvw_fp8_decode_##NAME##_vec, const u8*)       \
+  EMU_WRAP_G(kvw_int4v_encode_##NAME, u8*)               \
+  EMU_WRAP_G(kvw_int4v_encode_##NAME##_vec, u8*)         \
+  EMU_WRAP_G(kvw_int4v_decode_##NAME, const u8*)         \
+  EMU_WRAP_G(kvw_int4v_decode_##NAME##_vec, const u8*)   \
+  EMU_WRAP(kvw_int4k_encode_##NAME, u8*)                 \
+  EMU_WRAP(kvw_int4k_decode_##NAME, const u8*)
+EMU_FOR_KIND(bf16)
+EMU_FOR_KIND(fp16)
+#endif
