@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -659,14 +660,22 @@ class Receiver:
         self._side_stream.synchronize()  # the slot is reused, and the ACK promises the bytes are there
 
     def _maybe_complete(self, inc: _Incoming) -> list:
-        """(lock held) Finish the request if every chunk is in place; return frames to send."""
+        """(lock held) Finish the request if every chunk is in place; return what to do next.
+
+        The ACK goes out *before* the handle reports success: otherwise a caller that
+        closes the receiver as soon as ``wait`` returns could cut the ACK off, and the
+        sender would see a lost peer for a request that had in fact arrived."""
         if inc.finished or inc.handle is None or not inc.plan.complete or any(inc.writing.values()):
             return []
-        handle = inc.handle
-        self._finish(handle, inc, None)
-        conn = inc.session.any_conn()
+        inc.finished = True  # no further chunk is accepted for it
         self._counters["completed"] += 1
-        return [(conn, conn.proto.ack(inc.tag, True))] if conn else []
+        conn = inc.session.any_conn()
+        actions: list = [(conn, conn.proto.ack(inc.tag, True))] if conn else []
+        return actions + [partial(self._finish_now, inc.handle, inc)]
+
+    def _finish_now(self, handle: ReceiveHandle, inc: _Incoming) -> None:
+        with self._lock:
+            self._finish(handle, inc, None)
 
     def _fail(self, inc: _Incoming, error: TransferError) -> list:
         """(lock held) End a request with ``error``; return frames that tell the sender."""
@@ -727,9 +736,12 @@ class Receiver:
 
     @staticmethod
     def _run(actions: list) -> None:
-        for conn, frame in actions:
-            if conn is not None:
-                conn.send(frame)
+        """Send frames ``(conn, bytes)`` and run callbacks, in order, without the lock."""
+        for action in actions:
+            if callable(action):
+                action()
+            elif action[0] is not None:
+                action[0].send(action[1])
 
     # -- waiting, deadlines, cancellation -------------------------------------------------
     def _wait(self, handle: ReceiveHandle, ready, timeout: float | None) -> None:
@@ -762,6 +774,8 @@ class Receiver:
             if handle._finished:
                 return
             inc = handle._incoming
+            if inc is not None and inc.finished and inc.plan.complete:
+                return  # it completed: the ACK is on its way and the handle finishes next
             if inc is None:
                 self._finish(handle, None, error)
                 if reason is not None:
