@@ -1,5 +1,7 @@
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a package; never reach for a hub
+
 from hypothesis import HealthCheck, settings
 
 # Codec property tests run real tensor code; keep them quick on a 2-core CI machine.

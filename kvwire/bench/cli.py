@@ -9,7 +9,7 @@ import sys
 import torch
 
 import kvwire.codec
-from kvwire.bench import codec_report, loopback, profiles
+from kvwire.bench import codec_report, fidelity, loopback, profiles
 from kvwire.bench.report import table, write_json
 
 
@@ -96,6 +96,21 @@ def _wire_bytes_per_token(layout, codec) -> float:
     return total / tokens
 
 
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    if args.new_tokens < 1:
+        raise ValueError(f"--new-tokens: must be at least 1, got {args.new_tokens}")
+    print("fidelity: SmolLM2-135M, KV cache through each codec, against the uncompressed cache", flush=True)
+    report = fidelity.run(args, progress=lambda line: print(line, flush=True))
+    rows = [[s["codec"], s["prompts"], s["mean_kl"], s["max_kl"], s["identical_fraction"],
+             "-" if s["mean_first_divergence"] is None else f"{s['mean_first_divergence']:.1f}"]
+            for s in report["summary"]]  # fmt: skip
+    print(table(("codec", "prompts", "mean KL", "max KL", "identical", "first divergence"), rows))
+    print(f"identical: share of prompts whose {args.new_tokens}-token greedy continuation is unchanged")
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
 def _machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -116,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     loopback.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout)")
     p.set_defaults(func=_cmd_loopback)
+
+    p = sub.add_parser("fidelity", help="next-token KL and greedy agreement per codec on SmolLM2-135M")
+    fidelity.add_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=_cmd_fidelity)
 
     p = sub.add_parser("profiles", help="model profiles and what a link carries per codec")
     p.add_argument("--link-gbit", type=float, default=100.0, help="link rate in Gbit/s (default 100)")
