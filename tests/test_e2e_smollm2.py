@@ -95,3 +95,16 @@ def test_incremental_transfer_sends_only_the_tail(setup):
     assert result["stats"]["logical_bytes"] == layout.request_bytes(90 - 48)  # only the tail crossed
     assert got.tolist() == want.tolist()
     del first
+
+
+def test_fidelity_measurement_is_zero_for_raw_and_positive_for_lossy():
+    import argparse
+
+    from kvwire.bench import fidelity
+
+    args = argparse.Namespace(codecs="raw,int4", lengths="24", new_tokens=4, group_size=64)
+    report = fidelity.run(args, progress=lambda line: None)
+    by_codec = {s["codec"]: s for s in report["summary"]}
+    assert by_codec["raw"]["mean_kl"] == 0.0 and by_codec["raw"]["identical_fraction"] == 1.0
+    assert by_codec["int4/g64"]["mean_kl"] > 0
+    assert len(report["rows"]) == 2 * len(fidelity.PROMPTS)
