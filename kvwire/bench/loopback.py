@@ -24,7 +24,7 @@ import torch
 
 import kvwire
 import kvwire.codec
-from kvwire.bench import profiles
+from kvwire.bench import netem, profiles
 from kvwire.layout import Selection, gather_tokens
 
 BASELINE_BUFFER = 1 << 20
@@ -45,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="store_true", help="also move the same bytes over plain sockets")
     p.add_argument("--no-verify", action="store_true", help="skip checking the destination")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--link",
+        metavar="SPEC",
+        help="run the two sides in network namespaces joined by an emulated link, e.g. "
+        "rtt=40ms,rate=2gbit,loss=0.01%%[,jitter=1ms][,queue=16mb] (needs root)",
+    )
+    p.add_argument("--compare-single-stream", action="store_true", help="also send each round over 1 connection")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -57,6 +64,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
     if args.streams > 64:
         raise ValueError(f"--streams: at most 64, got {args.streams}")
+    if args.link:
+        netem.parse_link(args.link)
+        if os.geteuid() != 0:
+            raise ValueError("--link: needs root (it creates network namespaces and TUN devices)")
 
 
 # -- what both processes agree on ----------------------------------------------------------
@@ -123,13 +134,17 @@ def _reset_peak_rss() -> None:
 
 
 # -- the receiver process ------------------------------------------------------------------
-def receiver_main(pipe, args: argparse.Namespace, secret: str) -> None:
+def receiver_main(
+    pipe, args: argparse.Namespace, secret: str, netns: str | None = None, host: str = "127.0.0.1"
+) -> None:
+    if netns:
+        netem._setns(f"/run/netns/{netns}")
     torch.set_num_threads(1)
     layout, per, total_blocks = _layout_and_blocks(args)
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in _states(layout).items()} for _ in range(args.requests)]
-    rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20)
-    base_listener = socket.create_server(("127.0.0.1", 0))
+    rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20)
+    base_listener = socket.create_server((host, 0))
     gc.freeze()  # see _settle_gc
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
     reference = None
@@ -259,7 +274,9 @@ def _baseline_receive(listener: socket.socket, streams: int, nbytes: int, memory
 
 
 # -- the sender process --------------------------------------------------------------------
-def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_address) -> None:
+def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_address, netns=None) -> None:
+    if netns:
+        netem._setns(f"/run/netns/{netns}")
     torch.set_num_threads(1)
     layout, per, total_blocks = _layout_and_blocks(args)
     src = layout.allocate(total_blocks)
@@ -270,19 +287,26 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
         chunk_bytes=args.chunk_kib << 10,
     )  # fmt: skip
     gc.freeze()  # see _settle_gc
+    single = None
+    if args.compare_single_stream:
+        single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, codec=args.codec,
+                               chunk_bytes=args.chunk_kib << 10)  # fmt: skip
     pipe.send("ready")
     while True:
         cmd = pipe.recv()
         if cmd[0] == "quit":
             break
         if cmd[0] == "send":
-            pipe.send(_send_round(tx, layout, args, cmd[1], per, states, streamed=cmd[2]))
+            sender = single if len(cmd) > 3 and cmd[3] else tx
+            pipe.send(_send_round(sender, layout, args, cmd[1], per, states, streamed=cmd[2]))
         elif cmd[0] == "baseline":
             _, nbytes, hot = cmd
             pipe.send(_baseline_send(baseline_address, args.streams, nbytes, None if hot else _memory_views(src)))
         elif cmd[0] == "stats":
             pipe.send(tx.stats())
     tx.close()
+    if single is not None:
+        single.close()
 
 
 def _send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) -> dict:
@@ -351,24 +375,37 @@ def _baseline_send(address, streams: int, nbytes: int, memory: list[memoryview] 
 def run(args: argparse.Namespace, progress=print) -> dict:
     """Run the benchmark; return the report (the ``--json`` document)."""
     check_arguments(args)
-    layout, per, total_blocks = _layout_and_blocks(args)
+    layout = profiles.get(args.profile).layout()
+    if args.link:
+        with netem.EmulatedLink(netem.parse_link(args.link)) as link:
+            report = _run(args, layout, progress, link)
+            report["link"] = {"spec": args.link, **link.stats_now()}
+            return report
+    return _run(args, layout, progress, None)
+
+
+def _run(args, layout, progress, link) -> dict:
     secret = os.urandom(16).hex()
     ctx = multiprocessing.get_context("spawn")
     rx_pipe, rx_child = ctx.Pipe()
     tx_pipe, tx_child = ctx.Pipe()
-    receiver = ctx.Process(target=receiver_main, args=(rx_child, args, secret), name="kvwire-bench-receiver")
+    rx_ns, tx_ns = (link.ns["b"], link.ns["a"]) if link else (None, None)
+    host = link.address_b if link else "127.0.0.1"
+    receiver = ctx.Process(
+        target=receiver_main, args=(rx_child, args, secret, rx_ns, host), name="kvwire-bench-receiver"
+    )
     receiver.start()
     sender = None
     try:
         addresses = _recv(rx_pipe, receiver, 120)
         sender = ctx.Process(
             target=sender_main,
-            args=(tx_child, args, secret, addresses["address"], addresses["baseline_address"]),
+            args=(tx_child, args, secret, addresses["address"], addresses["baseline_address"], tx_ns),
             name="kvwire-bench-sender",
         )
         sender.start()
         _recv(tx_pipe, sender, 300)
-        rounds, baselines, hot_baselines, overlap = [], [], [], None
+        rounds, baselines, hot_baselines, singles, overlap = [], [], [], [], None
         for r in range(args.rounds):
             rx_pipe.send(("expect", r))
             _recv(rx_pipe, receiver, 60)
@@ -381,6 +418,17 @@ def run(args: argparse.Namespace, progress=print) -> dict:
                     f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
                     f"verified={received['verified']}"
                 )
+            if args.compare_single_stream:
+                rx_pipe.send(("expect", f"single-{r}"))
+                _recv(rx_pipe, receiver, 60)
+                tx_pipe.send(("send", f"single-{r}", True, True))
+                one = _recv(tx_pipe, sender, 1800)
+                _recv(rx_pipe, receiver, 1800)
+                singles.append(one)
+                if args.quiet is False:
+                    progress(
+                        f"  1 connection {r + 1}/{args.rounds}: {one['wire_bytes'] / one['seconds'] / 1e9:.3f} GB/s"
+                    )
             if args.baseline:
                 nbytes = sent["wire_bytes"]
                 for hot in (False, True):
@@ -402,7 +450,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
         sender_stats = _recv(tx_pipe, sender, 60)
         rx_pipe.send(("rss",))
         rss = _recv(rx_pipe, receiver, 60)
-        return _report(args, layout, rounds, baselines, hot_baselines, overlap, sender_stats, rss)
+        return _report(args, layout, rounds, baselines, hot_baselines, singles, overlap, sender_stats, rss)
     finally:
         for pipe in (tx_pipe, rx_pipe):
             try:
@@ -426,7 +474,7 @@ def _recv(pipe, process, timeout: float):
     return pipe.recv()
 
 
-def _report(args, layout, rounds, baselines, hot_baselines, overlap, sender_stats, rss) -> dict:
+def _report(args, layout, rounds, baselines, hot_baselines, singles, overlap, sender_stats, rss) -> dict:
     best = max(rounds, key=lambda r: r[0]["wire_bytes"] / r[0]["seconds"])
     sent, received = best
     wire = sent["wire_bytes"] / sent["seconds"] / 1e9
@@ -481,6 +529,14 @@ def _report(args, layout, rounds, baselines, hot_baselines, overlap, sender_stat
         h_best = min(hot_baselines, key=lambda b: b[0]["seconds"])
         report["baseline_hot_gb_per_s"] = h_best[2] / h_best[0]["seconds"] / 1e9
         report["ratio_to_baseline_hot"] = wire / report["baseline_hot_gb_per_s"]
+    if singles:
+        best_single = max(singles, key=lambda r: r["wire_bytes"] / r["seconds"])
+        report["single_stream_wire_gb_per_s"] = best_single["wire_bytes"] / best_single["seconds"] / 1e9
+    if args.link:
+        rate_gb = netem.parse_link(args.link).rate_bps / 8 / 1e9
+        report["link_utilization"] = wire / rate_gb
+        if singles:
+            report["single_stream_link_utilization"] = report["single_stream_wire_gb_per_s"] / rate_gb
     if overlap is not None:
         report["exposed_ms_after_prefill"] = overlap["exposed_ms"]
         per_layer = sent["wire_bytes"] / layout.num_layers
@@ -503,6 +559,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("kvwire / plain", f"{report['ratio_to_baseline']:.3f}"))
         rows.append(("plain, hot 1 MiB buffer", f"{report['baseline_hot_gb_per_s']:.3f} GB/s (iperf3 -l 1M style)"))
         rows.append(("kvwire / plain hot", f"{report['ratio_to_baseline_hot']:.3f}"))
+    if "link_utilization" in report:
+        rows.append(("link", f"{args_link(report)}: {report['link_utilization'] * 100:.1f}% of its rate used"))
+    if "single_stream_wire_gb_per_s" in report:
+        util = report.get("single_stream_link_utilization")
+        rows.append(("1 connection", f"{report['single_stream_wire_gb_per_s']:.3f} GB/s"
+                     + (f" ({util * 100:.1f}% of the link)" if util is not None else "")))  # fmt: skip
     if "exposed_ms_after_prefill" in report:
         rows.append(("exposed, no overlap", f"{report['exposed_ms_after_prefill']:.1f} ms (send after the last layer)"))
         rows.append(("one layer's wire time", f"{report['one_layer_wire_ms']:.1f} ms"))
@@ -521,6 +583,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     )
     rows.append(("verified", str(report["verified"])))
     return rows
+
+
+def args_link(report: dict) -> str:
+    return report.get("link", {}).get("spec", "?")
 
 
 def connection_rows(report: dict) -> list[list[object]]:
