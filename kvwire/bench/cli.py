@@ -9,7 +9,7 @@ import sys
 import torch
 
 import kvwire.codec
-from kvwire.bench import codec_report, fidelity, loopback, profiles
+from kvwire.bench import codec_report, fidelity, loopback, netem, profiles
 from kvwire.bench.report import table, write_json
 
 
@@ -111,6 +111,27 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_link_check(args: argparse.Namespace) -> int:
+    spec = netem.parse_link(args.link)
+    import os
+
+    if os.geteuid() != 0:
+        raise ValueError("--link: needs root (it creates network namespaces and TUN devices)")
+    print(f"link check: {args.link} (ping x10, then iperf3 -l 1M with 1 and {args.streams} streams)", flush=True)
+    result = netem.check(spec, seconds=args.seconds, streams=args.streams)
+    rows = [["RTT (ping)", f"{spec.rtt_s * 1e3:g} ms", f"{result['rtt_ms_measured']:.2f} ms",
+             f"{result['rtt_ms_measured'] / (spec.rtt_s * 1e3):.3f}"]]  # fmt: skip
+    for key in sorted(k for k in result if k.startswith("iperf3_gbit_")):
+        n = key.split("_")[2]
+        rows.append([f"iperf3, {n} stream(s)", f"{spec.rate_bps / 1e9:g} Gbit/s", f"{result[key]:.3f} Gbit/s",
+                     f"{result[key] / (spec.rate_bps / 1e9):.3f}"])  # fmt: skip
+    print(table(("figure", "asked", "measured", "ratio"), rows))
+    print(f"forwarder: {result.get('lost_segments', 0)} segments lost, {result.get('queue_drops', 0)} queue drops")
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
 def _machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -136,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     fidelity.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=_cmd_fidelity)
+
+    p = sub.add_parser("link-check", help="measure the emulated link itself: ping RTT and iperf3 rate (root)")
+    p.add_argument("--link", required=True, metavar="SPEC", help="e.g. rtt=40ms,rate=2gbit,loss=0.01%%")
+    p.add_argument("--seconds", type=float, default=8.0, help="iperf3 duration (default 8)")
+    p.add_argument("--streams", type=int, default=8, help="iperf3 parallel streams besides 1 (default 8)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=_cmd_link_check)
 
     p = sub.add_parser("profiles", help="model profiles and what a link carries per codec")
     p.add_argument("--link-gbit", type=float, default=100.0, help="link rate in Gbit/s (default 100)")

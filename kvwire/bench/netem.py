@@ -333,3 +333,28 @@ class EmulatedLink:
 
     def popen(self, side: str, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(self.command(side, argv), **kw)
+
+
+def check(spec: LinkSpec, seconds: float = 8.0, streams: int = 8) -> dict:
+    """Measure the emulated link itself: RTT with ``ping``, rate with ``iperf3``."""
+    import json
+    import shutil
+
+    for tool in ("ping", "iperf3"):
+        if shutil.which(tool) is None:
+            raise FileNotFoundError(f"link check needs {tool}: apt-get install iputils-ping iperf3")
+    result: dict = {"rtt_ms_asked": spec.rtt_s * 1e3, "rate_gbit_asked": spec.rate_bps / 1e9}
+    with EmulatedLink(spec) as link:
+        ping = link.run("a", ["ping", "-c", "10", "-i", "0.2", link.address_b], capture_output=True, text=True)
+        avg = re.search(r"= [0-9.]+/([0-9.]+)/", ping.stdout)
+        result["rtt_ms_measured"] = float(avg.group(1)) if avg else None
+        for n in sorted({1, streams}):
+            server = link.popen("b", ["iperf3", "-s", "-1", "-B", link.address_b], stdout=subprocess.DEVNULL)
+            time.sleep(0.5)
+            run = link.run("a", ["iperf3", "-c", link.address_b, "-t", str(seconds), "-P", str(n), "-l", "1M", "-J"],
+                           capture_output=True, text=True)  # fmt: skip
+            server.wait(10)
+            end = json.loads(run.stdout)["end"]
+            result[f"iperf3_gbit_{n}_streams"] = end["sum_received"]["bits_per_second"] / 1e9
+    result.update(link.stats())
+    return result
