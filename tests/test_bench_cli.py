@@ -69,3 +69,40 @@ def test_profiles_table(capsys):
     out = capsys.readouterr().out
     for name in ("llama3-8b", "llama3-70b", "qwen3-235b", "deepseek-v3", "kimi-linear-48b"):
         assert name in out
+
+
+def test_serve_and_send_between_two_processes(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("KVWIRE_SECRET", "two-host-test-secret")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kvwire.bench.cli", "serve", "--listen", "127.0.0.1:0", "--tokens", "64",
+         "--rounds", "2", "--json", str(tmp_path / "serve.json")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("listening on "), line
+        address = line.split()[-1]
+        assert main(["send", "--peer", address, "--tokens", "64", "--rounds", "2", "--quiet",
+                     "--json", str(tmp_path / "send.json")]) == 0  # fmt: skip
+        assert serve.wait(timeout=60) == 0
+    finally:
+        serve.kill()
+    served = json.loads((tmp_path / "serve.json").read_text())
+    assert served["verified"] is True and len(served["rounds"]) == 2
+    assert json.loads((tmp_path / "send.json").read_text())["wire_gb_per_s"] > 0
+
+
+def test_send_without_a_secret_is_an_error(monkeypatch, capsys):
+    monkeypatch.delenv("KVWIRE_SECRET", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["send", "--peer", "127.0.0.1:9"])
+    assert exc.value.code == 2 and "KVWIRE_SECRET" in capsys.readouterr().err
+
+
+def test_loopback_plot(tmp_path):
+    out = tmp_path / "plot.png"
+    assert main(["loopback", "--tokens", "256", "--layer-ms", "2", "--quiet", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

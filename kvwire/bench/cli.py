@@ -46,12 +46,43 @@ def _cmd_loopback(args: argparse.Namespace) -> int:
     print("GB/s = 1e9 bytes per second; wire counts encoded bytes, effective counts logical KV bytes")
     if args.json:
         write_json(args.json, report)
+    if args.plot:
+        from kvwire.bench.plot import plot_loopback
+
+        plot_loopback(report, args.plot)
+        print(f"plot: {args.plot}")
     if report["errors"]:
         print("transfer errors:", *report["errors"], sep="\n  ", file=sys.stderr)
         return 1
     if report["verified"] is False:
         print("VERIFICATION FAILED: the destination does not hold what the codec says", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvwire.transport import parse_address
+
+    args.layer_ms = 0.0
+    loopback.check_arguments(args)
+    report = loopback.serve(args, parse_address(args.listen, "--listen"), progress=lambda x: print(x, flush=True))
+    if args.json:
+        write_json(args.json, report)
+    return 0 if report["verified"] is not False else 1
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from kvwire.transport import parse_address
+
+    loopback.check_arguments(args)
+    report = loopback.send(args, parse_address(args.peer, "--peer"), progress=lambda x: print(x, flush=True))
+    print(table(("figure", "value"), [
+        ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
+        ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s"),
+        ("exposed latency", f"{report['exposed_ms']:.1f} ms"),
+    ]))  # fmt: skip
+    if args.json:
+        write_json(args.json, report)
     return 0
 
 
@@ -143,6 +174,19 @@ def _machine() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvwire-bench", description="kvwire benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="the receiving host of a two-host run (pair with `send`)")
+    loopback.add_arguments(p)
+    p.add_argument("--listen", default="0.0.0.0:7400", help="address to listen on (default 0.0.0.0:7400)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds each round may take")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("send", help="the sending host of a two-host run (same flags as on `serve`)")
+    loopback.add_arguments(p)
+    p.add_argument("--peer", required=True, help="the serving host, host:port")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=_cmd_send)
+
     p = sub.add_parser("codec", help="compression ratio, error and speed per codec")
     codec_report.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
@@ -151,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loopback", help="sender and receiver processes on 127.0.0.1: throughput, latency, checks")
     loopback.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON ('-' for stdout)")
+    p.add_argument("--plot", metavar="FILE.png", help="throughput per connection and the layer timeline")
     p.set_defaults(func=_cmd_loopback)
 
     p = sub.add_parser("fidelity", help="next-token KL and greedy agreement per codec on SmolLM2-135M")

@@ -178,6 +178,7 @@ def receiver_main(
                 error = str(exc)
             cpu = _cpu_seconds() - cpu0
             rss_growth = _rss_bytes()[1] - round_rss  # before verification allocates its reference
+            delivered = [max(h.layer_done_at.get(i, 0.0) for h in handles) for i in range(layout.num_layers)]
             verified = None
             if error is None and not args.no_verify:
                 if reference is None:
@@ -185,7 +186,14 @@ def receiver_main(
                     fill(reference[0], reference[1], seed=1, dtype=layout.dtype)
                 verified = _verify(layout, args, reference, dst, states, per)
             pipe.send(
-                {"error": error, "cpu_s": cpu, "verified": verified, "stats": rx.stats(), "rss_growth": rss_growth}
+                {
+                    "error": error,
+                    "cpu_s": cpu,
+                    "verified": verified,
+                    "stats": rx.stats(),
+                    "rss_growth": rss_growth,
+                    "layer_delivered_monotonic": delivered,
+                }  # fmt: skip
             )
         elif cmd[0] == "baseline":
             _, nbytes, hot = cmd
@@ -309,11 +317,43 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
         single.close()
 
 
+class _Sampler:
+    """Bytes sent per connection every 50 ms (for --plot), and a progress line on a terminal."""
+
+    PERIOD_S = 0.05
+
+    def __init__(self, tx, t0: float, show: bool) -> None:
+        self.tx, self.t0, self.show = tx, t0, show and sys.stderr.isatty()
+        self.samples: list[tuple[float, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start = None
+        while not self._stop.wait(self.PERIOD_S):
+            sent = [c["bytes_sent"] for c in self.tx.stats()["connections"]]
+            now = time.monotonic() - self.t0
+            start = start if start is not None else (now, sum(sent))
+            self.samples.append((now, sent))
+            if self.show and now > start[0]:
+                moved = sum(sent) - start[1]
+                sys.stderr.write(f"\r  {moved / 2**20:10.1f} MiB sent, {moved / (now - start[0]) / 1e9:.3f} GB/s ")
+                sys.stderr.flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.show:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+
 def _send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) -> dict:
     round_rss = _rss_bytes()[0]
     _reset_peak_rss()
     cpu0 = _cpu_seconds()
     t0 = time.monotonic()
+    sampler = _Sampler(tx, t0, show=False)  # records from the first send_layer on
     transfers = [
         tx.transfer(f"{round_}-{i}", _src_blocks(i, per), args.tokens, states=states, deadline=600)
         for i in range(args.requests)
@@ -329,9 +369,15 @@ def _send_round(tx, layout, args, round_: int, per: int, states, streamed: bool)
             t.send_layer(layer)
         timeline.append({"layer": layer, "produced_s": produced})
     prefill_end = time.monotonic()
-    results = [t.finish() for t in transfers]
+    sampler.show = not args.quiet
+    try:
+        results = [t.finish() for t in transfers]
+    finally:
+        sampler.stop()
     t_end = time.monotonic()
     return {
+        "t0_monotonic": t0,
+        "samples": sampler.samples,
         "seconds": t_end - t0,
         "exposed_ms": (t_end - prefill_end) * 1e3,
         "wire_bytes": sum(r["wire_bytes"] for r in results),
@@ -515,7 +561,11 @@ def _report(args, layout, rounds, baselines, hot_baselines, singles, overlap, se
             for c in sender_stats["connections"]
         ],
         "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
-        "timeline": sent["timeline"],
+        "timeline": [
+            {**t, "delivered_s": received["layer_delivered_monotonic"][t["layer"]] - sent["t0_monotonic"]}
+            for t in sent["timeline"]
+        ],
+        "samples": sent["samples"],
     }
     if baselines:
         b_best = min(baselines, key=lambda b: b[0]["seconds"])
@@ -620,3 +670,64 @@ def main(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if run(args) else 1
+
+
+# -- two hosts: kvwire-bench serve / kvwire-bench send --------------------------------------------
+def _secret() -> str:
+    secret = os.environ.get("KVWIRE_SECRET")
+    if not secret:
+        raise ValueError("KVWIRE_SECRET: set the same shared secret (8+ bytes) on both hosts")
+    return secret
+
+
+def serve(args: argparse.Namespace, listen, progress=print) -> dict:
+    """The receiving host: expect ``--rounds`` rounds of ``--requests`` requests, verify each."""
+    layout, per, total_blocks = _layout_and_blocks(args)
+    dst = layout.allocate(total_blocks)
+    states = [_states(layout) for _ in range(args.requests)]
+    reference = layout.allocate(total_blocks), _states(layout)
+    fill(reference[0], reference[1], seed=1, dtype=layout.dtype)
+    gc.freeze()
+    rounds = []
+    with kvwire.Receiver(layout, listen, secret=_secret(), kv_caches=dst, staging_bytes=args.staging_mib << 20) as rx:
+        progress(f"listening on {rx.address[0]}:{rx.address[1]}")
+        for r in range(args.rounds):
+            handles = [
+                rx.expect(f"{r}-{i}", _dst_blocks(i, per), args.tokens, states=states[i], deadline=args.timeout)
+                for i in range(args.requests)
+            ]
+            stats = [h.wait() for h in handles]
+            first = min(h.t_first_byte for h in handles if h.t_first_byte is not None)
+            seconds = max(h.t_done for h in handles) - first
+            wire = sum(s["wire_bytes"] for s in stats)
+            verified = None if args.no_verify else _verify(layout, args, reference, dst, states, per)
+            rounds.append({"seconds": seconds, "wire_bytes": wire, "verified": verified})
+            progress(f"  round {r + 1}/{args.rounds}: {wire / seconds / 1e9:.3f} GB/s received, verified={verified}")
+        return {"kind": "serve", "rounds": rounds, "stats": rx.stats(),
+                "verified": None if args.no_verify else all(x["verified"] for x in rounds)}  # fmt: skip
+
+
+def send(args: argparse.Namespace, peer, progress=print) -> dict:
+    """The sending host: ``--rounds`` rounds of ``--requests`` requests to ``peer``."""
+    layout, per, total_blocks = _layout_and_blocks(args)
+    src = layout.allocate(total_blocks)
+    states = _states(layout)
+    fill(src, states, seed=1, dtype=layout.dtype)
+    gc.freeze()
+    rounds = []
+    with kvwire.Sender(layout, peer, secret=_secret(), kv_caches=src, streams=args.streams, codec=args.codec,
+                       chunk_bytes=args.chunk_kib << 10) as tx:  # fmt: skip
+        for r in range(args.rounds):
+            sent = _send_round(tx, layout, args, r, per, states, streamed=True)
+            rounds.append(sent)
+            progress(f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
+                     f"exposed {sent['exposed_ms']:.1f} ms")  # fmt: skip
+        best = max(rounds, key=lambda x: x["wire_bytes"] / x["seconds"])
+        return {
+            "kind": "send", "profile": args.profile, "codec": tx.codec.descriptor, "streams": args.streams,
+            "wire_gb_per_s": best["wire_bytes"] / best["seconds"] / 1e9,
+            "effective_gb_per_s": best["logical_bytes"] / best["seconds"] / 1e9,
+            "exposed_ms": best["exposed_ms"],
+            "connections": tx.stats()["connections"],
+            "rounds": [{k: v for k, v in x.items() if k not in ("samples", "timeline")} for x in rounds],
+        }  # fmt: skip
