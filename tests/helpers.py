@@ -107,11 +107,14 @@ class WireClient:
 
 
 # -- peers in other processes -----------------------------------------------------------------
-def sender_process(address, layout_dict, num_blocks, seed, block_ids, num_tokens, stop_after_layers, codec, ready):
+def sender_process(address, layout_dict, num_blocks, seed, block_ids, num_tokens, stop_after_layers, codec, ready,
+                   transport="tcp"):  # fmt: skip
     """Send a request; with ``stop_after_layers`` set, send that many layers and then hang."""
     layout = kvwire.KVLayout.from_dict(layout_dict)
     src = filled(layout, num_blocks, seed)
-    with kvwire.Sender(layout, address, secret=SECRET, kv_caches=src, codec=codec, streams=2) as tx:
+    with kvwire.Sender(
+        layout, address, secret=SECRET, kv_caches=src, codec=codec, streams=2, transport=transport
+    ) as tx:
         t = tx.transfer("proc-req", block_ids, num_tokens, deadline=60)
         for i in range(stop_after_layers if stop_after_layers is not None else layout.num_layers):
             t.send_layer(i)

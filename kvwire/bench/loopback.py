@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1, help="times the requests are sent (total = rounds x requests)")
     p.add_argument("--codec", default="raw", help="raw, fp8, int4, or any +lz4")
     p.add_argument("--streams", type=int, default=kvwire.engine.sender.DEFAULT_STREAMS, help="TCP connections")
-    p.add_argument("--transport", default="tcp", choices=["tcp"], help="byte mover (tcp)")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
     p.add_argument("--staging-mib", type=int, default=256, help="receiver staging budget in MiB")
     p.add_argument("--layer-ms", type=float, default=0.0, help="produce one layer every N ms, as a prefill would")
@@ -143,7 +143,8 @@ def receiver_main(
     layout, per, total_blocks = _layout_and_blocks(args)
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in _states(layout).items()} for _ in range(args.requests)]
-    rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20)
+    rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
+                         transport=args.transport)  # fmt: skip
     base_listener = socket.create_server((host, 0))
     gc.freeze()  # see _settle_gc
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
@@ -292,7 +293,7 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
     fill(src, states, seed=1, dtype=layout.dtype)
     tx = kvwire.Sender(
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
-        chunk_bytes=args.chunk_kib << 10,
+        chunk_bytes=args.chunk_kib << 10, transport=args.transport,
     )  # fmt: skip
     gc.freeze()  # see _settle_gc
     single = None

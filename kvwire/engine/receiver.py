@@ -26,7 +26,7 @@ import torch
 import kvwire.codec
 from kvwire.codec import ChunkSpec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
-from kvwire.engine.sender import _request_id, layout_summary, secret_bytes
+from kvwire.engine.sender import _request_id, check_transport, layout_summary, secret_bytes
 from kvwire.errors import (
     Cancelled,
     KvwireError,
@@ -213,6 +213,7 @@ class Receiver:
         codecs: codec names accepted (default: all).
         unclaimed_timeout: seconds a request may wait for ``expect`` before it is refused.
         tls: an ``ssl.SSLContext`` (server side).
+        transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX).
 
     Example::
 
@@ -237,7 +238,9 @@ class Receiver:
         tls: ssl.SSLContext | None = None,
         socket_options: SocketOptions | None = None,
         handshake_timeout: float = 10.0,
+        transport: str = "tcp",
     ) -> None:
+        check_transport(transport, tls)
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -268,7 +271,12 @@ class Receiver:
         self._rejected: collections.deque = collections.deque(maxlen=32)
         self._counters = collections.Counter()
         self._closed = False
-        self._listener = TcpListener(parse_address(listen, "listen"), socket_options or SocketOptions(), tls)
+        if transport == "ucx":
+            from kvwire.transport.ucx import UcxListener
+
+            self._listener = UcxListener(parse_address(listen, "listen"))
+        else:
+            self._listener = TcpListener(parse_address(listen, "listen"), socket_options or SocketOptions(), tls)
         self._threads = [
             threading.Thread(target=self._accept_loop, name="kvwire-accept", daemon=True),
             threading.Thread(target=self._reap_loop, name="kvwire-reaper", daemon=True),

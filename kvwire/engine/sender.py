@@ -46,6 +46,20 @@ DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small e
 DEFAULT_STAGING_BYTES = 64 << 20
 
 
+TRANSPORTS = ("tcp", "ucx")
+
+
+def check_transport(transport: str, tls) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: {transport!r} is not one of {TRANSPORTS}")
+    if transport == "ucx":
+        if tls is not None:
+            raise ValueError("tls: not available with transport='ucx' (UCX has its own transports)")
+        from kvwire.transport.ucx import _import_ucxx
+
+        _import_ucxx()  # fail now, with the install command, rather than at connect
+
+
 def secret_bytes(secret: bytes | str | None) -> bytes:
     """The shared secret from the argument or ``KVWIRE_SECRET``; refuse to run without one."""
     if secret is None:
@@ -225,6 +239,7 @@ class Sender:
         staging_bytes: host memory for encoded chunks waiting for the network.
         chunk_bytes: target encoded size of one frame.
         tls: an ``ssl.SSLContext`` (client side) to encrypt the connections.
+        transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
 
     Example::
 
@@ -251,7 +266,10 @@ class Sender:
         tls: ssl.SSLContext | None = None,
         socket_options: SocketOptions | None = None,
         connect_timeout: float = 10.0,
+        transport: str = "tcp",
     ) -> None:
+        check_transport(transport, tls)
+        self.transport = transport
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
@@ -305,7 +323,12 @@ class Sender:
 
     # -- connecting ----------------------------------------------------------------------
     def _open(self, index: int, count: int, tls, options: SocketOptions, timeout: float) -> _Conn:
-        stream = connect(self._address, options, timeout=timeout, tls=tls)
+        if self.transport == "ucx":
+            from kvwire.transport import ucx
+
+            stream = ucx.connect(self._address, timeout=timeout)
+        else:
+            stream = connect(self._address, options, timeout=timeout, tls=tls)
         proto = ClientConnection(
             self._secret,
             session=self._session,

@@ -1,0 +1,229 @@
+"""UCX byte streams through UCXX, behind the same interface as the TCP streams.
+
+UCX reaches RDMA, shared memory and GPU-direct paths without kvwire knowing each fabric;
+on a machine without them it runs over TCP (``UCX_TLS=tcp``). The protocol above does
+not change: the handshake, frames, credits and acknowledgements are the same bytes.
+
+UCXX's Python API is asynchronous, and kvwire's engine is threaded, so one event-loop
+thread per process runs every UCX operation; the engine's threads submit to it and wait.
+UCX moves *messages*; each ``send_parts`` call becomes one message, preceded by an 8-byte
+length message, and the receiving side serves exact reads out of the current message.
+
+Settings pass through the environment (``UCX_TLS``, ``UCX_NET_DEVICES``, ...). Unless
+they are already set, kvwire sets ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` when both ends
+are on loopback, so tests never spread over other interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import Sequence
+
+from kvwire.errors import PeerLost
+
+_LENGTH = struct.Struct("<Q")
+INSTALL_HINT = "transport='ucx' needs UCXX: pip install 'kvwire[ucx]' (PyPI package ucxx-cu12)"
+
+
+def _import_ucxx():
+    try:
+        import ucxx
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return ucxx
+
+
+def configure_for(host: str) -> None:
+    """Default UCX settings that keep loopback traffic on loopback (set before UCX starts)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        os.environ.setdefault("UCX_TLS", "tcp")
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+
+class _Loop:
+    """The process's UCX event loop, in a daemon thread."""
+
+    _instance: _Loop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.ucxx = _import_ucxx()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="kvwire-ucx", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def get(cls) -> _Loop:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class UcxStream:
+    """One UCX endpoint: write all of a frame, read exactly N bytes. Errors are PeerLost."""
+
+    def __init__(self, loop: _Loop, endpoint, peer: str, on_close=None) -> None:
+        import numpy as np
+
+        self._np = np
+        self._loop = loop
+        self._ep = endpoint
+        self.peer = peer
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.opened = time.monotonic()
+        self.closed = False
+        self._timeout: float | None = None
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._message = memoryview(b"")
+        self._on_close = on_close
+
+    # The engine calls these from its threads.
+    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        np = self._np
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
+        data = np.empty(total, dtype=np.uint8)
+        offset = 0
+        for v in views:
+            data[offset : offset + len(v)] = np.frombuffer(v, dtype=np.uint8)
+            offset += len(v)
+        header = np.frombuffer(_LENGTH.pack(total), dtype=np.uint8).copy()
+        with self._send_lock:
+            self._call(self._send_two(header, data), "sending")
+        self.bytes_sent += total
+
+    async def _send_two(self, header, data) -> None:
+        await self._ep.send(header)
+        await self._ep.send(data)
+
+    def recv_into_exact(self, view: memoryview) -> None:
+        view = view.cast("B") if view.format != "B" else view
+        got = 0
+        with self._recv_lock:
+            while got < len(view):
+                if not len(self._message):
+                    self._message = self._next_message()
+                n = min(len(view) - got, len(self._message))
+                view[got : got + n] = self._message[:n]
+                self._message = self._message[n:]
+                got += n
+        self.bytes_received += got
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.recv_into_exact(memoryview(buf))
+        return bytes(buf)
+
+    def _next_message(self) -> memoryview:
+        np = self._np
+        length = np.empty(_LENGTH.size, dtype=np.uint8)
+        self._call(self._ep.recv(length), "receiving")
+        (size,) = _LENGTH.unpack(length.tobytes())
+        data = np.empty(size, dtype=np.uint8)
+        if size:
+            self._call(self._ep.recv(data), "receiving")
+        return memoryview(data)
+
+    def _call(self, coro, what: str):
+        if self.closed:
+            coro.close()
+            raise PeerLost(f"UCX endpoint to {self.peer} is closed")
+        try:
+            return self._loop.run(coro, self._timeout)
+        except Exception as exc:  # UCXError, UCXCloseError, CancelledError, TimeoutError
+            raise PeerLost(f"UCX endpoint to {self.peer} failed while {what}: {exc!r}") from None
+
+    def settimeout(self, seconds: float | None) -> None:
+        self._timeout = seconds
+
+    def tcp_info(self) -> dict:
+        return {}
+
+    def stats(self) -> dict:
+        elapsed = max(time.monotonic() - self.opened, 1e-9)
+        return {
+            "peer": self.peer,
+            "transport": "ucx",
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "goodput_gb_per_s": round(max(self.bytes_sent, self.bytes_received) / elapsed / 1e9, 4),
+            "tcp": {},
+        }
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._loop.run(self._ep.close(), 5)
+        except Exception:  # noqa: BLE001 - closing a dead endpoint may fail; it is closed either way
+            pass
+        if self._on_close is not None:
+            self._on_close()
+
+
+def connect(address: tuple[str, int], *, timeout: float) -> UcxStream:
+    host, port = address
+    configure_for(host)
+    loop = _Loop.get()
+    try:
+        ep = loop.run(loop.ucxx.create_endpoint(host, port), timeout)
+    except Exception as exc:  # noqa: BLE001
+        raise PeerLost(f"cannot connect to {host}:{port} over UCX: {exc!r}") from None
+    return UcxStream(loop, ep, f"{host}:{port}")
+
+
+class UcxListener:
+    """Accepts UCX endpoints; ``accept()`` blocks like a socket's."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        host, port = address
+        configure_for(host)
+        self._loop = _Loop.get()
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+
+        async def handler(ep) -> None:
+            done = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._queue.put((ep, lambda: loop.call_soon_threadsafe(done.set)))
+            await done.wait()  # keep the handler alive while kvwire uses the endpoint
+
+        async def listen():
+            return self._loop.ucxx.create_listener(handler, port)
+
+        self._listener = self._loop.run(listen(), 10)
+        self.address = (host, self._listener.port)
+
+    def accept(self) -> UcxStream:
+        item = self._queue.get()
+        if item is None:
+            raise OSError("listener closed")
+        ep, release = item
+        return UcxStream(self._loop, ep, f"ucx:{ep.uid:x}", on_close=release)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+
+        async def stop():
+            self._listener.close()
+
+        try:
+            self._loop.run(stop(), 5)
+        except Exception:  # noqa: BLE001
+            pass
