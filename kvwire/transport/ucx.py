@@ -156,6 +156,7 @@ class UcxStream:
         return {
             "peer": self.peer,
             "transport": "ucx",
+            "path": "host memory (staged)",  # device memory directly: not implemented yet
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "goodput_gb_per_s": round(max(self.bytes_sent, self.bytes_received) / elapsed / 1e9, 4),
