@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=kvwire.engine.sender.DEFAULT_STREAMS, help="TCP connections")
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
+    p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
     p.add_argument("--staging-mib", type=int, default=256, help="receiver staging budget in MiB")
     p.add_argument("--layer-ms", type=float, default=0.0, help="produce one layer every N ms, as a prefill would")
     p.add_argument("--baseline", action="store_true", help="also move the same bytes over plain sockets")
@@ -57,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     profiles.get(args.profile)
     kvwire.codec.get(args.codec)
-    for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib"):
+    for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib", "encode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     if args.layer_ms < 0:
@@ -293,7 +294,7 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
     fill(src, states, seed=1, dtype=layout.dtype)
     tx = kvwire.Sender(
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
-        chunk_bytes=args.chunk_kib << 10, transport=args.transport,
+        chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
     )  # fmt: skip
     gc.freeze()  # see _settle_gc
     single = None

@@ -19,6 +19,7 @@ last one dies, every open transfer fails with :class:`~kvwire.errors.PeerLost`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import ssl
@@ -239,6 +240,7 @@ class Sender:
         staging_bytes: host memory for encoded chunks waiting for the network.
         chunk_bytes: target encoded size of one frame.
         tls: an ``ssl.SSLContext`` (client side) to encrypt the connections.
+        encode_threads: threads that run a CPU codec in parallel (1 disables the pool).
         transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
 
     Example::
@@ -267,6 +269,7 @@ class Sender:
         socket_options: SocketOptions | None = None,
         connect_timeout: float = 10.0,
         transport: str = "tcp",
+        encode_threads: int = 1,
     ) -> None:
         check_transport(transport, tls)
         self.transport = transport
@@ -299,6 +302,14 @@ class Sender:
         self._session = os.urandom(16).hex()
         self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._kernels = _gpu_kernels(self._device, self.codec, layout.dtype)
+        if isinstance(encode_threads, bool) or not isinstance(encode_threads, int) or encode_threads < 1:
+            raise ValueError(f"encode_threads: expected a positive int, got {encode_threads!r}")
+        # CPU codecs encode chunk by chunk in torch, which releases the GIL: a small pool keeps
+        # more than one core busy. raw from a CPU cache is zero-copy and gains nothing from it.
+        self._encode_threads = encode_threads
+        self._encoders = None
+        if encode_threads > 1 and self.codec.name != "raw" and self._kernels is None:
+            self._encoders = concurrent.futures.ThreadPoolExecutor(encode_threads, thread_name_prefix="kvwire-encode")
         self.max_payload = 0
         self._conns: list[_Conn] = []
         try:
@@ -443,6 +454,8 @@ class Sender:
         self._pool.close()
         for t in self._threads:
             t.join(timeout=5)
+        if self._encoders is not None:
+            self._encoders.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Sender:
         return self
@@ -489,25 +502,52 @@ class Sender:
                 )
                 if event is not None:
                     self._side_stream.wait_event(event)
-                for ref in refs:
-                    if handle.done():
-                        break
-                    chunk = self._encode(handle, ref)
-                    with self._lock:
-                        while self._out_bytes >= self._out_limit and not self._closed:
-                            self._out_cond.wait()
-                        if self._closed:
-                            if chunk.slot is not None:
-                                chunk.slot.release()
-                            return
-                        self._out.append(chunk)
-                        self._out_bytes += chunk.nbytes
-                        self._out_cond.notify_all()
+                if not self._encode_in_order(handle, refs):
+                    return
             except StagingClosed:
                 return  # the sender is closing
             except Exception as exc:  # a bug or a bad tensor must fail the transfer, not kill the thread
                 log.exception("encoding layer %d of %r failed", layer, handle.request_id)
                 self._cancel(handle, f"encoding layer {layer} failed: {exc}", TransferError)
+
+    def _encode_in_order(self, handle: SendHandle, refs: list[ChunkRef]) -> bool:
+        """Encode ``refs`` (in parallel when a CPU codec has work to do) and queue the chunks
+        in order, so the wire still carries them in layer order. False once closed."""
+        pending: collections.deque = collections.deque()
+        window = 2 * self._encode_threads
+        try:
+            for ref in refs:
+                if handle.done():
+                    break
+                if self._encoders is None:
+                    if not self._queue_chunk(self._encode(handle, ref)):
+                        return False
+                    continue
+                pending.append(self._encoders.submit(self._encode, handle, ref))
+                if len(pending) >= window and not self._queue_chunk(pending.popleft().result()):
+                    return False
+            while pending:
+                if not self._queue_chunk(pending.popleft().result()):
+                    return False
+            return True
+        finally:
+            for future in pending:  # after a failure or a close: give their slots back
+                chunk = future.result() if not future.exception() else None
+                if chunk is not None and chunk.slot is not None:
+                    chunk.slot.release()
+
+    def _queue_chunk(self, chunk: _OutChunk) -> bool:
+        with self._lock:
+            while self._out_bytes >= self._out_limit and not self._closed:
+                self._out_cond.wait()
+            if self._closed:
+                if chunk.slot is not None:
+                    chunk.slot.release()
+                return False
+            self._out.append(chunk)
+            self._out_bytes += chunk.nbytes
+            self._out_cond.notify_all()
+            return True
 
     def _encode(self, handle: SendHandle, ref: ChunkRef) -> _OutChunk:
         caches = self._caches[ref.layer]
