@@ -282,3 +282,17 @@ def test_concurrent_senders_to_one_receiver(receiver_for):
     for i, h in enumerate(handles):
         h.wait(timeout=10)
         assert_transferred(layout, srcs[i], [i, i + 1], dst, [10 * i, 10 * i + 1], 32)
+
+
+def test_parallel_encoding_keeps_the_bytes_and_the_order(receiver_for):
+    layout = LAYOUTS["gqa"]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=9)
+    h = rx.expect("par", list(range(20, 30)), 10 * 32 - 3)
+    with sender(layout, rx, src, codec="int4", chunk_bytes=4096, encode_threads=3) as tx:
+        assert tx._encoders is not None
+        tx.send("par", list(range(10)), 10 * 32 - 3, timeout=30)
+    h.wait(timeout=10)
+    assert_transferred(layout, src, list(range(10)), dst, list(range(20, 30)), 10 * 32 - 3, "int4")
+    with pytest.raises(ValueError, match="encode_threads"):
+        sender(layout, rx, src, encode_threads=0)
