@@ -26,6 +26,7 @@ from kvwire.errors import (
 )
 from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
 from kvwire.transport.tcp import SocketOptions
+from kvwire.tuning import tune_process
 
 __version__ = "0.1.0"
 
@@ -49,4 +50,5 @@ __all__ = [
     "TransferError",
     "TransferTimeout",
     "__version__",
+    "tune_process",
 ]

@@ -11,7 +11,6 @@ does), so the ratio between the two is measured on the same machine in the same 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ import kvwire
 import kvwire.codec
 from kvwire.bench import netem, profiles
 from kvwire.layout import Selection, gather_tokens
+from kvwire.tuning import tune_malloc
 
 BASELINE_BUFFER = 1 << 20
 _PRIME = 1_000_003  # fill pattern period: not a multiple of any block, so misplaced blocks differ
@@ -106,28 +106,8 @@ def _dst_blocks(i: int, per: int) -> list[int]:
     return list(reversed(_src_blocks(i, per)))  # a different order exercises the scatter
 
 
-# Both processes call gc.freeze() once set up: torch brings ~10^5 long-lived objects, and
-# every full collection walks them all. Frozen, they are skipped; on this benchmark that
-# was about 5% of all CPU time. A serving process that imports kvwire benefits the same way.
-
-
-def tune_malloc() -> None:
-    """Keep large temporaries in glibc's heap instead of fresh mmap()s.
-
-    The CPU codecs allocate megabyte temporaries per chunk; by default glibc serves those
-    with mmap and returns them at free, so every chunk pays page faults and the kernel
-    zeroing its pages. With these thresholds raised, int4 key decode of a 2 MiB chunk went
-    from 6-9 ms to 1.1-1.4 ms and fp8 decode from ~8 to ~3.8 ms (single thread, same
-    machine, alternating runs). A serving process that runs the CPU codecs benefits the
-    same way (or set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in its environment).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 30)
+# Both processes apply kvwire.tuning's settings (glibc thresholds first, gc.freeze once
+# the caches exist), as a serving process would: see kvwire/tuning.py for why.
 
 
 def _cpu_seconds() -> float:
@@ -168,7 +148,7 @@ def receiver_main(
     rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
                          transport=args.transport)  # fmt: skip
     base_listener = socket.create_server((host, 0))
-    gc.freeze()  # see _settle_gc
+    gc.freeze()  # see kvwire/tuning.py
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
     reference = None
     for layer in dst:  # touch the caches now, so the RSS growth we report is kvwire's own
@@ -318,7 +298,7 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
         chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
     )  # fmt: skip
-    gc.freeze()  # see _settle_gc
+    gc.freeze()  # see kvwire/tuning.py
     single = None
     if args.compare_single_stream:
         single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, codec=args.codec,
