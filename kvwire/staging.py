@@ -47,7 +47,7 @@ class Slot:
 
     def view(self, nbytes: int) -> memoryview:
         """A writable memoryview of the first ``nbytes`` (for ``recv_into``)."""
-        return memoryview(self.tensor[:nbytes].numpy())
+        return self.tensor[:nbytes].numpy().data
 
     def release(self) -> None:
         if not self._released:

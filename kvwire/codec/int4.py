@@ -127,15 +127,15 @@ class Int4Codec(Codec):
         xf = x3.float()
         T, H, D = spec.shape
         if spec.role == "k":
-            params, codes = [], []
+            params, code_parts = [], []
             for part in _key_blocks(xf, spec.block_size):  # [blocks, tokens, H, D]
                 mn, mx = _finite_minmax(part, dim=1)
                 scale, zero = int4_params(mn, mx)
                 params.append((scale, zero))
-                codes.append(int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1)).view(-1, H, D))
+                code_parts.append(int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1)).view(-1, H, D))
             scale = torch.cat([p[0] for p in params])
             zero = torch.cat([p[1] for p in params])
-            codes = torch.cat(codes) if len(codes) > 1 else codes[0]
+            codes = torch.cat(code_parts) if len(code_parts) > 1 else code_parts[0]
         else:
             g = self.group_size
             grouped = xf.view(T, H, D // g, g)

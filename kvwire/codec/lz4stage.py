@@ -46,7 +46,7 @@ def join_planes(data: np.ndarray, width: int) -> np.ndarray:
 def compress_blocks(data: np.ndarray) -> bytes:
     lz4 = _lz4()
     parts = []
-    view = memoryview(data)
+    view = data.data
     for start in range(0, len(data), LZ4_BLOCK):
         block = view[start : start + LZ4_BLOCK]
         packed = lz4.compress(block, store_size=False)
@@ -59,7 +59,7 @@ def compress_blocks(data: np.ndarray) -> bytes:
 
 def decompress_blocks(data: torch.Tensor, expected: int) -> np.ndarray:
     lz4 = _lz4()
-    src = memoryview(data.numpy())
+    src = data.numpy().data
     out = np.empty(expected, dtype=np.uint8)
     pos = written = 0
     while written < expected:

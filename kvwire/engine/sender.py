@@ -447,8 +447,8 @@ class Sender:
             open_transfers = [t for t in self._transfers.values() if not t.done()]
             self._jobs_cond.notify_all()
             self._out_cond.notify_all()
-        for t in open_transfers:
-            t._complete(Cancelled(f"transfer {t.request_id!r}: the sender was closed"))
+        for transfer in open_transfers:
+            transfer._complete(Cancelled(f"transfer {transfer.request_id!r}: the sender was closed"))
         for c in self._conns:
             c.stream.close()
         self._pool.close()

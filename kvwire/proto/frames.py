@@ -26,10 +26,12 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvwire.errors import ProtocolError
 
+_crc32c: Callable[..., int] | None
 try:
     from crc32c import crc32c as _crc32c
 except ImportError:  # pragma: no cover - crc32c is a dependency; this keeps GPU-only images importable
