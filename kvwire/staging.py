@@ -37,17 +37,18 @@ class StagingClosed(KvwireError):
 class Slot:
     """One slot: ``tensor`` is a uint8 view of ``slot_bytes``; give it back with :meth:`release`."""
 
-    __slots__ = ("pool", "index", "tensor", "_released")
+    __slots__ = ("pool", "index", "tensor", "array", "_released")
 
-    def __init__(self, pool: StagingPool, index: int, tensor: torch.Tensor) -> None:
+    def __init__(self, pool: StagingPool, index: int, tensor: torch.Tensor, array) -> None:
         self.pool = pool
         self.index = index
         self.tensor = tensor
+        self.array = array  # the same bytes as a numpy uint8 array (made once per slot)
         self._released = False
 
     def view(self, nbytes: int) -> memoryview:
         """A writable memoryview of the first ``nbytes`` (for ``recv_into``)."""
-        return self.tensor[:nbytes].numpy().data
+        return self.array[:nbytes].data
 
     def release(self) -> None:
         if not self._released:
@@ -71,6 +72,10 @@ class StagingPool:
         else:
             self._mmap = mmap.mmap(-1, self.budget_bytes)  # page-aligned, committed lazily
             self._memory = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        # Per-slot views made once: building them per frame was measurable per-frame cost.
+        self._views = [
+            (t, t.numpy()) for t in (self._memory[i * slot_bytes : (i + 1) * slot_bytes] for i in range(self.num_slots))
+        ]
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._cond = threading.Condition()
         self._in_use = 0
@@ -98,8 +103,7 @@ class StagingPool:
             index = self._free.pop()
             self._in_use += 1
             self._high_water = max(self._high_water, self._in_use)
-        start = index * self.slot_bytes
-        return Slot(self, index, self._memory[start : start + self.slot_bytes])
+        return Slot(self, index, *self._views[index])
 
     def _release(self, slot: Slot) -> None:
         with self._cond:
