@@ -625,16 +625,26 @@ class Sender:
                 if handle.tag not in conn.begun:
                     conn.begun.add(handle.tag)
                     frames.append(conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens))
-                conn.stream.send_parts(frames + [chunk.header(), *chunk.parts])
-                handle.chunks += 1
-                handle.wire_bytes += chunk.nbytes
-                handle.logical_bytes += chunk.logical_bytes
+                # Counted before the send: the receiver may acknowledge the request (and
+                # finish() return these statistics) before send_parts returns here.
+                self._count(handle, chunk, +1)
+                try:
+                    conn.stream.send_parts(frames + [chunk.header(), *chunk.parts])
+                except PeerLost:
+                    self._count(handle, chunk, -1)  # it will be counted again when resent
+                    raise
             except PeerLost as exc:
                 self._connection_lost(conn, exc)
                 return
             finally:
                 if chunk.slot is not None:
                     chunk.slot.release()
+
+    def _count(self, handle: SendHandle, chunk: _OutChunk, sign: int) -> None:
+        with self._lock:
+            handle.chunks += sign
+            handle.wire_bytes += sign * chunk.nbytes
+            handle.logical_bytes += sign * chunk.logical_bytes
 
     def _read_loop(self, conn: _Conn) -> None:
         try:
