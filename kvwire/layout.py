@@ -361,11 +361,17 @@ class KVLayout:
         if got != wanted:
             raise ValueError(f"{argument}: expected states for layers {sorted(wanted)}, got {sorted(got)}")
         for i in wanted:
-            t = states[i]  # type: ignore[index]
-            check_tensor(t, self.dtype, f"{argument}[{i}]")
-            spec = self.layers[i].state
-            if tuple(t.shape) != spec.shape:  # type: ignore[union-attr]
-                raise ValueError(f"{argument}[{i}]: expected shape {spec.shape}, got {tuple(t.shape)}")  # type: ignore[union-attr]
+            self.check_state(i, states[i], f"{argument}[{i}]")  # type: ignore[index]
+
+    def check_state(self, layer: object, t: object, where: str) -> torch.Tensor:
+        """Validate one request-level state: ``layer`` has a state, and ``t`` its dtype and shape."""
+        spec = self.layers[layer].state if isinstance(layer, int) and 0 <= layer < self.num_layers else None
+        if spec is None:
+            raise ValueError(f"{where}: layer {layer!r} has no state in the layout")
+        tensor = check_tensor(t, self.dtype, where)
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{where}: expected shape {spec.shape} for layer {layer}, got {tuple(tensor.shape)}")
+        return tensor
 
 
 def check_tensor(t: object, dtype: torch.dtype, where: str) -> torch.Tensor:

@@ -207,6 +207,7 @@ def test_stats_report_tcp_info_and_staging(receiver_for):
         (lambda tx: tx.transfer(None, [0], 4), TypeError, "request_id"),
         (lambda tx: tx.transfer("x", [0], 4).send_layer(7), ValueError, "layer"),
         (lambda tx: tx.transfer("x", [0], 4).finish(), ValueError, "never sent"),
+        (lambda tx: tx.transfer("x", [0], 4, states={0: torch.zeros(1)}), ValueError, r"states\[0\].*no state"),
     ],
 )
 def test_bad_sender_arguments_name_the_problem(call, error, message, receiver_for):
@@ -296,3 +297,16 @@ def test_parallel_encoding_delivers_the_reference_bytes(receiver_for):
     assert_transferred(layout, src, list(range(10)), dst, list(range(20, 30)), 10 * 32 - 3, "int4")
     with pytest.raises(ValueError, match="encode_threads"):
         sender(layout, rx, src, encode_threads=0)
+
+
+def test_bad_states_on_the_sender_name_the_problem(receiver_for):
+    layout = LAYOUTS["hybrid"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64)) as tx:
+        with pytest.raises(ValueError, match=r"states\[0\]: expected shape"):
+            tx.transfer("x", [0], 4, states={0: torch.zeros(3, 3, dtype=layout.dtype)})
+        t = tx.transfer("y", [0], 4)
+        with pytest.raises(ValueError, match="layer 0 has a state"):
+            t.send_layer(0)
+        with pytest.raises(TypeError, match="state: dtype"):
+            t.send_layer(0, state=torch.zeros(2, 64, 64))

@@ -26,7 +26,7 @@ import torch
 import kvwire.codec
 from kvwire.codec import ChunkSpec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
-from kvwire.engine.sender import _request_id, check_transport, layout_summary, secret_bytes
+from kvwire.engine.sender import check_transport, layout_summary, request_arguments, secret_bytes
 from kvwire.errors import (
     Cancelled,
     KvwireError,
@@ -314,15 +314,13 @@ class Receiver:
         from now within which the request must complete, else ``TransferTimeout``."""
         if self._closed:
             raise ValueError("expect: the receiver is closed")
-        request_id = _request_id(request_id)
-        sel = Selection(tuple(block_ids.tolist() if isinstance(block_ids, torch.Tensor) else block_ids), num_tokens)
-        sel.check(self.layout.block_size, self._num_blocks)
+        request_id, sel = request_arguments(
+            request_id, block_ids, num_tokens, deadline, self.layout.block_size, self._num_blocks
+        )
         self.layout.check_states(states)
         for i, t in (states or {}).items():
             if not t.is_contiguous():
                 raise ValueError(f"states[{i}]: must be contiguous")
-        if deadline <= 0:
-            raise ValueError(f"deadline: must be positive, got {deadline}")
         handle = ReceiveHandle(self, request_id, sel, states, time.monotonic() + deadline)
         with self._lock:
             if request_id in self._expected or (

@@ -33,7 +33,7 @@ import torch
 import kvwire.codec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, source_rows
 from kvwire.errors import Cancelled, KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
-from kvwire.layout import KVLayout, Selection, check_tensor
+from kvwire.layout import KVLayout, Selection
 from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameType, Header, crc32c, parse_header
 from kvwire.proto.frames import HEADER_SIZE
 from kvwire.proto.request import RequestPlan
@@ -161,12 +161,7 @@ class SendHandle:
             raise ValueError(f"layer: {layer} was already sent for {self.request_id!r}")
         spec = self._sender.layout.layers[layer].state
         if state is not None:
-            if spec is None:
-                raise ValueError(f"state: layer {layer} has no state in the layout")
-            check_tensor(state, self._sender.layout.dtype, "state")
-            if tuple(state.shape) != spec.shape:
-                raise ValueError(f"state: expected shape {spec.shape} for layer {layer}, got {tuple(state.shape)}")
-            self._states[layer] = state
+            self._states[layer] = self._sender.layout.check_state(layer, state, "state")
         elif spec is not None and layer not in self._states:
             raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
@@ -389,18 +384,11 @@ class Sender:
         """
         if self._closed:
             raise ValueError("transfer: the sender is closed")
-        request_id = _request_id(request_id)
-        sel = Selection(tuple(block_ids.tolist() if isinstance(block_ids, torch.Tensor) else block_ids), num_tokens)
-        sel.check(self.layout.block_size, self._num_blocks)
+        request_id, sel = request_arguments(
+            request_id, block_ids, num_tokens, deadline, self.layout.block_size, self._num_blocks
+        )
         for i, t in (states or {}).items():
-            spec = self.layout.layers[i].state if isinstance(i, int) and 0 <= i < self.layout.num_layers else None
-            if spec is None:
-                raise ValueError(f"states: layer {i!r} has no state in the layout")
-            check_tensor(t, self.layout.dtype, f"states[{i}]")
-            if tuple(t.shape) != spec.shape:
-                raise ValueError(f"states[{i}]: expected shape {spec.shape}, got {tuple(t.shape)}")
-        if deadline <= 0:
-            raise ValueError(f"deadline: must be positive, got {deadline}")
+            self.layout.check_state(i, t, f"states[{i}]")
         with self._lock:
             if not any(c.alive for c in self._conns):
                 raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
@@ -711,6 +699,15 @@ def _gpu_kernels(device: torch.device, codec, dtype: torch.dtype):
         log.info("caches on %s but no CUDA kernels for %s/%s: using the CPU reference", device, codec, dtype)
         return None
     return kernels.gpu_backend(device.index or 0)
+
+
+def request_arguments(request_id, block_ids, num_tokens, deadline: float, block_size: int, num_blocks: int):
+    """The checks ``Sender.transfer`` and ``Receiver.expect`` share: (request id, selection)."""
+    request_id = _request_id(request_id)
+    sel = Selection(block_ids, num_tokens).check(block_size, num_blocks)  # Selection takes tensors too
+    if deadline <= 0:
+        raise ValueError(f"deadline: must be positive, got {deadline}")
+    return request_id, sel
 
 
 def _request_id(request_id: str | int) -> str:
