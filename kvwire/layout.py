@@ -465,17 +465,32 @@ def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: 
     """
     count = data.shape[0]
     first = start // block_size
-    full = count // block_size
-    if full and cache.device.type == "cpu" and cache.is_contiguous() and data.device.type == "cpu":
-        # One memcpy per run of consecutive blocks: several times faster than index_copy_,
-        # whose generic per-index loop dominated the receiver's CPU time.
+    if cache.device.type == "cpu" and cache.is_contiguous() and data.device.type == "cpu":
         dst = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
-        src = data[: full * block_size].contiguous().view(full, -1).view(torch.uint8).numpy()
-        for pos, block, n in block_runs(sel.block_ids[first : first + full]):
-            dst[block : block + n] = src[pos : pos + n]
-    elif full:
+        src = data.contiguous().reshape(-1).view(torch.uint8).numpy()
+        copy_tokens_to_blocks(dst, src, sel.block_ids[first:], count, block_size)
+        return
+    full = count // block_size
+    if full:
         ids = torch.tensor(sel.block_ids[first : first + full], dtype=torch.long, device=cache.device)
         cache.index_copy_(0, ids, data[: full * block_size].reshape(full, block_size, *data.shape[1:]))
     rest = count - full * block_size
     if rest:
         cache[sel.block_ids[first + full], :rest].copy_(data[full * block_size :])
+
+
+def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_size: int) -> None:
+    """Copy the bytes of ``count`` consecutive tokens into blocks, tokens in block order.
+
+    ``dst``: a contiguous cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``;
+    ``src``: the tokens' bytes, 1-D. One memcpy per run of consecutive block ids (several
+    times faster than ``index_copy_``, whose per-index loop dominated the receiver's CPU);
+    in a partial last block only the tokens named are written.
+    """
+    block_bytes = dst.shape[1]
+    token_bytes = block_bytes // block_size
+    full, rest = divmod(count, block_size)
+    for pos, block, n in block_runs(block_ids[:full]):
+        dst[block : block + n] = src[pos * block_bytes : (pos + n) * block_bytes].reshape(n, block_bytes)
+    if rest:
+        dst[block_ids[full], : rest * token_bytes] = src[full * block_bytes : full * block_bytes + rest * token_bytes]

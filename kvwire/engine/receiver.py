@@ -35,7 +35,7 @@ from kvwire.errors import (
     TransferError,
     TransferTimeout,
 )
-from kvwire.layout import KVLayout, Selection, block_runs
+from kvwire.layout import KVLayout, Selection, copy_tokens_to_blocks
 from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan
@@ -661,20 +661,11 @@ class Receiver:
             place_rows(caches, state, handle.selection, self.layout.block_size, p.ref, rows)
 
     def _write_raw(self, handle: ReceiveHandle, p: _Parked) -> None:
-        """raw into a contiguous CPU cache: byte copies between numpy views made once, one per
-        run of consecutive blocks (torch views per frame were a measurable cost)."""
-        dst = self._np_caches[p.ref.layer][p.ref.name]  # [num_blocks, block_bytes]
-        src = p.slot.array
+        """raw into a contiguous CPU cache: straight from the slot's bytes, through numpy views
+        made once (torch views per frame were a measurable cost)."""
         bs = self.layout.block_size
-        block_bytes = dst.shape[1]
-        row_bytes = block_bytes // bs
-        first = p.ref.start // bs
-        full, rest = divmod(p.ref.count, bs)
-        ids = handle.selection.block_ids[first : first + full + (1 if rest else 0)]
-        for pos, block, n in block_runs(ids[:full]):
-            dst[block : block + n] = src[pos * block_bytes : (pos + n) * block_bytes].reshape(n, block_bytes)
-        if rest:
-            dst[ids[full], : rest * row_bytes] = src[full * block_bytes : full * block_bytes + rest * row_bytes]
+        ids = handle.selection.block_ids[p.ref.start // bs :]
+        copy_tokens_to_blocks(self._np_caches[p.ref.layer][p.ref.name], p.slot.array[: p.length], ids, p.ref.count, bs)
 
     def _write_on_gpu(self, backend, codec, handle: ReceiveHandle, p: _Parked, data: torch.Tensor) -> None:
         """Copy the payload to the GPU on the side stream and decode + scatter it there."""
