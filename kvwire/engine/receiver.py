@@ -746,18 +746,16 @@ class Receiver:
             self._release_locked(p)
 
     def _release_locked(self, p: _Parked) -> None:
-        """(lock held) Free a chunk's slot; its credit goes back from another thread, so a
-        slow socket never blocks while the lock is held."""
-        p.slot.release()
-        frame = p.conn.owe(p.length, self._credit_batch)
-        if frame is not None:
-            threading.Thread(target=p.conn.send, args=(frame,), daemon=True).start()
+        """(lock held) :meth:`_release`, with the credit sent from another thread, so a slow
+        socket never blocks while the lock is held."""
+        self._release(p, send=lambda frame: threading.Thread(target=p.conn.send, args=(frame,), daemon=True).start())
 
-    def _release(self, p: _Parked) -> None:
+    def _release(self, p: _Parked, send=None) -> None:
+        """Free a chunk's slot and owe its bytes back to the sender as credit."""
         p.slot.release()
         frame = p.conn.owe(p.length, self._credit_batch)
         if frame is not None:
-            p.conn.send(frame)
+            (send or p.conn.send)(frame)
 
     @staticmethod
     def _run(actions: list) -> None:
@@ -777,7 +775,7 @@ class Receiver:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            finished, error = handle._finished, handle._error
+            error = handle._error
         if error is not None:
             raise error
         if not ready():
@@ -785,7 +783,6 @@ class Receiver:
                 self._expire(handle)
                 raise handle._error or TransferTimeout(f"request {handle.request_id!r}: deadline passed")
             raise TransferTimeout(f"request {handle.request_id!r}: not complete within {timeout:.3g} s")
-        del finished
 
     def _expire(self, handle: ReceiveHandle) -> None:
         self._end_handle(handle, TransferTimeout(f"request {handle.request_id!r}: deadline passed"))

@@ -115,6 +115,14 @@ class _Conn:
     threads: list = field(default_factory=list)
 
 
+def _begin_frames(conn: _Conn, handle: SendHandle) -> list[bytes]:
+    """The BEGIN that must precede a request's first frame on ``conn``, if not sent there yet."""
+    if handle.tag in conn.begun:
+        return []
+    conn.begun.add(handle.tag)
+    return [conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens)]
+
+
 class SendHandle:
     """One request on its way. Create with :meth:`Sender.transfer`.
 
@@ -465,11 +473,7 @@ class Sender:
             conns = [c for c in self._conns if c.alive]
         for c in conns:
             try:
-                frames = []
-                if handle.tag not in c.begun:
-                    frames.append(c.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens))
-                    c.begun.add(handle.tag)
-                c.stream.send_parts(frames + [c.proto.cancel(handle.tag, reason)])
+                c.stream.send_parts(_begin_frames(c, handle) + [c.proto.cancel(handle.tag, reason)])
                 break
             except PeerLost:
                 continue
@@ -609,10 +613,7 @@ class Sender:
                         conn.credit += chunk.nbytes
                         self._out_cond.notify_all()
                     continue
-                frames: list = []
-                if handle.tag not in conn.begun:
-                    conn.begun.add(handle.tag)
-                    frames.append(conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens))
+                frames = _begin_frames(conn, handle)
                 # Counted before the send: the receiver may acknowledge the request (and
                 # finish() return these statistics) before send_parts returns here.
                 self._count(handle, chunk, +1)
