@@ -8,8 +8,9 @@ calls :func:`tune_process` once it has imported its models:
   loopback benchmark).
 * glibc's mmap and trim thresholds raised to 1 GiB: the CPU codecs allocate megabyte
   temporaries per chunk, which glibc otherwise serves with fresh ``mmap``s, paying page
-  faults and kernel zeroing every time (int4 key decode of a 2 MiB chunk: 6-9 ms before,
-  1.1-1.4 ms after). Freed memory then stays in the process for reuse.
+  faults and kernel zeroing every time (``python3 bench/codec_micro.py [--tune]``: int4
+  key decode of a 2 MiB chunk 6.2-6.6 ms before, 1.9-2.6 ms after; fp8 decode 5.0-11.5 ms
+  before, 4.5-4.8 ms after). Freed memory then stays in the process for reuse.
 """
 
 from __future__ import annotations
