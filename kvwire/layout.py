@@ -37,6 +37,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # The dtypes a KV cache may have, with the names used on the wire and in fingerprints.
@@ -483,14 +484,22 @@ def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_
     """Copy the bytes of ``count`` consecutive tokens into blocks, tokens in block order.
 
     ``dst``: a contiguous cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``;
-    ``src``: the tokens' bytes, 1-D. One memcpy per run of consecutive block ids (several
-    times faster than ``index_copy_``, whose per-index loop dominated the receiver's CPU);
-    in a partial last block only the tokens named are written.
+    ``src``: the tokens' bytes, 1-D. Consecutive block ids take one memcpy; any other
+    order one numpy indexed assignment, a memcpy per block in C (both several times
+    faster than ``index_copy_``, whose per-index loop dominated the receiver's CPU, and
+    twice as fast as a Python loop over runs for scattered blocks). In a partial last
+    block only the tokens named are written.
     """
     block_bytes = dst.shape[1]
     token_bytes = block_bytes // block_size
     full, rest = divmod(count, block_size)
-    for pos, block, n in block_runs(block_ids[:full]):
-        dst[block : block + n] = src[pos * block_bytes : (pos + n) * block_bytes].reshape(n, block_bytes)
+    if full:
+        ids = np.asarray(block_ids[:full], dtype=np.intp)
+        rows = src[: full * block_bytes].reshape(full, block_bytes)
+        first = int(ids[0])
+        if full == 1 or (int(ids[-1]) - first == full - 1 and bool((np.diff(ids) == 1).all())):
+            dst[first : first + full] = rows
+        else:
+            dst[ids] = rows
     if rest:
         dst[block_ids[full], : rest * token_bytes] = src[full * block_bytes : full * block_bytes + rest * token_bytes]

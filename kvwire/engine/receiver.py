@@ -629,12 +629,12 @@ class Receiver:
             handle.wire_bytes += p.length
             handle.logical_bytes += p.spec.raw_nbytes
             if error is not None:
-                actions = self._fail(inc, error)
+                actions = self._fail(inc, error)  # wakes the waiters
             else:
-                if inc.plan.layer_complete(ref.layer) and not inc.writing[ref.layer]:
+                if not inc.writing[ref.layer] and inc.plan.layer_complete(ref.layer):
                     handle.layer_done_at.setdefault(ref.layer, time.monotonic())
+                    self._cond.notify_all()  # for wait_layer; waking waiters per chunk cost GIL hand-offs
                 actions = self._maybe_complete(inc)
-            self._cond.notify_all()
         self._run(actions)
 
     def _write(self, codec, handle: ReceiveHandle, p: _Parked) -> None:

@@ -109,7 +109,9 @@ class _Conn:
     stream: TcpStream
     proto: ClientConnection
     credit: int
+    wake: threading.Condition  # on the sender's lock: this connection's writer waits here
     alive: bool = True
+    waiting: bool = False  # its writer is waiting for a chunk it has credit for
     begun: set = field(default_factory=set)
     inflight: dict = field(default_factory=lambda: collections.defaultdict(list))
     threads: list = field(default_factory=list)
@@ -295,8 +297,12 @@ class Sender:
         self._lock = threading.Lock()
         self._jobs: collections.deque = collections.deque()
         self._jobs_cond = threading.Condition(self._lock)
+        # Chunks ready for the network. Writers are woken one at a time, only one that has
+        # credit for the next chunk (waking all of them per chunk cost a GIL hand-off each);
+        # the encoder waits on ``_space`` for the queue to drain below ``_out_limit``.
         self._out: collections.deque[_OutChunk] = collections.deque()
-        self._out_cond = threading.Condition(self._lock)
+        self._space = threading.Condition(self._lock)
+        self._next_writer = 0
         self._out_bytes = 0
         self._out_limit = staging_bytes  # zero-copy chunks are bounded by bytes too
         self._transfers: dict[int, SendHandle] = {}
@@ -372,7 +378,7 @@ class Sender:
             raise PeerLost(f"handshake with {stream.peer} failed: {exc}") from None
         stream.settimeout(None)
         self.max_payload = accepted[0].max_payload
-        return _Conn(index, stream, proto, credit=accepted[0].window)
+        return _Conn(index, stream, proto, credit=accepted[0].window, wake=threading.Condition(self._lock))
 
     # -- the public surface --------------------------------------------------------------
     def transfer(
@@ -442,7 +448,7 @@ class Sender:
             self._closed = True
             open_transfers = [t for t in self._transfers.values() if not t.done()]
             self._jobs_cond.notify_all()
-            self._out_cond.notify_all()
+            self._wake_all()
         for transfer in open_transfers:
             transfer._complete(Cancelled(f"transfer {transfer.request_id!r}: the sender was closed"))
         for c in self._conns:
@@ -531,15 +537,36 @@ class Sender:
     def _queue_chunk(self, chunk: _OutChunk) -> bool:
         with self._lock:
             while self._out_bytes >= self._out_limit and not self._closed:
-                self._out_cond.wait()
+                self._space.wait()
             if self._closed:
                 if chunk.slot is not None:
                     chunk.slot.release()
                 return False
             self._out.append(chunk)
             self._out_bytes += chunk.nbytes
-            self._out_cond.notify_all()
+            self._wake_writer()
             return True
+
+    def _wake_writer(self) -> None:
+        """(lock held) Wake one waiting writer that has credit for the next chunk, taking
+        the connections in turn so that chunks stripe over all of them."""
+        if not self._out:
+            return
+        need = self._out[0].nbytes
+        n = len(self._conns)
+        for i in range(n):
+            c = self._conns[(self._next_writer + i) % n]
+            if c.waiting and c.alive and c.credit >= need:
+                c.waiting = False
+                c.wake.notify()
+                self._next_writer = (c.index + 1) % n
+                return
+
+    def _wake_all(self) -> None:
+        """(lock held) Wake every thread waiting on the queue: closing, or a connection died."""
+        self._space.notify_all()
+        for c in self._conns:
+            c.wake.notify()
 
     def _encode(self, handle: SendHandle, ref: ChunkRef) -> _OutChunk:
         caches = self._caches[ref.layer]
@@ -597,9 +624,12 @@ class Sender:
                     self._out_bytes -= chunk.nbytes
                     conn.credit -= chunk.nbytes
                     conn.inflight[chunk.transfer.tag].append(chunk.ref)
-                    self._out_cond.notify_all()
+                    self._space.notify()
+                    self._wake_writer()  # the next chunk, if any, to another connection
                     return chunk
-                self._out_cond.wait()
+                conn.waiting = True
+                conn.wake.wait()
+                conn.waiting = False
 
     def _write_loop(self, conn: _Conn) -> None:
         while True:
@@ -611,7 +641,6 @@ class Sender:
                 if handle.done():  # cancelled or failed while queued: give the credit back
                     with self._lock:
                         conn.credit += chunk.nbytes
-                        self._out_cond.notify_all()
                     continue
                 frames = _begin_frames(conn, handle)
                 # Counted before the send: the receiver may acknowledge the request (and
@@ -649,7 +678,9 @@ class Sender:
         if isinstance(event, Credit):
             with self._lock:
                 conn.credit += event.nbytes
-                self._out_cond.notify_all()
+                if conn.waiting and self._out and self._out[0].nbytes <= conn.credit:
+                    conn.waiting = False
+                    conn.wake.notify()
             return
         with self._lock:
             handle = self._transfers.get(event.tag)
@@ -682,7 +713,7 @@ class Sender:
                     self._jobs.appendleft((handle, refs[0].layer, None, list(refs)))
                 self._jobs_cond.notify()
             doomed = [] if alive else [t for t in self._transfers.values() if not t.done()]
-            self._out_cond.notify_all()
+            self._wake_all()
         conn.stream.close()
         log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))
         for t in doomed:
