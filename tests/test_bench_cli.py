@@ -14,7 +14,8 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     for key in ("wire_gb_per_s", "effective_gb_per_s", "exposed_ms", "verified", "baseline_gb_per_s",
-                "baseline_hot_gb_per_s", "cpu_s_per_gb", "staging", "connections"):  # fmt: skip
+                "baseline_hot_gb_per_s", "baseline_checked_gb_per_s", "cpu_s_per_gb", "staging",
+                "connections"):  # fmt: skip
         assert key in report, key
     assert report["verified"] is True
     assert report["effective_gb_per_s"] > report["wire_gb_per_s"] > 0  # int4 shrinks the bytes

@@ -20,12 +20,14 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 
 import kvwire
 import kvwire.codec
 from kvwire.bench import netem, profiles
 from kvwire.layout import Selection, gather_tokens
+from kvwire.proto.frames import crc32c
 from kvwire.tuning import tune_malloc
 
 BASELINE_BUFFER = 1 << 20
@@ -199,8 +201,8 @@ def receiver_main(
                 }  # fmt: skip
             )
         elif cmd[0] == "baseline":
-            _, nbytes, hot = cmd
-            pipe.send(_baseline_receive(base_listener, args.streams, nbytes, None if hot else _memory_views(dst)))
+            _, nbytes, kind = cmd
+            pipe.send(_baseline_receive(base_listener, args.streams, nbytes, kind, _memory_views(dst)))
         elif cmd[0] == "rss":
             rss, hwm = _rss_bytes()
             pipe.send({"start": rss_start, "now": rss, "peak": hwm})
@@ -252,26 +254,57 @@ def _shares(nbytes: int, streams: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _baseline_receive(listener: socket.socket, streams: int, nbytes: int, memory: list[memoryview] | None) -> dict:
-    """Plain sockets, no framing and no checks. With ``memory``, the bytes land directly in
-    the destination caches (the same memory kvwire fills); without it, in one reused 1 MiB
-    buffer per connection, as ``iperf3 -l 1M`` does (cache-hot, the most favourable case)."""
+# The plain-socket baselines of --baseline, each moving the same bytes over the same
+# number of connections, with one 1-byte acknowledgement per connection at the end:
+BASELINES = {
+    # from the sender's caches straight into the receiver's: no framing, no checks
+    "cache": "plain sockets, cache to cache",
+    # one reused 1 MiB buffer per side, as ``iperf3 -l 1M``: cache-hot, the most favourable
+    "hot": "plain sockets, hot 1 MiB buffer",
+    # cache to cache, doing only what the design's rule makes every kvwire byte cost: the
+    # sender sends each 2 MiB piece behind its CRC32C (4 bytes), the receiver receives it
+    # into a reused buffer, checks it and copies it into the caches. The ceiling for any
+    # transfer that checks every byte before it reaches the destination.
+    "checked": "plain sockets + CRC32C + copy",
+}
+CHECKED_PIECE = 2 << 20  # kvwire's default chunk
+
+
+def _pieces(views: list[memoryview], size: int) -> list[memoryview]:
+    return [v[o : o + size] for v in views for o in range(0, len(v), size)]
+
+
+def _baseline_receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memory) -> dict:
+    """The receiving half of a plain-socket baseline (see ``BASELINES``)."""
     conns = [listener.accept()[0] for _ in range(streams)]
     cpu0 = _cpu_seconds()
 
+    def recv_exact(sock: socket.socket, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("baseline sender closed early")
+            got += n
+
     def drain(sock: socket.socket, start: int, stop: int) -> None:
-        if memory is None:
+        if kind == "hot":
             buf = memoryview(bytearray(BASELINE_BUFFER))
-            targets = [buf[: min(BASELINE_BUFFER, stop - o)] for o in range(start, stop, BASELINE_BUFFER)]
+            for o in range(start, stop, BASELINE_BUFFER):
+                recv_exact(sock, buf[: min(BASELINE_BUFFER, stop - o)])
+        elif kind == "checked":
+            staging = np.empty(CHECKED_PIECE, dtype=np.uint8)
+            crc = memoryview(bytearray(4))
+            for view in _pieces(_byte_range(memory, start, stop), CHECKED_PIECE):
+                n = len(view)
+                recv_exact(sock, crc)
+                recv_exact(sock, staging[:n].data)
+                if crc32c(staging[:n]) != int.from_bytes(crc, "little"):
+                    raise ConnectionError("checked baseline: checksum mismatch")
+                np.frombuffer(view, dtype=np.uint8)[:] = staging[:n]
         else:
-            targets = _byte_range(memory, start, stop)
-        for view in targets:
-            got = 0
-            while got < len(view):
-                n = sock.recv_into(view[got:])
-                if not n:
-                    raise ConnectionError("baseline sender closed early")
-                got += n
+            for view in _byte_range(memory, start, stop):
+                recv_exact(sock, view)
         sock.sendall(b"!")  # the same end-to-end acknowledgement kvwire waits for
 
     threads = [threading.Thread(target=drain, args=(c, a, b)) for c, (a, b) in zip(conns, _shares(nbytes, streams))]
@@ -312,8 +345,8 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
             sender = single if len(cmd) > 3 and cmd[3] else tx
             pipe.send(_send_round(sender, layout, args, cmd[1], per, states, streamed=cmd[2]))
         elif cmd[0] == "baseline":
-            _, nbytes, hot = cmd
-            pipe.send(_baseline_send(baseline_address, args.streams, nbytes, None if hot else _memory_views(src)))
+            _, nbytes, kind = cmd
+            pipe.send(_baseline_send(baseline_address, args.streams, nbytes, kind, _memory_views(src)))
         elif cmd[0] == "stats":
             pipe.send(tx.stats())
     tx.close()
@@ -393,16 +426,20 @@ def _send_round(tx, layout, args, round_: int, per: int, states, streamed: bool)
     }
 
 
-def _baseline_send(address, streams: int, nbytes: int, memory: list[memoryview] | None) -> dict:
-    """The sending half of :func:`_baseline_receive`: from the source caches, or a hot buffer."""
+def _baseline_send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
+    """The sending half of :func:`_baseline_receive`."""
     socks = [socket.create_connection(tuple(address)) for _ in range(streams)]
     hot = memoryview(bytearray(os.urandom(BASELINE_BUFFER)))
     cpu0 = _cpu_seconds()
 
     def pump(sock: socket.socket, start: int, stop: int) -> None:
-        if memory is None:
+        if kind == "hot":
             for o in range(start, stop, BASELINE_BUFFER):
                 sock.sendall(hot[: min(BASELINE_BUFFER, stop - o)])
+        elif kind == "checked":
+            for view in _pieces(_byte_range(memory, start, stop), CHECKED_PIECE):
+                sock.sendall(crc32c(view).to_bytes(4, "little"))
+                sock.sendall(view)
         else:
             for view in _byte_range(memory, start, stop):
                 sock.sendall(view)
@@ -455,7 +492,8 @@ def _run(args, layout, progress, link) -> dict:
         )
         sender.start()
         _recv(tx_pipe, sender, 300)
-        rounds, baselines, hot_baselines, singles, overlap = [], [], [], [], None
+        rounds, singles, overlap = [], [], None
+        baselines: dict[str, list] = {kind: [] for kind in BASELINES}
         for r in range(args.rounds):
             rx_pipe.send(("expect", r))
             _recv(rx_pipe, receiver, 60)
@@ -481,15 +519,14 @@ def _run(args, layout, progress, link) -> dict:
                     )
             if args.baseline:
                 nbytes = sent["wire_bytes"]
-                for hot in (False, True):
-                    rx_pipe.send(("baseline", nbytes, hot))
-                    tx_pipe.send(("baseline", nbytes, hot))
+                for kind, title in BASELINES.items():
+                    rx_pipe.send(("baseline", nbytes, kind))
+                    tx_pipe.send(("baseline", nbytes, kind))
                     b_sent = _recv(tx_pipe, sender, 900)
                     b_recv = _recv(rx_pipe, receiver, 900)
-                    (hot_baselines if hot else baselines).append((b_sent, b_recv, nbytes))
+                    baselines[kind].append((b_sent, b_recv, nbytes))
                     if args.quiet is False:
-                        kind = "plain sockets, hot 1 MiB buffer" if hot else "plain sockets, cache to cache"
-                        progress(f"  {kind} {r + 1}/{args.rounds}: {nbytes / b_sent['seconds'] / 1e9:.3f} GB/s")
+                        progress(f"  {title} {r + 1}/{args.rounds}: {nbytes / b_sent['seconds'] / 1e9:.3f} GB/s")
         if args.layer_ms:
             rx_pipe.send(("expect", args.rounds))
             _recv(rx_pipe, receiver, 60)
@@ -500,14 +537,14 @@ def _run(args, layout, progress, link) -> dict:
         sender_stats = _recv(tx_pipe, sender, 60)
         rx_pipe.send(("rss",))
         rss = _recv(rx_pipe, receiver, 60)
-        return _report(args, layout, rounds, baselines, hot_baselines, singles, overlap, sender_stats, rss)
+        return _report(args, layout, rounds, baselines, singles, overlap, sender_stats, rss)
     finally:
-        for pipe in (tx_pipe, rx_pipe):
+        # The sender first: a receiver that closed first would show up as lost connections.
+        for pipe, p in ((tx_pipe, sender), (rx_pipe, receiver)):
             try:
                 pipe.send(("quit",))
             except (BrokenPipeError, OSError):
                 pass
-        for p in (sender, receiver):
             if p is not None:
                 p.join(timeout=10)
                 if p.is_alive():
@@ -524,7 +561,7 @@ def _recv(pipe, process, timeout: float):
     return pipe.recv()
 
 
-def _report(args, layout, rounds, baselines, hot_baselines, singles, overlap, sender_stats, rss) -> dict:
+def _report(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) -> dict:
     best = max(rounds, key=lambda r: r[0]["wire_bytes"] / r[0]["seconds"])
     sent, received = best
     wire = sent["wire_bytes"] / sent["seconds"] / 1e9
@@ -571,18 +608,18 @@ def _report(args, layout, rounds, baselines, hot_baselines, singles, overlap, se
         ],
         "samples": sent["samples"],
     }
-    if baselines:
-        b_best = min(baselines, key=lambda b: b[0]["seconds"])
-        report["baseline_gb_per_s"] = b_best[2] / b_best[0]["seconds"] / 1e9
-        report["ratio_to_baseline"] = wire / report["baseline_gb_per_s"]
-        b_gb = sum(b[2] for b in baselines) / 1e9
-        report["baseline_cpu_s_per_gb"] = {
-            "sender": sum(b[0]["cpu_s"] for b in baselines) / b_gb,
-            "receiver": sum(b[1]["cpu_s"] for b in baselines) / b_gb,
+    for kind, runs in baselines.items():
+        if not runs:
+            continue
+        suffix = "" if kind == "cache" else f"_{kind}"
+        b_best = min(runs, key=lambda b: b[0]["seconds"])
+        report[f"baseline{suffix}_gb_per_s"] = b_best[2] / b_best[0]["seconds"] / 1e9
+        report[f"ratio_to_baseline{suffix}"] = wire / report[f"baseline{suffix}_gb_per_s"]
+        b_gb = sum(b[2] for b in runs) / 1e9
+        report[f"baseline{suffix}_cpu_s_per_gb"] = {
+            "sender": sum(b[0]["cpu_s"] for b in runs) / b_gb,
+            "receiver": sum(b[1]["cpu_s"] for b in runs) / b_gb,
         }
-        h_best = min(hot_baselines, key=lambda b: b[0]["seconds"])
-        report["baseline_hot_gb_per_s"] = h_best[2] / h_best[0]["seconds"] / 1e9
-        report["ratio_to_baseline_hot"] = wire / report["baseline_hot_gb_per_s"]
     if singles:
         best_single = max(singles, key=lambda r: r["wire_bytes"] / r["seconds"])
         report["single_stream_wire_gb_per_s"] = best_single["wire_bytes"] / best_single["seconds"] / 1e9
@@ -617,6 +654,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         rows.append(("kvwire / plain", f"{report['ratio_to_baseline']:.3f}"))
         rows.append(("plain, hot 1 MiB buffer", f"{report['baseline_hot_gb_per_s']:.3f} GB/s (iperf3 -l 1M style)"))
         rows.append(("kvwire / plain hot", f"{report['ratio_to_baseline_hot']:.3f}"))
+        rows.append(("plain + CRC32C + copy", f"{report['baseline_checked_gb_per_s']:.3f} GB/s (ceiling with checks)"))
+        rows.append(("kvwire / checked plain", f"{report['ratio_to_baseline_checked']:.3f}"))
+        cpu = {k: report[f"baseline{s}_cpu_s_per_gb"] for k, s in (("plain", ""), ("checked", "_checked"))}
+        rows.append(("CPU s per GB, baselines", ", ".join(
+            f"{k} {v['sender']:.3f} + {v['receiver']:.3f}" for k, v in cpu.items())))  # fmt: skip
     if "link_utilization" in report:
         rows.append(("link", f"{args_link(report)}: {report['link_utilization'] * 100:.1f}% of its rate used"))
     if "single_stream_wire_gb_per_s" in report:
