@@ -61,6 +61,10 @@ inline float __shfl_xor_sync(unsigned int, float v, int mask) {
   return out;
 }
 
+inline unsigned int atomicXor(unsigned int* address, unsigned int value) {
+  return __atomic_fetch_xor(address, value, __ATOMIC_SEQ_CST);
+}
+
 // Launch `kernel` on grid x block threads, one block at a time.
 inline void emu_launch(unsigned int grid, unsigned int block, const std::function<void()>& kernel) {
   gridDim.x = grid;

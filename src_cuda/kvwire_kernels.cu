@@ -499,7 +499,55 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, const u8* in) {
 DEFINE_FOR_KIND(bf16, 0)
 DEFINE_FOR_KIND(fp16, 1)
 
+// ---------------------------------------------------------------------------------
+// CRC32C of a payload in device memory (the frame checksum of docs/protocol.md), so a
+// payload that never visits the host is still checked before it reaches a destination.
+//
+// The CRC register update R(s, bytes) is linear over GF(2): R(s, A|B) =
+// Z_|B|(R(s, A)) ^ R(0, B), where Z_m shifts a register over m zero bytes. So each
+// thread takes one segment, computes R(0, segment) bit by bit (no table: no shared
+// memory needed), shifts it over the bytes that follow the segment with the matrices
+// Z_{2^k} (`zpow`, 32 columns each, made on the host), and XORs it into `*acc`. One
+// extra item adds Z_n(0xFFFFFFFF), the initial value's contribution. The CRC32C of the
+// payload is then ~*acc; the host zeroes `*acc` before the launch.
+// ---------------------------------------------------------------------------------
+#define CRC32C_POLY 0x82F63B78u
+
+__device__ __forceinline__ unsigned int gf2_apply(const unsigned int* m, unsigned int v) {
+  unsigned int r = 0;
+  for (int i = 0; i < 32; ++i)
+    if ((v >> i) & 1u) r ^= m[i];
+  return r;
+}
+
+extern "C" __global__ void kvw_crc32c(const u8* data, i64 n, int seg, const unsigned int* zpow, unsigned int* acc) {
+  i64 nseg = (n + seg - 1) / seg;
+  for (i64 s = blockIdx.x * (i64)blockDim.x + threadIdx.x; s <= nseg; s += (i64)gridDim.x * blockDim.x) {
+    unsigned int c = 0;
+    i64 end = 0;
+    if (s == nseg) {
+      c = 0xFFFFFFFFu;  // the initial register, shifted over all n bytes
+    } else {
+      i64 begin = s * seg;
+      end = begin + seg < n ? begin + seg : n;
+      for (i64 i = begin; i < end; ++i) {
+        c ^= data[i];
+        for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (CRC32C_POLY & (0u - (c & 1u)));
+      }
+    }
+    i64 shift = n - end;
+    for (int k = 0; shift; ++k, shift >>= 1)
+      if (shift & 1) c = gf2_apply(zpow + 32 * k, c);
+    atomicXor(acc, c);
+  }
+}
+
 #ifdef KVW_HOST_EMULATION
+extern "C" void emu_kvw_crc32c(unsigned int grid, unsigned int block, const u8* data, i64 n, int seg,
+                               const unsigned int* zpow, unsigned int* acc) {
+  emu_launch(grid, block, [&] { kvw_crc32c(data, n, seg, zpow, acc); });
+}
+
 // Host wrappers: emu_<kernel>(grid, block, <kernel arguments>), run by emu_launch.
 #define EMU_WRAP(FN, BUF_T)                                                                        \
   extern "C" void emu_##FN(unsigned int grid, unsigned int block, PAGED_ARGS, BUF_T buf, int G) { \

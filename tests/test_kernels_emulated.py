@@ -118,3 +118,25 @@ def test_launcher_rejects_bad_inputs(backend):
         kernels.decode(
             backend, codec, torch.zeros(10, dtype=torch.uint8), kernels.Chunk.paged(cache, [0], 0, 16, 16), "k"
         )
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 1023, 1024, 1025, 4096 + 7, 70_001])
+def test_device_crc32c_equals_the_host_checksum(backend, n):
+    """The frame checksum computed where the payload lies (device memory on a GPU) must be
+    the CRC32C the sender and the protocol use (docs/protocol.md)."""
+    from crc32c import crc32c
+
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert kernels.crc32c(backend, data) == crc32c(data.numpy())
+
+
+def test_device_crc32c_sees_a_single_flipped_bit(backend):
+    data = torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    before = kernels.crc32c(backend, data)
+    data[4321] ^= 8
+    assert kernels.crc32c(backend, data) != before
+
+
+def test_device_crc32c_rejects_other_dtypes(backend):
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.crc32c(backend, torch.zeros(4, dtype=torch.int32))

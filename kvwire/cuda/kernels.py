@@ -236,3 +236,64 @@ def decode(backend, codec: Codec, data: torch.Tensor, chunk: Chunk, role: str, s
         raise ValueError(f"data: {inner.descriptor} chunk must be {size} bytes, got {data.numel()}")
     per_block = backend.block // 32 if inner.name == "fp8" else backend.block
     backend.launch(name, _grid(backend, work, per_block), args + [("ptr", data.data_ptr())] + extra, stream)
+
+
+# -- checksums of payloads in device memory --------------------------------------------------
+CRC32C_POLY = 0x82F63B78
+CRC_SEGMENT = 1024  # bytes per thread: 2048 threads for a 2 MiB chunk
+_CRC_SHIFTS = 48  # Z_{2^k} for k < 48: payloads up to 256 TiB
+
+
+def _gf2_apply(matrix: Sequence[int], v: int) -> int:
+    r, i = 0, 0
+    while v:
+        if v & 1:
+            r ^= matrix[i]
+        v >>= 1
+        i += 1
+    return r
+
+
+@functools.cache
+def crc_shift_matrices() -> tuple[int, ...]:
+    """``Z_{2^k}`` for k = 0.. as 32 columns each (column i: the image of bit i): the
+    CRC32C register shifted over 2^k zero bytes. See ``kvw_crc32c`` in the source."""
+    z = []
+    for i in range(32):
+        v = 1 << i
+        for _ in range(8):
+            v = (v >> 1) ^ (CRC32C_POLY if v & 1 else 0)
+        z.append(v)
+    out: list[int] = []
+    for _ in range(_CRC_SHIFTS):
+        out += z
+        z = [_gf2_apply(z, z[i]) for i in range(32)]  # Z o Z: twice the shift
+    return tuple(out)
+
+
+@functools.cache
+def _crc_tables(device: torch.device) -> torch.Tensor:
+    import numpy as np
+
+    table = np.array(crc_shift_matrices(), dtype=np.uint32).view(np.int32)
+    return torch.from_numpy(table).to(device)
+
+
+def crc32c(backend, data: torch.Tensor, stream=None) -> int:
+    """CRC32C of ``data`` (contiguous uint8, on the device): the same value as the
+    ``crc32c`` package gives for the same bytes on the host. Waits for the result."""
+    if data.dtype != torch.uint8 or data.dim() != 1 or not data.is_contiguous():
+        raise ValueError(f"data: expected a contiguous 1-D uint8 tensor, got {data.dtype} {tuple(data.shape)}")
+    acc = torch.zeros(1, dtype=torch.int32, device=data.device)
+    n = data.numel()
+    items = -(-n // CRC_SEGMENT) + 1
+    args = [("ptr", data.data_ptr()), ("i64", n), ("i32", CRC_SEGMENT), ("ptr", _crc_tables(data.device).data_ptr()),
+            ("ptr", acc.data_ptr())]  # fmt: skip
+    if data.device.type == "cuda":
+        with torch.cuda.stream(stream or torch.cuda.current_stream(data.device)):
+            acc.zero_()  # ordered on the stream the kernel runs on
+            backend.launch("kvw_crc32c", _grid(backend, items, backend.block), args, stream)
+            torch.cuda.current_stream(data.device).synchronize()
+    else:
+        backend.launch("kvw_crc32c", _grid(backend, items, backend.block), args, stream)
+    return ~int(acc.item()) & 0xFFFFFFFF
