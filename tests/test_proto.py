@@ -187,3 +187,44 @@ def test_garbage_after_a_handshake_parses_or_raises_protocol_error(data, where):
     except ProtocolError:
         pass
     assert target.state in (State.OPEN, State.ERROR)
+
+
+@pytest.mark.parametrize(
+    "asks, can, agreed",
+    [(True, True, True), (True, False, False), (False, True, False), (False, False, False)],
+)
+def test_device_payloads_only_when_both_sides_want_them(asks, can, agreed):
+    c = ClientConnection(SECRET, session="ab" * 8, conn_index=0, conn_count=1, fingerprint="f" * 32, layout="L",
+                         codec="fp8", device_payloads=asks)  # fmt: skip
+    asked = []
+    s = ServerConnection(SECRET, fingerprint="f" * 32, layout="L", check_codec=lambda c: None, window=1 << 20,
+                         max_payload=1 << 16, device_payloads=lambda codec: asked.append(codec) or can)  # fmt: skip
+    cr, _, events_s = handshake(c, s)
+    assert events_s[0].hello.device_payloads is asks
+    assert pump(s.data_to_send(), cr, "whole") == [Accepted(1 << 20, 1 << 16, agreed)]
+    assert s.device_payloads is agreed
+    assert asked == (["fp8"] if asks else [])  # the receiver is asked about the session's codec
+
+
+def test_a_device_payload_is_checked_against_its_header():
+    c = ClientConnection(SECRET, session="ab" * 8, conn_index=0, conn_count=1, fingerprint="f" * 32, layout="L",
+                         codec="raw", device_payloads=True)  # fmt: skip
+    s = ServerConnection(SECRET, fingerprint="f" * 32, layout="L", check_codec=lambda c: None, window=1 << 20,
+                         max_payload=1 << 16, device_payloads=lambda codec: True)  # fmt: skip
+    handshake(c, s)
+    payload = bytes(range(200))
+    header = Header(FrameType.DATA, tag=1, count=1, length=len(payload), payload_crc=crc32c(payload))
+    s.on_header(header)
+    s.on_device_payload(header, crc32c(payload))  # the CRC computed where the payload lies
+    assert s.state == State.OPEN
+    with pytest.raises(ProtocolError, match="checksum mismatch"):
+        s.on_device_payload(header, crc32c(payload) ^ 1)
+    assert s.state == State.ERROR
+
+
+def test_a_device_payload_is_refused_where_none_was_agreed():
+    c, s = client(), server()
+    handshake(c, s)
+    header = Header(FrameType.DATA, tag=1, count=1, length=4, payload_crc=0)
+    with pytest.raises(ProtocolError, match="device payload"):
+        s.on_device_payload(header, 0)

@@ -93,6 +93,19 @@ class _Session:
         return next((c for c in self.conns if c.alive), None)
 
 
+class _DeviceSlot:
+    """A payload received straight into GPU memory (UCX with CUDA): held like a staging
+    slot until it is placed. Its memory is bounded by the credit window, as slots are."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def release(self) -> None:
+        self.tensor = None
+
+
 @dataclass(eq=False)
 class _Parked:
     ref: ChunkRef
@@ -280,6 +293,8 @@ class Receiver:
         self._rejected: collections.deque = collections.deque(maxlen=32)
         self._counters = collections.Counter()
         self._closed = False
+        self._ucx_cuda: bool | None = None  # whether UCX here moves GPU memory (asked once)
+        self.transport = transport
         if transport == "ucx":
             from kvwire.transport.ucx import UcxListener
 
@@ -408,6 +423,7 @@ class Receiver:
             check_codec=self._check_codec,
             window=self._window,
             max_payload=self._slot_bytes,
+            device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
         )
         conn = _RConn(stream, proto)
         with self._lock:
@@ -425,6 +441,7 @@ class Receiver:
                 for e in events:
                     if isinstance(e, Authenticated):
                         self._join_session(conn, e)
+                        stream.device_payloads = proto.device_payloads
             stream.settimeout(None)
             while True:
                 self._read_frame(conn)
@@ -440,6 +457,17 @@ class Receiver:
         finally:
             stream.close()
             self._connection_closed(conn)
+
+    def _takes_device_payloads(self, codec: str) -> bool:
+        """Whether this receiver takes ``codec``'s payloads in GPU memory: GPU caches, kernels
+        for the codec, no host-side lz4 stage, and a UCX with CUDA transports."""
+        if self._kernels is None or codec.endswith("+lz4") or self._kernels.get(codec) is None:
+            return False
+        if self._ucx_cuda is None:
+            from kvwire.transport import ucx
+
+            self._ucx_cuda = ucx.moves_device_memory()
+        return self._ucx_cuda
 
     def _reject(self, peer: str | None, reason: str) -> None:
         log.warning("refused a connection from %s: %s", peer or "?", reason)
@@ -486,14 +514,17 @@ class Receiver:
                     self._on_cancel(conn, event)
             return
         inc, ref, spec = self._check_data(conn, header)
-        slot = self._pool.acquire()
-        try:
-            view = slot.view(n)
-            stream.recv_into_exact(view)
-            proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
-        except BaseException:
-            slot.release()
-            raise
+        if proto.device_payloads:
+            slot = self._receive_on_device(conn, header, n)
+        else:
+            slot = self._pool.acquire()
+            try:
+                view = slot.view(n)
+                stream.recv_into_exact(view)
+                proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
+            except BaseException:
+                slot.release()
+                raise
         self._counters["frames"] += 1
         self._counters["wire_bytes"] += n
         parked = _Parked(ref, spec, slot, n, conn)
@@ -510,6 +541,17 @@ class Receiver:
             self._release(parked)
         else:
             self._place(inc, parked)
+
+    def _receive_on_device(self, conn: _RConn, header: Header, n: int) -> _DeviceSlot:
+        """Receive a DATA payload into GPU memory and check its CRC32C there."""
+        from kvwire.cuda import kernels
+
+        buffer = torch.empty(n, dtype=torch.uint8, device=self._device)
+        conn.stream.recv_device_into(buffer)
+        backend = self._kernels.get(conn.session.codec.descriptor)
+        conn.proto.on_device_payload(header, kernels.crc32c(backend, buffer, stream=self._side_stream))
+        self._counters["device_payloads"] += 1
+        return _DeviceSlot(buffer)
 
     def _check_data(self, conn: _RConn, header: Header) -> tuple[_Incoming, ChunkRef, ChunkSpec]:
         """Everything about a DATA frame that can be checked before its payload is read."""

@@ -89,11 +89,13 @@ class _OutChunk:
     slot: object | None  # the staging slot holding the payload, if it is not read from the cache itself
     nbytes: int
     logical_bytes: int
+    device: torch.Tensor | None = None  # the payload in GPU memory, sent from there (then parts is empty)
+    crc: int | None = None  # the device payload's CRC32C, computed on the GPU
 
     def header(self) -> bytes:
-        """The DATA header; its CRC is computed here, just before the send, while the
-        payload is about to be read anyway (so it is still in cache for sendmsg)."""
-        crc = 0
+        """The DATA header; a host payload's CRC is computed here, just before the send,
+        while the payload is about to be read anyway (so it is still in cache for sendmsg)."""
+        crc = self.crc or 0
         for p in self.parts:
             crc = crc32c(p, crc)
         ref = self.ref
@@ -311,6 +313,11 @@ class Sender:
         self._session = os.urandom(16).hex()
         self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         self._kernels = _gpu_kernels(self._device, self.codec, layout.dtype)
+        # GPU caches over UCX with CUDA transports: payloads may go from GPU memory straight
+        # to the network, if the receiver agrees at the handshake (the lz4 stage runs on the host).
+        self._device_payloads = (
+            transport == "ucx" and self._kernels is not None and not hasattr(self.codec, "pack") and _ucx_cuda()
+        )
         if isinstance(encode_threads, bool) or not isinstance(encode_threads, int) or encode_threads < 1:
             raise ValueError(f"encode_threads: expected a positive int, got {encode_threads!r}")
         # CPU codecs encode chunk by chunk in torch, which releases the GIL: a small pool keeps
@@ -331,6 +338,9 @@ class Sender:
             raise
         if self._chunk_bytes > self.max_payload:
             self._chunk_bytes = self.max_payload
+        self._device_payloads = all(c.stream.device_payloads for c in self._conns) if self._device_payloads else False
+        if self._device_payloads:
+            log.info("payloads go from GPU memory over UCX, without host staging")
         self._threads = [threading.Thread(target=self._encode_loop, name="kvwire-encoder", daemon=True)]
         for c in self._conns:
             c.threads = [
@@ -357,6 +367,7 @@ class Sender:
             fingerprint=self.layout.fingerprint(),
             layout=layout_summary(self.layout),
             codec=self.codec.descriptor,
+            device_payloads=self._device_payloads,
         )
         try:
             stream.send_parts([proto.data_to_send()])
@@ -378,6 +389,8 @@ class Sender:
             raise PeerLost(f"handshake with {stream.peer} failed: {exc}") from None
         stream.settimeout(None)
         self.max_payload = accepted[0].max_payload
+        if self.transport == "ucx":
+            stream.device_payloads = accepted[0].device_payloads
         return _Conn(index, stream, proto, credit=accepted[0].window, wake=threading.Condition(self._lock))
 
     # -- the public surface --------------------------------------------------------------
@@ -576,6 +589,9 @@ class Sender:
         spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
         parts = raw_views(caches[ref.name], sel, bs, ref) if self.codec.name == "raw" and ref.name in caches else None
         slot = None
+        if parts is None and self._device_payloads:
+            encoded, crc = self._encode_on_gpu(handle, ref, spec, to_host=False)
+            return _OutChunk(handle, ref, [], None, encoded.numel(), spec.raw_nbytes, encoded, crc)
         if parts is None and self._kernels is not None:
             slot, n = self._encode_on_gpu(handle, ref, spec)
             parts = [slot.view(n)]
@@ -591,9 +607,10 @@ class Sender:
             parts = [slot.view(n)]
         return _OutChunk(handle, ref, parts, slot, sum(p.nbytes for p in parts), spec.raw_nbytes)
 
-    def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec) -> tuple:
+    def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec, to_host: bool = True) -> tuple:
         """Gather + encode with the CUDA kernels on the side stream, then copy the bytes into
-        a pinned slot (and run the ``+lz4`` stage there, on the host)."""
+        a pinned slot (and run the ``+lz4`` stage there, on the host): ``(slot, nbytes)``.
+        With ``to_host=False`` the bytes stay on the GPU: ``(device tensor, CRC32C)``."""
         from kvwire.cuda import kernels
 
         if ref.name == "state":
@@ -601,6 +618,10 @@ class Sender:
         else:
             chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], handle.selection.block_ids, ref.start,
                                         ref.count, self.layout.block_size)  # fmt: skip
+        if not to_host:
+            with torch.cuda.stream(self._side_stream):
+                encoded = kernels.encode(self._kernels, self.codec, chunk, spec.role, stream=self._side_stream)
+            return encoded, kernels.crc32c(self._kernels, encoded, stream=self._side_stream)  # waits for both
         slot = self._pool.acquire()
         with torch.cuda.stream(self._side_stream):
             encoded = kernels.encode(self._kernels, self.codec, chunk, spec.role, stream=self._side_stream)
@@ -647,7 +668,10 @@ class Sender:
                 # finish() return these statistics) before send_parts returns here.
                 self._count(handle, chunk, +1)
                 try:
-                    conn.stream.send_parts(frames + [chunk.header(), *chunk.parts])
+                    if chunk.device is not None:
+                        conn.stream.send_parts(frames + [chunk.header()], device_payload=chunk.device)
+                    else:
+                        conn.stream.send_parts(frames + [chunk.header(), *chunk.parts])
                 except PeerLost:
                     self._count(handle, chunk, -1)  # it will be counted again when resent
                     raise
@@ -718,6 +742,12 @@ class Sender:
         log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))
         for t in doomed:
             t._complete(PeerLost(f"transfer {t.request_id!r}: every connection to the receiver is lost ({exc})"))
+
+
+def _ucx_cuda() -> bool:
+    from kvwire.transport import ucx
+
+    return ucx.moves_device_memory()
 
 
 def _gpu_kernels(device: torch.device, codec, dtype: torch.dtype):

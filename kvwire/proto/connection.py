@@ -10,15 +10,23 @@ Handshake (the client is the sender, the server the receiver)::
 
     client                                   server
     HELLO  {version, session, conn, conns,
-            nonce_c, fingerprint, codec}  ->
+            nonce_c, fingerprint, codec
+            [, device_payloads]}           ->
                                           <- CHALLENGE {nonce_s, proof_s}
     (checks proof_s: the server knows the secret too)
     AUTH   {proof_c}                      ->
-                                          <- ACCEPT {window, max_payload}
+                                          <- ACCEPT {window, max_payload
+                                                     [, device_payloads]}
                                              or REJECT {code, reason}, then close
 
     proof_s = HMAC-SHA256(secret, "kvwire-server" 0 nonce_c nonce_s)
     proof_c = HMAC-SHA256(secret, "kvwire-client" 0 nonce_c nonce_s session)
+
+``device_payloads``: the sender can send DATA payloads from device (GPU) memory and asks
+to; the receiver's ACCEPT says whether it will receive them into device memory too.
+Only a transport that moves device memory (UCX with CUDA) offers it. The frames are the
+same either way; only where the payload bytes live differs, and the receiver checks
+their CRC32C on the device (:meth:`ServerConnection.on_device_payload`).
 
 The server accepts nothing but HELLO and AUTH until the client has proven itself, so a
 peer without the secret cannot make the receiver parse a single DATA frame. Any error
@@ -85,6 +93,7 @@ class Hello:
     fingerprint: str
     layout: str
     codec: str
+    device_payloads: bool = False  # the sender asks to send payloads from device memory
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class Accepted:
 
     window: int
     max_payload: int
+    device_payloads: bool = False  # DATA payloads travel as device memory on this connection
 
 
 @dataclass(frozen=True)
@@ -208,26 +218,25 @@ class ClientConnection(Connection):
         fingerprint: str,
         layout: str,
         codec: str,
+        device_payloads: bool = False,
     ) -> None:
         super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
         self._secret = secret
         self._nonce = os.urandom(NONCE_BYTES)
         self._session = session
-        self._outbox.append(
-            json_frame(
-                FrameType.HELLO,
-                {
-                    "version": PROTOCOL_VERSION,
-                    "session": session,
-                    "conn": conn_index,
-                    "conns": conn_count,
-                    "nonce": self._nonce.hex(),
-                    "fingerprint": fingerprint,
-                    "layout": layout,
-                    "codec": codec,
-                },
-            )
-        )
+        hello = {
+            "version": PROTOCOL_VERSION,
+            "session": session,
+            "conn": conn_index,
+            "conns": conn_count,
+            "nonce": self._nonce.hex(),
+            "fingerprint": fingerprint,
+            "layout": layout,
+            "codec": codec,
+        }
+        if device_payloads:
+            hello["device_payloads"] = True
+        self._outbox.append(json_frame(FrameType.HELLO, hello))
 
     def _handle(self, header: Header, payload: memoryview) -> list[Event]:
         t = header.type
@@ -259,7 +268,7 @@ class ClientConnection(Connection):
                 raise ProtocolError("ACCEPT: window and max_payload must be positive")
             self.max_payload = max_payload
             self.state = State.OPEN
-            return [Accepted(window, max_payload)]
+            return [Accepted(window, max_payload, obj.get("device_payloads") is True)]
         if t == FrameType.ACK:
             ok = header.flags == AckStatus.OK
             return [Ack(header.tag, ok, parse_text(header, payload))]
@@ -298,6 +307,7 @@ class ServerConnection(Connection):
         check_codec: CodecCheck,
         window: int,
         max_payload: int,
+        device_payloads: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_HELLO, max_payload=max_payload)
         self._secret = secret
@@ -305,6 +315,9 @@ class ServerConnection(Connection):
         self._layout = layout
         self._check_codec = check_codec
         self._window = window
+        # codec descriptor -> whether this side can take that codec's payloads in device memory
+        self._device_payloads = device_payloads or (lambda codec: False)
+        self.device_payloads = False  # decided at ACCEPT
         self._nonce = os.urandom(NONCE_BYTES)
         self._client_nonce = b""
         self.hello: Hello | None = None
@@ -333,6 +346,7 @@ class ServerConnection(Connection):
                 fingerprint=field(obj, "fingerprint", str, "HELLO"),
                 layout=field(obj, "layout", str, "HELLO"),
                 codec=field(obj, "codec", str, "HELLO"),
+                device_payloads=obj.get("device_payloads") is True,
             )
             proof = _proof(self._secret, b"kvwire-server", self._client_nonce, self._nonce)
             self._outbox.append(json_frame(FrameType.CHALLENGE, {"nonce": self._nonce.hex(), "proof": proof.hex()}))
@@ -356,7 +370,10 @@ class ServerConnection(Connection):
             why = self._check_codec(hello.codec)
             if why is not None:
                 self._reject("codec", f"codec {hello.codec!r} refused by the receiver: {why}", LayoutMismatch)
-            self._outbox.append(json_frame(FrameType.ACCEPT, {"window": self._window, "max_payload": self.max_payload}))
+            terms = {"window": self._window, "max_payload": self.max_payload}
+            if hello.device_payloads and self._device_payloads(hello.codec):
+                self.device_payloads = terms["device_payloads"] = True
+            self._outbox.append(json_frame(FrameType.ACCEPT, terms))
             self.state = State.OPEN
             return [Authenticated(hello)]
         if t == FrameType.BEGIN:
@@ -370,6 +387,16 @@ class ServerConnection(Connection):
         if t == FrameType.CANCEL:
             return [Cancel(header.tag, parse_text(header, payload))]
         raise AssertionError(t)
+
+    def on_device_payload(self, header: Header, crc: int) -> None:
+        """A DATA payload received into device memory: ``crc`` is its CRC32C, computed
+        where it lies. Raises :class:`ProtocolError` unless it matches the header."""
+        if not self.device_payloads or header.type != FrameType.DATA or self.state != State.OPEN:
+            self._fail()
+            raise ProtocolError("a device payload outside a device-payload DATA frame")
+        if crc != header.payload_crc:
+            self._fail()
+            raise ProtocolError(f"DATA payload checksum mismatch (tag {header.tag}, layer {header.layer})")
 
     # -- what the receiver says once open --------------------------------------------
     def ack(self, tag: int, ok: bool, message: str = "") -> bytes:

@@ -134,6 +134,8 @@ class TcpStream:
     with another thread's frame. Errors surface as :class:`PeerLost`.
     """
 
+    device_payloads = False  # TCP carries payloads from host memory only (UCX may not)
+
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer

@@ -9,6 +9,13 @@ thread per process runs every UCX operation; the engine's threads submit to it a
 UCX moves *messages*; each ``send_parts`` call becomes one message, preceded by an 8-byte
 length message, and the receiving side serves exact reads out of the current message.
 
+Device memory: where UCX has CUDA transports (``cuda_copy``, ``cuda_ipc``, ``gdr_copy``
+in ``UCX_TLS``; see :func:`moves_device_memory`), the engine may send a DATA payload as
+its own message straight from GPU memory and receive it straight into GPU memory, with
+no host staging copy on either side (UCX picks the path: NVLink/IPC on one node, GPUDirect
+RDMA where the NIC has it, its own pipelined staging otherwise). ``stats()["path"]``
+says which way a connection's payloads go.
+
 Settings pass through the environment (``UCX_TLS``, ``UCX_NET_DEVICES``, ...). Unless
 they are already set, kvwire sets ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` when both ends
 are on loopback, so tests never spread over other interfaces.
@@ -69,6 +76,23 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
+CUDA_TRANSPORTS = frozenset({"cuda_copy", "cuda_ipc", "gdr_copy"})
+
+
+def moves_device_memory() -> bool:
+    """Whether this process's UCX context has a CUDA transport (so UCX can send and
+    receive device buffers). Starts UCX if it is not started yet."""
+    loop = _Loop.get()
+
+    async def transports():
+        return loop.ucxx.get_active_transports()
+
+    try:
+        return bool(CUDA_TRANSPORTS & set(loop.run(transports(), 30)))
+    except Exception:  # noqa: BLE001 - no CUDA driver, no GPU: UCX cannot move device memory
+        return False
+
+
 class UcxStream:
     """One UCX endpoint: write all of a frame, read exactly N bytes. Errors are PeerLost."""
 
@@ -88,9 +112,12 @@ class UcxStream:
         self._recv_lock = threading.Lock()
         self._message = memoryview(b"")
         self._on_close = on_close
+        self.device_payloads = False  # set by the engine once the handshake agreed on it
 
     # The engine calls these from its threads.
-    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+    def send_parts(self, parts: Sequence[bytes | memoryview], device_payload=None) -> None:
+        """Send ``parts`` as one message; then ``device_payload`` (a CUDA tensor, the DATA
+        payload whose header ends ``parts``), if given, as the next message, from the GPU."""
         np = self._np
         views = [memoryview(p).cast("B") for p in parts]
         total = sum(len(v) for v in views)
@@ -101,12 +128,24 @@ class UcxStream:
             offset += len(v)
         header = np.frombuffer(_LENGTH.pack(total), dtype=np.uint8).copy()
         with self._send_lock:
-            self._call(self._send_two(header, data), "sending")
-        self.bytes_sent += total
+            self._call(self._send_all(header, data, device_payload), "sending")
+        self.bytes_sent += total + (0 if device_payload is None else device_payload.numel())
 
-    async def _send_two(self, header, data) -> None:
+    async def _send_all(self, header, data, device_payload) -> None:
         await self._ep.send(header)
         await self._ep.send(data)
+        if device_payload is not None:
+            await self._ep.send(device_payload)
+
+    def recv_device_into(self, tensor) -> None:
+        """Receive the next message, a DATA payload sent with ``device_payload``, into
+        ``tensor`` (CUDA, exactly the payload's size). Call it right after reading the
+        header that announced it."""
+        with self._recv_lock:
+            if len(self._message):
+                raise PeerLost(f"UCX endpoint to {self.peer}: a device payload did not follow its header")
+            self._call(self._ep.recv(tensor), "receiving")
+        self.bytes_received += tensor.numel()
 
     def recv_into_exact(self, view: memoryview) -> None:
         view = view.cast("B") if view.format != "B" else view
@@ -156,7 +195,7 @@ class UcxStream:
         return {
             "peer": self.peer,
             "transport": "ucx",
-            "path": "host memory (staged)",  # device memory directly: not implemented yet
+            "path": "device memory (direct)" if self.device_payloads else "host memory (staged)",
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "goodput_gb_per_s": round(max(self.bytes_sent, self.bytes_received) / elapsed / 1e9, 4),
