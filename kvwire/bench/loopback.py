@@ -598,7 +598,12 @@ def _report(args, layout, rounds, baselines, singles, overlap, sender_stats, rss
         },
         "sender_rss_growth_bytes": max(r[0]["rss_growth"] for r in rounds),
         "connections": [
-            {"bytes_sent": c["bytes_sent"], "goodput_gb_per_s": c["goodput_gb_per_s"], "tcp": c["tcp"]}
+            {
+                "bytes_sent": c["bytes_sent"],
+                "goodput_gb_per_s": c["goodput_gb_per_s"],
+                "tcp": c["tcp"],
+                "path": c.get("path", "host memory"),
+            }  # fmt: skip
             for c in sender_stats["connections"]
         ],
         "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
