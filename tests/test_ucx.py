@@ -50,7 +50,9 @@ def test_raw_over_ucx_is_bit_exact(name, ucx_receiver):
     h = rx.expect("r", [60, 2, 30, 31, 7], n, states=dst_states)
     with ucx_sender(layout, rx, src, chunk_bytes=16 << 10) as tx:
         tx.send("r", [9, 10, 11, 40, 3], n, states=src_states, timeout=30)
-        assert tx.stats()["connections"][0]["transport"] == "ucx"
+        conns = tx.stats()["connections"]
+        assert {c["transport"] for c in conns} == {"ucx"}
+        assert {c["path"] for c in conns} == {"host memory (staged)"}  # CPU caches: never device-direct
     h.wait(timeout=10)
     assert_transferred(layout, src, [9, 10, 11, 40, 3], dst, [60, 2, 30, 31, 7], n, "raw", src_states, dst_states)
 
@@ -136,3 +138,13 @@ def test_missing_ucxx_says_how_to_install(monkeypatch):
     layout = LAYOUTS["mha"]
     with pytest.raises(ImportError, match=r"pip install 'kvwire\[ucx\]'"):
         kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4), transport="ucx")
+
+
+def test_ucx_on_loopback_here_has_no_cuda_transport():
+    """On this CPU-only loopback setup (UCX_TLS=tcp) UCX cannot move device memory, so the
+    engine never asks for device payloads; the check itself must not fail without CUDA."""
+    from kvwire.transport import ucx
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/test_gpu.py checks the device path there")
+    assert ucx.moves_device_memory("127.0.0.1") is False

@@ -316,7 +316,10 @@ class Sender:
         # GPU caches over UCX with CUDA transports: payloads may go from GPU memory straight
         # to the network, if the receiver agrees at the handshake (the lz4 stage runs on the host).
         self._device_payloads = (
-            transport == "ucx" and self._kernels is not None and not hasattr(self.codec, "pack") and _ucx_cuda()
+            transport == "ucx"
+            and self._kernels is not None
+            and not hasattr(self.codec, "pack")
+            and _ucx_cuda(self._address[0])
         )
         if isinstance(encode_threads, bool) or not isinstance(encode_threads, int) or encode_threads < 1:
             raise ValueError(f"encode_threads: expected a positive int, got {encode_threads!r}")
@@ -744,10 +747,10 @@ class Sender:
             t._complete(PeerLost(f"transfer {t.request_id!r}: every connection to the receiver is lost ({exc})"))
 
 
-def _ucx_cuda() -> bool:
+def _ucx_cuda(host: str) -> bool:
     from kvwire.transport import ucx
 
-    return ucx.moves_device_memory()
+    return ucx.moves_device_memory(host)
 
 
 def _gpu_kernels(device: torch.device, codec, dtype: torch.dtype):

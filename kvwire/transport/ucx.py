@@ -79,9 +79,12 @@ class _Loop:
 CUDA_TRANSPORTS = frozenset({"cuda_copy", "cuda_ipc", "gdr_copy"})
 
 
-def moves_device_memory() -> bool:
+def moves_device_memory(host: str | None = None) -> bool:
     """Whether this process's UCX context has a CUDA transport (so UCX can send and
-    receive device buffers). Starts UCX if it is not started yet."""
+    receive device buffers). Starts UCX if it is not started yet, with the loopback
+    defaults of :func:`configure_for` when ``host`` is a loopback address."""
+    if host is not None:
+        configure_for(host)
     loop = _Loop.get()
 
     async def transports():
