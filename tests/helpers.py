@@ -3,9 +3,11 @@ and entry points for peers in separate processes (spawned, so they must be impor
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import time
 
+import pytest
 import torch
 
 import kvwire
@@ -16,6 +18,17 @@ from kvwire.proto import ClientConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE
 
 SECRET = "kvwire-test-secret"
+
+# The transfer tests run over each transport; UCX's only where UCXX is installed (CI installs it).
+TRANSPORTS = [
+    "tcp",
+    pytest.param(
+        "ucx",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed (pip install 'kvwire[ucx]')"
+        ),
+    ),
+]
 
 
 def filled(layout: kvwire.KVLayout, num_blocks: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvwire
-from tests.helpers import SECRET, assert_transferred, filled, random_states, sender_process
+from tests.helpers import SECRET, TRANSPORTS, assert_transferred, filled, random_states, sender_process
 
 LAYOUTS = {
     "mha": kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=4, head_dim=64, block_size=16),
@@ -37,18 +37,21 @@ def sender(layout, rx, src, **kw):
     return kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, **kw)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_raw_transfer_is_bit_exact(name, receiver_for):
+def test_raw_transfer_is_bit_exact(name, transport, receiver_for):
     layout = LAYOUTS[name]
-    rx, dst = receiver_for(layout)
+    rx, dst = receiver_for(layout, transport=transport)
     src = filled(layout, 64)
     src_states, dst_states = random_states(layout), {i: torch.zeros_like(t) for i, t in random_states(layout).items()}
     bs = layout.block_size
     num_tokens = 5 * bs + 3  # a partial last block
     src_blocks, dst_blocks = [9, 2, 40, 41, 42, 7], [63, 0, 5, 6, 30, 31]
     h = rx.expect("r", dst_blocks, num_tokens, states=dst_states)
-    with sender(layout, rx, src, chunk_bytes=16 << 10) as tx:
+    with sender(layout, rx, src, chunk_bytes=16 << 10, transport=transport) as tx:
         stats = tx.send("r", src_blocks, num_tokens, states=src_states, timeout=30)
+        if transport == "ucx":  # CPU caches: never the device-direct path
+            assert {c["path"] for c in tx.stats()["connections"]} == {"host memory (staged)"}
     h.wait(timeout=10)
     assert stats["logical_bytes"] == layout.request_bytes(num_tokens)
     assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens, "raw", src_states, dst_states)
@@ -60,16 +63,17 @@ def test_raw_transfer_is_bit_exact(name, receiver_for):
             assert (t[[b for b in range(64) if b not in dst_blocks]] == 0).all()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("codec", ["fp8", "int4", "fp8+lz4", "int4+lz4", "raw+lz4"])
 @pytest.mark.parametrize("name", ["gqa", "hybrid"])
-def test_lossy_codecs_deliver_what_the_reference_decodes(codec, name, receiver_for):
+def test_lossy_codecs_deliver_what_the_reference_decodes(codec, name, transport, receiver_for):
     layout = LAYOUTS[name]
-    rx, dst = receiver_for(layout)
+    rx, dst = receiver_for(layout, transport=transport)
     src = filled(layout, 64, seed=4)
     src_states, dst_states = random_states(layout), {i: torch.zeros_like(t) for i, t in random_states(layout).items()}
     n = 3 * layout.block_size + 1
     h = rx.expect("r", [1, 2, 3, 4], n, states=dst_states)
-    with sender(layout, rx, src, codec=codec, chunk_bytes=8 << 10) as tx:
+    with sender(layout, rx, src, codec=codec, chunk_bytes=8 << 10, transport=transport) as tx:
         stats = tx.send("r", [10, 11, 12, 13], n, states=src_states, timeout=30)
     h.wait(timeout=10)
     assert_transferred(layout, src, [10, 11, 12, 13], dst, [1, 2, 3, 4], n, codec, src_states, dst_states)
@@ -97,13 +101,14 @@ def test_incremental_transfer_sends_only_the_tail(receiver_for):
     assert_transferred(layout, src, prefix_src + tail_src, dst, prefix_dst + tail_dst, total)
 
 
-def test_64_concurrent_requests_on_one_sender(receiver_for):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_64_concurrent_requests_on_one_sender(transport, receiver_for):
     layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=2, head_dim=64, block_size=16)
-    rx, dst = receiver_for(layout, num_blocks=256)
+    rx, dst = receiver_for(layout, num_blocks=256, transport=transport)
     src = filled(layout, 256, seed=6)
     requests = [(f"q{i}", [4 * i + j for j in range(4)], 16 * 3 + i % 16 + 1) for i in range(64)]
     handles = [rx.expect(rid, [255 - b for b in blocks], n) for rid, blocks, n in requests]
-    with sender(layout, rx, src, streams=4, chunk_bytes=4096) as tx:
+    with sender(layout, rx, src, streams=4, chunk_bytes=4096, transport=transport) as tx:
         transfers = [tx.transfer(rid, blocks, n) for rid, blocks, n in requests]
         for layer in range(layout.num_layers):  # interleaved, as a batched prefill would
             for t in transfers:
@@ -164,14 +169,16 @@ def test_data_before_expect_waits_and_credit_slows_the_sender(receiver_for):
     assert h.done() and not h.ok()  # the first transfer timed out on the sender, which cancelled it
 
 
-def test_sender_in_another_process(receiver_for):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sender_in_another_process(transport, receiver_for):
     layout = LAYOUTS["gqa"]
-    rx, dst = receiver_for(layout)
+    rx, dst = receiver_for(layout, transport=transport)
     h = rx.expect("proc-req", [3, 4, 5], 70)
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
     p = ctx.Process(
-        target=sender_process, args=(rx.address, layout.to_dict(), 64, 11, [7, 8, 9], 70, None, "raw", ready)
+        target=sender_process,
+        args=(rx.address, layout.to_dict(), 64, 11, [7, 8, 9], 70, None, "raw", ready, transport),
     )
     p.start()
     try:

@@ -9,15 +9,24 @@ import pytest
 
 import kvwire
 from kvwire.proto import FrameType, Header, crc32c
-from tests.helpers import SECRET, WireClient, assert_transferred, filled, receiver_process, sender_process
+from tests.helpers import (
+    SECRET,
+    TRANSPORTS,
+    WireClient,
+    assert_transferred,
+    filled,
+    receiver_process,
+    sender_process,
+)
 
 LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
 
 
 @pytest.fixture
-def rx():
+def rx(request):
+    """A receiver over TCP, or over the transport a test parametrizes it with (indirect)."""
     dst = LAYOUT.allocate(32)
-    receiver = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    receiver = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, transport=getattr(request, "param", "tcp"))
     receiver.dst = dst
     yield receiver
     receiver.close()
@@ -31,24 +40,26 @@ def still_serves(rx, request_id="after") -> None:
     """A well-behaved sender still gets through after whatever the test did."""
     src = filled(LAYOUT, 32, seed=99)
     h = rx.expect(request_id, [30, 31], 20)
-    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2) as tx:
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, transport=rx.transport) as tx:
         tx.send(request_id, [0, 1], 20, timeout=20)
     h.wait(timeout=10)
     assert_transferred(LAYOUT, src, [0, 1], rx.dst, [30, 31], 20)
 
 
+@pytest.mark.parametrize("rx", TRANSPORTS, indirect=True)
 def test_wrong_secret_fails_on_both_sides(rx):
     with pytest.raises(kvwire.AuthenticationFailed, match="prove"):
-        kvwire.Sender(LAYOUT, rx.address, secret="not-the-secret", kv_caches=LAYOUT.allocate(4))
+        kvwire.Sender(LAYOUT, rx.address, secret="not-the-secret", kv_caches=LAYOUT.allocate(4), transport=rx.transport)
     time.sleep(0.2)
     assert rx.stats()["rejected_connections"] >= 1
     still_serves(rx)
 
 
+@pytest.mark.parametrize("rx", TRANSPORTS, indirect=True)
 def test_wrong_layout_fails_on_both_sides(rx):
     other = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=32)
     with pytest.raises(kvwire.LayoutMismatch, match="block 32.*block 16"):
-        kvwire.Sender(other, rx.address, secret=SECRET, kv_caches=other.allocate(4))
+        kvwire.Sender(other, rx.address, secret=SECRET, kv_caches=other.allocate(4), transport=rx.transport)
     time.sleep(0.2)
     assert "layout mismatch" in rx.stats()["rejected"][-1]["reason"]
 
@@ -112,11 +123,13 @@ def test_truncated_frame_then_disconnect(rx):
     still_serves(rx)
 
 
+@pytest.mark.parametrize("rx", TRANSPORTS, indirect=True)
 def test_sender_killed_mid_transfer(rx):
     h = rx.expect("proc-req", [4, 5, 6], 40)
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    p = ctx.Process(target=sender_process, args=(rx.address, LAYOUT.to_dict(), 32, 3, [0, 1, 2], 40, 1, "raw", ready))
+    args = (rx.address, LAYOUT.to_dict(), 32, 3, [0, 1, 2], 40, 1, "raw", ready, rx.transport)
+    p = ctx.Process(target=sender_process, args=args)
     p.start()
     try:
         assert ready.wait(60)
