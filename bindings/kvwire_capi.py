@@ -17,6 +17,7 @@ import itertools
 import json
 import threading
 import traceback
+from typing import Any
 
 OK, INVALID, TIMEOUT, PEER_LOST, AUTH, PROTOCOL, LAYOUT, CANCELLED, TRANSFER, CLOSED, INIT, INTERNAL = range(12)
 MESSAGES = {
@@ -235,8 +236,14 @@ def _store(out, kind: str, obj) -> None:
     out[0] = _ffi.cast(f"kvw_{kind} *", _handles.add(kind, obj))
 
 
-def _handle(kind: str, ptr) -> int:
-    return int(_ffi.cast("uintptr_t", ptr))
+def _get(kind: str, ptr) -> Any:
+    """The object behind a C handle (``kvw_<kind> *``); the C argument is named ``kind``."""
+    return _handles.get(kind, int(_ffi.cast("uintptr_t", ptr)), kind)
+
+
+def _pop(kind: str, ptr) -> Any:
+    """As :func:`_get`, and forget the handle (close and free)."""
+    return _handles.pop(kind, int(_ffi.cast("uintptr_t", ptr)), kind)
 
 
 def install(ffi) -> None:
@@ -307,17 +314,17 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_sender_stats_json(sender, buf, buf_len):
-        _write_json(_handles.get("sender", _handle("sender", sender), "sender").stats(), buf, buf_len)
+        _write_json(_get("sender", sender).stats(), buf, buf_len)
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_sender_close(sender):
-        _handles.pop("sender", _handle("sender", sender), "sender").close()
+        _pop("sender", sender).close()
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_transfer_begin(sender, request_id, block_ids, num_blocks, num_tokens, deadline_s, out):
-        s = _handles.get("sender", _handle("sender", sender), "sender")
+        s = _get("sender", sender)
         t = s.transfer(text(request_id, "request_id"), block_list(block_ids, num_blocks), num_tokens,
                        deadline=deadline_s if deadline_s > 0 else 60.0)  # fmt: skip
         _store(out, "transfer", t)
@@ -325,7 +332,7 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_transfer_send_layer(transfer, layer, cuda_stream):
-        t = _handles.get("transfer", _handle("transfer", transfer), "transfer")
+        t = _get("transfer", transfer)
         if cuda_stream == ffi.NULL:
             t.send_layer(layer)
             return
@@ -337,17 +344,17 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_transfer_finish(transfer, timeout_s):
-        _handles.get("transfer", _handle("transfer", transfer), "transfer").finish(timeout(timeout_s))
+        _get("transfer", transfer).finish(timeout(timeout_s))
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_transfer_cancel(transfer):
-        _handles.get("transfer", _handle("transfer", transfer), "transfer").cancel()
+        _get("transfer", transfer).cancel()
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_transfer_free(transfer):
-        t = _handles.pop("transfer", _handle("transfer", transfer), "transfer")
+        t = _pop("transfer", transfer)
         if not t.done():
             t.cancel("freed before it ended")
 
@@ -378,7 +385,7 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_receiver_port(receiver, port):
-        r = _handles.get("receiver", _handle("receiver", receiver), "receiver")
+        r = _get("receiver", receiver)
         if port == ffi.NULL:
             raise Invalid("port: NULL")
         port[0] = r.address[1]
@@ -386,17 +393,17 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_receiver_stats_json(receiver, buf, buf_len):
-        _write_json(_handles.get("receiver", _handle("receiver", receiver), "receiver").stats(), buf, buf_len)
+        _write_json(_get("receiver", receiver).stats(), buf, buf_len)
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_receiver_close(receiver):
-        _handles.pop("receiver", _handle("receiver", receiver), "receiver").close()
+        _pop("receiver", receiver).close()
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_expect(receiver, request_id, block_ids, num_blocks, num_tokens, deadline_s, out):
-        r = _handles.get("receiver", _handle("receiver", receiver), "receiver")
+        r = _get("receiver", receiver)
         h = r.expect(text(request_id, "request_id"), block_list(block_ids, num_blocks), num_tokens,
                      deadline=deadline_s if deadline_s > 0 else 60.0)  # fmt: skip
         _store(out, "request", h)
@@ -404,22 +411,22 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_request_wait_layer(request, layer, timeout_s):
-        _handles.get("request", _handle("request", request), "request").wait_layer(layer, timeout(timeout_s))
+        _get("request", request).wait_layer(layer, timeout(timeout_s))
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_request_wait(request, timeout_s):
-        _handles.get("request", _handle("request", request), "request").wait(timeout(timeout_s))
+        _get("request", request).wait(timeout(timeout_s))
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_request_cancel(request):
-        _handles.get("request", _handle("request", request), "request").cancel()
+        _get("request", request).cancel()
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_request_free(request):
-        h = _handles.pop("request", _handle("request", request), "request")
+        h = _pop("request", request)
         if not h.done():
             h.cancel("freed before it ended")
 
