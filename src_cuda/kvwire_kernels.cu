@@ -385,9 +385,8 @@ __device__ void int4v_decode(Paged dst, int T, int H, int D, int G, const u8* in
 // Keys: group (b, h, d) = channel d of head h over the tokens of block b. One thread
 // handles the channel pair (2c, 2c+1), so it writes whole code bytes.
 template <int KIND>
-__device__ void int4k_encode(Paged src, int T, int H, int D, u8* out) {
-  int bs = src.bs;
-  int nb = (T + bs - 1) / bs;
+__device__ void int4k_encode(Paged src, int T, int H, int D, int K, u8* out) {
+  int nb = (T + K - 1) / K;  // key groups of K tokens (the block size, or the codec's key_tokens)
   i64 groups = (i64)nb * H * D;
   i64 pairs = (i64)nb * H * (D / 2);
   u16* scales = reinterpret_cast<u16*>(out);
@@ -397,7 +396,7 @@ __device__ void int4k_encode(Paged src, int T, int H, int D, u8* out) {
     int c = (int)(i % (D / 2));
     i64 bh = i / (D / 2);
     int h = (int)(bh % H), b = (int)(bh / H);
-    int t0 = b * bs, t1 = min(T, t0 + bs);
+    int t0 = b * K, t1 = min(T, t0 + K);
     float mn[2] = {3.0e38f, 3.0e38f}, mx[2] = {-3.0e38f, -3.0e38f};
     bool any[2] = {false, false};
     for (int t = t0; t < t1; ++t) {
@@ -429,9 +428,8 @@ __device__ void int4k_encode(Paged src, int T, int H, int D, u8* out) {
 }
 
 template <int KIND>
-__device__ void int4k_decode(Paged dst, int T, int H, int D, const u8* in) {
-  int bs = dst.bs;
-  int nb = (T + bs - 1) / bs;
+__device__ void int4k_decode(Paged dst, int T, int H, int D, int K, const u8* in) {
+  int nb = (T + K - 1) / K;
   i64 groups = (i64)nb * H * D;
   i64 pairs = (i64)T * H * (D / 2);
   const u16* scales = reinterpret_cast<const u16*>(in);
@@ -441,7 +439,7 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, const u8* in) {
     int c = (int)(i % (D / 2));
     i64 th = i / (D / 2);
     int h = (int)(th % H), t = (int)(th / H);
-    i64 gid = ((i64)(t / bs) * H + h) * D + 2 * c;
+    i64 gid = ((i64)(t / K) * H + h) * D + 2 * c;
     u8 byte = packed[i];
     u16* p = dst.row(t, h) + (i64)(2 * c) * dst.s_dim;
     p[0] = from_float<KIND>(int4_value(byte & 15u, half_to_float(scales[gid]), half_to_float(zeros[gid])));
@@ -452,8 +450,9 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, const u8* in) {
 
 // ---------------------------------------------------------------------------------
 // Entry points: kvw_<op>_<dtype>[_vec]. Arguments are the same for every encode:
-//   (cache, block_table, T, H, D, bs, s_block, s_tok, s_head, s_dim, out [, G])
-// and every decode takes `in` in place of `out`.
+//   (cache, block_table, T, H, D, bs, s_block, s_tok, s_head, s_dim, out [, G | K])
+// and every decode takes `in` in place of `out`. G: channels per int4 value group;
+// K: tokens per int4 key group (the block size unless the codec sets key_tokens).
 // ---------------------------------------------------------------------------------
 #define PAGED_ARGS u16 *cache, const int *table, int T, int H, int D, int bs, i64 sb, i64 st, i64 sh, i64 sd
 #define PAGED make_paged(cache, table, bs, sb, st, sh, sd)
@@ -493,8 +492,12 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, const u8* in) {
   extern "C" __global__ void kvw_int4v_decode_##NAME##_vec(PAGED_ARGS, const u8* in, int G) {                  \
     int4v_decode<KIND, true>(PAGED, T, H, D, G, in);                                                           \
   }                                                                                                            \
-  extern "C" __global__ void kvw_int4k_encode_##NAME(PAGED_ARGS, u8* out) { int4k_encode<KIND>(PAGED, T, H, D, out); } \
-  extern "C" __global__ void kvw_int4k_decode_##NAME(PAGED_ARGS, const u8* in) { int4k_decode<KIND>(PAGED, T, H, D, in); }
+  extern "C" __global__ void kvw_int4k_encode_##NAME(PAGED_ARGS, u8* out, int K) {                            \
+    int4k_encode<KIND>(PAGED, T, H, D, K, out);                                                                \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4k_decode_##NAME(PAGED_ARGS, const u8* in, int K) {                        \
+    int4k_decode<KIND>(PAGED, T, H, D, K, in);                                                                 \
+  }
 
 DEFINE_FOR_KIND(bf16, 0)
 DEFINE_FOR_KIND(fp16, 1)
@@ -571,8 +574,8 @@ extern "C" void emu_kvw_crc32c(unsigned int grid, unsigned int block, const u8* 
   EMU_WRAP_G(kvw_int4v_encode_##NAME##_vec, u8*)         \
   EMU_WRAP_G(kvw_int4v_decode_##NAME, const u8*)         \
   EMU_WRAP_G(kvw_int4v_decode_##NAME##_vec, const u8*)   \
-  EMU_WRAP(kvw_int4k_encode_##NAME, u8*)                 \
-  EMU_WRAP(kvw_int4k_decode_##NAME, const u8*)
+  EMU_WRAP_G(kvw_int4k_encode_##NAME, u8*)               \
+  EMU_WRAP_G(kvw_int4k_decode_##NAME, const u8*)
 EMU_FOR_KIND(bf16)
 EMU_FOR_KIND(fp16)
 #endif

@@ -75,13 +75,14 @@ def _int4_group(values: list[np.float32]) -> tuple[np.float16, np.float16, list[
     return scale, zero, codes
 
 
-def int4_encode(x: np.ndarray, role: str, block_size: int, group_size: int) -> bytes:
+def int4_encode(x: np.ndarray, role: str, key_group: int, group_size: int) -> bytes:
+    """``key_group``: tokens per key group (the block size, or the codec's ``key_tokens``)."""
     T, H, D = x.shape
     codes = np.zeros((T, H, D), dtype=np.uint8)
     scales, zeros = [], []
     if role == "k":
-        for b in range(-(-T // block_size)):
-            rows = range(b * block_size, min((b + 1) * block_size, T))
+        for b in range(-(-T // key_group)):
+            rows = range(b * key_group, min((b + 1) * key_group, T))
             for h in range(H):
                 for d in range(D):
                     s, z, c = _int4_group([x[t, h, d] for t in rows])

@@ -253,4 +253,32 @@ def test_fp8_bytes_follow_the_written_format(values, dtype):
 def test_int4_bytes_follow_the_written_format(values, role, dtype):
     x = torch.tensor(values).to(dtype).view(-1, 2, 32)
     ours = kvwire.codec.get("int4", group_size=32).encode(x, role, block_size=2).tobytes()
-    assert ours == spec_scalar.int4_encode(x.float().numpy(), role, block_size=2, group_size=32)
+    assert ours == spec_scalar.int4_encode(x.float().numpy(), role, key_group=2, group_size=32)
+
+
+@pytest.mark.parametrize("key_tokens, block_size", [(16, 4), (32, 16), (64, 16)])
+def test_int4_key_groups_of_key_tokens_follow_the_written_format(key_tokens, block_size):
+    """With ``key_tokens`` the key groups run over that many tokens whatever the block
+    size (the last one partial); values are unaffected."""
+    g = torch.Generator().manual_seed(key_tokens)
+    x = (torch.randn(2 * key_tokens + 5, 2, 32, generator=g) * 3).to(torch.bfloat16)
+    codec = kvwire.codec.get(f"int4/g32/k{key_tokens}")
+    ours = codec.encode(x, "k", block_size=block_size).tobytes()
+    assert ours == spec_scalar.int4_encode(x.float().numpy(), "k", key_group=key_tokens, group_size=32)
+    y = codec.decode(codec.encode(x, "k", block_size)).float()
+    assert ((y - x.float()) ** 2).mean() / (x.float() ** 2).mean() < 0.05  # decodes group by group too
+    plain = kvwire.codec.get("int4/g32")
+    assert codec.encode(x, "v", block_size).tobytes() == plain.encode(x, "v", block_size).tobytes()
+
+
+def test_int4_larger_key_groups_shrink_the_keys():
+    x = torch.randn(256, 8, 128).to(torch.bfloat16)
+    sizes = {k: kvwire.codec.get("int4" if k is None else f"int4/k{k}").encode(x, "k", 16).nbytes for k in (None, 64)}
+    assert x.numel() * 2 / sizes[None] == pytest.approx(2.67, abs=0.01)  # scale + zero per 16 tokens
+    assert x.numel() * 2 / sizes[64] == pytest.approx(3.56, abs=0.01)  # per 64 tokens
+
+
+@pytest.mark.parametrize("bad", ["int4/k48", "int4/k", "fp8/k64", "int4/x64"])
+def test_bad_key_group_descriptors_are_refused(bad):
+    with pytest.raises(ValueError, match="key_tokens|malformed"):
+        kvwire.codec.get(bad)

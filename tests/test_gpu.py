@@ -38,7 +38,7 @@ def cache(num_blocks, bs, H, D, dtype, hnd=False, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4"])
+@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int4/g64/k64"])
 @pytest.mark.parametrize("role", ["k", "v"])
 @pytest.mark.parametrize(
     "bs, tokens, hnd",

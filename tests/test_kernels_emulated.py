@@ -40,6 +40,8 @@ CASES = [
     ("int4", "v", 2, 128, 16, 21, False),
     ("int4", "v", 2, 64, 8, 12, True),
     ("int4", "kv", 1, 576, 16, 17, False),
+    ("int4/k32", "k", 2, 64, 16, 37, False),  # key groups of 32 tokens over blocks of 16
+    ("int4/k64", "k", 2, 32, 4, 70, True),  # ... of 64 over blocks of 4, the last group partial
 ]
 
 

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=8192, help="tokens per request (default 8192: 1 GiB for llama3-8b)")
     p.add_argument("--requests", type=int, default=1, help="requests in flight at once")
     p.add_argument("--rounds", type=int, default=1, help="times the requests are sent (total = rounds x requests)")
-    p.add_argument("--codec", default="raw", help="raw, fp8, int4, or any +lz4")
+    p.add_argument("--codec", default="raw", help="raw, fp8, int4 (or e.g. int4/g64/k64), any +lz4")
     p.add_argument("--streams", type=int, default=kvwire.engine.sender.DEFAULT_STREAMS, help="TCP connections")
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")

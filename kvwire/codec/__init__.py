@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from kvwire.codec.base import ROLES, ChunkSpec, Codec, Encoded, as_chunk
 from kvwire.codec.fp8 import Fp8Codec
-from kvwire.codec.int4 import GROUP_SIZES, Int4Codec
+from kvwire.codec.int4 import GROUP_SIZES, KEY_TOKENS, Int4Codec
 from kvwire.codec.lz4stage import Lz4Stage
 from kvwire.codec.raw import RawCodec
 
@@ -25,30 +25,35 @@ BASE_CODECS = ("raw", "fp8", "int4")
 NAMES = BASE_CODECS + tuple(f"{n}+lz4" for n in BASE_CODECS)
 
 
-def get(name: str, *, group_size: int = 64) -> Codec:
-    """The codec called ``name`` (see ``NAMES``); ``group_size`` applies to ``int4`` values.
+def get(name: str, *, group_size: int = 64, key_tokens: int | None = None) -> Codec:
+    """The codec called ``name`` (see ``NAMES``). For ``int4``: ``group_size`` channels per
+    value group, ``key_tokens`` tokens per key group (None: the block size).
 
-    Also accepts a descriptor as peers exchange it, e.g. ``"int4/g128+lz4"``.
+    Also accepts a descriptor as peers exchange it, e.g. ``"int4/g128+lz4"`` or
+    ``"int4/g64/k64"``.
     """
     if not isinstance(name, str):
         raise TypeError(f"codec: expected a name, got {type(name).__name__}")
     base, plus, stage = name.partition("+")
     if plus and stage != "lz4":
         raise ValueError(f"codec: unknown stage {stage!r} in {name!r}; known codecs: {', '.join(NAMES)}")
-    base, slash, param = base.partition("/")
-    if slash:
-        if base != "int4" or not param.startswith("g") or not param[1:].isdigit():
+    base, *params = base.split("/")
+    for param in params:
+        if base != "int4" or param[:1] not in ("g", "k") or not param[1:].isdigit():
             raise ValueError(f"codec: malformed descriptor {name!r}")
-        group_size = int(param[1:])
+        if param[0] == "g":
+            group_size = int(param[1:])
+        else:
+            key_tokens = int(param[1:])
     if base == "raw":
         codec: Codec = RawCodec()
     elif base == "fp8":
         codec = Fp8Codec()
     elif base == "int4":
-        codec = Int4Codec(group_size=group_size)
+        codec = Int4Codec(group_size=group_size, key_tokens=key_tokens)
     else:
         raise ValueError(f"codec: unknown codec {name!r}; known codecs: {', '.join(NAMES)}")
     return Lz4Stage(codec) if plus else codec
 
 
-__all__ = ["get", "NAMES", "ROLES", "GROUP_SIZES", "ChunkSpec", "Codec", "Encoded", "as_chunk"]
+__all__ = ["get", "NAMES", "ROLES", "GROUP_SIZES", "KEY_TOKENS", "ChunkSpec", "Codec", "Encoded", "as_chunk"]

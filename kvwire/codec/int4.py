@@ -2,9 +2,11 @@
 
 Groups (the KIVI split, because keys have a few outlier *channels* while values do not):
 
-* keys (role ``k``): per channel, along the tokens of one block: group ``[b, h, d]``
-  covers tokens ``b*block_size .. (b+1)*block_size - 1`` of the chunk (the last group
-  of a partial block covers only the tokens present);
+* keys (role ``k``): per channel, along ``K`` consecutive tokens: group ``[b, h, d]``
+  covers tokens ``b*K .. (b+1)*K - 1`` of the chunk (the last group covers only the
+  tokens present). ``K`` is the block size unless the codec sets ``key_tokens``
+  (descriptor ``int4/g64/k64``): larger key groups halve or quarter the keys' share of
+  scales and zero-points (keys at K=16: 2.67x smaller than bf16; K=64: 3.56x);
 * values, latents and states (``v``, ``kv``, ``state``): per token, along ``head_dim``
   in runs of ``group_size`` (32, 64 or 128) channels.
 
@@ -33,6 +35,7 @@ import torch
 from kvwire.codec.base import ChunkSpec, Codec, check_length, take
 
 GROUP_SIZES = (32, 64, 128)
+KEY_TOKENS = (16, 32, 64, 128, 256)
 FP16_MAX = 65504.0
 
 
@@ -95,14 +98,22 @@ def _key_blocks(x: torch.Tensor, block_size: int) -> list[torch.Tensor]:
 class Int4Codec(Codec):
     name = "int4"
 
-    def __init__(self, group_size: int = 64) -> None:
+    def __init__(self, group_size: int = 64, key_tokens: int | None = None) -> None:
         if group_size not in GROUP_SIZES:
             raise ValueError(f"group_size: {group_size} is not one of {GROUP_SIZES}")
+        if key_tokens is not None and key_tokens not in KEY_TOKENS:
+            raise ValueError(f"key_tokens: {key_tokens} is not one of {KEY_TOKENS} (or None: the block size)")
         self.group_size = group_size
+        self.key_tokens = key_tokens
 
     @property
     def descriptor(self) -> str:
-        return f"int4/g{self.group_size}"
+        keys = "" if self.key_tokens is None else f"/k{self.key_tokens}"
+        return f"int4/g{self.group_size}{keys}"
+
+    def key_group(self, spec: ChunkSpec) -> int:
+        """Tokens per key group: ``key_tokens``, or the block size when it is not set."""
+        return self.key_tokens or spec.block_size
 
     def check(self, spec: ChunkSpec) -> None:
         if spec.head_dim % 2:
@@ -115,7 +126,7 @@ class Int4Codec(Codec):
 
     def _num_groups(self, spec: ChunkSpec) -> int:
         if spec.role == "k":
-            blocks = -(-spec.tokens // spec.block_size)
+            blocks = -(-spec.tokens // self.key_group(spec))
             return blocks * spec.heads * spec.head_dim
         return spec.tokens * spec.heads * (spec.head_dim // self.group_size)
 
@@ -128,7 +139,7 @@ class Int4Codec(Codec):
         T, H, D = spec.shape
         if spec.role == "k":
             params, code_parts = [], []
-            for part in _key_blocks(xf, spec.block_size):  # [blocks, tokens, H, D]
+            for part in _key_blocks(xf, self.key_group(spec)):  # [groups, tokens, H, D]
                 mn, mx = _finite_minmax(part, dim=1)
                 scale, zero = int4_params(mn, mx)
                 params.append((scale, zero))
@@ -158,7 +169,7 @@ class Int4Codec(Codec):
             out = torch.empty(T, H, D)
             s, z = scale.view(-1, H, D), zero.view(-1, H, D)
             row = block = 0
-            for part in _key_blocks(codes, spec.block_size):
+            for part in _key_blocks(codes, self.key_group(spec)):
                 n, bs = part.shape[0], part.shape[1]
                 y = part * s[block : block + n].unsqueeze(1)
                 y += z[block : block + n].unsqueeze(1)

@@ -199,8 +199,10 @@ def _plan(codec: Codec, chunk: Chunk, role: str, op: str):
         name, work = f"kvw_fp8_{op}_{kind}", chunk.rows * H  # one warp per row
     elif role == "k":
         name, vec = f"kvw_int4k_{op}_{kind}", False  # one thread per channel pair
-        groups = -(-chunk.rows // chunk.block_size) if op == "encode" else chunk.rows
+        K = inner.key_group(spec)
+        groups = -(-chunk.rows // K) if op == "encode" else chunk.rows
         work = groups * H * (D // 2)
+        extra = [("i32", K)]
     else:
         name, work = f"kvw_int4v_{op}_{kind}", chunk.rows * H * (D // inner.group_size)  # one thread per group
         extra = [("i32", inner.group_size)]

@@ -8,6 +8,7 @@ so chunks can travel on any connection and be placed in any order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,15 @@ def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
     return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, role_of(t.name), layout.block_size)
 
 
+def row_unit(codec: Codec, t: TensorPlan) -> int:
+    """Rows a chunk of ``t`` holds a multiple of: whole blocks, and for int4 keys with
+    ``key_tokens`` whole key groups too, so the bytes do not depend on where chunks are cut."""
+    key_tokens = getattr(getattr(codec, "inner", codec), "key_tokens", None)
+    if t.name == "k" and key_tokens:
+        return math.lcm(t.unit, key_tokens)
+    return t.unit
+
+
 def plan_chunks(
     layout: KVLayout, codec: Codec, tensors: list[TensorPlan], target_bytes: int, max_payload: int
 ) -> list[ChunkRef]:
@@ -42,14 +52,15 @@ def plan_chunks(
     for t in tensors:
         if t.rows == 0:
             continue
-        unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(t.unit, t.rows)))
+        unit = row_unit(codec, t)
+        unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(unit, t.rows)))
         units = max(1, target_bytes // max(unit_bytes, 1))
-        rows_per_chunk = units * t.unit
-        while rows_per_chunk > t.unit and codec.encoded_size(chunk_spec(layout, t, rows_per_chunk)) > max_payload:
-            rows_per_chunk -= t.unit
+        rows_per_chunk = units * unit
+        while rows_per_chunk > unit and codec.encoded_size(chunk_spec(layout, t, rows_per_chunk)) > max_payload:
+            rows_per_chunk -= unit
         if codec.encoded_size(chunk_spec(layout, t, min(rows_per_chunk, t.rows))) > max_payload:
             raise ValueError(
-                f"layer {t.layer} {t.name!r}: one {'block' if t.unit > 1 else 'row'} encodes to "
+                f"layer {t.layer} {t.name!r}: one {'block' if unit > 1 else 'row'} encodes to "
                 f"{unit_bytes} bytes, more than the receiver's largest payload ({max_payload}); "
                 f"raise the receiver's slot_bytes"
             )
