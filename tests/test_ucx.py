@@ -46,3 +46,42 @@ def test_ucx_on_loopback_here_has_no_cuda_transport():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: tests/test_gpu.py checks the device path there")
     assert ucx.moves_device_memory("127.0.0.1") is False
+
+
+@pytest.mark.parametrize("codec", ["raw", "fp8", "int4/g64/k64"])
+def test_the_device_payload_path_on_the_host_emulation(codec, monkeypatch):
+    """The GPU-direct path end to end over real UCX, with the kernels' host emulation in
+    place of the GPU and host tensors in place of device memory: the handshake agrees on
+    device payloads, each payload travels as its own message, the receiver checks it with
+    kvw_crc32c and decodes it with the kernels. (On a GPU: tests/test_gpu.py.)"""
+    import shutil
+
+    from kvwire.cuda import kernels
+    from kvwire.engine import receiver as receiver_module
+    from kvwire.engine import sender as sender_module
+    from kvwire.transport import ucx
+    from tests.helpers import assert_transferred, filled
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ to build the host emulation")
+    emulated = kernels.EmulatedBackend.build()
+    monkeypatch.setattr(ucx, "moves_device_memory", lambda host=None: True)
+    monkeypatch.setattr(sender_module, "_gpu_kernels", lambda device, codec, dtype: emulated)
+    layout = LAYOUTS["mha"]
+    dst = layout.allocate(16)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx")
+    rx._kernels = receiver_module._KernelsByCodec(torch.device("cpu"), layout.dtype)  # as on a GPU
+    try:
+        src = filled(layout, 16, seed=7)
+        h = rx.expect("d", [9, 3, 4], 40)
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, codec=codec, streams=2,
+                           transport="ucx", chunk_bytes=8 << 10) as tx:  # fmt: skip
+            tx.send("d", [1, 2, 5], 40, timeout=60)
+            paths = {c["path"] for c in tx.stats()["connections"]}
+        h.wait(timeout=10)
+        stats = rx.stats()
+    finally:
+        rx.close()
+    assert paths == {"device memory (direct)"}
+    assert stats["device_payloads"] == stats["frames"] > 0
+    assert_transferred(layout, src, [1, 2, 5], dst, [9, 3, 4], 40, codec)

@@ -724,7 +724,8 @@ class Receiver:
         with torch.cuda.stream(self._side_stream):
             on_device = data.to(self._device, non_blocking=True)
             kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=self._side_stream)
-        self._side_stream.synchronize()  # the slot is reused, and the ACK promises the bytes are there
+        if self._side_stream is not None:  # (None: the kernels' host emulation, in tests)
+            self._side_stream.synchronize()  # the slot is reused, and the ACK promises the bytes are there
 
     def _maybe_complete(self, inc: _Incoming) -> list:
         """(lock held) Finish the request if every chunk is in place; return what to do next.

@@ -590,11 +590,11 @@ class Sender:
         sel = handle.selection
         bs = self.layout.block_size
         spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
-        parts = raw_views(caches[ref.name], sel, bs, ref) if self.codec.name == "raw" and ref.name in caches else None
-        slot = None
-        if parts is None and self._device_payloads:
+        if self._device_payloads:
             encoded, crc = self._encode_on_gpu(handle, ref, spec, to_host=False)
             return _OutChunk(handle, ref, [], None, encoded.numel(), spec.raw_nbytes, encoded, crc)
+        parts = raw_views(caches[ref.name], sel, bs, ref) if self.codec.name == "raw" and ref.name in caches else None
+        slot = None
         if parts is None and self._kernels is not None:
             slot, n = self._encode_on_gpu(handle, ref, spec)
             parts = [slot.view(n)]

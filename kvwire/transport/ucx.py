@@ -96,6 +96,12 @@ def moves_device_memory(host: str | None = None) -> bool:
         return False
 
 
+def _ucx_buffer(tensor):
+    """What UCXX takes for a tensor: CUDA tensors as they are (``__cuda_array_interface__``),
+    host tensors as numpy views (the kernels' host emulation uses those in tests)."""
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor
+
+
 class UcxStream:
     """One UCX endpoint: write all of a frame, read exactly N bytes. Errors are PeerLost."""
 
@@ -138,7 +144,7 @@ class UcxStream:
         await self._ep.send(header)
         await self._ep.send(data)
         if device_payload is not None:
-            await self._ep.send(device_payload)
+            await self._ep.send(_ucx_buffer(device_payload))
 
     def recv_device_into(self, tensor) -> None:
         """Receive the next message, a DATA payload sent with ``device_payload``, into
@@ -147,7 +153,7 @@ class UcxStream:
         with self._recv_lock:
             if len(self._message):
                 raise PeerLost(f"UCX endpoint to {self.peer}: a device payload did not follow its header")
-            self._call(self._ep.recv(tensor), "receiving")
+            self._call(self._ep.recv(_ucx_buffer(tensor)), "receiving")
         self.bytes_received += tensor.numel()
 
     def recv_into_exact(self, view: memoryview) -> None:
