@@ -48,29 +48,42 @@ def test_ucx_on_loopback_here_has_no_cuda_transport():
     assert ucx.moves_device_memory("127.0.0.1") is False
 
 
-@pytest.mark.parametrize("codec", ["raw", "fp8", "int4/g64/k64"])
-def test_the_device_payload_path_on_the_host_emulation(codec, monkeypatch):
-    """The GPU-direct path end to end over real UCX, with the kernels' host emulation in
-    place of the GPU and host tensors in place of device memory: the handshake agrees on
-    device payloads, each payload travels as its own message, the receiver checks it with
-    kvw_crc32c and decodes it with the kernels. (On a GPU: tests/test_gpu.py.)"""
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """Make the engine take its GPU-direct path on this machine: the kernels' host
+    emulation in place of the GPU, host tensors in place of device memory, and a UCX
+    that says it moves device memory. Returns a function that gives a receiver kernels."""
     import shutil
 
     from kvwire.cuda import kernels
     from kvwire.engine import receiver as receiver_module
     from kvwire.engine import sender as sender_module
     from kvwire.transport import ucx
-    from tests.helpers import assert_transferred, filled
 
     if shutil.which("g++") is None:
         pytest.skip("needs g++ to build the host emulation")
     emulated = kernels.EmulatedBackend.build()
     monkeypatch.setattr(ucx, "moves_device_memory", lambda host=None: True)
     monkeypatch.setattr(sender_module, "_gpu_kernels", lambda device, codec, dtype: emulated)
+
+    def give_kernels(rx):
+        rx._kernels = receiver_module._KernelsByCodec(torch.device("cpu"), rx.layout.dtype)  # as on a GPU
+        return rx
+
+    return give_kernels
+
+
+@pytest.mark.parametrize("codec", ["raw", "fp8", "int4/g64/k64"])
+def test_the_device_payload_path_on_the_host_emulation(codec, emulated_gpu):
+    """The GPU-direct path end to end over real UCX, with the kernels' host emulation in
+    place of the GPU and host tensors in place of device memory: the handshake agrees on
+    device payloads, each payload travels as its own message, the receiver checks it with
+    kvw_crc32c and decodes it with the kernels. (On a GPU: tests/test_gpu.py.)"""
+    from tests.helpers import assert_transferred, filled
+
     layout = LAYOUTS["mha"]
     dst = layout.allocate(16)
-    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx")
-    rx._kernels = receiver_module._KernelsByCodec(torch.device("cpu"), layout.dtype)  # as on a GPU
+    rx = emulated_gpu(kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx"))
     try:
         src = filled(layout, 16, seed=7)
         h = rx.expect("d", [9, 3, 4], 40)
@@ -85,3 +98,34 @@ def test_the_device_payload_path_on_the_host_emulation(codec, monkeypatch):
     assert paths == {"device memory (direct)"}
     assert stats["device_payloads"] == stats["frames"] > 0
     assert_transferred(layout, src, [1, 2, 5], dst, [9, 3, 4], 40, codec)
+
+
+def test_a_corrupted_device_payload_is_refused_and_written_nowhere(emulated_gpu, monkeypatch):
+    """A device payload whose bytes do not match the header's CRC32C: the receiver checks
+    it on the device, closes the connections, and the destination stays untouched."""
+    from kvwire.engine import sender as sender_module
+    from tests.helpers import filled
+
+    layout = LAYOUTS["mha"]
+    dst = layout.allocate(16)
+    rx = emulated_gpu(kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx"))
+    real = sender_module.Sender._encode_on_gpu
+
+    def corrupt(self, handle, ref, spec, to_host=True):
+        encoded, crc = real(self, handle, ref, spec, to_host)
+        encoded[len(encoded) // 2] ^= 0x10  # one bit flipped after the CRC was taken
+        return encoded, crc
+
+    monkeypatch.setattr(sender_module.Sender, "_encode_on_gpu", corrupt)
+    try:
+        h = rx.expect("bad", [9, 3, 4], 40)
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=filled(layout, 16), streams=2,
+                           transport="ucx") as tx:  # fmt: skip
+            with pytest.raises(kvwire.PeerLost):
+                tx.send("bad", [1, 2, 5], 40, timeout=30)
+        with pytest.raises(kvwire.TransferError):
+            h.wait(timeout=10)
+        assert rx.stats()["protocol_errors"] >= 1
+    finally:
+        rx.close()
+    assert all((t == 0).all() for layer in dst for t in layer.values())
