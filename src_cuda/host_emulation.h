@@ -23,8 +23,9 @@
 struct EmuDim {
   unsigned int x = 0;
 };
-inline thread_local EmuDim threadIdx, blockIdx;
-inline EmuDim blockDim, gridDim;
+// Per thread, like the indices: launches from several host threads at once (a sender and
+// a receiver in one test process) must not see each other's grid.
+inline thread_local EmuDim threadIdx, blockIdx, blockDim, gridDim;
 
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -67,14 +68,14 @@ inline unsigned int atomicXor(unsigned int* address, unsigned int value) {
 
 // Launch `kernel` on grid x block threads, one block at a time.
 inline void emu_launch(unsigned int grid, unsigned int block, const std::function<void()>& kernel) {
-  gridDim.x = grid;
-  blockDim.x = block;
   std::vector<float> slots(block);
   for (unsigned int b = 0; b < grid; ++b) {
     std::barrier<> sync((std::ptrdiff_t)block);
     std::vector<std::thread> threads;
     for (unsigned int t = 0; t < block; ++t)
       threads.emplace_back([&, b, t] {
+        gridDim.x = grid;
+        blockDim.x = block;
         blockIdx.x = b;
         threadIdx.x = t;
         emu_warp = EmuWarp{&sync, slots.data()};
