@@ -18,7 +18,8 @@ says which way a connection's payloads go.
 
 Settings pass through the environment (``UCX_TLS``, ``UCX_NET_DEVICES``, ...). Unless
 they are already set, kvwire sets ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` when both ends
-are on loopback, so tests never spread over other interfaces.
+are on loopback, so tests never spread over other interfaces, and the defaults in
+``UCX_DEFAULTS`` (2 MiB TCP segments).
 """
 
 from __future__ import annotations
@@ -45,12 +46,26 @@ def _import_ucxx():
     return ucxx
 
 
+# Defaults kvwire gives UCX unless the environment already sets them (UCX reads them
+# when it starts). 2 MiB TCP segments instead of UCX's 8 KiB: on loopback, 512 MiB, 4
+# connections, 0.48-0.55 -> 0.73-0.78 GB/s (docs/benchmarks.md). UCXX's "blocking"
+# progress mode was faster still (1.2-1.3 GB/s with these segments) but stalled a test
+# for up to a minute at a time, so the progress mode stays UCXX's default ("thread").
+UCX_DEFAULTS = {
+    "UCX_TCP_TX_SEG_SIZE": "2m",
+    "UCX_TCP_RX_SEG_SIZE": "2m",
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+}
+
+
 def configure_for(host: str) -> None:
-    """Default UCX settings that keep loopback traffic on loopback (set before UCX starts)."""
+    """Default UCX settings (set before UCX starts): ``UCX_DEFAULTS``, and on loopback
+    ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` so loopback traffic stays on loopback."""
     if host in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("UCX_TLS", "tcp")
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    for key, value in UCX_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 class _Loop:
