@@ -317,3 +317,21 @@ def test_bad_states_on_the_sender_name_the_problem(receiver_for):
             t.send_layer(0)
         with pytest.raises(TypeError, match="state: dtype"):
             t.send_layer(0, state=torch.zeros(2, 64, 64))
+
+
+def test_tcp_streams_are_byte_streams_that_refuse_device_memory():
+    import socket
+
+    from kvwire.transport import ByteStream, TcpStream
+
+    a, b = socket.socketpair()
+    stream = TcpStream(a, "pair")
+    try:
+        assert isinstance(stream, ByteStream)
+        with pytest.raises(ValueError, match="host memory only"):
+            stream.send_parts([b"x"], device_payload=torch.zeros(1))
+        with pytest.raises(ValueError, match="host memory only"):
+            stream.recv_device_into(torch.zeros(1))
+    finally:
+        stream.close()
+        b.close()

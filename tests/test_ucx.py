@@ -18,6 +18,15 @@ from tests.helpers import SECRET  # noqa: E402
 from tests.test_engine import LAYOUTS  # noqa: E402
 
 
+def test_ucx_streams_are_byte_streams():
+    from kvwire.transport import ByteStream
+    from kvwire.transport.ucx import UcxStream
+
+    methods = [name for name in vars(ByteStream) if not name.startswith("_") and callable(getattr(ByteStream, name))]
+    assert len(methods) == 7
+    assert all(callable(getattr(UcxStream, name, None)) for name in methods)
+
+
 def test_transport_errors_name_the_problem():
     layout = LAYOUTS["mha"]
     with pytest.raises(ValueError, match="transport"):

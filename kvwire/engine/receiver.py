@@ -40,7 +40,8 @@ from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection,
 from kvwire.proto.frames import HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan
 from kvwire.staging import StagingPool
-from kvwire.transport.tcp import SocketOptions, TcpListener, TcpStream, parse_address
+from kvwire.transport import ByteStream
+from kvwire.transport.tcp import SocketOptions, TcpListener, parse_address
 
 log = logging.getLogger("kvwire.receiver")
 
@@ -51,7 +52,7 @@ REAPER_PERIOD_S = 0.05
 
 @dataclass(eq=False)
 class _RConn:
-    stream: TcpStream
+    stream: ByteStream
     proto: ServerConnection
     session: _Session | None = None
     alive: bool = True
@@ -415,7 +416,7 @@ class Receiver:
             return f"accepted codecs are {sorted(self._accepted_codecs)}"
         return None
 
-    def _serve(self, stream: TcpStream) -> None:
+    def _serve(self, stream: ByteStream) -> None:
         proto = ServerConnection(
             self._secret,
             fingerprint=self.layout.fingerprint(),

@@ -38,7 +38,8 @@ from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameT
 from kvwire.proto.frames import HEADER_SIZE
 from kvwire.proto.request import RequestPlan
 from kvwire.staging import StagingClosed, StagingPool
-from kvwire.transport.tcp import SocketOptions, TcpStream, connect, parse_address
+from kvwire.transport import ByteStream
+from kvwire.transport.tcp import SocketOptions, connect, parse_address
 
 log = logging.getLogger("kvwire.sender")
 
@@ -108,7 +109,7 @@ class _OutChunk:
 @dataclass
 class _Conn:
     index: int
-    stream: TcpStream
+    stream: ByteStream
     proto: ClientConnection
     credit: int
     wake: threading.Condition  # on the sender's lock: this connection's writer waits here
@@ -356,6 +357,7 @@ class Sender:
 
     # -- connecting ----------------------------------------------------------------------
     def _open(self, index: int, count: int, tls, options: SocketOptions, timeout: float) -> _Conn:
+        stream: ByteStream
         if self.transport == "ucx":
             from kvwire.transport import ucx
 

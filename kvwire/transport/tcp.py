@@ -147,8 +147,10 @@ class TcpStream:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self.closed = False
 
-    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+    def send_parts(self, parts: Sequence[bytes | memoryview], device_payload=None) -> None:
         """Write every byte of ``parts`` in order (gathered with sendmsg, no joining copy)."""
+        if device_payload is not None:
+            raise ValueError("device_payload: TCP carries payloads from host memory only")
         with self._send_lock:
             try:
                 if self._tls:  # SSL sockets have no sendmsg
@@ -190,6 +192,9 @@ class TcpStream:
             raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
         finally:
             self.bytes_received += got
+
+    def recv_device_into(self, tensor) -> None:
+        raise ValueError("tensor: TCP carries payloads into host memory only")
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
