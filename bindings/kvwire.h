@@ -74,8 +74,9 @@ const char* kvw_last_error(void);
 
 /* Sender. caches: num_layers * 2 tensors (k, v of layer 0, then layer 1, ...) or
  * num_layers tensors for MLA. options: comma-separated key=value, may be NULL or "":
- *   streams=4, codec=raw|fp8|int4|raw+lz4|fp8+lz4|int4+lz4, chunk_kib=2048,
- *   staging_mib=64, connect_timeout=10 */
+ *   streams=4, codec=raw|fp8|int4|raw+lz4|fp8+lz4|int4+lz4 (or a descriptor such as
+ *   int4/g64/k64), chunk_kib=2048, staging_mib=64, connect_timeout=10,
+ *   transport=tcp|ucx (ucx needs UCXX in the embedded Python) */
 int kvw_sender_create(const kvw_layout* layout, const char* peer, const char* secret, const kvw_tensor* caches,
                       int num_caches, const char* options, kvw_sender** out);
 int kvw_sender_stats_json(kvw_sender* sender, char* buf, long long buf_len);
@@ -93,7 +94,8 @@ int kvw_transfer_cancel(kvw_transfer* transfer);
 int kvw_transfer_free(kvw_transfer* transfer);
 
 /* Receiver. listen: "host:port" (port 0 picks one, see kvw_receiver_port). options:
- *   staging_mib=256, slot_kib=4160, window_mib=0 (auto), codecs=fp8|int4 (accepted), unclaimed_timeout=60 */
+ *   staging_mib=256, slot_kib=4160, window_mib=0 (auto), codecs=fp8|int4 (accepted), unclaimed_timeout=60,
+ *   transport=tcp|ucx */
 int kvw_receiver_create(const kvw_layout* layout, const char* listen, const char* secret, const kvw_tensor* caches,
                         int num_caches, const char* options, kvw_receiver** out);
 int kvw_receiver_port(kvw_receiver* receiver, int* port);

@@ -296,7 +296,14 @@ def install(ffi) -> None:
         layout = layout_from(c_layout)
         opts = parse_options(
             text(options, "options", allow_null=True),
-            {"streams": int, "codec": str, "chunk_kib": int, "staging_mib": int, "connect_timeout": float},
+            {
+                "streams": int,
+                "codec": str,
+                "chunk_kib": int,
+                "staging_mib": int,
+                "connect_timeout": float,
+                "transport": str,
+            },  # fmt: skip
         )
         sender = _kvwire.Sender(
             layout,
@@ -308,6 +315,7 @@ def install(ffi) -> None:
             chunk_bytes=opts.get("chunk_kib", 2048) << 10,
             staging_bytes=opts.get("staging_mib", 64) << 20,
             connect_timeout=opts.get("connect_timeout", 10.0),
+            transport=opts.get("transport", "tcp"),
         )
         _store(out, "sender", sender)
 
@@ -367,7 +375,14 @@ def install(ffi) -> None:
         layout = layout_from(c_layout)
         opts = parse_options(
             text(options, "options", allow_null=True),
-            {"staging_mib": int, "slot_kib": int, "window_mib": int, "codecs": str, "unclaimed_timeout": float},
+            {
+                "staging_mib": int,
+                "slot_kib": int,
+                "window_mib": int,
+                "codecs": str,
+                "unclaimed_timeout": float,
+                "transport": str,
+            },  # fmt: skip
         )
         receiver = _kvwire.Receiver(
             layout,
@@ -379,6 +394,7 @@ def install(ffi) -> None:
             window_bytes=(opts.get("window_mib", 0) << 20) or None,
             codecs=opts["codecs"].split("|") if "codecs" in opts else None,
             unclaimed_timeout=opts.get("unclaimed_timeout", 60.0),
+            transport=opts.get("transport", "tcp"),
         )
         _store(out, "receiver", receiver)
 
