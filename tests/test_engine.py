@@ -335,3 +335,43 @@ def test_tcp_streams_are_byte_streams_that_refuse_device_memory():
     finally:
         stream.close()
         b.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    "codec, exact, exact_rows",
+    [("fp8", 20, {"k": 32, "v": 32}), ("int4+lz4", 16, {"k": 16, "v": 16}), ("int4/g64/k64", 1, {"k": 64, "v": 16})],
+)
+def test_exact_tokens_travel_raw(codec, exact, exact_rows, transport, receiver_for):
+    """The first tokens of a transfer (rounded up to blocks, and int4 keys to key groups)
+    arrive bit-exact; the rest as the codec's reference decodes them."""
+    from tests.helpers import expected_tokens, tokens
+
+    layout = LAYOUTS["mha"]  # blocks of 16
+    rx, dst = receiver_for(layout, transport=transport)
+    src = filled(layout, 64, seed=8)
+    n = 6 * layout.block_size + 5
+    src_blocks, dst_blocks = [40, 41, 2, 3, 9, 10, 11], [0, 1, 20, 21, 22, 60, 61]
+    h = rx.expect("x", dst_blocks, n)
+    with sender(layout, rx, src, codec=codec, exact_tokens=exact, chunk_bytes=8 << 10, transport=transport) as tx:
+        stats = tx.send("x", src_blocks, n, timeout=30)
+    h.wait(timeout=10)
+    inner = codec.removesuffix("+lz4")
+    for i in range(layout.num_layers):
+        for name in ("k", "v"):
+            a = tokens(src[i][name], src_blocks, n, layout.block_size)
+            b = tokens(dst[i][name], dst_blocks, n, layout.block_size)
+            e = exact_rows[name]
+            assert torch.equal(b[:e].view(torch.int16), a[:e].view(torch.int16)), (i, name)
+            want = expected_tokens(inner, a, name, layout.block_size)
+            assert torch.equal(b[e:], want[e:]), (i, name)
+            assert not torch.equal(b[e:], a[e:])  # the rest is really encoded
+    assert stats["logical_bytes"] == layout.request_bytes(n)
+
+
+def test_exact_tokens_must_be_a_non_negative_int(receiver_for):
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="exact_tokens"):
+            sender(layout, rx, layout.allocate(4), exact_tokens=bad)

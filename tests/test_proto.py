@@ -228,3 +228,10 @@ def test_a_device_payload_is_refused_where_none_was_agreed():
     header = Header(FrameType.DATA, tag=1, count=1, length=4, payload_crc=0)
     with pytest.raises(ProtocolError, match="device payload"):
         s.on_device_payload(header, 0)
+
+
+def test_unknown_data_flags_are_refused():
+    header = Header(FrameType.DATA, tag=1, count=1, length=4, flags=0x02).pack()
+    with pytest.raises(ProtocolError, match="DATA flags"):
+        parse_header(header)
+    assert parse_header(Header(FrameType.DATA, tag=1, count=1, length=4, flags=0x01).pack()).flags == 1

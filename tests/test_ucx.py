@@ -82,13 +82,13 @@ def emulated_gpu(monkeypatch):
     return give_kernels
 
 
-@pytest.mark.parametrize("codec", ["raw", "fp8", "int4/g64/k64"])
-def test_the_device_payload_path_on_the_host_emulation(codec, emulated_gpu):
+@pytest.mark.parametrize("codec, exact", [("raw", 0), ("fp8", 0), ("int4/g64/k64", 0), ("fp8", 16)])
+def test_the_device_payload_path_on_the_host_emulation(codec, exact, emulated_gpu):
     """The GPU-direct path end to end over real UCX, with the kernels' host emulation in
     place of the GPU and host tensors in place of device memory: the handshake agrees on
     device payloads, each payload travels as its own message, the receiver checks it with
     kvw_crc32c and decodes it with the kernels. (On a GPU: tests/test_gpu.py.)"""
-    from tests.helpers import assert_transferred, filled
+    from tests.helpers import assert_transferred, expected_tokens, filled, tokens
 
     layout = LAYOUTS["mha"]
     dst = layout.allocate(16)
@@ -97,7 +97,7 @@ def test_the_device_payload_path_on_the_host_emulation(codec, emulated_gpu):
         src = filled(layout, 16, seed=7)
         h = rx.expect("d", [9, 3, 4], 40)
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, codec=codec, streams=2,
-                           transport="ucx", chunk_bytes=8 << 10) as tx:  # fmt: skip
+                           transport="ucx", chunk_bytes=8 << 10, exact_tokens=exact) as tx:  # fmt: skip
             tx.send("d", [1, 2, 5], 40, timeout=60)
             paths = {c["path"] for c in tx.stats()["connections"]}
         h.wait(timeout=10)
@@ -106,7 +106,14 @@ def test_the_device_payload_path_on_the_host_emulation(codec, emulated_gpu):
         rx.close()
     assert paths == {"device memory (direct)"}
     assert stats["device_payloads"] == stats["frames"] > 0
-    assert_transferred(layout, src, [1, 2, 5], dst, [9, 3, 4], 40, codec)
+    if not exact:
+        assert_transferred(layout, src, [1, 2, 5], dst, [9, 3, 4], 40, codec)
+        return
+    for i in range(layout.num_layers):  # the first block raw (flagged DATA), the rest fp8
+        for name in ("k", "v"):
+            a, b = tokens(src[i][name], [1, 2, 5], 40, 16), tokens(dst[i][name], [9, 3, 4], 40, 16)
+            assert torch.equal(b[:16].view(torch.int16), a[:16].view(torch.int16))
+            assert torch.equal(b[16:], expected_tokens(codec, a, name, 16)[16:])
 
 
 def test_a_corrupted_device_payload_is_refused_and_written_nowhere(emulated_gpu, monkeypatch):
@@ -120,8 +127,8 @@ def test_a_corrupted_device_payload_is_refused_and_written_nowhere(emulated_gpu,
     rx = emulated_gpu(kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx"))
     real = sender_module.Sender._encode_on_gpu
 
-    def corrupt(self, handle, ref, spec, to_host=True):
-        encoded, crc = real(self, handle, ref, spec, to_host)
+    def corrupt(self, handle, ref, spec, codec, to_host=True):
+        encoded, crc = real(self, handle, ref, spec, codec, to_host)
         encoded[len(encoded) // 2] ^= 0x10  # one bit flipped after the CRC was taken
         return encoded, crc
 

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from kvwire.codec import ChunkSpec, Codec
+from kvwire.codec.raw import RawCodec
 from kvwire.layout import STATE_NAME, KVLayout, Selection, block_runs, gather_tokens, scatter_tokens
 from kvwire.proto.request import TensorPlan
+
+RAW = RawCodec()
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,10 @@ class ChunkRef:
     name: str
     start: int
     count: int
+    raw: bool = False  # sent raw whatever the session's codec (the transfer's exact tokens)
+
+    def codec(self, session_codec: Codec) -> Codec:
+        return RAW if self.raw else session_codec
 
 
 def role_of(name: str) -> str:
@@ -45,28 +52,50 @@ def row_unit(codec: Codec, t: TensorPlan) -> int:
 
 
 def plan_chunks(
-    layout: KVLayout, codec: Codec, tensors: list[TensorPlan], target_bytes: int, max_payload: int
+    layout: KVLayout,
+    codec: Codec,
+    tensors: list[TensorPlan],
+    target_bytes: int,
+    max_payload: int,
+    exact_rows: int = 0,
 ) -> list[ChunkRef]:
-    """Chunks covering every row of ``tensors`` (one layer), each <= ``max_payload`` encoded."""
+    """Chunks covering every row of ``tensors`` (one layer), each <= ``max_payload`` encoded.
+
+    ``exact_rows``: a lossy codec's paged tensors send their first rows raw (rounded up to
+    whole blocks, and key groups), e.g. the attention-sink tokens at a prompt's start."""
     chunks = []
     for t in tensors:
         if t.rows == 0:
             continue
         unit = row_unit(codec, t)
-        unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(unit, t.rows)))
-        units = max(1, target_bytes // max(unit_bytes, 1))
-        rows_per_chunk = units * unit
-        while rows_per_chunk > unit and codec.encoded_size(chunk_spec(layout, t, rows_per_chunk)) > max_payload:
-            rows_per_chunk -= unit
-        if codec.encoded_size(chunk_spec(layout, t, min(rows_per_chunk, t.rows))) > max_payload:
-            raise ValueError(
-                f"layer {t.layer} {t.name!r}: one {'block' if unit > 1 else 'row'} encodes to "
-                f"{unit_bytes} bytes, more than the receiver's largest payload ({max_payload}); "
-                f"raise the receiver's slot_bytes"
-            )
-        for start in range(0, t.rows, rows_per_chunk):
-            chunks.append(ChunkRef(t.layer, t.index, t.name, start, min(rows_per_chunk, t.rows - start)))
+        exact = 0
+        if exact_rows and t.unit > 1 and not codec.lossless:
+            exact = min(t.rows, -(-exact_rows // unit) * unit)
+            chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, raw=True)
+        chunks += _cut(layout, codec, t, exact, t.rows, unit, target_bytes, max_payload, raw=False)
     return chunks
+
+
+def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_bytes: int, max_payload: int,
+         raw: bool) -> list[ChunkRef]:  # fmt: skip
+    """Rows ``[start, stop)`` of ``t`` in chunks of whole ``unit`` rows under ``max_payload``."""
+    if stop <= start:
+        return []
+    unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(unit, stop - start)))
+    units = max(1, target_bytes // max(unit_bytes, 1))
+    rows_per_chunk = units * unit
+    while rows_per_chunk > unit and codec.encoded_size(chunk_spec(layout, t, rows_per_chunk)) > max_payload:
+        rows_per_chunk -= unit
+    if codec.encoded_size(chunk_spec(layout, t, min(rows_per_chunk, stop - start))) > max_payload:
+        raise ValueError(
+            f"layer {t.layer} {t.name!r}: one {'block' if unit > 1 else 'row'} encodes to "
+            f"{unit_bytes} bytes, more than the receiver's largest payload ({max_payload}); "
+            f"raise the receiver's slot_bytes"
+        )
+    return [
+        ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw)
+        for first in range(start, stop, rows_per_chunk)
+    ]
 
 
 def source_rows(

@@ -37,7 +37,7 @@ from kvwire.errors import (
 )
 from kvwire.layout import KVLayout, Selection, copy_tokens_to_blocks
 from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
-from kvwire.proto.frames import HEADER_SIZE, FrameType
+from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan
 from kvwire.staging import StagingPool
 from kvwire.transport import ByteStream
@@ -549,7 +549,7 @@ class Receiver:
 
         buffer = torch.empty(n, dtype=torch.uint8, device=self._device)
         conn.stream.recv_device_into(buffer)
-        backend = self._kernels.get(conn.session.codec.descriptor)
+        backend = self._kernels.get(conn.session.codec.descriptor)  # one CuPy backend runs every codec
         conn.proto.on_device_payload(header, kernels.crc32c(backend, buffer, stream=self._side_stream))
         self._counters["device_payloads"] += 1
         return _DeviceSlot(buffer)
@@ -562,7 +562,8 @@ class Receiver:
             raise ProtocolError(f"DATA for tag {header.tag} before its BEGIN")
         t = inc.plan.check(header.layer, header.tensor, header.start, header.count)
         spec = chunk_spec(self.layout, t, header.count)
-        codec = conn.session.codec
+        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
+        codec = ref.codec(conn.session.codec)
         size = codec.encoded_size(spec)
         variable = codec.name.endswith("+lz4")  # compressed chunks vary in size, up to a bound
         if header.length > size or (not variable and header.length != size):
@@ -570,7 +571,7 @@ class Receiver:
                 f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
                 f"{codec.descriptor} needs {'at most ' if variable else ''}{size}"
             )
-        return inc, ChunkRef(header.layer, header.tensor, t.name, header.start, header.count), spec
+        return inc, ref, spec
 
     def _on_begin(self, conn: _RConn, event: Begin) -> None:
         session = conn.session
@@ -661,7 +662,7 @@ class Receiver:
             return
         error = None
         try:
-            self._write(inc.session.codec, handle, p)
+            self._write(p.ref.codec(inc.session.codec), handle, p)
         except Exception as exc:  # a decode failure must fail the request, not the thread
             log.exception("placing a chunk of %r failed", inc.request_id)
             error = TransferError(f"request {inc.request_id!r}: placing layer {ref.layer} {ref.name} failed: {exc}")

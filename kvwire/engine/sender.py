@@ -35,7 +35,7 @@ from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, s
 from kvwire.errors import Cancelled, KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout, Selection
 from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameType, Header, crc32c, parse_header
-from kvwire.proto.frames import HEADER_SIZE
+from kvwire.proto.frames import DATA_RAW, HEADER_SIZE
 from kvwire.proto.request import RequestPlan
 from kvwire.staging import StagingClosed, StagingPool
 from kvwire.transport import ByteStream
@@ -102,7 +102,7 @@ class _OutChunk:
         ref = self.ref
         return Header(
             FrameType.DATA, tag=self.transfer.tag, layer=ref.layer, tensor=ref.tensor, start=ref.start,
-            count=ref.count, length=self.nbytes, payload_crc=crc,
+            count=ref.count, length=self.nbytes, payload_crc=crc, flags=DATA_RAW if ref.raw else 0,
         ).pack()  # fmt: skip
 
 
@@ -249,6 +249,9 @@ class Sender:
         chunk_bytes: target encoded size of one frame.
         tls: an ``ssl.SSLContext`` (client side) to encrypt the connections.
         encode_threads: threads that run a CPU codec in parallel (1 disables the pool).
+        exact_tokens: with a lossy codec, the first tokens of every transfer travel raw
+            (rounded up to whole blocks): a prompt's first tokens (the attention sink)
+            carry the largest values and matter most; see docs/fidelity.md.
         transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
 
     Example::
@@ -278,8 +281,12 @@ class Sender:
         connect_timeout: float = 10.0,
         transport: str = "tcp",
         encode_threads: int = 1,
+        exact_tokens: int = 0,
     ) -> None:
         check_transport(transport, tls)
+        if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
+            raise ValueError(f"exact_tokens: expected an int >= 0, got {exact_tokens!r}")
+        self._exact_tokens = exact_tokens
         self.transport = transport
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
@@ -514,8 +521,9 @@ class Sender:
                 continue
             try:
                 refs = resend or plan_chunks(
-                    self.layout, self.codec, handle.plan.tensors[layer], self._chunk_bytes, self.max_payload
-                )
+                    self.layout, self.codec, handle.plan.tensors[layer], self._chunk_bytes, self.max_payload,
+                    self._exact_tokens,
+                )  # fmt: skip
                 if event is not None:
                     self._side_stream.wait_event(event)
                 if not self._encode_in_order(handle, refs):
@@ -592,27 +600,28 @@ class Sender:
         sel = handle.selection
         bs = self.layout.block_size
         spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
+        codec = ref.codec(self.codec)  # raw for the transfer's exact tokens
         if self._device_payloads:
-            encoded, crc = self._encode_on_gpu(handle, ref, spec, to_host=False)
+            encoded, crc = self._encode_on_gpu(handle, ref, spec, codec, to_host=False)
             return _OutChunk(handle, ref, [], None, encoded.numel(), spec.raw_nbytes, encoded, crc)
-        parts = raw_views(caches[ref.name], sel, bs, ref) if self.codec.name == "raw" and ref.name in caches else None
+        parts = raw_views(caches[ref.name], sel, bs, ref) if codec.name == "raw" and ref.name in caches else None
         slot = None
         if parts is None and self._kernels is not None:
-            slot, n = self._encode_on_gpu(handle, ref, spec)
+            slot, n = self._encode_on_gpu(handle, ref, spec, codec)
             parts = [slot.view(n)]
         elif parts is None:
             rows = source_rows(caches, state, sel, bs, ref)
             if rows.device.type == "cuda":
                 with torch.cuda.stream(self._side_stream):
                     rows = rows.to("cpu")
-            encoded = self.codec.encode(rows, spec.role, bs).data
+            encoded = codec.encode(rows, spec.role, bs).data
             slot = self._pool.acquire()
             n = encoded.numel()
             slot.tensor[:n].copy_(encoded)
             parts = [slot.view(n)]
         return _OutChunk(handle, ref, parts, slot, sum(p.nbytes for p in parts), spec.raw_nbytes)
 
-    def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec, to_host: bool = True) -> tuple:
+    def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec, codec, to_host: bool = True) -> tuple:
         """Gather + encode with the CUDA kernels on the side stream, then copy the bytes into
         a pinned slot (and run the ``+lz4`` stage there, on the host): ``(slot, nbytes)``.
         With ``to_host=False`` the bytes stay on the GPU: ``(device tensor, CRC32C)``."""
@@ -625,16 +634,16 @@ class Sender:
                                         ref.count, self.layout.block_size)  # fmt: skip
         if not to_host:
             with torch.cuda.stream(self._side_stream):
-                encoded = kernels.encode(self._kernels, self.codec, chunk, spec.role, stream=self._side_stream)
+                encoded = kernels.encode(self._kernels, codec, chunk, spec.role, stream=self._side_stream)
             return encoded, kernels.crc32c(self._kernels, encoded, stream=self._side_stream)  # waits for both
         slot = self._pool.acquire()
         with torch.cuda.stream(self._side_stream):
-            encoded = kernels.encode(self._kernels, self.codec, chunk, spec.role, stream=self._side_stream)
+            encoded = kernels.encode(self._kernels, codec, chunk, spec.role, stream=self._side_stream)
             n = encoded.numel()
             slot.tensor[:n].copy_(encoded, non_blocking=True)
         self._side_stream.synchronize()
-        if hasattr(self.codec, "pack"):  # +lz4
-            packed = self.codec.pack(slot.tensor[:n].numpy(), spec)
+        if hasattr(codec, "pack"):  # +lz4
+            packed = codec.pack(slot.tensor[:n].numpy(), spec)
             n = len(packed)
             slot.tensor[:n].copy_(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
         return slot, n

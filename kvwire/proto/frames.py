@@ -5,7 +5,7 @@ Header (little-endian)::
     offset size field
     0      2    magic        0x4B57 ("KW")
     2      1    type         FrameType
-    3      1    flags        type-specific (ACK: status)
+    3      1    flags        type-specific (ACK: status; DATA: DATA_RAW)
     4      4    tag          the request's number within this session (0: none)
     8      2    layer
     10     1    tensor       index into the layer's tensor names (k, v | kv, then state)
@@ -56,6 +56,9 @@ class FrameType(enum.IntEnum):
     ACK = 8  # server -> client: request complete (flags 0) or failed (flags = AckStatus)
     CANCEL = 9  # either way: a request is cancelled
     CREDIT = 10  # server -> client: ``start`` more payload bytes may be sent on this connection
+
+
+DATA_RAW = 0x01  # DATA flag: the payload is raw, whatever the session's codec (exact tokens)
 
 
 class AckStatus(enum.IntEnum):
@@ -114,6 +117,8 @@ def parse_header(data) -> Header:
         raise ProtocolError(f"unknown frame type {ftype}") from None
     if reserved:
         raise ProtocolError("reserved header byte is not zero")
+    if ftype == FrameType.DATA and flags & ~DATA_RAW:
+        raise ProtocolError(f"unknown DATA flags 0x{flags:02x}")
     if ftype != FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
         raise ProtocolError(f"{ftype.name} payload of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
     return Header(ftype, tag, layer, tensor, start, count, length, payload_crc, flags)
