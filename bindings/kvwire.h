@@ -76,7 +76,8 @@ const char* kvw_last_error(void);
  * num_layers tensors for MLA. options: comma-separated key=value, may be NULL or "":
  *   streams=4, codec=raw|fp8|int4|raw+lz4|fp8+lz4|int4+lz4 (or a descriptor such as
  *   int4/g64/k64), chunk_kib=2048, staging_mib=64, connect_timeout=10,
- *   transport=tcp|ucx (ucx needs UCXX in the embedded Python) */
+ *   transport=tcp|ucx (ucx needs UCXX in the embedded Python),
+ *   exact_tokens=0 (a lossy codec sends the first N tokens of each transfer raw) */
 int kvw_sender_create(const kvw_layout* layout, const char* peer, const char* secret, const kvw_tensor* caches,
                       int num_caches, const char* options, kvw_sender** out);
 int kvw_sender_stats_json(kvw_sender* sender, char* buf, long long buf_len);

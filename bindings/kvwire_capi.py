@@ -303,6 +303,7 @@ def install(ffi) -> None:
                 "staging_mib": int,
                 "connect_timeout": float,
                 "transport": str,
+                "exact_tokens": int,
             },  # fmt: skip
         )
         sender = _kvwire.Sender(
@@ -316,6 +317,7 @@ def install(ffi) -> None:
             staging_bytes=opts.get("staging_mib", 64) << 20,
             connect_timeout=opts.get("connect_timeout", 10.0),
             transport=opts.get("transport", "tcp"),
+            exact_tokens=opts.get("exact_tokens", 0),
         )
         _store(out, "sender", sender)
 

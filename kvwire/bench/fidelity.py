@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy continuation length (default 64)")
     p.add_argument("--group-size", type=int, default=64, help="int4 value group size")
+    p.add_argument("--exact-tokens", type=int, default=0,
+                   help="first tokens kept exact, as Sender(exact_tokens=N) sends them (default 0)")  # fmt: skip
 
 
 def _prompts(tokenizer, lengths) -> list[tuple[str, list[int]]]:
@@ -63,16 +65,24 @@ def _prompts(tokenizer, lengths) -> list[tuple[str, list[int]]]:
     return out
 
 
-def _roundtrip(cache, codec, block_size: int):
-    """The cache a receiver holds after a transfer with ``codec`` (a new DynamicCache)."""
+def _roundtrip(cache, codec, block_size: int, exact_tokens: int = 0):
+    """The cache a receiver holds after a transfer with ``codec`` (a new DynamicCache); the
+    first ``exact_tokens`` rows (rounded as the sender rounds them) stay exact."""
     from transformers import DynamicCache
+
+    from kvwire.engine.chunks import row_unit
+    from kvwire.proto.request import TensorPlan
 
     out = DynamicCache()
     for i, layer in enumerate(cache.layers):
         kv = []
         for role, t in (("k", layer.keys), ("v", layer.values)):
             rows = t[0].transpose(0, 1).contiguous()  # [T, H, D]
-            y = codec.decode(codec.encode(rows, role, block_size)).view(rows.shape)
+            unit = row_unit(codec, TensorPlan(i, 0, role, rows.shape[0], rows.shape[1], rows.shape[2], block_size))
+            e = min(rows.shape[0], -(-exact_tokens // unit) * unit) if exact_tokens and not codec.lossless else 0
+            y = rows.clone()
+            if e < rows.shape[0]:
+                y[e:] = codec.decode(codec.encode(rows[e:], role, block_size)).view(rows[e:].shape)
             kv.append(y.transpose(0, 1).unsqueeze(0).contiguous())
         out.update(kv[0], kv[1], i)
     return out
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
 
         ref_lp, ref_tokens = _score(model, prompt, copy.deepcopy(ref_cache), args.new_tokens)
         for codec in codecs:
-            lp, tokens = _score(model, prompt, _roundtrip(ref_cache, codec, 16), args.new_tokens)
+            lp, tokens = _score(model, prompt, _roundtrip(ref_cache, codec, 16, args.exact_tokens), args.new_tokens)
             kl = float((ref_lp.exp() * (ref_lp - lp)).sum())
             first_diff = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), None)
             rows.append({"prompt": name, "tokens": len(prompt), "codec": codec.descriptor, "kl": kl,
@@ -130,4 +140,5 @@ def run(args: argparse.Namespace, progress=print) -> dict:
             "prompts": len(mine),
         })  # fmt: skip
     return {"kind": "fidelity", "model": "SmolLM2-135M-Instruct (GGUF Q4_1, run in fp32)",
-            "new_tokens": args.new_tokens, "rows": rows, "summary": summary}  # fmt: skip
+            "new_tokens": args.new_tokens, "exact_tokens": args.exact_tokens, "rows": rows,
+            "summary": summary}  # fmt: skip
