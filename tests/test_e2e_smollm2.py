@@ -102,9 +102,14 @@ def test_fidelity_measurement_is_zero_for_raw_and_positive_for_lossy():
 
     from kvwire.bench import fidelity
 
-    args = argparse.Namespace(codecs="raw,int4", lengths="24", new_tokens=4, group_size=64)
+    args = argparse.Namespace(codecs="raw,int4", lengths="24", new_tokens=4, group_size=64, exact_tokens=0)
     report = fidelity.run(args, progress=lambda line: None)
     by_codec = {s["codec"]: s for s in report["summary"]}
     assert by_codec["raw"]["mean_kl"] == 0.0 and by_codec["raw"]["identical_fraction"] == 1.0
     assert by_codec["int4/g64"]["mean_kl"] > 0
     assert len(report["rows"]) == 2 * len(fidelity.PROMPTS)
+
+    # With the whole 23-token cache inside the exact tokens (rounded up to 32), int4 is exact.
+    args.codecs, args.exact_tokens = "int4", 17
+    exact = fidelity.run(args, progress=lambda line: None)["summary"][0]
+    assert exact["mean_kl"] == 0.0 and exact["identical_fraction"] == 1.0
