@@ -23,6 +23,18 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert "kvwire / plain" in capsys.readouterr().out
 
 
+def test_loopback_with_exact_tokens_verifies_and_costs_bytes(tmp_path):
+    reports = {}
+    for exact in ("0", "20"):
+        out = tmp_path / f"e{exact}.json"
+        assert main(["loopback", "--tokens", "100", "--codec", "fp8", "--exact-tokens", exact, "--json", str(out),
+                     "--quiet"]) == 0  # fmt: skip
+        reports[exact] = json.loads(out.read_text())
+    assert reports["0"]["verified"] is True and reports["20"]["verified"] is True
+    assert reports["20"]["wire_bytes_per_round"] > reports["0"]["wire_bytes_per_round"]  # 32 tokens went raw
+    assert reports["20"]["logical_bytes_per_round"] == reports["0"]["logical_bytes_per_round"]
+
+
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
     out = tmp_path / "r.json"
     assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "2",
@@ -38,6 +50,7 @@ def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
     [
         (["loopback", "--codec", "zstd"], "unknown codec"),
         (["loopback", "--tokens", "0"], "--tokens"),
+        (["loopback", "--exact-tokens", "-1"], "--exact-tokens"),
         (["loopback", "--profile", "gpt-9"], "unknown profile"),
         (["loopback", "--streams", "100"], "--streams"),
         (["loopback", "--layer-ms", "-1"], "--layer-ms"),

@@ -70,7 +70,7 @@ def _roundtrip(cache, codec, block_size: int, exact_tokens: int = 0):
     first ``exact_tokens`` rows (rounded as the sender rounds them) stay exact."""
     from transformers import DynamicCache
 
-    from kvwire.engine.chunks import row_unit
+    from kvwire.engine.chunks import exact_row_count, received_rows
     from kvwire.proto.request import TensorPlan
 
     out = DynamicCache()
@@ -78,11 +78,8 @@ def _roundtrip(cache, codec, block_size: int, exact_tokens: int = 0):
         kv = []
         for role, t in (("k", layer.keys), ("v", layer.values)):
             rows = t[0].transpose(0, 1).contiguous()  # [T, H, D]
-            unit = row_unit(codec, TensorPlan(i, 0, role, rows.shape[0], rows.shape[1], rows.shape[2], block_size))
-            e = min(rows.shape[0], -(-exact_tokens // unit) * unit) if exact_tokens and not codec.lossless else 0
-            y = rows.clone()
-            if e < rows.shape[0]:
-                y[e:] = codec.decode(codec.encode(rows[e:], role, block_size)).view(rows[e:].shape)
+            plan = TensorPlan(i, 0, role, rows.shape[0], rows.shape[1], rows.shape[2], block_size)
+            y = received_rows(codec, rows, role, block_size, exact_row_count(codec, plan, exact_tokens))
             kv.append(y.transpose(0, 1).unsqueeze(0).contiguous())
         out.update(kv[0], kv[1], i)
     return out

@@ -26,8 +26,10 @@ import torch
 import kvwire
 import kvwire.codec
 from kvwire.bench import netem, profiles
+from kvwire.engine.chunks import exact_row_count, received_rows
 from kvwire.layout import Selection, gather_tokens
 from kvwire.proto.frames import crc32c
+from kvwire.proto.request import TensorPlan
 from kvwire.tuning import tune_malloc
 
 BASELINE_BUFFER = 1 << 20
@@ -44,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
     p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
+    p.add_argument("--exact-tokens", type=int, default=0,
+                   help="first tokens of each request sent raw with a lossy codec (default 0)")  # fmt: skip
     p.add_argument("--staging-mib", type=int, default=256, help="receiver staging budget in MiB")
     p.add_argument("--layer-ms", type=float, default=0.0, help="produce one layer every N ms, as a prefill would")
     p.add_argument("--baseline", action="store_true", help="also move the same bytes over plain sockets")
@@ -64,6 +68,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib", "encode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if args.exact_tokens < 0:
+        raise ValueError(f"--exact-tokens: must be 0 or more, got {args.exact_tokens}")
     if args.layer_ms < 0:
         raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
     if args.streams > 64:
@@ -220,7 +226,8 @@ def _verify(layout, args, reference, dst, states, per) -> bool:
             for p in spec.paged:
                 a = gather_tokens(src[layer][p.name], s_sel, bs)
                 b = gather_tokens(dst[layer][p.name], d_sel, bs)
-                want = a if codec.name == "raw" else codec.decode(codec.encode(a, p.name, bs)).view(a.shape)
+                plan = TensorPlan(layer, 0, p.name, args.tokens, 0, 0, bs)
+                want = received_rows(codec, a, p.name, bs, exact_row_count(codec, plan, args.exact_tokens))
                 if not torch.equal(
                     b.view(torch.uint8) if codec.lossless else b, want.view(torch.uint8) if codec.lossless else want
                 ):
@@ -330,12 +337,13 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
     tx = kvwire.Sender(
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
         chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
+        exact_tokens=args.exact_tokens,
     )  # fmt: skip
     gc.freeze()  # see kvwire/tuning.py
     single = None
     if args.compare_single_stream:
         single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, codec=args.codec,
-                               chunk_bytes=args.chunk_kib << 10)  # fmt: skip
+                               chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens)  # fmt: skip
     pipe.send("ready")
     while True:
         cmd = pipe.recv()
@@ -769,7 +777,7 @@ def send(args: argparse.Namespace, peer, progress=print) -> dict:
     gc.freeze()
     rounds = []
     with kvwire.Sender(layout, peer, secret=_secret(), kv_caches=src, streams=args.streams, codec=args.codec,
-                       chunk_bytes=args.chunk_kib << 10) as tx:  # fmt: skip
+                       chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens) as tx:  # fmt: skip
         for r in range(args.rounds):
             sent = _send_round(tx, layout, args, r, per, states, streamed=True)
             rounds.append(sent)

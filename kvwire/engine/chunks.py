@@ -67,13 +67,29 @@ def plan_chunks(
     for t in tensors:
         if t.rows == 0:
             continue
-        unit = row_unit(codec, t)
-        exact = 0
-        if exact_rows and t.unit > 1 and not codec.lossless:
-            exact = min(t.rows, -(-exact_rows // unit) * unit)
-            chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, raw=True)
-        chunks += _cut(layout, codec, t, exact, t.rows, unit, target_bytes, max_payload, raw=False)
+        exact = exact_row_count(codec, t, exact_rows)
+        chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, raw=True)
+        chunks += _cut(layout, codec, t, exact, t.rows, row_unit(codec, t), target_bytes, max_payload, raw=False)
     return chunks
+
+
+def exact_row_count(codec: Codec, t: TensorPlan, exact_tokens: int) -> int:
+    """How many first rows of ``t`` travel raw for a sender's ``exact_tokens``: rounded up
+    to whole blocks (and int4 key groups); none for states or a lossless codec."""
+    if not exact_tokens or t.name == STATE_NAME or codec.lossless:
+        return 0
+    unit = row_unit(codec, t)
+    return min(t.rows, -(-exact_tokens // unit) * unit)
+
+
+def received_rows(codec: Codec, rows: torch.Tensor, role: str, block_size: int, exact: int = 0) -> torch.Tensor:
+    """What a receiver holds for a request's ``rows`` of one tensor (``[T, ...]``): the
+    codec's CPU reference, except the first ``exact`` rows (``exact_row_count``), exact."""
+    out = rows.clone()
+    if exact < rows.shape[0] and codec.name != "raw":
+        rest = rows[exact:]
+        out[exact:] = codec.decode(codec.encode(rest, role, block_size)).view(rest.shape)
+    return out
 
 
 def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_bytes: int, max_payload: int,
