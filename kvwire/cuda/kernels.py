@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class CupyBackend:
         self.device = device
         with cupy.cuda.Device(device.index or 0):
             self.module, self.origin = self._load()
-        self._functions: dict[str, object] = {}
+        self._functions: dict[str, Any] = {}
 
     def _load(self):
         cupy = self._cupy
@@ -183,7 +184,7 @@ def _grid(backend, work_items: int, per_block: int) -> int:
 
 
 def _plan(codec: Codec, chunk: Chunk, role: str, op: str):
-    inner = getattr(codec, "inner", codec)
+    inner: Any = getattr(codec, "inner", codec)  # the lossy stage: Fp8Codec, Int4Codec or RawCodec
     dtype = chunk.tensor.dtype
     if dtype not in KIND:
         raise TypeError(f"cache: the kernels take bfloat16 or float16, got {dtype}")

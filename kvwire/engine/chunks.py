@@ -140,7 +140,7 @@ def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: ChunkRef)
         run = flat[block : block + n].reshape(-1)
         if k == len(runs) - 1 and tail < block_size:
             run = run[: run.numel() - (block_size - tail) * per_token]
-        views.append(memoryview(run.numpy()))
+        views.append(run.numpy().data)
     return views
 
 

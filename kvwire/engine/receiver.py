@@ -20,11 +20,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 import kvwire.codec
-from kvwire.codec import ChunkSpec
+from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
 from kvwire.engine.sender import check_transport, layout_summary, request_arguments, secret_bytes
 from kvwire.errors import (
@@ -39,9 +40,12 @@ from kvwire.layout import KVLayout, Selection, copy_tokens_to_blocks
 from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
 from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan
-from kvwire.staging import StagingPool
+from kvwire.staging import Slot, StagingPool
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, TcpListener, parse_address
+
+if TYPE_CHECKING:
+    from kvwire.transport.ucx import UcxListener
 
 log = logging.getLogger("kvwire.receiver")
 
@@ -58,6 +62,12 @@ class _RConn:
     alive: bool = True
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def joined(self) -> _Session:
+        """The session: frames after the handshake are read only once it is joined."""
+        assert self.session is not None
+        return self.session
 
     def owe(self, nbytes: int, batch: int) -> bytes | None:
         """Add released bytes; return a CREDIT frame once ``batch`` bytes are owed.
@@ -86,9 +96,9 @@ class _RConn:
 class _Session:
     id: str
     peer: str
+    codec: Codec
     conns: list = field(default_factory=list)
     tags: dict = field(default_factory=dict)
-    codec: object = None
 
     def any_conn(self) -> _RConn | None:
         return next((c for c in self.conns if c.alive), None)
@@ -101,7 +111,7 @@ class _DeviceSlot:
     __slots__ = ("tensor",)
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+        self.tensor: torch.Tensor | None = tensor
 
     def release(self) -> None:
         self.tensor = None
@@ -111,7 +121,7 @@ class _DeviceSlot:
 class _Parked:
     ref: ChunkRef
     spec: ChunkSpec
-    slot: object
+    slot: Slot | _DeviceSlot
     length: int
     conn: _RConn
 
@@ -292,10 +302,11 @@ class Receiver:
         self._cancelled_ids: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._conns: list[_RConn] = []
         self._rejected: collections.deque = collections.deque(maxlen=32)
-        self._counters = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter()
         self._closed = False
         self._ucx_cuda: bool | None = None  # whether UCX here moves GPU memory (asked once)
         self.transport = transport
+        self._listener: TcpListener | UcxListener
         if transport == "ucx":
             from kvwire.transport.ucx import UcxListener
 
@@ -482,7 +493,8 @@ class Receiver:
         with self._lock:
             session = self._sessions.get(hello.session)
             if session is None:
-                session = self._sessions[hello.session] = _Session(hello.session, conn.stream.peer)
+                session = _Session(hello.session, conn.stream.peer, codec=self._codecs[hello.codec])
+                self._sessions[hello.session] = session
             session.conns.append(conn)
             session.codec = self._codecs[hello.codec]
             conn.session = session
@@ -515,16 +527,17 @@ class Receiver:
                     self._on_cancel(conn, event)
             return
         inc, ref, spec = self._check_data(conn, header)
+        slot: Slot | _DeviceSlot
         if proto.device_payloads:
             slot = self._receive_on_device(conn, header, n)
         else:
-            slot = self._pool.acquire()
+            slot = host = self._pool.acquire()
             try:
-                view = slot.view(n)
+                view = host.view(n)
                 stream.recv_into_exact(view)
                 proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
             except BaseException:
-                slot.release()
+                host.release()
                 raise
         self._counters["frames"] += 1
         self._counters["wire_bytes"] += n
@@ -549,7 +562,8 @@ class Receiver:
 
         buffer = torch.empty(n, dtype=torch.uint8, device=self._device)
         conn.stream.recv_device_into(buffer)
-        backend = self._kernels.get(conn.session.codec.descriptor)  # one CuPy backend runs every codec
+        assert self._kernels is not None  # device payloads are agreed only with kernels
+        backend = self._kernels.get(conn.joined.codec.descriptor)  # one CuPy backend runs every codec
         conn.proto.on_device_payload(header, kernels.crc32c(backend, buffer, stream=self._side_stream))
         self._counters["device_payloads"] += 1
         return _DeviceSlot(buffer)
@@ -557,13 +571,13 @@ class Receiver:
     def _check_data(self, conn: _RConn, header: Header) -> tuple[_Incoming, ChunkRef, ChunkSpec]:
         """Everything about a DATA frame that can be checked before its payload is read."""
         with self._lock:
-            inc = conn.session.tags.get(header.tag)
+            inc = conn.joined.tags.get(header.tag)
         if inc is None:
             raise ProtocolError(f"DATA for tag {header.tag} before its BEGIN")
         t = inc.plan.check(header.layer, header.tensor, header.start, header.count)
         spec = chunk_spec(self.layout, t, header.count)
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
-        codec = ref.codec(conn.session.codec)
+        codec = ref.codec(conn.joined.codec)
         size = codec.encoded_size(spec)
         variable = codec.name.endswith("+lz4")  # compressed chunks vary in size, up to a bound
         if header.length > size or (not variable and header.length != size):
@@ -574,7 +588,7 @@ class Receiver:
         return inc, ref, spec
 
     def _on_begin(self, conn: _RConn, event: Begin) -> None:
-        session = conn.session
+        session = conn.joined
         actions: list = []
         parked: list = []
         with self._lock:
@@ -606,7 +620,7 @@ class Receiver:
 
     def _on_cancel(self, conn: _RConn, event: Cancel) -> None:
         with self._lock:
-            inc = conn.session.tags.get(event.tag)
+            inc = conn.joined.tags.get(event.tag)
             if inc is None or inc.finished:
                 return
             self._fail(inc, Cancelled(f"request {inc.request_id!r} cancelled by the sender: {event.reason}"))
@@ -629,6 +643,9 @@ class Receiver:
         return parked, actions
 
     def _place_parked(self, inc: _Incoming | None, parked: list[_Parked]) -> None:
+        if not parked:
+            return
+        assert inc is not None  # parked chunks always belong to a request
         for i, p in enumerate(parked):
             try:
                 self._place(inc, p)
@@ -660,6 +677,7 @@ class Receiver:
         if drop:
             self._release(p)
             return
+        assert handle is not None  # not dropped: the request has a handle
         error = None
         try:
             self._write(p.ref.codec(inc.session.codec), handle, p)
@@ -682,6 +700,7 @@ class Receiver:
         self._run(actions)
 
     def _write(self, codec, handle: ReceiveHandle, p: _Parked) -> None:
+        assert p.slot.tensor is not None  # not released before it is written
         data = p.slot.tensor[: p.length]
         spec = p.spec
         kernels_backend = self._kernels.get(codec.descriptor) if self._kernels is not None else None
@@ -709,6 +728,7 @@ class Receiver:
         made once (torch views per frame were a measurable cost)."""
         bs = self.layout.block_size
         ids = handle.selection.block_ids[p.ref.start // bs :]
+        assert isinstance(p.slot, Slot)  # CPU caches: payloads in host staging
         copy_tokens_to_blocks(self._np_caches[p.ref.layer][p.ref.name], p.slot.array[: p.length], ids, p.ref.count, bs)
 
     def _write_on_gpu(self, backend, codec, handle: ReceiveHandle, p: _Parked, data: torch.Tensor) -> None:
