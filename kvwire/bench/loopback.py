@@ -758,7 +758,7 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
             ]
             stats = [h.wait() for h in handles]
             first = min(h.t_first_byte for h in handles if h.t_first_byte is not None)
-            seconds = max(h.t_done for h in handles) - first
+            seconds = max(h.t_done or first for h in handles) - first  # every handle is done after wait()
             wire = sum(s["wire_bytes"] for s in stats)
             verified = None if args.no_verify else _verify(layout, args, reference, dst, states, per)
             rounds.append({"seconds": seconds, "wire_bytes": wire, "verified": verified})

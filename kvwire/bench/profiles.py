@@ -9,6 +9,7 @@ says so in its ``source``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvwire.layout import KVLayout
@@ -18,7 +19,7 @@ from kvwire.layout import KVLayout
 class Profile:
     name: str
     description: str
-    make: object  # () -> KVLayout
+    make: Callable[[], KVLayout]
     source: str
     prefill_tokens_per_s: float
 
