@@ -39,6 +39,10 @@ INSTALL_HINT = "transport='ucx' needs UCXX: pip install 'kvwire[ucx]' (PyPI pack
 
 
 def _import_ucxx():
+    # Before the import: UCX reads its global options (UCX_WARN_UNUSED_ENV_VARS) when the
+    # library loads, the rest when a context starts.
+    for key, value in UCX_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     try:
         import ucxx
     except ImportError as exc:
@@ -65,7 +69,7 @@ def configure_for(host: str) -> None:
         os.environ.setdefault("UCX_TLS", "tcp")
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
     for key, value in UCX_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        os.environ.setdefault(key, value)  # (already set if ucxx was imported through kvwire)
 
 
 class _Loop:
