@@ -151,7 +151,11 @@ class TcpStream:
         """Write every byte of ``parts`` in order (gathered with sendmsg, no joining copy)."""
         if device_payload is not None:
             raise ValueError("device_payload: TCP carries payloads from host memory only")
+        nbytes = sum(memoryview(p).nbytes for p in parts)
         with self._send_lock:
+            # Counted before the send: the peer may answer (and a caller read the
+            # statistics) before this thread runs again; a failed send uncounts it.
+            self.bytes_sent += nbytes
             try:
                 if self._tls:  # SSL sockets have no sendmsg
                     for part in parts:
@@ -159,8 +163,8 @@ class TcpStream:
                 else:
                     self._sendmsg_all([memoryview(p).cast("B") for p in parts])
             except OSError as exc:
+                self.bytes_sent -= nbytes
                 raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
-            self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
 
     def _sendmsg_all(self, views: list[memoryview]) -> None:
         while views:

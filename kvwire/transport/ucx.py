@@ -155,9 +155,14 @@ class UcxStream:
             data[offset : offset + len(v)] = np.frombuffer(v, dtype=np.uint8)
             offset += len(v)
         header = np.frombuffer(_LENGTH.pack(total), dtype=np.uint8).copy()
+        nbytes = total + (0 if device_payload is None else device_payload.numel())
         with self._send_lock:
-            self._call(self._send_all(header, data, device_payload), "sending")
-        self.bytes_sent += total + (0 if device_payload is None else device_payload.numel())
+            self.bytes_sent += nbytes  # before the send, as TcpStream counts (see there)
+            try:
+                self._call(self._send_all(header, data, device_payload), "sending")
+            except PeerLost:
+                self.bytes_sent -= nbytes
+                raise
 
     async def _send_all(self, header, data, device_payload) -> None:
         await self._ep.send(header)
