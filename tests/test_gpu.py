@@ -78,24 +78,25 @@ def test_gpu_special_values(gpu):
             assert torch.equal(got.cpu(), codec.encode(rows, role, 16).data), (dtype, name, role)
 
 
-def _receiver(layout_dict, codec, queue, done):
+def _receiver(layout_dict, transport, queue, done):
     layout = kvwire.KVLayout.from_dict(layout_dict)
     dst = layout.allocate(64, device="cuda")
-    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport=transport)
     queue.put(rx.address)
     h = rx.expect("gpu-req", list(range(40, 50)), 150)
     h.wait(timeout=120)
-    queue.put([{n: t[list(range(40, 50))].cpu() for n, t in layer.items()} for layer in dst])
+    queue.put(([{n: t[list(range(40, 50))].cpu() for n, t in layer.items()} for layer in dst], rx.stats()))
     done.wait(60)
     rx.close()
 
 
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4"])
-def test_gpu_to_gpu_transfer_between_processes(codec_name):
+def _transfer_between_processes(codec_name: str, transport: str) -> tuple[dict, dict]:
+    """One request GPU to GPU, the receiver in another process; checks the placed rows
+    against the CPU reference and returns (the sender's statistics, the receiver's)."""
     layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
     ctx = multiprocessing.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
-    p = ctx.Process(target=_receiver, args=(layout.to_dict(), codec_name, queue, done))
+    p = ctx.Process(target=_receiver, args=(layout.to_dict(), transport, queue, done))
     p.start()
     try:
         address = queue.get(timeout=120)
@@ -104,10 +105,11 @@ def test_gpu_to_gpu_transfer_between_processes(codec_name):
             for t in layer.values():
                 t.copy_(torch.randn(t.shape, device="cuda"))
         ids = list(range(10))
-        with kvwire.Sender(layout, address, secret=SECRET, kv_caches=src, codec=codec_name) as tx:
+        with kvwire.Sender(layout, address, secret=SECRET, kv_caches=src, codec=codec_name, transport=transport) as tx:
             assert tx._kernels is not None, "the sender should use the CUDA kernels"
             tx.send("gpu-req", ids, 150, timeout=120)
-        got = queue.get(timeout=120)
+            tx_stats = tx.stats()
+        got, rx_stats = queue.get(timeout=120)
         codec = kvwire.codec.get(codec_name)
         for i, layer in enumerate(src):
             for name, t in layer.items():
@@ -115,11 +117,17 @@ def test_gpu_to_gpu_transfer_between_processes(codec_name):
                 want = codec.decode(codec.encode(rows, name, 16)).reshape(rows.shape)
                 placed = got[i][name].reshape(-1, 8, 128)[:150]
                 assert torch.equal(placed, want), (i, name)
+        return tx_stats, rx_stats
     finally:
         done.set()
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
+
+
+@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4"])
+def test_gpu_to_gpu_transfer_between_processes(codec_name):
+    _transfer_between_processes(codec_name, "tcp")
 
 
 @pytest.mark.parametrize("n", [1, 1000, 4097, (2 << 20) + 5])
@@ -128,18 +136,6 @@ def test_gpu_crc32c_equals_the_host_crc32c(gpu, n):
 
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
     assert kernels.crc32c(gpu, data) == crc32c(data.cpu().numpy())
-
-
-def _direct_receiver(layout_dict, codec, queue, done):
-    layout = kvwire.KVLayout.from_dict(layout_dict)
-    dst = layout.allocate(64, device="cuda")
-    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx")
-    queue.put(rx.address)
-    h = rx.expect("direct-req", list(range(40, 50)), 150)
-    h.wait(timeout=120)
-    queue.put(([{n: t[list(range(40, 50))].cpu() for n, t in layer.items()} for layer in dst], rx.stats()))
-    done.wait(60)
-    rx.close()
 
 
 @pytest.mark.parametrize("codec_name", ["raw", "fp8"])
@@ -153,32 +149,6 @@ def test_gpu_direct_over_ucx(codec_name, monkeypatch):
     monkeypatch.setenv("UCX_NET_DEVICES", "lo")
     if not ucx.moves_device_memory():
         pytest.skip("UCX here has no CUDA transport (cuda_copy/cuda_ipc)")
-    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
-    ctx = multiprocessing.get_context("spawn")
-    queue, done = ctx.Queue(), ctx.Event()
-    p = ctx.Process(target=_direct_receiver, args=(layout.to_dict(), codec_name, queue, done))
-    p.start()
-    try:
-        address = queue.get(timeout=120)
-        src = layout.allocate(64, device="cuda")
-        for layer in src:
-            for t in layer.values():
-                t.copy_(torch.randn(t.shape, device="cuda"))
-        ids = list(range(10))
-        with kvwire.Sender(layout, address, secret=SECRET, kv_caches=src, codec=codec_name, transport="ucx") as tx:
-            tx.send("direct-req", ids, 150, timeout=120)
-            paths = {c["path"] for c in tx.stats()["connections"]}
-        got, rx_stats = queue.get(timeout=120)
-        assert paths == {"device memory (direct)"}
-        assert rx_stats.get("device_payloads", 0) == rx_stats["frames"] > 0
-        codec = kvwire.codec.get(codec_name)
-        for i, layer in enumerate(src):
-            for name, t in layer.items():
-                rows = gather_tokens(t, Selection(tuple(ids), 150), 16).cpu()
-                want = codec.decode(codec.encode(rows, name, 16)).reshape(rows.shape)
-                assert torch.equal(got[i][name].reshape(-1, 8, 128)[:150], want), (i, name)
-    finally:
-        done.set()
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+    tx_stats, rx_stats = _transfer_between_processes(codec_name, "ucx")
+    assert {c["path"] for c in tx_stats["connections"]} == {"device memory (direct)"}
+    assert rx_stats.get("device_payloads", 0) == rx_stats["frames"] > 0
