@@ -255,8 +255,8 @@ static void test_python_sender_to_c_receiver(void) {
   caches_free(&expected);
 }
 
-/* The same transfer over UCX, and int4 with 16-token key groups on the way. Skipped,
- * saying so, when the embedded Python has no UCXX. */
+/* A transfer from C to C over UCX, and a bad transport named as such. Skipped, saying
+ * so, when the embedded Python has no UCXX. */
 static void test_ucx_transport(void) {
   caches src, dst;
   caches_init(&src, 3);
