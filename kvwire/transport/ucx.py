@@ -50,11 +50,12 @@ def _import_ucxx():
     return ucxx
 
 
-# Defaults kvwire gives UCX unless the environment already sets them (UCX reads them
-# when it starts). 2 MiB TCP segments instead of UCX's 8 KiB: on loopback, 512 MiB, 4
-# connections, 0.48-0.55 -> 0.73-0.78 GB/s (docs/benchmarks.md). UCXX's "blocking"
-# progress mode was faster still (1.2-1.3 GB/s with these segments) but stalled a test
-# for up to a minute at a time, so the progress mode stays UCXX's default ("thread").
+# Defaults kvwire gives UCX unless the environment already sets them, applied by
+# _import_ucxx, the one way kvwire reaches UCXX. 2 MiB TCP segments instead of UCX's
+# 8 KiB: on loopback, 512 MiB, 4 connections, 0.57/0.58 -> 0.89/0.88 GB/s in alternating
+# runs (docs/benchmarks.md). UCXX's "blocking" progress mode was faster still for bulk
+# transfers (1.2-1.3 GB/s with these segments) but made the UCX tests, many small
+# chunks, slower (17 s -> 27-32 s), so the progress mode stays UCXX's default ("thread").
 UCX_DEFAULTS = {
     "UCX_TCP_TX_SEG_SIZE": "2m",
     "UCX_TCP_RX_SEG_SIZE": "2m",
@@ -63,13 +64,12 @@ UCX_DEFAULTS = {
 
 
 def configure_for(host: str) -> None:
-    """Default UCX settings (set before UCX starts): ``UCX_DEFAULTS``, and on loopback
-    ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` so loopback traffic stays on loopback."""
+    """On loopback, ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` unless set, so loopback
+    traffic stays on loopback (set before UCX's context starts; ``UCX_DEFAULTS`` are
+    applied when ucxx is imported)."""
     if host in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("UCX_TLS", "tcp")
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    for key, value in UCX_DEFAULTS.items():
-        os.environ.setdefault(key, value)  # (already set if ucxx was imported through kvwire)
 
 
 class _Loop:
