@@ -70,16 +70,14 @@ def _roundtrip(cache, codec, block_size: int, exact_tokens: int = 0):
     first ``exact_tokens`` rows (rounded as the sender rounds them) stay exact."""
     from transformers import DynamicCache
 
-    from kvwire.engine.chunks import exact_row_count, received_rows
-    from kvwire.proto.request import TensorPlan
+    from kvwire.engine.chunks import received_rows
 
     out = DynamicCache()
     for i, layer in enumerate(cache.layers):
         kv = []
         for role, t in (("k", layer.keys), ("v", layer.values)):
             rows = t[0].transpose(0, 1).contiguous()  # [T, H, D]
-            plan = TensorPlan(i, 0, role, rows.shape[0], rows.shape[1], rows.shape[2], block_size)
-            y = received_rows(codec, rows, role, block_size, exact_row_count(codec, plan, exact_tokens))
+            y = received_rows(codec, rows, role, block_size, exact_tokens)
             kv.append(y.transpose(0, 1).unsqueeze(0).contiguous())
         out.update(kv[0], kv[1], i)
     return out

@@ -26,10 +26,9 @@ import torch
 import kvwire
 import kvwire.codec
 from kvwire.bench import netem, profiles
-from kvwire.engine.chunks import exact_row_count, received_rows
+from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection, gather_tokens
 from kvwire.proto.frames import crc32c
-from kvwire.proto.request import TensorPlan
 from kvwire.tuning import tune_malloc
 
 BASELINE_BUFFER = 1 << 20
@@ -226,16 +225,14 @@ def _verify(layout, args, reference, dst, states, per) -> bool:
             for p in spec.paged:
                 a = gather_tokens(src[layer][p.name], s_sel, bs)
                 b = gather_tokens(dst[layer][p.name], d_sel, bs)
-                plan = TensorPlan(layer, 0, p.name, args.tokens, 0, 0, bs)
-                want = received_rows(codec, a, p.name, bs, exact_row_count(codec, plan, args.exact_tokens))
+                want = received_rows(codec, a, p.name, bs, args.exact_tokens)
                 if not torch.equal(
                     b.view(torch.uint8) if codec.lossless else b, want.view(torch.uint8) if codec.lossless else want
                 ):
                     return False
             if spec.state is not None:
                 a = src_states[layer]
-                want = a if codec.name == "raw" else codec.decode(codec.encode(a, "state", bs)).view(a.shape)
-                if not torch.equal(states[i][layer], want):
+                if not torch.equal(states[i][layer], received_rows(codec, a, "state", bs)):
                     return False
     return True
 

@@ -45,10 +45,14 @@ def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
 def row_unit(codec: Codec, t: TensorPlan) -> int:
     """Rows a chunk of ``t`` holds a multiple of: whole blocks, and for int4 keys with
     ``key_tokens`` whole key groups too, so the bytes do not depend on where chunks are cut."""
+    return _unit(codec, t.name, t.unit)
+
+
+def _unit(codec: Codec, name: str, unit: int) -> int:
     key_tokens = getattr(getattr(codec, "inner", codec), "key_tokens", None)
-    if t.name == "k" and key_tokens:
-        return math.lcm(t.unit, key_tokens)
-    return t.unit
+    if name == "k" and key_tokens:
+        return math.lcm(unit, key_tokens)
+    return unit
 
 
 def plan_chunks(
@@ -67,24 +71,26 @@ def plan_chunks(
     for t in tensors:
         if t.rows == 0:
             continue
-        exact = exact_row_count(codec, t, exact_rows)
+        exact = exact_row_count(codec, t.name, t.rows, t.unit, exact_rows)
         chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, raw=True)
         chunks += _cut(layout, codec, t, exact, t.rows, row_unit(codec, t), target_bytes, max_payload, raw=False)
     return chunks
 
 
-def exact_row_count(codec: Codec, t: TensorPlan, exact_tokens: int) -> int:
-    """How many first rows of ``t`` travel raw for a sender's ``exact_tokens``: rounded up
-    to whole blocks (and int4 key groups); none for states or a lossless codec."""
-    if not exact_tokens or t.name == STATE_NAME or codec.lossless:
+def exact_row_count(codec: Codec, name: str, rows: int, block_size: int, exact_tokens: int) -> int:
+    """How many first rows of tensor ``name`` (``rows`` in the request) travel raw for a
+    sender's ``exact_tokens``: rounded up to whole blocks (and int4 key groups); none for
+    states or a lossless codec."""
+    if not exact_tokens or name == STATE_NAME or codec.lossless:
         return 0
-    unit = row_unit(codec, t)
-    return min(t.rows, -(-exact_tokens // unit) * unit)
+    unit = _unit(codec, name, block_size)
+    return min(rows, -(-exact_tokens // unit) * unit)
 
 
-def received_rows(codec: Codec, rows: torch.Tensor, role: str, block_size: int, exact: int = 0) -> torch.Tensor:
-    """What a receiver holds for a request's ``rows`` of one tensor (``[T, ...]``): the
-    codec's CPU reference, except the first ``exact`` rows (``exact_row_count``), exact."""
+def received_rows(codec: Codec, rows: torch.Tensor, role: str, block_size: int, exact_tokens: int = 0) -> torch.Tensor:
+    """What a receiver holds for a request's ``rows`` of one tensor (``[T, ...]``) from a
+    sender with ``exact_tokens``: the codec's CPU reference, the exact rows unchanged."""
+    exact = exact_row_count(codec, role, rows.shape[0], block_size, exact_tokens)
     out = rows.clone()
     if exact < rows.shape[0] and codec.name != "raw":
         rest = rows[exact:]
