@@ -12,7 +12,7 @@ import torch
 
 import kvwire
 import kvwire.codec
-from kvwire.engine.sender import layout_summary
+from kvwire.engine.common import layout_summary
 from kvwire.layout import Selection, gather_tokens
 from kvwire.proto import ClientConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE

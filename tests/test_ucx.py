@@ -20,11 +20,13 @@ from tests.test_engine import LAYOUTS  # noqa: E402
 
 def test_ucx_streams_are_byte_streams():
     from kvwire.transport import ByteStream
+    from kvwire.transport.tcp import TcpStream
     from kvwire.transport.ucx import UcxStream
 
     methods = [name for name in vars(ByteStream) if not name.startswith("_") and callable(getattr(ByteStream, name))]
-    assert len(methods) == 7
-    assert all(callable(getattr(UcxStream, name, None)) for name in methods)
+    assert {"send_parts", "send_control", "flush_control", "recv_into_exact", "close"} <= set(methods)
+    for stream in (UcxStream, TcpStream):
+        assert all(callable(getattr(stream, name, None)) for name in methods), stream
 
 
 def test_transport_errors_name_the_problem():

@@ -27,7 +27,14 @@ import torch
 import kvwire.codec
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
-from kvwire.engine.sender import check_transport, layout_summary, request_arguments, secret_bytes
+from kvwire.engine.common import (
+    check_count,
+    check_seconds,
+    check_transport,
+    layout_summary,
+    request_arguments,
+    secret_bytes,
+)
 from kvwire.errors import (
     Cancelled,
     KvwireError,
@@ -40,7 +47,8 @@ from kvwire.layout import KVLayout, Selection, copy_tokens_to_blocks
 from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
 from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan
-from kvwire.staging import Slot, StagingPool
+from kvwire.staging import UNIT as STAGING_UNIT
+from kvwire.staging import Slot, StagingPool, StagingTimeout
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, TcpListener, parse_address
 
@@ -52,14 +60,29 @@ log = logging.getLogger("kvwire.receiver")
 DEFAULT_STAGING_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = (4 << 20) + (64 << 10)  # a 4 MiB chunk plus the lz4 stage's worst-case headers
 REAPER_PERIOD_S = 0.05
+# What a peer can make this side hold is bounded; these are the defaults (docs/api.md).
+DEFAULT_MAX_PENDING_CONNECTIONS = 64  # not yet authenticated: each holds a thread until its deadline
+DEFAULT_MAX_CONNECTIONS = 1024  # authenticated: each holds a reader thread
+DEFAULT_MAX_REQUESTS_PER_SESSION = 1024  # requests a sender may have open at once
+# Tags of ended requests remembered per session, so late frames for them are dropped
+# quietly: a sender stops sending a request's chunks when it ends, so only the frames
+# already in flight (a credit window's worth) can come late.
+ENDED_TAGS_REMEMBERED = 1024
+# A reader waits this long at most for staging room; slots are held only while a chunk
+# is placed (parked data has its own, smaller bound), so this is only ever hit by a bug
+# or a machine too overloaded to place a chunk in that time.
+STAGING_WAIT_S = 30.0
 
 
 @dataclass(eq=False)
 class _RConn:
     stream: ByteStream
     proto: ServerConnection
+    host: str  # the peer's address without the port: pending connections are capped per host
+    handshake_deadline: float
     session: _Session | None = None
     alive: bool = True
+    cut: str | None = None  # why this side closed it (the handshake deadline passed)
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,8 +108,9 @@ class _RConn:
         return self.proto.credit(owed)
 
     def send(self, frame: bytes) -> bool:
+        """Queue a control frame; never waits for the peer (safe under the receiver's lock)."""
         try:
-            self.stream.send_parts([frame])
+            self.stream.send_control(frame)
             return True
         except PeerLost:
             return False
@@ -98,10 +122,19 @@ class _Session:
     peer: str
     codec: Codec
     conns: list = field(default_factory=list)
-    tags: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)  # open requests: tag -> _Incoming
+    ended: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # recent ended tags
+    parked_bytes: int = 0  # staging held by this sender's chunks that wait for an expect
 
     def any_conn(self) -> _RConn | None:
         return next((c for c in self.conns if c.alive), None)
+
+    def end(self, tag: int) -> None:
+        """Forget an ended request, remembering its tag (boundedly) to drop late frames."""
+        self.tags.pop(tag, None)
+        self.ended[tag] = None
+        while len(self.ended) > ENDED_TAGS_REMEMBERED:
+            self.ended.popitem(last=False)
 
 
 class _DeviceSlot:
@@ -124,6 +157,7 @@ class _Parked:
     slot: Slot | _DeviceSlot
     length: int
     conn: _RConn
+    parked_bytes: int = 0  # counted against the parking bounds until placed or dropped
 
 
 @dataclass(eq=False)
@@ -183,15 +217,18 @@ class ReceiveHandle:
         """Block until every tensor of ``layer`` is in place (or raise the transfer's error)."""
         if not 0 <= layer < self._receiver.layout.num_layers:
             raise ValueError(f"layer: {layer} out of range for {self._receiver.layout.num_layers} layers")
+        timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
         self._receiver._wait(self, lambda: self._layer_ready(layer), timeout)
 
     def wait(self, timeout: float | None = None) -> dict:
         """Block until the whole request is in place; return its statistics."""
+        timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
         self._receiver._wait(self, lambda: self._finished, timeout)
         return self.stats()
 
     def done(self) -> bool:
-        """True once the request ended, successfully or not."""
+        """True once the request ended, successfully or not. Never blocks, never cancels:
+        the way to poll (a short ``wait(timeout)`` raises ``TransferTimeout`` instead)."""
         return self._finished
 
     def ok(self) -> bool:
@@ -237,7 +274,19 @@ class Receiver:
         codecs: codec names accepted (default: all).
         unclaimed_timeout: seconds a request may wait for ``expect`` before it is refused.
         tls: an ``ssl.SSLContext`` (server side).
+        handshake_timeout: seconds a new connection has to finish its whole handshake
+            (TLS included); past it, the connection is closed.
         transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX).
+        max_pending_connections: connections not yet authenticated, at most (a quarter
+            of them from one host); beyond it new ones are closed at once and counted.
+        max_connections: authenticated connections, at most.
+        max_requests_per_session: requests one sender may have open at once; a BEGIN
+            beyond it is refused (the sender's transfer fails with the reason).
+        max_parked_bytes: staging that data for requests not yet ``expect``-ed may hold,
+            over all senders (default: half of ``staging_bytes``).
+        max_parked_bytes_per_peer: the same for one sender (default: an eighth of
+            ``staging_bytes``); past it, that sender's connection is read no further until
+            its data is claimed or refused: other senders are unaffected.
 
     Example::
 
@@ -263,8 +312,26 @@ class Receiver:
         socket_options: SocketOptions | None = None,
         handshake_timeout: float = 10.0,
         transport: str = "tcp",
+        max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_requests_per_session: int = DEFAULT_MAX_REQUESTS_PER_SESSION,
+        max_parked_bytes: int | None = None,
+        max_parked_bytes_per_peer: int | None = None,
     ) -> None:
         check_transport(transport, tls)
+        check_seconds(unclaimed_timeout, "unclaimed_timeout")
+        check_seconds(handshake_timeout, "handshake_timeout")
+        self._max_pending = check_count(max_pending_connections, "max_pending_connections")
+        self._max_pending_per_host = max(1, self._max_pending // 4)
+        self._max_connections = check_count(max_connections, "max_connections")
+        self._max_requests = check_count(max_requests_per_session, "max_requests_per_session")
+        self._max_parked = check_count(
+            staging_bytes // 2 if max_parked_bytes is None else max_parked_bytes, "max_parked_bytes"
+        )
+        self._max_parked_per_peer = check_count(
+            staging_bytes // 8 if max_parked_bytes_per_peer is None else max_parked_bytes_per_peer,
+            "max_parked_bytes_per_peer",
+        )
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -301,8 +368,13 @@ class Receiver:
         self._expected: dict[str, ReceiveHandle] = {}
         self._cancelled_ids: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._conns: list[_RConn] = []
+        self._pending: list[_RConn] = []  # accepted, handshake not finished
+        self._parked_bytes = 0
         self._rejected: collections.deque = collections.deque(maxlen=32)
-        self._counters: collections.Counter[str] = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter(
+            {k: 0 for k in ("frames", "wire_bytes", "parked_chunks", "completed", "failed", "protocol_errors",
+                            "rejected_connections", "refused_connections", "refused_requests", "late_frames")}
+        )  # fmt: skip
         self._closed = False
         self._ucx_cuda: bool | None = None  # whether UCX here moves GPU memory (asked once)
         self.transport = transport
@@ -374,10 +446,32 @@ class Receiver:
             return {
                 "connections": conns,
                 "sessions": len(self._sessions),
+                "pending_connections": len(self._pending),
+                "parked_bytes": self._parked_bytes,
                 "pending_expect": len(self._expected),
                 "staging": self._pool.stats(),
                 "rejected": list(self._rejected),
                 **dict(self._counters),
+            }
+
+    def census(self) -> dict:
+        """How many per-request records this receiver holds now: a diagnostic for leak
+        checks (every count returns to zero once requests end, ``cancelled_ids`` and
+        ``ended_tags`` are bounded memories)."""
+        with self._lock:
+            tags = sum(len(s.tags) for s in self._sessions.values())
+            parked = sum(len(i.parked) for i in self._by_id.values())
+            return {
+                "requests": len(self._by_id),
+                "tags": tags,
+                "expected": len(self._expected),
+                "parked_chunks": parked,
+                "parked_bytes": self._parked_bytes,
+                "cancelled_ids": len(self._cancelled_ids),
+                "ended_tags": sum(len(s.ended) for s in self._sessions.values()),
+                "sessions": len(self._sessions),
+                "connections": len(self._conns),
+                "pending_connections": len(self._pending),
             }
 
     def close(self) -> None:
@@ -391,7 +485,7 @@ class Receiver:
                 self._finish(h, None, Cancelled(f"request {h.request_id!r}: the receiver was closed"))
             for inc in self._by_id.values():
                 self._release_parked(inc)
-            conns = list(self._conns)
+            conns = list(self._conns) + list(self._pending)
             self._cond.notify_all()
         self._listener.close()
         for c in conns:
@@ -411,12 +505,43 @@ class Receiver:
         while not self._closed:
             try:
                 stream = self._listener.accept()
-            except ConnectionAbortedError as exc:
-                self._reject(None, f"TLS: {exc}")
-                continue
             except OSError:
                 return  # the listener was closed
-            threading.Thread(target=self._serve, args=(stream,), name="kvwire-recv", daemon=True).start()
+            conn = self._admit(stream)
+            if conn is not None:
+                threading.Thread(target=self._serve, args=(conn,), name="kvwire-recv", daemon=True).start()
+
+    def _admit(self, stream: ByteStream) -> _RConn | None:
+        """Register a new connection, or close it at once when the caps are reached: a
+        flood of idle sockets costs a counter, not a thread each."""
+        host = stream.peer.rpartition(":")[0] or stream.peer
+        proto = ServerConnection(
+            self._secret,
+            fingerprint=self.layout.fingerprint(),
+            layout=layout_summary(self.layout),
+            check_codec=self._check_codec,
+            window=self._window,
+            max_payload=self._slot_bytes,
+            device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
+        )
+        conn = _RConn(stream, proto, host, time.monotonic() + self._handshake_timeout)
+        with self._lock:
+            from_host = sum(1 for c in self._pending if c.host == host)
+            if self._closed:
+                why = "the receiver is closed"
+            elif len(self._pending) >= self._max_pending:
+                why = f"{self._max_pending} connections are already in their handshake"
+            elif from_host >= self._max_pending_per_host:
+                why = f"{from_host} connections from {host} are already in their handshake"
+            elif len(self._conns) >= self._max_connections:
+                why = f"{self._max_connections} connections are already open"
+            else:
+                self._pending.append(conn)
+                return conn
+            self._counters["refused_connections"] += 1
+        log.debug("refused a connection from %s: %s", stream.peer, why)
+        stream.close()
+        return None
 
     def _check_codec(self, descriptor: str) -> str | None:
         try:
@@ -427,23 +552,13 @@ class Receiver:
             return f"accepted codecs are {sorted(self._accepted_codecs)}"
         return None
 
-    def _serve(self, stream: ByteStream) -> None:
-        proto = ServerConnection(
-            self._secret,
-            fingerprint=self.layout.fingerprint(),
-            layout=layout_summary(self.layout),
-            check_codec=self._check_codec,
-            window=self._window,
-            max_payload=self._slot_bytes,
-            device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
-        )
-        conn = _RConn(stream, proto)
-        with self._lock:
-            if self._closed:
-                stream.close()
-                return
-            self._conns.append(conn)
+    def _serve(self, conn: _RConn) -> None:
+        stream, proto = conn.stream, conn.proto
         try:
+            # The whole handshake (TLS included) has one deadline, enforced by the reaper,
+            # which closes the stream when it passes: a peer sending a byte now and then
+            # cannot hold the connection (each read's own timeout alone would not stop it).
+            self._listener.finish_accept(stream, self._handshake_timeout)  # type: ignore[arg-type]
             stream.settimeout(self._handshake_timeout)
             while conn.session is None:
                 header = parse_header(stream.recv_exact(HEADER_SIZE))
@@ -462,7 +577,7 @@ class Receiver:
             if out:
                 conn.send(out)
             if conn.session is None:
-                self._reject(stream.peer, str(exc))
+                self._reject(stream.peer, conn.cut or str(exc))
             elif not isinstance(exc, PeerLost):
                 self._counters["protocol_errors"] += 1
                 log.warning("closing connection from %s: %s", stream.peer, exc)
@@ -491,6 +606,10 @@ class Receiver:
         hello = event.hello
         self._codecs.setdefault(hello.codec, kvwire.codec.get(hello.codec))
         with self._lock:
+            if conn.cut is not None or self._closed:
+                raise PeerLost(conn.cut or "the receiver is closed")
+            if len(self._conns) >= self._max_connections:
+                raise ProtocolError(f"{self._max_connections} connections are already open")
             session = self._sessions.get(hello.session)
             if session is None:
                 session = _Session(hello.session, conn.stream.peer, codec=self._codecs[hello.codec])
@@ -498,20 +617,24 @@ class Receiver:
             session.conns.append(conn)
             session.codec = self._codecs[hello.codec]
             conn.session = session
+            self._pending.remove(conn)
+            self._conns.append(conn)
 
     def _connection_closed(self, conn: _RConn) -> None:
         with self._lock:
             conn.alive = False
+            if conn in self._pending:
+                self._pending.remove(conn)
             if conn in self._conns:
                 self._conns.remove(conn)
             session = conn.session
             if session is None or session.any_conn() is not None:
                 return
             self._sessions.pop(session.id, None)
-            for inc in session.tags.values():
+            for inc in list(session.tags.values()):
                 if not inc.finished:
                     self._fail(inc, PeerLost(f"request {inc.request_id!r}: the sender's connections are all gone"))
-                self._forget(inc)
+                self._retire(inc)
             self._cond.notify_all()
 
     # -- frames --------------------------------------------------------------------------
@@ -526,35 +649,89 @@ class Receiver:
                 elif isinstance(event, Cancel):
                     self._on_cancel(conn, event)
             return
-        inc, ref, spec = self._check_data(conn, header)
+        checked = self._check_data(conn, header)
+        if checked is None:  # a request that ended: read the payload past and give the credit back
+            self._skip_payload(conn, header, n)
+            return
+        inc, ref, spec = checked
+        parked_bytes = self._reserve_parking(conn, inc, n)
         slot: Slot | _DeviceSlot
-        if proto.device_payloads:
-            slot = self._receive_on_device(conn, header, n)
-        else:
-            slot = host = self._pool.acquire()
-            try:
-                view = host.view(n)
-                stream.recv_into_exact(view)
-                proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
-            except BaseException:
-                host.release()
-                raise
+        try:
+            if proto.device_payloads:
+                slot = self._receive_on_device(conn, header, n)
+            else:
+                slot = host = self._acquire(n)
+                try:
+                    view = host.view(n)
+                    stream.recv_into_exact(view)
+                    proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
+                except BaseException:
+                    host.release()
+                    raise
+        except BaseException:
+            self._unpark(conn.joined, parked_bytes)
+            raise
         self._counters["frames"] += 1
         self._counters["wire_bytes"] += n
-        parked = _Parked(ref, spec, slot, n, conn)
+        parked = _Parked(ref, spec, slot, n, conn, parked_bytes)
         with self._lock:
             if inc.finished:
                 drop = True
-            elif inc.handle is None:
+            elif inc.handle is None and parked_bytes:
                 inc.parked.append(parked)
                 self._counters["parked_chunks"] += 1
                 return
             else:
                 drop = False
+        self._unpark(conn.joined, parked.parked_bytes)
+        parked.parked_bytes = 0
         if drop:
             self._release(parked)
         else:
             self._place(inc, parked)
+
+    def _acquire(self, nbytes: int) -> Slot:
+        try:
+            return self._pool.acquire(nbytes, timeout=STAGING_WAIT_S)
+        except StagingTimeout:
+            raise TransferError(f"no staging room for {nbytes} bytes within {STAGING_WAIT_S:.0f} s") from None
+
+    def _skip_payload(self, conn: _RConn, header: Header, n: int) -> None:
+        """Read a late DATA payload (for a request that already ended) and drop it."""
+        if conn.proto.device_payloads:
+            slot: Slot | _DeviceSlot = self._receive_on_device(conn, header, n)
+        else:
+            slot = self._acquire(n)
+            conn.stream.recv_into_exact(slot.view(n))
+        self._counters["late_frames"] += 1
+        self._release(_Parked(None, None, slot, n, conn))  # type: ignore[arg-type]
+
+    def _reserve_parking(self, conn: _RConn, inc: _Incoming, nbytes: int) -> int:
+        """Bytes this chunk counts against the parking bounds (0 when its request is
+        already expected). While this sender (or all senders together) park too much,
+        wait: this connection is read no further, so this sender alone is slowed, until
+        an ``expect`` claims its data or the unclaimed timeout refuses it."""
+        session = conn.joined
+        held = -(-nbytes // STAGING_UNIT) * STAGING_UNIT
+        with self._lock:
+            while inc.handle is None and not inc.finished and not self._closed:
+                over_peer = session.parked_bytes and session.parked_bytes + held > self._max_parked_per_peer
+                over_all = self._parked_bytes and self._parked_bytes + held > self._max_parked
+                if not over_peer and not over_all:
+                    session.parked_bytes += held
+                    self._parked_bytes += held
+                    return held
+                self._counters["parking_waits"] += 1
+                remaining = inc.created + self._unclaimed_timeout - time.monotonic()
+                self._cond.wait(max(remaining, 0) + REAPER_PERIOD_S)  # the reaper refuses it at the deadline
+            return 0
+
+    def _unpark(self, session: _Session, nbytes: int) -> None:
+        if nbytes:
+            with self._lock:
+                session.parked_bytes -= nbytes
+                self._parked_bytes -= nbytes
+                self._cond.notify_all()  # a reader may be waiting for parking room
 
     def _receive_on_device(self, conn: _RConn, header: Header, n: int) -> _DeviceSlot:
         """Receive a DATA payload into GPU memory and check its CRC32C there."""
@@ -568,16 +745,21 @@ class Receiver:
         self._counters["device_payloads"] += 1
         return _DeviceSlot(buffer)
 
-    def _check_data(self, conn: _RConn, header: Header) -> tuple[_Incoming, ChunkRef, ChunkSpec]:
-        """Everything about a DATA frame that can be checked before its payload is read."""
+    def _check_data(self, conn: _RConn, header: Header) -> tuple[_Incoming, ChunkRef, ChunkSpec] | None:
+        """Everything about a DATA frame that can be checked before its payload is read.
+        None for a frame of a request that ended (it is read and dropped)."""
+        session = conn.joined
         with self._lock:
-            inc = conn.joined.tags.get(header.tag)
+            inc = session.tags.get(header.tag)
+            ended = inc is None and header.tag in session.ended
+        if ended:
+            return None
         if inc is None:
             raise ProtocolError(f"DATA for tag {header.tag} before its BEGIN")
         t = inc.plan.check(header.layer, header.tensor, header.start, header.count)
         spec = chunk_spec(self.layout, t, header.count)
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
-        codec = ref.codec(conn.joined.codec)
+        codec = ref.codec(session.codec)
         size = codec.encoded_size(spec)
         variable = codec.name.endswith("+lz4")  # compressed chunks vary in size, up to a bound
         if header.length > size or (not variable and header.length != size):
@@ -591,32 +773,56 @@ class Receiver:
         session = conn.joined
         actions: list = []
         parked: list = []
+        capacity = self._num_blocks * self.layout.block_size
         with self._lock:
             known = session.tags.get(event.tag)
             if known is not None:
                 if (known.request_id, known.num_tokens) != (event.request_id, event.num_tokens):
                     raise ProtocolError(f"BEGIN for tag {event.tag} changed its request")
                 return
-            inc = _Incoming(
-                session, event.tag, event.request_id, event.num_tokens,
-                RequestPlan(self.layout, event.num_tokens), time.monotonic(),
-            )  # fmt: skip
-            session.tags[event.tag] = inc
-            reason = self._cancelled_ids.pop(event.request_id, None)
-            if reason is not None:
-                inc.finished = True
-                actions.append((conn, conn.proto.cancel(event.tag, reason)))
-            elif event.request_id in self._by_id:
-                inc.finished = True
-                message = f"request id {event.request_id!r} is already being received from another transfer"
-                actions.append((conn, conn.proto.ack(event.tag, False, message)))
+            if event.tag in session.ended:
+                return  # the request ended already; this is its BEGIN on another connection
+            # Checked before anything is allocated for the request: its coverage map grows
+            # with num_tokens, and a peer may announce as many requests as it likes.
+            refused = None
+            if not 0 < event.num_tokens <= capacity:
+                refused = (
+                    f"request {event.request_id!r}: {event.num_tokens} tokens do not fit this receiver "
+                    f"({self._num_blocks} blocks of {self.layout.block_size}: at most {capacity} tokens)"
+                )
+            elif len(session.tags) >= self._max_requests:
+                refused = (
+                    f"request {event.request_id!r}: this sender already has {self._max_requests} open requests "
+                    f"(max_requests_per_session)"
+                )
+            if refused is not None:
+                self._counters["refused_requests"] += 1
+                session.end(event.tag)
+                actions.append((conn, conn.proto.ack(event.tag, False, refused)))
+                log.warning("refused a request from %s: %s", session.peer, refused)
             else:
-                self._by_id[event.request_id] = inc
-                handle = self._expected.pop(event.request_id, None)
-                if handle is not None:
-                    parked, actions = self._bind(inc, handle)
+                inc = _Incoming(
+                    session, event.tag, event.request_id, event.num_tokens,
+                    RequestPlan(self.layout, event.num_tokens), time.monotonic(),
+                )  # fmt: skip
+                session.tags[event.tag] = inc
+                reason = self._cancelled_ids.pop(event.request_id, None)
+                if reason is not None:
+                    inc.finished = True
+                    self._retire(inc)
+                    actions.append((conn, conn.proto.cancel(event.tag, reason)))
+                elif event.request_id in self._by_id:
+                    inc.finished = True
+                    self._retire(inc)
+                    message = f"request id {event.request_id!r} is already being received from another transfer"
+                    actions.append((conn, conn.proto.ack(event.tag, False, message)))
+                else:
+                    self._by_id[event.request_id] = inc
+                    handle = self._expected.pop(event.request_id, None)
+                    if handle is not None:
+                        parked, actions = self._bind(inc, handle)
         self._run(actions)
-        self._place_parked(session.tags[event.tag], parked)
+        self._place_parked(session.tags.get(event.tag), parked)
 
     def _on_cancel(self, conn: _RConn, event: Cancel) -> None:
         with self._lock:
@@ -775,6 +981,8 @@ class Receiver:
             self._finish(inc.handle, inc, error)
         else:
             inc.finished = True
+            self._retire(inc)
+            self._cond.notify_all()  # a reader may be waiting to park data for it
         self._release_parked(inc)
         self._counters["failed"] += 1
         conn = inc.session.any_conn()
@@ -792,11 +1000,15 @@ class Receiver:
         handle.t_done = time.monotonic()
         if inc is not None:
             inc.finished = True
-            self._forget(inc)
+            self._retire(inc)
         self._expected.pop(handle.request_id, None)
         self._cond.notify_all()
 
-    def _forget(self, inc: _Incoming) -> None:
+    def _retire(self, inc: _Incoming) -> None:
+        """(lock held) Forget an ended request: its id, and its tag (which its session
+        remembers, boundedly, so that frames already in flight for it are dropped)."""
+        if inc.session.tags.get(inc.tag) is inc:
+            inc.session.end(inc.tag)
         if self._by_id.get(inc.request_id) is inc:
             del self._by_id[inc.request_id]
 
@@ -811,16 +1023,22 @@ class Receiver:
             self._release_locked(p)
 
     def _release_locked(self, p: _Parked) -> None:
-        """(lock held) :meth:`_release`, with the credit sent from another thread, so a slow
-        socket never blocks while the lock is held."""
-        self._release(p, send=lambda frame: threading.Thread(target=p.conn.send, args=(frame,), daemon=True).start())
-
-    def _release(self, p: _Parked, send=None) -> None:
-        """Free a chunk's slot and owe its bytes back to the sender as credit."""
+        """(lock held) Free a chunk's staging, stop counting it as parked, and owe its
+        bytes back to the sender as credit (queued: sending never waits for the peer)."""
+        if p.parked_bytes:
+            session = p.conn.joined
+            session.parked_bytes -= p.parked_bytes
+            self._parked_bytes -= p.parked_bytes
+            p.parked_bytes = 0
+            self._cond.notify_all()  # a reader may be waiting for parking room
         p.slot.release()
         frame = p.conn.owe(p.length, self._credit_batch)
         if frame is not None:
-            (send or p.conn.send)(frame)
+            p.conn.send(frame)
+
+    def _release(self, p: _Parked) -> None:
+        with self._lock:
+            self._release_locked(p)
 
     @staticmethod
     def _run(actions: list) -> None:
@@ -876,10 +1094,16 @@ class Receiver:
         self._run(actions)
 
     def _reap_loop(self) -> None:
+        """Every ``REAPER_PERIOD_S``: cut handshakes past their deadline, expire requests
+        past theirs, refuse data nobody claimed in time, and send queued control frames
+        that found the socket full."""
         while not self._closed:
             time.sleep(REAPER_PERIOD_S)
             now = time.monotonic()
             with self._lock:
+                overdue = [c for c in self._pending if c.handshake_deadline <= now and c.cut is None]
+                for c in overdue:
+                    c.cut = f"handshake not finished within {self._handshake_timeout:.3g} s"
                 expired = [h for h in self._expected.values() if h.deadline <= now]
                 expired += [i.handle for i in self._by_id.values() if i.handle and i.handle.deadline <= now]
                 unclaimed = [
@@ -890,7 +1114,14 @@ class Receiver:
                     actions += self._fail(
                         inc, TransferError(f"no expect() for {inc.request_id!r} within {self._unclaimed_timeout} s")
                     )
-                    self._forget(inc)
+                conns = list(self._conns)
+            for c in overdue:
+                c.stream.close()  # the thread reading its handshake gets an error and reports why
             self._run(actions)
             for h in expired:
                 self._expire(h)
+            for c in conns:
+                try:
+                    c.stream.flush_control()
+                except PeerLost:
+                    pass  # its reader sees the connection fail

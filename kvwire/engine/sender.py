@@ -32,6 +32,13 @@ import torch
 
 import kvwire.codec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, source_rows
+from kvwire.engine.common import (
+    check_seconds,
+    check_transport,
+    layout_summary,
+    request_arguments,
+    secret_bytes,
+)
 from kvwire.errors import Cancelled, KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout, Selection
 from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameType, Header, crc32c, parse_header
@@ -46,40 +53,6 @@ log = logging.getLogger("kvwire.sender")
 DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8; see docs/benchmarks.md
 DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
 DEFAULT_STAGING_BYTES = 64 << 20
-
-
-TRANSPORTS = ("tcp", "ucx")
-
-
-def check_transport(transport: str, tls) -> None:
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport: {transport!r} is not one of {TRANSPORTS}")
-    if transport == "ucx":
-        if tls is not None:
-            raise ValueError("tls: not available with transport='ucx' (UCX has its own transports)")
-        from kvwire.transport.ucx import _import_ucxx
-
-        _import_ucxx()  # fail now, with the install command, rather than at connect
-
-
-def secret_bytes(secret: bytes | str | None) -> bytes:
-    """The shared secret from the argument or ``KVWIRE_SECRET``; refuse to run without one."""
-    if secret is None:
-        secret = os.environ.get("KVWIRE_SECRET")
-    if secret is None:
-        raise ValueError("secret: a shared secret is required (pass secret= or set KVWIRE_SECRET)")
-    if isinstance(secret, str):
-        secret = secret.encode()
-    if not isinstance(secret, bytes):
-        raise TypeError(f"secret: expected bytes or str, got {type(secret).__name__}")
-    if len(secret) < 8:
-        raise ValueError("secret: must be at least 8 bytes")
-    return secret
-
-
-def layout_summary(layout: KVLayout) -> str:
-    kinds = sorted({"/".join(layer.tensor_names) for layer in layout.layers})
-    return f"{layout.num_layers} layers [{', '.join(kinds)}], block {layout.block_size}, {layout.dtype}"
 
 
 @dataclass
@@ -194,6 +167,7 @@ class SendHandle:
         Raises ``ValueError`` if a layer was never sent, or a :class:`TransferError`:
         ``TransferTimeout`` (the transfer is then cancelled), ``PeerLost``, ``Cancelled``...
         """
+        timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
         missing = sorted(set(range(self._sender.layout.num_layers)) - self._sent_layers)
         if missing and not self._done.is_set():
             raise ValueError(f"finish: layers {missing} of {self.request_id!r} were never sent")
@@ -210,6 +184,8 @@ class SendHandle:
         self._sender._cancel(self, reason, Cancelled)
 
     def done(self) -> bool:
+        """True once the transfer ended (acknowledged, failed or cancelled). Never blocks,
+        never cancels: the way to poll (a short ``finish(timeout)`` cancels the transfer)."""
         return self._done.is_set()
 
     def stats(self) -> dict:
@@ -233,6 +209,7 @@ class SendHandle:
         self._error = error
         self.t_acked = time.monotonic()
         self._done.set()
+        self._sender._forget(self)
 
 
 class Sender:
@@ -284,6 +261,7 @@ class Sender:
         exact_tokens: int = 0,
     ) -> None:
         check_transport(transport, tls)
+        check_seconds(connect_timeout, "connect_timeout")
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
             raise ValueError(f"exact_tokens: expected an int >= 0, got {exact_tokens!r}")
         self._exact_tokens = exact_tokens
@@ -497,17 +475,41 @@ class Sender:
             self._jobs_cond.notify()
 
     def _cancel(self, handle: SendHandle, reason: str, error: type[TransferError]) -> None:
+        """End ``handle`` with ``error`` and tell the receiver, without waiting: the CANCEL
+        is queued on a connection and goes out between frames, so a writer blocked on a
+        peer that stopped reading cannot hold the caller (``finish(timeout)`` returns on time)."""
         if handle.done():
             return
-        handle._complete(error(f"transfer {handle.request_id!r}: {reason}"))
         with self._lock:
             conns = [c for c in self._conns if c.alive]
+            frames = {c.index: b"".join(_begin_frames(c, handle)) + c.proto.cancel(handle.tag, reason) for c in conns}
+        handle._complete(error(f"transfer {handle.request_id!r}: {reason}"))
         for c in conns:
             try:
-                c.stream.send_parts(_begin_frames(c, handle) + [c.proto.cancel(handle.tag, reason)])
+                c.stream.send_control(frames[c.index])
                 break
             except PeerLost:
                 continue
+
+    def _forget(self, handle: SendHandle) -> None:
+        """Drop every record of an ended transfer (its chunks still queued are dropped by
+        the writers): nothing a transfer leaves behind outlives it."""
+        with self._lock:
+            self._transfers.pop(handle.tag, None)
+            for c in self._conns:
+                c.inflight.pop(handle.tag, None)
+                c.begun.discard(handle.tag)
+
+    def census(self) -> dict:
+        """How many per-transfer records this sender holds now: a diagnostic for leak
+        checks; every count returns to zero once the transfers end."""
+        with self._lock:
+            return {
+                "transfers": len(self._transfers),
+                "inflight_chunks": sum(len(refs) for c in self._conns for refs in c.inflight.values()),
+                "queued_chunks": len(self._out) + sum(len(job[3] or ()) for job in self._jobs),
+                "begun_tags": sum(len(c.begun) for c in self._conns),
+            }
 
     def _encode_loop(self) -> None:
         while True:
@@ -649,12 +651,21 @@ class Sender:
             slot.tensor[:n].copy_(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
         return slot, n
 
-    def _next_chunk(self, conn: _Conn) -> _OutChunk | None:
-        """The next chunk this connection has credit for; None once closed or dead."""
+    def _next_chunk(self, conn: _Conn) -> tuple[_OutChunk, list[bytes]] | None:
+        """The next chunk this connection has credit for, and the BEGIN it needs first if
+        its request is new on this connection; None once closed or dead. Chunks of
+        transfers that ended meanwhile are dropped here, so they leave no record behind."""
         with self._lock:
             while True:
                 if self._closed or not conn.alive:
                     return None
+                if self._out and self._out[0].transfer.done():
+                    chunk = self._out.popleft()
+                    self._out_bytes -= chunk.nbytes
+                    if chunk.slot is not None:
+                        chunk.slot.release()
+                    self._space.notify()
+                    continue
                 if self._out and self._out[0].nbytes <= conn.credit:
                     chunk = self._out.popleft()
                     self._out_bytes -= chunk.nbytes
@@ -662,23 +673,19 @@ class Sender:
                     conn.inflight[chunk.transfer.tag].append(chunk.ref)
                     self._space.notify()
                     self._wake_writer()  # the next chunk, if any, to another connection
-                    return chunk
+                    return chunk, _begin_frames(conn, chunk.transfer)
                 conn.waiting = True
                 conn.wake.wait()
                 conn.waiting = False
 
     def _write_loop(self, conn: _Conn) -> None:
         while True:
-            chunk = self._next_chunk(conn)
-            if chunk is None:
+            taken = self._next_chunk(conn)
+            if taken is None:
                 return
+            chunk, frames = taken
             handle = chunk.transfer
             try:
-                if handle.done():  # cancelled or failed while queued: give the credit back
-                    with self._lock:
-                        conn.credit += chunk.nbytes
-                    continue
-                frames = _begin_frames(conn, handle)
                 # Counted before the send: the receiver may acknowledge the request (and
                 # finish() return these statistics) before send_parts returns here.
                 self._count(handle, chunk, +1)
@@ -726,11 +733,6 @@ class Sender:
         if handle is None:
             return
         if isinstance(event, Ack):
-            with self._lock:
-                self._transfers.pop(event.tag, None)
-                for c in self._conns:
-                    c.inflight.pop(event.tag, None)
-                    c.begun.discard(event.tag)
             handle._complete(
                 None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}")
             )
@@ -776,23 +778,3 @@ def _gpu_kernels(device: torch.device, codec, dtype: torch.dtype):
         log.info("caches on %s but no CUDA kernels for %s/%s: using the CPU reference", device, codec, dtype)
         return None
     return kernels.gpu_backend(device.index or 0)
-
-
-def request_arguments(
-    request_id, block_ids, num_tokens, deadline: float, block_size: int, num_blocks: int
-) -> tuple[str, Selection]:
-    """The checks ``Sender.transfer`` and ``Receiver.expect`` share: (request id, selection)."""
-    request_id = _request_id(request_id)
-    sel = Selection(block_ids, num_tokens).check(block_size, num_blocks)  # Selection takes tensors too
-    if deadline <= 0:
-        raise ValueError(f"deadline: must be positive, got {deadline}")
-    return request_id, sel
-
-
-def _request_id(request_id: str | int) -> str:
-    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
-        raise TypeError(f"request_id: expected str or int, got {type(request_id).__name__}")
-    text = str(request_id)
-    if not text or len(text.encode()) > 1024:
-        raise ValueError("request_id: must be 1..1024 bytes")
-    return text

@@ -25,6 +25,13 @@ class ByteStream(Protocol):
         """Write ``parts`` in order as one frame (or more); then ``device_payload``, a GPU
         tensor, when the connection carries device payloads."""
 
+    def send_control(self, frame: bytes) -> None:
+        """Queue a small control frame and return at once; it is sent between frames,
+        so a cancel or a credit never waits behind a payload the peer is not reading."""
+
+    def flush_control(self) -> None:
+        """Send queued control frames if that needs no waiting."""
+
     def recv_into_exact(self, view: memoryview) -> None:
         """Fill ``view`` completely."""
 

@@ -8,6 +8,8 @@ several flows fill the link and lose less when one of them backs off.
 
 from __future__ import annotations
 
+import collections
+import select
 import socket
 import ssl
 import struct
@@ -27,6 +29,9 @@ TCP_INFO = getattr(socket, "TCP_INFO", 11)
 # sendmsg accepts at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
 WAITALL_MIN = 64 * 1024  # reads this large wait for all their bytes in one call
+# Control frames (credits, acks, cancels) are tens of bytes; this many unread means the
+# peer stopped reading long ago, and the connection is given up rather than grow forever.
+MAX_OUTBOX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -144,27 +149,109 @@ class TcpStream:
         self.bytes_received = 0
         self.opened = time.monotonic()
         self._send_lock = threading.Lock()
+        self._outbox_lock = threading.Lock()
+        # Control frames waiting for the writer: queued by threads that must not wait
+        # behind a frame being written (a cancel, a credit), sent between frames.
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_bytes = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
         self.closed = False
 
     def send_parts(self, parts: Sequence[bytes | memoryview], device_payload=None) -> None:
-        """Write every byte of ``parts`` in order (gathered with sendmsg, no joining copy)."""
+        """Write every byte of ``parts`` in order (gathered with sendmsg, no joining copy),
+        after any control frames queued before them."""
         if device_payload is not None:
             raise ValueError("device_payload: TCP carries payloads from host memory only")
-        nbytes = sum(memoryview(p).nbytes for p in parts)
         with self._send_lock:
+            pending = self._take_outbox()
+            views = [memoryview(p).cast("B") for p in (*pending, *parts)]
+            nbytes = sum(len(v) for v in views)
             # Counted before the send: the peer may answer (and a caller read the
             # statistics) before this thread runs again; a failed send uncounts it.
             self.bytes_sent += nbytes
             try:
                 if self._tls:  # SSL sockets have no sendmsg
-                    for part in parts:
-                        self.sock.sendall(part)
+                    for view in views:
+                        self.sock.sendall(view)
                 else:
-                    self._sendmsg_all([memoryview(p).cast("B") for p in parts])
+                    self._sendmsg_all(views)
             except OSError as exc:
                 self.bytes_sent -= nbytes
                 raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
+        self.flush_control()  # frames queued while this one was being written
+
+    def send_control(self, frame: bytes) -> None:
+        """Queue a small control frame and return at once, whatever the peer is doing.
+
+        It goes out now if no other thread is writing and the socket has room, else
+        between frames: the next :meth:`send_parts` or :meth:`flush_control` sends it.
+        A peer that leaves ``MAX_OUTBOX_BYTES`` of control frames unread is lost."""
+        if self.closed:
+            raise PeerLost(f"connection to {self.peer} is closed")
+        with self._outbox_lock:
+            self._outbox.append(frame)
+            self._outbox_bytes += len(frame)
+            overflow = self._outbox_bytes > MAX_OUTBOX_BYTES
+        if overflow:
+            self.close()
+            raise PeerLost(
+                f"connection to {self.peer}: the peer left {MAX_OUTBOX_BYTES} bytes of control frames unread"
+            )
+        self.flush_control()
+
+    def flush_control(self) -> None:
+        """Send queued control frames if that needs no waiting: not while another thread
+        writes (that one sends them when its frame is done), not beyond the socket's room."""
+        while self._outbox and not self.closed and self._send_lock.acquire(blocking=False):
+            try:
+                drained = self._send_outbox_nowait()
+            finally:
+                self._send_lock.release()
+            if not drained:
+                return  # the socket is full; the next writer or flush sends the rest
+
+    def _take_outbox(self) -> list[bytes]:
+        with self._outbox_lock:
+            frames = list(self._outbox)
+            self._outbox.clear()
+            self._outbox_bytes = 0
+        return frames
+
+    def _send_outbox_nowait(self) -> bool:
+        """(send lock held) Send what the socket takes now; keep the rest. True once empty."""
+        try:
+            if self._tls:
+                # No MSG_DONTWAIT for SSL sockets: write only when the socket reports room,
+                # which for these frames (tens of bytes) means the write cannot block.
+                if not select.select([], [self.sock], [], 0)[1]:
+                    return False
+                for frame in self._take_outbox():
+                    self.bytes_sent += len(frame)
+                    self.sock.sendall(frame)
+                return True
+            with self._outbox_lock:
+                frames = list(self._outbox)
+            if not frames:
+                return True
+            try:
+                sent = self.sock.sendmsg([memoryview(f) for f in frames[:IOV_MAX]], [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            self.bytes_sent += sent
+            with self._outbox_lock:
+                self._outbox_bytes -= sent
+                while sent:
+                    head = self._outbox[0]
+                    if sent >= len(head):
+                        sent -= len(head)
+                        self._outbox.popleft()
+                    else:  # a partly sent frame: its tail goes first next time
+                        self._outbox[0] = head[sent:]
+                        sent = 0
+                return not self._outbox
+        except OSError as exc:
+            self.close()
+            raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
 
     def _sendmsg_all(self, views: list[memoryview]) -> None:
         while views:
@@ -295,18 +382,33 @@ class TcpListener:
         self.address = self.sock.getsockname()[:2]
 
     def accept(self) -> TcpStream:
-        """Block for the next connection. Raises OSError once the listener is closed."""
+        """Block for the next connection. Raises OSError once the listener is closed.
+
+        With TLS, the TLS handshake is *not* done here (one slow peer would stall every
+        accept): the thread that serves the connection does it, in :meth:`finish_accept`."""
         sock, addr = self.sock.accept()
         tune(sock, self.options)
-        if self.tls is not None:
-            sock.settimeout(10.0)
-            try:
-                sock = self.tls.wrap_socket(sock, server_side=True)
-            except (OSError, ssl.SSLError):
-                sock.close()
-                raise ConnectionAbortedError("TLS handshake failed") from None
-            sock.settimeout(None)
         return TcpStream(sock, f"{addr[0]}:{addr[1]}")
+
+    def finish_accept(self, stream: TcpStream, timeout: float) -> None:
+        """The server side of the TLS handshake, if this listener has TLS; ``timeout``
+        bounds each read, and closing ``stream`` from another thread ends it at once."""
+        if self.tls is None:
+            return
+        stream.sock.settimeout(timeout)
+        try:
+            # Wrapped first, handshake second: while it runs, ``stream.sock`` is the TLS
+            # socket, so a watchdog's ``stream.close()`` reaches the socket being read.
+            stream.sock = self.tls.wrap_socket(stream.sock, server_side=True, do_handshake_on_connect=False)
+            stream._tls = True
+            if stream.closed:  # closed while being wrapped: the close may have missed it
+                raise OSError("closed during the TLS handshake")
+            stream.sock.do_handshake()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            stream.close()
+            stream.sock.close()  # the TLS socket, if the close above found the raw one
+            raise PeerLost(f"TLS handshake with {stream.peer} failed: {exc}") from None
+        stream.sock.settimeout(None)
 
     def close(self) -> None:
         try:

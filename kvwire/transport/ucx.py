@@ -38,7 +38,7 @@ _LENGTH = struct.Struct("<Q")
 INSTALL_HINT = "transport='ucx' needs UCXX: pip install 'kvwire[ucx]' (PyPI package ucxx-cu12)"
 
 
-def _import_ucxx():
+def import_ucxx():
     # Before the import: UCX reads its global options (UCX_WARN_UNUSED_ENV_VARS) when the
     # library loads, the rest when a context starts.
     for key, value in UCX_DEFAULTS.items():
@@ -51,7 +51,7 @@ def _import_ucxx():
 
 
 # Defaults kvwire gives UCX unless the environment already sets them, applied by
-# _import_ucxx, the one way kvwire reaches UCXX. 2 MiB TCP segments instead of UCX's
+# import_ucxx, the one way kvwire reaches UCXX. 2 MiB TCP segments instead of UCX's
 # 8 KiB: on loopback, 512 MiB, 4 connections, 0.57/0.58 -> 0.89/0.88 GB/s in alternating
 # runs (docs/benchmarks.md). UCXX's "blocking" progress mode was faster still for bulk
 # transfers (1.2-1.3 GB/s with these segments) but made the UCX tests, many small
@@ -79,7 +79,7 @@ class _Loop:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.ucxx = _import_ucxx()
+        self.ucxx = import_ucxx()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="kvwire-ucx", daemon=True)
         self.thread.start()
@@ -137,6 +137,7 @@ class UcxStream:
         self.closed = False
         self._timeout: float | None = None
         self._send_lock = threading.Lock()
+        self._ordered = asyncio.Lock()  # taken on the loop thread: messages never interleave
         self._recv_lock = threading.Lock()
         self._message = memoryview(b"")
         self._on_close = on_close
@@ -164,11 +165,28 @@ class UcxStream:
                 self.bytes_sent -= nbytes
                 raise
 
+    def send_control(self, frame: bytes) -> None:
+        """Queue a small control frame on the UCX loop and return at once: it is sent after
+        the message being sent now (the loop's send lock keeps messages whole and in order)."""
+        if self.closed:
+            raise PeerLost(f"UCX endpoint to {self.peer} is closed")
+        np = self._np
+        data = np.frombuffer(frame, dtype=np.uint8).copy()
+        header = np.frombuffer(_LENGTH.pack(len(frame)), dtype=np.uint8).copy()
+        self.bytes_sent += len(frame)
+        future = asyncio.run_coroutine_threadsafe(self._send_all(header, data, None), self._loop.loop)
+        # A failed control send is not reported here: the reader sees the endpoint fail.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def flush_control(self) -> None:
+        """Nothing to do: control frames are already queued on the UCX loop."""
+
     async def _send_all(self, header, data, device_payload) -> None:
-        await self._ep.send(header)
-        await self._ep.send(data)
-        if device_payload is not None:
-            await self._ep.send(_ucx_buffer(device_payload))
+        async with self._ordered:  # one message (and its device payload) at a time
+            await self._ep.send(header)
+            await self._ep.send(data)
+            if device_payload is not None:
+                await self._ep.send(_ucx_buffer(device_payload))
 
     def recv_device_into(self, tensor) -> None:
         """Receive the next message, a DATA payload sent with ``device_payload``, into
@@ -286,6 +304,9 @@ class UcxListener:
             raise OSError("listener closed")
         ep, release = item
         return UcxStream(self._loop, ep, f"ucx:{ep.uid:x}", on_close=release)
+
+    def finish_accept(self, stream: UcxStream, timeout: float) -> None:
+        """Nothing to finish: a UCX endpoint is ready when accepted."""
 
     def close(self) -> None:
         if self._closed:

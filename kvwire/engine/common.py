@@ -1,0 +1,90 @@
+"""What the sending and the receiving side share: argument checks and small descriptions.
+
+Every public entry point checks its arguments here before anything is sent, so the two
+sides refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from kvwire.layout import KVLayout, Selection
+
+TRANSPORTS = ("tcp", "ucx")
+
+
+def check_transport(transport: str, tls) -> None:
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport: {transport!r} is not one of {TRANSPORTS}")
+    if transport == "ucx":
+        if tls is not None:
+            raise ValueError("tls: not available with transport='ucx' (UCX has its own transports)")
+        from kvwire.transport.ucx import import_ucxx
+
+        import_ucxx()  # fail now, with the install command, rather than at connect
+
+
+def check_seconds(value, name: str, *, optional: bool = False, zero: bool = False) -> float | None:
+    """A duration argument: a finite number of seconds, positive (or >= 0 with ``zero``).
+
+    NaN and infinity are refused: a NaN deadline compares false with every clock reading,
+    so a wait on it would never end (and never time out)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected seconds as a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number of seconds, got {value}")
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{name}: must be {'>= 0' if zero else 'positive'}, got {value}")
+    return float(value)
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """An integer setting (a limit, a number of connections), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def secret_bytes(secret: bytes | str | None) -> bytes:
+    """The shared secret from the argument or ``KVWIRE_SECRET``; refuse to run without one."""
+    if secret is None:
+        secret = os.environ.get("KVWIRE_SECRET")
+    if secret is None:
+        raise ValueError("secret: a shared secret is required (pass secret= or set KVWIRE_SECRET)")
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TypeError(f"secret: expected bytes or str, got {type(secret).__name__}")
+    if len(secret) < 8:
+        raise ValueError("secret: must be at least 8 bytes")
+    return secret
+
+
+def layout_summary(layout: KVLayout) -> str:
+    """One line that describes a layout to a person (sent at the handshake, shown in errors)."""
+    kinds = sorted({"/".join(layer.tensor_names) for layer in layout.layers})
+    return f"{layout.num_layers} layers [{', '.join(kinds)}], block {layout.block_size}, {layout.dtype}"
+
+
+def request_arguments(
+    request_id, block_ids, num_tokens, deadline: float, block_size: int, num_blocks: int
+) -> tuple[str, Selection]:
+    """The checks ``Sender.transfer`` and ``Receiver.expect`` share: (request id, selection)."""
+    request_id = check_request_id(request_id)
+    sel = Selection(block_ids, num_tokens).check(block_size, num_blocks)  # Selection takes tensors too
+    check_seconds(deadline, "deadline")
+    return request_id, sel
+
+
+def check_request_id(request_id: str | int) -> str:
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        raise TypeError(f"request_id: expected str or int, got {type(request_id).__name__}")
+    text = str(request_id)
+    if not text or len(text.encode()) > 1024:
+        raise ValueError("request_id: must be 1..1024 bytes")
+    return text

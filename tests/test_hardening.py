@@ -1,0 +1,366 @@
+"""What an outside attack campaign and a long soak broke, each pinned by a test.
+
+Every test here failed before its fix: a slow handshake held a connection forever, idle
+sockets each took a thread, a huge BEGIN allocated its coverage map, small unexpected
+chunks filled the staging pool, ``finish(timeout)`` waited behind a blocked writer,
+finished requests were never forgotten, one idle socket stalled every TLS handshake, and
+NaN deadlines were accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+import kvwire
+from kvwire.engine.common import layout_summary
+from kvwire.proto import FrameType, Header, ServerConnection, parse_header
+from kvwire.proto.frames import HEADER_SIZE
+from tests.helpers import SECRET, WireClient, assert_transferred, filled
+
+LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
+
+
+def wait_until(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def read_frame(client: WireClient, timeout: float = 10.0):
+    client.sock.settimeout(timeout)
+    header = parse_header(client._recv(HEADER_SIZE))
+    payload = client._recv(header.length)
+    return header, payload
+
+
+def transfer_between(rx, src, request_id, src_blocks, dst_blocks, num_tokens, timeout=20.0) -> float:
+    """One well-behaved transfer; returns its duration."""
+    t0 = time.monotonic()
+    h = rx.expect(request_id, dst_blocks, num_tokens, deadline=timeout)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2) as tx:
+        tx.send(request_id, src_blocks, num_tokens, timeout=timeout)
+    h.wait(timeout=timeout)
+    return time.monotonic() - t0
+
+
+# -- 1. slowloris: a whole-handshake deadline, and a cap on connections not yet authenticated ----
+def test_a_handshake_dribbled_byte_by_byte_is_cut_at_the_deadline():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4), handshake_timeout=1.0)
+    try:
+        sock = socket.create_connection(rx.address)
+        sock.settimeout(0.1)
+        t0 = time.monotonic()
+        closed_at = None
+        # A valid header announcing a 60000-byte HELLO, then its payload one byte every 0.1 s:
+        # no single recv ever waits as long as the handshake timeout.
+        sock.sendall(Header(FrameType.HELLO, length=60000).pack())
+        for _ in range(60):
+            try:
+                sock.send(b"{")
+                if sock.recv(1) == b"":
+                    closed_at = time.monotonic()
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_at = time.monotonic()
+                break
+        sock.close()
+        assert closed_at is not None, "the receiver kept a dribbling handshake open for 6 s"
+        assert closed_at - t0 < 3.0
+        assert wait_until(lambda: rx.stats()["rejected_connections"] >= 1)
+        assert "handshake" in rx.stats()["rejected"][-1]["reason"]
+    finally:
+        rx.close()
+
+
+def test_idle_sockets_beyond_the_cap_are_refused_at_once_and_cost_no_threads():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), max_pending_connections=8)
+    src = filled(LAYOUT, 8, seed=3)
+    idle = []
+    try:
+        threads_before = threading.active_count()
+        for _ in range(40):
+            idle.append(socket.create_connection(rx.address))
+        assert wait_until(lambda: rx.stats()["refused_connections"] >= 32)
+        assert threading.active_count() - threads_before <= 8 + 2
+        for s in idle[-8:]:  # the refused ones were closed by the receiver at once
+            s.settimeout(5)
+            assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+    # once the idle sockets are gone, senders get in as before
+    assert wait_until(lambda: rx.stats()["pending_connections"] == 0)
+    transfer_between(rx, src, "after-idle", [0, 1], [4, 5], 20)
+    assert_transferred(LAYOUT, src, [0, 1], rx._caches, [4, 5], 20)
+    rx.close()
+
+
+# -- 2. BEGIN is checked against what the receiver can hold -------------------------------------
+def test_a_begin_larger_than_the_receivers_blocks_is_refused_without_allocating():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32))
+    try:
+        client = WireClient(rx.address, LAYOUT)
+        client.send(client.proto.begin(1, "huge", (1 << 32) - 1))
+        header, payload = read_frame(client)
+        assert header.type == FrameType.ACK and header.tag == 1 and header.flags != 0
+        assert "4294967295 tokens" in payload.decode() and "512" in payload.decode()
+        assert rx.census()["requests"] == 0
+        client.close()
+    finally:
+        rx.close()
+
+
+def test_open_requests_per_session_are_limited():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32), max_requests_per_session=4)
+    try:
+        client = WireClient(rx.address, LAYOUT)
+        for tag in range(1, 6):
+            client.send(client.proto.begin(tag, f"r{tag}", 16))
+        header, payload = read_frame(client)
+        assert header.type == FrameType.ACK and header.tag == 5 and header.flags != 0
+        assert "4 open requests" in payload.decode()
+        assert rx.census()["requests"] == 4
+        client.close()
+    finally:
+        rx.close()
+
+
+# -- 3. parked data is bounded by the bytes it holds, per peer; other peers are unaffected -----
+def test_small_unexpected_chunks_do_not_starve_expected_transfers():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(64), staging_bytes=16 << 20,
+                         unclaimed_timeout=30)  # fmt: skip
+    src = filled(LAYOUT, 64, seed=5)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=1) as flooder:
+            for i in range(9):  # nine small requests nobody expects (yet): 6 chunks of 4 KiB each
+                t = flooder.transfer(f"unexpected-{i}", [i], 16, deadline=60)
+                for layer in range(LAYOUT.num_layers):
+                    t.send_layer(layer)
+            assert wait_until(lambda: rx.stats().get("parked_chunks", 0) >= 54)
+            took = transfer_between(rx, src, "expected", [20, 21], [40, 41], 32)
+            assert took < 10, f"an expected transfer waited {took:.1f} s behind parked data"
+            assert rx.stats()["staging"]["in_use_bytes"] <= 54 * 4096
+            for i in range(9):  # the parked ones complete once expected
+                rx.expect(f"unexpected-{i}", [50 + i], 16).wait(timeout=10)
+    finally:
+        rx.close()
+
+
+def test_a_peer_over_its_parked_bound_is_slowed_alone():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(64), max_parked_bytes_per_peer=32 << 10,
+                         unclaimed_timeout=60)  # fmt: skip
+    src = filled(LAYOUT, 64, seed=6)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=1) as flooder:
+            handles = []
+            for i in range(16):  # 16 x 24 KiB: far past the 32 KiB this peer may park
+                t = flooder.transfer(f"slow-{i}", [i], 16, deadline=60)
+                for layer in range(LAYOUT.num_layers):
+                    t.send_layer(layer)
+                handles.append(t)
+            assert wait_until(lambda: rx.stats()["parked_bytes"] >= 24 << 10)
+            time.sleep(0.3)
+            assert rx.stats()["parked_bytes"] <= 32 << 10
+            took = transfer_between(rx, src, "other-peer", [20, 21], [40, 41], 32)
+            assert took < 10
+            for i in range(16):
+                rx.expect(f"slow-{i}", [44 + i], 16)
+            for t in handles:
+                t.finish(timeout=20)
+            assert_transferred(LAYOUT, src, [15], rx._caches, [59], 16)
+    finally:
+        rx.close()
+
+
+# -- 4. finish(timeout) and cancel never wait behind a writer blocked in the kernel ------------
+class StalledReceiver:
+    """Completes the handshake over a real socket, grants a huge window, then never reads."""
+
+    def __init__(self, layout) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, args=(layout,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, layout) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.conns.append(sock)
+            proto = ServerConnection(SECRET.encode(), fingerprint=layout.fingerprint(), layout=layout_summary(layout),
+                                     check_codec=lambda c: None, window=1 << 30, max_payload=4 << 20)  # fmt: skip
+            while proto.state.value != "open":
+                header = parse_header(_recv(sock, HEADER_SIZE))
+                n = proto.on_header(header)
+                proto.on_payload(header, _recv(sock, n))
+                sock.sendall(proto.data_to_send())
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.conns:
+            s.close()
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("closed")
+        buf += part
+    return buf
+
+
+def test_finish_timeout_holds_against_a_peer_that_stops_reading():
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    peer = StalledReceiver(layout)
+    src = layout.allocate(64)
+    try:
+        options = kvwire.SocketOptions(sndbuf=64 << 10)
+        with kvwire.Sender(layout, peer.address, secret=SECRET, kv_caches=src, streams=1, socket_options=options) as tx:
+            t = tx.transfer("stuck", list(range(64)), 1024, deadline=120)
+            for i in range(layout.num_layers):
+                t.send_layer(i)  # 16 MiB: the writer blocks in sendmsg long before the end
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.TransferTimeout):
+                t.finish(timeout=1)
+            assert time.monotonic() - t0 < 3, "finish(timeout=1) waited for the blocked writer"
+            t1 = time.monotonic()
+            tx.close()
+            assert time.monotonic() - t1 < 5
+    finally:
+        peer.close()
+
+
+# -- 5. per-request records are freed however a request ends -------------------------------------
+def test_records_return_to_zero_after_completed_cancelled_and_failed_requests():
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32))
+    src = filled(LAYOUT, 32, seed=7)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2) as tx:
+            for i in range(30):  # completed
+                h = rx.expect(f"ok-{i}", [8], 16)
+                tx.send(f"ok-{i}", [0], 16, timeout=10)
+                h.wait(timeout=10)
+            for i in range(10):  # cancelled by the sender mid-way
+                h = rx.expect(f"sc-{i}", [8], 16)
+                t = tx.transfer(f"sc-{i}", [0], 16)
+                t.send_layer(0)
+                t.cancel("prefill aborted")
+                with pytest.raises(kvwire.Cancelled):
+                    h.wait(timeout=10)
+            for i in range(10):  # cancelled by the receiver mid-way
+                h = rx.expect(f"rc-{i}", [8], 16)
+                t = tx.transfer(f"rc-{i}", [0], 16)
+                t.send_layer(0)
+                h.wait_layer(0, timeout=10)
+                h.cancel("decode went away")
+                assert wait_until(t.done)  # the CANCEL is on its way to the sender
+                with pytest.raises(kvwire.Cancelled):
+                    t.finish(timeout=10)
+            for i in range(10):  # never expected: the sender's deadline passes
+                t = tx.transfer(f"to-{i}", [0], 16, deadline=0.3)
+                for layer in range(LAYOUT.num_layers):
+                    t.send_layer(layer)
+                with pytest.raises(kvwire.TransferTimeout):
+                    t.finish()
+            for i in range(10):  # refused by the receiver: token counts disagree
+                h = rx.expect(f"bad-{i}", [8], 16)
+                with pytest.raises(kvwire.TransferError):
+                    tx.send(f"bad-{i}", [0, 1], 20, timeout=10)
+            assert wait_until(lambda: tx.census()["transfers"] == 0)
+            assert tx.census() == {"transfers": 0, "inflight_chunks": 0, "queued_chunks": 0, "begun_tags": 0}
+            assert wait_until(lambda: rx.census()["requests"] == 0 and rx.census()["tags"] == 0)
+            census = rx.census()
+            assert census["expected"] == 0 and census["parked_chunks"] == 0 and census["parked_bytes"] == 0
+            assert census["cancelled_ids"] <= 10  # a bounded memory of ids cancelled before their expect
+    finally:
+        rx.close()
+
+
+# -- 6. TLS handshakes run off the accept thread ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_contexts():
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client)
+    return server, client
+
+
+def test_tls_transfer_round_trip(tls_contexts):
+    server, client = tls_contexts
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), tls=server)
+    src = filled(LAYOUT, 8, seed=8)
+    try:
+        h = rx.expect("tls", [4, 5], 20)
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, tls=client, streams=2) as tx:
+            tx.send("tls", [0, 1], 20, timeout=10)
+        h.wait(timeout=10)
+        assert_transferred(LAYOUT, src, [0, 1], rx._caches, [4, 5], 20)
+    finally:
+        rx.close()
+
+
+def test_an_idle_socket_does_not_stall_tls_handshakes(tls_contexts):
+    server, client = tls_contexts
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), tls=server, handshake_timeout=10)
+    idle = socket.create_connection(rx.address)  # connects, never starts TLS
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4), tls=client, streams=2):
+            pass
+        assert time.monotonic() - t0 < 3, "a TLS sender waited behind an idle socket's handshake"
+    finally:
+        idle.close()
+        rx.close()
+
+
+# -- 7. deadlines and timeouts are finite and positive -------------------------------------------
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 0.0])
+def test_deadlines_must_be_finite_and_positive(bad):
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4))
+    try:
+        with pytest.raises(ValueError, match="deadline"):
+            rx.expect("nan", [0], 4, deadline=bad)
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:
+            with pytest.raises(ValueError, match="deadline"):
+                tx.transfer("nan", [0], 4, deadline=bad)
+            t = tx.transfer("ok", [0], 4, deadline=5)
+            for i in range(LAYOUT.num_layers):
+                t.send_layer(i)
+            if bad != 0.0:  # a zero wait is a poll; NaN, inf and negative ones are refused
+                with pytest.raises(ValueError, match="timeout"):
+                    t.finish(timeout=bad)
+        h = rx.expect("nan-wait", [1], 4, deadline=5)
+        if bad != 0.0:
+            with pytest.raises(ValueError, match="timeout"):
+                h.wait(timeout=bad)
+            with pytest.raises(ValueError, match="timeout"):
+                h.wait_layer(0, timeout=bad)
+        for name in ("unclaimed_timeout", "handshake_timeout"):
+            with pytest.raises(ValueError, match=name):
+                kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4), **{name: bad})
+        with pytest.raises(ValueError, match="connect_timeout"):
+            kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4), connect_timeout=bad)
+    finally:
+        rx.close()
