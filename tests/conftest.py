@@ -10,3 +10,12 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-frames",
+        type=int,
+        default=int(os.environ.get("KVWIRE_FUZZ_FRAMES", "300")),
+        help="mutated frames the receiver fuzz test sends (default 300; a large run: 100000)",
+    )

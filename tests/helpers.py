@@ -74,10 +74,10 @@ def assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens, cod
 class WireClient:
     """A sender driven by hand over a real socket, to send frames a real Sender never would."""
 
-    def __init__(self, address, layout, secret=SECRET, codec="raw") -> None:
+    def __init__(self, address, layout, secret=SECRET, codec="raw", session="cd" * 8) -> None:
         self.sock = socket.create_connection(address, timeout=10)
         self.proto = ClientConnection(
-            secret.encode(), session="cd" * 8, conn_index=0, conn_count=1,
+            secret.encode(), session=session, conn_index=0, conn_count=1,
             fingerprint=layout.fingerprint(), layout=layout_summary(layout), codec=codec,
         )  # fmt: skip
         self.sock.sendall(self.proto.data_to_send())

@@ -56,6 +56,9 @@ def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
         (["loopback", "--layer-ms", "-1"], "--layer-ms"),
         (["codec", "--dtype", "int8"], "dtype"),
         (["profiles", "--link-gbit", "0"], "--link-gbit"),
+        (["soak", "--minutes", "0"], "--minutes"),
+        (["flood", "--transfers", "0"], "--transfers"),
+        (["loopback", "--ktls"], "--ktls"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
@@ -120,3 +123,36 @@ def test_loopback_plot(tmp_path):
     out = tmp_path / "plot.png"
     assert main(["loopback", "--tokens", "256", "--layer-ms", "2", "--quiet", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soak_reports_samples_and_flat_records(tmp_path):
+    out = tmp_path / "soak.json"
+    code = main(["soak", "--minutes", "0.15", "--sample-s", "2", "--warmup-s", "2", "--tokens", "16",
+                 "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert len(report["samples"]) >= 4 and report["requests"] > 20
+    assert set(report["outcomes"]) == {"ok", "sender-cancel", "receiver-cancel", "never-expected", "refused"}
+    assert report["outcomes"]["ok"] == {"completed/completed": report["outcomes"]["ok"]["completed/completed"]}
+    for side in ("receiver", "sender"):
+        assert report["growth"][f"{side}_records"]["grew"] is False
+        assert report["samples"][-1][side]["fds"] > 0 and report["samples"][-1][side]["threads"] > 0
+    assert code == (1 if any(g["grew"] for g in report["growth"].values()) else 0)
+
+
+def test_flood_times_transfers_under_each_attack(tmp_path):
+    out = tmp_path / "flood.json"
+    assert main(["flood", "--profile", "kimi-linear-48b", "--tokens", "16", "--transfers", "2", "--sockets", "40",
+                 "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    attacks = [p["attack"] for p in report["phases"]]
+    assert attacks[:3] == ["none", "unexpected", "slowloris"] and attacks[-1] == "all"
+    slowloris = report["phases"][2]
+    assert slowloris["refused_connections"] + slowloris["rejected_handshakes"] > 0  # the attack was seen
+
+
+def test_loopback_over_tls_verifies(tmp_path):
+    pytest.importorskip("trustme")
+    out = tmp_path / "tls.json"
+    assert main(["loopback", "--tokens", "64", "--streams", "2", "--tls", "--quiet", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["verified"] is True and report["tls"] is True

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import kvwire.codec
-from kvwire.bench import codec_report, fidelity, loopback, netem, profiles
+from kvwire.bench import codec_report, fidelity, flood, loopback, netem, profiles, soak
 from kvwire.bench.report import table, write_json
 
 
@@ -163,6 +163,46 @@ def _cmd_link_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    soak.check_arguments(args)
+    print(
+        f"soak: {args.minutes:g} min of {args.tokens}-token requests ({args.profile}, {args.codec}, "
+        f"{args.streams} connections) ending every way; a sample every {args.sample_s:g} s",
+        flush=True,
+    )
+    report = soak.run(args, progress=lambda line: print(line, flush=True))
+    report["machine"] = _machine()
+    print()
+    print(f"{report['requests']} requests; outcomes (sender/receiver) per fate:")
+    for fate, counts in report["outcomes"].items():
+        print(f"  {fate}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    grew = [k for k, g in report["growth"].items() if isinstance(g, dict) and g["grew"]]
+    print(table(("figure", "after warm-up", "end", "peak", "verdict"), soak.rows(report)))
+    print("flat: RSS within 16 MiB, descriptors, threads and records within 2 of their value after the warm-up")
+    if args.json:
+        write_json(args.json, report)
+    if grew:
+        print("GROWTH:", ", ".join(grew), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_flood(args: argparse.Namespace) -> int:
+    flood.check_arguments(args)
+    print(
+        f"flood: {args.transfers} transfers of {args.tokens} tokens ({args.profile}) per phase, while another "
+        f"peer attacks the receiver ({args.sockets} sockets per socket attack)",
+        flush=True,
+    )
+    report = flood.run(args, progress=lambda line: print(line, flush=True))
+    report["machine"] = _machine()
+    print(table(flood.HEADERS, flood.rows(report)))
+    print("ms per transfer from expect to the receiver's completion; new conn: a new sender's connect time")
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
 def _machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -209,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=8, help="iperf3 parallel streams besides 1 (default 8)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=_cmd_link_check)
+
+    p = sub.add_parser("soak", help="requests ending every way for minutes: RSS, fds, threads, records over time")
+    soak.add_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write the samples and verdicts as JSON")
+    p.set_defaults(func=_cmd_soak)
+
+    p = sub.add_parser("flood", help="transfer times while another peer floods the receiver (hostile peers)")
+    flood.add_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write the phases as JSON")
+    p.set_defaults(func=_cmd_flood)
 
     p = sub.add_parser("profiles", help="model profiles and what a link carries per codec")
     p.add_argument("--link-gbit", type=float, default=100.0, help="link rate in Gbit/s (default 100)")

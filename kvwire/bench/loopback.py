@@ -17,6 +17,7 @@ import os
 import resource
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -25,7 +26,7 @@ import torch
 
 import kvwire
 import kvwire.codec
-from kvwire.bench import netem, profiles
+from kvwire.bench import netem, profiles, tlsutil
 from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection, gather_tokens
 from kvwire.proto.frames import crc32c
@@ -59,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "rtt=40ms,rate=2gbit,loss=0.01%%[,jitter=1ms][,queue=16mb] (needs root)",
     )
     p.add_argument("--compare-single-stream", action="store_true", help="also send each round over 1 connection")
+    p.add_argument("--tls", action="store_true", help="encrypt kvwire's connections (a throwaway CA; needs trustme)")
+    p.add_argument(
+        "--ktls", action="store_true", help="with --tls: ask OpenSSL for kernel TLS (where the kernel has it)"
+    )
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -73,6 +78,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
     if args.streams > 64:
         raise ValueError(f"--streams: at most 64, got {args.streams}")
+    if args.ktls and not args.tls:
+        raise ValueError("--ktls: only with --tls")
+    if args.tls and args.transport != "tcp":
+        raise ValueError("--tls: only with --transport tcp")
     if args.link:
         netem.parse_link(args.link)
         if os.geteuid() != 0:
@@ -152,8 +161,9 @@ def receiver_main(
     layout, per, total_blocks = _layout_and_blocks(args)
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in _states(layout).items()} for _ in range(args.requests)]
+    tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
-                         transport=args.transport)  # fmt: skip
+                         transport=args.transport, tls=tls)  # fmt: skip
     base_listener = socket.create_server((host, 0))
     gc.freeze()  # see kvwire/tuning.py
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
@@ -331,10 +341,11 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
     src = layout.allocate(total_blocks)
     states = _states(layout)
     fill(src, states, seed=1, dtype=layout.dtype)
+    tls = tlsutil.client_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     tx = kvwire.Sender(
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
         chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
-        exact_tokens=args.exact_tokens,
+        exact_tokens=args.exact_tokens, tls=tls,
     )  # fmt: skip
     gc.freeze()  # see kvwire/tuning.py
     single = None
@@ -478,6 +489,11 @@ def run(args: argparse.Namespace, progress=print) -> dict:
 
 def _run(args, layout, progress, link) -> dict:
     secret = os.urandom(16).hex()
+    if getattr(args, "tls", False):
+        hosts = ("127.0.0.1", "localhost") + ((link.address_b,) if link else ())
+        args.tls_paths = tlsutil.write_material(tempfile.mkdtemp(prefix="kvwire-tls-"), hosts)
+        if args.ktls and not tlsutil.kernel_tls_available():
+            progress("note: this kernel has no 'tls' upper-layer protocol: --ktls falls back to user-space TLS")
     ctx = multiprocessing.get_context("spawn")
     rx_pipe, rx_child = ctx.Pipe()
     tx_pipe, tx_child = ctx.Pipe()
@@ -583,6 +599,7 @@ def _report(args, layout, rounds, baselines, singles, overlap, sender_stats, rss
         "rounds": args.rounds,
         "streams": args.streams,
         "transport": args.transport,
+        "tls": "kernel" if getattr(args, "ktls", False) else bool(getattr(args, "tls", False)),
         "layer_ms": args.layer_ms,
         "logical_bytes_per_round": sent["logical_bytes"],
         "wire_bytes_per_round": sent["wire_bytes"],

@@ -371,6 +371,8 @@ class Receiver:
         self._pending: list[_RConn] = []  # accepted, handshake not finished
         self._parked_bytes = 0
         self._rejected: collections.deque = collections.deque(maxlen=32)
+        self._last_reject_log = float("-inf")
+        self._unlogged_rejects = 0
         self._counters: collections.Counter[str] = collections.Counter(
             {k: 0 for k in ("frames", "wire_bytes", "parked_chunks", "completed", "failed", "protocol_errors",
                             "rejected_connections", "refused_connections", "refused_requests", "late_frames")}
@@ -597,10 +599,18 @@ class Receiver:
         return self._ucx_cuda
 
     def _reject(self, peer: str | None, reason: str) -> None:
-        log.warning("refused a connection from %s: %s", peer or "?", reason)
+        """Count and record a failed handshake; log it, at most once a second (a flood of
+        bad connections must not become a flood of log lines)."""
         with self._lock:
             self._counters["rejected_connections"] += 1
             self._rejected.append({"peer": peer, "reason": reason, "time": time.time()})
+            now = time.monotonic()
+            if now - self._last_reject_log < 1.0:
+                self._unlogged_rejects += 1
+                return
+            self._last_reject_log, unlogged, self._unlogged_rejects = now, self._unlogged_rejects, 0
+        more = f" ({unlogged} more refused in the last second, not logged)" if unlogged else ""
+        log.warning("refused a connection from %s: %s%s", peer or "?", reason, more)
 
     def _join_session(self, conn: _RConn, event: Authenticated) -> None:
         hello = event.hello
