@@ -68,7 +68,7 @@ def _client_context(ca_pem: str | None):
 # -- the attacker process ----------------------------------------------------------------------
 def attacker_main(attack: str, address, profile: str, sockets: int, ca_pem, stop, ready) -> None:
     client_tls = _client_context(ca_pem)
-    jobs = []
+    jobs: list[tuple] = []
     if attack in ("unexpected", "all"):
         jobs.append((_flood_unexpected, (address, profile, client_tls, stop)))
     if attack in ("slowloris", "all"):
