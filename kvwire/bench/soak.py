@@ -159,7 +159,9 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     try:
         while True:
             now = time.monotonic()
-            if now >= next_sample:
+            # Sampled only after a completed request: one that just failed may still have
+            # data parked for a moment (its CANCEL on the way), which is not a leak.
+            if now >= next_sample and (i == 0 or FATES[(i - 1) % len(FATES)] == "ok"):
                 rx_pipe.send(("sample",))
                 tx_pipe.send(("sample",))
                 sample = {"t_s": round(now - t0, 1), "requests": i, "receiver": _reply(rx_pipe, "receiver"),

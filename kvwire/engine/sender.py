@@ -480,10 +480,13 @@ class Sender:
         peer that stopped reading cannot hold the caller (``finish(timeout)`` returns on time)."""
         if handle.done():
             return
+        handle._complete(error(f"transfer {handle.request_id!r}: {reason}"))
         with self._lock:
             conns = [c for c in self._conns if c.alive]
-            frames = {c.index: b"".join(_begin_frames(c, handle)) + c.proto.cancel(handle.tag, reason) for c in conns}
-        handle._complete(error(f"transfer {handle.request_id!r}: {reason}"))
+        # Always with its BEGIN (a repeat is ignored by the receiver): a BEGIN marked as
+        # sent on a connection here could let a writer send DATA there before it went out.
+        frames = {c.index: c.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens)
+                  + c.proto.cancel(handle.tag, reason) for c in conns}  # fmt: skip
         for c in conns:
             try:
                 c.stream.send_control(frames[c.index])
