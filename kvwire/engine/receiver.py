@@ -421,6 +421,7 @@ class Receiver:
     def _check_codec(self, descriptor: str) -> str | None:
         try:
             codec = kvwire.codec.get(descriptor)
+            codec.check_dtype(self.layout.dtype)
         except ValueError as exc:
             return str(exc)
         if self._accepted_codecs is not None and codec.descriptor not in self._accepted_codecs:

@@ -296,6 +296,7 @@ class Sender:
             raise ValueError(f"chunk_bytes: at least 4096, got {chunk_bytes}")
         self.layout = layout
         self.codec = kvwire.codec.get(codec, group_size=group_size)
+        self.codec.check_dtype(layout.dtype)  # an fp8 cache travels raw
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
