@@ -17,7 +17,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -238,6 +238,9 @@ class Receiver:
         unclaimed_timeout: seconds a request may wait for ``expect`` before it is refused.
         tls: an ``ssl.SSLContext`` (server side).
         transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX).
+        check_terms: called with each sender's ``terms`` (a dict, empty if it stated none)
+            after it authenticated; returns None to accept, or the reason to refuse it
+            (the sender's constructor raises ``LayoutMismatch`` with that reason).
 
     Example::
 
@@ -263,8 +266,12 @@ class Receiver:
         socket_options: SocketOptions | None = None,
         handshake_timeout: float = 10.0,
         transport: str = "tcp",
+        check_terms: Callable[[dict], str | None] | None = None,
     ) -> None:
         check_transport(transport, tls)
+        if check_terms is not None and not callable(check_terms):
+            raise TypeError(f"check_terms: expected a callable, got {type(check_terms).__name__}")
+        self._check_terms = check_terms
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -437,6 +444,7 @@ class Receiver:
             window=self._window,
             max_payload=self._slot_bytes,
             device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
+            check_terms=self._check_terms,
         )
         conn = _RConn(stream, proto)
         with self._lock:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import logging
 import os
 import ssl
@@ -75,6 +76,20 @@ def secret_bytes(secret: bytes | str | None) -> bytes:
     if len(secret) < 8:
         raise ValueError("secret: must be at least 8 bytes")
     return secret
+
+
+def check_terms(terms: Mapping | None) -> dict | None:
+    """Validate ``Sender(terms=...)``: names to str/int/float/bool, at most 4 KiB as JSON."""
+    if terms is None:
+        return None
+    if not isinstance(terms, Mapping):
+        raise TypeError(f"terms: expected a dict, got {type(terms).__name__}")
+    for key, value in terms.items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"terms: {key!r} -> {value!r}: expected str keys and str/int/float/bool values")
+    if len(json.dumps(dict(terms))) > 4096:
+        raise ValueError("terms: more than 4 KiB as JSON")
+    return dict(terms)
 
 
 def layout_summary(layout: KVLayout) -> str:
@@ -253,6 +268,9 @@ class Sender:
             (rounded up to whole blocks): a prompt's first tokens (the attention sink)
             carry the largest values and matter most; see docs/fidelity.md.
         transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
+        terms: the application's own terms, stated at the handshake (a small dict of
+            names to str/int/float/bool, e.g. a tensor-parallel rank): a receiver whose
+            ``check_terms`` refuses them refuses the connection (``LayoutMismatch``).
 
     Example::
 
@@ -282,8 +300,10 @@ class Sender:
         transport: str = "tcp",
         encode_threads: int = 1,
         exact_tokens: int = 0,
+        terms: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self._terms = check_terms(terms)
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
             raise ValueError(f"exact_tokens: expected an int >= 0, got {exact_tokens!r}")
         self._exact_tokens = exact_tokens
@@ -381,6 +401,7 @@ class Sender:
             layout=layout_summary(self.layout),
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
+            terms=self._terms,
         )
         try:
             stream.send_parts([proto.data_to_send()])
