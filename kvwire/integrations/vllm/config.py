@@ -31,7 +31,7 @@ DEFAULT_PORT = 7600
 DEFAULT_SEGMENT_TOKENS = 1024  # divides vLLM's usual chunk sizes; a 128K prompt is 128 transfers
 
 KEYS = {
-    "listen": "decode side: HOST:PORT; tensor-parallel rank r's receiver listens on PORT + r",
+    "listen": "decode side: HOST:PORT; tensor-parallel rank r's receiver listens on PORT + r (0: any free port)",
     "secret": "shared secret (else the KVWIRE_SECRET environment variable)",
     "connections": "TCP connections per prefill rank to its decode rank (4)",
     "codec": "raw, fp8, int4, or any of them +lz4; both sides must agree (raw)",
@@ -139,8 +139,8 @@ def parse_host_port(value: object, argument: str) -> tuple[str, int]:
         raise ValueError(f"{argument}: expected 'HOST:PORT', got {value!r}")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{argument}: expected 'HOST:PORT' with a port in 1..65535, got {value!r}")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{argument}: expected 'HOST:PORT' with a port in 0..65535, got {value!r}")
     return host, int(port)
 
 
