@@ -283,3 +283,22 @@ def run(engines: list[Engine], until, timeout: float = 60.0, what: str = "condit
         busy = sum(e.step() for e in engines)
         if not busy:
             time.sleep(0.003)  # only background transfers left: let them run
+
+
+def prefill_child(conn, root: str, extra: dict, tokens: list[int], tid: str, peer: str, layer_delay_s: float) -> None:
+    """A prefill engine in its own process (to be killed mid-transfer): says "sending" once
+    its first layer is on the wire, then keeps computing slowly."""
+    engine = make_engine(Options("kv_producer", extra), root)
+    engine.layer_delay_s = layer_delay_s
+    worker = engine.worker
+    save = worker.save_kv_layer
+
+    def save_and_tell(name, kv, meta, **kw):
+        save(name, kv, meta, **kw)
+        conn.send("sending")
+
+    worker.save_kv_layer = save_and_tell
+    from kvwire.integrations.vllm import prefill_params
+
+    engine.add("p-killed", tokens, prefill_params(tid, peer), max_tokens=1)
+    run([engine], lambda: False, timeout=120, what="being killed")

@@ -91,20 +91,26 @@ class SchedulerSide:
             self._receiving.add(req_id)
             self._meta.receives.append(Receive(req_id, expect, missing))
         if self.producer and req_id not in self._outgoing:
-            params = request.kv_transfer_params or {}
-            if not params.get("do_remote_decode"):
-                return
-            tid = transfer_id_of(params)
-            try:
-                peer = parse_host_port(params.get("kvwire_peer"), "kvwire_peer")
-            except ValueError as exc:
-                peer = None
-                log.warning("request %s: %s; its KV is not sent", req_id, exc)
-            if tid is None or peer is None:
-                log.warning("request %s: do_remote_decode needs kvwire_transfer_id and kvwire_peer", req_id)
-                return
-            segs = segments(request.num_prompt_tokens, self.settings.segment_tokens)
-            self._outgoing[req_id] = _Outgoing(request, tid, peer, segs)
+            out = self._outgoing_of(request)
+            if out is not None:
+                self._outgoing[req_id] = out
+
+    def _outgoing_of(self, request) -> _Outgoing | None:
+        """The prefill plan of a request with ``do_remote_decode``, or None (its KV stays here)."""
+        params = request.kv_transfer_params or {}
+        if not self.producer or not params.get("do_remote_decode"):
+            return None
+        tid = transfer_id_of(params)
+        try:
+            peer = parse_host_port(params.get("kvwire_peer"), "kvwire_peer")
+        except ValueError as exc:
+            log.warning("request %s: %s; its KV is not sent", request.request_id, exc)
+            return None
+        if tid is None:
+            log.warning("request %s: do_remote_decode needs a kvwire_transfer_id; its KV is not sent",
+                        request.request_id)  # fmt: skip
+            return None
+        return _Outgoing(request, tid, peer, segments(request.num_prompt_tokens, self.settings.segment_tokens))
 
     def update_connector_output(self, connector_output) -> None:
         for req_id in connector_output.finished_recving or ():
@@ -145,7 +151,7 @@ class SchedulerSide:
         if req_id in self._receiving:  # aborted while its KV was on the way: stop receiving
             self._receiving.discard(req_id)
             self._meta.cancel_receives.append(req_id)
-        out = self._outgoing.pop(req_id, None)
+        out = self._outgoing.pop(req_id, None) or self._outgoing_of(request)  # (ended before it was scheduled)
         if out is None:
             return False, None
         rest = [(segment_id(out.transfer_id, k), e - s) for k, (s, e) in enumerate(out.segments) if k >= out.planned]
