@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from kvwire.integrations.vllm.config import (
     Settings,
@@ -31,7 +32,7 @@ log = logging.getLogger("kvwire.vllm")
 
 @dataclass
 class _Outgoing:
-    request: object  # vllm.v1.request.Request
+    request: Any  # vllm.v1.request.Request
     transfer_id: str
     peer: tuple[str, int]
     segments: list[tuple[int, int]]
@@ -143,7 +144,7 @@ class SchedulerSide:
             ids = self.kv_cache_manager.get_block_ids(req_id)
         return list(ids[0])
 
-    kv_cache_manager = None  # bound by the connector (bind_kv_cache_manager)
+    kv_cache_manager: Any = None  # bound by the connector (bind_kv_cache_manager)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         req_id = request.request_id

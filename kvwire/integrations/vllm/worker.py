@@ -67,7 +67,7 @@ def cache_views(kv_caches: dict[str, torch.Tensor], mla: bool, head_size_v: int 
     seen: dict[int, int] = {}
     layer_index: dict[str, int] = {}
     views: list[dict[str, torch.Tensor]] = []
-    specs = []
+    specs: list[tuple[kvwire.PagedTensorSpec, ...]] = []
     for name, t in kv_caches.items():
         key = id(t)
         if key in seen:  # a layer that shares another layer's cache (cross-layer KV sharing)
@@ -77,7 +77,7 @@ def cache_views(kv_caches: dict[str, torch.Tensor], mla: bool, head_size_v: int 
             if latent.dim() != 3:
                 raise ValueError(f"register_kv_caches: MLA cache {name!r} has shape {tuple(t.shape)}")
             views.append({"kv": latent})
-            specs.append(kvwire.PagedTensorSpec("kv", (latent.shape[-1],)))
+            specs.append((kvwire.PagedTensorSpec("kv", (latent.shape[-1],)),))
         else:
             if t.dim() != 4:
                 raise ValueError(
@@ -96,7 +96,7 @@ def cache_views(kv_caches: dict[str, torch.Tensor], mla: bool, head_size_v: int 
         raise ValueError("register_kv_caches: no KV cache tensors")
     first = next(iter(views[0].values()))
     ratio = first.shape[0] // num_blocks if num_blocks and first.shape[0] % num_blocks == 0 else 1
-    layers = tuple(kvwire.LayerSpec(paged=s if isinstance(s, tuple) else (s,)) for s in specs)
+    layers = tuple(kvwire.LayerSpec(paged=s) for s in specs)
     layout = kvwire.KVLayout(layers=layers, block_size=first.shape[1], dtype=first.dtype)
     return CacheViews(layout, views, layer_index, ratio)
 
@@ -285,10 +285,10 @@ class WorkerSide:
 
     def _record_send(self, seg: _Segment) -> None:
         st = self._stats
-        if seg.handle is None:
+        if not isinstance(seg.handle, kvwire.SendHandle):
             return
         try:
-            s = seg.handle.finish(timeout=0)  # type: ignore[union-attr]  (done: returns at once)
+            s = seg.handle.finish(timeout=0)  # done already: returns at once, cancels nothing
         except kvwire.TransferError as exc:
             st["send_failures"] += 1
             log.warning("segment %s failed: %s", seg.wire_id, exc)
