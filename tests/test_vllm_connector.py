@@ -15,8 +15,8 @@ pytest.importorskip(
 
 import torch  # noqa: E402
 
+from kvwire.bench import vllm_engines as ve  # noqa: E402
 from kvwire.integrations.vllm import decode_params, prefill_params  # noqa: E402
-from tests import vllm_engine as ve  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -137,6 +137,9 @@ class WorkerSide:
         self._aborted: set[str] = set()
         self._load_errors: set[int] = set()
         self._stats = new_stats()
+        # Called with (request id, [kvwire.SendHandle or None per segment]) as a prefill request
+        # is reported finished (the benchmark reads per-request times from the handles).
+        self.on_request_sent = None
 
     # -- set-up ------------------------------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -278,6 +281,8 @@ class WorkerSide:
             if all(seg.done() for seg in segs):
                 for seg in segs:
                     self._record_send(seg)
+                if self.on_request_sent is not None:
+                    self.on_request_sent(req_id, [seg.handle for seg in segs])
                 del self._outgoing[req_id]
                 self._finished_prefills.discard(req_id)
                 done.add(req_id)

@@ -1,4 +1,4 @@
-"""Two real vLLM 0.33 engines without a GPU, for the connector tests and the benchmark.
+"""Two real vLLM 0.33 engines without a GPU, for the connector's tests and ``kvwire-bench vllm``.
 
 Each :class:`Engine` is vLLM's real ``Scheduler`` (with its KV cache manager and the
 connector's scheduler side, built by vLLM's connector factory from the
@@ -19,6 +19,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from vllm import SamplingParams
@@ -47,17 +48,18 @@ LAYERS = 3
 KV_HEADS = 2
 HEAD = 32
 EOS = 999
+MAX_LEN = 65536
 init_none_hash(sha256)
 
 
-def model_dir(root: str) -> str:
+def model_dir(root: str, layers: int = LAYERS, kv_heads: int = KV_HEADS, head_dim: int = HEAD) -> str:
     """A config-only tiny Llama (no weights, no tokenizer)."""
-    path = os.path.join(root, "tiny-llama")
+    path = os.path.join(root, f"llama-{layers}x{kv_heads}x{head_dim}")
     os.makedirs(path, exist_ok=True)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": KV_HEADS * 2 * HEAD,
-        "intermediate_size": 256, "num_attention_heads": KV_HEADS * 2, "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD, "num_hidden_layers": LAYERS, "vocab_size": 1000, "max_position_embeddings": 8192,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": kv_heads * 2 * head_dim,
+        "intermediate_size": 256, "num_attention_heads": kv_heads * 2, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "num_hidden_layers": layers, "vocab_size": 1000, "max_position_embeddings": 65536,
         "torch_dtype": "bfloat16", "eos_token_id": EOS,
     }  # fmt: skip
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -69,6 +71,9 @@ def model_dir(root: str) -> str:
 class Options:
     role: str  # kv_producer | kv_consumer
     extra: dict
+    layers: int = LAYERS
+    kv_heads: int = KV_HEADS
+    head_dim: int = HEAD
     layout: str = "LBNHC"  # LBNHC | LBHNC
     kind: str = "gqa"  # gqa | mla
     cache_dtype: str = "auto"  # auto (bf16) | fp8 (uint8 bytes)
@@ -85,7 +90,7 @@ def _kv_cache_config(opts: Options, names: list[str]) -> KVCacheConfig:
     if opts.kind == "mla":
         spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=96, dtype=dtype)
     else:
-        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD, dtype=dtype)
+        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=opts.kv_heads, head_size=opts.head_dim, dtype=dtype)
     page = spec.page_size_bytes
     tensor = KVCacheTensor(size=len(names) * opts.num_blocks * page, layers=names,
                            layer_stride=opts.num_blocks * page, block_stride=page)  # fmt: skip
@@ -118,7 +123,7 @@ class Engine:
     opts: Options
     config: VllmConfig
     scheduler: Scheduler
-    worker: object  # the connector's worker side (KvwireConnector, WORKER role)
+    worker: Any  # the connector's worker side (KvwireConnector, WORKER role)
     caches: dict[str, torch.Tensor]
     model: FakeModel = field(default_factory=FakeModel)
     layer_delay_s: float = 0.0
@@ -129,7 +134,7 @@ class Engine:
     load_errors: list = field(default_factory=list)
     scheduled: dict = field(default_factory=dict)  # request id -> list of token counts per step
     stats: list = field(default_factory=list)
-    on_recving: object = None  # called with (engine, request id) when a receive is reported
+    on_recving: Any = None  # called with (engine, request id) when a receive is reported
 
     @property
     def free_blocks(self) -> int:
@@ -154,30 +159,28 @@ class Engine:
     def row_bytes(self, t: torch.Tensor) -> int:
         return t.shape[1] * t.shape[3] * t.element_size()
 
-    def token_slot_view(self, t: torch.Tensor, block: int, offset: int) -> torch.Tensor:
-        return t.view(torch.uint8)[block, :, offset, :]  # [H, C bytes]
+    def _token_major(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8).transpose(1, 2)  # [B, N, H, C bytes], a view whatever the layout
 
     def write_tokens(self, layer_name: str, layer: int, req: Request, start: int, count: int) -> torch.Tensor:
         """The model's attention layer: store K/V of tokens [start, start + count) in the slots."""
         t = self.caches[layer_name]
-        ids = self.scheduler.kv_cache_manager.get_block_ids(req.request_id)[0]
-        rb = self.row_bytes(t)
-        rows = self.model.rows(tuple(req.prompt_token_ids), layer, rb, start + count)
-        slots = []
-        for pos in range(start, start + count):
-            b, o = ids[pos // BLOCK], pos % BLOCK
-            self.token_slot_view(t, b, o).copy_(rows[pos].view(t.shape[1], -1))
-            slots.append(b * BLOCK + o)
-        return torch.tensor(slots, dtype=torch.long)
+        ids = torch.tensor(self.scheduler.kv_cache_manager.get_block_ids(req.request_id)[0], dtype=torch.long)
+        rows = self.model.rows(tuple(req.prompt_token_ids), layer, self.row_bytes(t), start + count)
+        pos = torch.arange(start, start + count)
+        blocks, offsets = ids[pos // BLOCK], pos % BLOCK
+        self._token_major(t)[blocks, offsets] = rows[start : start + count].view(count, t.shape[1], -1)
+        return blocks * BLOCK + offsets
 
     def expected(self, req_prompt: list[int], layer: int) -> torch.Tensor:
         t = self.caches[next(iter(self.caches))]
-        return self.model.rows(tuple(req_prompt), layer, self.row_bytes(t), len(req_prompt))
+        return self.model.rows(tuple(req_prompt), layer, self.row_bytes(t), len(req_prompt))[: len(req_prompt)]
 
     def tokens_in_blocks(self, layer_name: str, block_ids: list[int], count: int) -> torch.Tensor:
         t = self.caches[layer_name]
-        out = [self.token_slot_view(t, block_ids[p // BLOCK], p % BLOCK).reshape(-1) for p in range(count)]
-        return torch.stack(out)
+        pos = torch.arange(count)
+        blocks = torch.tensor(block_ids, dtype=torch.long)[pos // BLOCK]
+        return self._token_major(t)[blocks, pos % BLOCK].reshape(count, -1)
 
     def step(self) -> int:
         """One engine step; returns the number of tokens scheduled."""
@@ -251,10 +254,10 @@ class Engine:
 
 
 def make_engine(opts: Options, root: str) -> Engine:
-    model = ModelConfig(model=model_dir(root), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=8192,
-                        seed=0)  # fmt: skip
+    model = ModelConfig(model=model_dir(root, opts.layers, opts.kv_heads, opts.head_dim), skip_tokenizer_init=True,
+                        dtype="bfloat16", max_model_len=MAX_LEN, seed=0)  # fmt: skip
     sched = SchedulerConfig(max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_batched_tokens,
-                            max_model_len=8192, enable_chunked_prefill=True, is_encoder_decoder=False)  # fmt: skip
+                            max_model_len=MAX_LEN, enable_chunked_prefill=True, is_encoder_decoder=False)  # fmt: skip
     cache = CacheConfig(block_size=BLOCK, cache_dtype=opts.cache_dtype, enable_prefix_caching=opts.prefix_caching)
     cache.kv_cache_layout = opts.layout
     ktc = KVTransferConfig(kv_connector="KvwireConnector", kv_connector_module_path="kvwire.integrations.vllm",
@@ -264,7 +267,7 @@ def make_engine(opts: Options, root: str) -> Engine:
                         device_config=DeviceConfig("cpu"), kv_transfer_config=ktc)  # fmt: skip
     config.parallel_config.tensor_parallel_size = opts.tp_size
     config.cache_config.num_gpu_blocks = opts.num_blocks
-    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(opts.layers)]
     kv_cache_config = _kv_cache_config(opts, names)
     scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_cache_config, log_stats=True,
                           structured_output_manager=StructuredOutputManager(config), block_size=BLOCK)  # fmt: skip
