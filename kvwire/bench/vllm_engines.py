@@ -134,6 +134,7 @@ class Engine:
     load_errors: list = field(default_factory=list)
     scheduled: dict = field(default_factory=dict)  # request id -> list of token counts per step
     stats: list = field(default_factory=list)
+    preempted: list = field(default_factory=list)  # request ids vLLM preempted, in order
     on_recving: Any = None  # called with (engine, request id) when a receive is reported
 
     @property
@@ -187,6 +188,7 @@ class Engine:
         so = self.scheduler.schedule()
         w = self.worker
         meta = so.kv_connector_metadata
+        self.preempted.extend(sorted(so.preempted_req_ids or ()))
         w.handle_preemptions(meta)
         w.bind_connector_metadata(meta)
         if so.has_sync_kv_loads:

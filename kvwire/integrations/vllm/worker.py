@@ -173,10 +173,16 @@ class WorkerSide:
         return None
 
     # -- prefill -----------------------------------------------------------------------------
-    def _sender(self, peer: tuple[str, int]) -> kvwire.Sender:
+    def _sender(self, peer: tuple[str, int], checked: dict | None = None) -> kvwire.Sender:
+        """The sender to ``peer``'s rank of our number; a new one if every connection of the
+        last one died. ``checked`` caches the answer for the rest of a step."""
+        if checked is not None and peer in checked:
+            return checked[peer]
         address = (peer[0], peer[1] + self.tp_rank)
         tx = self._senders.get(address)
         if tx is not None and tx.stats()["alive_streams"]:
+            if checked is not None:
+                checked[peer] = tx
             return tx
         if tx is not None:
             tx.close()
@@ -188,6 +194,8 @@ class WorkerSide:
             connect_timeout=self.settings.connect_timeout_s, terms=self.terms(),
         )  # fmt: skip
         self._senders[address] = tx
+        if checked is not None:
+            checked[peer] = tx
         return tx
 
     def bind(self, meta: KvwireConnectorMetadata) -> None:
@@ -201,13 +209,14 @@ class WorkerSide:
         self._opened = True
         meta = self._meta
         failed: dict[tuple[str, int], str] = {}
+        checked: dict[tuple[str, int], kvwire.Sender] = {}
         for s in meta.sends:
             deadline = time.monotonic() + self.settings.deadline_s
             seg = _Segment(s.req_id, s.wire_id, s.num_tokens, None, deadline=deadline)
             try:
                 if s.peer in failed:
                     raise kvwire.PeerLost(failed[s.peer])
-                tx = self._sender(s.peer)
+                tx = self._sender(s.peer, checked)
                 ids = self.caches.block_ids(s.block_ids, s.num_tokens)
                 seg.handle = tx.transfer(s.wire_id, ids, s.num_tokens, deadline=self.settings.deadline_s)
                 self._step.append(seg)
