@@ -41,11 +41,20 @@ import numpy as np
 import torch
 
 # The dtypes a KV cache may have, with the names used on the wire and in fingerprints.
-DTYPE_NAMES: dict[torch.dtype, str] = {
+# 8-bit caches (a serving stack's fp8 KV cache, stored as float8 or as uint8 bytes) travel
+# only with the raw codec: quantizing them again would lose what the cache already lost.
+QUANTIZABLE_DTYPES: dict[torch.dtype, str] = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
     torch.float32: "fp32",
 }
+EIGHT_BIT_DTYPES: dict[torch.dtype, str] = {
+    torch.float8_e4m3fn: "fp8e4m3",
+    torch.float8_e5m2: "fp8e5m2",
+    torch.uint8: "u8",
+}
+DTYPE_NAMES: dict[torch.dtype, str] = QUANTIZABLE_DTYPES | EIGHT_BIT_DTYPES
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 
 PAGED_NAMES = ("k", "v", "kv")
@@ -53,7 +62,8 @@ STATE_NAME = "state"
 
 
 def dtype_from(value: torch.dtype | str, argument: str = "dtype") -> torch.dtype:
-    """Accept a torch dtype or one of ``bf16``/``fp16``/``fp32``; reject the rest."""
+    """Accept a torch dtype or its name (``bf16``, ``fp16``, ``fp32``, and for 8-bit caches
+    ``fp8e4m3``, ``fp8e5m2``, ``u8``); reject the rest."""
     if isinstance(value, str):
         if value not in DTYPES_BY_NAME:
             raise ValueError(f"{argument}: unknown dtype {value!r}; expected one of {sorted(DTYPES_BY_NAME)}")
@@ -61,7 +71,10 @@ def dtype_from(value: torch.dtype | str, argument: str = "dtype") -> torch.dtype
     if not isinstance(value, torch.dtype):
         raise TypeError(f"{argument}: expected a torch.dtype or a name, got {type(value).__name__}")
     if value not in DTYPE_NAMES:
-        raise ValueError(f"{argument}: unsupported dtype {value}; expected bfloat16, float16 or float32")
+        raise ValueError(
+            f"{argument}: unsupported dtype {value}; expected bfloat16, float16, float32, "
+            "float8_e4m3fn, float8_e5m2 or uint8"
+        )
     return value
 
 
@@ -440,6 +453,8 @@ def gather_tokens(
     ``start`` must be a multiple of ``block_size`` (chunks begin on a block boundary).
     """
     stop = sel.num_tokens if stop is None else stop
+    if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
+        return gather_tokens(cache.view(torch.uint8), sel, block_size, start, stop).view(cache.dtype)
     first, last = start // block_size, -(-stop // block_size)
     ids = torch.tensor(sel.block_ids[first:last], dtype=torch.long, device=cache.device)
     blocks = cache.index_select(0, ids)
@@ -464,6 +479,9 @@ def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: 
 
     Only the tokens named are written: the tail of a partial last block keeps its bytes.
     """
+    if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
+        scatter_tokens(cache.view(torch.uint8), sel, block_size, start, data.view(torch.uint8))
+        return
     count = data.shape[0]
     first = start // block_size
     if cache.device.type == "cpu" and cache.is_contiguous() and data.device.type == "cpu":

@@ -252,3 +252,35 @@ def test_receiver_close_fails_open_requests():
 def test_unreachable_peer():
     with pytest.raises(kvwire.PeerLost, match="cannot connect"):
         kvwire.Sender(LAYOUT, ("127.0.0.1", 1), secret=SECRET, kv_caches=LAYOUT.allocate(4), connect_timeout=2)
+
+
+def test_terms_refused_by_the_receiver_name_the_reason():
+    seen = []
+
+    def check(terms):
+        seen.append(terms)
+        if terms.get("tp_size") != 2:
+            return f"tensor-parallel size {terms.get('tp_size')} on the sender, 2 here"
+        return None
+
+    dst = LAYOUT.allocate(8)
+    with kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, check_terms=check) as rx:
+        with pytest.raises(kvwire.LayoutMismatch, match="tensor-parallel size 4 on the sender, 2 here"):
+            kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4), terms={"tp_size": 4})
+        with pytest.raises(kvwire.LayoutMismatch, match="tensor-parallel size None"):
+            kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4), streams=1)
+        assert any("tensor-parallel size 4" in r["reason"] for r in rx.stats()["rejected"])
+        src = filled(LAYOUT, 4)
+        h = rx.expect("ok", [5], 16)
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, terms={"tp_size": 2}) as tx:
+            tx.send("ok", [1], 16, timeout=20)
+        h.wait(timeout=10)
+    assert seen[0] == {"tp_size": 4} and seen[1] == {} and seen[-1] == {"tp_size": 2}
+    assert_transferred(LAYOUT, src, [1], dst, [5], 16)
+
+
+def test_terms_are_checked_before_anything_is_sent():
+    with pytest.raises(TypeError, match="terms"):
+        kvwire.Sender(LAYOUT, "127.0.0.1:1", secret=SECRET, kv_caches=LAYOUT.allocate(2), terms={"a": [1]})
+    with pytest.raises(TypeError, match="check_terms"):
+        kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(2), check_terms="tp=2")

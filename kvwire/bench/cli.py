@@ -86,6 +86,30 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vllm(args: argparse.Namespace) -> int:
+    from kvwire.bench import vllm_pd
+
+    vllm_pd.check_arguments(args)
+    kib = args.layers * args.kv_heads * args.head_dim * 2 * 2 / 1024
+    print(
+        f"kvwire-bench vllm: {args.requests} request(s) x {args.tokens} tokens through two vLLM schedulers; "
+        f"{args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} (bf16, {kib:.0f} KiB/token); "
+        f"codec {args.codec}; {args.connections} connections; {args.layer_ms:g} ms per layer; "
+        f"link {args.link or 'loopback'}",
+        flush=True,
+    )
+    report = vllm_pd.run(args, progress=print)
+    report["machine"] = _machine()
+    print(table(vllm_pd.HEADERS, vllm_pd.request_rows(report)))
+    print(vllm_pd.summary(report))
+    print()
+    print(table(vllm_pd.BLOCK_HEADERS, vllm_pd.blocks_rows(report)))
+    print("transfer: first segment opened to last acknowledged; exposed: last layer queued to last acknowledged")
+    if args.json:
+        write_json(args.json, report)
+    return 0 if all(r["ok"] for r in report["requests"]) else 1
+
+
 def _cmd_profiles(args: argparse.Namespace) -> int:
     if args.link_gbit <= 0:
         raise ValueError(f"--link-gbit: must be positive, got {args.link_gbit}")
@@ -259,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     flood.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the phases as JSON")
     p.set_defaults(func=_cmd_flood)
+
+    p = sub.add_parser("vllm", help="requests through two vLLM schedulers and the kvwire connector (needs vLLM)")
+    from kvwire.bench import vllm_pd
+
+    vllm_pd.add_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=_cmd_vllm)
 
     p = sub.add_parser("profiles", help="model profiles and what a link carries per codec")
     p.add_argument("--link-gbit", type=float, default=100.0, help="link rate in Gbit/s (default 100)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvwire.layout import DTYPE_NAMES
+from kvwire.layout import DTYPE_NAMES, QUANTIZABLE_DTYPES
 
 ROLES = ("k", "v", "kv", "state")
 
@@ -33,7 +33,7 @@ class ChunkSpec:
         if self.role not in ROLES:
             raise ValueError(f"role: {self.role!r} is not one of {ROLES}")
         if self.dtype not in DTYPE_NAMES:
-            raise TypeError(f"dtype: {self.dtype} is not bfloat16, float16 or float32")
+            raise TypeError(f"dtype: {self.dtype} is not a KV cache dtype ({', '.join(map(str, DTYPE_NAMES))})")
         for name in ("tokens", "heads", "head_dim", "block_size"):
             value = getattr(self, name)
             if value < (0 if name == "tokens" else 1):
@@ -66,7 +66,7 @@ def as_chunk(x: torch.Tensor, role: str, block_size: int = 16) -> tuple[torch.Te
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPE_NAMES:
-        raise TypeError(f"x: dtype {x.dtype} is not supported; expected bfloat16, float16 or float32")
+        raise TypeError(f"x: dtype {x.dtype} is not a KV cache dtype ({', '.join(map(str, DTYPE_NAMES))})")
     if role not in ROLES:
         raise ValueError(f"role: {role!r} is not one of {ROLES}")
     if role == "state":
@@ -120,6 +120,16 @@ class Codec:
 
     def check(self, spec: ChunkSpec) -> None:
         """Raise ``ValueError`` if this codec cannot encode chunks like ``spec``."""
+        self.check_dtype(spec.dtype)
+
+    def check_dtype(self, dtype: torch.dtype, argument: str = "codec") -> None:
+        """Raise ``ValueError`` if this codec cannot carry a cache of ``dtype``: the lossy
+        codecs quantize 16- and 32-bit floats; an 8-bit (fp8) cache travels as it is."""
+        if not self.lossless and dtype not in QUANTIZABLE_DTYPES:
+            raise ValueError(
+                f"{argument}: {self.descriptor!r} quantizes bfloat16/float16/float32 caches; a {dtype} cache "
+                "is already 8-bit and travels with 'raw' (or 'raw+lz4')"
+            )
 
     def encoded_size(self, spec: ChunkSpec) -> int:
         """Exact wire size of such a chunk, or for variable-size codecs an upper bound."""

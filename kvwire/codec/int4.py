@@ -116,6 +116,7 @@ class Int4Codec(Codec):
         return self.key_tokens or spec.block_size
 
     def check(self, spec: ChunkSpec) -> None:
+        super().check(spec)
         if spec.head_dim % 2:
             raise ValueError(f"head_dim: int4 packs two codes per byte, so head_dim must be even, got {spec.head_dim}")
         if spec.role != "k" and spec.head_dim % self.group_size:

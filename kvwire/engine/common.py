@@ -6,8 +6,10 @@ sides refuse the same things with the same words.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Mapping
 
 from kvwire.layout import KVLayout, Selection
 
@@ -63,6 +65,20 @@ def secret_bytes(secret: bytes | str | None) -> bytes:
     if len(secret) < 8:
         raise ValueError("secret: must be at least 8 bytes")
     return secret
+
+
+def check_terms(terms: Mapping | None) -> dict | None:
+    """Validate ``Sender(terms=...)``: names to str/int/float/bool, at most 4 KiB as JSON."""
+    if terms is None:
+        return None
+    if not isinstance(terms, Mapping):
+        raise TypeError(f"terms: expected a dict, got {type(terms).__name__}")
+    for key, value in terms.items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"terms: {key!r} -> {value!r}: expected str keys and str/int/float/bool values")
+    if len(json.dumps(dict(terms))) > 4096:
+        raise ValueError("terms: more than 4 KiB as JSON")
+    return dict(terms)
 
 
 def layout_summary(layout: KVLayout) -> str:

@@ -17,7 +17,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -287,6 +287,9 @@ class Receiver:
         max_parked_bytes_per_peer: the same for one sender (default: an eighth of
             ``staging_bytes``); past it, that sender's connection is read no further until
             its data is claimed or refused: other senders are unaffected.
+        check_terms: called with each sender's ``terms`` (a dict, empty if it stated none)
+            after it authenticated; returns None to accept, or the reason to refuse it
+            (the sender's constructor raises ``LayoutMismatch`` with that reason).
 
     Example::
 
@@ -317,8 +320,12 @@ class Receiver:
         max_requests_per_session: int = DEFAULT_MAX_REQUESTS_PER_SESSION,
         max_parked_bytes: int | None = None,
         max_parked_bytes_per_peer: int | None = None,
+        check_terms: Callable[[dict], str | None] | None = None,
     ) -> None:
         check_transport(transport, tls)
+        if check_terms is not None and not callable(check_terms):
+            raise TypeError(f"check_terms: expected a callable, got {type(check_terms).__name__}")
+        self._check_terms = check_terms
         check_seconds(unclaimed_timeout, "unclaimed_timeout")
         check_seconds(handshake_timeout, "handshake_timeout")
         self._max_pending = check_count(max_pending_connections, "max_pending_connections")
@@ -525,6 +532,7 @@ class Receiver:
             window=self._window,
             max_payload=self._slot_bytes,
             device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
+            check_terms=self._check_terms,
         )
         conn = _RConn(stream, proto, host, time.monotonic() + self._handshake_timeout)
         with self._lock:
@@ -548,6 +556,7 @@ class Receiver:
     def _check_codec(self, descriptor: str) -> str | None:
         try:
             codec = kvwire.codec.get(descriptor)
+            codec.check_dtype(self.layout.dtype)
         except ValueError as exc:
             return str(exc)
         if self._accepted_codecs is not None and codec.descriptor not in self._accepted_codecs:

@@ -34,6 +34,7 @@ import kvwire.codec
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, source_rows
 from kvwire.engine.common import (
     check_seconds,
+    check_terms,
     check_transport,
     layout_summary,
     request_arguments,
@@ -230,6 +231,9 @@ class Sender:
             (rounded up to whole blocks): a prompt's first tokens (the attention sink)
             carry the largest values and matter most; see docs/fidelity.md.
         transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
+        terms: the application's own terms, stated at the handshake (a small dict of
+            names to str/int/float/bool, e.g. a tensor-parallel rank): a receiver whose
+            ``check_terms`` refuses them refuses the connection (``LayoutMismatch``).
 
     Example::
 
@@ -259,9 +263,11 @@ class Sender:
         transport: str = "tcp",
         encode_threads: int = 1,
         exact_tokens: int = 0,
+        terms: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         check_transport(transport, tls)
         check_seconds(connect_timeout, "connect_timeout")
+        self._terms = check_terms(terms)
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
             raise ValueError(f"exact_tokens: expected an int >= 0, got {exact_tokens!r}")
         self._exact_tokens = exact_tokens
@@ -274,6 +280,7 @@ class Sender:
             raise ValueError(f"chunk_bytes: at least 4096, got {chunk_bytes}")
         self.layout = layout
         self.codec = kvwire.codec.get(codec, group_size=group_size)
+        self.codec.check_dtype(layout.dtype)  # an fp8 cache travels raw
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
@@ -358,6 +365,7 @@ class Sender:
             layout=layout_summary(self.layout),
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
+            terms=self._terms,
         )
         try:
             stream.send_parts([proto.data_to_send()])
@@ -502,6 +510,14 @@ class Sender:
             for c in self._conns:
                 c.inflight.pop(handle.tag, None)
                 c.begun.discard(handle.tag)
+            dropped = [chunk for chunk in self._out if chunk.transfer is handle]
+            if dropped:  # queued chunks hold staging: give it back now, not when a writer wakes
+                self._out = collections.deque(chunk for chunk in self._out if chunk.transfer is not handle)
+                for chunk in dropped:
+                    self._out_bytes -= chunk.nbytes
+                    if chunk.slot is not None:
+                        chunk.slot.release()
+                self._space.notify_all()
 
     def census(self) -> dict:
         """How many per-transfer records this sender holds now: a diagnostic for leak

@@ -39,8 +39,9 @@ import enum
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
 from kvwire.proto.frames import (
@@ -94,6 +95,7 @@ class Hello:
     layout: str
     codec: str
     device_payloads: bool = False  # the sender asks to send payloads from device memory
+    terms: dict = dataclass_field(default_factory=dict)  # the application's own terms (Sender(terms=...))
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,7 @@ class ClientConnection(Connection):
         layout: str,
         codec: str,
         device_payloads: bool = False,
+        terms: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
         self._secret = secret
@@ -236,6 +239,8 @@ class ClientConnection(Connection):
         }
         if device_payloads:
             hello["device_payloads"] = True
+        if terms:
+            hello["terms"] = dict(terms)
         self._outbox.append(json_frame(FrameType.HELLO, hello))
 
     def _handle(self, header: Header, payload: memoryview) -> list[Event]:
@@ -246,7 +251,7 @@ class ClientConnection(Connection):
             self._fail()
             if code == "auth":
                 raise AuthenticationFailed(f"receiver rejected us: {reason}")
-            if code in ("layout", "codec"):
+            if code in ("layout", "codec", "terms"):
                 raise LayoutMismatch(f"receiver rejected us: {reason}")
             raise ProtocolError(f"receiver rejected us ({code}): {reason}")
         if t == FrameType.CHALLENGE:
@@ -308,8 +313,10 @@ class ServerConnection(Connection):
         window: int,
         max_payload: int,
         device_payloads: Callable[[str], bool] | None = None,
+        check_terms: Callable[[dict], str | None] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_HELLO, max_payload=max_payload)
+        self._check_terms = check_terms
         self._secret = secret
         self._fingerprint = fingerprint
         self._layout = layout
@@ -347,7 +354,10 @@ class ServerConnection(Connection):
                 layout=field(obj, "layout", str, "HELLO"),
                 codec=field(obj, "codec", str, "HELLO"),
                 device_payloads=obj.get("device_payloads") is True,
+                terms=obj.get("terms", {}),
             )
+            if not isinstance(self.hello.terms, dict):
+                raise ProtocolError("HELLO: terms must be an object")
             proof = _proof(self._secret, b"kvwire-server", self._client_nonce, self._nonce)
             self._outbox.append(json_frame(FrameType.CHALLENGE, {"nonce": self._nonce.hex(), "proof": proof.hex()}))
             self.state = State.AWAIT_AUTH
@@ -360,6 +370,11 @@ class ServerConnection(Connection):
             expected = _proof(self._secret, b"kvwire-client", self._client_nonce, self._nonce, hello.session.encode())
             if not hmac.compare_digest(proof, expected):
                 self._reject("auth", "authentication failed: wrong shared secret", AuthenticationFailed)
+            # The application's terms first: they can name what differs (e.g. a
+            # tensor-parallel size) better than a layout fingerprint can.
+            why = self._check_terms(hello.terms) if self._check_terms is not None else None
+            if why is not None:
+                self._reject("terms", f"refused by the receiver: {why}", LayoutMismatch)
             if hello.fingerprint != self._fingerprint:
                 self._reject(
                     "layout",

@@ -1,0 +1,300 @@
+"""KvwireConnector against vLLM 0.33's real Scheduler, KV cache manager and connector factory.
+
+Two engines (prefill and decode, see tests/vllm_engine.py) in this process, real kvwire
+transfers over 127.0.0.1 into caches laid out by vLLM's own allocator. Runs in the CI
+step that builds .venv-vllm (.ci/vllm-env); skipped where vLLM cannot be imported.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip(
+    "vllm.v1.core.sched.scheduler", reason="vLLM 0.33 is not installed here (CI runs this with .ci/vllm-env's venv)"
+)
+
+import torch  # noqa: E402
+
+from kvwire.bench import vllm_engines as ve  # noqa: E402
+from kvwire.integrations.vllm import decode_params, prefill_params  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """make(**options) -> (prefill, decode) engines sharing a secret; closed afterwards."""
+    made = []
+
+    def make(prefill_extra=None, decode_extra=None, **kw):
+        base = {"secret": ve.SECRET, "deadline_s": 30.0, "connections": 2}
+        decode_kw = {k[7:]: v for k, v in kw.items() if k.startswith("decode_")}
+        prefill_kw = {k[8:]: v for k, v in kw.items() if k.startswith("prefill_")}
+        common = {k: v for k, v in kw.items() if not k.startswith(("decode_", "prefill_"))}
+        d = ve.make_engine(ve.Options("kv_consumer", base | {"listen": "127.0.0.1:0"} | (decode_extra or {}),
+                                      **(common | decode_kw)), str(tmp_path))  # fmt: skip
+        made.append(d)
+        p = ve.make_engine(ve.Options("kv_producer", base | (prefill_extra or {}), **(common | prefill_kw)),
+                           str(tmp_path))  # fmt: skip
+        made.append(p)
+        return p, d
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def peer_of(decode: ve.Engine) -> str:
+    host, port = decode.worker.worker.receiver.address
+    return f"{host}:{port}"
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 900, (n,), generator=g).tolist()
+
+
+def submit(p, d, tid: str, tokens: list[int], decode_tokens: int = 3, decode_first: bool = True):
+    """The router's part: the same prompt to both, with the pairing contract's params."""
+    if decode_first:
+        d.add(f"d-{tid}", tokens, decode_params(tid), max_tokens=decode_tokens)
+    p.add(f"p-{tid}", tokens, prefill_params(tid, peer_of(d)), max_tokens=1)
+    if not decode_first:
+        d.add(f"d-{tid}", tokens, decode_params(tid), max_tokens=decode_tokens)
+
+
+def assert_holds_prefill_kv(d: ve.Engine, req_id: str, tokens: list[int]):
+    ids = d.scheduler.kv_cache_manager.get_block_ids(req_id)[0]
+    for layer, name in enumerate(d.caches):
+        got = d.tokens_in_blocks(name, ids, len(tokens))
+        want = d.expected(tokens, layer)
+        bad = [i for i in range(len(tokens)) if not torch.equal(got[i], want[i])]
+        assert not bad, f"layer {layer}: tokens {bad} differ from the prefill's"
+
+
+def check_on_receive(checked: dict, prompts: dict):
+    """Compare the decode's blocks with the prefill's K/V the moment the receive is reported
+    (before the decode computes anything itself)."""
+
+    def hook(engine, req_id):
+        if req_id not in engine.finished:
+            assert_holds_prefill_kv(engine, req_id, prompts[req_id])
+            checked[req_id] = True
+
+    return hook
+
+
+def both_idle(p, d):
+    return lambda: p.idle() and d.idle()
+
+
+@pytest.mark.parametrize(
+    "layout,kind,cache_dtype",
+    [("LBNHC", "gqa", "auto"), ("LBHNC", "gqa", "auto"), ("LBNHC", "mla", "auto"), ("LBNHC", "gqa", "fp8")],
+    ids=["LBNHC", "LBHNC", "MLA", "fp8-cache"],
+)
+def test_life_cycle_moves_the_prefill_kv_bit_exact(pair, layout, kind, cache_dtype):
+    p, d = pair(layout=layout, kind=kind, cache_dtype=cache_dtype)
+    tokens = prompt(100, seed=1)
+    checked: dict = {}
+    d.on_recving = check_on_receive(checked, {"d-t1": tokens})
+    submit(p, d, "t1", tokens)
+    # The decode parks the request until its KV is in place.
+    d.step()
+    req = d.scheduler.requests["d-t1"]
+    assert req.status.name == "WAITING_FOR_REMOTE_KVS"
+    held = d.total_blocks - d.free_blocks
+    assert held == -(-100 // ve.BLOCK)
+    ve.run([p, d], lambda: "d-t1" in d.finished and p.idle(), what="the request's life cycle")
+    assert checked == {"d-t1": True}
+    # The decode computed only the last prompt token itself, then decoded.
+    assert d.scheduled["d-t1"][0] == 1
+    assert len(d.outputs["d-t1"]) == 3
+    assert p.sending_done == ["p-t1"] and d.recving_done == ["d-t1"]
+    ve.run([p, d], both_idle(p, d), what="every block released")
+    assert not d.load_errors
+    sent = sum(s.data.get("sent_segments", 0) for s in p.stats)
+    assert sent == 1
+
+
+def test_chunked_prefill_sends_each_segment_in_the_step_that_completes_it(pair):
+    # 600 tokens, chunks of at most 128 tokens per step, segments of 128: five steps, one
+    # segment per step; the decode expects all five before the prefill starts.
+    p, d = pair(prefill_max_batched_tokens=128, prefill_extra={"segment_tokens": 128},
+                decode_extra={"segment_tokens": 128})  # fmt: skip
+    tokens = prompt(600, seed=2)
+    checked: dict = {}
+    d.on_recving = check_on_receive(checked, {"d-c": tokens})
+    submit(p, d, "c", tokens)
+    sends_per_step = []
+    orig = p.worker.worker._open_step
+
+    def record():
+        meta = p.worker.worker._meta
+        if meta is not None and not p.worker.worker._opened:
+            sends_per_step.append([s.wire_id for s in meta.sends])
+        orig()
+
+    p.worker.worker._open_step = record
+    ve.run([p, d], lambda: "d-c" in d.finished and p.idle(), what="a chunked prefill")
+    assert p.scheduled["p-c"] == [128, 128, 128, 128, 88]
+    assert [w for w in sends_per_step if w] == [["c#0"], ["c#1"], ["c#2"], ["c#3"], ["c#4"]]
+    assert checked == {"d-c": True} and not d.load_errors
+
+
+def test_64_requests_in_flight(pair):
+    p, d = pair(num_blocks=1024, max_batched_tokens=4096)
+    prompts = {f"d-r{i}": prompt(40 + 7 * i, seed=100 + i) for i in range(64)}
+    checked: dict = {}
+    d.on_recving = check_on_receive(checked, prompts)
+    for i in range(64):
+        submit(p, d, f"r{i}", prompts[f"d-r{i}"], decode_tokens=2, decode_first=i % 2 == 0)
+    ve.run([p, d], lambda: len(d.finished) == 64, timeout=90, what="64 requests")
+    assert len(checked) == 64 and not d.load_errors
+    assert all(len(d.outputs[r]) == 2 for r in prompts)
+    ve.run([p, d], both_idle(p, d), what="every block released")
+
+
+# -- faults: each ends within its deadline, blocks released, the load error reported --------
+FAST = {"deadline_s": 4.0}
+
+
+def decode_failed(d: ve.Engine, req_id: str, block_ids: list[int]):
+    """The decode reported these blocks as load errors and vLLM failed the request (policy 'fail')."""
+    assert set(block_ids) <= set(d.load_errors)
+    assert str(d.finished[req_id]).lower().endswith("error")
+
+
+def test_decode_aborted_before_the_transfer_started(pair):
+    p, d = pair()
+    tokens = prompt(70, seed=3)
+    d.add("d-a", tokens, decode_params("a"), max_tokens=3)
+    d.step()  # expects its segment
+    d.abort("d-a")
+    ve.run([d], lambda: d.idle(), timeout=20, what="the decode releasing the aborted request")
+    assert d.recving_done == ["d-a"]
+    # The prefill comes later: the decode refuses its segment (cancelled), so the prefill
+    # releases its blocks at once instead of waiting for an acknowledgement.
+    p.add("p-a", tokens, prefill_params("a", peer_of(d)), max_tokens=1)
+    ve.run([p, d], both_idle(p, d), timeout=20, what="the prefill releasing its blocks")
+    assert p.sending_done == ["p-a"]
+    assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
+
+
+def test_decode_aborted_after_the_transfer_started(pair):
+    p, d = pair()
+    tokens = prompt(70, seed=4)
+    submit(p, d, "b", tokens)
+    d.step()
+    p.step()  # every layer of the segment is on its way
+    d.abort("d-b")
+    ve.run([p, d], both_idle(p, d), timeout=20, what="both sides releasing the request")
+    assert d.recving_done == ["d-b"] and p.sending_done == ["p-b"]
+    assert "d-b" not in d.outputs or not d.outputs["d-b"]
+
+
+def test_prefill_aborted_before_the_transfer_started(pair):
+    p, d = pair()
+    tokens = prompt(70, seed=5)
+    submit(p, d, "c", tokens)
+    d.step()
+    p.abort("p-c")  # before the prefill scheduled it: its segment is cancelled on the wire
+    ve.run([p, d], lambda: "d-c" in d.finished, timeout=20, what="the decode giving up on the request")
+    decode_failed(d, "d-c", [])
+    assert d.load_errors  # every block of the cancelled segment
+    ve.run([p, d], both_idle(p, d), timeout=20, what="every block released")
+    assert not p.sending_done  # it never held blocks for the transfer
+
+
+def test_prefill_aborted_mid_prompt_recomputes_from_the_first_missing_block(pair):
+    # Chunks of 64 tokens, segments of 64: the prefill is aborted after its first chunk.
+    # With kv_load_failure_policy=recompute the decode keeps segment 0 and computes the rest.
+    p, d = pair(prefill_max_batched_tokens=64, prefill_max_num_seqs=16, prefill_extra={"segment_tokens": 64},
+                decode_extra={"segment_tokens": 64}, decode_failure_policy="recompute")  # fmt: skip
+    tokens = prompt(200, seed=6)
+    submit(p, d, "e", tokens)
+    d.step()
+    p.step()
+    p.abort("p-e")
+    ve.run([p, d], lambda: "d-e" in d.finished, timeout=30, what="the decode finishing the request itself")
+    ids = d.scheduled["d-e"]
+    assert ids[0] == 200 - 64  # it computed everything after the segment it received
+    assert len(d.outputs["d-e"]) == 3
+    ve.run([p, d], both_idle(p, d), timeout=20, what="every block released")
+    assert p.sending_done == ["p-e"]
+
+
+def test_decode_that_never_expects_releases_the_prefill_within_its_deadline(pair):
+    p, d = pair(decode_extra=FAST, prefill_extra=FAST)
+    tokens = prompt(50, seed=7)
+    p.add("p-f", tokens, prefill_params("f", peer_of(d)), max_tokens=1)
+    t0 = ve.time.monotonic()
+    ve.run([p, d], both_idle(p, d), timeout=20, what="the prefill releasing its blocks")
+    assert ve.time.monotonic() - t0 < 4.0 + 5.0
+    assert p.sending_done == ["p-f"]
+    assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
+
+
+def test_wrong_secret_fails_both_sides_within_the_deadline(pair):
+    p, d = pair(decode_extra=FAST, prefill_extra=FAST | {"secret": "not-the-decode-secret"})
+    tokens = prompt(50, seed=8)
+    submit(p, d, "g", tokens)
+    t0 = ve.time.monotonic()
+    ve.run([p, d], lambda: "d-g" in d.finished, timeout=20, what="the decode's deadline")
+    assert ve.time.monotonic() - t0 < 4.0 + 5.0
+    decode_failed(d, "d-g", d.load_errors)
+    assert d.load_errors
+    ve.run([p, d], both_idle(p, d), timeout=20, what="every block released")
+    assert p.sending_done == ["p-g"]
+    assert d.worker.worker.receiver.stats()["rejected_connections"] >= 1
+
+
+@pytest.mark.parametrize(
+    "prefill_extra,prefill_kw,message",
+    [
+        ({}, {"prefill_tp_size": 2}, "tensor-parallel size differs: the prefill has 2, this decode has 1"),
+        ({"segment_tokens": 256}, {}, "segment_tokens differs: the prefill has 256, this decode has 1024"),
+        ({}, {"prefill_kind": "mla"}, "KV cache per rank differs"),
+        ({"codec": "fp8"}, {}, "codec 'fp8' refused by the receiver"),
+    ],
+    ids=["tp-size", "segment-size", "kv-cache", "codec"],
+)
+def test_mismatches_are_refused_at_the_handshake_naming_them(pair, prefill_extra, prefill_kw, message):
+    import kvwire
+
+    p, d = pair(prefill_extra=prefill_extra, **prefill_kw)
+    host, port = d.worker.worker.receiver.address
+    with pytest.raises(kvwire.LayoutMismatch, match=message):
+        p.worker.worker._sender((host, port))
+    # A request over that pairing fails fast on the prefill and releases its blocks.
+    p.add("p-h", prompt(20, seed=9), prefill_params("h", peer_of(d)), max_tokens=1)
+    ve.run([p], lambda: p.idle(), timeout=20, what="the prefill releasing its blocks")
+
+
+def test_prefill_killed_mid_transfer(pair, tmp_path):
+    import multiprocessing
+
+    p, d = pair()
+    p.close()
+    tokens = prompt(300, seed=10)
+    d.add("d-k", tokens, decode_params("k"), max_tokens=3)
+    d.step()
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    extra = {"secret": ve.SECRET, "deadline_s": 30.0, "connections": 2}
+    proc = ctx.Process(target=ve.prefill_child, args=(child, str(tmp_path), extra, tokens, "k", peer_of(d), 1.0))
+    proc.start()
+    try:
+        assert parent.poll(90), "the prefill process did not start sending"
+        assert parent.recv() == "sending"
+        rx = d.worker.worker.receiver
+        ve.run([d], lambda: rx.stats().get("frames", 0) > 0, timeout=20, what="the first bytes arriving")
+        proc.kill()  # after its first layer arrived, before its last was computed
+        t0 = ve.time.monotonic()
+        ve.run([d], lambda: "d-k" in d.finished, timeout=20, what="the decode noticing the lost prefill")
+        assert ve.time.monotonic() - t0 < 10  # the lost connections end it, not the 30 s deadline
+        decode_failed(d, "d-k", d.load_errors)
+        ve.run([d], lambda: d.idle(), timeout=20, what="the decode releasing its blocks")
+    finally:
+        proc.kill()
+        proc.join(10)
