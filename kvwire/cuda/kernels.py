@@ -36,7 +36,13 @@ GPU_MAX_GRID = 65535
 
 
 def source_dir() -> Path:
-    """Where the kernel source lives: the installed package data, or the repository."""
+    """Where the kernel source lives: beside this package in a checkout, else the installed
+    package data. The checkout comes first: an editable install maps ``kvwire._cuda_src``
+    to the checkout it was made from, which need not be the one this module was imported
+    from, and the kernels must be those of the code that launches them."""
+    checkout = Path(__file__).resolve().parents[2] / "src_cuda"
+    if (checkout / SOURCE_NAME).exists():
+        return checkout
     try:
         from importlib.resources import files
 
@@ -45,7 +51,7 @@ def source_dir() -> Path:
             return path
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parents[2] / "src_cuda"
+    return checkout
 
 
 def supports(codec: Codec, dtype: torch.dtype) -> bool:
