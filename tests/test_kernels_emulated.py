@@ -5,6 +5,7 @@ tests/test_gpu.py repeats these checks on the device.
 """
 
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -84,11 +85,11 @@ def test_a_chunk_in_the_middle_of_a_request(backend):
 def test_states(backend, name):
     codec = kvwire.codec.get(name)
     state = torch.randn(2, 64, 64).to(torch.float16)
-    got = kernels.encode(backend, codec, kernels.Chunk.state(state, 10, 50), "state")
+    got = kernels.encode(backend, codec, kernels.Chunk.state(backend, state, 10, 50), "state")
     want = codec.encode(state.reshape(-1, 64)[10:60], "state").data
     assert torch.equal(got, want)
     out = torch.zeros_like(state)
-    kernels.decode(backend, codec, got, kernels.Chunk.state(out, 10, 50), "state")
+    kernels.decode(backend, codec, got, kernels.Chunk.state(backend, out, 10, 50), "state")
     ref = codec.decode(codec.encode(state.reshape(-1, 64)[10:60], "state")).view(50, 64)
     assert torch.equal(out.view(-1, 64)[10:60], ref)
     assert (out.view(-1, 64)[:10] == 0).all() and (out.view(-1, 64)[60:] == 0).all()
@@ -142,3 +143,164 @@ def test_device_crc32c_sees_a_single_flipped_bit(backend):
 def test_device_crc32c_rejects_other_dtypes(backend):
     with pytest.raises(ValueError, match="uint8"):
         kernels.crc32c(backend, torch.zeros(4, dtype=torch.int32))
+
+
+# -- decoding any bytes: the kernels write what the CPU reference writes -----------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name, role", [("fp8", "k"), ("int4", "k"), ("int4", "v")])
+def test_decoding_any_bytes_equals_the_cpu_reference(backend, dtype, name, role):
+    """Bytes no encoder writes but a peer may send: NaN codes (0x7F, 0xFF), NaN and
+    infinite scales and zero-points. Every NaN must come out as the dtype's one canonical
+    NaN (docs/formats.md), in the kernels as in the CPU reference."""
+    codec = kvwire.codec.get(name, group_size=32)
+    T, H, D, bs = 20, 3, 64, 8
+    spec = kvwire.codec.ChunkSpec(T, H, D, dtype, role, bs)
+    g = torch.Generator().manual_seed(T)
+    data = torch.randint(0, 256, (codec.encoded_size(spec),), dtype=torch.uint8, generator=g)
+    if name == "fp8":
+        scales = data[: 4 * T * H].view(torch.float32)
+        scales.copy_(torch.rand(T * H, generator=g) * 4)
+        scales[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+        data[4 * T * H :: 7] = 0x7F
+        data[4 * T * H + 3 :: 11] = 0xFF
+    else:
+        groups = (data.numel() - T * H * D // 2) // 4
+        params = data[: 4 * groups].view(torch.int16)  # fp16 scales, then zero-points
+        specials = torch.tensor([0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7D00], dtype=torch.int32).to(torch.int16)
+        params[::5] = specials.repeat(groups)[: params[::5].numel()]  # +inf, -inf, NaNs
+    want = codec.decode_bytes(data, spec).reshape(T, H, D)
+    assert torch.isnan(want).any()  # the case is real
+    dst = torch.zeros(-(-T // bs) + 1, bs, H, D, dtype=dtype)
+    ids = list(range(1, -(-T // bs) + 1))
+    kernels.decode(backend, codec, data, kernels.Chunk.paged(dst, ids, 0, T, bs), role)
+    got = gather_tokens(dst, Selection(tuple(ids), T), bs)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+# -- what the launchers refuse before a kernel could fault ---------------------------------------
+def _fp16_cache(blocks=2, bs=16, H=1, D=64):
+    return torch.randn(blocks, bs, H, D).to(torch.float16)
+
+
+@pytest.mark.parametrize("name, offset", [("fp8", 2), ("fp8", 1), ("int4", 2), ("raw", 1)])
+def test_misaligned_buffers_are_refused_with_a_clear_error(backend, name, offset):
+    """fp8 and int4 values write 4-byte words, raw 2-byte elements: a view that starts
+    off those boundaries raises ValueError (on a GPU it would kill the CUDA context)."""
+    codec = kvwire.codec.get(name)
+    cache = _fp16_cache()
+    chunk = kernels.Chunk.paged(cache, [0, 1], 0, 32, 16)
+    size = codec.encoded_size(kvwire.codec.ChunkSpec(32, 1, 64, torch.float16, "v", 16))
+    out = torch.zeros(size + 16, dtype=torch.uint8)[offset : offset + size]
+    with pytest.raises(ValueError, match=r"out: must start on a \d+-byte boundary"):
+        kernels.encode(backend, codec, chunk, "v", out=out)
+    with pytest.raises(ValueError, match=r"data: must start on a \d+-byte boundary"):
+        kernels.decode(backend, codec, out, chunk, "v")
+    assert torch.equal(out, torch.zeros_like(out))  # nothing was written
+
+
+def test_raw_into_a_buffer_that_is_not_16_byte_aligned_copies_element_by_element(backend):
+    codec = kvwire.codec.get("raw")
+    cache = _fp16_cache()
+    chunk = kernels.Chunk.paged(cache, [1, 0], 0, 20, 16)
+    want = kernels.encode(backend, codec, chunk, "k")
+    out = torch.zeros(want.numel() + 16, dtype=torch.uint8)[2 : 2 + want.numel()]  # 2-byte aligned only
+    assert torch.equal(kernels.encode(backend, codec, chunk, "k", out=out), want)
+    dst = torch.zeros_like(cache)
+    kernels.decode(backend, codec, out, kernels.Chunk.paged(dst, [1, 0], 0, 20, 16), "k")
+    assert torch.equal(dst[1].view(torch.int16), cache[1].view(torch.int16))
+    assert torch.equal(dst[0, :4].view(torch.int16), cache[0, :4].view(torch.int16))
+
+
+def test_buffers_of_the_wrong_shape_or_device_are_refused(backend):
+    codec = kvwire.codec.get("fp8")
+    chunk = kernels.Chunk.paged(_fp16_cache(), [0, 1], 0, 32, 16)
+    size = codec.encoded_size(kvwire.codec.ChunkSpec(32, 1, 64, torch.float16, "k", 16))
+    with pytest.raises(ValueError, match="out: expected a contiguous 1-D uint8"):
+        kernels.encode(backend, codec, chunk, "k", out=torch.zeros(2 * size, dtype=torch.uint8)[::2])
+    with pytest.raises(ValueError, match="out: expected a contiguous 1-D uint8"):
+        kernels.encode(backend, codec, chunk, "k", out=torch.zeros(2, size, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out: needs"):
+        kernels.encode(backend, codec, chunk, "k", out=torch.zeros(size - 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out: on meta"):
+        kernels.encode(backend, codec, chunk, "k", out=torch.empty(size, dtype=torch.uint8, device="meta"))
+    with pytest.raises(ValueError, match="data: on meta"):
+        kernels.decode(backend, codec, torch.empty(size, dtype=torch.uint8, device="meta"), chunk, "k")
+    meta_cache = torch.empty(2, 16, 1, 64, dtype=torch.float16, device="meta")
+    with pytest.raises(ValueError, match="cache: on meta"):
+        kernels.encode(backend, codec, kernels.Chunk.paged(meta_cache, [0, 1], 0, 32, 16), "k")
+    with pytest.raises(ValueError, match="data: on meta"):
+        kernels.crc32c(backend, torch.empty(8, dtype=torch.uint8, device="meta"))
+
+
+def test_block_ids_outside_the_cache_are_refused(backend):
+    cache = _fp16_cache(blocks=3)
+    with pytest.raises(ValueError, match="block 3 is out of range for 3 blocks"):
+        kernels.Chunk.paged(cache, [0, 3], 0, 32, 16)
+    with pytest.raises(ValueError, match="rows up to 48 need 3"):
+        kernels.Chunk.paged(cache, [0, 1], 0, 48, 16)
+    table = kernels.BlockTable([2, 1, 5], torch.device("cpu"))
+    with pytest.raises(ValueError, match="block 5 is out of range for 3 blocks"):
+        kernels.Chunk.paged(cache, table, 0, 32, 16)
+    with pytest.raises(ValueError, match=r"block_ids: block ids must be in \[0, 2\*\*31\)"):
+        kernels.BlockTable([0, -1], torch.device("cpu"))
+
+
+def test_a_block_table_is_read_only_on_the_stream_it_was_made_on(backend):
+    """A table copied on one stream and read by a kernel on another could be read before
+    the copy lands: the launchers refuse it. (No CUDA here: the table claims a stream.)"""
+    cache = _fp16_cache()
+    table = kernels.BlockTable([1, 0], torch.device("cpu"))
+    table.stream = "another stream"
+    with pytest.raises(ValueError, match="made on another stream"):
+        kernels.encode(backend, kvwire.codec.get("fp8"), kernels.Chunk.paged(cache, table, 0, 32, 16), "k")
+
+
+def test_a_chunk_of_a_transfer_table_reads_its_own_blocks(backend):
+    """A transfer's table made once, chunks taken at their offsets into it (as the engine
+    does) give the bytes that per-chunk lists give."""
+    codec = kvwire.codec.get("int4")
+    cache = make_cache(8, 16, 2, 64, torch.bfloat16, False, seed=5)
+    ids = [5, 1, 7, 0, 3]
+    table = kernels.BlockTable(ids, torch.device("cpu"))
+    for start, count in ((0, 32), (32, 20), (64, 16)):
+        a = kernels.encode(backend, codec, kernels.Chunk.paged(cache, table, start, count, 16), "v")
+        b = kernels.encode(backend, codec, kernels.Chunk.paged(cache, ids, start, count, 16), "v")
+        assert torch.equal(a, b), (start, count)
+
+
+def test_state_chunks_use_the_backends_constant_table(backend):
+    state = torch.randn(2, 8, 64).to(torch.bfloat16)
+    chunk = kernels.Chunk.state(backend, state, 0, 16)
+    assert chunk.table is backend.zero_table and backend.zero_table.stream is None  # complete, any stream
+    assert backend.zero_table.ids.tolist() == [0]
+
+
+# -- which kernels a GPU loads: a fatbin only if it was built from this source ------------------
+def test_a_fatbin_is_taken_only_with_the_hash_of_the_current_source(tmp_path, monkeypatch):
+    fatbin = tmp_path / "kvwire_kernels.fatbin"
+    monkeypatch.setenv("KVWIRE_FATBIN", str(fatbin))
+    path, why = kernels.prebuilt_fatbin()
+    assert path is None and "no prebuilt fatbin" in why
+    fatbin.write_bytes(b"\x00" * 64)
+    path, why = kernels.prebuilt_fatbin()
+    assert path is None and "no kvwire_kernels.fatbin.sha256 beside it" in why
+    stamp = tmp_path / "kvwire_kernels.fatbin.sha256"
+    stamp.write_text("0" * 64 + "\n")  # built from another version of the source
+    path, why = kernels.prebuilt_fatbin()
+    assert path is None and "refused: built from source 000000000000" in why
+    stamp.write_text(kernels.source_hash() + "  src_cuda/kvwire_kernels.cu\n")  # sha256sum's format too
+    path, why = kernels.prebuilt_fatbin()
+    assert path == fatbin and why.startswith("prebuilt")
+
+
+def test_the_build_stamps_a_fatbin_with_the_hash_the_loader_checks(tmp_path):
+    """CMake writes the stamp with src_cuda/source_hash.cmake: it must be the hash that
+    prebuilt_fatbin compares with (building the fatbin itself needs nvcc: CI does it)."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    out = tmp_path / "stamp"
+    script = kernels.source_dir() / "source_hash.cmake"
+    source = kernels.source_dir() / kernels.SOURCE_NAME
+    subprocess.run([cmake, f"-DSOURCE={source}", f"-DOUT={out}", "-P", str(script)], check=True)
+    assert out.read_text().split() == [kernels.source_hash()]
