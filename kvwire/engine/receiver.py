@@ -732,22 +732,28 @@ class Receiver:
         copy_tokens_to_blocks(self._np_caches[p.ref.layer][p.ref.name], p.slot.array[: p.length], ids, p.ref.count, bs)
 
     def _write_on_gpu(self, backend, codec, handle: ReceiveHandle, p: _Parked, data: torch.Tensor) -> None:
-        """Copy the payload to the GPU on the side stream and decode + scatter it there."""
+        """Copy the payload to the GPU on the side stream and decode + scatter it there.
+
+        Stream order, all on the side stream: the payload's copy to the device (or, for a
+        device payload, the CRC that read it), the transfer's block table (copied there once
+        per transfer), then the decode; the host returns only after an event recorded after
+        the decode, because the slot is reused and the ACK promises the bytes are there."""
         from kvwire.cuda import kernels
 
         if hasattr(codec, "unpack"):  # +lz4: the lossless stage runs on the host
             data = torch.from_numpy(codec.unpack(data, p.spec))
         ref = p.ref
+        side = self._side_stream
         if ref.name == "state":
-            chunk = kernels.Chunk.state(handle.states[ref.layer], ref.start, ref.count)
+            chunk = kernels.Chunk.state(backend, handle.states[ref.layer], ref.start, ref.count)
         else:
-            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], handle.selection.block_ids, ref.start,
-                                        ref.count, self.layout.block_size)  # fmt: skip
-        with torch.cuda.stream(self._side_stream):
-            on_device = data.to(self._device, non_blocking=True)
-            kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=self._side_stream)
-        if self._side_stream is not None:  # (None: the kernels' host emulation, in tests)
-            self._side_stream.synchronize()  # the slot is reused, and the ACK promises the bytes are there
+            table = backend.tables.get(handle, handle.selection.block_ids, self._device, side)
+            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], table, ref.start, ref.count,
+                                        self.layout.block_size)  # fmt: skip
+        with torch.cuda.stream(side):
+            on_device = data.to(self._device, non_blocking=True)  # allocated and copied on side
+        kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=side)
+        kernels.wait_on_host(side)  # (None: the kernels' host emulation, in tests: already done)
 
     def _maybe_complete(self, inc: _Incoming) -> list:
         """(lock held) Finish the request if every chunk is in place; return what to do next.
