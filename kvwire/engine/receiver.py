@@ -557,11 +557,15 @@ class Receiver:
             self._place(inc, parked)
 
     def _receive_on_device(self, conn: _RConn, header: Header, n: int) -> _DeviceSlot:
-        """Receive a DATA payload into GPU memory and check its CRC32C there."""
+        """Receive a DATA payload into GPU memory and check its CRC32C there.
+
+        UCX writes the buffer outside stream order, so it comes from
+        ``kernels.receive_buffer``: memory no queued kernel still uses, released only after
+        the side-stream work that reads it (the CRC here, the decode in ``_write_on_gpu``)."""
         from kvwire.cuda import kernels
 
-        buffer = torch.empty(n, dtype=torch.uint8, device=self._device)
-        conn.stream.recv_device_into(buffer)
+        buffer = kernels.receive_buffer(n, self._device, self._side_stream)
+        conn.stream.recv_device_into(buffer)  # returns once the bytes are in device memory
         assert self._kernels is not None  # device payloads are agreed only with kernels
         backend = self._kernels.get(conn.joined.codec.descriptor)  # one CuPy backend runs every codec
         conn.proto.on_device_payload(header, kernels.crc32c(backend, buffer, stream=self._side_stream))
