@@ -179,8 +179,10 @@ class SendHandle:
             raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
         if self._sender._device.type == "cuda":
+            # On the caches' device: with caches on cuda:1 and cuda:0 current, a bare
+            # record() would order the read after cuda:0's work, not the layer's producer.
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self._sender._device))
         now = time.monotonic()
         self.t_first_layer = self.t_first_layer or now
         self.t_last_layer = now
