@@ -13,6 +13,7 @@ import torch
 import kvwire.codec
 from kvwire.cuda import kernels
 from kvwire.layout import Selection, gather_tokens
+from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the host emulation")
 
@@ -70,6 +71,29 @@ def test_kernel_bytes_equal_the_cpu_reference(backend, dtype, name, role, H, D, 
     assert torch.equal(placed.view(torch.int16), expected.reshape(placed.shape).contiguous().view(torch.int16))
     if tokens % bs:  # the tail of the last block is untouched
         assert (dst[dst_ids[-1], tokens % bs :] == 0).all()
+
+
+@pytest.mark.parametrize("codec_name, role", [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v")])
+@pytest.mark.parametrize("kind", GEOMETRIES)
+def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role):
+    """The layouts tests/test_gpu.py runs on the GPU: vector kernels where the strides and
+    the base allow 16-byte access, element-by-element ones elsewhere, same bytes."""
+    src, vec = paged_geometry(kind, torch.float16)
+    codec = kvwire.codec.get(codec_name)
+    if codec_name.startswith("int4") and role == "v" and src.shape[-1] % 32:
+        pytest.skip("int4 values need head_dim % group_size == 0")
+    ids, tokens = [4, 1, 3], 37
+    plan = kernels._plan(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role, "encode")
+    assert plan.vec == (vec and not plan.name.startswith("kvw_int4k")), plan.name
+    rows = gather_tokens(src, Selection(tuple(ids), tokens), 16)
+    want = codec.encode(rows, role, 16)
+    got = kernels.encode(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role)
+    assert torch.equal(got, want.data)
+    dst = torch.zeros_like(src)
+    kernels.decode(backend, codec, got, kernels.Chunk.paged(dst, ids, 0, tokens, 16), role)
+    placed = gather_tokens(dst, Selection(tuple(ids), tokens), 16)
+    assert torch.equal(placed.view(torch.int16), codec.decode(want).reshape(rows.shape).contiguous().view(torch.int16))
+    assert (dst[[0, 2, 5]] == 0).all()
 
 
 def test_a_chunk_in_the_middle_of_a_request(backend):
@@ -155,19 +179,7 @@ def test_decoding_any_bytes_equals_the_cpu_reference(backend, dtype, name, role)
     codec = kvwire.codec.get(name, group_size=32)
     T, H, D, bs = 20, 3, 64, 8
     spec = kvwire.codec.ChunkSpec(T, H, D, dtype, role, bs)
-    g = torch.Generator().manual_seed(T)
-    data = torch.randint(0, 256, (codec.encoded_size(spec),), dtype=torch.uint8, generator=g)
-    if name == "fp8":
-        scales = data[: 4 * T * H].view(torch.float32)
-        scales.copy_(torch.rand(T * H, generator=g) * 4)
-        scales[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
-        data[4 * T * H :: 7] = 0x7F
-        data[4 * T * H + 3 :: 11] = 0xFF
-    else:
-        groups = (data.numel() - T * H * D // 2) // 4
-        params = data[: 4 * groups].view(torch.int16)  # fp16 scales, then zero-points
-        specials = torch.tensor([0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7D00], dtype=torch.int32).to(torch.int16)
-        params[::5] = specials.repeat(groups)[: params[::5].numel()]  # +inf, -inf, NaNs
+    data = special_wire_bytes(codec, spec, seed=T)
     want = codec.decode_bytes(data, spec).reshape(T, H, D)
     assert torch.isnan(want).any()  # the case is real
     dst = torch.zeros(-(-T // bs) + 1, bs, H, D, dtype=dtype)
@@ -294,7 +306,8 @@ def test_engine_gpu_paths_make_one_block_table_per_transfer(backend, codec, monk
     made = backend.tables.made
     try:
         src = filled(layout, 16, seed=3)
-        src_states, dst_states = random_states(layout), {i: torch.zeros_like(t) for i, t in random_states(layout).items()}
+        src_states = random_states(layout)
+        dst_states = {i: torch.zeros_like(t) for i, t in src_states.items()}
         src_ids, dst_ids = list(range(15, 2, -1)), list(range(13))
         h = rx.expect("e", dst_ids, 200, states=dst_states)
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, codec=codec, streams=2,

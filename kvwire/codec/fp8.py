@@ -11,7 +11,8 @@ round-to-nearest-even, as separate operations (no fused multiply-add):
     x'    = float(code) * scale, then rounded to the cache dtype
 
 So ``+inf`` encodes as +448 (the top of the row's range), ``-inf`` as -448, and NaN
-stays NaN: decoded, every NaN is the cache dtype's canonical one (``CANONICAL_NAN``). Wire bytes: ``scales`` (fp32, ``[T, H]``) then ``codes`` (u8, ``[T, H, D]``).
+stays NaN: decoded, every NaN is the cache dtype's canonical one (``CANONICAL_NAN``).
+Wire bytes: ``scales`` (fp32, ``[T, H]``) then ``codes`` (u8, ``[T, H, D]``).
 """
 
 from __future__ import annotations

@@ -526,6 +526,9 @@ def encode(
     with _on(s):
         table = chunk.table_on(s)  # ready on s: copied there now, or made there earlier
         name, args, grid = plan.kernel(backend, chunk, table, out)
+        # Inputs ordered before this launch on s: the cache rows (by the caller: the engine's
+        # side stream waits on the layer's event), the block table (line above), `out`
+        # (allocated on s above, or the caller's).
         backend.launch(name, grid, args, s)
     return out[: plan.size]
 
@@ -539,8 +542,11 @@ def decode(backend: Backend, codec: Codec, data: torch.Tensor, chunk: Chunk, rol
     if data.numel() != plan.size:
         raise ValueError(f"data: {plan.inner.descriptor} chunk must be {plan.size} bytes, got {data.numel()}")
     with _on(s):
-        table = chunk.table_on(s)
+        table = chunk.table_on(s)  # ready on s: copied there now, or made there earlier
         name, args, grid = plan.kernel(backend, chunk, table, data)
+        # Inputs ordered before this launch on s: `data` (by the caller: the engine copies it
+        # to the device on s, or its CRC ran on s after UCX had written it), the block table
+        # (line above); the destination rows belong to this request until it completes.
         backend.launch(name, grid, args, s)
 
 
@@ -598,6 +604,9 @@ def crc32c(backend: Backend, data: torch.Tensor, stream: Stream = None) -> int:
         acc = torch.zeros(1, dtype=torch.int32, device=data.device)  # allocated and zeroed on s
         args = [("ptr", data.data_ptr()), ("i64", n), ("i32", CRC_SEGMENT), ("ptr", backend.crc_tables.data_ptr()),
                 ("ptr", acc.data_ptr())]  # fmt: skip
+        # Inputs ordered before this launch on s: `data` (by the caller), the accumulator
+        # (zeroed on s above), the shift matrices (a constant, complete since the backend
+        # was made).
         backend.launch("kvw_crc32c", grid, args, s)
         if s is None:  # the host emulation has run the kernel already
             return ~int(acc[0]) & 0xFFFFFFFF
