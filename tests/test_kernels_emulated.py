@@ -354,3 +354,24 @@ def test_the_build_stamps_a_fatbin_with_the_hash_the_loader_checks(tmp_path):
     source = kernels.source_dir() / kernels.SOURCE_NAME
     subprocess.run([cmake, f"-DSOURCE={source}", f"-DOUT={out}", "-P", str(script)], check=True)
     assert out.read_text().split() == [kernels.source_hash()]
+
+
+# -- bench/gpu_check, without a GPU ----------------------------------------------------------
+def test_gpu_check_lists_every_gpu_test_and_runs_on_the_host_emulation():
+    """The script that a first GPU machine runs must at least start here: --list names
+    every test of tests/test_gpu.py (so none runs unreported), and --dry-run takes its
+    workload and timings code through the host emulation."""
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "bench" / "gpu_check")
+    listed = subprocess.run([sys.executable, script, "--list"], capture_output=True, text=True, check=True).stdout
+    for part in ("env", "compile", "load", "tests", "timings", "sanitizer"):
+        assert re.search(rf"^  {part} ", listed, re.M), part
+    gpu_tests = re.findall(r"^def (test_\w+)", (root / "tests" / "test_gpu.py").read_text(), re.M)
+    assert gpu_tests and [t for t in gpu_tests if f"[{t}]" not in listed] == []
+    dry = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "workload: " in dry.stdout and "crc32c 64 KiB" in dry.stdout
