@@ -131,7 +131,7 @@ class BlockTable:
     """
 
     def __init__(self, block_ids: Sequence[int] | torch.Tensor, device: torch.device, stream: Stream = None) -> None:
-        host = torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1)
+        host = torch.as_tensor(block_ids, dtype=torch.int64, device="cpu").reshape(-1)
         if host.numel() and (int(host.min()) < 0 or int(host.max()) >= 2**31):
             raise ValueError("block_ids: block ids must be in [0, 2**31)")
         self.length = host.numel()
