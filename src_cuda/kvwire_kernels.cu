@@ -49,7 +49,10 @@ __device__ __forceinline__ float half_to_float(u16 h) {
 #endif
 }
 
+// Every NaN becomes 0x7E00 (docs/formats.md): cvt.rn.f16.f32 writes 0x7FFF on a GPU and
+// F16C keeps the payload on the host, and neither is what the CPU reference writes.
 __device__ __forceinline__ u16 float_to_half_rn(float f) {
+  if (f != f) return 0x7e00;
 #ifdef KVW_HOST_EMULATION
   return emu_float_to_half(f);
 #else
@@ -61,7 +64,7 @@ __device__ __forceinline__ u16 float_to_half_rn(float f) {
 
 __device__ __forceinline__ u16 float_to_bf16_rn(float f) {
   unsigned int u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN (torch gives the same quiet NaN)
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // every NaN: the canonical quiet NaN (docs/formats.md)
   u += 0x7fffu + ((u >> 16) & 1u);                      // round to nearest, ties to even
   return (u16)(u >> 16);
 }

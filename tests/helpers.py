@@ -71,6 +71,62 @@ def assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens, cod
             assert torch.equal(dst_states[i], want.reshape(dst_states[i].shape)), (i, "state")
 
 
+def special_wire_bytes(codec, spec, seed: int = 0) -> torch.Tensor:
+    """Wire bytes no encoder writes but a peer may send, for ``codec`` (fp8 or int4) and a
+    chunk like ``spec``: random bytes with NaN codes (0x7F, 0xFF) and NaN, infinite and zero
+    scales (fp8), or infinite and NaN fp16 scales and zero-points (int4). Decoders must
+    turn them into exactly the elements docs/formats.md names (every NaN canonical)."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (codec.encoded_size(spec),), dtype=torch.uint8, generator=g)
+    rows = spec.tokens * spec.heads
+    if codec.name == "fp8":
+        scales = data[: 4 * rows].view(torch.float32)
+        scales.copy_(torch.rand(rows, generator=g) * 4)
+        scales[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+        data[4 * rows :: 7] = 0x7F
+        data[4 * rows + 3 :: 11] = 0xFF
+        return data
+    groups = (data.numel() - spec.numel // 2) // 4
+    params = data[: 4 * groups].view(torch.int16)  # fp16 scales, then zero-points
+    specials = torch.tensor([0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7D00], dtype=torch.int32).to(torch.int16)
+    params[::5] = specials.repeat(groups)[: params[::5].numel()]  # +inf, -inf, NaNs
+    return data
+
+
+def paged_geometry(kind: str, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, bool]:
+    """A paged cache of 6 blocks of 16 tokens in one of the layouts the kernels serve, and
+    whether it takes the 16-byte (``_vec``) kernels. (tests/test_kernels_emulated.py runs
+    them on the host emulation, tests/test_gpu.py on the GPU.)"""
+    g = torch.Generator(device=device).manual_seed(len(kind))
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g).to(dtype)
+
+    if kind == "nhd":
+        return randn(6, 16, 4, 128), True
+    if kind == "hnd":
+        return randn(6, 4, 16, 128).transpose(1, 2), True
+    if kind == "odd heads 3":
+        return randn(6, 16, 3, 64), True
+    if kind == "odd heads 5":
+        return randn(6, 16, 5, 128), True
+    if kind == "vllm packed k of kv":  # [blocks, 2, bs, H, D], the k half
+        return randn(6, 2, 16, 2, 64)[:, 0], True
+    if kind == "mla latent":  # [blocks, bs, 576]
+        return randn(6, 16, 576), True
+    if kind == "strided head_dim":  # head_dim not contiguous: element by element
+        return randn(6, 16, 64, 4).transpose(2, 3), False
+    if kind == "base off 16 bytes":  # starts 2 bytes into an allocation
+        return randn(6 * 16 * 2 * 64 + 1)[1:].view(6, 16, 2, 64), False
+    if kind == "head_dim 36":  # not a multiple of 8
+        return randn(6, 16, 2, 36), False
+    raise ValueError(kind)
+
+
+GEOMETRIES = ["nhd", "hnd", "odd heads 3", "odd heads 5", "vllm packed k of kv", "mla latent",
+              "strided head_dim", "base off 16 bytes", "head_dim 36"]  # fmt: skip
+
+
 class WireClient:
     """A sender driven by hand over a real socket, to send frames a real Sender never would."""
 

@@ -101,3 +101,58 @@ def int4_encode(x: np.ndarray, role: str, key_group: int, group_size: int) -> by
                     codes[t, h, list(chans)] = c
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return np.array(scales, "<f2").tobytes() + np.array(zeros, "<f2").tobytes() + packed.tobytes()
+
+
+# -- decoding: wire bytes (any bytes) back to cache elements, as bit patterns ---------------
+CANONICAL_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000}
+
+
+def to_cache_bits(v: np.float32, dtype: str) -> int:
+    """An fp32 result rounded to the cache dtype (nearest, ties to even), as its bits; every
+    NaN is the dtype's one canonical NaN."""
+    if np.isnan(v):
+        return CANONICAL_NAN[dtype]
+    if dtype == "float16":
+        return int(np.array(v, dtype=np.float16).view(np.uint16))  # numpy rounds to nearest even
+    u = int(np.array(v, dtype=F32).view(np.uint32))
+    if dtype == "float32":
+        return u
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF  # bf16: the top half, rounded to nearest even
+
+
+def e4m3_value(code: int) -> np.float32:
+    if code & 0x7F == 0x7F:
+        return F32(np.nan)
+    exp, man = (code >> 3) & 0xF, code & 7
+    v = F32(man / 8 * 2.0**-6) if exp == 0 else F32((1 + man / 8) * 2.0 ** (exp - 7))
+    return -v if code & 0x80 else v
+
+
+def fp8_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+    """Wire bytes -> the cache elements' bits, row-major [T][H][D]."""
+    scales = np.frombuffer(data[: 4 * T * H], dtype="<f4")
+    codes = data[4 * T * H :]
+    out = []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r in range(T * H):
+            for d in range(D):
+                out.append(to_cache_bits(F32(e4m3_value(codes[r * D + d]) * scales[r]), dtype))
+    return out
+
+
+def int4_decode(data: bytes, T: int, H: int, D: int, dtype: str, group) -> list[int]:
+    """``group(t, h, d)``: the index of the group that element belongs to."""
+    groups = (len(data) - T * H * D // 2) // 4
+    scales = np.frombuffer(data[: 2 * groups], dtype="<f2").astype(F32)
+    zeros = np.frombuffer(data[2 * groups : 4 * groups], dtype="<f2").astype(F32)
+    packed = data[4 * groups :]
+    out = []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for t in range(T):
+            for h in range(H):
+                for d in range(D):
+                    byte = packed[(t * H + h) * (D // 2) + d // 2]
+                    code = byte >> 4 if d % 2 else byte & 15
+                    g = group(t, h, d)
+                    out.append(to_cache_bits(F32(F32(F32(code) * scales[g]) + zeros[g]), dtype))
+    return out

@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvwire.codec
+from kvwire.codec import ChunkSpec
 from kvwire.codec.fp8 import E4M3_NAN
 from kvwire.codec.lz4stage import LZ4_BLOCK
 from kvwire.codec.synthetic import realistic_keys, relative_mse
@@ -254,6 +256,51 @@ def test_int4_bytes_follow_the_written_format(values, role, dtype):
     x = torch.tensor(values).to(dtype).view(-1, 2, 32)
     ours = kvwire.codec.get("int4", group_size=32).encode(x, role, block_size=2).tobytes()
     assert ours == spec_scalar.int4_encode(x.float().numpy(), role, key_group=2, group_size=32)
+
+
+half_bits = st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x7BFF, 0x0001, 0x8000]))
+dtype_names = st.sampled_from(["bfloat16", "float16", "float32"])
+
+
+@settings(max_examples=30)
+@given(
+    st.lists(st.one_of(st.floats(width=32), special), min_size=6, max_size=6),
+    st.lists(st.one_of(st.integers(0, 255), st.sampled_from([0x7F, 0xFF, 0x80, 0x7E, 0xFE])), min_size=48, max_size=48),
+    dtype_names,
+)
+def test_fp8_decoding_any_bytes_follows_the_written_format(scales, codes, dtype_name):
+    """Any bytes a peer may send, NaN codes (0x7F, 0xFF) and non-finite scales included,
+    decode to the elements docs/formats.md names: every NaN is the dtype's canonical one,
+    the one the CUDA kernels write too."""
+    T, H, D = 3, 2, 8
+    data = np.array(scales, dtype="<f4").tobytes() + bytes(codes)
+    spec = ChunkSpec(T, H, D, getattr(torch, dtype_name), "k")
+    ours = kvwire.codec.get("fp8").decode_bytes(bytearray(data), spec)
+    bits = ours.view(torch.int32 if dtype_name == "float32" else torch.int16).reshape(-1).tolist()
+    mask = 0xFFFFFFFF if dtype_name == "float32" else 0xFFFF
+    assert [b & mask for b in bits] == spec_scalar.fp8_decode(data, T, H, D, dtype_name)
+
+
+@settings(max_examples=30)
+@given(
+    st.sampled_from(["k", "v"]),
+    st.lists(half_bits, min_size=128, max_size=128),
+    st.binary(min_size=48, max_size=48),
+    dtype_names,
+)
+def test_int4_decoding_any_bytes_follows_the_written_format(role, params, packed, dtype_name):
+    T, H, D, K, G = 3, 1, 32, 2, 32
+    groups = -(-T // K) * H * D if role == "k" else T * H * (D // G)
+    data = np.array(params[: 2 * groups], dtype="<u2").tobytes() + packed
+    spec = ChunkSpec(T, H, D, getattr(torch, dtype_name), role, block_size=K)
+    ours = kvwire.codec.get("int4", group_size=G).decode_bytes(bytearray(data), spec)
+    bits = ours.view(torch.int32 if dtype_name == "float32" else torch.int16).reshape(-1).tolist()
+    mask = 0xFFFFFFFF if dtype_name == "float32" else 0xFFFF
+    if role == "k":
+        group = lambda t, h, d: ((t // K) * H + h) * D + d
+    else:
+        group = lambda t, h, d: (t * H + h) * (D // G) + d // G
+    assert [b & mask for b in bits] == spec_scalar.int4_decode(data, T, H, D, dtype_name, group)
 
 
 @pytest.mark.parametrize("key_tokens, block_size", [(16, 4), (32, 16), (64, 16)])

@@ -189,6 +189,24 @@ def _as_uint8(buf) -> torch.Tensor:
     return torch.frombuffer(mv, dtype=torch.uint8)
 
 
+# The one NaN a decoder writes in each cache dtype (docs/formats.md): a positive quiet NaN.
+# torch's own conversions do not pin it (bf16 NaN comes out as 0xFFFF or 0x7FC0, fp16 keeps
+# the payload), nor do the GPU's (cvt.rn.f16.f32 writes 0x7FFF), so it is written explicitly.
+CANONICAL_NAN = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0, torch.float32: 0x7FC00000}
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def to_cache_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decoded fp32 values rounded to the cache dtype (nearest, ties to even), every NaN
+    written as ``CANONICAL_NAN[dtype]``."""
+    out = y.to(dtype)
+    if torch.isnan(y.sum()):  # cheap test first (3% of a decode): NaN is rare; inf - inf also lands here
+        nan = torch.isnan(y)
+        if nan.any():
+            out.view(_BITS[dtype])[nan] = CANONICAL_NAN[dtype]
+    return out
+
+
 def check_length(data: torch.Tensor, expected: int, codec: str) -> None:
     if data.numel() != expected:
         raise ValueError(f"buf: {codec} chunk must be {expected} bytes, got {data.numel()}")

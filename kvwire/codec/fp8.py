@@ -11,14 +11,15 @@ round-to-nearest-even, as separate operations (no fused multiply-add):
     x'    = float(code) * scale, then rounded to the cache dtype
 
 So ``+inf`` encodes as +448 (the top of the row's range), ``-inf`` as -448, and NaN
-stays NaN. Wire bytes: ``scales`` (fp32, ``[T, H]``) then ``codes`` (u8, ``[T, H, D]``).
+stays NaN: decoded, every NaN is the cache dtype's canonical one (``CANONICAL_NAN``).
+Wire bytes: ``scales`` (fp32, ``[T, H]``) then ``codes`` (u8, ``[T, H, D]``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, check_length, take
+from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
 
 E4M3_MAX = 448.0
 E4M3_NAN = 0x7F
@@ -65,4 +66,4 @@ class Fp8Codec(Codec):
         scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
         codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
         values = codes.view(torch.float8_e4m3fn).float().view(spec.tokens, spec.heads, spec.head_dim)
-        return (values * scale.view(spec.tokens, spec.heads, 1)).to(spec.dtype)
+        return to_cache_dtype(values * scale.view(spec.tokens, spec.heads, 1), spec.dtype)

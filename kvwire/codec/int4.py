@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, check_length, take
+from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
 
 GROUP_SIZES = (32, 64, 128)
 KEY_TOKENS = (16, 32, 64, 128, 256)
@@ -176,10 +176,10 @@ class Int4Codec(Codec):
                 y += z[block : block + n].unsqueeze(1)
                 out[row : row + n * bs] = y.view(-1, H, D)
                 row, block = row + n * bs, block + n
-            return out.to(spec.dtype)
+            return to_cache_dtype(out, spec.dtype)
         g = self.group_size
         s = scale.view(T, H, D // g, 1)
         z = zero.view(T, H, D // g, 1)
         y = codes.view(T, H, D // g, g) * s
         y += z
-        return y.view(T, H, D).to(spec.dtype)
+        return to_cache_dtype(y.view(T, H, D), spec.dtype)

@@ -753,11 +753,15 @@ class Receiver:
                 self._cond.notify_all()  # a reader may be waiting for parking room
 
     def _receive_on_device(self, conn: _RConn, header: Header, n: int) -> _DeviceSlot:
-        """Receive a DATA payload into GPU memory and check its CRC32C there."""
+        """Receive a DATA payload into GPU memory and check its CRC32C there.
+
+        UCX writes the buffer outside stream order, so it comes from
+        ``kernels.receive_buffer``: memory no queued kernel still uses, released only after
+        the side-stream work that reads it (the CRC here, the decode in ``_write_on_gpu``)."""
         from kvwire.cuda import kernels
 
-        buffer = torch.empty(n, dtype=torch.uint8, device=self._device)
-        conn.stream.recv_device_into(buffer)
+        buffer = kernels.receive_buffer(n, self._device, self._side_stream)
+        conn.stream.recv_device_into(buffer)  # returns once the bytes are in device memory
         assert self._kernels is not None  # device payloads are agreed only with kernels
         backend = self._kernels.get(conn.joined.codec.descriptor)  # one CuPy backend runs every codec
         conn.proto.on_device_payload(header, kernels.crc32c(backend, buffer, stream=self._side_stream))
@@ -957,22 +961,28 @@ class Receiver:
         copy_tokens_to_blocks(self._np_caches[p.ref.layer][p.ref.name], p.slot.array[: p.length], ids, p.ref.count, bs)
 
     def _write_on_gpu(self, backend, codec, handle: ReceiveHandle, p: _Parked, data: torch.Tensor) -> None:
-        """Copy the payload to the GPU on the side stream and decode + scatter it there."""
+        """Copy the payload to the GPU on the side stream and decode + scatter it there.
+
+        Stream order, all on the side stream: the payload's copy to the device (or, for a
+        device payload, the CRC that read it), the transfer's block table (copied there once
+        per transfer), then the decode; the host returns only after an event recorded after
+        the decode, because the slot is reused and the ACK promises the bytes are there."""
         from kvwire.cuda import kernels
 
         if hasattr(codec, "unpack"):  # +lz4: the lossless stage runs on the host
             data = torch.from_numpy(codec.unpack(data, p.spec))
         ref = p.ref
+        side = self._side_stream
         if ref.name == "state":
-            chunk = kernels.Chunk.state(handle.states[ref.layer], ref.start, ref.count)
+            chunk = kernels.Chunk.state(backend, handle.states[ref.layer], ref.start, ref.count)
         else:
-            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], handle.selection.block_ids, ref.start,
-                                        ref.count, self.layout.block_size)  # fmt: skip
-        with torch.cuda.stream(self._side_stream):
-            on_device = data.to(self._device, non_blocking=True)
-            kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=self._side_stream)
-        if self._side_stream is not None:  # (None: the kernels' host emulation, in tests)
-            self._side_stream.synchronize()  # the slot is reused, and the ACK promises the bytes are there
+            table = backend.tables.get(handle, handle.selection.block_ids, self._device, side)
+            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], table, ref.start, ref.count,
+                                        self.layout.block_size)  # fmt: skip
+        with torch.cuda.stream(side):
+            on_device = data.to(self._device, non_blocking=True)  # allocated and copied on side
+        kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=side)
+        kernels.wait_on_host(side)  # (None: the kernels' host emulation, in tests: already done)
 
     def _maybe_complete(self, inc: _Incoming) -> list:
         """(lock held) Finish the request if every chunk is in place; return what to do next.

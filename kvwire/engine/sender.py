@@ -153,8 +153,10 @@ class SendHandle:
             raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
         if self._sender._device.type == "cuda":
+            # On the caches' device: with caches on cuda:1 and cuda:0 current, a bare
+            # record() would order the read after cuda:0's work, not the layer's producer.
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self._sender._device))
         now = time.monotonic()
         self.t_first_layer = self.t_first_layer or now
         self.t_last_layer = now
@@ -645,25 +647,32 @@ class Sender:
     def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec, codec, to_host: bool = True) -> tuple:
         """Gather + encode with the CUDA kernels on the side stream, then copy the bytes into
         a pinned slot (and run the ``+lz4`` stage there, on the host): ``(slot, nbytes)``.
-        With ``to_host=False`` the bytes stay on the GPU: ``(device tensor, CRC32C)``."""
+        With ``to_host=False`` the bytes stay on the GPU: ``(device tensor, CRC32C)``.
+
+        Stream order, all on the side stream: the cache rows are ordered by the layer's
+        event (``_encode_loop`` waits on it), the block table is copied there once per
+        transfer (``tables.get``), ``encoded`` is allocated there (``kernels.encode``), and
+        the host reads the results only after an event recorded there."""
         from kvwire.cuda import kernels
 
+        assert self._kernels is not None
+        side = self._side_stream
         if ref.name == "state":
-            chunk = kernels.Chunk.state(handle._states[ref.layer], ref.start, ref.count)
+            chunk = kernels.Chunk.state(self._kernels, handle._states[ref.layer], ref.start, ref.count)
         else:
-            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], handle.selection.block_ids, ref.start,
-                                        ref.count, self.layout.block_size)  # fmt: skip
+            table = self._kernels.tables.get(handle, handle.selection.block_ids, self._device, side)
+            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], table, ref.start, ref.count,
+                                        self.layout.block_size)  # fmt: skip
+        encoded = kernels.encode(self._kernels, codec, chunk, spec.role, stream=side)
         if not to_host:
-            with torch.cuda.stream(self._side_stream):
-                encoded = kernels.encode(self._kernels, codec, chunk, spec.role, stream=self._side_stream)
-            return encoded, kernels.crc32c(self._kernels, encoded, stream=self._side_stream)  # waits for both
+            # The CRC runs after the encode on the same stream and waits (an event) for both;
+            # only then is `encoded` handed to UCX, which reads it outside stream order.
+            return encoded, kernels.crc32c(self._kernels, encoded, stream=side)
         slot = self._pool.acquire()
-        with torch.cuda.stream(self._side_stream):
-            encoded = kernels.encode(self._kernels, codec, chunk, spec.role, stream=self._side_stream)
-            n = encoded.numel()
-            slot.tensor[:n].copy_(encoded, non_blocking=True)
-        if self._side_stream is not None:  # (None: the kernels' host emulation, in tests)
-            self._side_stream.synchronize()
+        n = encoded.numel()
+        with torch.cuda.stream(side):
+            slot.tensor[:n].copy_(encoded, non_blocking=True)  # queued on side, after the encode
+        kernels.wait_on_host(side)  # (None: the kernels' host emulation, in tests: already done)
         if hasattr(codec, "pack"):  # +lz4
             packed = codec.pack(slot.tensor[:n].numpy(), spec)
             n = len(packed)
