@@ -100,6 +100,7 @@ C_TERMS = (
     (re.compile(r"\bdeadline:"), "deadline_s:"),
     (re.compile(r"^finish:"), "kvw_transfer_finish:"),
     (re.compile(r"^send_layer:"), "kvw_transfer_send_layer:"),
+    (re.compile(r"\bexpect\(\)"), "kvw_expect"),
     (re.compile(r"\['([^\]]*)'\]"), lambda m: m.group(1).replace("', '", "|")),  # ['fp8', 'int4'] -> fp8|int4
     (re.compile(r"\[Errno (\d+)\] ([^,;()]+)"), lambda m: os_error_text(OSError(int(m.group(1)), m.group(2)))),
 )

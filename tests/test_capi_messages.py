@@ -68,6 +68,7 @@ def test_messages_are_rewritten_in_c_terms():
         "cannot connect to h:1: connection refused (ECONNREFUSED)"
     )
     assert capi.c_terms("finish: layers [1, 2] of 'x' were never sent").startswith("kvw_transfer_finish: layers [1, 2]")
+    assert capi.c_terms("no expect() for 'r' within 60 s") == "no kvw_expect for 'r' within 60 s"
     assert capi.os_error_text(OSError(errno.EADDRINUSE, "Address already in use")) == (
         "address already in use (EADDRINUSE)"
     )
