@@ -107,7 +107,8 @@ typedef struct kvw_request kvw_request;
 
 /* A log message: level (enum kvw_log_level), the text (valid during the call only), and
  * the user_data given to kvw_set_log_callback. Called from the library's threads, one call
- * at a time; it must return quickly and must not call kvw_set_log_callback. */
+ * at a time. It must return quickly, and may call kvw_version, kvw_strerror and
+ * kvw_last_error but no other kvwire function. */
 typedef void (*kvw_log_fn)(int level, const char* message, void* user_data);
 
 /* Library */

@@ -102,7 +102,7 @@ C_TERMS = (
     (re.compile(r"^send_layer:"), "kvw_transfer_send_layer:"),
     (re.compile(r"\bexpect\(\)"), "kvw_expect"),
     (re.compile(r"\['([^\]]*)'\]"), lambda m: m.group(1).replace("', '", "|")),  # ['fp8', 'int4'] -> fp8|int4
-    (re.compile(r"\[Errno (\d+)\] ([^,;()]+)"), lambda m: os_error_text(OSError(int(m.group(1)), m.group(2)))),
+    (re.compile(r"\[Errno (-?\d+)\] ([^,;()]+)"), lambda m: os_error_text(OSError(int(m.group(1)), m.group(2)))),
 )
 
 
@@ -116,9 +116,11 @@ def os_error_text(exc: OSError) -> str:
     """``[Errno 98] Address already in use`` -> ``address already in use (EADDRINUSE)``."""
     if exc.errno is None:
         return str(exc)
-    name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
     text = exc.strerror or str(exc)
-    return f"{text[:1].lower()}{text[1:]} ({name})"
+    text = text[:1].lower() + text[1:]
+    if exc.errno < 0:  # getaddrinfo's codes have no errno name
+        return text
+    return f"{text} ({errno.errorcode.get(exc.errno, f'errno {exc.errno}')})"
 
 
 def where_from(tb) -> str:
@@ -400,6 +402,11 @@ def caches_from(layout, fields: dict, c_caches, count: int) -> list[dict]:
     ]
 
 
+def c_caches_device(c_caches) -> int:
+    """The device of caches that :func:`caches_from` accepted (all share one)."""
+    return c_caches[0].device
+
+
 def text(ptr, argument: str, allow_null: bool = False) -> str:
     if ptr == _ffi.NULL:
         if allow_null:
@@ -454,15 +461,25 @@ def out_pointer(out) -> None:
         raise Invalid("out: NULL")
 
 
-# -- transfers -----------------------------------------------------------------------------------
+# -- senders and transfers -----------------------------------------------------------------------
+class CSender:
+    """A ``Sender`` and whether its caches are CUDA memory (``cuda_stream`` is checked against it)."""
+
+    __slots__ = ("sender", "on_gpu")
+
+    def __init__(self, sender, on_gpu: bool) -> None:
+        self.sender, self.on_gpu = sender, on_gpu
+
+
 class Transfer:
     """A ``SendHandle`` with its deadline, which ``kvw_transfer_poll`` enforces: the sender
     ends an expired transfer only when ``finish`` is called, and a poller never calls it."""
 
-    __slots__ = ("handle", "deadline_s", "deadline", "expired")
+    __slots__ = ("handle", "on_gpu", "deadline_s", "deadline", "expired")
 
-    def __init__(self, handle, deadline_s: float) -> None:
+    def __init__(self, handle, on_gpu: bool, deadline_s: float) -> None:
         self.handle = handle
+        self.on_gpu = on_gpu
         self.deadline_s = deadline_s
         self.deadline = time.monotonic() + deadline_s
         self.expired: str | None = None
@@ -698,17 +715,17 @@ def install(ffi) -> None:
             )
         except _kvwire.LayoutMismatch as exc:
             raise _kvwire.LayoutMismatch(layout_difference(str(exc), fields)) from None
-        _store(out, "sender", sender)
+        _store(out, "sender", CSender(sender, c_caches_device(caches) >= 0))
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_sender_stats_json(sender, buf, buf_len, needed):
-        _write_json(_get("sender", sender).stats(), buf, buf_len, needed)
+        _write_json(_get("sender", sender).sender.stats(), buf, buf_len, needed)
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_sender_close(sender):
-        _pop("sender", sender).close()
+        _pop("sender", sender).sender.close()
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
@@ -716,17 +733,20 @@ def install(ffi) -> None:
         out_pointer(out)
         s = _get("sender", sender)
         deadline = deadline_of(deadline_s)
-        handle = s.transfer(text(request_id, "request_id"), block_list(block_ids, num_blocks), num_tokens,
-                            deadline=deadline)  # fmt: skip
-        _store(out, "transfer", Transfer(handle, deadline))
+        handle = s.sender.transfer(text(request_id, "request_id"), block_list(block_ids, num_blocks), num_tokens,
+                                   deadline=deadline)  # fmt: skip
+        _store(out, "transfer", Transfer(handle, s.on_gpu, deadline))
 
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_transfer_send_layer(transfer, layer, cuda_stream):
-        t = _get("transfer", transfer).handle
+        w = _get("transfer", transfer)
         if cuda_stream == ffi.NULL:
-            t.send_layer(layer)
+            w.handle.send_layer(layer)
             return
+        if not w.on_gpu:
+            raise Invalid("cuda_stream: must be NULL, the caches are host memory")
+        t = w.handle
         import torch
 
         with torch.cuda.stream(torch.cuda.ExternalStream(int(ffi.cast("uintptr_t", cuda_stream)))):

@@ -69,6 +69,9 @@ def test_messages_are_rewritten_in_c_terms():
     )
     assert capi.c_terms("finish: layers [1, 2] of 'x' were never sent").startswith("kvw_transfer_finish: layers [1, 2]")
     assert capi.c_terms("no expect() for 'r' within 60 s") == "no kvw_expect for 'r' within 60 s"
+    assert capi.c_terms("cannot resolve 'x': [Errno -2] Name or service not known") == (
+        "cannot resolve 'x': name or service not known"
+    )
     assert capi.os_error_text(OSError(errno.EADDRINUSE, "Address already in use")) == (
         "address already in use (EADDRINUSE)"
     )

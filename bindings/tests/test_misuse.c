@@ -195,6 +195,10 @@ static void environment(void) {
   MISUSE(kvw_sender_create(&LAYOUT, gone_peer, SECRET, src.tensors, 8, "connect_timeout=5", &s), KVW_ERR_PEER_LOST,
          NULL);
   MISUSE(kvw_sender_create(&LAYOUT, peer, "not-the-secret", src.tensors, 8, NULL, &s), KVW_ERR_AUTH, "secret");
+  MISUSE(kvw_sender_create(&LAYOUT, "no-such-host.invalid:7400", SECRET, src.tensors, 8, NULL, &s), KVW_ERR_PEER_LOST,
+         "no-such-host.invalid");
+  MISUSE(kvw_receiver_create(&LAYOUT, "203.0.113.77:0", SECRET, dst.tensors, 8, NULL, &r), KVW_ERR_SYSTEM,
+         "EADDRNOTAVAIL"); /* an address (TEST-NET-3) this machine does not have */
   UNTOUCHED(s);
   UNTOUCHED(r);
 }
@@ -282,6 +286,7 @@ static void transfers(kvw_sender* s) {
   EXPECT_STATUS(kvw_transfer_send_layer(u, 0, NULL), KVW_OK);
   MISUSE(kvw_transfer_send_layer(u, 0, NULL), KVW_ERR_INVALID, "layer");
   MISUSE(kvw_transfer_finish(u, 1.0), KVW_ERR_INVALID, "never sent");
+  MISUSE(kvw_transfer_send_layer(u, 1, (void*)0x7), KVW_ERR_INVALID, "cuda_stream"); /* host caches */
   MISUSE(kvw_transfer_finish(u, NAN), KVW_ERR_INVALID, "timeout_s");
   MISUSE(kvw_request_wait(uq, NAN), KVW_ERR_INVALID, "timeout_s");
   MISUSE(kvw_request_wait_layer(uq, LAYERS, 1.0), KVW_ERR_INVALID, "layer");
