@@ -436,6 +436,18 @@ def address(ptr, argument: str, port_low: int) -> str:
     return value
 
 
+def endpoint_arguments(c_layout, address_ptr, argument: str, secret, options, out) -> tuple:
+    """What ``kvw_sender_create`` and ``kvw_receiver_create`` share, checked in the order of
+    their parameters (``out`` first): (layout fields, KVLayout, "host:port", secret, options)."""
+    out_pointer(out)
+    fields = layout_fields(c_layout)
+    listening = argument == "listen"
+    where = address(address_ptr, argument, 0 if listening else 1)
+    key = secret_from(secret)
+    opts = parse_options(text(options, "options", allow_null=True), RECEIVER_OPTIONS if listening else SENDER_OPTIONS)
+    return fields, layout_from(fields), where, key, opts
+
+
 def block_list(ptr, count: int) -> list[int]:
     if count < 0:
         raise Invalid(f"num_blocks: must be >= 0, got {count}")
@@ -687,12 +699,7 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_sender_create(c_layout, peer, secret, caches, num_caches, options, out):
-        out_pointer(out)
-        fields = layout_fields(c_layout)
-        layout = layout_from(fields)
-        peer_text = address(peer, "peer", 1)
-        key = secret_from(secret)
-        opts = parse_options(text(options, "options", allow_null=True), SENDER_OPTIONS)
+        fields, layout, peer_text, key, opts = endpoint_arguments(c_layout, peer, "peer", secret, options, out)
         codec = codec_option(opts.get("codec", "raw"), "codec")
         chunk_kib, staging_mib = opts.get("chunk_kib", 2048), opts.get("staging_mib", 64)
         if staging_mib << 10 < chunk_kib + 64:
@@ -778,12 +785,7 @@ def install(ffi) -> None:
     @ffi.def_extern(error=INTERNAL + 1)
     @guarded
     def _kvwpy_receiver_create(c_layout, listen, secret, caches, num_caches, options, out):
-        out_pointer(out)
-        fields = layout_fields(c_layout)
-        layout = layout_from(fields)
-        listen_text = address(listen, "listen", 0)
-        key = secret_from(secret)
-        opts = parse_options(text(options, "options", allow_null=True), RECEIVER_OPTIONS)
+        fields, layout, listen_text, key, opts = endpoint_arguments(c_layout, listen, "listen", secret, options, out)
         codecs = None
         if "codecs" in opts:
             codecs = [codec_option(name.strip(), "codecs") for name in opts["codecs"].split("|")]
