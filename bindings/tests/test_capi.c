@@ -186,7 +186,7 @@ static void test_polling(void) {
 /* -- logging ------------------------------------------------------------------------------ */
 typedef struct {
   pthread_mutex_t lock;
-  int calls, refusals, wrong_level, overlapped, inside;
+  int calls, lost, wrong_level, overlapped, inside;
   long tids[64];
   int num_tids;
 } log_sink;
@@ -197,7 +197,7 @@ static void on_log(int level, const char* message, void* user_data) {
   long tid = syscall(SYS_gettid);
   pthread_mutex_lock(&sink->lock);
   sink->calls++;
-  if (strstr(message, "refused a connection")) sink->refusals++;
+  if (strstr(message, " lost")) sink->lost++;
   if (level != KVW_LOG_WARNING) sink->wrong_level++;
   int known = 0;
   for (int i = 0; i < sink->num_tids; ++i) known |= sink->tids[i] == tid;
@@ -207,54 +207,51 @@ static void on_log(int level, const char* message, void* user_data) {
   __atomic_fetch_sub(&sink->inside, 1, __ATOMIC_SEQ_CST);
 }
 
-static int sink_refusals(log_sink* sink) {
+static int sink_lost(log_sink* sink) {
   pthread_mutex_lock(&sink->lock);
-  int n = sink->refusals;
+  int n = sink->lost;
   pthread_mutex_unlock(&sink->lock);
   return n;
 }
 
-typedef struct {
-  const char* peer;
-  caches* src;
-  int status;
-} intruder;
-
-/* A sender with the wrong secret: the receiver refuses it and logs a warning. */
-static void* intrude(void* p) {
-  intruder* a = p;
+/* A sender with `streams` connections whose receiver closes: the reader thread of each
+ * connection warns that it is lost. Returns once the sender's open transfer has failed,
+ * which happens after the warning of its last connection. */
+static void lose_connections(caches* src, caches* dst, int streams) {
+  char peer[64], options[32];
+  kvw_receiver* r = loopback_receiver(dst, NULL, peer, sizeof peer);
   kvw_sender* s = NULL;
-  a->status = kvw_sender_create(&LAYOUT, a->peer, "not-the-secret", a->src->tensors, 8, NULL, &s);
-  return NULL;
-}
-
-/* Refuse one intruder and wait until the receiver has counted (and so logged) it. */
-static void refuse_one(kvw_receiver* r, const char* peer, caches* src) {
-  long long before = receiver_stat(r, "rejected_connections");
-  intruder a = {peer, src, -1};
-  intrude(&a);
-  EXPECT_STATUS(a.status, KVW_ERR_AUTH);
+  kvw_transfer* t = NULL;
+  snprintf(options, sizeof options, "streams=%d", streams);
+  EXPECT_STATUS(kvw_sender_create(&LAYOUT, peer, SECRET, src->tensors, 8, options, &s), KVW_OK);
+  EXPECT_STATUS(kvw_transfer_begin(s, "doomed", (int[]){0}, 1, 4, 60.0, &t), KVW_OK);
+  EXPECT_STATUS(kvw_receiver_close(r), KVW_OK);
   double until = now() + 30;
-  while (receiver_stat(r, "rejected_connections") <= before && now() < until) sleep_s(0.01);
+  int status;
+  while ((status = kvw_transfer_poll(t)) == KVW_PENDING && now() < until) sleep_s(0.005);
+  CHECK(status == KVW_ERR_PEER_LOST, "the sender's transfer ended with %d after its receiver closed", status);
+  kvw_transfer_free(t);
+  kvw_sender_close(s);
 }
 
-/* Run fn with standard error going to a file; return what was written (caller frees). */
-static char* capture_stderr(void (*fn)(kvw_receiver*, const char*, caches*), kvw_receiver* r, const char* peer,
-                            caches* src) {
+/* Standard error into a file, and back: what was written in between (caller frees). */
+static int stderr_fd = -1, saved_stderr = -1;
+static void capture_stderr(void) {
   char path[] = "/tmp/kvwire-test-stderr-XXXXXX";
-  int fd = mkstemp(path);
-  fflush(stderr);
-  int saved = dup(2);
-  dup2(fd, 2);
-  fn(r, peer, src);
-  fflush(stderr);
-  dup2(saved, 2);
-  close(saved);
-  off_t size = lseek(fd, 0, SEEK_END);
-  char* text = calloc(1, size + 1);
-  if (pread(fd, text, size, 0) != size) text[0] = 0;
-  close(fd);
+  stderr_fd = mkstemp(path);
   unlink(path);
+  fflush(stderr);
+  saved_stderr = dup(2);
+  dup2(stderr_fd, 2);
+}
+static char* captured_stderr(void) {
+  fflush(stderr);
+  dup2(saved_stderr, 2);
+  close(saved_stderr);
+  off_t size = lseek(stderr_fd, 0, SEEK_END);
+  char* text = calloc(1, size + 1);
+  if (pread(stderr_fd, text, size, 0) != size) text[0] = 0;
+  close(stderr_fd);
   return text;
 }
 
@@ -262,54 +259,46 @@ static void test_logging(void) {
   caches src, dst;
   caches_init(&src, 5);
   caches_init(&dst, -1);
-  char peer[64];
-  kvw_receiver* r = loopback_receiver(&dst, NULL, peer, sizeof peer);
 
   /* By default warnings go to standard error. */
-  char* out = capture_stderr(refuse_one, r, peer, &src);
-  CHECK(strstr(out, "refused a connection") != NULL, "no warning on standard error by default: \"%s\"", out);
+  capture_stderr();
+  lose_connections(&src, &dst, 1);
+  char* out = captured_stderr();
+  CHECK(strstr(out, " lost") != NULL, "no warning on standard error by default: \"%s\"", out);
   free(out);
 
   /* With a callback: every warning goes to it, from the library's threads, one call at a time. */
   log_sink sink = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, {0}, 0};
   EXPECT_STATUS(kvw_set_log_callback(on_log, &sink), KVW_OK);
-  enum { INTRUDERS = 6 };
-  pthread_t threads[INTRUDERS];
-  intruder args[INTRUDERS];
-  for (int i = 0; i < INTRUDERS; ++i) {
-    args[i] = (intruder){peer, &src, -1};
-    pthread_create(&threads[i], NULL, intrude, &args[i]);
-  }
-  for (int i = 0; i < INTRUDERS; ++i) {
-    pthread_join(threads[i], NULL);
-    EXPECT_STATUS(args[i].status, KVW_ERR_AUTH);
-  }
+  enum { STREAMS = 4 };
+  capture_stderr();
+  lose_connections(&src, &dst, STREAMS);
   double until = now() + 30;
-  while (sink_refusals(&sink) < INTRUDERS && now() < until) sleep_s(0.01);
-  CHECK(sink_refusals(&sink) == INTRUDERS, "%d refusals logged for %d intruders", sink_refusals(&sink), INTRUDERS);
-  CHECK(sink.wrong_level == 0, "%d refusals were not logged as warnings", sink.wrong_level);
+  while (sink_lost(&sink) < STREAMS && now() < until) sleep_s(0.01);
+  out = captured_stderr();
+  CHECK(strstr(out, " lost") == NULL, "with a callback set, standard error still got: \"%s\"", out);
+  free(out);
+  CHECK(sink_lost(&sink) == STREAMS, "%d warnings of a lost connection for %d connections", sink_lost(&sink), STREAMS);
+  CHECK(sink.wrong_level == 0, "%d messages were not warnings", sink.wrong_level);
   CHECK(sink.overlapped == 0, "the callback ran %d times while another call was running", sink.overlapped);
   CHECK(sink.num_tids >= 2, "the callback was called from %d thread(s); each connection has its own", sink.num_tids);
-  out = capture_stderr(refuse_one, r, peer, &src);
-  CHECK(strstr(out, "refused") == NULL, "with a callback set, standard error still got: \"%s\"", out);
-  free(out);
-  int logged = sink_refusals(&sink);
-  CHECK(logged == INTRUDERS + 1, "the last refusal did not reach the callback (%d)", logged);
+  int logged = sink_lost(&sink);
 
   /* Below the level, nothing is delivered. */
   EXPECT_STATUS(kvw_set_log_level(KVW_LOG_ERROR), KVW_OK);
-  refuse_one(r, peer, &src);
-  CHECK(sink_refusals(&sink) == logged, "a warning reached the callback at level KVW_LOG_ERROR");
+  lose_connections(&src, &dst, 1);
+  CHECK(sink_lost(&sink) == logged, "a warning reached the callback at level KVW_LOG_ERROR");
   EXPECT_STATUS(kvw_set_log_level(KVW_LOG_WARNING), KVW_OK);
 
   /* NULL: back to standard error. */
   EXPECT_STATUS(kvw_set_log_callback(NULL, NULL), KVW_OK);
-  out = capture_stderr(refuse_one, r, peer, &src);
-  CHECK(strstr(out, "refused a connection") != NULL, "no warning on standard error after the callback was removed");
+  capture_stderr();
+  lose_connections(&src, &dst, 1);
+  out = captured_stderr();
+  CHECK(strstr(out, " lost") != NULL, "no warning on standard error after the callback was removed");
   free(out);
-  CHECK(sink_refusals(&sink) == logged, "the callback was called after it was removed");
+  CHECK(sink_lost(&sink) == logged, "the callback was called after it was removed");
 
-  kvw_receiver_close(r);
   caches_free(&src);
   caches_free(&dst);
 }
