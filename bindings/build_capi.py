@@ -9,13 +9,22 @@ kvwire.h stays the single source of truth: this script reads it and derives
     ``status + 1``, so a result of 0 can only mean that the embedded runtime failed to run
     the call (cffi returns 0 then): the C layer turns that into KVW_ERR_INIT instead of
     letting it pass for KVW_OK.
-The embedded module is named ``_kvwire_capi`` so it cannot clash with the ``kvwire``
-package in a host process that is itself Python.
+  * ``kvw_version`` and ``kvw_version_number`` in plain C, from the header's
+    ``KVW_VERSION_*`` macros: they never start the runtime.
+The library is ``libkvwire.so.MAJOR.MINOR.PATCH`` with the soname ``libkvwire.so.MAJOR``
+and the two usual links beside it. The embedded module is named ``_kvwire_capi`` so it
+cannot clash with the ``kvwire`` package in a host process that is itself Python.
+
+    python3 bindings/build_capi.py --check
+
+checks instead that this Python can run the library (it imports kvwire and its
+dependencies) and prints what CMake reports about it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import shutil
@@ -23,10 +32,22 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import cffi
-
 HERE = Path(__file__).resolve().parent
 PROTOTYPE = re.compile(r"^(int|const char\*)\s+(kvw_\w+)\(([^;]*)\);", re.M | re.S)
+VERSION = re.compile(r"^#define KVW_VERSION_(MAJOR|MINOR|PATCH) (\d+)$", re.M)
+# Exports written in C here rather than in Python: they must work without the runtime.
+C_ONLY = {
+    "kvw_version": 'return KVW_STR(KVW_VERSION_MAJOR) "." KVW_STR(KVW_VERSION_MINOR) "." KVW_STR(KVW_VERSION_PATCH);',
+    "kvw_version_number": "return KVW_VERSION_NUMBER;",
+}
+# What the library imports when it starts: kvwire and its run-time dependencies.
+RUNTIME_MODULES = ("cffi", "numpy", "torch", "lz4", "crc32c", "kvwire")
+
+
+def version() -> tuple[int, int, int]:
+    """(major, minor, patch) from kvwire.h's KVW_VERSION_* macros."""
+    found = dict(VERSION.findall((HERE / "kvwire.h").read_text()))
+    return int(found["MAJOR"]), int(found["MINOR"]), int(found["PATCH"])
 
 
 def read_header() -> str:
@@ -50,8 +71,8 @@ def parameter_names(params: str) -> list[str]:
 
 
 def c_layer(functions) -> str:
-    out = ['#include "kvwire.h"']
-    out += [f"{r} _kvwpy_{n[len('kvw_') :]}({p});" for r, n, p in functions]  # cffi defines these below
+    out = ['#include "kvwire.h"', "#define KVW_STR_(x) #x", "#define KVW_STR(x) KVW_STR_(x)"]
+    out += [f"{r} _kvwpy_{n[len('kvw_') :]}({p});" for r, n, p in functions if n not in C_ONLY]  # cffi defines these
     out += [
         "#include <stdlib.h>",
         "#include <wchar.h>",
@@ -78,7 +99,9 @@ def c_layer(functions) -> str:
     for ret, name, params in functions:
         inner = "_kvwpy_" + name[len("kvw_") :]
         args = ", ".join(parameter_names(params))
-        if ret == "int":
+        if name in C_ONLY:
+            body = C_ONLY[name]
+        elif ret == "int":
             body = f"int rc = {inner}({args}); return rc == 0 ? KVW_ERR_INIT : rc - 1;"
         else:
             body = f"const char* s = {inner}({args}); return s ? s : KVW_NOT_STARTED;"
@@ -89,7 +112,10 @@ def c_layer(functions) -> str:
 def build(out_dir: Path) -> Path:
     header = read_header()
     types, functions = split(header)
-    internal = "\n".join(f"{r} _kvwpy_{n[len('kvw_') :]}({p});" for r, n, p in functions)
+    major, minor, patch = version()
+    import cffi  # here, so that --check can report it missing
+
+    internal = "\n".join(f"{r} _kvwpy_{n[len('kvw_') :]}({p});" for r, n, p in functions if n not in C_ONLY)
     ffi = cffi.FFI()
     ffi.embedding_api(types + "\n" + internal)
     # The public functions are defined in C (c_layer) and only declared for cffi's compiler.
@@ -97,21 +123,42 @@ def build(out_dir: Path) -> Path:
         "_kvwire_capi",
         c_layer(functions),
         include_dirs=[str(HERE)],
-        extra_link_args=[f"-Wl,-rpath,{sysconfig.get_config_var('LIBDIR')}"],
+        extra_link_args=[f"-Wl,-rpath,{sysconfig.get_config_var('LIBDIR')}", f"-Wl,-soname,libkvwire.so.{major}"],
     )
     ffi.embedding_init_code((HERE / "kvwire_capi.py").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "capi_build"
     target = ffi.compile(tmpdir=str(tmp), target="libkvwire.so", verbose=False)
-    final = out_dir / "libkvwire.so"
+    final = out_dir / f"libkvwire.so.{major}.{minor}.{patch}"
     shutil.copy(target, final)
+    for link, points_to in ((f"libkvwire.so.{major}", final.name), ("libkvwire.so", f"libkvwire.so.{major}")):
+        (out_dir / link).unlink(missing_ok=True)
+        (out_dir / link).symlink_to(points_to)
     return final
+
+
+def check() -> int:
+    """Can this Python run the library? Prints ``key=value`` lines for CMake, or the reason.
+
+    CMake runs this without PYTHONPATH: it checks what an installed library will import."""
+    for name in RUNTIME_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is the answer
+            print(f"{sys.executable} cannot import {name} ({type(exc).__name__}: {exc})")
+            return 1
+    print(f"python={sys.executable}")
+    print(f"kvwire={Path(module.__file__).resolve().parent.parent}")  # the folder that holds the package
+    return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build", help="output folder (default: build)")
+    parser.add_argument("--check", action="store_true", help="check that this Python can run the library")
     args = parser.parse_args()
+    if args.check:
+        sys.exit(check())
     print(build(Path(args.out).resolve()))
 
 

@@ -20,20 +20,26 @@ static int check(int status) {
 }
 
 int main(int argc, char** argv) {
+  /* The shared secret: at least 8 bytes, the same on both sides; never pass NULL. */
+  const char* secret = getenv("KVWIRE_SECRET");
+  if (!secret) {
+    fprintf(stderr, "set KVWIRE_SECRET to the secret shared with the sender\n");
+    return 1;
+  }
   check(kvw_init()); /* starts the embedded runtime: do it once, early */
 
   /* Our paged cache: for each layer a k and a v tensor of [BLOCKS, BS, HEADS, DIM] floats. */
-  kvw_layout layout = {LAYERS, HEADS, DIM, BS, KVW_FP32};
+  kvw_layout layout = {sizeof(kvw_layout), LAYERS, HEADS, DIM, BS, KVW_FP32};
   kvw_tensor caches[LAYERS * 2];
   for (int i = 0; i < LAYERS * 2; ++i) {
-    kvw_tensor t = {calloc(BLOCKS * BS * HEADS * DIM, sizeof(float)), BLOCKS, {BS * HEADS * DIM, HEADS * DIM, DIM, 1}, -1};
+    kvw_tensor t = {sizeof(kvw_tensor), calloc(BLOCKS * BS * HEADS * DIM, sizeof(float)), BLOCKS, {BS * HEADS * DIM, HEADS * DIM, DIM, 1}, -1};
     caches[i] = t;
   }
 
   char listen[64];
   snprintf(listen, sizeof listen, "0.0.0.0:%s", argc > 1 ? argv[1] : "7400");
   kvw_receiver* receiver;
-  check(kvw_receiver_create(&layout, listen, getenv("KVWIRE_SECRET"), caches, LAYERS * 2, NULL, &receiver));
+  check(kvw_receiver_create(&layout, listen, secret, caches, LAYERS * 2, NULL, &receiver));
 
   /* Request "req-1": 40 tokens into our blocks 5, 6 and 9 (the last one partly filled). */
   int blocks[] = {5, 6, 9};

@@ -20,19 +20,25 @@ static int check(int status) {
 }
 
 int main(int argc, char** argv) {
+  /* The shared secret: at least 8 bytes, the same on both sides; never pass NULL. */
+  const char* secret = getenv("KVWIRE_SECRET");
+  if (!secret) {
+    fprintf(stderr, "set KVWIRE_SECRET to the secret shared with the receiver\n");
+    return 1;
+  }
   check(kvw_init());
 
-  kvw_layout layout = {LAYERS, HEADS, DIM, BS, KVW_FP32};
+  kvw_layout layout = {sizeof(kvw_layout), LAYERS, HEADS, DIM, BS, KVW_FP32};
   kvw_tensor caches[LAYERS * 2];
   for (int i = 0; i < LAYERS * 2; ++i) {
     float* data = malloc(sizeof(float) * BLOCKS * BS * HEADS * DIM);
     for (long j = 0; j < (long)BLOCKS * BS * HEADS * DIM; ++j) data[j] = (float)(i + 1);
-    kvw_tensor t = {data, BLOCKS, {BS * HEADS * DIM, HEADS * DIM, DIM, 1}, -1};
+    kvw_tensor t = {sizeof(kvw_tensor), data, BLOCKS, {BS * HEADS * DIM, HEADS * DIM, DIM, 1}, -1};
     caches[i] = t;
   }
 
   kvw_sender* sender;
-  check(kvw_sender_create(&layout, argc > 1 ? argv[1] : "127.0.0.1:7400", getenv("KVWIRE_SECRET"), caches,
+  check(kvw_sender_create(&layout, argc > 1 ? argv[1] : "127.0.0.1:7400", secret, caches,
                           LAYERS * 2, "streams=4,codec=raw", &sender));
 
   int blocks[] = {0, 1, 2}; /* our blocks holding the request's 40 tokens */

@@ -1,123 +1,16 @@
-/* Tests of libkvwire.so through kvwire.h only, as a C runtime would use it.
- * Usage: test_capi PYTHON PY_PEER_SCRIPT (ctest passes both). */
-#define _POSIX_C_SOURCE 200809L
-#include "kvwire.h"
-
+/* Tests of libkvwire.so through kvwire.h only, as a C runtime would use it: transfers
+ * between C and Python peers, threads, polling, logging, versions. The misuse cases are
+ * in test_misuse.c. Usage: test_capi PYTHON PY_PEER_SCRIPT (ctest passes both). */
+#define _GNU_SOURCE /* syscall(SYS_gettid) */
+#include <fcntl.h>
 #include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-#define LAYERS 4
-#define HEADS 2
-#define DIM 64
-#define BS 16
-#define BLOCKS 64
-#define ELEMS (BLOCKS * BS * HEADS * DIM)
-#define SECRET "kvwire-capi-test-secret"
+#include "capi_test.h"
 
-static int failures = 0;
 static const char* python;
 static const char* peer_script;
-
-#define CHECK(cond, ...)                                                          \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                        \
-      fprintf(stderr, __VA_ARGS__);                                               \
-      fprintf(stderr, "\n      last error: %s\n", kvw_last_error());              \
-      failures++;                                                                 \
-    }                                                                             \
-  } while (0)
-
-#define EXPECT_STATUS(call, want)                                                 \
-  do {                                                                            \
-    int rc_ = (call);                                                             \
-    CHECK(rc_ == (want), "%s returned %d (%s), expected %d", #call, rc_,          \
-          kvw_strerror(rc_), (want));                                             \
-  } while (0)
-
-static const kvw_layout LAYOUT = {LAYERS, HEADS, DIM, BS, KVW_FP32};
-
-/* The same formula as py_peer.py: value of element i of cache tensor t. */
-static float pattern(long i, int t, int seed) { return (float)((i * 7 + t * 131 + seed) % 1000) * 0.5f; }
-
-typedef struct {
-  float* data[LAYERS * 2];
-  kvw_tensor tensors[LAYERS * 2];
-} caches;
-
-static void caches_init(caches* c, int seed) {
-  for (int t = 0; t < LAYERS * 2; ++t) {
-    c->data[t] = malloc(sizeof(float) * ELEMS);
-    for (long i = 0; i < ELEMS; ++i) c->data[t][i] = seed < 0 ? 0.0f : pattern(i, t, seed);
-    kvw_tensor x = {c->data[t], BLOCKS, {BS * HEADS * DIM, HEADS * DIM, DIM, 1}, -1};
-    c->tensors[t] = x;
-  }
-}
-
-static void caches_free(caches* c) {
-  for (int t = 0; t < LAYERS * 2; ++t) free(c->data[t]);
-}
-
-/* Do tokens [0, n) of src blocks equal those of dst blocks? */
-static int same_tokens(caches* src, const int* sb, caches* dst, const int* db, int n) {
-  for (int t = 0; t < LAYERS * 2; ++t)
-    for (int tok = 0; tok < n; ++tok) {
-      const float* a = src->data[t] + ((long)sb[tok / BS] * BS + tok % BS) * HEADS * DIM;
-      const float* b = dst->data[t] + ((long)db[tok / BS] * BS + tok % BS) * HEADS * DIM;
-      if (memcmp(a, b, sizeof(float) * HEADS * DIM)) return 0;
-    }
-  return 1;
-}
-
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void test_errors(void) {
-  caches c;
-  caches_init(&c, 0);
-  kvw_sender* s = NULL;
-  kvw_receiver* r = NULL;
-  kvw_request* q = NULL;
-
-  EXPECT_STATUS(kvw_sender_create(NULL, "127.0.0.1:1", SECRET, c.tensors, 8, NULL, &s), KVW_ERR_INVALID);
-  EXPECT_STATUS(kvw_sender_create(&LAYOUT, "127.0.0.1:1", SECRET, c.tensors, 7, NULL, &s), KVW_ERR_INVALID);
-  CHECK(strstr(kvw_last_error(), "num_caches") != NULL, "the message should name num_caches");
-  EXPECT_STATUS(kvw_sender_create(&LAYOUT, "127.0.0.1:1", SECRET, c.tensors, 8, "streams=2,colour=red", &s),
-                KVW_ERR_INVALID);
-  CHECK(strstr(kvw_last_error(), "colour") != NULL, "the message should name the unknown option");
-  EXPECT_STATUS(kvw_sender_create(&LAYOUT, "127.0.0.1:1", SECRET, c.tensors, 8, "connect_timeout=2", &s),
-                KVW_ERR_PEER_LOST);
-  EXPECT_STATUS(kvw_expect(NULL, "x", (int[]){0}, 1, 4, 1.0, &q), KVW_ERR_INVALID);
-
-  EXPECT_STATUS(kvw_receiver_create(&LAYOUT, "127.0.0.1:0", SECRET, c.tensors, 8, NULL, &r), KVW_OK);
-  int port = 0;
-  EXPECT_STATUS(kvw_receiver_port(r, &port), KVW_OK);
-  char peer[64];
-  snprintf(peer, sizeof peer, "127.0.0.1:%d", port);
-  EXPECT_STATUS(kvw_sender_create(&LAYOUT, peer, "not-the-secret", c.tensors, 8, NULL, &s), KVW_ERR_AUTH);
-
-  /* A request nobody sends: its deadline passes. */
-  EXPECT_STATUS(kvw_expect(r, "never", (int[]){3}, 1, 4, 0.3, &q), KVW_OK);
-  double t0 = now();
-  EXPECT_STATUS(kvw_request_wait(q, -1), KVW_ERR_TIMEOUT);
-  CHECK(now() - t0 < 3.0, "the timeout should come at the deadline");
-  EXPECT_STATUS(kvw_request_free(q), KVW_OK);
-  EXPECT_STATUS(kvw_request_wait(q, 1.0), KVW_ERR_CLOSED); /* use after free */
-
-  EXPECT_STATUS(kvw_expect(r, "bad-block", (int[]){BLOCKS}, 1, 4, 1.0, &q), KVW_ERR_INVALID);
-  char small[8];
-  EXPECT_STATUS(kvw_receiver_stats_json(r, small, sizeof small), KVW_ERR_INVALID);
-  EXPECT_STATUS(kvw_receiver_close(r), KVW_OK);
-  EXPECT_STATUS(kvw_receiver_close(r), KVW_ERR_CLOSED); /* use after close */
-  EXPECT_STATUS(kvw_expect(r, "x", (int[]){0}, 1, 4, 1.0, &q), KVW_ERR_CLOSED);
-  caches_free(&c);
-}
 
 typedef struct {
   kvw_sender* sender;
@@ -139,17 +32,13 @@ static void* send_one(void* p) {
   return NULL;
 }
 
-static void test_threads_and_overhead(void) {
+static void test_threads(void) {
   caches src, dst;
   caches_init(&src, 3);
   caches_init(&dst, -1);
-  kvw_receiver* r = NULL;
-  kvw_sender* s = NULL;
-  EXPECT_STATUS(kvw_receiver_create(&LAYOUT, "127.0.0.1:0", SECRET, dst.tensors, 8, "staging_mib=64", &r), KVW_OK);
-  int port = 0;
-  kvw_receiver_port(r, &port);
   char peer[64];
-  snprintf(peer, sizeof peer, "127.0.0.1:%d", port);
+  kvw_receiver* r = loopback_receiver(&dst, "staging_mib=64", peer, sizeof peer);
+  kvw_sender* s = NULL;
   EXPECT_STATUS(kvw_sender_create(&LAYOUT, peer, SECRET, src.tensors, 8, "streams=4,chunk_kib=64", &s), KVW_OK);
 
   kvw_request* q[4];
@@ -174,35 +63,242 @@ static void test_threads_and_overhead(void) {
     CHECK(same_tokens(&src, src_blocks, &dst, dst_blocks[i], 60), "thread %d: destination differs", i);
     kvw_request_free(q[i]);
   }
-
-  /* Per-call overhead of send_layer (it only queues work: microseconds, not milliseconds). */
-  const int rounds = 100;
-  double spent = 0;
-  for (int n = 0; n < rounds; ++n) {
-    char id[32];
-    snprintf(id, sizeof id, "overhead-%d", n);
-    kvw_request* rq = NULL;
-    kvw_transfer* t = NULL;
-    kvw_expect(r, id, (int[]){40}, 1, 16, 30.0, &rq);
-    kvw_transfer_begin(s, id, (int[]){1}, 1, 16, 30.0, &t);
-    for (int layer = 0; layer < LAYERS; ++layer) {
-      double t0 = now();
-      int rc = kvw_transfer_send_layer(t, layer, NULL);
-      spent += now() - t0;
-      CHECK(rc == KVW_OK, "send_layer: %d", rc);
-    }
-    EXPECT_STATUS(kvw_transfer_finish(t, 30.0), KVW_OK);
-    EXPECT_STATUS(kvw_request_wait(rq, 30.0), KVW_OK);
-    kvw_transfer_free(t);
-    kvw_request_free(rq);
-  }
-  printf("send_layer from C: %.1f us per call (mean of %d)\n", spent / (rounds * LAYERS) * 1e6, rounds * LAYERS);
-
   char stats[65536];
-  EXPECT_STATUS(kvw_sender_stats_json(s, stats, sizeof stats), KVW_OK);
+  EXPECT_STATUS(kvw_sender_stats_json(s, stats, sizeof stats, NULL), KVW_OK);
   CHECK(strstr(stats, "\"rtt_us\"") != NULL, "sender statistics should carry TCP_INFO");
   EXPECT_STATUS(kvw_sender_close(s), KVW_OK);
   EXPECT_STATUS(kvw_receiver_close(r), KVW_OK);
+  caches_free(&src);
+  caches_free(&dst);
+}
+
+/* -- polling ------------------------------------------------------------------------------ */
+typedef struct {
+  kvw_receiver* receiver;
+  kvw_sender* sender;
+  const char* id;
+  const int* blocks;
+  int num_tokens;
+  double delay_s; /* before expect / between layers */
+  kvw_request* request;
+  int status;
+} slow_peer;
+
+/* A receiver that names the destination only after delay_s: until then the sender's
+ * transfer cannot complete, however often it is polled. */
+static void* expect_late(void* p) {
+  slow_peer* a = p;
+  sleep_s(a->delay_s);
+  a->status = kvw_expect(a->receiver, a->id, a->blocks, 2, a->num_tokens, 60.0, &a->request);
+  return NULL;
+}
+
+/* A sender that computes slowly: delay_s before each layer. */
+static void* send_slowly(void* p) {
+  slow_peer* a = p;
+  kvw_transfer* t = NULL;
+  a->status = kvw_transfer_begin(a->sender, a->id, a->blocks, 2, a->num_tokens, 60.0, &t);
+  for (int layer = 0; layer < LAYERS && a->status == KVW_OK; ++layer) {
+    sleep_s(a->delay_s);
+    a->status = kvw_transfer_send_layer(t, layer, NULL);
+  }
+  if (a->status == KVW_OK) a->status = kvw_transfer_finish(t, 60.0);
+  if (t) kvw_transfer_free(t);
+  return NULL;
+}
+
+/* Poll until the status is not KVW_PENDING (or 60 s pass); count the polls that were. */
+static int poll_until_done(int (*poll)(void*), void* handle, int* pending) {
+  double until = now() + 60;
+  int status;
+  *pending = 0;
+  while ((status = poll(handle)) == KVW_PENDING && now() < until) {
+    ++*pending;
+    sleep_s(0.005);
+  }
+  return status;
+}
+static int poll_transfer(void* t) { return kvw_transfer_poll(t); }
+static int poll_request(void* q) { return kvw_request_poll(q); }
+
+static void test_polling(void) {
+  caches src, dst;
+  caches_init(&src, 4);
+  caches_init(&dst, -1);
+  char peer[64];
+  kvw_receiver* r = loopback_receiver(&dst, NULL, peer, sizeof peer);
+  kvw_sender* s = NULL;
+  EXPECT_STATUS(kvw_sender_create(&LAYOUT, peer, SECRET, src.tensors, 8, "streams=2", &s), KVW_OK);
+
+  /* The sender polls while the receiver takes 1.5 s to expect: polls never cancel. */
+  int src_blocks[2] = {10, 11}, dst_blocks[2] = {50, 3};
+  slow_peer late = {r, NULL, "late-receiver", dst_blocks, 30, 1.5, NULL, -1};
+  kvw_transfer* t = NULL;
+  EXPECT_STATUS(kvw_transfer_begin(s, "late-receiver", src_blocks, 2, 30, 60.0, &t), KVW_OK);
+  for (int layer = 0; layer < LAYERS; ++layer) EXPECT_STATUS(kvw_transfer_send_layer(t, layer, NULL), KVW_OK);
+  pthread_t thread;
+  pthread_create(&thread, NULL, expect_late, &late);
+  int pending = 0;
+  int status = poll_until_done(poll_transfer, t, &pending);
+  pthread_join(thread, NULL);
+  EXPECT_STATUS(late.status, KVW_OK);
+  CHECK(status == KVW_OK, "the polled transfer ended with %d (%s)", status, kvw_strerror(status));
+  CHECK(pending > 1, "the transfer cannot complete before the receiver's expect, yet polls saw it pending %d times",
+        pending);
+  EXPECT_STATUS(kvw_transfer_poll(t), KVW_OK); /* the outcome stays */
+  EXPECT_STATUS(kvw_request_wait(late.request, 30.0), KVW_OK);
+  CHECK(same_tokens(&src, src_blocks, &dst, dst_blocks, 30), "the late receiver's destination differs");
+  kvw_request_free(late.request);
+  kvw_transfer_free(t);
+
+  /* The receiver polls while the sender sends a layer every 0.3 s. */
+  int src2[2] = {20, 21}, dst2[2] = {7, 40};
+  kvw_request* q = NULL;
+  EXPECT_STATUS(kvw_expect(r, "slow-sender", dst2, 2, 25, 60.0, &q), KVW_OK);
+  slow_peer slow = {NULL, s, "slow-sender", src2, 25, 0.3, NULL, -1};
+  pthread_create(&thread, NULL, send_slowly, &slow);
+  status = poll_until_done(poll_request, q, &pending);
+  pthread_join(thread, NULL);
+  EXPECT_STATUS(slow.status, KVW_OK);
+  CHECK(status == KVW_OK, "the polled request ended with %d (%s)", status, kvw_strerror(status));
+  CHECK(pending > 1, "the request was pending %d times while its layers came 0.3 s apart", pending);
+  CHECK(same_tokens(&src, src2, &dst, dst2, 25), "the polled request's destination differs");
+  kvw_request_free(q);
+
+  /* Failures come out of the poll with their status: the receiver cancels. */
+  EXPECT_STATUS(kvw_expect(r, "refused", dst2, 2, 25, 60.0, &q), KVW_OK);
+  EXPECT_STATUS(kvw_transfer_begin(s, "refused", src2, 2, 25, 60.0, &t), KVW_OK);
+  EXPECT_STATUS(kvw_transfer_send_layer(t, 0, NULL), KVW_OK);
+  EXPECT_STATUS(kvw_request_cancel(q), KVW_OK);
+  EXPECT_STATUS(kvw_request_poll(q), KVW_ERR_CANCELLED);
+  status = poll_until_done(poll_transfer, t, &pending);
+  CHECK(status == KVW_ERR_CANCELLED, "the sender's poll after the receiver cancelled: %d (%s)", status,
+        kvw_last_error());
+  kvw_transfer_free(t);
+  kvw_request_free(q);
+
+  kvw_sender_close(s);
+  kvw_receiver_close(r);
+  caches_free(&src);
+  caches_free(&dst);
+}
+
+/* -- logging ------------------------------------------------------------------------------ */
+typedef struct {
+  pthread_mutex_t lock;
+  int calls, lost, wrong_level, overlapped, inside;
+  long tids[64];
+  int num_tids;
+} log_sink;
+
+static void on_log(int level, const char* message, void* user_data) {
+  log_sink* sink = user_data;
+  if (__atomic_fetch_add(&sink->inside, 1, __ATOMIC_SEQ_CST)) __atomic_fetch_add(&sink->overlapped, 1, __ATOMIC_SEQ_CST);
+  long tid = syscall(SYS_gettid);
+  pthread_mutex_lock(&sink->lock);
+  sink->calls++;
+  if (strstr(message, " lost")) sink->lost++;
+  if (level != KVW_LOG_WARNING) sink->wrong_level++;
+  int known = 0;
+  for (int i = 0; i < sink->num_tids; ++i) known |= sink->tids[i] == tid;
+  if (!known && sink->num_tids < 64) sink->tids[sink->num_tids++] = tid;
+  pthread_mutex_unlock(&sink->lock);
+  sleep_s(0.001); /* a callback that takes a moment, so calls at once would overlap */
+  __atomic_fetch_sub(&sink->inside, 1, __ATOMIC_SEQ_CST);
+}
+
+static int sink_lost(log_sink* sink) {
+  pthread_mutex_lock(&sink->lock);
+  int n = sink->lost;
+  pthread_mutex_unlock(&sink->lock);
+  return n;
+}
+
+/* A sender with `streams` connections whose receiver closes: the reader thread of each
+ * connection warns that it is lost. Returns once the sender's open transfer has failed,
+ * which happens after the warning of its last connection. */
+static void lose_connections(caches* src, caches* dst, int streams) {
+  char peer[64], options[32];
+  kvw_receiver* r = loopback_receiver(dst, NULL, peer, sizeof peer);
+  kvw_sender* s = NULL;
+  kvw_transfer* t = NULL;
+  snprintf(options, sizeof options, "streams=%d", streams);
+  EXPECT_STATUS(kvw_sender_create(&LAYOUT, peer, SECRET, src->tensors, 8, options, &s), KVW_OK);
+  EXPECT_STATUS(kvw_transfer_begin(s, "doomed", (int[]){0}, 1, 4, 60.0, &t), KVW_OK);
+  EXPECT_STATUS(kvw_receiver_close(r), KVW_OK);
+  double until = now() + 30;
+  int status;
+  while ((status = kvw_transfer_poll(t)) == KVW_PENDING && now() < until) sleep_s(0.005);
+  CHECK(status == KVW_ERR_PEER_LOST, "the sender's transfer ended with %d after its receiver closed", status);
+  kvw_transfer_free(t);
+  kvw_sender_close(s);
+}
+
+/* Standard error into a file, and back: what was written in between (caller frees). */
+static int stderr_fd = -1, saved_stderr = -1;
+static void capture_stderr(void) {
+  char path[] = "/tmp/kvwire-test-stderr-XXXXXX";
+  stderr_fd = mkstemp(path);
+  unlink(path);
+  fflush(stderr);
+  saved_stderr = dup(2);
+  dup2(stderr_fd, 2);
+}
+static char* captured_stderr(void) {
+  fflush(stderr);
+  dup2(saved_stderr, 2);
+  close(saved_stderr);
+  off_t size = lseek(stderr_fd, 0, SEEK_END);
+  char* text = calloc(1, size + 1);
+  if (pread(stderr_fd, text, size, 0) != size) text[0] = 0;
+  close(stderr_fd);
+  return text;
+}
+
+static void test_logging(void) {
+  caches src, dst;
+  caches_init(&src, 5);
+  caches_init(&dst, -1);
+
+  /* By default warnings go to standard error. */
+  capture_stderr();
+  lose_connections(&src, &dst, 1);
+  char* out = captured_stderr();
+  CHECK(strstr(out, " lost") != NULL, "no warning on standard error by default: \"%s\"", out);
+  free(out);
+
+  /* With a callback: every warning goes to it, from the library's threads, one call at a time. */
+  log_sink sink = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, {0}, 0};
+  EXPECT_STATUS(kvw_set_log_callback(on_log, &sink), KVW_OK);
+  enum { STREAMS = 4 };
+  capture_stderr();
+  lose_connections(&src, &dst, STREAMS);
+  double until = now() + 30;
+  while (sink_lost(&sink) < STREAMS && now() < until) sleep_s(0.01);
+  out = captured_stderr();
+  CHECK(strstr(out, " lost") == NULL, "with a callback set, standard error still got: \"%s\"", out);
+  free(out);
+  CHECK(sink_lost(&sink) == STREAMS, "%d warnings of a lost connection for %d connections", sink_lost(&sink), STREAMS);
+  CHECK(sink.wrong_level == 0, "%d messages were not warnings", sink.wrong_level);
+  CHECK(sink.overlapped == 0, "the callback ran %d times while another call was running", sink.overlapped);
+  CHECK(sink.num_tids >= 2, "the callback was called from %d thread(s); each connection has its own", sink.num_tids);
+  int logged = sink_lost(&sink);
+
+  /* Below the level, nothing is delivered. */
+  EXPECT_STATUS(kvw_set_log_level(KVW_LOG_ERROR), KVW_OK);
+  lose_connections(&src, &dst, 1);
+  CHECK(sink_lost(&sink) == logged, "a warning reached the callback at level KVW_LOG_ERROR");
+  EXPECT_STATUS(kvw_set_log_level(KVW_LOG_WARNING), KVW_OK);
+
+  /* NULL: back to standard error. */
+  EXPECT_STATUS(kvw_set_log_callback(NULL, NULL), KVW_OK);
+  capture_stderr();
+  lose_connections(&src, &dst, 1);
+  out = captured_stderr();
+  CHECK(strstr(out, " lost") != NULL, "no warning on standard error after the callback was removed");
+  free(out);
+  CHECK(sink_lost(&sink) == logged, "the callback was called after it was removed");
+
   caches_free(&src);
   caches_free(&dst);
 }
@@ -286,7 +382,7 @@ static void test_ucx_transport(void) {
   EXPECT_STATUS(kvw_request_wait(q, 60.0), KVW_OK);
   CHECK(same_tokens(&src, src_blocks, &dst, dst_blocks, 37), "the UCX transfer's destination differs");
   char stats[65536];
-  EXPECT_STATUS(kvw_sender_stats_json(s, stats, sizeof stats), KVW_OK);
+  EXPECT_STATUS(kvw_sender_stats_json(s, stats, sizeof stats, NULL), KVW_OK);
   CHECK(strstr(stats, "\"transport\": \"ucx\"") != NULL, "sender statistics should name the UCX transport");
   EXPECT_STATUS(kvw_sender_create(&LAYOUT, peer, SECRET, src.tensors, 8, "transport=carrier-pigeon", NULL),
                 KVW_ERR_INVALID);
@@ -305,6 +401,12 @@ int main(int argc, char** argv) {
   }
   python = argv[1];
   peer_script = argv[2];
+  /* The version calls work before kvw_init, and the library is the header's version. */
+  CHECK(kvw_version_number() == KVW_VERSION_NUMBER, "library %d, header %d", kvw_version_number(), KVW_VERSION_NUMBER);
+  char version[32];
+  snprintf(version, sizeof version, "%d.%d.%d", KVW_VERSION_MAJOR, KVW_VERSION_MINOR, KVW_VERSION_PATCH);
+  CHECK(strcmp(kvw_version(), version) == 0, "kvw_version() is %s, the header says %s", kvw_version(), version);
+  CHECK(KVW_VERSION_NUMBER == KVW_VERSION_MAJOR * 10000 + KVW_VERSION_MINOR * 100 + KVW_VERSION_PATCH, "number");
   EXPECT_STATUS(kvw_expect(NULL, "x", NULL, 0, 0, 1.0, NULL), KVW_ERR_INIT); /* before kvw_init */
   double t0 = now();
   EXPECT_STATUS(kvw_init(), KVW_OK);
@@ -312,8 +414,9 @@ int main(int argc, char** argv) {
   EXPECT_STATUS(kvw_init(), KVW_OK); /* idempotent */
   CHECK(strcmp(kvw_strerror(KVW_ERR_TIMEOUT), "timed out") == 0, "strerror");
 
-  test_errors();
-  test_threads_and_overhead();
+  test_logging();
+  test_threads();
+  test_polling();
   test_c_sender_to_python_receiver();
   test_python_sender_to_c_receiver();
   test_ucx_transport();

@@ -1,0 +1,122 @@
+"""The C ABI's pure helpers (bindings/kvwire_capi.py), without building libkvwire.so: the
+option grammar, messages in C terms, and the layout difference read from a real handshake.
+The library itself is tested from C by ctest (bindings/tests)."""
+
+import errno
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import kvwire
+from kvwire.engine.sender import layout_summary
+from kvwire.proto import NEED_DATA, ClientConnection, FrameReader, ServerConnection
+
+_spec = importlib.util.spec_from_file_location(
+    "kvwire_capi_helpers", Path(__file__).resolve().parent.parent / "bindings" / "kvwire_capi.py"
+)
+capi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(capi)
+
+C_LAYOUT = {"num_layers": 4, "num_kv_heads": 2, "head_dim": 64, "block_size": 16, "dtype": 2}  # KVW_FP32
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("", {}),
+        ("   ", {}),
+        ("streams=2", {"streams": 2}),
+        (" streams = 2 , codec = fp8 ", {"streams": 2, "codec": "fp8"}),
+        ("connect_timeout=2.5,transport=ucx", {"connect_timeout": 2.5, "transport": "ucx"}),
+        ("connect_timeout=.5", {"connect_timeout": 0.5}),
+    ],
+)
+def test_options_that_parse(text, parsed):
+    assert capi.parse_options(text, capi.SENDER_OPTIONS) == parsed
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("streams=2,,codec=raw", "item 2 .* is empty"),
+        ("streams=2,", "item 2 .* is empty"),
+        ("streams=2,streams=3", "streams is given twice"),
+        ("codec=", "codec has an empty value"),
+        ("codec", "'codec' is not key=value"),
+        ("Streams=2", "unknown option 'Streams'"),
+        ("streams=0", r"streams=0 is out of range 1\.\.64"),
+        ("streams=1e3", "streams='1e3' is not a whole number"),
+        ("streams=+2", "not a whole number"),
+        ("connect_timeout=nan", "connect_timeout='nan' is not a number of seconds"),
+        ("connect_timeout=-1", "not a number of seconds"),
+        ("transport=TCP", r"transport='TCP' is not one of tcp\|ucx"),
+        ("chunk_kib=1", r"chunk_kib=1 is out of range 4\.\.1048576"),
+    ],
+)
+def test_options_that_are_refused_name_the_option(text, message):
+    with pytest.raises(capi.Invalid, match=message):
+        capi.parse_options(text, capi.SENDER_OPTIONS)
+
+
+def test_messages_are_rewritten_in_c_terms():
+    assert capi.c_terms("dtype torch.bfloat16 does not match the layout's torch.float32") == (
+        "dtype KVW_BF16 does not match the layout's KVW_FP32"
+    )
+    assert capi.c_terms("accepted codecs are ['fp8', 'int4/g64']") == "accepted codecs are fp8|int4/g64"
+    assert capi.c_terms("cannot connect to h:1: [Errno 111] Connection refused") == (
+        "cannot connect to h:1: connection refused (ECONNREFUSED)"
+    )
+    assert capi.c_terms("finish: layers [1, 2] of 'x' were never sent").startswith("kvw_transfer_finish: layers [1, 2]")
+    assert capi.c_terms("no expect() for 'r' within 60 s") == "no kvw_expect for 'r' within 60 s"
+    assert capi.c_terms("cannot resolve 'x': [Errno -2] Name or service not known") == (
+        "cannot resolve 'x': name or service not known"
+    )
+    assert capi.os_error_text(OSError(errno.EADDRINUSE, "Address already in use")) == (
+        "address already in use (EADDRINUSE)"
+    )
+
+
+def rejection(sender: kvwire.KVLayout, receiver: kvwire.KVLayout) -> str:
+    """The message a sender gets when the receiver refuses its layout, from the real
+    handshake (sans I/O: the two protocol objects talk through memory)."""
+    secret = b"x" * 16
+    c = ClientConnection(secret, session="ab" * 8, conn_index=0, conn_count=1, fingerprint=sender.fingerprint(),
+                         layout=layout_summary(sender), codec="raw")  # fmt: skip
+    s = ServerConnection(secret, fingerprint=receiver.fingerprint(), layout=layout_summary(receiver),
+                         check_codec=lambda codec: None, window=1 << 20, max_payload=1 << 16)  # fmt: skip
+    to_server, to_client = FrameReader(s), FrameReader(c)
+
+    def deliver(data: bytes, reader: FrameReader) -> None:
+        reader.feed(data)
+        while reader.next_events() is not NEED_DATA:
+            pass
+
+    deliver(c.data_to_send(), to_server)  # HELLO
+    deliver(s.data_to_send(), to_client)  # CHALLENGE, and the client answers
+    with pytest.raises(kvwire.LayoutMismatch):
+        deliver(c.data_to_send(), to_server)  # AUTH: the server rejects the layout
+    with pytest.raises(kvwire.LayoutMismatch) as rejected:
+        deliver(s.data_to_send(), to_client)  # REJECT
+    return str(rejected.value)
+
+
+@pytest.mark.parametrize(
+    "receiver, named",
+    [
+        (kvwire.KVLayout.gqa(6, 2, 64, 16, "fp32"), "num_layers is 4 here, 6 on the receiver"),
+        (kvwire.KVLayout.gqa(4, 2, 64, 32, "fp32"), "block_size is 16 here, 32 on the receiver"),
+        (kvwire.KVLayout.gqa(4, 2, 64, 16, "bf16"), "dtype is KVW_FP32 here, KVW_BF16 on the receiver"),
+        (kvwire.KVLayout.mla(4, 128, 16, "fp32"), "num_kv_heads is > 0 (k and v tensors per layer) here, 0 (MLA"),
+        (kvwire.KVLayout.gqa(4, 4, 32, 16, "fp32"), "num_kv_heads or head_dim differs"),
+    ],
+)
+def test_a_layout_mismatch_names_the_field_that_differs(receiver, named):
+    sender = kvwire.KVLayout.gqa(4, 2, 64, 16, "fp32")
+    message = capi.layout_difference(rejection(sender, receiver), C_LAYOUT)
+    assert named in message
+    assert "torch." not in message and "fingerprint" not in message
+
+
+def test_a_layout_message_it_cannot_read_is_passed_on_in_c_terms():
+    assert capi.layout_difference("the layouts differ: torch.float32", C_LAYOUT) == "the layouts differ: KVW_FP32"
