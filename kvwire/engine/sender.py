@@ -512,6 +512,8 @@ class Sender:
             for c in self._conns:
                 c.inflight.pop(handle.tag, None)
                 c.begun.discard(handle.tag)
+            if any(job[0] is handle for job in self._jobs):
+                self._jobs = collections.deque(job for job in self._jobs if job[0] is not handle)
             dropped = [chunk for chunk in self._out if chunk.transfer is handle]
             if dropped:  # queued chunks hold staging: give it back now, not when a writer wakes
                 self._out = collections.deque(chunk for chunk in self._out if chunk.transfer is not handle)
@@ -587,10 +589,10 @@ class Sender:
         with self._lock:
             while self._out_bytes >= self._out_limit and not self._closed:
                 self._space.wait()
-            if self._closed:
+            if self._closed or chunk.transfer.done():
                 if chunk.slot is not None:
                     chunk.slot.release()
-                return False
+                return not self._closed  # a transfer that ended while this chunk was encoded
             self._out.append(chunk)
             self._out_bytes += chunk.nbytes
             self._wake_writer()
