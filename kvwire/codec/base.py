@@ -9,6 +9,7 @@ that carries them says which chunk they are (see ``docs/formats.md``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,28 @@ class Codec:
 
     name: str = ""
     lossless: bool = False
+    # Capabilities the engine asks about, answered by each codec (never probed from outside):
+    variable_size: bool = False  # wire size varies with the data; ``encoded_size`` is a bound
+    has_lossless_stage: bool = False  # ``pack``/``unpack`` run a host-side stage over ``inner``'s bytes
+
+    @property
+    def inner(self) -> Codec:
+        """The codec whose bytes a lossless stage wraps (itself when there is no stage):
+        what GPU kernels produce and consume."""
+        return self
+
+    @property
+    def key_tokens(self) -> int | None:
+        """Tokens per key group when keys are grouped across blocks (int4), else None."""
+        return None
+
+    def row_unit(self, role: str, block_size: int) -> int:
+        """Rows a chunk of tensor ``role`` holds a multiple of, so that its bytes do not depend
+        on where a transfer is cut into chunks: whole blocks, and whole key groups."""
+        key_tokens = self.key_tokens
+        if role == "k" and key_tokens:
+            return math.lcm(block_size, key_tokens)
+        return block_size
 
     @property
     def descriptor(self) -> str:

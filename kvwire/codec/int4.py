@@ -104,7 +104,11 @@ class Int4Codec(Codec):
         if key_tokens is not None and key_tokens not in KEY_TOKENS:
             raise ValueError(f"key_tokens: {key_tokens} is not one of {KEY_TOKENS} (or None: the block size)")
         self.group_size = group_size
-        self.key_tokens = key_tokens
+        self._key_tokens = key_tokens
+
+    @property
+    def key_tokens(self) -> int | None:
+        return self._key_tokens
 
     @property
     def descriptor(self) -> str:

@@ -94,10 +94,21 @@ def decompress_blocks(data: torch.Tensor, expected: int) -> np.ndarray:
 class Lz4Stage(Codec):
     """Wraps ``inner``; wire size varies with the data (``encoded_size`` is an upper bound)."""
 
+    variable_size = True
+    has_lossless_stage = True
+
     def __init__(self, inner: Codec) -> None:
-        self.inner = inner
+        self._inner = inner
         self.name = f"{inner.name}+lz4"
         self.lossless = inner.lossless
+
+    @property
+    def inner(self) -> Codec:
+        return self._inner
+
+    @property
+    def key_tokens(self) -> int | None:
+        return self._inner.key_tokens
 
     @property
     def descriptor(self) -> str:

@@ -114,7 +114,7 @@ def prebuilt_fatbin(path: str | os.PathLike | None = None) -> tuple[Path | None,
 
 def supports(codec: Codec, dtype: torch.dtype) -> bool:
     """Whether the kernels implement ``codec`` (its lossy/raw stage) for ``dtype``."""
-    inner = getattr(codec, "inner", codec)
+    inner = codec.inner
     return dtype in KIND and inner.name in ("raw", "fp8", "int4")
 
 
@@ -474,7 +474,7 @@ class _Plan:
 
 
 def _plan(backend: Backend, codec: Codec, chunk: Chunk, role: str, op: str) -> _Plan:
-    inner: Any = getattr(codec, "inner", codec)
+    inner: Any = codec.inner
     dtype = chunk.tensor.dtype
     if dtype not in KIND:
         raise TypeError(f"cache: the kernels take bfloat16 or float16, got {dtype}")

@@ -8,7 +8,6 @@ so chunks can travel on any connection and be placed in any order.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -43,16 +42,8 @@ def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
 
 
 def row_unit(codec: Codec, t: TensorPlan) -> int:
-    """Rows a chunk of ``t`` holds a multiple of: whole blocks, and for int4 keys with
-    ``key_tokens`` whole key groups too, so the bytes do not depend on where chunks are cut."""
-    return _unit(codec, t.name, t.unit)
-
-
-def _unit(codec: Codec, name: str, unit: int) -> int:
-    key_tokens = getattr(getattr(codec, "inner", codec), "key_tokens", None)
-    if name == "k" and key_tokens:
-        return math.lcm(unit, key_tokens)
-    return unit
+    """Rows a chunk of ``t`` holds a multiple of (``Codec.row_unit``; states: any row)."""
+    return codec.row_unit(t.name, t.unit)
 
 
 def plan_chunks(
@@ -83,7 +74,7 @@ def exact_row_count(codec: Codec, name: str, rows: int, block_size: int, exact_t
     states or a lossless codec."""
     if not exact_tokens or name == STATE_NAME or codec.lossless:
         return 0
-    unit = _unit(codec, name, block_size)
+    unit = codec.row_unit(name, block_size)
     return min(rows, -(-exact_tokens // unit) * unit)
 
 

@@ -599,7 +599,7 @@ class Receiver:
     def _takes_device_payloads(self, codec: str) -> bool:
         """Whether this receiver takes ``codec``'s payloads in GPU memory: GPU caches, kernels
         for the codec, no host-side lz4 stage, and a UCX with CUDA transports."""
-        if self._kernels is None or codec.endswith("+lz4") or self._kernels.get(codec) is None:
+        if self._kernels is None or kvwire.codec.get(codec).has_lossless_stage or self._kernels.get(codec) is None:
             return False
         if self._ucx_cuda is None:
             from kvwire.transport import ucx
@@ -784,7 +784,7 @@ class Receiver:
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
         codec = ref.codec(session.codec)
         size = codec.encoded_size(spec)
-        variable = codec.name.endswith("+lz4")  # compressed chunks vary in size, up to a bound
+        variable = codec.variable_size  # compressed chunks vary in size, up to a bound
         if header.length > size or (not variable and header.length != size):
             raise ProtocolError(
                 f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
@@ -969,7 +969,7 @@ class Receiver:
         the decode, because the slot is reused and the ACK promises the bytes are there."""
         from kvwire.cuda import kernels
 
-        if hasattr(codec, "unpack"):  # +lz4: the lossless stage runs on the host
+        if codec.has_lossless_stage:  # +lz4: the lossless stage runs on the host
             data = torch.from_numpy(codec.unpack(data, p.spec))
         ref = p.ref
         side = self._side_stream

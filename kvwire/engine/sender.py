@@ -313,7 +313,7 @@ class Sender:
         self._device_payloads = (
             transport == "ucx"
             and self._kernels is not None
-            and not hasattr(self.codec, "pack")
+            and not self.codec.has_lossless_stage
             and _ucx_cuda(self._address[0])
         )
         if isinstance(encode_threads, bool) or not isinstance(encode_threads, int) or encode_threads < 1:
@@ -675,7 +675,7 @@ class Sender:
         with torch.cuda.stream(side):
             slot.tensor[:n].copy_(encoded, non_blocking=True)  # queued on side, after the encode
         kernels.wait_on_host(side)  # (None: the kernels' host emulation, in tests: already done)
-        if hasattr(codec, "pack"):  # +lz4
+        if codec.has_lossless_stage:  # +lz4
             packed = codec.pack(slot.tensor[:n].numpy(), spec)
             n = len(packed)
             slot.tensor[:n].copy_(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
