@@ -1,4 +1,4 @@
-"""How a chunk of KV travels: ``raw``, ``fp8``, ``int4``, each optionally ``+lz4``.
+"""How a chunk of KV travels: ``raw``, ``fp8``, ``int8h``, ``int4``, ``int4h``, each optionally ``+lz4``.
 
 >>> import torch, kvwire.codec
 >>> codec = kvwire.codec.get("fp8")
@@ -20,17 +20,21 @@ from kvwire.codec.fp8 import Fp8Codec
 from kvwire.codec.int4 import GROUP_SIZES, KEY_TOKENS, Int4Codec
 from kvwire.codec.lz4stage import Lz4Stage
 from kvwire.codec.raw import RawCodec
+from kvwire.codec.rotated import Int4hCodec, Int8hCodec
 
-BASE_CODECS = ("raw", "fp8", "int4")
+BASE_CODECS = ("raw", "fp8", "int8h", "int4", "int4h")
 NAMES = BASE_CODECS + tuple(f"{n}+lz4" for n in BASE_CODECS)
+# Descriptor parameters each codec takes: g<channels per int4 value group>, k<tokens per key group>.
+PARAMETERS = {"int4": "gk", "int4h": "k"}
 
 
 def get(name: str, *, group_size: int = 64, key_tokens: int | None = None) -> Codec:
     """The codec called ``name`` (see ``NAMES``). For ``int4``: ``group_size`` channels per
-    value group, ``key_tokens`` tokens per key group (None: the block size).
+    value group; for ``int4`` and ``int4h``: ``key_tokens`` tokens per key group (None: the
+    block size).
 
-    Also accepts a descriptor as peers exchange it, e.g. ``"int4/g128+lz4"`` or
-    ``"int4/g64/k64"``.
+    Also accepts a descriptor as peers exchange it, e.g. ``"int4/g128+lz4"``,
+    ``"int4/g64/k64"`` or ``"int4h/k64"``.
     """
     if not isinstance(name, str):
         raise TypeError(f"codec: expected a name, got {type(name).__name__}")
@@ -39,7 +43,7 @@ def get(name: str, *, group_size: int = 64, key_tokens: int | None = None) -> Co
         raise ValueError(f"codec: unknown stage {stage!r} in {name!r}; known codecs: {', '.join(NAMES)}")
     base, *params = base.split("/")
     for param in params:
-        if base != "int4" or param[:1] not in ("g", "k") or not param[1:].isdigit():
+        if not param[:1] or param[:1] not in PARAMETERS.get(base, "") or not param[1:].isdigit():
             raise ValueError(f"codec: malformed descriptor {name!r}")
         if param[0] == "g":
             group_size = int(param[1:])
@@ -49,8 +53,12 @@ def get(name: str, *, group_size: int = 64, key_tokens: int | None = None) -> Co
         codec: Codec = RawCodec()
     elif base == "fp8":
         codec = Fp8Codec()
+    elif base == "int8h":
+        codec = Int8hCodec()
     elif base == "int4":
         codec = Int4Codec(group_size=group_size, key_tokens=key_tokens)
+    elif base == "int4h":
+        codec = Int4hCodec(key_tokens=key_tokens)
     else:
         raise ValueError(f"codec: unknown codec {name!r}; known codecs: {', '.join(NAMES)}")
     return Lz4Stage(codec) if plus else codec

@@ -1,0 +1,229 @@
+"""``int8h`` and ``int4h``: integers after a Hadamard rotation of each row.
+
+Outlier channels make a per-row scale waste most of its levels on one or two channels. A
+Hadamard rotation of ``head_dim`` spreads every channel over all of them, so the rotated
+row is close to Gaussian and one scale per row fits it; the decoder rotates back. The
+rotation is carried out on integers, so it is exact in any order (a matrix product on the
+CPU, a butterfly on a GPU) and every implementation writes the same bytes. Per row
+``x[0..D-1]`` (one token of one head), ``R`` = the rotation block (``rotation_block``: the
+largest power of two dividing D, at most 256), ``L = log2 R``, all arithmetic fp32 with
+each operation rounded to nearest even:
+
+    x_i  = x_i if finite else 0             (a rotation would spread inf/NaN over the block)
+    m    = max |x_i|;  e = its binary exponent (m = f * 2^e, 0.5 <= f < 1)
+           (m == 0 or e < -90: a zero row: S (and Z) 0, every code 0)
+    n_i  = rint(x_i * 2^(16 - e))           integers, |n_i| <= 2^16
+    y    = H_R n, block by block             exact integers, |y_j| <= 2^24
+
+    8 bits (int8h), symmetric:
+      step = max|y_j| / 127;  inv = 1 / step;  c_j = clamp(rint(y_j * inv), -127, 127)
+      S    = step * 2^(e - 16 - L)                           (fp32, exact)
+      decode: x'_i = v_i * S,  v = H_R c (exact integers, +0 for zero)
+    4 bits (int4h values), asymmetric (measured: twice as faithful as symmetric):
+      mn, mx = min, max of y_j, each + 0.0
+      S    = bf16((mx - mn) / 15 * 2^(e - 16 - L));  Z = bf16(mn * 2^(e - 16))
+      step = S * 2^(16 + L - e);  z = Z * 2^(16 - e);  inv = 1 / step (0 if step == 0)
+      c_j  = clamp(rint((y_j - z) * inv), 0, 15)
+      decode: x'_i = v_i * S, then + Z for the first element of each block of R
+              (a zero added to every rotated coefficient is, rotated back, R times that
+              zero on the block's first element)
+
+``H_R[i][j] = (-1)^popcount(i & j)``; ``H_R H_R = R I``, which the powers of two above
+undo. Wire bytes: the scales (``S`` fp32 for 8 bits; ``S`` then ``Z``, bf16, for 4 bits,
+each ``[T, H]``), then the codes ``[T, H, D]``: one int8 each, or two 4-bit codes per byte,
+the even channel in the low nibble. ``docs/formats.md`` has the full text; the CUDA
+kernels reproduce it bit for bit.
+
+``int4h`` uses these 4-bit rows for values (and latents, states) and the ``int4`` key
+groups (per channel, along tokens) for keys: rotating keys and scaling them per token was
+measured and loses to per-channel groups (``docs/fidelity.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
+from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
+
+FIXED_POINT_BITS = 16  # |n_i| <= 2^16, so a rotated block of up to 2^8 sums stays an exact fp32 integer
+MAX_ROTATION = 256
+MIN_EXPONENT = -90  # rows whose largest value is below 2^-91 travel as zero (so S and Z stay normal fp32)
+
+
+def rotation_block(head_dim: int) -> int:
+    """R: the largest power of two dividing ``head_dim``, at most 256."""
+    return min(head_dim & -head_dim, MAX_ROTATION)
+
+
+@functools.cache
+def hadamard(block: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """H[i][j] = (-1)^popcount(i & j), ``block`` x ``block`` (symmetric)."""
+    h = torch.ones(1, 1, dtype=torch.int64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(dtype).contiguous()
+
+
+def _matmul_is_exact() -> bool:
+    """Whether an fp32 matrix product is IEEE fp32 here. ``set_float32_matmul_precision``
+    ('high', 'medium') lets the CPU use bf16 or TF32 inside fp32 products, which would round
+    the integers; then the rotation runs in fp64 (still exact, slower)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
+
+
+def rotate(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ([N, D] fp32 integers) times H, block by block: exact integers, +0 for zero."""
+    n, d = rows.shape
+    block = rotation_block(d)
+    dtype = torch.float32 if _matmul_is_exact() else torch.float64
+    out = (rows.to(dtype).view(n, d // block, block) @ hadamard(block, dtype)).view(n, d).to(torch.float32)
+    return out.add_(0.0)  # a zero is +0 whatever sign the product gave it (min/max and signs see it)
+
+
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2^k as fp32, exactly, for integer k in [-126, 127] (built from its bits)."""
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n [N, D] fp32 integers, e [N] int32, 0 for zero rows) of rows ``xf`` [N, D] fp32."""
+    m = xf.abs().amax(dim=1)
+    if not torch.isfinite(m).all():  # rare: only then pay for zeroing inf and NaN
+        xf = torch.where(torch.isfinite(xf), xf, 0.0)
+        m = xf.abs().amax(dim=1)
+    _, e = torch.frexp(m)
+    zero = (m == 0) | (e < MIN_EXPONENT)
+    e = torch.where(zero, 0, e)
+    factor = torch.where(zero, 0.0, _pow2(FIXED_POINT_BITS - e))
+    return torch.round(xf * factor.unsqueeze(1)), e  # an exact product, then ties to even
+
+
+def quantize8(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``xf`` ([N, D] fp32) -> (S [N] fp32, codes [N, D] int8)."""
+    n, e = _fixed_point(xf)
+    y = rotate(n)
+    log_block = rotation_block(xf.shape[1]).bit_length() - 1
+    step = y.abs().amax(dim=1) / 127.0
+    inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
+    codes = torch.round(y * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return step * _pow2(e - FIXED_POINT_BITS - log_block), codes
+
+
+def quantize4(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``xf`` ([N, D] fp32) -> (S [N] bf16, Z [N] bf16, codes [N, D] uint8 in 0..15)."""
+    n, e = _fixed_point(xf)
+    y = rotate(n)
+    log_block = rotation_block(xf.shape[1]).bit_length() - 1
+    mn, mx = y.amin(dim=1) + 0.0, y.amax(dim=1) + 0.0
+    scale = ((mx - mn) / 15.0 * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
+    zero = (mn * _pow2(e - FIXED_POINT_BITS)).to(torch.bfloat16)
+    step = scale.float() * _pow2(FIXED_POINT_BITS + log_block - e)
+    z = zero.float() * _pow2(FIXED_POINT_BITS - e)
+    inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
+    q = y - z.unsqueeze(1)
+    codes = q.mul_(inv.unsqueeze(1)).round_().clamp_(0, 15).to(torch.uint8)
+    return scale, zero, codes
+
+
+def dequantize8(scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(S [N] fp32, codes [N, D] int8) -> decoded rows [N, D] fp32."""
+    return rotate(codes.to(torch.float32)).mul_(scale.unsqueeze(1))
+
+
+def dequantize4(scale: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(S [N] bf16, Z [N] bf16, codes [N, D] in 0..15) -> decoded rows [N, D] fp32."""
+    n, d = codes.shape
+    block = rotation_block(d)
+    out = rotate(codes.to(torch.float32)).mul_(scale.float().unsqueeze(1))
+    out.view(n, d // block, block)[:, :, 0] += zero.float().unsqueeze(1)
+    return out
+
+
+class RotatedRows:
+    """The byte layout of rotated rows: the scales (``S`` fp32 for 8 bits; ``S`` then ``Z``,
+    bf16, for 4 bits), then the codes."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+
+    def size(self, spec: ChunkSpec) -> int:
+        rows = spec.tokens * spec.heads
+        return rows * 4 + rows * spec.head_dim * self.bits // 8
+
+    def encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        xf = x3.reshape(spec.tokens * spec.heads, spec.head_dim).float()
+        if self.bits == 8:
+            scale, codes = quantize8(xf)
+            return torch.cat([scale.view(torch.uint8), codes.view(torch.uint8).reshape(-1)])
+        scale, zero, codes = quantize4(xf)
+        return torch.cat([scale.view(torch.uint8), zero.view(torch.uint8), pack_nibbles(codes).reshape(-1)])
+
+    def decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        rows, d = spec.tokens * spec.heads, spec.head_dim
+        body = take(data, rows * 4, rows * d * self.bits // 8, "codes")
+        if self.bits == 8:
+            scale = take(data, 0, rows * 4, "scales").clone().view(torch.float32)
+            y = dequantize8(scale, body.view(torch.int8).view(rows, d))
+        else:
+            scale = take(data, 0, rows * 2, "scales").clone().view(torch.bfloat16)
+            zero = take(data, rows * 2, rows * 2, "zero-points").clone().view(torch.bfloat16)
+            y = dequantize4(scale, zero, unpack_nibbles(body.view(rows, d // 2)))
+        return to_cache_dtype(y.view(spec.shape), spec.dtype)
+
+
+ROWS8, ROWS4 = RotatedRows(8), RotatedRows(4)
+
+
+class Int8hCodec(Codec):
+    """8-bit integers after a Hadamard rotation, one fp32 scale per token per head: the
+    size of ``fp8``, a fraction of its error (``docs/fidelity.md``)."""
+
+    name = "int8h"
+
+    def encoded_size(self, spec: ChunkSpec) -> int:
+        return ROWS8.size(spec)
+
+    def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        return ROWS8.encode(x3, spec)
+
+    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        check_length(data, self.encoded_size(spec), self.name)
+        return ROWS8.decode(data, spec)
+
+
+class Int4hCodec(Int4Codec):
+    """Keys as ``int4`` keys (per channel, ``key_tokens`` or a block of tokens per group);
+    values, latents and states as 4-bit rotated rows (one fp32 scale per token per head)."""
+
+    name = "int4h"
+
+    def __init__(self, key_tokens: int | None = None) -> None:
+        super().__init__(group_size=64, key_tokens=key_tokens)
+
+    @property
+    def descriptor(self) -> str:
+        return self.name + ("" if self.key_tokens is None else f"/k{self.key_tokens}")
+
+    def check(self, spec: ChunkSpec) -> None:
+        Codec.check(self, spec)
+        if spec.head_dim % 2:
+            raise ValueError(f"head_dim: int4h packs two codes per byte, so head_dim must be even, got {spec.head_dim}")
+
+    def encoded_size(self, spec: ChunkSpec) -> int:
+        self.check(spec)
+        return super().encoded_size(spec) if spec.role == "k" else ROWS4.size(spec)
+
+    def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        return super()._encode(x3, spec) if spec.role == "k" else ROWS4.encode(x3, spec)
+
+    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        if spec.role == "k":
+            return super()._decode(data, spec)
+        check_length(data, self.encoded_size(spec), self.name)
+        return ROWS4.decode(data, spec)
