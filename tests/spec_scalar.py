@@ -156,3 +156,104 @@ def int4_decode(data: bytes, T: int, H: int, D: int, dtype: str, group) -> list[
                     g = group(t, h, d)
                     out.append(to_cache_bits(F32(F32(F32(code) * scales[g]) + zeros[g]), dtype))
     return out
+
+
+# -- rotated rows (int8h; int4h values): docs/formats.md, "Rotated rows" ------------------
+def bf16_bits(v: np.float32) -> int:
+    """fp32 -> bf16 bits, round to nearest even (v is finite here)."""
+    u = int(np.array(v, dtype=F32).view(np.uint32))
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def bf16_value(bits: int) -> np.float32:
+    return np.array(bits << 16, dtype=np.uint32).view(F32)[()]
+
+
+def _block(D: int) -> int:
+    return min(D & -D, 256)
+
+
+def _h(i: int, j: int) -> int:
+    return -1 if bin(i & j).count("1") % 2 else 1
+
+
+def _pow2(k: int) -> np.float32:
+    return F32(2.0**k)  # k in [-126, 127]: exact
+
+
+def _rotated_integers(row) -> tuple[list[int], int, bool]:
+    """(y, e, zero row?) of one row: fixed point, then H_R block by block, in Python ints."""
+    vals = [F32(v) if np.isfinite(v) else F32(0) for v in row]
+    m = max(abs(float(v)) for v in vals)
+    e = int(np.frexp(F32(m))[1]) if m else 0
+    if m == 0 or e < -90:
+        return [0] * len(vals), 0, True
+    n = [int(np.rint(float(v) * 2.0 ** (16 - e))) for v in vals]  # exact in float64, then ties to even
+    R = _block(len(vals))
+    y = []
+    for b in range(0, len(vals), R):
+        y += [sum(_h(j, i) * n[b + i] for i in range(R)) for j in range(R)]
+    return y, e, False
+
+
+def rot8_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> int8h wire bytes."""
+    T, H, D = x.shape
+    L = _block(D).bit_length() - 1
+    scales, codes = [], []
+    for t in range(T):
+        for h in range(H):
+            y, e, zero = _rotated_integers(x[t, h])
+            step = F32(F32(max(abs(v) for v in y)) / F32(127))
+            inv = F32(F32(1) / step) if step > 0 else F32(0)
+            scales.append(F32(step * _pow2(e - 16 - L)))
+            codes += [int(min(max(np.rint(F32(F32(v) * inv)), -127), 127)) & 0xFF for v in y]
+    return np.array(scales, dtype="<f4").tobytes() + bytes(codes)
+
+
+def rot4_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> the 4-bit rotated rows of int4h (values, latents, states)."""
+    T, H, D = x.shape
+    L = _block(D).bit_length() - 1
+    scales, zeros, codes = [], [], []
+    for t in range(T):
+        for h in range(H):
+            y, e, zero = _rotated_integers(x[t, h])
+            mn, mx = F32(min(y)) + F32(0), F32(max(y)) + F32(0)
+            s_bits = bf16_bits(F32(F32(F32(mx - mn) / F32(15)) * _pow2(e - 16 - L)))
+            z_bits = bf16_bits(F32(mn * _pow2(e - 16 - L)))
+            step = F32(bf16_value(s_bits) * _pow2(16 + L - e))
+            z = F32(bf16_value(z_bits) * _pow2(16 + L - e))
+            inv = F32(F32(1) / step) if step > 0 else F32(0)
+            scales.append(s_bits)
+            zeros.append(z_bits)
+            codes += [int(min(max(np.rint(F32(F32(F32(v) - z) * inv)), 0), 15)) for v in y]
+    packed = bytes(codes[i] | (codes[i + 1] << 4) for i in range(0, len(codes), 2))
+    return np.array(scales, "<u2").tobytes() + np.array(zeros, "<u2").tobytes() + packed
+
+
+def rot_decode(data: bytes, T: int, H: int, D: int, dtype: str, bits: int) -> list[int]:
+    """int8h (bits 8) or 4-bit rotated-row wire bytes -> the cache elements' bits, [T][H][D]."""
+    R, rows = _block(D), T * H
+    if bits == 8:
+        scales = [F32(s) for s in np.frombuffer(data[: 4 * rows], dtype="<f4")]
+        zeros = None
+        body = np.frombuffer(data[4 * rows :], dtype=np.int8).tolist()
+    else:
+        words = np.frombuffer(data[: 4 * rows], dtype="<u2").tolist()
+        scales = [bf16_value(w) for w in words[:rows]]
+        zeros = [bf16_value(w) for w in words[rows:]]
+        body = [c for byte in data[4 * rows :] for c in (byte & 15, byte >> 4)]
+    out = []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r in range(rows):
+            c = body[r * D : (r + 1) * D]
+            for i in range(D):
+                b, k = i - i % R, i % R
+                v = F32(sum(_h(k, j) * c[b + j] for j in range(R)))
+                if zeros is not None and k == 0:  # ((v * 2^-L) * S + Z) * 2^L
+                    y = F32(F32(F32(F32(v / R) * scales[r]) + zeros[r]) * F32(R))
+                else:
+                    y = F32(v * scales[r])
+                out.append(to_cache_bits(y, dtype))
+    return out

@@ -329,3 +329,157 @@ def test_int4_larger_key_groups_shrink_the_keys():
 def test_bad_key_group_descriptors_are_refused(bad):
     with pytest.raises(ValueError, match="key_tokens|malformed"):
         kvwire.codec.get(bad)
+
+
+# -- int8h and int4h: integers after a Hadamard rotation (docs/formats.md, "Rotated rows") -----
+from kvwire.codec import rotated  # noqa: E402
+
+rot_dims = st.sampled_from([2, 8, 48, 64, 96, 128])  # rotation blocks of 2, 8, 16, 64, 32, 128
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rot_dims,
+    st.integers(1, 3),
+    st.data(),
+    st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_rotated_bytes_follow_the_written_format(D, rows, data, dtype):
+    """int8h (every role) and int4h's values, element by element as docs/formats.md says:
+    special values, tiny rows (below 2^-91: zero rows), huge ones, signed zeros."""
+    values = data.draw(st.lists(st.one_of(element, st.sampled_from([1e-30, -2e-28, 5e-38])), min_size=D * rows,
+                                max_size=D * rows))  # fmt: skip
+    x = torch.tensor(values).to(dtype).view(rows, 1, D)
+    xf = x.float().numpy()
+    assert kvwire.codec.get("int8h").encode(x, "k").tobytes() == spec_scalar.rot8_encode(xf)
+    assert kvwire.codec.get("int4h").encode(x, "v").tobytes() == spec_scalar.rot4_encode(xf)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.sampled_from([8, 4]),
+    st.sampled_from([8, 48, 64]),
+    st.lists(st.one_of(st.floats(width=32), special), min_size=3, max_size=3),
+    st.data(),
+    dtype_names,
+)
+def test_rotated_decoding_any_bytes_follows_the_written_format(bits, D, scales, data, dtype_name):
+    """Bytes no encoder writes: NaN, infinite and negative scales and zero-points, the
+    code -128. Every NaN comes out as the dtype's canonical one."""
+    T, H = 3, 1
+    if bits == 8:
+        head = np.array(scales, dtype="<f4").tobytes()
+    else:
+        words = data.draw(st.lists(half_bits, min_size=2 * T, max_size=2 * T))  # as bf16 bit patterns
+        head = np.array(words, dtype="<u2").tobytes()
+    body = data.draw(st.binary(min_size=T * H * D * bits // 8, max_size=T * H * D * bits // 8))
+    wire = head + body
+    codec = kvwire.codec.get("int8h" if bits == 8 else "int4h")
+    spec = ChunkSpec(T, H, D, getattr(torch, dtype_name), "v")
+    ours = codec.decode_bytes(bytearray(wire), spec)
+    got = ours.view(torch.int32 if dtype_name == "float32" else torch.int16).reshape(-1).tolist()
+    mask = 0xFFFFFFFF if dtype_name == "float32" else 0xFFFF
+    assert [b & mask for b in got] == spec_scalar.rot_decode(wire, T, H, D, dtype_name, bits)
+
+
+def test_int8h_golden_bytes():
+    # x = [1, 0, 0, 0]: e = 1, n = [2^15, 0, 0, 0], y = H n = [2^15] * 4, every code 127,
+    # S = (2^15 / 127) * 2^(1 - 16 - 2); decoded: H [127] * 4 = [508, 0, 0, 0], times S.
+    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    codec = kvwire.codec.get("int8h")
+    enc = codec.encode(x, "k")
+    step = np.float32(np.float32(2**15) / np.float32(127))
+    assert enc.tobytes() == np.float32(step * np.float32(2.0**-17)).tobytes() + bytes([127] * 4)
+    y = codec.decode(enc)
+    assert y[0, 0, 0] == pytest.approx(1.0, rel=1e-6) and (y[0, 0, 1:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "name, role, dtype, head_dim, ratio",
+    [
+        ("int8h", "k", torch.bfloat16, 128, 256 / 132),  # fp8's size
+        ("int8h", "v", torch.float16, 64, 128 / 68),
+        ("int4h", "v", torch.bfloat16, 128, 256 / 68),  # 4-bit codes + bf16 scale and zero-point
+        ("int4h", "v", torch.bfloat16, 64, 128 / 36),
+        ("int4h", "k", torch.bfloat16, 64, 128 / 48),  # int4 keys: scale + zero per channel per 16 tokens
+        ("int4h/k64", "k", torch.bfloat16, 64, 128 / 36),
+    ],
+)
+def test_rotated_sizes_match_the_format(name, role, dtype, head_dim, ratio):
+    x = gaussian((64, 4, head_dim), dtype, 0)
+    codec = kvwire.codec.get(name)
+    enc = codec.encode(x, role, 16)
+    assert enc.nbytes == codec.encoded_size(enc.spec)
+    assert x.numel() * x.element_size() / enc.nbytes == pytest.approx(ratio)
+
+
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_int8h_and_int4h_relative_mse_on_gaussian(shape, dtype, seed):
+    x = gaussian(shape, dtype, seed)
+    assert relative_mse(x, kvwire.codec.get("int8h").decode(kvwire.codec.get("int8h").encode(x, "k"))) <= 1e-4
+    int4h = kvwire.codec.get("int4h")
+    assert relative_mse(x, int4h.decode(int4h.encode(x, "v"))) <= 2.5e-2  # one row can be unlucky
+
+
+def test_rotation_tames_outlier_channels():
+    """The point of the rotation: keys with outlier channels lose far less with int8h than
+    with fp8 at the same size, and int4h's values lose less than int4's when a few
+    channels are large."""
+    keys = realistic_keys(256, 4, 128, seed=5)
+    fp8, int8h = kvwire.codec.get("fp8"), kvwire.codec.get("int8h")
+    assert relative_mse(keys, int8h.decode(int8h.encode(keys, "k"))) * 10 < relative_mse(
+        keys, fp8.decode(fp8.encode(keys, "k"))
+    )
+    values = realistic_keys(256, 4, 128, seed=6, bias=0.0)  # per-token outliers along head_dim
+    int4, int4h = kvwire.codec.get("int4"), kvwire.codec.get("int4h")
+    assert relative_mse(values, int4h.decode(int4h.encode(values, "v"))) * 2 < relative_mse(
+        values, int4.decode(int4.encode(values, "v"))
+    )
+
+
+def test_rotated_rows_special_values():
+    x = torch.zeros(4, 1, 64)
+    x[1, 0, :3] = torch.tensor([math.inf, -math.inf, math.nan])  # read as 0: a zero row
+    x[2, 0, 5] = 1e-30  # below 2^-91: a zero row
+    x[3] = torch.linspace(-1, 1, 64) * 3e38  # the largest fp32 values stay finite
+    for name in ("int8h", "int4h"):
+        codec = kvwire.codec.get(name)
+        y = codec.decode(codec.encode(x, "v"))
+        assert torch.equal(y[:3], torch.zeros(3, 1, 64)) and not torch.signbit(y[:3]).any()
+        assert torch.isfinite(y[3]).all()
+        assert relative_mse(x[3], y[3]) < (1e-4 if name == "int8h" else 2.5e-2)
+
+
+def test_rotated_bytes_do_not_depend_on_matmul_precision():
+    """torch.set_float32_matmul_precision('medium') lets the CPU compute fp32 products in
+    bf16; the rotation then runs in fp64, and the bytes stay those of the format."""
+    x = gaussian((33, 2, 128), torch.bfloat16, 9) * 100
+    want = {n: kvwire.codec.get(n).encode(x, "v").tobytes() for n in ("int8h", "int4h")}
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert not rotated._matmul_is_exact()
+        for name, wire in want.items():
+            assert kvwire.codec.get(name).encode(x, "v").tobytes() == wire
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_int4h_keys_are_int4_keys():
+    """int4h keeps int4's per-channel key groups, byte for byte (with key_tokens too)."""
+    x = gaussian((70, 2, 64), torch.bfloat16, 4)
+    for a, b in (("int4h", "int4"), ("int4h/k64", "int4/g64/k64")):
+        assert kvwire.codec.get(a).encode(x, "k", 16).tobytes() == kvwire.codec.get(b).encode(x, "k", 16).tobytes()
+    assert kvwire.codec.get("int4h/k64").row_unit("k", 16) == 64
+
+
+@pytest.mark.parametrize("bad", ["int4h/g64", "int8h/k64", "int4h/k48", "int8h/", "int4h/k"])
+def test_bad_rotated_descriptors_are_refused(bad):
+    with pytest.raises(ValueError, match="malformed|key_tokens"):
+        kvwire.codec.get(bad)
+
+
+def test_int4h_needs_an_even_head_dim():
+    with pytest.raises(ValueError, match="even"):
+        kvwire.codec.get("int4h").encode(torch.zeros(4, 2, 63), "v")
+    assert kvwire.codec.get("int8h").encode(torch.ones(4, 2, 63), "v").nbytes == 8 * (4 + 63)

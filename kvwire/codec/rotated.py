@@ -21,12 +21,14 @@ each operation rounded to nearest even:
       decode: x'_i = v_i * S,  v = H_R c (exact integers, +0 for zero)
     4 bits (int4h values), asymmetric (measured: twice as faithful as symmetric):
       mn, mx = min, max of y_j, each + 0.0
-      S    = bf16((mx - mn) / 15 * 2^(e - 16 - L));  Z = bf16(mn * 2^(e - 16))
-      step = S * 2^(16 + L - e);  z = Z * 2^(16 - e);  inv = 1 / step (0 if step == 0)
+      S    = bf16((mx - mn) / 15 * 2^(e - 16 - L));  Z = bf16(mn * 2^(e - 16 - L))
+      step = S * 2^(16 + L - e);  z = Z * 2^(16 + L - e);  inv = 1 / step (0 if step == 0)
       c_j  = clamp(rint((y_j - z) * inv), 0, 15)
-      decode: x'_i = v_i * S, then + Z for the first element of each block of R
+      decode: x'_i = v_i * S; the first element of each block of R instead
+              x'_i = ((v_i * 2^-L) * S + Z) * 2^L
               (a zero added to every rotated coefficient is, rotated back, R times that
-              zero on the block's first element)
+              zero on the block's first element; the powers of two keep the sum from
+              overflowing before its result would)
 
 ``H_R[i][j] = (-1)^popcount(i & j)``; ``H_R H_R = R I``, which the powers of two above
 undo. Wire bytes: the scales (``S`` fp32 for 8 bits; ``S`` then ``Z``, bf16, for 4 bits,
@@ -122,9 +124,9 @@ def quantize4(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     log_block = rotation_block(xf.shape[1]).bit_length() - 1
     mn, mx = y.amin(dim=1) + 0.0, y.amax(dim=1) + 0.0
     scale = ((mx - mn) / 15.0 * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
-    zero = (mn * _pow2(e - FIXED_POINT_BITS)).to(torch.bfloat16)
+    zero = (mn * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
     step = scale.float() * _pow2(FIXED_POINT_BITS + log_block - e)
-    z = zero.float() * _pow2(FIXED_POINT_BITS - e)
+    z = zero.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
     q = y - z.unsqueeze(1)
     codes = q.mul_(inv.unsqueeze(1)).round_().clamp_(0, 15).to(torch.uint8)
@@ -140,9 +142,11 @@ def dequantize4(scale: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor) ->
     """(S [N] bf16, Z [N] bf16, codes [N, D] in 0..15) -> decoded rows [N, D] fp32."""
     n, d = codes.shape
     block = rotation_block(d)
-    out = rotate(codes.to(torch.float32)).mul_(scale.float().unsqueeze(1))
-    out.view(n, d // block, block)[:, :, 0] += zero.float().unsqueeze(1)
-    return out
+    v = rotate(codes.to(torch.float32))
+    first = v.view(n, d // block, block)[:, :, 0] * (1.0 / block)  # exact scalings around one multiply-add
+    first.mul_(scale.float().unsqueeze(1)).add_(zero.float().unsqueeze(1)).mul_(float(block))
+    v.mul_(scale.float().unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
+    return v
 
 
 class RotatedRows:
