@@ -18,6 +18,8 @@
 // Wire layouts written to `out` (see docs/formats.md):
 //   fp8:  float scale[T*H] | u8 code[T*H*D]
 //   int4: half scale[NG] | half zero[NG] | u8 packed[T*H*D/2]
+//   int8h: float S[T*H] | i8 code[T*H*D]                       (rotated rows, 8 bits)
+//   int4h values: bf16 S[T*H] | bf16 Z[T*H] | u8 packed[T*H*D/2]  (rotated rows, 4 bits)
 
 #ifdef KVW_HOST_EMULATION
 #include "host_emulation.h"
@@ -452,6 +454,227 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, int K, const u8* in
 }
 
 // ---------------------------------------------------------------------------------
+// Rotated rows (int8h; int4h values, latents, states): one warp per (token, head) row.
+// A row is read in tiles of max(R, 32) elements, R the rotation block (the largest power
+// of two dividing D, at most 256); lane l holds elements l + 32*j of a tile (j < 8). The
+// values are turned into integers first (|n| <= 2^16), so the Hadamard butterflies add and
+// subtract fp32 integers below 2^24: exact, and no order of them can change a bit. The
+// row is read three times (its max, the rotated range, the codes): re-reads hit the cache,
+// and no tile has to stay in registers between passes.
+// ---------------------------------------------------------------------------------
+#define ROT_Q 16          // fixed-point bits: |n| <= 2^16
+#define ROT_MIN_EXP (-90) // rows below 2^-91 travel as zero rows
+#define ROT_SLOTS 8       // a tile of up to 256 elements: 8 per lane
+
+__device__ __forceinline__ int rot_block(int D) {
+  int r = D & -D;
+  return r > 256 ? 256 : r;
+}
+
+__device__ __forceinline__ int log2_int(int r) {
+  int l = 0;
+  while ((1 << l) < r) ++l;
+  return l;
+}
+
+// 2^k for integer k in [-126, 127], exactly.
+__device__ __forceinline__ float pow2f(int k) { return __uint_as_float((unsigned int)(k + 127) << 23); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o /= 2) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// H_R over one tile, in place: butterflies between lanes for the low bits of the element
+// index, between a lane's slots for the bits from 32 up. The lower element of each pair
+// gets a + b, the upper a - b.
+__device__ __forceinline__ void tile_hadamard(float* v, int R, int slots, int lane) {
+  for (int h = 1; h < R && h < WARP; h <<= 1) {
+#pragma unroll
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      if (j < slots) {  // the same for every lane of the warp
+        float p = __shfl_xor_sync(0xffffffffu, v[j], h);
+        v[j] = (lane & h) ? __fsub_rn(p, v[j]) : __fadd_rn(v[j], p);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < ROT_SLOTS; m <<= 1) {
+    if (m * WARP < R) {
+#pragma unroll
+      for (int j = 0; j < ROT_SLOTS; ++j) {
+        if (!(j & m) && (j | m) < slots) {
+          float a = v[j], b = v[j | m];
+          v[j] = __fadd_rn(a, b);
+          v[j | m] = __fsub_rn(a, b);
+        }
+      }
+    }
+  }
+}
+
+struct RotRow {
+  int R, L, tile, slots;
+};
+
+__device__ __forceinline__ RotRow rot_geometry(int D) {
+  RotRow g;
+  g.R = rot_block(D);
+  g.L = log2_int(g.R);
+  g.tile = g.R > WARP ? g.R : WARP;
+  g.slots = g.tile / WARP;
+  return g;
+}
+
+// The fixed-point integers n = rint(x * factor) of one tile (0 past D, and for inf/NaN).
+template <int KIND>
+__device__ __forceinline__ void rot_load(const Paged& src, const u16* p, int D, int base, const RotRow& g, int lane,
+                                         float factor, float* v) {
+#pragma unroll
+  for (int j = 0; j < ROT_SLOTS; ++j) {
+    int d = base + lane + WARP * j;
+    float x = 0.0f;
+    if (j < g.slots && d < D) {
+      x = to_float<KIND>(p[(i64)d * src.s_dim]);
+      if (!finite(x)) x = 0.0f;
+    }
+    v[j] = rintf(__fmul_rn(x, factor));  // an exact product (or one far below 0.5), then ties to even
+  }
+}
+
+template <int KIND, int BITS>
+__device__ void rot_encode(Paged src, int T, int H, int D, u8* out) {
+  const int lane = threadIdx.x % WARP;
+  const RotRow g = rot_geometry(D);
+  i64 rows = (i64)T * H;
+  i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
+  i64 stride = (i64)gridDim.x * blockDim.x / WARP;
+  for (; row < rows; row += stride) {
+    int t = (int)(row / H), h = (int)(row % H);
+    const u16* p = src.row(t, h);
+    float m = 0.0f;
+    for (int d = lane; d < D; d += WARP) {
+      float x = to_float<KIND>(p[(i64)d * src.s_dim]);
+      if (finite(x)) m = fmaxf(m, fabsf(x));
+    }
+    m = warp_max(m);
+    int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;  // m = f * 2^e, 0.5 <= f < 1
+    bool zero = m == 0.0f || e < ROT_MIN_EXP;
+    if (zero) e = 0;
+    float factor = zero ? 0.0f : pow2f(ROT_Q - e);
+    float lo = 3.0e38f, hi = -3.0e38f;  // BITS 8: hi is max |y|
+    for (int base = 0; base < D; base += g.tile) {
+      float v[ROT_SLOTS];
+      rot_load<KIND>(src, p, D, base, g, lane, factor, v);
+      tile_hadamard(v, g.R, g.slots, lane);
+#pragma unroll
+      for (int j = 0; j < ROT_SLOTS; ++j) {
+        if (j < g.slots && base + lane + WARP * j < D) {
+          lo = fminf(lo, v[j]);
+          hi = fmaxf(hi, BITS == 8 ? fabsf(v[j]) : v[j]);
+        }
+      }
+    }
+    lo = warp_min(lo);
+    hi = warp_max(hi);
+    float step, z = 0.0f;
+    if (BITS == 8) {
+      step = __fdiv_rn(hi, 127.0f);
+      if (lane == 0) reinterpret_cast<float*>(out)[row] = __fmul_rn(step, pow2f(e - ROT_Q - g.L));
+    } else {
+      float mn = __fadd_rn(lo, 0.0f), mx = __fadd_rn(hi, 0.0f);  // -0 becomes +0
+      u16 s16 = float_to_bf16_rn(__fmul_rn(__fdiv_rn(__fsub_rn(mx, mn), 15.0f), pow2f(e - ROT_Q - g.L)));
+      u16 z16 = float_to_bf16_rn(__fmul_rn(mn, pow2f(e - ROT_Q - g.L)));
+      step = __fmul_rn(to_float<0>(s16), pow2f(ROT_Q + g.L - e));
+      z = __fmul_rn(to_float<0>(z16), pow2f(ROT_Q + g.L - e));
+      if (lane == 0) {
+        reinterpret_cast<u16*>(out)[row] = s16;
+        reinterpret_cast<u16*>(out)[rows + row] = z16;
+      }
+    }
+    float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
+    u8* codes = out + 4 * rows;
+    for (int base = 0; base < D; base += g.tile) {
+      float v[ROT_SLOTS];
+      rot_load<KIND>(src, p, D, base, g, lane, factor, v);
+      tile_hadamard(v, g.R, g.slots, lane);
+#pragma unroll
+      for (int j = 0; j < ROT_SLOTS; ++j) {
+        if (j >= g.slots) continue;  // the same for every lane
+        i64 d = base + lane + WARP * j;
+        if (BITS == 8) {
+          float c = fminf(fmaxf(rintf(__fmul_rn(v[j], inv)), -127.0f), 127.0f);
+          if (d < D) codes[row * D + d] = (u8)(int)c;
+        } else {
+          float c = fminf(fmaxf(rintf(__fmul_rn(__fsub_rn(v[j], z), inv)), 0.0f), 15.0f);
+          float high = __shfl_xor_sync(0xffffffffu, c, 1);  // the odd neighbour's code
+          if (!(lane & 1) && d < D) codes[(row * D + d) / 2] = (u8)((unsigned int)c | ((unsigned int)high << 4));
+        }
+      }
+    }
+  }
+}
+
+template <int KIND, int BITS>
+__device__ void rot_decode(Paged dst, int T, int H, int D, const u8* in) {
+  const int lane = threadIdx.x % WARP;
+  const RotRow g = rot_geometry(D);
+  i64 rows = (i64)T * H;
+  i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
+  i64 stride = (i64)gridDim.x * blockDim.x / WARP;
+  const u8* codes = in + 4 * rows;
+  const float first_scale = pow2f(-g.L), block = (float)g.R;
+  for (; row < rows; row += stride) {
+    int t = (int)(row / H), h = (int)(row % H);
+    u16* p = dst.row(t, h);
+    float S, Z = 0.0f;
+    if (BITS == 8) {
+      S = reinterpret_cast<const float*>(in)[row];
+    } else {
+      S = to_float<0>(reinterpret_cast<const u16*>(in)[row]);
+      Z = to_float<0>(reinterpret_cast<const u16*>(in)[rows + row]);
+    }
+    for (int base = 0; base < D; base += g.tile) {
+      float v[ROT_SLOTS];
+#pragma unroll
+      for (int j = 0; j < ROT_SLOTS; ++j) {
+        i64 d = base + lane + WARP * j;
+        v[j] = 0.0f;
+        if (j < g.slots && d < D) {
+          if (BITS == 8) {
+            v[j] = (float)(int)(signed char)codes[row * D + d];
+          } else {
+            u8 byte = codes[(row * D + d) / 2];
+            v[j] = (float)((d & 1) ? byte >> 4 : byte & 15u);
+          }
+        }
+      }
+      tile_hadamard(v, g.R, g.slots, lane);
+#pragma unroll
+      for (int j = 0; j < ROT_SLOTS; ++j) {
+        int d = base + lane + WARP * j;
+        if (j >= g.slots || d >= D) continue;
+        float vv = __fadd_rn(v[j], 0.0f);  // an exact zero is +0
+        float y;
+        if (BITS == 4 && d % g.R == 0) {  // the block's first element carries the zero-point
+          y = __fmul_rn(__fadd_rn(__fmul_rn(__fmul_rn(vv, first_scale), S), Z), block);
+        } else {
+          y = __fmul_rn(vv, S);
+        }
+        p[(i64)d * dst.s_dim] = from_float<KIND>(y);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
 // Entry points: kvw_<op>_<dtype>[_vec]. Arguments are the same for every encode:
 //   (cache, block_table, T, H, D, bs, s_block, s_tok, s_head, s_dim, out [, G | K])
 // and every decode takes `in` in place of `out`. G: channels per int4 value group;
@@ -500,6 +723,18 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, int K, const u8* in
   }                                                                                                            \
   extern "C" __global__ void kvw_int4k_decode_##NAME(PAGED_ARGS, const u8* in, int K) {                        \
     int4k_decode<KIND>(PAGED, T, H, D, K, in);                                                                 \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_rot8_encode_##NAME(PAGED_ARGS, u8* out) {                                     \
+    rot_encode<KIND, 8>(PAGED, T, H, D, out);                                                                  \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_rot8_decode_##NAME(PAGED_ARGS, const u8* in) {                                \
+    rot_decode<KIND, 8>(PAGED, T, H, D, in);                                                                   \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_rot4_encode_##NAME(PAGED_ARGS, u8* out) {                                     \
+    rot_encode<KIND, 4>(PAGED, T, H, D, out);                                                                  \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_rot4_decode_##NAME(PAGED_ARGS, const u8* in) {                                \
+    rot_decode<KIND, 4>(PAGED, T, H, D, in);                                                                   \
   }
 
 DEFINE_FOR_KIND(bf16, 0)
@@ -578,7 +813,11 @@ extern "C" void emu_kvw_crc32c(unsigned int grid, unsigned int block, const u8* 
   EMU_WRAP_G(kvw_int4v_decode_##NAME, const u8*)         \
   EMU_WRAP_G(kvw_int4v_decode_##NAME##_vec, const u8*)   \
   EMU_WRAP_G(kvw_int4k_encode_##NAME, u8*)               \
-  EMU_WRAP_G(kvw_int4k_decode_##NAME, const u8*)
+  EMU_WRAP_G(kvw_int4k_decode_##NAME, const u8*)         \
+  EMU_WRAP(kvw_rot8_encode_##NAME, u8*)                  \
+  EMU_WRAP(kvw_rot8_decode_##NAME, const u8*)            \
+  EMU_WRAP(kvw_rot4_encode_##NAME, u8*)                  \
+  EMU_WRAP(kvw_rot4_decode_##NAME, const u8*)
 EMU_FOR_KIND(bf16)
 EMU_FOR_KIND(fp16)
 #endif

@@ -72,13 +72,25 @@ def assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens, cod
 
 
 def special_wire_bytes(codec, spec, seed: int = 0) -> torch.Tensor:
-    """Wire bytes no encoder writes but a peer may send, for ``codec`` (fp8 or int4) and a
-    chunk like ``spec``: random bytes with NaN codes (0x7F, 0xFF) and NaN, infinite and zero
-    scales (fp8), or infinite and NaN fp16 scales and zero-points (int4). Decoders must
-    turn them into exactly the elements docs/formats.md names (every NaN canonical)."""
+    """Wire bytes no encoder writes but a peer may send, for ``codec`` (fp8, int8h, int4 or
+    int4h) and a chunk like ``spec``: random bytes with NaN codes (0x7F, 0xFF) and NaN,
+    infinite and zero scales (fp8, int8h), or infinite and NaN fp16 / bf16 scales and
+    zero-points (int4, int4h). Decoders must turn them into exactly the elements
+    docs/formats.md names (every NaN canonical)."""
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(0, 256, (codec.encoded_size(spec),), dtype=torch.uint8, generator=g)
     rows = spec.tokens * spec.heads
+    if codec.name == "int8h":
+        scales = data[: 4 * rows].view(torch.float32)
+        scales.copy_(torch.randn(rows, generator=g) * 1e-2)
+        scales[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+        return data
+    if codec.name == "int4h" and spec.role != "k":
+        params = data[: 4 * rows].view(torch.bfloat16)  # scales, then zero-points
+        params.copy_(torch.randn(2 * rows, generator=g).to(torch.bfloat16))
+        specials = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0, 3e38], dtype=torch.bfloat16)
+        params[::3] = specials.repeat(rows)[: params[::3].numel()]
+        return data
     if codec.name == "fp8":
         scales = data[: 4 * rows].view(torch.float32)
         scales.copy_(torch.rand(rows, generator=g) * 4)

@@ -44,6 +44,15 @@ CASES = [
     ("int4", "kv", 1, 576, 16, 17, False),
     ("int4/k32", "k", 2, 64, 16, 37, False),  # key groups of 32 tokens over blocks of 16
     ("int4/k64", "k", 2, 32, 4, 70, True),  # ... of 64 over blocks of 4, the last group partial
+    ("int8h", "k", 2, 64, 16, 37, False),  # rotated rows: R = 64, one tile
+    ("int8h", "v", 3, 48, 4, 9, True),  # R = 16: two blocks per 32-lane tile, the last tile half used
+    ("int8h", "v", 2, 512, 16, 17, False),  # R = 256 (the cap): two tiles of 8 slots per lane
+    ("int8h", "kv", 1, 576, 16, 17, False),  # an MLA latent: R = 64, nine tiles
+    ("int4h", "k", 2, 64, 16, 37, False),  # int4 keys
+    ("int4h/k32", "k", 2, 64, 16, 37, False),
+    ("int4h", "v", 2, 128, 16, 21, False),  # R = 128: four slots per lane
+    ("int4h", "v", 2, 96, 8, 12, True),  # R = 32
+    ("int4h", "kv", 1, 576, 16, 17, False),
 ]
 
 
@@ -73,7 +82,10 @@ def test_kernel_bytes_equal_the_cpu_reference(backend, dtype, name, role, H, D, 
         assert (dst[dst_ids[-1], tokens % bs :] == 0).all()
 
 
-@pytest.mark.parametrize("codec_name, role", [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v")])
+@pytest.mark.parametrize(
+    "codec_name, role",
+    [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v"), ("int8h", "k"), ("int4h", "v")],
+)
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role):
     """The layouts tests/test_gpu.py runs on the GPU: vector kernels where the strides and
@@ -84,7 +96,7 @@ def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role
         pytest.skip("int4 values need head_dim % group_size == 0")
     ids, tokens = [4, 1, 3], 37
     plan = kernels._plan(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role, "encode")
-    assert plan.vec == (vec and not plan.name.startswith("kvw_int4k")), plan.name
+    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot"))), plan.name
     rows = gather_tokens(src, Selection(tuple(ids), tokens), 16)
     want = codec.encode(rows, role, 16)
     got = kernels.encode(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role)
@@ -105,7 +117,7 @@ def test_a_chunk_in_the_middle_of_a_request(backend):
     assert torch.equal(kernels.encode(backend, codec, chunk, "k"), codec.encode(rows, "k", 16).data)
 
 
-@pytest.mark.parametrize("name", ["fp8", "int4", "raw"])
+@pytest.mark.parametrize("name", ["fp8", "int4", "raw", "int8h", "int4h"])
 def test_states(backend, name):
     codec = kvwire.codec.get(name)
     state = torch.randn(2, 64, 64).to(torch.float16)
@@ -125,10 +137,13 @@ def test_special_values(backend):
     x[1, 3, 0] = 0.0
     x[2, 5, 0, 7] = 1e-9
     x[3, 1, 0, 9] = 60000.0
+    x[1, 4, 0] = -0.0  # a row of negative zeros
+    x[2, 6, 0] *= 1e-30  # below 2^-91 (in bf16): a zero row for int8h and int4h
+    x[3, 7, 0, ::2] = 3e38  # the largest bf16 values (inf in fp16)
     for dtype in (torch.bfloat16, torch.float16):
         cache = x.to(dtype)
         rows = gather_tokens(cache, Selection((0, 1, 2, 3), 64), 16)
-        for name, role in (("fp8", "k"), ("int4", "k"), ("int4", "v")):
+        for name, role in (("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v")):
             codec = kvwire.codec.get(name)
             got = kernels.encode(backend, codec, kernels.Chunk.paged(cache, [0, 1, 2, 3], 0, 64, 16), role)
             assert torch.equal(got, codec.encode(rows, role, 16).data), (dtype, name, role)
@@ -171,7 +186,7 @@ def test_device_crc32c_rejects_other_dtypes(backend):
 
 # -- decoding any bytes: the kernels write what the CPU reference writes -----------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name, role", [("fp8", "k"), ("int4", "k"), ("int4", "v")])
+@pytest.mark.parametrize("name, role", [("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v")])
 def test_decoding_any_bytes_equals_the_cpu_reference(backend, dtype, name, role):
     """Bytes no encoder writes but a peer may send: NaN codes (0x7F, 0xFF), NaN and
     infinite scales and zero-points. Every NaN must come out as the dtype's one canonical

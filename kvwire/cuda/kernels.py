@@ -62,6 +62,7 @@ HASH_SUFFIX = ".sha256"  # beside a fatbin: the SHA-256 of the source it was bui
 SOURCES = ("auto", "fatbin", "nvrtc")  # where a CupyBackend takes its kernels from
 GPU_BLOCK = 256  # 8 warps: enough to hide latency, small enough for any occupancy
 GPU_MAX_GRID = 65535
+KERNEL_CODECS = ("raw", "fp8", "int8h", "int4", "int4h")  # the lossy (or raw) stages src_cuda/ implements
 
 Stream = Any  # a torch.cuda.Stream on a GPU; None for the host emulation
 
@@ -115,7 +116,7 @@ def prebuilt_fatbin(path: str | os.PathLike | None = None) -> tuple[Path | None,
 def supports(codec: Codec, dtype: torch.dtype) -> bool:
     """Whether the kernels implement ``codec`` (its lossy/raw stage) for ``dtype``."""
     inner = codec.inner
-    return dtype in KIND and inner.name in ("raw", "fp8", "int4")
+    return dtype in KIND and inner.name in KERNEL_CODECS
 
 
 # -- block tables -----------------------------------------------------------------------------
@@ -449,7 +450,7 @@ class Chunk:
 
 @dataclass
 class _Plan:
-    inner: Any  # the lossy stage: Fp8Codec, Int4Codec or RawCodec
+    inner: Any  # the lossy stage: Fp8Codec, Int8hCodec, Int4Codec, Int4hCodec or RawCodec
     spec: ChunkSpec
     name: str  # the kernel, without the "_vec" suffix
     vec: bool  # 16-byte access to the cache is legal and the kernel has a vector form
@@ -489,6 +490,10 @@ def _plan(backend: Backend, codec: Codec, chunk: Chunk, role: str, op: str) -> _
         work, align = chunk.rows * H * D, 2  # one thread per element, or per 16 bytes (work // 8)
     elif inner.name == "fp8":
         name, work, align = f"kvw_fp8_{op}_{kind}", chunk.rows * H, 4  # one warp per row; fp32 scales
+        per_block = backend.block // 32
+    elif inner.name == "int8h" or (inner.name == "int4h" and role != "k"):
+        bits, align = (8, 4) if inner.name == "int8h" else (4, 2)  # fp32 scales, or bf16 scales and zero-points
+        name, vec, work = f"kvw_rot{bits}_{op}_{kind}", False, chunk.rows * H  # one warp per row
         per_block = backend.block // 32
     elif role == "k":
         name, vec, align = f"kvw_int4k_{op}_{kind}", False, 2  # one thread per channel pair; fp16 scales
