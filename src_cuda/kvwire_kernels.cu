@@ -459,8 +459,9 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, int K, const u8* in
 // of two dividing D, at most 256); lane l holds elements l + 32*j of a tile (j < 8). The
 // values are turned into integers first (|n| <= 2^16), so the Hadamard butterflies add and
 // subtract fp32 integers below 2^24: exact, and no order of them can change a bit. The
-// row is read three times (its max, the rotated range, the codes): re-reads hit the cache,
-// and no tile has to stay in registers between passes.
+// row is read twice (its max, then the rotated tiles), three times when it is longer than
+// one tile (the codes rotate each tile again): re-reads hit the cache, and no more than one
+// tile has to stay in registers.
 // ---------------------------------------------------------------------------------
 #define ROT_Q 16          // fixed-point bits: |n| <= 2^16
 #define ROT_MIN_EXP (-90) // rows below 2^-91 travel as zero rows
@@ -570,8 +571,8 @@ __device__ void rot_encode(Paged src, int T, int H, int D, u8* out) {
     if (zero) e = 0;
     float factor = zero ? 0.0f : pow2f(ROT_Q - e);
     float lo = 3.0e38f, hi = -3.0e38f;  // BITS 8: hi is max |y|
+    float v[ROT_SLOTS];  // a row of one tile (D <= 256, the usual case) stays here for the codes
     for (int base = 0; base < D; base += g.tile) {
-      float v[ROT_SLOTS];
       rot_load<KIND>(src, p, D, base, g, lane, factor, v);
       tile_hadamard(v, g.R, g.slots, lane);
 #pragma unroll
@@ -602,9 +603,10 @@ __device__ void rot_encode(Paged src, int T, int H, int D, u8* out) {
     float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
     u8* codes = out + 4 * rows;
     for (int base = 0; base < D; base += g.tile) {
-      float v[ROT_SLOTS];
-      rot_load<KIND>(src, p, D, base, g, lane, factor, v);
-      tile_hadamard(v, g.R, g.slots, lane);
+      if (D > g.tile) {  // several tiles: rotate this one again
+        rot_load<KIND>(src, p, D, base, g, lane, factor, v);
+        tile_hadamard(v, g.R, g.slots, lane);
+      }
 #pragma unroll
       for (int j = 0; j < ROT_SLOTS; ++j) {
         if (j >= g.slots) continue;  // the same for every lane

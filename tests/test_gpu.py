@@ -97,18 +97,22 @@ def check_roundtrip(backend, codec, src, ids, tokens, bs, role, stream=None):
     assert (dst[others] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int4/g64/k64"])
-@pytest.mark.parametrize("role", ["k", "v"])
-@pytest.mark.parametrize(
-    "bs, tokens, hnd",
-    [
-        (16, 1000, False),
-        (64, 4096 + 17, False),
-        (16, 333, True),
-        pytest.param(16, 131072, False, marks=pytest.mark.slow),
+SIZES = [(16, 1000, False), (64, 4096 + 17, False), (16, 333, True)]  # block size, tokens, HND layout
+BYTES_CASES = [
+    *[
+        (name, *size)
+        for name in ("raw", "fp8", "int4", "int4/g64/k64", "int8h", "int4h", "int4h/k64")
+        for size in SIZES
     ],
-)
+    # 128K tokens for the codecs whose kernels index furthest (full run only; the CPU
+    # reference of the others at that size would take most of the GPU check's budget)
+    *[pytest.param(name, 16, 131072, False, marks=pytest.mark.slow) for name in ("raw", "fp8", "int4", "int8h")],
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("codec_name, bs, tokens, hnd", BYTES_CASES)
 def test_gpu_bytes_equal_cpu_reference(gpu, dtype, codec_name, role, bs, tokens, hnd):
     H, D = 8, 128
     codec = kvwire.codec.get(codec_name)
@@ -119,7 +123,10 @@ def test_gpu_bytes_equal_cpu_reference(gpu, dtype, codec_name, role, bs, tokens,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("codec_name, role", [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v")])
+@pytest.mark.parametrize(
+    "codec_name, role",
+    [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v"), ("int8h", "k"), ("int4h", "v")],
+)
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_every_kernel_of_each_build(each_build, kind, codec_name, role, dtype):
     """Vector and element-by-element kernels, odd head counts, partial blocks, vLLM's packed
@@ -130,11 +137,11 @@ def test_every_kernel_of_each_build(each_build, kind, codec_name, role, dtype):
     if codec_name.startswith("int4") and role == "v" and D % 32:
         pytest.skip("int4 values need head_dim % group_size == 0")
     plan = kernels._plan(each_build, codec, kernels.Chunk.paged(src, [4, 1, 3], 0, 37, 16), role, "encode")
-    assert plan.vec == (vec and not plan.name.startswith("kvw_int4k")), plan.name
+    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot"))), plan.name
     check_roundtrip(each_build, codec, src, [4, 1, 3], 37, 16, role)  # 37 tokens: the last block partial
 
 
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4"])
+@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int8h", "int4h"])
 def test_state_chunks_of_each_build(each_build, codec_name):
     codec = kvwire.codec.get(codec_name)
     state = torch.randn(2, 64, 128, device="cuda").to(torch.bfloat16)
@@ -151,7 +158,9 @@ def test_state_chunks_of_each_build(each_build, codec_name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name, role", [("fp8", "k"), ("fp8", "v"), ("int4", "k"), ("int4", "v")])
+@pytest.mark.parametrize(
+    "name, role", [("fp8", "k"), ("fp8", "v"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v")]
+)
 def test_any_bytes_decode_bit_for_bit(each_build, name, role, dtype):
     """NaN codes, NaN/inf scales and zero-points: the GPU writes the canonical NaNs of
     docs/formats.md (cvt.rn.f16.f32 alone would write 0x7FFF), as the CPU reference does."""
@@ -172,10 +181,13 @@ def test_special_values_encode_bit_for_bit(gpu):
     x[1, 3, 1] = 0.0
     x[2, 5, 0, 7] = 1e-9
     x[3, 1, 0, 9] = 60000.0
+    x[1, 4, 0] = -0.0  # a row of negative zeros
+    x[2, 6, 0] *= 1e-30  # below 2^-91 (in bf16): a zero row for int8h and int4h
+    x[3, 7, 0, ::2] = 3e38  # the largest bf16 values (inf in fp16)
     for dtype in (torch.bfloat16, torch.float16):
         c = x.to(dtype).cuda()
         rows = gather_tokens(c, Selection((0, 1, 2, 3), 64), 16).cpu()
-        for name, role in (("fp8", "k"), ("int4", "k"), ("int4", "v")):
+        for name, role in (("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v")):
             codec = kvwire.codec.get(name)
             got = kernels.encode(gpu, codec, kernels.Chunk.paged(c, [0, 1, 2, 3], 0, 64, 16), role)
             assert torch.equal(got.cpu(), codec.encode(rows, role, 16).data), (dtype, name, role)
@@ -267,7 +279,7 @@ def test_side_stream_work_is_right_and_does_not_wait_for_a_busy_current_stream(g
     assert still_busy, "kvwire's side-stream work waited for the current stream"
 
 
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4"])
+@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int8h", "int4h"])
 def test_a_transfer_is_right_while_the_current_stream_is_busy(codec_name):
     """Sender and receiver in this process, GPU caches and states on both sides, work queued
     on the current stream after every layer (a model computing the next one) and a long
@@ -392,7 +404,7 @@ def _transfer_between_processes(codec_name: str, transport: str) -> tuple[dict, 
             p.kill()
 
 
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4"])
+@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int8h", "int4h+lz4"])
 def test_gpu_to_gpu_transfer_between_processes(codec_name):
     _transfer_between_processes(codec_name, "tcp")
 
