@@ -22,8 +22,10 @@ Example::
     8192
     >>> caches = layout.allocate(num_blocks=4)
     >>> sel = Selection(block_ids=(3, 1), num_tokens=20)
-    >>> gather_tokens(caches[0]["k"], sel, layout.block_size).shape
-    torch.Size([20, 8, 128])
+    >>> sel.check(layout.block_size, num_blocks=4).num_tokens
+    20
+
+Moving bytes between blocks and rows is :mod:`kvwire.blocks`; this module only describes.
 
 Paged tensors may have any strides as long as their *logical* shape is
 ``[num_blocks, block_size, *token_shape]``: an HND cache stored as
@@ -37,7 +39,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 # The dtypes a KV cache may have, with the names used on the wire and in fingerprints.
@@ -443,81 +444,3 @@ class Selection:
         if len(set(self.block_ids)) != len(self.block_ids):
             raise ValueError("block_ids: a block id appears twice")
         return self
-
-
-def gather_tokens(
-    cache: torch.Tensor, sel: Selection, block_size: int, start: int = 0, stop: int | None = None
-) -> torch.Tensor:
-    """Tokens ``[start, stop)`` of a selection as a contiguous ``[T, *token_shape]`` tensor.
-
-    ``start`` must be a multiple of ``block_size`` (chunks begin on a block boundary).
-    """
-    stop = sel.num_tokens if stop is None else stop
-    if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
-        return gather_tokens(cache.view(torch.uint8), sel, block_size, start, stop).view(cache.dtype)
-    first, last = start // block_size, -(-stop // block_size)
-    ids = torch.tensor(sel.block_ids[first:last], dtype=torch.long, device=cache.device)
-    blocks = cache.index_select(0, ids)
-    return blocks.reshape(-1, *cache.shape[2:])[: stop - start]
-
-
-def block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Split block ids into runs of consecutive ids: ``(position, first_id, length)``."""
-    runs = []
-    i = 0
-    while i < len(ids):
-        j = i + 1
-        while j < len(ids) and ids[j] == ids[j - 1] + 1:
-            j += 1
-        runs.append((i, ids[i], j - i))
-        i = j
-    return runs
-
-
-def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: int, data: torch.Tensor) -> None:
-    """Write ``data`` (``[T, *token_shape]``) as tokens ``[start, start + T)`` of a selection.
-
-    Only the tokens named are written: the tail of a partial last block keeps its bytes.
-    """
-    if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
-        scatter_tokens(cache.view(torch.uint8), sel, block_size, start, data.view(torch.uint8))
-        return
-    count = data.shape[0]
-    first = start // block_size
-    if cache.device.type == "cpu" and cache.is_contiguous() and data.device.type == "cpu":
-        dst = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
-        src = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-        copy_tokens_to_blocks(dst, src, sel.block_ids[first:], count, block_size)
-        return
-    full = count // block_size
-    if full:
-        ids = torch.tensor(sel.block_ids[first : first + full], dtype=torch.long, device=cache.device)
-        cache.index_copy_(0, ids, data[: full * block_size].reshape(full, block_size, *data.shape[1:]))
-    rest = count - full * block_size
-    if rest:
-        cache[sel.block_ids[first + full], :rest].copy_(data[full * block_size :])
-
-
-def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_size: int) -> None:
-    """Copy the bytes of ``count`` consecutive tokens into blocks, tokens in block order.
-
-    ``dst``: a contiguous cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``;
-    ``src``: the tokens' bytes, 1-D. Consecutive block ids take one memcpy; any other
-    order one numpy indexed assignment, a memcpy per block in C (both several times
-    faster than ``index_copy_``, whose per-index loop dominated the receiver's CPU, and
-    twice as fast as a Python loop over runs for scattered blocks). In a partial last
-    block only the tokens named are written.
-    """
-    block_bytes = dst.shape[1]
-    token_bytes = block_bytes // block_size
-    full, rest = divmod(count, block_size)
-    if full:
-        ids = np.asarray(block_ids[:full], dtype=np.intp)
-        rows = src[: full * block_bytes].reshape(full, block_bytes)
-        first = int(ids[0])
-        if full == 1 or (int(ids[-1]) - first == full - 1 and bool((np.diff(ids) == 1).all())):
-            dst[first : first + full] = rows
-        else:
-            dst[ids] = rows
-    if rest:
-        dst[block_ids[full], : rest * token_bytes] = src[full * block_bytes : full * block_bytes + rest * token_bytes]

@@ -12,8 +12,9 @@ import torch
 
 import kvwire
 import kvwire.codec
+from kvwire.blocks import gather_tokens
 from kvwire.engine.common import layout_summary
-from kvwire.layout import Selection, gather_tokens
+from kvwire.layout import Selection
 from kvwire.proto import ClientConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE
 

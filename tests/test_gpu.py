@@ -15,8 +15,9 @@ import torch
 
 import kvwire
 import kvwire.codec
+from kvwire.blocks import gather_tokens
 from kvwire.codec import ChunkSpec
-from kvwire.layout import Selection, gather_tokens
+from kvwire.layout import Selection
 from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
 
 pytestmark = pytest.mark.gpu

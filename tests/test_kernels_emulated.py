@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import kvwire.codec
+from kvwire.blocks import gather_tokens
 from kvwire.cuda import kernels
-from kvwire.layout import Selection, gather_tokens
+from kvwire.layout import Selection
 from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the host emulation")

@@ -27,8 +27,9 @@ import torch
 import kvwire
 import kvwire.codec
 from kvwire.bench import netem, profiles, tlsutil
+from kvwire.blocks import gather_tokens
 from kvwire.engine.chunks import received_rows
-from kvwire.layout import Selection, gather_tokens
+from kvwire.layout import Selection
 from kvwire.proto.frames import crc32c
 from kvwire.tuning import tune_malloc
 

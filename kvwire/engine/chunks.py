@@ -1,4 +1,4 @@
-"""Cutting a layer into chunks, and moving a chunk between a cache and wire bytes.
+"""Cutting a layer into chunks, and what a receiver holds once they arrive.
 
 A chunk is a run of rows of one tensor of one layer: whole blocks of a paged tensor
 (only the request's last block may be partial), or rows of a state. Chunks are sized so
@@ -14,7 +14,7 @@ import torch
 
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.codec.raw import RawCodec
-from kvwire.layout import STATE_NAME, KVLayout, Selection, block_runs, gather_tokens, scatter_tokens
+from kvwire.layout import STATE_NAME, KVLayout
 from kvwire.proto.request import TensorPlan
 
 RAW = RawCodec()
@@ -109,51 +109,3 @@ def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_
         ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw)
         for first in range(start, stop, rows_per_chunk)
     ]
-
-
-def source_rows(
-    layer_caches: dict[str, torch.Tensor], state: torch.Tensor | None, sel: Selection, block_size: int, c: ChunkRef
-) -> torch.Tensor:
-    """The rows of a chunk, as ``[count, ...]`` in the cache dtype (on the cache's device)."""
-    if c.name == STATE_NAME:
-        assert state is not None
-        return state.reshape(-1, state.shape[-1])[c.start : c.start + c.count]
-    return gather_tokens(layer_caches[c.name], sel, block_size, c.start, c.start + c.count)
-
-
-def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: ChunkRef) -> list[memoryview] | None:
-    """Zero-copy views of a raw chunk in a contiguous CPU cache (runs of consecutive blocks
-    coalesced), or None when the cache cannot be read that way."""
-    if cache.device.type != "cpu" or not cache.is_contiguous():
-        return None
-    first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
-    ids = sel.block_ids[first:last]
-    tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
-    flat = cache.view(cache.shape[0], -1).view(torch.uint8)
-    per_token = flat.shape[1] // block_size
-    views = []
-    runs = block_runs(ids)
-    for k, (_, block, n) in enumerate(runs):
-        run = flat[block : block + n].reshape(-1)
-        if k == len(runs) - 1 and tail < block_size:
-            run = run[: run.numel() - (block_size - tail) * per_token]
-        views.append(run.numpy().data)
-    return views
-
-
-def place_rows(
-    layer_caches: dict[str, torch.Tensor],
-    state: torch.Tensor | None,
-    sel: Selection,
-    block_size: int,
-    c: ChunkRef,
-    rows: torch.Tensor,
-) -> None:
-    """Write decoded rows (``[count, heads, head_dim]``) into their destination."""
-    if c.name == STATE_NAME:
-        assert state is not None
-        dest = state.view(-1, state.shape[-1])[c.start : c.start + c.count]
-        dest.copy_(rows.reshape(dest.shape), non_blocking=True)
-        return
-    cache = layer_caches[c.name]
-    scatter_tokens(cache, sel, block_size, c.start, rows.reshape(rows.shape[0], *cache.shape[2:]).to(cache.device))

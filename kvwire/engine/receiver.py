@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 import kvwire.codec
+from kvwire.blocks import copy_tokens_to_blocks, place_rows
 from kvwire.codec import ChunkSpec, Codec
-from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
+from kvwire.engine.chunks import ChunkRef, chunk_spec
 from kvwire.engine.common import (
     check_count,
     check_seconds,
@@ -43,7 +44,7 @@ from kvwire.errors import (
     TransferError,
     TransferTimeout,
 )
-from kvwire.layout import KVLayout, Selection, copy_tokens_to_blocks
+from kvwire.layout import KVLayout, Selection
 from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
 from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
 from kvwire.proto.request import RequestPlan

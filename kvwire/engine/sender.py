@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 import kvwire.codec
-from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, source_rows
+from kvwire.blocks import raw_views, source_rows
+from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
     check_seconds,
     check_terms,
