@@ -284,3 +284,33 @@ def test_terms_are_checked_before_anything_is_sent():
         kvwire.Sender(LAYOUT, "127.0.0.1:1", secret=SECRET, kv_caches=LAYOUT.allocate(2), terms={"a": [1]})
     with pytest.raises(TypeError, match="check_terms"):
         kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(2), check_terms="tp=2")
+
+
+def test_a_connection_lost_mid_layer_is_resent_and_the_repeats_dropped():
+    """Chunks in flight on a connection that dies are sent again on the others; those that
+    had arrived already come twice, and the receiver places them once."""
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, slot_bytes=8 << 10, window_bytes=64 << 10)
+    src = filled(LAYOUT, 64, seed=21)
+    blocks, dst_blocks = list(range(32)), list(range(32, 64))
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=3, chunk_bytes=4096) as tx:
+            t = tx.transfer("resend", blocks, 512)
+            for i in range(LAYOUT.num_layers):
+                t.send_layer(i)
+            # Nobody expects it yet: every connection fills its 64 KiB window with parked chunks.
+            end = time.monotonic() + 10
+            while rx.stats()["parked_chunks"] < 48 and time.monotonic() < end:
+                time.sleep(0.01)
+            assert rx.stats()["parked_chunks"] == 48
+            tx.reset_connection(1)
+            h = rx.expect("resend", dst_blocks, 512)
+            stats = t.finish(timeout=20)
+            received = h.wait(timeout=10)
+            assert tx.stats()["alive_streams"] == 2
+            repeats = received["duplicates"]
+    finally:
+        rx.close()
+    assert stats["resent_chunks"] == 16  # a window's worth, 4 KiB each
+    assert repeats == 16  # each had arrived before the reset; resends go first, so they find it open
+    assert_transferred(LAYOUT, src, blocks, dst, dst_blocks, 512)

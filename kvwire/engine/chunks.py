@@ -33,12 +33,9 @@ class ChunkRef:
         return RAW if self.raw else session_codec
 
 
-def role_of(name: str) -> str:
-    return name  # tensor names are the codec roles: k, v, kv, state
-
-
 def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
-    return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, role_of(t.name), layout.block_size)
+    """What a chunk of ``count`` rows of ``t`` is to a codec (tensor names are codec roles)."""
+    return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, t.name, layout.block_size)
 
 
 def row_unit(codec: Codec, t: TensorPlan) -> int:

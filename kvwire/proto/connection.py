@@ -45,6 +45,7 @@ from dataclasses import field as dataclass_field
 
 from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
 from kvwire.proto.frames import (
+    DATA_RAW,
     PROTOCOL_VERSION,
     AckStatus,
     FrameType,
@@ -291,6 +292,20 @@ class ClientConnection(Connection):
     def cancel(self, tag: int, reason: str) -> bytes:
         return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
 
+    def data_header(
+        self, tag: int, layer: int, tensor: int, start: int, count: int, length: int, payload_crc: int, raw: bool
+    ) -> bytes:
+        """The header of a DATA frame whose ``length`` payload bytes follow it (the caller
+        sends the payload from where it lies: a cache, a staging slot, GPU memory)."""
+        if self.state != State.OPEN:
+            raise ProtocolError(f"DATA before the handshake is done (state {self.state.value})")
+        if not 0 < length <= self.max_payload:
+            raise ValueError(f"length: {length} outside 1..{self.max_payload}, the receiver's largest payload")
+        return Header(
+            FrameType.DATA, tag=tag, layer=layer, tensor=tensor, start=start, count=count, length=length,
+            payload_crc=payload_crc, flags=DATA_RAW if raw else 0,
+        ).pack()  # fmt: skip
+
 
 CodecCheck = Callable[[str], "str | None"]
 
@@ -402,6 +417,13 @@ class ServerConnection(Connection):
         if t == FrameType.CANCEL:
             return [Cancel(header.tag, parse_text(header, payload))]
         raise AssertionError(t)
+
+    def refuse(self, code: str, reason: str) -> None:
+        """Refuse a client that authenticated after all (a limit of this side was reached):
+        the ACCEPT not yet sent becomes a REJECT, and the connection ends."""
+        self._outbox.clear()
+        self._outbox.append(json_frame(FrameType.REJECT, {"code": code, "reason": reason}))
+        self._fail()
 
     def on_device_payload(self, header: Header, crc: int) -> None:
         """A DATA payload received into device memory: ``crc`` is its CRC32C, computed
