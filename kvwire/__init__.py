@@ -17,6 +17,7 @@ from kvwire.engine import ReceiveHandle, Receiver, Sender, SendHandle
 from kvwire.errors import (
     AuthenticationFailed,
     Cancelled,
+    ChecksumMismatch,
     KvwireError,
     LayoutMismatch,
     PeerLost,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "Cancelled",
+    "ChecksumMismatch",
     "KVLayout",
     "KvwireError",
     "LayerSpec",

@@ -27,6 +27,18 @@ def check_transport(transport: str, tls) -> None:
         import_ucxx()  # fail now, with the install command, rather than at connect
 
 
+def check_checksum(checksum: str | None, tls) -> str:
+    """A ``checksum=`` argument; None picks the default: none with TLS, whose AEAD already
+    authenticates every byte, else CRC32C."""
+    from kvwire.proto.frames import CHECKSUMS
+
+    if checksum is None:
+        return "none" if tls is not None else "crc32c"
+    if checksum not in CHECKSUMS:
+        raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
+    return checksum
+
+
 def check_seconds(value, name: str, *, optional: bool = False, zero: bool = False) -> float | None:
     """A duration argument: a finite number of seconds, positive (or >= 0 with ``zero``).
 

@@ -179,10 +179,17 @@ class GpuDirectEncoder(GpuStagedEncoder):
     The CRC runs after the encode on the same stream and waits (an event) for both; only
     then is the payload handed to UCX, which reads it outside stream order."""
 
+    def __init__(self, layout, caches, pool, kernels_backend, device, side_stream, checked: bool = True) -> None:
+        super().__init__(layout, caches, pool, kernels_backend, device, side_stream)
+        self.checked = checked  # the session checks payloads: their CRC32C is computed on the device
+
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         from kvwire.cuda import kernels
 
         encoded = self._encode_on_device(source, ref, spec, codec)
+        if not self.checked:
+            kernels.wait_on_host(self.side_stream)  # UCX reads it outside stream order
+            return Payload([], None, encoded.numel(), encoded, 0)
         crc = kernels.crc32c(self.kernels, encoded, stream=self.side_stream)
         return Payload([], None, encoded.numel(), encoded, crc)
 
@@ -234,11 +241,30 @@ class Placement:
     def takes_device_payloads(self, codec: Codec) -> bool:
         return False
 
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+        """Where a chunk's payload can be received straight into its destination rows (no
+        staging, no copy), or None when a decode or a copy must come between."""
+        return None
+
 
 class HostPlacement(Placement):
     def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
         super().__init__(layout, caches)
         self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
+
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+        """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive
+        blocks (received with one scatter read), or the state's rows."""
+        if codec.name != "raw":
+            return None
+        if ref.name == STATE_NAME:
+            state = dest.states[ref.layer]
+            rows = state.view(-1, state.shape[-1])[ref.start : ref.start + ref.count]
+            return [rows.view(torch.uint8).numpy().reshape(-1).data] if state.device.type == "cpu" else None
+        writer = self.writers[ref.layer][ref.name]
+        if writer.bytes is None:
+            return None
+        return raw_views(writer.cache, dest.selection, self.layout.block_size, ref)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)
@@ -271,14 +297,17 @@ class GpuPlacement(Placement):
     def takes_device_payloads(self, codec: Codec) -> bool:
         return not codec.has_lossless_stage and self.kernels(codec) is not None
 
-    def receive_device_payload(self, stream, codec: Codec, nbytes: int) -> tuple[torch.Tensor, int]:
-        """Receive a DATA payload into GPU memory; return it with its CRC32C computed there."""
+    def receive_device_payload(
+        self, stream, codec: Codec, nbytes: int, checked: bool
+    ) -> tuple[torch.Tensor, int | None]:
+        """Receive a DATA payload into GPU memory; return it with its CRC32C, computed there
+        (the host's CPU never reads it), when the session checks payloads."""
         from kvwire.cuda import kernels
 
         backend = self.kernels(codec)
         buffer = kernels.receive_buffer(nbytes, self.device, self.side_stream)
         stream.recv_device_into(buffer)
-        return buffer, kernels.crc32c(backend, buffer, stream=self.side_stream)
+        return buffer, kernels.crc32c(backend, buffer, stream=self.side_stream) if checked else None
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         from kvwire.cuda import kernels

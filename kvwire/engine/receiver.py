@@ -33,6 +33,7 @@ from kvwire.engine import requests
 from kvwire.engine.channel import Channel, server_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec
 from kvwire.engine.common import (
+    check_checksum,
     check_count,
     check_seconds,
     check_transport,
@@ -270,6 +271,9 @@ class Receiver:
         check_terms: called with each sender's ``terms`` (a dict, empty if it stated none)
             after it authenticated; returns None to accept, or the reason to refuse it
             (the sender's constructor raises ``LayoutMismatch`` with that reason).
+        checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"``; default
+            ``"none"`` with TLS (its AEAD authenticates every byte already), else
+            ``"crc32c"``. Both sides must agree (a mismatch is refused at the handshake).
         kernels: a CUDA kernel backend to decode with (``kvwire.cuda.kernels``); default:
             the GPU's, when the caches are on one. Tests pass the kernels' host emulation
             here to run the GPU data path on CPU tensors.
@@ -305,8 +309,10 @@ class Receiver:
         max_parked_bytes_per_peer: int | None = None,
         check_terms: Callable[[dict], str | None] | None = None,
         kernels=None,
+        checksum: str | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self.checksum = check_checksum(checksum, tls)
         if check_terms is not None and not callable(check_terms):
             raise TypeError(f"check_terms: expected a callable, got {type(check_terms).__name__}")
         self._check_terms = check_terms
@@ -502,6 +508,7 @@ class Receiver:
             max_payload=self._slot_bytes,
             device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
             check_terms=self._check_terms,
+            checksum=self.checksum,
         )
         conn = _RConn(Channel(stream, proto), host, time.monotonic() + self._handshake_timeout)
         with self._lock:
@@ -625,22 +632,33 @@ class Receiver:
                 if isinstance(event, Begin | Cancel):
                     self._on_event(conn, event)
             return
+        self._read_data(conn, header, n)
+
+    def _read_data(self, conn: _RConn, header: Header, n: int) -> None:
+        """A DATA frame: its header checked, its payload received into the destination rows
+        when it can go there as it is, else into staging; verified before it counts."""
         checked = self._check_data(conn, header)
         if checked is None:  # a request that ended: read the payload past and give the credit back
             self._skip_payload(conn, header, n)
             return
         request, ref, spec = checked
         codec = ref.codec(conn.joined.codec)
+        self._counters["frames"] += 1
+        self._counters["wire_bytes"] += n
+        if self._receive_in_place(conn, header, n, request, ref, spec, codec):
+            return
         parked_bytes = self._reserve_parking(conn, request, n)
         try:
-            slot = self._receive_payload(conn, header, n, codec)
+            slot, ok = self._receive_payload(conn, header, n, codec)
         except BaseException:
             with self._lock:
                 self._unpark_locked(conn.joined, parked_bytes)
             raise
-        self._counters["frames"] += 1
-        self._counters["wire_bytes"] += n
         chunk = _Chunk(ref, spec, slot, n, conn, parked_bytes)
+        if not ok:
+            self._release(chunk)
+            self._checksum_failed(conn, header, request)
+            return
         with self._lock:
             arrival = self._table.arrived(request, chunk)
             if arrival is Arrival.PARK:
@@ -651,15 +669,78 @@ class Receiver:
         else:
             self._place(request, chunk)
 
-    def _receive_payload(self, conn: _RConn, header: Header, n: int, codec: Codec) -> Slot | _DeviceSlot:
-        """The payload, received where it will be used, and its CRC32C checked: nothing is
-        used before this passes."""
+    def _receive_in_place(self, conn: _RConn, header: Header, n: int, request: Request, ref: ChunkRef,
+                          spec: ChunkSpec, codec: Codec) -> bool:  # fmt: skip
+        """Receive a payload straight into its destination rows, where the placement can
+        take it as it is (raw into contiguous host memory): no staging, no copy. The rows
+        belong to this request alone until it ends; they count as arrived only once the
+        checksum passed. False when the payload must go through staging instead."""
+        with self._lock:
+            if request.state is not requests.State.BOUND or n != spec.raw_nbytes:
+                return False
+            views = self._placement.destination_views(codec, ref, request.handle.destination)
+            if views is None:
+                return False
+            write = self._table.start_write(request, ref.layer, ref.tensor, ref.start, ref.count)
+            if write is None:
+                return False
+            handle = request.handle
+            if write is False:  # an exact repeat: read it past
+                handle.duplicates += 1
+        if write is False:
+            self._skip_payload(conn, header, n, late=False)
+            return True
+        try:
+            conn.stream.recv_into_views(views)
+        except BaseException:
+            with self._lock:
+                actions = self._table.unwrite(request, ref.layer, ref.tensor, ref.start, ref.count)
+                self._run_locked(actions)
+            self._run(actions)
+            raise
+        ok = conn.proto.verify_data(header, views)
+        with self._lock:
+            if ok:
+                handle.t_first_byte = handle.t_first_byte or time.monotonic()
+                handle.chunks += 1
+                handle.wire_bytes += n
+                handle.logical_bytes += spec.raw_nbytes
+                actions, layer_ready = self._table.written(request, ref.layer, None)
+                if layer_ready:
+                    handle.layer_done_at.setdefault(ref.layer, time.monotonic())
+                    self._cond.notify_all()
+            else:
+                actions = self._table.unwrite(request, ref.layer, ref.tensor, ref.start, ref.count)
+            frame = conn.owe(n, self._credit_batch)
+            if frame is not None:
+                conn.send(frame)
+            self._run_locked(actions)
+        self._run(actions)
+        if not ok:
+            self._checksum_failed(conn, header, request)
+        return True
+
+    def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
+        """Ask for a chunk again, or fail its request once too many have failed."""
+        where = f"layer {header.layer} tensor {header.tensor} rows {header.start}..{header.start + header.count}"
+        log.warning("payload checksum mismatch from %s (%s of %r): asking for it again", conn.stream.peer, where,
+                    request.request_id)  # fmt: skip
+        with self._lock:
+            actions, again = self._table.checksum_failed(request, where)
+            self._run_locked(actions)
+        self._run(actions)
+        if again:
+            conn.send(conn.proto.nack(header, f"payload checksum mismatch ({where})"))
+
+    def _receive_payload(self, conn: _RConn, header: Header, n: int, codec: Codec) -> tuple[Slot | _DeviceSlot, bool]:
+        """The payload, received where it will be used (staging, or GPU memory), and
+        whether it passed its checksum: nothing is used before this passes."""
         if conn.proto.device_payloads:
             assert isinstance(self._placement, GpuPlacement)  # device payloads are agreed only then
-            buffer, crc = self._placement.receive_device_payload(conn.stream, codec, n)
-            conn.proto.on_device_payload(header, crc)
+            checked = conn.proto.checksum != "none"
+            buffer, crc = self._placement.receive_device_payload(conn.stream, codec, n, checked)
             self._counters["device_payloads"] += 1
-            return _DeviceSlot(buffer)
+            return _DeviceSlot(buffer), conn.proto.verify_device_data(header, crc)
         slot = self._acquire(n)
         try:
             view = slot.view(n)
@@ -669,7 +750,7 @@ class Receiver:
         except BaseException:
             slot.release()
             raise
-        return slot
+        return slot, conn.proto.verify_data(header, [view])
 
     def _acquire(self, nbytes: int) -> Slot:
         try:
@@ -677,10 +758,15 @@ class Receiver:
         except StagingTimeout:
             raise TransferError(f"no staging room for {nbytes} bytes within {STAGING_WAIT_S:.0f} s") from None
 
-    def _skip_payload(self, conn: _RConn, header: Header, n: int) -> None:
-        """Read a late DATA payload (for a request that already ended) and drop it."""
-        slot = self._receive_payload(conn, header, n, conn.joined.codec)
-        self._counters["late_frames"] += 1
+    def _skip_payload(self, conn: _RConn, header: Header, n: int, late: bool = True) -> None:
+        """Read a DATA payload past (a request that ended, an exact repeat) and drop it."""
+        if conn.proto.device_payloads:
+            slot: Slot | _DeviceSlot = self._receive_payload(conn, header, n, conn.joined.codec)[0]
+        else:
+            slot = self._acquire(n)
+            conn.stream.recv_into_exact(slot.view(n))
+        if late:
+            self._counters["late_frames"] += 1
         self._release(_Chunk(None, None, slot, n, conn))
 
     def _check_data(self, conn: _RConn, header: Header) -> tuple[Request, ChunkRef, ChunkSpec] | None:

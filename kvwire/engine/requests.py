@@ -28,7 +28,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvwire.errors import Cancelled, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout
 from kvwire.proto.request import RequestPlan
 
@@ -78,6 +78,7 @@ class Request:
     parked: list = field(default_factory=list)  # chunks that arrived before expect()
     writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
     ending: tuple[State, TransferError] | None = None  # how it ends, while DRAINING
+    checksum_failures: int = 0  # payloads that failed their checksum (each asked for again)
 
     @property
     def live(self) -> bool:
@@ -132,6 +133,11 @@ class Placement(enum.Enum):
     DROP = "drop"
 
 
+# Payloads of one request that may fail their checksum, each asked for again, before the
+# request fails: a link that corrupts this often is not one to trust with the rest.
+MAX_CHECKSUM_FAILURES = 8
+
+
 class RequestTable:
     """Every request a receiver knows, by id and by (session, tag).
 
@@ -158,7 +164,15 @@ class RequestTable:
         # request ids cancelled before the other side showed up: id -> (reason, origin)
         self._cancelled: collections.OrderedDict[str, tuple[str, Origin]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter(
-            {"completed": 0, "failed": 0, "cancelled": 0, "expired": 0, "refused_requests": 0, "parked_chunks": 0}
+            {
+                "completed": 0,
+                "failed": 0,
+                "cancelled": 0,
+                "expired": 0,
+                "refused_requests": 0,
+                "parked_chunks": 0,
+                "checksum_failures": 0,
+            }
         )
 
     # -- events from the decode side -----------------------------------------------------
@@ -308,6 +322,24 @@ class RequestTable:
         request.plan.mark(layer, tensor, start, count)
         request.writing[layer] += 1
         return True
+
+    def unwrite(self, request: Request, layer: int, tensor: int, start: int, count: int) -> list[Action]:
+        """A chunk whose write was started did not arrive whole and verified (its payload
+        failed the checksum, or its connection broke): its rows are missing again."""
+        assert request.plan is not None
+        request.plan.unmark(layer, tensor, start, count)
+        actions, _ = self.written(request, layer, None)
+        return actions
+
+    def checksum_failed(self, request: Request, where: str) -> tuple[list[Action], bool]:
+        """A payload of ``request`` failed its checksum: (actions, whether to ask for it again)."""
+        request.checksum_failures += 1
+        self.counters["checksum_failures"] += 1
+        if request.checksum_failures <= MAX_CHECKSUM_FAILURES or not request.live:
+            return [], request.live
+        error = ChecksumMismatch(f"request {request.request_id!r}: {request.checksum_failures} payloads failed "
+                                 f"their checksum (the last: {where})")  # fmt: skip
+        return self._end(request, State.FAILED, error, Origin.LOCAL), False
 
     def written(self, request: Request, layer: int, error: TransferError | None) -> tuple[list[Action], bool]:
         """After a chunk was written (or failed to be): (actions, whether ``layer`` became ready)."""

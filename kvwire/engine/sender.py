@@ -34,6 +34,7 @@ import kvwire.codec
 from kvwire.engine.channel import Channel, client_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
+    check_checksum,
     check_seconds,
     check_terms,
     check_transport,
@@ -42,9 +43,9 @@ from kvwire.engine.common import (
     secret_bytes,
 )
 from kvwire.engine.placement import Encoder, GpuDirectEncoder, GpuStagedEncoder, HostEncoder, Payload, gpu_kernels
-from kvwire.errors import Cancelled, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout, Selection
-from kvwire.proto import Ack, Cancel, ClientConnection, Credit
+from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
 from kvwire.proto.request import RequestPlan
 from kvwire.staging import StagingClosed, StagingPool
 from kvwire.transport import ByteStream
@@ -55,6 +56,9 @@ log = logging.getLogger("kvwire.sender")
 DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8; see docs/benchmarks.md
 DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
 DEFAULT_STAGING_BYTES = 64 << 20
+# Chunks of one transfer the receiver may ask for again before the transfer fails (the
+# receiver gives up sooner, after 8: this bounds a receiver that would ask forever).
+MAX_NACKS_PER_TRANSFER = 64
 
 
 @dataclass
@@ -125,6 +129,7 @@ class SendHandle:
         self.wire_bytes = 0
         self.chunks = 0
         self.resent_chunks = 0
+        self.nacked_chunks = 0  # chunks the receiver asked for again (a payload failed its checksum)
         self.t_created = time.monotonic()
         self.t_first_layer: float | None = None
         self.t_last_layer: float | None = None
@@ -203,6 +208,7 @@ class SendHandle:
             "wire_bytes": self.wire_bytes,
             "chunks": self.chunks,
             "resent_chunks": self.resent_chunks,
+            "nacked_chunks": self.nacked_chunks,
             "exposed_ms": exposed,
             "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
         }
@@ -241,6 +247,8 @@ class Sender:
         terms: the application's own terms, stated at the handshake (a small dict of
             names to str/int/float/bool, e.g. a tensor-parallel rank): a receiver whose
             ``check_terms`` refuses them refuses the connection (``LayoutMismatch``).
+        checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"`` (the receiver
+            must say the same); default ``"none"`` with TLS, else ``"crc32c"``.
         kernels: a CUDA kernel backend to encode with (``kvwire.cuda.kernels``); default:
             the GPU's, when the caches are on one and the kernels cover the codec. Tests
             pass the kernels' host emulation here to run the GPU data path on CPU tensors.
@@ -275,8 +283,10 @@ class Sender:
         exact_tokens: int = 0,
         terms: Mapping[str, str | int | float | bool] | None = None,
         kernels=None,
+        checksum: str | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self.checksum = check_checksum(checksum, tls)
         check_seconds(connect_timeout, "connect_timeout")
         self._terms = check_terms(terms)
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
@@ -369,7 +379,7 @@ class Sender:
             return HostEncoder(self.layout, self._caches, self._pool, self._side_stream)
         if self._device_payloads:
             return GpuDirectEncoder(self.layout, self._caches, self._pool, self._kernels, self._device,
-                                    self._side_stream)  # fmt: skip
+                                    self._side_stream, checked=self.checksum != "none")  # fmt: skip
         return GpuStagedEncoder(self.layout, self._caches, self._pool, self._kernels, self._device, self._side_stream)
 
     # -- connecting ----------------------------------------------------------------------
@@ -391,6 +401,7 @@ class Sender:
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
             terms=self._terms,
+            checksum=self.checksum,
         )
         accepted = client_handshake(stream, proto)
         stream.settimeout(None)
@@ -683,8 +694,9 @@ class Sender:
                 # finish() return these statistics) before send_parts returns here.
                 self._count(handle, chunk, +1)
                 ref, payload = chunk.ref, chunk.payload
+                crc = payload.checksum() if self.checksum != "none" else 0
                 header = conn.proto.data_header(handle.tag, ref.layer, ref.tensor, ref.start, ref.count,
-                                                payload.nbytes, payload.checksum(), ref.raw)  # fmt: skip
+                                                payload.nbytes, crc, ref.raw)  # fmt: skip
                 try:
                     if payload.device is not None:
                         conn.stream.send_parts(frames + [header], device_payload=payload.device)
@@ -726,12 +738,33 @@ class Sender:
             handle = self._transfers.get(event.tag)
         if handle is None:
             return
+        if isinstance(event, Nack):
+            self._resend_nacked(conn, handle, event)
+            return
         if isinstance(event, Ack):
             handle._complete(
                 None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}")
             )
         elif isinstance(event, Cancel):
             handle._complete(Cancelled(f"transfer {handle.request_id!r} cancelled by the receiver: {event.reason}"))
+
+    def _resend_nacked(self, conn: _Conn, handle: SendHandle, nack: Nack) -> None:
+        """The receiver asks for a chunk again (its payload failed the checksum on the way):
+        encode it again from the source blocks, which the transfer keeps until it is
+        acknowledged, and send it before new chunks. A receiver that keeps asking is not
+        followed forever."""
+        t = handle.plan.tensor(nack.layer, nack.tensor)  # ProtocolError: closes this connection
+        handle.plan.check(nack.layer, nack.tensor, nack.start, nack.count)
+        ref = ChunkRef(nack.layer, nack.tensor, t.name, nack.start, nack.count, nack.raw)
+        with self._lock:
+            handle.nacked_chunks += 1
+            too_many = handle.nacked_chunks > MAX_NACKS_PER_TRANSFER
+            if not too_many:
+                self._jobs.appendleft((handle, nack.layer, None, [ref]))
+                self._jobs_cond.notify()
+        if too_many:
+            self._cancel(handle, f"the receiver asked for {handle.nacked_chunks} chunks again ({nack.reason})",
+                         ChecksumMismatch)  # fmt: skip
 
     def _connection_lost(self, conn: _Conn, exc: Exception) -> None:
         with self._lock:

@@ -45,6 +45,7 @@ from dataclasses import field as dataclass_field
 
 from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
 from kvwire.proto.frames import (
+    CHECKSUMS,
     DATA_RAW,
     PROTOCOL_VERSION,
     AckStatus,
@@ -52,6 +53,7 @@ from kvwire.proto.frames import (
     Header,
     check_payload,
     control_frame,
+    crc32c,
     field,
     json_frame,
     parse_json,
@@ -82,7 +84,9 @@ ALLOWED: dict[tuple[Role, State], frozenset[FrameType]] = {
     (Role.SERVER, State.OPEN): frozenset({FrameType.BEGIN, FrameType.DATA, FrameType.CANCEL}),
     (Role.CLIENT, State.AWAIT_CHALLENGE): frozenset({FrameType.CHALLENGE, FrameType.REJECT}),
     (Role.CLIENT, State.AWAIT_ACCEPT): frozenset({FrameType.ACCEPT, FrameType.REJECT}),
-    (Role.CLIENT, State.OPEN): frozenset({FrameType.ACK, FrameType.CANCEL, FrameType.CREDIT, FrameType.REJECT}),
+    (Role.CLIENT, State.OPEN): frozenset(
+        {FrameType.ACK, FrameType.CANCEL, FrameType.CREDIT, FrameType.NACK, FrameType.REJECT}
+    ),
 }
 
 
@@ -97,6 +101,7 @@ class Hello:
     codec: str
     device_payloads: bool = False  # the sender asks to send payloads from device memory
     terms: dict = dataclass_field(default_factory=dict)  # the application's own terms (Sender(terms=...))
+    checksum: str = "crc32c"  # how DATA payloads are checked (absent in HELLO: crc32c)
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,20 @@ class Credit:
     nbytes: int
 
 
-Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit
+@dataclass(frozen=True)
+class Nack:
+    """Client side: the receiver asks for a chunk again (its payload failed the checksum)."""
+
+    tag: int
+    layer: int
+    tensor: int
+    start: int
+    count: int
+    raw: bool
+    reason: str
+
+
+Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit | Nack
 
 
 def _proof(secret: bytes, label: bytes, *parts: bytes) -> bytes:
@@ -223,8 +241,12 @@ class ClientConnection(Connection):
         codec: str,
         device_payloads: bool = False,
         terms: Mapping[str, object] | None = None,
+        checksum: str = "crc32c",
     ) -> None:
         super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
+        self.checksum = checksum
         self._secret = secret
         self._nonce = os.urandom(NONCE_BYTES)
         self._session = session
@@ -237,6 +259,7 @@ class ClientConnection(Connection):
             "fingerprint": fingerprint,
             "layout": layout,
             "codec": codec,
+            "checksum": checksum,
         }
         if device_payloads:
             hello["device_payloads"] = True
@@ -252,7 +275,7 @@ class ClientConnection(Connection):
             self._fail()
             if code == "auth":
                 raise AuthenticationFailed(f"receiver rejected us: {reason}")
-            if code in ("layout", "codec", "terms"):
+            if code in ("layout", "codec", "terms", "checksum"):
                 raise LayoutMismatch(f"receiver rejected us: {reason}")
             raise ProtocolError(f"receiver rejected us ({code}): {reason}")
         if t == FrameType.CHALLENGE:
@@ -283,6 +306,10 @@ class ClientConnection(Connection):
         if t == FrameType.CREDIT:
             check_payload(header, payload)
             return [Credit(header.start)]
+        if t == FrameType.NACK:
+            reason = parse_text(header, payload)
+            raw = bool(header.flags & DATA_RAW)
+            return [Nack(header.tag, header.layer, header.tensor, header.start, header.count, raw, reason)]
         raise AssertionError(t)  # unreachable: on_header checked the table
 
     # -- what the sender says once open ----------------------------------------------
@@ -296,7 +323,8 @@ class ClientConnection(Connection):
         self, tag: int, layer: int, tensor: int, start: int, count: int, length: int, payload_crc: int, raw: bool
     ) -> bytes:
         """The header of a DATA frame whose ``length`` payload bytes follow it (the caller
-        sends the payload from where it lies: a cache, a staging slot, GPU memory)."""
+        sends the payload from where it lies: a cache, a staging slot, GPU memory).
+        ``payload_crc`` is the payload's CRC32C, or 0 in a session without checksums."""
         if self.state != State.OPEN:
             raise ProtocolError(f"DATA before the handshake is done (state {self.state.value})")
         if not 0 < length <= self.max_payload:
@@ -329,8 +357,12 @@ class ServerConnection(Connection):
         max_payload: int,
         device_payloads: Callable[[str], bool] | None = None,
         check_terms: Callable[[dict], str | None] | None = None,
+        checksum: str = "crc32c",
     ) -> None:
         super().__init__(State.AWAIT_HELLO, max_payload=max_payload)
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
+        self.checksum = checksum
         self._check_terms = check_terms
         self._secret = secret
         self._fingerprint = fingerprint
@@ -370,6 +402,7 @@ class ServerConnection(Connection):
                 codec=field(obj, "codec", str, "HELLO"),
                 device_payloads=obj.get("device_payloads") is True,
                 terms=obj.get("terms", {}),
+                checksum=obj.get("checksum", "crc32c"),
             )
             if not isinstance(self.hello.terms, dict):
                 raise ProtocolError("HELLO: terms must be an object")
@@ -400,6 +433,13 @@ class ServerConnection(Connection):
             why = self._check_codec(hello.codec)
             if why is not None:
                 self._reject("codec", f"codec {hello.codec!r} refused by the receiver: {why}", LayoutMismatch)
+            if hello.checksum != self.checksum:
+                self._reject(
+                    "checksum",
+                    f"payload checksum mismatch: sender uses {hello.checksum!r}, receiver {self.checksum!r} "
+                    f"(both sides must set the same checksum=; with TLS both default to 'none')",
+                    LayoutMismatch,
+                )
             terms = {"window": self._window, "max_payload": self.max_payload}
             if hello.device_payloads and self._device_payloads(hello.codec):
                 self.device_payloads = terms["device_payloads"] = True
@@ -412,8 +452,7 @@ class ServerConnection(Connection):
                 raise ProtocolError("BEGIN: empty request id")
             return [Begin(header.tag, request_id, header.count)]
         if t == FrameType.DATA:
-            check_payload(header, payload)
-            return [Data(header, payload)]
+            return [Data(header, payload)]  # its checksum: verify_data, before it is declared ready
         if t == FrameType.CANCEL:
             return [Cancel(header.tag, parse_text(header, payload))]
         raise AssertionError(t)
@@ -425,15 +464,32 @@ class ServerConnection(Connection):
         self._outbox.append(json_frame(FrameType.REJECT, {"code": code, "reason": reason}))
         self._fail()
 
-    def on_device_payload(self, header: Header, crc: int) -> None:
-        """A DATA payload received into device memory: ``crc`` is its CRC32C, computed
-        where it lies. Raises :class:`ProtocolError` unless it matches the header."""
+    def verify_data(self, header: Header, parts) -> bool:
+        """Whether a DATA payload, received as ``parts`` (buffers in order, wherever they
+        lie in host memory), matches its header's checksum. Always True in a session
+        without checksums. A mismatch is not a protocol error: the payload is asked for
+        again (:meth:`nack`)."""
+        if self.checksum == "none":
+            return True
+        crc = 0
+        for part in parts:
+            crc = crc32c(part, crc)
+        return crc == header.payload_crc
+
+    def verify_device_data(self, header: Header, crc: int | None) -> bool:
+        """The same for a payload received into device memory, whose CRC32C (``crc``) was
+        computed where it lies."""
         if not self.device_payloads or header.type != FrameType.DATA or self.state != State.OPEN:
             self._fail()
             raise ProtocolError("a device payload outside a device-payload DATA frame")
-        if crc != header.payload_crc:
-            self._fail()
-            raise ProtocolError(f"DATA payload checksum mismatch (tag {header.tag}, layer {header.layer})")
+        return self.checksum == "none" or crc == header.payload_crc
+
+    def nack(self, header: Header, reason: str) -> bytes:
+        """Ask for the chunk of DATA frame ``header`` again."""
+        return control_frame(
+            FrameType.NACK, reason.encode()[:4096], tag=header.tag, layer=header.layer, tensor=header.tensor,
+            start=header.start, count=header.count, flags=header.flags & DATA_RAW,
+        )  # fmt: skip
 
     # -- what the receiver says once open --------------------------------------------
     def ack(self, tag: int, ok: bool, message: str = "") -> bytes:

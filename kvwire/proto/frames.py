@@ -17,7 +17,9 @@ Header (little-endian)::
     28     4    header_crc   CRC32C of bytes 0..27
 
 The header checksum means a corrupted header can never point a payload at the wrong
-place; the payload checksum is checked before any payload byte is used. Control
+place. The payload checksum (when the session uses one: ``checksum`` at the handshake)
+is checked before the payload is declared ready; a payload may be received straight into
+its destination rows first, and one that fails is asked for again (NACK). Control
 payloads (everything but DATA) are small and are UTF-8 JSON or UTF-8 text.
 """
 
@@ -56,6 +58,7 @@ class FrameType(enum.IntEnum):
     ACK = 8  # server -> client: request complete (flags 0) or failed (flags = AckStatus)
     CANCEL = 9  # either way: a request is cancelled
     CREDIT = 10  # server -> client: ``start`` more payload bytes may be sent on this connection
+    NACK = 11  # server -> client: a DATA payload failed its checksum; send that chunk again
 
 
 DATA_RAW = 0x01  # DATA flag: the payload is raw, whatever the session's codec (exact tokens)
@@ -64,6 +67,9 @@ DATA_RAW = 0x01  # DATA flag: the payload is raw, whatever the session's codec (
 class AckStatus(enum.IntEnum):
     OK = 0
     FAILED = 1  # the receiver could not complete the request; the payload says why
+
+
+CHECKSUMS = ("crc32c", "none")  # what a session may agree to check DATA payloads with
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -117,8 +123,8 @@ def parse_header(data) -> Header:
         raise ProtocolError(f"unknown frame type {ftype}") from None
     if reserved:
         raise ProtocolError("reserved header byte is not zero")
-    if ftype == FrameType.DATA and flags & ~DATA_RAW:
-        raise ProtocolError(f"unknown DATA flags 0x{flags:02x}")
+    if ftype in (FrameType.DATA, FrameType.NACK) and flags & ~DATA_RAW:
+        raise ProtocolError(f"unknown {ftype.name} flags 0x{flags:02x}")
     if ftype != FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
         raise ProtocolError(f"{ftype.name} payload of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
     return Header(ftype, tag, layer, tensor, start, count, length, payload_crc, flags)

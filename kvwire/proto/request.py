@@ -85,6 +85,15 @@ class RequestPlan:
         self._chunks[(layer, index)][start] = count
         self._missing_units[layer] -= last - first
 
+    def unmark(self, layer: int, index: int, start: int, count: int) -> None:
+        """Forget a chunk marked before (its payload failed its checksum: it comes again)."""
+        t = self.check(layer, index, start, count)
+        if self._chunks[(layer, index)].pop(start, None) != count:
+            raise AssertionError(f"unmark of rows {start}..{start + count} that were not marked")
+        first, last = start // t.unit, -(-(start + count) // t.unit)
+        self._covered[(layer, index)][first:last] = bytes(last - first)
+        self._missing_units[layer] += last - first
+
     def layer_complete(self, layer: int) -> bool:
         return self._missing_units[layer] == 0
 
