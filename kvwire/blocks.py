@@ -120,24 +120,36 @@ def source_rows(
     return gather_tokens(layer_caches[c.name], sel, block_size, c.start, c.start + c.count)
 
 
-def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: Rows) -> list[memoryview] | None:
-    """Zero-copy views of a raw chunk in a contiguous CPU cache (runs of consecutive blocks
-    coalesced), or None when the cache cannot be read that way."""
+def cache_bytes(cache: torch.Tensor) -> np.ndarray | None:
+    """A contiguous CPU cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``
+    (made once per cache: a torch view per chunk was a measurable cost), or None."""
     if cache.device.type != "cpu" or not cache.is_contiguous():
         return None
+    return cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
+
+
+def row_views(blocks: np.ndarray, sel: Selection, block_size: int, c: Rows) -> list[memoryview]:
+    """The bytes of a chunk's rows in a cache seen as ``blocks`` (:func:`cache_bytes`),
+    one view per run of consecutive blocks; the last block's unused tail left out."""
     first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
     ids = sel.block_ids[first:last]
     tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
-    flat = cache.view(cache.shape[0], -1).view(torch.uint8)
-    per_token = flat.shape[1] // block_size
-    views = []
+    per_token = blocks.shape[1] // block_size
     runs = block_runs(ids)
+    views = []
     for k, (_, block, n) in enumerate(runs):
-        run = flat[block : block + n].reshape(-1)
+        run = blocks[block : block + n].reshape(-1)
         if k == len(runs) - 1 and tail < block_size:
-            run = run[: run.numel() - (block_size - tail) * per_token]
-        views.append(run.numpy().data)
+            run = run[: run.size - (block_size - tail) * per_token]
+        views.append(run.data)
     return views
+
+
+def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: Rows) -> list[memoryview] | None:
+    """Zero-copy views of a raw chunk in a contiguous CPU cache (runs of consecutive blocks
+    coalesced), or None when the cache cannot be read that way."""
+    blocks = cache_bytes(cache)
+    return None if blocks is None else row_views(blocks, sel, block_size, c)
 
 
 def place_rows(

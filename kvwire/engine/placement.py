@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kvwire.blocks import copy_tokens_to_blocks, place_rows, raw_views, scatter_tokens, source_rows
+from kvwire.blocks import cache_bytes, copy_tokens_to_blocks, place_rows, row_views, scatter_tokens, source_rows
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
@@ -117,14 +117,15 @@ class HostEncoder(Encoder):
     def __init__(self, layout, caches, pool, side_stream=None) -> None:
         super().__init__(layout, caches, pool)
         self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
+        self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         caches = self.caches[ref.layer]
         bs = self.layout.block_size
-        if codec.name == "raw" and ref.name in caches:
-            views = raw_views(caches[ref.name], source.selection, bs, ref)
-            if views is not None:
-                return Payload(views, None, sum(v.nbytes for v in views))
+        blocks = self.bytes[ref.layer].get(ref.name)
+        if codec.name == "raw" and blocks is not None:
+            views = row_views(blocks, source.selection, bs, ref)
+            return Payload(views, None, sum(v.nbytes for v in views))
         rows = source_rows(caches, source.states.get(ref.layer), source.selection, bs, ref)
         if rows.device.type == "cuda":
             with torch.cuda.stream(self.side_stream):
@@ -212,9 +213,7 @@ class _BlockWriter:
         self.cache = cache
         self.block_size = block_size
         self.token_shape = tuple(cache.shape[2:])
-        self.bytes: np.ndarray | None = None
-        if cache.device.type == "cpu" and cache.is_contiguous():
-            self.bytes = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
+        self.bytes: np.ndarray | None = cache_bytes(cache)
 
     def write(self, sel: Selection, start: int, count: int, data: torch.Tensor) -> None:
         """``data``: the rows as bytes (uint8, 1-D) in the cache's dtype, or as a tensor."""
@@ -264,7 +263,7 @@ class HostPlacement(Placement):
         writer = self.writers[ref.layer][ref.name]
         if writer.bytes is None:
             return None
-        return raw_views(writer.cache, dest.selection, self.layout.block_size, ref)
+        return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)
