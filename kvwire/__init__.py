@@ -14,6 +14,7 @@
 """
 
 from kvwire.engine import ReceiveHandle, Receiver, Sender, SendHandle
+from kvwire.engine.sharded import ShardedSender, ShardedTransfer
 from kvwire.errors import (
     AuthenticationFailed,
     Cancelled,
@@ -25,7 +26,7 @@ from kvwire.errors import (
     TransferError,
     TransferTimeout,
 )
-from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
+from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec, TensorParallel
 from kvwire.transport.tcp import SocketOptions
 from kvwire.tuning import tune_process
 
@@ -47,8 +48,11 @@ __all__ = [
     "Selection",
     "SendHandle",
     "Sender",
+    "ShardedSender",
+    "ShardedTransfer",
     "SocketOptions",
     "StateSpec",
+    "TensorParallel",
     "TransferError",
     "TransferTimeout",
     "__version__",

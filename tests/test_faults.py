@@ -58,8 +58,8 @@ def test_wrong_secret_fails_on_both_sides(rx):
 
 @pytest.mark.parametrize("rx", TRANSPORTS, indirect=True)
 def test_wrong_layout_fails_on_both_sides(rx):
-    other = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=32)
-    with pytest.raises(kvwire.LayoutMismatch, match="block 32.*block 16"):
+    other = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=128, block_size=16)
+    with pytest.raises(kvwire.LayoutMismatch, match=r"k/v 2x128.*k/v 2x64"):
         kvwire.Sender(other, rx.address, secret=SECRET, kv_caches=other.allocate(4), transport=rx.transport)
     time.sleep(0.2)
     assert "layout mismatch" in rx.stats()["rejected"][-1]["reason"]

@@ -104,6 +104,15 @@ class Encoder:
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         raise NotImplementedError
 
+    def cache(self, ref: ChunkRef) -> torch.Tensor:
+        """The cache tensor a chunk comes from: a view of just its heads when it carries some
+        of the heads this side holds (prefill and decode split heads differently)."""
+        cache = self.caches[ref.layer][ref.name]
+        if ref.heads is None:
+            return cache
+        first, count = ref.heads
+        return cache[:, :, first : first + count]
+
     def _into_slot(self, data: torch.Tensor) -> Payload:
         n = data.numel()
         slot = self.pool.acquire(n)
@@ -123,10 +132,13 @@ class HostEncoder(Encoder):
         caches = self.caches[ref.layer]
         bs = self.layout.block_size
         blocks = self.bytes[ref.layer].get(ref.name)
-        if codec.name == "raw" and blocks is not None:
+        if codec.name == "raw" and blocks is not None and ref.heads is None:
             views = row_views(blocks, source.selection, bs, ref)
             return Payload(views, None, sum(v.nbytes for v in views))
         rows = source_rows(caches, source.states.get(ref.layer), source.selection, bs, ref)
+        if ref.heads is not None:  # some of this side's heads: gathered into staging below
+            first, count = ref.heads
+            rows = rows[:, first : first + count]
         if rows.device.type == "cuda":
             with torch.cuda.stream(self.side_stream):
                 rows = rows.to("cpu")
@@ -155,8 +167,7 @@ class GpuStagedEncoder(Encoder):
             chunk = kernels.Chunk.state(self.kernels, source.states[ref.layer], ref.start, ref.count)
         else:
             table = self.kernels.tables.get(source, source.selection.block_ids, self.device, side)
-            chunk = kernels.Chunk.paged(self.caches[ref.layer][ref.name], table, ref.start, ref.count,
-                                        self.layout.block_size)  # fmt: skip
+            chunk = kernels.Chunk.paged(self.cache(ref), table, ref.start, ref.count, self.layout.block_size)
         return kernels.encode(self.kernels, codec, chunk, spec.role, stream=side)
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
@@ -237,6 +248,15 @@ class Placement:
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         raise NotImplementedError
 
+    def cache(self, ref: ChunkRef) -> torch.Tensor:
+        """The cache tensor a chunk lands in: a view of just its heads when it carries some
+        of the heads this side holds (prefill and decode split heads differently)."""
+        cache = self.caches[ref.layer][ref.name]
+        if ref.heads is None:
+            return cache
+        first, count = ref.heads
+        return cache[:, :, first : first + count]
+
     def takes_device_payloads(self, codec: Codec) -> bool:
         return False
 
@@ -261,7 +281,7 @@ class HostPlacement(Placement):
             rows = state.view(-1, state.shape[-1])[ref.start : ref.start + ref.count]
             return [rows.view(torch.uint8).numpy().reshape(-1).data] if state.device.type == "cpu" else None
         writer = self.writers[ref.layer][ref.name]
-        if writer.bytes is None:
+        if writer.bytes is None or ref.heads is not None:  # some heads of each token: not one span
             return None
         return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
 
@@ -270,6 +290,10 @@ class HostPlacement(Placement):
         if ref.name == STATE_NAME:
             state = dest.states[ref.layer]
             place_rows({}, state, dest.selection, self.layout.block_size, ref, rows.view(spec.dtype).view(spec.shape))
+            return
+        if ref.heads is not None:  # some of the heads: a strided scatter into those heads
+            scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
+                           rows.view(spec.dtype).view(spec.shape))  # fmt: skip
             return
         self.writers[ref.layer][ref.name].write(dest.selection, ref.start, ref.count, rows)
 
@@ -316,8 +340,11 @@ class GpuPlacement(Placement):
         if backend is None:
             rows = (data if codec.name == "raw" else codec.decode_bytes(data, spec)).view(spec.dtype).view(spec.shape)
             with torch.cuda.stream(side):
-                place_rows(self.caches[ref.layer], dest.states.get(ref.layer), dest.selection,
-                           self.layout.block_size, ref, rows)  # fmt: skip
+                if ref.name == STATE_NAME:
+                    place_rows({}, dest.states.get(ref.layer), dest.selection, self.layout.block_size, ref, rows)
+                else:
+                    scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
+                                   rows.to(self.device))  # fmt: skip
             kernels.wait_on_host(side)  # the slot is reused after this returns
             return
         if codec.has_lossless_stage:  # +lz4: the lossless stage runs on the host
@@ -326,8 +353,7 @@ class GpuPlacement(Placement):
             chunk = kernels.Chunk.state(backend, dest.states[ref.layer], ref.start, ref.count)
         else:
             table = backend.tables.get(dest, dest.selection.block_ids, self.device, side)
-            chunk = kernels.Chunk.paged(self.caches[ref.layer][ref.name], table, ref.start, ref.count,
-                                        self.layout.block_size)  # fmt: skip
+            chunk = kernels.Chunk.paged(self.cache(ref), table, ref.start, ref.count, self.layout.block_size)
         with torch.cuda.stream(side):
             on_device = data.to(self.device, non_blocking=True)  # allocated and copied on side
         kernels.decode(backend, codec, on_device, chunk, spec.role, stream=side)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import ssl
 import threading
 import time
@@ -31,7 +32,7 @@ import kvwire.codec
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine import requests
 from kvwire.engine.channel import Channel, server_handshake
-from kvwire.engine.chunks import ChunkRef, chunk_spec
+from kvwire.engine.chunks import ChunkRef
 from kvwire.engine.common import (
     check_checksum,
     check_count,
@@ -45,9 +46,11 @@ from kvwire.engine.placement import Destination, GpuPlacement, HostPlacement, Pl
 from kvwire.engine.requests import Placement as Arrival
 from kvwire.engine.requests import Request, RequestTable
 from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
-from kvwire.layout import KVLayout
+from kvwire.layout import KVLayout, TensorParallel
 from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
 from kvwire.proto.frames import DATA_RAW, FrameType
+from kvwire.proto.request import PartSpec
+from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
 from kvwire.staging import Slot, StagingPool, StagingTimeout
 from kvwire.transport import ByteStream
@@ -78,11 +81,20 @@ class _Session:
     id: str
     peer: str
     codec: Codec
+    tp: TensorParallel  # the sender's tensor parallelism (which heads it holds)
+    block_size: int  # the sender's block size: its chunks are cut on it, int4 keys grouped by it
     conns: list = field(default_factory=list)
     parked_bytes: int = 0  # staging held by its chunks that wait for an expect
 
     def any_conn(self) -> _RConn | None:
         return next((c for c in self.conns if c.alive), None)
+
+    @property
+    def who(self) -> str:
+        """How errors name this sender."""
+        if self.tp.size == 1:
+            return f"the sender at {self.peer}"
+        return f"the sender at {self.peer} (tensor-parallel rank {self.tp.rank} of {self.tp.size})"
 
 
 @dataclass(eq=False)
@@ -333,6 +345,8 @@ class Receiver:
         self.layout = layout
         self._secret = secret_bytes(secret)
         self._num_blocks = layout.check_caches(kv_caches)
+        self._tp = tp_of(layout)
+        self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
         self._caches = [dict(c) for c in kv_caches]
         self._placement = self._choose_placement(kernels)
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
@@ -501,7 +515,7 @@ class Receiver:
         host = stream.peer.rpartition(":")[0] or stream.peer
         proto = ServerConnection(
             self._secret,
-            fingerprint=self.layout.fingerprint(),
+            fingerprint=self.layout.model_fingerprint(),
             layout=layout_summary(self.layout),
             check_codec=self._check_codec,
             window=self._window,
@@ -509,6 +523,9 @@ class Receiver:
             device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
             check_terms=self._check_terms,
             checksum=self.checksum,
+            tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
+            block_size=self.layout.block_size,
+            check_shard=self._check_shard,
         )
         conn = _RConn(Channel(stream, proto), host, time.monotonic() + self._handshake_timeout)
         with self._lock:
@@ -527,6 +544,20 @@ class Receiver:
             self._counters["refused_connections"] += 1
         log.debug("refused a connection from %s: %s", stream.peer, why)
         stream.close()
+        return None
+
+    def _check_shard(self, hello) -> str | None:
+        """Why a sender's tensor parallelism cannot pair with this receiver's, or None (the
+        model itself is checked by its fingerprint)."""
+        rank, size, kv_heads = hello.tp
+        try:
+            TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+        except ValueError as exc:
+            return f"the sender's tensor parallelism: {exc}"
+        if kv_heads and kv_heads != self._tp.kv_heads:
+            return f"the sender's model has {kv_heads} KV heads, this receiver's {self._tp.kv_heads}"
+        if hello.block_size <= 0:
+            return f"the sender's block size {hello.block_size}"
         return None
 
     def _check_codec(self, descriptor: str) -> str | None:
@@ -600,7 +631,9 @@ class Receiver:
                 raise ProtocolError(f"{self._max_connections} connections are already open")
             session = self._sessions.get(hello.session)
             if session is None:
-                session = _Session(hello.session, conn.stream.peer, codec=self._codecs[hello.codec])
+                rank, size, kv_heads = hello.tp
+                tp = TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+                session = _Session(hello.session, conn.stream.peer, self._codecs[hello.codec], tp, hello.block_size)
                 self._sessions[hello.session] = session
             session.conns.append(conn)
             session.codec = self._codecs[hello.codec]
@@ -620,7 +653,7 @@ class Receiver:
             if session is None or session.any_conn() is not None:
                 return
             self._sessions.pop(session.id, None)
-            actions = self._table.session_lost(session.id)
+            actions = self._table.session_lost(session.id, session.who)
             self._run_locked(actions)
         self._run(actions)
 
@@ -681,7 +714,7 @@ class Receiver:
             views = self._placement.destination_views(codec, ref, request.handle.destination)
             if views is None:
                 return False
-            write = self._table.start_write(request, ref.layer, ref.tensor, ref.start, ref.count)
+            write = self._table.start_write(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
             if write is None:
                 return False
             handle = request.handle
@@ -694,7 +727,7 @@ class Receiver:
             conn.stream.recv_into_views(views)
         except BaseException:
             with self._lock:
-                actions = self._table.unwrite(request, ref.layer, ref.tensor, ref.start, ref.count)
+                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
                 self._run_locked(actions)
             self._run(actions)
             raise
@@ -710,7 +743,7 @@ class Receiver:
                     handle.layer_done_at.setdefault(ref.layer, time.monotonic())
                     self._cond.notify_all()
             else:
-                actions = self._table.unwrite(request, ref.layer, ref.tensor, ref.start, ref.count)
+                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
             frame = conn.owe(n, self._credit_batch)
             if frame is not None:
                 conn.send(frame)
@@ -779,8 +812,15 @@ class Receiver:
             return None
         assert request.plan is not None  # a request known by its tag has its plan
         t = request.plan.check(header.layer, header.tensor, header.start, header.count)
-        spec = chunk_spec(self.layout, t, header.count)
-        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
+        part = request.part_of(session.id)
+        if (part.whole if t.whole else part.heads) == 0:
+            raise ProtocolError(f"DATA for layer {header.layer} {t.name!r}, which this sender did not announce")
+        heads = t.heads if t.whole or part.heads == t.heads else (part.first_head, part.heads)
+        # The chunk as the sender cut it: its heads, and its block size (int4 groups keys by it).
+        spec = ChunkSpec(header.count, t.heads if t.whole else part.heads, t.head_dim, self.layout.dtype, t.name,
+                         session.block_size)  # fmt: skip
+        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW),
+                       None if isinstance(heads, int) else heads)  # fmt: skip
         codec = ref.codec(session.codec)
         size = codec.encoded_size(spec)
         if header.length > size or (not codec.variable_size and header.length != size):
@@ -814,16 +854,34 @@ class Receiver:
         session = conn.joined
         with self._lock:
             if isinstance(event, Begin):
+                part = self._part_of(session, event)
+                unit = math.gcd(self.layout.block_size, session.block_size)
                 actions = self._table.begin(session.id, event.tag, event.request_id, event.num_tokens,
-                                            time.monotonic())  # fmt: skip
+                                            time.monotonic(), part, unit)  # fmt: skip
                 refused = [a for a in actions if isinstance(a, requests.SendAck) and not a.ok]
             else:
-                actions = self._table.cancel_from_peer(session.id, event.tag, event.reason)
+                actions = self._table.cancel_from_peer(session.id, event.tag, event.reason, session.who)
                 refused = []
             self._run_locked(actions)
         for a in refused:
             log.warning("refused a request from %s: %s", session.peer, a.message)
         self._run(actions)
+
+    def _part_of(self, session: _Session, begin: Begin) -> PartSpec:
+        """What a sender's BEGIN says its chunks carry, checked against both shards."""
+        held = self._tp.heads[1] if self._has_kv else 0
+        if begin.heads is None:  # every head this side holds, from the heads the sender holds
+            part = PartSpec(held, 0, begin.whole)
+            first = self._tp.heads[0] - session.tp.heads[0]
+            if held and not (0 <= first and first + held <= session.tp.heads[1]):
+                raise ProtocolError(f"BEGIN: the sender does not hold all {held} heads this receiver holds")
+            return part
+        part = PartSpec(begin.heads, begin.first_head, begin.whole)
+        sender_first = self._tp.heads[0] + begin.first_head - session.tp.heads[0]
+        why = check_part(Part(begin.heads, sender_first, begin.first_head, begin.whole), session.tp, self._tp)
+        if why is not None or (begin.heads and not self._has_kv):
+            raise ProtocolError(f"BEGIN for tag {begin.tag}: {why or 'k/v heads for a layout without k/v'}")
+        return part
 
     # -- placing -------------------------------------------------------------------------
     def _place_all(self, request: Request, chunks: list[_Chunk]) -> None:
@@ -844,7 +902,8 @@ class Receiver:
         with self._lock:
             self._release_parking_locked(chunk)
             try:
-                write = self._table.start_write(request, ref.layer, ref.tensor, ref.start, ref.count)
+                write = self._table.start_write(request, chunk.conn.joined.id, ref.layer, ref.tensor, ref.start,
+                                                ref.count)  # fmt: skip
             except ProtocolError:
                 self._release_locked(chunk)
                 raise

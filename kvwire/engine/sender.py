@@ -25,12 +25,13 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 import kvwire.codec
+from kvwire.codec import ChunkSpec
 from kvwire.engine.channel import Channel, client_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
@@ -44,9 +45,10 @@ from kvwire.engine.common import (
 )
 from kvwire.engine.placement import Encoder, GpuDirectEncoder, GpuStagedEncoder, HostEncoder, Payload, gpu_kernels
 from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
-from kvwire.layout import KVLayout, Selection
+from kvwire.layout import KVLayout, Selection, TensorParallel
 from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
-from kvwire.proto.request import RequestPlan
+from kvwire.proto.request import TensorPlan, check_rows, tensor_plans
+from kvwire.sharding import Part, kinds, part_for, tp_of
 from kvwire.staging import StagingClosed, StagingPool
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, connect, parse_address
@@ -104,7 +106,7 @@ def _begin_frames(conn: _Conn, handle: SendHandle) -> list[bytes]:
     if handle.tag in conn.begun:
         return []
     conn.begun.add(handle.tag)
-    return [conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens)]
+    return [handle._sender._begin(conn, handle)]
 
 
 class SendHandle:
@@ -119,7 +121,14 @@ class SendHandle:
         self.tag = tag
         self.request_id = request_id
         self.selection = sel
-        self.plan = RequestPlan(sender.layout, sel.num_tokens)
+        # What this transfer's chunks carry (the heads the receiver gets from this sender),
+        # per layer by tensor index.
+        self.tensors: list[dict[int, TensorPlan]] = [
+            {t.index: t for t in layer}
+            for layer in tensor_plans(
+                sender.layout, sel.num_tokens, kv_heads=sender.part.heads, whole=sender.part.whole
+            )  # fmt: skip
+        ]
         self.states: dict[int, torch.Tensor] = dict(states or {})
         self._deadline = deadline
         self._sent_layers: set[int] = set()
@@ -155,7 +164,7 @@ class SendHandle:
         spec = self._sender.layout.layers[layer].state
         if state is not None:
             self.states[layer] = self._sender.layout.check_state(layer, state, "state")
-        elif spec is not None and layer not in self.states:
+        elif spec is not None and layer not in self.states and self._sender.part.whole:
             raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
         if self._sender._device.type == "cuda":
@@ -249,6 +258,9 @@ class Sender:
             ``check_terms`` refuses them refuses the connection (``LayoutMismatch``).
         checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"`` (the receiver
             must say the same); default ``"none"`` with TLS, else ``"crc32c"``.
+        whole_from: with tensor parallelism, which prefill rank sends a decode rank the
+            tensors held whole on every rank (MLA latent, states): ``whole_from(decode_rank,
+            prefill_size)``; default ``decode_rank % prefill_size`` (docs/api.md).
         kernels: a CUDA kernel backend to encode with (``kvwire.cuda.kernels``); default:
             the GPU's, when the caches are on one and the kernels cover the codec. Tests
             pass the kernels' host emulation here to run the GPU data path on CPU tensors.
@@ -284,9 +296,11 @@ class Sender:
         terms: Mapping[str, str | int | float | bool] | None = None,
         kernels=None,
         checksum: str | None = None,
+        whole_from: Callable[[int, int], int] | None = None,
     ) -> None:
         check_transport(transport, tls)
         self.checksum = check_checksum(checksum, tls)
+        self._whole_from = whole_from
         check_seconds(connect_timeout, "connect_timeout")
         self._terms = check_terms(terms)
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
@@ -302,9 +316,23 @@ class Sender:
         self.layout = layout
         self.codec = kvwire.codec.get(codec, group_size=group_size)
         self.codec.check_dtype(layout.dtype)  # an fp8 cache travels raw
+        for layer in layout.layers:  # e.g. int4 groups that do not divide head_dim: say so now
+            for p in layer.paged:
+                try:
+                    self.codec.check(ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name,
+                                               layout.block_size))  # fmt: skip
+                except ValueError as exc:
+                    raise ValueError(f"codec: {exc}") from None
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
+        self._tp = tp_of(layout)
+        self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
+        self.receiver_tp: TensorParallel | None = None  # learnt at the handshake
+        self.receiver_block_size = 0
+        self.part = Part(0, 0, 0, True)
+        self._kv_heads: tuple[int, int] | None = None
+        self._begin_heads: int | None = None
         self._caches = [dict(c) for c in kv_caches]
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -372,6 +400,32 @@ class Sender:
         for t in self._threads:
             t.start()
 
+    def _agree_part(self, accepted) -> None:
+        """What this sender sends this receiver, from both sides' tensor parallelism."""
+        rank, size, kv_heads = accepted.tp
+        if kv_heads and kv_heads != self._tp.kv_heads:
+            raise ValueError(f"peer: the receiver's model has {kv_heads} KV heads, this sender's {self._tp.kv_heads}")
+        receiver = TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+        part = part_for(self._tp, receiver, *kinds(self.layout), self._whole_from)
+        if self.receiver_tp is not None and receiver != self.receiver_tp:
+            raise ValueError("peer: its connections describe different tensor-parallel ranks")
+        if part.empty:
+            raise ValueError(
+                f"peer: decode rank {rank} of {size} gets nothing from prefill rank {self._tp.rank} of "
+                f"{self._tp.size} (another rank sends it its heads; see kvwire.ShardedSender)"
+            )
+        self.receiver_tp, self.receiver_block_size, self.part = receiver, accepted.block_size, part
+        held = self._tp.heads[1] if self._has_kv else 0
+        self._kv_heads = None if part.heads == held else (part.sender_first, part.heads)
+        # BEGIN says "every head you hold" when that is what this sender sends
+        self._begin_heads = None if part.heads == receiver.heads[1] else part.heads
+
+    def _begin(self, conn: _Conn, handle: SendHandle) -> bytes:
+        """A request's BEGIN on ``conn``, with what this sender's chunks of it carry."""
+        part = self.part
+        return conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens, self._begin_heads,
+                                part.receiver_first, part.whole)  # fmt: skip
+
     def _choose_encoder(self) -> Encoder:
         """The data path, chosen once: CPU reference (or views of the cache for raw), GPU
         kernels into pinned staging, or GPU kernels with the bytes left on the GPU."""
@@ -396,15 +450,22 @@ class Sender:
             session=self._session,
             conn_index=index,
             conn_count=count,
-            fingerprint=self.layout.fingerprint(),
+            fingerprint=self.layout.model_fingerprint(),
             layout=layout_summary(self.layout),
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
             terms=self._terms,
             checksum=self.checksum,
+            tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
+            block_size=self.layout.block_size,
         )
         accepted = client_handshake(stream, proto)
         stream.settimeout(None)
+        try:
+            self._agree_part(accepted)
+        except ValueError:
+            stream.close()
+            raise
         self.max_payload = accepted.max_payload
         if self.transport == "ucx":
             stream.device_payloads = accepted.device_payloads
@@ -512,8 +573,7 @@ class Sender:
             conns = [c for c in self._conns if c.alive]
         # Always with its BEGIN (a repeat is ignored by the receiver): a BEGIN marked as
         # sent on a connection here could let a writer send DATA there before it went out.
-        frames = {c.index: c.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens)
-                  + c.proto.cancel(handle.tag, reason) for c in conns}  # fmt: skip
+        frames = {c.index: self._begin(c, handle) + c.proto.cancel(handle.tag, reason) for c in conns}
         for c in conns:
             try:
                 c.stream.send_control(frames[c.index])
@@ -573,8 +633,8 @@ class Sender:
                 continue
             try:
                 refs = resend or plan_chunks(
-                    self.layout, self.codec, handle.plan.tensors[layer], self._chunk_bytes, self.max_payload,
-                    self._exact_tokens,
+                    self.layout, self.codec, list(handle.tensors[layer].values()), self._chunk_bytes,
+                    self.max_payload, self._exact_tokens, self._kv_heads,
                 )  # fmt: skip
                 if event is not None and self._side_stream is not None:
                     self._side_stream.wait_event(event)
@@ -651,7 +711,7 @@ class Sender:
             c.wake.notify()
 
     def _encode(self, handle: SendHandle, ref: ChunkRef, resend: bool = False) -> _OutChunk:
-        spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
+        spec = chunk_spec(self.layout, handle.tensors[ref.layer][ref.tensor], ref.count)
         payload = self.encoder.encode(handle, ref, spec, ref.codec(self.codec))  # raw for exact tokens
         return _OutChunk(handle, ref, payload, spec.raw_nbytes, resend)
 
@@ -753,9 +813,12 @@ class Sender:
         encode it again from the source blocks, which the transfer keeps until it is
         acknowledged, and send it before new chunks. A receiver that keeps asking is not
         followed forever."""
-        t = handle.plan.tensor(nack.layer, nack.tensor)  # ProtocolError: closes this connection
-        handle.plan.check(nack.layer, nack.tensor, nack.start, nack.count)
-        ref = ChunkRef(nack.layer, nack.tensor, t.name, nack.start, nack.count, nack.raw)
+        t = handle.tensors[nack.layer].get(nack.tensor) if 0 <= nack.layer < len(handle.tensors) else None
+        if t is None:
+            raise ProtocolError(f"NACK for layer {nack.layer} tensor {nack.tensor}, which this transfer does not send")
+        check_rows(t, nack.start, nack.count)  # ProtocolError: closes this connection
+        ref = ChunkRef(nack.layer, nack.tensor, t.name, nack.start, nack.count, nack.raw,
+                       None if t.whole else self._kv_heads)  # fmt: skip
         with self._lock:
             handle.nacked_chunks += 1
             too_many = handle.nacked_chunks > MAX_NACKS_PER_TRANSFER

@@ -45,6 +45,8 @@ from dataclasses import field as dataclass_field
 
 from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
 from kvwire.proto.frames import (
+    BEGIN_ALL_HEADS,
+    BEGIN_WHOLE,
     CHECKSUMS,
     DATA_RAW,
     PROTOCOL_VERSION,
@@ -102,6 +104,8 @@ class Hello:
     device_payloads: bool = False  # the sender asks to send payloads from device memory
     terms: dict = dataclass_field(default_factory=dict)  # the application's own terms (Sender(terms=...))
     checksum: str = "crc32c"  # how DATA payloads are checked (absent in HELLO: crc32c)
+    tp: tuple = (0, 1, 0)  # the sender's tensor-parallel (rank, size, model KV heads); size 1: the whole model
+    block_size: int = 0  # the sender's block size (its chunks are cut on it)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ class Accepted:
     window: int
     max_payload: int
     device_payloads: bool = False  # DATA payloads travel as device memory on this connection
+    tp: tuple = (0, 1, 0)  # the receiver's tensor-parallel (rank, size, model KV heads)
+    block_size: int = 0  # the receiver's block size
 
 
 @dataclass(frozen=True)
@@ -122,9 +128,16 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class Begin:
+    """A request's BEGIN, and what this sender's chunks of it carry: ``heads`` k/v heads
+    from ``first_head`` of the receiver's shard (None: every head it holds), and
+    (``whole``) the tensors held whole on every rank."""
+
     tag: int
     request_id: str
     num_tokens: int
+    heads: int | None = None
+    first_head: int = 0
+    whole: bool = True
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,16 @@ Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit 
 
 def _proof(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"\0" + b"".join(parts), hashlib.sha256).digest()
+
+
+def _tp_field(obj: dict, frame: str) -> tuple:
+    """A peer's tensor parallelism: ``[rank, size, model KV heads]``."""
+    value = obj.get("tp")
+    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise ProtocolError(f"{frame}: field 'tp' missing or not [rank, size, kv_heads]")
+    if not (value[1] >= 1 and value[0] < value[1]):
+        raise ProtocolError(f"{frame}: tensor-parallel rank {value[0]} of {value[1]}")
+    return tuple(value)
 
 
 def _hex_field(obj: dict, name: str, frame: str, nbytes: int) -> bytes:
@@ -242,6 +265,8 @@ class ClientConnection(Connection):
         device_payloads: bool = False,
         terms: Mapping[str, object] | None = None,
         checksum: str = "crc32c",
+        tp: tuple = (0, 1, 0),
+        block_size: int = 0,
     ) -> None:
         super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
         if checksum not in CHECKSUMS:
@@ -260,6 +285,8 @@ class ClientConnection(Connection):
             "layout": layout,
             "codec": codec,
             "checksum": checksum,
+            "tp": list(tp),
+            "block_size": block_size,
         }
         if device_payloads:
             hello["device_payloads"] = True
@@ -297,7 +324,9 @@ class ClientConnection(Connection):
                 raise ProtocolError("ACCEPT: window and max_payload must be positive")
             self.max_payload = max_payload
             self.state = State.OPEN
-            return [Accepted(window, max_payload, obj.get("device_payloads") is True)]
+            tp = _tp_field(obj, "ACCEPT")
+            return [Accepted(window, max_payload, obj.get("device_payloads") is True, tp,
+                             field(obj, "block_size", int, "ACCEPT"))]  # fmt: skip
         if t == FrameType.ACK:
             ok = header.flags == AckStatus.OK
             return [Ack(header.tag, ok, parse_text(header, payload))]
@@ -313,8 +342,20 @@ class ClientConnection(Connection):
         raise AssertionError(t)  # unreachable: on_header checked the table
 
     # -- what the sender says once open ----------------------------------------------
-    def begin(self, tag: int, request_id: str, num_tokens: int) -> bytes:
-        return control_frame(FrameType.BEGIN, request_id.encode(), tag=tag, count=num_tokens)
+    def begin(
+        self,
+        tag: int,
+        request_id: str,
+        num_tokens: int,
+        heads: int | None = None,
+        first_head: int = 0,
+        whole: bool = True,
+    ) -> bytes:
+        """A request's BEGIN: ``heads`` k/v heads from ``first_head`` of the receiver's
+        shard (None: all it holds), and ``whole``: the tensors held whole (MLA, states)."""
+        flags = (BEGIN_WHOLE if whole else 0) | (BEGIN_ALL_HEADS if heads is None else 0)
+        return control_frame(FrameType.BEGIN, request_id.encode(), tag=tag, count=num_tokens, flags=flags,
+                             layer=heads or 0, start=first_head if heads else 0)  # fmt: skip
 
     def cancel(self, tag: int, reason: str) -> bytes:
         return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
@@ -358,8 +399,14 @@ class ServerConnection(Connection):
         device_payloads: Callable[[str], bool] | None = None,
         check_terms: Callable[[dict], str | None] | None = None,
         checksum: str = "crc32c",
+        tp: tuple = (0, 1, 0),
+        block_size: int = 0,
+        check_shard: Callable[[Hello], str | None] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_HELLO, max_payload=max_payload)
+        self._tp = list(tp)
+        self._block_size = block_size
+        self._check_shard = check_shard
         if checksum not in CHECKSUMS:
             raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
         self.checksum = checksum
@@ -403,6 +450,8 @@ class ServerConnection(Connection):
                 device_payloads=obj.get("device_payloads") is True,
                 terms=obj.get("terms", {}),
                 checksum=obj.get("checksum", "crc32c"),
+                tp=_tp_field(obj, "HELLO"),
+                block_size=field(obj, "block_size", int, "HELLO"),
             )
             if not isinstance(self.hello.terms, dict):
                 raise ProtocolError("HELLO: terms must be an object")
@@ -433,6 +482,9 @@ class ServerConnection(Connection):
             why = self._check_codec(hello.codec)
             if why is not None:
                 self._reject("codec", f"codec {hello.codec!r} refused by the receiver: {why}", LayoutMismatch)
+            why = self._check_shard(hello) if self._check_shard is not None else None
+            if why is not None:
+                self._reject("layout", why, LayoutMismatch)
             if hello.checksum != self.checksum:
                 self._reject(
                     "checksum",
@@ -440,7 +492,8 @@ class ServerConnection(Connection):
                     f"(both sides must set the same checksum=; with TLS both default to 'none')",
                     LayoutMismatch,
                 )
-            terms = {"window": self._window, "max_payload": self.max_payload}
+            terms = {"window": self._window, "max_payload": self.max_payload, "tp": self._tp,
+                     "block_size": self._block_size}  # fmt: skip
             if hello.device_payloads and self._device_payloads(hello.codec):
                 self.device_payloads = terms["device_payloads"] = True
             self._outbox.append(json_frame(FrameType.ACCEPT, terms))
@@ -450,7 +503,10 @@ class ServerConnection(Connection):
             request_id = parse_text(header, payload)
             if not request_id:
                 raise ProtocolError("BEGIN: empty request id")
-            return [Begin(header.tag, request_id, header.count)]
+            if header.flags & BEGIN_ALL_HEADS:
+                return [Begin(header.tag, request_id, header.count, None, 0, bool(header.flags & BEGIN_WHOLE))]
+            return [Begin(header.tag, request_id, header.count, header.layer, header.start,
+                          bool(header.flags & BEGIN_WHOLE))]  # fmt: skip
         if t == FrameType.DATA:
             return [Data(header, payload)]  # its checksum: verify_data, before it is declared ready
         if t == FrameType.CANCEL:

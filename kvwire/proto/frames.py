@@ -7,10 +7,11 @@ Header (little-endian)::
     2      1    type         FrameType
     3      1    flags        type-specific (ACK: status; DATA: DATA_RAW)
     4      4    tag          the request's number within this session (0: none)
-    8      2    layer
+    8      2    layer        (BEGIN: k/v heads this sender's chunks carry)
     10     1    tensor       index into the layer's tensor names (k, v | kv, then state)
     11     1    reserved     0
-    12     4    start        DATA: first row (token) of the chunk; CREDIT: bytes granted
+    12     4    start        DATA: first row (token) of the chunk; CREDIT: bytes granted;
+                         BEGIN: the first of those heads in the receiver's shard
     16     4    count        DATA: rows in the chunk; BEGIN: num_tokens
     20     4    length       payload bytes that follow
     24     4    payload_crc  CRC32C of the payload
@@ -44,7 +45,7 @@ HEADER = struct.Struct("<HBBIHBBIIIII")
 HEADER_SIZE = HEADER.size  # 32
 _HEADER_BODY = struct.Struct("<HBBIHBBIIII")
 MAX_CONTROL_PAYLOAD = 64 * 1024  # handshakes and acks are tiny; a bigger one is an attack or a bug
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: shards and block sizes may differ; the model fingerprint; NACK
 
 
 class FrameType(enum.IntEnum):
@@ -62,6 +63,9 @@ class FrameType(enum.IntEnum):
 
 
 DATA_RAW = 0x01  # DATA flag: the payload is raw, whatever the session's codec (exact tokens)
+# BEGIN flags: what this sender's chunks of the request carry (docs/protocol.md)
+BEGIN_WHOLE = 0x01  # the tensors held whole on every rank (MLA latent, states)
+BEGIN_ALL_HEADS = 0x02  # every k/v head the receiver holds (else ``layer`` heads from ``start``)
 
 
 class AckStatus(enum.IntEnum):
@@ -125,6 +129,8 @@ def parse_header(data) -> Header:
         raise ProtocolError("reserved header byte is not zero")
     if ftype in (FrameType.DATA, FrameType.NACK) and flags & ~DATA_RAW:
         raise ProtocolError(f"unknown {ftype.name} flags 0x{flags:02x}")
+    if ftype == FrameType.BEGIN and flags & ~(BEGIN_WHOLE | BEGIN_ALL_HEADS):
+        raise ProtocolError(f"unknown BEGIN flags 0x{flags:02x}")
     if ftype != FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
         raise ProtocolError(f"{ftype.name} payload of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
     return Header(ftype, tag, layer, tensor, start, count, length, payload_crc, flags)
