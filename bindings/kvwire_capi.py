@@ -168,9 +168,12 @@ def layout_difference(message: str, own: dict, own_role: str = "sender") -> str:
     mine = {"num_layers": own["num_layers"], "num_kv_heads": own["num_kv_heads"], "head_dim": own["head_dim"],
             "dtype": DTYPES.get(own["dtype"], str(own["dtype"]))}  # fmt: skip
     diffs = []
+    def shown(key: str, value: object) -> str:
+        return f"{value} (MLA latent)" if key == "num_kv_heads" and value == 0 else str(value)
+
     for key in ("num_layers", "num_kv_heads", "head_dim", "dtype"):
         if key in peer and mine[key] != peer[key]:
-            diffs.append(f"{key} is {mine[key]} here, {peer[key]} on the {peer_role}")
+            diffs.append(f"{key} is {shown(key, mine[key])} here, {shown(key, peer[key])} on the {peer_role}")
     if not diffs:
         diffs.append(f"the {peer_role}'s model is [{kinds}]")
     return f"layout: the {peer_role}'s KV layout is not this {own_role}'s: " + "; ".join(diffs)
