@@ -14,9 +14,11 @@
 """
 
 from kvwire.engine import ReceiveHandle, Receiver, Sender, SendHandle
+from kvwire.engine.sharded import ShardedSender, ShardedTransfer
 from kvwire.errors import (
     AuthenticationFailed,
     Cancelled,
+    ChecksumMismatch,
     KvwireError,
     LayoutMismatch,
     PeerLost,
@@ -24,7 +26,7 @@ from kvwire.errors import (
     TransferError,
     TransferTimeout,
 )
-from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
+from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec, TensorParallel
 from kvwire.transport.tcp import SocketOptions
 from kvwire.tuning import tune_process
 
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "Cancelled",
+    "ChecksumMismatch",
     "KVLayout",
     "KvwireError",
     "LayerSpec",
@@ -45,8 +48,11 @@ __all__ = [
     "Selection",
     "SendHandle",
     "Sender",
+    "ShardedSender",
+    "ShardedTransfer",
     "SocketOptions",
     "StateSpec",
+    "TensorParallel",
     "TransferError",
     "TransferTimeout",
     "__version__",

@@ -22,8 +22,10 @@ Example::
     8192
     >>> caches = layout.allocate(num_blocks=4)
     >>> sel = Selection(block_ids=(3, 1), num_tokens=20)
-    >>> gather_tokens(caches[0]["k"], sel, layout.block_size).shape
-    torch.Size([20, 8, 128])
+    >>> sel.check(layout.block_size, num_blocks=4).num_tokens
+    20
+
+Moving bytes between blocks and rows is :mod:`kvwire.blocks`; this module only describes.
 
 Paged tensors may have any strides as long as their *logical* shape is
 ``[num_blocks, block_size, *token_shape]``: an HND cache stored as
@@ -37,7 +39,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 # The dtypes a KV cache may have, with the names used on the wire and in fingerprints.
@@ -175,15 +176,53 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
-class KVLayout:
-    """The shape of a model's KV cache, identical on sender and receiver.
+class TensorParallel:
+    """Which part of a model's KV heads a layout holds: tensor-parallel ``rank`` of
+    ``size``, of a model with ``kv_heads`` KV heads per layer."""
 
-    Holds no memory and no pool size: each side owns as many blocks as it likes.
+    rank: int
+    size: int
+    kv_heads: int
+
+    def __post_init__(self) -> None:
+        for name in ("size", "kv_heads"):
+            _positive_int(getattr(self, name), f"tp {name}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.size:
+            raise ValueError(f"tp_rank: expected an int in 0..{self.size - 1}, got {self.rank!r}")
+        if self.size <= self.kv_heads and self.kv_heads % self.size:
+            raise ValueError(f"tp_size: {self.kv_heads} KV heads do not split evenly over {self.size} ranks")
+        if self.size > self.kv_heads and self.size % self.kv_heads:
+            raise ValueError(f"tp_size: {self.size} ranks cannot replicate {self.kv_heads} KV heads evenly")
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """``(first, count)`` of the model's KV heads this rank holds: contiguous, equal
+        ranges, as vLLM and SGLang split them; beyond one rank per head, heads are
+        replicated and each rank holds one."""
+        return heads_of(self.rank, self.size, self.kv_heads)
+
+
+def heads_of(rank: int, size: int, kv_heads: int) -> tuple[int, int]:
+    """``(first, count)`` of the KV heads tensor-parallel ``rank`` of ``size`` holds."""
+    if size <= kv_heads:
+        per = kv_heads // size
+        return rank * per, per
+    return rank // (size // kv_heads), 1
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of a model's KV cache, or of one tensor-parallel rank's part of it.
+
+    Holds no memory and no pool size: each side owns as many blocks as it likes. Two
+    peers must describe the same *model* (:meth:`model_fingerprint`); their block sizes
+    and tensor-parallel shards may differ (see :meth:`shard`).
     """
 
     layers: tuple[LayerSpec, ...]
     block_size: int
     dtype: torch.dtype = torch.bfloat16
+    tp: TensorParallel | None = None  # None: the whole model (one rank)
     _fingerprint: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +233,15 @@ class KVLayout:
             if not isinstance(layer, LayerSpec):
                 raise TypeError(f"layers[{i}]: expected LayerSpec, got {type(layer).__name__}")
         _positive_int(self.block_size, "block_size")
+        if self.tp is not None:
+            first, count = self.tp.heads
+            for i, layer in enumerate(layers):
+                for p in layer.paged:
+                    if p.name != "kv" and p.heads != count:
+                        raise ValueError(
+                            f"layers[{i}] {p.name!r}: holds {p.heads} heads, tensor-parallel rank {self.tp.rank} "
+                            f"of {self.tp.size} holds {count} of {self.tp.kv_heads}"
+                        )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "dtype", dtype_from(self.dtype))
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -252,6 +300,60 @@ class KVLayout:
         layers = tuple(full if c == "F" else linear for c in pattern)
         return cls(layers=layers, block_size=block_size, dtype=dtype_from(dtype))
 
+    # -- tensor parallelism ----------------------------------------------------------
+    def shard(self, tp_rank: int, tp_size: int) -> KVLayout:
+        """The part of this model's KV one tensor-parallel rank holds: ``k``/``v`` keep the
+        rank's heads (contiguous equal ranges; replicated, one per rank, when ``tp_size``
+        exceeds the KV head count); an MLA ``kv`` latent and request-level states are
+        whole on every rank. The layout of the whole model has ``tp_size`` 1.
+
+        >>> KVLayout.gqa(2, 8, 64).shard(1, 4).layers[0].paged[0].token_shape
+        (2, 64)
+        """
+        if self.tp is not None:
+            raise ValueError("shard: this layout is already a shard; shard the whole model's layout")
+        heads = {p.heads for layer in self.layers for p in layer.paged if p.name != "kv"}
+        if len(heads) > 1:
+            raise ValueError(f"shard: layers with different KV head counts {sorted(heads)} are not supported")
+        kv_heads = heads.pop() if heads else 1
+        tp = TensorParallel(tp_rank, tp_size, kv_heads)
+        count = tp.heads[1]
+        layers = tuple(
+            LayerSpec(
+                paged=tuple(p if p.name == "kv" else PagedTensorSpec(p.name, (count, p.head_dim)) for p in layer.paged),
+                state=layer.state,
+            )
+            for layer in self.layers
+        )
+        return KVLayout(layers=layers, block_size=self.block_size, dtype=self.dtype, tp=tp)
+
+    def model(self) -> KVLayout:
+        """The whole model this layout is a shard of (itself when it is not a shard)."""
+        if self.tp is None:
+            return self
+        layers = tuple(
+            LayerSpec(
+                paged=tuple(
+                    p if p.name == "kv" else PagedTensorSpec(p.name, (self.tp.kv_heads, p.head_dim))
+                    for p in layer.paged
+                ),  # fmt: skip
+                state=layer.state,
+            )
+            for layer in self.layers
+        )
+        return KVLayout(layers=layers, block_size=self.block_size, dtype=self.dtype)
+
+    def with_block_size(self, block_size: int) -> KVLayout:
+        """The same layout with another block size (each side pages its cache its own way)."""
+        return KVLayout(layers=self.layers, block_size=block_size, dtype=self.dtype, tp=self.tp)
+
+    def model_fingerprint(self) -> str:
+        """A digest of what two peers must agree on: the whole model's layers, heads, head
+        dims, state shapes and dtype; not the block size, not the shard."""
+        d = self.model().to_dict()
+        del d["block_size"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
     # -- properties ------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -279,7 +381,7 @@ class KVLayout:
         return num_tokens * self.bytes_per_token() + self.state_bytes()
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "block_size": self.block_size,
             "dtype": DTYPE_NAMES[self.dtype],
             "layers": [
@@ -290,6 +392,9 @@ class KVLayout:
                 for layer in self.layers
             ],
         }
+        if self.tp is not None:
+            d["tp"] = [self.tp.rank, self.tp.size, self.tp.kv_heads]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> KVLayout:
@@ -300,7 +405,8 @@ class KVLayout:
             )
             for layer in d["layers"]
         )
-        return cls(layers=layers, block_size=d["block_size"], dtype=dtype_from(d["dtype"]))
+        tp = TensorParallel(*d["tp"]) if d.get("tp") else None
+        return cls(layers=layers, block_size=d["block_size"], dtype=dtype_from(d["dtype"]), tp=tp)
 
     # -- memory ----------------------------------------------------------------------
     def allocate(
@@ -443,81 +549,3 @@ class Selection:
         if len(set(self.block_ids)) != len(self.block_ids):
             raise ValueError("block_ids: a block id appears twice")
         return self
-
-
-def gather_tokens(
-    cache: torch.Tensor, sel: Selection, block_size: int, start: int = 0, stop: int | None = None
-) -> torch.Tensor:
-    """Tokens ``[start, stop)`` of a selection as a contiguous ``[T, *token_shape]`` tensor.
-
-    ``start`` must be a multiple of ``block_size`` (chunks begin on a block boundary).
-    """
-    stop = sel.num_tokens if stop is None else stop
-    if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
-        return gather_tokens(cache.view(torch.uint8), sel, block_size, start, stop).view(cache.dtype)
-    first, last = start // block_size, -(-stop // block_size)
-    ids = torch.tensor(sel.block_ids[first:last], dtype=torch.long, device=cache.device)
-    blocks = cache.index_select(0, ids)
-    return blocks.reshape(-1, *cache.shape[2:])[: stop - start]
-
-
-def block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Split block ids into runs of consecutive ids: ``(position, first_id, length)``."""
-    runs = []
-    i = 0
-    while i < len(ids):
-        j = i + 1
-        while j < len(ids) and ids[j] == ids[j - 1] + 1:
-            j += 1
-        runs.append((i, ids[i], j - i))
-        i = j
-    return runs
-
-
-def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: int, data: torch.Tensor) -> None:
-    """Write ``data`` (``[T, *token_shape]``) as tokens ``[start, start + T)`` of a selection.
-
-    Only the tokens named are written: the tail of a partial last block keeps its bytes.
-    """
-    if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
-        scatter_tokens(cache.view(torch.uint8), sel, block_size, start, data.view(torch.uint8))
-        return
-    count = data.shape[0]
-    first = start // block_size
-    if cache.device.type == "cpu" and cache.is_contiguous() and data.device.type == "cpu":
-        dst = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
-        src = data.contiguous().reshape(-1).view(torch.uint8).numpy()
-        copy_tokens_to_blocks(dst, src, sel.block_ids[first:], count, block_size)
-        return
-    full = count // block_size
-    if full:
-        ids = torch.tensor(sel.block_ids[first : first + full], dtype=torch.long, device=cache.device)
-        cache.index_copy_(0, ids, data[: full * block_size].reshape(full, block_size, *data.shape[1:]))
-    rest = count - full * block_size
-    if rest:
-        cache[sel.block_ids[first + full], :rest].copy_(data[full * block_size :])
-
-
-def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_size: int) -> None:
-    """Copy the bytes of ``count`` consecutive tokens into blocks, tokens in block order.
-
-    ``dst``: a contiguous cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``;
-    ``src``: the tokens' bytes, 1-D. Consecutive block ids take one memcpy; any other
-    order one numpy indexed assignment, a memcpy per block in C (both several times
-    faster than ``index_copy_``, whose per-index loop dominated the receiver's CPU, and
-    twice as fast as a Python loop over runs for scattered blocks). In a partial last
-    block only the tokens named are written.
-    """
-    block_bytes = dst.shape[1]
-    token_bytes = block_bytes // block_size
-    full, rest = divmod(count, block_size)
-    if full:
-        ids = np.asarray(block_ids[:full], dtype=np.intp)
-        rows = src[: full * block_bytes].reshape(full, block_bytes)
-        first = int(ids[0])
-        if full == 1 or (int(ids[-1]) - first == full - 1 and bool((np.diff(ids) == 1).all())):
-            dst[first : first + full] = rows
-        else:
-            dst[ids] = rows
-    if rest:
-        dst[block_ids[full], : rest * token_bytes] = src[full * block_bytes : full * block_bytes + rest * token_bytes]

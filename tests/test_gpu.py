@@ -15,8 +15,10 @@ import torch
 
 import kvwire
 import kvwire.codec
+from kvwire.blocks import gather_tokens
 from kvwire.codec import ChunkSpec
-from kvwire.layout import Selection, gather_tokens
+from kvwire.engine.placement import HostEncoder
+from kvwire.layout import Selection
 from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
 
 pytestmark = pytest.mark.gpu
@@ -299,7 +301,7 @@ def test_a_transfer_is_right_while_the_current_stream_is_busy(codec_name):
         torch.cuda.synchronize()
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, codec=codec_name,
                            chunk_bytes=64 << 10) as tx:  # fmt: skip
-            assert tx._kernels is not None
+            assert not isinstance(tx.encoder, HostEncoder)
             handle = tx.transfer("busy", src_ids, n, states=src_states, deadline=120)
             for i in range(layout.num_layers):
                 handle.send_layer(i)
@@ -385,7 +387,7 @@ def _transfer_between_processes(codec_name: str, transport: str) -> tuple[dict, 
                 t.copy_(torch.randn(t.shape, device="cuda"))
         ids = list(range(10))
         with kvwire.Sender(layout, address, secret=SECRET, kv_caches=src, codec=codec_name, transport=transport) as tx:
-            assert tx._kernels is not None, "the sender should use the CUDA kernels"
+            assert not isinstance(tx.encoder, HostEncoder), "the sender should use the CUDA kernels"
             tx.send("gpu-req", ids, 150, timeout=120)
             tx_stats = tx.stats()
         got, rx_stats = queue.get(timeout=120)

@@ -21,7 +21,7 @@ import kvwire
 from kvwire.engine.common import layout_summary
 from kvwire.proto import FrameType, Header, ServerConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE
-from tests.helpers import SECRET, WireClient, assert_transferred, filled
+from tests.helpers import SECRET, WireClient, assert_transferred, filled, wire_tp
 
 LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
 
@@ -84,7 +84,8 @@ def test_a_handshake_dribbled_byte_by_byte_is_cut_at_the_deadline():
 
 
 def test_idle_sockets_beyond_the_cap_are_refused_at_once_and_cost_no_threads():
-    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), max_pending_connections=8)
+    dst = LAYOUT.allocate(8)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, max_pending_connections=8)
     src = filled(LAYOUT, 8, seed=3)
     idle = []
     try:
@@ -102,7 +103,7 @@ def test_idle_sockets_beyond_the_cap_are_refused_at_once_and_cost_no_threads():
     # once the idle sockets are gone, senders get in as before
     assert wait_until(lambda: rx.stats()["pending_connections"] == 0)
     transfer_between(rx, src, "after-idle", [0, 1], [4, 5], 20)
-    assert_transferred(LAYOUT, src, [0, 1], rx._caches, [4, 5], 20)
+    assert_transferred(LAYOUT, src, [0, 1], dst, [4, 5], 20)
     rx.close()
 
 
@@ -158,7 +159,8 @@ def test_small_unexpected_chunks_do_not_starve_expected_transfers():
 
 
 def test_a_peer_over_its_parked_bound_is_slowed_alone():
-    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(64), max_parked_bytes_per_peer=32 << 10,
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, max_parked_bytes_per_peer=32 << 10,
                          unclaimed_timeout=60)  # fmt: skip
     src = filled(LAYOUT, 64, seed=6)
     try:
@@ -178,7 +180,7 @@ def test_a_peer_over_its_parked_bound_is_slowed_alone():
                 rx.expect(f"slow-{i}", [44 + i], 16)
             for t in handles:
                 t.finish(timeout=20)
-            assert_transferred(LAYOUT, src, [15], rx._caches, [59], 16)
+            assert_transferred(LAYOUT, src, [15], dst, [59], 16)
     finally:
         rx.close()
 
@@ -202,8 +204,9 @@ class StalledReceiver:
                 return
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             self.conns.append(sock)
-            proto = ServerConnection(SECRET.encode(), fingerprint=layout.fingerprint(), layout=layout_summary(layout),
-                                     check_codec=lambda c: None, window=1 << 30, max_payload=4 << 20)  # fmt: skip
+            proto = ServerConnection(SECRET.encode(), fingerprint=layout.model_fingerprint(),
+                                     layout=layout_summary(layout), check_codec=lambda c: None, window=1 << 30,
+                                     max_payload=4 << 20, tp=wire_tp(layout), block_size=layout.block_size)  # fmt: skip
             while proto.state.value != "open":
                 header = parse_header(_recv(sock, HEADER_SIZE))
                 n = proto.on_header(header)
@@ -308,14 +311,15 @@ def tls_contexts():
 
 def test_tls_transfer_round_trip(tls_contexts):
     server, client = tls_contexts
-    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), tls=server)
+    dst = LAYOUT.allocate(8)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, tls=server)
     src = filled(LAYOUT, 8, seed=8)
     try:
         h = rx.expect("tls", [4, 5], 20)
         with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, tls=client, streams=2) as tx:
             tx.send("tls", [0, 1], 20, timeout=10)
         h.wait(timeout=10)
-        assert_transferred(LAYOUT, src, [0, 1], rx._caches, [4, 5], 20)
+        assert_transferred(LAYOUT, src, [0, 1], dst, [4, 5], 20)
     finally:
         rx.close()
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import kvwire.codec
+from kvwire.blocks import gather_tokens
 from kvwire.cuda import kernels
-from kvwire.layout import Selection, gather_tokens
+from kvwire.layout import Selection
 from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the host emulation")
@@ -304,20 +305,17 @@ def test_state_chunks_use_the_backends_constant_table(backend):
 
 # -- the engine's GPU paths (staged, over TCP) on the host emulation ----------------------------
 @pytest.mark.parametrize("codec", ["fp8", "int4+lz4", "raw"])
-def test_engine_gpu_paths_make_one_block_table_per_transfer(backend, codec, monkeypatch):
-    """The sender's _encode_on_gpu and the receiver's _write_on_gpu with the emulated
-    kernels: many chunks per layer, states included, and each side copies the transfer's
-    block table once, not once per chunk."""
+def test_engine_gpu_paths_make_one_block_table_per_transfer(backend, codec):
+    """The sender's and the receiver's staged GPU paths with the emulated kernels (passed
+    as ``kernels=``): many chunks per layer, states included, and each side copies the
+    transfer's block table once, not once per chunk."""
     import kvwire
-    from kvwire.engine import receiver as receiver_module
-    from kvwire.engine import sender as sender_module
+    from kvwire.engine.placement import GpuStagedEncoder
     from tests.helpers import SECRET, assert_transferred, filled, random_states
 
-    monkeypatch.setattr(sender_module, "_gpu_kernels", lambda device, codec, dtype: backend)
     layout = kvwire.KVLayout.hybrid("LFLF", num_kv_heads=2, head_dim=64, state_shape=(2, 16, 64), block_size=16)
     dst = layout.allocate(16)
-    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst)
-    rx._kernels = receiver_module._KernelsByCodec(torch.device("cpu"), layout.dtype)  # as on a GPU
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, kernels=backend)
     made = backend.tables.made
     try:
         src = filled(layout, 16, seed=3)
@@ -326,17 +324,16 @@ def test_engine_gpu_paths_make_one_block_table_per_transfer(backend, codec, monk
         src_ids, dst_ids = list(range(15, 2, -1)), list(range(13))
         h = rx.expect("e", dst_ids, 200, states=dst_states)
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, codec=codec, streams=2,
-                           chunk_bytes=4 << 10) as tx:  # fmt: skip
-            assert tx._kernels is backend
+                           chunk_bytes=4 << 10, kernels=backend) as tx:  # fmt: skip
+            assert isinstance(tx.encoder, GpuStagedEncoder)
             stats = tx.send("e", src_ids, 200, states=src_states, timeout=60)
         h.wait(timeout=30)
     finally:
         rx.close()
     assert stats["chunks"] > 4 * layout.num_layers  # several chunks per tensor
-    # One for the receiver's transfer, one for the sender's (raw from CPU caches travels as
-    # views of the cache, without kernels: only its states go through them, and they need
-    # no table).
-    assert backend.tables.made - made == (1 if codec == "raw" else 2)
+    # One for the receiver's transfer, one for the sender's (with kernels, raw goes through
+    # them too, as it does from GPU caches).
+    assert backend.tables.made - made == 2
     assert_transferred(layout, src, src_ids, dst, dst_ids, 200, codec.split("+")[0], src_states, dst_states)
 
 

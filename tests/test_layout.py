@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec, gather_tokens, scatter_tokens
+from kvwire.blocks import gather_tokens, scatter_tokens
+from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
 
 
 def test_gqa_layout_counts_bytes_per_token():

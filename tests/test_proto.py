@@ -16,6 +16,7 @@ from kvwire.proto import (
     FrameReader,
     FrameType,
     Header,
+    Nack,
     ServerConnection,
     State,
     crc32c,
@@ -138,19 +139,48 @@ def test_data_before_authentication_is_a_protocol_error():
         pump(client().data_to_send(), FrameReader(s), "whole")
 
 
-def test_corrupted_payload_and_header_are_detected():
+def test_a_corrupted_payload_is_asked_for_again_and_a_corrupted_header_is_fatal():
     c, s = client(), server()
     handshake(c, s)
     payload = b"x" * 100
-    good = Header(FrameType.DATA, tag=1, length=100, payload_crc=crc32c(payload)).pack()
-    with pytest.raises(ProtocolError, match="checksum"):
-        pump(good + b"y" + payload[1:], FrameReader(s), "whole")
+    good = Header(FrameType.DATA, tag=1, layer=2, tensor=1, start=16, count=4, length=100,
+                  payload_crc=crc32c(payload), flags=0x01)  # fmt: skip
+    header = parse_header(good.pack())
+    s.on_header(header)
+    assert s.verify_data(header, [payload[:30], payload[30:]])  # in pieces, wherever they lie
+    assert not s.verify_data(header, [b"y" + payload[1:]])
+    assert s.state == State.OPEN  # not a protocol error: the chunk is asked for again
+    nack = c.on_payload(*split_frame(s.nack(header, "payload checksum mismatch")))
+    assert nack == [Nack(1, 2, 1, 16, 4, True, "payload checksum mismatch")]
     s2 = server()
     handshake(client(), s2)
-    bad_header = bytearray(good)
+    bad_header = bytearray(good.pack())
     bad_header[12] ^= 1  # flip a bit of ``start``
     with pytest.raises(ProtocolError, match="header checksum"):
         pump(bytes(bad_header) + payload, FrameReader(s2), "whole")
+
+
+def split_frame(frame: bytes):
+    header = parse_header(frame[:HEADER_SIZE])
+    return header, frame[HEADER_SIZE:]
+
+
+@pytest.mark.parametrize(
+    "client_sum, server_sum, ok",
+    [("crc32c", "crc32c", True), ("none", "none", True), ("none", "crc32c", False), ("crc32c", "none", False)],
+)
+def test_both_sides_agree_on_the_payload_checksum(client_sum, server_sum, ok):
+    c = ClientConnection(SECRET, session="ab" * 8, conn_index=0, conn_count=1, fingerprint="f" * 32, layout="L",
+                         codec="raw", checksum=client_sum)  # fmt: skip
+    s = ServerConnection(SECRET, fingerprint="f" * 32, layout="L", check_codec=lambda c: None, window=1 << 20,
+                         max_payload=1 << 16, checksum=server_sum)  # fmt: skip
+    if ok:
+        handshake(c, s)
+        header = Header(FrameType.DATA, tag=1, count=1, length=3, payload_crc=0 if server_sum == "none" else 1)
+        assert s.verify_data(header, [b"abc"]) is (server_sum == "none")
+        return
+    with pytest.raises(LayoutMismatch, match=f"sender uses '{client_sum}', receiver '{server_sum}'"):
+        handshake(c, s)
 
 
 def test_oversized_payloads_are_refused_before_reading_them():
@@ -215,11 +245,9 @@ def test_a_device_payload_is_checked_against_its_header():
     payload = bytes(range(200))
     header = Header(FrameType.DATA, tag=1, count=1, length=len(payload), payload_crc=crc32c(payload))
     s.on_header(header)
-    s.on_device_payload(header, crc32c(payload))  # the CRC computed where the payload lies
+    assert s.verify_device_data(header, crc32c(payload))  # the CRC computed where the payload lies
+    assert not s.verify_device_data(header, crc32c(payload) ^ 1)  # asked for again, not fatal
     assert s.state == State.OPEN
-    with pytest.raises(ProtocolError, match="checksum mismatch"):
-        s.on_device_payload(header, crc32c(payload) ^ 1)
-    assert s.state == State.ERROR
 
 
 def test_a_device_payload_is_refused_where_none_was_agreed():
@@ -227,7 +255,7 @@ def test_a_device_payload_is_refused_where_none_was_agreed():
     handshake(c, s)
     header = Header(FrameType.DATA, tag=1, count=1, length=4, payload_crc=0)
     with pytest.raises(ProtocolError, match="device payload"):
-        s.on_device_payload(header, 0)
+        s.verify_device_data(header, 0)
 
 
 def test_unknown_data_flags_are_refused():

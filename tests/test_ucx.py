@@ -61,27 +61,18 @@ def test_ucx_on_loopback_here_has_no_cuda_transport():
 
 @pytest.fixture
 def emulated_gpu(monkeypatch):
-    """Make the engine take its GPU-direct path on this machine: the kernels' host
-    emulation in place of the GPU, host tensors in place of device memory, and a UCX
-    that says it moves device memory. Returns a function that gives a receiver kernels."""
+    """The engine's GPU-direct path on this machine: the kernels' host emulation in place
+    of the GPU (passed as ``kernels=``), host tensors in place of device memory, and a UCX
+    that says it moves device memory. Returns the backend."""
     import shutil
 
     from kvwire.cuda import kernels
-    from kvwire.engine import receiver as receiver_module
-    from kvwire.engine import sender as sender_module
     from kvwire.transport import ucx
 
     if shutil.which("g++") is None:
         pytest.skip("needs g++ to build the host emulation")
-    emulated = kernels.EmulatedBackend.build()
     monkeypatch.setattr(ucx, "moves_device_memory", lambda host=None: True)
-    monkeypatch.setattr(sender_module, "_gpu_kernels", lambda device, codec, dtype: emulated)
-
-    def give_kernels(rx):
-        rx._kernels = receiver_module._KernelsByCodec(torch.device("cpu"), rx.layout.dtype)  # as on a GPU
-        return rx
-
-    return give_kernels
+    return kernels.EmulatedBackend.build()
 
 
 @pytest.mark.parametrize("codec, exact", [("raw", 0), ("fp8", 0), ("int4/g64/k64", 0), ("fp8", 16)])
@@ -94,12 +85,13 @@ def test_the_device_payload_path_on_the_host_emulation(codec, exact, emulated_gp
 
     layout = LAYOUTS["mha"]
     dst = layout.allocate(16)
-    rx = emulated_gpu(kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx"))
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx", kernels=emulated_gpu)
     try:
         src = filled(layout, 16, seed=7)
         h = rx.expect("d", [9, 3, 4], 40)
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, codec=codec, streams=2,
-                           transport="ucx", chunk_bytes=8 << 10, exact_tokens=exact) as tx:  # fmt: skip
+                           transport="ucx", chunk_bytes=8 << 10, exact_tokens=exact,
+                           kernels=emulated_gpu) as tx:  # fmt: skip
             tx.send("d", [1, 2, 5], 40, timeout=60)
             paths = {c["path"] for c in tx.stats()["connections"]}
         h.wait(timeout=10)
@@ -120,30 +112,32 @@ def test_the_device_payload_path_on_the_host_emulation(codec, exact, emulated_gp
 
 def test_a_corrupted_device_payload_is_refused_and_written_nowhere(emulated_gpu, monkeypatch):
     """A device payload whose bytes do not match the header's CRC32C: the receiver checks
-    it on the device, closes the connections, and the destination stays untouched."""
-    from kvwire.engine import sender as sender_module
+    it on the device and asks for it again; corrupted every time, the request fails
+    typed, and the destination stays untouched (a device payload is decoded only once
+    it passed)."""
+    from kvwire.engine.placement import GpuDirectEncoder
     from tests.helpers import filled
 
     layout = LAYOUTS["mha"]
     dst = layout.allocate(16)
-    rx = emulated_gpu(kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx"))
-    real = sender_module.Sender._encode_on_gpu
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx", kernels=emulated_gpu)
+    real = GpuDirectEncoder.encode
 
-    def corrupt(self, handle, ref, spec, codec, to_host=True):
-        encoded, crc = real(self, handle, ref, spec, codec, to_host)
-        encoded[len(encoded) // 2] ^= 0x10  # one bit flipped after the CRC was taken
-        return encoded, crc
+    def corrupt(self, source, ref, spec, codec):
+        payload = real(self, source, ref, spec, codec)
+        payload.device[len(payload.device) // 2] ^= 0x10  # one bit flipped after the CRC was taken
+        return payload
 
-    monkeypatch.setattr(sender_module.Sender, "_encode_on_gpu", corrupt)
+    monkeypatch.setattr(GpuDirectEncoder, "encode", corrupt)
     try:
         h = rx.expect("bad", [9, 3, 4], 40)
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=filled(layout, 16), streams=2,
-                           transport="ucx") as tx:  # fmt: skip
-            with pytest.raises(kvwire.PeerLost):
+                           transport="ucx", kernels=emulated_gpu) as tx:  # fmt: skip
+            with pytest.raises(kvwire.TransferError, match="failed their checksum"):
                 tx.send("bad", [1, 2, 5], 40, timeout=30)
-        with pytest.raises(kvwire.TransferError):
+        with pytest.raises(kvwire.ChecksumMismatch):
             h.wait(timeout=10)
-        assert rx.stats()["protocol_errors"] >= 1
+        assert rx.stats()["checksum_failures"] > 8
     finally:
         rx.close()
     assert all((t == 0).all() for layer in dst for t in layer.values())

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import kvwire.codec
-from kvwire.bench import codec_report, fidelity, flood, loopback, netem, profiles, soak
+from kvwire.bench import codec_report, fidelity, flood, loopback, loopback_report, netem, profiles, soak, twohost
 from kvwire.bench.report import table, write_json
 
 
@@ -40,9 +40,9 @@ def _cmd_loopback(args: argparse.Namespace) -> int:
     report = loopback.run(args, progress=lambda line: print(line, flush=True))
     report["machine"] = _machine()
     print()
-    print(table(("figure", "value"), loopback.summary_rows(report)))
+    print(table(("figure", "value"), loopback_report.summary_rows(report)))
     print()
-    print(table(loopback.CONNECTION_HEADERS, loopback.connection_rows(report)))
+    print(table(loopback_report.CONNECTION_HEADERS, loopback_report.connection_rows(report)))
     print("GB/s = 1e9 bytes per second; wire counts encoded bytes, effective counts logical KV bytes")
     if args.json:
         write_json(args.json, report)
@@ -65,7 +65,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     args.layer_ms = 0.0
     loopback.check_arguments(args)
-    report = loopback.serve(args, parse_address(args.listen, "--listen"), progress=lambda x: print(x, flush=True))
+    report = twohost.serve(args, parse_address(args.listen, "--listen"), progress=lambda x: print(x, flush=True))
     if args.json:
         write_json(args.json, report)
     return 0 if report["verified"] is not False else 1
@@ -75,7 +75,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from kvwire.transport import parse_address
 
     loopback.check_arguments(args)
-    report = loopback.send(args, parse_address(args.peer, "--peer"), progress=lambda x: print(x, flush=True))
+    report = twohost.send(args, parse_address(args.peer, "--peer"), progress=lambda x: print(x, flush=True))
     print(table(("figure", "value"), [
         ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
         ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s"),

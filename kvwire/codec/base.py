@@ -187,6 +187,15 @@ class Codec:
             out.copy_(y.reshape(out.shape))
         return out
 
+    def pack(self, inner_bytes, spec: ChunkSpec) -> bytes:
+        """A lossless stage alone: ``inner``'s bytes (e.g. made by a GPU kernel) -> wire bytes.
+        Only codecs with ``has_lossless_stage`` have one."""
+        raise ValueError(f"codec {self.descriptor!r} has no lossless stage")
+
+    def unpack(self, data: torch.Tensor, spec: ChunkSpec):
+        """A lossless stage undone: wire bytes -> ``inner``'s bytes (a uint8 numpy array)."""
+        raise ValueError(f"codec {self.descriptor!r} has no lossless stage")
+
     # Subclasses implement these on validated, contiguous inputs.
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Cutting a layer into chunks, and moving a chunk between a cache and wire bytes.
+"""Cutting a layer into chunks, and what a receiver holds once they arrive.
 
 A chunk is a run of rows of one tensor of one layer: whole blocks of a paged tensor
 (only the request's last block may be partial), or rows of a state. Chunks are sized so
@@ -14,7 +14,7 @@ import torch
 
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.codec.raw import RawCodec
-from kvwire.layout import STATE_NAME, KVLayout, Selection, block_runs, gather_tokens, scatter_tokens
+from kvwire.layout import STATE_NAME, KVLayout
 from kvwire.proto.request import TensorPlan
 
 RAW = RawCodec()
@@ -28,17 +28,17 @@ class ChunkRef:
     start: int
     count: int
     raw: bool = False  # sent raw whatever the session's codec (the transfer's exact tokens)
+    # (first, count) of the k/v heads it carries, in this side's shard; None: every head
+    # this side holds (always, unless prefill and decode split heads differently)
+    heads: tuple[int, int] | None = None
 
     def codec(self, session_codec: Codec) -> Codec:
         return RAW if self.raw else session_codec
 
 
-def role_of(name: str) -> str:
-    return name  # tensor names are the codec roles: k, v, kv, state
-
-
 def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
-    return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, role_of(t.name), layout.block_size)
+    """What a chunk of ``count`` rows of ``t`` is to a codec (tensor names are codec roles)."""
+    return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, t.name, layout.block_size)
 
 
 def row_unit(codec: Codec, t: TensorPlan) -> int:
@@ -53,18 +53,22 @@ def plan_chunks(
     target_bytes: int,
     max_payload: int,
     exact_rows: int = 0,
+    kv_heads: tuple[int, int] | None = None,
 ) -> list[ChunkRef]:
     """Chunks covering every row of ``tensors`` (one layer), each <= ``max_payload`` encoded.
 
     ``exact_rows``: a lossy codec's paged tensors send their first rows raw (rounded up to
-    whole blocks, and key groups), e.g. the attention-sink tokens at a prompt's start."""
+    whole blocks, and key groups), e.g. the attention-sink tokens at a prompt's start.
+    ``kv_heads``: the k/v heads the chunks carry, ``(first, count)`` of this side's shard
+    (None: all it holds)."""
     chunks = []
     for t in tensors:
         if t.rows == 0:
             continue
         exact = exact_row_count(codec, t.name, t.rows, t.unit, exact_rows)
-        chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, raw=True)
-        chunks += _cut(layout, codec, t, exact, t.rows, row_unit(codec, t), target_bytes, max_payload, raw=False)
+        heads = None if t.whole else kv_heads
+        chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, True, heads)
+        chunks += _cut(layout, codec, t, exact, t.rows, row_unit(codec, t), target_bytes, max_payload, False, heads)
     return chunks
 
 
@@ -90,7 +94,7 @@ def received_rows(codec: Codec, rows: torch.Tensor, role: str, block_size: int, 
 
 
 def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_bytes: int, max_payload: int,
-         raw: bool) -> list[ChunkRef]:  # fmt: skip
+         raw: bool, heads: tuple[int, int] | None) -> list[ChunkRef]:  # fmt: skip
     """Rows ``[start, stop)`` of ``t`` in chunks of whole ``unit`` rows under ``max_payload``."""
     if stop <= start:
         return []
@@ -106,54 +110,6 @@ def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_
             f"raise the receiver's slot_bytes"
         )
     return [
-        ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw)
+        ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw, heads)
         for first in range(start, stop, rows_per_chunk)
     ]
-
-
-def source_rows(
-    layer_caches: dict[str, torch.Tensor], state: torch.Tensor | None, sel: Selection, block_size: int, c: ChunkRef
-) -> torch.Tensor:
-    """The rows of a chunk, as ``[count, ...]`` in the cache dtype (on the cache's device)."""
-    if c.name == STATE_NAME:
-        assert state is not None
-        return state.reshape(-1, state.shape[-1])[c.start : c.start + c.count]
-    return gather_tokens(layer_caches[c.name], sel, block_size, c.start, c.start + c.count)
-
-
-def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: ChunkRef) -> list[memoryview] | None:
-    """Zero-copy views of a raw chunk in a contiguous CPU cache (runs of consecutive blocks
-    coalesced), or None when the cache cannot be read that way."""
-    if cache.device.type != "cpu" or not cache.is_contiguous():
-        return None
-    first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
-    ids = sel.block_ids[first:last]
-    tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
-    flat = cache.view(cache.shape[0], -1).view(torch.uint8)
-    per_token = flat.shape[1] // block_size
-    views = []
-    runs = block_runs(ids)
-    for k, (_, block, n) in enumerate(runs):
-        run = flat[block : block + n].reshape(-1)
-        if k == len(runs) - 1 and tail < block_size:
-            run = run[: run.numel() - (block_size - tail) * per_token]
-        views.append(run.numpy().data)
-    return views
-
-
-def place_rows(
-    layer_caches: dict[str, torch.Tensor],
-    state: torch.Tensor | None,
-    sel: Selection,
-    block_size: int,
-    c: ChunkRef,
-    rows: torch.Tensor,
-) -> None:
-    """Write decoded rows (``[count, heads, head_dim]``) into their destination."""
-    if c.name == STATE_NAME:
-        assert state is not None
-        dest = state.view(-1, state.shape[-1])[c.start : c.start + c.count]
-        dest.copy_(rows.reshape(dest.shape), non_blocking=True)
-        return
-    cache = layer_caches[c.name]
-    scatter_tokens(cache, sel, block_size, c.start, rows.reshape(rows.shape[0], *cache.shape[2:]).to(cache.device))

@@ -1,33 +1,40 @@
 """The decode side: accept senders, check every frame, place chunks where ``expect`` said.
 
-Each connection has one reader thread. For a DATA frame it validates the header against
-the request's plan (known request, layer and tensor in range, rows inside the request,
-block-aligned, the payload size the codec implies), receives the payload with
-``recv_into`` straight into a staging slot, verifies its CRC32C, and only then decodes
-it into the destination blocks. Data for a request nobody has ``expect``-ed yet stays
-in its slot; the sender gets no credit back for it, so it slows down rather than
-overrun the staging budget. A bad frame closes its connection (logged); other
-connections and other senders carry on.
+Each connection has one reader thread. For a DATA frame it checks the header against
+the request (known request, layer and tensor in range, rows inside the request, aligned,
+the payload size the codec implies), receives the payload with ``recv_into`` into a
+staging slot, verifies its CRC32C, and only then hands it to the placement
+(``engine/placement.py``), which writes it into the destination blocks. Data for a
+request nobody has ``expect``-ed yet waits in its slot, within the parking bounds; the
+sender gets no credit back for it, so it slows down rather than overrun the staging
+budget. A bad frame closes its connection (logged); other connections and senders carry on.
+
+What a request goes through (expected, announced, bound, complete, failed...) is the
+sans-I/O table of ``engine/requests.py``; this module feeds it events under one lock and
+carries out the actions it returns after releasing the lock.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 import kvwire.codec
 from kvwire.codec import ChunkSpec, Codec
-from kvwire.engine.chunks import ChunkRef, chunk_spec, place_rows
+from kvwire.engine import requests
+from kvwire.engine.channel import Channel, server_handshake
+from kvwire.engine.chunks import ChunkRef
 from kvwire.engine.common import (
+    check_checksum,
     check_count,
     check_seconds,
     check_transport,
@@ -35,18 +42,15 @@ from kvwire.engine.common import (
     request_arguments,
     secret_bytes,
 )
-from kvwire.errors import (
-    Cancelled,
-    KvwireError,
-    PeerLost,
-    ProtocolError,
-    TransferError,
-    TransferTimeout,
-)
-from kvwire.layout import KVLayout, Selection, copy_tokens_to_blocks
-from kvwire.proto import Authenticated, Begin, Cancel, Header, ServerConnection, parse_header
-from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
-from kvwire.proto.request import RequestPlan
+from kvwire.engine.placement import Destination, GpuPlacement, HostPlacement, Placement, gpu_kernels
+from kvwire.engine.requests import Placement as Arrival
+from kvwire.engine.requests import Request, RequestTable
+from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.layout import KVLayout, TensorParallel
+from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
+from kvwire.proto.frames import DATA_RAW, FrameType
+from kvwire.proto.request import PartSpec
+from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
 from kvwire.staging import Slot, StagingPool, StagingTimeout
 from kvwire.transport import ByteStream
@@ -64,10 +68,6 @@ REAPER_PERIOD_S = 0.05
 DEFAULT_MAX_PENDING_CONNECTIONS = 64  # not yet authenticated: each holds a thread until its deadline
 DEFAULT_MAX_CONNECTIONS = 1024  # authenticated: each holds a reader thread
 DEFAULT_MAX_REQUESTS_PER_SESSION = 1024  # requests a sender may have open at once
-# Tags of ended requests remembered per session, so late frames for them are dropped
-# quietly: a sender stops sending a request's chunks when it ends, so only the frames
-# already in flight (a credit window's worth) can come late.
-ENDED_TAGS_REMEMBERED = 1024
 # A reader waits this long at most for staging room; slots are held only while a chunk
 # is placed (parked data has its own, smaller bound), so this is only ever hit by a bug
 # or a machine too overloaded to place a chunk in that time.
@@ -75,9 +75,31 @@ STAGING_WAIT_S = 30.0
 
 
 @dataclass(eq=False)
+class _Session:
+    """One sender (its connections share a session id), with what it parks here."""
+
+    id: str
+    peer: str
+    codec: Codec
+    tp: TensorParallel  # the sender's tensor parallelism (which heads it holds)
+    block_size: int  # the sender's block size: its chunks are cut on it, int4 keys grouped by it
+    conns: list = field(default_factory=list)
+    parked_bytes: int = 0  # staging held by its chunks that wait for an expect
+
+    def any_conn(self) -> _RConn | None:
+        return next((c for c in self.conns if c.alive), None)
+
+    @property
+    def who(self) -> str:
+        """How errors name this sender."""
+        if self.tp.size == 1:
+            return f"the sender at {self.peer}"
+        return f"the sender at {self.peer} (tensor-parallel rank {self.tp.rank} of {self.tp.size})"
+
+
+@dataclass(eq=False)
 class _RConn:
-    stream: ByteStream
-    proto: ServerConnection
+    channel: Channel
     host: str  # the peer's address without the port: pending connections are capped per host
     handshake_deadline: float
     session: _Session | None = None
@@ -85,6 +107,16 @@ class _RConn:
     cut: str | None = None  # why this side closed it (the handshake deadline passed)
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def stream(self) -> ByteStream:
+        return self.channel.stream
+
+    @property
+    def proto(self) -> ServerConnection:
+        proto = self.channel.proto
+        assert isinstance(proto, ServerConnection)
+        return proto
 
     @property
     def joined(self) -> _Session:
@@ -116,27 +148,6 @@ class _RConn:
             return False
 
 
-@dataclass(eq=False)
-class _Session:
-    id: str
-    peer: str
-    codec: Codec
-    conns: list = field(default_factory=list)
-    tags: dict = field(default_factory=dict)  # open requests: tag -> _Incoming
-    ended: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # recent ended tags
-    parked_bytes: int = 0  # staging held by this sender's chunks that wait for an expect
-
-    def any_conn(self) -> _RConn | None:
-        return next((c for c in self.conns if c.alive), None)
-
-    def end(self, tag: int) -> None:
-        """Forget an ended request, remembering its tag (boundedly) to drop late frames."""
-        self.tags.pop(tag, None)
-        self.ended[tag] = None
-        while len(self.ended) > ENDED_TAGS_REMEMBERED:
-            self.ended.popitem(last=False)
-
-
 class _DeviceSlot:
     """A payload received straight into GPU memory (UCX with CUDA): held like a staging
     slot until it is placed. Its memory is bounded by the credit window, as slots are."""
@@ -151,57 +162,26 @@ class _DeviceSlot:
 
 
 @dataclass(eq=False)
-class _Parked:
-    ref: ChunkRef
-    spec: ChunkSpec
+class _Chunk:
+    """A received chunk: where its payload is, and what it holds of the receiver's bounds."""
+
+    ref: ChunkRef | None
+    spec: ChunkSpec | None
     slot: Slot | _DeviceSlot
     length: int
     conn: _RConn
     parked_bytes: int = 0  # counted against the parking bounds until placed or dropped
 
 
-@dataclass(eq=False)
-class _Incoming:
-    """A request announced by a sender's BEGIN, matched (or not yet) with an ``expect``."""
-
-    session: _Session
-    tag: int
-    request_id: str
-    num_tokens: int
-    plan: RequestPlan
-    created: float
-    handle: ReceiveHandle | None = None
-    parked: list = field(default_factory=list)
-    writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
-    finished: bool = False
-
-
-class _KernelsByCodec:
-    """The CUDA kernel backend for each codec a session uses, or None where the kernels
-    do not cover it (then the CPU reference decodes and the result is copied over)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self._device, self._dtype = device, dtype
-        self._cache: dict[str, object] = {}
-
-    def get(self, descriptor: str):
-        if descriptor not in self._cache:
-            from kvwire.engine.sender import _gpu_kernels
-
-            self._cache[descriptor] = _gpu_kernels(self._device, kvwire.codec.get(descriptor), self._dtype)
-        return self._cache[descriptor]
-
-
 class ReceiveHandle:
     """Where one request lands, and how to wait for it. Create with :meth:`Receiver.expect`."""
 
-    def __init__(self, receiver: Receiver, request_id: str, sel: Selection, states, deadline: float) -> None:
+    def __init__(self, receiver: Receiver, request_id: str, dest: Destination, deadline: float) -> None:
         self._receiver = receiver
         self.request_id = request_id
-        self.selection = sel
-        self.states: dict[int, torch.Tensor] = dict(states or {})
+        self.destination = dest
         self.deadline = deadline
-        self._incoming: _Incoming | None = None
+        self._request: Request | None = None
         self._error: TransferError | None = None
         self._finished = False
         self.t_expected = time.monotonic()
@@ -212,6 +192,14 @@ class ReceiveHandle:
         self.chunks = 0
         self.duplicates = 0
         self.layer_done_at: dict[int, float] = {}
+
+    @property
+    def selection(self):
+        return self.destination.selection
+
+    @property
+    def states(self) -> dict[int, torch.Tensor]:
+        return self.destination.states
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> None:
         """Block until every tensor of ``layer`` is in place (or raise the transfer's error)."""
@@ -253,10 +241,15 @@ class ReceiveHandle:
         }  # fmt: skip
 
     def _layer_ready(self, layer: int) -> bool:
-        inc = self._incoming
+        return self._finished or (self._request is not None and self._request.layer_ready(layer))
+
+    def _end(self, error: TransferError | None) -> None:
+        """(receiver lock held) The request ended: wake whoever waits for it."""
         if self._finished:
-            return True
-        return inc is not None and inc.plan.layer_complete(layer) and not inc.writing[layer]
+            return
+        self._error = error
+        self._finished = True
+        self.t_done = time.monotonic()
 
 
 class Receiver:
@@ -290,6 +283,12 @@ class Receiver:
         check_terms: called with each sender's ``terms`` (a dict, empty if it stated none)
             after it authenticated; returns None to accept, or the reason to refuse it
             (the sender's constructor raises ``LayoutMismatch`` with that reason).
+        checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"``; default
+            ``"none"`` with TLS (its AEAD authenticates every byte already), else
+            ``"crc32c"``. Both sides must agree (a mismatch is refused at the handshake).
+        kernels: a CUDA kernel backend to decode with (``kvwire.cuda.kernels``); default:
+            the GPU's, when the caches are on one. Tests pass the kernels' host emulation
+            here to run the GPU data path on CPU tensors.
 
     Example::
 
@@ -321,8 +320,11 @@ class Receiver:
         max_parked_bytes: int | None = None,
         max_parked_bytes_per_peer: int | None = None,
         check_terms: Callable[[dict], str | None] | None = None,
+        kernels=None,
+        checksum: str | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self.checksum = check_checksum(checksum, tls)
         if check_terms is not None and not callable(check_terms):
             raise TypeError(f"check_terms: expected a callable, got {type(check_terms).__name__}")
         self._check_terms = check_terms
@@ -331,7 +333,6 @@ class Receiver:
         self._max_pending = check_count(max_pending_connections, "max_pending_connections")
         self._max_pending_per_host = max(1, self._max_pending // 4)
         self._max_connections = check_count(max_connections, "max_connections")
-        self._max_requests = check_count(max_requests_per_session, "max_requests_per_session")
         self._max_parked = check_count(
             staging_bytes // 2 if max_parked_bytes is None else max_parked_bytes, "max_parked_bytes"
         )
@@ -344,20 +345,10 @@ class Receiver:
         self.layout = layout
         self._secret = secret_bytes(secret)
         self._num_blocks = layout.check_caches(kv_caches)
+        self._tp = tp_of(layout)
+        self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
         self._caches = [dict(c) for c in kv_caches]
-        first = next((t for c in self._caches for t in c.values()), None)
-        self._device = first.device if first is not None else torch.device("cpu")
-        self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        self._kernels = _KernelsByCodec(self._device, layout.dtype) if self._device.type == "cuda" else None
-        # Byte views of contiguous CPU caches, [num_blocks, block_bytes], for the raw fast path.
-        self._np_caches = [
-            {
-                name: t.view(t.shape[0], -1).view(torch.uint8).numpy()
-                for name, t in layer.items()
-                if t.device.type == "cpu" and t.is_contiguous()
-            }
-            for layer in self._caches
-        ]
+        self._placement = self._choose_placement(kernels)
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
         self._pool = StagingPool(staging_bytes, slot_bytes)
         self._window = window_bytes or max(slot_bytes, self._pool.budget_bytes // 8)
@@ -370,10 +361,12 @@ class Receiver:
         self._codecs: dict[str, kvwire.codec.Codec] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._table = RequestTable(
+            layout,
+            capacity_tokens=self._num_blocks * layout.block_size,
+            max_requests_per_session=check_count(max_requests_per_session, "max_requests_per_session"),
+        )
         self._sessions: dict[str, _Session] = {}
-        self._by_id: dict[str, _Incoming] = {}
-        self._expected: dict[str, ReceiveHandle] = {}
-        self._cancelled_ids: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._conns: list[_RConn] = []
         self._pending: list[_RConn] = []  # accepted, handshake not finished
         self._parked_bytes = 0
@@ -381,8 +374,8 @@ class Receiver:
         self._last_reject_log = float("-inf")
         self._unlogged_rejects = 0
         self._counters: collections.Counter[str] = collections.Counter(
-            {k: 0 for k in ("frames", "wire_bytes", "parked_chunks", "completed", "failed", "protocol_errors",
-                            "rejected_connections", "refused_connections", "refused_requests", "late_frames")}
+            {k: 0 for k in ("frames", "wire_bytes", "protocol_errors", "rejected_connections",
+                            "refused_connections", "late_frames", "parking_waits", "device_payloads")}
         )  # fmt: skip
         self._closed = False
         self._ucx_cuda: bool | None = None  # whether UCX here moves GPU memory (asked once)
@@ -400,6 +393,22 @@ class Receiver:
         ]
         for t in self._threads:
             t.start()
+
+    def _choose_placement(self, kernels) -> Placement:
+        """The data path for these caches, chosen once: the CPU's, or the GPU's (kernels
+        per codec, the CPU reference for codecs without them)."""
+        first = next((t for c in self._caches for t in c.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if device.type != "cuda" and kernels is None:
+            return HostPlacement(self.layout, self._caches)
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        dtype = self.layout.dtype
+        if kernels is not None:
+            from kvwire.cuda import kernels as launchers
+
+            return GpuPlacement(self.layout, self._caches, device, side,
+                                lambda codec: kernels if launchers.supports(codec, dtype) else None)  # fmt: skip
+        return GpuPlacement(self.layout, self._caches, device, side, lambda codec: gpu_kernels(device, codec, dtype))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -429,38 +438,28 @@ class Receiver:
         for i, t in (states or {}).items():
             if not t.is_contiguous():
                 raise ValueError(f"states[{i}]: must be contiguous")
-        handle = ReceiveHandle(self, request_id, sel, states, time.monotonic() + deadline)
+        handle = ReceiveHandle(self, request_id, Destination(sel, dict(states or {})), time.monotonic() + deadline)
         with self._lock:
-            if request_id in self._expected or (
-                request_id in self._by_id and self._by_id[request_id].handle is not None
-            ):
-                raise ValueError(f"request_id: {request_id!r} is already expected")
-            reason = self._cancelled_ids.pop(request_id, None)
-            if reason is not None:
-                self._finish(handle, None, Cancelled(f"request {request_id!r} was cancelled by the sender: {reason}"))
-                return handle
-            inc = self._by_id.get(request_id)
-            if inc is not None and not inc.finished:
-                parked, actions = self._bind(inc, handle)
-            else:
-                self._expected[request_id] = handle
-                parked, actions = [], []
+            request, actions = self._table.expect(request_id, handle, sel.num_tokens, handle.deadline)
+            handle._request = request
+            self._run_locked(actions)
         self._run(actions)
-        self._place_parked(handle._incoming, parked)
         return handle
 
     def stats(self) -> dict:
         with self._lock:
             conns = [c.stream.stats() | {"alive": c.alive} for c in self._conns if c.alive]
+            census = self._table.census()
             return {
                 "connections": conns,
                 "sessions": len(self._sessions),
                 "pending_connections": len(self._pending),
                 "parked_bytes": self._parked_bytes,
-                "pending_expect": len(self._expected),
+                "pending_expect": census["expected"],
                 "staging": self._pool.stats(),
                 "rejected": list(self._rejected),
                 **dict(self._counters),
+                **dict(self._table.counters),
             }
 
     def census(self) -> dict:
@@ -468,16 +467,8 @@ class Receiver:
         checks (every count returns to zero once requests end, ``cancelled_ids`` and
         ``ended_tags`` are bounded memories)."""
         with self._lock:
-            tags = sum(len(s.tags) for s in self._sessions.values())
-            parked = sum(len(i.parked) for i in self._by_id.values())
-            return {
-                "requests": len(self._by_id),
-                "tags": tags,
-                "expected": len(self._expected),
-                "parked_chunks": parked,
+            return self._table.census() | {
                 "parked_bytes": self._parked_bytes,
-                "cancelled_ids": len(self._cancelled_ids),
-                "ended_tags": sum(len(s.ended) for s in self._sessions.values()),
                 "sessions": len(self._sessions),
                 "connections": len(self._conns),
                 "pending_connections": len(self._pending),
@@ -489,13 +480,11 @@ class Receiver:
             if self._closed:
                 return
             self._closed = True
-            handles = list(self._expected.values()) + [i.handle for i in self._by_id.values() if i.handle]
-            for h in handles:
-                self._finish(h, None, Cancelled(f"request {h.request_id!r}: the receiver was closed"))
-            for inc in self._by_id.values():
-                self._release_parked(inc)
+            actions = self._table.close()
+            self._run_locked(actions)
             conns = list(self._conns) + list(self._pending)
             self._cond.notify_all()
+        self._run(actions)
         self._listener.close()
         for c in conns:
             c.stream.close()
@@ -526,15 +515,19 @@ class Receiver:
         host = stream.peer.rpartition(":")[0] or stream.peer
         proto = ServerConnection(
             self._secret,
-            fingerprint=self.layout.fingerprint(),
+            fingerprint=self.layout.model_fingerprint(),
             layout=layout_summary(self.layout),
             check_codec=self._check_codec,
             window=self._window,
             max_payload=self._slot_bytes,
             device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
             check_terms=self._check_terms,
+            checksum=self.checksum,
+            tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
+            block_size=self.layout.block_size,
+            check_shard=self._check_shard,
         )
-        conn = _RConn(stream, proto, host, time.monotonic() + self._handshake_timeout)
+        conn = _RConn(Channel(stream, proto), host, time.monotonic() + self._handshake_timeout)
         with self._lock:
             from_host = sum(1 for c in self._pending if c.host == host)
             if self._closed:
@@ -551,6 +544,20 @@ class Receiver:
             self._counters["refused_connections"] += 1
         log.debug("refused a connection from %s: %s", stream.peer, why)
         stream.close()
+        return None
+
+    def _check_shard(self, hello) -> str | None:
+        """Why a sender's tensor parallelism cannot pair with this receiver's, or None (the
+        model itself is checked by its fingerprint)."""
+        rank, size, kv_heads = hello.tp
+        try:
+            TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+        except ValueError as exc:
+            return f"the sender's tensor parallelism: {exc}"
+        if kv_heads and kv_heads != self._tp.kv_heads:
+            return f"the sender's model has {kv_heads} KV heads, this receiver's {self._tp.kv_heads}"
+        if hello.block_size <= 0:
+            return f"the sender's block size {hello.block_size}"
         return None
 
     def _check_codec(self, descriptor: str) -> str | None:
@@ -571,15 +578,8 @@ class Receiver:
             # cannot hold the connection (each read's own timeout alone would not stop it).
             self._listener.finish_accept(stream, self._handshake_timeout)  # type: ignore[arg-type]
             stream.settimeout(self._handshake_timeout)
-            while conn.session is None:
-                header = parse_header(stream.recv_exact(HEADER_SIZE))
-                n = proto.on_header(header)
-                events = proto.on_payload(header, stream.recv_exact(n))
-                stream.send_parts([proto.data_to_send()])
-                for e in events:
-                    if isinstance(e, Authenticated):
-                        self._join_session(conn, e)
-                        stream.device_payloads = proto.device_payloads
+            server_handshake(stream, proto, lambda event: self._join_session(conn, event))
+            stream.device_payloads = proto.device_payloads
             stream.settimeout(None)
             while True:
                 self._read_frame(conn)
@@ -596,10 +596,10 @@ class Receiver:
             stream.close()
             self._connection_closed(conn)
 
-    def _takes_device_payloads(self, codec: str) -> bool:
+    def _takes_device_payloads(self, descriptor: str) -> bool:
         """Whether this receiver takes ``codec``'s payloads in GPU memory: GPU caches, kernels
         for the codec, no host-side lz4 stage, and a UCX with CUDA transports."""
-        if self._kernels is None or kvwire.codec.get(codec).has_lossless_stage or self._kernels.get(codec) is None:
+        if not self._placement.takes_device_payloads(kvwire.codec.get(descriptor)):
             return False
         if self._ucx_cuda is None:
             from kvwire.transport import ucx
@@ -631,7 +631,9 @@ class Receiver:
                 raise ProtocolError(f"{self._max_connections} connections are already open")
             session = self._sessions.get(hello.session)
             if session is None:
-                session = _Session(hello.session, conn.stream.peer, codec=self._codecs[hello.codec])
+                rank, size, kv_heads = hello.tp
+                tp = TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+                session = _Session(hello.session, conn.stream.peer, self._codecs[hello.codec], tp, hello.block_size)
                 self._sessions[hello.session] = session
             session.conns.append(conn)
             session.codec = self._codecs[hello.codec]
@@ -640,6 +642,7 @@ class Receiver:
             self._conns.append(conn)
 
     def _connection_closed(self, conn: _RConn) -> None:
+        actions: list = []
         with self._lock:
             conn.alive = False
             if conn in self._pending:
@@ -650,64 +653,137 @@ class Receiver:
             if session is None or session.any_conn() is not None:
                 return
             self._sessions.pop(session.id, None)
-            for inc in list(session.tags.values()):
-                if not inc.finished:
-                    self._fail(inc, PeerLost(f"request {inc.request_id!r}: the sender's connections are all gone"))
-                self._retire(inc)
-            self._cond.notify_all()
+            actions = self._table.session_lost(session.id, session.who)
+            self._run_locked(actions)
+        self._run(actions)
 
     # -- frames --------------------------------------------------------------------------
     def _read_frame(self, conn: _RConn) -> None:
-        stream, proto = conn.stream, conn.proto
-        header = parse_header(stream.recv_exact(HEADER_SIZE))
-        n = proto.on_header(header)
+        header, n = conn.channel.read_header()
         if header.type != FrameType.DATA:
-            for event in proto.on_payload(header, stream.recv_exact(n)):
-                if isinstance(event, Begin):
-                    self._on_begin(conn, event)
-                elif isinstance(event, Cancel):
-                    self._on_cancel(conn, event)
+            for event in conn.channel.read_control(header, n):
+                if isinstance(event, Begin | Cancel):
+                    self._on_event(conn, event)
             return
+        self._read_data(conn, header, n)
+
+    def _read_data(self, conn: _RConn, header: Header, n: int) -> None:
+        """A DATA frame: its header checked, its payload received into the destination rows
+        when it can go there as it is, else into staging; verified before it counts."""
         checked = self._check_data(conn, header)
         if checked is None:  # a request that ended: read the payload past and give the credit back
             self._skip_payload(conn, header, n)
             return
-        inc, ref, spec = checked
-        parked_bytes = self._reserve_parking(conn, inc, n)
-        slot: Slot | _DeviceSlot
-        try:
-            if proto.device_payloads:
-                slot = self._receive_on_device(conn, header, n)
-            else:
-                slot = host = self._acquire(n)
-                try:
-                    view = host.view(n)
-                    stream.recv_into_exact(view)
-                    proto.on_payload(header, view)  # checks the CRC: nothing is used before this passes
-                except BaseException:
-                    host.release()
-                    raise
-        except BaseException:
-            self._unpark(conn.joined, parked_bytes)
-            raise
+        request, ref, spec = checked
+        codec = ref.codec(conn.joined.codec)
         self._counters["frames"] += 1
         self._counters["wire_bytes"] += n
-        parked = _Parked(ref, spec, slot, n, conn, parked_bytes)
+        if self._receive_in_place(conn, header, n, request, ref, spec, codec):
+            return
+        parked_bytes = self._reserve_parking(conn, request, n)
+        try:
+            slot, ok = self._receive_payload(conn, header, n, codec)
+        except BaseException:
+            with self._lock:
+                self._unpark_locked(conn.joined, parked_bytes)
+            raise
+        chunk = _Chunk(ref, spec, slot, n, conn, parked_bytes)
+        if not ok:
+            self._release(chunk)
+            self._checksum_failed(conn, header, request)
+            return
         with self._lock:
-            if inc.finished:
-                drop = True
-            elif inc.handle is None and parked_bytes:
-                inc.parked.append(parked)
-                self._counters["parked_chunks"] += 1
-                return
-            else:
-                drop = False
-        self._unpark(conn.joined, parked.parked_bytes)
-        parked.parked_bytes = 0
-        if drop:
-            self._release(parked)
+            arrival = self._table.arrived(request, chunk)
+            if arrival is Arrival.PARK:
+                return  # it waits, counted, until an expect claims it or the request ends
+            self._release_parking_locked(chunk)
+        if arrival is Arrival.DROP:
+            self._release(chunk)
         else:
-            self._place(inc, parked)
+            self._place(request, chunk)
+
+    def _receive_in_place(self, conn: _RConn, header: Header, n: int, request: Request, ref: ChunkRef,
+                          spec: ChunkSpec, codec: Codec) -> bool:  # fmt: skip
+        """Receive a payload straight into its destination rows, where the placement can
+        take it as it is (raw into contiguous host memory): no staging, no copy. The rows
+        belong to this request alone until it ends; they count as arrived only once the
+        checksum passed. False when the payload must go through staging instead."""
+        with self._lock:
+            if request.state is not requests.State.BOUND or n != spec.raw_nbytes:
+                return False
+            views = self._placement.destination_views(codec, ref, request.handle.destination)
+            if views is None:
+                return False
+            write = self._table.start_write(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+            if write is None:
+                return False
+            handle = request.handle
+            if write is False:  # an exact repeat: read it past
+                handle.duplicates += 1
+        if write is False:
+            self._skip_payload(conn, header, n, late=False)
+            return True
+        try:
+            conn.stream.recv_into_views(views)
+        except BaseException:
+            with self._lock:
+                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+                self._run_locked(actions)
+            self._run(actions)
+            raise
+        ok = conn.proto.verify_data(header, views)
+        with self._lock:
+            if ok:
+                handle.t_first_byte = handle.t_first_byte or time.monotonic()
+                handle.chunks += 1
+                handle.wire_bytes += n
+                handle.logical_bytes += spec.raw_nbytes
+                actions, layer_ready = self._table.written(request, ref.layer, None)
+                if layer_ready:
+                    handle.layer_done_at.setdefault(ref.layer, time.monotonic())
+                    self._cond.notify_all()
+            else:
+                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+            frame = conn.owe(n, self._credit_batch)
+            if frame is not None:
+                conn.send(frame)
+            self._run_locked(actions)
+        self._run(actions)
+        if not ok:
+            self._checksum_failed(conn, header, request)
+        return True
+
+    def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
+        """Ask for a chunk again, or fail its request once too many have failed."""
+        where = f"layer {header.layer} tensor {header.tensor} rows {header.start}..{header.start + header.count}"
+        log.warning("payload checksum mismatch from %s (%s of %r): asking for it again", conn.stream.peer, where,
+                    request.request_id)  # fmt: skip
+        with self._lock:
+            actions, again = self._table.checksum_failed(request, where)
+            self._run_locked(actions)
+        self._run(actions)
+        if again:
+            conn.send(conn.proto.nack(header, f"payload checksum mismatch ({where})"))
+
+    def _receive_payload(self, conn: _RConn, header: Header, n: int, codec: Codec) -> tuple[Slot | _DeviceSlot, bool]:
+        """The payload, received where it will be used (staging, or GPU memory), and
+        whether it passed its checksum: nothing is used before this passes."""
+        if conn.proto.device_payloads:
+            assert isinstance(self._placement, GpuPlacement)  # device payloads are agreed only then
+            checked = conn.proto.checksum != "none"
+            buffer, crc = self._placement.receive_device_payload(conn.stream, codec, n, checked)
+            self._counters["device_payloads"] += 1
+            return _DeviceSlot(buffer), conn.proto.verify_device_data(header, crc)
+        slot = self._acquire(n)
+        try:
+            view = slot.view(n)
+            conn.stream.recv_into_exact(view)
+            events = conn.proto.on_payload(header, view)
+            assert len(events) == 1 and isinstance(events[0], Data)
+        except BaseException:
+            slot.release()
+            raise
+        return slot, conn.proto.verify_data(header, [view])
 
     def _acquire(self, nbytes: int) -> Slot:
         try:
@@ -715,17 +791,46 @@ class Receiver:
         except StagingTimeout:
             raise TransferError(f"no staging room for {nbytes} bytes within {STAGING_WAIT_S:.0f} s") from None
 
-    def _skip_payload(self, conn: _RConn, header: Header, n: int) -> None:
-        """Read a late DATA payload (for a request that already ended) and drop it."""
+    def _skip_payload(self, conn: _RConn, header: Header, n: int, late: bool = True) -> None:
+        """Read a DATA payload past (a request that ended, an exact repeat) and drop it."""
         if conn.proto.device_payloads:
-            slot: Slot | _DeviceSlot = self._receive_on_device(conn, header, n)
+            slot: Slot | _DeviceSlot = self._receive_payload(conn, header, n, conn.joined.codec)[0]
         else:
             slot = self._acquire(n)
             conn.stream.recv_into_exact(slot.view(n))
-        self._counters["late_frames"] += 1
-        self._release(_Parked(None, None, slot, n, conn))  # type: ignore[arg-type]
+        if late:
+            self._counters["late_frames"] += 1
+        self._release(_Chunk(None, None, slot, n, conn))
 
-    def _reserve_parking(self, conn: _RConn, inc: _Incoming, nbytes: int) -> int:
+    def _check_data(self, conn: _RConn, header: Header) -> tuple[Request, ChunkRef, ChunkSpec] | None:
+        """Everything about a DATA frame that can be checked before its payload is read.
+        None for a frame of a request that ended (it is read and dropped)."""
+        session = conn.joined
+        with self._lock:
+            request = self._table.lookup(session.id, header.tag)
+        if request is None:
+            return None
+        assert request.plan is not None  # a request known by its tag has its plan
+        t = request.plan.check(header.layer, header.tensor, header.start, header.count)
+        part = request.part_of(session.id)
+        if (part.whole if t.whole else part.heads) == 0:
+            raise ProtocolError(f"DATA for layer {header.layer} {t.name!r}, which this sender did not announce")
+        heads = t.heads if t.whole or part.heads == t.heads else (part.first_head, part.heads)
+        # The chunk as the sender cut it: its heads, and its block size (int4 groups keys by it).
+        spec = ChunkSpec(header.count, t.heads if t.whole else part.heads, t.head_dim, self.layout.dtype, t.name,
+                         session.block_size)  # fmt: skip
+        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW),
+                       None if isinstance(heads, int) else heads)  # fmt: skip
+        codec = ref.codec(session.codec)
+        size = codec.encoded_size(spec)
+        if header.length > size or (not codec.variable_size and header.length != size):
+            raise ProtocolError(
+                f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
+                f"{codec.descriptor} needs {'at most ' if codec.variable_size else ''}{size}"
+            )
+        return request, ref, spec
+
+    def _reserve_parking(self, conn: _RConn, request: Request, nbytes: int) -> int:
         """Bytes this chunk counts against the parking bounds (0 when its request is
         already expected). While this sender (or all senders together) park too much,
         wait: this connection is read no further, so this sender alone is slowed, until
@@ -733,7 +838,7 @@ class Receiver:
         session = conn.joined
         held = -(-nbytes // STAGING_UNIT) * STAGING_UNIT
         with self._lock:
-            while inc.handle is None and not inc.finished and not self._closed:
+            while request.state is requests.State.ANNOUNCED and not self._closed:
                 over_peer = session.parked_bytes and session.parked_bytes + held > self._max_parked_per_peer
                 over_all = self._parked_bytes and self._parked_bytes + held > self._max_parked
                 if not over_peer and not over_all:
@@ -741,342 +846,143 @@ class Receiver:
                     self._parked_bytes += held
                     return held
                 self._counters["parking_waits"] += 1
-                remaining = inc.created + self._unclaimed_timeout - time.monotonic()
+                remaining = request.created + self._unclaimed_timeout - time.monotonic()
                 self._cond.wait(max(remaining, 0) + REAPER_PERIOD_S)  # the reaper refuses it at the deadline
             return 0
 
-    def _unpark(self, session: _Session, nbytes: int) -> None:
-        if nbytes:
-            with self._lock:
-                session.parked_bytes -= nbytes
-                self._parked_bytes -= nbytes
-                self._cond.notify_all()  # a reader may be waiting for parking room
-
-    def _receive_on_device(self, conn: _RConn, header: Header, n: int) -> _DeviceSlot:
-        """Receive a DATA payload into GPU memory and check its CRC32C there.
-
-        UCX writes the buffer outside stream order, so it comes from
-        ``kernels.receive_buffer``: memory no queued kernel still uses, released only after
-        the side-stream work that reads it (the CRC here, the decode in ``_write_on_gpu``)."""
-        from kvwire.cuda import kernels
-
-        buffer = kernels.receive_buffer(n, self._device, self._side_stream)
-        conn.stream.recv_device_into(buffer)  # returns once the bytes are in device memory
-        assert self._kernels is not None  # device payloads are agreed only with kernels
-        backend = self._kernels.get(conn.joined.codec.descriptor)  # one CuPy backend runs every codec
-        conn.proto.on_device_payload(header, kernels.crc32c(backend, buffer, stream=self._side_stream))
-        self._counters["device_payloads"] += 1
-        return _DeviceSlot(buffer)
-
-    def _check_data(self, conn: _RConn, header: Header) -> tuple[_Incoming, ChunkRef, ChunkSpec] | None:
-        """Everything about a DATA frame that can be checked before its payload is read.
-        None for a frame of a request that ended (it is read and dropped)."""
+    def _on_event(self, conn: _RConn, event: Begin | Cancel) -> None:
         session = conn.joined
         with self._lock:
-            inc = session.tags.get(header.tag)
-            ended = inc is None and header.tag in session.ended
-        if ended:
-            return None
-        if inc is None:
-            raise ProtocolError(f"DATA for tag {header.tag} before its BEGIN")
-        t = inc.plan.check(header.layer, header.tensor, header.start, header.count)
-        spec = chunk_spec(self.layout, t, header.count)
-        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
-        codec = ref.codec(session.codec)
-        size = codec.encoded_size(spec)
-        variable = codec.variable_size  # compressed chunks vary in size, up to a bound
-        if header.length > size or (not variable and header.length != size):
-            raise ProtocolError(
-                f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
-                f"{codec.descriptor} needs {'at most ' if variable else ''}{size}"
-            )
-        return inc, ref, spec
-
-    def _on_begin(self, conn: _RConn, event: Begin) -> None:
-        session = conn.joined
-        actions: list = []
-        parked: list = []
-        capacity = self._num_blocks * self.layout.block_size
-        with self._lock:
-            known = session.tags.get(event.tag)
-            if known is not None:
-                if (known.request_id, known.num_tokens) != (event.request_id, event.num_tokens):
-                    raise ProtocolError(f"BEGIN for tag {event.tag} changed its request")
-                return
-            if event.tag in session.ended:
-                return  # the request ended already; this is its BEGIN on another connection
-            # Checked before anything is allocated for the request: its coverage map grows
-            # with num_tokens, and a peer may announce as many requests as it likes.
-            refused = None
-            if not 0 < event.num_tokens <= capacity:
-                refused = (
-                    f"request {event.request_id!r}: {event.num_tokens} tokens do not fit this receiver "
-                    f"({self._num_blocks} blocks of {self.layout.block_size}: at most {capacity} tokens)"
-                )
-            elif len(session.tags) >= self._max_requests:
-                refused = (
-                    f"request {event.request_id!r}: this sender already has {self._max_requests} open requests "
-                    f"(max_requests_per_session)"
-                )
-            if refused is not None:
-                self._counters["refused_requests"] += 1
-                session.end(event.tag)
-                actions.append((conn, conn.proto.ack(event.tag, False, refused)))
-                log.warning("refused a request from %s: %s", session.peer, refused)
+            if isinstance(event, Begin):
+                part = self._part_of(session, event)
+                unit = math.gcd(self.layout.block_size, session.block_size)
+                actions = self._table.begin(session.id, event.tag, event.request_id, event.num_tokens,
+                                            time.monotonic(), part, unit)  # fmt: skip
+                refused = [a for a in actions if isinstance(a, requests.SendAck) and not a.ok]
             else:
-                inc = _Incoming(
-                    session, event.tag, event.request_id, event.num_tokens,
-                    RequestPlan(self.layout, event.num_tokens), time.monotonic(),
-                )  # fmt: skip
-                session.tags[event.tag] = inc
-                reason = self._cancelled_ids.pop(event.request_id, None)
-                if reason is not None:
-                    inc.finished = True
-                    self._retire(inc)
-                    actions.append((conn, conn.proto.cancel(event.tag, reason)))
-                elif event.request_id in self._by_id:
-                    inc.finished = True
-                    self._retire(inc)
-                    message = f"request id {event.request_id!r} is already being received from another transfer"
-                    actions.append((conn, conn.proto.ack(event.tag, False, message)))
-                else:
-                    self._by_id[event.request_id] = inc
-                    handle = self._expected.pop(event.request_id, None)
-                    if handle is not None:
-                        parked, actions = self._bind(inc, handle)
+                actions = self._table.cancel_from_peer(session.id, event.tag, event.reason, session.who)
+                refused = []
+            self._run_locked(actions)
+        for a in refused:
+            log.warning("refused a request from %s: %s", session.peer, a.message)
         self._run(actions)
-        self._place_parked(session.tags.get(event.tag), parked)
 
-    def _on_cancel(self, conn: _RConn, event: Cancel) -> None:
-        with self._lock:
-            inc = conn.joined.tags.get(event.tag)
-            if inc is None or inc.finished:
-                return
-            self._fail(inc, Cancelled(f"request {inc.request_id!r} cancelled by the sender: {event.reason}"))
-            if inc.handle is None:
-                self._remember_cancel(inc.request_id, event.reason)
-            self._cond.notify_all()
+    def _part_of(self, session: _Session, begin: Begin) -> PartSpec:
+        """What a sender's BEGIN says its chunks carry, checked against both shards."""
+        held = self._tp.heads[1] if self._has_kv else 0
+        if begin.heads is None:  # every head this side holds, from the heads the sender holds
+            part = PartSpec(held, 0, begin.whole)
+            first = self._tp.heads[0] - session.tp.heads[0]
+            if held and not (0 <= first and first + held <= session.tp.heads[1]):
+                raise ProtocolError(f"BEGIN: the sender does not hold all {held} heads this receiver holds")
+            return part
+        part = PartSpec(begin.heads, begin.first_head, begin.whole)
+        sender_first = self._tp.heads[0] + begin.first_head - session.tp.heads[0]
+        why = check_part(Part(begin.heads, sender_first, begin.first_head, begin.whole), session.tp, self._tp)
+        if why is not None or (begin.heads and not self._has_kv):
+            raise ProtocolError(f"BEGIN for tag {begin.tag}: {why or 'k/v heads for a layout without k/v'}")
+        return part
 
-    # -- matching and placing ------------------------------------------------------------
-    def _bind(self, inc: _Incoming, handle: ReceiveHandle) -> tuple[list, list]:
-        """Join a sender's request with an expect (lock held). Returns (parked, actions)."""
-        if inc.num_tokens != handle.selection.num_tokens:
-            message = f"sender sends {inc.num_tokens} tokens, the receiver expects {handle.selection.num_tokens}"
-            inc.handle = handle
-            handle._incoming = inc
-            return [], self._fail(inc, TransferError(f"request {inc.request_id!r}: {message}"))
-        inc.handle = handle
-        handle._incoming = inc
-        parked, inc.parked = inc.parked, []
-        actions = self._maybe_complete(inc)
-        return parked, actions
-
-    def _place_parked(self, inc: _Incoming | None, parked: list[_Parked]) -> None:
-        if not parked:
-            return
-        assert inc is not None  # parked chunks always belong to a request
-        for i, p in enumerate(parked):
+    # -- placing -------------------------------------------------------------------------
+    def _place_all(self, request: Request, chunks: list[_Chunk]) -> None:
+        for i, chunk in enumerate(chunks):
             try:
-                self._place(inc, p)
+                self._place(request, chunk)
             except ProtocolError as exc:
-                log.warning("closing connection from %s: %s", p.conn.stream.peer, exc)
-                p.conn.stream.close()
-                for rest in parked[i + 1 :]:
+                log.warning("closing connection from %s: %s", chunk.conn.stream.peer, exc)
+                chunk.conn.stream.close()
+                for rest in chunks[i + 1 :]:
                     self._release(rest)
                 return
 
-    def _place(self, inc: _Incoming, p: _Parked) -> None:
-        ref = p.ref
+    def _place(self, request: Request, chunk: _Chunk) -> None:
+        ref, spec = chunk.ref, chunk.spec
+        assert ref is not None and spec is not None
+        handle = request.handle
         with self._lock:
-            handle = inc.handle
-            if inc.finished or handle is None:
-                drop = True
-            else:
-                try:
-                    drop = inc.plan.is_duplicate(ref.layer, ref.tensor, ref.start, ref.count)
-                except ProtocolError:
-                    self._release_locked(p)
-                    raise
-                if drop:
-                    handle.duplicates += 1
-                else:
-                    inc.plan.mark(ref.layer, ref.tensor, ref.start, ref.count)
-                    inc.writing[ref.layer] += 1
-                    handle.t_first_byte = handle.t_first_byte or time.monotonic()
-        if drop:
-            self._release(p)
+            self._release_parking_locked(chunk)
+            try:
+                write = self._table.start_write(request, chunk.conn.joined.id, ref.layer, ref.tensor, ref.start,
+                                                ref.count)  # fmt: skip
+            except ProtocolError:
+                self._release_locked(chunk)
+                raise
+            if write is False:
+                handle.duplicates += 1
+            elif write:
+                handle.t_first_byte = handle.t_first_byte or time.monotonic()
+        if not write:
+            self._release(chunk)
             return
-        assert handle is not None  # not dropped: the request has a handle
         error = None
         try:
-            self._write(p.ref.codec(inc.session.codec), handle, p)
+            assert chunk.slot.tensor is not None  # not released before it is written
+            codec = ref.codec(chunk.conn.joined.codec)
+            self._placement.place(codec, ref, spec, chunk.slot.tensor[: chunk.length], handle.destination)
         except Exception as exc:  # a decode failure must fail the request, not the thread
-            log.exception("placing a chunk of %r failed", inc.request_id)
-            error = TransferError(f"request {inc.request_id!r}: placing layer {ref.layer} {ref.name} failed: {exc}")
-        self._release(p)
+            log.exception("placing a chunk of %r failed", request.request_id)
+            error = TransferError(f"request {request.request_id!r}: placing layer {ref.layer} {ref.name} failed: {exc}")
         with self._lock:
-            inc.writing[ref.layer] -= 1
+            self._release_locked(chunk)
             handle.chunks += 1
-            handle.wire_bytes += p.length
-            handle.logical_bytes += p.spec.raw_nbytes
-            if error is not None:
-                actions = self._fail(inc, error)  # wakes the waiters
-            else:
-                if not inc.writing[ref.layer] and inc.plan.layer_complete(ref.layer):
-                    handle.layer_done_at.setdefault(ref.layer, time.monotonic())
-                    self._cond.notify_all()  # for wait_layer; waking waiters per chunk cost GIL hand-offs
-                actions = self._maybe_complete(inc)
+            handle.wire_bytes += chunk.length
+            handle.logical_bytes += spec.raw_nbytes
+            actions, layer_ready = self._table.written(request, ref.layer, error)
+            if layer_ready:
+                handle.layer_done_at.setdefault(ref.layer, time.monotonic())
+                self._cond.notify_all()  # for wait_layer; waking waiters per chunk cost GIL hand-offs
+            self._run_locked(actions)
         self._run(actions)
 
-    def _write(self, codec, handle: ReceiveHandle, p: _Parked) -> None:
-        assert p.slot.tensor is not None  # not released before it is written
-        data = p.slot.tensor[: p.length]
-        spec = p.spec
-        kernels_backend = self._kernels.get(codec.descriptor) if self._kernels is not None else None
-        if kernels_backend is not None:
-            self._write_on_gpu(kernels_backend, codec, handle, p, data)
-            return
-        if codec.name == "raw" and p.ref.name in self._np_caches[p.ref.layer]:
-            self._write_raw(handle, p)
-            return
-        if codec.name == "raw":
-            rows = data.view(spec.dtype).view(spec.shape)
-        else:
-            rows = codec.decode_bytes(data, spec)
-        caches = self._caches[p.ref.layer]
-        state = handle.states.get(p.ref.layer)
-        if self._side_stream is not None:
-            with torch.cuda.stream(self._side_stream):
-                place_rows(caches, state, handle.selection, self.layout.block_size, p.ref, rows)
-            self._side_stream.synchronize()  # the slot is reused after this returns
-        else:
-            place_rows(caches, state, handle.selection, self.layout.block_size, p.ref, rows)
+    def _release_parking_locked(self, chunk: _Chunk) -> None:
+        self._unpark_locked(chunk.conn.joined, chunk.parked_bytes)
+        chunk.parked_bytes = 0
 
-    def _write_raw(self, handle: ReceiveHandle, p: _Parked) -> None:
-        """raw into a contiguous CPU cache: straight from the slot's bytes, through numpy views
-        made once (torch views per frame were a measurable cost)."""
-        bs = self.layout.block_size
-        ids = handle.selection.block_ids[p.ref.start // bs :]
-        assert isinstance(p.slot, Slot)  # CPU caches: payloads in host staging
-        copy_tokens_to_blocks(self._np_caches[p.ref.layer][p.ref.name], p.slot.array[: p.length], ids, p.ref.count, bs)
+    def _unpark_locked(self, session: _Session, nbytes: int) -> None:
+        if nbytes:
+            session.parked_bytes -= nbytes
+            self._parked_bytes -= nbytes
+            self._cond.notify_all()  # a reader may be waiting for parking room
 
-    def _write_on_gpu(self, backend, codec, handle: ReceiveHandle, p: _Parked, data: torch.Tensor) -> None:
-        """Copy the payload to the GPU on the side stream and decode + scatter it there.
-
-        Stream order, all on the side stream: the payload's copy to the device (or, for a
-        device payload, the CRC that read it), the transfer's block table (copied there once
-        per transfer), then the decode; the host returns only after an event recorded after
-        the decode, because the slot is reused and the ACK promises the bytes are there."""
-        from kvwire.cuda import kernels
-
-        if codec.has_lossless_stage:  # +lz4: the lossless stage runs on the host
-            data = torch.from_numpy(codec.unpack(data, p.spec))
-        ref = p.ref
-        side = self._side_stream
-        if ref.name == "state":
-            chunk = kernels.Chunk.state(backend, handle.states[ref.layer], ref.start, ref.count)
-        else:
-            table = backend.tables.get(handle, handle.selection.block_ids, self._device, side)
-            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], table, ref.start, ref.count,
-                                        self.layout.block_size)  # fmt: skip
-        with torch.cuda.stream(side):
-            on_device = data.to(self._device, non_blocking=True)  # allocated and copied on side
-        kernels.decode(backend, codec, on_device, chunk, p.spec.role, stream=side)
-        kernels.wait_on_host(side)  # (None: the kernels' host emulation, in tests: already done)
-
-    def _maybe_complete(self, inc: _Incoming) -> list:
-        """(lock held) Finish the request if every chunk is in place; return what to do next.
-
-        The ACK goes out *before* the handle reports success: otherwise a caller that
-        closes the receiver as soon as ``wait`` returns could cut the ACK off, and the
-        sender would see a lost peer for a request that had in fact arrived."""
-        if inc.finished or inc.handle is None or not inc.plan.complete or any(inc.writing.values()):
-            return []
-        inc.finished = True  # no further chunk is accepted for it
-        self._counters["completed"] += 1
-        conn = inc.session.any_conn()
-        actions: list = [(conn, conn.proto.ack(inc.tag, True))] if conn else []
-        return actions + [partial(self._finish_now, inc.handle, inc)]
-
-    def _finish_now(self, handle: ReceiveHandle, inc: _Incoming) -> None:
-        with self._lock:
-            self._finish(handle, inc, None)
-
-    def _fail(self, inc: _Incoming, error: TransferError) -> list:
-        """(lock held) End a request with ``error``; return frames that tell the sender."""
-        if inc.finished:
-            return []
-        if inc.handle is not None:
-            self._finish(inc.handle, inc, error)
-        else:
-            inc.finished = True
-            self._retire(inc)
-            self._cond.notify_all()  # a reader may be waiting to park data for it
-        self._release_parked(inc)
-        self._counters["failed"] += 1
-        conn = inc.session.any_conn()
-        if conn is None or isinstance(error, PeerLost):
-            return []
-        if isinstance(error, Cancelled) and "by the sender" in str(error):
-            return []
-        return [(conn, conn.proto.ack(inc.tag, False, str(error)))]
-
-    def _finish(self, handle: ReceiveHandle, inc: _Incoming | None, error: TransferError | None) -> None:
-        if handle._finished:
-            return
-        handle._error = error
-        handle._finished = True
-        handle.t_done = time.monotonic()
-        if inc is not None:
-            inc.finished = True
-            self._retire(inc)
-        self._expected.pop(handle.request_id, None)
-        self._cond.notify_all()
-
-    def _retire(self, inc: _Incoming) -> None:
-        """(lock held) Forget an ended request: its id, and its tag (which its session
-        remembers, boundedly, so that frames already in flight for it are dropped)."""
-        if inc.session.tags.get(inc.tag) is inc:
-            inc.session.end(inc.tag)
-        if self._by_id.get(inc.request_id) is inc:
-            del self._by_id[inc.request_id]
-
-    def _remember_cancel(self, request_id: str, reason: str) -> None:
-        self._cancelled_ids[request_id] = reason
-        while len(self._cancelled_ids) > 4096:
-            self._cancelled_ids.popitem(last=False)
-
-    def _release_parked(self, inc: _Incoming) -> None:
-        parked, inc.parked = inc.parked, []
-        for p in parked:
-            self._release_locked(p)
-
-    def _release_locked(self, p: _Parked) -> None:
+    def _release_locked(self, chunk: _Chunk) -> None:
         """(lock held) Free a chunk's staging, stop counting it as parked, and owe its
         bytes back to the sender as credit (queued: sending never waits for the peer)."""
-        if p.parked_bytes:
-            session = p.conn.joined
-            session.parked_bytes -= p.parked_bytes
-            self._parked_bytes -= p.parked_bytes
-            p.parked_bytes = 0
-            self._cond.notify_all()  # a reader may be waiting for parking room
-        p.slot.release()
-        frame = p.conn.owe(p.length, self._credit_batch)
+        self._release_parking_locked(chunk)
+        chunk.slot.release()
+        frame = chunk.conn.owe(chunk.length, self._credit_batch)
         if frame is not None:
-            p.conn.send(frame)
+            chunk.conn.send(frame)
 
-    def _release(self, p: _Parked) -> None:
+    def _release(self, chunk: _Chunk) -> None:
         with self._lock:
-            self._release_locked(p)
+            self._release_locked(chunk)
 
-    @staticmethod
-    def _run(actions: list) -> None:
-        """Send frames ``(conn, bytes)`` and run callbacks, in order, without the lock."""
+    # -- actions -------------------------------------------------------------------------
+    def _run_locked(self, actions: list) -> None:
+        """(lock held) The actions that must happen under the lock: handles finish (and
+        their waiters wake) in the same critical section the table decided it in."""
         for action in actions:
-            if callable(action):
-                action()
-            elif action[0] is not None:
-                action[0].send(action[1])
+            if isinstance(action, requests.Finish):
+                action.handle._end(action.error)
+                self._cond.notify_all()
+            elif isinstance(action, requests.Release):
+                for chunk in action.chunks:
+                    self._release_locked(chunk)
+
+    def _run(self, actions: list) -> None:
+        """The rest, in order, without the lock: frames to the sender, chunks to place."""
+        for action in actions:
+            if isinstance(action, requests.SendAck | requests.SendCancel):
+                session = self._sessions.get(action.session)
+                conn = session.any_conn() if session is not None else None
+                if conn is None:
+                    continue
+                if isinstance(action, requests.SendAck):
+                    conn.send(conn.proto.ack(action.tag, action.ok, action.message))
+                else:
+                    conn.send(conn.proto.cancel(action.tag, action.reason))
+            elif isinstance(action, requests.Place):
+                self._place_all(action.request, action.chunks)
 
     # -- waiting, deadlines, cancellation -------------------------------------------------
     def _wait(self, handle: ReceiveHandle, ready, timeout: float | None) -> None:
@@ -1097,29 +1003,21 @@ class Receiver:
             raise TransferTimeout(f"request {handle.request_id!r}: not complete within {timeout:.3g} s")
 
     def _expire(self, handle: ReceiveHandle) -> None:
-        self._end_handle(handle, TransferTimeout(f"request {handle.request_id!r}: deadline passed"))
+        request = handle._request
+        if request is None:
+            return
+        with self._lock:
+            actions = self._table.expire(request)
+            self._run_locked(actions)
+        self._run(actions)
 
     def _cancel(self, handle: ReceiveHandle, reason: str) -> None:
-        self._end_handle(handle, Cancelled(f"request {handle.request_id!r} {reason}"), reason)
-
-    def _end_handle(self, handle: ReceiveHandle, error: TransferError, reason: str | None = None) -> None:
-        actions = []
+        request = handle._request
+        if request is None:
+            return
         with self._lock:
-            if handle._finished:
-                return
-            inc = handle._incoming
-            if inc is not None and inc.finished and inc.plan.complete:
-                return  # it completed: the ACK is on its way and the handle finishes next
-            if inc is None:
-                self._finish(handle, None, error)
-                if reason is not None:
-                    self._remember_cancel(handle.request_id, reason)
-            else:
-                self._finish(handle, inc, error)
-                self._release_parked(inc)
-                conn = inc.session.any_conn()
-                if conn is not None:
-                    actions.append((conn, conn.proto.cancel(inc.tag, str(error))))
+            actions = self._table.cancel(request, reason)
+            self._run_locked(actions)
         self._run(actions)
 
     def _reap_loop(self) -> None:
@@ -1133,22 +1031,14 @@ class Receiver:
                 overdue = [c for c in self._pending if c.handshake_deadline <= now and c.cut is None]
                 for c in overdue:
                     c.cut = f"handshake not finished within {self._handshake_timeout:.3g} s"
-                expired = [h for h in self._expected.values() if h.deadline <= now]
-                expired += [i.handle for i in self._by_id.values() if i.handle and i.handle.deadline <= now]
-                unclaimed = [
-                    i for i in self._by_id.values() if i.handle is None and now - i.created > self._unclaimed_timeout
-                ]
-                actions = []
-                for inc in unclaimed:
-                    actions += self._fail(
-                        inc, TransferError(f"no expect() for {inc.request_id!r} within {self._unclaimed_timeout} s")
-                    )
+                actions = self._table.refuse_unclaimed(now, self._unclaimed_timeout)
+                for request in self._table.due(now):
+                    actions += self._table.expire(request)
+                self._run_locked(actions)
                 conns = list(self._conns)
             for c in overdue:
                 c.stream.close()  # the thread reading its handshake gets an error and reports why
             self._run(actions)
-            for h in expired:
-                self._expire(h)
             for c in conns:
                 try:
                     c.stream.flush_control()

@@ -25,14 +25,17 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 import kvwire.codec
-from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks, raw_views, source_rows
+from kvwire.codec import ChunkSpec
+from kvwire.engine.channel import Channel, client_handshake
+from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
+    check_checksum,
     check_seconds,
     check_terms,
     check_transport,
@@ -40,12 +43,13 @@ from kvwire.engine.common import (
     request_arguments,
     secret_bytes,
 )
-from kvwire.errors import Cancelled, KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
-from kvwire.layout import KVLayout, Selection
-from kvwire.proto import Accepted, Ack, Cancel, ClientConnection, Credit, FrameType, Header, crc32c, parse_header
-from kvwire.proto.frames import DATA_RAW, HEADER_SIZE
-from kvwire.proto.request import RequestPlan
-from kvwire.staging import Slot, StagingClosed, StagingPool
+from kvwire.engine.placement import Encoder, GpuDirectEncoder, GpuStagedEncoder, HostEncoder, Payload, gpu_kernels
+from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.layout import KVLayout, Selection, TensorParallel
+from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
+from kvwire.proto.request import TensorPlan, check_rows, tensor_plans
+from kvwire.sharding import Part, kinds, part_for, tp_of
+from kvwire.staging import StagingClosed, StagingPool
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, connect, parse_address
 
@@ -54,37 +58,30 @@ log = logging.getLogger("kvwire.sender")
 DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8; see docs/benchmarks.md
 DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
 DEFAULT_STAGING_BYTES = 64 << 20
+# Chunks of one transfer the receiver may ask for again before the transfer fails (the
+# receiver gives up sooner, after 8: this bounds a receiver that would ask forever).
+MAX_NACKS_PER_TRANSFER = 64
 
 
 @dataclass
 class _OutChunk:
+    """A chunk ready for the network: its transfer, which rows, and its payload."""
+
     transfer: SendHandle
     ref: ChunkRef
-    parts: list  # buffers whose concatenation is the payload
-    slot: Slot | None  # the staging slot holding the payload, if it is not read from the cache itself
-    nbytes: int
+    payload: Payload
     logical_bytes: int
-    device: torch.Tensor | None = None  # the payload in GPU memory, sent from there (then parts is empty)
-    crc: int | None = None  # the device payload's CRC32C, computed on the GPU
+    resend: bool = False  # sent before on a connection that died: it goes out first
 
-    def header(self) -> bytes:
-        """The DATA header; a host payload's CRC is computed here, just before the send,
-        while the payload is about to be read anyway (so it is still in cache for sendmsg)."""
-        crc = self.crc or 0
-        for p in self.parts:
-            crc = crc32c(p, crc)
-        ref = self.ref
-        return Header(
-            FrameType.DATA, tag=self.transfer.tag, layer=ref.layer, tensor=ref.tensor, start=ref.start,
-            count=ref.count, length=self.nbytes, payload_crc=crc, flags=DATA_RAW if ref.raw else 0,
-        ).pack()  # fmt: skip
+    @property
+    def nbytes(self) -> int:
+        return self.payload.nbytes
 
 
 @dataclass
 class _Conn:
     index: int
-    stream: ByteStream
-    proto: ClientConnection
+    channel: Channel
     credit: int
     wake: threading.Condition  # on the sender's lock: this connection's writer waits here
     alive: bool = True
@@ -93,13 +90,23 @@ class _Conn:
     inflight: dict = field(default_factory=lambda: collections.defaultdict(list))
     threads: list = field(default_factory=list)
 
+    @property
+    def stream(self) -> ByteStream:
+        return self.channel.stream
+
+    @property
+    def proto(self) -> ClientConnection:
+        proto = self.channel.proto
+        assert isinstance(proto, ClientConnection)
+        return proto
+
 
 def _begin_frames(conn: _Conn, handle: SendHandle) -> list[bytes]:
     """The BEGIN that must precede a request's first frame on ``conn``, if not sent there yet."""
     if handle.tag in conn.begun:
         return []
     conn.begun.add(handle.tag)
-    return [conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens)]
+    return [handle._sender._begin(conn, handle)]
 
 
 class SendHandle:
@@ -114,8 +121,15 @@ class SendHandle:
         self.tag = tag
         self.request_id = request_id
         self.selection = sel
-        self.plan = RequestPlan(sender.layout, sel.num_tokens)
-        self._states: dict[int, torch.Tensor] = dict(states or {})
+        # What this transfer's chunks carry (the heads the receiver gets from this sender),
+        # per layer by tensor index.
+        self.tensors: list[dict[int, TensorPlan]] = [
+            {t.index: t for t in layer}
+            for layer in tensor_plans(
+                sender.layout, sel.num_tokens, kv_heads=sender.part.heads, whole=sender.part.whole
+            )  # fmt: skip
+        ]
+        self.states: dict[int, torch.Tensor] = dict(states or {})
         self._deadline = deadline
         self._sent_layers: set[int] = set()
         self._done = threading.Event()
@@ -124,6 +138,7 @@ class SendHandle:
         self.wire_bytes = 0
         self.chunks = 0
         self.resent_chunks = 0
+        self.nacked_chunks = 0  # chunks the receiver asked for again (a payload failed its checksum)
         self.t_created = time.monotonic()
         self.t_first_layer: float | None = None
         self.t_last_layer: float | None = None
@@ -148,8 +163,8 @@ class SendHandle:
             raise ValueError(f"layer: {layer} was already sent for {self.request_id!r}")
         spec = self._sender.layout.layers[layer].state
         if state is not None:
-            self._states[layer] = self._sender.layout.check_state(layer, state, "state")
-        elif spec is not None and layer not in self._states:
+            self.states[layer] = self._sender.layout.check_state(layer, state, "state")
+        elif spec is not None and layer not in self.states and self._sender.part.whole:
             raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
         if self._sender._device.type == "cuda":
@@ -202,6 +217,7 @@ class SendHandle:
             "wire_bytes": self.wire_bytes,
             "chunks": self.chunks,
             "resent_chunks": self.resent_chunks,
+            "nacked_chunks": self.nacked_chunks,
             "exposed_ms": exposed,
             "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
         }
@@ -216,26 +232,38 @@ class SendHandle:
 
 
 class Sender:
-    """Streams KV caches to one :class:`~kvwire.Receiver` over ``streams`` TCP connections.
+    """Streams KV caches to one :class:`~kvwire.Receiver` over ``streams`` connections
+    (TCP, optionally with TLS, or UCX).
 
     Args:
         layout: the KV layout; the receiver must have the same (checked at connect).
         peer: the receiver's ``"host:port"`` or ``(host, port)``.
         secret: shared secret (bytes or str, >= 8 bytes); default ``$KVWIRE_SECRET``.
         kv_caches: this side's paged caches, one dict per layer (see ``KVLayout.allocate``).
-        streams: TCP connections to open.
+        streams: connections to open (1..64); chunks are striped over them.
         codec: ``raw``, ``fp8``, ``int4`` or any of them ``+lz4`` (see ``kvwire.codec``).
+        group_size: channels per int4 value group (32, 64 or 128).
         staging_bytes: host memory for encoded chunks waiting for the network.
-        chunk_bytes: target encoded size of one frame.
-        tls: an ``ssl.SSLContext`` (client side) to encrypt the connections.
+        chunk_bytes: target encoded size of one frame (at most the receiver's ``slot_bytes``).
+        tls: an ``ssl.SSLContext`` (client side) to encrypt the connections (TCP only).
+        socket_options: a :class:`~kvwire.SocketOptions` for every TCP connection.
+        connect_timeout: seconds each connection has to connect and finish its handshake.
+        transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
         encode_threads: threads that run a CPU codec in parallel (1 disables the pool).
         exact_tokens: with a lossy codec, the first tokens of every transfer travel raw
             (rounded up to whole blocks): a prompt's first tokens (the attention sink)
             carry the largest values and matter most; see docs/fidelity.md.
-        transport: ``"tcp"`` (default) or ``"ucx"`` (through UCXX: ``pip install 'kvwire[ucx]'``).
         terms: the application's own terms, stated at the handshake (a small dict of
             names to str/int/float/bool, e.g. a tensor-parallel rank): a receiver whose
             ``check_terms`` refuses them refuses the connection (``LayoutMismatch``).
+        checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"`` (the receiver
+            must say the same); default ``"none"`` with TLS, else ``"crc32c"``.
+        whole_from: with tensor parallelism, which prefill rank sends a decode rank the
+            tensors held whole on every rank (MLA latent, states): ``whole_from(decode_rank,
+            prefill_size)``; default ``decode_rank % prefill_size`` (docs/api.md).
+        kernels: a CUDA kernel backend to encode with (``kvwire.cuda.kernels``); default:
+            the GPU's, when the caches are on one and the kernels cover the codec. Tests
+            pass the kernels' host emulation here to run the GPU data path on CPU tensors.
 
     Example::
 
@@ -266,8 +294,13 @@ class Sender:
         encode_threads: int = 1,
         exact_tokens: int = 0,
         terms: Mapping[str, str | int | float | bool] | None = None,
+        kernels=None,
+        checksum: str | None = None,
+        whole_from: Callable[[int, int], int] | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self.checksum = check_checksum(checksum, tls)
+        self._whole_from = whole_from
         check_seconds(connect_timeout, "connect_timeout")
         self._terms = check_terms(terms)
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
@@ -283,9 +316,23 @@ class Sender:
         self.layout = layout
         self.codec = kvwire.codec.get(codec, group_size=group_size)
         self.codec.check_dtype(layout.dtype)  # an fp8 cache travels raw
+        for layer in layout.layers:  # e.g. int4 groups that do not divide head_dim: say so now
+            for p in layer.paged:
+                try:
+                    self.codec.check(ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name,
+                                               layout.block_size))  # fmt: skip
+                except ValueError as exc:
+                    raise ValueError(f"codec: {exc}") from None
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
+        self._tp = tp_of(layout)
+        self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
+        self.receiver_tp: TensorParallel | None = None  # learnt at the handshake
+        self.receiver_block_size = 0
+        self.part = Part(0, 0, 0, True)
+        self._kv_heads: tuple[int, int] | None = None
+        self._begin_heads: int | None = None
         self._caches = [dict(c) for c in kv_caches]
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -298,6 +345,9 @@ class Sender:
         # credit for the next chunk (waking all of them per chunk cost a GIL hand-off each);
         # the encoder waits on ``_space`` for the queue to drain below ``_out_limit``.
         self._out: collections.deque[_OutChunk] = collections.deque()
+        # Chunks sent again after a connection died go out before any new one: they are
+        # older, and the decode side may be waiting for their layer.
+        self._resends: collections.deque[_OutChunk] = collections.deque()
         self._space = threading.Condition(self._lock)
         self._next_writer = 0
         self._out_bytes = 0
@@ -307,7 +357,7 @@ class Sender:
         self._closed = False
         self._session = os.urandom(16).hex()
         self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        self._kernels = _gpu_kernels(self._device, self.codec, layout.dtype)
+        self._kernels = kernels if kernels is not None else gpu_kernels(self._device, self.codec, layout.dtype)
         # GPU caches over UCX with CUDA transports: payloads may go from GPU memory straight
         # to the network, if the receiver agrees at the handshake (the lz4 stage runs on the host).
         self._device_payloads = (
@@ -339,6 +389,7 @@ class Sender:
         self._device_payloads = all(c.stream.device_payloads for c in self._conns) if self._device_payloads else False
         if self._device_payloads:
             log.info("payloads go from GPU memory over UCX, without host staging")
+        self.encoder = self._choose_encoder()
         self._threads = [threading.Thread(target=self._encode_loop, name="kvwire-encoder", daemon=True)]
         for c in self._conns:
             c.threads = [
@@ -348,6 +399,42 @@ class Sender:
             self._threads += c.threads
         for t in self._threads:
             t.start()
+
+    def _agree_part(self, accepted) -> None:
+        """What this sender sends this receiver, from both sides' tensor parallelism."""
+        rank, size, kv_heads = accepted.tp
+        if kv_heads and kv_heads != self._tp.kv_heads:
+            raise ValueError(f"peer: the receiver's model has {kv_heads} KV heads, this sender's {self._tp.kv_heads}")
+        receiver = TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+        part = part_for(self._tp, receiver, *kinds(self.layout), self._whole_from)
+        if self.receiver_tp is not None and receiver != self.receiver_tp:
+            raise ValueError("peer: its connections describe different tensor-parallel ranks")
+        if part.empty:
+            raise ValueError(
+                f"peer: decode rank {rank} of {size} gets nothing from prefill rank {self._tp.rank} of "
+                f"{self._tp.size} (another rank sends it its heads; see kvwire.ShardedSender)"
+            )
+        self.receiver_tp, self.receiver_block_size, self.part = receiver, accepted.block_size, part
+        held = self._tp.heads[1] if self._has_kv else 0
+        self._kv_heads = None if part.heads == held else (part.sender_first, part.heads)
+        # BEGIN says "every head you hold" when that is what this sender sends
+        self._begin_heads = None if part.heads == receiver.heads[1] else part.heads
+
+    def _begin(self, conn: _Conn, handle: SendHandle) -> bytes:
+        """A request's BEGIN on ``conn``, with what this sender's chunks of it carry."""
+        part = self.part
+        return conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens, self._begin_heads,
+                                part.receiver_first, part.whole)  # fmt: skip
+
+    def _choose_encoder(self) -> Encoder:
+        """The data path, chosen once: CPU reference (or views of the cache for raw), GPU
+        kernels into pinned staging, or GPU kernels with the bytes left on the GPU."""
+        if self._kernels is None:
+            return HostEncoder(self.layout, self._caches, self._pool, self._side_stream)
+        if self._device_payloads:
+            return GpuDirectEncoder(self.layout, self._caches, self._pool, self._kernels, self._device,
+                                    self._side_stream, checked=self.checksum != "none")  # fmt: skip
+        return GpuStagedEncoder(self.layout, self._caches, self._pool, self._kernels, self._device, self._side_stream)
 
     # -- connecting ----------------------------------------------------------------------
     def _open(self, index: int, count: int, tls, options: SocketOptions, timeout: float) -> _Conn:
@@ -363,35 +450,26 @@ class Sender:
             session=self._session,
             conn_index=index,
             conn_count=count,
-            fingerprint=self.layout.fingerprint(),
+            fingerprint=self.layout.model_fingerprint(),
             layout=layout_summary(self.layout),
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
             terms=self._terms,
+            checksum=self.checksum,
+            tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
+            block_size=self.layout.block_size,
         )
+        accepted = client_handshake(stream, proto)
+        stream.settimeout(None)
         try:
-            stream.send_parts([proto.data_to_send()])
-            while True:
-                header = parse_header(stream.recv_exact(HEADER_SIZE))
-                n = proto.on_header(header)
-                events = proto.on_payload(header, stream.recv_exact(n))
-                out = proto.data_to_send()
-                if out:
-                    stream.send_parts([out])
-                accepted = [e for e in events if isinstance(e, Accepted)]
-                if accepted:
-                    break
-        except KvwireError:
+            self._agree_part(accepted)
+        except ValueError:
             stream.close()
             raise
-        except OSError as exc:
-            stream.close()
-            raise PeerLost(f"handshake with {stream.peer} failed: {exc}") from None
-        stream.settimeout(None)
-        self.max_payload = accepted[0].max_payload
+        self.max_payload = accepted.max_payload
         if self.transport == "ucx":
-            stream.device_payloads = accepted[0].device_payloads
-        return _Conn(index, stream, proto, credit=accepted[0].window, wake=threading.Condition(self._lock))
+            stream.device_payloads = accepted.device_payloads
+        return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=threading.Condition(self._lock))
 
     # -- the public surface --------------------------------------------------------------
     def transfer(
@@ -495,8 +573,7 @@ class Sender:
             conns = [c for c in self._conns if c.alive]
         # Always with its BEGIN (a repeat is ignored by the receiver): a BEGIN marked as
         # sent on a connection here could let a writer send DATA there before it went out.
-        frames = {c.index: c.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens)
-                  + c.proto.cancel(handle.tag, reason) for c in conns}  # fmt: skip
+        frames = {c.index: self._begin(c, handle) + c.proto.cancel(handle.tag, reason) for c in conns}
         for c in conns:
             try:
                 c.stream.send_control(frames[c.index])
@@ -514,14 +591,24 @@ class Sender:
                 c.begun.discard(handle.tag)
             if any(job[0] is handle for job in self._jobs):
                 self._jobs = collections.deque(job for job in self._jobs if job[0] is not handle)
-            dropped = [chunk for chunk in self._out if chunk.transfer is handle]
+            dropped = [chunk for chunk in (*self._resends, *self._out) if chunk.transfer is handle]
             if dropped:  # queued chunks hold staging: give it back now, not when a writer wakes
                 self._out = collections.deque(chunk for chunk in self._out if chunk.transfer is not handle)
+                self._resends = collections.deque(chunk for chunk in self._resends if chunk.transfer is not handle)
                 for chunk in dropped:
                     self._out_bytes -= chunk.nbytes
-                    if chunk.slot is not None:
-                        chunk.slot.release()
+                    chunk.payload.release()
                 self._space.notify_all()
+
+    def reset_connection(self, index: int) -> None:
+        """Close connection ``index`` as a network reset would: the chunks it carried for
+        transfers not yet acknowledged are sent again on the others (the receiver drops
+        the repeats). For fault drills and tests; the transfers go on unless it was the last."""
+        if not 0 <= index < len(self._conns):
+            raise ValueError(f"index: {index} out of range for {len(self._conns)} connections")
+        conn = self._conns[index]
+        conn.stream.close()
+        self._connection_lost(conn, PeerLost(f"connection {index} reset on request"))
 
     def census(self) -> dict:
         """How many per-transfer records this sender holds now: a diagnostic for leak
@@ -530,7 +617,7 @@ class Sender:
             return {
                 "transfers": len(self._transfers),
                 "inflight_chunks": sum(len(refs) for c in self._conns for refs in c.inflight.values()),
-                "queued_chunks": len(self._out) + sum(len(job[3] or ()) for job in self._jobs),
+                "queued_chunks": len(self._out) + len(self._resends) + sum(len(job[3] or ()) for job in self._jobs),
                 "begun_tags": sum(len(c.begun) for c in self._conns),
             }
 
@@ -546,12 +633,12 @@ class Sender:
                 continue
             try:
                 refs = resend or plan_chunks(
-                    self.layout, self.codec, handle.plan.tensors[layer], self._chunk_bytes, self.max_payload,
-                    self._exact_tokens,
+                    self.layout, self.codec, list(handle.tensors[layer].values()), self._chunk_bytes,
+                    self.max_payload, self._exact_tokens, self._kv_heads,
                 )  # fmt: skip
                 if event is not None and self._side_stream is not None:
                     self._side_stream.wait_event(event)
-                if not self._encode_in_order(handle, refs):
+                if not self._encode_in_order(handle, refs, resend=bool(resend)):
                     return
             except StagingClosed:
                 return  # the sender is closing
@@ -559,7 +646,7 @@ class Sender:
                 log.exception("encoding layer %d of %r failed", layer, handle.request_id)
                 self._cancel(handle, f"encoding layer {layer} failed: {exc}", TransferError)
 
-    def _encode_in_order(self, handle: SendHandle, refs: list[ChunkRef]) -> bool:
+    def _encode_in_order(self, handle: SendHandle, refs: list[ChunkRef], resend: bool = False) -> bool:
         """Encode ``refs`` (in parallel when a CPU codec has work to do) and queue the chunks
         in order, so the wire still carries them in layer order. False once closed."""
         pending: collections.deque = collections.deque()
@@ -569,10 +656,10 @@ class Sender:
                 if handle.done():
                     break
                 if self._encoders is None:
-                    if not self._queue_chunk(self._encode(handle, ref)):
+                    if not self._queue_chunk(self._encode(handle, ref, resend)):
                         return False
                     continue
-                pending.append(self._encoders.submit(self._encode, handle, ref))
+                pending.append(self._encoders.submit(self._encode, handle, ref, resend))
                 if len(pending) >= window and not self._queue_chunk(pending.popleft().result()):
                     return False
             while pending:
@@ -582,28 +669,32 @@ class Sender:
         finally:
             for future in pending:  # after a failure or a close: give their slots back
                 chunk = future.result() if not future.exception() else None
-                if chunk is not None and chunk.slot is not None:
-                    chunk.slot.release()
+                if chunk is not None:
+                    chunk.payload.release()
 
     def _queue_chunk(self, chunk: _OutChunk) -> bool:
         with self._lock:
             while self._out_bytes >= self._out_limit and not self._closed:
                 self._space.wait()
             if self._closed or chunk.transfer.done():
-                if chunk.slot is not None:
-                    chunk.slot.release()
+                chunk.payload.release()
                 return not self._closed  # a transfer that ended while this chunk was encoded
-            self._out.append(chunk)
+            (self._resends if chunk.resend else self._out).append(chunk)
             self._out_bytes += chunk.nbytes
             self._wake_writer()
             return True
 
+    def _queue(self) -> collections.deque[_OutChunk]:
+        """(lock held) Where the next chunk comes from: resends first."""
+        return self._resends if self._resends else self._out
+
     def _wake_writer(self) -> None:
         """(lock held) Wake one waiting writer that has credit for the next chunk, taking
         the connections in turn so that chunks stripe over all of them."""
-        if not self._out:
+        queue = self._queue()
+        if not queue:
             return
-        need = self._out[0].nbytes
+        need = queue[0].nbytes
         n = len(self._conns)
         for i in range(n):
             c = self._conns[(self._next_writer + i) % n]
@@ -619,67 +710,10 @@ class Sender:
         for c in self._conns:
             c.wake.notify()
 
-    def _encode(self, handle: SendHandle, ref: ChunkRef) -> _OutChunk:
-        caches = self._caches[ref.layer]
-        state = handle._states.get(ref.layer)
-        sel = handle.selection
-        bs = self.layout.block_size
-        spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
-        codec = ref.codec(self.codec)  # raw for the transfer's exact tokens
-        if self._device_payloads:
-            encoded, crc = self._encode_on_gpu(handle, ref, spec, codec, to_host=False)
-            return _OutChunk(handle, ref, [], None, encoded.numel(), spec.raw_nbytes, encoded, crc)
-        parts = raw_views(caches[ref.name], sel, bs, ref) if codec.name == "raw" and ref.name in caches else None
-        slot = None
-        if parts is None and self._kernels is not None:
-            slot, n = self._encode_on_gpu(handle, ref, spec, codec)
-            parts = [slot.view(n)]
-        elif parts is None:
-            rows = source_rows(caches, state, sel, bs, ref)
-            if rows.device.type == "cuda":
-                with torch.cuda.stream(self._side_stream):
-                    rows = rows.to("cpu")
-            encoded = codec.encode(rows, spec.role, bs).data
-            slot = self._pool.acquire()
-            n = encoded.numel()
-            slot.tensor[:n].copy_(encoded)
-            parts = [slot.view(n)]
-        return _OutChunk(handle, ref, parts, slot, sum(p.nbytes for p in parts), spec.raw_nbytes)
-
-    def _encode_on_gpu(self, handle: SendHandle, ref: ChunkRef, spec, codec, to_host: bool = True) -> tuple:
-        """Gather + encode with the CUDA kernels on the side stream, then copy the bytes into
-        a pinned slot (and run the ``+lz4`` stage there, on the host): ``(slot, nbytes)``.
-        With ``to_host=False`` the bytes stay on the GPU: ``(device tensor, CRC32C)``.
-
-        Stream order, all on the side stream: the cache rows are ordered by the layer's
-        event (``_encode_loop`` waits on it), the block table is copied there once per
-        transfer (``tables.get``), ``encoded`` is allocated there (``kernels.encode``), and
-        the host reads the results only after an event recorded there."""
-        from kvwire.cuda import kernels
-
-        assert self._kernels is not None
-        side = self._side_stream
-        if ref.name == "state":
-            chunk = kernels.Chunk.state(self._kernels, handle._states[ref.layer], ref.start, ref.count)
-        else:
-            table = self._kernels.tables.get(handle, handle.selection.block_ids, self._device, side)
-            chunk = kernels.Chunk.paged(self._caches[ref.layer][ref.name], table, ref.start, ref.count,
-                                        self.layout.block_size)  # fmt: skip
-        encoded = kernels.encode(self._kernels, codec, chunk, spec.role, stream=side)
-        if not to_host:
-            # The CRC runs after the encode on the same stream and waits (an event) for both;
-            # only then is `encoded` handed to UCX, which reads it outside stream order.
-            return encoded, kernels.crc32c(self._kernels, encoded, stream=side)
-        slot = self._pool.acquire()
-        n = encoded.numel()
-        with torch.cuda.stream(side):
-            slot.tensor[:n].copy_(encoded, non_blocking=True)  # queued on side, after the encode
-        kernels.wait_on_host(side)  # (None: the kernels' host emulation, in tests: already done)
-        if codec.has_lossless_stage:  # +lz4
-            packed = codec.pack(slot.tensor[:n].numpy(), spec)
-            n = len(packed)
-            slot.tensor[:n].copy_(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
-        return slot, n
+    def _encode(self, handle: SendHandle, ref: ChunkRef, resend: bool = False) -> _OutChunk:
+        spec = chunk_spec(self.layout, handle.tensors[ref.layer][ref.tensor], ref.count)
+        payload = self.encoder.encode(handle, ref, spec, ref.codec(self.codec))  # raw for exact tokens
+        return _OutChunk(handle, ref, payload, spec.raw_nbytes, resend)
 
     def _next_chunk(self, conn: _Conn) -> tuple[_OutChunk, list[bytes]] | None:
         """The next chunk this connection has credit for, and the BEGIN it needs first if
@@ -689,15 +723,15 @@ class Sender:
             while True:
                 if self._closed or not conn.alive:
                     return None
-                if self._out and self._out[0].transfer.done():
-                    chunk = self._out.popleft()
+                queue = self._queue()
+                if queue and queue[0].transfer.done():
+                    chunk = queue.popleft()
                     self._out_bytes -= chunk.nbytes
-                    if chunk.slot is not None:
-                        chunk.slot.release()
+                    chunk.payload.release()
                     self._space.notify()
                     continue
-                if self._out and self._out[0].nbytes <= conn.credit:
-                    chunk = self._out.popleft()
+                if queue and queue[0].nbytes <= conn.credit:
+                    chunk = queue.popleft()
                     self._out_bytes -= chunk.nbytes
                     conn.credit -= chunk.nbytes
                     conn.inflight[chunk.transfer.tag].append(chunk.ref)
@@ -719,11 +753,15 @@ class Sender:
                 # Counted before the send: the receiver may acknowledge the request (and
                 # finish() return these statistics) before send_parts returns here.
                 self._count(handle, chunk, +1)
+                ref, payload = chunk.ref, chunk.payload
+                crc = payload.checksum() if self.checksum != "none" else 0
+                header = conn.proto.data_header(handle.tag, ref.layer, ref.tensor, ref.start, ref.count,
+                                                payload.nbytes, crc, ref.raw)  # fmt: skip
                 try:
-                    if chunk.device is not None:
-                        conn.stream.send_parts(frames + [chunk.header()], device_payload=chunk.device)
+                    if payload.device is not None:
+                        conn.stream.send_parts(frames + [header], device_payload=payload.device)
                     else:
-                        conn.stream.send_parts(frames + [chunk.header(), *chunk.parts])
+                        conn.stream.send_parts(frames + [header, *payload.parts])
                 except PeerLost:
                     self._count(handle, chunk, -1)  # it will be counted again when resent
                     raise
@@ -731,8 +769,7 @@ class Sender:
                 self._connection_lost(conn, exc)
                 return
             finally:
-                if chunk.slot is not None:
-                    chunk.slot.release()
+                chunk.payload.release()
 
     def _count(self, handle: SendHandle, chunk: _OutChunk, sign: int) -> None:
         with self._lock:
@@ -743,9 +780,7 @@ class Sender:
     def _read_loop(self, conn: _Conn) -> None:
         try:
             while True:
-                header = parse_header(conn.stream.recv_exact(HEADER_SIZE))
-                n = conn.proto.on_header(header)
-                for event in conn.proto.on_payload(header, conn.stream.recv_exact(n)):
+                for event in conn.channel.next_events():
                     self._on_event(conn, event)
         except (PeerLost, ProtocolError) as exc:
             self._connection_lost(conn, exc)
@@ -754,7 +789,8 @@ class Sender:
         if isinstance(event, Credit):
             with self._lock:
                 conn.credit += event.nbytes
-                if conn.waiting and self._out and self._out[0].nbytes <= conn.credit:
+                queue = self._queue()
+                if conn.waiting and queue and queue[0].nbytes <= conn.credit:
                     conn.waiting = False
                     conn.wake.notify()
             return
@@ -762,12 +798,36 @@ class Sender:
             handle = self._transfers.get(event.tag)
         if handle is None:
             return
+        if isinstance(event, Nack):
+            self._resend_nacked(conn, handle, event)
+            return
         if isinstance(event, Ack):
             handle._complete(
                 None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}")
             )
         elif isinstance(event, Cancel):
             handle._complete(Cancelled(f"transfer {handle.request_id!r} cancelled by the receiver: {event.reason}"))
+
+    def _resend_nacked(self, conn: _Conn, handle: SendHandle, nack: Nack) -> None:
+        """The receiver asks for a chunk again (its payload failed the checksum on the way):
+        encode it again from the source blocks, which the transfer keeps until it is
+        acknowledged, and send it before new chunks. A receiver that keeps asking is not
+        followed forever."""
+        t = handle.tensors[nack.layer].get(nack.tensor) if 0 <= nack.layer < len(handle.tensors) else None
+        if t is None:
+            raise ProtocolError(f"NACK for layer {nack.layer} tensor {nack.tensor}, which this transfer does not send")
+        check_rows(t, nack.start, nack.count)  # ProtocolError: closes this connection
+        ref = ChunkRef(nack.layer, nack.tensor, t.name, nack.start, nack.count, nack.raw,
+                       None if t.whole else self._kv_heads)  # fmt: skip
+        with self._lock:
+            handle.nacked_chunks += 1
+            too_many = handle.nacked_chunks > MAX_NACKS_PER_TRANSFER
+            if not too_many:
+                self._jobs.appendleft((handle, nack.layer, None, [ref]))
+                self._jobs_cond.notify()
+        if too_many:
+            self._cancel(handle, f"the receiver asked for {handle.nacked_chunks} chunks again ({nack.reason})",
+                         ChecksumMismatch)  # fmt: skip
 
     def _connection_lost(self, conn: _Conn, exc: Exception) -> None:
         with self._lock:
@@ -795,16 +855,3 @@ def _ucx_cuda(host: str) -> bool:
     from kvwire.transport import ucx
 
     return ucx.moves_device_memory(host)
-
-
-def _gpu_kernels(device: torch.device, codec, dtype: torch.dtype):
-    """The CUDA kernel backend when the caches are on a GPU and the kernels cover the codec."""
-    if device.type != "cuda":
-        return None
-    from kvwire import cuda
-    from kvwire.cuda import kernels
-
-    if not cuda.available() or not kernels.supports(codec, dtype):
-        log.info("caches on %s but no CUDA kernels for %s/%s: using the CPU reference", device, codec, dtype)
-        return None
-    return kernels.gpu_backend(device.index or 0)

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kvwire.layout import KVLayout, Selection, gather_tokens, scatter_tokens
+from kvwire.blocks import gather_tokens, scatter_tokens
+from kvwire.layout import KVLayout, Selection
 
 try:
     import transformers

@@ -1,0 +1,141 @@
+"""The plain-socket baselines of ``kvwire-bench loopback --baseline``: the same bytes, the
+same number of connections, no kvwire, so the ratio is measured in the same run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from kvwire.bench.procstats import cpu_seconds
+from kvwire.proto.frames import crc32c
+
+BUFFER = 1 << 20
+
+
+def byte_range(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
+    """The bytes ``[start, stop)`` of the concatenation of ``views``, as sub-views."""
+    out, offset = [], 0
+    for v in views:
+        lo, hi = max(start, offset), min(stop, offset + len(v))
+        if lo < hi:
+            out.append(v[lo - offset : hi - offset])
+        offset += len(v)
+    return out
+
+
+def shares(nbytes: int, streams: int) -> list[tuple[int, int]]:
+    bounds = [nbytes * i // streams for i in range(streams + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# The plain-socket baselines of --baseline, each moving the same bytes over the same
+# number of connections, with one 1-byte acknowledgement per connection at the end:
+BASELINES = {
+    # from the sender's caches straight into the receiver's: no framing, no checks
+    "cache": "plain sockets, cache to cache",
+    # one reused 1 MiB buffer per side, as ``iperf3 -l 1M``: cache-hot, the most favourable
+    "hot": "plain sockets, hot 1 MiB buffer",
+    # cache to cache, doing only what the design's rule makes every kvwire byte cost: the
+    # sender sends each 2 MiB piece behind its CRC32C (4 bytes), the receiver receives it
+    # into a reused buffer, checks it and copies it into the caches. The ceiling for any
+    # transfer that checks every byte before it reaches the destination.
+    "checked": "plain sockets + CRC32C + copy",
+    # cache to cache, each 2 MiB piece behind its CRC32C, received straight into the
+    # caches and checked there: what kvwire's rule costs now that a payload may land in
+    # place before it is verified (the ceiling for kvwire with checksum="crc32c")
+    "in_place": "plain sockets + CRC32C in place",
+}
+CHECKED_PIECE = 2 << 20  # kvwire's default chunk
+
+
+def pieces(views: list[memoryview], size: int) -> list[memoryview]:
+    return [v[o : o + size] for v in views for o in range(0, len(v), size)]
+
+
+def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memory) -> dict:
+    """The receiving half of a plain-socket baseline (see ``BASELINES``)."""
+    conns = [listener.accept()[0] for _ in range(streams)]
+    cpu0 = cpu_seconds()
+
+    def recv_exact(sock: socket.socket, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("baseline sender closed early")
+            got += n
+
+    def drain(sock: socket.socket, start: int, stop: int) -> None:
+        if kind == "hot":
+            buf = memoryview(bytearray(BUFFER))
+            for o in range(start, stop, BUFFER):
+                recv_exact(sock, buf[: min(BUFFER, stop - o)])
+        elif kind == "in_place":
+            crc = memoryview(bytearray(4))
+            for view in pieces(byte_range(memory, start, stop), CHECKED_PIECE):
+                recv_exact(sock, crc)
+                recv_exact(sock, view)
+                if crc32c(view) != int.from_bytes(crc, "little"):
+                    raise ConnectionError("in-place baseline: checksum mismatch")
+        elif kind == "checked":
+            staging = np.empty(CHECKED_PIECE, dtype=np.uint8)
+            crc = memoryview(bytearray(4))
+            for view in pieces(byte_range(memory, start, stop), CHECKED_PIECE):
+                n = len(view)
+                recv_exact(sock, crc)
+                recv_exact(sock, staging[:n].data)
+                if crc32c(staging[:n]) != int.from_bytes(crc, "little"):
+                    raise ConnectionError("checked baseline: checksum mismatch")
+                np.frombuffer(view, dtype=np.uint8)[:] = staging[:n]
+        else:
+            for view in byte_range(memory, start, stop):
+                recv_exact(sock, view)
+        sock.sendall(b"!")  # the same end-to-end acknowledgement kvwire waits for
+
+    threads = [threading.Thread(target=drain, args=(c, a, b)) for c, (a, b) in zip(conns, shares(nbytes, streams))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in conns:
+        c.close()
+    return {"cpu_s": cpu_seconds() - cpu0}
+
+
+def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
+    """The sending half of :func:`receive`."""
+    socks = [socket.create_connection(tuple(address)) for _ in range(streams)]
+    hot = memoryview(bytearray(os.urandom(BUFFER)))
+    cpu0 = cpu_seconds()
+
+    def pump(sock: socket.socket, start: int, stop: int) -> None:
+        if kind == "hot":
+            for o in range(start, stop, BUFFER):
+                sock.sendall(hot[: min(BUFFER, stop - o)])
+        elif kind in ("checked", "in_place"):
+            for view in pieces(byte_range(memory, start, stop), CHECKED_PIECE):
+                sock.sendall(crc32c(view).to_bytes(4, "little"))
+                sock.sendall(view)
+        else:
+            for view in byte_range(memory, start, stop):
+                sock.sendall(view)
+        if sock.recv(1) != b"!":
+            raise ConnectionError("baseline receiver did not acknowledge")
+
+    threads = [threading.Thread(target=pump, args=(s, a, b)) for s, (a, b) in zip(socks, shares(nbytes, streams))]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.monotonic() - t0
+    for s in socks:
+        s.close()
+    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0}
+
+
+# -- the parent ----------------------------------------------------------------------------

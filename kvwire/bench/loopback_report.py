@@ -1,0 +1,166 @@
+"""The loopback benchmark's report: the JSON document, and the tables printed from it."""
+
+from __future__ import annotations
+
+import kvwire.codec
+from kvwire.bench import netem
+
+
+def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) -> dict:
+    best = max(rounds, key=lambda r: r[0]["wire_bytes"] / r[0]["seconds"])
+    sent, received = best
+    wire = sent["wire_bytes"] / sent["seconds"] / 1e9
+    effective = sent["logical_bytes"] / sent["seconds"] / 1e9
+    errors = [r[1]["error"] for r in rounds if r[1]["error"]]
+    verified = None if args.no_verify else (not errors and all(r[1]["verified"] for r in rounds))
+    gb_moved = sum(r[0]["wire_bytes"] for r in rounds) / 1e9
+    report = {
+        "kind": "loopback",
+        "profile": args.profile,
+        "codec": kvwire.codec.get(args.codec).descriptor,
+        "tokens": args.tokens,
+        "requests": args.requests,
+        "rounds": args.rounds,
+        "streams": args.streams,
+        "transport": args.transport,
+        "tls": "kernel" if getattr(args, "ktls", False) else bool(getattr(args, "tls", False)),
+        "checksum": getattr(args, "checksum", None) or ("none" if getattr(args, "tls", False) else "crc32c"),
+        "layer_ms": args.layer_ms,
+        "logical_bytes_per_round": sent["logical_bytes"],
+        "wire_bytes_per_round": sent["wire_bytes"],
+        "seconds": sent["seconds"],
+        "wire_gb_per_s": wire,
+        "effective_gb_per_s": effective,
+        "exposed_ms": sent["exposed_ms"],
+        "verified": verified,
+        "errors": errors,
+        "cpu_s_per_gb": {
+            "sender": sum(r[0]["cpu_s"] for r in rounds) / gb_moved,
+            "receiver": sum(r[1]["cpu_s"] for r in rounds) / gb_moved,
+        },
+        "staging": {"receiver": received["stats"]["staging"], "sender": sender_stats["staging"]},
+        "receiver_rss": {
+            "caches_allocated_bytes": rss["start"],
+            "growth_bytes": max(r[1]["rss_growth"] for r in rounds),
+        },
+        "sender_rss_growth_bytes": max(r[0]["rss_growth"] for r in rounds),
+        "connections": [
+            {
+                "bytes_sent": c["bytes_sent"],
+                "goodput_gb_per_s": c["goodput_gb_per_s"],
+                "tcp": c["tcp"],
+                "path": c.get("path", "host memory"),
+            }  # fmt: skip
+            for c in sender_stats["connections"]
+        ],
+        "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
+        "timeline": [
+            {**t, "delivered_s": received["layer_delivered_monotonic"][t["layer"]] - sent["t0_monotonic"]}
+            for t in sent["timeline"]
+        ],
+        "samples": sent["samples"],
+    }
+    for kind, runs in baselines.items():
+        if not runs:
+            continue
+        suffix = "" if kind == "cache" else f"_{kind}"
+        b_best = min(runs, key=lambda b: b[0]["seconds"])
+        report[f"baseline{suffix}_gb_per_s"] = b_best[2] / b_best[0]["seconds"] / 1e9
+        report[f"ratio_to_baseline{suffix}"] = wire / report[f"baseline{suffix}_gb_per_s"]
+        b_gb = sum(b[2] for b in runs) / 1e9
+        report[f"baseline{suffix}_cpu_s_per_gb"] = {
+            "sender": sum(b[0]["cpu_s"] for b in runs) / b_gb,
+            "receiver": sum(b[1]["cpu_s"] for b in runs) / b_gb,
+        }
+    if singles:
+        best_single = max(singles, key=lambda r: r["wire_bytes"] / r["seconds"])
+        report["single_stream_wire_gb_per_s"] = best_single["wire_bytes"] / best_single["seconds"] / 1e9
+    if args.link:
+        rate_gb = netem.parse_link(args.link).rate_bps / 8 / 1e9
+        report["link_utilization"] = wire / rate_gb
+        if singles:
+            report["single_stream_link_utilization"] = report["single_stream_wire_gb_per_s"] / rate_gb
+    if overlap is not None:
+        # One layer's wire time, measured: the no-overlap round sends every layer back to back
+        # once the prefill is over, so its exposed time is all layers' wire time plus one RTT.
+        report["exposed_ms_after_prefill"] = overlap["exposed_ms"]
+        rtt_ms = netem.parse_link(args.link).rtt_s * 1e3 if args.link else 0.0
+        report["one_layer_wire_ms"] = max(overlap["exposed_ms"] - rtt_ms, 0.0) / layout.num_layers
+        report["exposed_ideal_ms"] = report["one_layer_wire_ms"] + rtt_ms
+        report["exposed_over_ideal"] = sent["exposed_ms"] / report["exposed_ideal_ms"]
+    return report
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    gib = report["logical_bytes_per_round"] / 2**30
+    rows = [
+        ("profile / codec", f"{report['profile']} / {report['codec']}, checksum {report.get('checksum', 'crc32c')}"),
+        ("moved per round", f"{gib:.3f} GiB logical, {report['wire_bytes_per_round'] / 2**30:.3f} GiB on the wire"),
+        ("requests x rounds", f"{report['requests']} x {report['rounds']}, {report['streams']} TCP connections"),
+        ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
+        ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s (logical KV bytes)"),
+        ("exposed latency", f"{report['exposed_ms']:.1f} ms (last send_layer -> acknowledgement)"),
+    ]
+    if "baseline_gb_per_s" in report:
+        rows.append(("plain, cache to cache", f"{report['baseline_gb_per_s']:.3f} GB/s (same memory, no checks)"))
+        rows.append(("kvwire / plain", f"{report['ratio_to_baseline']:.3f}"))
+        rows.append(("plain, hot 1 MiB buffer", f"{report['baseline_hot_gb_per_s']:.3f} GB/s (iperf3 -l 1M style)"))
+        rows.append(("kvwire / plain hot", f"{report['ratio_to_baseline_hot']:.3f}"))
+        rows.append(
+            ("plain + CRC32C + copy", f"{report['baseline_checked_gb_per_s']:.3f} GB/s (the old rule's ceiling)")
+        )
+        rows.append(("kvwire / checked plain", f"{report['ratio_to_baseline_checked']:.3f}"))
+        rows.append(
+            ("plain + CRC32C in place", f"{report['baseline_in_place_gb_per_s']:.3f} GB/s (ceiling with checks)")
+        )
+        rows.append(("kvwire / in-place plain", f"{report['ratio_to_baseline_in_place']:.3f}"))
+        cpu = {k: report[f"baseline{s}_cpu_s_per_gb"]
+               for k, s in (("plain", ""), ("checked", "_checked"), ("in place", "_in_place"))}  # fmt: skip
+        rows.append(("CPU s per GB, baselines", ", ".join(
+            f"{k} {v['sender']:.3f} + {v['receiver']:.3f}" for k, v in cpu.items())))  # fmt: skip
+    if "link_utilization" in report:
+        rows.append(("link", f"{args_link(report)}: {report['link_utilization'] * 100:.1f}% of its rate used"))
+    if "single_stream_wire_gb_per_s" in report:
+        util = report.get("single_stream_link_utilization")
+        rows.append(("1 connection", f"{report['single_stream_wire_gb_per_s']:.3f} GB/s"
+                     + (f" ({util * 100:.1f}% of the link)" if util is not None else "")))  # fmt: skip
+    if "exposed_ms_after_prefill" in report:
+        rows.append(("exposed, no overlap", f"{report['exposed_ms_after_prefill']:.1f} ms (send after the last layer)"))
+        rows.append(("one layer's wire time", f"{report['one_layer_wire_ms']:.1f} ms"))
+        rows.append(
+            (
+                "exposed / ideal",
+                f"{report['exposed_over_ideal']:.2f} (ideal: one layer's wire time + one RTT = "
+                f"{report['exposed_ideal_ms']:.1f} ms)",
+            )
+        )
+    cpu = report["cpu_s_per_gb"]
+    rows.append(("CPU s per GB", f"sender {cpu['sender']:.3f}, receiver {cpu['receiver']:.3f}"))
+    st = report["staging"]["receiver"]
+    rows.append(
+        ("receiver staging", f"high water {st['high_water_bytes'] / 2**20:.0f} of {st['budget_bytes'] / 2**20:.0f} MiB")
+    )
+    rows.append(
+        (
+            "RSS growth in a round",
+            f"receiver {report['receiver_rss']['growth_bytes'] / 2**20:.0f} MiB, "
+            f"sender {report['sender_rss_growth_bytes'] / 2**20:.0f} MiB",
+        )
+    )
+    rows.append(("verified", str(report["verified"])))
+    return rows
+
+
+def args_link(report: dict) -> str:
+    return report.get("link", {}).get("spec", "?")
+
+
+def connection_rows(report: dict) -> list[list[object]]:
+    return [
+        [i, c["bytes_sent"] / 2**20, c["tcp"].get("rtt_us", 0) / 1e3, c["tcp"].get("snd_cwnd", 0),
+         c["tcp"].get("total_retrans", 0), c["tcp"].get("delivery_rate", 0) / 1e9]
+        for i, c in enumerate(report["connections"])
+    ]  # fmt: skip
+
+
+CONNECTION_HEADERS = ("conn", "MiB sent", "rtt ms", "cwnd", "retrans", "delivery GB/s")

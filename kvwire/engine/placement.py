@@ -1,0 +1,360 @@
+"""The data path, one class per way bytes move, chosen once when a Sender or Receiver is made.
+
+Sending (cache -> wire), an :class:`Encoder`:
+
+* :class:`HostEncoder`: caches on the CPU (or on a GPU without kernels for the codec):
+  ``raw`` from a contiguous CPU cache goes out as views of the cache itself (no copy);
+  anything else is gathered, encoded by the codec's CPU reference into a staging slot;
+* :class:`GpuStagedEncoder`: GPU caches with kernels: gather + encode on the side stream,
+  then a copy into a pinned slot (and the ``+lz4`` stage on the host);
+* :class:`GpuDirectEncoder`: the same, but the bytes stay in GPU memory for a transport
+  that sends from there (UCX with CUDA), with their CRC32C computed on the device.
+
+Receiving (wire -> cache), a :class:`Placement`:
+
+* :class:`HostPlacement`: CPU caches: ``raw`` bytes, or the codec's decoded rows, written
+  into the blocks by one writer per cache tensor (numpy memcpys for contiguous caches,
+  torch for strided views);
+* :class:`GpuPlacement`: GPU caches: the payload (in a pinned slot, or already in GPU
+  memory) decoded + scattered by the kernels on the side stream; codecs without kernels
+  decode on the CPU and their rows are copied over.
+
+A receiver takes whatever codec its senders chose, so a placement keeps one decoder per
+codec descriptor, made the first time the codec is seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kvwire.blocks import cache_bytes, copy_tokens_to_blocks, place_rows, row_views, scatter_tokens, source_rows
+from kvwire.codec import ChunkSpec, Codec
+from kvwire.engine.chunks import ChunkRef
+from kvwire.layout import STATE_NAME, KVLayout, Selection
+from kvwire.proto import crc32c
+from kvwire.staging import Slot, StagingPool
+
+log = logging.getLogger("kvwire.placement")
+
+
+def gpu_kernels(device: torch.device, codec: Codec, dtype: torch.dtype) -> Any:
+    """The CUDA kernel backend when the caches are on a GPU and the kernels cover the codec."""
+    if device.type != "cuda":
+        return None
+    from kvwire import cuda
+    from kvwire.cuda import kernels
+
+    if not cuda.available() or not kernels.supports(codec, dtype):
+        log.info("caches on %s but no CUDA kernels for %s/%s: using the CPU reference", device, codec, dtype)
+        return None
+    return kernels.gpu_backend(device.index or 0)
+
+
+class Source(Protocol):
+    """What an encoder reads from: a transfer's blocks and states (a ``SendHandle``)."""
+
+    selection: Selection
+    states: dict[int, torch.Tensor]
+
+
+@dataclass
+class Payload:
+    """One DATA frame's payload, wherever it lies.
+
+    ``parts``: host buffers whose concatenation is the payload (views of the cache, or of
+    ``slot``); ``device``: the payload in GPU memory instead (then ``parts`` is empty and
+    ``crc`` was computed on the device)."""
+
+    parts: list
+    slot: Slot | None
+    nbytes: int
+    device: torch.Tensor | None = None
+    crc: int | None = None
+
+    def checksum(self) -> int:
+        """The payload's CRC32C (computed here for host payloads, just before the send, so
+        the bytes are still in cache when sendmsg reads them)."""
+        if self.crc is not None:
+            return self.crc
+        crc = 0
+        for part in self.parts:
+            crc = crc32c(part, crc)
+        return crc
+
+    def release(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
+
+
+# -- sending ---------------------------------------------------------------------------------
+class Encoder:
+    """Turns a chunk of a transfer into its payload. Subclasses are the ways bytes move."""
+
+    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]], pool: StagingPool) -> None:
+        self.layout = layout
+        self.caches = caches
+        self.pool = pool
+
+    def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
+        raise NotImplementedError
+
+    def cache(self, ref: ChunkRef) -> torch.Tensor:
+        """The cache tensor a chunk comes from: a view of just its heads when it carries some
+        of the heads this side holds (prefill and decode split heads differently)."""
+        cache = self.caches[ref.layer][ref.name]
+        if ref.heads is None:
+            return cache
+        first, count = ref.heads
+        return cache[:, :, first : first + count]
+
+    def _into_slot(self, data: torch.Tensor) -> Payload:
+        n = data.numel()
+        slot = self.pool.acquire(n)
+        slot.tensor.copy_(data)
+        return Payload([slot.view(n)], slot, n)
+
+
+class HostEncoder(Encoder):
+    """The codec's CPU reference; ``raw`` from a contiguous CPU cache without any copy."""
+
+    def __init__(self, layout, caches, pool, side_stream=None) -> None:
+        super().__init__(layout, caches, pool)
+        self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
+        self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
+
+    def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
+        caches = self.caches[ref.layer]
+        bs = self.layout.block_size
+        blocks = self.bytes[ref.layer].get(ref.name)
+        if codec.name == "raw" and blocks is not None and ref.heads is None:
+            views = row_views(blocks, source.selection, bs, ref)
+            return Payload(views, None, sum(v.nbytes for v in views))
+        rows = source_rows(caches, source.states.get(ref.layer), source.selection, bs, ref)
+        if ref.heads is not None:  # some of this side's heads: gathered into staging below
+            first, count = ref.heads
+            rows = rows[:, first : first + count]
+        if rows.device.type == "cuda":
+            with torch.cuda.stream(self.side_stream):
+                rows = rows.to("cpu")
+        return self._into_slot(codec.encode(rows, spec.role, bs).data)
+
+
+class GpuStagedEncoder(Encoder):
+    """Gather + encode with the kernels on the side stream, then into a pinned slot.
+
+    Stream order, all on the side stream: the cache rows are ordered by the layer's event
+    (the sender makes the side stream wait on it before encoding), the block table is
+    copied there once per transfer (``tables.get``), the output is allocated there
+    (``kernels.encode``), and the host reads results only after an event recorded there."""
+
+    def __init__(self, layout, caches, pool, kernels_backend, device: torch.device, side_stream) -> None:
+        super().__init__(layout, caches, pool)
+        self.kernels = kernels_backend
+        self.device = device
+        self.side_stream = side_stream
+
+    def _encode_on_device(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> torch.Tensor:
+        from kvwire.cuda import kernels
+
+        side = self.side_stream
+        if ref.name == STATE_NAME:
+            chunk = kernels.Chunk.state(self.kernels, source.states[ref.layer], ref.start, ref.count)
+        else:
+            table = self.kernels.tables.get(source, source.selection.block_ids, self.device, side)
+            chunk = kernels.Chunk.paged(self.cache(ref), table, ref.start, ref.count, self.layout.block_size)
+        return kernels.encode(self.kernels, codec, chunk, spec.role, stream=side)
+
+    def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
+        from kvwire.cuda import kernels
+
+        encoded = self._encode_on_device(source, ref, spec, codec)
+        n = encoded.numel()
+        slot = self.pool.acquire(n)
+        with torch.cuda.stream(self.side_stream):
+            slot.tensor.copy_(encoded, non_blocking=True)  # queued on side, after the encode
+        kernels.wait_on_host(self.side_stream)  # (None: the kernels' host emulation: already done)
+        if not codec.has_lossless_stage:
+            return Payload([slot.view(n)], slot, n)
+        packed = codec.pack(slot.tensor.numpy(), spec)  # +lz4, on the host
+        slot.release()
+        return self._into_slot(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
+
+
+class GpuDirectEncoder(GpuStagedEncoder):
+    """Gather + encode with the kernels; the bytes stay in GPU memory for the transport.
+    The CRC runs after the encode on the same stream and waits (an event) for both; only
+    then is the payload handed to UCX, which reads it outside stream order."""
+
+    def __init__(self, layout, caches, pool, kernels_backend, device, side_stream, checked: bool = True) -> None:
+        super().__init__(layout, caches, pool, kernels_backend, device, side_stream)
+        self.checked = checked  # the session checks payloads: their CRC32C is computed on the device
+
+    def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
+        from kvwire.cuda import kernels
+
+        encoded = self._encode_on_device(source, ref, spec, codec)
+        if not self.checked:
+            kernels.wait_on_host(self.side_stream)  # UCX reads it outside stream order
+            return Payload([], None, encoded.numel(), encoded, 0)
+        crc = kernels.crc32c(self.kernels, encoded, stream=self.side_stream)
+        return Payload([], None, encoded.numel(), encoded, crc)
+
+
+# -- receiving -------------------------------------------------------------------------------
+@dataclass(eq=False)  # identity: a transfer's block table is cached per destination
+class Destination:
+    """Where a request lands: its blocks in token order, and its states by layer."""
+
+    selection: Selection
+    states: dict[int, torch.Tensor]
+
+
+class _BlockWriter:
+    """Writes rows into one cache tensor's blocks. Contiguous CPU caches: numpy memcpys from
+    the rows' bytes through a byte view made once (a torch view per frame was a measurable
+    cost); any other cache (a strided view, 8-bit, GPU): torch."""
+
+    def __init__(self, cache: torch.Tensor, block_size: int) -> None:
+        self.cache = cache
+        self.block_size = block_size
+        self.token_shape = tuple(cache.shape[2:])
+        self.bytes: np.ndarray | None = cache_bytes(cache)
+
+    def write(self, sel: Selection, start: int, count: int, data: torch.Tensor) -> None:
+        """``data``: the rows as bytes (uint8, 1-D) in the cache's dtype, or as a tensor."""
+        if self.bytes is not None:
+            src = data.view(torch.uint8).reshape(-1).numpy()
+            copy_tokens_to_blocks(self.bytes, src, sel.block_ids[start // self.block_size :], count, self.block_size)
+            return
+        rows = data.view(self.cache.dtype).reshape(count, *self.token_shape)
+        scatter_tokens(self.cache, sel, self.block_size, start, rows)
+
+
+class Placement:
+    """Writes a received chunk into its destination. Subclasses are the ways bytes move."""
+
+    device_payloads = False  # whether it can take payloads that arrived in GPU memory
+
+    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
+        self.layout = layout
+        self.caches = caches
+
+    def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
+        raise NotImplementedError
+
+    def cache(self, ref: ChunkRef) -> torch.Tensor:
+        """The cache tensor a chunk lands in: a view of just its heads when it carries some
+        of the heads this side holds (prefill and decode split heads differently)."""
+        cache = self.caches[ref.layer][ref.name]
+        if ref.heads is None:
+            return cache
+        first, count = ref.heads
+        return cache[:, :, first : first + count]
+
+    def takes_device_payloads(self, codec: Codec) -> bool:
+        return False
+
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+        """Where a chunk's payload can be received straight into its destination rows (no
+        staging, no copy), or None when a decode or a copy must come between."""
+        return None
+
+
+class HostPlacement(Placement):
+    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
+        super().__init__(layout, caches)
+        self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
+
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+        """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive
+        blocks (received with one scatter read), or the state's rows."""
+        if codec.name != "raw":
+            return None
+        if ref.name == STATE_NAME:
+            state = dest.states[ref.layer]
+            rows = state.view(-1, state.shape[-1])[ref.start : ref.start + ref.count]
+            return [rows.view(torch.uint8).numpy().reshape(-1).data] if state.device.type == "cpu" else None
+        writer = self.writers[ref.layer][ref.name]
+        if writer.bytes is None or ref.heads is not None:  # some heads of each token: not one span
+            return None
+        return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
+
+    def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
+        rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)
+        if ref.name == STATE_NAME:
+            state = dest.states[ref.layer]
+            place_rows({}, state, dest.selection, self.layout.block_size, ref, rows.view(spec.dtype).view(spec.shape))
+            return
+        if ref.heads is not None:  # some of the heads: a strided scatter into those heads
+            scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
+                           rows.view(spec.dtype).view(spec.shape))  # fmt: skip
+            return
+        self.writers[ref.layer][ref.name].write(dest.selection, ref.start, ref.count, rows)
+
+
+class GpuPlacement(Placement):
+    """GPU caches. With kernels for the codec: the payload goes to the device on the side
+    stream (a device payload is there already) and is decoded + scattered there; the host
+    returns only after an event recorded after the decode, because the slot is reused and
+    the ACK promises the bytes are in place. Without kernels: the CPU reference decodes,
+    and the rows are copied over on the side stream."""
+
+    def __init__(self, layout, caches, device: torch.device, side_stream, kernels_for) -> None:
+        super().__init__(layout, caches)
+        self.device = device
+        self.side_stream = side_stream
+        self._kernels_for = kernels_for  # codec -> backend or None
+        self._by_codec: dict[str, Any] = {}
+
+    def kernels(self, codec: Codec) -> Any:
+        if codec.descriptor not in self._by_codec:
+            self._by_codec[codec.descriptor] = self._kernels_for(codec)
+        return self._by_codec[codec.descriptor]
+
+    def takes_device_payloads(self, codec: Codec) -> bool:
+        return not codec.has_lossless_stage and self.kernels(codec) is not None
+
+    def receive_device_payload(
+        self, stream, codec: Codec, nbytes: int, checked: bool
+    ) -> tuple[torch.Tensor, int | None]:
+        """Receive a DATA payload into GPU memory; return it with its CRC32C, computed there
+        (the host's CPU never reads it), when the session checks payloads."""
+        from kvwire.cuda import kernels
+
+        backend = self.kernels(codec)
+        buffer = kernels.receive_buffer(nbytes, self.device, self.side_stream)
+        stream.recv_device_into(buffer)
+        return buffer, kernels.crc32c(backend, buffer, stream=self.side_stream) if checked else None
+
+    def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
+        from kvwire.cuda import kernels
+
+        backend = self.kernels(codec)
+        side = self.side_stream
+        if backend is None:
+            rows = (data if codec.name == "raw" else codec.decode_bytes(data, spec)).view(spec.dtype).view(spec.shape)
+            with torch.cuda.stream(side):
+                if ref.name == STATE_NAME:
+                    place_rows({}, dest.states.get(ref.layer), dest.selection, self.layout.block_size, ref, rows)
+                else:
+                    scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
+                                   rows.to(self.device))  # fmt: skip
+            kernels.wait_on_host(side)  # the slot is reused after this returns
+            return
+        if codec.has_lossless_stage:  # +lz4: the lossless stage runs on the host
+            data = torch.from_numpy(codec.unpack(data, spec))
+        if ref.name == STATE_NAME:
+            chunk = kernels.Chunk.state(backend, dest.states[ref.layer], ref.start, ref.count)
+        else:
+            table = backend.tables.get(dest, dest.selection.block_ids, self.device, side)
+            chunk = kernels.Chunk.paged(self.cache(ref), table, ref.start, ref.count, self.layout.block_size)
+        with torch.cuda.stream(side):
+            on_device = data.to(self.device, non_blocking=True)  # allocated and copied on side
+        kernels.decode(backend, codec, on_device, chunk, spec.role, stream=side)
+        kernels.wait_on_host(side)

@@ -1,0 +1,199 @@
+"""The receiver's request lifecycle, sans I/O: events in, states and actions out, no sockets."""
+
+import pytest
+
+import kvwire
+from kvwire.engine.requests import (
+    ALLOWED,
+    TERMINAL,
+    Finish,
+    Place,
+    Placement,
+    Release,
+    RequestTable,
+    SendAck,
+    SendCancel,
+    State,
+)
+from kvwire.errors import Cancelled, PeerLost, ProtocolError, TransferError, TransferTimeout
+
+LAYOUT = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=1, head_dim=8, block_size=4)
+S = "session-a"
+
+
+def table(**kw) -> RequestTable:
+    return RequestTable(LAYOUT, capacity_tokens=kw.pop("capacity", 64), max_requests_per_session=kw.pop("limit", 8))
+
+
+def write_everything(t: RequestTable, request) -> list:
+    """Place every chunk of a bound request, one chunk per tensor; the actions of the last."""
+    actions = []
+    for layer in range(LAYOUT.num_layers):
+        for tensor in range(2):
+            assert t.start_write(request, S, layer, tensor, 0, request.num_tokens) is True
+            actions, _ = t.written(request, layer, None)
+    return actions
+
+
+def test_the_table_names_every_live_state_and_only_terminal_states_have_no_moves():
+    assert set(ALLOWED) | TERMINAL == set(State)
+    for state, moves in ALLOWED.items():
+        assert moves and state not in moves
+
+
+def test_expect_first_then_begin_binds_and_completes_with_ack_before_finish():
+    t = table()
+    handle = object()
+    request, actions = t.expect("r", handle, 6, deadline=100)
+    assert request.state is State.EXPECTED and actions == []
+    assert t.begin(S, 1, "r", 6, now=0) == []
+    assert request.state is State.BOUND
+    actions = write_everything(t, request)
+    assert actions == [SendAck(S, 1, True), Finish(handle, None)]  # the ACK first
+    assert request.state is State.COMPLETE
+    assert t.census() == {"requests": 0, "tags": 0, "expected": 0, "parked_chunks": 0, "cancelled_ids": 0,
+                          "ended_tags": 1}  # fmt: skip
+
+
+def test_begin_first_parks_chunks_until_expect_places_them():
+    t = table()
+    assert t.begin(S, 7, "r", 6, now=0) == []
+    request = t.lookup(S, 7)
+    assert request.state is State.ANNOUNCED
+    assert t.arrived(request, "chunk-1") is Placement.PARK
+    assert t.arrived(request, "chunk-2") is Placement.PARK
+    bound, actions = t.expect("r", "h", 6, deadline=100)
+    assert bound is request and request.state is State.BOUND
+    assert actions == [Place(request, ["chunk-1", "chunk-2"])]
+    assert t.arrived(request, "chunk-3") is Placement.PLACE
+
+
+def test_token_counts_that_disagree_fail_with_a_failed_ack():
+    t = table()
+    request, _ = t.expect("r", "h", 6, deadline=100)
+    actions = t.begin(S, 1, "r", 5, now=0)
+    assert request.state is State.FAILED
+    assert isinstance(actions[0], SendAck) and not actions[0].ok and "sends 5 tokens" in actions[0].message
+    assert isinstance(actions[1], Finish) and "expects 6" in str(actions[1].error)
+
+
+@pytest.mark.parametrize("tokens, limit, why", [(65, 8, "do not fit"), (0, 8, "do not fit"), (4, 1, "open requests")])
+def test_a_begin_beyond_the_limits_is_refused_without_a_record(tokens, limit, why):
+    t = table(limit=limit)
+    if limit == 1:
+        t.begin(S, 1, "first", 4, now=0)
+    actions = t.begin(S, 2, "r", tokens, now=0)
+    assert len(actions) == 1 and not actions[0].ok and why in actions[0].message
+    assert t.counters["refused_requests"] == 1
+    assert t.lookup(S, 2) is None  # remembered as ended: its DATA is dropped, not an error
+
+
+def test_data_for_a_tag_never_begun_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="before its BEGIN"):
+        table().lookup(S, 3)
+
+
+def test_a_reused_tag_with_another_request_is_a_protocol_error():
+    t = table()
+    t.begin(S, 1, "a", 4, now=0)
+    assert t.begin(S, 1, "a", 4, now=0) == []  # its BEGIN on another connection
+    with pytest.raises(ProtocolError, match="changed its request"):
+        t.begin(S, 1, "b", 4, now=0)
+
+
+def test_the_origin_of_a_cancel_decides_what_the_sender_is_told():
+    t = table()
+    request, _ = t.expect("local", "h1", 4, deadline=100)
+    t.begin(S, 1, "local", 4, now=0)
+    actions = t.cancel(request, "decode went away")
+    assert isinstance(actions[0], SendCancel) and actions[0].reason.endswith("decode went away")
+    assert isinstance(actions[1].error, Cancelled)
+
+    request, _ = t.expect("peer", "h2", 4, deadline=100)
+    t.begin(S, 2, "peer", 4, now=0)
+    actions = t.cancel_from_peer(S, 2, "prefill aborted")
+    assert actions == [Finish("h2", actions[0].error)] and "by the sender" in str(actions[0].error)
+
+
+def test_a_cancel_before_the_other_side_comes_is_remembered_for_it():
+    t = table()
+    request, _ = t.expect("early", "h", 4, deadline=100)
+    t.cancel(request, "gave up")
+    assert t.begin(S, 1, "early", 4, now=0) == [SendCancel(S, 1, "gave up")]  # the sender learns at once
+    t.begin(S, 2, "late", 4, now=0)
+    t.cancel_from_peer(S, 2, "aborted")
+    request, actions = t.expect("late", "h2", 4, deadline=100)
+    assert request.state is State.CANCELLED and isinstance(actions[0].error, Cancelled)
+
+
+def test_an_error_while_chunks_are_written_waits_for_them_before_the_handle_ends():
+    t = table()
+    request, _ = t.expect("r", "h", 4, deadline=100)
+    t.begin(S, 1, "r", 4, now=0)
+    assert t.start_write(request, S, 0, 0, 0, 4) is True  # a write under way
+    actions = t.expire(request)
+    assert request.state is State.DRAINING
+    assert [type(a) for a in actions] == [SendCancel]  # the sender is told now; the handle not yet
+    assert t.start_write(request, S, 0, 1, 0, 4) is None  # nothing new starts
+    actions, _ = t.written(request, 0, None)
+    assert request.state is State.EXPIRED
+    assert actions == [Finish("h", actions[0].error)] and isinstance(actions[0].error, TransferTimeout)
+
+
+def test_a_failed_write_fails_the_request():
+    t = table()
+    request, _ = t.expect("r", "h", 4, deadline=100)
+    t.begin(S, 1, "r", 4, now=0)
+    t.start_write(request, S, 0, 0, 0, 4)
+    actions, _ = t.written(request, 0, TransferError("decode failed"))
+    assert request.state is State.FAILED and not actions[0].ok and actions[1] == Finish("h", actions[1].error)
+
+
+def test_exact_repeats_are_duplicates_and_overlaps_are_errors():
+    t = table()
+    request, _ = t.expect("r", "h", 8, deadline=100)
+    t.begin(S, 1, "r", 8, now=0)
+    assert t.start_write(request, S, 0, 0, 0, 4) is True
+    assert t.start_write(request, S, 0, 0, 0, 4) is False  # a resend after a lost connection
+    with pytest.raises(ProtocolError, match="overlap"):
+        t.start_write(request, S, 0, 0, 0, 8)
+
+
+def test_unclaimed_requests_are_refused_and_their_parked_chunks_freed():
+    t = table()
+    t.begin(S, 1, "nobody", 4, now=0)
+    request = t.lookup(S, 1)
+    t.arrived(request, "c")
+    assert t.refuse_unclaimed(now=5, timeout=10) == []
+    actions = t.refuse_unclaimed(now=11, timeout=10)
+    assert [type(a) for a in actions] == [SendAck, Release] and actions[1].chunks == ["c"]
+    assert request.state is State.FAILED and t.census()["requests"] == 0
+
+
+def test_a_lost_session_fails_its_requests_without_a_word_to_it():
+    t = table()
+    request, _ = t.expect("r", "h", 4, deadline=100)
+    t.begin(S, 1, "r", 4, now=0)
+    actions = t.session_lost(S)
+    assert actions == [Finish("h", actions[0].error)] and isinstance(actions[0].error, PeerLost)
+    assert t.census()["ended_tags"] == 0  # the session's memory goes with it
+
+
+def test_deadlines_are_due_by_the_clock_passed_in():
+    t = table()
+    request, _ = t.expect("r", "h", 4, deadline=10)
+    assert t.due(9.9) == [] and t.due(10) == [request]
+    actions = t.expire(request)
+    assert request.state is State.EXPIRED and isinstance(actions[0].error, TransferTimeout)
+    assert t.expire(request) == []  # a request ends once
+
+
+def test_ended_tags_are_remembered_boundedly():
+    t = RequestTable(LAYOUT, capacity_tokens=64, max_requests_per_session=8, remembered_tags=3)
+    for tag in range(1, 6):
+        t.begin(S, tag, f"r{tag}", 4, now=0)
+        t.cancel_from_peer(S, tag, "x")
+    assert t.census()["ended_tags"] == 3
+    assert t.lookup(S, 5) is None
+    with pytest.raises(ProtocolError):
+        t.lookup(S, 1)  # forgotten: a frame this late is an error
