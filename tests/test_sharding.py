@@ -160,7 +160,7 @@ def test_different_block_sizes_with_partial_last_blocks(prefill_bs, decode_bs, t
     run(GQA8, 2, 4, prefill_bs=prefill_bs, decode_bs=decode_bs, tokens=tokens)
 
 
-@pytest.mark.parametrize("codec", ["fp8", "int4/g32", "int4/g32/k64"])
+@pytest.mark.parametrize("codec", ["fp8", "int4/g32", "int4/g32/k64", "int8h", "int4h", "int4h/k64"])
 def test_lossy_codecs_keep_their_per_head_scales_across_the_split(codec):
     run(GQA8, 2, 4, codec=codec)
     run(GQA8, 4, 2, codec=codec, prefill_bs=16, decode_bs=64, tokens=130)
