@@ -107,6 +107,11 @@ def test_fidelity_measurement_is_zero_for_raw_and_positive_for_lossy():
     by_codec = {s["codec"]: s for s in report["summary"]}
     assert by_codec["raw"]["mean_kl"] == 0.0 and by_codec["raw"]["identical_fraction"] == 1.0
     assert by_codec["int4/g64"]["mean_kl"] > 0
+    # bytes per token of a bf16 cache: 30 layers, 3 heads of 64; int4 keys in groups of 16
+    # tokens (32 code bytes + 4 * 64 / 16), values in groups of 64 channels (32 + 4)
+    assert by_codec["raw"]["bytes_per_token"] == 30 * 2 * 3 * 64 * 2
+    assert by_codec["int4/g64"]["bytes_per_token"] == 30 * 3 * (48 + 36)
+    assert by_codec["int4/g64"]["times_smaller_than_bf16"] == pytest.approx(256 / 84)
     assert len(report["rows"]) == 2 * len(fidelity.PROMPTS)
 
     # With the whole 23-token cache inside the exact tokens (rounded up to 32), int4 is exact.

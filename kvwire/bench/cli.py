@@ -121,7 +121,7 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
         rates = {}
         for name in ("raw", "fp8", "int4"):
             codec = kvwire.codec.get(name)
-            wire = _wire_bytes_per_token(layout, codec)
+            wire = profiles.wire_bytes_per_token(layout, codec)
             rates[name] = link_bytes / wire
         results.append(
             {"profile": p.name, "layers": layout.num_layers, "kv_bytes_per_token": per_token,
@@ -139,27 +139,20 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wire_bytes_per_token(layout, codec) -> float:
-    """Encoded bytes per token for a long request (1024 tokens; states excluded)."""
-    from kvwire.codec import ChunkSpec
-
-    tokens = 1024
-    total = 0
-    for layer in layout.layers:
-        for p in layer.paged:
-            total += codec.encoded_size(ChunkSpec(tokens, p.heads, p.head_dim, layout.dtype, p.name, layout.block_size))
-    return total / tokens
-
-
 def _cmd_fidelity(args: argparse.Namespace) -> int:
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens: must be at least 1, got {args.new_tokens}")
     print("fidelity: SmolLM2-135M, KV cache through each codec, against the uncompressed cache", flush=True)
     report = fidelity.run(args, progress=lambda line: print(line, flush=True))
-    rows = [[s["codec"], s["prompts"], s["mean_kl"], s["max_kl"], s["identical_fraction"],
+    rows = [[s["codec"], s["bytes_per_token"], f"{s['times_smaller_than_bf16']:.2f}x", s["prompts"], s["mean_kl"],
+             s["max_kl"], s["identical_fraction"],
              "-" if s["mean_first_divergence"] is None else f"{s['mean_first_divergence']:.1f}"]
             for s in report["summary"]]  # fmt: skip
-    print(table(("codec", "prompts", "mean KL", "max KL", "identical", "first divergence"), rows))
+    print(
+        table(
+            ("codec", "bytes/token", "vs bf16", "prompts", "mean KL", "max KL", "identical", "first divergence"), rows
+        )
+    )
     print(f"identical: share of prompts whose {args.new_tokens}-token greedy continuation is unchanged")
     if args.json:
         write_json(args.json, report)

@@ -9,7 +9,9 @@ For each prompt of a set (prose, code, chat, numbers, repetition; 32 to 1024+ to
   and greedy agreement: whether the ``--new-tokens`` continuations are identical, and
   where the first divergence is.
 
-The ``+lz4`` stage is lossless, so ``fp8+lz4`` and ``int4+lz4`` score as ``fp8`` and ``int4``.
+Each codec's size is reported as wire bytes per token of the model's KV as a bf16 cache
+(scales and zero-points counted, a 1024-token request), and how many times smaller than
+bf16 that is. The ``+lz4`` stage is lossless, so ``fp8+lz4`` and ``int4+lz4`` score as ``fp8`` and ``int4``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 
 import torch
 
+import kvwire
 import kvwire.codec
+from kvwire.bench.profiles import wire_bytes_per_token
 
 PROMPTS = {
     "prose": (
@@ -45,15 +49,24 @@ PROMPTS = {
     ),
 }
 LENGTHS = (32, 128, 512, 1024)
+DEFAULT_CODECS = ("fp8", "int8h", "int4", "int4h", "int4h/k64")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--codecs", default="fp8,int4", help="codecs to score (default fp8,int4)")
+    p.add_argument("--codecs", default=",".join(DEFAULT_CODECS),
+                   help=f"codecs to score (default {','.join(DEFAULT_CODECS)})")  # fmt: skip
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="prompt lengths in tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy continuation length (default 64)")
     p.add_argument("--group-size", type=int, default=64, help="int4 value group size")
     p.add_argument("--exact-tokens", type=int, default=0,
                    help="first tokens kept exact, as Sender(exact_tokens=N) sends them (default 0)")  # fmt: skip
+
+
+def model_layout(config) -> kvwire.KVLayout:
+    """The KV layout of a transformers model config, as a bf16 cache of 16-token blocks."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kvwire.KVLayout.gqa(config.num_hidden_layers, heads, head_dim, block_size=16, dtype=torch.bfloat16)
 
 
 def _prompts(tokenizer, lengths) -> list[tuple[str, list[int]]]:
@@ -122,12 +135,17 @@ def run(args: argparse.Namespace, progress=print) -> dict:
             rows.append({"prompt": name, "tokens": len(prompt), "codec": codec.descriptor, "kl": kl,
                          "identical": tokens == ref_tokens, "first_divergence": first_diff})  # fmt: skip
         progress(f"  {k + 1}/{len(prompts)} {name}: {time.monotonic() - t0:.0f} s")
+    layout = model_layout(model.config)
+    bf16 = wire_bytes_per_token(layout, kvwire.codec.get("raw"))
     summary = []
     for codec in codecs:
         mine = [r for r in rows if r["codec"] == codec.descriptor]
+        wire = wire_bytes_per_token(layout, codec)
         diverged = [r["first_divergence"] for r in mine if r["first_divergence"] is not None]
         summary.append({
             "codec": codec.descriptor,
+            "bytes_per_token": wire,
+            "times_smaller_than_bf16": bf16 / wire,
             "mean_kl": sum(r["kl"] for r in mine) / len(mine),
             "max_kl": max(r["kl"] for r in mine),
             "identical_fraction": sum(r["identical"] for r in mine) / len(mine),

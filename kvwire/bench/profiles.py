@@ -89,3 +89,15 @@ def get(name: str) -> Profile:
     if name not in PROFILES:
         raise ValueError(f"--profile: unknown profile {name!r}; known: {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def wire_bytes_per_token(layout: KVLayout, codec, tokens: int = 1024) -> float:
+    """Encoded bytes per token of ``layout``'s paged tensors with ``codec`` for a request
+    of ``tokens`` tokens (scales and zero-points counted; states excluded)."""
+    from kvwire.codec import ChunkSpec
+
+    total = 0
+    for layer in layout.layers:
+        for p in layer.paged:
+            total += codec.encoded_size(ChunkSpec(tokens, p.heads, p.head_dim, layout.dtype, p.name, layout.block_size))
+    return total / tokens
