@@ -54,6 +54,8 @@ CASES = [
     ("int4h", "v", 2, 128, 16, 21, False),  # R = 128: four slots per lane
     ("int4h", "v", 2, 96, 8, 12, True),  # R = 32
     ("int4h", "kv", 1, 576, 16, 17, False),
+    ("int8h", "v", 2, 63, 16, 20, False),  # odd head_dim: R = 1, no rotation
+    ("int4h", "v", 3, 6, 4, 10, False),  # R = 2: a row shorter than a tile, lanes past it idle
 ]
 
 
