@@ -23,8 +23,11 @@ from kvwire.errors import (
     ProtocolError,
     TransferError,
     TransferTimeout,
+    TransferWouldMissDeadline,
 )
 from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
+from kvwire.link import LinkState
+from kvwire.planning import Estimate
 from kvwire.transport.tcp import SocketOptions
 from kvwire.tuning import tune_process
 
@@ -33,10 +36,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "Cancelled",
+    "Estimate",
     "KVLayout",
     "KvwireError",
     "LayerSpec",
     "LayoutMismatch",
+    "LinkState",
     "PagedTensorSpec",
     "PeerLost",
     "ProtocolError",
@@ -49,6 +54,7 @@ __all__ = [
     "StateSpec",
     "TransferError",
     "TransferTimeout",
+    "TransferWouldMissDeadline",
     "__version__",
     "tune_process",
 ]

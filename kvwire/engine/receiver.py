@@ -585,7 +585,8 @@ class Receiver:
 
     def _join_session(self, conn: _RConn, event: Authenticated) -> None:
         hello = event.hello
-        self._codecs.setdefault(hello.codec, kvwire.codec.get(hello.codec))
+        for descriptor in hello.session_codecs:
+            self._codecs.setdefault(descriptor, kvwire.codec.get(descriptor))
         with self._lock:
             if conn.cut is not None or self._closed:
                 raise PeerLost(conn.cut or "the receiver is closed")
@@ -630,7 +631,7 @@ class Receiver:
             self._skip_payload(conn, header, n)
             return
         request, ref, spec = checked
-        codec = ref.codec(conn.joined.codec)
+        codec = ref.codec(request.codec)
         parked_bytes = self._reserve_parking(conn, request, n)
         try:
             slot = self._receive_payload(conn, header, n, codec)
@@ -695,7 +696,7 @@ class Receiver:
         t = request.plan.check(header.layer, header.tensor, header.start, header.count)
         spec = chunk_spec(self.layout, t, header.count)
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
-        codec = ref.codec(session.codec)
+        codec = ref.codec(request.codec)
         size = codec.encoded_size(spec)
         if header.length > size or (not codec.variable_size and header.length != size):
             raise ProtocolError(
@@ -728,8 +729,11 @@ class Receiver:
         session = conn.joined
         with self._lock:
             if isinstance(event, Begin):
+                hello = conn.proto.hello
+                assert hello is not None  # frames are read once the handshake is done
+                codec = self._codecs[hello.session_codecs[event.codec]]  # the index was checked against it
                 actions = self._table.begin(session.id, event.tag, event.request_id, event.num_tokens,
-                                            time.monotonic())  # fmt: skip
+                                            time.monotonic(), codec)  # fmt: skip
                 refused = [a for a in actions if isinstance(a, requests.SendAck) and not a.ok]
             else:
                 actions = self._table.cancel_from_peer(session.id, event.tag, event.reason)
@@ -772,7 +776,7 @@ class Receiver:
         error = None
         try:
             assert chunk.slot.tensor is not None  # not released before it is written
-            codec = ref.codec(chunk.conn.joined.codec)
+            codec = ref.codec(request.codec)
             self._placement.place(codec, ref, spec, chunk.slot.tensor[: chunk.length], handle.destination)
         except Exception as exc:  # a decode failure must fail the request, not the thread
             log.exception("placing a chunk of %r failed", request.request_id)

@@ -78,6 +78,7 @@ class Request:
     parked: list = field(default_factory=list)  # chunks that arrived before expect()
     writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
     ending: tuple[State, TransferError] | None = None  # how it ends, while DRAINING
+    codec: Any = None  # the codec its BEGIN named (its sender's session may offer several)
 
     @property
     def live(self) -> bool:
@@ -209,13 +210,18 @@ class RequestTable:
         return actions
 
     # -- events from the senders ---------------------------------------------------------
-    def begin(self, session: str, tag: int, request_id: str, num_tokens: int, now: float) -> list[Action]:
-        """A sender's BEGIN. Raises ProtocolError for a tag reused with another request."""
+    def begin(
+        self, session: str, tag: int, request_id: str, num_tokens: int, now: float, codec: Any = None
+    ) -> list[Action]:
+        """A sender's BEGIN (``codec``: the one it names, kept on the request). Raises
+        ProtocolError for a tag reused with another request or another codec."""
         tags = self._by_tag.setdefault(session, {})
         known = tags.get(tag)
         if known is not None:
             if (known.request_id, known.num_tokens) != (request_id, num_tokens):
                 raise ProtocolError(f"BEGIN for tag {tag} changed its request")
+            if known.codec is not codec:
+                raise ProtocolError(f"BEGIN for tag {tag} changed its codec")
             return []  # its BEGIN on another connection
         if tag in self._ended_tags.get(session, ()):
             return []  # the request ended already; this is its BEGIN on another connection
@@ -238,7 +244,7 @@ class RequestTable:
             if remembered is not None and remembered[1] is Origin.LOCAL:  # cancelled here before it came
                 self._end_tag(session, tag)
                 return [SendCancel(session, tag, remembered[0])]
-            request = Request(request_id, num_tokens, State.ANNOUNCED, created=now)
+            request = Request(request_id, num_tokens, State.ANNOUNCED, created=now, codec=codec)
             self._attach(request, session, tag, now)
             return []
         if request.state is not State.EXPECTED:  # another transfer is already delivering it
@@ -246,6 +252,7 @@ class RequestTable:
             return [SendAck(session, tag, False,
                             f"request id {request_id!r} is already being received from another transfer")]  # fmt: skip
         self._cancelled.pop(request_id, None)
+        request.codec = codec
         self._attach(request, session, tag, now)
         return self._bind(request, sent=num_tokens, expected=request.num_tokens)
 
