@@ -13,6 +13,12 @@ not the link. An interval counts only if the sender had data waiting (chunks que
 bytes in a socket not yet sent) at both its ends; the link's goodput is what TCP
 acknowledged over such intervals, summed over the connections.
 
+Transfers too short for the sampling period teach through their completions
+(:meth:`LinkModel.completed`): a transfer that had the link to itself and all its layers
+at once took ``wire bytes / goodput + RTT + overhead``; what is left over is the
+per-transfer ``overhead`` (slow start after an idle link, the first chunk's encoding),
+and, before any busy interval was measured, its bytes over its time are the goodput.
+
 >>> m = LinkModel()
 >>> for i in range(9):  # 2 s of a busy link moving 100 MB/s, one sample every 250 ms
 ...     m.observe(i * 0.25, {"c0": {"bytes_acked": i * 25_000_000, "bytes_sent": i * 25_000_000,
@@ -37,6 +43,7 @@ BIN_S = 0.25  # busy time gathered into one goodput sample: 50 ms samples are AC
 STALE_S = 10.0  # a goodput figure this old has its uncertainty doubled (and so on, linearly)
 MIN_UNCERTAINTY = 0.05  # never claim better than +-5%: the figures are samples of a shared link
 TREND_BAND = 0.15  # |fast/slow - 1| below this is "steady"
+COMPLETIONS = 16  # completed transfers whose overhead is remembered (the median is used)
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,16 @@ class LinkState:
 
     * ``goodput``: wire bytes per second the link delivered while the sender kept it
       busy (fast average, about a second of busy time).
+    * ``transfer_goodput``: wire bytes per second of whole transfers that had the link
+      to themselves (from their completions), and ``overhead``: seconds each such
+      transfer took beyond ``wire bytes / goodput + RTT`` (median of the last 16).
     * ``goodput_slow``: the same over about eight seconds: ``trend`` compares the two.
     * ``rtt`` / ``min_rtt``: seconds, TCP's smoothed RTT (mean over the connections)
       and the lowest RTT seen; ``queueing_s`` is their difference (a standing queue).
     * ``loss``: share of the bytes sent that TCP had to send again (last ~5 s).
     * ``tcp_rate``: bytes per second from the kernel's own delivery-rate samples,
-      summed over connections that were not application-limited: a hint used while no
-      busy interval has been measured yet.
+      summed over the connections that delivered since the last sample: a hint used
+      while neither a busy interval nor a transfer has been measured.
     * ``window_limited``: share of the connections' busy time spent limited by their
       send buffer or the peer's receive window (more connections or buffers would help).
     * ``trend``: ``goodput / goodput_slow - 1`` (negative: getting worse), and
@@ -74,6 +84,8 @@ class LinkState:
 
     goodput: Figure
     goodput_slow: Figure
+    transfer_goodput: Figure
+    overhead: Figure
     rtt: Figure
     min_rtt: Figure
     loss: Figure
@@ -91,9 +103,12 @@ class LinkState:
 
     def best_goodput(self) -> tuple[float | None, str]:
         """The goodput to plan with and where it comes from: ``measured`` (busy
-        intervals), ``tcp`` (the kernel's delivery rate only), or ``none``."""
+        intervals), ``transfers`` (completions only), ``tcp`` (the kernel's delivery
+        rate only), or ``none``."""
         if self.goodput.value:
             return self.goodput.value, "measured"
+        if self.transfer_goodput.value:
+            return self.transfer_goodput.value, "transfers"
         if self.tcp_rate.value:
             return self.tcp_rate.value, "tcp"
         return None, "none"
@@ -170,6 +185,10 @@ class LinkModel:
         self._tcp_rate_samples = 0
         self._connections = 0
         self._busy_total = 0.0
+        self._transfers = _Ewma(fast_tau_s)
+        self._transfers_at: float | None = None
+        self._overheads: list[float] = []
+        self._overhead_at: float | None = None
 
     def observe(self, now: float, conns: Mapping[Hashable, Mapping], backlog: bool) -> None:
         """One sample: ``conns`` maps a connection's key to its TCP_INFO figures
@@ -204,8 +223,8 @@ class LinkModel:
                 rtts.append(info["rtt_us"] / 1e6)  # a fresh RTT sample came with those ACKs
             if info.get("min_rtt_us"):
                 min_rtts.append(info["min_rtt_us"] / 1e6)
-            if d_acked and info.get("delivery_rate") and not info.get("delivery_rate_app_limited"):
-                rates.append(float(info["delivery_rate"]))
+            if d_acked and info.get("delivery_rate"):
+                rates.append(float(info["delivery_rate"]))  # app-limited ones are lower bounds: a hint
         self._conns = seen
         self._connections = len(seen)
         busy_interval = dt is not None and backlog and self._last_backlog
@@ -240,6 +259,20 @@ class LinkModel:
             self._tcp_rate_at = now
             self._tcp_rate_samples += 1
 
+    def completed(self, now: float, wire_bytes: int, seconds: float) -> None:
+        """A transfer that had the link to itself and every layer from its start took
+        ``seconds`` from its start to its acknowledgement for ``wire_bytes``."""
+        if wire_bytes <= 0 or seconds <= 0:
+            return
+        rtt = self._rtt or 0.0
+        if seconds > rtt:
+            self._transfers.add(wire_bytes / (seconds - rtt), seconds)
+            self._transfers_at = now
+        if self._fast.mean:
+            self._overheads.append(seconds - wire_bytes / self._fast.mean - rtt)
+            del self._overheads[:-COMPLETIONS]
+            self._overhead_at = now
+
     def _flush_bin(self, now: float) -> None:
         rate = self._bin_bytes / self._bin_s
         weight = self._bin_s
@@ -269,9 +302,15 @@ class LinkModel:
         queueing = None
         if self._rtt is not None and self._min_rtt is not None:
             queueing = max(0.0, self._rtt - self._min_rtt)
+        overhead = sorted(self._overheads)[len(self._overheads) // 2] if self._overheads else None
+        if self._fast.mean is None and self._transfers.mean:  # completions only: their own spread
+            spread = max(self._transfers.cv if self._transfers.samples >= 2 else 0.5, MIN_UNCERTAINTY)
+            uncertainty = spread * (1.0 + (age(self._transfers_at) or 0.0) / STALE_S)
         return LinkState(
             goodput=Figure(self._fast.mean, goodput_age, self._fast.samples),
             goodput_slow=Figure(self._slow.mean, goodput_age, self._slow.samples),
+            transfer_goodput=Figure(self._transfers.mean, age(self._transfers_at), self._transfers.samples),
+            overhead=Figure(overhead, age(self._overhead_at), len(self._overheads)),
             rtt=Figure(self._rtt, age(self._rtt_at), self._rtt_samples),
             min_rtt=Figure(self._min_rtt, age(self._rtt_at), self._rtt_samples),
             loss=Figure(loss, age(self._loss_at), self._loss_samples),

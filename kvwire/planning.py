@@ -107,7 +107,7 @@ def timeline(
     described in the module's docstring."""
     if goodput <= 0:
         raise ValueError(f"goodput: must be positive, got {goodput}")
-    left = queued_bytes / goodput + overhead_s  # the link is busy with what was queued before
+    left = queued_bytes / goodput  # the link is busy with what was queued before
     ready = 0.0
     first = None
     for i, layer in enumerate(layers):
@@ -116,8 +116,11 @@ def timeline(
         left = max(left, ready) + service
         if first is None:
             first = left + rtt_s / 2
-    total = left + rtt_s
-    return (first if first is not None else total), total, total - ready
+    # The fixed cost (start-up) delays everything; learned from completions it may be
+    # negative (the goodput was measured low), but nothing arrives before the RTT allows.
+    total = max(left + rtt_s + overhead_s, rtt_s)
+    first = min((first if first is not None else total) + max(overhead_s, 0.0), total)
+    return first, total, max(total - ready, 0.0)
 
 
 def estimate(
@@ -129,16 +132,19 @@ def estimate(
     layers_per_s: float | None = None,
     cpu_s_per_byte: float = 0.0,
     queued_bytes: int = 0,
-    overhead_s: float = 0.0,
+    overhead_s: float | None = None,
 ) -> Estimate:
     """Predict a transfer of ``layers`` (from :func:`layer_costs`) over ``link``.
 
     ``layers_per_s``: how fast the prefill produces layers (None: all are ready at the
     start); ``cpu_s_per_byte``: the codec's CPU seconds per logical byte on its slowest
     side (0 for raw, or on GPUs); ``queued_bytes``: wire bytes of earlier transfers
-    still ahead of this one; ``overhead_s``: a fixed cost per transfer (start-up)."""
+    still ahead of this one; ``overhead_s``: a fixed cost per transfer (start-up; default:
+    the one ``link`` learned from completed transfers)."""
     goodput, basis = link.best_goodput()
     rtt = link.rtt.value or 0.0
+    if overhead_s is None:  # learned from completions, only against the busy goodput it was measured with
+        overhead_s = (link.overhead.value or 0.0) if basis == "measured" else 0.0
     wire = sum(x.wire_bytes for x in layers)
     logical = sum(x.logical_bytes for x in layers)
     uncertainty = link.uncertainty if basis == "measured" else 1.0
@@ -221,6 +227,9 @@ def choose_codec(
 # -- how many connections ---------------------------------------------------------------------
 GROWTH_GAIN = 0.10  # a step must bring 10% more goodput to be kept: the machine's noise is 5-10%
 WINDOW_LIMITED = 0.2  # share of busy time limited by buffers/windows that says more flows would help
+# ...but only if each connection has a window's worth in flight: on loopback a slow reader
+# fills the window with microseconds of RTT, and more connections only add threads.
+MIN_FLIGHT_BYTES = 256 << 10
 MEASURE_S = 1.5  # busy seconds measured at each count (after settling)
 SETTLE_S = 0.5  # busy seconds new connections get to leave slow start before measuring
 RETRY_S = 60.0  # busy seconds before a step that did not pay is tried again
@@ -230,8 +239,9 @@ RETRY_S = 60.0  # busy seconds before a step that did not pay is tried again
 class StreamPolicy:
     """Connections that follow the link: measure goodput at the current count over busy
     time; while the connections are window-limited (their send buffers or the peer's
-    window hold them back, ``LinkState.window_limited``) and below ``bound``, double
-    them; keep a step only if goodput grew by ``GROWTH_GAIN``, else go back. The
+    window hold them back, ``LinkState.window_limited``, with at least
+    ``MIN_FLIGHT_BYTES`` in flight each) and below ``bound``, double them; keep a step
+    only if goodput grew by ``GROWTH_GAIN``, else go back. The
     decision and its reason are in ``as_dict()`` (the sender's statistics).
 
     ``step`` returns the count wanted now (the caller opens or retires connections)."""
@@ -278,8 +288,11 @@ class StreamPolicy:
                 self.count = before
                 return self.count
         limited = link.window_limited or 0.0
+        flight = goodput * (link.min_rtt.value or link.rtt.value or 0.0) / self.count
         if self.count >= self.bound:
             self._hold(busy_s, f"at the bound of {self.bound} connections ({limited:.0%} window-limited)")
+        elif flight < MIN_FLIGHT_BYTES:
+            self._hold(busy_s, f"{flight / 1024:.0f} KiB in flight per connection: the window is not what limits")
         elif limited < WINDOW_LIMITED:
             self._hold(busy_s, f"not window-limited ({limited:.0%} of busy time): more connections would share "
                                f"the same bottleneck")  # fmt: skip

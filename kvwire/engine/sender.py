@@ -140,6 +140,7 @@ class SendHandle:
         self.t_last_layer: float | None = None
         self.t_acked: float | None = None
         self.layer_sent_at: dict[int, float] = {}
+        self.alone = False  # no other transfer was open when it started
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue layer ``layer`` (its paged tensors, and its state if it has one); returns at once.
@@ -226,6 +227,8 @@ class SendHandle:
         self.t_acked = time.monotonic()
         self._done.set()
         self._sender._forget(self)
+        if error is None:
+            self._sender._follower.completed(self)
 
 
 class Sender:
@@ -499,7 +502,9 @@ class Sender:
             self._next_tag += 1
             handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline, codec, codec_index,
                                 plan)  # fmt: skip
+            handle.alone = not self._transfers  # it may teach the link model its overhead (sender_link.py)
             self._transfers[tag] = handle
+        self._follower.kick()
         return handle
 
     def send(
@@ -644,6 +649,9 @@ class Sender:
 
     def _has_open_transfers(self) -> bool:
         return bool(self._transfers)
+
+    def _transfers_created_since(self, tag: int) -> bool:
+        return self._next_tag > tag + 1
 
     def _link_view(self) -> tuple[list[tuple[int, ByteStream]], bool]:
         """(the live connections as (key, stream), whether chunks wait for a writer)."""

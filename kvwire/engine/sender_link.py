@@ -32,10 +32,11 @@ log = logging.getLogger("kvwire.sender")
 
 AUTO = "auto"
 DEFAULT_AUTO_CODECS = ("raw", "fp8", "int4")  # least lossy first: raw whenever the link allows
-BUSY_PERIOD_S = 0.05  # sampling while transfers are open: 20 samples a second, ~10 us each per connection
+BUSY_PERIOD_S = 0.02  # sampling while transfers are open: 50 a second, ~10 us of TCP_INFO per connection each
+ALL_AT_ONCE = 0.1  # a transfer whose layers all came within this share of its time had the link from its start
 IDLE_PERIOD_S = 0.5
 COST_CACHE = 256  # (codec, num_tokens) -> layer costs remembered
-PRIOR_TOKENS = 256  # tokens of one tensor a codec is timed on once, when auto may choose it
+PRIOR_TOKENS = 128  # tokens of one tensor a codec is timed on once, when auto may choose it
 
 
 def auto_codecs(names: Sequence[str] | None, dtype: torch.dtype, group_size: int) -> list[Codec]:
@@ -82,7 +83,8 @@ class LinkFollower:
         if not on_gpu and len(codecs) > 1:
             for codec in codecs:
                 self._cpu[codec.descriptor] = _time_codec(sender.layout, codec)
-        self._stop = threading.Event()
+        self._stop = False
+        self._kick = threading.Event()  # a transfer started: sample at the busy pace from now
         self._growing = False
         self._thread = threading.Thread(target=self._run, name="kvwire-link", daemon=True)
 
@@ -91,13 +93,22 @@ class LinkFollower:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop = True
+        self._kick.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
     # -- sampling ----------------------------------------------------------------------------
+    def kick(self) -> None:
+        """A transfer started: leave the idle pace now."""
+        self._kick.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(BUSY_PERIOD_S if self._sender._has_open_transfers() else IDLE_PERIOD_S):
+        while not self._stop:
+            if self._kick.wait(BUSY_PERIOD_S if self._sender._has_open_transfers() else IDLE_PERIOD_S):
+                self._kick.clear()
+            if self._stop:
+                return
             try:
                 self.sample()
                 self._follow()
@@ -153,6 +164,18 @@ class LinkFollower:
         with self._lock:
             return self.policy.as_dict()
 
+    def completed(self, handle) -> None:
+        """A transfer was acknowledged: if it had the link to itself (no other transfer
+        open from its start to its end) and all its layers at once, it is a sample of the
+        whole path, start-up included."""
+        first, last, acked = handle.t_first_layer, handle.t_last_layer, handle.t_acked
+        if first is None or last is None or acked is None or not handle.alone or acked <= first:
+            return
+        if self._sender._transfers_created_since(handle.tag) or last - first > ALL_AT_ONCE * (acked - first):
+            return
+        with self._lock:
+            self.model.completed(acked, handle.wire_bytes, acked - first)
+
     # -- planning ------------------------------------------------------------------------------
     def layer_costs(self, codec: Codec, num_tokens: int) -> list[planning.LayerCost]:
         key = (codec.descriptor, num_tokens)
@@ -191,8 +214,8 @@ class LinkFollower:
 
 def _time_codec(layout, codec: Codec) -> float:
     """CPU seconds per logical byte of ``codec`` on this machine: the slower of encode and
-    decode of ``PRIOR_TOKENS`` tokens of the layout's first paged tensor (second of two
-    runs). 0 for raw, which moves bytes as they are."""
+    decode of ``PRIOR_TOKENS`` tokens of the layout's first paged tensor, after one
+    block to warm up. 0 for raw, which moves bytes as they are."""
     if codec.name == "raw" and not codec.has_lossless_stage:
         return 0.0
     paged = next((p for layer in layout.layers for p in layer.paged), None)
@@ -200,12 +223,11 @@ def _time_codec(layout, codec: Codec) -> float:
         return 0.0
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PRIOR_TOKENS, paged.heads, paged.head_dim, generator=g).to(layout.dtype)
-    best_encode = best_decode = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        encoded = codec.encode(x, paged.name, layout.block_size)
-        t1 = time.perf_counter()
-        codec.decode(encoded)
-        t2 = time.perf_counter()
-        best_encode, best_decode = min(best_encode, t1 - t0), min(best_decode, t2 - t1)
-    return max(best_encode, best_decode) / (x.numel() * x.element_size())
+    warm = x[: layout.block_size]
+    codec.decode(codec.encode(warm, paged.name, layout.block_size))  # first calls allocate and dispatch
+    t0 = time.perf_counter()
+    encoded = codec.encode(x, paged.name, layout.block_size)
+    t1 = time.perf_counter()
+    codec.decode(encoded)
+    t2 = time.perf_counter()
+    return max(t1 - t0, t2 - t1) / (x.numel() * x.element_size())
