@@ -463,6 +463,7 @@ class Sender:
         max_exposed_ms: float | None = None,
         layers_per_s: float | None = None,
         refuse_if_late: bool = False,
+        codec: str | None = None,
     ) -> SendHandle:
         """Start a transfer of ``num_tokens`` tokens held in ``block_ids`` (in token order).
 
@@ -476,6 +477,8 @@ class Sender:
         ``codec="auto"`` they choose the codec; with ``refuse_if_late=True`` a transfer
         predicted to miss the target or the deadline raises
         :class:`~kvwire.TransferWouldMissDeadline` here, before anything is sent.
+        ``codec``: this transfer's codec, one of the sender's ``codecs`` (a scheduler that
+        chose from ``estimate()`` itself); it overrides auto.
         """
         if self._closed:
             raise ValueError("transfer: the sender is closed")
@@ -486,13 +489,15 @@ class Sender:
             self.layout.check_state(i, t, f"states[{i}]")
         if not isinstance(refuse_if_late, bool):
             raise TypeError(f"refuse_if_late: expected a bool, got {type(refuse_if_late).__name__}")
-        codec, codec_index, plan = self.codec, 0, None
+        codec_index = 0 if codec is None else self._codec_index(codec)
+        plan = None
         target = _milliseconds(max_exposed_ms, "max_exposed_ms")
         target = self._max_exposed_s if target is None else target
-        if self.auto or refuse_if_late:
-            plan = self._plan(sel.num_tokens, target, _rate(layers_per_s, "layers_per_s"), deadline)
-            codec_index = next(i for i, c in enumerate(self.codecs) if c.descriptor == plan.codec)
-            codec = self.codecs[codec_index]
+        if (self.auto and codec is None) or refuse_if_late:
+            pace = _rate(layers_per_s, "layers_per_s")
+            candidates = None if codec is None else [self.codecs[codec_index]]
+            plan = self._plan(sel.num_tokens, target, pace, deadline, candidates)
+            codec_index = self._codec_index(plan.codec)
             if refuse_if_late and plan.meets is False:
                 raise TransferWouldMissDeadline(f"transfer {request_id!r} refused: {plan.reason}", plan.estimate)
         with self._lock:
@@ -500,8 +505,8 @@ class Sender:
                 raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
             tag = self._next_tag
             self._next_tag += 1
-            handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline, codec, codec_index,
-                                plan)  # fmt: skip
+            handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline,
+                                self.codecs[codec_index], codec_index, plan)  # fmt: skip
             handle.alone = not self._transfers  # it may teach the link model its overhead (sender_link.py)
             self._transfers[tag] = handle
         self._follower.kick()
@@ -637,14 +642,21 @@ class Sender:
         target = _milliseconds(max_exposed_ms, "max_exposed_ms")
         if codec == AUTO or (codec is None and self.auto):
             return self._plan(num_tokens, self._max_exposed_s if target is None else target, pace, None).estimate
-        chosen = self.codec if codec is None else kvwire.codec.get(codec)
-        if chosen.descriptor not in (c.descriptor for c in self.codecs):
-            names = [c.descriptor for c in self.codecs]
-            raise ValueError(f"codec: {codec!r} is not one of this sender's codecs {names}")
+        chosen = self.codecs[0 if codec is None else self._codec_index(codec)]
         return self._follower.estimates(num_tokens, [chosen], pace or self._layers_per_s)[0]
 
-    def _plan(self, num_tokens: int, target_s: float | None, pace: float | None, deadline_s: float | None) -> Choice:
-        candidates = self._follower.estimates(num_tokens, self.codecs, pace or self._layers_per_s)
+    def _codec_index(self, codec: str) -> int:
+        """The index of ``codec`` (a name or descriptor) in this sender's codecs."""
+        if not isinstance(codec, str):
+            raise TypeError(f"codec: expected a codec name, got {type(codec).__name__}")
+        for i, c in enumerate(self.codecs):
+            if codec in (c.descriptor, c.name):  # "int4" names this sender's int4, whatever its groups
+                return i
+        raise ValueError(f"codec: {codec!r} is not one of this sender's codecs {[c.descriptor for c in self.codecs]}")
+
+    def _plan(self, num_tokens: int, target_s: float | None, pace: float | None, deadline_s: float | None,
+              codecs: list | None = None) -> Choice:  # fmt: skip
+        candidates = self._follower.estimates(num_tokens, codecs or self.codecs, pace or self._layers_per_s)
         return choose_codec(candidates, max_exposed_s=target_s, deadline_s=deadline_s)
 
     def _has_open_transfers(self) -> bool:
