@@ -136,7 +136,7 @@ def test_completed_transfers_give_a_goodput_and_an_overhead():
     assert state.overhead.value is None  # no busy goodput to measure an overhead against
     link = FakeLink(model, n=1, rate=250e6, rtt_us=20_000)
     link.run(2.0)
-    for i in range(5):  # each took 30 ms more than bytes / goodput + RTT: a start-up cost
+    for _ in range(5):  # each took 30 ms more than bytes / goodput + RTT: a start-up cost
         model.completed(link.t, 50_000_000, 50_000_000 / 250e6 + 0.02 + 0.03)
     state = model.state(link.t)
     assert state.overhead.value == pytest.approx(0.03, abs=0.002) and state.overhead.samples == 5
