@@ -80,6 +80,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
         ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s"),
         ("exposed latency", f"{report['exposed_ms']:.1f} ms"),
+        ("connections", f"{report['streams_policy']['connections']}: {report['streams_policy']['reason']}"),
     ]))  # fmt: skip
     if args.json:
         write_json(args.json, report)

@@ -40,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=1, help="requests in flight at once")
     p.add_argument("--rounds", type=int, default=1, help="times the requests are sent (total = rounds x requests)")
     p.add_argument("--codec", default="raw", help="raw, fp8, int4 (or e.g. int4/g64/k64), any +lz4")
-    p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="TCP connections")
+    p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="TCP connections to start with")
+    p.add_argument("--max-streams", type=int, default=None,
+                   help="connections the sender may grow to while goodput grows (default: the library's, 16; "
+                        "equal to --streams for a fixed count)")  # fmt: skip
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
     p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
@@ -76,6 +79,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
     if args.streams > 64:
         raise ValueError(f"--streams: at most 64, got {args.streams}")
+    if args.max_streams is not None and not args.streams <= args.max_streams <= 64:
+        raise ValueError(f"--max-streams: must be in --streams..64 ({args.streams}..64), got {args.max_streams}")
     if args.ktls and not args.tls:
         raise ValueError("--ktls: only with --tls")
     if args.tls and args.transport != "tcp":
@@ -178,13 +183,14 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
     tx = kvwire.Sender(
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
         chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
-        exact_tokens=args.exact_tokens, tls=tls,
+        exact_tokens=args.exact_tokens, tls=tls, max_streams=args.max_streams,
     )  # fmt: skip
     gc.freeze()  # see kvwire/tuning.py
     single = None
     if args.compare_single_stream:
-        single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, codec=args.codec,
-                               chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens)  # fmt: skip
+        single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, max_streams=1,
+                               codec=args.codec, chunk_bytes=args.chunk_kib << 10,
+                               exact_tokens=args.exact_tokens)  # fmt: skip
     pipe.send("ready")
     while True:
         cmd = pipe.recv()

@@ -61,18 +61,22 @@ def send(args: argparse.Namespace, peer, progress=print) -> dict:
     gc.freeze()
     rounds = []
     with kvwire.Sender(layout, peer, secret=_secret(), kv_caches=src, streams=args.streams, codec=args.codec,
-                       chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens) as tx:  # fmt: skip
+                       chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens,
+                       max_streams=args.max_streams) as tx:  # fmt: skip
         for r in range(args.rounds):
             sent = send_round(tx, layout, args, r, per, states, streamed=True)
             rounds.append(sent)
             progress(f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
                      f"exposed {sent['exposed_ms']:.1f} ms")  # fmt: skip
         best = max(rounds, key=lambda x: x["wire_bytes"] / x["seconds"])
+        stats = tx.stats()
         return {
             "kind": "send", "profile": args.profile, "codec": tx.codec.descriptor, "streams": args.streams,
             "wire_gb_per_s": best["wire_bytes"] / best["seconds"] / 1e9,
             "effective_gb_per_s": best["logical_bytes"] / best["seconds"] / 1e9,
             "exposed_ms": best["exposed_ms"],
-            "connections": tx.stats()["connections"],
+            "connections": stats["connections"],
+            "streams_policy": stats["streams_policy"],
+            "link_model": stats["link"],
             "rounds": [{k: v for k, v in x.items() if k not in ("samples", "timeline")} for x in rounds],
         }  # fmt: skip
