@@ -67,7 +67,8 @@ class LinkState:
       transfer took beyond ``wire bytes / goodput + RTT`` (median of the last 16).
     * ``goodput_slow``: the same over about eight seconds: ``trend`` compares the two.
     * ``rtt`` / ``min_rtt``: seconds, TCP's smoothed RTT (mean over the connections)
-      and the lowest RTT seen; ``queueing_s`` is their difference (a standing queue).
+      and the lowest RTT it saw lately (the kernel's windowed minimum; the path without
+      queues); ``queueing_s`` is their difference (a standing queue).
     * ``loss``: share of the bytes sent that TCP had to send again (last ~5 s).
     * ``tcp_rate``: bytes per second from the kernel's own delivery-rate samples,
       summed over the connections that delivered since the last sample: a hint used
@@ -251,9 +252,8 @@ class LinkModel:
             self._rtt = sum(rtts) / len(rtts)
             self._rtt_at = now
             self._rtt_samples += 1
-        if min_rtts:
-            low = min(min_rtts)
-            self._min_rtt = low if self._min_rtt is None else min(self._min_rtt, low)
+        if min_rtts:  # the kernel's own windowed minimum (minutes): a route that changed shows up
+            self._min_rtt = min(min_rtts)
         if rates:
             self._tcp_rate = sum(rates)
             self._tcp_rate_at = now
@@ -264,7 +264,7 @@ class LinkModel:
         ``seconds`` from its start to its acknowledgement for ``wire_bytes``."""
         if wire_bytes <= 0 or seconds <= 0:
             return
-        rtt = self._rtt or 0.0
+        rtt = self._min_rtt or self._rtt or 0.0
         if seconds > rtt:
             self._transfers.add(wire_bytes / (seconds - rtt), seconds)
             self._transfers_at = now

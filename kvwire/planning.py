@@ -33,6 +33,7 @@ from kvwire.proto.request import RequestPlan
 class LayerCost:
     wire_bytes: int
     logical_bytes: int
+    chunks: int = 1
 
 
 def layer_costs(
@@ -48,11 +49,12 @@ def layer_costs(
         if spec not in costs:
             wire = logical = 0
             tensors = plan.tensors[i]
-            for ref in plan_chunks(layout, codec, tensors, chunk_bytes, max_payload, exact_tokens):
+            refs = plan_chunks(layout, codec, tensors, chunk_bytes, max_payload, exact_tokens)
+            for ref in refs:
                 cs = chunk_spec(layout, tensors[ref.tensor], ref.count)
                 wire += ref.codec(codec).encoded_size(cs)
                 logical += cs.raw_nbytes
-            costs[spec] = LayerCost(wire, logical)
+            costs[spec] = LayerCost(wire, logical, len(refs))
         out.append(costs[spec])
     return out
 
@@ -102,9 +104,12 @@ def timeline(
     cpu_s_per_byte: float = 0.0,
     queued_bytes: int = 0,
     overhead_s: float = 0.0,
+    connections: int = 1,
 ) -> tuple[float, float, float]:
     """(first layer in place, acknowledged, exposed) for one goodput: the fluid pipeline
-    described in the module's docstring."""
+    described in the module's docstring. ``connections``: a layer's chunks travel side by
+    side, each at ``goodput / connections``, so layer 0 is whole only once its slowest
+    round of chunks is in."""
     if goodput <= 0:
         raise ValueError(f"goodput: must be positive, got {goodput}")
     left = queued_bytes / goodput  # the link is busy with what was queued before
@@ -113,9 +118,12 @@ def timeline(
     for i, layer in enumerate(layers):
         ready = (i + 1) / layers_per_s if layers_per_s else 0.0
         service = max(layer.wire_bytes / goodput, layer.logical_bytes * cpu_s_per_byte)
-        left = max(left, ready) + service
-        if first is None:
-            first = left + rtt_s / 2
+        begin = max(left, ready)
+        left = begin + service
+        if first is None:  # k chunks over n connections: ceil(k/n) rounds of chunks, each at goodput/n
+            n, k = max(connections, 1), max(layer.chunks, 1)
+            striped = -(-k // n) * n * (layer.wire_bytes / k) / goodput
+            first = begin + max(service, striped) + rtt_s / 2
     # The fixed cost (start-up) delays everything; learned from completions it may be
     # negative (the goodput was measured low), but nothing arrives before the RTT allows.
     total = max(left + rtt_s + overhead_s, rtt_s)
@@ -142,7 +150,9 @@ def estimate(
     still ahead of this one; ``overhead_s``: a fixed cost per transfer (start-up; default:
     the one ``link`` learned from completed transfers)."""
     goodput, basis = link.best_goodput()
-    rtt = link.rtt.value or 0.0
+    # The path's RTT without queues: bytes queued ahead of the transfer's last byte are
+    # already counted by goodput (a smoothed RTT would count a standing queue twice).
+    rtt = link.min_rtt.value or link.rtt.value or 0.0
     if overhead_s is None:  # learned from completions, only against the busy goodput it was measured with
         overhead_s = (link.overhead.value or 0.0) if basis == "measured" else 0.0
     wire = sum(x.wire_bytes for x in layers)
@@ -161,9 +171,10 @@ def estimate(
                 cpu_s_per_byte=cpu_s_per_byte,
                 queued_bytes=queued_bytes,
                 overhead_s=overhead_s,
+                connections=link.connections or 1,
             )  # fmt: skip
         )
-    return Estimate(num_tokens, codec, wire, logical, layers_per_s, goodput, link.rtt.value, queued_bytes, basis,
+    return Estimate(num_tokens, codec, wire, logical, layers_per_s, goodput, rtt or None, queued_bytes, basis,
                     uncertainty, *times)  # fmt: skip
 
 

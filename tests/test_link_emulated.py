@@ -24,32 +24,12 @@ pytestmark = pytest.mark.skipif(
 LAYOUT = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)  # 16 KiB a token
 
 
-def in_namespace(link: netem.EmulatedLink, side: str, make):
-    """``make()`` run in a thread that entered namespace ``side``; its result."""
-    out: dict = {}
-
-    def run():
-        try:
-            link.enter_namespace(side)
-            out["value"] = make()
-        except BaseException as exc:  # re-raised in the test's thread
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(60)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 def open_pair(link, num_blocks, **sender_kw):
     dst = LAYOUT.allocate(num_blocks)
     src = filled(LAYOUT, num_blocks)
-    rx = in_namespace(link, "b", lambda: kvwire.Receiver(LAYOUT, (link.address_b, 0), secret=SECRET, kv_caches=dst))
+    rx = link.call("b", lambda: kvwire.Receiver(LAYOUT, (link.address_b, 0), secret=SECRET, kv_caches=dst))
     try:
-        tx = in_namespace(link, "a", lambda: kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src,
-                                                           **sender_kw))  # fmt: skip
+        tx = link.call("a", lambda: kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, **sender_kw))
     except BaseException:
         rx.close()
         raise

@@ -197,3 +197,12 @@ def test_relative_error():
 def test_estimates_serialise():
     e = estimate(costs("raw"), "raw", 1000, link_state(goodput=1e8))
     assert isinstance(e, Estimate) and e.as_dict()["codec"] == "raw"
+
+
+def test_layer_zero_is_whole_only_once_its_slowest_round_of_chunks_is_in():
+    one_chunk = [LayerCost(10_000_000, 10_000_000, chunks=1)] * 4  # one chunk, one connection of four
+    first, total, _ = timeline(one_chunk, goodput=100e6, rtt_s=0.0, connections=4)
+    assert first == pytest.approx(0.4)  # 10 MB at a quarter of the link
+    assert total == pytest.approx(0.4)  # meanwhile the other layers used the rest: the total is unchanged
+    five = [LayerCost(10_000_000, 10_000_000, chunks=5)] * 4  # five chunks: two rounds over four connections
+    assert timeline(five, goodput=100e6, rtt_s=0.0, connections=4)[0] == pytest.approx(2 * 4 * 2e6 / 100e6)

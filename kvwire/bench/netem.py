@@ -38,6 +38,7 @@ import re
 import select
 import struct
 import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -345,9 +346,30 @@ class EmulatedLink:
 
     def enter_namespace(self, side: str) -> None:
         """Move the calling *thread* into namespace ``side`` (``"a"`` or ``"b"``): the
-        sockets it makes from now on, and the threads it starts, live there. In-process
-        tests run a receiver in one thread and a sender in another this way."""
+        sockets it makes from now on, and the threads it starts, live there."""
         _setns(f"/run/netns/{self.ns[side]}")
+
+    def call(self, side: str, make, timeout: float = 120.0):
+        """``make()`` run in a new thread inside namespace ``side``; its result (or its
+        exception). A Sender or Receiver made this way keeps its sockets, and the threads
+        it starts, in that namespace: one process can hold both ends of the link."""
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                self.enter_namespace(side)
+                out["value"] = make()
+            except BaseException as exc:  # handed to the caller's thread
+                out["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"kvwire-netns-{side}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"call in namespace {side!r}: no result within {timeout:g} s")
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
     def stats(self) -> dict:
         """Forwarder counters (packets, bytes, lost segments, queue drops), once stopped."""
