@@ -30,7 +30,9 @@ and, before any busy interval was measured, its bytes over its time are the good
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -44,6 +46,12 @@ STALE_S = 10.0  # a goodput figure this old has its uncertainty doubled (and so 
 MIN_UNCERTAINTY = 0.05  # never claim better than +-5%: the figures are samples of a shared link
 TREND_BAND = 0.15  # |fast/slow - 1| below this is "steady"
 COMPLETIONS = 16  # completed transfers whose overhead is remembered (the median is used)
+# A sender whose transfers are paced by a prefill rarely keeps the link busy, so a link
+# that got faster would never be measured again. The kernel's delivery rate, summed over
+# the connections, is a lower bound on the link even then: when its median over the last
+# second exceeds the goodput figure by this factor, the figure is raised toward it.
+RECOVER = 1.25
+HINT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ class LinkState:
     """What the link looks like now (``Sender.link()``).
 
     * ``goodput``: wire bytes per second the link delivered while the sender kept it
-      busy (fast average, about a second of busy time).
+      busy (fast average, about a second of busy time); raised toward the kernel's
+      delivery rate when that shows more while the sender is not busy (``RECOVER``).
     * ``transfer_goodput``: wire bytes per second of whole transfers that had the link
       to themselves (from their completions), and ``overhead``: seconds each such
       transfer took beyond ``wire bytes / goodput + RTT`` (median of the last 16).
@@ -186,6 +195,8 @@ class LinkModel:
         self._tcp_rate_samples = 0
         self._connections = 0
         self._busy_total = 0.0
+        self._hints: collections.deque[tuple[float, float]] = collections.deque()  # (time, delivery rate)
+        self._hinted_at = float("-inf")
         self._transfers = _Ewma(fast_tau_s)
         self._transfers_at: float | None = None
         self._overheads: list[float] = []
@@ -258,6 +269,21 @@ class LinkModel:
             self._tcp_rate = sum(rates)
             self._tcp_rate_at = now
             self._tcp_rate_samples += 1
+            if not busy_interval:
+                self._hint(now, sum(rates))
+
+    def _hint(self, now: float, rate: float) -> None:
+        """A delivery rate seen while the sender was not busy: a lower bound on the link."""
+        self._hints.append((now, rate))
+        while self._hints and self._hints[0][0] < now - HINT_S:
+            self._hints.popleft()
+        if len(self._hints) < 3 or not self._fast.mean or now - self._hinted_at < BIN_S:
+            return
+        floor = statistics.median(r for _, r in self._hints)
+        if floor > RECOVER * self._fast.mean:
+            self._fast.add(floor, BIN_S)
+            self._slow.add(floor, BIN_S)
+            self._goodput_at = self._hinted_at = now
 
     def completed(self, now: float, wire_bytes: int, seconds: float) -> None:
         """A transfer that had the link to itself and every layer from its start took

@@ -26,12 +26,13 @@ class FakeLink:
             "sndbuf_limited_us": self.limited_us[i],
         }  # fmt: skip
 
-    def run(self, seconds, busy=True, loss=0.0, limited=0.0):
+    def run(self, seconds, busy=True, loss=0.0, limited=0.0, trickle=False):
+        """``trickle``: not busy, yet a tenth of the rate moves (a prefill paces the sender)."""
         for _ in range(round(seconds / PERIOD)):
             self.t += PERIOD
             for i in range(self.n):
-                if busy:
-                    moved = int(self.rate * PERIOD / self.n)
+                if busy or trickle:
+                    moved = int(self.rate * PERIOD / self.n * (1 if busy else 0.1))
                     self.acked[i] += moved
                     self.retrans[i] += int(moved * loss)
                     self.busy_us[i] += int(PERIOD * 1e6)
@@ -140,3 +141,16 @@ def test_completed_transfers_give_a_goodput_and_an_overhead():
         model.completed(link.t, 50_000_000, 50_000_000 / 250e6 + 0.02 + 0.03)
     state = model.state(link.t)
     assert state.overhead.value == pytest.approx(0.03, abs=0.002) and state.overhead.samples == 5
+
+
+def test_paced_traffic_on_a_link_that_got_faster_raises_the_figure():
+    """The sender is never busy (a prefill paces it), but the kernel's delivery rate shows
+    the link carries more than the figure says: the figure rises toward it."""
+    link = FakeLink(LinkModel(), rate=50e6)
+    assert link.run(3.0).goodput.value == pytest.approx(50e6, rel=0.01)
+    link.rate = 200e6  # what delivery_rate reports; the sender only trickles (not busy)
+    state = link.run(4.0, busy=False, trickle=True)  # no backlog: only the hint can teach
+    assert state.goodput.value > 150e6 and state.busy_s == pytest.approx(2.95)
+    link.rate = 40e6  # and a hint never lowers the figure: only busy intervals do
+    assert link.run(3.0, busy=False, trickle=True).goodput.value > 150e6
+    assert link.run(4.0).goodput.value == pytest.approx(40e6, rel=0.1)  # busy intervals bring it down

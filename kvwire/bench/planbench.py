@@ -10,8 +10,9 @@
   profile's own rate, its KV streamed layer by layer across the link: real transfers)
   or locally (a decode node that prefills at ``--local-share`` of that rate: simulated,
   no bytes move). Three policies on the same arrivals: never remote, always remote, and
-  remote when the link model predicts the request's TTFT meets the target. The report
-  counts the requests that met the TTFT target under each.
+  remote when the link model predicts the request's TTFT meets the target (when neither
+  side is predicted to meet it, the one predicted sooner). The report counts the
+  requests that met the TTFT target under each.
 
 Both run the receiver in a child process (in the emulated link's far namespace) and the
 sender in this one. The data is not checked here (``loopback`` does that): requests
@@ -190,9 +191,10 @@ def _check_common(args) -> None:
     profiles.get(args.profile)
     if args.codec != "auto":
         kvwire.codec.get(args.codec)
-    for spec in getattr(args, "link", None) or []:
+    links = [args.link] if isinstance(args.link, str) else args.link
+    for spec in links:
         netem.parse_link(spec)
-    if getattr(args, "link", None) and os.geteuid() != 0:
+    if links and os.geteuid() != 0:
         raise ValueError("--link: needs root (it creates network namespaces and TUN devices)")
 
 
@@ -505,9 +507,12 @@ def _run_policy(args, peers: Peers, requests: list[Arrival], policy: str, progre
         if policy == "remote when predicted to fit":
             estimate = tx.estimate(r.tokens, layers_per_s=layers_per_s(profile, r.tokens),
                                    codec="auto" if tx.auto else None)  # fmt: skip
-            with lock:  # the prefill server's backlog: when this request's prefill would start
+            with lock:  # the prefill servers' backlogs: when this request's prefill would start
                 wait = max(state["remote_free_at"], r.at) - r.at
-            remote = estimate.total_s is None or wait + estimate.total_s <= target
+                local = max(state["local_free_at"], r.at) - r.at + _prefill_s(profile, r.tokens, args.local_share)
+            predicted = None if estimate.total_s is None else wait + estimate.total_s
+            # remote if it fits; else local if that fits; else whichever is predicted sooner
+            remote = predicted is None or predicted <= target or (local > target and predicted < local)
         if remote:
             with lock:
                 state["remote_free_at"] = max(state["remote_free_at"], r.at) + _prefill_s(profile, r.tokens)
