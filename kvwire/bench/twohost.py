@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import time
 
 import kvwire
 from kvwire.bench.fixture import dst_blocks, fill, layout_and_blocks, verify
@@ -47,6 +48,11 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
             verified = None if args.no_verify else verify(layout, args, reference, dst, states, per)
             rounds.append({"seconds": seconds, "wire_bytes": wire, "verified": verified})
             progress(f"  round {r + 1}/{args.rounds}: {wire / seconds / 1e9:.3f} GB/s received, verified={verified}")
+        # The sender hangs up first: closing now could cut off the last acknowledgement,
+        # still queued between frames, and the sender would see its last request fail.
+        hang_up = time.monotonic() + 30
+        while rx.census()["sessions"] and time.monotonic() < hang_up:
+            time.sleep(0.05)
         return {"kind": "serve", "rounds": rounds, "stats": rx.stats(),
                 "verified": None if args.no_verify else all(x["verified"] for x in rounds)}  # fmt: skip
 
