@@ -147,35 +147,36 @@ def message_of(exc: BaseException, status: int) -> str:
     return c_terms(str(exc))
 
 
-SUMMARY = re.compile(r"(sender|receiver) has (\d+) layers \[([^\]]*)\], block (\d+), (\S+) \(fingerprint")
+SUMMARY = re.compile(r"(sender|receiver) has (\d+) layers \[([^\]]*)\], (\S+) \(fingerprint")
 
 
 def layout_difference(message: str, own: dict, own_role: str = "sender") -> str:
-    """A layout rejection (the handshake's text holds both sides' summaries) as the C
-    fields that differ. The summary does not carry num_kv_heads and head_dim: when
-    everything it carries agrees, the difference is in one of those two."""
+    """A layout rejection (the handshake's text holds both sides' model summaries) as the
+    C fields that differ. Block sizes may differ between peers; the model may not."""
     sides = {m.group(1): m.groups()[1:] for m in SUMMARY.finditer(message)}
     peer_role = "receiver" if own_role == "sender" else "sender"
     if peer_role not in sides:
         return c_terms(message)
-    layers, kinds, block, dtype = sides[peer_role]
-    peer = {"num_layers": int(layers), "mla": kinds.strip() == "kv", "block_size": int(block)}
-    peer["dtype"] = c_terms(dtype)
-    mine = {"num_layers": own["num_layers"], "mla": own["num_kv_heads"] == 0, "block_size": own["block_size"]}
-    mine["dtype"] = DTYPES.get(own["dtype"], str(own["dtype"]))
+    layers, kinds, dtype = sides[peer_role]
+    peer: dict = {"num_layers": int(layers), "dtype": c_terms(dtype)}
+    latent = re.fullmatch(r"kv (\d+)", kinds.strip())
+    paged = re.fullmatch(r"k/v (\d+)x(\d+)", kinds.strip())
+    if latent:
+        peer.update(num_kv_heads=0, head_dim=int(latent.group(1)))
+    elif paged:
+        peer.update(num_kv_heads=int(paged.group(1)), head_dim=int(paged.group(2)))
+    mine = {"num_layers": own["num_layers"], "num_kv_heads": own["num_kv_heads"], "head_dim": own["head_dim"],
+            "dtype": DTYPES.get(own["dtype"], str(own["dtype"]))}  # fmt: skip
     diffs = []
-    for key in ("num_layers", "block_size", "dtype"):
-        if mine[key] != peer[key]:
-            diffs.append(f"{key} is {mine[key]} here, {peer[key]} on the {peer_role}")
-    if mine["mla"] != peer["mla"]:
-        shape = {True: "0 (MLA: one kv tensor per layer)", False: "> 0 (k and v tensors per layer)"}
-        diffs.append(f"num_kv_heads is {shape[mine['mla']]} here, {shape[peer['mla']]} on the {peer_role}")
+
+    def shown(key: str, value: object) -> str:
+        return f"{value} (MLA latent)" if key == "num_kv_heads" and value == 0 else str(value)
+
+    for key in ("num_layers", "num_kv_heads", "head_dim", "dtype"):
+        if key in peer and mine[key] != peer[key]:
+            diffs.append(f"{key} is {shown(key, mine[key])} here, {shown(key, peer[key])} on the {peer_role}")
     if not diffs:
-        what = "head_dim" if mine["mla"] else "num_kv_heads or head_dim"
-        diffs.append(
-            f"{what} differs (both have num_layers {mine['num_layers']}, block_size {mine['block_size']}, "
-            f"{mine['dtype']}; the {peer_role}'s message does not say its {what})"
-        )
+        diffs.append(f"the {peer_role}'s model is [{kinds}]")
     return f"layout: the {peer_role}'s KV layout is not this {own_role}'s: " + "; ".join(diffs)
 
 

@@ -14,9 +14,11 @@
 """
 
 from kvwire.engine import ReceiveHandle, Receiver, Sender, SendHandle
+from kvwire.engine.sharded import ShardedSender, ShardedTransfer
 from kvwire.errors import (
     AuthenticationFailed,
     Cancelled,
+    ChecksumMismatch,
     KvwireError,
     LayoutMismatch,
     PeerLost,
@@ -25,7 +27,7 @@ from kvwire.errors import (
     TransferTimeout,
     TransferWouldMissDeadline,
 )
-from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
+from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec, TensorParallel
 from kvwire.link import LinkState
 from kvwire.planning import Estimate
 from kvwire.transport.tcp import SocketOptions
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "Cancelled",
+    "ChecksumMismatch",
     "Estimate",
     "KVLayout",
     "KvwireError",
@@ -50,8 +53,11 @@ __all__ = [
     "Selection",
     "SendHandle",
     "Sender",
+    "ShardedSender",
+    "ShardedTransfer",
     "SocketOptions",
     "StateSpec",
+    "TensorParallel",
     "TransferError",
     "TransferTimeout",
     "TransferWouldMissDeadline",

@@ -35,17 +35,16 @@ class Rows(Protocol):
 def gather_tokens(
     cache: torch.Tensor, sel: Selection, block_size: int, start: int = 0, stop: int | None = None
 ) -> torch.Tensor:
-    """Tokens ``[start, stop)`` of a selection as a contiguous ``[T, *token_shape]`` tensor.
-
-    ``start`` must be a multiple of ``block_size`` (chunks begin on a block boundary).
-    """
+    """Tokens ``[start, stop)`` of a selection as a contiguous ``[T, *token_shape]`` tensor
+    (any ``start``: a chunk cut on the other side's blocks may begin inside one of these)."""
     stop = sel.num_tokens if stop is None else stop
     if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
         return gather_tokens(cache.view(torch.uint8), sel, block_size, start, stop).view(cache.dtype)
     first, last = start // block_size, -(-stop // block_size)
     ids = torch.tensor(sel.block_ids[first:last], dtype=torch.long, device=cache.device)
     blocks = cache.index_select(0, ids)
-    return blocks.reshape(-1, *cache.shape[2:])[: stop - start]
+    skip = start - first * block_size
+    return blocks.reshape(-1, *cache.shape[2:])[skip : skip + stop - start]
 
 
 def block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -64,10 +63,18 @@ def block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
 def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: int, data: torch.Tensor) -> None:
     """Write ``data`` (``[T, *token_shape]``) as tokens ``[start, start + T)`` of a selection.
 
-    Only the tokens named are written: the tail of a partial last block keeps its bytes.
+    Only the tokens named are written: the rest of a partial first or last block keeps
+    its bytes (a chunk cut on the other side's blocks may begin inside one of these).
     """
     if cache.dtype in FLOAT8_DTYPES:  # torch has no indexing kernels for float8: move the bytes
         scatter_tokens(cache.view(torch.uint8), sel, block_size, start, data.view(torch.uint8))
+        return
+    offset = start % block_size
+    if offset:  # the first block is entered part-way: write its share, then whole blocks
+        n = min(block_size - offset, data.shape[0])
+        cache[sel.block_ids[start // block_size], offset : offset + n].copy_(data[:n])
+        if n < data.shape[0]:
+            scatter_tokens(cache, sel, block_size, start + n, data[n:])
         return
     count = data.shape[0]
     first = start // block_size
@@ -85,8 +92,9 @@ def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: 
         cache[sel.block_ids[first + full], :rest].copy_(data[full * block_size :])
 
 
-def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_size: int) -> None:
-    """Copy the bytes of ``count`` consecutive tokens into blocks, tokens in block order.
+def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_size: int, offset: int = 0) -> None:
+    """Copy the bytes of ``count`` consecutive tokens into blocks, tokens in block order,
+    the first one ``offset`` tokens into ``block_ids[0]``.
 
     ``dst``: a contiguous cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``;
     ``src``: the tokens' bytes, 1-D. Consecutive block ids take one memcpy; any other
@@ -97,6 +105,12 @@ def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_
     """
     block_bytes = dst.shape[1]
     token_bytes = block_bytes // block_size
+    if offset:  # the first block entered part-way: its share, then whole blocks from the next
+        n = min(block_size - offset, count)
+        dst[block_ids[0], offset * token_bytes : (offset + n) * token_bytes] = src[: n * token_bytes]
+        if n < count:
+            copy_tokens_to_blocks(dst, src[n * token_bytes :], block_ids[1:], count - n, block_size)
+        return
     full, rest = divmod(count, block_size)
     if full:
         ids = np.asarray(block_ids[:full], dtype=np.intp)
@@ -120,24 +134,39 @@ def source_rows(
     return gather_tokens(layer_caches[c.name], sel, block_size, c.start, c.start + c.count)
 
 
+def cache_bytes(cache: torch.Tensor) -> np.ndarray | None:
+    """A contiguous CPU cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``
+    (made once per cache: a torch view per chunk was a measurable cost), or None."""
+    if cache.device.type != "cpu" or not cache.is_contiguous():
+        return None
+    return cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
+
+
+def row_views(blocks: np.ndarray, sel: Selection, block_size: int, c: Rows) -> list[memoryview]:
+    """The bytes of a chunk's rows in a cache seen as ``blocks`` (:func:`cache_bytes`),
+    one view per run of consecutive blocks; the last block's unused tail left out."""
+    first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
+    ids = sel.block_ids[first:last]
+    head = c.start - first * block_size  # tokens of the first block before the chunk
+    tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
+    per_token = blocks.shape[1] // block_size
+    runs = block_runs(ids)
+    views = []
+    for k, (_, block, n) in enumerate(runs):
+        run = blocks[block : block + n].reshape(-1)
+        if k == len(runs) - 1 and tail < block_size:
+            run = run[: run.size - (block_size - tail) * per_token]
+        if k == 0 and head:
+            run = run[head * per_token :]
+        views.append(run.data)
+    return views
+
+
 def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: Rows) -> list[memoryview] | None:
     """Zero-copy views of a raw chunk in a contiguous CPU cache (runs of consecutive blocks
     coalesced), or None when the cache cannot be read that way."""
-    if cache.device.type != "cpu" or not cache.is_contiguous():
-        return None
-    first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
-    ids = sel.block_ids[first:last]
-    tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
-    flat = cache.view(cache.shape[0], -1).view(torch.uint8)
-    per_token = flat.shape[1] // block_size
-    views = []
-    runs = block_runs(ids)
-    for k, (_, block, n) in enumerate(runs):
-        run = flat[block : block + n].reshape(-1)
-        if k == len(runs) - 1 and tail < block_size:
-            run = run[: run.numel() - (block_size - tail) * per_token]
-        views.append(run.numpy().data)
-    return views
+    blocks = cache_bytes(cache)
+    return None if blocks is None else row_views(blocks, sel, block_size, c)
 
 
 def place_rows(

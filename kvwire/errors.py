@@ -36,6 +36,10 @@ class LayoutMismatch(ProtocolError):
     """The two peers describe the KV cache (or codec) differently."""
 
 
+class ChecksumMismatch(TransferError):
+    """A chunk's payload failed its checksum more often than the receiver asks again."""
+
+
 class Cancelled(TransferError):
     """The transfer was cancelled, by this side or by the peer."""
 

@@ -176,15 +176,53 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
-class KVLayout:
-    """The shape of a model's KV cache, identical on sender and receiver.
+class TensorParallel:
+    """Which part of a model's KV heads a layout holds: tensor-parallel ``rank`` of
+    ``size``, of a model with ``kv_heads`` KV heads per layer."""
 
-    Holds no memory and no pool size: each side owns as many blocks as it likes.
+    rank: int
+    size: int
+    kv_heads: int
+
+    def __post_init__(self) -> None:
+        for name in ("size", "kv_heads"):
+            _positive_int(getattr(self, name), f"tp {name}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.size:
+            raise ValueError(f"tp_rank: expected an int in 0..{self.size - 1}, got {self.rank!r}")
+        if self.size <= self.kv_heads and self.kv_heads % self.size:
+            raise ValueError(f"tp_size: {self.kv_heads} KV heads do not split evenly over {self.size} ranks")
+        if self.size > self.kv_heads and self.size % self.kv_heads:
+            raise ValueError(f"tp_size: {self.size} ranks cannot replicate {self.kv_heads} KV heads evenly")
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """``(first, count)`` of the model's KV heads this rank holds: contiguous, equal
+        ranges, as vLLM and SGLang split them; beyond one rank per head, heads are
+        replicated and each rank holds one."""
+        return heads_of(self.rank, self.size, self.kv_heads)
+
+
+def heads_of(rank: int, size: int, kv_heads: int) -> tuple[int, int]:
+    """``(first, count)`` of the KV heads tensor-parallel ``rank`` of ``size`` holds."""
+    if size <= kv_heads:
+        per = kv_heads // size
+        return rank * per, per
+    return rank // (size // kv_heads), 1
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of a model's KV cache, or of one tensor-parallel rank's part of it.
+
+    Holds no memory and no pool size: each side owns as many blocks as it likes. Two
+    peers must describe the same *model* (:meth:`model_fingerprint`); their block sizes
+    and tensor-parallel shards may differ (see :meth:`shard`).
     """
 
     layers: tuple[LayerSpec, ...]
     block_size: int
     dtype: torch.dtype = torch.bfloat16
+    tp: TensorParallel | None = None  # None: the whole model (one rank)
     _fingerprint: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -195,6 +233,15 @@ class KVLayout:
             if not isinstance(layer, LayerSpec):
                 raise TypeError(f"layers[{i}]: expected LayerSpec, got {type(layer).__name__}")
         _positive_int(self.block_size, "block_size")
+        if self.tp is not None:
+            first, count = self.tp.heads
+            for i, layer in enumerate(layers):
+                for p in layer.paged:
+                    if p.name != "kv" and p.heads != count:
+                        raise ValueError(
+                            f"layers[{i}] {p.name!r}: holds {p.heads} heads, tensor-parallel rank {self.tp.rank} "
+                            f"of {self.tp.size} holds {count} of {self.tp.kv_heads}"
+                        )
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "dtype", dtype_from(self.dtype))
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -253,6 +300,60 @@ class KVLayout:
         layers = tuple(full if c == "F" else linear for c in pattern)
         return cls(layers=layers, block_size=block_size, dtype=dtype_from(dtype))
 
+    # -- tensor parallelism ----------------------------------------------------------
+    def shard(self, tp_rank: int, tp_size: int) -> KVLayout:
+        """The part of this model's KV one tensor-parallel rank holds: ``k``/``v`` keep the
+        rank's heads (contiguous equal ranges; replicated, one per rank, when ``tp_size``
+        exceeds the KV head count); an MLA ``kv`` latent and request-level states are
+        whole on every rank. The layout of the whole model has ``tp_size`` 1.
+
+        >>> KVLayout.gqa(2, 8, 64).shard(1, 4).layers[0].paged[0].token_shape
+        (2, 64)
+        """
+        if self.tp is not None:
+            raise ValueError("shard: this layout is already a shard; shard the whole model's layout")
+        heads = {p.heads for layer in self.layers for p in layer.paged if p.name != "kv"}
+        if len(heads) > 1:
+            raise ValueError(f"shard: layers with different KV head counts {sorted(heads)} are not supported")
+        kv_heads = heads.pop() if heads else 1
+        tp = TensorParallel(tp_rank, tp_size, kv_heads)
+        count = tp.heads[1]
+        layers = tuple(
+            LayerSpec(
+                paged=tuple(p if p.name == "kv" else PagedTensorSpec(p.name, (count, p.head_dim)) for p in layer.paged),
+                state=layer.state,
+            )
+            for layer in self.layers
+        )
+        return KVLayout(layers=layers, block_size=self.block_size, dtype=self.dtype, tp=tp)
+
+    def model(self) -> KVLayout:
+        """The whole model this layout is a shard of (itself when it is not a shard)."""
+        if self.tp is None:
+            return self
+        layers = tuple(
+            LayerSpec(
+                paged=tuple(
+                    p if p.name == "kv" else PagedTensorSpec(p.name, (self.tp.kv_heads, p.head_dim))
+                    for p in layer.paged
+                ),  # fmt: skip
+                state=layer.state,
+            )
+            for layer in self.layers
+        )
+        return KVLayout(layers=layers, block_size=self.block_size, dtype=self.dtype)
+
+    def with_block_size(self, block_size: int) -> KVLayout:
+        """The same layout with another block size (each side pages its cache its own way)."""
+        return KVLayout(layers=self.layers, block_size=block_size, dtype=self.dtype, tp=self.tp)
+
+    def model_fingerprint(self) -> str:
+        """A digest of what two peers must agree on: the whole model's layers, heads, head
+        dims, state shapes and dtype; not the block size, not the shard."""
+        d = self.model().to_dict()
+        del d["block_size"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
     # -- properties ------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -280,7 +381,7 @@ class KVLayout:
         return num_tokens * self.bytes_per_token() + self.state_bytes()
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "block_size": self.block_size,
             "dtype": DTYPE_NAMES[self.dtype],
             "layers": [
@@ -291,6 +392,9 @@ class KVLayout:
                 for layer in self.layers
             ],
         }
+        if self.tp is not None:
+            d["tp"] = [self.tp.rank, self.tp.size, self.tp.kv_heads]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> KVLayout:
@@ -301,7 +405,8 @@ class KVLayout:
             )
             for layer in d["layers"]
         )
-        return cls(layers=layers, block_size=d["block_size"], dtype=dtype_from(d["dtype"]))
+        tp = TensorParallel(*d["tp"]) if d.get("tp") else None
+        return cls(layers=layers, block_size=d["block_size"], dtype=dtype_from(d["dtype"]), tp=tp)
 
     # -- memory ----------------------------------------------------------------------
     def allocate(

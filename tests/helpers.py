@@ -128,6 +128,14 @@ GEOMETRIES = ["nhd", "hnd", "odd heads 3", "odd heads 5", "vllm packed k of kv",
               "strided head_dim", "base off 16 bytes", "head_dim 36"]  # fmt: skip
 
 
+def wire_tp(layout) -> tuple[int, int, int]:
+    """A layout's tensor parallelism as the handshake states it: (rank, size, model KV heads)."""
+    from kvwire.sharding import tp_of
+
+    tp = tp_of(layout)
+    return tp.rank, tp.size, tp.kv_heads
+
+
 class WireClient:
     """A sender driven by hand over a real socket, to send frames a real Sender never would."""
 
@@ -135,7 +143,8 @@ class WireClient:
         self.sock = socket.create_connection(address, timeout=10)
         self.proto = ClientConnection(
             secret.encode(), session=session, conn_index=0, conn_count=1,
-            fingerprint=layout.fingerprint(), layout=layout_summary(layout), codec=codec,
+            fingerprint=layout.model_fingerprint(), layout=layout_summary(layout), codec=codec,
+            tp=wire_tp(layout), block_size=layout.block_size,
         )  # fmt: skip
         self.sock.sendall(self.proto.data_to_send())
         while self.proto.state.value != "open":

@@ -81,9 +81,9 @@ def rejection(sender: kvwire.KVLayout, receiver: kvwire.KVLayout) -> str:
     """The message a sender gets when the receiver refuses its layout, from the real
     handshake (sans I/O: the two protocol objects talk through memory)."""
     secret = b"x" * 16
-    c = ClientConnection(secret, session="ab" * 8, conn_index=0, conn_count=1, fingerprint=sender.fingerprint(),
+    c = ClientConnection(secret, session="ab" * 8, conn_index=0, conn_count=1, fingerprint=sender.model_fingerprint(),
                          layout=layout_summary(sender), codec="raw")  # fmt: skip
-    s = ServerConnection(secret, fingerprint=receiver.fingerprint(), layout=layout_summary(receiver),
+    s = ServerConnection(secret, fingerprint=receiver.model_fingerprint(), layout=layout_summary(receiver),
                          check_codec=lambda codec: None, window=1 << 20, max_payload=1 << 16)  # fmt: skip
     to_server, to_client = FrameReader(s), FrameReader(c)
 
@@ -105,10 +105,10 @@ def rejection(sender: kvwire.KVLayout, receiver: kvwire.KVLayout) -> str:
     "receiver, named",
     [
         (kvwire.KVLayout.gqa(6, 2, 64, 16, "fp32"), "num_layers is 4 here, 6 on the receiver"),
-        (kvwire.KVLayout.gqa(4, 2, 64, 32, "fp32"), "block_size is 16 here, 32 on the receiver"),
         (kvwire.KVLayout.gqa(4, 2, 64, 16, "bf16"), "dtype is KVW_FP32 here, KVW_BF16 on the receiver"),
-        (kvwire.KVLayout.mla(4, 128, 16, "fp32"), "num_kv_heads is > 0 (k and v tensors per layer) here, 0 (MLA"),
-        (kvwire.KVLayout.gqa(4, 4, 32, 16, "fp32"), "num_kv_heads or head_dim differs"),
+        (kvwire.KVLayout.mla(4, 128, 16, "fp32"), "num_kv_heads is 2 here, 0 on the receiver"),
+        (kvwire.KVLayout.gqa(4, 4, 64, 16, "fp32"), "num_kv_heads is 2 here, 4 on the receiver"),
+        (kvwire.KVLayout.gqa(4, 2, 32, 16, "fp32"), "head_dim is 64 here, 32 on the receiver"),
     ],
 )
 def test_a_layout_mismatch_names_the_field_that_differs(receiver, named):

@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 import kvwire
 from kvwire.proto import FrameType, Header, crc32c
@@ -57,8 +58,8 @@ def test_wrong_secret_fails_on_both_sides(rx):
 
 @pytest.mark.parametrize("rx", TRANSPORTS, indirect=True)
 def test_wrong_layout_fails_on_both_sides(rx):
-    other = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=32)
-    with pytest.raises(kvwire.LayoutMismatch, match="block 32.*block 16"):
+    other = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=128, block_size=16)
+    with pytest.raises(kvwire.LayoutMismatch, match=r"k/v 2x128.*k/v 2x64"):
         kvwire.Sender(other, rx.address, secret=SECRET, kv_caches=other.allocate(4), transport=rx.transport)
     time.sleep(0.2)
     assert "layout mismatch" in rx.stats()["rejected"][-1]["reason"]
@@ -82,7 +83,6 @@ def data_frame(tag=1, layer=0, tensor=0, start=0, count=16, payload=None, crc=No
 @pytest.mark.parametrize(
     "frame",
     [
-        pytest.param(lambda: data_frame(crc=1234), id="corrupted-payload"),
         pytest.param(lambda: data_frame(start=32, count=16), id="rows-past-the-request"),
         pytest.param(lambda: data_frame(layer=3), id="layer-out-of-range"),
         pytest.param(lambda: data_frame(tensor=2), id="tensor-out-of-range"),
@@ -314,3 +314,101 @@ def test_a_connection_lost_mid_layer_is_resent_and_the_repeats_dropped():
     assert stats["resent_chunks"] == 16  # a window's worth, 4 KiB each
     assert repeats == 16  # each had arrived before the reset; resends go first, so they find it open
     assert_transferred(LAYOUT, src, blocks, dst, dst_blocks, 512)
+
+
+def nack_of(client: WireClient, timeout: float = 5.0):
+    """The next NACK the receiver sends this client (CREDIT frames are read past)."""
+    from kvwire.proto import Nack, parse_header
+    from kvwire.proto.frames import HEADER_SIZE
+
+    client.sock.settimeout(timeout)
+    while True:
+        header = parse_header(client._recv(HEADER_SIZE))
+        events = client.proto.on_payload(header, client._recv(header.length))
+        for event in events:
+            if isinstance(event, Nack):
+                return event
+
+
+def test_a_corrupted_payload_is_asked_for_again_and_the_request_completes(rx):
+    h = rx.expect("again", [4, 5], 20)
+    client = WireClient(rx.address, LAYOUT)
+    good = data_frame(start=0, count=20, payload=bytes(range(256)) * 20)
+    corrupt = bytearray(good)
+    corrupt[-1] ^= 0x40  # one bit of the payload, after its CRC was taken
+    client.send(client.proto.begin(1, "again", 20) + bytes(corrupt))
+    nack = nack_of(client)
+    assert (nack.tag, nack.layer, nack.tensor, nack.start, nack.count) == (1, 0, 0, 0, 20)
+    assert not h.done() and not client.closed_by_peer(timeout=0.2)  # the connection stays up
+    frames = [good] + [data_frame(layer=i, tensor=j, start=0, count=20, payload=bytes(range(256)) * 20)
+                       for i in range(3) for j in range(2) if (i, j) != (0, 0)]  # fmt: skip
+    client.send(b"".join(frames))
+    h.wait(timeout=10)
+    assert rx.stats()["checksum_failures"] == 1
+    rows = rx.dst[0]["k"].view(torch.uint8)
+    assert bytes(rows[4].reshape(-1)[:256].tolist()) == bytes(range(256))  # the good bytes, in place
+
+
+def test_a_payload_corrupted_again_and_again_fails_typed(rx):
+    from kvwire.engine.requests import MAX_CHECKSUM_FAILURES
+
+    h = rx.expect("hopeless", [4, 5], 20)
+    client = WireClient(rx.address, LAYOUT)
+    client.send(client.proto.begin(1, "hopeless", 20))
+    t0 = time.monotonic()
+    for _ in range(MAX_CHECKSUM_FAILURES + 1):
+        client.send(data_frame(crc=1234))
+    with pytest.raises(kvwire.ChecksumMismatch, match="failed their checksum"):
+        h.wait(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert all(bool((t[:4] == 0).all()) and bool((t[6:] == 0).all()) for layer in rx.dst for t in layer.values())
+    still_serves(rx)
+
+
+def test_a_sender_resends_what_the_receiver_asks_for(rx, monkeypatch):
+    """A real sender whose first payloads carry a wrong CRC (as if corrupted on the way):
+    each is asked for again, sent again from the cache, and the data arrives exact."""
+    from kvwire.engine.placement import Payload
+
+    real = Payload.checksum
+    corrupted = []
+
+    def sometimes_wrong(self):
+        crc = real(self)
+        if len(corrupted) < 3:
+            corrupted.append(crc)
+            return crc ^ 1
+        return crc
+
+    monkeypatch.setattr(Payload, "checksum", sometimes_wrong)
+    src = filled(LAYOUT, 32, seed=4)
+    h = rx.expect("resent", [10, 11, 12], 40)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=4096) as tx:
+        stats = tx.send("resent", [0, 1, 2], 40, timeout=20)
+    h.wait(timeout=10)
+    assert stats["nacked_chunks"] == 3
+    assert_transferred(LAYOUT, src, [0, 1, 2], rx.dst, [10, 11, 12], 40)
+
+
+@pytest.mark.parametrize("sender_sum, receiver_sum", [("none", "crc32c"), ("crc32c", "none")])
+def test_a_checksum_disagreement_is_refused_at_the_handshake(sender_sum, receiver_sum):
+    r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4), checksum=receiver_sum)
+    try:
+        with pytest.raises(kvwire.LayoutMismatch, match="checksum"):
+            kvwire.Sender(LAYOUT, r.address, secret=SECRET, kv_caches=LAYOUT.allocate(4), checksum=sender_sum)
+    finally:
+        r.close()
+
+
+def test_without_checksums_data_still_arrives_exact():
+    dst = LAYOUT.allocate(16)
+    r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, checksum="none")
+    src = filled(LAYOUT, 16, seed=5)
+    try:
+        h = r.expect("plain", [7, 3, 9], 40)
+        with kvwire.Sender(LAYOUT, r.address, secret=SECRET, kv_caches=src, checksum="none") as tx:
+            tx.send("plain", [0, 1, 2], 40, timeout=20)
+        h.wait(timeout=10)
+    finally:
+        r.close()
+    assert_transferred(LAYOUT, src, [0, 1, 2], dst, [7, 3, 9], 40)

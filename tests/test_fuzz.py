@@ -84,19 +84,29 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
 
 
 def settle(client: WireClient, handle, timeout: float = 5.0) -> int:
-    """Wait until the request is done (every chunk arrived) or the receiver closed this
-    connection (a fatal frame); 1 if it was closed. A mutation may also leave the request
-    incomplete on an open connection (a dropped frame): then the wait ends at ``timeout``."""
+    """Wait until the request is done (every chunk arrived), the receiver closed this
+    connection (a fatal frame: 1), or asked for a chunk again (a payload that failed its
+    checksum: it is not sent again here). A mutation may also leave the request incomplete
+    on an open connection (a dropped frame): then the wait ends at ``timeout``."""
+    from kvwire.proto import FrameReader, Nack
+    from kvwire.proto.reader import NEED_DATA
+
+    reader = FrameReader(client.proto)
     client.sock.settimeout(0.02)
     end = time.monotonic() + timeout
     while time.monotonic() < end and not handle.done():
         try:
-            if client.sock.recv(65536) == b"":
-                return 1
+            data = client.sock.recv(65536)
         except TimeoutError:
             continue
         except OSError:
             return 1
+        if data == b"":
+            return 1
+        reader.feed(data)
+        while (events := reader.next_events()) is not NEED_DATA:
+            if any(isinstance(e, Nack) for e in events):
+                return 0
     return 0
 
 

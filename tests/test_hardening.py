@@ -21,7 +21,7 @@ import kvwire
 from kvwire.engine.common import layout_summary
 from kvwire.proto import FrameType, Header, ServerConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE
-from tests.helpers import SECRET, WireClient, assert_transferred, filled
+from tests.helpers import SECRET, WireClient, assert_transferred, filled, wire_tp
 
 LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
 
@@ -204,8 +204,9 @@ class StalledReceiver:
                 return
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             self.conns.append(sock)
-            proto = ServerConnection(SECRET.encode(), fingerprint=layout.fingerprint(), layout=layout_summary(layout),
-                                     check_codec=lambda c: None, window=1 << 30, max_payload=4 << 20)  # fmt: skip
+            proto = ServerConnection(SECRET.encode(), fingerprint=layout.model_fingerprint(),
+                                     layout=layout_summary(layout), check_codec=lambda c: None, window=1 << 30,
+                                     max_payload=4 << 20, tp=wire_tp(layout), block_size=layout.block_size)  # fmt: skip
             while proto.state.value != "open":
                 header = parse_header(_recv(sock, HEADER_SIZE))
                 n = proto.on_header(header)

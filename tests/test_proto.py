@@ -16,12 +16,13 @@ from kvwire.proto import (
     FrameReader,
     FrameType,
     Header,
+    Nack,
     ServerConnection,
     State,
     crc32c,
     parse_header,
 )
-from kvwire.proto.frames import HEADER_SIZE, json_frame
+from kvwire.proto.frames import HEADER_SIZE, PROTOCOL_VERSION, json_frame
 
 SECRET = b"correct horse battery"
 
@@ -138,19 +139,48 @@ def test_data_before_authentication_is_a_protocol_error():
         pump(client().data_to_send(), FrameReader(s), "whole")
 
 
-def test_corrupted_payload_and_header_are_detected():
+def test_a_corrupted_payload_is_asked_for_again_and_a_corrupted_header_is_fatal():
     c, s = client(), server()
     handshake(c, s)
     payload = b"x" * 100
-    good = Header(FrameType.DATA, tag=1, length=100, payload_crc=crc32c(payload)).pack()
-    with pytest.raises(ProtocolError, match="checksum"):
-        pump(good + b"y" + payload[1:], FrameReader(s), "whole")
+    good = Header(FrameType.DATA, tag=1, layer=2, tensor=1, start=16, count=4, length=100,
+                  payload_crc=crc32c(payload), flags=0x01)  # fmt: skip
+    header = parse_header(good.pack())
+    s.on_header(header)
+    assert s.verify_data(header, [payload[:30], payload[30:]])  # in pieces, wherever they lie
+    assert not s.verify_data(header, [b"y" + payload[1:]])
+    assert s.state == State.OPEN  # not a protocol error: the chunk is asked for again
+    nack = c.on_payload(*split_frame(s.nack(header, "payload checksum mismatch")))
+    assert nack == [Nack(1, 2, 1, 16, 4, True, "payload checksum mismatch")]
     s2 = server()
     handshake(client(), s2)
-    bad_header = bytearray(good)
+    bad_header = bytearray(good.pack())
     bad_header[12] ^= 1  # flip a bit of ``start``
     with pytest.raises(ProtocolError, match="header checksum"):
         pump(bytes(bad_header) + payload, FrameReader(s2), "whole")
+
+
+def split_frame(frame: bytes):
+    header = parse_header(frame[:HEADER_SIZE])
+    return header, frame[HEADER_SIZE:]
+
+
+@pytest.mark.parametrize(
+    "client_sum, server_sum, ok",
+    [("crc32c", "crc32c", True), ("none", "none", True), ("none", "crc32c", False), ("crc32c", "none", False)],
+)
+def test_both_sides_agree_on_the_payload_checksum(client_sum, server_sum, ok):
+    c = ClientConnection(SECRET, session="ab" * 8, conn_index=0, conn_count=1, fingerprint="f" * 32, layout="L",
+                         codec="raw", checksum=client_sum)  # fmt: skip
+    s = ServerConnection(SECRET, fingerprint="f" * 32, layout="L", check_codec=lambda c: None, window=1 << 20,
+                         max_payload=1 << 16, checksum=server_sum)  # fmt: skip
+    if ok:
+        handshake(c, s)
+        header = Header(FrameType.DATA, tag=1, count=1, length=3, payload_crc=0 if server_sum == "none" else 1)
+        assert s.verify_data(header, [b"abc"]) is (server_sum == "none")
+        return
+    with pytest.raises(LayoutMismatch, match=f"sender uses '{client_sum}', receiver '{server_sum}'"):
+        handshake(c, s)
 
 
 def test_oversized_payloads_are_refused_before_reading_them():
@@ -215,11 +245,9 @@ def test_a_device_payload_is_checked_against_its_header():
     payload = bytes(range(200))
     header = Header(FrameType.DATA, tag=1, count=1, length=len(payload), payload_crc=crc32c(payload))
     s.on_header(header)
-    s.on_device_payload(header, crc32c(payload))  # the CRC computed where the payload lies
+    assert s.verify_device_data(header, crc32c(payload))  # the CRC computed where the payload lies
+    assert not s.verify_device_data(header, crc32c(payload) ^ 1)  # asked for again, not fatal
     assert s.state == State.OPEN
-    with pytest.raises(ProtocolError, match="checksum mismatch"):
-        s.on_device_payload(header, crc32c(payload) ^ 1)
-    assert s.state == State.ERROR
 
 
 def test_a_device_payload_is_refused_where_none_was_agreed():
@@ -227,7 +255,7 @@ def test_a_device_payload_is_refused_where_none_was_agreed():
     handshake(c, s)
     header = Header(FrameType.DATA, tag=1, count=1, length=4, payload_crc=0)
     with pytest.raises(ProtocolError, match="device payload"):
-        s.on_device_payload(header, 0)
+        s.verify_device_data(header, 0)
 
 
 def test_unknown_data_flags_are_refused():
@@ -250,7 +278,7 @@ def test_a_session_offers_several_codecs_and_each_begin_names_one(mode):
     assert events_s[0].hello.session_codecs == ("raw", "fp8", "int4/g64")
     assert pump(s.data_to_send(), cr, mode) == [Accepted(window=1 << 20, max_payload=1 << 16)]
     events = pump(c.begin(3, "r", 10, codec=2) + c.begin(4, "s", 10), FrameReader(s), mode)
-    assert events == [Begin(3, "r", 10, 2), Begin(4, "s", 10, 0)]
+    assert events == [Begin(3, "r", 10, codec=2), Begin(4, "s", 10, codec=0)]
     with pytest.raises(ValueError, match="codec: index 3"):
         c.begin(5, "t", 10, codec=3)
 
@@ -261,7 +289,7 @@ def test_one_codec_is_the_old_handshake_and_begin_names_codec_zero():
     assert events_s[0].hello.codecs == () and events_s[0].hello.session_codecs == ("fp8",)
     pump(s.data_to_send(), cr, "whole")
     begin = c.begin(1, "r", 5)
-    assert parse_header(begin[:HEADER_SIZE]).flags == 0  # what every peer has always sent
+    assert parse_header(begin[:HEADER_SIZE]).tensor == 0  # what every peer has always sent
 
 
 def test_the_receiver_checks_every_offered_codec():
@@ -296,8 +324,9 @@ def test_a_receiver_that_does_not_echo_the_codecs_is_refused_by_the_sender():
     [["fp8", "raw"], ["raw"], "raw", ["raw", 5], ["raw"] + ["fp8"] * 8],
 )
 def test_a_malformed_codec_list_is_a_protocol_error(codecs):
-    hello = {"version": 1, "session": "s", "conn": 0, "conns": 1, "nonce": "00" * 32, "fingerprint": "f" * 32,
-             "layout": "L", "codec": "raw", "codecs": codecs}  # fmt: skip
+    hello = {"version": PROTOCOL_VERSION, "session": "s", "conn": 0, "conns": 1, "nonce": "00" * 32,
+             "fingerprint": "f" * 32, "layout": "L", "codec": "raw", "block_size": 16, "tp": [0, 1, 0],
+             "codecs": codecs}  # fmt: skip
     with pytest.raises(ProtocolError, match="codecs must list"):
         pump(json_frame(FrameType.HELLO, hello), FrameReader(server()), "whole")
 
@@ -306,7 +335,7 @@ def test_a_begin_naming_a_codec_the_session_lacks_is_a_protocol_error():
     c, s = client_offering(["raw", "fp8"]), server()
     cr, sr, _ = handshake(c, s)
     pump(s.data_to_send(), cr, "whole")
-    bad = Header(FrameType.BEGIN, tag=1, count=5, length=1, payload_crc=crc32c(b"r"), flags=2).pack() + b"r"
+    bad = Header(FrameType.BEGIN, tag=1, count=5, length=1, payload_crc=crc32c(b"r"), tensor=2).pack() + b"r"
     with pytest.raises(ProtocolError, match="names codec 2; this session has 2"):
         pump(bad, FrameReader(s), "whole")
     with pytest.raises(ValueError, match="codecs: 1..8 codecs starting with 'fp8'"):

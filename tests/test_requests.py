@@ -30,7 +30,7 @@ def write_everything(t: RequestTable, request) -> list:
     actions = []
     for layer in range(LAYOUT.num_layers):
         for tensor in range(2):
-            assert t.start_write(request, layer, tensor, 0, request.num_tokens) is True
+            assert t.start_write(request, S, layer, tensor, 0, request.num_tokens) is True
             actions, _ = t.written(request, layer, None)
     return actions
 
@@ -130,11 +130,11 @@ def test_an_error_while_chunks_are_written_waits_for_them_before_the_handle_ends
     t = table()
     request, _ = t.expect("r", "h", 4, deadline=100)
     t.begin(S, 1, "r", 4, now=0)
-    assert t.start_write(request, 0, 0, 0, 4) is True  # a write under way
+    assert t.start_write(request, S, 0, 0, 0, 4) is True  # a write under way
     actions = t.expire(request)
     assert request.state is State.DRAINING
     assert [type(a) for a in actions] == [SendCancel]  # the sender is told now; the handle not yet
-    assert t.start_write(request, 0, 1, 0, 4) is None  # nothing new starts
+    assert t.start_write(request, S, 0, 1, 0, 4) is None  # nothing new starts
     actions, _ = t.written(request, 0, None)
     assert request.state is State.EXPIRED
     assert actions == [Finish("h", actions[0].error)] and isinstance(actions[0].error, TransferTimeout)
@@ -144,7 +144,7 @@ def test_a_failed_write_fails_the_request():
     t = table()
     request, _ = t.expect("r", "h", 4, deadline=100)
     t.begin(S, 1, "r", 4, now=0)
-    t.start_write(request, 0, 0, 0, 4)
+    t.start_write(request, S, 0, 0, 0, 4)
     actions, _ = t.written(request, 0, TransferError("decode failed"))
     assert request.state is State.FAILED and not actions[0].ok and actions[1] == Finish("h", actions[1].error)
 
@@ -153,10 +153,10 @@ def test_exact_repeats_are_duplicates_and_overlaps_are_errors():
     t = table()
     request, _ = t.expect("r", "h", 8, deadline=100)
     t.begin(S, 1, "r", 8, now=0)
-    assert t.start_write(request, 0, 0, 0, 4) is True
-    assert t.start_write(request, 0, 0, 0, 4) is False  # a resend after a lost connection
+    assert t.start_write(request, S, 0, 0, 0, 4) is True
+    assert t.start_write(request, S, 0, 0, 0, 4) is False  # a resend after a lost connection
     with pytest.raises(ProtocolError, match="overlap"):
-        t.start_write(request, 0, 0, 0, 8)
+        t.start_write(request, S, 0, 0, 0, 8)
 
 
 def test_unclaimed_requests_are_refused_and_their_parked_chunks_freed():
@@ -204,9 +204,9 @@ def test_a_request_keeps_the_codec_its_begin_named_and_a_repeat_may_not_change_i
     fp8, int4 = object(), object()  # the receiver passes the codec objects of its session
     assert t.begin(S, 1, "r", 8, now=0.0, codec=fp8) == []
     assert t.begin(S, 1, "r", 8, now=0.0, codec=fp8) == []  # its BEGIN on another connection
-    assert t.lookup(S, 1).codec is fp8
+    assert t.lookup(S, 1).codec_of(S) is fp8
     with pytest.raises(ProtocolError, match="changed its codec"):
         t.begin(S, 1, "r", 8, now=0.0, codec=int4)
     request, _ = t.expect("e", handle="h", num_tokens=8, deadline=10.0)
     t.begin(S, 2, "e", 8, now=0.0, codec=int4)  # expect came first: the BEGIN still names the codec
-    assert request.codec is int4 and request.state is State.BOUND
+    assert request.codec_of(S) is int4 and request.state is State.BOUND

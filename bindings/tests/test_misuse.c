@@ -213,18 +213,22 @@ static void layout_mismatches(void) {
   MISUSE(kvw_sender_create(&l, peer, SECRET, t, (LAYERS - 1) * 2, NULL, &s), KVW_ERR_LAYOUT, "num_layers");
   l = LAYOUT, l.dtype = KVW_BF16;
   MISUSE(kvw_sender_create(&l, peer, SECRET, t, 8, NULL, &s), KVW_ERR_LAYOUT, "dtype is KVW_BF16 here, KVW_FP32");
-  l = LAYOUT, l.block_size = BS / 2;
-  for (int i = 0; i < 8; ++i) t[i].num_blocks = BLOCKS * 2, t[i].strides[0] = BS / 2 * HEADS * DIM;
-  MISUSE(kvw_sender_create(&l, peer, SECRET, t, 8, NULL, &s), KVW_ERR_LAYOUT, "block_size is 8 here, 16");
-  memcpy(t, src.tensors, sizeof t);
   l = LAYOUT, l.num_kv_heads = HEADS * 2, l.head_dim = DIM / 2;
   for (int i = 0; i < 8; ++i) t[i].strides[2] = DIM / 2;
-  MISUSE(kvw_sender_create(&l, peer, SECRET, t, 8, NULL, &s), KVW_ERR_LAYOUT, "num_kv_heads or head_dim");
+  MISUSE(kvw_sender_create(&l, peer, SECRET, t, 8, NULL, &s), KVW_ERR_LAYOUT,
+         "num_kv_heads is 4 here, 2 on the receiver; head_dim is 32 here, 64");
+  memcpy(t, src.tensors, sizeof t);
+  /* A different block size is no mismatch: the receiver places tokens in its own blocks. */
+  l = LAYOUT, l.block_size = BS / 2;
+  for (int i = 0; i < 8; ++i) t[i].num_blocks = BLOCKS * 2, t[i].strides[0] = BS / 2 * HEADS * DIM;
+  kvw_sender* halves = NULL;
+  EXPECT_STATUS(kvw_sender_create(&l, peer, SECRET, t, 8, NULL, &halves), KVW_OK);
+  EXPECT_STATUS(kvw_sender_close(halves), KVW_OK);
   memcpy(t, src.tensors, sizeof t);
   l = LAYOUT, l.num_kv_heads = 0, l.head_dim = HEADS * DIM; /* MLA against GQA */
   kvw_tensor mla[LAYERS];
   for (int i = 0; i < LAYERS; ++i) mla[i] = t[i], mla[i].strides[1] = HEADS * DIM, mla[i].strides[2] = 0;
-  MISUSE(kvw_sender_create(&l, peer, SECRET, mla, LAYERS, NULL, &s), KVW_ERR_LAYOUT, "num_kv_heads is 0 (MLA");
+  MISUSE(kvw_sender_create(&l, peer, SECRET, mla, LAYERS, NULL, &s), KVW_ERR_LAYOUT, "num_kv_heads is 0 (MLA latent) here, 2 on the receiver");
   UNTOUCHED(s);
   /* A codec the receiver does not accept. */
   char picky_peer[64];

@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "rtt=40ms,rate=2gbit,loss=0.01%%[,jitter=1ms][,queue=16mb] (needs root)",
     )
     p.add_argument("--compare-single-stream", action="store_true", help="also send each round over 1 connection")
+    p.add_argument("--checksum", choices=["crc32c", "none"], default=None,
+                   help="payload checksum (default: crc32c, or none with --tls)")  # fmt: skip
     p.add_argument("--tls", action="store_true", help="encrypt kvwire's connections (a throwaway CA; needs trustme)")
     p.add_argument(
         "--ktls", action="store_true", help="with --tls: ask OpenSSL for kernel TLS (where the kernel has it)"
@@ -108,7 +110,7 @@ def receiver_main(
     states = [{i: t for i, t in layout.allocate_states().items()} for _ in range(args.requests)]
     tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
-                         transport=args.transport, tls=tls)  # fmt: skip
+                         transport=args.transport, tls=tls, checksum=getattr(args, "checksum", None))  # fmt: skip
     base_listener = socket.create_server((host, 0))
     gc.freeze()  # see kvwire/tuning.py
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
@@ -183,7 +185,8 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
     tx = kvwire.Sender(
         layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
         chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
-        exact_tokens=args.exact_tokens, tls=tls, max_streams=args.max_streams,
+        exact_tokens=args.exact_tokens, tls=tls, checksum=getattr(args, "checksum", None),
+        max_streams=args.max_streams,
     )  # fmt: skip
     gc.freeze()  # see kvwire/tuning.py
     single = None

@@ -28,6 +28,9 @@ class ChunkRef:
     start: int
     count: int
     raw: bool = False  # sent raw whatever the session's codec (the transfer's exact tokens)
+    # (first, count) of the k/v heads it carries, in this side's shard; None: every head
+    # this side holds (always, unless prefill and decode split heads differently)
+    heads: tuple[int, int] | None = None
 
     def codec(self, session_codec: Codec) -> Codec:
         return RAW if self.raw else session_codec
@@ -50,18 +53,22 @@ def plan_chunks(
     target_bytes: int,
     max_payload: int,
     exact_rows: int = 0,
+    kv_heads: tuple[int, int] | None = None,
 ) -> list[ChunkRef]:
     """Chunks covering every row of ``tensors`` (one layer), each <= ``max_payload`` encoded.
 
     ``exact_rows``: a lossy codec's paged tensors send their first rows raw (rounded up to
-    whole blocks, and key groups), e.g. the attention-sink tokens at a prompt's start."""
+    whole blocks, and key groups), e.g. the attention-sink tokens at a prompt's start.
+    ``kv_heads``: the k/v heads the chunks carry, ``(first, count)`` of this side's shard
+    (None: all it holds)."""
     chunks = []
     for t in tensors:
         if t.rows == 0:
             continue
         exact = exact_row_count(codec, t.name, t.rows, t.unit, exact_rows)
-        chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, raw=True)
-        chunks += _cut(layout, codec, t, exact, t.rows, row_unit(codec, t), target_bytes, max_payload, raw=False)
+        heads = None if t.whole else kv_heads
+        chunks += _cut(layout, RAW, t, 0, exact, t.unit, target_bytes, max_payload, True, heads)
+        chunks += _cut(layout, codec, t, exact, t.rows, row_unit(codec, t), target_bytes, max_payload, False, heads)
     return chunks
 
 
@@ -87,7 +94,7 @@ def received_rows(codec: Codec, rows: torch.Tensor, role: str, block_size: int, 
 
 
 def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_bytes: int, max_payload: int,
-         raw: bool) -> list[ChunkRef]:  # fmt: skip
+         raw: bool, heads: tuple[int, int] | None) -> list[ChunkRef]:  # fmt: skip
     """Rows ``[start, stop)`` of ``t`` in chunks of whole ``unit`` rows under ``max_payload``."""
     if stop <= start:
         return []
@@ -103,6 +110,6 @@ def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_
             f"raise the receiver's slot_bytes"
         )
     return [
-        ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw)
+        ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw, heads)
         for first in range(start, stop, rows_per_chunk)
     ]

@@ -27,6 +27,18 @@ def check_transport(transport: str, tls) -> None:
         import_ucxx()  # fail now, with the install command, rather than at connect
 
 
+def check_checksum(checksum: str | None, tls) -> str:
+    """A ``checksum=`` argument; None picks the default: none with TLS, whose AEAD already
+    authenticates every byte, else CRC32C."""
+    from kvwire.proto.frames import CHECKSUMS
+
+    if checksum is None:
+        return "none" if tls is not None else "crc32c"
+    if checksum not in CHECKSUMS:
+        raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
+    return checksum
+
+
 def check_seconds(value, name: str, *, optional: bool = False, zero: bool = False) -> float | None:
     """A duration argument: a finite number of seconds, positive (or >= 0 with ``zero``).
 
@@ -82,13 +94,31 @@ def check_terms(terms: Mapping | None) -> dict | None:
 
 
 def layout_summary(layout: KVLayout) -> str:
-    """One line that describes a layout to a person (sent at the handshake, shown in errors)."""
-    kinds = sorted({"/".join(layer.tensor_names) for layer in layout.layers})
-    return f"{layout.num_layers} layers [{', '.join(kinds)}], block {layout.block_size}, {layout.dtype}"
+    """The model a layout describes, in one line for a person (sent at the handshake, shown
+    in errors): layers, each kind of layer's tensors with heads x head_dim, the dtype. The
+    block size and the tensor-parallel shard are not in it: peers may differ in those.
+
+    >>> layout_summary(KVLayout.gqa(2, 8, 128).shard(0, 2))
+    '2 layers [k/v 8x128], torch.bfloat16'
+    """
+    model = layout.model()
+    kinds = set()
+    for layer in model.layers:
+        parts = []
+        names = [p.name for p in layer.paged]
+        if names == ["kv"]:
+            parts.append(f"kv {layer.paged[0].head_dim}")
+        elif names:
+            p = layer.paged[0]
+            parts.append(f"{'/'.join(names)} {p.heads}x{p.head_dim}")
+        if layer.state is not None:
+            parts.append("state " + "x".join(map(str, layer.state.shape)))
+        kinds.add("+".join(parts))
+    return f"{model.num_layers} layers [{', '.join(sorted(kinds))}], {model.dtype}"
 
 
 def request_arguments(
-    request_id, block_ids, num_tokens, deadline: float, block_size: int, num_blocks: int
+    request_id, block_ids, num_tokens, deadline: float, block_size: int, num_blocks: int | None
 ) -> tuple[str, Selection]:
     """The checks ``Sender.transfer`` and ``Receiver.expect`` share: (request id, selection)."""
     request_id = check_request_id(request_id)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kvwire.blocks import copy_tokens_to_blocks, place_rows, raw_views, scatter_tokens, source_rows
+from kvwire.blocks import cache_bytes, copy_tokens_to_blocks, place_rows, row_views, scatter_tokens, source_rows
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
@@ -104,6 +104,15 @@ class Encoder:
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         raise NotImplementedError
 
+    def cache(self, ref: ChunkRef) -> torch.Tensor:
+        """The cache tensor a chunk comes from: a view of just its heads when it carries some
+        of the heads this side holds (prefill and decode split heads differently)."""
+        cache = self.caches[ref.layer][ref.name]
+        if ref.heads is None:
+            return cache
+        first, count = ref.heads
+        return cache[:, :, first : first + count]
+
     def _into_slot(self, data: torch.Tensor) -> Payload:
         n = data.numel()
         slot = self.pool.acquire(n)
@@ -117,15 +126,19 @@ class HostEncoder(Encoder):
     def __init__(self, layout, caches, pool, side_stream=None) -> None:
         super().__init__(layout, caches, pool)
         self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
+        self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         caches = self.caches[ref.layer]
         bs = self.layout.block_size
-        if codec.name == "raw" and ref.name in caches:
-            views = raw_views(caches[ref.name], source.selection, bs, ref)
-            if views is not None:
-                return Payload(views, None, sum(v.nbytes for v in views))
+        blocks = self.bytes[ref.layer].get(ref.name)
+        if codec.name == "raw" and blocks is not None and ref.heads is None:
+            views = row_views(blocks, source.selection, bs, ref)
+            return Payload(views, None, sum(v.nbytes for v in views))
         rows = source_rows(caches, source.states.get(ref.layer), source.selection, bs, ref)
+        if ref.heads is not None:  # some of this side's heads: gathered into staging below
+            first, count = ref.heads
+            rows = rows[:, first : first + count]
         if rows.device.type == "cuda":
             with torch.cuda.stream(self.side_stream):
                 rows = rows.to("cpu")
@@ -154,8 +167,7 @@ class GpuStagedEncoder(Encoder):
             chunk = kernels.Chunk.state(self.kernels, source.states[ref.layer], ref.start, ref.count)
         else:
             table = self.kernels.tables.get(source, source.selection.block_ids, self.device, side)
-            chunk = kernels.Chunk.paged(self.caches[ref.layer][ref.name], table, ref.start, ref.count,
-                                        self.layout.block_size)  # fmt: skip
+            chunk = kernels.Chunk.paged(self.cache(ref), table, ref.start, ref.count, self.layout.block_size)
         return kernels.encode(self.kernels, codec, chunk, spec.role, stream=side)
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
@@ -179,10 +191,17 @@ class GpuDirectEncoder(GpuStagedEncoder):
     The CRC runs after the encode on the same stream and waits (an event) for both; only
     then is the payload handed to UCX, which reads it outside stream order."""
 
+    def __init__(self, layout, caches, pool, kernels_backend, device, side_stream, checked: bool = True) -> None:
+        super().__init__(layout, caches, pool, kernels_backend, device, side_stream)
+        self.checked = checked  # the session checks payloads: their CRC32C is computed on the device
+
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         from kvwire.cuda import kernels
 
         encoded = self._encode_on_device(source, ref, spec, codec)
+        if not self.checked:
+            kernels.wait_on_host(self.side_stream)  # UCX reads it outside stream order
+            return Payload([], None, encoded.numel(), encoded, 0)
         crc = kernels.crc32c(self.kernels, encoded, stream=self.side_stream)
         return Payload([], None, encoded.numel(), encoded, crc)
 
@@ -205,9 +224,7 @@ class _BlockWriter:
         self.cache = cache
         self.block_size = block_size
         self.token_shape = tuple(cache.shape[2:])
-        self.bytes: np.ndarray | None = None
-        if cache.device.type == "cpu" and cache.is_contiguous():
-            self.bytes = cache.view(cache.shape[0], -1).view(torch.uint8).numpy()
+        self.bytes: np.ndarray | None = cache_bytes(cache)
 
     def write(self, sel: Selection, start: int, count: int, data: torch.Tensor) -> None:
         """``data``: the rows as bytes (uint8, 1-D) in the cache's dtype, or as a tensor."""
@@ -231,8 +248,22 @@ class Placement:
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         raise NotImplementedError
 
+    def cache(self, ref: ChunkRef) -> torch.Tensor:
+        """The cache tensor a chunk lands in: a view of just its heads when it carries some
+        of the heads this side holds (prefill and decode split heads differently)."""
+        cache = self.caches[ref.layer][ref.name]
+        if ref.heads is None:
+            return cache
+        first, count = ref.heads
+        return cache[:, :, first : first + count]
+
     def takes_device_payloads(self, codec: Codec) -> bool:
         return False
+
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+        """Where a chunk's payload can be received straight into its destination rows (no
+        staging, no copy), or None when a decode or a copy must come between."""
+        return None
 
 
 class HostPlacement(Placement):
@@ -240,11 +271,29 @@ class HostPlacement(Placement):
         super().__init__(layout, caches)
         self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
 
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+        """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive
+        blocks (received with one scatter read), or the state's rows."""
+        if codec.name != "raw":
+            return None
+        if ref.name == STATE_NAME:
+            state = dest.states[ref.layer]
+            rows = state.view(-1, state.shape[-1])[ref.start : ref.start + ref.count]
+            return [rows.view(torch.uint8).numpy().reshape(-1).data] if state.device.type == "cpu" else None
+        writer = self.writers[ref.layer][ref.name]
+        if writer.bytes is None or ref.heads is not None:  # some heads of each token: not one span
+            return None
+        return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
+
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)
         if ref.name == STATE_NAME:
             state = dest.states[ref.layer]
             place_rows({}, state, dest.selection, self.layout.block_size, ref, rows.view(spec.dtype).view(spec.shape))
+            return
+        if ref.heads is not None:  # some of the heads: a strided scatter into those heads
+            scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
+                           rows.view(spec.dtype).view(spec.shape))  # fmt: skip
             return
         self.writers[ref.layer][ref.name].write(dest.selection, ref.start, ref.count, rows)
 
@@ -271,14 +320,17 @@ class GpuPlacement(Placement):
     def takes_device_payloads(self, codec: Codec) -> bool:
         return not codec.has_lossless_stage and self.kernels(codec) is not None
 
-    def receive_device_payload(self, stream, codec: Codec, nbytes: int) -> tuple[torch.Tensor, int]:
-        """Receive a DATA payload into GPU memory; return it with its CRC32C computed there."""
+    def receive_device_payload(
+        self, stream, codec: Codec, nbytes: int, checked: bool
+    ) -> tuple[torch.Tensor, int | None]:
+        """Receive a DATA payload into GPU memory; return it with its CRC32C, computed there
+        (the host's CPU never reads it), when the session checks payloads."""
         from kvwire.cuda import kernels
 
         backend = self.kernels(codec)
         buffer = kernels.receive_buffer(nbytes, self.device, self.side_stream)
         stream.recv_device_into(buffer)
-        return buffer, kernels.crc32c(backend, buffer, stream=self.side_stream)
+        return buffer, kernels.crc32c(backend, buffer, stream=self.side_stream) if checked else None
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         from kvwire.cuda import kernels
@@ -288,8 +340,11 @@ class GpuPlacement(Placement):
         if backend is None:
             rows = (data if codec.name == "raw" else codec.decode_bytes(data, spec)).view(spec.dtype).view(spec.shape)
             with torch.cuda.stream(side):
-                place_rows(self.caches[ref.layer], dest.states.get(ref.layer), dest.selection,
-                           self.layout.block_size, ref, rows)  # fmt: skip
+                if ref.name == STATE_NAME:
+                    place_rows({}, dest.states.get(ref.layer), dest.selection, self.layout.block_size, ref, rows)
+                else:
+                    scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
+                                   rows.to(self.device))  # fmt: skip
             kernels.wait_on_host(side)  # the slot is reused after this returns
             return
         if codec.has_lossless_stage:  # +lz4: the lossless stage runs on the host
@@ -298,8 +353,7 @@ class GpuPlacement(Placement):
             chunk = kernels.Chunk.state(backend, dest.states[ref.layer], ref.start, ref.count)
         else:
             table = backend.tables.get(dest, dest.selection.block_ids, self.device, side)
-            chunk = kernels.Chunk.paged(self.caches[ref.layer][ref.name], table, ref.start, ref.count,
-                                        self.layout.block_size)  # fmt: skip
+            chunk = kernels.Chunk.paged(self.cache(ref), table, ref.start, ref.count, self.layout.block_size)
         with torch.cuda.stream(side):
             on_device = data.to(self.device, non_blocking=True)  # allocated and copied on side
         kernels.decode(backend, codec, on_device, chunk, spec.role, stream=side)

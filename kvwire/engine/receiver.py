@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import ssl
 import threading
 import time
@@ -31,8 +32,9 @@ import kvwire.codec
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine import requests
 from kvwire.engine.channel import Channel, server_handshake
-from kvwire.engine.chunks import ChunkRef, chunk_spec
+from kvwire.engine.chunks import ChunkRef
 from kvwire.engine.common import (
+    check_checksum,
     check_count,
     check_seconds,
     check_transport,
@@ -44,9 +46,11 @@ from kvwire.engine.placement import Destination, GpuPlacement, HostPlacement, Pl
 from kvwire.engine.requests import Placement as Arrival
 from kvwire.engine.requests import Request, RequestTable
 from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
-from kvwire.layout import KVLayout
+from kvwire.layout import KVLayout, TensorParallel
 from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
 from kvwire.proto.frames import DATA_RAW, FrameType
+from kvwire.proto.request import PartSpec
+from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
 from kvwire.staging import Slot, StagingPool, StagingTimeout
 from kvwire.transport import ByteStream
@@ -77,11 +81,20 @@ class _Session:
     id: str
     peer: str
     codec: Codec
+    tp: TensorParallel  # the sender's tensor parallelism (which heads it holds)
+    block_size: int  # the sender's block size: its chunks are cut on it, int4 keys grouped by it
     conns: list = field(default_factory=list)
     parked_bytes: int = 0  # staging held by its chunks that wait for an expect
 
     def any_conn(self) -> _RConn | None:
         return next((c for c in self.conns if c.alive), None)
+
+    @property
+    def who(self) -> str:
+        """How errors name this sender."""
+        if self.tp.size == 1:
+            return f"the sender at {self.peer}"
+        return f"the sender at {self.peer} (tensor-parallel rank {self.tp.rank} of {self.tp.size})"
 
 
 @dataclass(eq=False)
@@ -270,6 +283,9 @@ class Receiver:
         check_terms: called with each sender's ``terms`` (a dict, empty if it stated none)
             after it authenticated; returns None to accept, or the reason to refuse it
             (the sender's constructor raises ``LayoutMismatch`` with that reason).
+        checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"``; default
+            ``"none"`` with TLS (its AEAD authenticates every byte already), else
+            ``"crc32c"``. Both sides must agree (a mismatch is refused at the handshake).
         kernels: a CUDA kernel backend to decode with (``kvwire.cuda.kernels``); default:
             the GPU's, when the caches are on one. Tests pass the kernels' host emulation
             here to run the GPU data path on CPU tensors.
@@ -305,8 +321,10 @@ class Receiver:
         max_parked_bytes_per_peer: int | None = None,
         check_terms: Callable[[dict], str | None] | None = None,
         kernels=None,
+        checksum: str | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self.checksum = check_checksum(checksum, tls)
         if check_terms is not None and not callable(check_terms):
             raise TypeError(f"check_terms: expected a callable, got {type(check_terms).__name__}")
         self._check_terms = check_terms
@@ -327,6 +345,8 @@ class Receiver:
         self.layout = layout
         self._secret = secret_bytes(secret)
         self._num_blocks = layout.check_caches(kv_caches)
+        self._tp = tp_of(layout)
+        self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
         self._caches = [dict(c) for c in kv_caches]
         self._placement = self._choose_placement(kernels)
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
@@ -495,13 +515,17 @@ class Receiver:
         host = stream.peer.rpartition(":")[0] or stream.peer
         proto = ServerConnection(
             self._secret,
-            fingerprint=self.layout.fingerprint(),
+            fingerprint=self.layout.model_fingerprint(),
             layout=layout_summary(self.layout),
             check_codec=self._check_codec,
             window=self._window,
             max_payload=self._slot_bytes,
             device_payloads=self._takes_device_payloads if self.transport == "ucx" else None,
             check_terms=self._check_terms,
+            checksum=self.checksum,
+            tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
+            block_size=self.layout.block_size,
+            check_shard=self._check_shard,
         )
         conn = _RConn(Channel(stream, proto), host, time.monotonic() + self._handshake_timeout)
         with self._lock:
@@ -520,6 +544,20 @@ class Receiver:
             self._counters["refused_connections"] += 1
         log.debug("refused a connection from %s: %s", stream.peer, why)
         stream.close()
+        return None
+
+    def _check_shard(self, hello) -> str | None:
+        """Why a sender's tensor parallelism cannot pair with this receiver's, or None (the
+        model itself is checked by its fingerprint)."""
+        rank, size, kv_heads = hello.tp
+        try:
+            TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+        except ValueError as exc:
+            return f"the sender's tensor parallelism: {exc}"
+        if kv_heads and kv_heads != self._tp.kv_heads:
+            return f"the sender's model has {kv_heads} KV heads, this receiver's {self._tp.kv_heads}"
+        if hello.block_size <= 0:
+            return f"the sender's block size {hello.block_size}"
         return None
 
     def _check_codec(self, descriptor: str) -> str | None:
@@ -594,7 +632,9 @@ class Receiver:
                 raise ProtocolError(f"{self._max_connections} connections are already open")
             session = self._sessions.get(hello.session)
             if session is None:
-                session = _Session(hello.session, conn.stream.peer, codec=self._codecs[hello.codec])
+                rank, size, kv_heads = hello.tp
+                tp = TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+                session = _Session(hello.session, conn.stream.peer, self._codecs[hello.codec], tp, hello.block_size)
                 self._sessions[hello.session] = session
             session.conns.append(conn)
             session.codec = self._codecs[hello.codec]
@@ -614,7 +654,7 @@ class Receiver:
             if session is None or session.any_conn() is not None:
                 return
             self._sessions.pop(session.id, None)
-            actions = self._table.session_lost(session.id)
+            actions = self._table.session_lost(session.id, session.who)
             self._run_locked(actions)
         self._run(actions)
 
@@ -626,22 +666,33 @@ class Receiver:
                 if isinstance(event, Begin | Cancel):
                     self._on_event(conn, event)
             return
+        self._read_data(conn, header, n)
+
+    def _read_data(self, conn: _RConn, header: Header, n: int) -> None:
+        """A DATA frame: its header checked, its payload received into the destination rows
+        when it can go there as it is, else into staging; verified before it counts."""
         checked = self._check_data(conn, header)
         if checked is None:  # a request that ended: read the payload past and give the credit back
             self._skip_payload(conn, header, n)
             return
         request, ref, spec = checked
-        codec = ref.codec(request.codec)
+        codec = ref.codec(request.codec_of(conn.joined.id))
+        self._counters["frames"] += 1
+        self._counters["wire_bytes"] += n
+        if self._receive_in_place(conn, header, n, request, ref, spec, codec):
+            return
         parked_bytes = self._reserve_parking(conn, request, n)
         try:
-            slot = self._receive_payload(conn, header, n, codec)
+            slot, ok = self._receive_payload(conn, header, n, codec)
         except BaseException:
             with self._lock:
                 self._unpark_locked(conn.joined, parked_bytes)
             raise
-        self._counters["frames"] += 1
-        self._counters["wire_bytes"] += n
         chunk = _Chunk(ref, spec, slot, n, conn, parked_bytes)
+        if not ok:
+            self._release(chunk)
+            self._checksum_failed(conn, header, request)
+            return
         with self._lock:
             arrival = self._table.arrived(request, chunk)
             if arrival is Arrival.PARK:
@@ -652,15 +703,78 @@ class Receiver:
         else:
             self._place(request, chunk)
 
-    def _receive_payload(self, conn: _RConn, header: Header, n: int, codec: Codec) -> Slot | _DeviceSlot:
-        """The payload, received where it will be used, and its CRC32C checked: nothing is
-        used before this passes."""
+    def _receive_in_place(self, conn: _RConn, header: Header, n: int, request: Request, ref: ChunkRef,
+                          spec: ChunkSpec, codec: Codec) -> bool:  # fmt: skip
+        """Receive a payload straight into its destination rows, where the placement can
+        take it as it is (raw into contiguous host memory): no staging, no copy. The rows
+        belong to this request alone until it ends; they count as arrived only once the
+        checksum passed. False when the payload must go through staging instead."""
+        with self._lock:
+            if request.state is not requests.State.BOUND or n != spec.raw_nbytes:
+                return False
+            views = self._placement.destination_views(codec, ref, request.handle.destination)
+            if views is None:
+                return False
+            write = self._table.start_write(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+            if write is None:
+                return False
+            handle = request.handle
+            if write is False:  # an exact repeat: read it past
+                handle.duplicates += 1
+        if write is False:
+            self._skip_payload(conn, header, n, late=False)
+            return True
+        try:
+            conn.stream.recv_into_views(views)
+        except BaseException:
+            with self._lock:
+                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+                self._run_locked(actions)
+            self._run(actions)
+            raise
+        ok = conn.proto.verify_data(header, views)
+        with self._lock:
+            if ok:
+                handle.t_first_byte = handle.t_first_byte or time.monotonic()
+                handle.chunks += 1
+                handle.wire_bytes += n
+                handle.logical_bytes += spec.raw_nbytes
+                actions, layer_ready = self._table.written(request, ref.layer, None)
+                if layer_ready:
+                    handle.layer_done_at.setdefault(ref.layer, time.monotonic())
+                    self._cond.notify_all()
+            else:
+                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+            frame = conn.owe(n, self._credit_batch)
+            if frame is not None:
+                conn.send(frame)
+            self._run_locked(actions)
+        self._run(actions)
+        if not ok:
+            self._checksum_failed(conn, header, request)
+        return True
+
+    def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
+        """Ask for a chunk again, or fail its request once too many have failed."""
+        where = f"layer {header.layer} tensor {header.tensor} rows {header.start}..{header.start + header.count}"
+        log.warning("payload checksum mismatch from %s (%s of %r): asking for it again", conn.stream.peer, where,
+                    request.request_id)  # fmt: skip
+        with self._lock:
+            actions, again = self._table.checksum_failed(request, where)
+            self._run_locked(actions)
+        self._run(actions)
+        if again:
+            conn.send(conn.proto.nack(header, f"payload checksum mismatch ({where})"))
+
+    def _receive_payload(self, conn: _RConn, header: Header, n: int, codec: Codec) -> tuple[Slot | _DeviceSlot, bool]:
+        """The payload, received where it will be used (staging, or GPU memory), and
+        whether it passed its checksum: nothing is used before this passes."""
         if conn.proto.device_payloads:
             assert isinstance(self._placement, GpuPlacement)  # device payloads are agreed only then
-            buffer, crc = self._placement.receive_device_payload(conn.stream, codec, n)
-            conn.proto.on_device_payload(header, crc)
+            checked = conn.proto.checksum != "none"
+            buffer, crc = self._placement.receive_device_payload(conn.stream, codec, n, checked)
             self._counters["device_payloads"] += 1
-            return _DeviceSlot(buffer)
+            return _DeviceSlot(buffer), conn.proto.verify_device_data(header, crc)
         slot = self._acquire(n)
         try:
             view = slot.view(n)
@@ -670,7 +784,7 @@ class Receiver:
         except BaseException:
             slot.release()
             raise
-        return slot
+        return slot, conn.proto.verify_data(header, [view])
 
     def _acquire(self, nbytes: int) -> Slot:
         try:
@@ -678,10 +792,15 @@ class Receiver:
         except StagingTimeout:
             raise TransferError(f"no staging room for {nbytes} bytes within {STAGING_WAIT_S:.0f} s") from None
 
-    def _skip_payload(self, conn: _RConn, header: Header, n: int) -> None:
-        """Read a late DATA payload (for a request that already ended) and drop it."""
-        slot = self._receive_payload(conn, header, n, conn.joined.codec)
-        self._counters["late_frames"] += 1
+    def _skip_payload(self, conn: _RConn, header: Header, n: int, late: bool = True) -> None:
+        """Read a DATA payload past (a request that ended, an exact repeat) and drop it."""
+        if conn.proto.device_payloads:
+            slot: Slot | _DeviceSlot = self._receive_payload(conn, header, n, conn.joined.codec)[0]
+        else:
+            slot = self._acquire(n)
+            conn.stream.recv_into_exact(slot.view(n))
+        if late:
+            self._counters["late_frames"] += 1
         self._release(_Chunk(None, None, slot, n, conn))
 
     def _check_data(self, conn: _RConn, header: Header) -> tuple[Request, ChunkRef, ChunkSpec] | None:
@@ -694,9 +813,16 @@ class Receiver:
             return None
         assert request.plan is not None  # a request known by its tag has its plan
         t = request.plan.check(header.layer, header.tensor, header.start, header.count)
-        spec = chunk_spec(self.layout, t, header.count)
-        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW))
-        codec = ref.codec(request.codec)
+        part = request.part_of(session.id)
+        if (part.whole if t.whole else part.heads) == 0:
+            raise ProtocolError(f"DATA for layer {header.layer} {t.name!r}, which this sender did not announce")
+        heads = t.heads if t.whole or part.heads == t.heads else (part.first_head, part.heads)
+        # The chunk as the sender cut it: its heads, and its block size (int4 groups keys by it).
+        spec = ChunkSpec(header.count, t.heads if t.whole else part.heads, t.head_dim, self.layout.dtype, t.name,
+                         session.block_size)  # fmt: skip
+        ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW),
+                       None if isinstance(heads, int) else heads)  # fmt: skip
+        codec = ref.codec(request.codec_of(session.id))
         size = codec.encoded_size(spec)
         if header.length > size or (not codec.variable_size and header.length != size):
             raise ProtocolError(
@@ -732,16 +858,34 @@ class Receiver:
                 hello = conn.proto.hello
                 assert hello is not None  # frames are read once the handshake is done
                 codec = self._codecs[hello.session_codecs[event.codec]]  # the index was checked against it
+                part = self._part_of(session, event)
+                unit = math.gcd(self.layout.block_size, session.block_size)
                 actions = self._table.begin(session.id, event.tag, event.request_id, event.num_tokens,
-                                            time.monotonic(), codec)  # fmt: skip
+                                            time.monotonic(), part, unit, codec)  # fmt: skip
                 refused = [a for a in actions if isinstance(a, requests.SendAck) and not a.ok]
             else:
-                actions = self._table.cancel_from_peer(session.id, event.tag, event.reason)
+                actions = self._table.cancel_from_peer(session.id, event.tag, event.reason, session.who)
                 refused = []
             self._run_locked(actions)
         for a in refused:
             log.warning("refused a request from %s: %s", session.peer, a.message)
         self._run(actions)
+
+    def _part_of(self, session: _Session, begin: Begin) -> PartSpec:
+        """What a sender's BEGIN says its chunks carry, checked against both shards."""
+        held = self._tp.heads[1] if self._has_kv else 0
+        if begin.heads is None:  # every head this side holds, from the heads the sender holds
+            part = PartSpec(held, 0, begin.whole)
+            first = self._tp.heads[0] - session.tp.heads[0]
+            if held and not (0 <= first and first + held <= session.tp.heads[1]):
+                raise ProtocolError(f"BEGIN: the sender does not hold all {held} heads this receiver holds")
+            return part
+        part = PartSpec(begin.heads, begin.first_head, begin.whole)
+        sender_first = self._tp.heads[0] + begin.first_head - session.tp.heads[0]
+        why = check_part(Part(begin.heads, sender_first, begin.first_head, begin.whole), session.tp, self._tp)
+        if why is not None or (begin.heads and not self._has_kv):
+            raise ProtocolError(f"BEGIN for tag {begin.tag}: {why or 'k/v heads for a layout without k/v'}")
+        return part
 
     # -- placing -------------------------------------------------------------------------
     def _place_all(self, request: Request, chunks: list[_Chunk]) -> None:
@@ -762,7 +906,8 @@ class Receiver:
         with self._lock:
             self._release_parking_locked(chunk)
             try:
-                write = self._table.start_write(request, ref.layer, ref.tensor, ref.start, ref.count)
+                write = self._table.start_write(request, chunk.conn.joined.id, ref.layer, ref.tensor, ref.start,
+                                                ref.count)  # fmt: skip
             except ProtocolError:
                 self._release_locked(chunk)
                 raise
@@ -776,7 +921,7 @@ class Receiver:
         error = None
         try:
             assert chunk.slot.tensor is not None  # not released before it is written
-            codec = ref.codec(request.codec)
+            codec = ref.codec(request.codec_of(chunk.conn.joined.id))
             self._placement.place(codec, ref, spec, chunk.slot.tensor[: chunk.length], handle.destination)
         except Exception as exc:  # a decode failure must fail the request, not the thread
             log.exception("placing a chunk of %r failed", request.request_id)

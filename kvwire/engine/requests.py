@@ -28,9 +28,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvwire.errors import Cancelled, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout
-from kvwire.proto.request import RequestPlan
+from kvwire.proto.request import PartSpec, RequestPlan
 
 
 class State(enum.Enum):
@@ -69,20 +69,29 @@ class Request:
     request_id: str
     num_tokens: int
     state: State
-    session: str | None = None  # the sending session and its tag, once a BEGIN arrived
-    tag: int | None = None
-    plan: RequestPlan | None = None  # which chunks it must contain: made when its BEGIN arrives
+    # its senders, once their BEGINs arrived: session -> (tag, what its chunks carry). One
+    # sender usually; several when prefill splits the heads over more ranks than decode.
+    senders: dict[str, tuple[int, PartSpec]] = field(default_factory=dict)
+    plan: RequestPlan | None = None  # which chunks it must contain: made when its first BEGIN arrives
     created: float = 0.0  # when the BEGIN arrived (the unclaimed timeout runs from it)
     deadline: float | None = None  # from expect()
     handle: Any = None  # the caller's handle, finished by a Finish action
     parked: list = field(default_factory=list)  # chunks that arrived before expect()
     writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
     ending: tuple[State, TransferError] | None = None  # how it ends, while DRAINING
-    codec: Any = None  # the codec its BEGIN named (its sender's session may offer several)
+    checksum_failures: int = 0  # payloads that failed their checksum (each asked for again)
+    codecs: dict[str, Any] = field(default_factory=dict)  # session -> the codec its BEGIN named
+
+    def codec_of(self, session: str) -> Any:
+        """The codec a sender's chunks of this request use (its session may offer several)."""
+        return self.codecs.get(session)
 
     @property
     def live(self) -> bool:
         return self.state in (State.EXPECTED, State.ANNOUNCED, State.BOUND)
+
+    def part_of(self, session: str) -> PartSpec:
+        return self.senders[session][1]
 
     def layer_ready(self, layer: int) -> bool:
         """Every chunk of ``layer`` is in place and none is being written."""
@@ -133,6 +142,11 @@ class Placement(enum.Enum):
     DROP = "drop"
 
 
+# Payloads of one request that may fail their checksum, each asked for again, before the
+# request fails: a link that corrupts this often is not one to trust with the rest.
+MAX_CHECKSUM_FAILURES = 8
+
+
 class RequestTable:
     """Every request a receiver knows, by id and by (session, tag).
 
@@ -149,6 +163,8 @@ class RequestTable:
         remembered_tags: int = 1024,
     ) -> None:
         self.layout = layout
+        kv = {p.heads for layer in layout.layers for p in layer.paged if p.name != "kv"}
+        self._all_heads = kv.pop() if kv else 0  # the k/v heads this side holds
         self.capacity_tokens = capacity_tokens
         self.max_requests_per_session = max_requests_per_session
         self._remembered_cancels = remembered_cancels
@@ -159,7 +175,15 @@ class RequestTable:
         # request ids cancelled before the other side showed up: id -> (reason, origin)
         self._cancelled: collections.OrderedDict[str, tuple[str, Origin]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter(
-            {"completed": 0, "failed": 0, "cancelled": 0, "expired": 0, "refused_requests": 0, "parked_chunks": 0}
+            {
+                "completed": 0,
+                "failed": 0,
+                "cancelled": 0,
+                "expired": 0,
+                "refused_requests": 0,
+                "parked_chunks": 0,
+                "checksum_failures": 0,
+            }
         )
 
     # -- events from the decode side -----------------------------------------------------
@@ -210,17 +234,19 @@ class RequestTable:
         return actions
 
     # -- events from the senders ---------------------------------------------------------
-    def begin(
-        self, session: str, tag: int, request_id: str, num_tokens: int, now: float, codec: Any = None
-    ) -> list[Action]:
-        """A sender's BEGIN (``codec``: the one it names, kept on the request). Raises
-        ProtocolError for a tag reused with another request or another codec."""
+    def begin(self, session: str, tag: int, request_id: str, num_tokens: int, now: float,
+              part: PartSpec | None = None, unit: int | None = None, codec: Any = None) -> list[Action]:  # fmt: skip
+        """A sender's BEGIN: ``part`` is what its chunks carry (default: everything), ``unit``
+        the rows its chunks are cut on (default: this side's block size), ``codec`` the one
+        it names (kept per sender of the request). Raises ProtocolError for a tag reused
+        with another request or another codec."""
+        part = part or PartSpec(self._all_heads, 0, True)
         tags = self._by_tag.setdefault(session, {})
         known = tags.get(tag)
         if known is not None:
             if (known.request_id, known.num_tokens) != (request_id, num_tokens):
                 raise ProtocolError(f"BEGIN for tag {tag} changed its request")
-            if known.codec is not codec:
+            if known.codec_of(session) is not codec:
                 raise ProtocolError(f"BEGIN for tag {tag} changed its codec")
             return []  # its BEGIN on another connection
         if tag in self._ended_tags.get(session, ()):
@@ -240,38 +266,46 @@ class RequestTable:
             return [SendAck(session, tag, False, refused)]
         request = self._by_id.get(request_id)
         if request is None:
-            remembered = self._cancelled.pop(request_id, None)
+            remembered = self._cancelled.get(request_id)
             if remembered is not None and remembered[1] is Origin.LOCAL:  # cancelled here before it came
                 self._end_tag(session, tag)
                 return [SendCancel(session, tag, remembered[0])]
-            request = Request(request_id, num_tokens, State.ANNOUNCED, created=now, codec=codec)
-            self._attach(request, session, tag, now)
+            self._cancelled.pop(request_id, None)  # a sender's earlier cancel: this is a new transfer
+            request = Request(request_id, num_tokens, State.ANNOUNCED, created=now)
+            why = self._attach(request, session, tag, part, unit, now, codec)
+            assert why is None, why  # a first part fits an empty plan (BEGIN checked its numbers)
             return []
-        if request.state is not State.EXPECTED:  # another transfer is already delivering it
+        if request.senders and request.num_tokens != num_tokens:
+            why = f"this sender sends {num_tokens} tokens, another sends {request.num_tokens}"
+        else:
+            why = self._attach(request, session, tag, part, unit, now, codec)
+        if why is not None:  # it cannot join: the other senders' parts go on
             self._end_tag(session, tag)
-            return [SendAck(session, tag, False,
-                            f"request id {request_id!r} is already being received from another transfer")]  # fmt: skip
-        self._cancelled.pop(request_id, None)
-        request.codec = codec
-        self._attach(request, session, tag, now)
-        return self._bind(request, sent=num_tokens, expected=request.num_tokens)
+            return [SendAck(session, tag, False, f"request id {request_id!r} is already being received "
+                                                 f"from another transfer ({why})")]  # fmt: skip
+        if request.state is State.EXPECTED:
+            self._cancelled.pop(request_id, None)
+            return self._bind(request, sent=num_tokens, expected=request.num_tokens)
+        return []
 
-    def cancel_from_peer(self, session: str, tag: int, reason: str) -> list[Action]:
-        """A sender's CANCEL."""
+    def cancel_from_peer(self, session: str, tag: int, reason: str, who: str = "the sender") -> list[Action]:
+        """A sender's CANCEL (``who``: how errors name it). A request from several senders
+        ends as one: the others are told."""
         request = self._by_tag.get(session, {}).get(tag)
         if request is None:
             return []
-        error = Cancelled(f"request {request.request_id!r} cancelled by the sender: {reason}")
+        error = Cancelled(f"request {request.request_id!r} cancelled by {who}: {reason}")
         if request.handle is None:  # an expect() that comes later fails at once
             self._remember_cancel(request.request_id, reason, Origin.PEER)
-        return self._end(request, State.CANCELLED, error, Origin.PEER)
+        return self._end(request, State.CANCELLED, error, Origin.PEER, session)
 
-    def session_lost(self, session: str) -> list[Action]:
-        """Every connection of a sender is gone: its open requests fail."""
+    def session_lost(self, session: str, who: str = "the sender") -> list[Action]:
+        """Every connection of a sender is gone: its open requests fail (and their other
+        senders are told)."""
         actions: list[Action] = []
         for request in list(self._by_tag.get(session, {}).values()):
-            error = PeerLost(f"request {request.request_id!r}: the sender's connections are all gone")
-            actions += self._end(request, State.FAILED, error, Origin.PEER)
+            error = PeerLost(f"request {request.request_id!r}: the connections of {who} are all gone")
+            actions += self._end(request, State.FAILED, error, Origin.PEER, session)
         self._by_tag.pop(session, None)
         self._ended_tags.pop(session, None)
         return actions
@@ -303,18 +337,39 @@ class RequestTable:
             return Placement.PARK
         return Placement.DROP
 
-    def start_write(self, request: Request, layer: int, tensor: int, start: int, count: int) -> bool | None:
+    def start_write(self, request: Request, session: str, layer: int, tensor: int, start: int,
+                    count: int) -> bool | None:  # fmt: skip
         """Before a chunk is written: True to write it (counted as under way), False for an
         exact repeat of a chunk already placed, None when the request is no longer bound.
         Raises ProtocolError for a chunk that overlaps one placed before."""
         if request.state is not State.BOUND:
             return None
         assert request.plan is not None
-        if request.plan.is_duplicate(layer, tensor, start, count):
+        part = request.part_of(session)
+        if request.plan.is_duplicate(layer, tensor, start, count, part):
             return False
-        request.plan.mark(layer, tensor, start, count)
+        request.plan.mark(layer, tensor, start, count, part)
         request.writing[layer] += 1
         return True
+
+    def unwrite(self, request: Request, session: str, layer: int, tensor: int, start: int,
+                count: int) -> list[Action]:  # fmt: skip
+        """A chunk whose write was started did not arrive whole and verified (its payload
+        failed the checksum, or its connection broke): its rows are missing again."""
+        assert request.plan is not None
+        request.plan.unmark(layer, tensor, start, count, request.part_of(session))
+        actions, _ = self.written(request, layer, None)
+        return actions
+
+    def checksum_failed(self, request: Request, where: str) -> tuple[list[Action], bool]:
+        """A payload of ``request`` failed its checksum: (actions, whether to ask for it again)."""
+        request.checksum_failures += 1
+        self.counters["checksum_failures"] += 1
+        if request.checksum_failures <= MAX_CHECKSUM_FAILURES or not request.live:
+            return [], request.live
+        error = ChecksumMismatch(f"request {request.request_id!r}: {request.checksum_failures} payloads failed "
+                                 f"their checksum (the last: {where})")  # fmt: skip
+        return self._end(request, State.FAILED, error, Origin.LOCAL), False
 
     def written(self, request: Request, layer: int, error: TransferError | None) -> tuple[list[Action], bool]:
         """After a chunk was written (or failed to be): (actions, whether ``layer`` became ready)."""
@@ -339,8 +394,8 @@ class RequestTable:
         self._move(request, State.COMPLETE)
         self.counters["completed"] += 1
         self._retire(request)
-        assert request.session is not None and request.tag is not None
-        return [SendAck(request.session, request.tag, True), Finish(request.handle, None)], layer_ready
+        acks: list[Action] = [SendAck(session, tag, True) for session, (tag, _) in request.senders.items()]
+        return [*acks, Finish(request.handle, None)], layer_ready
 
     # -- reading the table ---------------------------------------------------------------
     def census(self) -> dict[str, int]:
@@ -362,12 +417,24 @@ class RequestTable:
             raise AssertionError(f"request {request.request_id!r}: {request.state.value} -> {state.value}")
         request.state = state
 
-    def _attach(self, request: Request, session: str, tag: int, now: float) -> None:
-        """The request's sender is known: its chunks may arrive from now on."""
-        request.session, request.tag, request.created = session, tag, now
-        request.plan = RequestPlan(self.layout, request.num_tokens)  # tokens checked at BEGIN
+    def _attach(self, request: Request, session: str, tag: int, part: PartSpec, unit: int | None,
+                now: float, codec: Any = None) -> str | None:  # fmt: skip
+        """A sender of the request is known: its chunks may arrive from now on. Why its
+        part cannot join the others' (overlap, another block grid), or None."""
+        unit = unit or self.layout.block_size
+        if request.plan is None:
+            request.plan = RequestPlan(self.layout, request.num_tokens, unit)  # tokens checked at BEGIN
+            request.created = now
+        elif request.plan.unit != unit:
+            return f"its chunks are cut on {unit} tokens, another sender's on {request.plan.unit}"
+        why = request.plan.add_part(part)
+        if why is not None:
+            return why
+        request.senders[session] = (tag, part)
+        request.codecs[session] = codec
         self._by_tag.setdefault(session, {})[tag] = request
         self._by_id[request.request_id] = request
+        return None
 
     def _bind(self, request: Request, sent: int, expected: int) -> list[Action]:
         """The sender's BEGIN (``sent`` tokens) and the decode side's expect() met."""
@@ -379,15 +446,20 @@ class RequestTable:
         parked, request.parked = request.parked, []
         return [Place(request, parked)] if parked else []
 
-    def _end(self, request: Request, state: State, error: TransferError, origin: Origin) -> list[Action]:
-        """End a request however it ends: tell the sender (if this side decided), free its
-        parked chunks, forget it, finish its handle (after its writes, if any are under way)."""
+    def _end(self, request: Request, state: State, error: TransferError, origin: Origin,
+             origin_session: str | None = None) -> list[Action]:  # fmt: skip
+        """End a request however it ends: tell its senders (all when this side decided; the
+        others when one of them did), free its parked chunks, forget it, finish its handle
+        (after its writes, if any are under way)."""
         actions: list[Action] = []
-        if origin is Origin.LOCAL and request.session is not None and request.tag is not None:
-            if state is State.FAILED:
-                actions.append(SendAck(request.session, request.tag, False, str(error)))
-            else:
-                actions.append(SendCancel(request.session, request.tag, str(error)))
+        if origin is not Origin.SHUTDOWN:
+            for session, (tag, _) in request.senders.items():
+                if session == origin_session:
+                    continue
+                if state is State.FAILED and origin is Origin.LOCAL:
+                    actions.append(SendAck(session, tag, False, str(error)))
+                else:
+                    actions.append(SendCancel(session, tag, str(error)))
         if request.parked:
             actions.append(Release(request.parked))
             request.parked = []
@@ -403,14 +475,14 @@ class RequestTable:
         return actions
 
     def _retire(self, request: Request) -> None:
-        """Forget an ended request's id and tag (remembering the tag, boundedly)."""
+        """Forget an ended request's id and tags (remembering the tags, boundedly)."""
         if self._by_id.get(request.request_id) is request:
             del self._by_id[request.request_id]
-        if request.session is not None and request.tag is not None:
-            tags = self._by_tag.get(request.session)
-            if tags is not None and tags.get(request.tag) is request:
-                del tags[request.tag]
-                self._end_tag(request.session, request.tag)
+        for session, (tag, _) in request.senders.items():
+            tags = self._by_tag.get(session)
+            if tags is not None and tags.get(tag) is request:
+                del tags[tag]
+                self._end_tag(session, tag)
 
     def _end_tag(self, session: str, tag: int) -> None:
         ended = self._ended_tags.setdefault(session, collections.OrderedDict())

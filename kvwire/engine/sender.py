@@ -25,15 +25,17 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 import kvwire.codec
+from kvwire.codec import ChunkSpec
 from kvwire.engine.channel import Channel, client_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
+    check_checksum,
     check_seconds,
     check_terms,
     check_transport,
@@ -43,12 +45,21 @@ from kvwire.engine.common import (
 )
 from kvwire.engine.placement import Encoder, GpuDirectEncoder, GpuStagedEncoder, HostEncoder, Payload, gpu_kernels
 from kvwire.engine.sender_link import AUTO, LinkFollower, auto_codecs
-from kvwire.errors import Cancelled, PeerLost, ProtocolError, TransferError, TransferTimeout, TransferWouldMissDeadline
-from kvwire.layout import KVLayout, Selection
+from kvwire.errors import (
+    Cancelled,
+    ChecksumMismatch,
+    PeerLost,
+    ProtocolError,
+    TransferError,
+    TransferTimeout,
+    TransferWouldMissDeadline,
+)
+from kvwire.layout import KVLayout, Selection, TensorParallel
 from kvwire.link import LinkState
 from kvwire.planning import Choice, Estimate, choose_codec
-from kvwire.proto import Ack, Cancel, ClientConnection, Credit
-from kvwire.proto.request import RequestPlan
+from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
+from kvwire.proto.request import TensorPlan, check_rows, tensor_plans
+from kvwire.sharding import Part, kinds, part_for, tp_of
 from kvwire.staging import StagingClosed, StagingPool
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, connect, parse_address
@@ -59,6 +70,9 @@ DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8
 DEFAULT_MAX_STREAMS = 16  # connections grow up to this while goodput grows (TCP; see kvwire/planning.py)
 DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
 DEFAULT_STAGING_BYTES = 64 << 20
+# Chunks of one transfer the receiver may ask for again before the transfer fails (the
+# receiver gives up sooner, after 8: this bounds a receiver that would ask forever).
+MAX_NACKS_PER_TRANSFER = 64
 
 
 @dataclass
@@ -106,7 +120,7 @@ def _begin_frames(conn: _Conn, handle: SendHandle) -> list[bytes]:
     if handle.tag in conn.begun:
         return []
     conn.begun.add(handle.tag)
-    return [conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens, handle.codec_index)]
+    return [handle._sender._begin(conn, handle)]
 
 
 class SendHandle:
@@ -125,7 +139,14 @@ class SendHandle:
         self.tag = tag
         self.request_id = request_id
         self.selection = sel
-        self.plan = RequestPlan(sender.layout, sel.num_tokens)
+        # What this transfer's chunks carry (the heads the receiver gets from this sender),
+        # per layer by tensor index.
+        self.tensors: list[dict[int, TensorPlan]] = [
+            {t.index: t for t in layer}
+            for layer in tensor_plans(
+                sender.layout, sel.num_tokens, kv_heads=sender.part.heads, whole=sender.part.whole
+            )  # fmt: skip
+        ]
         self.states: dict[int, torch.Tensor] = dict(states or {})
         self._deadline = deadline
         self._sent_layers: set[int] = set()
@@ -135,6 +156,7 @@ class SendHandle:
         self.wire_bytes = 0
         self.chunks = 0
         self.resent_chunks = 0
+        self.nacked_chunks = 0  # chunks the receiver asked for again (a payload failed its checksum)
         self.t_created = time.monotonic()
         self.t_first_layer: float | None = None
         self.t_last_layer: float | None = None
@@ -161,7 +183,7 @@ class SendHandle:
         spec = self._sender.layout.layers[layer].state
         if state is not None:
             self.states[layer] = self._sender.layout.check_state(layer, state, "state")
-        elif spec is not None and layer not in self.states:
+        elif spec is not None and layer not in self.states and self._sender.part.whole:
             raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
         if self._sender._device.type == "cuda":
@@ -214,6 +236,7 @@ class SendHandle:
             "wire_bytes": self.wire_bytes,
             "chunks": self.chunks,
             "resent_chunks": self.resent_chunks,
+            "nacked_chunks": self.nacked_chunks,
             "exposed_ms": exposed,
             "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
             "codec": self.codec.descriptor,
@@ -268,6 +291,11 @@ class Sender:
         terms: the application's own terms, stated at the handshake (a small dict of
             names to str/int/float/bool, e.g. a tensor-parallel rank): a receiver whose
             ``check_terms`` refuses them refuses the connection (``LayoutMismatch``).
+        checksum: how DATA payloads are checked: ``"crc32c"`` or ``"none"`` (the receiver
+            must say the same); default ``"none"`` with TLS, else ``"crc32c"``.
+        whole_from: with tensor parallelism, which prefill rank sends a decode rank the
+            tensors held whole on every rank (MLA latent, states): ``whole_from(decode_rank,
+            prefill_size)``; default ``decode_rank % prefill_size`` (docs/api.md).
         kernels: a CUDA kernel backend to encode with (``kvwire.cuda.kernels``); default:
             the GPU's, when the caches are on one and the kernels cover the codec. Tests
             pass the kernels' host emulation here to run the GPU data path on CPU tensors.
@@ -306,8 +334,12 @@ class Sender:
         exact_tokens: int = 0,
         terms: Mapping[str, str | int | float | bool] | None = None,
         kernels=None,
+        checksum: str | None = None,
+        whole_from: Callable[[int, int], int] | None = None,
     ) -> None:
         check_transport(transport, tls)
+        self.checksum = check_checksum(checksum, tls)
+        self._whole_from = whole_from
         check_seconds(connect_timeout, "connect_timeout")
         self._terms = check_terms(terms)
         if isinstance(exact_tokens, bool) or not isinstance(exact_tokens, int) or exact_tokens < 0:
@@ -336,9 +368,24 @@ class Sender:
             raise ValueError(f"max_streams: expected an int in streams..64 ({streams}..64), got {max_streams!r}")
         self._max_exposed_s = _milliseconds(max_exposed_ms, "max_exposed_ms")
         self._layers_per_s = _rate(layers_per_s, "layers_per_s")
+        for layer in layout.layers:  # e.g. int4 groups that do not divide head_dim: say so now
+            for p in layer.paged:
+                for candidate in self.codecs:
+                    try:
+                        candidate.check(ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name,
+                                          layout.block_size))  # fmt: skip
+                    except ValueError as exc:
+                        raise ValueError(f"codec: {exc}") from None
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
+        self._tp = tp_of(layout)
+        self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
+        self.receiver_tp: TensorParallel | None = None  # learnt at the handshake
+        self.receiver_block_size = 0
+        self.part = Part(0, 0, 0, True)
+        self._kv_heads: tuple[int, int] | None = None
+        self._begin_heads: int | None = None
         self._caches = [dict(c) for c in kv_caches]
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
@@ -385,6 +432,7 @@ class Sender:
             self._encoders = concurrent.futures.ThreadPoolExecutor(encode_threads, thread_name_prefix="kvwire-encode")
         self.max_payload = 0
         self._conns: list[_Conn] = []
+        self._lost_conns = 0
         self._connect_args = (tls, socket_options or SocketOptions(), connect_timeout)
         try:
             for i in range(streams):
@@ -413,6 +461,32 @@ class Sender:
                                       on_gpu=self._kernels is not None)  # fmt: skip
         self._follower.start()
 
+    def _agree_part(self, accepted) -> None:
+        """What this sender sends this receiver, from both sides' tensor parallelism."""
+        rank, size, kv_heads = accepted.tp
+        if kv_heads and kv_heads != self._tp.kv_heads:
+            raise ValueError(f"peer: the receiver's model has {kv_heads} KV heads, this sender's {self._tp.kv_heads}")
+        receiver = TensorParallel(rank, size, kv_heads or self._tp.kv_heads)
+        part = part_for(self._tp, receiver, *kinds(self.layout), self._whole_from)
+        if self.receiver_tp is not None and receiver != self.receiver_tp:
+            raise ValueError("peer: its connections describe different tensor-parallel ranks")
+        if part.empty:
+            raise ValueError(
+                f"peer: decode rank {rank} of {size} gets nothing from prefill rank {self._tp.rank} of "
+                f"{self._tp.size} (another rank sends it its heads; see kvwire.ShardedSender)"
+            )
+        self.receiver_tp, self.receiver_block_size, self.part = receiver, accepted.block_size, part
+        held = self._tp.heads[1] if self._has_kv else 0
+        self._kv_heads = None if part.heads == held else (part.sender_first, part.heads)
+        # BEGIN says "every head you hold" when that is what this sender sends
+        self._begin_heads = None if part.heads == receiver.heads[1] else part.heads
+
+    def _begin(self, conn: _Conn, handle: SendHandle) -> bytes:
+        """A request's BEGIN on ``conn``, with what this sender's chunks of it carry."""
+        part = self.part
+        return conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens, self._begin_heads,
+                                part.receiver_first, part.whole, handle.codec_index)  # fmt: skip
+
     def _choose_encoder(self) -> Encoder:
         """The data path, chosen once: CPU reference (or views of the cache for raw), GPU
         kernels into pinned staging, or GPU kernels with the bytes left on the GPU."""
@@ -420,7 +494,7 @@ class Sender:
             return HostEncoder(self.layout, self._caches, self._pool, self._side_stream)
         if self._device_payloads:
             return GpuDirectEncoder(self.layout, self._caches, self._pool, self._kernels, self._device,
-                                    self._side_stream)  # fmt: skip
+                                    self._side_stream, checked=self.checksum != "none")  # fmt: skip
         return GpuStagedEncoder(self.layout, self._caches, self._pool, self._kernels, self._device, self._side_stream)
 
     # -- connecting ----------------------------------------------------------------------
@@ -437,15 +511,23 @@ class Sender:
             session=self._session,
             conn_index=index,
             conn_count=count,
-            fingerprint=self.layout.fingerprint(),
+            fingerprint=self.layout.model_fingerprint(),
             layout=layout_summary(self.layout),
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
             terms=self._terms,
             codecs=[c.descriptor for c in self.codecs],
+            checksum=self.checksum,
+            tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
+            block_size=self.layout.block_size,
         )
         accepted = client_handshake(stream, proto)
         stream.settimeout(None)
+        try:
+            self._agree_part(accepted)
+        except ValueError:
+            stream.close()
+            raise
         self.max_payload = accepted.max_payload
         if self.transport == "ucx":
             stream.device_payloads = accepted.device_payloads
@@ -588,9 +670,7 @@ class Sender:
             conns = [c for c in self._conns if c.alive]
         # Always with its BEGIN (a repeat is ignored by the receiver): a BEGIN marked as
         # sent on a connection here could let a writer send DATA there before it went out.
-        frames = {c.index: c.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens,
-                                         handle.codec_index) + c.proto.cancel(handle.tag, reason)
-                  for c in conns}  # fmt: skip
+        frames = {c.index: self._begin(c, handle) + c.proto.cancel(handle.tag, reason) for c in conns}
         for c in conns:
             try:
                 c.stream.send_control(frames[c.index])
@@ -676,9 +756,10 @@ class Sender:
             open_ = [(t.codec, t.selection.num_tokens, t.wire_bytes) for t in self._transfers.values() if not t.done()]
         return sum(max(0, sum(x.wire_bytes for x in follower.layer_costs(codec, n)) - sent) for codec, n, sent in open_)
 
-    def _connection_count(self) -> int:
+    def _connection_count(self) -> tuple[int, int]:
+        """(connections that take chunks, connections lost to errors since the start)."""
         with self._lock:
-            return sum(1 for c in self._conns if c.alive and not c.retiring)
+            return sum(1 for c in self._conns if c.alive and not c.retiring), self._lost_conns
 
     def _add_connection(self) -> bool:
         """Open one more connection (its handshake runs while the others carry data) and
@@ -762,8 +843,8 @@ class Sender:
                 continue
             try:
                 refs = resend or plan_chunks(
-                    self.layout, handle.codec, handle.plan.tensors[layer], self._chunk_bytes, self.max_payload,
-                    self._exact_tokens,
+                    self.layout, handle.codec, list(handle.tensors[layer].values()), self._chunk_bytes,
+                    self.max_payload, self._exact_tokens, self._kv_heads,
                 )  # fmt: skip
                 if event is not None and self._side_stream is not None:
                     self._side_stream.wait_event(event)
@@ -840,7 +921,7 @@ class Sender:
             c.wake.notify()
 
     def _encode(self, handle: SendHandle, ref: ChunkRef, resend: bool = False) -> _OutChunk:
-        spec = chunk_spec(self.layout, handle.plan.tensors[ref.layer][ref.tensor], ref.count)
+        spec = chunk_spec(self.layout, handle.tensors[ref.layer][ref.tensor], ref.count)
         payload = self.encoder.encode(handle, ref, spec, ref.codec(handle.codec))  # raw for exact tokens
         return _OutChunk(handle, ref, payload, spec.raw_nbytes, resend)
 
@@ -883,8 +964,9 @@ class Sender:
                 # finish() return these statistics) before send_parts returns here.
                 self._count(handle, chunk, +1)
                 ref, payload = chunk.ref, chunk.payload
+                crc = payload.checksum() if self.checksum != "none" else 0
                 header = conn.proto.data_header(handle.tag, ref.layer, ref.tensor, ref.start, ref.count,
-                                                payload.nbytes, payload.checksum(), ref.raw)  # fmt: skip
+                                                payload.nbytes, crc, ref.raw)  # fmt: skip
                 try:
                     if payload.device is not None:
                         conn.stream.send_parts(frames + [header], device_payload=payload.device)
@@ -926,6 +1008,9 @@ class Sender:
             handle = self._transfers.get(event.tag)
         if handle is None:
             return
+        if isinstance(event, Nack):
+            self._resend_nacked(conn, handle, event)
+            return
         if isinstance(event, Ack):
             handle._complete(
                 None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}")
@@ -933,11 +1018,33 @@ class Sender:
         elif isinstance(event, Cancel):
             handle._complete(Cancelled(f"transfer {handle.request_id!r} cancelled by the receiver: {event.reason}"))
 
+    def _resend_nacked(self, conn: _Conn, handle: SendHandle, nack: Nack) -> None:
+        """The receiver asks for a chunk again (its payload failed the checksum on the way):
+        encode it again from the source blocks, which the transfer keeps until it is
+        acknowledged, and send it before new chunks. A receiver that keeps asking is not
+        followed forever."""
+        t = handle.tensors[nack.layer].get(nack.tensor) if 0 <= nack.layer < len(handle.tensors) else None
+        if t is None:
+            raise ProtocolError(f"NACK for layer {nack.layer} tensor {nack.tensor}, which this transfer does not send")
+        check_rows(t, nack.start, nack.count)  # ProtocolError: closes this connection
+        ref = ChunkRef(nack.layer, nack.tensor, t.name, nack.start, nack.count, nack.raw,
+                       None if t.whole else self._kv_heads)  # fmt: skip
+        with self._lock:
+            handle.nacked_chunks += 1
+            too_many = handle.nacked_chunks > MAX_NACKS_PER_TRANSFER
+            if not too_many:
+                self._jobs.appendleft((handle, nack.layer, None, [ref]))
+                self._jobs_cond.notify()
+        if too_many:
+            self._cancel(handle, f"the receiver asked for {handle.nacked_chunks} chunks again ({nack.reason})",
+                         ChecksumMismatch)  # fmt: skip
+
     def _connection_lost(self, conn: _Conn, exc: Exception) -> None:
         with self._lock:
             if not conn.alive or self._closed:
                 return
             conn.alive = False
+            self._lost_conns += 1  # the link follower does not replace it (sender_link.py)
             alive = [c for c in self._conns if c.alive]
             lost = {tag: refs for tag, refs in conn.inflight.items() if tag in self._transfers}
             conn.inflight.clear()

@@ -86,6 +86,7 @@ class LinkFollower:
         self._stop = False
         self._kick = threading.Event()  # a transfer started: sample at the busy pace from now
         self._growing = False
+        self._lost_seen = 0  # connections lost to errors, as last seen
         self._thread = threading.Thread(target=self._run, name="kvwire-link", daemon=True)
 
     def start(self) -> None:
@@ -137,9 +138,13 @@ class LinkFollower:
     # -- connections that follow the link -------------------------------------------------------
     def _follow(self) -> None:
         state = self.state()
+        have, lost = self._sender._connection_count()
         with self._lock:
+            if lost > self._lost_seen:  # a lost connection is not replaced: failures stay visible
+                self._lost_seen = lost
+                self.policy.count = max(1, min(self.policy.count, have))
+                self.policy._hold(state.busy_s, f"a connection was lost: {have} left")
             want = self.policy.step(state, state.busy_s)
-        have = self._sender._connection_count()
         if want > have and not self._growing:
             self._growing = True
             threading.Thread(target=self._grow, args=(want - have,), name="kvwire-grow", daemon=True).start()
@@ -154,8 +159,9 @@ class LinkFollower:
                     break
         except Exception as exc:  # a peer that refuses more connections: keep those we have
             log.warning("could not open another connection: %s", exc)
+            have = self._sender._connection_count()[0]
             with self._lock:
-                self.policy.count = self._sender._connection_count()
+                self.policy.count = have
                 self.policy._hold(self.model.state(time.monotonic()).busy_s, f"opening a connection failed: {exc}")
         finally:
             self._growing = False

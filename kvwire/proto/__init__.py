@@ -14,6 +14,7 @@ from kvwire.proto.connection import (
     Credit,
     Data,
     Hello,
+    Nack,
     ServerConnection,
     State,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Header",
     "Hello",
     "NEED_DATA",
+    "Nack",
     "ServerConnection",
     "State",
     "crc32c",

@@ -51,6 +51,9 @@ from dataclasses import field as dataclass_field
 
 from kvwire.errors import AuthenticationFailed, LayoutMismatch, ProtocolError
 from kvwire.proto.frames import (
+    BEGIN_ALL_HEADS,
+    BEGIN_WHOLE,
+    CHECKSUMS,
     DATA_RAW,
     PROTOCOL_VERSION,
     AckStatus,
@@ -58,6 +61,7 @@ from kvwire.proto.frames import (
     Header,
     check_payload,
     control_frame,
+    crc32c,
     field,
     json_frame,
     parse_json,
@@ -65,7 +69,7 @@ from kvwire.proto.frames import (
 )
 
 NONCE_BYTES = 32
-MAX_CODECS = 8  # codecs one session may offer (a BEGIN names one by its index in the flags byte)
+MAX_CODECS = 8  # codecs one session may offer (a BEGIN names one by its index in the tensor byte)
 
 
 class Role(enum.Enum):
@@ -89,7 +93,9 @@ ALLOWED: dict[tuple[Role, State], frozenset[FrameType]] = {
     (Role.SERVER, State.OPEN): frozenset({FrameType.BEGIN, FrameType.DATA, FrameType.CANCEL}),
     (Role.CLIENT, State.AWAIT_CHALLENGE): frozenset({FrameType.CHALLENGE, FrameType.REJECT}),
     (Role.CLIENT, State.AWAIT_ACCEPT): frozenset({FrameType.ACCEPT, FrameType.REJECT}),
-    (Role.CLIENT, State.OPEN): frozenset({FrameType.ACK, FrameType.CANCEL, FrameType.CREDIT, FrameType.REJECT}),
+    (Role.CLIENT, State.OPEN): frozenset(
+        {FrameType.ACK, FrameType.CANCEL, FrameType.CREDIT, FrameType.NACK, FrameType.REJECT}
+    ),
 }
 
 
@@ -104,6 +110,9 @@ class Hello:
     codec: str
     device_payloads: bool = False  # the sender asks to send payloads from device memory
     terms: dict = dataclass_field(default_factory=dict)  # the application's own terms (Sender(terms=...))
+    checksum: str = "crc32c"  # how DATA payloads are checked (absent in HELLO: crc32c)
+    tp: tuple = (0, 1, 0)  # the sender's tensor-parallel (rank, size, model KV heads); size 1: the whole model
+    block_size: int = 0  # the sender's block size (its chunks are cut on it)
     codecs: tuple[str, ...] = ()  # codecs a BEGIN may name, codecs[0] == codec; () means (codec,)
 
     @property
@@ -119,6 +128,8 @@ class Accepted:
     window: int
     max_payload: int
     device_payloads: bool = False  # DATA payloads travel as device memory on this connection
+    tp: tuple = (0, 1, 0)  # the receiver's tensor-parallel (rank, size, model KV heads)
+    block_size: int = 0  # the receiver's block size
 
 
 @dataclass(frozen=True)
@@ -130,9 +141,16 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class Begin:
+    """A request's BEGIN, and what this sender's chunks of it carry: ``heads`` k/v heads
+    from ``first_head`` of the receiver's shard (None: every head it holds), and
+    (``whole``) the tensors held whole on every rank."""
+
     tag: int
     request_id: str
     num_tokens: int
+    heads: int | None = None
+    first_head: int = 0
+    whole: bool = True
     codec: int = 0  # index into the session's codecs (Hello.session_codecs)
 
 
@@ -160,11 +178,34 @@ class Credit:
     nbytes: int
 
 
-Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit
+@dataclass(frozen=True)
+class Nack:
+    """Client side: the receiver asks for a chunk again (its payload failed the checksum)."""
+
+    tag: int
+    layer: int
+    tensor: int
+    start: int
+    count: int
+    raw: bool
+    reason: str
+
+
+Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit | Nack
 
 
 def _proof(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"\0" + b"".join(parts), hashlib.sha256).digest()
+
+
+def _tp_field(obj: dict, frame: str) -> tuple:
+    """A peer's tensor parallelism: ``[rank, size, model KV heads]``."""
+    value = obj.get("tp")
+    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise ProtocolError(f"{frame}: field 'tp' missing or not [rank, size, kv_heads]")
+    if not (value[1] >= 1 and value[0] < value[1]):
+        raise ProtocolError(f"{frame}: tensor-parallel rank {value[0]} of {value[1]}")
+    return tuple(value)
 
 
 def _hex_field(obj: dict, name: str, frame: str, nbytes: int) -> bytes:
@@ -237,9 +278,15 @@ class ClientConnection(Connection):
         codec: str,
         device_payloads: bool = False,
         terms: Mapping[str, object] | None = None,
+        checksum: str = "crc32c",
+        tp: tuple = (0, 1, 0),
+        block_size: int = 0,
         codecs: Sequence[str] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
+        self.checksum = checksum
         self.codecs = tuple(codecs) if codecs else (codec,)
         if self.codecs[0] != codec or not 1 <= len(self.codecs) <= MAX_CODECS:
             raise ValueError(f"codecs: 1..{MAX_CODECS} codecs starting with {codec!r}, got {list(self.codecs)}")
@@ -255,6 +302,9 @@ class ClientConnection(Connection):
             "fingerprint": fingerprint,
             "layout": layout,
             "codec": codec,
+            "checksum": checksum,
+            "tp": list(tp),
+            "block_size": block_size,
         }
         if device_payloads:
             hello["device_payloads"] = True
@@ -272,7 +322,7 @@ class ClientConnection(Connection):
             self._fail()
             if code == "auth":
                 raise AuthenticationFailed(f"receiver rejected us: {reason}")
-            if code in ("layout", "codec", "terms"):
+            if code in ("layout", "codec", "terms", "checksum"):
                 raise LayoutMismatch(f"receiver rejected us: {reason}")
             raise ProtocolError(f"receiver rejected us ({code}): {reason}")
         if t == FrameType.CHALLENGE:
@@ -300,7 +350,9 @@ class ClientConnection(Connection):
                 )
             self.max_payload = max_payload
             self.state = State.OPEN
-            return [Accepted(window, max_payload, obj.get("device_payloads") is True)]
+            tp = _tp_field(obj, "ACCEPT")
+            return [Accepted(window, max_payload, obj.get("device_payloads") is True, tp,
+                             field(obj, "block_size", int, "ACCEPT"))]  # fmt: skip
         if t == FrameType.ACK:
             ok = header.flags == AckStatus.OK
             return [Ack(header.tag, ok, parse_text(header, payload))]
@@ -309,14 +361,31 @@ class ClientConnection(Connection):
         if t == FrameType.CREDIT:
             check_payload(header, payload)
             return [Credit(header.start)]
+        if t == FrameType.NACK:
+            reason = parse_text(header, payload)
+            raw = bool(header.flags & DATA_RAW)
+            return [Nack(header.tag, header.layer, header.tensor, header.start, header.count, raw, reason)]
         raise AssertionError(t)  # unreachable: on_header checked the table
 
     # -- what the sender says once open ----------------------------------------------
-    def begin(self, tag: int, request_id: str, num_tokens: int, codec: int = 0) -> bytes:
-        """A BEGIN: ``codec`` is the transfer's codec, as its index in ``codecs``."""
+    def begin(
+        self,
+        tag: int,
+        request_id: str,
+        num_tokens: int,
+        heads: int | None = None,
+        first_head: int = 0,
+        whole: bool = True,
+        codec: int = 0,
+    ) -> bytes:
+        """A request's BEGIN: ``heads`` k/v heads from ``first_head`` of the receiver's
+        shard (None: all it holds), ``whole``: the tensors held whole (MLA, states), and
+        ``codec``: the transfer's codec, as its index in ``codecs`` (the ``tensor`` byte)."""
         if not 0 <= codec < len(self.codecs):
             raise ValueError(f"codec: index {codec} outside this session's {len(self.codecs)} codecs")
-        return control_frame(FrameType.BEGIN, request_id.encode(), tag=tag, count=num_tokens, flags=codec)
+        flags = (BEGIN_WHOLE if whole else 0) | (BEGIN_ALL_HEADS if heads is None else 0)
+        return control_frame(FrameType.BEGIN, request_id.encode(), tag=tag, count=num_tokens, flags=flags,
+                             layer=heads or 0, start=first_head if heads else 0, tensor=codec)  # fmt: skip
 
     def cancel(self, tag: int, reason: str) -> bytes:
         return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
@@ -325,7 +394,8 @@ class ClientConnection(Connection):
         self, tag: int, layer: int, tensor: int, start: int, count: int, length: int, payload_crc: int, raw: bool
     ) -> bytes:
         """The header of a DATA frame whose ``length`` payload bytes follow it (the caller
-        sends the payload from where it lies: a cache, a staging slot, GPU memory)."""
+        sends the payload from where it lies: a cache, a staging slot, GPU memory).
+        ``payload_crc`` is the payload's CRC32C, or 0 in a session without checksums."""
         if self.state != State.OPEN:
             raise ProtocolError(f"DATA before the handshake is done (state {self.state.value})")
         if not 0 < length <= self.max_payload:
@@ -369,8 +439,18 @@ class ServerConnection(Connection):
         max_payload: int,
         device_payloads: Callable[[str], bool] | None = None,
         check_terms: Callable[[dict], str | None] | None = None,
+        checksum: str = "crc32c",
+        tp: tuple = (0, 1, 0),
+        block_size: int = 0,
+        check_shard: Callable[[Hello], str | None] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_HELLO, max_payload=max_payload)
+        self._tp = list(tp)
+        self._block_size = block_size
+        self._check_shard = check_shard
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
+        self.checksum = checksum
         self._check_terms = check_terms
         self._secret = secret
         self._fingerprint = fingerprint
@@ -410,6 +490,9 @@ class ServerConnection(Connection):
                 codec=field(obj, "codec", str, "HELLO"),
                 device_payloads=obj.get("device_payloads") is True,
                 terms=obj.get("terms", {}),
+                checksum=obj.get("checksum", "crc32c"),
+                tp=_tp_field(obj, "HELLO"),
+                block_size=field(obj, "block_size", int, "HELLO"),
                 codecs=_codec_list(obj),
             )
             if not isinstance(self.hello.terms, dict):
@@ -442,7 +525,18 @@ class ServerConnection(Connection):
                 why = self._check_codec(codec)
                 if why is not None:
                     self._reject("codec", f"codec {codec!r} refused by the receiver: {why}", LayoutMismatch)
-            terms: dict[str, object] = {"window": self._window, "max_payload": self.max_payload}
+            why = self._check_shard(hello) if self._check_shard is not None else None
+            if why is not None:
+                self._reject("layout", why, LayoutMismatch)
+            if hello.checksum != self.checksum:
+                self._reject(
+                    "checksum",
+                    f"payload checksum mismatch: sender uses {hello.checksum!r}, receiver {self.checksum!r} "
+                    f"(both sides must set the same checksum=; with TLS both default to 'none')",
+                    LayoutMismatch,
+                )
+            terms: dict[str, object] = {"window": self._window, "max_payload": self.max_payload, "tp": self._tp,
+                                        "block_size": self._block_size}  # fmt: skip
             if hello.codecs:
                 terms["codecs"] = len(hello.codecs)
             if hello.device_payloads and all(self._device_payloads(c) for c in hello.session_codecs):
@@ -455,14 +549,17 @@ class ServerConnection(Connection):
             if not request_id:
                 raise ProtocolError("BEGIN: empty request id")
             assert self.hello is not None  # OPEN comes after HELLO
-            if header.flags >= len(self.hello.session_codecs):
+            if header.tensor >= len(self.hello.session_codecs):
                 raise ProtocolError(
-                    f"BEGIN names codec {header.flags}; this session has {len(self.hello.session_codecs)}"
+                    f"BEGIN names codec {header.tensor}; this session has {len(self.hello.session_codecs)}"
                 )
-            return [Begin(header.tag, request_id, header.count, header.flags)]
+            if header.flags & BEGIN_ALL_HEADS:
+                return [Begin(header.tag, request_id, header.count, None, 0, bool(header.flags & BEGIN_WHOLE),
+                              header.tensor)]  # fmt: skip
+            return [Begin(header.tag, request_id, header.count, header.layer, header.start,
+                          bool(header.flags & BEGIN_WHOLE), header.tensor)]  # fmt: skip
         if t == FrameType.DATA:
-            check_payload(header, payload)
-            return [Data(header, payload)]
+            return [Data(header, payload)]  # its checksum: verify_data, before it is declared ready
         if t == FrameType.CANCEL:
             return [Cancel(header.tag, parse_text(header, payload))]
         raise AssertionError(t)
@@ -474,15 +571,32 @@ class ServerConnection(Connection):
         self._outbox.append(json_frame(FrameType.REJECT, {"code": code, "reason": reason}))
         self._fail()
 
-    def on_device_payload(self, header: Header, crc: int) -> None:
-        """A DATA payload received into device memory: ``crc`` is its CRC32C, computed
-        where it lies. Raises :class:`ProtocolError` unless it matches the header."""
+    def verify_data(self, header: Header, parts) -> bool:
+        """Whether a DATA payload, received as ``parts`` (buffers in order, wherever they
+        lie in host memory), matches its header's checksum. Always True in a session
+        without checksums. A mismatch is not a protocol error: the payload is asked for
+        again (:meth:`nack`)."""
+        if self.checksum == "none":
+            return True
+        crc = 0
+        for part in parts:
+            crc = crc32c(part, crc)
+        return crc == header.payload_crc
+
+    def verify_device_data(self, header: Header, crc: int | None) -> bool:
+        """The same for a payload received into device memory, whose CRC32C (``crc``) was
+        computed where it lies."""
         if not self.device_payloads or header.type != FrameType.DATA or self.state != State.OPEN:
             self._fail()
             raise ProtocolError("a device payload outside a device-payload DATA frame")
-        if crc != header.payload_crc:
-            self._fail()
-            raise ProtocolError(f"DATA payload checksum mismatch (tag {header.tag}, layer {header.layer})")
+        return self.checksum == "none" or crc == header.payload_crc
+
+    def nack(self, header: Header, reason: str) -> bytes:
+        """Ask for the chunk of DATA frame ``header`` again."""
+        return control_frame(
+            FrameType.NACK, reason.encode()[:4096], tag=header.tag, layer=header.layer, tensor=header.tensor,
+            start=header.start, count=header.count, flags=header.flags & DATA_RAW,
+        )  # fmt: skip
 
     # -- what the receiver says once open --------------------------------------------
     def ack(self, tag: int, ok: bool, message: str = "") -> bytes:

@@ -5,19 +5,23 @@ Header (little-endian)::
     offset size field
     0      2    magic        0x4B57 ("KW")
     2      1    type         FrameType
-    3      1    flags        type-specific (ACK: status; DATA: DATA_RAW; BEGIN: codec index)
+    3      1    flags        type-specific (ACK: status; DATA: DATA_RAW; BEGIN: BEGIN_*)
     4      4    tag          the request's number within this session (0: none)
-    8      2    layer
-    10     1    tensor       index into the layer's tensor names (k, v | kv, then state)
+    8      2    layer        (BEGIN: k/v heads this sender's chunks carry)
+    10     1    tensor       index into the layer's tensor names (k, v | kv, then state);
+                         BEGIN: the transfer's codec, its index in HELLO's codecs
     11     1    reserved     0
-    12     4    start        DATA: first row (token) of the chunk; CREDIT: bytes granted
+    12     4    start        DATA: first row (token) of the chunk; CREDIT: bytes granted;
+                         BEGIN: the first of those heads in the receiver's shard
     16     4    count        DATA: rows in the chunk; BEGIN: num_tokens
     20     4    length       payload bytes that follow
     24     4    payload_crc  CRC32C of the payload
     28     4    header_crc   CRC32C of bytes 0..27
 
 The header checksum means a corrupted header can never point a payload at the wrong
-place; the payload checksum is checked before any payload byte is used. Control
+place. The payload checksum (when the session uses one: ``checksum`` at the handshake)
+is checked before the payload is declared ready; a payload may be received straight into
+its destination rows first, and one that fails is asked for again (NACK). Control
 payloads (everything but DATA) are small and are UTF-8 JSON or UTF-8 text.
 """
 
@@ -42,7 +46,7 @@ HEADER = struct.Struct("<HBBIHBBIIIII")
 HEADER_SIZE = HEADER.size  # 32
 _HEADER_BODY = struct.Struct("<HBBIHBBIIII")
 MAX_CONTROL_PAYLOAD = 64 * 1024  # handshakes and acks are tiny; a bigger one is an attack or a bug
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: shards and block sizes may differ; the model fingerprint; NACK
 
 
 class FrameType(enum.IntEnum):
@@ -51,19 +55,26 @@ class FrameType(enum.IntEnum):
     AUTH = 3  # client -> server: the client's proof
     ACCEPT = 4  # server -> client: session terms (window, max payload)
     REJECT = 5  # either way, then close: why
-    BEGIN = 6  # client -> server: tag <-> request id, num_tokens, codec (flags: index in HELLO's codecs)
+    BEGIN = 6  # client -> server: tag <-> request id, num_tokens, its part, codec (tensor: index in HELLO's codecs)
     DATA = 7  # client -> server: one encoded chunk
     ACK = 8  # server -> client: request complete (flags 0) or failed (flags = AckStatus)
     CANCEL = 9  # either way: a request is cancelled
     CREDIT = 10  # server -> client: ``start`` more payload bytes may be sent on this connection
+    NACK = 11  # server -> client: a DATA payload failed its checksum; send that chunk again
 
 
 DATA_RAW = 0x01  # DATA flag: the payload is raw, whatever the session's codec (exact tokens)
+# BEGIN flags: what this sender's chunks of the request carry (docs/protocol.md)
+BEGIN_WHOLE = 0x01  # the tensors held whole on every rank (MLA latent, states)
+BEGIN_ALL_HEADS = 0x02  # every k/v head the receiver holds (else ``layer`` heads from ``start``)
 
 
 class AckStatus(enum.IntEnum):
     OK = 0
     FAILED = 1  # the receiver could not complete the request; the payload says why
+
+
+CHECKSUMS = ("crc32c", "none")  # what a session may agree to check DATA payloads with
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -117,8 +128,10 @@ def parse_header(data) -> Header:
         raise ProtocolError(f"unknown frame type {ftype}") from None
     if reserved:
         raise ProtocolError("reserved header byte is not zero")
-    if ftype == FrameType.DATA and flags & ~DATA_RAW:
-        raise ProtocolError(f"unknown DATA flags 0x{flags:02x}")
+    if ftype in (FrameType.DATA, FrameType.NACK) and flags & ~DATA_RAW:
+        raise ProtocolError(f"unknown {ftype.name} flags 0x{flags:02x}")
+    if ftype == FrameType.BEGIN and flags & ~(BEGIN_WHOLE | BEGIN_ALL_HEADS):
+        raise ProtocolError(f"unknown BEGIN flags 0x{flags:02x}")
     if ftype != FrameType.DATA and length > MAX_CONTROL_PAYLOAD:
         raise ProtocolError(f"{ftype.name} payload of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}")
     return Header(ftype, tag, layer, tensor, start, count, length, payload_crc, flags)

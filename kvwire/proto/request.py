@@ -1,11 +1,15 @@
-"""Per-request receive state: which chunks a request must contain, which have arrived.
+"""Per-request state: which chunks a request must contain, which have arrived.
 
 A request of ``num_tokens`` tokens must deliver, for every layer, every paged tensor's
-rows ``0 .. num_tokens-1`` and every state's rows (the codec view of the state). Chunks
-of paged tensors start on a block boundary; state chunks may start on any row. The plan
-rejects a chunk that is out of range, misaligned or overlapping what already arrived;
-an exact repeat of an earlier chunk (a resend after a lost connection) is reported as
-a duplicate, so the caller can drop it without writing anything.
+rows ``0 .. num_tokens-1`` and every state's rows (the codec view of the state), for
+every head the receiver holds. Its senders each deliver a *part* (some ``k``/``v``
+heads, and/or the tensors held whole on every rank), announced in their BEGIN; the
+parts of one request must not overlap. Chunks of paged tensors start on a multiple of
+the plan's ``unit`` (a block of the sender; the greatest common divisor of both sides'
+block sizes), state chunks on any row. The plan rejects a chunk that is out of range,
+misaligned or overlapping what already arrived; an exact repeat of an earlier chunk (a
+resend after a lost connection) is reported as a duplicate, so the caller can drop it
+without writing anything.
 """
 
 from __future__ import annotations
@@ -19,75 +23,158 @@ from kvwire.layout import STATE_NAME, KVLayout
 @dataclass(frozen=True)
 class TensorPlan:
     layer: int
-    index: int
+    index: int  # the tensor's index in the layer (k, v | kv, then state), on both sides
     name: str
     rows: int  # rows the request must deliver for this tensor
-    heads: int
+    heads: int  # heads a chunk of it carries
     head_dim: int
     unit: int  # rows per coverage unit: block_size for paged tensors, 1 for states
 
+    @property
+    def whole(self) -> bool:
+        """Held whole on every tensor-parallel rank (an MLA latent, a state), not split by heads."""
+        return self.name in ("kv", STATE_NAME)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """What one sender's chunks of a request carry: ``heads`` k/v heads from ``first_head``
+    of the receiver's shard (0: none), and ``whole``: the tensors held whole."""
+
+    heads: int
+    first_head: int
+    whole: bool
+
+
+def tensor_plans(layout: KVLayout, num_tokens: int, unit: int | None = None,
+                 kv_heads: int | None = None, whole: bool = True) -> list[list[TensorPlan]]:  # fmt: skip
+    """Every layer's tensors as a request of ``num_tokens`` sees them. ``kv_heads``: the
+    k/v heads a chunk carries (None: all the layout holds; 0: leave k/v out); ``whole``:
+    include the tensors held whole."""
+    unit = unit or layout.block_size
+    out = []
+    for i, layer in enumerate(layout.layers):
+        plans = []
+        for j, p in enumerate(layer.paged):
+            if p.name == "kv":
+                if whole:
+                    plans.append(TensorPlan(i, j, p.name, num_tokens, p.heads, p.head_dim, unit))
+            elif kv_heads != 0:
+                plans.append(TensorPlan(i, j, p.name, num_tokens, kv_heads or p.heads, p.head_dim, unit))
+        if layer.state is not None and whole:
+            s = layer.state
+            plans.append(TensorPlan(i, len(layer.paged), STATE_NAME, s.rows, 1, s.shape[-1], 1))
+        out.append(plans)
+    return out
+
+
+def check_rows(t: TensorPlan, start: int, count: int) -> None:
+    """A chunk's rows ``[start, start + count)`` inside ``t`` and aligned to its unit."""
+    if count <= 0 or start < 0 or start + count > t.rows:
+        raise ProtocolError(f"chunk rows {start}..{start + count} outside 0..{t.rows} of layer {t.layer} {t.name!r}")
+    if start % t.unit or ((start + count) % t.unit and start + count != t.rows):
+        raise ProtocolError(f"chunk rows {start}..{start + count} of {t.name!r} not aligned to blocks of {t.unit}")
+
 
 class RequestPlan:
-    def __init__(self, layout: KVLayout, num_tokens: int) -> None:
+    """What a request must contain and what has arrived, over all its parts.
+
+    ``unit``: rows per coverage unit of paged tensors (default: the layout's block size)."""
+
+    def __init__(self, layout: KVLayout, num_tokens: int, unit: int | None = None) -> None:
         self.layout = layout
         self.num_tokens = num_tokens
-        self.tensors: list[list[TensorPlan]] = []
-        self._covered: dict[tuple[int, int], bytearray] = {}
-        self._chunks: dict[tuple[int, int], dict[int, int]] = {}
-        self._missing_units = [0] * layout.num_layers
-        for i, layer in enumerate(layout.layers):
-            plans = []
-            for j, p in enumerate(layer.paged):
-                plans.append(TensorPlan(i, j, p.name, num_tokens, p.heads, p.head_dim, layout.block_size))
-            if layer.state is not None:
-                s = layer.state
-                plans.append(TensorPlan(i, len(plans), STATE_NAME, s.rows, 1, s.shape[-1], 1))
-            self.tensors.append(plans)
+        self.unit = unit or layout.block_size
+        self.tensors = tensor_plans(layout, num_tokens, self.unit)
+        self._by_index = [{t.index: t for t in layer} for layer in self.tensors]
+        self._parts: list[PartSpec] = []
+        # (layer, tensor, first head) -> coverage units of the part that starts there
+        self._covered: dict[tuple[int, int, int], bytearray] = {}
+        self._chunks: dict[tuple[int, int, int], dict[int, int]] = {}
+        self._missing = [0] * layout.num_layers  # head-units still to come, per layer
+        for i, plans in enumerate(self.tensors):
             for t in plans:
-                units = -(-t.rows // t.unit)
-                self._covered[(i, t.index)] = bytearray(units)
-                self._chunks[(i, t.index)] = {}
-                self._missing_units[i] += units
+                self._missing[i] += -(-t.rows // t.unit) * t.heads
 
+    # -- parts -------------------------------------------------------------------------
+    def add_part(self, part: PartSpec) -> str | None:
+        """Attach a sender's part; why it cannot be (overlap, out of range), or None."""
+        kv_heads = {t.heads for plans in self.tensors for t in plans if not t.whole}
+        held = kv_heads.pop() if kv_heads else 0
+        if part.heads and (part.first_head < 0 or part.first_head + part.heads > held):
+            return f"k/v heads {part.first_head}..{part.first_head + part.heads} outside the {held} this side holds"
+        if part.heads == 0 and not part.whole:
+            return "a part with nothing in it"
+        for other in self._parts:
+            if part.whole and other.whole:
+                return "the tensors held whole come from another sender already"
+            if part.heads and other.heads and part.first_head < other.first_head + other.heads \
+                    and other.first_head < part.first_head + part.heads:  # fmt: skip
+                return (f"k/v heads {part.first_head}..{part.first_head + part.heads} overlap heads "
+                        f"{other.first_head}..{other.first_head + other.heads} of another sender")  # fmt: skip
+        self._parts.append(part)
+        for i, plans in enumerate(self.tensors):
+            for t in plans:
+                first = 0 if t.whole else part.first_head
+                if (t.whole and part.whole) or (not t.whole and part.heads):
+                    self._covered[(i, t.index, first)] = bytearray(-(-t.rows // t.unit))
+                    self._chunks[(i, t.index, first)] = {}
+        return None
+
+    # -- chunks ------------------------------------------------------------------------
     def tensor(self, layer: int, index: int) -> TensorPlan:
         if not 0 <= layer < len(self.tensors):
             raise ProtocolError(f"layer {layer} out of range (layout has {len(self.tensors)})")
-        plans = self.tensors[layer]
-        if not 0 <= index < len(plans):
-            raise ProtocolError(f"tensor {index} out of range for layer {layer} ({len(plans)} tensors)")
-        return plans[index]
+        t = self._by_index[layer].get(index)
+        if t is None:
+            raise ProtocolError(f"tensor {index} out of range for layer {layer} ({len(self.tensors[layer])} tensors)")
+        return t
 
     def check(self, layer: int, index: int, start: int, count: int) -> TensorPlan:
         """Validate a chunk's position; return its tensor plan. Raises ProtocolError."""
         t = self.tensor(layer, index)
-        if count <= 0 or start < 0 or start + count > t.rows:
-            raise ProtocolError(f"chunk rows {start}..{start + count} outside 0..{t.rows} of layer {layer} {t.name!r}")
-        if start % t.unit or ((start + count) % t.unit and start + count != t.rows):
-            raise ProtocolError(f"chunk rows {start}..{start + count} of {t.name!r} not aligned to blocks of {t.unit}")
+        check_rows(t, start, count)
         return t
 
-    def is_duplicate(self, layer: int, index: int, start: int, count: int) -> bool:
+    def _key(self, layer: int, index: int, part: PartSpec) -> tuple[int, int, int]:
+        t = self.tensor(layer, index)
+        key = (layer, index, 0 if t.whole else part.first_head)
+        if key not in self._covered or (t.whole and not part.whole) or (not t.whole and not part.heads):
+            raise ProtocolError(f"layer {layer} {t.name!r}: not part of what this sender announced")
+        return key
+
+    def is_duplicate(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> bool:
         """True for an exact repeat of an arrived chunk; ProtocolError for a partial overlap."""
         t = self.check(layer, index, start, count)
-        if self._chunks[(layer, index)].get(start) == count:
+        key = self._key(layer, index, part)
+        if self._chunks[key].get(start) == count:
             return True
-        covered = self._covered[(layer, index)]
-        if any(covered[start // t.unit : -(-(start + count) // t.unit)]):
+        if any(self._covered[key][start // t.unit : -(-(start + count) // t.unit)]):
             raise ProtocolError(f"chunk rows {start}..{start + count} of layer {layer} {t.name!r} overlap earlier data")
         return False
 
-    def mark(self, layer: int, index: int, start: int, count: int) -> None:
+    def mark(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> None:
         """Record a chunk as placed (after :meth:`is_duplicate` said it is new)."""
         t = self.check(layer, index, start, count)
+        key = self._key(layer, index, part)
         first, last = start // t.unit, -(-(start + count) // t.unit)
-        covered = self._covered[(layer, index)]
-        covered[first:last] = b"\x01" * (last - first)
-        self._chunks[(layer, index)][start] = count
-        self._missing_units[layer] -= last - first
+        self._covered[key][first:last] = b"\x01" * (last - first)
+        self._chunks[key][start] = count
+        self._missing[layer] -= (last - first) * (1 if t.whole else part.heads)
+
+    def unmark(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> None:
+        """Forget a chunk marked before (its payload failed its checksum: it comes again)."""
+        t = self.check(layer, index, start, count)
+        key = self._key(layer, index, part)
+        if self._chunks[key].pop(start, None) != count:
+            raise AssertionError(f"unmark of rows {start}..{start + count} that were not marked")
+        first, last = start // t.unit, -(-(start + count) // t.unit)
+        self._covered[key][first:last] = bytes(last - first)
+        self._missing[layer] += (last - first) * (1 if t.whole else part.heads)
 
     def layer_complete(self, layer: int) -> bool:
-        return self._missing_units[layer] == 0
+        return self._missing[layer] == 0
 
     @property
     def complete(self) -> bool:
-        return not any(self._missing_units)
+        return not any(self._missing)

@@ -35,6 +35,10 @@ class ByteStream(Protocol):
     def recv_into_exact(self, view: memoryview) -> None:
         """Fill ``view`` completely."""
 
+    def recv_into_views(self, views: Sequence[memoryview]) -> None:
+        """Fill every view in order, as if they were one buffer (a payload received in
+        place into rows that span several runs of blocks)."""
+
     def recv_exact(self, n: int) -> bytes: ...
 
     def recv_device_into(self, tensor: Any) -> None:

@@ -284,6 +284,30 @@ class TcpStream:
         finally:
             self.bytes_received += got
 
+    def recv_into_views(self, views: Sequence[memoryview]) -> None:
+        """Fill every view in order, as if they were one buffer: one scatter read
+        (``recvmsg_into`` with MSG_WAITALL) lands a payload in its destination rows, in
+        place, however many runs of blocks they span."""
+        if self._tls:  # SSL sockets have no recvmsg_into
+            for view in views:
+                self.recv_into_exact(view)
+            return
+        pending = [v.cast("B") if v.format != "B" else v for v in views if v.nbytes]
+        try:
+            while pending:
+                n = self.sock.recvmsg_into(pending[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
+                if n == 0:
+                    raise PeerLost(f"connection to {self.peer} closed by the peer")
+                self.bytes_received += n
+                while n:
+                    if n >= len(pending[0]):
+                        n -= len(pending.pop(0))
+                    else:
+                        pending[0] = pending[0][n:]
+                        n = 0
+        except OSError as exc:
+            raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
+
     def recv_device_into(self, tensor) -> None:
         raise ValueError("tensor: TCP carries payloads into host memory only")
 

@@ -211,6 +211,11 @@ class UcxStream:
                 got += n
         self.bytes_received += got
 
+    def recv_into_views(self, views: Sequence[memoryview]) -> None:
+        """Fill every view in order, as if they were one buffer."""
+        for view in views:
+            self.recv_into_exact(view)
+
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
         self.recv_into_exact(memoryview(buf))

@@ -1,0 +1,173 @@
+"""A prefill rank's transfers to a decode instance whose tensor parallelism differs.
+
+Each prefill rank (a layout made with :meth:`KVLayout.shard`) runs one
+:class:`ShardedSender` with the addresses of *every* decode rank, in rank order. It
+connects to the decode ranks it has something for (``kvwire.sharding``: the heads they
+hold that it is the one to send, and the tensors held whole for the decode ranks it
+serves those) and sends each its part of every layer from the same source blocks. Each
+decode rank runs a plain :class:`~kvwire.Receiver` with its own shard's layout; its
+``expect`` completes once every head of its shard has arrived, from however many prefill
+ranks hold them. One transfer fails as one: a decode rank's failure cancels the rest,
+and the error names the decode rank.
+
+>>> import kvwire
+>>> model = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=4, head_dim=64)
+>>> decode = [kvwire.Receiver(model.shard(d, 2), secret="example-secret",
+...                           kv_caches=model.shard(d, 2).allocate(8)) for d in range(2)]
+>>> prefill = kvwire.ShardedSender(model, [rx.address for rx in decode], secret="example-secret",
+...                                kv_caches=model.allocate(8), streams=1)
+>>> handles = [rx.expect("r", [0, 1], 20) for rx in decode]
+>>> prefill.transfer("r", [2, 3], 20).send_all()["num_tokens"], [h.wait(10)["ok"] for h in handles]
+(20, [True, True])
+>>> prefill.close(); [rx.close() for rx in decode] and None
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from kvwire.engine.common import check_seconds, request_arguments
+from kvwire.engine.sender import Sender, SendHandle
+from kvwire.errors import TransferError
+from kvwire.layout import KVLayout
+from kvwire.sharding import decode_ranks_served
+
+
+class ShardedSender:
+    """A prefill rank's senders to the decode ranks it serves.
+
+    Args:
+        layout: this prefill rank's layout (``model.shard(rank, size)``; the whole model's
+            layout for a prefill of one rank).
+        peers: every decode rank's ``"host:port"``, in rank order (the decode's tensor-
+            parallel size is ``len(peers)``).
+        whole_from: which prefill rank sends a decode rank the tensors held whole on every
+            rank (MLA latent, states): ``whole_from(decode_rank, prefill_size)``; default
+            ``decode_rank % prefill_size``. Every prefill rank must use the same.
+        secret, kv_caches, and every other keyword: as for :class:`~kvwire.Sender`.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        peers: Sequence[str | tuple[str, int]],
+        *,
+        kv_caches: Sequence[Mapping[str, torch.Tensor]],
+        whole_from: Callable[[int, int], int] | None = None,
+        **options,
+    ) -> None:
+        if isinstance(peers, (str, bytes)) or not isinstance(peers, Sequence) or not peers:
+            raise ValueError("peers: expected the decode ranks' addresses, one per rank, in rank order")
+        self.layout = layout
+        # Possibly none: with heads replicated over more prefill ranks than there are
+        # heads, another replica may send them all. Its transfers then end at once.
+        self.served = decode_ranks_served(layout, len(peers), whole_from)
+        self.senders: dict[int, Sender] = {}
+        self.peers = {d: peers[d] for d in self.served}
+        try:
+            for d in self.served:
+                self.senders[d] = Sender(layout, peers[d], kv_caches=kv_caches, whole_from=whole_from, **options)
+        except BaseException:
+            self.close()
+            raise
+        for d, sender in self.senders.items():
+            if sender.receiver_tp is None or sender.receiver_tp.rank != d or sender.receiver_tp.size != len(peers):
+                self.close()
+                raise ValueError(f"peers[{d}]: that receiver is decode rank {sender.receiver_tp}, not {d} of "
+                                 f"{len(peers)}")  # fmt: skip
+
+    def transfer(
+        self,
+        request_id: str | int,
+        block_ids: Sequence[int] | torch.Tensor,
+        num_tokens: int,
+        *,
+        states: Mapping[int, torch.Tensor] | None = None,
+        deadline: float = 60.0,
+    ) -> ShardedTransfer:
+        """Start one transfer to every decode rank served; see :meth:`Sender.transfer`
+        (with no rank served, a transfer that is done at once)."""
+        request_id, _ = request_arguments(request_id, block_ids, num_tokens, deadline, self.layout.block_size, None)
+        handles: dict[int, SendHandle] = {}
+        try:
+            for d, sender in self.senders.items():
+                handles[d] = sender.transfer(request_id, block_ids, num_tokens, states=states, deadline=deadline)
+        except BaseException:
+            for h in handles.values():
+                h.cancel("the transfer could not start on every decode rank")
+            raise
+        return ShardedTransfer(self, request_id, num_tokens, handles)
+
+    def stats(self) -> dict:
+        return {f"decode rank {d}": sender.stats() for d, sender in self.senders.items()}
+
+    def close(self) -> None:
+        for sender in self.senders.values():
+            sender.close()
+
+    def __enter__(self) -> ShardedSender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ShardedTransfer:
+    """One request on its way to several decode ranks; the same calls as a
+    :class:`~kvwire.SendHandle`, on all of them at once."""
+
+    def __init__(self, owner: ShardedSender, request_id: str, num_tokens: int, handles: dict[int, SendHandle]) -> None:
+        self.request_id = request_id
+        self.num_tokens = num_tokens
+        self._owner = owner
+        self.handles = handles
+
+    def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
+        """Queue ``layer`` for every decode rank (each gets its part); returns at once."""
+        for h in self.handles.values():
+            h.send_layer(layer, state)
+
+    def send_all(self, timeout: float | None = None) -> dict:
+        """Send every layer, then :meth:`finish`."""
+        for i in range(self._owner.layout.num_layers):
+            self.send_layer(i)
+        return self.finish(timeout)
+
+    def done(self) -> bool:
+        """True once every decode rank's part ended. Never blocks, never cancels."""
+        return all(h.done() for h in self.handles.values())
+
+    def finish(self, timeout: float | None = None) -> dict:
+        """Wait for every decode rank's acknowledgement; the statistics summed. The first
+        failure cancels the others and is raised naming its decode rank."""
+        timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
+        end = None if timeout is None else time.monotonic() + timeout
+        results = {}
+        for d, h in self.handles.items():
+            try:
+                results[d] = h.finish(None if end is None else max(end - time.monotonic(), 0.0))
+            except TransferError as exc:
+                for other in self.handles.values():
+                    other.cancel(f"decode rank {d} of the same transfer failed")
+                raise type(exc)(f"decode rank {d} ({self._owner.peers[d]}): {exc}") from exc
+        return {
+            "request_id": self.request_id,
+            "num_tokens": self.num_tokens,
+            "decode_ranks": sorted(results),
+            **{
+                k: sum(r[k] for r in results.values())
+                for k in ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")
+            },  # fmt: skip
+            "exposed_ms": max(((r["exposed_ms"] or 0.0) for r in results.values()), default=0.0),
+            "total_ms": max(((r["total_ms"] or 0.0) for r in results.values()), default=0.0),
+        }
+
+    def cancel(self, reason: str = "cancelled by the sender") -> None:
+        for h in self.handles.values():
+            h.cancel(reason)
+
+    def stats(self) -> dict:
+        return {d: h.stats() for d, h in self.handles.items()}

@@ -1,0 +1,224 @@
+"""Prefill and decode with different tensor parallelism and block sizes, over real sockets.
+
+Every case moves one request from P prefill ranks (each a ShardedSender over its own
+shard of the model's caches) to D decode ranks (each a Receiver over its shard), and
+checks every decode rank's heads against the whole model's rows: raw bit-exact, the
+lossy codecs equal to their CPU reference (per-head scales survive the split)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import kvwire
+from kvwire.blocks import gather_tokens
+from kvwire.engine.chunks import received_rows
+from kvwire.layout import Selection
+from kvwire.sharding import decode_ranks_served, holders, part_for
+from tests.helpers import SECRET, filled
+
+GQA8 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=32, block_size=16)
+GQA2 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16)
+MLA = kvwire.KVLayout.mla(num_layers=2, latent_dim=64, block_size=16)
+NUM_BLOCKS = 16
+
+
+def shard(model: kvwire.KVLayout, rank: int, size: int) -> kvwire.KVLayout:
+    return model.shard(rank, size)
+
+
+def heads_slice(layout: kvwire.KVLayout) -> slice:
+    first, count = layout.tp.heads
+    return slice(first, first + count)
+
+
+def shard_caches(model_caches, layout: kvwire.KVLayout):
+    """A prefill rank's own caches: its heads of the whole model's (the latent whole)."""
+    return [{n: (t if n == "kv" else t[:, :, heads_slice(layout)]).contiguous() for n, t in layer.items()}
+            for layer in model_caches]  # fmt: skip
+
+
+def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=16, tokens=50, seed=3):
+    """One request from every prefill rank to every decode rank; returns what is needed to check."""
+    model_p = model.with_block_size(prefill_bs)
+    src = filled(model_p, NUM_BLOCKS, seed=seed)
+    prefill = [shard(model_p, p, prefill_size) for p in range(prefill_size)]
+    decode = [shard(model.with_block_size(decode_bs), d, decode_size) for d in range(decode_size)]
+    dst = [layout.allocate(NUM_BLOCKS * prefill_bs // decode_bs + 2) for layout in decode]
+    src_ids = list(range(NUM_BLOCKS - 1, NUM_BLOCKS - 1 - (-(-tokens // prefill_bs)), -1))
+    dst_ids = list(range(1, 1 + -(-tokens // decode_bs)))
+    receivers = [kvwire.Receiver(layout, secret=SECRET, kv_caches=caches) for layout, caches in zip(decode, dst)]
+    senders = []
+    try:
+        handles = [rx.expect("r", dst_ids, tokens, deadline=30) for rx in receivers]
+        peers = [rx.address for rx in receivers]
+        for layout in prefill:
+            senders.append(kvwire.ShardedSender(layout, peers, secret=SECRET, kv_caches=shard_caches(src, layout),
+                                                codec=codec, streams=2, chunk_bytes=4096))  # fmt: skip
+        transfers = [s.transfer("r", src_ids, tokens, deadline=30) for s in senders]
+        for t in transfers:
+            for i in range(model.num_layers):
+                t.send_layer(i)
+        stats = [t.finish(timeout=30) for t in transfers]
+        for h in handles:
+            h.wait(timeout=30)
+    finally:
+        for s in senders:
+            s.close()
+        for rx in receivers:
+            rx.close()
+    check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec, prefill_bs, decode_bs)
+    return stats
+
+
+def check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec_name, prefill_bs, decode_bs):
+    codec = kvwire.codec.get(codec_name)
+    for d, layout in enumerate(decode):
+        for i, layer in enumerate(layout.layers):
+            for p in layer.paged:
+                rows = gather_tokens(src[i][p.name], Selection(tuple(src_ids), tokens), prefill_bs)
+                want = received_rows(codec, rows, p.name, prefill_bs)  # the sender's blocks group int4 keys
+                if p.name != "kv":
+                    want = want[:, heads_slice(layout)]
+                got = gather_tokens(dst[d][i][p.name], Selection(tuple(dst_ids), tokens), decode_bs)
+                same = torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+                assert same, f"decode rank {d} layer {i} {p.name} ({codec_name})"
+
+
+# -- who sends what: the rule, without sockets ---------------------------------------------
+@pytest.mark.parametrize("kv_heads, prefill_size, decode_size",
+                         [(8, 2, 1), (8, 1, 2), (8, 4, 2), (8, 2, 4), (8, 8, 2), (2, 4, 1), (2, 1, 4), (2, 4, 2),
+                          (2, 8, 4), (4, 4, 4)])  # fmt: skip
+def test_every_decode_head_and_the_whole_tensors_come_from_exactly_one_prefill_rank(kv_heads, prefill_size,
+                                                                                    decode_size):  # fmt: skip
+    for d in range(decode_size):
+        receiver = kvwire.TensorParallel(d, decode_size, kv_heads)
+        first, count = receiver.heads
+        got = {h: [] for h in range(first, first + count)}
+        whole = []
+        for p in range(prefill_size):
+            part = part_for(kvwire.TensorParallel(p, prefill_size, kv_heads), receiver, has_kv=True, has_whole=True)
+            sender_first = kvwire.TensorParallel(p, prefill_size, kv_heads).heads[0]
+            for k in range(part.heads):
+                assert sender_first + part.sender_first + k == first + part.receiver_first + k
+                got[first + part.receiver_first + k].append(p)
+            if part.whole:
+                whole.append(p)
+        assert all(len(senders) == 1 for senders in got.values()), got
+        assert whole == [d % prefill_size]
+        for h, senders in got.items():
+            assert senders[0] in holders(h, prefill_size, kv_heads)
+
+
+def test_a_prefill_rank_connects_only_to_the_decode_ranks_it_serves():
+    assert sorted(decode_ranks_served(GQA8.shard(0, 2), 4)) == [0, 1]
+    assert sorted(decode_ranks_served(GQA8.shard(1, 2), 4)) == [2, 3]
+    assert sorted(decode_ranks_served(GQA8.shard(3, 8), 2)) == [0]  # its heads are decode rank 0's
+    assert sorted(decode_ranks_served(MLA.shard(0, 2), 4)) == [0, 2]  # the latent to d % 2 == 0
+    assert sorted(decode_ranks_served(MLA.shard(1, 2), 1)) == []  # rank 0 sends the latent
+
+
+def test_shards_of_one_model_share_its_fingerprint_and_block_size_is_not_in_it():
+    fingerprints = {GQA8.shard(r, s).model_fingerprint() for s in (1, 2, 8) for r in range(s)}
+    fingerprints.add(GQA8.with_block_size(64).model_fingerprint())
+    assert fingerprints == {GQA8.model_fingerprint()}
+    assert GQA8.shard(1, 4).layers[0].paged[0].token_shape == (2, 32)
+    assert GQA2.shard(3, 4).tp.heads == (1, 1)  # replicated: ranks 2 and 3 hold head 1
+    assert MLA.shard(1, 2).layers[0].paged[0].token_shape == (64,)  # the latent is never split
+    with pytest.raises(ValueError, match="do not split evenly"):
+        kvwire.KVLayout.gqa(2, 6, 32).shard(0, 4)
+
+
+# -- transfers over sockets ----------------------------------------------------------------
+@pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2), (4, 2), (2, 4), (8, 2)])
+def test_gqa_eight_heads_between_different_tensor_parallel_sizes(prefill_size, decode_size):
+    stats = run(GQA8, prefill_size, decode_size)
+    assert sum(s["chunks"] for s in stats) > 0
+
+
+@pytest.mark.parametrize("prefill_size, decode_size", [(4, 1), (1, 4), (4, 2)])
+def test_two_heads_replicated_over_four_ranks(prefill_size, decode_size):
+    run(GQA2, prefill_size, decode_size)
+
+
+@pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2)])
+def test_mla_latent_from_exactly_one_prefill_rank(prefill_size, decode_size):
+    stats = run(MLA, prefill_size, decode_size)
+    served = [d for s in stats for d in s["decode_ranks"]]
+    assert sorted(served) == list(range(decode_size))  # each decode rank from exactly one prefill rank
+
+
+@pytest.mark.parametrize("prefill_bs, decode_bs", [(16, 64), (64, 16)])
+@pytest.mark.parametrize("tokens", [150, 37])
+def test_different_block_sizes_with_partial_last_blocks(prefill_bs, decode_bs, tokens):
+    run(GQA8, 1, 1, prefill_bs=prefill_bs, decode_bs=decode_bs, tokens=tokens)
+    run(GQA8, 2, 4, prefill_bs=prefill_bs, decode_bs=decode_bs, tokens=tokens)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4/g32", "int4/g32/k64"])
+def test_lossy_codecs_keep_their_per_head_scales_across_the_split(codec):
+    run(GQA8, 2, 4, codec=codec)
+    run(GQA8, 4, 2, codec=codec, prefill_bs=16, decode_bs=64, tokens=130)
+
+
+def test_a_prefill_rank_that_serves_a_decode_rank_nothing_is_told_so():
+    rx = kvwire.Receiver(GQA8.shard(0, 2), secret=SECRET, kv_caches=GQA8.shard(0, 2).allocate(4))
+    try:
+        layout = GQA8.shard(1, 2)  # holds heads 4..7; decode rank 0 holds 0..3
+        with pytest.raises(ValueError, match="gets nothing from prefill rank 1 of 2"):
+            kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=layout.allocate(4))
+    finally:
+        rx.close()
+
+
+# -- one of several senders dies: the request fails as one ---------------------------------
+def prefill_rank_process(model_dict, rank, size, peers, ready):
+    """Prefill rank ``rank``: sends layer 0 of request "dies", then hangs until killed."""
+    model = kvwire.KVLayout.from_dict(model_dict)
+    layout = model.shard(rank, size)
+    caches = shard_caches(filled(model, NUM_BLOCKS, seed=9), layout)
+    with kvwire.ShardedSender(layout, peers, secret=SECRET, kv_caches=caches, streams=2) as tx:
+        t = tx.transfer("dies", [0, 1, 2], 40, deadline=60)
+        t.send_layer(0)
+        ready.set()
+        time.sleep(600)
+
+
+def test_one_prefill_rank_killed_fails_the_many_to_one_transfer_on_every_side():
+    decode = GQA8.shard(0, 1)
+    dst = decode.allocate(8)
+    rx = kvwire.Receiver(decode, secret=SECRET, kv_caches=dst)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=prefill_rank_process, args=(GQA8.to_dict(), 1, 2, [rx.address], ready))
+    try:
+        h = rx.expect("dies", [4, 5, 6], 40, deadline=60)
+        layout = GQA8.shard(0, 2)
+        with kvwire.ShardedSender(layout, [rx.address], secret=SECRET,
+                                  kv_caches=shard_caches(filled(GQA8, NUM_BLOCKS, seed=9), layout)) as tx:  # fmt: skip
+            t = tx.transfer("dies", [0, 1, 2], 40, deadline=60)
+            t.send_layer(0)  # rank 0 sends layer 0 and waits for its layer 1, as a prefill would
+            proc.start()
+            assert ready.wait(60)
+            time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.PeerLost, match=r"tensor-parallel rank 1 of 2|connections of"):
+                h.wait(timeout=20)
+            assert time.monotonic() - t0 < 5
+            # rank 0's part is cancelled by the receiver: it learns within the same bound
+            end = time.monotonic() + 5
+            while not t.done() and time.monotonic() < end:
+                time.sleep(0.01)
+            with pytest.raises(kvwire.Cancelled, match="decode rank 0"):
+                t.finish(timeout=1)
+    finally:
+        proc.kill()
+        proc.join()
+        rx.close()
+    assert all(bool((t[:4] == 0).all()) and bool((t[7:] == 0).all()) for layer in dst for t in layer.values())
