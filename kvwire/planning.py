@@ -26,7 +26,7 @@ from kvwire.codec import Codec
 from kvwire.engine.chunks import chunk_spec, plan_chunks
 from kvwire.layout import KVLayout
 from kvwire.link import LinkState
-from kvwire.proto.request import RequestPlan
+from kvwire.proto.request import tensor_plans
 
 
 @dataclass(frozen=True)
@@ -37,19 +37,30 @@ class LayerCost:
 
 
 def layer_costs(
-    layout: KVLayout, codec: Codec, num_tokens: int, *, exact_tokens: int = 0, chunk_bytes: int, max_payload: int
+    layout: KVLayout,
+    codec: Codec,
+    num_tokens: int,
+    *,
+    exact_tokens: int = 0,
+    chunk_bytes: int,
+    max_payload: int,
+    kv_heads: int | None = None,
+    whole: bool = True,
+    head_slice: tuple[int, int] | None = None,
 ) -> list[LayerCost]:
     """Each layer's wire bytes (the codec's exact size, or its bound for a variable-size
     codec) and logical bytes, for a request of ``num_tokens`` tokens cut as the sender
-    cuts it (chunks, exact tokens sent raw)."""
-    plan = RequestPlan(layout, num_tokens)
+    cuts it (chunks, exact tokens sent raw). A tensor-parallel sender sends only its part:
+    ``kv_heads`` k/v heads (None: all), ``whole``: the tensors held whole, ``head_slice``:
+    (first, count) of its heads (``Sender.part``)."""
+    plans = tensor_plans(layout, num_tokens, kv_heads=kv_heads, whole=whole)
     costs: dict[object, LayerCost] = {}  # layers of the same kind cost the same
     out = []
     for i, spec in enumerate(layout.layers):
         if spec not in costs:
             wire = logical = 0
-            tensors = plan.tensors[i]
-            refs = plan_chunks(layout, codec, tensors, chunk_bytes, max_payload, exact_tokens)
+            tensors = plans[i]
+            refs = plan_chunks(layout, codec, tensors, chunk_bytes, max_payload, exact_tokens, head_slice)
             for ref in refs:
                 cs = chunk_spec(layout, tensors[ref.tensor], ref.count)
                 wire += ref.codec(codec).encoded_size(cs)

@@ -166,6 +166,30 @@ def test_lossy_codecs_keep_their_per_head_scales_across_the_split(codec):
     run(GQA8, 4, 2, codec=codec, prefill_bs=16, decode_bs=64, tokens=130)
 
 
+def test_a_shard_senders_estimate_counts_only_the_heads_it_sends():
+    """Prefill holds 8 heads, each of two decode ranks 4: each sender's predicted wire
+    bytes are those of its 4 heads, exactly what it then sends (raw)."""
+    layout, tokens = GQA8, 40
+    decode = [shard(GQA8, d, 2) for d in range(2)]
+    receivers = [kvwire.Receiver(lay, secret=SECRET, kv_caches=lay.allocate(NUM_BLOCKS)) for lay in decode]
+    try:
+        with kvwire.ShardedSender(layout, [rx.address for rx in receivers], secret=SECRET,
+                                  kv_caches=filled(layout, NUM_BLOCKS), streams=1) as tx:  # fmt: skip
+            predicted = {d: s.estimate(tokens).wire_bytes for d, s in tx.senders.items()}
+            handles = [rx.expect("r", [0, 1, 2], tokens, deadline=30) for rx in receivers]
+            t = tx.transfer("r", [0, 1, 2], tokens, deadline=30)
+            for i in range(layout.num_layers):
+                t.send_layer(i)
+            sent = {d: h.finish(timeout=30)["wire_bytes"] for d, h in t.handles.items()}
+            for h in handles:
+                h.wait(timeout=30)
+    finally:
+        for rx in receivers:
+            rx.close()
+    whole = tokens * layout.num_layers * 2 * 8 * 32 * 2  # k and v, 8 heads of 32 bf16 values
+    assert predicted == sent == {0: whole // 2, 1: whole // 2}
+
+
 def test_a_prefill_rank_that_serves_a_decode_rank_nothing_is_told_so():
     rx = kvwire.Receiver(GQA8.shard(0, 2), secret=SECRET, kv_caches=GQA8.shard(0, 2).allocate(4))
     try:

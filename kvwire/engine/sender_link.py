@@ -192,7 +192,8 @@ class LinkFollower:
                 return found
         s = self._sender
         costs = planning.layer_costs(s.layout, codec, num_tokens, exact_tokens=s._exact_tokens,
-                                     chunk_bytes=s._chunk_bytes, max_payload=s.max_payload)  # fmt: skip
+                                     chunk_bytes=s._chunk_bytes, max_payload=s.max_payload, kv_heads=s.part.heads,
+                                     whole=s.part.whole, head_slice=s._kv_heads)  # fmt: skip
         with self._lock:
             self._costs[key] = costs
             while len(self._costs) > COST_CACHE:
