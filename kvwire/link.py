@@ -72,8 +72,10 @@ class LinkState:
       busy (fast average, about a second of busy time); raised toward the kernel's
       delivery rate when that shows more while the sender is not busy (``RECOVER``).
     * ``transfer_goodput``: wire bytes per second of whole transfers that had the link
-      to themselves (from their completions), and ``overhead``: seconds each such
-      transfer took beyond ``wire bytes / goodput + RTT`` (median of the last 16).
+      to themselves (the last 16 completions, fitted as ``seconds = overhead + bytes /
+      rate + RTT``: :func:`fit_completions`), and ``overhead``: seconds each such
+      transfer took beyond ``wire bytes / goodput + RTT`` (median of the last 16; before
+      any busy interval, the fit's fixed cost).
     * ``goodput_slow``: the same over about eight seconds: ``trend`` compares the two.
     * ``rtt`` / ``min_rtt``: seconds, TCP's smoothed RTT (mean over the connections)
       and the lowest RTT it saw lately (the kernel's windowed minimum; the path without
@@ -122,6 +124,33 @@ class LinkState:
         if self.tcp_rate.value:
             return self.tcp_rate.value, "tcp"
         return None, "none"
+
+
+def fit_completions(done: list[tuple[int, float]]) -> tuple[float | None, float | None, float]:
+    """(goodput, overhead, relative spread) from completed transfers' (wire bytes, seconds
+    beyond the RTT): ``seconds = overhead + bytes / goodput``, fitted robustly (Theil-Sen:
+    the median slope over pairs whose sizes differ by half or more, then the median
+    intercept), so that small transfers' fixed cost (slow start, the first chunk's
+    encoding) is not taken for a slow link. Fewer than three such pairs, or a slope that
+    is not positive: the median of bytes / seconds, no overhead. Spread: 1.0 without two
+    completions."""
+    if not done:
+        return None, None, 1.0
+    rates = [b / t for b, t in done if t > 0]
+    slopes = [(tj - ti) / (bj - bi) for i, (bi, ti) in enumerate(done) for bj, tj in done[i + 1 :]
+              if max(bi, bj) >= 1.5 * min(bi, bj)]  # fmt: skip
+    slope = statistics.median(slopes) if len(slopes) >= 3 else 0.0
+    if slope > 0:
+        overhead = statistics.median(t - slope * b for b, t in done)
+        goodput: float | None = 1.0 / slope
+        fitted: list[float] = [overhead + slope * b for b, _ in done]
+    else:
+        overhead, goodput = None, statistics.median(rates) if rates else None
+        fitted = [b / goodput if goodput else t for b, t in done]
+    if len(done) < 2:
+        return goodput, overhead, 0.5
+    spread = statistics.median(abs(t - f) / t for (_, t), f in zip(done, fitted) if t > 0)
+    return goodput, overhead, spread
 
 
 class _Ewma:
@@ -197,7 +226,8 @@ class LinkModel:
         self._busy_total = 0.0
         self._hints: collections.deque[tuple[float, float]] = collections.deque()  # (time, delivery rate)
         self._hinted_at = float("-inf")
-        self._transfers = _Ewma(fast_tau_s)
+        # completions: (wire bytes, seconds beyond the RTT), the last COMPLETIONS of them
+        self._completions: collections.deque[tuple[int, float]] = collections.deque(maxlen=COMPLETIONS)
         self._transfers_at: float | None = None
         self._overheads: list[float] = []
         self._overhead_at: float | None = None
@@ -292,7 +322,7 @@ class LinkModel:
             return
         rtt = self._min_rtt or self._rtt or 0.0
         if seconds > rtt:
-            self._transfers.add(wire_bytes / (seconds - rtt), seconds)
+            self._completions.append((wire_bytes, seconds - rtt))
             self._transfers_at = now
         if self._fast.mean:
             self._overheads.append(seconds - wire_bytes / self._fast.mean - rtt)
@@ -329,14 +359,17 @@ class LinkModel:
         if self._rtt is not None and self._min_rtt is not None:
             queueing = max(0.0, self._rtt - self._min_rtt)
         overhead = sorted(self._overheads)[len(self._overheads) // 2] if self._overheads else None
-        if self._fast.mean is None and self._transfers.mean:  # completions only: their own spread
-            spread = max(self._transfers.cv if self._transfers.samples >= 2 else 0.5, MIN_UNCERTAINTY)
-            uncertainty = spread * (1.0 + (age(self._transfers_at) or 0.0) / STALE_S)
+        overhead_samples, overhead_at = len(self._overheads), self._overhead_at
+        transfer_goodput, fitted_overhead, spread = fit_completions(list(self._completions))
+        if self._fast.mean is None and transfer_goodput:  # completions only: their fit and its spread
+            uncertainty = max(spread, MIN_UNCERTAINTY) * (1.0 + (age(self._transfers_at) or 0.0) / STALE_S)
+            if fitted_overhead is not None:
+                overhead, overhead_samples, overhead_at = fitted_overhead, len(self._completions), self._transfers_at
         return LinkState(
             goodput=Figure(self._fast.mean, goodput_age, self._fast.samples),
             goodput_slow=Figure(self._slow.mean, goodput_age, self._slow.samples),
-            transfer_goodput=Figure(self._transfers.mean, age(self._transfers_at), self._transfers.samples),
-            overhead=Figure(overhead, age(self._overhead_at), len(self._overheads)),
+            transfer_goodput=Figure(transfer_goodput, age(self._transfers_at), len(self._completions)),
+            overhead=Figure(overhead, age(overhead_at), overhead_samples),
             rtt=Figure(self._rtt, age(self._rtt_at), self._rtt_samples),
             min_rtt=Figure(self._min_rtt, age(self._rtt_at), self._rtt_samples),
             loss=Figure(loss, age(self._loss_at), self._loss_samples),

@@ -164,11 +164,11 @@ def estimate(
     # The path's RTT without queues: bytes queued ahead of the transfer's last byte are
     # already counted by goodput (a smoothed RTT would count a standing queue twice).
     rtt = link.min_rtt.value or link.rtt.value or 0.0
-    if overhead_s is None:  # learned from completions, only against the busy goodput it was measured with
-        overhead_s = (link.overhead.value or 0.0) if basis == "measured" else 0.0
+    if overhead_s is None:  # learned from completions, against the goodput it was measured with
+        overhead_s = (link.overhead.value or 0.0) if basis in ("measured", "transfers") else 0.0
     wire = sum(x.wire_bytes for x in layers)
     logical = sum(x.logical_bytes for x in layers)
-    uncertainty = link.uncertainty if basis == "measured" else 1.0
+    uncertainty = link.uncertainty if basis in ("measured", "transfers") else 1.0
     times: tuple[float | None, ...] = (None,) * 6
     if goodput:
         times = tuple(

@@ -2,7 +2,8 @@
 
 import pytest
 
-from kvwire.link import LinkModel
+from kvwire import planning
+from kvwire.link import LinkModel, fit_completions
 
 PERIOD = 0.05
 
@@ -141,6 +142,30 @@ def test_completed_transfers_give_a_goodput_and_an_overhead():
         model.completed(link.t, 50_000_000, 50_000_000 / 250e6 + 0.02 + 0.03)
     state = model.state(link.t)
     assert state.overhead.value == pytest.approx(0.03, abs=0.002) and state.overhead.samples == 5
+
+
+def test_short_transfers_alone_teach_a_rate_and_a_fixed_cost():
+    """Transfers too short for a busy interval (loopback): sizes from 2 to 40 MB at 2 GB/s
+    with 5 ms of start-up each, after one slow warm-up: the fit finds both, and the
+    warm-up does not hold the rate down."""
+    model = LinkModel()
+    model.observe(0.0, {"a": {"rtt_us": 50, "min_rtt_us": 50}}, backlog=False)
+    model.completed(0.5, wire_bytes=20_000_000, seconds=0.2)  # the first: connections still cold
+    for i, mb in enumerate([2, 40, 7, 25, 13, 31, 4, 18]):
+        noise = 1.0 + (0.05 if i % 2 else -0.05)
+        model.completed(1.0 + i, mb * 1_000_000, (0.005 + mb * 1e6 / 2e9) * noise + 50e-6)
+    state = model.state(9.0)
+    goodput, basis = state.best_goodput()
+    assert basis == "transfers" and goodput == pytest.approx(2e9, rel=0.1)
+    assert state.overhead.value == pytest.approx(0.005, abs=0.002)
+    assert state.uncertainty < 0.2
+    e = planning.estimate([planning.LayerCost(4_000_000, 4_000_000)], "raw", 100, state)
+    assert e.total_s == pytest.approx(0.005 + 0.002, rel=0.15)  # not 4 MB at the warm-up's 100 MB/s
+
+
+def test_completions_of_one_size_give_their_median_rate():
+    assert fit_completions([(10**6, 0.01), (10**6, 0.011), (10**6, 0.5)])[:2] == (pytest.approx(1e6 / 0.011), None)
+    assert fit_completions([]) == (None, None, 1.0)
 
 
 def test_paced_traffic_on_a_link_that_got_faster_raises_the_figure():
