@@ -45,7 +45,8 @@ BIN_S = 0.25  # busy time gathered into one goodput sample: 50 ms samples are AC
 STALE_S = 10.0  # a goodput figure this old has its uncertainty doubled (and so on, linearly)
 MIN_UNCERTAINTY = 0.05  # never claim better than +-5%: the figures are samples of a shared link
 TREND_BAND = 0.15  # |fast/slow - 1| below this is "steady"
-COMPLETIONS = 16  # completed transfers whose overhead is remembered (the median is used)
+COMPLETIONS = 16  # completed transfers remembered (their fit; the median of their overheads)
+FIT_MIN = 4  # completions before their fit is planned with
 # A sender whose transfers are paced by a prefill rarely keeps the link busy, so a link
 # that got faster would never be measured again. The kernel's delivery rate, summed over
 # the connections, is a lower bound on the link even then: when its median over the last
@@ -71,11 +72,13 @@ class LinkState:
     * ``goodput``: wire bytes per second the link delivered while the sender kept it
       busy (fast average, about a second of busy time); raised toward the kernel's
       delivery rate when that shows more while the sender is not busy (``RECOVER``).
-    * ``transfer_goodput``: wire bytes per second of whole transfers that had the link
-      to themselves (the last 16 completions, fitted as ``seconds = overhead + bytes /
-      rate + RTT``: :func:`fit_completions`), and ``overhead``: seconds each such
-      transfer took beyond ``wire bytes / goodput + RTT`` (median of the last 16; before
-      any busy interval, the fit's fixed cost).
+    * ``transfer_goodput`` and ``transfer_overhead``: whole transfers that had the link
+      to themselves (the last 16 completions), fitted as ``seconds = overhead + wire
+      bytes / rate + RTT`` (:func:`fit_completions`): the rate, and the fixed cost of a
+      transfer (slow start after an idle link, the first chunk's encoding; None when
+      their sizes are too alike to tell the two apart); ``transfer_uncertainty``: the
+      fit's relative spread. ``overhead``: seconds such a transfer took beyond ``wire
+      bytes / goodput + RTT`` against the busy ``goodput`` (median of the last 16).
     * ``goodput_slow``: the same over about eight seconds: ``trend`` compares the two.
     * ``rtt`` / ``min_rtt``: seconds, TCP's smoothed RTT (mean over the connections)
       and the lowest RTT it saw lately (the kernel's windowed minimum; the path without
@@ -97,6 +100,8 @@ class LinkState:
     goodput: Figure
     goodput_slow: Figure
     transfer_goodput: Figure
+    transfer_overhead: Figure
+    transfer_uncertainty: float
     overhead: Figure
     rtt: Figure
     min_rtt: Figure
@@ -112,6 +117,27 @@ class LinkState:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def plan_rate(self) -> tuple[float | None, float, float, str]:
+        """(goodput, fixed cost per transfer in seconds, uncertainty, basis) to predict a
+        transfer with. The fit of completed transfers (``basis`` ``transfers``) when there
+        is one from at least ``FIT_MIN`` of them: it prices the start-up that busy
+        intervals average in; scaled down by ``goodput / goodput_slow`` when the busy
+        figures say the link is getting worse, and set aside for the busy goodput when
+        that fell below half of it (the completions are from another link). Else
+        :meth:`best_goodput`, with ``overhead`` against a measured figure."""
+        fit, fixed = self.transfer_goodput.value, self.transfer_overhead.value
+        if fit and fixed is not None and self.transfer_goodput.samples >= FIT_MIN:
+            fast, slow = self.goodput.value, self.goodput_slow.value
+            if not fast or fast >= 0.5 * fit:
+                worse = min(1.0, fast / slow) if fast and slow else 1.0
+                return fit * worse, fixed, self.transfer_uncertainty, "transfers"
+        goodput, basis = self.best_goodput()
+        if basis == "measured":
+            return goodput, self.overhead.value or 0.0, self.uncertainty, basis
+        if basis == "transfers":
+            return goodput, 0.0, self.transfer_uncertainty, basis
+        return goodput, 0.0, 1.0, basis
 
     def best_goodput(self) -> tuple[float | None, str]:
         """The goodput to plan with and where it comes from: ``measured`` (busy
@@ -359,17 +385,19 @@ class LinkModel:
         if self._rtt is not None and self._min_rtt is not None:
             queueing = max(0.0, self._rtt - self._min_rtt)
         overhead = sorted(self._overheads)[len(self._overheads) // 2] if self._overheads else None
-        overhead_samples, overhead_at = len(self._overheads), self._overhead_at
         transfer_goodput, fitted_overhead, spread = fit_completions(list(self._completions))
-        if self._fast.mean is None and transfer_goodput:  # completions only: their fit and its spread
-            uncertainty = max(spread, MIN_UNCERTAINTY) * (1.0 + (age(self._transfers_at) or 0.0) / STALE_S)
-            if fitted_overhead is not None:
-                overhead, overhead_samples, overhead_at = fitted_overhead, len(self._completions), self._transfers_at
+        transfer_uncertainty = 1.0
+        if transfer_goodput:
+            transfer_uncertainty = max(spread, MIN_UNCERTAINTY) * (1.0 + (age(self._transfers_at) or 0.0) / STALE_S)
+            if self._fast.mean is None:  # completions only: the goodput's spread is theirs
+                uncertainty = transfer_uncertainty
         return LinkState(
             goodput=Figure(self._fast.mean, goodput_age, self._fast.samples),
             goodput_slow=Figure(self._slow.mean, goodput_age, self._slow.samples),
             transfer_goodput=Figure(transfer_goodput, age(self._transfers_at), len(self._completions)),
-            overhead=Figure(overhead, age(overhead_at), overhead_samples),
+            transfer_overhead=Figure(fitted_overhead, age(self._transfers_at), len(self._completions)),
+            transfer_uncertainty=transfer_uncertainty,
+            overhead=Figure(overhead, age(self._overhead_at), len(self._overheads)),
             rtt=Figure(self._rtt, age(self._rtt_at), self._rtt_samples),
             min_rtt=Figure(self._min_rtt, age(self._rtt_at), self._rtt_samples),
             loss=Figure(loss, age(self._loss_at), self._loss_samples),

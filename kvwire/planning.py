@@ -81,8 +81,10 @@ class Estimate:
     * ``exposed_s``: ``total_s`` minus when the last layer is ready (the prefill's end):
       the latency the transfer adds to the request's first token.
     * ``*_high``: the same at the slow end of the goodput's uncertainty.
-    * ``basis``: where the goodput came from: ``measured``, ``tcp`` (the kernel's
-      delivery rate only: wider uncertainty), ``none``.
+    * ``basis``: where the goodput came from (``LinkState.plan_rate``): ``transfers``
+      (a fit of completed transfers: a rate and a fixed cost per transfer), ``measured``
+      (busy intervals), ``tcp`` (the kernel's delivery rate only: uncertainty 100%),
+      ``none``.
     """
 
     num_tokens: int
@@ -160,15 +162,14 @@ def estimate(
     side (0 for raw, or on GPUs); ``queued_bytes``: wire bytes of earlier transfers
     still ahead of this one; ``overhead_s``: a fixed cost per transfer (start-up; default:
     the one ``link`` learned from completed transfers)."""
-    goodput, basis = link.best_goodput()
+    goodput, learned_overhead, uncertainty, basis = link.plan_rate()
     # The path's RTT without queues: bytes queued ahead of the transfer's last byte are
     # already counted by goodput (a smoothed RTT would count a standing queue twice).
     rtt = link.min_rtt.value or link.rtt.value or 0.0
     if overhead_s is None:  # learned from completions, against the goodput it was measured with
-        overhead_s = (link.overhead.value or 0.0) if basis in ("measured", "transfers") else 0.0
+        overhead_s = learned_overhead
     wire = sum(x.wire_bytes for x in layers)
     logical = sum(x.logical_bytes for x in layers)
-    uncertainty = link.uncertainty if basis in ("measured", "transfers") else 1.0
     times: tuple[float | None, ...] = (None,) * 6
     if goodput:
         times = tuple(

@@ -155,10 +155,10 @@ def test_short_transfers_alone_teach_a_rate_and_a_fixed_cost():
         noise = 1.0 + (0.05 if i % 2 else -0.05)
         model.completed(1.0 + i, mb * 1_000_000, (0.005 + mb * 1e6 / 2e9) * noise + 50e-6)
     state = model.state(9.0)
-    goodput, basis = state.best_goodput()
+    goodput, fixed, uncertainty, basis = state.plan_rate()
     assert basis == "transfers" and goodput == pytest.approx(2e9, rel=0.1)
-    assert state.overhead.value == pytest.approx(0.005, abs=0.002)
-    assert state.uncertainty < 0.2
+    assert fixed == state.transfer_overhead.value == pytest.approx(0.005, abs=0.002)
+    assert uncertainty == state.uncertainty < 0.2
     e = planning.estimate([planning.LayerCost(4_000_000, 4_000_000)], "raw", 100, state)
     assert e.total_s == pytest.approx(0.005 + 0.002, rel=0.15)  # not 4 MB at the warm-up's 100 MB/s
 

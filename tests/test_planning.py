@@ -20,12 +20,13 @@ LAYOUT = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=2, head_dim=64, block_si
 
 
 def link_state(goodput=None, rtt=0.04, uncertainty=0.1, limited=0.0, busy_s=0.0, min_rtt=None, tcp_rate=None,
-               overhead=None) -> LinkState:  # fmt: skip
-    def fig(v):
-        return Figure(v, 0.0 if v is not None else None, 1 if v is not None else 0)
+               overhead=None, slow=None, fit=(None, None, 0)) -> LinkState:  # fmt: skip
+    def fig(v, n=1):
+        return Figure(v, 0.0 if v is not None else None, n if v is not None else 0)
 
     return LinkState(
-        goodput=fig(goodput), goodput_slow=fig(goodput), transfer_goodput=fig(None), overhead=fig(overhead),
+        goodput=fig(goodput), goodput_slow=fig(slow or goodput), transfer_goodput=fig(fit[0], fit[2]),
+        transfer_overhead=fig(fit[1], fit[2]), transfer_uncertainty=0.08, overhead=fig(overhead),
         rtt=fig(rtt), min_rtt=fig(min_rtt if min_rtt is not None else rtt), loss=fig(0.0), tcp_rate=fig(tcp_rate),
         window_limited=limited, trend=0.0, verdict="steady", queueing_s=0.0, uncertainty=uncertainty,
         connections=4, busy_s=busy_s,
@@ -206,3 +207,19 @@ def test_layer_zero_is_whole_only_once_its_slowest_round_of_chunks_is_in():
     assert total == pytest.approx(0.4)  # meanwhile the other layers used the rest: the total is unchanged
     five = [LayerCost(10_000_000, 10_000_000, chunks=5)] * 4  # five chunks: two rounds over four connections
     assert timeline(five, goodput=100e6, rtt_s=0.0, connections=4)[0] == pytest.approx(2 * 4 * 2e6 / 100e6)
+
+
+def test_a_fit_of_completed_transfers_is_planned_with_while_it_agrees_with_the_busy_figure():
+    layers = [LayerCost(25_000_000, 25_000_000)] * 4  # 100 MB
+    # busy intervals average slow start in (50 MB/s); completions say 70 MB/s + 0.1 s each
+    both = link_state(goodput=50e6, rtt=0.02, overhead=-0.2, fit=(70e6, 0.1, 8))
+    e = estimate(layers, "raw", 1000, both)
+    assert e.basis == "transfers" and e.uncertainty == 0.08
+    assert e.total_s == pytest.approx(100e6 / 70e6 + 0.02 + 0.1)
+    worse = link_state(goodput=40e6, slow=50e6, rtt=0.02, fit=(70e6, 0.1, 8))  # the busy figure falls
+    assert estimate(layers, "raw", 1000, worse).goodput == pytest.approx(70e6 * 0.8)
+    moved = link_state(goodput=20e6, rtt=0.02, overhead=0.0, fit=(70e6, 0.1, 8))  # another link now
+    e = estimate(layers, "raw", 1000, moved)
+    assert e.basis == "measured" and e.goodput == 20e6
+    few = link_state(goodput=50e6, rtt=0.02, overhead=0.0, fit=(70e6, 0.1, 3))  # too few completions
+    assert estimate(layers, "raw", 1000, few).basis == "measured"
