@@ -118,11 +118,14 @@ def timeline(
     queued_bytes: int = 0,
     overhead_s: float = 0.0,
     connections: int = 1,
+    first_overhead: bool = True,
 ) -> tuple[float, float, float]:
     """(first layer in place, acknowledged, exposed) for one goodput: the fluid pipeline
     described in the module's docstring. ``connections``: a layer's chunks travel side by
     side, each at ``goodput / connections``, so layer 0 is whole only once its slowest
-    round of chunks is in."""
+    round of chunks is in. ``first_overhead``: the fixed cost delays layer 0 too (False:
+    it is spread over the transfer, as slow start's is: measured by ``kvwire-bench
+    calibrate``, layer 0 does not wait for it)."""
     if goodput <= 0:
         raise ValueError(f"goodput: must be positive, got {goodput}")
     left = queued_bytes / goodput  # the link is busy with what was queued before
@@ -140,7 +143,7 @@ def timeline(
     # The fixed cost (start-up) delays everything; learned from completions it may be
     # negative (the goodput was measured low), but nothing arrives before the RTT allows.
     total = max(left + rtt_s + overhead_s, rtt_s)
-    first = min((first if first is not None else total) + max(overhead_s, 0.0), total)
+    first = min((first if first is not None else total) + (max(overhead_s, 0.0) if first_overhead else 0.0), total)
     return first, total, max(total - ready, 0.0)
 
 
@@ -184,6 +187,7 @@ def estimate(
                 queued_bytes=queued_bytes,
                 overhead_s=overhead_s,
                 connections=link.connections or 1,
+                first_overhead=basis != "transfers",  # the fit's fixed cost is slow start's: spread out
             )  # fmt: skip
         )
     return Estimate(num_tokens, codec, wire, logical, layers_per_s, goodput, rtt or None, queued_bytes, basis,
