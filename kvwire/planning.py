@@ -118,14 +118,11 @@ def timeline(
     queued_bytes: int = 0,
     overhead_s: float = 0.0,
     connections: int = 1,
-    first_overhead: bool = True,
 ) -> tuple[float, float, float]:
     """(first layer in place, acknowledged, exposed) for one goodput: the fluid pipeline
     described in the module's docstring. ``connections``: a layer's chunks travel side by
     side, each at ``goodput / connections``, so layer 0 is whole only once its slowest
-    round of chunks is in. ``first_overhead``: the fixed cost delays layer 0 too (False:
-    it is spread over the transfer, as slow start's is: measured by ``kvwire-bench
-    calibrate``, layer 0 does not wait for it)."""
+    round of chunks is in."""
     if goodput <= 0:
         raise ValueError(f"goodput: must be positive, got {goodput}")
     left = queued_bytes / goodput  # the link is busy with what was queued before
@@ -143,7 +140,7 @@ def timeline(
     # The fixed cost (start-up) delays everything; learned from completions it may be
     # negative (the goodput was measured low), but nothing arrives before the RTT allows.
     total = max(left + rtt_s + overhead_s, rtt_s)
-    first = min((first if first is not None else total) + (max(overhead_s, 0.0) if first_overhead else 0.0), total)
+    first = min((first if first is not None else total) + max(overhead_s, 0.0), total)
     return first, total, max(total - ready, 0.0)
 
 
@@ -173,23 +170,23 @@ def estimate(
         overhead_s = learned_overhead
     wire = sum(x.wire_bytes for x in layers)
     logical = sum(x.logical_bytes for x in layers)
-    times: tuple[float | None, ...] = (None,) * 6
+    times: list[float | None] = [None] * 6
+
+    def course(g: float, u: float, overhead: float) -> list[float]:
+        """(first, total, exposed) at ``g`` and at its slow end."""
+        return [x for rate in (g, g / (1 + u)) for x in timeline(
+            layers, rate, rtt, layers_per_s=layers_per_s, cpu_s_per_byte=cpu_s_per_byte, queued_bytes=queued_bytes,
+            overhead_s=overhead, connections=link.connections or 1)]  # fmt: skip
+
     if goodput:
-        times = tuple(
-            x
-            for g in (goodput, goodput / (1 + uncertainty))
-            for x in timeline(
-                layers,
-                g,
-                rtt,
-                layers_per_s=layers_per_s,
-                cpu_s_per_byte=cpu_s_per_byte,
-                queued_bytes=queued_bytes,
-                overhead_s=overhead_s,
-                connections=link.connections or 1,
-                first_overhead=basis != "transfers",  # the fit's fixed cost is slow start's: spread out
-            )  # fmt: skip
-        )
+        times = list(course(goodput, uncertainty, overhead_s))
+        busy = link.goodput.value
+        if basis == "transfers" and busy:
+            # Layer 0 travels in the ramp that busy intervals average in: the busy figure
+            # predicts it better than the fit, whose fixed cost is spread over the transfer
+            # (kvwire-bench calibrate: 11-16% median error against 23-34% at 500 Mbit/s).
+            slow_start = course(busy, link.uncertainty, link.overhead.value or 0.0)
+            times[0], times[3] = slow_start[0], slow_start[3]
     return Estimate(num_tokens, codec, wire, logical, layers_per_s, goodput, rtt or None, queued_bytes, basis,
                     uncertainty, *times)  # fmt: skip
 

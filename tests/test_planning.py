@@ -216,7 +216,7 @@ def test_a_fit_of_completed_transfers_is_planned_with_while_it_agrees_with_the_b
     e = estimate(layers, "raw", 1000, both)
     assert e.basis == "transfers" and e.uncertainty == 0.08
     assert e.total_s == pytest.approx(100e6 / 70e6 + 0.02 + 0.1)
-    assert e.first_layer_s == pytest.approx(25e6 / 70e6 + 0.01)  # start-up is spread, not before layer 0
+    assert e.first_layer_s == pytest.approx(25e6 / 50e6 + 0.01)  # layer 0 at the busy figure, in the ramp
     worse = link_state(goodput=40e6, slow=50e6, rtt=0.02, fit=(70e6, 0.1, 8))  # the busy figure falls
     assert estimate(layers, "raw", 1000, worse).goodput == pytest.approx(70e6 * 0.8)
     moved = link_state(goodput=20e6, rtt=0.02, overhead=0.0, fit=(70e6, 0.1, 8))  # another link now
