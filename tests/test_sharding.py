@@ -176,11 +176,13 @@ def test_a_shard_senders_estimate_counts_only_the_heads_it_sends():
         with kvwire.ShardedSender(layout, [rx.address for rx in receivers], secret=SECRET,
                                   kv_caches=filled(layout, NUM_BLOCKS), streams=1) as tx:  # fmt: skip
             predicted = {d: s.estimate(tokens).wire_bytes for d, s in tx.senders.items()}
+            assert tx.estimate(tokens).wire_bytes == predicted[0]  # the rank predicted last; both alike here
             handles = [rx.expect("r", [0, 1, 2], tokens, deadline=30) for rx in receivers]
-            t = tx.transfer("r", [0, 1, 2], tokens, deadline=30)
+            t = tx.transfer("r", [0, 1, 2], tokens, deadline=30, max_exposed_ms=60_000, refuse_if_late=True)
             for i in range(layout.num_layers):
                 t.send_layer(i)
             sent = {d: h.finish(timeout=30)["wire_bytes"] for d, h in t.handles.items()}
+            assert all(h.plan_choice is not None for h in t.handles.values())  # each rank's link planned
             for h in handles:
                 h.wait(timeout=30)
     finally:
