@@ -174,10 +174,12 @@ def test_a_step_that_brings_nothing_is_taken_back():
     assert policy.as_dict()["connections"] == 8
 
 
-def test_no_growth_when_the_window_is_not_what_limits():
-    policy = StreamPolicy(4, 16)
-    assert _policy_run(policy, lambda n: 30e6 * n, limited=0.05) == [4]
-    assert "not window-limited" in policy.reason
+def test_flows_held_back_by_loss_grow_too_and_a_full_link_goes_back():
+    lossy = StreamPolicy(4, 16)  # not window-limited, yet each flow adds goodput (loss recovery)
+    assert _policy_run(lossy, lambda n: 15e6 * n, limited=0.05) == [4, 8, 16]
+    full = StreamPolicy(4, 16)
+    assert _policy_run(full, lambda n: 120e6, limited=0.05) == [4, 8, 4]
+    assert "back to 4" in full.reason and full.phase == "holding"
     loopback = StreamPolicy(4, 16)  # a full window at microseconds of RTT: a slow reader, not the link
     assert _policy_run(loopback, lambda n: 2e9, limited=0.6, rtt=0.00005) == [4]
     assert "in flight per connection" in loopback.reason
