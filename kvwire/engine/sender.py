@@ -220,6 +220,7 @@ class SendHandle:
             "nacked_chunks": self.nacked_chunks,
             "exposed_ms": exposed,
             "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
+            "error": None if self._error is None else str(self._error),
         }
 
     def _complete(self, error: TransferError | None) -> None:
