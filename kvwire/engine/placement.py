@@ -230,7 +230,8 @@ class _BlockWriter:
         """``data``: the rows as bytes (uint8, 1-D) in the cache's dtype, or as a tensor."""
         if self.bytes is not None:
             src = data.view(torch.uint8).reshape(-1).numpy()
-            copy_tokens_to_blocks(self.bytes, src, sel.block_ids[start // self.block_size :], count, self.block_size)
+            first, offset = divmod(start, self.block_size)  # mid-block when the sender's blocks are smaller
+            copy_tokens_to_blocks(self.bytes, src, sel.block_ids[first:], count, self.block_size, offset)
             return
         rows = data.view(self.cache.dtype).reshape(count, *self.token_shape)
         scatter_tokens(self.cache, sel, self.block_size, start, rows)
@@ -337,7 +338,11 @@ class GpuPlacement(Placement):
 
         backend = self.kernels(codec)
         side = self.side_stream
-        if backend is None:
+        # The kernels take chunks that start on one of our blocks; a chunk cut on a sender's
+        # smaller blocks may begin inside one (block sizes differ): the CPU path places it.
+        misaligned = ref.name != STATE_NAME and ref.start % self.layout.block_size != 0
+        if backend is None or misaligned:
+            data = data.cpu() if data.device.type != "cpu" else data  # a device payload, rarely
             rows = (data if codec.name == "raw" else codec.decode_bytes(data, spec)).view(spec.dtype).view(spec.shape)
             with torch.cuda.stream(side):
                 if ref.name == STATE_NAME:
