@@ -41,10 +41,13 @@ def head_range(layout: kvwire.KVLayout, name: str) -> slice:
     return slice(first, first + count)
 
 
-def shard_views(caches, layout: kvwire.KVLayout) -> list[dict]:
-    """A prefill rank's caches as views of the whole model's (its heads; no copy)."""
-    return [{name: t[:, :, head_range(layout, name)] if t.dim() == 4 else t for name, t in layer.items()}
-            for layer in caches]  # fmt: skip
+def shard_caches(caches, layout: kvwire.KVLayout) -> list[dict]:
+    """A prefill rank's own caches (its heads of the whole model's, contiguous, as a
+    tensor-parallel rank holds them)."""
+    if layout.tp is None:
+        return caches
+    return [{name: t[:, :, head_range(layout, name)].contiguous() if t.dim() == 4 else t
+             for name, t in layer.items()} for layer in caches]  # fmt: skip
 
 
 def fill(caches, states, seed: int, dtype: torch.dtype) -> None:

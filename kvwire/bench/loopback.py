@@ -210,7 +210,7 @@ def sender_main(
     src = layout.model().allocate(total_blocks)  # every rank fills the whole model alike
     states = layout.allocate_states()
     fixture.fill(src, states, seed=1, dtype=layout.dtype)
-    src = fixture.shard_views(src, layout)  # then holds its heads (views: no copy)
+    src = fixture.shard_caches(src, layout)  # then keeps its own heads
     tls = tlsutil.client_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     options = dict(
         secret=secret, kv_caches=src, streams=args.streams, codec=args.codec, chunk_bytes=args.chunk_kib << 10,
