@@ -241,6 +241,7 @@ class SendHandle:
             "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
             "codec": self.codec.descriptor,
             **({} if self.plan_choice is None else {"plan": self.plan_choice.as_dict()}),
+            "error": None if self._error is None else str(self._error),
         }
 
     def _complete(self, error: TransferError | None) -> None:

@@ -185,4 +185,38 @@ class ShardedTransfer:
             h.cancel(reason)
 
     def stats(self) -> dict:
-        return {d: h.stats() for d, h in self.handles.items()}
+        """The decode ranks' statistics together (``per_rank``: each one's), without
+        waiting or raising; times are the latest rank's, None until every rank has one."""
+        per_rank = {d: h.stats() for d, h in self.handles.items()}
+
+        def latest(key: str):
+            values = [s[key] for s in per_rank.values()]
+            return None if any(v is None for v in values) else max(values, default=0.0)
+
+        return {
+            "request_id": self.request_id,
+            "num_tokens": self.num_tokens,
+            **{
+                k: sum(s[k] for s in per_rank.values())
+                for k in ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")
+            },  # fmt: skip
+            "exposed_ms": latest("exposed_ms"),
+            "total_ms": latest("total_ms"),
+            "error": next((f"decode rank {d}: {s['error']}" for d, s in per_rank.items() if s["error"]), None),
+            "per_rank": per_rank,
+        }
+
+    # When it started, when its last layer was queued, when the last rank acknowledged.
+    @property
+    def t_created(self) -> float:
+        return min((h.t_created for h in self.handles.values()), default=0.0)
+
+    @property
+    def t_last_layer(self) -> float | None:
+        values = [h.t_last_layer for h in self.handles.values()]
+        return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
+
+    @property
+    def t_acked(self) -> float | None:
+        values = [h.t_acked for h in self.handles.values()]
+        return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
