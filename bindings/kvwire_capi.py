@@ -168,6 +168,7 @@ def layout_difference(message: str, own: dict, own_role: str = "sender") -> str:
     mine = {"num_layers": own["num_layers"], "num_kv_heads": own["num_kv_heads"], "head_dim": own["head_dim"],
             "dtype": DTYPES.get(own["dtype"], str(own["dtype"]))}  # fmt: skip
     diffs = []
+
     def shown(key: str, value: object) -> str:
         return f"{value} (MLA latent)" if key == "num_kv_heads" and value == 0 else str(value)
 

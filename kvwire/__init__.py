@@ -25,8 +25,11 @@ from kvwire.errors import (
     ProtocolError,
     TransferError,
     TransferTimeout,
+    TransferWouldMissDeadline,
 )
 from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec, TensorParallel
+from kvwire.link import LinkState
+from kvwire.planning import Estimate
 from kvwire.transport.tcp import SocketOptions
 from kvwire.tuning import tune_process
 
@@ -36,10 +39,12 @@ __all__ = [
     "AuthenticationFailed",
     "Cancelled",
     "ChecksumMismatch",
+    "Estimate",
     "KVLayout",
     "KvwireError",
     "LayerSpec",
     "LayoutMismatch",
+    "LinkState",
     "PagedTensorSpec",
     "PeerLost",
     "ProtocolError",
@@ -55,6 +60,7 @@ __all__ = [
     "TensorParallel",
     "TransferError",
     "TransferTimeout",
+    "TransferWouldMissDeadline",
     "__version__",
     "tune_process",
 ]

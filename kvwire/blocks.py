@@ -134,6 +134,61 @@ def source_rows(
     return gather_tokens(layer_caches[c.name], sel, block_size, c.start, c.start + c.count)
 
 
+def head_bytes(cache: torch.Tensor, first: int, count: int) -> np.ndarray | None:
+    """Heads ``[first, first + count)`` of a contiguous CPU cache ``[num_blocks,
+    block_size, heads, head_dim]`` as a numpy ``uint8`` view ``[num_blocks, block_size,
+    count * head_bytes]`` (strided: each token's heads are one span), or None."""
+    if cache.device.type != "cpu" or not cache.is_contiguous() or cache.dim() != 4:
+        return None
+    nb, bs, heads, _ = cache.shape
+    per_head = cache.view(torch.uint8).numpy().reshape(nb, bs, heads, -1)
+    return per_head[:, :, first : first + count].reshape(nb, bs, -1)  # a view: the last two dims merge
+
+
+def rows_to_blocks(dst: np.ndarray, src: np.ndarray, block_ids: Sequence[int], block_size: int, offset: int = 0):
+    """Write token rows ``src`` (``[count, row_bytes]``) into blocks of ``dst``
+    (``[num_blocks, block_size, row_bytes]``, possibly strided: :func:`head_bytes`),
+    the first one ``offset`` tokens into ``block_ids[0]``. One numpy copy per partial
+    block and one for all the whole blocks (C loops, not Python ones)."""
+    count = src.shape[0]
+    if offset:
+        n = min(block_size - offset, count)
+        dst[block_ids[0], offset : offset + n] = src[:n]
+        if n < count:
+            rows_to_blocks(dst, src[n:], block_ids[1:], block_size)
+        return
+    full, rest = divmod(count, block_size)
+    if full:
+        ids = block_ids[:full]
+        rows = src[: full * block_size].reshape(full, block_size, -1)
+        if _consecutive(ids):
+            dst[ids[0] : ids[0] + full] = rows
+        else:
+            dst[np.asarray(ids, dtype=np.intp)] = rows
+    if rest:
+        dst[block_ids[full], :rest] = src[full * block_size :]
+
+
+def rows_from_blocks(src: np.ndarray, block_ids: Sequence[int], block_size: int, out: np.ndarray) -> None:
+    """Read ``out.shape[0]`` token rows from the start of ``block_ids[0]`` in ``src``
+    (``[num_blocks, block_size, row_bytes]``, possibly strided) into ``out``
+    (``[count, row_bytes]``, contiguous): the gather :func:`rows_to_blocks` undoes."""
+    full, rest = divmod(out.shape[0], block_size)
+    if full:
+        ids = block_ids[:full]
+        whole = out[: full * block_size].reshape(full, block_size, -1)
+        if _consecutive(ids):
+            whole[...] = src[ids[0] : ids[0] + full]
+        else:
+            np.take(src, np.asarray(ids, dtype=np.intp), axis=0, out=whole)
+    if rest:
+        out[full * block_size :] = src[block_ids[full], :rest]
+
+
+def _consecutive(ids: Sequence[int]) -> bool:
+    return len(ids) == 1 or (ids[-1] - ids[0] == len(ids) - 1 and all(b - a == 1 for a, b in zip(ids, ids[1:])))
+
+
 def cache_bytes(cache: torch.Tensor) -> np.ndarray | None:
     """A contiguous CPU cache as a numpy ``uint8`` array ``[num_blocks, block_bytes]``
     (made once per cache: a torch view per chunk was a measurable cost), or None."""

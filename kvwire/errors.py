@@ -42,3 +42,14 @@ class ChecksumMismatch(TransferError):
 
 class Cancelled(TransferError):
     """The transfer was cancelled, by this side or by the peer."""
+
+
+class TransferWouldMissDeadline(TransferError):
+    """Refused before anything was sent (``transfer(refuse_if_late=True)``): the link
+    model predicts the transfer would miss its target or deadline with every codec it may
+    use. ``estimate`` is the best prediction (a ``kvwire.planning.Estimate``), so a
+    scheduler can prefill locally instead."""
+
+    def __init__(self, message: str, estimate=None) -> None:
+        super().__init__(message)
+        self.estimate = estimate

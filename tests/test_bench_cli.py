@@ -35,6 +35,26 @@ def test_loopback_with_exact_tokens_verifies_and_costs_bytes(tmp_path):
     assert reports["20"]["logical_bytes_per_round"] == reports["0"]["logical_bytes_per_round"]
 
 
+def test_loopback_between_different_tensor_parallelism_and_block_sizes(tmp_path):
+    # Two prefill ranks to four decode ranks whose blocks are twice as large, int4 with
+    # exact tokens: every decode rank checks its heads against the codec's reference.
+    reports = {}
+    for name, extra in {
+        "same": [],
+        "split": ["--prefill-tp", "2", "--decode-tp", "4", "--decode-block-size", "32"],
+    }.items():
+        out = tmp_path / f"{name}.json"
+        assert main(["loopback", "--tokens", "150", "--codec", "int4", "--exact-tokens", "16", "--streams", "1",
+                     "--json", str(out), "--quiet", *extra]) == 0  # fmt: skip
+        reports[name] = json.loads(out.read_text())
+    same, split = reports["same"], reports["split"]
+    assert same["verified"] is True and split["verified"] is True
+    # The same model's bytes cross once, however they are split.
+    assert split["logical_bytes_per_round"] == same["logical_bytes_per_round"]
+    assert split["tensor_parallel"] == {"prefill": 2, "decode": 4, "prefill_block_size": 16, "decode_block_size": 32}
+    assert len(split["connections"]) == 4  # each prefill rank serves two decode ranks, one connection each
+
+
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
     out = tmp_path / "r.json"
     assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "2",
@@ -59,6 +79,9 @@ def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
         (["soak", "--minutes", "0"], "--minutes"),
         (["flood", "--transfers", "0"], "--transfers"),
         (["loopback", "--ktls"], "--ktls"),
+        (["loopback", "--prefill-tp", "3"], "--prefill-tp: tp_size: 8 KV heads do not split evenly over 3 ranks"),
+        (["loopback", "--decode-tp", "2", "--baseline"], "--baseline: not with --prefill-tp"),
+        (["loopback", "--decode-block-size", "0"], "--decode-block-size"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):

@@ -106,7 +106,7 @@ def rejection(sender: kvwire.KVLayout, receiver: kvwire.KVLayout) -> str:
     [
         (kvwire.KVLayout.gqa(6, 2, 64, 16, "fp32"), "num_layers is 4 here, 6 on the receiver"),
         (kvwire.KVLayout.gqa(4, 2, 64, 16, "bf16"), "dtype is KVW_FP32 here, KVW_BF16 on the receiver"),
-        (kvwire.KVLayout.mla(4, 128, 16, "fp32"), "num_kv_heads is 2 here, 0 on the receiver"),
+        (kvwire.KVLayout.mla(4, 128, 16, "fp32"), "num_kv_heads is 2 here, 0 (MLA latent) on the receiver"),
         (kvwire.KVLayout.gqa(4, 4, 64, 16, "fp32"), "num_kv_heads is 2 here, 4 on the receiver"),
         (kvwire.KVLayout.gqa(4, 2, 32, 16, "fp32"), "head_dim is 64 here, 32 on the receiver"),
     ],

@@ -1,5 +1,8 @@
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvwire.blocks import gather_tokens, scatter_tokens
 from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
@@ -108,3 +111,29 @@ def test_gather_accepts_hnd_views():
     nhd_view = hnd.transpose(1, 2)
     tokens = gather_tokens(nhd_view, Selection((2,), 3), 4)
     assert torch.equal(tokens, hnd[2, :, :3].transpose(0, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_head_slices_move_through_numpy_views_like_torch_scatter_and_gather(data):
+    from kvwire.blocks import head_bytes, rows_from_blocks, rows_to_blocks
+
+    bs = data.draw(st.sampled_from([1, 4, 16]))
+    heads = data.draw(st.sampled_from([2, 4, 8]))
+    first = data.draw(st.integers(0, heads - 1))
+    count = data.draw(st.integers(1, heads - first))
+    ids = data.draw(st.permutations(range(10)))[:6]
+    tokens = data.draw(st.integers(1, 6 * bs))
+    start = data.draw(st.integers(0, tokens - 1))
+    cache = torch.randn(10, bs, heads, 8).to(torch.bfloat16)
+    expected = cache.clone()
+    rows = torch.randn(tokens - start, count, 8).to(torch.bfloat16)
+    sel = Selection(tuple(ids), tokens)
+    view = head_bytes(cache, first, count)
+    rows_to_blocks(view, rows.view(torch.uint8).numpy().reshape(tokens - start, -1), ids[start // bs :], bs, start % bs)
+    scatter_tokens(expected[:, :, first : first + count], sel, bs, start, rows)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # other heads and tokens untouched
+    out = np.empty((tokens, count * 16), np.uint8)
+    rows_from_blocks(view, ids, bs, out)
+    want = gather_tokens(cache[:, :, first : first + count], sel, bs).contiguous()
+    assert np.array_equal(out, want.view(torch.uint8).numpy().reshape(tokens, -1))

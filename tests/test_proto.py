@@ -22,7 +22,7 @@ from kvwire.proto import (
     crc32c,
     parse_header,
 )
-from kvwire.proto.frames import HEADER_SIZE, json_frame
+from kvwire.proto.frames import HEADER_SIZE, PROTOCOL_VERSION, json_frame
 
 SECRET = b"correct horse battery"
 
@@ -263,3 +263,80 @@ def test_unknown_data_flags_are_refused():
     with pytest.raises(ProtocolError, match="DATA flags"):
         parse_header(header)
     assert parse_header(Header(FrameType.DATA, tag=1, count=1, length=4, flags=0x01).pack()).flags == 1
+
+
+# -- a codec per transfer: HELLO's codecs, BEGIN's codec index ---------------------------------
+def client_offering(codecs, codec=None):
+    return ClientConnection(SECRET, session="ab" * 8, conn_index=0, conn_count=1, fingerprint="f" * 32, layout="L",
+                            codec=codec or codecs[0], codecs=codecs)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytewise"])
+def test_a_session_offers_several_codecs_and_each_begin_names_one(mode):
+    c, s = client_offering(["raw", "fp8", "int4/g64"]), server()
+    cr, sr, events_s = handshake(c, s, mode)
+    assert events_s[0].hello.session_codecs == ("raw", "fp8", "int4/g64")
+    assert pump(s.data_to_send(), cr, mode) == [Accepted(window=1 << 20, max_payload=1 << 16)]
+    events = pump(c.begin(3, "r", 10, codec=2) + c.begin(4, "s", 10), FrameReader(s), mode)
+    assert events == [Begin(3, "r", 10, codec=2), Begin(4, "s", 10, codec=0)]
+    with pytest.raises(ValueError, match="codec: index 3"):
+        c.begin(5, "t", 10, codec=3)
+
+
+def test_one_codec_is_the_old_handshake_and_begin_names_codec_zero():
+    c, s = client(codec="fp8"), server()
+    cr, sr, events_s = handshake(c, s)
+    assert events_s[0].hello.codecs == () and events_s[0].hello.session_codecs == ("fp8",)
+    pump(s.data_to_send(), cr, "whole")
+    begin = c.begin(1, "r", 5)
+    assert parse_header(begin[:HEADER_SIZE]).tensor == 0  # what every peer has always sent
+
+
+def test_the_receiver_checks_every_offered_codec():
+    c = client_offering(["raw", "int4"])
+    s = server(accept=lambda codec: None if codec == "raw" else "accepted codecs are ['raw']")
+    cr, sr = FrameReader(c), FrameReader(s)
+    pump(c.data_to_send(), sr, "whole")
+    pump(s.data_to_send(), cr, "whole")
+    with pytest.raises(LayoutMismatch, match="codec 'int4' refused"):
+        pump(c.data_to_send(), sr, "whole")
+    with pytest.raises(LayoutMismatch, match="codec 'int4' refused"):
+        pump(s.data_to_send(), cr, "whole")  # the REJECT reaches the sender with the reason
+
+
+def test_a_receiver_that_does_not_echo_the_codecs_is_refused_by_the_sender():
+    """An older receiver ignores HELLO's codecs and would decode every transfer with the
+    first codec: its ACCEPT lacks ``codecs``, and the sender refuses it, naming why."""
+    c, s = client_offering(["raw", "fp8"]), server()
+    cr, sr = FrameReader(c), FrameReader(s)
+    pump(c.data_to_send(), sr, "whole")
+    pump(s.data_to_send(), cr, "whole")
+    pump(c.data_to_send(), sr, "whole")
+    s.data_to_send()  # the real ACCEPT; an old receiver's has no "codecs"
+    old_accept = json_frame(FrameType.ACCEPT, {"window": 1 << 20, "max_payload": 1 << 16})
+    with pytest.raises(LayoutMismatch, match="does not take a codec per transfer"):
+        pump(old_accept, cr, "whole")
+    assert c.state == State.ERROR
+
+
+@pytest.mark.parametrize(
+    "codecs",
+    [["fp8", "raw"], ["raw"], "raw", ["raw", 5], ["raw"] + ["fp8"] * 8],
+)
+def test_a_malformed_codec_list_is_a_protocol_error(codecs):
+    hello = {"version": PROTOCOL_VERSION, "session": "s", "conn": 0, "conns": 1, "nonce": "00" * 32,
+             "fingerprint": "f" * 32, "layout": "L", "codec": "raw", "block_size": 16, "tp": [0, 1, 0],
+             "codecs": codecs}  # fmt: skip
+    with pytest.raises(ProtocolError, match="codecs must list"):
+        pump(json_frame(FrameType.HELLO, hello), FrameReader(server()), "whole")
+
+
+def test_a_begin_naming_a_codec_the_session_lacks_is_a_protocol_error():
+    c, s = client_offering(["raw", "fp8"]), server()
+    cr, sr, _ = handshake(c, s)
+    pump(s.data_to_send(), cr, "whole")
+    bad = Header(FrameType.BEGIN, tag=1, count=5, length=1, payload_crc=crc32c(b"r"), tensor=2).pack() + b"r"
+    with pytest.raises(ProtocolError, match="names codec 2; this session has 2"):
+        pump(bad, FrameReader(s), "whole")
+    with pytest.raises(ValueError, match="codecs: 1..8 codecs starting with 'fp8'"):
+        client_offering(["raw", "fp8"], codec="fp8")

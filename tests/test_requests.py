@@ -197,3 +197,16 @@ def test_ended_tags_are_remembered_boundedly():
     assert t.lookup(S, 5) is None
     with pytest.raises(ProtocolError):
         t.lookup(S, 1)  # forgotten: a frame this late is an error
+
+
+def test_a_request_keeps_the_codec_its_begin_named_and_a_repeat_may_not_change_it():
+    t = table()
+    fp8, int4 = object(), object()  # the receiver passes the codec objects of its session
+    assert t.begin(S, 1, "r", 8, now=0.0, codec=fp8) == []
+    assert t.begin(S, 1, "r", 8, now=0.0, codec=fp8) == []  # its BEGIN on another connection
+    assert t.lookup(S, 1).codec_of(S) is fp8
+    with pytest.raises(ProtocolError, match="changed its codec"):
+        t.begin(S, 1, "r", 8, now=0.0, codec=int4)
+    request, _ = t.expect("e", handle="h", num_tokens=8, deadline=10.0)
+    t.begin(S, 2, "e", 8, now=0.0, codec=int4)  # expect came first: the BEGIN still names the codec
+    assert request.codec_of(S) is int4 and request.state is State.BOUND

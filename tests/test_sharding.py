@@ -43,7 +43,7 @@ def shard_caches(model_caches, layout: kvwire.KVLayout):
             for layer in model_caches]  # fmt: skip
 
 
-def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=16, tokens=50, seed=3):
+def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=16, tokens=50, seed=3, exact=0):
     """One request from every prefill rank to every decode rank; returns what is needed to check."""
     model_p = model.with_block_size(prefill_bs)
     src = filled(model_p, NUM_BLOCKS, seed=seed)
@@ -58,8 +58,9 @@ def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=
         handles = [rx.expect("r", dst_ids, tokens, deadline=30) for rx in receivers]
         peers = [rx.address for rx in receivers]
         for layout in prefill:
-            senders.append(kvwire.ShardedSender(layout, peers, secret=SECRET, kv_caches=shard_caches(src, layout),
-                                                codec=codec, streams=2, chunk_bytes=4096))  # fmt: skip
+            caches = shard_caches(src, layout)
+            senders.append(kvwire.ShardedSender(layout, peers, secret=SECRET, kv_caches=caches, codec=codec,
+                                                streams=2, chunk_bytes=4096, exact_tokens=exact))  # fmt: skip
         transfers = [s.transfer("r", src_ids, tokens, deadline=30) for s in senders]
         for t in transfers:
             for i in range(model.num_layers):
@@ -72,17 +73,17 @@ def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=
             s.close()
         for rx in receivers:
             rx.close()
-    check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec, prefill_bs, decode_bs)
+    check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec, prefill_bs, decode_bs, exact)
     return stats
 
 
-def check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec_name, prefill_bs, decode_bs):
+def check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec_name, prefill_bs, decode_bs, exact=0):
     codec = kvwire.codec.get(codec_name)
     for d, layout in enumerate(decode):
         for i, layer in enumerate(layout.layers):
             for p in layer.paged:
                 rows = gather_tokens(src[i][p.name], Selection(tuple(src_ids), tokens), prefill_bs)
-                want = received_rows(codec, rows, p.name, prefill_bs)  # the sender's blocks group int4 keys
+                want = received_rows(codec, rows, p.name, prefill_bs, exact)  # the sender's blocks group int4 keys
                 if p.name != "kv":
                     want = want[:, heads_slice(layout)]
                 got = gather_tokens(dst[d][i][p.name], Selection(tuple(dst_ids), tokens), decode_bs)
@@ -164,6 +165,40 @@ def test_different_block_sizes_with_partial_last_blocks(prefill_bs, decode_bs, t
 def test_lossy_codecs_keep_their_per_head_scales_across_the_split(codec):
     run(GQA8, 2, 4, codec=codec)
     run(GQA8, 4, 2, codec=codec, prefill_bs=16, decode_bs=64, tokens=130)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "int4/g32"])
+def test_decoded_chunks_that_begin_inside_a_larger_decode_block(codec):
+    # The decode's blocks are 4x the prefill's and it gets all its heads from one sender:
+    # a decoded chunk (after 16 exact tokens) begins in the middle of one of its blocks.
+    run(GQA8, 1, 1, codec=codec, prefill_bs=16, decode_bs=64, tokens=130, exact=16)
+    run(GQA8, 2, 4, codec=codec, prefill_bs=16, decode_bs=64, tokens=130, exact=16)
+
+
+def test_a_shard_senders_estimate_counts_only_the_heads_it_sends():
+    """Prefill holds 8 heads, each of two decode ranks 4: each sender's predicted wire
+    bytes are those of its 4 heads, exactly what it then sends (raw)."""
+    layout, tokens = GQA8, 40
+    decode = [shard(GQA8, d, 2) for d in range(2)]
+    receivers = [kvwire.Receiver(lay, secret=SECRET, kv_caches=lay.allocate(NUM_BLOCKS)) for lay in decode]
+    try:
+        with kvwire.ShardedSender(layout, [rx.address for rx in receivers], secret=SECRET,
+                                  kv_caches=filled(layout, NUM_BLOCKS), streams=1) as tx:  # fmt: skip
+            predicted = {d: s.estimate(tokens).wire_bytes for d, s in tx.senders.items()}
+            assert tx.estimate(tokens).wire_bytes == predicted[0]  # the rank predicted last; both alike here
+            handles = [rx.expect("r", [0, 1, 2], tokens, deadline=30) for rx in receivers]
+            t = tx.transfer("r", [0, 1, 2], tokens, deadline=30, max_exposed_ms=60_000, refuse_if_late=True)
+            for i in range(layout.num_layers):
+                t.send_layer(i)
+            sent = {d: h.finish(timeout=30)["wire_bytes"] for d, h in t.handles.items()}
+            assert all(h.plan_choice is not None for h in t.handles.values())  # each rank's link planned
+            for h in handles:
+                h.wait(timeout=30)
+    finally:
+        for rx in receivers:
+            rx.close()
+    whole = tokens * layout.num_layers * 2 * 8 * 32 * 2  # k and v, 8 heads of 32 bf16 values
+    assert predicted == sent == {0: whole // 2, 1: whole // 2}
 
 
 def test_a_prefill_rank_that_serves_a_decode_rank_nothing_is_told_so():

@@ -252,12 +252,12 @@ def test_wrong_secret_fails_both_sides_within_the_deadline(pair):
 @pytest.mark.parametrize(
     "prefill_extra,prefill_kw,message",
     [
-        ({}, {"prefill_tp_size": 2}, "tensor-parallel size differs: the prefill has 2, this decode has 1"),
         ({"segment_tokens": 256}, {}, "segment_tokens differs: the prefill has 256, this decode has 1024"),
-        ({}, {"prefill_kind": "mla"}, "KV cache per rank differs"),
+        ({}, {"prefill_kind": "mla"}, r"sender has 3 layers \[kv 96\].*receiver has 3 layers \[k/v 2x32\]"),
+        ({}, {"prefill_kv_heads": 4}, r"sender has 3 layers \[k/v 4x32\].*receiver has 3 layers \[k/v 2x32\]"),
         ({"codec": "fp8"}, {}, "codec 'fp8' refused by the receiver"),
     ],
-    ids=["tp-size", "segment-size", "kv-cache", "codec"],
+    ids=["segment-size", "kv-cache", "kv-heads", "codec"],
 )
 def test_mismatches_are_refused_at_the_handshake_naming_them(pair, prefill_extra, prefill_kw, message):
     import kvwire
@@ -269,6 +269,68 @@ def test_mismatches_are_refused_at_the_handshake_naming_them(pair, prefill_extra
     # A request over that pairing fails fast on the prefill and releases its blocks.
     p.add("p-h", prompt(20, seed=9), prefill_params("h", peer_of(d)), max_tokens=1)
     ve.run([p], lambda: p.idle(), timeout=20, what="the prefill releasing its blocks")
+
+
+def free_port_run(n: int) -> int:
+    """A port P with P .. P + n - 1 free on 127.0.0.1 (a decode instance's ranks listen there)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + n > 65535:
+            continue
+        held = []
+        try:
+            for i in range(n):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2), (2, 4)], ids=["2-to-1", "1-to-2", "2-to-4"])
+def test_prefill_and_decode_of_different_tensor_parallelism(tmp_path, prefill_tp, decode_tp):
+    # Each rank is an engine of its own (see kvwire.bench.vllm_engines); the model has 4
+    # KV heads, so TP 4 ranks hold one each. Every decode rank must end up with exactly its
+    # heads of the prefill's K/V, whichever prefill ranks held them.
+    base = {"secret": ve.SECRET, "deadline_s": 30.0, "connections": 1}
+    listen = f"127.0.0.1:{free_port_run(decode_tp)}"
+    engines = []
+    try:
+
+        def rank(role: str, extra: dict, tp: int, r: int) -> ve.Engine:
+            engines.append(ve.make_engine(ve.Options(role, base | extra, kv_heads=4, tp_size=tp, tp_rank=r),
+                                          str(tmp_path)))  # fmt: skip
+            return engines[-1]
+
+        decode = [rank("kv_consumer", {"listen": listen}, decode_tp, r) for r in range(decode_tp)]
+        prefill = [rank("kv_producer", {"decode_tp": decode_tp}, prefill_tp, r) for r in range(prefill_tp)]
+        tokens = prompt(90, seed=12)
+        checked: dict = {}
+        for d in decode:
+            d.on_recving = lambda engine, req_id: checked.setdefault(engine.opts.tp_rank, assert_holds_prefill_kv(
+                engine, req_id, tokens) or True)  # fmt: skip
+            d.add("d-tp", tokens, decode_params("tp"), max_tokens=2)
+        for p in prefill:
+            p.add("p-tp", tokens, prefill_params("tp", peer_of(decode[0])), max_tokens=1)
+        ve.run(engines, lambda: all("d-tp" in d.finished for d in decode) and all(p.idle() for p in prefill),
+               what="every rank's part of the request")  # fmt: skip
+        assert checked == dict.fromkeys(range(decode_tp), True)
+        assert all(not d.load_errors for d in decode)
+        # Every prefill rank sent its part (none is idle by accident), to the ranks it serves.
+        sent = [sum(s.data.get("sent_segments", 0) for s in p.stats) for p in prefill]
+        assert sent == [1] * prefill_tp
+    finally:
+        for e in engines:
+            e.close()
 
 
 def test_prefill_killed_mid_transfer(pair, tmp_path):

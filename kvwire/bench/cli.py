@@ -9,7 +9,18 @@ import sys
 import torch
 
 import kvwire.codec
-from kvwire.bench import codec_report, fidelity, flood, loopback, loopback_report, netem, profiles, soak, twohost
+from kvwire.bench import (
+    codec_report,
+    fidelity,
+    flood,
+    loopback,
+    loopback_report,
+    netem,
+    planbench,
+    profiles,
+    soak,
+    twohost,
+)
 from kvwire.bench.report import table, write_json
 
 
@@ -80,6 +91,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
         ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s"),
         ("exposed latency", f"{report['exposed_ms']:.1f} ms"),
+        ("connections", f"{report['streams_policy']['connections']}: {report['streams_policy']['reason']}"),
     ]))  # fmt: skip
     if args.json:
         write_json(args.json, report)
@@ -220,6 +232,37 @@ def _cmd_flood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    planbench.check_calibrate(args)
+    print(f"calibrate: the link model's predictions against {args.transfers} transfers per link "
+          f"({args.profile}, codec {args.codec})", flush=True)  # fmt: skip
+    report = planbench.calibrate(args, progress=lambda line: print(line, flush=True))
+    report["machine"] = _machine()
+    print()
+    print(table(planbench.CALIBRATION_HEADERS, planbench.calibration_rows(report)))
+    print("error: |predicted - taken| / taken per transfer; bias: median of (predicted - taken) / taken")
+    print("total: transfer() to acknowledgement; exposed: last layer to acknowledgement; first layer: "
+          "transfer() to layer 0 in place at the receiver")  # fmt: skip
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    planbench.check_plan(args)
+    print(f"plan: {args.profile}, requests arriving at {args.arrivals:g}/s for {args.seconds:g} s, "
+          f"mix {args.mix}", flush=True)  # fmt: skip
+    report = planbench.plan(args, progress=lambda line: print(line, flush=True))
+    report["machine"] = _machine()
+    print()
+    print(table(planbench.PLAN_HEADERS, planbench.plan_rows(report)))
+    print(f"met TTFT: the first token's KV in place within {args.ttft_ms:g} ms of the request's arrival; "
+          f"local prefill is simulated at {args.local_share:g}x the profile's rate")  # fmt: skip
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
 def _machine() -> dict:
     return {
         "python": platform.python_version(),
@@ -266,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=8, help="iperf3 parallel streams besides 1 (default 8)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=_cmd_link_check)
+
+    p = sub.add_parser("calibrate", help="the link model's predictions against real transfers (loopback, --link)")
+    planbench.add_calibrate_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write every transfer and the summary as JSON")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("plan", help="a scheduling scenario: remote prefill only when predicted to fit (root)")
+    planbench.add_plan_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write every request's outcome as JSON")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("soak", help="requests ending every way for minutes: RSS, fds, threads, records over time")
     soak.add_arguments(p)

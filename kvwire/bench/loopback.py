@@ -10,6 +10,11 @@ checks that the destination holds exactly what the codec's CPU reference says. W
 ``--baseline``, plain sockets then move the same number of bytes over the same number
 of connections (each side: ``sendall`` / ``recv_into`` of 1 MiB, as ``iperf3 -l 1M``
 does), so the ratio between the two is measured on the same machine in the same run.
+
+With ``--prefill-tp P --decode-tp D`` (and ``--decode-block-size``), P sender processes
+each hold one tensor-parallel shard of the model and D receiver processes one each
+(``kvwire.ShardedSender``): the same model's bytes cross the loopback once, split as
+the two sides' parallelism says, and every decode rank checks its heads.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=1, help="requests in flight at once")
     p.add_argument("--rounds", type=int, default=1, help="times the requests are sent (total = rounds x requests)")
     p.add_argument("--codec", default="raw", help="raw, fp8, int4 (or e.g. int4/g64/k64), any +lz4")
-    p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="TCP connections")
+    p.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="TCP connections to start with")
+    p.add_argument("--max-streams", type=int, default=None,
+                   help="connections the sender may grow to while goodput grows (default: the library's, 16; "
+                        "equal to --streams for a fixed count)")  # fmt: skip
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
     p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
@@ -64,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ktls", action="store_true", help="with --tls: ask OpenSSL for kernel TLS (where the kernel has it)"
     )
+    p.add_argument("--prefill-tp", type=int, default=1, help="prefill tensor-parallel ranks, one process each (1)")
+    p.add_argument("--decode-tp", type=int, default=1, help="decode tensor-parallel ranks, one process each (1)")
+    p.add_argument("--decode-block-size", type=int, default=None,
+                   help="the decode's block size (default: the profile's, as the prefill)")  # fmt: skip
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -78,10 +90,26 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
     if args.streams > 64:
         raise ValueError(f"--streams: at most 64, got {args.streams}")
+    if args.max_streams is not None and not args.streams <= args.max_streams <= 64:
+        raise ValueError(f"--max-streams: must be in --streams..64 ({args.streams}..64), got {args.max_streams}")
     if args.ktls and not args.tls:
         raise ValueError("--ktls: only with --tls")
     if args.tls and args.transport != "tcp":
         raise ValueError("--tls: only with --transport tcp")
+    for name in ("prefill_tp", "decode_tp", "decode_block_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if sharded(args):
+        flags = {"--baseline": args.baseline, "--compare-single-stream": args.compare_single_stream,
+                 "--plot": getattr(args, "plot", None), "--transport ucx": args.transport != "tcp"}  # fmt: skip
+        for flag in (f for f, on in flags.items() if on):
+            raise ValueError(f"{flag}: not with --prefill-tp, --decode-tp or --decode-block-size")
+        model = profiles.get(args.profile).layout()
+        for side in ("prefill", "decode"):
+            try:
+                model.shard(0, getattr(args, f"{side}_tp"))
+            except ValueError as exc:
+                raise ValueError(f"--{side}-tp: {exc}") from None
     if args.link:
         netem.parse_link(args.link)
         if os.geteuid() != 0:
@@ -93,14 +121,22 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 # -- the receiver process ------------------------------------------------------------------
+def sharded(args: argparse.Namespace) -> bool:
+    """Do the two sides differ in tensor parallelism or block size (one process per rank)?"""
+    return (getattr(args, "prefill_tp", 1), getattr(args, "decode_tp", 1)) != (1, 1) or bool(
+        getattr(args, "decode_block_size", None)
+    )
+
+
 def receiver_main(
-    pipe, args: argparse.Namespace, secret: str, netns: str | None = None, host: str = "127.0.0.1"
+    pipe, args: argparse.Namespace, secret: str, netns: str | None = None, host: str = "127.0.0.1", rank: int = 0
 ) -> None:
     if netns:
         netem._setns(f"/run/netns/{netns}")
     tune_malloc()
     torch.set_num_threads(1)
-    layout, per, total_blocks = fixture.layout_and_blocks(args)
+    layout, per, total_blocks = fixture.layout_and_blocks(args, "decode", rank)
+    model, _, model_blocks = fixture.layout_and_blocks(argparse.Namespace(**{**vars(args), "prefill_tp": 1}))
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in layout.allocate_states().items()} for _ in range(args.requests)]
     tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
@@ -143,10 +179,10 @@ def receiver_main(
             delivered = [max(h.layer_done_at.get(i, 0.0) for h in handles) for i in range(layout.num_layers)]
             verified = None
             if error is None and not args.no_verify:
-                if reference is None:
-                    reference = layout.allocate(total_blocks), layout.allocate_states()
+                if reference is None:  # the whole model's source, as the prefill pages it
+                    reference = model.allocate(model_blocks), model.allocate_states()
                     fixture.fill(reference[0], reference[1], seed=1, dtype=layout.dtype)
-                verified = fixture.verify(layout, args, reference, dst, states, per)
+                verified = fixture.verify(layout, args, reference, dst, states, per, model.block_size)
             pipe.send(
                 {
                     "error": error,
@@ -167,26 +203,33 @@ def receiver_main(
 
 
 # -- the sender process --------------------------------------------------------------------
-def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_address, netns=None) -> None:
+def sender_main(
+    pipe, args: argparse.Namespace, secret: str, address, baseline_address, netns=None, rank: int = 0
+) -> None:
+    """``address``: the receiver's; with ``sharded(args)``, every decode rank's, in order."""
     if netns:
         netem._setns(f"/run/netns/{netns}")
     tune_malloc()
     torch.set_num_threads(1)
-    layout, per, total_blocks = fixture.layout_and_blocks(args)
-    src = layout.allocate(total_blocks)
+    layout, per, total_blocks = fixture.layout_and_blocks(args, "prefill", rank)
+    src = layout.model().allocate(total_blocks)  # every rank fills the whole model alike
     states = layout.allocate_states()
     fixture.fill(src, states, seed=1, dtype=layout.dtype)
+    src = fixture.shard_caches(src, layout)  # then keeps its own heads
     tls = tlsutil.client_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
-    tx = kvwire.Sender(
-        layout, address, secret=secret, kv_caches=src, streams=args.streams, codec=args.codec,
-        chunk_bytes=args.chunk_kib << 10, transport=args.transport, encode_threads=args.encode_threads,
-        exact_tokens=args.exact_tokens, tls=tls, checksum=getattr(args, "checksum", None),
+    options = dict(
+        secret=secret, kv_caches=src, streams=args.streams, codec=args.codec, chunk_bytes=args.chunk_kib << 10,
+        transport=args.transport, encode_threads=args.encode_threads, exact_tokens=args.exact_tokens, tls=tls,
+        checksum=getattr(args, "checksum", None), max_streams=args.max_streams,
     )  # fmt: skip
+    kind = kvwire.ShardedSender if sharded(args) else kvwire.Sender
+    tx = kind(layout, address, **options)
     gc.freeze()  # see kvwire/tuning.py
     single = None
     if args.compare_single_stream:
-        single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, codec=args.codec,
-                               chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens)  # fmt: skip
+        single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, max_streams=1,
+                               codec=args.codec, chunk_bytes=args.chunk_kib << 10,
+                               exact_tokens=args.exact_tokens)  # fmt: skip
     pipe.send("ready")
     while True:
         cmd = pipe.recv()
@@ -199,10 +242,31 @@ def sender_main(pipe, args: argparse.Namespace, secret: str, address, baseline_a
             _, nbytes, kind = cmd
             pipe.send(baselines.send(baseline_address, args.streams, nbytes, kind, fixture.memory_views(src)))
         elif cmd[0] == "stats":
-            pipe.send(tx.stats())
+            pipe.send(sender_stats(tx))
     tx.close()
     if single is not None:
         single.close()
+
+
+def sender_stats(tx) -> dict:
+    """A Sender's statistics; a ShardedSender's connections to every decode rank together."""
+    if not isinstance(tx, kvwire.ShardedSender):
+        return tx.stats()
+    return merged_stats({f"decode rank {d}": x.stats() for d, x in tx.senders.items()})
+
+
+def merged_stats(each: dict[str, dict]) -> dict:
+    """Several senders' statistics as one (keys name them): connections together, each
+    one's connection policy and link model by name."""
+    if len(each) == 1:
+        return next(iter(each.values()))
+    policies = {name: x["streams_policy"] for name, x in each.items()}
+    return {"connections": [c for x in each.values() for c in x["connections"]],
+            "staging": next(iter(each.values()))["staging"] if each else {},
+            "streams_policy": {"connections": sum(p["connections"] for p in policies.values()),
+                               "reason": "; ".join(f"{name}: {p['reason']}" for name, p in policies.items()),
+                               "each": policies},
+            "link": {name: x["link"] for name, x in each.items()}}  # fmt: skip
 
 
 class _Sampler:
@@ -220,7 +284,7 @@ class _Sampler:
     def _run(self) -> None:
         start = None
         while not self._stop.wait(self.PERIOD_S):
-            sent = [c["bytes_sent"] for c in self.tx.stats()["connections"]]
+            sent = [c["bytes_sent"] for c in sender_stats(self.tx)["connections"]]
             now = time.monotonic() - self.t0
             start = start if start is not None else (now, sum(sent))
             self.samples.append((now, sent))
@@ -297,32 +361,34 @@ def _run(args, layout, progress, link) -> dict:
         if args.ktls and not tlsutil.kernel_tls_available():
             progress("note: this kernel has no 'tls' upper-layer protocol: --ktls falls back to user-space TLS")
     ctx = multiprocessing.get_context("spawn")
-    rx_pipe, rx_child = ctx.Pipe()
-    tx_pipe, tx_child = ctx.Pipe()
     rx_ns, tx_ns = (link.ns["b"], link.ns["a"]) if link else (None, None)
     host = link.address_b if link else "127.0.0.1"
-    receiver = ctx.Process(
-        target=receiver_main, args=(rx_child, args, secret, rx_ns, host), name="kvwire-bench-receiver"
-    )
-    receiver.start()
-    sender = None
+    n_rx, n_tx = (args.decode_tp, args.prefill_tp) if sharded(args) else (1, 1)
+    receivers: list[tuple] = []  # (pipe, process) per decode rank, then per prefill rank
+    senders: list[tuple] = []
+
+    def start(group: list, target, name: str, *rest) -> None:
+        pipe, child = ctx.Pipe()
+        process = ctx.Process(target=target, args=(child, args, secret, *rest), name=name)
+        process.start()
+        group.append((pipe, process))
+
     try:
-        addresses = _recv(rx_pipe, receiver, 120)
-        sender = ctx.Process(
-            target=sender_main,
-            args=(tx_child, args, secret, addresses["address"], addresses["baseline_address"], tx_ns),
-            name="kvwire-bench-sender",
-        )
-        sender.start()
-        _recv(tx_pipe, sender, 300)
+        for d in range(n_rx):
+            start(receivers, receiver_main, "kvwire-bench-receiver" + (f"-{d}" if n_rx > 1 else ""), rx_ns, host, d)
+        addresses = [_recv(pipe, process, 120) for pipe, process in receivers]
+        peer = [a["address"] for a in addresses] if sharded(args) else addresses[0]["address"]
+        for r in range(n_tx):
+            start(senders, sender_main, "kvwire-bench-sender" + (f"-{r}" if n_tx > 1 else ""), peer,
+                  addresses[0]["baseline_address"], tx_ns, r)  # fmt: skip
+        _all(senders, None, 300)
+        (rx_pipe, receiver), (tx_pipe, sender) = receivers[0], senders[0]  # the only pair without sharding
         rounds, singles, overlap = [], [], None
         measured: dict[str, list] = {kind: [] for kind in baselines.BASELINES}
         for r in range(args.rounds):
-            rx_pipe.send(("expect", r))
-            _recv(rx_pipe, receiver, 60)
-            tx_pipe.send(("send", r, True))
-            sent = _recv(tx_pipe, sender, 900)
-            received = _recv(rx_pipe, receiver, 900)
+            _all(receivers, ("expect", r), 60)
+            sent = merge_sent(_all(senders, ("send", r, True), 900))
+            received = merge_received(_all(receivers, None, 900))
             rounds.append((sent, received))
             if args.quiet is False:
                 progress(
@@ -351,27 +417,72 @@ def _run(args, layout, progress, link) -> dict:
                     if args.quiet is False:
                         progress(f"  {title} {r + 1}/{args.rounds}: {nbytes / b_sent['seconds'] / 1e9:.3f} GB/s")
         if args.layer_ms:
-            rx_pipe.send(("expect", args.rounds))
-            _recv(rx_pipe, receiver, 60)
-            tx_pipe.send(("send", args.rounds, False))
-            overlap = _recv(tx_pipe, sender, 900)
-            _recv(rx_pipe, receiver, 900)
-        tx_pipe.send(("stats",))
-        sender_stats = _recv(tx_pipe, sender, 60)
-        rx_pipe.send(("rss",))
-        rss = _recv(rx_pipe, receiver, 60)
-        return loopback_report.build(args, layout, rounds, measured, singles, overlap, sender_stats, rss)
+            _all(receivers, ("expect", args.rounds), 60)
+            overlap = merge_sent(_all(senders, ("send", args.rounds, False), 900))
+            _all(receivers, None, 900)
+        stats = _all(senders, ("stats",), 60)
+        sender_stats = merged_stats({f"prefill rank {i}": s for i, s in enumerate(stats)})
+        rss = _all(receivers, ("rss",), 60)
+        rss_all = {"start": sum(x["start"] for x in rss), "now": sum(x["now"] for x in rss),
+                   "peak": max(x["peak"] for x in rss)}  # fmt: skip
+        report = loopback_report.build(args, layout, rounds, measured, singles, overlap, sender_stats, rss_all)
+        if sharded(args):
+            report["tensor_parallel"] = {"prefill": n_tx, "decode": n_rx, "prefill_block_size": layout.block_size,
+                                         "decode_block_size": args.decode_block_size or layout.block_size}  # fmt: skip
+        return report
     finally:
-        # The sender first: a receiver that closed first would show up as lost connections.
-        for pipe, p in ((tx_pipe, sender), (rx_pipe, receiver)):
+        # The senders first: a receiver that closed first would show up as lost connections.
+        for pipe, p in senders + receivers:
             try:
                 pipe.send(("quit",))
             except (BrokenPipeError, OSError):
                 pass
-            if p is not None:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+def _all(group: list, command, timeout: float) -> list:
+    """Send ``command`` (unless None) to every process of ``group``, then each one's answer."""
+    if command is not None:
+        for pipe, _ in group:
+            pipe.send(command)
+    return [_recv(pipe, process, timeout) for pipe, process in group]
+
+
+def merge_sent(parts: list[dict]) -> dict:
+    """One round as the prefill ranks sent it together: from the first rank's start to the
+    last rank's acknowledgement; bytes, CPU and memory summed (the machine's, all ranks')."""
+    if len(parts) == 1:
+        return parts[0]
+    t0 = min(p["t0_monotonic"] for p in parts)
+    end = max(p["t0_monotonic"] + p["seconds"] for p in parts)
+    first = min(parts, key=lambda p: p["t0_monotonic"])
+    return {
+        **{k: sum(p[k] for p in parts) for k in ("wire_bytes", "logical_bytes", "resent_chunks", "cpu_s")},
+        "rss_growth": sum(p["rss_growth"] for p in parts),
+        "t0_monotonic": t0,
+        "seconds": end - t0,
+        "exposed_ms": max(p["exposed_ms"] for p in parts),
+        "samples": [],  # per process; not merged (--plot is refused with ranks)
+        "timeline": [{**t, "produced_s": t["produced_s"] + first["t0_monotonic"] - t0} for t in first["timeline"]],
+    }
+
+
+def merge_received(parts: list[dict]) -> dict:
+    """One round as the decode ranks received it: every rank verified, the latest delivery."""
+    if len(parts) == 1:
+        return parts[0]
+    errors = [f"decode rank {d}: {p['error']}" for d, p in enumerate(parts) if p["error"]]
+    verified = [p["verified"] for p in parts]
+    return {
+        "error": "; ".join(errors) or None,
+        "cpu_s": sum(p["cpu_s"] for p in parts),
+        "verified": None if None in verified else all(verified),
+        "stats": parts[0]["stats"],
+        "rss_growth": sum(p["rss_growth"] for p in parts),
+        "layer_delivered_monotonic": [max(v) for v in zip(*(p["layer_delivered_monotonic"] for p in parts))],
+    }
 
 
 def _recv(pipe, process, timeout: float):

@@ -54,6 +54,8 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
             for c in sender_stats["connections"]
         ],
         "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
+        "streams_policy": sender_stats["streams_policy"],
+        "link_model": sender_stats["link"],
         "timeline": [
             {**t, "delivered_s": received["layer_delivered_monotonic"][t["layer"]] - sent["t0_monotonic"]}
             for t in sent["timeline"]
@@ -96,7 +98,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows = [
         ("profile / codec", f"{report['profile']} / {report['codec']}, checksum {report.get('checksum', 'crc32c')}"),
         ("moved per round", f"{gib:.3f} GiB logical, {report['wire_bytes_per_round'] / 2**30:.3f} GiB on the wire"),
-        ("requests x rounds", f"{report['requests']} x {report['rounds']}, {report['streams']} TCP connections"),
+        ("requests x rounds", f"{report['requests']} x {report['rounds']}, {report['streams']} TCP connections first"),
+        ("connections at the end", f"{report['streams_policy']['connections']}: {report['streams_policy']['reason']}"),
         ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
         ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s (logical KV bytes)"),
         ("exposed latency", f"{report['exposed_ms']:.1f} ms (last send_layer -> acknowledgement)"),

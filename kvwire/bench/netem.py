@@ -17,6 +17,11 @@ Limits: IPv4 and TCP only (other packets pass unharmed but are never dropped); o
 queue per direction, drop-tail at ``queue_bytes``; jitter never reorders packets;
 timing granularity is the forwarder's wake-up latency (about 0.1 ms).
 
+The rate and the loss can change while the link runs (``EmulatedLink.change``): packets
+already queued keep their release times, new ones are paced at the new rate. The
+queue's limit stays the one the first spec gave (a slower link keeps the same buffer,
+so its queueing delay grows, as a real bottleneck's would).
+
     >>> spec = parse_link("rtt=40ms,rate=2gbit,loss=0.01%")
     >>> spec.rtt_s, spec.rate_bps, spec.loss
     (0.04, 2000000000.0, 0.0001)
@@ -33,6 +38,7 @@ import re
 import select
 import struct
 import subprocess
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -203,11 +209,13 @@ def lose_segments(packet: bytes, loss: float, rng: random.Random) -> tuple[list[
 
 
 # -- the forwarder ------------------------------------------------------------------------------
-def forward(fd_a: int, fd_b: int, spec: LinkSpec, stop, stats, seed: int = 0) -> None:
-    """Move packets A<->B with delay, rate and loss until ``stop`` is set."""
+def forward(fd_a: int, fd_b: int, spec: LinkSpec, stop, stats, seed: int = 0, live=None) -> None:
+    """Move packets A<->B with delay, rate and loss until ``stop`` is set. ``live``: a
+    shared ``[rate_bps, loss]`` array read on every wake-up, so they can change mid-run."""
     rng = random.Random(seed)
     one_way = spec.rtt_s / 2
-    byte_time = 8 / spec.rate_bps
+    rate, loss = spec.rate_bps, spec.loss
+    byte_time = 8 / rate
     limit = spec.queue_limit
     dirs = {fd_a: fd_b, fd_b: fd_a}
     queues: dict[int, deque] = {fd_a: deque(), fd_b: deque()}
@@ -219,6 +227,9 @@ def forward(fd_a: int, fd_b: int, spec: LinkSpec, stop, stats, seed: int = 0) ->
     for fd in dirs:
         poller.register(fd, select.EPOLLIN)
     while not stop.is_set():
+        if live is not None and (live[0], live[1]) != (rate, loss):
+            rate, loss = live[0], live[1]
+            byte_time = 8 / rate
         now = time.monotonic()
         nxt = min((q[0][0] for q in queues.values() if q), default=now + 0.05)
         for fd, _ in poller.poll(max(0.0, min(nxt - now, 0.05))):
@@ -228,7 +239,7 @@ def forward(fd_a: int, fd_b: int, spec: LinkSpec, stop, stats, seed: int = 0) ->
                 except BlockingIOError:
                     break
                 now = time.monotonic()
-                out, lost = lose_segments(pkt, spec.loss, rng)
+                out, lost = lose_segments(pkt, loss, rng)
                 counts["lost_segments"] += lost
                 for p in out:
                     size = len(p) - VNET.size
@@ -258,13 +269,13 @@ def forward(fd_a: int, fd_b: int, spec: LinkSpec, stop, stats, seed: int = 0) ->
     stats.update(counts)
 
 
-def _forwarder_process(ns_a: str, ns_b: str, spec: LinkSpec, ready, stop, stats) -> None:
+def _forwarder_process(ns_a: str, ns_b: str, spec: LinkSpec, ready, stop, stats, live) -> None:
     _setns(f"/run/netns/{ns_a}")
     fd_a = open_tun("kvwtun")
     _setns(f"/run/netns/{ns_b}")
     fd_b = open_tun("kvwtun")
     ready.set()
-    forward(fd_a, fd_b, spec, stop, stats)
+    forward(fd_a, fd_b, spec, stop, stats, live=live)
 
 
 class EmulatedLink:
@@ -284,7 +295,8 @@ class EmulatedLink:
         ctx = multiprocessing.get_context("fork")
         self._ready, self._stop = ctx.Event(), ctx.Event()
         self._stats = ctx.Manager().dict()
-        args = (self.ns["a"], self.ns["b"], spec, self._ready, self._stop, self._stats)
+        self._live = ctx.Array("d", [spec.rate_bps, spec.loss])  # what change() moves, read by the forwarder
+        args = (self.ns["a"], self.ns["b"], spec, self._ready, self._stop, self._stats, self._live)
         self._proc = ctx.Process(target=_forwarder_process, args=args, daemon=True)
 
     def __enter__(self) -> EmulatedLink:
@@ -314,6 +326,50 @@ class EmulatedLink:
                 self._proc.kill()
         for ns in self.ns.values():
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+    def change(self, *, rate_bps: float | None = None, loss: float | None = None) -> None:
+        """Change the link's rate (bits per second) or loss (0..1 per segment) now, while
+        it carries traffic. Raises ValueError for a rate <= 0 or a loss outside [0, 1)."""
+        if rate_bps is not None and not rate_bps > 0:
+            raise ValueError(f"rate_bps: must be positive, got {rate_bps}")
+        if loss is not None and not 0 <= loss < 1:
+            raise ValueError(f"loss: must be in [0, 1), got {loss}")
+        with self._live.get_lock():
+            if rate_bps is not None:
+                self._live[0] = float(rate_bps)
+            if loss is not None:
+                self._live[1] = float(loss)
+
+    def current(self) -> tuple[float, float]:
+        """(rate in bits per second, loss) now."""
+        return self._live[0], self._live[1]
+
+    def enter_namespace(self, side: str) -> None:
+        """Move the calling *thread* into namespace ``side`` (``"a"`` or ``"b"``): the
+        sockets it makes from now on, and the threads it starts, live there."""
+        _setns(f"/run/netns/{self.ns[side]}")
+
+    def call(self, side: str, make, timeout: float = 120.0):
+        """``make()`` run in a new thread inside namespace ``side``; its result (or its
+        exception). A Sender or Receiver made this way keeps its sockets, and the threads
+        it starts, in that namespace: one process can hold both ends of the link."""
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                self.enter_namespace(side)
+                out["value"] = make()
+            except BaseException as exc:  # handed to the caller's thread
+                out["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"kvwire-netns-{side}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"call in namespace {side!r}: no result within {timeout:g} s")
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
     def stats(self) -> dict:
         """Forwarder counters (packets, bytes, lost segments, queue drops), once stopped."""

@@ -86,6 +86,11 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
                 x["digest"] == rounds[-1]["digest"] for x in rounds
             )
             progress(f"  verified (the last round against the CPU reference, every round's CRC32C): {verified}")
+        # The sender hangs up first: closing now could cut off the last acknowledgement,
+        # still queued between frames, and the sender would see its last request fail.
+        hang_up = time.monotonic() + 30
+        while rx.census()["sessions"] and time.monotonic() < hang_up:
+            time.sleep(0.05)
         return {"kind": "serve", "rounds": rounds, "stats": rx.stats(), "verified": verified}
 
 
@@ -112,18 +117,22 @@ def send(args: argparse.Namespace, peer, progress=print) -> dict:
     rounds = []
     with kvwire.Sender(layout, peer, secret=_secret(), kv_caches=src, streams=args.streams, codec=args.codec,
                        chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens,
-                       encode_threads=args.encode_threads, checksum=getattr(args, "checksum", None)) as tx:  # fmt: skip
+                       encode_threads=args.encode_threads, checksum=getattr(args, "checksum", None),
+                       max_streams=args.max_streams) as tx:  # fmt: skip
         for r in range(args.rounds):
             sent = send_round(tx, layout, args, r, per, states, streamed=True)
             rounds.append(sent)
             progress(f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
                      f"exposed {sent['exposed_ms']:.1f} ms")  # fmt: skip
         best = max(rounds, key=lambda x: x["wire_bytes"] / x["seconds"])
+        stats = tx.stats()
         return {
             "kind": "send", "profile": args.profile, "codec": tx.codec.descriptor, "streams": args.streams,
             "wire_gb_per_s": best["wire_bytes"] / best["seconds"] / 1e9,
             "effective_gb_per_s": best["logical_bytes"] / best["seconds"] / 1e9,
             "exposed_ms": best["exposed_ms"],
-            "connections": tx.stats()["connections"],
+            "connections": stats["connections"],
+            "streams_policy": stats["streams_policy"],
+            "link_model": stats["link"],
             "rounds": [{k: v for k, v in x.items() if k not in ("samples", "timeline")} for x in rounds],
         }  # fmt: skip

@@ -9,6 +9,12 @@ scheduled token's K/V (a deterministic function of the prompt, the layer and the
 into the request's slots, layer by layer, between ``wait_for_layer_load`` and
 ``save_kv_layer``. Nothing is mocked on the connector's path: real kvwire transfers over
 127.0.0.1.
+
+A tensor-parallel instance is one engine per rank (``Options(tp_size=N, tp_rank=r)``),
+each with its own scheduler: given the same requests they schedule alike, as one
+scheduler driving N workers would. Rank r's caches hold its heads of the model
+(``kv_heads`` is the model's total), and the only thing stood in for is vLLM's
+distributed state, which tells the connector its rank.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import json
 import os
 import time
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import torch
 from vllm import SamplingParams
@@ -72,7 +80,7 @@ class Options:
     role: str  # kv_producer | kv_consumer
     extra: dict
     layers: int = LAYERS
-    kv_heads: int = KV_HEADS
+    kv_heads: int = KV_HEADS  # the model's; a tensor-parallel rank holds its share
     head_dim: int = HEAD
     layout: str = "LBNHC"  # LBNHC | LBHNC
     kind: str = "gqa"  # gqa | mla
@@ -83,6 +91,15 @@ class Options:
     failure_policy: str = "fail"
     prefix_caching: bool = False
     tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """(first, count) of the model's KV heads this rank's caches hold (as vLLM splits
+        them: contiguous and equal, one replicated head per rank past the head count)."""
+        if self.kind == "mla":
+            return 0, 1
+        return self.tp_rank * self.kv_heads // self.tp_size, max(1, self.kv_heads // self.tp_size)
 
 
 def _kv_cache_config(opts: Options, names: list[str]) -> KVCacheConfig:
@@ -90,7 +107,7 @@ def _kv_cache_config(opts: Options, names: list[str]) -> KVCacheConfig:
     if opts.kind == "mla":
         spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=96, dtype=dtype)
     else:
-        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=opts.kv_heads, head_size=opts.head_dim, dtype=dtype)
+        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=opts.heads[1], head_size=opts.head_dim, dtype=dtype)
     page = spec.page_size_bytes
     tensor = KVCacheTensor(size=len(names) * opts.num_blocks * page, layers=names,
                            layer_stride=opts.num_blocks * page, block_stride=page)  # fmt: skip
@@ -160,6 +177,14 @@ class Engine:
     def row_bytes(self, t: torch.Tensor) -> int:
         return t.shape[1] * t.shape[3] * t.element_size()
 
+    def model_rows(self, prompt: list[int] | tuple, layer: int, t: torch.Tensor, upto: int) -> torch.Tensor:
+        """The model's K/V bytes of tokens [0, upto) at ``layer``, this rank's heads only."""
+        first, count = self.opts.heads
+        per_head = self.row_bytes(t) // count
+        total = 1 if self.opts.kind == "mla" else self.opts.kv_heads
+        rows = self.model.rows(tuple(prompt), layer, per_head * total, upto)
+        return rows[:, first * per_head : (first + count) * per_head]
+
     def _token_major(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(torch.uint8).transpose(1, 2)  # [B, N, H, C bytes], a view whatever the layout
 
@@ -167,15 +192,15 @@ class Engine:
         """The model's attention layer: store K/V of tokens [start, start + count) in the slots."""
         t = self.caches[layer_name]
         ids = torch.tensor(self.scheduler.kv_cache_manager.get_block_ids(req.request_id)[0], dtype=torch.long)
-        rows = self.model.rows(tuple(req.prompt_token_ids), layer, self.row_bytes(t), start + count)
+        rows = self.model_rows(req.prompt_token_ids, layer, t, start + count)
         pos = torch.arange(start, start + count)
         blocks, offsets = ids[pos // BLOCK], pos % BLOCK
-        self._token_major(t)[blocks, offsets] = rows[start : start + count].view(count, t.shape[1], -1)
+        self._token_major(t)[blocks, offsets] = rows[start : start + count].reshape(count, t.shape[1], -1)
         return blocks * BLOCK + offsets
 
     def expected(self, req_prompt: list[int], layer: int) -> torch.Tensor:
         t = self.caches[next(iter(self.caches))]
-        return self.model.rows(tuple(req_prompt), layer, self.row_bytes(t), len(req_prompt))[: len(req_prompt)]
+        return self.model_rows(req_prompt, layer, t, len(req_prompt))[: len(req_prompt)]
 
     def tokens_in_blocks(self, layer_name: str, block_ids: list[int], count: int) -> torch.Tensor:
         t = self.caches[layer_name]
@@ -273,7 +298,12 @@ def make_engine(opts: Options, root: str) -> Engine:
     kv_cache_config = _kv_cache_config(opts, names)
     scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_cache_config, log_stats=True,
                           structured_output_manager=StructuredOutputManager(config), block_size=BLOCK)  # fmt: skip
-    worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kv_cache_config)
+    with ExitStack() as stack:
+        if opts.tp_size > 1:  # what vLLM's distributed state would say in a rank's process
+            from kvwire.integrations.vllm import connector
+
+            stack.enter_context(mock.patch.object(connector, "_tp_rank", lambda: opts.tp_rank))
+        worker = KVConnectorFactory.create_connector(config, KVConnectorRole.WORKER, kv_cache_config)
     caches = allocate_kv_cache(kv_cache_config, torch.device("cpu"), KVCacheLayout[opts.layout])
     worker.register_kv_caches(caches)
     return Engine(opts, config, scheduler, worker, caches)

@@ -118,11 +118,11 @@ def prefill_main(pipe, args, secret: str, netns: str | None, peer: str) -> None:
             return
         acked = max(h.t_acked for h in handles)
         sent[req_id] = {
-            "ok": all(h._error is None for h in handles),
+            "ok": all(h.stats()["error"] is None for h in handles),
             "opened": min(h.t_created for h in handles),
             "last_layer": max(h.t_last_layer for h in handles),
             "acked": acked,
-            "wire_bytes": sum(h.wire_bytes for h in handles),
+            "wire_bytes": sum(h.stats()["wire_bytes"] for h in handles),
             "segments": len(handles),
         }
 

@@ -32,7 +32,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kvwire.blocks import cache_bytes, copy_tokens_to_blocks, place_rows, row_views, scatter_tokens, source_rows
+from kvwire.blocks import (
+    cache_bytes,
+    copy_tokens_to_blocks,
+    head_bytes,
+    place_rows,
+    row_views,
+    rows_from_blocks,
+    rows_to_blocks,
+    scatter_tokens,
+    source_rows,
+)
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
@@ -93,6 +103,23 @@ class Payload:
 
 
 # -- sending ---------------------------------------------------------------------------------
+class HeadViews:
+    """Byte views of some heads of contiguous CPU caches (:func:`kvwire.blocks.head_bytes`),
+    made once per (layer, tensor, heads): chunks of a part of the heads move through them
+    with one numpy copy, not a gather of every head and then a slice."""
+
+    def __init__(self, caches: list[dict[str, torch.Tensor]]) -> None:
+        self._caches = caches
+        self._views: dict[tuple, np.ndarray | None] = {}
+
+    def get(self, ref: ChunkRef) -> np.ndarray | None:
+        assert ref.heads is not None
+        key = (ref.layer, ref.name, ref.heads)
+        if key not in self._views:
+            self._views[key] = head_bytes(self._caches[ref.layer][ref.name], *ref.heads)
+        return self._views[key]
+
+
 class Encoder:
     """Turns a chunk of a transfer into its payload. Subclasses are the ways bytes move."""
 
@@ -127,6 +154,7 @@ class HostEncoder(Encoder):
         super().__init__(layout, caches, pool)
         self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
         self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
+        self.heads = HeadViews(caches)
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         caches = self.caches[ref.layer]
@@ -135,6 +163,12 @@ class HostEncoder(Encoder):
         if codec.name == "raw" and blocks is not None and ref.heads is None:
             views = row_views(blocks, source.selection, bs, ref)
             return Payload(views, None, sum(v.nbytes for v in views))
+        if codec.name == "raw" and ref.heads is not None and (heads := self.heads.get(ref)) is not None:
+            n = ref.count * heads.shape[2]  # some heads of each token: one copy into the slot
+            slot = self.pool.acquire(n)
+            rows_from_blocks(heads, source.selection.block_ids[ref.start // bs :], bs,
+                             slot.array[:n].reshape(ref.count, -1))  # fmt: skip
+            return Payload([slot.view(n)], slot, n)
         rows = source_rows(caches, source.states.get(ref.layer), source.selection, bs, ref)
         if ref.heads is not None:  # some of this side's heads: gathered into staging below
             first, count = ref.heads
@@ -230,7 +264,8 @@ class _BlockWriter:
         """``data``: the rows as bytes (uint8, 1-D) in the cache's dtype, or as a tensor."""
         if self.bytes is not None:
             src = data.view(torch.uint8).reshape(-1).numpy()
-            copy_tokens_to_blocks(self.bytes, src, sel.block_ids[start // self.block_size :], count, self.block_size)
+            first, offset = divmod(start, self.block_size)  # mid-block when the sender's blocks are smaller
+            copy_tokens_to_blocks(self.bytes, src, sel.block_ids[first:], count, self.block_size, offset)
             return
         rows = data.view(self.cache.dtype).reshape(count, *self.token_shape)
         scatter_tokens(self.cache, sel, self.block_size, start, rows)
@@ -270,6 +305,7 @@ class HostPlacement(Placement):
     def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
         super().__init__(layout, caches)
         self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
+        self.heads = HeadViews(caches)
 
     def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
         """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive
@@ -291,7 +327,12 @@ class HostPlacement(Placement):
             state = dest.states[ref.layer]
             place_rows({}, state, dest.selection, self.layout.block_size, ref, rows.view(spec.dtype).view(spec.shape))
             return
-        if ref.heads is not None:  # some of the heads: a strided scatter into those heads
+        if ref.heads is not None and (heads := self.heads.get(ref)) is not None:  # some heads of each token
+            first, offset = divmod(ref.start, self.layout.block_size)
+            rows_to_blocks(heads, rows.view(torch.uint8).numpy().reshape(ref.count, -1),
+                           dest.selection.block_ids[first:], self.layout.block_size, offset)  # fmt: skip
+            return
+        if ref.heads is not None:  # some of the heads of a strided cache: torch scatters
             scatter_tokens(self.cache(ref), dest.selection, self.layout.block_size, ref.start,
                            rows.view(spec.dtype).view(spec.shape))  # fmt: skip
             return
@@ -337,7 +378,11 @@ class GpuPlacement(Placement):
 
         backend = self.kernels(codec)
         side = self.side_stream
-        if backend is None:
+        # The kernels take chunks that start on one of our blocks; a chunk cut on a sender's
+        # smaller blocks may begin inside one (block sizes differ): the CPU path places it.
+        misaligned = ref.name != STATE_NAME and ref.start % self.layout.block_size != 0
+        if backend is None or misaligned:
+            data = data.cpu() if data.device.type != "cpu" else data  # a device payload, rarely
             rows = (data if codec.name == "raw" else codec.decode_bytes(data, spec)).view(spec.dtype).view(spec.shape)
             with torch.cuda.stream(side):
                 if ref.name == STATE_NAME:

@@ -623,7 +623,8 @@ class Receiver:
 
     def _join_session(self, conn: _RConn, event: Authenticated) -> None:
         hello = event.hello
-        self._codecs.setdefault(hello.codec, kvwire.codec.get(hello.codec))
+        for descriptor in hello.session_codecs:
+            self._codecs.setdefault(descriptor, kvwire.codec.get(descriptor))
         with self._lock:
             if conn.cut is not None or self._closed:
                 raise PeerLost(conn.cut or "the receiver is closed")
@@ -675,7 +676,7 @@ class Receiver:
             self._skip_payload(conn, header, n)
             return
         request, ref, spec = checked
-        codec = ref.codec(conn.joined.codec)
+        codec = ref.codec(request.codec_of(conn.joined.id))
         self._counters["frames"] += 1
         self._counters["wire_bytes"] += n
         if self._receive_in_place(conn, header, n, request, ref, spec, codec):
@@ -821,7 +822,7 @@ class Receiver:
                          session.block_size)  # fmt: skip
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW),
                        None if isinstance(heads, int) else heads)  # fmt: skip
-        codec = ref.codec(session.codec)
+        codec = ref.codec(request.codec_of(session.id))
         size = codec.encoded_size(spec)
         if header.length > size or (not codec.variable_size and header.length != size):
             raise ProtocolError(
@@ -854,10 +855,13 @@ class Receiver:
         session = conn.joined
         with self._lock:
             if isinstance(event, Begin):
+                hello = conn.proto.hello
+                assert hello is not None  # frames are read once the handshake is done
+                codec = self._codecs[hello.session_codecs[event.codec]]  # the index was checked against it
                 part = self._part_of(session, event)
                 unit = math.gcd(self.layout.block_size, session.block_size)
                 actions = self._table.begin(session.id, event.tag, event.request_id, event.num_tokens,
-                                            time.monotonic(), part, unit)  # fmt: skip
+                                            time.monotonic(), part, unit, codec)  # fmt: skip
                 refused = [a for a in actions if isinstance(a, requests.SendAck) and not a.ok]
             else:
                 actions = self._table.cancel_from_peer(session.id, event.tag, event.reason, session.who)
@@ -917,7 +921,7 @@ class Receiver:
         error = None
         try:
             assert chunk.slot.tensor is not None  # not released before it is written
-            codec = ref.codec(chunk.conn.joined.codec)
+            codec = ref.codec(request.codec_of(chunk.conn.joined.id))
             self._placement.place(codec, ref, spec, chunk.slot.tensor[: chunk.length], handle.destination)
         except Exception as exc:  # a decode failure must fail the request, not the thread
             log.exception("placing a chunk of %r failed", request.request_id)

@@ -80,6 +80,11 @@ class Request:
     writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
     ending: tuple[State, TransferError] | None = None  # how it ends, while DRAINING
     checksum_failures: int = 0  # payloads that failed their checksum (each asked for again)
+    codecs: dict[str, Any] = field(default_factory=dict)  # session -> the codec its BEGIN named
+
+    def codec_of(self, session: str) -> Any:
+        """The codec a sender's chunks of this request use (its session may offer several)."""
+        return self.codecs.get(session)
 
     @property
     def live(self) -> bool:
@@ -230,16 +235,19 @@ class RequestTable:
 
     # -- events from the senders ---------------------------------------------------------
     def begin(self, session: str, tag: int, request_id: str, num_tokens: int, now: float,
-              part: PartSpec | None = None, unit: int | None = None) -> list[Action]:  # fmt: skip
+              part: PartSpec | None = None, unit: int | None = None, codec: Any = None) -> list[Action]:  # fmt: skip
         """A sender's BEGIN: ``part`` is what its chunks carry (default: everything), ``unit``
-        the rows its chunks are cut on (default: this side's block size). Raises
-        ProtocolError for a tag reused with another request."""
+        the rows its chunks are cut on (default: this side's block size), ``codec`` the one
+        it names (kept per sender of the request). Raises ProtocolError for a tag reused
+        with another request or another codec."""
         part = part or PartSpec(self._all_heads, 0, True)
         tags = self._by_tag.setdefault(session, {})
         known = tags.get(tag)
         if known is not None:
             if (known.request_id, known.num_tokens) != (request_id, num_tokens):
                 raise ProtocolError(f"BEGIN for tag {tag} changed its request")
+            if known.codec_of(session) is not codec:
+                raise ProtocolError(f"BEGIN for tag {tag} changed its codec")
             return []  # its BEGIN on another connection
         if tag in self._ended_tags.get(session, ()):
             return []  # the request ended already; this is its BEGIN on another connection
@@ -264,13 +272,13 @@ class RequestTable:
                 return [SendCancel(session, tag, remembered[0])]
             self._cancelled.pop(request_id, None)  # a sender's earlier cancel: this is a new transfer
             request = Request(request_id, num_tokens, State.ANNOUNCED, created=now)
-            why = self._attach(request, session, tag, part, unit, now)
+            why = self._attach(request, session, tag, part, unit, now, codec)
             assert why is None, why  # a first part fits an empty plan (BEGIN checked its numbers)
             return []
         if request.senders and request.num_tokens != num_tokens:
             why = f"this sender sends {num_tokens} tokens, another sends {request.num_tokens}"
         else:
-            why = self._attach(request, session, tag, part, unit, now)
+            why = self._attach(request, session, tag, part, unit, now, codec)
         if why is not None:  # it cannot join: the other senders' parts go on
             self._end_tag(session, tag)
             return [SendAck(session, tag, False, f"request id {request_id!r} is already being received "
@@ -410,7 +418,7 @@ class RequestTable:
         request.state = state
 
     def _attach(self, request: Request, session: str, tag: int, part: PartSpec, unit: int | None,
-                now: float) -> str | None:  # fmt: skip
+                now: float, codec: Any = None) -> str | None:  # fmt: skip
         """A sender of the request is known: its chunks may arrive from now on. Why its
         part cannot join the others' (overlap, another block grid), or None."""
         unit = unit or self.layout.block_size
@@ -423,6 +431,7 @@ class RequestTable:
         if why is not None:
             return why
         request.senders[session] = (tag, part)
+        request.codecs[session] = codec
         self._by_tag.setdefault(session, {})[tag] = request
         self._by_id[request.request_id] = request
         return None

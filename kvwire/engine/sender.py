@@ -44,8 +44,19 @@ from kvwire.engine.common import (
     secret_bytes,
 )
 from kvwire.engine.placement import Encoder, GpuDirectEncoder, GpuStagedEncoder, HostEncoder, Payload, gpu_kernels
-from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
+from kvwire.engine.sender_link import AUTO, LinkFollower, auto_codecs
+from kvwire.errors import (
+    Cancelled,
+    ChecksumMismatch,
+    PeerLost,
+    ProtocolError,
+    TransferError,
+    TransferTimeout,
+    TransferWouldMissDeadline,
+)
 from kvwire.layout import KVLayout, Selection, TensorParallel
+from kvwire.link import LinkState
+from kvwire.planning import Choice, Estimate, choose_codec
 from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
 from kvwire.proto.request import TensorPlan, check_rows, tensor_plans
 from kvwire.sharding import Part, kinds, part_for, tp_of
@@ -56,6 +67,7 @@ from kvwire.transport.tcp import SocketOptions, connect, parse_address
 log = logging.getLogger("kvwire.sender")
 
 DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8; see docs/benchmarks.md
+DEFAULT_MAX_STREAMS = 16  # connections grow up to this while goodput grows (TCP; see kvwire/planning.py)
 DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
 DEFAULT_STAGING_BYTES = 64 << 20
 # Chunks of one transfer the receiver may ask for again before the transfer fails (the
@@ -85,6 +97,8 @@ class _Conn:
     credit: int
     wake: threading.Condition  # on the sender's lock: this connection's writer waits here
     alive: bool = True
+    retiring: bool = False  # takes no new chunk; closed once its transfers ended (fewer connections)
+    opened: float = field(default_factory=time.monotonic)
     waiting: bool = False  # its writer is waiting for a chunk it has credit for
     begun: set = field(default_factory=set)
     inflight: dict = field(default_factory=lambda: collections.defaultdict(list))
@@ -116,8 +130,12 @@ class SendHandle:
     then :meth:`finish` to wait for the receiver's acknowledgement.
     """
 
-    def __init__(self, sender: Sender, tag: int, request_id: str, sel: Selection, states, deadline: float) -> None:
+    def __init__(self, sender: Sender, tag: int, request_id: str, sel: Selection, states, deadline: float,
+                 codec: kvwire.codec.Codec | None = None, codec_index: int = 0, plan=None) -> None:  # fmt: skip
         self._sender = sender
+        self.codec = codec if codec is not None else sender.codec  # this transfer's (codec="auto" chooses)
+        self.codec_index = codec_index  # its number in the session's codecs (BEGIN says it)
+        self.plan_choice = plan  # a kvwire.planning.Choice when the transfer was planned
         self.tag = tag
         self.request_id = request_id
         self.selection = sel
@@ -144,6 +162,7 @@ class SendHandle:
         self.t_last_layer: float | None = None
         self.t_acked: float | None = None
         self.layer_sent_at: dict[int, float] = {}
+        self.alone = False  # no other transfer was open when it started
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue layer ``layer`` (its paged tensors, and its state if it has one); returns at once.
@@ -220,6 +239,9 @@ class SendHandle:
             "nacked_chunks": self.nacked_chunks,
             "exposed_ms": exposed,
             "total_ms": None if self.t_acked is None else (self.t_acked - self.t_created) * 1e3,
+            "codec": self.codec.descriptor,
+            **({} if self.plan_choice is None else {"plan": self.plan_choice.as_dict()}),
+            "error": None if self._error is None else str(self._error),
         }
 
     def _complete(self, error: TransferError | None) -> None:
@@ -229,6 +251,8 @@ class SendHandle:
         self.t_acked = time.monotonic()
         self._done.set()
         self._sender._forget(self)
+        if error is None:
+            self._sender._follower.completed(self)
 
 
 class Sender:
@@ -240,8 +264,20 @@ class Sender:
         peer: the receiver's ``"host:port"`` or ``(host, port)``.
         secret: shared secret (bytes or str, >= 8 bytes); default ``$KVWIRE_SECRET``.
         kv_caches: this side's paged caches, one dict per layer (see ``KVLayout.allocate``).
-        streams: connections to open (1..64); chunks are striped over them.
-        codec: ``raw``, ``fp8``, ``int4`` or any of them ``+lz4`` (see ``kvwire.codec``).
+        streams: connections to open first (1..64); chunks are striped over them.
+        max_streams: the most connections the sender opens while goodput grows with them
+            (TCP; default 16, or ``streams`` if more; equal to ``streams`` to keep it fixed;
+            ``stats()["streams_policy"]`` says why the count is what it is).
+        codec: ``raw``, ``fp8``, ``int4`` or any of them ``+lz4`` (see ``kvwire.codec``), or
+            ``"auto"``: each transfer takes the least lossy of ``codecs`` whose predicted
+            exposed time meets its target (``max_exposed_ms``); the receiver must accept
+            every one of them.
+        codecs: with ``codec="auto"``, the codecs it may choose, least lossy first
+            (default raw, fp8, int4).
+        max_exposed_ms: the default target of ``transfer(max_exposed_ms=...)``: exposed
+            milliseconds (last layer produced to acknowledgement) a transfer should stay within.
+        layers_per_s: the default prefill pace the predictions assume (layers produced per
+            second; None: every layer is ready when the transfer starts).
         group_size: channels per int4 value group (32, 64 or 128).
         staging_bytes: host memory for encoded chunks waiting for the network.
         chunk_bytes: target encoded size of one frame (at most the receiver's ``slot_bytes``).
@@ -285,6 +321,10 @@ class Sender:
         streams: int = DEFAULT_STREAMS,
         codec: str = "raw",
         group_size: int = 64,
+        codecs: Sequence[str] | None = None,
+        max_streams: int | None = None,
+        max_exposed_ms: float | None = None,
+        layers_per_s: float | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         tls: ssl.SSLContext | None = None,
@@ -314,15 +354,29 @@ class Sender:
         if chunk_bytes < 4096:
             raise ValueError(f"chunk_bytes: at least 4096, got {chunk_bytes}")
         self.layout = layout
-        self.codec = kvwire.codec.get(codec, group_size=group_size)
+        self.auto = codec == AUTO
+        if self.auto:
+            self.codecs = auto_codecs(codecs, layout.dtype, group_size)
+        elif codecs is not None:
+            raise ValueError("codecs: only with codec='auto' (a fixed codec is the only one a sender uses)")
+        else:
+            self.codecs = [kvwire.codec.get(codec, group_size=group_size)]
+        self.codec = self.codecs[0]  # the session's first codec; a transfer's own is SendHandle.codec
         self.codec.check_dtype(layout.dtype)  # an fp8 cache travels raw
+        if max_streams is None:
+            max_streams = streams if transport != "tcp" else max(streams, DEFAULT_MAX_STREAMS)
+        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not streams <= max_streams <= 64:
+            raise ValueError(f"max_streams: expected an int in streams..64 ({streams}..64), got {max_streams!r}")
+        self._max_exposed_s = _milliseconds(max_exposed_ms, "max_exposed_ms")
+        self._layers_per_s = _rate(layers_per_s, "layers_per_s")
         for layer in layout.layers:  # e.g. int4 groups that do not divide head_dim: say so now
             for p in layer.paged:
-                try:
-                    self.codec.check(ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name,
-                                               layout.block_size))  # fmt: skip
-                except ValueError as exc:
-                    raise ValueError(f"codec: {exc}") from None
+                for candidate in self.codecs:
+                    try:
+                        candidate.check(ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name,
+                                          layout.block_size))  # fmt: skip
+                    except ValueError as exc:
+                        raise ValueError(f"codec: {exc}") from None
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
@@ -357,13 +411,16 @@ class Sender:
         self._closed = False
         self._session = os.urandom(16).hex()
         self._side_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        self._kernels = kernels if kernels is not None else gpu_kernels(self._device, self.codec, layout.dtype)
+        if kernels is None:  # the GPU's kernels, if they cover every codec this sender may use
+            found = [gpu_kernels(self._device, c, layout.dtype) for c in self.codecs]
+            kernels = found[0] if all(k is not None for k in found) else None
+        self._kernels = kernels
         # GPU caches over UCX with CUDA transports: payloads may go from GPU memory straight
         # to the network, if the receiver agrees at the handshake (the lz4 stage runs on the host).
         self._device_payloads = (
             transport == "ucx"
             and self._kernels is not None
-            and not self.codec.has_lossless_stage
+            and not any(c.has_lossless_stage for c in self.codecs)
             and _ucx_cuda(self._address[0])
         )
         if isinstance(encode_threads, bool) or not isinstance(encode_threads, int) or encode_threads < 1:
@@ -372,13 +429,15 @@ class Sender:
         # more than one core busy. raw from a CPU cache is zero-copy and gains nothing from it.
         self._encode_threads = encode_threads
         self._encoders = None
-        if encode_threads > 1 and self.codec.name != "raw" and self._kernels is None:
+        if encode_threads > 1 and any(c.name != "raw" for c in self.codecs) and self._kernels is None:
             self._encoders = concurrent.futures.ThreadPoolExecutor(encode_threads, thread_name_prefix="kvwire-encode")
         self.max_payload = 0
         self._conns: list[_Conn] = []
+        self._lost_conns = 0
+        self._connect_args = (tls, socket_options or SocketOptions(), connect_timeout)
         try:
             for i in range(streams):
-                self._conns.append(self._open(i, streams, tls, socket_options or SocketOptions(), connect_timeout))
+                self._conns.append(self._open(i, streams, *self._connect_args))
         except BaseException:
             for c in self._conns:
                 c.stream.close()
@@ -399,6 +458,9 @@ class Sender:
             self._threads += c.threads
         for t in self._threads:
             t.start()
+        self._follower = LinkFollower(self, start=streams, bound=max_streams, codecs=self.codecs,
+                                      on_gpu=self._kernels is not None)  # fmt: skip
+        self._follower.start()
 
     def _agree_part(self, accepted) -> None:
         """What this sender sends this receiver, from both sides' tensor parallelism."""
@@ -424,7 +486,7 @@ class Sender:
         """A request's BEGIN on ``conn``, with what this sender's chunks of it carry."""
         part = self.part
         return conn.proto.begin(handle.tag, handle.request_id, handle.selection.num_tokens, self._begin_heads,
-                                part.receiver_first, part.whole)  # fmt: skip
+                                part.receiver_first, part.whole, handle.codec_index)  # fmt: skip
 
     def _choose_encoder(self) -> Encoder:
         """The data path, chosen once: CPU reference (or views of the cache for raw), GPU
@@ -455,6 +517,7 @@ class Sender:
             codec=self.codec.descriptor,
             device_payloads=self._device_payloads,
             terms=self._terms,
+            codecs=[c.descriptor for c in self.codecs],
             checksum=self.checksum,
             tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
             block_size=self.layout.block_size,
@@ -480,12 +543,25 @@ class Sender:
         *,
         states: Mapping[int, torch.Tensor] | None = None,
         deadline: float = 60.0,
+        max_exposed_ms: float | None = None,
+        layers_per_s: float | None = None,
+        refuse_if_late: bool = False,
+        codec: str | None = None,
     ) -> SendHandle:
         """Start a transfer of ``num_tokens`` tokens held in ``block_ids`` (in token order).
 
         ``states``: layer index -> state tensor, for layers with a request-level state
         (or pass each to ``send_layer``). ``deadline``: seconds from now within which the
         transfer must end; past it, ``finish`` raises ``TransferTimeout``.
+
+        Planning (``docs/api.md``, *The link model*): ``max_exposed_ms`` is the target for
+        the time from the last layer to the acknowledgement (default: the sender's), and
+        ``layers_per_s`` the pace of this request's prefill (default: the sender's). With
+        ``codec="auto"`` they choose the codec; with ``refuse_if_late=True`` a transfer
+        predicted to miss the target or the deadline raises
+        :class:`~kvwire.TransferWouldMissDeadline` here, before anything is sent.
+        ``codec``: this transfer's codec, one of the sender's ``codecs`` (a scheduler that
+        chose from ``estimate()`` itself); it overrides auto.
         """
         if self._closed:
             raise ValueError("transfer: the sender is closed")
@@ -494,13 +570,29 @@ class Sender:
         )
         for i, t in (states or {}).items():
             self.layout.check_state(i, t, f"states[{i}]")
+        if not isinstance(refuse_if_late, bool):
+            raise TypeError(f"refuse_if_late: expected a bool, got {type(refuse_if_late).__name__}")
+        codec_index = 0 if codec is None else self._codec_index(codec)
+        plan = None
+        target = _milliseconds(max_exposed_ms, "max_exposed_ms")
+        target = self._max_exposed_s if target is None else target
+        if (self.auto and codec is None) or refuse_if_late:
+            pace = _rate(layers_per_s, "layers_per_s")
+            candidates = None if codec is None else [self.codecs[codec_index]]
+            plan = self._plan(sel.num_tokens, target, pace, deadline, candidates)
+            codec_index = self._codec_index(plan.codec)
+            if refuse_if_late and plan.meets is False:
+                raise TransferWouldMissDeadline(f"transfer {request_id!r} refused: {plan.reason}", plan.estimate)
         with self._lock:
             if not any(c.alive for c in self._conns):
                 raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
             tag = self._next_tag
             self._next_tag += 1
-            handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline)
+            handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline,
+                                self.codecs[codec_index], codec_index, plan)  # fmt: skip
+            handle.alone = not self._transfers  # it may teach the link model its overhead (sender_link.py)
             self._transfers[tag] = handle
+        self._follower.kick()
         return handle
 
     def send(
@@ -519,11 +611,16 @@ class Sender:
         return handle.finish()
 
     def stats(self) -> dict:
-        """Link statistics per connection (bytes, goodput, TCP_INFO) and staging use."""
+        """Link statistics per connection (bytes, goodput, TCP_INFO) and staging use; the
+        link model (``link``) and why the sender has as many connections as it has
+        (``streams_policy``)."""
         with self._lock:
             active = sum(1 for t in self._transfers.values() if not t.done())
         return {
-            "codec": self.codec.descriptor,
+            "codec": AUTO if self.auto else self.codec.descriptor,
+            "codecs": [c.descriptor for c in self.codecs],
+            "link": self.link().as_dict(),
+            "streams_policy": self._follower.stats(),
             "streams": len(self._conns),
             "alive_streams": sum(c.alive for c in self._conns),
             "active_transfers": active,
@@ -540,6 +637,7 @@ class Sender:
             open_transfers = [t for t in self._transfers.values() if not t.done()]
             self._jobs_cond.notify_all()
             self._wake_all()
+        self._follower.stop()
         for transfer in open_transfers:
             transfer._complete(Cancelled(f"transfer {transfer.request_id!r}: the sender was closed"))
         for c in self._conns:
@@ -600,6 +698,119 @@ class Sender:
                     chunk.payload.release()
                 self._space.notify_all()
 
+    # -- the link: its model, plans, and connections that follow it (kvwire/engine/sender_link.py)
+    def link(self) -> LinkState:
+        """The live model of the link to the receiver: goodput, RTT, loss, their trend and
+        age (``kvwire.link.LinkState``; ``.as_dict()`` for JSON)."""
+        return self._follower.state()
+
+    def estimate(
+        self,
+        num_tokens: int,
+        *,
+        codec: str | None = None,
+        layers_per_s: float | None = None,
+        max_exposed_ms: float | None = None,
+    ) -> Estimate:
+        """Predict a transfer of ``num_tokens`` tokens started now: wire bytes, when layer 0
+        and when all of it will be in place, the exposed time after the prefill, and their
+        slow-end values (``kvwire.planning.Estimate``). ``codec``: one of this sender's
+        codecs (default: its codec; ``"auto"``: the one auto would choose for
+        ``max_exposed_ms``); ``layers_per_s``: the prefill's pace (default: the sender's)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens: expected a positive int, got {num_tokens!r}")
+        pace = _rate(layers_per_s, "layers_per_s")
+        target = _milliseconds(max_exposed_ms, "max_exposed_ms")
+        if codec == AUTO or (codec is None and self.auto):
+            return self._plan(num_tokens, self._max_exposed_s if target is None else target, pace, None).estimate
+        chosen = self.codecs[0 if codec is None else self._codec_index(codec)]
+        return self._follower.estimates(num_tokens, [chosen], pace or self._layers_per_s)[0]
+
+    def _codec_index(self, codec: str) -> int:
+        """The index of ``codec`` (a name or descriptor) in this sender's codecs."""
+        if not isinstance(codec, str):
+            raise TypeError(f"codec: expected a codec name, got {type(codec).__name__}")
+        for i, c in enumerate(self.codecs):
+            if codec in (c.descriptor, c.name):  # "int4" names this sender's int4, whatever its groups
+                return i
+        raise ValueError(f"codec: {codec!r} is not one of this sender's codecs {[c.descriptor for c in self.codecs]}")
+
+    def _plan(self, num_tokens: int, target_s: float | None, pace: float | None, deadline_s: float | None,
+              codecs: list | None = None) -> Choice:  # fmt: skip
+        candidates = self._follower.estimates(num_tokens, codecs or self.codecs, pace or self._layers_per_s)
+        return choose_codec(candidates, max_exposed_s=target_s, deadline_s=deadline_s)
+
+    def _has_open_transfers(self) -> bool:
+        return bool(self._transfers)
+
+    def _transfers_created_since(self, tag: int) -> bool:
+        return self._next_tag > tag + 1
+
+    def _link_view(self) -> tuple[list[tuple[int, ByteStream]], bool]:
+        """(the live connections as (key, stream), whether chunks wait for a writer)."""
+        with self._lock:
+            return [(id(c), c.stream) for c in self._conns if c.alive], self._out_bytes > 0
+
+    def _queued_wire_bytes(self, follower: LinkFollower) -> int:
+        """Wire bytes of the open transfers not yet written: a new transfer waits behind them."""
+        with self._lock:
+            open_ = [(t.codec, t.selection.num_tokens, t.wire_bytes) for t in self._transfers.values() if not t.done()]
+        return sum(max(0, sum(x.wire_bytes for x in follower.layer_costs(codec, n)) - sent) for codec, n, sent in open_)
+
+    def _connection_count(self) -> tuple[int, int]:
+        """(connections that take chunks, connections lost to errors since the start)."""
+        with self._lock:
+            return sum(1 for c in self._conns if c.alive and not c.retiring), self._lost_conns
+
+    def _add_connection(self) -> bool:
+        """Open one more connection (its handshake runs while the others carry data) and
+        start its threads. False once the sender is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            free = next((c.index for c in self._conns if not c.alive and not any(t.is_alive() for t in c.threads)),
+                        len(self._conns))  # fmt: skip
+            count = sum(1 for c in self._conns if c.alive) + 1
+        conn = self._open(free, count, *self._connect_args)
+        conn.threads = [
+            threading.Thread(target=self._write_loop, args=(conn,), name=f"kvwire-send-{free}", daemon=True),
+            threading.Thread(target=self._read_loop, args=(conn,), name=f"kvwire-ack-{free}", daemon=True),
+        ]
+        with self._lock:
+            if self._closed:
+                conn.stream.close()
+                return False
+            if free < len(self._conns):
+                self._conns[free] = conn
+            else:
+                self._conns.append(conn)
+            self._threads = [t for t in self._threads if t.is_alive()] + conn.threads
+        for t in conn.threads:
+            t.start()
+        log.info("opened connection %d to %s (%d now)", free, conn.stream.peer, count)
+        return True
+
+    def _retire_connections(self, n: int) -> None:
+        """The ``n`` newest connections take no new chunk and close once their transfers
+        ended. The first connection is never retired: the receiver acknowledges on its
+        oldest live connection, which must not be closing."""
+        with self._lock:
+            live = [c for c in self._conns if c.alive and not c.retiring]
+            newest_first = sorted(live, key=lambda c: c.opened)[1:][::-1]
+            for c in newest_first[:n]:
+                c.retiring = True
+            self._wake_writer()
+
+    def _close_retired(self) -> None:
+        """Close retiring connections that carry nothing any more."""
+        with self._lock:
+            done = [c for c in self._conns if c.alive and c.retiring and not any(c.inflight.values())]
+            for c in done:
+                c.alive = False
+        for c in done:
+            c.stream.close()
+            log.info("closed connection %d to %s (fewer connections)", c.index, c.stream.peer)
+
     def reset_connection(self, index: int) -> None:
         """Close connection ``index`` as a network reset would: the chunks it carried for
         transfers not yet acknowledged are sent again on the others (the receiver drops
@@ -633,7 +844,7 @@ class Sender:
                 continue
             try:
                 refs = resend or plan_chunks(
-                    self.layout, self.codec, list(handle.tensors[layer].values()), self._chunk_bytes,
+                    self.layout, handle.codec, list(handle.tensors[layer].values()), self._chunk_bytes,
                     self.max_payload, self._exact_tokens, self._kv_heads,
                 )  # fmt: skip
                 if event is not None and self._side_stream is not None:
@@ -698,7 +909,7 @@ class Sender:
         n = len(self._conns)
         for i in range(n):
             c = self._conns[(self._next_writer + i) % n]
-            if c.waiting and c.alive and c.credit >= need:
+            if c.waiting and c.alive and not c.retiring and c.credit >= need:
                 c.waiting = False
                 c.wake.notify()
                 self._next_writer = (c.index + 1) % n
@@ -712,7 +923,7 @@ class Sender:
 
     def _encode(self, handle: SendHandle, ref: ChunkRef, resend: bool = False) -> _OutChunk:
         spec = chunk_spec(self.layout, handle.tensors[ref.layer][ref.tensor], ref.count)
-        payload = self.encoder.encode(handle, ref, spec, ref.codec(self.codec))  # raw for exact tokens
+        payload = self.encoder.encode(handle, ref, spec, ref.codec(handle.codec))  # raw for exact tokens
         return _OutChunk(handle, ref, payload, spec.raw_nbytes, resend)
 
     def _next_chunk(self, conn: _Conn) -> tuple[_OutChunk, list[bytes]] | None:
@@ -721,7 +932,7 @@ class Sender:
         transfers that ended meanwhile are dropped here, so they leave no record behind."""
         with self._lock:
             while True:
-                if self._closed or not conn.alive:
+                if self._closed or not conn.alive or conn.retiring:
                     return None
                 queue = self._queue()
                 if queue and queue[0].transfer.done():
@@ -834,6 +1045,7 @@ class Sender:
             if not conn.alive or self._closed:
                 return
             conn.alive = False
+            self._lost_conns += 1  # the link follower does not replace it (sender_link.py)
             alive = [c for c in self._conns if c.alive]
             lost = {tag: refs for tag, refs in conn.inflight.items() if tag in self._transfers}
             conn.inflight.clear()
@@ -849,6 +1061,22 @@ class Sender:
         log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))
         for t in doomed:
             t._complete(PeerLost(f"transfer {t.request_id!r}: every connection to the receiver is lost ({exc})"))
+
+
+def _milliseconds(value, name: str) -> float | None:
+    """An optional target in milliseconds, as seconds."""
+    if value is None:
+        return None
+    seconds = check_seconds(value, name)
+    assert seconds is not None
+    return seconds / 1e3
+
+
+def _rate(value, name: str) -> float | None:
+    """An optional positive rate (per second)."""
+    if value is None:
+        return None
+    return check_seconds(value, name)  # the same checks: a finite positive number
 
 
 def _ucx_cuda(host: str) -> bool:

@@ -24,6 +24,7 @@ and the error names the decode rank.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -33,6 +34,7 @@ from kvwire.engine.common import check_seconds, request_arguments
 from kvwire.engine.sender import Sender, SendHandle
 from kvwire.errors import TransferError
 from kvwire.layout import KVLayout
+from kvwire.planning import Estimate
 from kvwire.sharding import decode_ranks_served
 
 
@@ -79,6 +81,15 @@ class ShardedSender:
                 raise ValueError(f"peers[{d}]: that receiver is decode rank {sender.receiver_tp}, not {d} of "
                                  f"{len(peers)}")  # fmt: skip
 
+    def estimate(self, num_tokens: int, **options) -> Estimate:
+        """The prediction of the decode rank predicted last (each rank's sender predicts
+        the part it sends over its own link; see :meth:`Sender.estimate`). One that
+        cannot predict yet (``basis == "none"``) wins: nothing is known about that link."""
+        if not self.senders:
+            raise ValueError("estimate: this prefill rank serves no decode rank")
+        found = [s.estimate(num_tokens, **options) for s in self.senders.values()]
+        return max(found, key=lambda e: math.inf if e.total_s is None else e.total_s)
+
     def transfer(
         self,
         request_id: str | int,
@@ -87,14 +98,18 @@ class ShardedSender:
         *,
         states: Mapping[int, torch.Tensor] | None = None,
         deadline: float = 60.0,
+        **planning,
     ) -> ShardedTransfer:
         """Start one transfer to every decode rank served; see :meth:`Sender.transfer`
-        (with no rank served, a transfer that is done at once)."""
+        (with no rank served, a transfer that is done at once). ``planning``: its
+        ``max_exposed_ms``, ``layers_per_s``, ``refuse_if_late`` and ``codec``, applied
+        per decode rank (each link is planned on its own; one refusal refuses all)."""
         request_id, _ = request_arguments(request_id, block_ids, num_tokens, deadline, self.layout.block_size, None)
         handles: dict[int, SendHandle] = {}
         try:
             for d, sender in self.senders.items():
-                handles[d] = sender.transfer(request_id, block_ids, num_tokens, states=states, deadline=deadline)
+                handles[d] = sender.transfer(request_id, block_ids, num_tokens, states=states, deadline=deadline,
+                                             **planning)  # fmt: skip
         except BaseException:
             for h in handles.values():
                 h.cancel("the transfer could not start on every decode rank")
@@ -170,4 +185,38 @@ class ShardedTransfer:
             h.cancel(reason)
 
     def stats(self) -> dict:
-        return {d: h.stats() for d, h in self.handles.items()}
+        """The decode ranks' statistics together (``per_rank``: each one's), without
+        waiting or raising; times are the latest rank's, None until every rank has one."""
+        per_rank = {d: h.stats() for d, h in self.handles.items()}
+
+        def latest(key: str):
+            values = [s[key] for s in per_rank.values()]
+            return None if any(v is None for v in values) else max(values, default=0.0)
+
+        return {
+            "request_id": self.request_id,
+            "num_tokens": self.num_tokens,
+            **{
+                k: sum(s[k] for s in per_rank.values())
+                for k in ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")
+            },  # fmt: skip
+            "exposed_ms": latest("exposed_ms"),
+            "total_ms": latest("total_ms"),
+            "error": next((f"decode rank {d}: {s['error']}" for d, s in per_rank.items() if s["error"]), None),
+            "per_rank": per_rank,
+        }
+
+    # When it started, when its last layer was queued, when the last rank acknowledged.
+    @property
+    def t_created(self) -> float:
+        return min((h.t_created for h in self.handles.values()), default=0.0)
+
+    @property
+    def t_last_layer(self) -> float | None:
+        values = [h.t_last_layer for h in self.handles.values()]
+        return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
+
+    @property
+    def t_acked(self) -> float | None:
+        values = [h.t_acked for h in self.handles.values()]
+        return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]

@@ -11,16 +11,22 @@ Handshake (the client is the sender, the server the receiver)::
     client                                   server
     HELLO  {version, session, conn, conns,
             nonce_c, fingerprint, codec
-            [, device_payloads]}           ->
+            [, codecs] [, device_payloads]} ->
                                           <- CHALLENGE {nonce_s, proof_s}
     (checks proof_s: the server knows the secret too)
     AUTH   {proof_c}                      ->
                                           <- ACCEPT {window, max_payload
-                                                     [, device_payloads]}
+                                                     [, codecs] [, device_payloads]}
                                              or REJECT {code, reason}, then close
 
     proof_s = HMAC-SHA256(secret, "kvwire-server" 0 nonce_c nonce_s)
     proof_c = HMAC-SHA256(secret, "kvwire-client" 0 nonce_c nonce_s session)
+
+``codecs``: the codecs this session's transfers may use, ``codecs[0] == codec``; each
+BEGIN names its transfer's codec by its index in this list (the BEGIN header's flags).
+The receiver checks every one at AUTH and answers ``codecs`` (their number) in ACCEPT;
+a sender that offered several refuses an ACCEPT without it (an older receiver would
+decode every transfer with ``codec``). Without ``codecs`` a session has one codec.
 
 ``device_payloads``: the sender can send DATA payloads from device (GPU) memory and asks
 to; the receiver's ACCEPT says whether it will receive them into device memory too.
@@ -39,7 +45,7 @@ import enum
 import hashlib
 import hmac
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
@@ -63,6 +69,7 @@ from kvwire.proto.frames import (
 )
 
 NONCE_BYTES = 32
+MAX_CODECS = 8  # codecs one session may offer (a BEGIN names one by its index in the tensor byte)
 
 
 class Role(enum.Enum):
@@ -106,6 +113,12 @@ class Hello:
     checksum: str = "crc32c"  # how DATA payloads are checked (absent in HELLO: crc32c)
     tp: tuple = (0, 1, 0)  # the sender's tensor-parallel (rank, size, model KV heads); size 1: the whole model
     block_size: int = 0  # the sender's block size (its chunks are cut on it)
+    codecs: tuple[str, ...] = ()  # codecs a BEGIN may name, codecs[0] == codec; () means (codec,)
+
+    @property
+    def session_codecs(self) -> tuple[str, ...]:
+        """Every codec this session's transfers may use, in BEGIN's numbering."""
+        return self.codecs or (self.codec,)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ class Begin:
     heads: int | None = None
     first_head: int = 0
     whole: bool = True
+    codec: int = 0  # index into the session's codecs (Hello.session_codecs)
 
 
 @dataclass(frozen=True)
@@ -267,11 +281,15 @@ class ClientConnection(Connection):
         checksum: str = "crc32c",
         tp: tuple = (0, 1, 0),
         block_size: int = 0,
+        codecs: Sequence[str] | None = None,
     ) -> None:
         super().__init__(State.AWAIT_CHALLENGE, max_payload=0)
         if checksum not in CHECKSUMS:
             raise ValueError(f"checksum: {checksum!r} is not one of {CHECKSUMS}")
         self.checksum = checksum
+        self.codecs = tuple(codecs) if codecs else (codec,)
+        if self.codecs[0] != codec or not 1 <= len(self.codecs) <= MAX_CODECS:
+            raise ValueError(f"codecs: 1..{MAX_CODECS} codecs starting with {codec!r}, got {list(self.codecs)}")
         self._secret = secret
         self._nonce = os.urandom(NONCE_BYTES)
         self._session = session
@@ -290,6 +308,8 @@ class ClientConnection(Connection):
         }
         if device_payloads:
             hello["device_payloads"] = True
+        if len(self.codecs) > 1:
+            hello["codecs"] = list(self.codecs)
         if terms:
             hello["terms"] = dict(terms)
         self._outbox.append(json_frame(FrameType.HELLO, hello))
@@ -322,6 +342,12 @@ class ClientConnection(Connection):
             max_payload = field(obj, "max_payload", int, "ACCEPT")
             if window <= 0 or max_payload <= 0:
                 raise ProtocolError("ACCEPT: window and max_payload must be positive")
+            if len(self.codecs) > 1 and obj.get("codecs") != len(self.codecs):
+                self._fail()
+                raise LayoutMismatch(
+                    f"the receiver does not take a codec per transfer (an older kvwire): offered "
+                    f"{list(self.codecs)}; use one codec instead of 'auto'"
+                )
             self.max_payload = max_payload
             self.state = State.OPEN
             tp = _tp_field(obj, "ACCEPT")
@@ -350,12 +376,16 @@ class ClientConnection(Connection):
         heads: int | None = None,
         first_head: int = 0,
         whole: bool = True,
+        codec: int = 0,
     ) -> bytes:
         """A request's BEGIN: ``heads`` k/v heads from ``first_head`` of the receiver's
-        shard (None: all it holds), and ``whole``: the tensors held whole (MLA, states)."""
+        shard (None: all it holds), ``whole``: the tensors held whole (MLA, states), and
+        ``codec``: the transfer's codec, as its index in ``codecs`` (the ``tensor`` byte)."""
+        if not 0 <= codec < len(self.codecs):
+            raise ValueError(f"codec: index {codec} outside this session's {len(self.codecs)} codecs")
         flags = (BEGIN_WHOLE if whole else 0) | (BEGIN_ALL_HEADS if heads is None else 0)
         return control_frame(FrameType.BEGIN, request_id.encode(), tag=tag, count=num_tokens, flags=flags,
-                             layer=heads or 0, start=first_head if heads else 0)  # fmt: skip
+                             layer=heads or 0, start=first_head if heads else 0, tensor=codec)  # fmt: skip
 
     def cancel(self, tag: int, reason: str) -> bytes:
         return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
@@ -377,6 +407,17 @@ class ClientConnection(Connection):
 
 
 CodecCheck = Callable[[str], "str | None"]
+
+
+def _codec_list(hello: dict) -> tuple[str, ...]:
+    """HELLO's optional ``codecs``: a list of 2..MAX_CODECS descriptors, the first being ``codec``."""
+    codecs = hello.get("codecs")
+    if codecs is None:
+        return ()
+    if (not isinstance(codecs, list) or not 2 <= len(codecs) <= MAX_CODECS
+            or not all(isinstance(c, str) for c in codecs) or codecs[0] != hello.get("codec")):  # fmt: skip
+        raise ProtocolError(f"HELLO: codecs must list 2..{MAX_CODECS} codec names, the first being 'codec'")
+    return tuple(codecs)
 
 
 class ServerConnection(Connection):
@@ -452,6 +493,7 @@ class ServerConnection(Connection):
                 checksum=obj.get("checksum", "crc32c"),
                 tp=_tp_field(obj, "HELLO"),
                 block_size=field(obj, "block_size", int, "HELLO"),
+                codecs=_codec_list(obj),
             )
             if not isinstance(self.hello.terms, dict):
                 raise ProtocolError("HELLO: terms must be an object")
@@ -479,9 +521,10 @@ class ServerConnection(Connection):
                     f"receiver has {self._layout} (fingerprint {self._fingerprint[:12]})",
                     LayoutMismatch,
                 )
-            why = self._check_codec(hello.codec)
-            if why is not None:
-                self._reject("codec", f"codec {hello.codec!r} refused by the receiver: {why}", LayoutMismatch)
+            for codec in hello.session_codecs:
+                why = self._check_codec(codec)
+                if why is not None:
+                    self._reject("codec", f"codec {codec!r} refused by the receiver: {why}", LayoutMismatch)
             why = self._check_shard(hello) if self._check_shard is not None else None
             if why is not None:
                 self._reject("layout", why, LayoutMismatch)
@@ -492,9 +535,11 @@ class ServerConnection(Connection):
                     f"(both sides must set the same checksum=; with TLS both default to 'none')",
                     LayoutMismatch,
                 )
-            terms = {"window": self._window, "max_payload": self.max_payload, "tp": self._tp,
-                     "block_size": self._block_size}  # fmt: skip
-            if hello.device_payloads and self._device_payloads(hello.codec):
+            terms: dict[str, object] = {"window": self._window, "max_payload": self.max_payload, "tp": self._tp,
+                                        "block_size": self._block_size}  # fmt: skip
+            if hello.codecs:
+                terms["codecs"] = len(hello.codecs)
+            if hello.device_payloads and all(self._device_payloads(c) for c in hello.session_codecs):
                 self.device_payloads = terms["device_payloads"] = True
             self._outbox.append(json_frame(FrameType.ACCEPT, terms))
             self.state = State.OPEN
@@ -503,10 +548,16 @@ class ServerConnection(Connection):
             request_id = parse_text(header, payload)
             if not request_id:
                 raise ProtocolError("BEGIN: empty request id")
+            assert self.hello is not None  # OPEN comes after HELLO
+            if header.tensor >= len(self.hello.session_codecs):
+                raise ProtocolError(
+                    f"BEGIN names codec {header.tensor}; this session has {len(self.hello.session_codecs)}"
+                )
             if header.flags & BEGIN_ALL_HEADS:
-                return [Begin(header.tag, request_id, header.count, None, 0, bool(header.flags & BEGIN_WHOLE))]
+                return [Begin(header.tag, request_id, header.count, None, 0, bool(header.flags & BEGIN_WHOLE),
+                              header.tensor)]  # fmt: skip
             return [Begin(header.tag, request_id, header.count, header.layer, header.start,
-                          bool(header.flags & BEGIN_WHOLE))]  # fmt: skip
+                          bool(header.flags & BEGIN_WHOLE), header.tensor)]  # fmt: skip
         if t == FrameType.DATA:
             return [Data(header, payload)]  # its checksum: verify_data, before it is declared ready
         if t == FrameType.CANCEL:

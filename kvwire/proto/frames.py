@@ -5,10 +5,11 @@ Header (little-endian)::
     offset size field
     0      2    magic        0x4B57 ("KW")
     2      1    type         FrameType
-    3      1    flags        type-specific (ACK: status; DATA: DATA_RAW)
+    3      1    flags        type-specific (ACK: status; DATA: DATA_RAW; BEGIN: BEGIN_*)
     4      4    tag          the request's number within this session (0: none)
     8      2    layer        (BEGIN: k/v heads this sender's chunks carry)
-    10     1    tensor       index into the layer's tensor names (k, v | kv, then state)
+    10     1    tensor       index into the layer's tensor names (k, v | kv, then state);
+                         BEGIN: the transfer's codec, its index in HELLO's codecs
     11     1    reserved     0
     12     4    start        DATA: first row (token) of the chunk; CREDIT: bytes granted;
                          BEGIN: the first of those heads in the receiver's shard
@@ -54,7 +55,7 @@ class FrameType(enum.IntEnum):
     AUTH = 3  # client -> server: the client's proof
     ACCEPT = 4  # server -> client: session terms (window, max payload)
     REJECT = 5  # either way, then close: why
-    BEGIN = 6  # client -> server: tag <-> request id, num_tokens
+    BEGIN = 6  # client -> server: tag <-> request id, num_tokens, its part, codec (tensor: index in HELLO's codecs)
     DATA = 7  # client -> server: one encoded chunk
     ACK = 8  # server -> client: request complete (flags 0) or failed (flags = AckStatus)
     CANCEL = 9  # either way: a request is cancelled

@@ -33,7 +33,8 @@ DEFAULT_SEGMENT_TOKENS = 1024  # divides vLLM's usual chunk sizes; a 128K prompt
 KEYS = {
     "listen": "decode side: HOST:PORT; tensor-parallel rank r's receiver listens on PORT + r (0: any free port)",
     "secret": "shared secret (else the KVWIRE_SECRET environment variable)",
-    "connections": "TCP connections per prefill rank to its decode rank (4)",
+    "connections": "TCP connections per prefill rank to each decode rank it sends to (4)",
+    "decode_tp": "prefill side: the decode instance's tensor-parallel size, if it differs from this one's",
     "codec": "raw, fp8, int4, or any of them +lz4; both sides must agree (raw)",
     "exact_tokens": "with a lossy codec, a transfer's first tokens travel raw (0)",
     "deadline_s": "seconds a segment may take, on either side, before it fails (60)",
@@ -58,6 +59,7 @@ class Settings:
     exact_tokens: int = 0
     deadline_s: float = 60.0
     segment_tokens: int = DEFAULT_SEGMENT_TOKENS
+    decode_tp: int | None = None  # None: the same as this instance's
     connect_timeout_s: float = 10.0
     staging_mib: int | None = None
     tls_cert: str | None = None
@@ -93,6 +95,7 @@ class Settings:
             exact_tokens=_int(extra, "exact_tokens", 0, 0, 1 << 30),
             deadline_s=_positive(extra, "deadline_s", 60.0),
             segment_tokens=_int(extra, "segment_tokens", DEFAULT_SEGMENT_TOKENS, 1, 1 << 30),
+            decode_tp=_int(extra, "decode_tp", None, 1, 1 << 16),
             connect_timeout_s=_positive(extra, "connect_timeout_s", 10.0),
             staging_mib=_int(extra, "staging_mib", None, 1, 1 << 20),
             tls_cert=_path(extra, "tls_cert"),

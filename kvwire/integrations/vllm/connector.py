@@ -73,6 +73,14 @@ def _tp_rank() -> int:
         return 0
 
 
+def _total_kv_heads(vllm_config) -> int | None:
+    """The model's KV heads before tensor parallelism splits them (None if unknown)."""
+    try:
+        return int(vllm_config.model_config.get_total_num_kv_heads())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 class KvwireConnector(KVConnectorBase_V1):
     """Streams a prefill's KV cache to the decode, layer by layer, through kvwire."""
 
@@ -99,6 +107,7 @@ class KvwireConnector(KVConnectorBase_V1):
                 self.settings, producer=producer, consumer=consumer, tp_size=parallel.tensor_parallel_size,
                 tp_rank=_tp_rank(), mla=mla, head_size_v=getattr(spec, "head_size_v", None),
                 num_blocks=kv_cache_config.num_blocks if kv_cache_config is not None else 0,
+                kv_heads=_total_kv_heads(vllm_config),
             )  # fmt: skip
 
     @property

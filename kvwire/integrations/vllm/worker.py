@@ -37,13 +37,6 @@ log = logging.getLogger("kvwire.vllm")
 POLL_S = 0.002  # how often a bounded wait (a preempted request's sends) looks at done()
 
 
-def describe(layout: kvwire.KVLayout) -> str:
-    """What a rank's KV cache is, in words both sides compare at the handshake."""
-    layer = layout.layers[0]
-    parts = ", ".join(f"{p.name} {list(p.token_shape)}" for p in layer.paged)
-    return f"{layout.num_layers} layers of {parts}, block {layout.block_size}, {layout.dtype}"
-
-
 @dataclass
 class CacheViews:
     """vLLM's per-layer caches as a kvwire layout and views, and the layer names in order."""
@@ -62,8 +55,10 @@ class CacheViews:
         return ids[: -(-num_tokens // self.layout.block_size)]
 
 
-def cache_views(kv_caches: dict[str, torch.Tensor], mla: bool, head_size_v: int | None, num_blocks: int) -> CacheViews:
-    """Map vLLM's registered caches (in registration order) onto a kvwire layout."""
+def cache_views(kv_caches: dict[str, torch.Tensor], mla: bool, head_size_v: int | None, num_blocks: int,
+                tp: tuple[int, int, int | None] = (0, 1, None)) -> CacheViews:  # fmt: skip
+    """Map vLLM's registered caches (in registration order) onto a kvwire layout: this
+    tensor-parallel rank's shard ``tp = (rank, size, the model's KV heads)`` of the model."""
     seen: dict[int, int] = {}
     layer_index: dict[str, int] = {}
     views: list[dict[str, torch.Tensor]] = []
@@ -97,7 +92,12 @@ def cache_views(kv_caches: dict[str, torch.Tensor], mla: bool, head_size_v: int 
     first = next(iter(views[0].values()))
     ratio = first.shape[0] // num_blocks if num_blocks and first.shape[0] % num_blocks == 0 else 1
     layers = tuple(kvwire.LayerSpec(paged=s) for s in specs)
-    layout = kvwire.KVLayout(layers=layers, block_size=first.shape[1], dtype=first.dtype)
+    rank, size, kv_heads = tp
+    shard = None
+    if size > 1:
+        held = 1 if mla else specs[0][0].heads
+        shard = kvwire.TensorParallel(rank, size, 1 if mla else kv_heads or held * size)
+    layout = kvwire.KVLayout(layers=layers, block_size=first.shape[1], dtype=first.dtype, tp=shard)
     return CacheViews(layout, views, layer_index, ratio)
 
 
@@ -106,7 +106,7 @@ class _Segment:
     req_id: str
     wire_id: str
     num_tokens: int
-    handle: kvwire.SendHandle | kvwire.ReceiveHandle | None
+    handle: kvwire.ShardedTransfer | kvwire.SendHandle | kvwire.ReceiveHandle | None
     error: str | None = None
     block_ids: list[int] = field(default_factory=list)  # vLLM ids (the decode reports them on failure)
     layers_sent: set = field(default_factory=set)
@@ -118,14 +118,15 @@ class _Segment:
 
 class WorkerSide:
     def __init__(self, settings: Settings, *, producer: bool, consumer: bool, tp_size: int, tp_rank: int,
-                 mla: bool, head_size_v: int | None, num_blocks: int) -> None:  # fmt: skip
+                 mla: bool, head_size_v: int | None, num_blocks: int, kv_heads: int | None = None) -> None:  # fmt: skip
         self.settings = settings
+        self.kv_heads = kv_heads  # the model's, before tensor parallelism
         self.producer, self.consumer = producer, consumer
         self.tp_size, self.tp_rank = tp_size, tp_rank
         self._mla, self._head_size_v, self._num_blocks = mla, head_size_v, num_blocks
         self.caches: CacheViews | None = None
         self.receiver: kvwire.Receiver | None = None
-        self._senders: dict[tuple[str, int], kvwire.Sender] = {}
+        self._senders: dict[tuple[str, int], kvwire.ShardedSender] = {}
         self._lock = threading.Lock()
         self._meta: KvwireConnectorMetadata | None = None
         self._step: list[_Segment] = []  # prefill segments opened this step
@@ -143,7 +144,8 @@ class WorkerSide:
 
     # -- set-up ------------------------------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.caches = cache_views(kv_caches, self._mla, self._head_size_v, self._num_blocks)
+        self.caches = cache_views(kv_caches, self._mla, self._head_size_v, self._num_blocks,
+                                  (self.tp_rank, self.tp_size, self.kv_heads))  # fmt: skip
         if self.consumer:
             host, port = self.settings.listen or ("0.0.0.0", 0)
             staging = (self.settings.staging_mib or 256) << 20
@@ -157,43 +159,42 @@ class WorkerSide:
 
     def terms(self) -> dict:
         assert self.caches is not None
-        return {"protocol": PROTOCOL, "tp_size": self.tp_size, "tp_rank": self.tp_rank,
-                "segment_tokens": self.settings.segment_tokens, "kv_cache": describe(self.caches.layout)}  # fmt: skip
+        # Tensor parallelism and block sizes may differ between the two instances: kvwire's
+        # handshake pairs the shards (and refuses a different model, naming what differs).
+        return {"protocol": PROTOCOL, "segment_tokens": self.settings.segment_tokens}
 
     def _check_terms(self, terms: dict) -> str | None:
         mine = self.terms()
-        names = {"protocol": "connector protocol", "tp_size": "tensor-parallel size", "tp_rank": "tensor-parallel rank",
-                 "segment_tokens": "segment_tokens", "kv_cache": "KV cache per rank"}  # fmt: skip
+        names = {"protocol": "connector protocol", "segment_tokens": "segment_tokens"}
         for key, what in names.items():
             if terms.get(key) != mine[key]:
-                why = f"{what} differs: the prefill has {terms.get(key)!r}, this decode has {mine[key]!r}"
-                if key.startswith("tp"):
-                    why += " (each prefill rank pairs with the decode rank of the same number)"
-                return why
+                return f"{what} differs: the prefill has {terms.get(key)!r}, this decode has {mine[key]!r}"
         return None
 
     # -- prefill -----------------------------------------------------------------------------
-    def _sender(self, peer: tuple[str, int], checked: dict | None = None) -> kvwire.Sender:
-        """The sender to ``peer``'s rank of our number; a new one if every connection of the
-        last one died. ``checked`` caches the answer for the rest of a step."""
+    def _sender(self, peer: tuple[str, int], checked: dict | None = None) -> kvwire.ShardedSender:
+        """This rank's sender to the decode instance at ``peer`` (its rank d listens on
+        ``PORT + d``): connected to every decode rank this rank sends heads to; a new one
+        if every connection of one of them died. ``checked`` caches the answer for the
+        rest of a step."""
         if checked is not None and peer in checked:
             return checked[peer]
-        address = (peer[0], peer[1] + self.tp_rank)
-        tx = self._senders.get(address)
-        if tx is not None and tx.stats()["alive_streams"]:
+        tx = self._senders.get(peer)
+        if tx is not None and all(s.stats()["alive_streams"] for s in tx.senders.values()):
             if checked is not None:
                 checked[peer] = tx
             return tx
         if tx is not None:
             tx.close()
         assert self.caches is not None
-        tx = kvwire.Sender(
-            self.caches.layout, address, secret=self.settings.secret, kv_caches=self.caches.views,
-            streams=self.settings.connections, codec=self.settings.codec, exact_tokens=self.settings.exact_tokens,
-            staging_bytes=(self.settings.staging_mib or 64) << 20, tls=self.settings.client_tls(),
-            connect_timeout=self.settings.connect_timeout_s, terms=self.terms(),
+        decode_tp = self.settings.decode_tp or self.tp_size
+        tx = kvwire.ShardedSender(
+            self.caches.layout, [(peer[0], peer[1] + d) for d in range(decode_tp)], secret=self.settings.secret,
+            kv_caches=self.caches.views, streams=self.settings.connections, codec=self.settings.codec,
+            exact_tokens=self.settings.exact_tokens, staging_bytes=(self.settings.staging_mib or 64) << 20,
+            tls=self.settings.client_tls(), connect_timeout=self.settings.connect_timeout_s, terms=self.terms(),
         )  # fmt: skip
-        self._senders[address] = tx
+        self._senders[peer] = tx
         if checked is not None:
             checked[peer] = tx
         return tx
@@ -299,7 +300,7 @@ class WorkerSide:
 
     def _record_send(self, seg: _Segment) -> None:
         st = self._stats
-        if not isinstance(seg.handle, kvwire.SendHandle):
+        if not isinstance(seg.handle, kvwire.SendHandle | kvwire.ShardedTransfer):
             return
         try:
             s = seg.handle.finish(timeout=0)  # done already: returns at once, cancels nothing
