@@ -30,8 +30,8 @@ def blocks(i):
 
 def test_each_transfer_of_a_session_travels_with_its_own_codec(pair):
     rx, tx, src, dst = pair
-    assert [c.descriptor for c in tx.codecs] == ["raw", "fp8", "int4/g64"]
-    for i, codec in enumerate(["int4", "raw", "fp8", "int4/g64"]):
+    assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4h"]
+    for i, codec in enumerate(["int4h", "raw", "int8h", "int4h"]):
         for layer in dst:
             for t in layer.values():
                 t.zero_()
@@ -65,7 +65,7 @@ def test_auto_on_a_fast_link_sends_raw_and_says_why(pair):
     link = tx.link()
     assert link.rtt.value is not None and link.connections == 2
     described = tx.stats()
-    assert described["codec"] == "auto" and described["codecs"] == ["raw", "fp8", "int4/g64"]
+    assert described["codec"] == "auto" and described["codecs"] == ["raw", "int8h", "int4h"]
     assert described["link"]["connections"] == 2
     assert described["streams_policy"]["bound"] == 16
 
@@ -98,8 +98,8 @@ def test_estimate_before_and_after_a_measurement(pair):
     h = rx.expect("m", blocks(0), TOKENS)
     tx.send("m", blocks(0), TOKENS, timeout=30)
     h.wait(timeout=30)
-    e = tx.estimate(TOKENS, codec="int4", layers_per_s=100.0)
-    assert e.codec == "int4/g64" and e.wire_bytes < first.wire_bytes and e.layers_per_s == 100.0
+    e = tx.estimate(TOKENS, codec="int4h", layers_per_s=100.0)
+    assert e.codec == "int4h" and e.wire_bytes < first.wire_bytes and e.layers_per_s == 100.0
     assert e.total_s is not None and e.total_s >= LAYOUT.num_layers / 100.0  # the prefill is inside it
     assert tx.estimate(TOKENS, codec="auto").codec == "raw"
     with pytest.raises(ValueError, match="not one of this sender's codecs"):
@@ -130,7 +130,7 @@ def test_auto_arguments_are_checked(pair):
 def test_a_receiver_must_accept_every_codec_auto_may_choose():
     rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), codecs=["raw", "fp8"])
     try:
-        with pytest.raises(kvwire.LayoutMismatch, match="codec 'int4/g64' refused"):
+        with pytest.raises(kvwire.LayoutMismatch, match="codec '(int8h|int4h)' refused"):
             kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(8), codec="auto")
         with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(8), codec="auto",
                            codecs=["raw", "fp8"]) as tx:  # fmt: skip

@@ -273,7 +273,7 @@ class Sender:
             exposed time meets its target (``max_exposed_ms``); the receiver must accept
             every one of them.
         codecs: with ``codec="auto"``, the codecs it may choose, least lossy first
-            (default raw, fp8, int4).
+            (default raw, int8h, int4h).
         max_exposed_ms: the default target of ``transfer(max_exposed_ms=...)``: exposed
             milliseconds (last layer produced to acknowledgement) a transfer should stay within.
         layers_per_s: the default prefill pace the predictions assume (layers produced per
