@@ -101,11 +101,11 @@ def _score(model, prompt: list[int], cache, new_tokens: int):
     """(next-token log-probabilities, greedy continuation) from a cache of prompt[:-1]."""
     import copy
 
-    from kvwire.integrations.transformers import _cache_argument
+    from kvwire.integrations.transformers import cache_argument
 
     last = torch.tensor([prompt[-1:]])
-    logits = model(last, **_cache_argument(copy.deepcopy(cache)), use_cache=True).logits[0, -1].double()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, **_cache_argument(cache))
+    logits = model(last, **cache_argument(copy.deepcopy(cache)), use_cache=True).logits[0, -1].double()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, **cache_argument(cache))
     return torch.log_softmax(logits, -1), out[0, len(prompt) :].tolist()
 
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     from transformers import DynamicCache
 
     from kvwire.bench.models import smollm2
-    from kvwire.integrations.transformers import _cache_argument
+    from kvwire.integrations.transformers import cache_argument
 
     lengths = [int(x) for x in args.lengths.split(",")]
     codecs = [kvwire.codec.get(c.strip(), group_size=args.group_size) for c in args.codecs.split(",")]
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     for k, (name, prompt) in enumerate(prompts):
         with torch.inference_mode():
             ref_cache = DynamicCache()
-            model(torch.tensor([prompt[:-1]]), **_cache_argument(ref_cache), use_cache=True)
+            model(torch.tensor([prompt[:-1]]), **cache_argument(ref_cache), use_cache=True)
         import copy
 
         ref_lp, ref_tokens = _score(model, prompt, copy.deepcopy(ref_cache), args.new_tokens)

@@ -112,7 +112,7 @@ def cache_from_blocks(
     return cache
 
 
-def _cache_argument(cache) -> dict:
+def cache_argument(cache) -> dict:
     """transformers 5 calls the argument ``cache``; 4.x calls it ``past_key_values``."""
     major = int(transformers.__version__.split(".")[0])
     return {"cache": cache} if major >= 5 else {"past_key_values": cache}
@@ -127,7 +127,7 @@ def prefill(model, input_ids: torch.Tensor, transfer, pool, start: int = 0, stre
     """
     cache = StreamingCache(transfer, pool, start, stream)
     out = model.generate(input_ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
-                         **_cache_argument(cache))  # fmt: skip
+                         **cache_argument(cache))  # fmt: skip
     return out.sequences[:, -1:]
 
 
@@ -138,5 +138,5 @@ def continue_generation(model, input_ids: torch.Tensor, first_token: torch.Tenso
     ids = torch.cat([input_ids, first_token], dim=1)
     if max_new_tokens <= 1:
         return first_token[0]
-    out = model.generate(ids, max_new_tokens=max_new_tokens - 1, do_sample=False, **_cache_argument(cache))
+    out = model.generate(ids, max_new_tokens=max_new_tokens - 1, do_sample=False, **cache_argument(cache))
     return out[0, input_ids.shape[1] :]
