@@ -120,25 +120,34 @@ class HeadViews:
         return self._views[key]
 
 
-class Encoder:
-    """Turns a chunk of a transfer into its payload. Subclasses are the ways bytes move."""
+class CacheSide:
+    """What an encoder and a placement share: the layout, this side's caches, and views of
+    the heads a chunk carries."""
 
-    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]], pool: StagingPool) -> None:
+    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
         self.layout = layout
         self.caches = caches
-        self.pool = pool
-
-    def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
-        raise NotImplementedError
+        self.heads = HeadViews(caches)
 
     def cache(self, ref: ChunkRef) -> torch.Tensor:
-        """The cache tensor a chunk comes from: a view of just its heads when it carries some
-        of the heads this side holds (prefill and decode split heads differently)."""
+        """The cache tensor a chunk comes from or lands in: a view of just its heads when it
+        carries some of the heads this side holds (prefill and decode split heads differently)."""
         cache = self.caches[ref.layer][ref.name]
         if ref.heads is None:
             return cache
         first, count = ref.heads
         return cache[:, :, first : first + count]
+
+
+class Encoder(CacheSide):
+    """Turns a chunk of a transfer into its payload. Subclasses are the ways bytes move."""
+
+    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]], pool: StagingPool) -> None:
+        super().__init__(layout, caches)
+        self.pool = pool
+
+    def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
+        raise NotImplementedError
 
     def _into_slot(self, data: torch.Tensor) -> Payload:
         n = data.numel()
@@ -154,7 +163,6 @@ class HostEncoder(Encoder):
         super().__init__(layout, caches, pool)
         self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
         self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
-        self.heads = HeadViews(caches)
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         caches = self.caches[ref.layer]
@@ -271,26 +279,13 @@ class _BlockWriter:
         scatter_tokens(self.cache, sel, self.block_size, start, rows)
 
 
-class Placement:
+class Placement(CacheSide):
     """Writes a received chunk into its destination. Subclasses are the ways bytes move."""
 
     device_payloads = False  # whether it can take payloads that arrived in GPU memory
 
-    def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
-        self.layout = layout
-        self.caches = caches
-
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         raise NotImplementedError
-
-    def cache(self, ref: ChunkRef) -> torch.Tensor:
-        """The cache tensor a chunk lands in: a view of just its heads when it carries some
-        of the heads this side holds (prefill and decode split heads differently)."""
-        cache = self.caches[ref.layer][ref.name]
-        if ref.heads is None:
-            return cache
-        first, count = ref.heads
-        return cache[:, :, first : first + count]
 
     def takes_device_payloads(self, codec: Codec) -> bool:
         return False
@@ -305,7 +300,6 @@ class HostPlacement(Placement):
     def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
         super().__init__(layout, caches)
         self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
-        self.heads = HeadViews(caches)
 
     def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
         """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive
