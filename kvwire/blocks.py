@@ -103,25 +103,9 @@ def copy_tokens_to_blocks(dst, src, block_ids: Sequence[int], count: int, block_
     twice as fast as a Python loop over runs for scattered blocks). In a partial last
     block only the tokens named are written.
     """
-    block_bytes = dst.shape[1]
-    token_bytes = block_bytes // block_size
-    if offset:  # the first block entered part-way: its share, then whole blocks from the next
-        n = min(block_size - offset, count)
-        dst[block_ids[0], offset * token_bytes : (offset + n) * token_bytes] = src[: n * token_bytes]
-        if n < count:
-            copy_tokens_to_blocks(dst, src[n * token_bytes :], block_ids[1:], count - n, block_size)
-        return
-    full, rest = divmod(count, block_size)
-    if full:
-        ids = np.asarray(block_ids[:full], dtype=np.intp)
-        rows = src[: full * block_bytes].reshape(full, block_bytes)
-        first = int(ids[0])
-        if full == 1 or (int(ids[-1]) - first == full - 1 and bool((np.diff(ids) == 1).all())):
-            dst[first : first + full] = rows
-        else:
-            dst[ids] = rows
-    if rest:
-        dst[block_ids[full], : rest * token_bytes] = src[full * block_bytes : full * block_bytes + rest * token_bytes]
+    token_bytes = dst.shape[1] // block_size
+    rows_to_blocks(dst.reshape(dst.shape[0], block_size, token_bytes),
+                   src[: count * token_bytes].reshape(count, token_bytes), block_ids, block_size, offset)  # fmt: skip
 
 
 def source_rows(
