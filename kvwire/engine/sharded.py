@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -172,10 +172,7 @@ class ShardedTransfer:
             "request_id": self.request_id,
             "num_tokens": self.num_tokens,
             "decode_ranks": sorted(results),
-            **{
-                k: sum(r[k] for r in results.values())
-                for k in ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")
-            },  # fmt: skip
+            **_summed(results.values()),
             "exposed_ms": max(((r["exposed_ms"] or 0.0) for r in results.values()), default=0.0),
             "total_ms": max(((r["total_ms"] or 0.0) for r in results.values()), default=0.0),
         }
@@ -188,20 +185,12 @@ class ShardedTransfer:
         """The decode ranks' statistics together (``per_rank``: each one's), without
         waiting or raising; times are the latest rank's, None until every rank has one."""
         per_rank = {d: h.stats() for d, h in self.handles.items()}
-
-        def latest(key: str):
-            values = [s[key] for s in per_rank.values()]
-            return None if any(v is None for v in values) else max(values, default=0.0)
-
         return {
             "request_id": self.request_id,
             "num_tokens": self.num_tokens,
-            **{
-                k: sum(s[k] for s in per_rank.values())
-                for k in ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")
-            },  # fmt: skip
-            "exposed_ms": latest("exposed_ms"),
-            "total_ms": latest("total_ms"),
+            **_summed(per_rank.values()),
+            "exposed_ms": _latest(s["exposed_ms"] for s in per_rank.values()),
+            "total_ms": _latest(s["total_ms"] for s in per_rank.values()),
             "error": next((f"decode rank {d}: {s['error']}" for d, s in per_rank.items() if s["error"]), None),
             "per_rank": per_rank,
         }
@@ -213,10 +202,22 @@ class ShardedTransfer:
 
     @property
     def t_last_layer(self) -> float | None:
-        values = [h.t_last_layer for h in self.handles.values()]
-        return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
+        return _latest(h.t_last_layer for h in self.handles.values())
 
     @property
     def t_acked(self) -> float | None:
-        values = [h.t_acked for h in self.handles.values()]
-        return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
+        return _latest(h.t_acked for h in self.handles.values())
+
+
+SUMMED = ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")  # over the decode ranks
+
+
+def _summed(stats: Iterable[dict]) -> dict:
+    stats = list(stats)
+    return {k: sum(s[k] for s in stats) for k in SUMMED}
+
+
+def _latest(values: Iterable[float | None]) -> float | None:
+    """The latest of the ranks' times; None until every rank has one."""
+    values = list(values)
+    return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
