@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kvwire
+from kvwire.bench.fixture import head_range, shard_caches
 from kvwire.blocks import gather_tokens
 from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection
@@ -30,17 +31,6 @@ NUM_BLOCKS = 16
 
 def shard(model: kvwire.KVLayout, rank: int, size: int) -> kvwire.KVLayout:
     return model.shard(rank, size)
-
-
-def heads_slice(layout: kvwire.KVLayout) -> slice:
-    first, count = layout.tp.heads
-    return slice(first, first + count)
-
-
-def shard_caches(model_caches, layout: kvwire.KVLayout):
-    """A prefill rank's own caches: its heads of the whole model's (the latent whole)."""
-    return [{n: (t if n == "kv" else t[:, :, heads_slice(layout)]).contiguous() for n, t in layer.items()}
-            for layer in model_caches]  # fmt: skip
 
 
 def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=16, tokens=50, seed=3, exact=0):
@@ -84,8 +74,7 @@ def check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec_name, prefi
             for p in layer.paged:
                 rows = gather_tokens(src[i][p.name], Selection(tuple(src_ids), tokens), prefill_bs)
                 want = received_rows(codec, rows, p.name, prefill_bs, exact)  # the sender's blocks group int4 keys
-                if p.name != "kv":
-                    want = want[:, heads_slice(layout)]
+                want = want[:, head_range(layout, p.name)]
                 got = gather_tokens(dst[d][i][p.name], Selection(tuple(dst_ids), tokens), decode_bs)
                 same = torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
                 assert same, f"decode rank {d} layer {i} {p.name} ({codec_name})"

@@ -136,7 +136,8 @@ def receiver_main(
     tune_malloc()
     torch.set_num_threads(1)
     layout, per, total_blocks = fixture.layout_and_blocks(args, "decode", rank)
-    model, _, model_blocks = fixture.layout_and_blocks(argparse.Namespace(**{**vars(args), "prefill_tp": 1}))
+    prefill, _, model_blocks = fixture.layout_and_blocks(args, "prefill")
+    model = prefill.model()  # the whole model as the prefill pages it: the reference
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in layout.allocate_states().items()} for _ in range(args.requests)]
     tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
@@ -421,11 +422,11 @@ def _run(args, layout, progress, link) -> dict:
             overlap = merge_sent(_all(senders, ("send", args.rounds, False), 900))
             _all(receivers, None, 900)
         stats = _all(senders, ("stats",), 60)
-        sender_stats = merged_stats({f"prefill rank {i}": s for i, s in enumerate(stats)})
+        tx_stats = merged_stats({f"prefill rank {i}": s for i, s in enumerate(stats)})
         rss = _all(receivers, ("rss",), 60)
         rss_all = {"start": sum(x["start"] for x in rss), "now": sum(x["now"] for x in rss),
                    "peak": max(x["peak"] for x in rss)}  # fmt: skip
-        report = loopback_report.build(args, layout, rounds, measured, singles, overlap, sender_stats, rss_all)
+        report = loopback_report.build(args, layout, rounds, measured, singles, overlap, tx_stats, rss_all)
         if sharded(args):
             report["tensor_parallel"] = {"prefill": n_tx, "decode": n_rx, "prefill_block_size": layout.block_size,
                                          "decode_block_size": args.decode_block_size or layout.block_size}  # fmt: skip
