@@ -183,22 +183,21 @@ def cache_bytes(cache: torch.Tensor) -> np.ndarray | None:
 
 def row_views(blocks: np.ndarray, sel: Selection, block_size: int, c: Rows) -> list[memoryview]:
     """The bytes of a chunk's rows in a cache seen as ``blocks`` (:func:`cache_bytes`),
-    one view per run of consecutive blocks; the last block's unused tail left out."""
+    one view per run of consecutive blocks; the last block's unused tail left out.
+
+    Per-frame work on both sides, so it slices one flat byte view with integers (the
+    runs are the selection's, found once): a numpy reshape per run cost 1.5 us each,
+    ~90 us for a 2 MiB chunk of 64 scattered blocks, ~15 us this way."""
     first, last = c.start // block_size, -(-(c.start + c.count) // block_size)
-    ids = sel.block_ids[first:last]
-    head = c.start - first * block_size  # tokens of the first block before the chunk
-    tail = c.start + c.count - (last - 1) * block_size  # tokens used in the chunk's last block
-    per_token = blocks.shape[1] // block_size
-    runs = block_runs(ids)
-    views = []
-    for k, (_, block, n) in enumerate(runs):
-        run = blocks[block : block + n].reshape(-1)
-        if k == len(runs) - 1 and tail < block_size:
-            run = run[: run.size - (block_size - tail) * per_token]
-        if k == 0 and head:
-            run = run[head * per_token :]
-        views.append(run.data)
-    return views
+    block_bytes = blocks.shape[1]
+    per_token = block_bytes // block_size
+    ids, counts = sel.spans(first, last)
+    lo = ids * block_bytes
+    hi = lo + counts * block_bytes
+    lo[0] += (c.start - first * block_size) * per_token  # rows of the first block before the chunk
+    hi[-1] -= (last * block_size - c.start - c.count) * per_token  # the last block's unused rows
+    flat = memoryview(blocks).cast("B")
+    return [flat[a:b] for a, b in zip(lo.tolist(), hi.tolist())]
 
 
 def raw_views(cache: torch.Tensor, sel: Selection, block_size: int, c: Rows) -> list[memoryview] | None:

@@ -16,7 +16,8 @@ may carry only the uncached tail of a prompt (its first block starts the tail).
 
 Example::
 
-    >>> import torch
+    >>> import numpy as np
+import torch
     >>> layout = KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=128, block_size=16)
     >>> layout.bytes_per_token()
     8192
@@ -34,11 +35,14 @@ Paged tensors may have any strides as long as their *logical* shape is
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # The dtypes a KV cache may have, with the names used on the wire and in fingerprints.
@@ -528,6 +532,29 @@ class Selection:
         if self.num_tokens < 0:
             raise ValueError(f"num_tokens: must be >= 0, got {self.num_tokens}")
         object.__setattr__(self, "block_ids", ids)
+
+    @functools.cached_property
+    def _runs(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The block ids as runs of consecutive ids, found once per selection: where each
+        run begins (a position in token order; one past the last block at the end), as a
+        list and an array, and each run's first block id."""
+        ids = np.asarray(self.block_ids, dtype=np.int64)
+        starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1) if len(ids) else np.zeros(0, np.int64)
+        positions = np.append(starts, len(ids))
+        return positions.tolist(), positions, ids[starts]
+
+    def spans(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks ``[first, last)`` of the selection (positions in token order) as runs of
+        consecutive ids: ``(first block id, count)`` arrays, one entry per run. A chunk's
+        rows in a contiguous cache are one byte span per run."""
+        listed, positions, blocks = self._runs
+        i = bisect.bisect_right(listed, first) - 1
+        if listed[i + 1] >= last:  # inside one run (blocks allocated in order): no arrays to cut
+            return blocks[i : i + 1] + (first - listed[i]), np.array([last - first])
+        j = bisect.bisect_left(listed, last)
+        lo = np.maximum(positions[i:j], first)
+        hi = np.minimum(positions[i + 1 : j + 1], last)
+        return blocks[i:j] + (lo - positions[i:j]), hi - lo
 
     def check(self, block_size: int, num_blocks: int | None = None) -> Selection:
         """Check against a block size and (optionally) a pool size; return self."""

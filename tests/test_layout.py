@@ -1,10 +1,12 @@
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvwire.blocks import gather_tokens, scatter_tokens
+from kvwire.blocks import cache_bytes, gather_tokens, row_views, scatter_tokens
 from kvwire.layout import KVLayout, LayerSpec, PagedTensorSpec, Selection, StateSpec
 
 
@@ -137,3 +139,34 @@ def test_head_slices_move_through_numpy_views_like_torch_scatter_and_gather(data
     rows_from_blocks(view, ids, bs, out)
     want = gather_tokens(cache[:, :, first : first + count], sel, bs).contiguous()
     assert np.array_equal(out, want.view(torch.uint8).numpy().reshape(tokens, -1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_row_views_are_a_chunks_bytes_whatever_the_block_order(data):
+    """The spans a chunk is sent from and received into (one byte view per run of
+    consecutive blocks, from runs found once per selection) hold exactly its rows."""
+    block_size = data.draw(st.sampled_from([1, 4, 16]), label="block_size")
+    pool = data.draw(st.integers(1, 24), label="pool")
+    ids = data.draw(st.permutations(range(pool)).flatmap(lambda p: st.just(p[: max(1, len(p) // 2 + 1)])))
+    # runs of consecutive ids are common (allocators hand out blocks in order): keep some
+    if data.draw(st.booleans(), label="sorted"):
+        ids = sorted(ids)
+    tokens = data.draw(st.integers((len(ids) - 1) * block_size + 1, len(ids) * block_size), label="tokens")
+    sel = Selection(tuple(ids), tokens)
+    start = data.draw(st.integers(0, tokens - 1), label="start")
+    count = data.draw(st.integers(1, tokens - start), label="count")
+    cache = torch.arange(pool * block_size * 6, dtype=torch.int16).view(pool, block_size, 2, 3)
+    blocks = cache_bytes(cache)
+    assert blocks is not None
+    got = b"".join(bytes(v) for v in row_views(blocks, sel, block_size, Rows("k", start, count)))
+    want = gather_tokens(cache, sel, block_size)[start : start + count]
+    assert got == want.numpy().tobytes()
+    spans = list(zip(*(a.tolist() for a in sel.spans(start // block_size, -(-(start + count) // block_size)))))
+    assert all(n > 0 for _, n in spans) and len(spans) <= len(ids)
+
+
+class Rows(NamedTuple):
+    name: str
+    start: int
+    count: int
