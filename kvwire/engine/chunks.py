@@ -8,7 +8,7 @@ so chunks can travel on any connection and be placed in any order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,8 +20,10 @@ from kvwire.proto.request import TensorPlan
 RAW = RawCodec()
 
 
-@dataclass(frozen=True)
-class ChunkRef:
+class ChunkRef(NamedTuple):
+    """Which rows of which tensor a chunk is (made for every frame on both sides: a tuple,
+    which costs a tenth of a frozen dataclass to make)."""
+
     layer: int
     tensor: int  # index into the layer's tensor names
     name: str

@@ -17,6 +17,7 @@ carries out the actions it returns after releasing the lock.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import ssl
@@ -171,6 +172,15 @@ class _Chunk:
     length: int
     conn: _RConn
     parked_bytes: int = 0  # counted against the parking bounds until placed or dropped
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunk_size(codec: Codec, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, role: str,
+                block_size: int) -> tuple[ChunkSpec, int]:  # fmt: skip
+    """A chunk's spec and the payload size its codec gives it: asked for every DATA frame,
+    of a handful of shapes (a chunk's rows are the only thing that changes, and rarely)."""
+    spec = ChunkSpec(tokens, heads, head_dim, dtype, role, block_size)
+    return spec, codec.encoded_size(spec)
 
 
 class ReceiveHandle:
@@ -709,16 +719,16 @@ class Receiver:
         take it as it is (raw into contiguous host memory): no staging, no copy. The rows
         belong to this request alone until it ends; they count as arrived only once the
         checksum passed. False when the payload must go through staging instead."""
+        handle = request.handle  # set once by expect(), with the destination it names
+        if handle is None or n != spec.raw_nbytes:
+            return False
+        views = self._placement.destination_views(codec, ref, handle.destination)  # outside the lock
+        if views is None:
+            return False
         with self._lock:
-            if request.state is not requests.State.BOUND or n != spec.raw_nbytes:
-                return False
-            views = self._placement.destination_views(codec, ref, request.handle.destination)
-            if views is None:
-                return False
             write = self._table.start_write(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
-            if write is None:
+            if write is None:  # not bound (yet, or any more): through staging, which parks or drops it
                 return False
-            handle = request.handle
             if write is False:  # an exact repeat: read it past
                 handle.duplicates += 1
         if write is False:
@@ -745,10 +755,10 @@ class Receiver:
                     self._cond.notify_all()
             else:
                 actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
-            frame = conn.owe(n, self._credit_batch)
-            if frame is not None:
-                conn.send(frame)
             self._run_locked(actions)
+        frame = conn.owe(n, self._credit_batch)
+        if frame is not None:
+            conn.send(frame)
         self._run(actions)
         if not ok:
             self._checksum_failed(conn, header, request)
@@ -817,13 +827,12 @@ class Receiver:
         if (part.whole if t.whole else part.heads) == 0:
             raise ProtocolError(f"DATA for layer {header.layer} {t.name!r}, which this sender did not announce")
         heads = t.heads if t.whole or part.heads == t.heads else (part.first_head, part.heads)
-        # The chunk as the sender cut it: its heads, and its block size (int4 groups keys by it).
-        spec = ChunkSpec(header.count, t.heads if t.whole else part.heads, t.head_dim, self.layout.dtype, t.name,
-                         session.block_size)  # fmt: skip
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW),
                        None if isinstance(heads, int) else heads)  # fmt: skip
         codec = ref.codec(request.codec_of(session.id))
-        size = codec.encoded_size(spec)
+        # The chunk as the sender cut it: its heads, and its block size (int4 groups keys by it).
+        spec, size = _chunk_size(codec, header.count, t.heads if t.whole else part.heads, t.head_dim,
+                                 self.layout.dtype, t.name, session.block_size)  # fmt: skip
         if header.length > size or (not codec.variable_size and header.length != size):
             raise ProtocolError(
                 f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "

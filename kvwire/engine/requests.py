@@ -346,9 +346,8 @@ class RequestTable:
             return None
         assert request.plan is not None
         part = request.part_of(session)
-        if request.plan.is_duplicate(layer, tensor, start, count, part):
+        if not request.plan.claim(layer, tensor, start, count, part):
             return False
-        request.plan.mark(layer, tensor, start, count, part)
         request.writing[layer] += 1
         return True
 

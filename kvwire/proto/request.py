@@ -14,6 +14,7 @@ without writing anything.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from kvwire.errors import ProtocolError
@@ -30,7 +31,7 @@ class TensorPlan:
     head_dim: int
     unit: int  # rows per coverage unit: block_size for paged tensors, 1 for states
 
-    @property
+    @functools.cached_property
     def whole(self) -> bool:
         """Held whole on every tensor-parallel rank (an MLA latent, a state), not split by heads."""
         return self.name in ("kv", STATE_NAME)
@@ -136,36 +137,33 @@ class RequestPlan:
         check_rows(t, start, count)
         return t
 
-    def _key(self, layer: int, index: int, part: PartSpec) -> tuple[int, int, int]:
-        t = self.tensor(layer, index)
-        key = (layer, index, 0 if t.whole else part.first_head)
+    def _key(self, t: TensorPlan, part: PartSpec) -> tuple[int, int, int]:
+        key = (t.layer, t.index, 0 if t.whole else part.first_head)
         if key not in self._covered or (t.whole and not part.whole) or (not t.whole and not part.heads):
-            raise ProtocolError(f"layer {layer} {t.name!r}: not part of what this sender announced")
+            raise ProtocolError(f"layer {t.layer} {t.name!r}: not part of what this sender announced")
         return key
 
-    def is_duplicate(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> bool:
-        """True for an exact repeat of an arrived chunk; ProtocolError for a partial overlap."""
+    def claim(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> bool:
+        """Record a chunk as placed: True when it is new, False for an exact repeat of an
+        arrived chunk (nothing recorded); ProtocolError for a partial overlap."""
         t = self.check(layer, index, start, count)
-        key = self._key(layer, index, part)
-        if self._chunks[key].get(start) == count:
-            return True
-        if any(self._covered[key][start // t.unit : -(-(start + count) // t.unit)]):
-            raise ProtocolError(f"chunk rows {start}..{start + count} of layer {layer} {t.name!r} overlap earlier data")
-        return False
-
-    def mark(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> None:
-        """Record a chunk as placed (after :meth:`is_duplicate` said it is new)."""
-        t = self.check(layer, index, start, count)
-        key = self._key(layer, index, part)
+        key = self._key(t, part)
+        chunks = self._chunks[key]
+        if chunks.get(start) == count:
+            return False
         first, last = start // t.unit, -(-(start + count) // t.unit)
-        self._covered[key][first:last] = b"\x01" * (last - first)
-        self._chunks[key][start] = count
+        covered = self._covered[key]
+        if any(covered[first:last]):
+            raise ProtocolError(f"chunk rows {start}..{start + count} of layer {layer} {t.name!r} overlap earlier data")
+        covered[first:last] = b"\x01" * (last - first)
+        chunks[start] = count
         self._missing[layer] -= (last - first) * (1 if t.whole else part.heads)
+        return True
 
     def unmark(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> None:
         """Forget a chunk marked before (its payload failed its checksum: it comes again)."""
         t = self.check(layer, index, start, count)
-        key = self._key(layer, index, part)
+        key = self._key(t, part)
         if self._chunks[key].pop(start, None) != count:
             raise AssertionError(f"unmark of rows {start}..{start + count} that were not marked")
         first, last = start // t.unit, -(-(start + count) // t.unit)
