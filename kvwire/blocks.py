@@ -196,7 +196,7 @@ def row_views(blocks: np.ndarray, sel: Selection, block_size: int, c: Rows) -> l
     hi = lo + counts * block_bytes
     lo[0] += (c.start - first * block_size) * per_token  # rows of the first block before the chunk
     hi[-1] -= (last * block_size - c.start - c.count) * per_token  # the last block's unused rows
-    flat = memoryview(blocks).cast("B")
+    flat = blocks.data.cast("B")
     return [flat[a:b] for a, b in zip(lo.tolist(), hi.tolist())]
 
 

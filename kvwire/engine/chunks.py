@@ -28,7 +28,7 @@ class ChunkRef(NamedTuple):
     tensor: int  # index into the layer's tensor names
     name: str
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # rows; shadows tuple.count, which nothing here uses
     raw: bool = False  # sent raw whatever the session's codec (the transfer's exact tokens)
     # (first, count) of the k/v heads it carries, in this side's shard; None: every head
     # this side holds (always, unless prefill and decode split heads differently)
