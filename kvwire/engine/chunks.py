@@ -8,6 +8,7 @@ so chunks can travel on any connection and be placed in any order.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -40,7 +41,12 @@ class ChunkRef(NamedTuple):
 
 def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
     """What a chunk of ``count`` rows of ``t`` is to a codec (tensor names are codec roles)."""
-    return ChunkSpec(count, t.heads, t.head_dim, layout.dtype, t.name, layout.block_size)
+    return _spec(count, t.heads, t.head_dim, layout.dtype, t.name, layout.block_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(count: int, heads: int, head_dim: int, dtype: torch.dtype, role: str, block_size: int) -> ChunkSpec:
+    return ChunkSpec(count, heads, head_dim, dtype, role, block_size)  # asked per chunk, of a few shapes
 
 
 def row_unit(codec: Codec, t: TensorPlan) -> int:

@@ -946,6 +946,9 @@ class Sender:
                     self._out_bytes -= chunk.nbytes
                     conn.credit -= chunk.nbytes
                     conn.inflight[chunk.transfer.tag].append(chunk.ref)
+                    # Counted before the send: the receiver may acknowledge the request
+                    # (and finish() return these statistics) before the send returns.
+                    self._count_locked(chunk.transfer, chunk, +1)
                     self._space.notify()
                     self._wake_writer()  # the next chunk, if any, to another connection
                     return chunk, _begin_frames(conn, chunk.transfer)
@@ -961,9 +964,6 @@ class Sender:
             chunk, frames = taken
             handle = chunk.transfer
             try:
-                # Counted before the send: the receiver may acknowledge the request (and
-                # finish() return these statistics) before send_parts returns here.
-                self._count(handle, chunk, +1)
                 ref, payload = chunk.ref, chunk.payload
                 crc = payload.checksum() if self.checksum != "none" else 0
                 header = conn.proto.data_header(handle.tag, ref.layer, ref.tensor, ref.start, ref.count,
@@ -984,9 +984,13 @@ class Sender:
 
     def _count(self, handle: SendHandle, chunk: _OutChunk, sign: int) -> None:
         with self._lock:
-            handle.chunks += sign
-            handle.wire_bytes += sign * chunk.nbytes
-            handle.logical_bytes += sign * chunk.logical_bytes
+            self._count_locked(handle, chunk, sign)
+
+    @staticmethod
+    def _count_locked(handle: SendHandle, chunk: _OutChunk, sign: int) -> None:
+        handle.chunks += sign
+        handle.wire_bytes += sign * chunk.nbytes
+        handle.logical_bytes += sign * chunk.logical_bytes
 
     def _read_loop(self, conn: _Conn) -> None:
         try:

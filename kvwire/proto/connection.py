@@ -64,6 +64,7 @@ from kvwire.proto.frames import (
     crc32c,
     field,
     json_frame,
+    pack_header,
     parse_json,
     parse_text,
 )
@@ -400,10 +401,9 @@ class ClientConnection(Connection):
             raise ProtocolError(f"DATA before the handshake is done (state {self.state.value})")
         if not 0 < length <= self.max_payload:
             raise ValueError(f"length: {length} outside 1..{self.max_payload}, the receiver's largest payload")
-        return Header(
-            FrameType.DATA, tag=tag, layer=layer, tensor=tensor, start=start, count=count, length=length,
-            payload_crc=payload_crc, flags=DATA_RAW if raw else 0,
-        ).pack()  # fmt: skip
+        return pack_header(
+            FrameType.DATA, DATA_RAW if raw else 0, tag, layer, tensor, start, count, length, payload_crc
+        )
 
 
 CodecCheck = Callable[[str], "str | None"]

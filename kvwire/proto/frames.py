@@ -45,6 +45,7 @@ MAGIC = 0x4B57
 HEADER = struct.Struct("<HBBIHBBIIIII")
 HEADER_SIZE = HEADER.size  # 32
 _HEADER_BODY = struct.Struct("<HBBIHBBIIII")
+_CRC = struct.Struct("<I")
 MAX_CONTROL_PAYLOAD = 64 * 1024  # handshakes and acks are tiny; a bigger one is an attack or a bug
 PROTOCOL_VERSION = 2  # 2: shards and block sizes may differ; the model fingerprint; NACK
 
@@ -96,20 +97,16 @@ class Header:
     flags: int = 0
 
     def pack(self) -> bytes:
-        body = _HEADER_BODY.pack(
-            MAGIC,
-            self.type,
-            self.flags,
-            self.tag,
-            self.layer,
-            self.tensor,
-            0,
-            self.start,
-            self.count,
-            self.length,
-            self.payload_crc,
-        )
-        return body + struct.pack("<I", crc32c(body))
+        return pack_header(self.type, self.flags, self.tag, self.layer, self.tensor, self.start, self.count,
+                           self.length, self.payload_crc)  # fmt: skip
+
+
+def pack_header(ftype: int, flags: int, tag: int, layer: int, tensor: int, start: int, count: int, length: int,
+                payload_crc: int) -> bytes:  # fmt: skip
+    """A frame header's bytes from its fields (DATA headers are packed this way, without a
+    :class:`Header` object: one per frame)."""
+    body = _HEADER_BODY.pack(MAGIC, ftype, flags, tag, layer, tensor, 0, start, count, length, payload_crc)
+    return body + _CRC.pack(crc32c(body))
 
 
 def parse_header(data) -> Header:
