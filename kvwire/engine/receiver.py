@@ -897,36 +897,60 @@ class Receiver:
         return part
 
     # -- placing -------------------------------------------------------------------------
-    def _place_all(self, request: Request, chunks: list[_Chunk]) -> None:
-        for i, chunk in enumerate(chunks):
+    def _claim_all_locked(self, place: requests.Place) -> None:
+        """(lock held) Claim the rows of a bound request's parked chunks, in order, until
+        one is refused (it overlaps earlier data): that one and the rest are not claimed."""
+        for chunk in place.chunks:
             try:
-                self._place(request, chunk)
+                place.claims.append(self._claim_locked(place.request, chunk))
             except ProtocolError as exc:
-                log.warning("closing connection from %s: %s", chunk.conn.stream.peer, exc)
-                chunk.conn.stream.close()
-                for rest in chunks[i + 1 :]:
-                    self._release(rest)
+                place.claims.append(exc)
                 return
 
+    def _place_all(self, place: requests.Place) -> None:
+        """Write the chunks :meth:`_claim_all_locked` claimed; after a refused one, close its
+        connection and drop the rest (the refused one was released when it was refused)."""
+        assert place.claims or not place.chunks, "a Place action runs under the lock first"
+        for chunk, claim in zip(place.chunks, place.claims):
+            if isinstance(claim, ProtocolError):
+                log.warning("closing connection from %s: %s", chunk.conn.stream.peer, claim)
+                chunk.conn.stream.close()
+                break
+            self._write(place.request, chunk, claim)
+        for rest in place.chunks[len(place.claims) :]:
+            self._release(rest)
+
     def _place(self, request: Request, chunk: _Chunk) -> None:
-        ref, spec = chunk.ref, chunk.spec
-        assert ref is not None and spec is not None
-        handle = request.handle
         with self._lock:
-            self._release_parking_locked(chunk)
-            try:
-                write = self._table.start_write(request, chunk.conn.joined.id, ref.layer, ref.tensor, ref.start,
-                                                ref.count)  # fmt: skip
-            except ProtocolError:
-                self._release_locked(chunk)
-                raise
-            if write is False:
-                handle.duplicates += 1
-            elif write:
-                handle.t_first_byte = handle.t_first_byte or time.monotonic()
-        if not write:
+            claim = self._claim_locked(request, chunk)
+        self._write(request, chunk, claim)
+
+    def _claim_locked(self, request: Request, chunk: _Chunk) -> bool | None:
+        """(lock held) Count a chunk's rows as under way: True to write it, False for an exact
+        repeat (counted), None when its request is no longer bound. ProtocolError (the chunk
+        released) for one that overlaps earlier data."""
+        ref = chunk.ref
+        assert ref is not None
+        self._release_parking_locked(chunk)
+        try:
+            write = self._table.start_write(request, chunk.conn.joined.id, ref.layer, ref.tensor, ref.start,
+                                            ref.count)  # fmt: skip
+        except ProtocolError:
+            self._release_locked(chunk)
+            raise
+        if write is False:
+            request.handle.duplicates += 1
+        elif write:
+            request.handle.t_first_byte = request.handle.t_first_byte or time.monotonic()
+        return write
+
+    def _write(self, request: Request, chunk: _Chunk, claim: bool | None) -> None:
+        """Write a claimed chunk into the destination (or drop it, unclaimed), then count it."""
+        if not claim:
             self._release(chunk)
             return
+        ref, spec, handle = chunk.ref, chunk.spec, request.handle
+        assert ref is not None and spec is not None
         error = None
         try:
             assert chunk.slot.tensor is not None  # not released before it is written
@@ -981,6 +1005,8 @@ class Receiver:
             elif isinstance(action, requests.Release):
                 for chunk in action.chunks:
                     self._release_locked(chunk)
+            elif isinstance(action, requests.Place):
+                self._claim_all_locked(action)
 
     def _run(self, actions: list) -> None:
         """The rest, in order, without the lock: frames to the sender, chunks to place."""
@@ -995,7 +1021,7 @@ class Receiver:
                 else:
                     conn.send(conn.proto.cancel(action.tag, action.reason))
             elif isinstance(action, requests.Place):
-                self._place_all(action.request, action.chunks)
+                self._place_all(action)
 
     # -- waiting, deadlines, cancellation -------------------------------------------------
     def _wait(self, handle: ReceiveHandle, ready, timeout: float | None) -> None:

@@ -122,8 +122,13 @@ class Finish:
 
 @dataclass(frozen=True)
 class Place:
+    """Parked chunks to write now that their request is bound. The receiver claims their
+    rows in the critical section that bound it (``claims``, in order), so a repeat of one of
+    them arriving meanwhile is always the one found to be a duplicate."""
+
     request: Request
     chunks: list
+    claims: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
