@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -412,3 +413,27 @@ def test_without_checksums_data_still_arrives_exact():
     finally:
         r.close()
     assert_transferred(LAYOUT, src, [0, 1, 2], dst, [7, 3, 9], 40)
+
+
+def test_closing_the_receiver_as_soon_as_wait_returns_keeps_the_acknowledgement():
+    """The ACK is queued before wait() returns, so a receiver closed right then does not
+    cut it off: the sender's finish() succeeds (it failed about one time in eight when the
+    handle was finished before the ACK was queued)."""
+    src = filled(LAYOUT, 32, seed=5)
+    for i in range(40):
+        rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32))
+        h = rx.expect("closing", list(range(32)), 512)
+        closer = threading.Thread(target=_wait_then_close, args=(h, rx))
+        closer.start()
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=3) as tx:
+            t = tx.transfer("closing", list(range(32)), 512)
+            for layer in range(LAYOUT.num_layers):
+                t.send_layer(layer)
+            t.finish(timeout=10)  # raises PeerLost when the ACK was cut off
+        closer.join()
+        assert h.done(), f"round {i}"
+
+
+def _wait_then_close(handle, receiver) -> None:
+    handle.wait(timeout=10)
+    receiver.close()

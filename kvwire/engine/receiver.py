@@ -497,6 +497,10 @@ class Receiver:
         self._run(actions)
         self._listener.close()
         for c in conns:
+            try:
+                c.stream.flush_control()  # control frames queued behind a busy writer, if they fit now
+            except PeerLost:
+                pass
             c.stream.close()
         self._pool.close()
         for t in self._threads:
@@ -996,10 +1000,14 @@ class Receiver:
 
     # -- actions -------------------------------------------------------------------------
     def _run_locked(self, actions: list) -> None:
-        """(lock held) The actions that must happen under the lock: handles finish (and
-        their waiters wake) in the same critical section the table decided it in."""
+        """(lock held) The actions that must happen under the lock, in order: frames to the
+        sender (queued, never waiting for the peer), then handles finish (and their waiters
+        wake) in the critical section the table decided it in. An ACK is on its way before
+        wait() returns: a caller that closes the receiver at once does not cut it off."""
         for action in actions:
-            if isinstance(action, requests.Finish):
+            if isinstance(action, requests.SendAck | requests.SendCancel):
+                self._send_locked(action)
+            elif isinstance(action, requests.Finish):
                 action.handle._end(action.error)
                 self._cond.notify_all()
             elif isinstance(action, requests.Release):
@@ -1008,19 +1016,20 @@ class Receiver:
             elif isinstance(action, requests.Place):
                 self._claim_all_locked(action)
 
+    def _send_locked(self, action: requests.SendAck | requests.SendCancel) -> None:
+        session = self._sessions.get(action.session)
+        conn = session.any_conn() if session is not None else None
+        if conn is None:
+            return
+        if isinstance(action, requests.SendAck):
+            conn.send(conn.proto.ack(action.tag, action.ok, action.message))
+        else:
+            conn.send(conn.proto.cancel(action.tag, action.reason))
+
     def _run(self, actions: list) -> None:
-        """The rest, in order, without the lock: frames to the sender, chunks to place."""
+        """The rest, in order, without the lock: chunks to place."""
         for action in actions:
-            if isinstance(action, requests.SendAck | requests.SendCancel):
-                session = self._sessions.get(action.session)
-                conn = session.any_conn() if session is not None else None
-                if conn is None:
-                    continue
-                if isinstance(action, requests.SendAck):
-                    conn.send(conn.proto.ack(action.tag, action.ok, action.message))
-                else:
-                    conn.send(conn.proto.cancel(action.tag, action.reason))
-            elif isinstance(action, requests.Place):
+            if isinstance(action, requests.Place):
                 self._place_all(action)
 
     # -- waiting, deadlines, cancellation -------------------------------------------------
