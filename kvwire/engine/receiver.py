@@ -821,10 +821,12 @@ class Receiver:
         """Everything about a DATA frame that can be checked before its payload is read.
         None for a frame of a request that ended (it is read and dropped)."""
         session = conn.joined
-        with self._lock:
-            request = self._table.lookup(session.id, header.tag)
+        request = self._table.find(session.id, header.tag)  # no lock round trip per frame
         if request is None:
-            return None
+            with self._lock:  # an ended tag, or one never begun (a ProtocolError)
+                request = self._table.lookup(session.id, header.tag)
+            if request is None:
+                return None
         assert request.plan is not None  # a request known by its tag has its plan
         t = request.plan.check(header.layer, header.tensor, header.start, header.count)
         part = request.part_of(session.id)

@@ -324,6 +324,13 @@ class RequestTable:
         return actions
 
     # -- chunks --------------------------------------------------------------------------
+    def find(self, session: str, tag: int) -> Request | None:
+        """The live request of a tag, or None: two dict reads, safe without the caller's
+        lock (each is atomic). Whatever it returns, the state is checked again under the
+        lock before anything is written; for None, ask :meth:`lookup` under the lock."""
+        tags = self._by_tag.get(session)
+        return tags.get(tag) if tags is not None else None
+
     def lookup(self, session: str, tag: int) -> Request | None:
         """The live request a DATA frame belongs to; None when it ended (drop the frame).
         Raises ProtocolError for a tag never begun."""
