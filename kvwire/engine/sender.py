@@ -939,7 +939,7 @@ class Sender:
                     chunk = queue.popleft()
                     self._out_bytes -= chunk.nbytes
                     chunk.payload.release()
-                    self._space.notify()
+                    self._space_freed()
                     continue
                 if queue and queue[0].nbytes <= conn.credit:
                     chunk = queue.popleft()
@@ -949,12 +949,19 @@ class Sender:
                     # Counted before the send: the receiver may acknowledge the request
                     # (and finish() return these statistics) before the send returns.
                     self._count_locked(chunk.transfer, chunk, +1)
-                    self._space.notify()
+                    self._space_freed()
                     self._wake_writer()  # the next chunk, if any, to another connection
                     return chunk, _begin_frames(conn, chunk.transfer)
                 conn.waiting = True
                 conn.wake.wait()
                 conn.waiting = False
+
+    def _space_freed(self) -> None:
+        """(lock held) A chunk left the queue: wake the encoder once the queue has drained a
+        quarter below its limit, not for every chunk taken (a wake-up per chunk was 0.7
+        context switches per 2 MiB frame); it then queues several chunks per wake-up."""
+        if self._out_bytes <= self._out_limit - self._out_limit // 4:
+            self._space.notify()
 
     def _write_loop(self, conn: _Conn) -> None:
         while True:
