@@ -1,0 +1,132 @@
+"""Where a loopback transfer's CPU goes, per thread: CPU seconds per GB and context
+switches per frame of each kind of thread on both sides.
+
+    python3 bench/thread_cpu.py [--tokens 8192] [--rounds 6] [--streams 4] [--checksum none]
+
+A receiver process and a sender (this process) move the llama3-8b profile's KV (1 GiB at
+8192 tokens) into blocks in reverse order, as ``kvwire-bench loopback`` does, round after
+round. Counters are read from ``/proc/self/task/<tid>`` after the first round (warm-up),
+so the figures cover rounds 2..N. Threads are grouped by their name without the index
+(``kvwire-recv``, ``kvwire-send``, ``kvwire-ack``...). Nothing is verified: this measures,
+``kvwire-bench loopback`` checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import os
+import threading
+import time
+
+import torch
+
+import kvwire
+from kvwire.bench import profiles
+
+SECRET = "thread-cpu-benchmark"
+FRAME_BYTES = 2 << 20  # figures per frame assume the default chunk
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def per_thread() -> collections.Counter:
+    """CPU seconds and context switches of this process's threads, by kind of thread."""
+    out: collections.Counter = collections.Counter()
+    for thread in threading.enumerate():
+        kind = thread.name.rstrip("0123456789-")
+        task = f"/proc/self/task/{thread.native_id}"
+        try:
+            fields = open(f"{task}/stat").read().rsplit(")", 1)[1].split()
+            out[("cpu", kind)] += (int(fields[11]) + int(fields[12])) / TICKS
+            for line in open(f"{task}/status"):
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    name, value = line.split(":")
+                    out[("switches", f"{kind} {'voluntary' if name[0] == 'v' else 'preempted'}")] += int(value)
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+def report(side: str, before: collections.Counter, after: collections.Counter, nbytes: int) -> str:
+    gb, frames = nbytes / 1e9, nbytes / FRAME_BYTES
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    cpu = sorted(((k, v) for (what, k), v in delta.items() if what == "cpu" and v > 0), key=lambda x: -x[1])
+    switches = sorted(((k, v) for (what, k), v in delta.items() if what == "switches" and v > 0), key=lambda x: -x[1])
+    return "\n".join([
+        f"{side}: {sum(v for _, v in cpu) / gb:.3f} CPU s/GB: " + ", ".join(f"{k} {v / gb:.3f}" for k, v in cpu),
+        f"{side}: {sum(v for _, v in switches) / frames:.1f} context switches per 2 MiB: "
+        + ", ".join(f"{k} {v / frames:.1f}" for k, v in switches),
+    ])  # fmt: skip
+
+
+def layout_and_blocks(tokens: int) -> tuple[kvwire.KVLayout, int]:
+    layout = profiles.get("llama3-8b").layout()
+    return layout, -(-tokens // layout.block_size)
+
+
+def receiver(pipe, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    layout, blocks = layout_and_blocks(args.tokens)
+    caches = layout.allocate(blocks)
+    for layer in caches:
+        for tensor in layer.values():
+            tensor.fill_(0)  # touched now, not on the first round's receive
+    rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum)
+    pipe.send(rx.address)
+    start = per_thread()
+    for r in range(args.rounds):
+        handle = rx.expect(f"round-{r}", list(reversed(range(blocks))), args.tokens, deadline=600)
+        if r == 1:
+            start = per_thread()
+        pipe.send("ready")
+        handle.wait()
+    pipe.send(report("receiver", start, per_thread(), (args.rounds - 1) * args.tokens * layout.bytes_per_token()))
+    pipe.recv()  # the sender is done: closing now cannot race its last acknowledgement
+    rx.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per round (8192: 1 GiB)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds; the first one is a warm-up")
+    parser.add_argument("--streams", type=int, default=4, help="TCP connections (fixed)")
+    parser.add_argument("--checksum", choices=("crc32c", "none"), default="crc32c")
+    args = parser.parse_args()
+    if args.rounds < 2 or args.tokens < 1 or args.streams < 1:
+        parser.error("--rounds must be at least 2, --tokens and --streams at least 1")
+    torch.set_num_threads(1)
+    here, there = multiprocessing.Pipe()
+    child = multiprocessing.get_context("spawn").Process(target=receiver, args=(there, args))
+    child.start()
+    layout, blocks = layout_and_blocks(args.tokens)
+    caches = layout.allocate(blocks)
+    for layer in caches:
+        for tensor in layer.values():
+            tensor.copy_(torch.randn(tensor.shape).to(tensor.dtype))
+    tx = kvwire.Sender(layout, here.recv(), secret=SECRET, kv_caches=caches, streams=args.streams,
+                       max_streams=args.streams, checksum=args.checksum)  # fmt: skip
+    start, t0 = per_thread(), time.monotonic()
+    for r in range(args.rounds):
+        if here.recv() != "ready":
+            raise RuntimeError("the receiver process did not get ready")
+        if r == 1:
+            start, t0 = per_thread(), time.monotonic()
+        transfer = tx.transfer(f"round-{r}", list(range(blocks)), args.tokens, deadline=600)
+        for layer in range(layout.num_layers):
+            transfer.send_layer(layer)
+        transfer.finish()
+    nbytes = (args.rounds - 1) * args.tokens * layout.bytes_per_token()
+    seconds = time.monotonic() - t0
+    sent = report("sender", start, per_thread(), nbytes)
+    print(f"{nbytes / seconds / 1e9:.2f} GB/s over rounds 2..{args.rounds} "
+          f"({args.streams} connections, checksum {args.checksum}; counters read outside the rounds)")  # fmt: skip
+    print(sent)
+    print(here.recv())
+    tx.close()
+    here.send("close")
+    child.join()
+
+
+if __name__ == "__main__":
+    main()
