@@ -47,19 +47,6 @@ def gather_tokens(
     return blocks.reshape(-1, *cache.shape[2:])[skip : skip + stop - start]
 
 
-def block_runs(ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Split block ids into runs of consecutive ids: ``(position, first_id, length)``."""
-    runs = []
-    i = 0
-    while i < len(ids):
-        j = i + 1
-        while j < len(ids) and ids[j] == ids[j - 1] + 1:
-            j += 1
-        runs.append((i, ids[i], j - i))
-        i = j
-    return runs
-
-
 def scatter_tokens(cache: torch.Tensor, sel: Selection, block_size: int, start: int, data: torch.Tensor) -> None:
     """Write ``data`` (``[T, *token_shape]``) as tokens ``[start, start + T)`` of a selection.
 

@@ -16,8 +16,7 @@ may carry only the uncached tail of a prompt (its first block starts the tail).
 
 Example::
 
-    >>> import numpy as np
-import torch
+    >>> import torch
     >>> layout = KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=128, block_size=16)
     >>> layout.bytes_per_token()
     8192
@@ -539,7 +538,7 @@ class Selection:
         run begins (a position in token order; one past the last block at the end), as a
         list and an array, and each run's first block id."""
         ids = np.asarray(self.block_ids, dtype=np.int64)
-        starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1) if len(ids) else np.zeros(0, np.int64)
+        starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)  # -2: block 0 begins a run too
         positions = np.append(starts, len(ids))
         return positions.tolist(), positions, ids[starts]
 
