@@ -41,12 +41,19 @@ class ChunkRef(NamedTuple):
 
 def chunk_spec(layout: KVLayout, t: TensorPlan, count: int) -> ChunkSpec:
     """What a chunk of ``count`` rows of ``t`` is to a codec (tensor names are codec roles)."""
-    return _spec(count, t.heads, t.head_dim, layout.dtype, t.name, layout.block_size)
+    return spec_of(count, t.heads, t.head_dim, layout.dtype, t.name, layout.block_size)
 
 
 @functools.lru_cache(maxsize=4096)
-def _spec(count: int, heads: int, head_dim: int, dtype: torch.dtype, role: str, block_size: int) -> ChunkSpec:
-    return ChunkSpec(count, heads, head_dim, dtype, role, block_size)  # asked per chunk, of a few shapes
+def spec_of(count: int, heads: int, head_dim: int, dtype: torch.dtype, role: str, block_size: int) -> ChunkSpec:
+    """A chunk's spec, made once per shape: both sides ask for one per frame, of a few shapes."""
+    return ChunkSpec(count, heads, head_dim, dtype, role, block_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def encoded_size(codec: Codec, spec: ChunkSpec) -> int:
+    """``codec.encoded_size(spec)``, asked for every DATA frame a receiver checks."""
+    return codec.encoded_size(spec)
 
 
 def row_unit(codec: Codec, t: TensorPlan) -> int:

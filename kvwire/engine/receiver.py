@@ -17,7 +17,6 @@ carries out the actions it returns after releasing the lock.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import math
 import ssl
@@ -33,7 +32,7 @@ import kvwire.codec
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine import requests
 from kvwire.engine.channel import Channel, server_handshake
-from kvwire.engine.chunks import ChunkRef
+from kvwire.engine.chunks import ChunkRef, encoded_size, spec_of
 from kvwire.engine.common import (
     check_checksum,
     check_count,
@@ -172,15 +171,6 @@ class _Chunk:
     length: int
     conn: _RConn
     parked_bytes: int = 0  # counted against the parking bounds until placed or dropped
-
-
-@functools.lru_cache(maxsize=4096)
-def _chunk_size(codec: Codec, tokens: int, heads: int, head_dim: int, dtype: torch.dtype, role: str,
-                block_size: int) -> tuple[ChunkSpec, int]:  # fmt: skip
-    """A chunk's spec and the payload size its codec gives it: asked for every DATA frame,
-    of a handful of shapes (a chunk's rows are the only thing that changes, and rarely)."""
-    spec = ChunkSpec(tokens, heads, head_dim, dtype, role, block_size)
-    return spec, codec.encoded_size(spec)
 
 
 class ReceiveHandle:
@@ -837,8 +827,9 @@ class Receiver:
                        None if isinstance(heads, int) else heads)  # fmt: skip
         codec = ref.codec(request.codec_of(session.id))
         # The chunk as the sender cut it: its heads, and its block size (int4 groups keys by it).
-        spec, size = _chunk_size(codec, header.count, t.heads if t.whole else part.heads, t.head_dim,
-                                 self.layout.dtype, t.name, session.block_size)  # fmt: skip
+        spec = spec_of(header.count, t.heads if t.whole else part.heads, t.head_dim, self.layout.dtype, t.name,
+                       session.block_size)  # fmt: skip
+        size = encoded_size(codec, spec)
         if header.length > size or (not codec.variable_size and header.length != size):
             raise ProtocolError(
                 f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
