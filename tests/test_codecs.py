@@ -334,7 +334,7 @@ def test_bad_key_group_descriptors_are_refused(bad):
 # -- int8h and int4h: integers after a Hadamard rotation (docs/formats.md, "Rotated rows") -----
 from kvwire.codec import rotated  # noqa: E402
 
-rot_dims = st.sampled_from([2, 8, 48, 64, 96, 128])  # rotation blocks of 2, 8, 16, 64, 32, 128
+rot_dims = st.sampled_from([2, 8, 48, 64, 96, 128, 256])  # rotation blocks of 2, 8, 16, 64, 32, 128, 256
 
 
 @settings(max_examples=25, deadline=None)
@@ -358,7 +358,7 @@ def test_rotated_bytes_follow_the_written_format(D, rows, data, dtype):
 @settings(max_examples=30, deadline=None)
 @given(
     st.sampled_from([8, 4]),
-    st.sampled_from([8, 48, 64]),
+    st.sampled_from([8, 48, 64, 128, 256]),
     st.lists(st.one_of(st.floats(width=32), special), min_size=3, max_size=3),
     st.data(),
     dtype_names,
@@ -380,6 +380,18 @@ def test_rotated_decoding_any_bytes_follows_the_written_format(bits, D, scales, 
     got = ours.view(torch.int32 if dtype_name == "float32" else torch.int16).reshape(-1).tolist()
     mask = 0xFFFFFFFF if dtype_name == "float32" else 0xFFFF
     assert [b & mask for b in got] == spec_scalar.rot_decode(wire, T, H, D, dtype_name, bits)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([2, 16, 64, 128, 256, 384, 512]), st.integers(1, 40), st.integers(0, 2**16))
+def test_rotation_is_the_hadamard_product_exactly(D, rows, seed):
+    """However the rotation is factored (one product, or H_16 then H_(R/16) from R = 128),
+    its result is the exact integer product, for the largest inputs the format allows."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randint(-(2**16), 2**16 + 1, (rows, D), generator=g, dtype=torch.int64)
+    R = rotated.rotation_block(D)
+    want = (n.view(rows, D // R, R) @ rotated.hadamard(R, torch.int64)).view(rows, D)
+    assert torch.equal(rotated.rotate(n.float()), want.float())
 
 
 def test_int8h_golden_bytes():

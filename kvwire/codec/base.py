@@ -228,15 +228,26 @@ CANONICAL_NAN = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0, torch.float32: 0
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
-def to_cache_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def to_cache_dtype(y: torch.Tensor, dtype: torch.dtype, fresh: bool = False) -> torch.Tensor:
     """Decoded fp32 values rounded to the cache dtype (nearest, ties to even), every NaN
-    written as ``CANONICAL_NAN[dtype]``."""
-    out = y.to(dtype)
+    written as ``CANONICAL_NAN[dtype]``; a new tensor when ``fresh`` (``y`` is a scratch
+    buffer), else possibly ``y`` itself."""
+    out = y.to(dtype, copy=fresh)
     if torch.isnan(y.sum()):  # cheap test first (3% of a decode): NaN is rare; inf - inf also lands here
         nan = torch.isnan(y)
         if nan.any():
             out.view(_BITS[dtype])[nan] = CANONICAL_NAN[dtype]
     return out
+
+
+def as_float32(x: torch.Tensor, scratch_name: str) -> torch.Tensor:
+    """``x`` as fp32: itself if it already is, else converted in this thread's scratch
+    buffer ``scratch_name`` (read-only for the caller either way)."""
+    if x.dtype == torch.float32:
+        return x
+    from kvwire.codec.scratch import scratch
+
+    return scratch(scratch_name, tuple(x.shape)).copy_(x)
 
 
 def check_length(data: torch.Tensor, expected: int, codec: str) -> None:

@@ -33,6 +33,7 @@ import math
 import torch
 
 from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
+from kvwire.codec.scratch import scratch
 
 GROUP_SIZES = (32, 64, 128)
 KEY_TOKENS = (16, 32, 64, 128, 256)
@@ -73,14 +74,28 @@ def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return q.to(torch.uint8)
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` codes -> ``[..., D/2]`` bytes, the even element in the low nibble."""
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+def pack_nibbles(codes: torch.Tensor, out: torch.Tensor | None = None, scratch_name: str = "nibbles") -> torch.Tensor:
+    """``[..., D]`` codes -> ``[..., D/2]`` bytes, the even element in the low nibble; into
+    ``out`` if given. Codes held as floats (integers 0..15) are first converted in this
+    thread's scratch buffer ``scratch_name``."""
+    if codes.dtype != torch.uint8:
+        codes = scratch(scratch_name, tuple(codes.shape), torch.uint8).copy_(codes)
+    if out is None:
+        return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    torch.bitwise_left_shift(codes[..., 1::2], 4, out=out)
+    return out.bitwise_or_(codes[..., 0::2])
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).flatten(-2)
+def unpack_nibbles(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., D/2]`` bytes -> ``[..., D]`` codes (uint8, or ``out``'s dtype when given)."""
+    if out is None:
+        low, high = packed & 0x0F, packed >> 4
+        return torch.stack([low, high], dim=-1).flatten(-2)
+    pairs = out.view(*packed.shape, 2)
+    half = scratch("nibbles.half", tuple(packed.shape), torch.uint8)
+    pairs[..., 0].copy_(torch.bitwise_and(packed, 0x0F, out=half))
+    pairs[..., 1].copy_(torch.bitwise_right_shift(packed, 4, out=half))
+    return out
 
 
 def _key_blocks(x: torch.Tensor, block_size: int) -> list[torch.Tensor]:

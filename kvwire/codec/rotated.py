@@ -47,12 +47,16 @@ import functools
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
+from kvwire.codec.scratch import scratch
 
 FIXED_POINT_BITS = 16  # |n_i| <= 2^16, so a rotated block of up to 2^8 sums stays an exact fp32 integer
 MAX_ROTATION = 256
 MIN_EXPONENT = -90  # rows whose largest value is below 2^-91 travel as zero (so S and Z stay normal fp32)
+
+
+KRONECKER_FROM, KRONECKER_LOW = 128, 16  # measured: below R = 128 one product is faster
 
 
 def rotation_block(head_dim: int) -> int:
@@ -79,12 +83,28 @@ def _matmul_is_exact() -> bool:
     return getattr(matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
-def rotate(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` ([N, D] fp32 integers) times H, block by block: exact integers, +0 for zero."""
+def rotate(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows`` ([N, D] fp32 integers) times H, block by block, into ``out`` (a new tensor if
+    None): exact integers, +0 for zero.
+
+    From R = 128 on, ``H_R`` is applied as ``H_(R/16)`` ⊗ ``H_16`` (a product over the 16
+    low index bits, then one over the high ones): 2.3x (R = 128) to 4.7x (R = 256) fewer
+    operations than one R x R product, and the same integers (every partial sum is an
+    integer below 2^24, so exact in fp32)."""
     n, d = rows.shape
     block = rotation_block(d)
-    dtype = torch.float32 if _matmul_is_exact() else torch.float64
-    out = (rows.to(dtype).view(n, d // block, block) @ hadamard(block, dtype)).view(n, d).to(torch.float32)
+    if out is None:
+        out = torch.empty(n, d, dtype=torch.float32)
+    if not _matmul_is_exact():
+        h = hadamard(block, torch.float64)
+        out.copy_((rows.to(torch.float64).view(n, d // block, block) @ h).view(n, d))
+    elif block >= KRONECKER_FROM:
+        high = block // KRONECKER_LOW
+        low = scratch("rotate.low", (n * d // block, high, KRONECKER_LOW))
+        torch.matmul(rows.view(-1, high, KRONECKER_LOW), hadamard(KRONECKER_LOW), out=low)
+        torch.matmul(hadamard(high), low, out=out.view(-1, high, KRONECKER_LOW))
+    else:
+        torch.matmul(rows.view(n, d // block, block), hadamard(block), out=out.view(n, d // block, block))
     return out.add_(0.0)  # a zero is +0 whatever sign the product gave it (min/max and signs see it)
 
 
@@ -94,8 +114,9 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 
 def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n [N, D] fp32 integers, e [N] int32, 0 for zero rows) of rows ``xf`` [N, D] fp32."""
-    m = xf.abs().amax(dim=1)
+    """(n [N, D] fp32 integers, e [N] int32, 0 for zero rows) of rows ``xf`` [N, D] fp32;
+    ``n`` is this thread's scratch buffer ``"rows.n"``."""
+    m = torch.maximum(xf.amax(dim=1), xf.amin(dim=1).neg_())  # max |x|, without an |x| temporary
     if not torch.isfinite(m).all():  # rare: only then pay for zeroing inf and NaN
         xf = torch.where(torch.isfinite(xf), xf, 0.0)
         m = xf.abs().amax(dim=1)
@@ -103,24 +124,26 @@ def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero = (m == 0) | (e < MIN_EXPONENT)
     e = torch.where(zero, 0, e)
     factor = torch.where(zero, 0.0, _pow2(FIXED_POINT_BITS - e))
-    return torch.round(xf * factor.unsqueeze(1)), e  # an exact product, then ties to even
+    n = torch.mul(xf, factor.unsqueeze(1), out=scratch("rows.n", xf.shape))  # an exact product
+    return n.round_(), e  # ties to even
 
 
-def quantize8(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``xf`` ([N, D] fp32) -> (S [N] fp32, codes [N, D] int8)."""
+def quantize8(xf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Rows ``xf`` ([N, D] fp32) -> S [N] fp32; their codes written to ``codes`` ([N, D] int8)."""
     n, e = _fixed_point(xf)
-    y = rotate(n)
+    y = rotate(n, out=scratch("rows.y", n.shape))
     log_block = rotation_block(xf.shape[1]).bit_length() - 1
-    step = y.abs().amax(dim=1) / 127.0
+    step = (torch.maximum(y.amax(dim=1), y.amin(dim=1).neg_()) + 0.0) / 127.0  # max |y|; +0.0: never -0
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
-    codes = torch.round(y * inv.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return step * _pow2(e - FIXED_POINT_BITS - log_block), codes
+    codes.copy_(y.mul_(inv.unsqueeze(1)).round_().clamp_(-127, 127))
+    return step * _pow2(e - FIXED_POINT_BITS - log_block)
 
 
-def quantize4(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows ``xf`` ([N, D] fp32) -> (S [N] bf16, Z [N] bf16, codes [N, D] uint8 in 0..15)."""
+def quantize4(xf: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``xf`` ([N, D] fp32) -> (S [N] bf16, Z [N] bf16); their codes (0..15) written to
+    ``packed`` ([N, D/2] uint8, two per byte)."""
     n, e = _fixed_point(xf)
-    y = rotate(n)
+    y = rotate(n, out=scratch("rows.y", n.shape))
     log_block = rotation_block(xf.shape[1]).bit_length() - 1
     mn, mx = y.amin(dim=1) + 0.0, y.amax(dim=1) + 0.0
     scale = ((mx - mn) / 15.0 * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
@@ -128,21 +151,25 @@ def quantize4(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     step = scale.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     z = zero.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
-    q = y - z.unsqueeze(1)
-    codes = q.mul_(inv.unsqueeze(1)).round_().clamp_(0, 15).to(torch.uint8)
-    return scale, zero, codes
+    q = y.sub_(z.unsqueeze(1)).mul_(inv.unsqueeze(1)).round_().clamp_(0, 15)
+    pack_nibbles(q, out=packed, scratch_name="rows.codes")
+    return scale, zero
 
 
 def dequantize8(scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(S [N] fp32, codes [N, D] int8) -> decoded rows [N, D] fp32."""
-    return rotate(codes.to(torch.float32)).mul_(scale.unsqueeze(1))
+    """(S [N] fp32, codes [N, D] int8) -> decoded rows [N, D] fp32 (scratch ``"rows.y"``)."""
+    v = scratch("rows.v", codes.shape)
+    v.copy_(codes)
+    return rotate(v, out=scratch("rows.y", codes.shape)).mul_(scale.unsqueeze(1))
 
 
-def dequantize4(scale: torch.Tensor, zero: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(S [N] bf16, Z [N] bf16, codes [N, D] in 0..15) -> decoded rows [N, D] fp32."""
-    n, d = codes.shape
+def dequantize4(scale: torch.Tensor, zero: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """(S [N] bf16, Z [N] bf16, packed codes [N, D/2]) -> decoded rows [N, D] fp32 (scratch
+    ``"rows.y"``)."""
+    n, half = packed.shape
+    d = 2 * half
     block = rotation_block(d)
-    v = rotate(codes.to(torch.float32))
+    v = rotate(unpack_nibbles(packed, out=scratch("rows.v", (n, d))), out=scratch("rows.y", (n, d)))
     first = v.view(n, d // block, block)[:, :, 0] * (1.0 / block)  # exact scalings around one multiply-add
     first.mul_(scale.float().unsqueeze(1)).add_(zero.float().unsqueeze(1)).mul_(float(block))
     v.mul_(scale.float().unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
@@ -161,12 +188,17 @@ class RotatedRows:
         return rows * 4 + rows * spec.head_dim * self.bits // 8
 
     def encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        xf = x3.reshape(spec.tokens * spec.heads, spec.head_dim).float()
+        rows, d = spec.tokens * spec.heads, spec.head_dim
+        xf = as_float32(x3.reshape(rows, d), "rows.x")
+        out = torch.empty(self.size(spec), dtype=torch.uint8)
+        codes = out[rows * 4 :].view(rows, d * self.bits // 8)
         if self.bits == 8:
-            scale, codes = quantize8(xf)
-            return torch.cat([scale.view(torch.uint8), codes.view(torch.uint8).reshape(-1)])
-        scale, zero, codes = quantize4(xf)
-        return torch.cat([scale.view(torch.uint8), zero.view(torch.uint8), pack_nibbles(codes).reshape(-1)])
+            out[: rows * 4].view(torch.float32).copy_(quantize8(xf, codes.view(torch.int8)))
+        else:
+            scale, zero = quantize4(xf, codes)
+            out[: rows * 2].view(torch.bfloat16).copy_(scale)
+            out[rows * 2 : rows * 4].view(torch.bfloat16).copy_(zero)
+        return out
 
     def decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows, d = spec.tokens * spec.heads, spec.head_dim
@@ -177,8 +209,8 @@ class RotatedRows:
         else:
             scale = take(data, 0, rows * 2, "scales").clone().view(torch.bfloat16)
             zero = take(data, rows * 2, rows * 2, "zero-points").clone().view(torch.bfloat16)
-            y = dequantize4(scale, zero, unpack_nibbles(body.view(rows, d // 2)))
-        return to_cache_dtype(y.view(spec.shape), spec.dtype)
+            y = dequantize4(scale, zero, body.view(rows, d // 2))
+        return to_cache_dtype(y.view(spec.shape), spec.dtype, fresh=True)
 
 
 ROWS8, ROWS4 = RotatedRows(8), RotatedRows(4)
