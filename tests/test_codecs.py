@@ -231,7 +231,9 @@ def test_descriptor_roundtrip():
 # -- the vectorised reference against docs/formats.md implemented element by element ----------
 from tests import spec_scalar  # noqa: E402
 
-special = st.sampled_from([0.0, -0.0, 1e-8, -1e-8, 1e-3, 448.0, 1e4, -1e4, 3e38, math.inf, -math.inf, math.nan])
+special = st.sampled_from(
+    [0.0, -0.0, 1e-8, -1e-8, 1e-3, 448.0, 1e4, -1e4, 3e38, math.inf, -math.inf, math.nan, 1e-40, -2e-39]
+)  # tiny subnormals: a scale whose reciprocal overflows
 element = st.one_of(st.floats(-20, 20, width=32), special)
 
 

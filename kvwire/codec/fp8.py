@@ -19,29 +19,41 @@ from __future__ import annotations
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.scratch import scratch
 
 E4M3_MAX = 448.0
 E4M3_NAN = 0x7F
+# Every code's value: a table lookup decodes 4.6x faster on the CPU than torch's
+# float8 -> float32 conversion (0.57 against 2.6 ms per million codes, one thread), with
+# the same values, since the table is made by that conversion.
+E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 
 
-def fp8_scales(xf: torch.Tensor) -> torch.Tensor:
-    """Per-row fp32 scale of fp32 ``xf`` (``[..., D]``), as the format defines it."""
-    amax = xf.abs().amax(dim=-1)
-    if not torch.isfinite(amax).all():  # rare: only then pay for masking inf and NaN out
+def fp8_scales(xf: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(per-row fp32 scale of fp32 ``xf`` (``[..., D]``) as the format defines it, whether
+    every element is finite)."""
+    amax = torch.maximum(xf.amax(dim=-1), xf.amin(dim=-1).neg_())  # max |x|, without an |x| temporary
+    finite = bool(torch.isfinite(amax).all())  # amax and amin carry any inf or NaN of their row
+    if not finite:  # rare: only then pay for masking inf and NaN out
         amax = torch.where(torch.isfinite(xf), xf.abs(), 0.0).amax(dim=-1)
-    scale = amax / E4M3_MAX
-    return scale.masked_fill_(scale == 0, 1.0)
+    scale = (amax + 0.0) / E4M3_MAX  # + 0.0: a row of zeros gives +0, never -0
+    return scale.masked_fill_(scale == 0, 1.0), finite
 
 
-def fp8_codes_into(out: torch.Tensor, xf: torch.Tensor, scale: torch.Tensor) -> None:
-    """Write the E4M3 codes of fp32 ``xf`` with per-row ``scale`` into uint8 ``out``."""
-    q = xf * torch.reciprocal(scale).unsqueeze(-1)
+def fp8_codes_into(out: torch.Tensor, xf: torch.Tensor, scale: torch.Tensor, finite: bool) -> None:
+    """Write the E4M3 codes of fp32 ``xf`` with per-row ``scale`` into uint8 ``out``
+    (``finite``: no inf or NaN in ``xf``)."""
+    inv = torch.reciprocal(scale)
+    q = torch.mul(xf, inv.unsqueeze(-1), out=scratch("fp8.q", tuple(xf.shape)))
     q.clamp_(-E4M3_MAX, E4M3_MAX)  # saturate; NaN stays NaN
     out.view(torch.float8_e4m3fn).view(q.shape).copy_(q)
-    nan = torch.isnan(q)
-    if nan.any():
-        out.view(q.shape)[nan] = E4M3_NAN  # one canonical NaN, whatever its sign
+    # A NaN code comes only from a NaN in x, or from 0 * inf where a tiny scale's reciprocal
+    # overflows: look for NaN only then.
+    if not finite or not torch.isfinite(inv).all():
+        nan = torch.isnan(q)
+        if nan.any():
+            out.view(q.shape)[nan] = E4M3_NAN  # one canonical NaN, whatever its sign
 
 
 class Fp8Codec(Codec):
@@ -54,10 +66,10 @@ class Fp8Codec(Codec):
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows = spec.tokens * spec.heads
         out = torch.empty(rows * 4 + spec.numel, dtype=torch.uint8)
-        xf = x3.float()
-        scale = fp8_scales(xf)
+        xf = as_float32(x3, "fp8.x")
+        scale, finite = fp8_scales(xf)
         out[: rows * 4].view(torch.float32).copy_(scale.view(-1))
-        fp8_codes_into(out[rows * 4 :], xf, scale)
+        fp8_codes_into(out[rows * 4 :], xf, scale, finite)
         return out
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
@@ -65,5 +77,6 @@ class Fp8Codec(Codec):
         rows = spec.tokens * spec.heads
         scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
         codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
-        values = codes.view(torch.float8_e4m3fn).float().view(spec.tokens, spec.heads, spec.head_dim)
-        return to_cache_dtype(values * scale.view(spec.tokens, spec.heads, 1), spec.dtype)
+        index = scratch("fp8.index", (spec.numel,), torch.int32).copy_(codes)
+        values = torch.index_select(E4M3_VALUES, 0, index, out=scratch("fp8.y", (spec.numel,))).view(spec.shape)
+        return to_cache_dtype(values.mul_(scale.view(spec.tokens, spec.heads, 1)), spec.dtype, fresh=True)

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.scratch import scratch
 
 GROUP_SIZES = (32, 64, 128)
@@ -64,14 +64,13 @@ def int4_params(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch
     return scale, zero
 
 
-def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 (uint8, one per element) of fp32 ``x`` with broadcastable fp16 params."""
+def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 of fp32 ``x`` with broadcastable fp16 params, as fp32 integers in ``out``."""
     s = scale.float()
     inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
-    q = x - zero.float()
+    q = torch.sub(x, zero.float(), out=out)
     q.mul_(inv).round_()  # (x - z) * inv, then ties-to-even
-    q.nan_to_num_(nan=0.0).clamp_(0, 15)
-    return q.to(torch.uint8)
+    return q.nan_to_num_(nan=0.0).clamp_(0, 15)
 
 
 def pack_nibbles(codes: torch.Tensor, out: torch.Tensor | None = None, scratch_name: str = "nibbles") -> torch.Tensor:
@@ -155,27 +154,35 @@ class Int4Codec(Codec):
         return self._num_groups(spec) * 4 + spec.numel // 2
 
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        xf = x3.float()
         T, H, D = spec.shape
+        xf = as_float32(x3, "int4.x")
+        groups = self._num_groups(spec)
+        out = torch.empty(self.encoded_size(spec), dtype=torch.uint8)
+        scales = out[: groups * 2].view(torch.float16)
+        zeros = out[groups * 2 : groups * 4].view(torch.float16)
+        packed = out[groups * 4 :].view(T, H, D // 2)
+        q = scratch("int4.q", (T, H, D))
         if spec.role == "k":
-            params, code_parts = [], []
+            row = group = 0
             for part in _key_blocks(xf, self.key_group(spec)):  # [groups, tokens, H, D]
+                n, tokens = part.shape[0], part.shape[1]
                 mn, mx = _finite_minmax(part, dim=1)
                 scale, zero = int4_params(mn, mx)
-                params.append((scale, zero))
-                code_parts.append(int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1)).view(-1, H, D))
-            scale = torch.cat([p[0] for p in params])
-            zero = torch.cat([p[1] for p in params])
-            codes = torch.cat(code_parts) if len(code_parts) > 1 else code_parts[0]
+                scales[group * H * D : (group + n) * H * D] = scale.view(-1)
+                zeros[group * H * D : (group + n) * H * D] = zero.view(-1)
+                codes = q[row : row + n * tokens].view(part.shape)
+                int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1), out=codes)
+                row, group = row + n * tokens, group + n
         else:
             g = self.group_size
             grouped = xf.view(T, H, D // g, g)
             mn, mx = _finite_minmax(grouped, dim=-1)  # [T, H, D/g]
             scale, zero = int4_params(mn, mx)
-            codes = int4_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1)).view(T, H, D)
-        return torch.cat(
-            [scale.reshape(-1).view(torch.uint8), zero.reshape(-1).view(torch.uint8), pack_nibbles(codes).reshape(-1)]
-        )
+            scales.copy_(scale.view(-1))
+            zeros.copy_(zero.view(-1))
+            int4_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), out=q.view(T, H, D // g, g))
+        pack_nibbles(q, out=packed, scratch_name="int4.codes")
+        return out
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         check_length(data, self.encoded_size(spec), self.name)
@@ -184,21 +191,16 @@ class Int4Codec(Codec):
         zero = take(data, groups * 2, groups * 2, "int4 zeros").clone().view(torch.float16).float()
         packed = take(data, groups * 4, spec.numel // 2, "int4 codes")
         T, H, D = spec.shape
-        codes = unpack_nibbles(packed.view(T, H, D // 2)).float()
+        y = unpack_nibbles(packed.view(T, H, D // 2), out=scratch("int4.y", (T, H, D)))
         if spec.role == "k":
-            out = torch.empty(T, H, D)
             s, z = scale.view(-1, H, D), zero.view(-1, H, D)
-            row = block = 0
-            for part in _key_blocks(codes, self.key_group(spec)):
-                n, bs = part.shape[0], part.shape[1]
-                y = part * s[block : block + n].unsqueeze(1)
-                y += z[block : block + n].unsqueeze(1)
-                out[row : row + n * bs] = y.view(-1, H, D)
-                row, block = row + n * bs, block + n
-            return to_cache_dtype(out, spec.dtype)
+            block = 0
+            for part in _key_blocks(y, self.key_group(spec)):  # views of y: scaled in place
+                n = part.shape[0]
+                part.mul_(s[block : block + n].unsqueeze(1)).add_(z[block : block + n].unsqueeze(1))
+                block += n
+            return to_cache_dtype(y, spec.dtype, fresh=True)
         g = self.group_size
-        s = scale.view(T, H, D // g, 1)
-        z = zero.view(T, H, D // g, 1)
-        y = codes.view(T, H, D // g, g) * s
-        y += z
-        return to_cache_dtype(y.view(T, H, D), spec.dtype)
+        grouped = y.view(T, H, D // g, g)
+        grouped.mul_(scale.view(T, H, D // g, 1)).add_(zero.view(T, H, D // g, 1))
+        return to_cache_dtype(y, spec.dtype, fresh=True)

@@ -1,12 +1,14 @@
 """Work buffers the CPU codecs reuse from chunk to chunk, one set per thread.
 
 A CPU codec's temporaries (the fp32 copy of a chunk, its rotated rows, its codes) are as
-large as the chunk or four times larger. Allocated afresh for every chunk, each one is a new
-``mmap`` from glibc and is paid for again in page faults on its first touch, which measured
-more than the arithmetic itself: ``int4h`` values ran at 0.25 GB/s per core with fresh
-temporaries and 0.50 GB/s with the same code reusing its memory (``docs/benchmarks.md``,
-"CPU codecs"). So each thread keeps one buffer per purpose, grown to the largest chunk it
-has seen and never shrunk: a few times the chunk size per encoding or decoding thread.
+large as the chunk or four times larger. Allocated afresh for every chunk, each one can be
+a new ``mmap`` from glibc, paid for again in page faults on its first touch, which costs
+more than the arithmetic: ``int4h`` values of a 2 MiB chunk, encoded on one thread between
+other allocations, ran at 0.21 GB/s with fresh temporaries, 0.41-0.44 GB/s with glibc's
+thresholds raised (``kvwire.tune_process``), and 0.76-0.77 GB/s with these buffers (and
+the factored rotation) either way (``docs/benchmarks.md``, "CPU codecs"). So each thread
+keeps one buffer per purpose, grown to the largest chunk it has seen and never shrunk: a
+few times the chunk size per encoding or decoding thread.
 
 A buffer handed out here is valid until the same thread asks for the same name again: a
 codec uses it inside one call and never returns it (or a view of it) to its caller.
