@@ -6,11 +6,13 @@ calls :func:`tune_process` once it has imported its models:
 * ``gc.freeze()``: torch brings ~10^5 long-lived objects and every full garbage
   collection walks them all; frozen, they are skipped (about 5% of all CPU time in the
   loopback benchmark).
-* glibc's mmap and trim thresholds raised to 1 GiB: the CPU codecs allocate megabyte
-  temporaries per chunk, which glibc otherwise serves with fresh ``mmap``s, paying page
-  faults and kernel zeroing every time (``python3 bench/codec_micro.py [--tune]``: int4
-  key decode of a 2 MiB chunk 6.2-6.6 ms before, 1.9-2.6 ms after; fp8 decode 5.0-11.5 ms
-  before, 4.5-4.8 ms after). Freed memory then stays in the process for reuse.
+* glibc's mmap and trim thresholds raised to 1 GiB: megabyte allocations are then served
+  from the heap instead of fresh ``mmap``s, so memory freed is reused without page faults.
+  The CPU codecs needed this until they kept their own work buffers
+  (``kvwire/codec/scratch.py``); they run as fast without it now (``python3
+  bench/codec_micro.py [--tune]``, one thread, a 2 MiB chunk: fp8 decode 6.4 ms untuned
+  and 2.8 ms tuned before, 0.71 ms either way after). It still helps whatever else in the
+  process allocates megabytes per call. Freed memory then stays in the process for reuse.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ MAX_ROTATION = 256
 MIN_EXPONENT = -90  # rows whose largest value is below 2^-91 travel as zero (so S and Z stay normal fp32)
 
 
-KRONECKER_FROM, KRONECKER_LOW = 128, 16  # measured: below R = 128 one product is faster
+KRONECKER_FROM, KRONECKER_LOW = 128, 16  # see rotate()
 
 
 def rotation_block(head_dim: int) -> int:
@@ -87,10 +87,11 @@ def rotate(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``rows`` ([N, D] fp32 integers) times H, block by block, into ``out`` (a new tensor if
     None): exact integers, +0 for zero.
 
-    From R = 128 on, ``H_R`` is applied as ``H_(R/16)`` ⊗ ``H_16`` (a product over the 16
-    low index bits, then one over the high ones): 2.3x (R = 128) to 4.7x (R = 256) fewer
-    operations than one R x R product, and the same integers (every partial sum is an
-    integer below 2^24, so exact in fp32)."""
+    From R = 128 on, ``H_R`` is applied as ``H_(R/16)`` ⊗ ``H_16`` (a product over the 4
+    low index bits, then one over the high ones): 5.3x (R = 128) and 8x (R = 256) fewer
+    multiply-adds than one R x R product, measured 2.3x and 4.7x faster on one CPU thread,
+    and the same integers (every partial sum is an integer below 2^24, so exact in fp32).
+    Below R = 128 the small batched product is slower than the single one."""
     n, d = rows.shape
     block = rotation_block(d)
     if out is None:

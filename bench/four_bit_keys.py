@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Candidate 4-bit key (and value) schemes, scored by next-token KL on SmolLM2-135M before
+any of them is given a wire format: the search behind docs/fidelity.md, "4 bits: what
+else was measured".
+
+Each scheme is ``keys:K:values``: ``keys`` one of the modes below over key groups of ``K``
+tokens (per channel, as ``int4`` groups them), ``values`` how values travel (``int4h`` or
+``int4``: the codecs' CPU references; ``hN``: rotated rows at N bits, without the codec's
+exact integer arithmetic; any of them with ``/first``: the request's first token exact).
+Sizes are bytes per token per head for head_dim 64 as a share of bf16, for long prompts
+(the size the fidelity table reports for 1024 tokens).
+
+    python3 bench/four_bit_keys.py --lengths 32,128 plain:16:int4 plain:64:int4h chan:64:int4h
+
+Key modes (``n`` tokens in a group; fp16 scale and zero-point per channel per group unless
+said):
+
+* ``plain``: int4's keys;
+* ``chan``: per channel, the element farthest from the channel's mean kept exact (fp16
+  value and a 1-byte index: 3 bytes per channel per group), the range set by the others;
+* ``row``: per head, the token with the largest max |x| kept exact (bf16 row + index);
+* ``first``: the group's first token kept exact when the group starts the request
+  (the attention sink);
+* ``tokscale``: each token divided by its own max |x| (fp16, 2 bytes per token per head)
+  before the per-channel groups;
+* ``clip``: the range per channel shrunk to the one of 8 fractions (1.0 .. 0.6) with the
+  least squared error (no extra bytes);
+* ``smooth``: each channel divided by its max |x| over the group, then rotated and
+  quantized per token like int4h's values (4 bytes per token per head + 2 per channel);
+* ``bN``: N-bit codes instead of 4.
+
+Not a test and not a codec: a way to decide what deserves one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import kvwire.codec  # noqa: E402
+from kvwire.codec.int4 import int4_params  # noqa: E402
+
+HEAD_DIM = 64  # SmolLM2-135M
+CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+def _levels(part: torch.Tensor, bits: int, dim: int, mn=None, mx=None) -> torch.Tensor:
+    """Asymmetric ``bits``-bit round trip of ``part`` along ``dim`` (fp16 scale and zero)."""
+    if mn is None:
+        mn, mx = part.amin(dim, keepdim=True), part.amax(dim, keepdim=True)
+    top = (1 << bits) - 1
+    zero = mn.half().float()
+    scale = ((mx - zero) / top).half().float()
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return ((part - zero) * inv).round().clamp(0, top) * scale + zero
+
+
+def _without(part: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """int4 per-channel round trip whose range ignores the ``keep`` elements, which stay exact."""
+    inf = torch.full_like(part, float("inf"))
+    mn = torch.where(keep, inf, part).amin(0)
+    mx = torch.where(keep, -inf, part).amax(0)
+    mn, mx = torch.where(torch.isfinite(mn), mn, 0), torch.where(torch.isfinite(mx), mx, 0)
+    scale, zero = int4_params(mn, mx)
+    y = _levels(part, 4, 0, zero.float().unsqueeze(0), (zero.float() + 15 * scale.float()).unsqueeze(0))
+    return torch.where(keep, part.bfloat16().float(), y)
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def key_group(part: torch.Tensor, mode: str, starts_request: bool) -> torch.Tensor:
+    """One group ``[n, H, D]`` of keys after the round trip of ``mode``."""
+    n, heads, _ = part.shape
+    keep = torch.zeros_like(part, dtype=torch.bool)
+    if mode == "plain":
+        return _levels(part, 4, 0)
+    if mode.startswith("b"):
+        return _levels(part, int(mode[1:]), 0)
+    if mode == "chan":
+        keep.scatter_(0, (part - part.mean(0, keepdim=True)).abs().argmax(0, keepdim=True), True)
+        return _without(part, keep)
+    if mode == "row":
+        keep[part.abs().amax(-1).argmax(0), torch.arange(heads)] = True
+        return _without(part, keep)
+    if mode == "first":
+        keep[0] = starts_request
+        return _without(part, keep)
+    if mode == "tokscale":
+        r = part.abs().amax(-1, keepdim=True).clamp_min(1e-30).half().float()
+        return _levels(part / r, 4, 0) * r
+    if mode == "clip":
+        mid, half = (part.amax(0) + part.amin(0)) / 2, (part.amax(0) - part.amin(0)) / 2
+        best, best_err = None, None
+        for f in CLIP_FRACTIONS:
+            y = _levels(part, 4, 0, (mid - half * f).unsqueeze(0), (mid + half * f).unsqueeze(0))
+            err = ((y - part) ** 2).sum(0)
+            better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
+            best = y if best is None else torch.where(better, y, best)
+            best_err = err if best_err is None else torch.where(better, err, best_err)
+        return best
+    if mode == "smooth":
+        h = _hadamard(part.shape[-1])
+        scale = part.abs().amax(0, keepdim=True).clamp_min(1e-6).half().float()
+        return (_levels((part / scale) @ h, 4, -1) @ h.T) * scale
+    raise ValueError(f"unknown key mode {mode!r}")
+
+
+def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for g0 in range(0, x.shape[0], group):
+        out[g0 : g0 + group] = key_group(x[g0 : g0 + group], mode, g0 == 0)
+    return out
+
+
+def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind.endswith("/first"):  # the request's first token exact
+        y = round_trip_values(v, kind.removesuffix("/first")).clone()
+        y[0] = v[0].bfloat16().float()
+        return y
+    if kind in ("int4h", "int4"):
+        codec = kvwire.codec.get(kind)
+        return codec.decode(codec.encode(v, "v", 16)).view(v.shape).float()
+    if kind.startswith("h"):
+        h = _hadamard(v.shape[-1])
+        return _levels(v @ h, int(kind[1:]), -1) @ h.T
+    raise ValueError(f"unknown value kind {kind!r}")
+
+
+def times_smaller(mode: str, group: int, values: str) -> float:
+    d = HEAD_DIM
+    values = values.removesuffix("/first")
+    value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
+    bits = int(mode[1:]) if mode.startswith("b") else 4
+    key_bytes = d * bits / 8 + 4 * d / group
+    key_bytes += {"chan": 3 * d / group, "row": (2 * d + 1) / group, "tokscale": 2}.get(mode, 0)
+    if mode == "smooth":
+        key_bytes = d / 2 + 4 + 2 * d / group
+    return 4 * d / (key_bytes + value_bytes)
+
+
+@torch.inference_mode()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("schemes", nargs="+", help="keys:K:values, e.g. chan:64:int4h")
+    parser.add_argument("--lengths", default="32,128", help="prompt lengths (the fidelity prompt set)")
+    args = parser.parse_args()
+    from transformers import DynamicCache
+
+    from kvwire.bench.fidelity import _prompts
+    from kvwire.bench.models import smollm2
+    from kvwire.integrations.transformers import cache_argument
+
+    tokenizer, model = smollm2()
+    kls: dict[str, dict[str, float]] = {}
+    for name, prompt in _prompts(tokenizer, [int(x) for x in args.lengths.split(",")]):
+        ref = DynamicCache()
+        model(torch.tensor([prompt[:-1]]), **cache_argument(ref), use_cache=True)
+        last = torch.tensor([prompt[-1:]])
+        logits = model(last, **cache_argument(copy.deepcopy(ref)), use_cache=True).logits[0, -1]
+        ref_lp = torch.log_softmax(logits.double(), -1)
+        for scheme in args.schemes:
+            mode, group, values = scheme.split(":")
+            cache = DynamicCache()
+            for i, layer in enumerate(ref.layers):
+                k = layer.keys[0].transpose(0, 1).contiguous()  # [T, H, D]
+                v = layer.values[0].transpose(0, 1).contiguous()
+                k2, v2 = round_trip_keys(k, int(group), mode), round_trip_values(v, values)
+                cache.update(k2.transpose(0, 1).unsqueeze(0), v2.transpose(0, 1).unsqueeze(0), i)
+            lp = torch.log_softmax(model(last, **cache_argument(cache), use_cache=True).logits[0, -1].double(), -1)
+            kls.setdefault(scheme, {})[name] = float((ref_lp.exp() * (ref_lp - lp)).sum())
+    for scheme, per_prompt in kls.items():
+        mode, group, values = scheme.split(":")
+        mean = sum(per_prompt.values()) / len(per_prompt)
+        cells = " ".join(f"{n}={kl:.1e}" for n, kl in per_prompt.items())
+        print(f"{scheme:18s} {times_smaller(mode, int(group), values):.2f}x  mean KL {mean:.2e}  {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
