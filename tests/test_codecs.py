@@ -497,3 +497,43 @@ def test_int4h_needs_an_even_head_dim():
     with pytest.raises(ValueError, match="even"):
         kvwire.codec.get("int4h").encode(torch.zeros(4, 2, 63), "v")
     assert kvwire.codec.get("int8h").encode(torch.ones(4, 2, 63), "v").nbytes == 8 * (4 + 63)
+
+
+@pytest.mark.parametrize("name", ["fp8", "int4", "int8h", "int4h", "int4h+lz4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_results_never_alias_the_reused_work_buffers(name, dtype):
+    """Encoded bytes and decoded tensors stay as they were while later chunks are coded:
+    the codecs' work buffers (kvwire/codec/scratch.py) never leave the call."""
+    codec = kvwire.codec.get(name)
+    first, second = gaussian((64, 4, 128), dtype, 1), gaussian((64, 4, 128), dtype, 2)
+    for role in ("k", "v"):
+        enc = codec.encode(first, role)
+        wire = enc.tobytes()
+        dec = codec.decode(enc)
+        kept = dec.clone()
+        codec.decode(codec.encode(second, role))
+        assert enc.tobytes() == wire and torch.equal(dec, kept)
+
+
+def test_work_buffers_follow_calls_in_flight_not_threads():
+    """Sixteen threads coding chunks leave at most IDLE_WORKSPACES buffer sets behind."""
+    import threading
+
+    from kvwire.codec import scratch
+
+    with scratch._idle_lock:
+        scratch._idle.clear()  # sets grown by earlier tests' larger chunks
+    x = gaussian((256, 4, 128), torch.bfloat16, 3)
+    codec = kvwire.codec.get("int4h")
+
+    def work():
+        for role in ("k", "v"):
+            codec.decode(codec.encode(x, role))
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(scratch._idle) <= scratch.IDLE_WORKSPACES
+    assert scratch.idle_bytes() <= scratch.IDLE_WORKSPACES * 10 * x.numel() * x.element_size()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvwire.codec.scratch import scratch, workspace
 from kvwire.layout import DTYPE_NAMES, QUANTIZABLE_DTYPES
 
 ROLES = ("k", "v", "kv", "state")
@@ -161,7 +162,8 @@ class Codec:
     def encode(self, x: torch.Tensor, role: str, block_size: int = 16) -> Encoded:
         x3, spec = as_chunk(x, role, block_size)
         self.check(spec)
-        return Encoded(self.descriptor, spec, self._encode(x3, spec))
+        with workspace():  # work buffers for this call (kvwire/codec/scratch.py)
+            return Encoded(self.descriptor, spec, self._encode(x3, spec))
 
     def decode(self, encoded: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
         if encoded.codec != self.descriptor:
@@ -172,7 +174,8 @@ class Codec:
         """Decode wire bytes (a uint8 tensor, bytes-like or memoryview) of a chunk like ``spec``."""
         self.check(spec)
         data = _as_uint8(buf)
-        y = self._decode(data, spec)
+        with workspace():
+            y = self._decode(data, spec)
         if out is None:
             return y
         if not isinstance(out, torch.Tensor):
@@ -241,12 +244,10 @@ def to_cache_dtype(y: torch.Tensor, dtype: torch.dtype, fresh: bool = False) -> 
 
 
 def as_float32(x: torch.Tensor, scratch_name: str) -> torch.Tensor:
-    """``x`` as fp32: itself if it already is, else converted in this thread's scratch
+    """``x`` as fp32: itself if it already is, else converted in the codec call's work
     buffer ``scratch_name`` (read-only for the caller either way)."""
     if x.dtype == torch.float32:
         return x
-    from kvwire.codec.scratch import scratch
-
     return scratch(scratch_name, tuple(x.shape)).copy_(x)
 
 

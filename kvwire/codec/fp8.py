@@ -45,7 +45,7 @@ def fp8_codes_into(out: torch.Tensor, xf: torch.Tensor, scale: torch.Tensor, fin
     """Write the E4M3 codes of fp32 ``xf`` with per-row ``scale`` into uint8 ``out``
     (``finite``: no inf or NaN in ``xf``)."""
     inv = torch.reciprocal(scale)
-    q = torch.mul(xf, inv.unsqueeze(-1), out=scratch("fp8.q", tuple(xf.shape)))
+    q = torch.mul(xf, inv.unsqueeze(-1), out=scratch("a", tuple(xf.shape)))
     q.clamp_(-E4M3_MAX, E4M3_MAX)  # saturate; NaN stays NaN
     out.view(torch.float8_e4m3fn).view(q.shape).copy_(q)
     # A NaN code comes only from a NaN in x, or from 0 * inf where a tiny scale's reciprocal
@@ -66,7 +66,7 @@ class Fp8Codec(Codec):
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows = spec.tokens * spec.heads
         out = torch.empty(rows * 4 + spec.numel, dtype=torch.uint8)
-        xf = as_float32(x3, "fp8.x")
+        xf = as_float32(x3, "x")
         scale, finite = fp8_scales(xf)
         out[: rows * 4].view(torch.float32).copy_(scale.view(-1))
         fp8_codes_into(out[rows * 4 :], xf, scale, finite)
@@ -77,6 +77,6 @@ class Fp8Codec(Codec):
         rows = spec.tokens * spec.heads
         scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
         codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
-        index = scratch("fp8.index", (spec.numel,), torch.int32).copy_(codes)
-        values = torch.index_select(E4M3_VALUES, 0, index, out=scratch("fp8.y", (spec.numel,))).view(spec.shape)
+        index = scratch("index", (spec.numel,), torch.int32).copy_(codes)
+        values = torch.index_select(E4M3_VALUES, 0, index, out=scratch("a", (spec.numel,))).view(spec.shape)
         return to_cache_dtype(values.mul_(scale.view(spec.tokens, spec.heads, 1)), spec.dtype, fresh=True)

@@ -101,7 +101,7 @@ def rotate(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out.copy_((rows.to(torch.float64).view(n, d // block, block) @ h).view(n, d))
     elif block >= KRONECKER_FROM:
         high = block // KRONECKER_LOW
-        low = scratch("rotate.low", (n * d // block, high, KRONECKER_LOW))
+        low = scratch("c", (n * d // block, high, KRONECKER_LOW))
         torch.matmul(rows.view(-1, high, KRONECKER_LOW), hadamard(KRONECKER_LOW), out=low)
         torch.matmul(hadamard(high), low, out=out.view(-1, high, KRONECKER_LOW))
     else:
@@ -116,7 +116,7 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n [N, D] fp32 integers, e [N] int32, 0 for zero rows) of rows ``xf`` [N, D] fp32;
-    ``n`` is this thread's scratch buffer ``"rows.n"``."""
+    ``n`` is the codec call's work buffer ``"a"``."""
     m = torch.maximum(xf.amax(dim=1), xf.amin(dim=1).neg_())  # max |x|, without an |x| temporary
     if not torch.isfinite(m).all():  # rare: only then pay for zeroing inf and NaN
         xf = torch.where(torch.isfinite(xf), xf, 0.0)
@@ -125,14 +125,14 @@ def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero = (m == 0) | (e < MIN_EXPONENT)
     e = torch.where(zero, 0, e)
     factor = torch.where(zero, 0.0, _pow2(FIXED_POINT_BITS - e))
-    n = torch.mul(xf, factor.unsqueeze(1), out=scratch("rows.n", xf.shape))  # an exact product
+    n = torch.mul(xf, factor.unsqueeze(1), out=scratch("a", xf.shape))  # an exact product
     return n.round_(), e  # ties to even
 
 
 def quantize8(xf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Rows ``xf`` ([N, D] fp32) -> S [N] fp32; their codes written to ``codes`` ([N, D] int8)."""
     n, e = _fixed_point(xf)
-    y = rotate(n, out=scratch("rows.y", n.shape))
+    y = rotate(n, out=scratch("b", n.shape))
     log_block = rotation_block(xf.shape[1]).bit_length() - 1
     step = (torch.maximum(y.amax(dim=1), y.amin(dim=1).neg_()) + 0.0) / 127.0  # max |y|; +0.0: never -0
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
@@ -144,7 +144,7 @@ def quantize4(xf: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, tor
     """Rows ``xf`` ([N, D] fp32) -> (S [N] bf16, Z [N] bf16); their codes (0..15) written to
     ``packed`` ([N, D/2] uint8, two per byte)."""
     n, e = _fixed_point(xf)
-    y = rotate(n, out=scratch("rows.y", n.shape))
+    y = rotate(n, out=scratch("b", n.shape))
     log_block = rotation_block(xf.shape[1]).bit_length() - 1
     mn, mx = y.amin(dim=1) + 0.0, y.amax(dim=1) + 0.0
     scale = ((mx - mn) / 15.0 * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
@@ -153,24 +153,24 @@ def quantize4(xf: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, tor
     z = zero.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
     q = y.sub_(z.unsqueeze(1)).mul_(inv.unsqueeze(1)).round_().clamp_(0, 15)
-    pack_nibbles(q, out=packed, scratch_name="rows.codes")
+    pack_nibbles(q, out=packed, scratch_name="codes")
     return scale, zero
 
 
 def dequantize8(scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(S [N] fp32, codes [N, D] int8) -> decoded rows [N, D] fp32 (scratch ``"rows.y"``)."""
-    v = scratch("rows.v", codes.shape)
+    """(S [N] fp32, codes [N, D] int8) -> decoded rows [N, D] fp32 (scratch ``"b"``)."""
+    v = scratch("a", codes.shape)
     v.copy_(codes)
-    return rotate(v, out=scratch("rows.y", codes.shape)).mul_(scale.unsqueeze(1))
+    return rotate(v, out=scratch("b", codes.shape)).mul_(scale.unsqueeze(1))
 
 
 def dequantize4(scale: torch.Tensor, zero: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """(S [N] bf16, Z [N] bf16, packed codes [N, D/2]) -> decoded rows [N, D] fp32 (scratch
-    ``"rows.y"``)."""
+    ``"b"``)."""
     n, half = packed.shape
     d = 2 * half
     block = rotation_block(d)
-    v = rotate(unpack_nibbles(packed, out=scratch("rows.v", (n, d))), out=scratch("rows.y", (n, d)))
+    v = rotate(unpack_nibbles(packed, out=scratch("a", (n, d))), out=scratch("b", (n, d)))
     first = v.view(n, d // block, block)[:, :, 0] * (1.0 / block)  # exact scalings around one multiply-add
     first.mul_(scale.float().unsqueeze(1)).add_(zero.float().unsqueeze(1)).mul_(float(block))
     v.mul_(scale.float().unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
@@ -190,7 +190,7 @@ class RotatedRows:
 
     def encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows, d = spec.tokens * spec.heads, spec.head_dim
-        xf = as_float32(x3.reshape(rows, d), "rows.x")
+        xf = as_float32(x3.reshape(rows, d), "x")
         out = torch.empty(self.size(spec), dtype=torch.uint8)
         codes = out[rows * 4 :].view(rows, d * self.bits // 8)
         if self.bits == 8:

@@ -1,4 +1,4 @@
-"""Work buffers the CPU codecs reuse from chunk to chunk, one set per thread.
+"""Work buffers the CPU codecs reuse from chunk to chunk.
 
 A CPU codec's temporaries (the fp32 copy of a chunk, its rotated rows, its codes) are as
 large as the chunk or four times larger. Allocated afresh for every chunk, each one can be
@@ -6,41 +6,87 @@ a new ``mmap`` from glibc, paid for again in page faults on its first touch, whi
 more than the arithmetic: ``int4h`` values of a 2 MiB chunk, encoded on one thread between
 other allocations, ran at 0.21 GB/s with fresh temporaries, 0.41-0.44 GB/s with glibc's
 thresholds raised (``kvwire.tune_process``), and 0.76-0.77 GB/s with these buffers (and
-the factored rotation) either way (``docs/benchmarks.md``, "CPU codecs"). So each thread
-keeps one buffer per purpose, grown to the largest chunk it has seen and never shrunk: a
-few times the chunk size per encoding or decoding thread.
+the factored rotation) either way (``docs/benchmarks.md``, "CPU codecs").
 
-A buffer handed out here is valid until the same thread asks for the same name again: a
-codec uses it inside one call and never returns it (or a view of it) to its caller.
+Every :meth:`Codec.encode` and :meth:`Codec.decode_bytes` runs inside :func:`workspace`:
+it takes a set of buffers from a process-wide pool for the call and gives it back after,
+so the memory held follows how many chunks are being coded at once, not how many threads
+(a receiver has one per connection) have ever coded one. A set grows to what the largest
+chunk it has served needed: for a 2 MiB bf16 chunk 10.5 MiB (``int4``) to 18.5 MiB
+(``int4h``), 19.5 MiB after every codec. At most ``IDLE_WORKSPACES`` sets are kept
+between calls, the others freed.
+
+A buffer from :func:`scratch` is valid until the call that took it returns: a codec uses it
+inside that call and never returns it (or a view of it) to its caller. Outside a codec
+call, :func:`scratch` allocates a new tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterator
 
 import torch
 
+IDLE_WORKSPACES = 4  # buffer sets kept between calls (each 5-10x the largest chunk)
 
-class _Buffers(threading.local):
+
+class Workspace:
+    """One set of named buffers, used by one codec call at a time."""
+
     def __init__(self) -> None:
-        self.by_name: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        key = (name, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype)
+            self.buffers[key] = buf
+        return buf[:n].view(shape)
+
+    def held_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-_buffers = _Buffers()
+_idle: list[Workspace] = []
+_idle_lock = threading.Lock()
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Workspace]:
+    """This thread's workspace for the duration of one codec call (the outer one's, when
+    calls nest)."""
+    ws = getattr(_current, "ws", None)
+    if ws is not None:
+        yield ws
+        return
+    with _idle_lock:
+        ws = _idle.pop() if _idle else Workspace()
+    _current.ws = ws
+    try:
+        yield ws
+    finally:
+        _current.ws = None
+        with _idle_lock:
+            if len(_idle) < IDLE_WORKSPACES:
+                _idle.append(ws)
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """This thread's buffer ``name`` as an uninitialised contiguous tensor of ``shape``."""
-    n = math.prod(shape)
-    key = (name, dtype)
-    buf = _buffers.by_name.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-        _buffers.by_name[key] = buf
-    return buf[:n].view(shape)
+    """Buffer ``name`` of the current codec call as an uninitialised contiguous tensor of
+    ``shape`` (a new tensor outside a codec call)."""
+    ws = getattr(_current, "ws", None)
+    if ws is None:
+        return torch.empty(shape, dtype=dtype)
+    return ws.take(name, shape, dtype)
 
 
-def held_bytes() -> int:
-    """Bytes this thread's buffers hold (for tests and reports)."""
-    return sum(b.numel() * b.element_size() for b in _buffers.by_name.values())
+def idle_bytes() -> int:
+    """Bytes the idle workspaces hold (for tests and reports)."""
+    with _idle_lock:
+        return sum(ws.held_bytes() for ws in _idle)
