@@ -537,3 +537,15 @@ def test_work_buffers_follow_calls_in_flight_not_threads():
         t.join()
     assert 1 <= len(scratch._idle) <= scratch.IDLE_WORKSPACES
     assert scratch.idle_bytes() <= scratch.IDLE_WORKSPACES * 10 * x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("name", ["raw", "fp8", "int4", "int8h", "int4h", "int4+lz4"])
+def test_a_tensor_that_requires_grad_encodes_as_its_values(name):
+    """A KV cache taken from a forward pass outside no_grad requires grad: the codecs
+    encode its values (their work buffers take no part in autograd)."""
+    x = gaussian((32, 2, 64), torch.float32, 4)
+    codec = kvwire.codec.get(name)
+    for role in ("k", "v"):
+        enc = codec.encode(x.clone().requires_grad_(True), role)
+        assert enc.tobytes() == codec.encode(x, role).tobytes()
+        assert torch.equal(codec.decode(enc), codec.decode(codec.encode(x, role)))

@@ -162,7 +162,9 @@ class Codec:
     def encode(self, x: torch.Tensor, role: str, block_size: int = 16) -> Encoded:
         x3, spec = as_chunk(x, role, block_size)
         self.check(spec)
-        with workspace():  # work buffers for this call (kvwire/codec/scratch.py)
+        # Work buffers for this call (kvwire/codec/scratch.py); no autograd: bytes have no
+        # gradient, and the codecs write into their buffers with out= arguments.
+        with workspace(), torch.no_grad():
             return Encoded(self.descriptor, spec, self._encode(x3, spec))
 
     def decode(self, encoded: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +176,7 @@ class Codec:
         """Decode wire bytes (a uint8 tensor, bytes-like or memoryview) of a chunk like ``spec``."""
         self.check(spec)
         data = _as_uint8(buf)
-        with workspace():
+        with workspace(), torch.no_grad():
             y = self._decode(data, spec)
         if out is None:
             return y
