@@ -153,23 +153,10 @@ def rows_from_blocks(src: np.ndarray, block_ids: Sequence[int], block_size: int,
         elif src.flags.c_contiguous:
             np.take(src, np.asarray(ids, dtype=np.intp), axis=0, out=whole)
         else:  # some heads of each token: np.take copies a strided source 4.5x slower than this
-            at = 0
-            for first, count in _runs(ids):
-                whole[at : at + count] = src[first : first + count]
-                at += count
+            for i, b in enumerate(ids):
+                whole[i] = src[b]
     if rest:
         out[full * block_size :] = src[block_ids[full], :rest]
-
-
-def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
-    """``ids`` as (first, count) runs of consecutive block ids, in order."""
-    runs: list[tuple[int, int]] = []
-    for b in ids:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((b, 1))
-    return runs
 
 
 def _consecutive(ids: Sequence[int]) -> bool:

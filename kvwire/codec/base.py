@@ -245,12 +245,18 @@ def to_cache_dtype(y: torch.Tensor, dtype: torch.dtype, fresh: bool = False) -> 
     return out
 
 
-def as_float32(x: torch.Tensor, scratch_name: str) -> torch.Tensor:
+def as_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` as fp32: itself if it already is, else converted in the codec call's work
-    buffer ``scratch_name`` (read-only for the caller either way)."""
+    buffer ``"x"`` (read-only for the caller either way)."""
     if x.dtype == torch.float32:
         return x
-    return scratch(scratch_name, tuple(x.shape)).copy_(x)
+    return scratch("x", tuple(x.shape)).copy_(x)
+
+
+def abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |x| along ``dim`` from two reductions, without an |x| temporary (NaN propagates;
+    a maximum over zeros may come out -0)."""
+    return torch.maximum(x.amax(dim=dim), x.amin(dim=dim).neg_())
 
 
 def check_length(data: torch.Tensor, expected: int, codec: str) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.scratch import scratch
 
 E4M3_MAX = 448.0
@@ -33,7 +33,7 @@ E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).flo
 def fp8_scales(xf: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(per-row fp32 scale of fp32 ``xf`` (``[..., D]``) as the format defines it, whether
     every element is finite)."""
-    amax = torch.maximum(xf.amax(dim=-1), xf.amin(dim=-1).neg_())  # max |x|, without an |x| temporary
+    amax = abs_max(xf, -1)
     finite = bool(torch.isfinite(amax).all())  # amax and amin carry any inf or NaN of their row
     if not finite:  # rare: only then pay for masking inf and NaN out
         amax = torch.where(torch.isfinite(xf), xf.abs(), 0.0).amax(dim=-1)
@@ -66,7 +66,7 @@ class Fp8Codec(Codec):
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows = spec.tokens * spec.heads
         out = torch.empty(rows * 4 + spec.numel, dtype=torch.uint8)
-        xf = as_float32(x3, "x")
+        xf = as_float32(x3)
         scale, finite = fp8_scales(xf)
         out[: rows * 4].view(torch.float32).copy_(scale.view(-1))
         fp8_codes_into(out[rows * 4 :], xf, scale, finite)

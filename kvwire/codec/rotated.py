@@ -47,7 +47,7 @@ import functools
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
 from kvwire.codec.scratch import scratch
 
@@ -117,7 +117,7 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n [N, D] fp32 integers, e [N] int32, 0 for zero rows) of rows ``xf`` [N, D] fp32;
     ``n`` is the codec call's work buffer ``"a"``."""
-    m = torch.maximum(xf.amax(dim=1), xf.amin(dim=1).neg_())  # max |x|, without an |x| temporary
+    m = abs_max(xf, 1)
     if not torch.isfinite(m).all():  # rare: only then pay for zeroing inf and NaN
         xf = torch.where(torch.isfinite(xf), xf, 0.0)
         m = xf.abs().amax(dim=1)
@@ -134,7 +134,7 @@ def quantize8(xf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     n, e = _fixed_point(xf)
     y = rotate(n, out=scratch("b", n.shape))
     log_block = rotation_block(xf.shape[1]).bit_length() - 1
-    step = (torch.maximum(y.amax(dim=1), y.amin(dim=1).neg_()) + 0.0) / 127.0  # max |y|; +0.0: never -0
+    step = (abs_max(y, 1) + 0.0) / 127.0  # +0.0: never -0
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
     codes.copy_(y.mul_(inv.unsqueeze(1)).round_().clamp_(-127, 127))
     return step * _pow2(e - FIXED_POINT_BITS - log_block)
@@ -153,7 +153,7 @@ def quantize4(xf: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, tor
     z = zero.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
     q = y.sub_(z.unsqueeze(1)).mul_(inv.unsqueeze(1)).round_().clamp_(0, 15)
-    pack_nibbles(q, out=packed, scratch_name="codes")
+    pack_nibbles(q, packed)
     return scale, zero
 
 
@@ -170,7 +170,7 @@ def dequantize4(scale: torch.Tensor, zero: torch.Tensor, packed: torch.Tensor) -
     n, half = packed.shape
     d = 2 * half
     block = rotation_block(d)
-    v = rotate(unpack_nibbles(packed, out=scratch("a", (n, d))), out=scratch("b", (n, d)))
+    v = rotate(unpack_nibbles(packed, scratch("a", (n, d))), out=scratch("b", (n, d)))
     first = v.view(n, d // block, block)[:, :, 0] * (1.0 / block)  # exact scalings around one multiply-add
     first.mul_(scale.float().unsqueeze(1)).add_(zero.float().unsqueeze(1)).mul_(float(block))
     v.mul_(scale.float().unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
@@ -190,7 +190,7 @@ class RotatedRows:
 
     def encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows, d = spec.tokens * spec.heads, spec.head_dim
-        xf = as_float32(x3.reshape(rows, d), "x")
+        xf = as_float32(x3.reshape(rows, d))
         out = torch.empty(self.size(spec), dtype=torch.uint8)
         codes = out[rows * 4 :].view(rows, d * self.bits // 8)
         if self.bits == 8:
