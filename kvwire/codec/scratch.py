@@ -3,10 +3,11 @@
 A CPU codec's temporaries (the fp32 copy of a chunk, its rotated rows, its codes) are as
 large as the chunk or four times larger. Allocated afresh for every chunk, each one can be
 a new ``mmap`` from glibc, paid for again in page faults on its first touch, which costs
-more than the arithmetic: ``int4h`` values of a 2 MiB chunk, encoded on one thread between
-other allocations, ran at 0.21 GB/s with fresh temporaries, 0.41-0.44 GB/s with glibc's
-thresholds raised (``kvwire.tune_process``), and 0.76-0.77 GB/s with these buffers (and
-the factored rotation) either way (``docs/benchmarks.md``, "CPU codecs").
+more than the arithmetic. ``python3 bench/codec_micro.py --codecs int4h --interleave
+[--tune]`` (one thread, a 2 MiB chunk, other allocations between calls as in an engine):
+values took 5.5-5.6 ms to encode with fresh temporaries, 4.3-4.4 ms with glibc's thresholds
+raised (``kvwire.tune_process``), and 2.3-2.4 ms with these buffers (and the factored
+rotation) either way (``docs/benchmarks.md``, "CPU codecs").
 
 Every :meth:`Codec.encode` and :meth:`Codec.decode_bytes` runs inside :func:`workspace`:
 it takes a set of buffers from a process-wide pool for the call and gives it back after,
