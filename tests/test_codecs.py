@@ -521,8 +521,7 @@ def test_work_buffers_follow_calls_in_flight_not_threads():
 
     from kvwire.codec import scratch
 
-    with scratch._idle_lock:
-        scratch._idle.clear()  # sets grown by earlier tests' larger chunks
+    scratch.drop_idle()  # sets grown by earlier tests' larger chunks
     x = gaussian((256, 4, 128), torch.bfloat16, 3)
     codec = kvwire.codec.get("int4h")
 

@@ -89,8 +89,9 @@ def rotate(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
     From R = 128 on, ``H_R`` is applied as ``H_(R/16)`` ⊗ ``H_16`` (a product over the 4
     low index bits, then one over the high ones): 5.3x (R = 128) and 8x (R = 256) fewer
-    multiply-adds than one R x R product, measured 2.3x and 4.7x faster on one CPU thread,
-    and the same integers (every partial sum is an integer below 2^24, so exact in fp32).
+    multiply-adds than one R x R product, 2.4x and 4.7x faster on one CPU thread (``python3
+    bench/codec_parts.py``), and the same integers (every partial sum is an integer below
+    2^24, so exact in fp32).
     Below R = 128 the small batched product is slower than the single one."""
     n, d = rows.shape
     block = rotation_block(d)

@@ -14,8 +14,8 @@ it takes a set of buffers from a process-wide pool for the call and gives it bac
 so the memory held follows how many chunks are being coded at once, not how many threads
 (a receiver has one per connection) have ever coded one. A set grows to what the largest
 chunk it has served needed: for a 2 MiB bf16 chunk 10.5 MiB (``int4``) to 18.5 MiB
-(``int4h``), 19.5 MiB after every codec. At most ``IDLE_WORKSPACES`` sets are kept
-between calls, the others freed.
+(``int4h``), 22.5 MiB once every codec has used it (``python3 bench/codec_parts.py``). At
+most ``IDLE_WORKSPACES`` sets are kept between calls, the others freed.
 
 A buffer from :func:`scratch` is valid until the call that took it returns: a codec uses it
 inside that call and never returns it (or a view of it) to its caller. Outside a codec
@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 import torch
 
-IDLE_WORKSPACES = 4  # buffer sets kept between calls (each 5-10x the largest chunk)
+IDLE_WORKSPACES = 4  # buffer sets kept between calls (each 5-11x the largest chunk)
 
 
 class Workspace:
@@ -85,6 +85,12 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     if ws is None:
         return torch.empty(shape, dtype=dtype)
     return ws.take(name, shape, dtype)
+
+
+def drop_idle() -> None:
+    """Free the idle workspaces (tests and measurements start from an empty pool)."""
+    with _idle_lock:
+        _idle.clear()
 
 
 def idle_bytes() -> int:
