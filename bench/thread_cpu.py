@@ -119,9 +119,12 @@ def main() -> None:
     nbytes = (args.rounds - 1) * args.tokens * layout.bytes_per_token()
     seconds = time.monotonic() - t0
     sent = report("sender", start, per_thread(), nbytes)
+    conns = tx.stats()["connections"]
+    frames, sends = sum(c["data_frames"] for c in conns), sum(c["data_sends"] for c in conns)
     print(f"{nbytes / seconds / 1e9:.2f} GB/s over rounds 2..{args.rounds} "
           f"({args.streams} connections, checksum {args.checksum}; counters read outside the rounds)")  # fmt: skip
     print(sent)
+    print(f"sender: {frames / max(sends, 1):.2f} DATA frames per send (all rounds)")
     print(here.recv())
     tx.close()
     here.send("close")

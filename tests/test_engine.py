@@ -169,6 +169,24 @@ def test_data_before_expect_waits_and_credit_slows_the_sender(receiver_for):
     assert h.done() and not h.ok()  # the first transfer timed out on the sender, which cancelled it
 
 
+def test_queued_chunks_go_out_gathered_and_whole(receiver_for):
+    # One connection held back by credit (1 MiB window, credit returned 256 KiB at a time)
+    # while 24 chunks of 128 KiB wait in the queue: each credit lets the writer take two,
+    # which go out in one send. Every byte still lands where it belongs.
+    layout = LAYOUTS["mha"]
+    rx, dst = receiver_for(layout, staging_bytes=4 << 20, slot_bytes=256 << 10, window_bytes=1 << 20)
+    src = filled(layout, 64, seed=3)
+    blocks = list(range(64))
+    h = rx.expect("gathered", blocks[::-1], 64 * 16)
+    with sender(layout, rx, src, streams=1, max_streams=1, chunk_bytes=128 << 10) as tx:
+        stats = tx.send("gathered", blocks, 64 * 16, timeout=30)
+        conn = tx.stats()["connections"][0]
+    h.wait(timeout=10)
+    assert conn["data_frames"] == stats["chunks"] == 24
+    assert conn["data_sends"] < conn["data_frames"]
+    assert_transferred(layout, src, blocks, dst, blocks[::-1], 64 * 16)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_sender_in_another_process(transport, receiver_for):
     layout = LAYOUTS["gqa"]
