@@ -116,6 +116,10 @@ class _Conn:
     def stream(self) -> ByteStream:
         return self.channel.stream
 
+    def counts(self) -> dict:
+        return {"alive": self.alive, "credit": self.credit, "data_frames": self.data_frames,
+                "data_sends": self.data_sends}  # fmt: skip
+
     @property
     def proto(self) -> ClientConnection:
         proto = self.channel.proto
@@ -632,11 +636,7 @@ class Sender:
             "streams": len(self._conns),
             "alive_streams": sum(c.alive for c in self._conns),
             "active_transfers": active,
-            "connections": [
-                c.stream.stats() | {"alive": c.alive, "credit": c.credit, "data_frames": c.data_frames,
-                                    "data_sends": c.data_sends}  # fmt: skip
-                for c in self._conns
-            ],
+            "connections": [c.stream.stats() | c.counts() for c in self._conns],
             "staging": self._pool.stats(),
         }
 
