@@ -129,3 +129,21 @@ def test_auto_sends_raw_on_a_fast_link_and_a_smaller_codec_on_a_slow_one():
     assert slow["plan"]["meets"] is True and "raw" in slow["plan"]["reason"]
     assert_transferred(LAYOUT, src, blocks, dst, blocks, tokens, kvwire.codec.get(slow["codec"]).name)
     assert slow["wire_bytes"] < fast["wire_bytes"] / 1.8
+
+
+def test_chunks_go_out_one_per_send_across_a_long_path():
+    """Across 20 ms of RTT the link, not the CPU per send, limits: a writer takes one
+    chunk at a time (a slow connection never holds several of a layer's tail), though
+    chunks queue behind the link. On loopback they are gathered (tests/test_engine.py)."""
+    with netem.EmulatedLink(netem.parse_link("rtt=20ms,rate=160mbit")) as link:
+        rx, tx, src, dst = open_pair(link, 16, streams=1, max_streams=1, chunk_bytes=128 << 10)
+        try:
+            stats = transfer(rx, tx, "long", list(range(16)), 256)  # 4 MiB: 0.2 s at 160 Mbit/s
+            conn = tx.stats()["connections"][0]
+            gather = tx.gather
+        finally:
+            tx.close()
+            rx.close()
+    assert not gather
+    assert conn["data_frames"] == conn["data_sends"] == stats["chunks"] == 32
+    assert_transferred(LAYOUT, src, list(range(16)), dst, list(range(16)), 256)

@@ -416,6 +416,7 @@ class Sender:
         self._resends: collections.deque[_OutChunk] = collections.deque()
         self._space = threading.Condition(self._lock)
         self._next_writer = 0
+        self.gather = False  # whether writers may gather chunks (set by the link follower: a short path)
         self._out_bytes = 0
         self._out_limit = staging_bytes  # zero-copy chunks are bounded by bytes too
         self._transfers: dict[int, SendHandle] = {}
@@ -943,10 +944,11 @@ class Sender:
         first if its request is new on this connection; None once closed or dead. Chunks
         of transfers that ended meanwhile are dropped here, so they leave no record behind.
 
-        Usually one chunk; up to ``GATHER_CHUNKS`` when more are queued and no other
-        connection's writer is waiting for one: one ``sendmsg`` for several frames costs
-        the kernel less per byte than one each (docs/development.md), and a connection
-        that waits is never passed over for it."""
+        Usually one chunk; on a short path (``gather``: loopback, one datacenter) up to
+        ``GATHER_CHUNKS`` when more are queued and no other connection's writer is
+        waiting for one: one ``sendmsg`` for several frames costs the kernel less per byte
+        than one each (docs/development.md), and a connection that waits is never passed
+        over for it."""
         with self._lock:
             while True:
                 if self._closed or not conn.alive or conn.retiring:
@@ -982,7 +984,7 @@ class Sender:
 
     def _may_gather_locked(self, conn: _Conn, taken: list[tuple[_OutChunk, list[bytes]]]) -> bool:
         """(lock held) Whether ``conn``'s writer may add the next queued chunk to those it took."""
-        if len(taken) >= GATHER_CHUNKS or taken[0][0].payload.device is not None:
+        if not self.gather or len(taken) >= GATHER_CHUNKS or taken[0][0].payload.device is not None:
             return False
         queue = self._queue()
         if not queue or queue[0].transfer.done() or queue[0].payload.device is not None:

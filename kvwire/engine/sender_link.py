@@ -39,6 +39,10 @@ ALL_AT_ONCE = 0.1  # a transfer whose layers all came within this share of its t
 IDLE_PERIOD_S = 0.5
 COST_CACHE = 256  # (codec, num_tokens) -> layer costs remembered
 PRIOR_TOKENS = 128  # tokens of one tensor a codec is timed on once, when auto may choose it
+# Writers gather queued chunks into one send only on a path this short (loopback, one
+# datacenter), where the CPU per send is what limits; across a longer path the link does,
+# and chunks taken one at a time keep a slow connection from holding a layer's tail.
+GATHER_MAX_RTT_S = 0.002
 
 
 def auto_codecs(names: Sequence[str] | None, dtype: torch.dtype, group_size: int) -> list[Codec]:
@@ -93,6 +97,7 @@ class LinkFollower:
 
     def start(self) -> None:
         self.sample()  # the handshakes' RTT, and the counters' starting points
+        self._allow_gathering(self.state())
         self._thread.start()
 
     def stop(self) -> None:
@@ -138,8 +143,13 @@ class LinkFollower:
             return self.model.state(time.monotonic())
 
     # -- connections that follow the link -------------------------------------------------------
+    def _allow_gathering(self, state: LinkState) -> None:
+        rtt = state.min_rtt.value
+        self._sender.gather = rtt is not None and rtt < GATHER_MAX_RTT_S
+
     def _follow(self) -> None:
         state = self.state()
+        self._allow_gathering(state)
         have, lost = self._sender._connection_count()
         with self._lock:
             if lost > self._lost_seen:  # a lost connection is not replaced: failures stay visible
