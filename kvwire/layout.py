@@ -533,6 +533,11 @@ class Selection:
         object.__setattr__(self, "block_ids", ids)
 
     @functools.cached_property
+    def ids(self) -> np.ndarray:
+        """The block ids as an int64 array (made once per selection)."""
+        return np.asarray(self.block_ids, dtype=np.int64)
+
+    @functools.cached_property
     def _runs(self) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The block ids as runs of consecutive ids, found once per selection: where each
         run begins (a position in token order; one past the last block at the end), as a

@@ -172,19 +172,31 @@ def test_data_before_expect_waits_and_credit_slows_the_sender(receiver_for):
 def test_queued_chunks_go_out_gathered_and_whole(receiver_for):
     # One connection held back by credit (1 MiB window, credit returned 256 KiB at a time)
     # while 24 chunks of 128 KiB wait in the queue: each credit lets the writer take two,
-    # which go out in one send. Every byte still lands where it belongs.
+    # which go out in one send (on loopback, without checksums: see GATHER_MAX_RTT_S).
+    # Every byte still lands where it belongs; with checksums, one chunk per send.
     layout = LAYOUTS["mha"]
-    rx, dst = receiver_for(layout, staging_bytes=4 << 20, slot_bytes=256 << 10, window_bytes=1 << 20)
+    rx, dst = receiver_for(layout, staging_bytes=4 << 20, slot_bytes=256 << 10, window_bytes=1 << 20,
+                           checksum="none")  # fmt: skip
     src = filled(layout, 64, seed=3)
     blocks = list(range(64))
     h = rx.expect("gathered", blocks[::-1], 64 * 16)
-    with sender(layout, rx, src, streams=1, max_streams=1, chunk_bytes=128 << 10) as tx:
+    with sender(layout, rx, src, streams=1, max_streams=1, chunk_bytes=128 << 10, checksum="none") as tx:
         stats = tx.send("gathered", blocks, 64 * 16, timeout=30)
         conn = tx.stats()["connections"][0]
+        assert tx.gather
     h.wait(timeout=10)
     assert conn["data_frames"] == stats["chunks"] == 24
     assert conn["data_sends"] < conn["data_frames"]
     assert_transferred(layout, src, blocks, dst, blocks[::-1], 64 * 16)
+
+    rx, dst = receiver_for(layout, staging_bytes=4 << 20, slot_bytes=256 << 10, window_bytes=1 << 20)
+    h = rx.expect("checked", blocks, 64 * 16)
+    with sender(layout, rx, src, streams=1, max_streams=1, chunk_bytes=128 << 10) as tx:
+        tx.send("checked", blocks, 64 * 16, timeout=30)
+        conn, gather = tx.stats()["connections"][0], tx.gather
+    h.wait(timeout=10)
+    assert not gather and conn["data_sends"] == conn["data_frames"] == 24
+    assert_transferred(layout, src, blocks, dst, blocks, 64 * 16)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

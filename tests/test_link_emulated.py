@@ -24,12 +24,16 @@ pytestmark = pytest.mark.skipif(
 LAYOUT = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)  # 16 KiB a token
 
 
-def open_pair(link, num_blocks, **sender_kw):
+def open_pair(link, num_blocks, checksum="crc32c", **sender_kw):
     dst = LAYOUT.allocate(num_blocks)
     src = filled(LAYOUT, num_blocks)
-    rx = link.call("b", lambda: kvwire.Receiver(LAYOUT, (link.address_b, 0), secret=SECRET, kv_caches=dst))
+    rx = link.call(
+        "b", lambda: kvwire.Receiver(LAYOUT, (link.address_b, 0), secret=SECRET, kv_caches=dst, checksum=checksum)
+    )
     try:
-        tx = link.call("a", lambda: kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, **sender_kw))
+        tx = link.call(
+            "a", lambda: kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, checksum=checksum, **sender_kw)
+        )
     except BaseException:
         rx.close()
         raise
@@ -134,9 +138,10 @@ def test_auto_sends_raw_on_a_fast_link_and_a_smaller_codec_on_a_slow_one():
 def test_chunks_go_out_one_per_send_across_a_long_path():
     """Across 20 ms of RTT the link, not the CPU per send, limits: a writer takes one
     chunk at a time (a slow connection never holds several of a layer's tail), though
-    chunks queue behind the link. On loopback they are gathered (tests/test_engine.py)."""
+    chunks queue behind the link. On loopback, without checksums as here, they are
+    gathered (tests/test_engine.py)."""
     with netem.EmulatedLink(netem.parse_link("rtt=20ms,rate=160mbit")) as link:
-        rx, tx, src, dst = open_pair(link, 16, streams=1, max_streams=1, chunk_bytes=128 << 10)
+        rx, tx, src, dst = open_pair(link, 16, checksum="none", streams=1, max_streams=1, chunk_bytes=128 << 10)
         try:
             stats = transfer(rx, tx, "long", list(range(16)), 256)  # 4 MiB: 0.2 s at 160 Mbit/s
             conn = tx.stats()["connections"][0]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kvwire
+from kvwire import scatter
 from kvwire.bench.fixture import head_range, shard_caches
 from kvwire.blocks import gather_tokens
 from kvwire.engine.chunks import received_rows
@@ -246,3 +247,37 @@ def test_one_prefill_rank_killed_fails_the_many_to_one_transfer_on_every_side():
         proc.join()
         rx.close()
     assert all(bool((t[:4] == 0).all()) and bool((t[7:] == 0).all()) for layer in dst for t in layer.values())
+
+
+@pytest.mark.parametrize("spans", [True, False])
+@pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2)])
+def test_split_heads_move_as_spans_or_through_a_copy(spans, prefill_size, decode_size, monkeypatch):
+    """A chunk of some heads of each token is one span per token: with the compiled
+    helper it is sent from (1 -> 2) or received into (2 -> 1) those spans, checked
+    there; without it, through a staging copy. Both deliver the same bytes."""
+    if spans and not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    used = {"send": 0, "recv": 0}
+    send, recv = scatter.send_parts, scatter.recv_spans
+
+    def counted_send(*args):
+        used["send"] += 1
+        return send(*args)
+
+    def counted_recv(*args):
+        used["recv"] += 1
+        return recv(*args)
+
+    monkeypatch.setattr(scatter, "available", lambda: spans)
+    monkeypatch.setattr(scatter, "send_parts", counted_send)
+    monkeypatch.setattr(scatter, "recv_spans", counted_recv)
+    run(GQA8, prefill_size, decode_size, tokens=150)
+    layout = GQA8.shard(0, 2)
+    with kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(1)) as rx:
+        assert rx.stats()["split_heads"] == ("spans" if spans else "staging copy")
+    if not spans:
+        assert used == {"send": 0, "recv": 0}
+    elif prefill_size == 1:  # the sender holds more heads than each part: it sends spans
+        assert used["send"] > 0 and used["recv"] == 0
+    else:  # the receiver holds more heads than each part: it receives into spans
+        assert used["recv"] > 0 and used["send"] == 0

@@ -47,6 +47,7 @@ from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
 from kvwire.proto import crc32c
+from kvwire.scatter import Spans, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -77,8 +78,8 @@ class Payload:
     """One DATA frame's payload, wherever it lies.
 
     ``parts``: host buffers whose concatenation is the payload (views of the cache, or of
-    ``slot``); ``device``: the payload in GPU memory instead (then ``parts`` is empty and
-    ``crc`` was computed on the device)."""
+    ``slot``, or :class:`~kvwire.scatter.Spans` of the cache); ``device``: the payload in
+    GPU memory instead (then ``parts`` is empty and ``crc`` was computed on the device)."""
 
     parts: list
     slot: Slot | None
@@ -93,7 +94,7 @@ class Payload:
             return self.crc
         crc = 0
         for part in self.parts:
-            crc = crc32c(part, crc)
+            crc = part.crc32c(crc) if isinstance(part, Spans) else crc32c(part, crc)
         return crc
 
     def release(self) -> None:
@@ -163,6 +164,9 @@ class HostEncoder(Encoder):
         super().__init__(layout, caches, pool)
         self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
         self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
+        # Whether chunks of some heads of each token go to the stream as spans of the cache
+        # (its owner sets it: plain TCP and the compiled helper), else through a copy.
+        self.spans = False
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         caches = self.caches[ref.layer]
@@ -172,6 +176,9 @@ class HostEncoder(Encoder):
             views = row_views(blocks, source.selection, bs, ref)
             return Payload(views, None, sum(v.nbytes for v in views))
         if codec.name == "raw" and ref.heads is not None and (heads := self.heads.get(ref)) is not None:
+            if self.spans:  # some heads of each token: a span each, read where they lie
+                spans = token_spans(heads, source.selection.ids, bs, ref.start, ref.count)
+                return Payload([spans], None, spans.nbytes)
             n = ref.count * heads.shape[2]  # some heads of each token: one copy into the slot
             slot = self.pool.acquire(n)
             rows_from_blocks(heads, source.selection.block_ids[ref.start // bs :], bs,
@@ -290,7 +297,7 @@ class Placement(CacheSide):
     def takes_device_payloads(self, codec: Codec) -> bool:
         return False
 
-    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list | None:
         """Where a chunk's payload can be received straight into its destination rows (no
         staging, no copy), or None when a decode or a copy must come between."""
         return None
@@ -300,18 +307,25 @@ class HostPlacement(Placement):
     def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
         super().__init__(layout, caches)
         self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
+        self.spans = False  # as HostEncoder.spans: chunks of some heads land in place, a span per token
 
-    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list[memoryview] | None:
+    def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list | None:
         """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive
-        blocks (received with one scatter read), or the state's rows."""
+        blocks (received with one scatter read), the spans of some heads of each token
+        (:class:`~kvwire.scatter.Spans`, when ``spans``), or the state's rows."""
         if codec.name != "raw":
             return None
         if ref.name == STATE_NAME:
             state = dest.states[ref.layer]
             rows = state.view(-1, state.shape[-1])[ref.start : ref.start + ref.count]
             return [rows.view(torch.uint8).numpy().reshape(-1).data] if state.device.type == "cpu" else None
+        if ref.heads is not None:  # some heads of each token: a span each, or staging and a copy
+            heads = self.heads.get(ref) if self.spans else None
+            if heads is None:
+                return None
+            return [token_spans(heads, dest.selection.ids, self.layout.block_size, ref.start, ref.count)]
         writer = self.writers[ref.layer][ref.name]
-        if writer.bytes is None or ref.heads is not None:  # some heads of each token: not one span
+        if writer.bytes is None:
             return None
         return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import kvwire.codec
+from kvwire import scatter
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine import requests
 from kvwire.engine.channel import Channel, server_handshake
@@ -349,6 +350,8 @@ class Receiver:
         self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
         self._caches = [dict(c) for c in kv_caches]
         self._placement = self._choose_placement(kernels)
+        if isinstance(self._placement, HostPlacement):  # some heads of each token land where they belong
+            self._placement.spans = transport == "tcp" and tls is None and scatter.available()
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
         self._pool = StagingPool(staging_bytes, slot_bytes)
         self._window = window_bytes or max(slot_bytes, self._pool.budget_bytes // 8)
@@ -457,6 +460,8 @@ class Receiver:
                 "parked_bytes": self._parked_bytes,
                 "pending_expect": census["expected"],
                 "staging": self._pool.stats(),
+                # how a chunk of some heads of each token lands: in place, or staged and copied
+                "split_heads": "spans" if getattr(self._placement, "spans", False) else "staging copy",
                 "rejected": list(self._rejected),
                 **dict(self._counters),
                 **dict(self._table.counters),

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kvwire.codec
+from kvwire import scatter
 from kvwire.codec import ChunkSpec
 from kvwire.engine.channel import Channel, client_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
@@ -462,6 +463,8 @@ class Sender:
         if self._device_payloads:
             log.info("payloads go from GPU memory over UCX, without host staging")
         self.encoder = self._choose_encoder()
+        if isinstance(self.encoder, HostEncoder):  # some heads of each token go out where they lie
+            self.encoder.spans = transport == "tcp" and tls is None and scatter.available()
         self._threads = [threading.Thread(target=self._encode_loop, name="kvwire-encoder", daemon=True)]
         for c in self._conns:
             c.threads = [
@@ -639,6 +642,8 @@ class Sender:
             "active_transfers": active,
             "connections": [c.stream.stats() | c.counts() for c in self._conns],
             "staging": self._pool.stats(),
+            # how a chunk of some heads of each token leaves: from where it lies, or copied
+            "split_heads": "spans" if getattr(self.encoder, "spans", False) else "staging copy",
         }
 
     def close(self) -> None:

@@ -573,14 +573,14 @@ class ServerConnection(Connection):
 
     def verify_data(self, header: Header, parts) -> bool:
         """Whether a DATA payload, received as ``parts`` (buffers in order, wherever they
-        lie in host memory), matches its header's checksum. Always True in a session
-        without checksums. A mismatch is not a protocol error: the payload is asked for
-        again (:meth:`nack`)."""
+        lie in host memory, or objects with a ``crc32c(crc)`` method), matches its
+        header's checksum. Always True in a session without checksums. A mismatch is not
+        a protocol error: the payload is asked for again (:meth:`nack`)."""
         if self.checksum == "none":
             return True
         crc = 0
         for part in parts:
-            crc = crc32c(part, crc)
+            crc = crc32c(part, crc) if isinstance(part, (bytes, bytearray, memoryview)) else part.crc32c(crc)
         return crc == header.payload_crc
 
     def verify_device_data(self, header: Header, crc: int | None) -> bool:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvwire import scatter
 from kvwire.errors import PeerLost
 
 # Linux socket options that the socket module may not name on every Python version.
@@ -157,20 +158,25 @@ class TcpStream:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self.closed = False
 
-    def send_parts(self, parts: Sequence[bytes | memoryview], device_payload=None) -> None:
+    def send_parts(self, parts: Sequence[bytes | memoryview | scatter.Spans], device_payload=None) -> None:
         """Write every byte of ``parts`` in order (gathered with sendmsg, no joining copy),
         after any control frames queued before them."""
         if device_payload is not None:
             raise ValueError("device_payload: TCP carries payloads from host memory only")
         with self._send_lock:
             pending = self._take_outbox()
-            views = [memoryview(p).cast("B") for p in (*pending, *parts)]
-            nbytes = sum(len(v) for v in views)
+            spans = [p for p in parts if isinstance(p, scatter.Spans)]
+            if spans and self._tls:  # the helper writes the socket itself: never under TLS
+                raise ValueError("parts: spans cannot go over TLS; send a copy")
+            views = [memoryview(p).cast("B") for p in (*pending, *parts) if not isinstance(p, scatter.Spans)]
+            nbytes = sum(len(v) for v in views) + sum(s.nbytes for s in spans)
             # Counted before the send: the peer may answer (and a caller read the
             # statistics) before this thread runs again; a failed send uncounts it.
             self.bytes_sent += nbytes
             try:
-                if self._tls:  # SSL sockets have no sendmsg
+                if spans:  # a chunk as spans of the cache: the compiled helper writes it all
+                    scatter.send_parts(self.sock, [*pending, *parts])
+                elif self._tls:  # SSL sockets have no sendmsg
                     for view in views:
                         self.sock.sendall(view)
                 else:
@@ -284,10 +290,22 @@ class TcpStream:
         finally:
             self.bytes_received += got
 
-    def recv_into_views(self, views: Sequence[memoryview]) -> None:
+    def recv_into_views(self, views: Sequence) -> None:
         """Fill every view in order, as if they were one buffer: one scatter read
         (``recvmsg_into`` with MSG_WAITALL) lands a payload in its destination rows, in
-        place, however many runs of blocks they span."""
+        place, however many runs of blocks they span; or one :class:`~kvwire.scatter.Spans`
+        alone (some heads of each token), through the compiled helper."""
+        if any(isinstance(v, scatter.Spans) for v in views):  # some heads of each token, in place
+            if self._tls or len(views) != 1:
+                raise ValueError("views: spans are received alone, and not over TLS")
+            try:
+                n = scatter.recv_spans(self.sock, views[0])
+            except OSError as exc:
+                raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
+            self.bytes_received += n
+            if n < views[0].nbytes:
+                raise PeerLost(f"connection to {self.peer} closed by the peer")
+            return
         if self._tls:  # SSL sockets have no recvmsg_into
             for view in views:
                 self.recv_into_exact(view)

@@ -1,0 +1,313 @@
+/* kvwire._scatter: byte spans of host memory moved and checked without Python objects.
+ *
+ * A chunk that carries some of the heads of each token lies in memory as one short span
+ * per token (4 heads of 128 bf16 values: 1 KiB, 2,048 of them in a 2 MiB chunk). These
+ * functions take such spans as a ``struct iovec`` array (a C-contiguous uint64 array of
+ * ``[address, length]`` rows, built by numpy in kvwire/scatter.py) and
+ *
+ *   crc32c(iov, crc)         -> the CRC32C of the spans' concatenation, continuing ``crc``
+ *   sendv(fd, iov, timeout)  -> write every span in order (sendmsg, IOV_MAX at a time)
+ *   recvv(fd, iov, timeout)  -> read into every span in order (recvmsg, MSG_WAITALL)
+ *
+ * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
+ * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
+ * bytes moved; recvv returns fewer than asked only at end of stream. Errors raise OSError.
+ *
+ * CRC32C (Castagnoli, reflected, as the crc32c package and kvwire's frames compute it):
+ * with SSE4.2, spans of equal length are checked three at a time (three independent
+ * crc32 streams keep the instruction's pipeline full) and joined with a table that
+ * advances a CRC register over ``length`` zero bytes; other spans one at a time; without
+ * SSE4.2, a byte table. kvwire/scatter.py asks ``hardware()`` before choosing this path.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#define POLY 0x82F63B78u /* CRC32C, reflected */
+#define MAX_IOV 1024     /* Linux's IOV_MAX */
+
+static uint32_t byte_table[256];
+
+static void init_byte_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (POLY & (0u - (c & 1u)));
+        byte_table[i] = c;
+    }
+}
+
+/* The raw register after ``n`` bytes (no inversions). */
+static uint32_t crc_bytes_sw(uint32_t reg, const unsigned char *p, size_t n) {
+    while (n--) reg = (reg >> 8) ^ byte_table[(reg ^ *p++) & 0xFFu];
+    return reg;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <nmmintrin.h>
+
+__attribute__((target("sse4.2"))) static uint32_t crc_bytes_hw(uint32_t reg, const unsigned char *p, size_t n) {
+    uint64_t r = reg;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        r = _mm_crc32_u64(r, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t r32 = (uint32_t)r;
+    while (n--) r32 = _mm_crc32_u8(r32, *p++);
+    return r32;
+}
+
+/* Three spans of ``n`` bytes each, each from a zero register, interleaved. */
+__attribute__((target("sse4.2"))) static void crc_three_hw(const unsigned char *a, const unsigned char *b,
+                                                          const unsigned char *c, size_t n, uint32_t out[3]) {
+    uint64_t ra = 0, rb = 0, rc = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t va, vb, vc;
+        memcpy(&va, a + i, 8);
+        memcpy(&vb, b + i, 8);
+        memcpy(&vc, c + i, 8);
+        ra = _mm_crc32_u64(ra, va);
+        rb = _mm_crc32_u64(rb, vb);
+        rc = _mm_crc32_u64(rc, vc);
+    }
+    out[0] = crc_bytes_hw((uint32_t)ra, a + i, n - i);
+    out[1] = crc_bytes_hw((uint32_t)rb, b + i, n - i);
+    out[2] = crc_bytes_hw((uint32_t)rc, c + i, n - i);
+}
+#else
+#define HAVE_X86 0
+#endif
+
+static int use_hw = 0;
+
+static uint32_t crc_bytes(uint32_t reg, const unsigned char *p, size_t n) {
+#if HAVE_X86
+    if (use_hw) return crc_bytes_hw(reg, p, n);
+#endif
+    return crc_bytes_sw(reg, p, n);
+}
+
+/* Advancing a register over ``n`` zero bytes is linear in the register: four byte tables
+ * (one per byte of the register) built from the 32 unit registers. */
+typedef struct {
+    size_t n;
+    uint32_t t[4][256];
+} ZeroTable;
+
+static void zero_table_build(ZeroTable *z, size_t n) {
+    static const unsigned char zeros[4096];
+    uint32_t unit[32];
+    for (int bit = 0; bit < 32; bit++) {
+        uint32_t reg = 1u << bit;
+        size_t left = n;
+        while (left) {
+            size_t step = left < sizeof zeros ? left : sizeof zeros;
+            reg = crc_bytes(reg, zeros, step);
+            left -= step;
+        }
+        unit[bit] = reg;
+    }
+    for (int k = 0; k < 4; k++)
+        for (uint32_t v = 0; v < 256; v++) {
+            uint32_t acc = 0;
+            for (int bit = 0; bit < 8; bit++)
+                if (v & (1u << bit)) acc ^= unit[8 * k + bit];
+            z->t[k][v] = acc;
+        }
+    z->n = n;
+}
+
+static inline uint32_t zero_advance(const ZeroTable *z, uint32_t reg) {
+    return z->t[0][reg & 0xFF] ^ z->t[1][(reg >> 8) & 0xFF] ^ z->t[2][(reg >> 16) & 0xFF] ^ z->t[3][reg >> 24];
+}
+
+/* One table per thread, for the last span length seen (chunks of one transfer share it). */
+static _Thread_local ZeroTable *cached_zero = NULL;
+
+static const ZeroTable *zero_table_for(size_t n) {
+    if (cached_zero == NULL) {
+        cached_zero = malloc(sizeof(ZeroTable));
+        if (cached_zero == NULL) return NULL;
+        cached_zero->n = (size_t)-1;
+    }
+    if (cached_zero->n != n) zero_table_build(cached_zero, n);
+    return cached_zero;
+}
+
+static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, size_t count) {
+    uint32_t reg = ~crc;
+    size_t i = 0;
+#if HAVE_X86
+    if (use_hw) {
+        while (i + 3 <= count) {
+            size_t n = iov[i].iov_len;
+            if (n < 64 || iov[i + 1].iov_len != n || iov[i + 2].iov_len != n) {
+                reg = crc_bytes_hw(reg, iov[i].iov_base, n);
+                i++;
+                continue;
+            }
+            const ZeroTable *z = zero_table_for(n);
+            if (z == NULL) break;
+            uint32_t part[3];
+            crc_three_hw(iov[i].iov_base, iov[i + 1].iov_base, iov[i + 2].iov_base, n, part);
+            reg = zero_advance(z, reg) ^ part[0];
+            reg = zero_advance(z, reg) ^ part[1];
+            reg = zero_advance(z, reg) ^ part[2];
+            i += 3;
+        }
+    }
+#endif
+    for (; i < count; i++) reg = crc_bytes(reg, iov[i].iov_base, iov[i].iov_len);
+    return ~reg;
+}
+
+/* The iovec rows of a buffer argument: C-contiguous, 16 bytes a row (8-byte address, 8-byte length). */
+static int get_iov(PyObject *obj, Py_buffer *view, struct iovec **iov, size_t *count) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (sizeof(struct iovec) != 16 || view->len % 16 != 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "iov: expected a C-contiguous uint64 array of [address, length] rows");
+        return -1;
+    }
+    *iov = (struct iovec *)view->buf;
+    *count = (size_t)view->len / 16;
+    return 0;
+}
+
+static PyObject *py_crc32c(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    unsigned long crc = 0;
+    if (!PyArg_ParseTuple(args, "O|k", &obj, &crc)) return NULL;
+    Py_buffer view;
+    struct iovec *iov;
+    size_t count;
+    if (get_iov(obj, &view, &iov, &count) < 0) return NULL;
+    uint32_t out;
+    Py_BEGIN_ALLOW_THREADS out = crc_iov((uint32_t)crc, iov, count);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(out);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Wait until ``fd`` is ready for ``events`` or the deadline passes: 0, or an errno. */
+static int wait_ready(int fd, short events, double deadline) {
+    for (;;) {
+        int ms = -1;
+        if (deadline >= 0) {
+            double left = deadline - now_s();
+            if (left <= 0) return ETIMEDOUT;
+            ms = (int)(left * 1000) + 1;
+        }
+        struct pollfd p = {fd, events, 0};
+        int r = poll(&p, 1, ms);
+        if (r > 0) return 0;
+        if (r == 0) continue; /* the deadline is checked above */
+        if (errno != EINTR) return errno;
+    }
+}
+
+/* Move every byte of ``iov`` (a private copy: partial transfers advance it). */
+static int move_all(int fd, struct iovec *iov, size_t count, int sending, double timeout, size_t *moved) {
+    double deadline = timeout >= 0 ? now_s() + timeout : -1;
+    size_t i = 0;
+    *moved = 0;
+    while (i < count && iov[i].iov_len == 0) i++;
+    while (i < count) {
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov + i;
+        msg.msg_iovlen = count - i < MAX_IOV ? count - i : MAX_IOV;
+        ssize_t n = sending ? sendmsg(fd, &msg, MSG_NOSIGNAL) : recvmsg(fd, &msg, MSG_WAITALL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                int err = wait_ready(fd, sending ? POLLOUT : POLLIN, deadline);
+                if (err) return err;
+                continue;
+            }
+            return errno;
+        }
+        if (n == 0 && !sending) return 0; /* end of stream: the caller sees fewer bytes */
+        *moved += (size_t)n;
+        size_t left = (size_t)n;
+        while (i < count && left >= iov[i].iov_len) {
+            left -= iov[i].iov_len;
+            i++;
+        }
+        if (left) {
+            iov[i].iov_base = (char *)iov[i].iov_base + left;
+            iov[i].iov_len -= left;
+        }
+        while (i < count && iov[i].iov_len == 0) i++;
+    }
+    return 0;
+}
+
+static PyObject *move(PyObject *args, int sending) {
+    int fd;
+    PyObject *obj;
+    double timeout = -1;
+    if (!PyArg_ParseTuple(args, "iO|d", &fd, &obj, &timeout)) return NULL;
+    Py_buffer view;
+    struct iovec *given;
+    size_t count;
+    if (get_iov(obj, &view, &given, &count) < 0) return NULL;
+    struct iovec *iov = PyMem_RawMalloc(count ? count * sizeof(struct iovec) : 1);
+    if (iov == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    memcpy(iov, given, count * sizeof(struct iovec));
+    size_t moved = 0;
+    int err;
+    Py_BEGIN_ALLOW_THREADS err = move_all(fd, iov, count, sending, timeout, &moved);
+    Py_END_ALLOW_THREADS PyMem_RawFree(iov);
+    PyBuffer_Release(&view);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSize_t(moved);
+}
+
+static PyObject *py_sendv(PyObject *self, PyObject *args) { return move(args, 1); }
+static PyObject *py_recvv(PyObject *self, PyObject *args) { return move(args, 0); }
+
+static PyObject *py_hardware(PyObject *self, PyObject *unused) { return PyBool_FromLong(use_hw); }
+
+static PyMethodDef methods[] = {
+    {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},
+    {"sendv", py_sendv, METH_VARARGS, "sendv(fd, iov, timeout=-1) -> bytes written (all of them)."},
+    {"recvv", py_recvv, METH_VARARGS, "recvv(fd, iov, timeout=-1) -> bytes read (fewer only at end of stream)."},
+    {"hardware", py_hardware, METH_NOARGS, "hardware() -> whether CRC32C runs on the CPU's instruction."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_scatter", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__scatter(void) {
+    init_byte_table();
+#if HAVE_X86
+    __builtin_cpu_init();
+    use_hw = __builtin_cpu_supports("sse4.2");
+#endif
+    return PyModule_Create(&module);
+}

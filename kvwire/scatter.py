@@ -1,0 +1,109 @@
+"""Chunks that lie in memory as many short spans, moved and checked where they lie.
+
+When prefill and decode split the KV heads differently, a chunk carries some of the heads
+of each token. In a ``[blocks, block_size, heads, head_dim]`` cache those are one short
+span per token (4 heads of 128 bf16 values: 1 KiB; 2,048 spans in a 2 MiB chunk). A
+:class:`Spans` is such a chunk as a ``struct iovec`` array built by numpy; the compiled
+helper ``kvwire._scatter`` (kvwire/_scatter.c) sends it, receives into it and computes its
+CRC32C with no Python object per span and the GIL released. Without the helper (it is
+optional: it needs a C compiler when kvwire is installed), or on a stream it cannot use
+(TLS, UCX), such chunks go through a staging copy instead, as before: :func:`available`
+says which.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+import numpy as np
+
+try:
+    from kvwire import _scatter
+except ImportError:  # pragma: no cover - depends on how kvwire was installed
+    _scatter = None  # type: ignore[assignment]
+
+IOV_DTYPE = np.uint64  # rows of [address, length]: struct iovec on 64-bit Linux
+
+
+def available() -> bool:
+    """Whether spans move and are checked in place: the helper is built, and computes
+    CRC32C with the CPU's instruction (its byte-table fallback is slower than a copy)."""
+    return _scatter is not None and _scatter.hardware()
+
+
+class Spans:
+    """Byte spans of host memory, in order: ``iov`` (``[n, 2]`` uint64 rows of address
+    and length) and the arrays they lie in, kept alive while the spans are in use."""
+
+    __slots__ = ("iov", "nbytes", "_owner")
+
+    def __init__(self, iov: np.ndarray, owner: object) -> None:
+        if iov.dtype != IOV_DTYPE or iov.ndim != 2 or iov.shape[1] != 2 or not iov.flags.c_contiguous:
+            raise ValueError(f"iov: expected a C-contiguous uint64 array of [address, length] rows, "
+                             f"got {iov.dtype} {tuple(iov.shape)}")  # fmt: skip
+        self.iov = iov
+        self.nbytes = int(iov[:, 1].sum())
+        self._owner = owner
+
+    def crc32c(self, crc: int = 0) -> int:
+        """CRC32C of the spans' concatenation, continuing ``crc``."""
+        return _scatter.crc32c(self.iov, crc)
+
+    def tobytes(self) -> bytes:
+        """The spans' bytes, joined (for tests and for streams that need one buffer)."""
+        return b"".join(_span_view(int(a), int(n)) for a, n in self.iov)
+
+
+def _span_view(address: int, nbytes: int) -> memoryview:
+    import ctypes
+
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def token_spans(
+    heads: np.ndarray, block_ids: Sequence[int] | np.ndarray, block_size: int, start: int, count: int
+) -> Spans:
+    """Tokens ``[start, start + count)`` of a selection (``block_ids`` in token order) in
+    ``heads``, a ``[num_blocks, block_size, span]`` uint8 view whose last axis is
+    contiguous (:func:`kvwire.blocks.head_bytes`): one span per token."""
+    tokens = np.arange(start, start + count, dtype=np.int64)
+    blocks = np.asarray(block_ids, dtype=np.int64)[tokens // block_size]
+    iov = np.empty((count, 2), dtype=IOV_DTYPE)
+    iov[:, 0] = heads.ctypes.data + blocks * heads.strides[0] + (tokens % block_size) * heads.strides[1]
+    iov[:, 1] = heads.shape[2]
+    return Spans(iov, heads)
+
+
+def _buffer_iov(part) -> tuple[np.ndarray, object]:
+    array = np.frombuffer(part, dtype=np.uint8)
+    return np.array([[array.ctypes.data, array.nbytes]], dtype=IOV_DTYPE), array
+
+
+def send_parts(sock: socket.socket, parts: Sequence) -> None:
+    """Write ``parts`` (bytes-like objects and :class:`Spans`) in order, all of them:
+    one ``sendmsg`` per ``IOV_MAX`` spans. Raises OSError (``TimeoutError`` past the
+    socket's timeout)."""
+    rows, keep = [], []
+    for part in parts:
+        if isinstance(part, Spans):
+            rows.append(part.iov)
+        elif len(part):
+            iov, array = _buffer_iov(part)
+            rows.append(iov)
+            keep.append(array)
+    iov = np.concatenate(rows) if len(rows) > 1 else rows[0]
+    total = int(iov[:, 1].sum())
+    sent = _scatter.sendv(sock.fileno(), iov, _timeout(sock))
+    if sent != total:  # pragma: no cover - sendv returns only once everything is written
+        raise OSError(f"wrote {sent} of {total} bytes")
+
+
+def recv_spans(sock: socket.socket, spans: Spans) -> int:
+    """Fill every span in order; the bytes read (fewer only if the peer closed)."""
+    return _scatter.recvv(sock.fileno(), spans.iov, _timeout(sock))
+
+
+def _timeout(sock: socket.socket) -> float:
+    timeout = sock.gettimeout()
+    return -1.0 if timeout is None else timeout

@@ -1,0 +1,94 @@
+"""The compiled span helper (kvwire/_scatter.c through kvwire/scatter.py): CRC32C over
+spans equals the crc32c package's over their concatenation; spans go through real
+sockets whole, in order, across partial writes; errors are OSErrors, never silence."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import crc32c
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvwire import scatter
+
+pytestmark = pytest.mark.skipif(
+    not scatter.available(), reason="the compiled helper kvwire._scatter is not built in this environment"
+)
+
+MEMORY = np.random.default_rng(7).integers(0, 256, 1 << 20, dtype=np.uint8)
+
+
+def spans_of(pieces: list[tuple[int, int]], memory: np.ndarray = MEMORY) -> scatter.Spans:
+    iov = np.array([[memory.ctypes.data + offset, length] for offset, length in pieces], dtype=np.uint64)
+    return scatter.Spans(iov.reshape(-1, 2), memory)
+
+
+def joined(pieces: list[tuple[int, int]], memory: np.ndarray = MEMORY) -> bytes:
+    return b"".join(memory[offset : offset + length].tobytes() for offset, length in pieces)
+
+
+piece = st.tuples(st.integers(0, (1 << 20) - 4096), st.integers(0, 4096))
+# Runs of equal lengths take the three-at-a-time path (64 bytes and more); others one at a time.
+equal_run = st.tuples(st.integers(0, 4096), st.lists(st.integers(0, (1 << 20) - 4096), min_size=3, max_size=12)).map(
+    lambda run: [(offset, run[0]) for offset in run[1]]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.one_of(st.lists(piece, max_size=4), equal_run), max_size=6), seed=st.integers(0, 2**32 - 1))
+def test_crc32c_over_spans_is_the_crc32c_of_their_concatenation(runs, seed):
+    pieces = [p for run in runs for p in run]
+    assert spans_of(pieces).crc32c(seed) == crc32c.crc32c(joined(pieces), seed)
+
+
+def test_token_spans_are_the_heads_of_each_token_in_selection_order():
+    cache = MEMORY[: 16 * 8 * 4 * 64].reshape(16, 8, 4 * 64)  # blocks of 8 tokens, 4 heads of 64 bytes
+    heads = cache.reshape(16, 8, 4, 64)[:, :, 1:3].reshape(16, 8, 128)  # heads 1 and 2: a strided view
+    block_ids = [5, 0, 11, 3]
+    spans = scatter.token_spans(heads, block_ids, 8, 6, 20)  # from inside the first block to inside the last
+    want = b"".join(heads[block_ids[t // 8], t % 8].tobytes() for t in range(6, 26))
+    assert spans.nbytes == 20 * 128 and spans.tobytes() == want
+
+
+def test_spans_cross_a_socket_whole_through_partial_writes():
+    pieces = [(o, 1000) for o in range(0, 900_000, 1500)] + [(17, 3), (5000, 0), (900_001, 4095)]
+    out = np.zeros_like(MEMORY)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # many partial writes
+    with a, b:
+        sender = threading.Thread(target=scatter.send_parts, args=(a, [b"head", spans_of(pieces), memoryview(b"t")]))
+        sender.start()
+        assert b.recv(4, socket.MSG_WAITALL) == b"head"
+        got = scatter.recv_spans(b, spans_of(pieces, out))
+        assert b.recv(1) == b"t"
+        sender.join(10)
+    assert got == sum(n for _, n in pieces)
+    assert joined(pieces, out) == joined(pieces)
+
+
+def test_a_peer_that_closes_early_leaves_fewer_bytes_and_one_that_never_reads_times_out():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"x" * 100)
+        a.close()
+        assert scatter.recv_spans(b, spans_of([(0, 60), (1000, 60)], np.zeros_like(MEMORY))) == 100
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(0.2)  # a non-blocking socket with a timeout: the helper waits that long, no more
+        with pytest.raises(OSError, match="timed out"):
+            scatter.send_parts(a, [spans_of([(0, 1 << 20)])] * 16)
+
+
+def test_a_closed_socket_and_a_malformed_iov_are_errors():
+    a, b = socket.socketpair()
+    b.close()
+    with a, pytest.raises(OSError):
+        scatter.send_parts(a, [spans_of([(0, 1 << 20)])] * 8)
+    with pytest.raises(ValueError, match="iov"):
+        scatter.Spans(np.zeros(3, dtype=np.uint64), None)
+    with pytest.raises(ValueError, match="iov"):  # the helper checks too: 24 bytes are not [address, length] rows
+        scatter._scatter.crc32c(np.zeros(3, dtype=np.uint64))
