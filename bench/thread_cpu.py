@@ -1,5 +1,6 @@
 """Where a loopback transfer's CPU goes, per thread: CPU seconds per GB and context
-switches per frame of each kind of thread on both sides.
+switches per frame of each kind of thread on both sides (with the user-space part of
+each thread's CPU: the rest is system time, the kernel's copies and TCP).
 
     python3 bench/thread_cpu.py [--tokens 8192] [--rounds 6] [--streams 4] [--checksum none]
 
@@ -39,6 +40,7 @@ def per_thread() -> collections.Counter:
         try:
             fields = open(f"{task}/stat").read().rsplit(")", 1)[1].split()
             out[("cpu", kind)] += (int(fields[11]) + int(fields[12])) / TICKS
+            out[("user", kind)] += int(fields[11]) / TICKS  # the rest is the kernel's
             for line in open(f"{task}/status"):
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     name, value = line.split(":")
@@ -54,7 +56,8 @@ def report(side: str, before: collections.Counter, after: collections.Counter, n
     cpu = sorted(((k, v) for (what, k), v in delta.items() if what == "cpu" and v > 0), key=lambda x: -x[1])
     switches = sorted(((k, v) for (what, k), v in delta.items() if what == "switches" and v > 0), key=lambda x: -x[1])
     return "\n".join([
-        f"{side}: {sum(v for _, v in cpu) / gb:.3f} CPU s/GB: " + ", ".join(f"{k} {v / gb:.3f}" for k, v in cpu),
+        f"{side}: {sum(v for _, v in cpu) / gb:.3f} CPU s/GB: "
+        + ", ".join(f"{k} {v / gb:.3f} (user {delta.get(('user', k), 0) / gb:.3f})" for k, v in cpu),
         f"{side}: {sum(v for _, v in switches) / frames:.1f} context switches per 2 MiB: "
         + ", ".join(f"{k} {v / frames:.1f}" for k, v in switches),
     ])  # fmt: skip
