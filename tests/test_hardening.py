@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import kvwire
 from kvwire.engine.common import layout_summary
@@ -322,6 +323,34 @@ def test_tls_transfer_round_trip(tls_contexts):
         assert_transferred(LAYOUT, src, [0, 1], dst, [4, 5], 20)
     finally:
         rx.close()
+
+
+def test_split_heads_over_tls_go_through_a_copy(tls_contexts):
+    """Spans of the cache go to the socket through the compiled helper, which would bypass
+    TLS: over TLS both sides take the staging copy, and the heads arrive exact."""
+    server, client = tls_contexts
+    model = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=4, head_dim=32, block_size=16)
+    src = filled(model, 8, seed=5)
+    dst = [model.shard(d, 2).allocate(8) for d in range(2)]
+    receivers = [kvwire.Receiver(model.shard(d, 2), secret=SECRET, kv_caches=dst[d], tls=server) for d in range(2)]
+    try:
+        handles = [rx.expect("tls-split", [2, 3], 20) for rx in receivers]
+        with kvwire.ShardedSender(model, [rx.address for rx in receivers], secret=SECRET, kv_caches=src,
+                                  tls=client, streams=1) as tx:  # fmt: skip
+            tx.transfer("tls-split", [0, 1], 20).send_all(timeout=10)
+            assert {s.stats()["split_heads"] for s in tx.senders.values()} == {"staging copy"}
+        for h in handles:
+            h.wait(timeout=10)
+        assert {rx.stats()["split_heads"] for rx in receivers} == {"staging copy"}
+    finally:
+        for rx in receivers:
+            rx.close()
+    for d in range(2):
+        for i in range(model.num_layers):
+            for name in ("k", "v"):
+                want = src[i][name][[0, 1]].reshape(32, 4, 32)[:20, 2 * d : 2 * d + 2]
+                got = dst[d][i][name][[2, 3]].reshape(32, 2, 32)[:20]
+                assert torch.equal(got, want), (d, i, name)
 
 
 def test_an_idle_socket_does_not_stall_tls_handshakes(tls_contexts):

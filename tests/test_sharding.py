@@ -281,3 +281,25 @@ def test_split_heads_move_as_spans_or_through_a_copy(spans, prefill_size, decode
         assert used["send"] > 0 and used["recv"] == 0
     else:  # the receiver holds more heads than each part: it receives into spans
         assert used["recv"] > 0 and used["send"] == 0
+
+
+@pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2)])
+def test_split_heads_that_fail_their_checksum_are_asked_for_again(prefill_size, decode_size, monkeypatch):
+    """The first payloads carry a wrong CRC (as if corrupted on the way): the receiver
+    (into spans for 2 -> 1, in place for 1 -> 2) asks for each again, the sender sends it
+    again from the cache (as spans for 1 -> 2), and every head arrives exact."""
+    from kvwire.engine.placement import Payload
+
+    real = Payload.checksum
+    corrupted: list[int] = []
+
+    def sometimes_wrong(self):
+        crc = real(self)
+        if len(corrupted) < 3:
+            corrupted.append(crc)
+            return crc ^ 1
+        return crc
+
+    monkeypatch.setattr(Payload, "checksum", sometimes_wrong)
+    stats = run(GQA8, prefill_size, decode_size, tokens=150)
+    assert sum(s["nacked_chunks"] for s in stats) == 3
