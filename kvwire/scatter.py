@@ -75,6 +75,15 @@ def token_spans(
     return Spans(iov, heads)
 
 
+def run_spans(blocks: np.ndarray, address: int, lo: np.ndarray, hi: np.ndarray) -> Spans:
+    """Byte ranges ``[lo, hi)`` of ``blocks`` (whose data starts at ``address``) as spans."""
+    iov = np.empty((len(lo), 2), dtype=IOV_DTYPE)
+    iov[:, 0] = lo
+    iov[:, 0] += address
+    iov[:, 1] = hi - lo
+    return Spans(iov, blocks)
+
+
 def _buffer_iov(part) -> tuple[np.ndarray, object]:
     array = np.frombuffer(part, dtype=np.uint8)
     return np.array([[array.ctypes.data, array.nbytes]], dtype=IOV_DTYPE), array

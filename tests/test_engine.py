@@ -63,6 +63,33 @@ def test_raw_transfer_is_bit_exact(name, transport, receiver_for):
             assert (t[[b for b in range(64) if b not in dst_blocks]] == 0).all()
 
 
+@pytest.mark.parametrize("spans", [True, False])
+def test_raw_lands_in_place_with_or_without_the_span_helper(spans, receiver_for, monkeypatch):
+    """Raw payloads land in their destination rows through the compiled helper (the runs
+    of blocks as spans, checked there) or, without it, through recvmsg_into over views of
+    the runs: the same bytes, a partial last block, nothing outside the request written."""
+    from kvwire import scatter
+
+    if spans and not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    monkeypatch.setattr(scatter, "available", lambda: spans)
+    layout = LAYOUTS["gqa"]
+    rx, dst = receiver_for(layout)
+    assert rx.stats()["spans"] is spans
+    src = filled(layout, 64, seed=12)
+    num_tokens = 7 * layout.block_size + 5
+    src_blocks, dst_blocks = [3, 4, 5, 9, 10, 40, 41, 2], [60, 12, 13, 14, 1, 0, 30, 31]
+    h = rx.expect("in-place", dst_blocks, num_tokens)
+    with sender(layout, rx, src, chunk_bytes=24 << 10) as tx:
+        tx.send("in-place", src_blocks, num_tokens, timeout=30)
+    h.wait(timeout=10)
+    assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens)
+    for layer in dst:
+        for t in layer.values():
+            assert (t[31, 5:] == 0).all()
+            assert (t[[b for b in range(64) if b not in dst_blocks]] == 0).all()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("codec", ["fp8", "int4", "fp8+lz4", "int4+lz4", "raw+lz4", "int4/g64/k64"])
 @pytest.mark.parametrize("name", ["gqa", "hybrid"])

@@ -338,10 +338,10 @@ def test_split_heads_over_tls_go_through_a_copy(tls_contexts):
         with kvwire.ShardedSender(model, [rx.address for rx in receivers], secret=SECRET, kv_caches=src,
                                   tls=client, streams=1) as tx:  # fmt: skip
             tx.transfer("tls-split", [0, 1], 20).send_all(timeout=10)
-            assert {s.stats()["split_heads"] for s in tx.senders.values()} == {"staging copy"}
+            assert {s.stats()["spans"] for s in tx.senders.values()} == {False}
         for h in handles:
             h.wait(timeout=10)
-        assert {rx.stats()["split_heads"] for rx in receivers} == {"staging copy"}
+        assert {rx.stats()["spans"] for rx in receivers} == {False}
     finally:
         for rx in receivers:
             rx.close()

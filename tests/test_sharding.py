@@ -274,13 +274,13 @@ def test_split_heads_move_as_spans_or_through_a_copy(spans, prefill_size, decode
     run(GQA8, prefill_size, decode_size, tokens=150)
     layout = GQA8.shard(0, 2)
     with kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(1)) as rx:
-        assert rx.stats()["split_heads"] == ("spans" if spans else "staging copy")
+        assert rx.stats()["spans"] is spans
     if not spans:
         assert used == {"send": 0, "recv": 0}
     elif prefill_size == 1:  # the sender holds more heads than each part: it sends spans
-        assert used["send"] > 0 and used["recv"] == 0
+        assert used["send"] > 0
     else:  # the receiver holds more heads than each part: it receives into spans
-        assert used["recv"] > 0 and used["send"] == 0
+        assert used["recv"] > 0
 
 
 @pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2)])

@@ -37,6 +37,7 @@ from kvwire.blocks import (
     copy_tokens_to_blocks,
     head_bytes,
     place_rows,
+    row_bounds,
     row_views,
     rows_from_blocks,
     rows_to_blocks,
@@ -47,7 +48,7 @@ from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
 from kvwire.proto import crc32c
-from kvwire.scatter import Spans, token_spans
+from kvwire.scatter import Spans, run_spans, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -274,6 +275,7 @@ class _BlockWriter:
         self.block_size = block_size
         self.token_shape = tuple(cache.shape[2:])
         self.bytes: np.ndarray | None = cache_bytes(cache)
+        self.address = 0 if self.bytes is None else self.bytes.ctypes.data
 
     def write(self, sel: Selection, start: int, count: int, data: torch.Tensor) -> None:
         """``data``: the rows as bytes (uint8, 1-D) in the cache's dtype, or as a tensor."""
@@ -327,6 +329,9 @@ class HostPlacement(Placement):
         writer = self.writers[ref.layer][ref.name]
         if writer.bytes is None:
             return None
+        if self.spans:  # the runs of blocks as spans: one call reads them all, and checks them
+            lo, hi = row_bounds(writer.bytes.shape[1], dest.selection, self.layout.block_size, ref)
+            return [run_spans(writer.bytes, writer.address, lo, hi)]
         return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:

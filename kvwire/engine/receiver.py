@@ -460,8 +460,9 @@ class Receiver:
                 "parked_bytes": self._parked_bytes,
                 "pending_expect": census["expected"],
                 "staging": self._pool.stats(),
-                # how a chunk of some heads of each token lands: in place, or staged and copied
-                "split_heads": "spans" if getattr(self._placement, "spans", False) else "staging copy",
+                # raw host payloads land as spans of the cache (kvwire._scatter), or through
+                # views of it, and chunks of some heads of each token through a staging copy
+                "spans": bool(getattr(self._placement, "spans", False)),
                 "rejected": list(self._rejected),
                 **dict(self._counters),
                 **dict(self._table.counters),

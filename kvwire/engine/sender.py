@@ -642,8 +642,8 @@ class Sender:
             "active_transfers": active,
             "connections": [c.stream.stats() | c.counts() for c in self._conns],
             "staging": self._pool.stats(),
-            # how a chunk of some heads of each token leaves: from where it lies, or copied
-            "split_heads": "spans" if getattr(self.encoder, "spans", False) else "staging copy",
+            # chunks of some heads of each token leave as spans of the cache, or copied
+            "spans": bool(getattr(self.encoder, "spans", False)),
         }
 
     def close(self) -> None:
