@@ -95,6 +95,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds; the first one is a warm-up")
     parser.add_argument("--streams", type=int, default=4, help="TCP connections (fixed)")
     parser.add_argument("--checksum", choices=("crc32c", "none"), default="crc32c")
+    parser.add_argument(
+        "--source",
+        choices=("forward", "reverse"),
+        default="forward",
+        help="the sender's blocks in order (one run a chunk) or reversed (one run a block)",
+    )
     args = parser.parse_args()
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1:
         parser.error("--rounds must be at least 2, --tokens and --streams at least 1")
@@ -115,7 +121,8 @@ def main() -> None:
             raise RuntimeError("the receiver process did not get ready")
         if r == 1:
             start, t0 = per_thread(), time.monotonic()
-        transfer = tx.transfer(f"round-{r}", list(range(blocks)), args.tokens, deadline=600)
+        order = list(range(blocks)) if args.source == "forward" else list(reversed(range(blocks)))
+        transfer = tx.transfer(f"round-{r}", order, args.tokens, deadline=600)
         for layer in range(layout.num_layers):
             transfer.send_layer(layer)
         transfer.finish()

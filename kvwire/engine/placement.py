@@ -165,8 +165,10 @@ class HostEncoder(Encoder):
         super().__init__(layout, caches, pool)
         self.side_stream = side_stream  # GPU caches without kernels: rows come to the host on it
         self.bytes = [{name: cache_bytes(t) for name, t in layer.items()} for layer in caches]
-        # Whether chunks of some heads of each token go to the stream as spans of the cache
-        # (its owner sets it: plain TCP and the compiled helper), else through a copy.
+        self.addresses = [{n: 0 if b is None else b.ctypes.data for n, b in layer.items()} for layer in self.bytes]
+        # Whether chunks go to the stream as spans of the cache (its owner sets it: plain
+        # TCP and the compiled helper): some heads of each token, else copied; raw rows
+        # over several runs of blocks, else a view per run.
         self.spans = False
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
@@ -174,6 +176,11 @@ class HostEncoder(Encoder):
         bs = self.layout.block_size
         blocks = self.bytes[ref.layer].get(ref.name)
         if codec.name == "raw" and blocks is not None and ref.heads is None:
+            if self.spans:
+                lo, hi = row_bounds(blocks.shape[1], source.selection, bs, ref)
+                if len(lo) > 1:  # scattered blocks: one iovec array, one CRC pass over it
+                    spans = run_spans(blocks, self.addresses[ref.layer][ref.name], lo, hi)
+                    return Payload([spans], None, spans.nbytes)
             views = row_views(blocks, source.selection, bs, ref)
             return Payload(views, None, sum(v.nbytes for v in views))
         if codec.name == "raw" and ref.heads is not None and (heads := self.heads.get(ref)) is not None:
