@@ -25,8 +25,8 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -134,17 +134,34 @@ static inline uint32_t zero_advance(const ZeroTable *z, uint32_t reg) {
     return z->t[0][reg & 0xFF] ^ z->t[1][(reg >> 8) & 0xFF] ^ z->t[2][(reg >> 16) & 0xFF] ^ z->t[3][reg >> 24];
 }
 
-/* One table per thread, for the last span length seen (chunks of one transfer share it). */
-static _Thread_local ZeroTable *cached_zero = NULL;
+/* Tables for the span lengths seen, shared by all threads and never freed (bounded:
+ * ZERO_SLOTS of 4 KiB). A slot is published (zero_used raised) only once built, and never
+ * changes after; a length beyond the slots is built into the caller's scratch table. */
+#define ZERO_SLOTS 16
+static ZeroTable zero_slots[ZERO_SLOTS];
+static int zero_used = 0;
+static pthread_mutex_t zero_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static const ZeroTable *zero_table_for(size_t n) {
-    if (cached_zero == NULL) {
-        cached_zero = malloc(sizeof(ZeroTable));
-        if (cached_zero == NULL) return NULL;
-        cached_zero->n = (size_t)-1;
+static const ZeroTable *zero_table_for(size_t n, ZeroTable *scratch) {
+    int used = __atomic_load_n(&zero_used, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < used; i++)
+        if (zero_slots[i].n == n) return &zero_slots[i];
+    const ZeroTable *found = NULL;
+    pthread_mutex_lock(&zero_lock);
+    used = zero_used;
+    for (int i = 0; i < used && found == NULL; i++)
+        if (zero_slots[i].n == n) found = &zero_slots[i];
+    if (found == NULL && used < ZERO_SLOTS) {
+        zero_table_build(&zero_slots[used], n);
+        __atomic_store_n(&zero_used, used + 1, __ATOMIC_RELEASE);
+        found = &zero_slots[used];
     }
-    if (cached_zero->n != n) zero_table_build(cached_zero, n);
-    return cached_zero;
+    pthread_mutex_unlock(&zero_lock);
+    if (found == NULL) {
+        zero_table_build(scratch, n);
+        found = scratch;
+    }
+    return found;
 }
 
 static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, size_t count) {
@@ -152,6 +169,8 @@ static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, size_t count) {
     size_t i = 0;
 #if HAVE_X86
     if (use_hw) {
+        ZeroTable scratch;
+        const ZeroTable *z = NULL;
         while (i + 3 <= count) {
             size_t n = iov[i].iov_len;
             if (n < 64 || iov[i + 1].iov_len != n || iov[i + 2].iov_len != n) {
@@ -159,8 +178,7 @@ static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, size_t count) {
                 i++;
                 continue;
             }
-            const ZeroTable *z = zero_table_for(n);
-            if (z == NULL) break;
+            if (z == NULL || z->n != n) z = zero_table_for(n, &scratch);
             uint32_t part[3];
             crc_three_hw(iov[i].iov_base, iov[i + 1].iov_base, iov[i + 2].iov_base, n, part);
             reg = zero_advance(z, reg) ^ part[0];
