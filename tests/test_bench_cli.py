@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from kvwire import scatter
 from kvwire.bench.cli import main
 
 
@@ -22,8 +23,11 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert len(report["connections"]) == 2
     by_round = report["effective_gb_per_s_by_round"]  # every round, the headline being the best
     assert len(by_round) == 2 and max(by_round) == report["effective_gb_per_s"]
+    assert report["data_frames_per_send"] == 1  # checksums on: one frame per send (gathering is for none)
+    if scatter.available():  # the receiver lands raw payloads as spans; int4 payloads go through staging
+        assert report["spans"] == {"sender": True, "receiver": True}
     printed = capsys.readouterr().out
-    assert "kvwire / plain" in printed and "each round, effective" in printed
+    assert "kvwire / plain" in printed and "each round, effective" in printed and "host data path" in printed
 
 
 def test_loopback_with_exact_tokens_verifies_and_costs_bytes(tmp_path):
@@ -182,3 +186,4 @@ def test_loopback_over_tls_verifies(tmp_path):
     assert main(["loopback", "--tokens", "64", "--streams", "2", "--tls", "--quiet", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["verified"] is True and report["tls"] is True
+    assert report["spans"] == {"sender": False, "receiver": False}  # the helper would bypass TLS

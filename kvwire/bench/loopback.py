@@ -264,6 +264,7 @@ def merged_stats(each: dict[str, dict]) -> dict:
     policies = {name: x["streams_policy"] for name, x in each.items()}
     return {"connections": [c for x in each.values() for c in x["connections"]],
             "staging": next(iter(each.values()))["staging"] if each else {},
+            "spans": all(x.get("spans", False) for x in each.values()),
             "streams_policy": {"connections": sum(p["connections"] for p in policies.values()),
                                "reason": "; ".join(f"{name}: {p['reason']}" for name, p in policies.items()),
                                "each": policies},

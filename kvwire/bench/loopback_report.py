@@ -55,6 +55,10 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
             for c in sender_stats["connections"]
         ],
         "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
+        # how host bytes moved: spans of the cache through kvwire._scatter, or views and copies
+        "spans": {"sender": bool(sender_stats.get("spans")), "receiver": bool(received["stats"].get("spans"))},
+        "data_frames_per_send": sum(c.get("data_frames", 0) for c in sender_stats["connections"])
+        / max(1, sum(c.get("data_sends", 0) for c in sender_stats["connections"])),
         "streams_policy": sender_stats["streams_policy"],
         "link_model": sender_stats["link"],
         "timeline": [
@@ -145,6 +149,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         )
     cpu = report["cpu_s_per_gb"]
     rows.append(("CPU s per GB", f"sender {cpu['sender']:.3f}, receiver {cpu['receiver']:.3f}"))
+    spans = report["spans"]
+    rows.append(("host data path", f"spans (kvwire._scatter): sender {'yes' if spans['sender'] else 'no'}, "
+                 f"receiver {'yes' if spans['receiver'] else 'no'}; "
+                 f"{report['data_frames_per_send']:.2f} DATA frames per send"))  # fmt: skip
     st = report["staging"]["receiver"]
     rows.append(
         ("receiver staging", f"high water {st['high_water_bytes'] / 2**20:.0f} of {st['budget_bytes'] / 2**20:.0f} MiB")
