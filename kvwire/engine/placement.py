@@ -316,7 +316,7 @@ class HostPlacement(Placement):
     def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
         super().__init__(layout, caches)
         self.writers = [{name: _BlockWriter(t, layout.block_size) for name, t in layer.items()} for layer in caches]
-        self.spans = False  # as HostEncoder.spans: chunks of some heads land in place, a span per token
+        self.spans = False  # as HostEncoder.spans: raw rows and split heads land in place as spans
 
     def destination_views(self, codec: Codec, ref: ChunkRef, dest: Destination) -> list | None:
         """raw into contiguous CPU memory: the rows' bytes, a view per run of consecutive

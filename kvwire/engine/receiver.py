@@ -350,7 +350,7 @@ class Receiver:
         self._has_kv = any(p.name != "kv" for layer in layout.layers for p in layer.paged)
         self._caches = [dict(c) for c in kv_caches]
         self._placement = self._choose_placement(kernels)
-        if isinstance(self._placement, HostPlacement):  # some heads of each token land where they belong
+        if isinstance(self._placement, HostPlacement):  # raw payloads land as spans of the cache
             self._placement.spans = transport == "tcp" and tls is None and scatter.available()
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
         self._pool = StagingPool(staging_bytes, slot_bytes)

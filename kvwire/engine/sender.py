@@ -463,7 +463,7 @@ class Sender:
         if self._device_payloads:
             log.info("payloads go from GPU memory over UCX, without host staging")
         self.encoder = self._choose_encoder()
-        if isinstance(self.encoder, HostEncoder):  # some heads of each token go out where they lie
+        if isinstance(self.encoder, HostEncoder):  # split heads and scattered raw rows go out where they lie
             self.encoder.spans = transport == "tcp" and tls is None and scatter.available()
         self._threads = [threading.Thread(target=self._encode_loop, name="kvwire-encoder", daemon=True)]
         for c in self._conns:
@@ -642,7 +642,7 @@ class Sender:
             "active_transfers": active,
             "connections": [c.stream.stats() | c.counts() for c in self._conns],
             "staging": self._pool.stats(),
-            # chunks of some heads of each token leave as spans of the cache, or copied
+            # split heads and raw rows over scattered blocks leave as spans of the cache (kvwire._scatter)
             "spans": bool(getattr(self.encoder, "spans", False)),
         }
 
