@@ -77,6 +77,9 @@ DEFAULT_STAGING_BYTES = 64 << 20
 # engine's writers went from 0.157-0.176 to 0.128-0.134 (bench/thread_cpu.py).
 GATHER_CHUNKS = 8
 GATHER_BYTES = 16 << 20
+# After a failed send, how long the connection's reader may take to read what the peer
+# sent before it closed (an acknowledgement) and meet the end of the stream.
+WRITER_LOSS_GRACE_S = 2.0
 # Chunks of one transfer the receiver may ask for again before the transfer fails (the
 # receiver gives up sooner, after 8: this bounds a receiver that would ask forever).
 MAX_NACKS_PER_TRANSFER = 64
@@ -1037,7 +1040,7 @@ class Sender:
                         self._count(chunk.transfer, chunk, -1)  # counted again when resent
                     raise
             except PeerLost as exc:
-                self._connection_lost(conn, exc)
+                self._writer_lost(conn, exc)
                 return
             finally:
                 for chunk, _ in taken:
@@ -1104,6 +1107,21 @@ class Sender:
         if too_many:
             self._cancel(handle, f"the receiver asked for {handle.nacked_chunks} chunks again ({nack.reason})",
                          ChecksumMismatch)  # fmt: skip
+
+    def _writer_lost(self, conn: _Conn, exc: Exception) -> None:
+        """A send failed: the peer closed or reset the connection. Frames it sent before
+        may still wait in the socket for the reader (the acknowledgement of a transfer the
+        receiver completed just before closing), so the connection ends when its reader
+        meets the end of the stream, not now: writing stops (a TCP half-close, which also
+        makes a live peer end it) and the reader reads what is left. A reader that has not
+        ended within ``WRITER_LOSS_GRACE_S`` is cut off."""
+        shutdown_write = getattr(conn.stream, "shutdown_write", None)
+        if shutdown_write is None or not shutdown_write():
+            self._connection_lost(conn, exc)
+            return
+        timer = threading.Timer(WRITER_LOSS_GRACE_S, self._connection_lost, (conn, exc))
+        timer.daemon = True
+        timer.start()
 
     def _connection_lost(self, conn: _Conn, exc: Exception) -> None:
         with self._lock:

@@ -353,6 +353,17 @@ class TcpStream:
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 
+    def shutdown_write(self) -> bool:
+        """Stop sending (a half-close: the peer reads the end of the stream) while the
+        reading side stays open for what the peer sent before. False if already closed."""
+        if self.closed:
+            return False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already reset: the reader meets the end of the stream all the same
+        return True
+
     def close(self) -> None:
         """Close now: a thread blocked in recv or send on this stream gets an error."""
         if self.closed:
