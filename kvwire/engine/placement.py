@@ -47,8 +47,8 @@ from kvwire.blocks import (
 from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
-from kvwire.proto import crc32c
-from kvwire.scatter import Spans, run_spans, token_spans
+from kvwire.proto.frames import crc32c_parts
+from kvwire.scatter import run_spans, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -93,10 +93,7 @@ class Payload:
         the bytes are still in cache when sendmsg reads them)."""
         if self.crc is not None:
             return self.crc
-        crc = 0
-        for part in self.parts:
-            crc = part.crc32c(crc) if isinstance(part, Spans) else crc32c(part, crc)
-        return crc
+        return crc32c_parts(self.parts)
 
     def release(self) -> None:
         if self.slot is not None:

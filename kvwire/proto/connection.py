@@ -61,7 +61,7 @@ from kvwire.proto.frames import (
     Header,
     check_payload,
     control_frame,
-    crc32c,
+    crc32c_parts,
     field,
     json_frame,
     pack_header,
@@ -578,10 +578,7 @@ class ServerConnection(Connection):
         a protocol error: the payload is asked for again (:meth:`nack`)."""
         if self.checksum == "none":
             return True
-        crc = 0
-        for part in parts:
-            crc = crc32c(part, crc) if isinstance(part, (bytes, bytearray, memoryview)) else part.crc32c(crc)
-        return crc == header.payload_crc
+        return crc32c_parts(parts) == header.payload_crc
 
     def verify_device_data(self, header: Header, crc: int | None) -> bool:
         """The same for a payload received into device memory, whose CRC32C (``crc``) was

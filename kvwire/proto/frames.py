@@ -84,6 +84,14 @@ def crc32c(data, value: int = 0) -> int:
     return _crc32c(data, value)
 
 
+def crc32c_parts(parts, value: int = 0) -> int:
+    """CRC32C of a payload's parts in order: buffers, or objects that compute their own
+    (``part.crc32c(crc)``: :class:`kvwire.scatter.Spans`, spans of a cache)."""
+    for part in parts:
+        value = crc32c(part, value) if isinstance(part, (bytes, bytearray, memoryview)) else part.crc32c(value)
+    return value
+
+
 @dataclass(frozen=True)
 class Header:
     type: FrameType
