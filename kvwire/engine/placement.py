@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kvwire.blocks import (
+    byte_views,
     cache_bytes,
     copy_tokens_to_blocks,
     head_bytes,
@@ -173,12 +174,11 @@ class HostEncoder(Encoder):
         bs = self.layout.block_size
         blocks = self.bytes[ref.layer].get(ref.name)
         if codec.name == "raw" and blocks is not None and ref.heads is None:
-            if self.spans:
-                lo, hi = row_bounds(blocks.shape[1], source.selection, bs, ref)
-                if len(lo) > 1:  # scattered blocks: one iovec array, one CRC pass over it
-                    spans = run_spans(blocks, self.addresses[ref.layer][ref.name], lo, hi)
-                    return Payload([spans], None, spans.nbytes)
-            views = row_views(blocks, source.selection, bs, ref)
+            lo, hi = row_bounds(blocks.shape[1], source.selection, bs, ref)
+            if self.spans and len(lo) > 1:  # scattered blocks: one iovec array, one CRC pass over it
+                spans = run_spans(blocks, self.addresses[ref.layer][ref.name], lo, hi)
+                return Payload([spans], None, spans.nbytes)
+            views = byte_views(blocks, lo, hi)
             return Payload(views, None, sum(v.nbytes for v in views))
         if codec.name == "raw" and ref.heads is not None and (heads := self.heads.get(ref)) is not None:
             if self.spans:  # some heads of each token: a span each, read where they lie
