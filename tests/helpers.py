@@ -72,6 +72,24 @@ def assert_transferred(layout, src, src_blocks, dst, dst_blocks, num_tokens, cod
             assert torch.equal(dst_states[i], want.reshape(dst_states[i].shape)), (i, "state")
 
 
+def corrupt_first_checksums(monkeypatch, count: int) -> None:
+    """Make a sender's first ``count`` payloads carry a wrong CRC32C (as if corrupted on
+    the way): the receiver must ask for each again."""
+    from kvwire.engine.placement import Payload
+
+    real = Payload.checksum
+    corrupted: list[int] = []
+
+    def sometimes_wrong(self):
+        crc = real(self)
+        if len(corrupted) < count:
+            corrupted.append(crc)
+            return crc ^ 1
+        return crc
+
+    monkeypatch.setattr(Payload, "checksum", sometimes_wrong)
+
+
 def special_wire_bytes(codec, spec, seed: int = 0) -> torch.Tensor:
     """Wire bytes no encoder writes but a peer may send, for ``codec`` (fp8, int8h, int4 or
     int4h) and a chunk like ``spec``: random bytes with NaN codes (0x7F, 0xFF) and NaN,

@@ -16,6 +16,7 @@ from tests.helpers import (
     TRANSPORTS,
     WireClient,
     assert_transferred,
+    corrupt_first_checksums,
     filled,
     receiver_process,
     sender_process,
@@ -369,19 +370,7 @@ def test_a_payload_corrupted_again_and_again_fails_typed(rx):
 def test_a_sender_resends_what_the_receiver_asks_for(rx, monkeypatch):
     """A real sender whose first payloads carry a wrong CRC (as if corrupted on the way):
     each is asked for again, sent again from the cache, and the data arrives exact."""
-    from kvwire.engine.placement import Payload
-
-    real = Payload.checksum
-    corrupted = []
-
-    def sometimes_wrong(self):
-        crc = real(self)
-        if len(corrupted) < 3:
-            corrupted.append(crc)
-            return crc ^ 1
-        return crc
-
-    monkeypatch.setattr(Payload, "checksum", sometimes_wrong)
+    corrupt_first_checksums(monkeypatch, 3)
     src = filled(LAYOUT, 32, seed=4)
     h = rx.expect("resent", [10, 11, 12], 40)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=4096) as tx:

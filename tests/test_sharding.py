@@ -22,7 +22,7 @@ from kvwire.blocks import gather_tokens
 from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection
 from kvwire.sharding import decode_ranks_served, holders, part_for
-from tests.helpers import SECRET, filled
+from tests.helpers import SECRET, corrupt_first_checksums, filled
 
 GQA8 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=32, block_size=16)
 GQA2 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16)
@@ -288,18 +288,6 @@ def test_split_heads_that_fail_their_checksum_are_asked_for_again(prefill_size, 
     """The first payloads carry a wrong CRC (as if corrupted on the way): the receiver
     (into spans for 2 -> 1, in place for 1 -> 2) asks for each again, the sender sends it
     again from the cache (as spans for 1 -> 2), and every head arrives exact."""
-    from kvwire.engine.placement import Payload
-
-    real = Payload.checksum
-    corrupted: list[int] = []
-
-    def sometimes_wrong(self):
-        crc = real(self)
-        if len(corrupted) < 3:
-            corrupted.append(crc)
-            return crc ^ 1
-        return crc
-
-    monkeypatch.setattr(Payload, "checksum", sometimes_wrong)
+    corrupt_first_checksums(monkeypatch, 3)
     stats = run(GQA8, prefill_size, decode_size, tokens=150)
     assert sum(s["nacked_chunks"] for s in stats) == 3
