@@ -112,3 +112,25 @@ def test_crc32c_over_many_span_lengths_from_many_threads():
     for t in threads:
         t.join()
     assert not failures
+
+
+def test_a_tcp_stream_takes_spans_alone_and_never_over_tls():
+    """Spans go to the socket through the helper, which would bypass TLS: a TLS stream
+    refuses them before any byte moves, and a plain one receives them alone."""
+    import ssl
+
+    from kvwire.transport.tcp import TcpStream
+
+    a, b = socket.socketpair()
+    with a, b:
+        stream = TcpStream(a, "pair")
+        with pytest.raises(ValueError, match="spans are received alone"):
+            stream.recv_into_views([spans_of([(0, 8)], np.zeros_like(MEMORY)), memoryview(bytearray(8))])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        tls = TcpStream(context.wrap_socket(b, do_handshake_on_connect=False), "tls pair")
+        with pytest.raises(ValueError, match="spans cannot go over TLS"):
+            tls.send_parts([b"header", spans_of([(0, 64)])])
+        with pytest.raises(ValueError, match="not over TLS"):
+            tls.recv_into_views([spans_of([(0, 8)], np.zeros_like(MEMORY))])
+        assert tls.bytes_sent == 0
