@@ -2,7 +2,7 @@
 switches per frame of each kind of thread on both sides (with the user-space part of
 each thread's CPU: the rest is system time, the kernel's copies and TCP).
 
-    python3 bench/thread_cpu.py [--tokens 8192] [--rounds 6] [--streams 4] [--checksum none]
+    python3 bench/thread_cpu.py [--tokens 8192] [--rounds 6] [--streams 4] [--checksum none] [--chunk-kib 2048]
 
 A receiver process and a sender (this process) move the llama3-8b profile's KV (1 GiB at
 8192 tokens) into blocks in reverse order, as ``kvwire-bench loopback`` does, round after
@@ -10,6 +10,10 @@ round. Counters are read from ``/proc/self/task/<tid>`` after the first round (w
 so the figures cover rounds 2..N. Threads are grouped by their name without the index
 (``kvwire-recv``, ``kvwire-send``, ``kvwire-ack``...). Nothing is verified: this measures,
 ``kvwire-bench loopback`` checks.
+
+The last line splits the whole machine's CPU time over the same rounds (``/proc/stat``:
+user, system, softirq, idle): softirq (TCP's receive path, run on behalf of no thread)
+is in no thread's figure above, and idle says whether the two sides left CPU unused.
 """
 
 from __future__ import annotations
@@ -25,10 +29,26 @@ import torch
 
 import kvwire
 from kvwire.bench import profiles
+from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
+from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
 
 SECRET = "thread-cpu-benchmark"
-FRAME_BYTES = 2 << 20  # figures per frame assume the default chunk
 TICKS = os.sysconf("SC_CLK_TCK")
+MACHINE_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> list[int]:
+    """The whole machine's CPU time by kind (``/proc/stat``, clock ticks), in MACHINE_FIELDS order."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1 : 1 + len(MACHINE_FIELDS)]]
+
+
+def machine_report(before: list[int], after: list[int]) -> str:
+    delta = dict(zip(MACHINE_FIELDS, (b - a for a, b in zip(before, after))))
+    total = max(sum(delta.values()), 1)
+    shown = ("user", "system", "softirq", "idle")
+    other = total - sum(delta[k] for k in shown)
+    return "machine: " + ", ".join(f"{k} {delta[k] / total:.0%}" for k in shown) + f", other {other / total:.0%}"
 
 
 def per_thread() -> collections.Counter:
@@ -50,15 +70,15 @@ def per_thread() -> collections.Counter:
     return out
 
 
-def report(side: str, before: collections.Counter, after: collections.Counter, nbytes: int) -> str:
-    gb, frames = nbytes / 1e9, nbytes / FRAME_BYTES
+def report(side: str, before: collections.Counter, after: collections.Counter, nbytes: int, frame_bytes: int) -> str:
+    gb, frames = nbytes / 1e9, nbytes / frame_bytes
     delta = {key: after[key] - before.get(key, 0) for key in after}
     cpu = sorted(((k, v) for (what, k), v in delta.items() if what == "cpu" and v > 0), key=lambda x: -x[1])
     switches = sorted(((k, v) for (what, k), v in delta.items() if what == "switches" and v > 0), key=lambda x: -x[1])
     return "\n".join([
         f"{side}: {sum(v for _, v in cpu) / gb:.3f} CPU s/GB: "
         + ", ".join(f"{k} {v / gb:.3f} (user {delta.get(('user', k), 0) / gb:.3f})" for k, v in cpu),
-        f"{side}: {sum(v for _, v in switches) / frames:.1f} context switches per 2 MiB: "
+        f"{side}: {sum(v for _, v in switches) / frames:.1f} context switches per {frame_bytes >> 10} KiB frame: "
         + ", ".join(f"{k} {v / frames:.1f}" for k, v in switches),
     ])  # fmt: skip
 
@@ -75,7 +95,8 @@ def receiver(pipe, args: argparse.Namespace) -> None:
     for layer in caches:
         for tensor in layer.values():
             tensor.fill_(0)  # touched now, not on the first round's receive
-    rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum)
+    rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum,
+                         slot_bytes=max(args.chunk_kib << 10, DEFAULT_SLOT_BYTES))  # fmt: skip
     pipe.send(rx.address)
     start = per_thread()
     for r in range(args.rounds):
@@ -84,7 +105,8 @@ def receiver(pipe, args: argparse.Namespace) -> None:
             start = per_thread()
         pipe.send("ready")
         handle.wait()
-    pipe.send(report("receiver", start, per_thread(), (args.rounds - 1) * args.tokens * layout.bytes_per_token()))
+    nbytes = (args.rounds - 1) * args.tokens * layout.bytes_per_token()
+    pipe.send(report("receiver", start, per_thread(), nbytes, args.chunk_kib << 10))
     pipe.recv()  # the sender is done: closing now cannot race its last acknowledgement
     rx.close()
 
@@ -95,6 +117,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds; the first one is a warm-up")
     parser.add_argument("--streams", type=int, default=4, help="TCP connections (fixed)")
     parser.add_argument("--checksum", choices=("crc32c", "none"), default="crc32c")
+    parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES >> 10, help="target frame payload")
     parser.add_argument(
         "--source",
         choices=("forward", "reverse"),
@@ -102,8 +125,8 @@ def main() -> None:
         help="the sender's blocks in order (one run a chunk) or reversed (one run a block)",
     )
     args = parser.parse_args()
-    if args.rounds < 2 or args.tokens < 1 or args.streams < 1:
-        parser.error("--rounds must be at least 2, --tokens and --streams at least 1")
+    if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4:
+        parser.error("--rounds must be at least 2, --tokens and --streams at least 1, --chunk-kib at least 4")
     torch.set_num_threads(1)
     here, there = multiprocessing.Pipe()
     child = multiprocessing.get_context("spawn").Process(target=receiver, args=(there, args))
@@ -114,21 +137,21 @@ def main() -> None:
         for tensor in layer.values():
             tensor.copy_(torch.randn(tensor.shape).to(tensor.dtype))
     tx = kvwire.Sender(layout, here.recv(), secret=SECRET, kv_caches=caches, streams=args.streams,
-                       max_streams=args.streams, checksum=args.checksum)  # fmt: skip
-    start, t0 = per_thread(), time.monotonic()
+                       max_streams=args.streams, checksum=args.checksum, chunk_bytes=args.chunk_kib << 10)  # fmt: skip
+    start, t0, machine0 = per_thread(), time.monotonic(), machine_ticks()
     for r in range(args.rounds):
         if here.recv() != "ready":
             raise RuntimeError("the receiver process did not get ready")
         if r == 1:
-            start, t0 = per_thread(), time.monotonic()
+            start, t0, machine0 = per_thread(), time.monotonic(), machine_ticks()
         order = list(range(blocks)) if args.source == "forward" else list(reversed(range(blocks)))
         transfer = tx.transfer(f"round-{r}", order, args.tokens, deadline=600)
         for layer in range(layout.num_layers):
             transfer.send_layer(layer)
         transfer.finish()
     nbytes = (args.rounds - 1) * args.tokens * layout.bytes_per_token()
-    seconds = time.monotonic() - t0
-    sent = report("sender", start, per_thread(), nbytes)
+    seconds, machine1 = time.monotonic() - t0, machine_ticks()
+    sent = report("sender", start, per_thread(), nbytes, args.chunk_kib << 10)
     conns = tx.stats()["connections"]
     frames, sends = sum(c["data_frames"] for c in conns), sum(c["data_sends"] for c in conns)
     print(f"{nbytes / seconds / 1e9:.2f} GB/s over rounds 2..{args.rounds} "
@@ -136,6 +159,7 @@ def main() -> None:
     print(sent)
     print(f"sender: {frames / max(sends, 1):.2f} DATA frames per send (all rounds)")
     print(here.recv())
+    print(machine_report(machine0, machine1))
     tx.close()
     here.send("close")
     child.join()

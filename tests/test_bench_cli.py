@@ -6,6 +6,7 @@ import pytest
 
 from kvwire import scatter
 from kvwire.bench.cli import main
+from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
 
 
 def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
@@ -26,8 +27,22 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert report["data_frames_per_send"] == 1  # checksums on: one frame per send (gathering is for none)
     if scatter.available():  # the receiver lands raw payloads as spans; int4 payloads go through staging
         assert report["spans"] == {"sender": True, "receiver": True}
+    machine = report["machine_cpu"]  # the machine's CPU split per timed window (empty when too short to tick)
+    assert set(machine) == {"kvwire", "cache", "hot", "checked", "in_place"}
+    for split in machine.values():
+        assert not split or abs(sum(split.values()) - 1) < 1e-9
     printed = capsys.readouterr().out
     assert "kvwire / plain" in printed and "each round, effective" in printed and "host data path" in printed
+
+
+def test_machine_split_shares_the_ticks_of_a_window():
+    before = {"user": 10, "nice": 0, "system": 20, "idle": 5, "iowait": 0, "irq": 0, "softirq": 1, "steal": 0}
+    after = {"user": 30, "nice": 0, "system": 70, "idle": 15, "iowait": 5, "irq": 0, "softirq": 31, "steal": 0}
+    split = machine_split(machine_delta(before, after))  # 115 ticks in the window, 5 of them iowait
+    assert split == pytest.approx({"user": 20 / 115, "system": 50 / 115, "softirq": 30 / 115, "idle": 10 / 115,
+                                   "other": 5 / 115})  # fmt: skip
+    assert machine_split(machine_delta(before, before)) == {}  # nothing ticked: no shares, not a division by zero
+    assert set(machine_ticks()) >= {"user", "system", "idle", "softirq"}  # this machine reports them
 
 
 def test_loopback_with_exact_tokens_verifies_and_costs_bytes(tmp_path):

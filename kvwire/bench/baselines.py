@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from kvwire.bench.procstats import cpu_seconds
+from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks
 from kvwire.proto.frames import crc32c
 
 BUFFER = 1 << 20
@@ -110,7 +110,7 @@ def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
     """The sending half of :func:`receive`."""
     socks = [socket.create_connection(tuple(address)) for _ in range(streams)]
     hot = memoryview(bytearray(os.urandom(BUFFER)))
-    cpu0 = cpu_seconds()
+    cpu0, machine0 = cpu_seconds(), machine_ticks()
 
     def pump(sock: socket.socket, start: int, stop: int) -> None:
         if kind == "hot":
@@ -135,7 +135,8 @@ def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
     seconds = time.monotonic() - t0
     for s in socks:
         s.close()
-    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0}
+    machine = machine_delta(machine0, machine_ticks())
+    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "machine_ticks": machine}
 
 
 # -- the parent ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import kvwire
 import kvwire.codec
 from kvwire.bench import baselines, fixture, loopback_report, netem, profiles, tlsutil
-from kvwire.bench.procstats import cpu_seconds, reset_peak_rss, rss_bytes
+from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks, reset_peak_rss, rss_bytes
 from kvwire.engine.sender import DEFAULT_STREAMS
 from kvwire.tuning import tune_malloc
 
@@ -305,7 +305,7 @@ class _Sampler:
 def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) -> dict:
     round_rss = rss_bytes()[0]
     reset_peak_rss()
-    cpu0 = cpu_seconds()
+    cpu0, machine0 = cpu_seconds(), machine_ticks()
     t0 = time.monotonic()
     sampler = _Sampler(tx, t0, show=False)  # records from the first send_layer on
     transfers = [
@@ -338,6 +338,7 @@ def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) 
         "logical_bytes": sum(r["logical_bytes"] for r in results),
         "resent_chunks": sum(r["resent_chunks"] for r in results),
         "cpu_s": cpu_seconds() - cpu0,
+        "machine_ticks": machine_delta(machine0, machine_ticks()),
         "rss_growth": rss_bytes()[1] - round_rss,
         "timeline": timeline,
     }

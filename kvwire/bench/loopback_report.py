@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+
 import kvwire.codec
 from kvwire.bench import netem
+from kvwire.bench.procstats import machine_split
+
+
+def summed_split(windows: list[dict]) -> dict[str, float]:
+    """The machine's CPU split over several timed windows together."""
+    ticks: collections.Counter = collections.Counter()
+    for w in windows:
+        ticks.update(w.get("machine_ticks", {}))
+    return machine_split(dict(ticks))
 
 
 def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) -> dict:
@@ -66,6 +77,8 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
             for t in sent["timeline"]
         ],
         "samples": sent["samples"],
+        # the whole machine's CPU time over the timed rounds: user, system, softirq, idle
+        "machine_cpu": {"kvwire": summed_split([r[0] for r in rounds])},
     }
     for kind, runs in baselines.items():
         if not runs:
@@ -79,6 +92,7 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
             "sender": sum(b[0]["cpu_s"] for b in runs) / b_gb,
             "receiver": sum(b[1]["cpu_s"] for b in runs) / b_gb,
         }
+        report["machine_cpu"][kind] = summed_split([b[0] for b in runs])
     if singles:
         best_single = max(singles, key=lambda r: r["wire_bytes"] / r["seconds"])
         report["single_stream_wire_gb_per_s"] = best_single["wire_bytes"] / best_single["seconds"] / 1e9
@@ -149,6 +163,14 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         )
     cpu = report["cpu_s_per_gb"]
     rows.append(("CPU s per GB", f"sender {cpu['sender']:.3f}, receiver {cpu['receiver']:.3f}"))
+    machine = {k: v for k, v in report["machine_cpu"].items() if v}
+    if machine:
+        names = {"cache": "plain", "in_place": "in place"}
+        shown = []
+        for kind, split in machine.items():
+            shares = "/".join(f"{split[part] * 100:.0f}" for part in ("user", "system", "softirq", "idle"))
+            shown.append(f"{names.get(kind, kind)} {shares}%")
+        rows.append(("machine CPU (user/sys/softirq/idle)", ", ".join(shown)))
     spans = report["spans"]
     rows.append(("host data path", f"spans (kvwire._scatter): sender {'yes' if spans['sender'] else 'no'}, "
                  f"receiver {'yes' if spans['receiver'] else 'no'}; "

@@ -1,4 +1,5 @@
-"""What a benchmark process reads about itself: CPU seconds, RSS and its peak."""
+"""What a benchmark process reads about itself (CPU seconds, RSS and its peak), and how
+the whole machine's CPU time splits while it runs."""
 
 from __future__ import annotations
 
@@ -27,3 +28,33 @@ def reset_peak_rss() -> None:
             f.write("5")  # resets VmHWM to the current RSS
     except OSError:
         pass
+
+
+MACHINE_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> dict[str, int]:
+    """The whole machine's CPU time so far, by kind (``/proc/stat``, clock ticks): read
+    before and after a timed window and pass both to :func:`machine_split`. Where two sides
+    share the machine (loopback) it shows what no per-process figure does: the kernel's
+    receive path run as softirq on behalf of no thread, and whether any CPU stayed idle."""
+    try:
+        with open("/proc/stat") as f:
+            values = f.readline().split()[1:]
+    except OSError:
+        return {}
+    return {kind: int(v) for kind, v in zip(MACHINE_KINDS, values)}
+
+
+def machine_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {kind: after[kind] - before[kind] for kind in after if kind in before}
+
+
+def machine_split(ticks: dict[str, int]) -> dict[str, float]:
+    """Shares of user, system, softirq and idle time (and the rest) in tick deltas; empty
+    where the machine does not report them."""
+    total = sum(ticks.values())
+    if not total:
+        return {}
+    shown = {kind: ticks.get(kind, 0) / total for kind in ("user", "system", "softirq", "idle")}
+    return {**shown, "other": max(0.0, 1.0 - sum(shown.values()))}
