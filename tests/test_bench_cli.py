@@ -77,6 +77,22 @@ def test_loopback_between_different_tensor_parallelism_and_block_sizes(tmp_path)
     assert len(split["connections"]) == 4  # each prefill rank serves two decode ranks, one connection each
 
 
+def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["loopback", "--tokens", "150", "--rounds", "2", "--prefill-tp", "2", "--decode-tp", "1",
+                 "--streams", "2", "--compare-homogeneous", "--json", str(out), "--quiet"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    home = report["homogeneous"]
+    assert report["verified"] is True and home["verified"] is True and home["errors"] == []
+    assert home["streams"] == 4  # as many connections in all: 2 per prefill rank, 2 ranks
+    assert len(home["effective_gb_per_s_by_round"]) == 2 and len(home["ratio_by_round"]) == 2
+    assert home["ratio"] == pytest.approx(report["effective_gb_per_s"] / home["effective_gb_per_s"])
+    assert home["ratio_by_round"][1] == pytest.approx(
+        report["effective_gb_per_s_by_round"][1] / home["effective_gb_per_s_by_round"][1]
+    )
+    assert "sharded / 1 -> 1" in capsys.readouterr().out
+
+
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
     out = tmp_path / "r.json"
     assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "2",
@@ -93,6 +109,7 @@ def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
         (["loopback", "--codec", "zstd"], "unknown codec"),
         (["loopback", "--tokens", "0"], "--tokens"),
         (["loopback", "--exact-tokens", "-1"], "--exact-tokens"),
+        (["loopback", "--compare-homogeneous"], "only with --prefill-tp"),
         (["loopback", "--profile", "gpt-9"], "unknown profile"),
         (["loopback", "--streams", "100"], "--streams"),
         (["loopback", "--layer-ms", "-1"], "--layer-ms"),

@@ -62,10 +62,12 @@ def _cmd_loopback(args: argparse.Namespace) -> int:
 
         plot_loopback(report, args.plot)
         print(f"plot: {args.plot}")
-    if report["errors"]:
-        print("transfer errors:", *report["errors"], sep="\n  ", file=sys.stderr)
+    home = report.get("homogeneous", {})  # --compare-homogeneous: its 1 -> 1 rounds count too
+    errors = report["errors"] + [f"1 -> 1: {e}" for e in home.get("errors", [])]
+    if errors:
+        print("transfer errors:", *errors, sep="\n  ", file=sys.stderr)
         return 1
-    if report["verified"] is False:
+    if report["verified"] is False or home.get("verified") is False:
         print("VERIFICATION FAILED: the destination does not hold what the codec says", file=sys.stderr)
         return 1
     return 0

@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tp", type=int, default=1, help="decode tensor-parallel ranks, one process each (1)")
     p.add_argument("--decode-block-size", type=int, default=None,
                    help="the decode's block size (default: the profile's, as the prefill)")  # fmt: skip
+    p.add_argument("--compare-homogeneous", action="store_true",
+                   help="with --prefill-tp, --decode-tp or --decode-block-size: after each round, send the same "
+                        "bytes from one process to one over as many connections in all (1 -> 1), and report "
+                        "the ratio")  # fmt: skip
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -110,6 +114,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                 model.shard(0, getattr(args, f"{side}_tp"))
             except ValueError as exc:
                 raise ValueError(f"--{side}-tp: {exc}") from None
+    elif getattr(args, "compare_homogeneous", False):
+        raise ValueError("--compare-homogeneous: only with --prefill-tp, --decode-tp or --decode-block-size")
     if args.link:
         netem.parse_link(args.link)
         if os.geteuid() != 0:
@@ -126,6 +132,21 @@ def sharded(args: argparse.Namespace) -> bool:
     return (getattr(args, "prefill_tp", 1), getattr(args, "decode_tp", 1)) != (1, 1) or bool(
         getattr(args, "decode_block_size", None)
     )
+
+
+def pairs(args: argparse.Namespace) -> int:
+    """Sender-receiver pairs of a run: each prefill rank connects to every decode rank it
+    serves, so there are as many pairs as ranks on the larger side (1 without sharding)."""
+    return max(args.prefill_tp, args.decode_tp) if sharded(args) else 1
+
+
+def homogeneous_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The 1 -> 1 run that ``--compare-homogeneous`` measures against a sharded one: the same
+    model, tokens and codec, as many connections in all (``--streams`` per pair)."""
+    n = pairs(args)
+    max_streams = None if args.max_streams is None else min(64, args.max_streams * n)
+    return argparse.Namespace(**{**vars(args), "prefill_tp": 1, "decode_tp": 1, "decode_block_size": None,
+                                 "streams": min(64, args.streams * n), "max_streams": max_streams})  # fmt: skip
 
 
 def receiver_main(
@@ -369,24 +390,33 @@ def _run(args, layout, progress, link) -> dict:
     n_rx, n_tx = (args.decode_tp, args.prefill_tp) if sharded(args) else (1, 1)
     receivers: list[tuple] = []  # (pipe, process) per decode rank, then per prefill rank
     senders: list[tuple] = []
+    home: list[tuple] = []  # --compare-homogeneous: its 1 -> 1 receiver, then sender
+    home_args = homogeneous_args(args) if getattr(args, "compare_homogeneous", False) else None
 
-    def start(group: list, target, name: str, *rest) -> None:
+    def start(group: list, target, name: str, run_args, *rest) -> None:
         pipe, child = ctx.Pipe()
-        process = ctx.Process(target=target, args=(child, args, secret, *rest), name=name)
+        process = ctx.Process(target=target, args=(child, run_args, secret, *rest), name=name)
         process.start()
         group.append((pipe, process))
 
     try:
         for d in range(n_rx):
-            start(receivers, receiver_main, "kvwire-bench-receiver" + (f"-{d}" if n_rx > 1 else ""), rx_ns, host, d)
+            start(receivers, receiver_main, "kvwire-bench-receiver" + (f"-{d}" if n_rx > 1 else ""), args, rx_ns,
+                  host, d)  # fmt: skip
         addresses = [_recv(pipe, process, 120) for pipe, process in receivers]
         peer = [a["address"] for a in addresses] if sharded(args) else addresses[0]["address"]
         for r in range(n_tx):
-            start(senders, sender_main, "kvwire-bench-sender" + (f"-{r}" if n_tx > 1 else ""), peer,
+            start(senders, sender_main, "kvwire-bench-sender" + (f"-{r}" if n_tx > 1 else ""), args, peer,
                   addresses[0]["baseline_address"], tx_ns, r)  # fmt: skip
+        if home_args is not None:
+            start(home, receiver_main, "kvwire-bench-receiver-1to1", home_args, rx_ns, host, 0)
+            home_address = _recv(*home[0], 120)
+            start(home, sender_main, "kvwire-bench-sender-1to1", home_args, home_address["address"],
+                  home_address["baseline_address"], tx_ns, 0)  # fmt: skip
+            _recv(*home[1], 300)
         _all(senders, None, 300)
         (rx_pipe, receiver), (tx_pipe, sender) = receivers[0], senders[0]  # the only pair without sharding
-        rounds, singles, overlap = [], [], None
+        rounds, singles, homes, overlap = [], [], [], None
         measured: dict[str, list] = {kind: [] for kind in baselines.BASELINES}
         for r in range(args.rounds):
             _all(receivers, ("expect", r), 60)
@@ -398,6 +428,17 @@ def _run(args, layout, progress, link) -> dict:
                     f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
                     f"verified={received['verified']}"
                 )
+            if home:
+                (home_rx, home_receiver), (home_tx, home_sender) = home
+                home_rx.send(("expect", r))
+                _recv(home_rx, home_receiver, 60)
+                home_tx.send(("send", r, True))
+                homes.append((_recv(home_tx, home_sender, 900), _recv(home_rx, home_receiver, 900)))
+                if args.quiet is False:
+                    sent_home = homes[-1][0]
+                    progress(f"  1 -> 1, {home_args.streams} connections, {r + 1}/{args.rounds}: "
+                             f"{sent_home['wire_bytes'] / sent_home['seconds'] / 1e9:.3f} GB/s wire, "
+                             f"verified={homes[-1][1]['verified']}")  # fmt: skip
             if args.compare_single_stream:
                 rx_pipe.send(("expect", f"single-{r}"))
                 _recv(rx_pipe, receiver, 60)
@@ -432,10 +473,12 @@ def _run(args, layout, progress, link) -> dict:
         if sharded(args):
             report["tensor_parallel"] = {"prefill": n_tx, "decode": n_rx, "prefill_block_size": layout.block_size,
                                          "decode_block_size": args.decode_block_size or layout.block_size}  # fmt: skip
+        if homes:
+            report["homogeneous"] = loopback_report.homogeneous(report, homes, home_args)
         return report
     finally:
         # The senders first: a receiver that closed first would show up as lost connections.
-        for pipe, p in senders + receivers:
+        for pipe, p in senders + home[1:] + receivers + home[:1]:
             try:
                 pipe.send(("quit",))
             except (BrokenPipeError, OSError):
@@ -463,6 +506,8 @@ def merge_sent(parts: list[dict]) -> dict:
     first = min(parts, key=lambda p: p["t0_monotonic"])
     return {
         **{k: sum(p[k] for p in parts) for k in ("wire_bytes", "logical_bytes", "resent_chunks", "cpu_s")},
+        # the whole machine's: every rank saw about the same window, so the longest one, not a sum
+        "machine_ticks": max((p.get("machine_ticks", {}) for p in parts), key=lambda t: sum(t.values())),
         "rss_growth": sum(p["rss_growth"] for p in parts),
         "t0_monotonic": t0,
         "seconds": end - t0,

@@ -112,6 +112,30 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
     return report
 
 
+def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args) -> dict:
+    """``--compare-homogeneous``: the 1 -> 1 rounds sent after each sharded round, the same
+    bytes over as many connections, and the sharded run's throughput over theirs."""
+    by_round = [sent["logical_bytes"] / sent["seconds"] / 1e9 for sent, _ in homes]
+    errors = [received["error"] for _, received in homes if received["error"]]
+    verified = None if home_args.no_verify else (not errors and all(r["verified"] for _, r in homes))
+    gb_moved = sum(sent["wire_bytes"] for sent, _ in homes) / 1e9
+    return {
+        "streams": home_args.streams,
+        "effective_gb_per_s": max(by_round),
+        "effective_gb_per_s_by_round": by_round,
+        "verified": verified,
+        "errors": errors,
+        # best round over best round; and round by round, each sharded round with the 1 -> 1 one after it
+        "ratio": report["effective_gb_per_s"] / max(by_round),
+        "ratio_by_round": [a / b for a, b in zip(report["effective_gb_per_s_by_round"], by_round)],
+        "cpu_s_per_gb": {
+            "sender": sum(sent["cpu_s"] for sent, _ in homes) / gb_moved,
+            "receiver": sum(received["cpu_s"] for _, received in homes) / gb_moved,
+        },
+        "machine_cpu": summed_split([sent for sent, _ in homes]),
+    }
+
+
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     gib = report["logical_bytes_per_round"] / 2**30
     rows = [
@@ -128,6 +152,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows += [
         ("exposed latency", f"{report['exposed_ms']:.1f} ms (last send_layer -> acknowledgement)"),
     ]
+    if "homogeneous" in report:
+        home = report["homogeneous"]
+        each = ", ".join(f"{r:.3f}" for r in home["effective_gb_per_s_by_round"])
+        rows.append((f"1 -> 1, {home['streams']} connections", f"{each} GB/s, verified={home['verified']}"))
+        rows.append(("sharded / 1 -> 1", f"{home['ratio']:.3f} (best rounds); each round "
+                     + ", ".join(f"{r:.3f}" for r in home["ratio_by_round"])))  # fmt: skip
     if "baseline_gb_per_s" in report:
         rows.append(("plain, cache to cache", f"{report['baseline_gb_per_s']:.3f} GB/s (same memory, no checks)"))
         rows.append(("kvwire / plain", f"{report['ratio_to_baseline']:.3f}"))
@@ -164,6 +194,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     cpu = report["cpu_s_per_gb"]
     rows.append(("CPU s per GB", f"sender {cpu['sender']:.3f}, receiver {cpu['receiver']:.3f}"))
     machine = {k: v for k, v in report["machine_cpu"].items() if v}
+    if report.get("homogeneous", {}).get("machine_cpu"):
+        machine["1 -> 1"] = report["homogeneous"]["machine_cpu"]
     if machine:
         names = {"cache": "plain", "in_place": "in place"}
         shown = []
