@@ -426,3 +426,92 @@ def test_closing_the_receiver_as_soon_as_wait_returns_keeps_the_acknowledgement(
 def _wait_then_close(handle, receiver) -> None:
     handle.wait(timeout=10)
     receiver.close()
+
+
+class HalfCloseSwallowingProxy:
+    """A TCP relay between a sender and a receiver that, when the sender half-closes a
+    connection, keeps both of that connection's sockets open and never passes the end of
+    the stream on: a middlebox (or a peer) that leaves a failed writer's reader waiting."""
+
+    def __init__(self, target) -> None:
+        import socket
+
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        while True:
+            try:
+                data = source.recv(1 << 16)
+                if not data:
+                    return  # the end of the stream, swallowed: sink stays open
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.mark.parametrize("grace_s, completes", [(0.5, True), (60.0, False)])
+def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, monkeypatch, grace_s, completes):
+    """A send fails, writing stops (a half-close), and the connection's reader waits for
+    what the peer sent before it closed; a peer that never closes would hold that
+    connection's chunks forever: after WRITER_LOSS_GRACE_S it is cut off and its chunks
+    go again on the other connection (with a grace past the transfer's timeout, the
+    transfer times out instead: the grace is what ends it)."""
+    from kvwire.engine import sender as sender_module
+    from kvwire.errors import PeerLost
+
+    monkeypatch.setattr(sender_module, "WRITER_LOSS_GRACE_S", grace_s)
+    proxy = HalfCloseSwallowingProxy(rx.address)
+    src = filled(LAYOUT, 32, seed=31)
+    blocks, dst_blocks = list(range(8)), list(range(20, 28))
+    h = rx.expect("grace", dst_blocks, 8 * 16)
+    try:
+        with kvwire.Sender(LAYOUT, proxy.address, secret=SECRET, kv_caches=src, streams=2, max_streams=2,
+                           chunk_bytes=4096) as tx:  # fmt: skip
+            stream = tx._conns[1].stream
+            send_parts = stream.send_parts
+
+            def fail_once(*args, **kwargs):
+                stream.send_parts = send_parts
+                raise PeerLost("injected: the send failed")
+
+            stream.send_parts = fail_once  # the next data send on connection 1 fails; its peer stays
+            t0 = time.monotonic()
+            t = tx.transfer("grace", blocks, 8 * 16)
+            for layer in range(LAYOUT.num_layers):
+                t.send_layer(layer)
+            if completes:
+                stats = t.finish(timeout=20)
+                assert time.monotonic() - t0 >= grace_s  # not before the reader's grace ran out
+                assert stats["resent_chunks"] >= 1 and tx.stats()["alive_streams"] == 1
+            else:
+                with pytest.raises(kvwire.TransferError):
+                    t.finish(timeout=3)
+                assert tx.stats()["alive_streams"] == 2  # still waiting on the silent reader
+    finally:
+        proxy.close()
+    if completes:
+        h.wait(timeout=10)
+        assert_transferred(LAYOUT, src, blocks, rx.dst, dst_blocks, 8 * 16)
