@@ -73,7 +73,8 @@ def test_loopback_between_different_tensor_parallelism_and_block_sizes(tmp_path)
     assert same["verified"] is True and split["verified"] is True
     # The same model's bytes cross once, however they are split.
     assert split["logical_bytes_per_round"] == same["logical_bytes_per_round"]
-    assert split["tensor_parallel"] == {"prefill": 2, "decode": 4, "prefill_block_size": 16, "decode_block_size": 32}
+    assert split["tensor_parallel"] == {"prefill": 2, "decode": 4, "prefill_block_size": 16, "decode_block_size": 32,
+                                        "pairs": 4}  # fmt: skip
     assert len(split["connections"]) == 4  # each prefill rank serves two decode ranks, one connection each
 
 
@@ -90,7 +91,8 @@ def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_pat
     assert home["ratio_by_round"][1] == pytest.approx(
         report["effective_gb_per_s_by_round"][1] / home["effective_gb_per_s_by_round"][1]
     )
-    assert "sharded / 1 -> 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sharded / 1 -> 1" in printed and "2 TCP connections first per sender-receiver pair (4 in all)" in printed
 
 
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):

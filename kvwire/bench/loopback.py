@@ -472,7 +472,8 @@ def _run(args, layout, progress, link) -> dict:
         report = loopback_report.build(args, layout, rounds, measured, singles, overlap, tx_stats, rss_all)
         if sharded(args):
             report["tensor_parallel"] = {"prefill": n_tx, "decode": n_rx, "prefill_block_size": layout.block_size,
-                                         "decode_block_size": args.decode_block_size or layout.block_size}  # fmt: skip
+                                         "decode_block_size": args.decode_block_size or layout.block_size,
+                                         "pairs": pairs(args)}  # fmt: skip
         if homes:
             report["homogeneous"] = loopback_report.homogeneous(report, homes, home_args)
         return report

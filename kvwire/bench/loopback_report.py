@@ -136,12 +136,19 @@ def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args) -> dict
     }
 
 
+def first_connections(report: dict) -> str:
+    pairs = report.get("tensor_parallel", {}).get("pairs", 1)
+    if pairs == 1:
+        return f"{report['streams']} TCP connections first"
+    return f"{report['streams']} TCP connections first per sender-receiver pair ({report['streams'] * pairs} in all)"
+
+
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     gib = report["logical_bytes_per_round"] / 2**30
     rows = [
         ("profile / codec", f"{report['profile']} / {report['codec']}, checksum {report.get('checksum', 'crc32c')}"),
         ("moved per round", f"{gib:.3f} GiB logical, {report['wire_bytes_per_round'] / 2**30:.3f} GiB on the wire"),
-        ("requests x rounds", f"{report['requests']} x {report['rounds']}, {report['streams']} TCP connections first"),
+        ("requests x rounds", f"{report['requests']} x {report['rounds']}, {first_connections(report)}"),
         ("connections at the end", f"{report['streams_policy']['connections']}: {report['streams_policy']['reason']}"),
         ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
         ("effective throughput", f"{report['effective_gb_per_s']:.3f} GB/s (logical KV bytes)"),
