@@ -410,10 +410,10 @@ def _run(args, layout, progress, link) -> dict:
                   addresses[0]["baseline_address"], tx_ns, r)  # fmt: skip
         if home_args is not None:
             start(home, receiver_main, "kvwire-bench-receiver-1to1", home_args, rx_ns, host, 0)
-            home_address = _recv(*home[0], 120)
+            home_address = _recv(home[0][0], home[0][1], 120)
             start(home, sender_main, "kvwire-bench-sender-1to1", home_args, home_address["address"],
                   home_address["baseline_address"], tx_ns, 0)  # fmt: skip
-            _recv(*home[1], 300)
+            _recv(home[1][0], home[1][1], 300)
         _all(senders, None, 300)
         (rx_pipe, receiver), (tx_pipe, sender) = receivers[0], senders[0]  # the only pair without sharding
         rounds, singles, homes, overlap = [], [], [], None
@@ -428,7 +428,7 @@ def _run(args, layout, progress, link) -> dict:
                     f"  round {r + 1}/{args.rounds}: {sent['wire_bytes'] / sent['seconds'] / 1e9:.3f} GB/s wire, "
                     f"verified={received['verified']}"
                 )
-            if home:
+            if home_args is not None:
                 (home_rx, home_receiver), (home_tx, home_sender) = home
                 home_rx.send(("expect", r))
                 _recv(home_rx, home_receiver, 60)
