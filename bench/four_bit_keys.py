@@ -27,7 +27,16 @@ said):
   least squared error (no extra bytes);
 * ``smooth``: each channel divided by its max |x| over the group, then rotated and
   quantized per token like int4h's values (4 bytes per token per head + 2 per channel);
-* ``bN``: N-bit codes instead of 4.
+* ``bN``: N-bit codes instead of 4;
+* ``meta8``: int4's groups, but each group's min and max travel as 1-byte codes on a
+  255-step grid over the request's range of that channel (two fp16 per channel per
+  request), rounded outwards: 2 bytes per channel per group instead of 4;
+* ``meta8m``: the same with groups of 16 tokens for the request's first 64 tokens and
+  of ``K`` after them.
+
+Value kinds besides the codecs: ``hN`` (above) and ``s4xT``: rotated rows, symmetric 4-bit
+codes (-7..7), one 1-byte scale per ``T`` tokens of a head (a log grid of 2^(1/16) steps,
+rounded up), the bytes ``meta8`` leaves to reach 3.5x.
 
 Not a test and not a codec: a way to decide what deserves one.
 """
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -48,6 +58,9 @@ from kvwire.codec.int4 import int4_params  # noqa: E402
 
 HEAD_DIM = 64  # SmolLM2-135M
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+SIZE_TOKENS = 1024  # sizes are a 1024-token request's, as docs/fidelity.md reports them
+MIXED_HEAD = 64  # meta8m: key groups of 16 tokens up to here
+WINDOW_STEP = 157  # --windows: tokens between the starts of a text's prompts
 
 
 def _levels(part: torch.Tensor, bits: int, dim: int, mn=None, mx=None) -> torch.Tensor:
@@ -109,6 +122,8 @@ def key_group(part: torch.Tensor, mode: str, starts_request: bool) -> torch.Tens
             best = y if best is None else torch.where(better, y, best)
             best_err = err if best_err is None else torch.where(better, err, best_err)
         return best
+    if mode == "meta8":
+        raise ValueError("meta8 needs the request's range: round_trip_keys handles it")
     if mode == "smooth":
         h = _hadamard(part.shape[-1])
         scale = part.abs().amax(0, keepdim=True).clamp_min(1e-6).half().float()
@@ -116,11 +131,43 @@ def key_group(part: torch.Tensor, mode: str, starts_request: bool) -> torch.Tens
     raise ValueError(f"unknown key mode {mode!r}")
 
 
+def group_bounds(tokens: int, group: int, mode: str) -> list[tuple[int, int]]:
+    """Key groups ``[g0, g1)``: every ``group`` tokens, or with ``meta8m`` groups of 16 for
+    the request's first 64 tokens and of ``group`` after them."""
+    head = min(tokens, MIXED_HEAD) if mode == "meta8m" else 0
+    starts = list(range(0, head, 16)) + list(range(head, tokens, group))
+    return [(g0, min(g0 + (16 if g0 < head else group), tokens)) for g0 in starts]
+
+
 def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
     out = torch.empty_like(x)
+    if mode in ("meta8", "meta8m"):  # the request's per-channel range in fp16, then 1-byte codes per group
+        lo, hi = x.amin(0).half().float(), x.amax(0).half().float()
+        lo, hi = torch.minimum(lo, x.amin(0)), torch.maximum(hi, x.amax(0))  # fp16 rounding kept outside
+        step = ((hi - lo) / 255).clamp_min(1e-30)
+        for g0, g1 in group_bounds(x.shape[0], group, mode):
+            part = x[g0:g1]
+            mn = lo + ((part.amin(0) - lo) / step).floor().clamp(0, 255) * step
+            mx = lo + ((part.amax(0) - lo) / step).ceil().clamp(0, 255) * step
+            out[g0:g1] = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
+        return out
     for g0 in range(0, x.shape[0], group):
         out[g0 : g0 + group] = key_group(x[g0 : g0 + group], mode, g0 == 0)
     return out
+
+
+def _symmetric_rows(v: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Rotated rows, 4-bit codes -7..7, one scale per ``tokens`` tokens of a head on a log
+    grid of 2^(1/16) steps (1 byte), rounded up so the largest element fits."""
+    h = _hadamard(v.shape[-1])
+    r = v @ h  # [T, H, D]
+    out = torch.empty_like(r)
+    for t0 in range(0, r.shape[0], tokens):
+        part = r[t0 : t0 + tokens]
+        amax = part.abs().amax((0, 2), keepdim=True).clamp_min(1e-30)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / 7) * 16) / 16)
+        out[t0 : t0 + tokens] = (part / scale).round().clamp(-7, 7) * scale
+    return out @ h.T
 
 
 def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
@@ -134,16 +181,39 @@ def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
     if kind.startswith("h"):
         h = _hadamard(v.shape[-1])
         return _levels(v @ h, int(kind[1:]), -1) @ h.T
+    if kind.startswith("s4x"):
+        return _symmetric_rows(v, int(kind[3:]))
     raise ValueError(f"unknown value kind {kind!r}")
+
+
+def windows(tokenizer, prompts, lengths: list[int], count: int) -> list[tuple[str, list[int]]]:
+    """The fidelity prompt set, and ``count - 1`` more prompts per kind and length: windows
+    of the same texts starting ``WINDOW_STEP`` tokens apart (named ``kind-n@start``)."""
+    out = list(prompts(tokenizer, lengths))
+    if count > 1:
+        from kvwire.bench.fidelity import PROMPTS
+
+        for kind, text in PROMPTS.items():
+            ids = tokenizer(text * 200).input_ids
+            for n in lengths:
+                out += [(f"{kind}-{n}@{w * WINDOW_STEP}", ids[w * WINDOW_STEP : w * WINDOW_STEP + n])
+                        for w in range(1, count)]  # fmt: skip
+    return out
 
 
 def times_smaller(mode: str, group: int, values: str) -> float:
     d = HEAD_DIM
     values = values.removesuffix("/first")
-    value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
+    if values.startswith("s4x"):
+        value_bytes = d / 2 + 1 / int(values[3:])
+    else:
+        value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
     bits = int(mode[1:]) if mode.startswith("b") else 4
     key_bytes = d * bits / 8 + 4 * d / group
     key_bytes += {"chan": 3 * d / group, "row": (2 * d + 1) / group, "tokscale": 2}.get(mode, 0)
+    if mode.startswith("meta8"):  # 2 bytes per channel per group, and the request's range: 4 per channel
+        groups = len(group_bounds(SIZE_TOKENS, group, mode))
+        key_bytes = d / 2 + (2 * d * groups + 4 * d) / SIZE_TOKENS
     if mode == "smooth":
         key_bytes = d / 2 + 4 + 2 * d / group
     return 4 * d / (key_bytes + value_bytes)
@@ -154,6 +224,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("schemes", nargs="+", help="keys:K:values, e.g. chan:64:int4h")
     parser.add_argument("--lengths", default="32,128", help="prompt lengths (the fidelity prompt set)")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="prompts per kind and length: the fidelity set's, then windows starting "
+                             f"{WINDOW_STEP} tokens apart in the same texts")  # fmt: skip
+    parser.add_argument("--exact", type=int, default=0,
+                        help="the first N tokens travel exact (bf16), as with a sender's exact_tokens")  # fmt: skip
     args = parser.parse_args()
     from transformers import DynamicCache
 
@@ -163,7 +238,8 @@ def main() -> int:
 
     tokenizer, model = smollm2()
     kls: dict[str, dict[str, float]] = {}
-    for name, prompt in _prompts(tokenizer, [int(x) for x in args.lengths.split(",")]):
+    lengths = [int(x) for x in args.lengths.split(",")]
+    for name, prompt in windows(tokenizer, _prompts, lengths, args.windows):
         ref = DynamicCache()
         model(torch.tensor([prompt[:-1]]), **cache_argument(ref), use_cache=True)
         last = torch.tensor([prompt[-1:]])
@@ -176,14 +252,28 @@ def main() -> int:
                 k = layer.keys[0].transpose(0, 1).contiguous()  # [T, H, D]
                 v = layer.values[0].transpose(0, 1).contiguous()
                 k2, v2 = round_trip_keys(k, int(group), mode), round_trip_values(v, values)
+                if args.exact:  # the first tokens exact; the groups start after them, as the sender cuts
+                    n = min(args.exact, k.shape[0])
+                    k2, v2 = k2.clone(), v2.clone()
+                    if n < k.shape[0]:
+                        k2[n:] = round_trip_keys(k[n:], int(group), mode)
+                        v2[n:] = round_trip_values(v[n:], values)
+                    k2[:n], v2[:n] = k[:n].bfloat16().float(), v[:n].bfloat16().float()
                 cache.update(k2.transpose(0, 1).unsqueeze(0), v2.transpose(0, 1).unsqueeze(0), i)
             lp = torch.log_softmax(model(last, **cache_argument(cache), use_cache=True).logits[0, -1].double(), -1)
             kls.setdefault(scheme, {})[name] = float((ref_lp.exp() * (ref_lp - lp)).sum())
+    first = next(iter(kls.values()))
     for scheme, per_prompt in kls.items():
         mode, group, values = scheme.split(":")
         mean = sum(per_prompt.values()) / len(per_prompt)
+        geo = math.exp(sum(math.log(max(kl, 1e-12)) for kl in per_prompt.values()) / len(per_prompt))
+        below = sum(per_prompt[n] < first[n] for n in per_prompt)
         cells = " ".join(f"{n}={kl:.1e}" for n, kl in per_prompt.items())
-        print(f"{scheme:18s} {times_smaller(mode, int(group), values):.2f}x  mean KL {mean:.2e}  {cells}")
+        ratio = times_smaller(mode, int(group), values)
+        if args.exact:  # the raw tokens' bytes counted in a request of SIZE_TOKENS
+            ratio = SIZE_TOKENS / (args.exact + (SIZE_TOKENS - args.exact) / ratio)
+        print(f"{scheme:18s} {ratio:.2f}x  mean KL {mean:.2e}  geometric mean {geo:.2e}  "
+              f"below the first scheme's on {below} of {len(per_prompt)}  {cells}")  # fmt: skip
     return 0
 
 
