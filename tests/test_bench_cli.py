@@ -78,6 +78,18 @@ def test_loopback_between_different_tensor_parallelism_and_block_sizes(tmp_path)
     assert len(split["connections"]) == 4  # each prefill rank serves two decode ranks, one connection each
 
 
+def test_an_mla_run_counts_the_one_pair_that_sends(tmp_path):
+    # An MLA latent goes to a decode rank from one prefill rank alone: one pair, one
+    # connection, and the 1 -> 1 comparison gets as many.
+    out = tmp_path / "mla.json"
+    assert main(["loopback", "--profile", "deepseek-v3", "--tokens", "40", "--prefill-tp", "2", "--decode-tp", "1",
+                 "--streams", "1", "--compare-homogeneous", "--json", str(out), "--quiet"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["verified"] is True and report["homogeneous"]["verified"] is True
+    assert report["tensor_parallel"]["pairs"] == 1 and len(report["connections"]) == 1
+    assert report["homogeneous"]["streams"] == 1
+
+
 def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["loopback", "--tokens", "150", "--rounds", "2", "--prefill-tp", "2", "--decode-tp", "1",

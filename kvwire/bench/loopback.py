@@ -36,6 +36,7 @@ import kvwire.codec
 from kvwire.bench import baselines, fixture, loopback_report, netem, profiles, tlsutil
 from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks, reset_peak_rss, rss_bytes
 from kvwire.engine.sender import DEFAULT_STREAMS
+from kvwire.sharding import decode_ranks_served
 from kvwire.tuning import tune_malloc
 
 
@@ -135,9 +136,13 @@ def sharded(args: argparse.Namespace) -> bool:
 
 
 def pairs(args: argparse.Namespace) -> int:
-    """Sender-receiver pairs of a run: each prefill rank connects to every decode rank it
-    serves, so there are as many pairs as ranks on the larger side (1 without sharding)."""
-    return max(args.prefill_tp, args.decode_tp) if sharded(args) else 1
+    """Sender-receiver pairs of a run, each with ``--streams`` connections: every prefill
+    rank connects to the decode ranks it sends something to (with k/v heads, as many pairs
+    as ranks on the larger side; an MLA latent comes from one prefill rank alone)."""
+    if not sharded(args):
+        return 1
+    return sum(len(decode_ranks_served(fixture.layout_and_blocks(args, "prefill", r)[0], args.decode_tp))
+               for r in range(args.prefill_tp))  # fmt: skip
 
 
 def homogeneous_args(args: argparse.Namespace) -> argparse.Namespace:
