@@ -44,7 +44,7 @@ def machine_ticks() -> list[int]:
 
 
 def machine_report(before: list[int], after: list[int]) -> str:
-    delta = dict(zip(MACHINE_FIELDS, (b - a for a, b in zip(before, after))))
+    delta = dict(zip(MACHINE_FIELDS, (max(0, b - a) for a, b in zip(before, after))))  # iowait may go back
     total = max(sum(delta.values()), 1)
     shown = ("user", "system", "softirq", "idle")
     other = total - sum(delta[k] for k in shown)

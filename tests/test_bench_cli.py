@@ -97,7 +97,8 @@ def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_pat
     report = json.loads(out.read_text())
     home = report["homogeneous"]
     assert report["verified"] is True and home["verified"] is True and home["errors"] == []
-    assert home["streams"] == 4  # as many connections in all: 2 per prefill rank, 2 ranks
+    assert home["streams"] == 4 and home["connections_at_end"] == 4  # 2 per prefill rank, 2 ranks
+    assert home["logical_bytes_per_round"] == report["logical_bytes_per_round"]  # the same bytes
     assert len(home["effective_gb_per_s_by_round"]) == 2 and len(home["ratio_by_round"]) == 2
     assert home["ratio"] == pytest.approx(report["effective_gb_per_s"] / home["effective_gb_per_s"])
     assert home["ratio_by_round"][1] == pytest.approx(

@@ -448,9 +448,9 @@ class HalfCloseSwallowingProxy:
         while True:
             try:
                 client, _ = self.listener.accept()
+                server = socket.create_connection(self.target)
             except OSError:
                 return
-            server = socket.create_connection(self.target)
             self.sockets += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -467,8 +467,13 @@ class HalfCloseSwallowingProxy:
                 return
 
     def close(self) -> None:
-        self.listener.close()
-        for s in self.sockets:
+        import socket
+
+        for s in [self.listener, *self.sockets]:  # shut down first: that wakes the threads blocked in them
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
 
 

@@ -35,7 +35,7 @@ import kvwire
 import kvwire.codec
 from kvwire.bench import baselines, fixture, loopback_report, netem, profiles, tlsutil
 from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks, reset_peak_rss, rss_bytes
-from kvwire.engine.sender import DEFAULT_STREAMS
+from kvwire.engine.sender import DEFAULT_MAX_STREAMS, DEFAULT_STREAMS
 from kvwire.sharding import decode_ranks_served
 from kvwire.tuning import tune_malloc
 
@@ -149,7 +149,7 @@ def homogeneous_args(args: argparse.Namespace) -> argparse.Namespace:
     """The 1 -> 1 run that ``--compare-homogeneous`` measures against a sharded one: the same
     model, tokens and codec, as many connections in all (``--streams`` per pair)."""
     n = pairs(args)
-    max_streams = None if args.max_streams is None else min(64, args.max_streams * n)
+    max_streams = min(64, n * (args.max_streams or max(args.streams, DEFAULT_MAX_STREAMS)))  # as each pair may grow
     return argparse.Namespace(**{**vars(args), "prefill_tp": 1, "decode_tp": 1, "decode_block_size": None,
                                  "streams": min(64, args.streams * n), "max_streams": max_streams})  # fmt: skip
 
@@ -480,7 +480,10 @@ def _run(args, layout, progress, link) -> dict:
                                          "decode_block_size": args.decode_block_size or layout.block_size,
                                          "pairs": pairs(args)}  # fmt: skip
         if homes:
-            report["homogeneous"] = loopback_report.homogeneous(report, homes, home_args)
+            home_tx, home_sender = home[1]
+            home_tx.send(("stats",))
+            report["homogeneous"] = loopback_report.homogeneous(report, homes, home_args,
+                                                                _recv(home_tx, home_sender, 60))  # fmt: skip
         return report
     finally:
         # The senders first: a receiver that closed first would show up as lost connections.

@@ -112,7 +112,7 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
     return report
 
 
-def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args) -> dict:
+def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args, home_stats: dict) -> dict:
     """``--compare-homogeneous``: the 1 -> 1 rounds sent after each sharded round, the same
     bytes over as many connections, and the sharded run's throughput over theirs."""
     by_round = [sent["logical_bytes"] / sent["seconds"] / 1e9 for sent, _ in homes]
@@ -121,6 +121,8 @@ def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args) -> dict
     gb_moved = sum(sent["wire_bytes"] for sent, _ in homes) / 1e9
     return {
         "streams": home_args.streams,
+        "connections_at_end": home_stats["streams_policy"]["connections"],
+        "logical_bytes_per_round": homes[0][0]["logical_bytes"],
         "effective_gb_per_s": max(by_round),
         "effective_gb_per_s_by_round": by_round,
         "verified": verified,

@@ -34,8 +34,9 @@ MACHINE_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "
 
 
 def machine_ticks() -> dict[str, int]:
-    """The whole machine's CPU time so far, by kind (``/proc/stat``, clock ticks): read
-    before and after a timed window and pass both to :func:`machine_split`. Where two sides
+    """The whole machine's CPU time so far, by kind (``/proc/stat``, clock ticks): read it
+    before and after a timed window, and pass :func:`machine_delta` of the two to
+    :func:`machine_split`. Where two sides
     share the machine (loopback) it shows what no per-process figure does: the kernel's
     receive path run as softirq on behalf of no thread, and whether any CPU stayed idle."""
     try:
@@ -47,7 +48,8 @@ def machine_ticks() -> dict[str, int]:
 
 
 def machine_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {kind: after[kind] - before[kind] for kind in after if kind in before}
+    """Ticks spent in the window, by kind (never negative: the kernel lets iowait go back)."""
+    return {kind: max(0, after[kind] - before[kind]) for kind in after if kind in before}
 
 
 def machine_split(ticks: dict[str, int]) -> dict[str, float]:
