@@ -3,11 +3,13 @@
  * A chunk that carries some of the heads of each token lies in memory as one short span
  * per token (4 heads of 128 bf16 values: 1 KiB, 2,048 of them in a 2 MiB chunk). These
  * functions take such spans as a ``struct iovec`` array (a C-contiguous uint64 array of
- * ``[address, length]`` rows, built by numpy in kvwire/scatter.py) and
+ * ``[address, length]`` rows, built by ``rows`` below or by numpy in kvwire/scatter.py) and
  *
  *   crc32c(iov, crc)         -> the CRC32C of the spans' concatenation, continuing ``crc``
  *   sendv(fd, iov, timeout)  -> write every span in order (sendmsg, IOV_MAX at a time)
  *   recvv(fd, iov, timeout)  -> read into every span in order (recvmsg, MSG_WAITALL)
+ *   rows(out, ids, ...)      -> fill ``out`` with the spans of some token rows of a block
+ *                               cache (below); the number of rows of ``out`` used
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -311,11 +313,88 @@ static PyObject *py_recvv(PyObject *self, PyObject *args) { return move(args, 0)
 
 static PyObject *py_hardware(PyObject *self, PyObject *unused) { return PyBool_FromLong(use_hw); }
 
+/* rows(out, ids, address, num_blocks, block_stride, row_stride, span, block_size, start, count)
+ *
+ * Tokens [start, start + count) of a selection whose blocks, in token order, are ``ids``
+ * (C-contiguous int64), in a cache at ``address`` of ``num_blocks`` blocks, ``block_stride``
+ * bytes apart, each holding ``block_size`` token rows ``row_stride`` bytes apart, of which
+ * the first ``span`` bytes travel. Writes [address, length] rows into ``out`` (C-contiguous
+ * uint64 [n, 2]): one per token, or, where a row is all of its stride, one per run of rows
+ * that follow each other in memory (a block, or consecutive blocks). Returns how many rows
+ * it wrote. Every block id and position is checked, so no span leaves the cache. */
+static PyObject *py_rows(PyObject *self, PyObject *args) {
+    PyObject *out_obj, *ids_obj;
+    unsigned long long address;
+    Py_ssize_t num_blocks, block_stride, row_stride, span, block_size, start, count;
+    if (!PyArg_ParseTuple(args, "OOKnnnnnnn", &out_obj, &ids_obj, &address, &num_blocks, &block_stride, &row_stride,
+                          &span, &block_size, &start, &count))
+        return NULL;
+    if (block_size <= 0 || span <= 0 || span > row_stride || row_stride * block_size > block_stride || start < 0 ||
+        count <= 0 || num_blocks <= 0) {
+        PyErr_SetString(PyExc_ValueError, "rows: inconsistent geometry (sizes, strides, start or count)");
+        return NULL;
+    }
+    Py_buffer out, ids;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    if (PyObject_GetBuffer(ids_obj, &ids, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint64_t *o = (uint64_t *)out.buf;
+    const int64_t *id = (const int64_t *)ids.buf;
+    Py_ssize_t capacity = out.len / 16, n_ids = ids.len / 8;
+    int whole_rows = span == row_stride;
+    Py_ssize_t n = 0, t = start, end = start + count;
+    if (out.len % 16 || ids.len % 8 || (end - 1) / block_size >= n_ids) {
+        PyErr_SetString(PyExc_ValueError, "rows: out must be uint64 [n, 2], ids int64 covering every token");
+        goto done;
+    }
+    while (t < end) {
+        Py_ssize_t position = t / block_size, offset = t % block_size;
+        int64_t block = id[position];
+        if (block < 0 || block >= num_blocks) {
+            PyErr_Format(PyExc_ValueError, "rows: block id %lld outside 0..%zd", (long long)block, num_blocks - 1);
+            goto done;
+        }
+        Py_ssize_t here = block_size - offset < end - t ? block_size - offset : end - t;
+        uint64_t base = address + (uint64_t)block * (uint64_t)block_stride + (uint64_t)offset * (uint64_t)row_stride;
+        if (whole_rows) {  /* the rows of a block follow each other: one span, joined to the last if adjacent */
+            uint64_t length = (uint64_t)here * (uint64_t)row_stride;
+            if (n && o[2 * n - 2] + o[2 * n - 1] == base) {
+                o[2 * n - 1] += length;
+            } else {
+                if (n == capacity) goto full;
+                o[2 * n] = base;
+                o[2 * n + 1] = length;
+                n++;
+            }
+        } else {
+            for (Py_ssize_t k = 0; k < here; k++) {
+                if (n == capacity) goto full;
+                o[2 * n] = base + (uint64_t)k * (uint64_t)row_stride;
+                o[2 * n + 1] = (uint64_t)span;
+                n++;
+            }
+        }
+        t += here;
+    }
+    result = PyLong_FromSsize_t(n);
+    goto done;
+full:
+    PyErr_SetString(PyExc_ValueError, "rows: out has too few rows for these spans");
+done:
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},
     {"sendv", py_sendv, METH_VARARGS, "sendv(fd, iov, timeout=-1) -> bytes written (all of them)."},
     {"recvv", py_recvv, METH_VARARGS, "recvv(fd, iov, timeout=-1) -> bytes read (fewer only at end of stream)."},
     {"hardware", py_hardware, METH_NOARGS, "hardware() -> whether CRC32C runs on the CPU's instruction."},
+    {"rows", py_rows, METH_VARARGS, "rows(out, ids, address, ...) -> spans written into out (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

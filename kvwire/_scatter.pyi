@@ -5,3 +5,16 @@ def crc32c(iov: Any, crc: int = 0, /) -> int: ...
 def sendv(fd: int, iov: Any, timeout: float = -1.0, /) -> int: ...
 def recvv(fd: int, iov: Any, timeout: float = -1.0, /) -> int: ...
 def hardware() -> bool: ...
+def rows(
+    out: Any,
+    ids: Any,
+    address: int,
+    num_blocks: int,
+    block_stride: int,
+    row_stride: int,
+    span: int,
+    block_size: int,
+    start: int,
+    count: int,
+    /,
+) -> int: ...

@@ -3,7 +3,8 @@
 When prefill and decode split the KV heads differently, a chunk carries some of the heads
 of each token. In a ``[blocks, block_size, heads, head_dim]`` cache those are one short
 span per token (4 heads of 128 bf16 values: 1 KiB; 2,048 spans in a 2 MiB chunk). A
-:class:`Spans` is such a chunk as a ``struct iovec`` array built by numpy; the compiled
+:class:`Spans` is such a chunk as a ``struct iovec`` array (built by the helper from the
+block ids, or by numpy); the compiled
 helper ``kvwire._scatter`` (kvwire/_scatter.c) sends it, receives into it and computes its
 CRC32C with no Python object per span and the GIL released. Without the helper (it is
 optional: it needs a C compiler when kvwire is installed), or on a stream it cannot use
@@ -38,12 +39,12 @@ class Spans:
 
     __slots__ = ("iov", "nbytes", "_owner")
 
-    def __init__(self, iov: np.ndarray, owner: object) -> None:
+    def __init__(self, iov: np.ndarray, owner: object, nbytes: int | None = None) -> None:
         if iov.dtype != IOV_DTYPE or iov.ndim != 2 or iov.shape[1] != 2 or not iov.flags.c_contiguous:
             raise ValueError(f"iov: expected a C-contiguous uint64 array of [address, length] rows, "
                              f"got {iov.dtype} {tuple(iov.shape)}")  # fmt: skip
         self.iov = iov
-        self.nbytes = int(iov[:, 1].sum())
+        self.nbytes = int(iov[:, 1].sum()) if nbytes is None else nbytes  # given by those who know it
         self._owner = owner
 
     def crc32c(self, crc: int = 0) -> int:
@@ -61,18 +62,37 @@ def _span_view(address: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
-def token_spans(
-    heads: np.ndarray, block_ids: Sequence[int] | np.ndarray, block_size: int, start: int, count: int
-) -> Spans:
-    """Tokens ``[start, start + count)`` of a selection (``block_ids`` in token order) in
-    ``heads``, a ``[num_blocks, block_size, span]`` uint8 view whose last axis is
+def token_spans(heads: np.ndarray, block_ids: Sequence[int] | np.ndarray, block_size: int, start: int,
+                count: int) -> Spans:  # fmt: skip
+    """Tokens ``[start, start + count)`` of a selection (``block_ids``, int64, in token
+    order) in ``heads``, a ``[num_blocks, block_size, span]`` uint8 view whose last axis is
     contiguous (:func:`kvwire.blocks.head_bytes`): one span per token."""
-    tokens = np.arange(start, start + count, dtype=np.int64)
-    blocks = np.asarray(block_ids, dtype=np.int64)[tokens // block_size]
-    iov = np.empty((count, 2), dtype=IOV_DTYPE)
-    iov[:, 0] = heads.ctypes.data + blocks * heads.strides[0] + (tokens % block_size) * heads.strides[1]
-    iov[:, 1] = heads.shape[2]
-    return Spans(iov, heads)
+    nb, bs, span = heads.shape
+    return _rows(heads, heads.ctypes.data, nb, heads.strides[0], heads.strides[1], span, block_ids, block_size,
+                 start, count, capacity=count)  # fmt: skip
+
+
+def block_spans(blocks: np.ndarray, address: int, block_ids: Sequence[int] | np.ndarray, block_size: int, start: int,
+                count: int) -> Spans:  # fmt: skip
+    """Tokens ``[start, start + count)`` of a selection (``block_ids``, int64, in token
+    order) in ``blocks``, a contiguous cache ``[num_blocks, block_bytes]`` at ``address``:
+    one span per run of blocks that follow each other in memory."""
+    nb, block_bytes = blocks.shape
+    first, last = start // block_size, (start + count - 1) // block_size
+    row = block_bytes // block_size
+    return _rows(blocks, address, nb, block_bytes, row, row, block_ids, block_size, start, count,
+                 capacity=last - first + 1)  # fmt: skip
+
+
+def _rows(owner: np.ndarray, address: int, num_blocks: int, block_stride: int, row_stride: int, span: int,
+          block_ids: Sequence[int] | np.ndarray, block_size: int, start: int, count: int,
+          capacity: int) -> Spans:  # fmt: skip
+    """The spans of token rows, computed by the helper (which checks every block id and
+    position against the cache's geometry)."""
+    iov = np.empty((capacity, 2), dtype=IOV_DTYPE)
+    block_ids = np.ascontiguousarray(block_ids, dtype=np.int64)  # no copy for a selection's ids
+    n = _scatter.rows(iov, block_ids, address, num_blocks, block_stride, row_stride, span, block_size, start, count)
+    return Spans(iov[:n], owner, count * span)
 
 
 def run_spans(blocks: np.ndarray, address: int, lo: np.ndarray, hi: np.ndarray) -> Spans:

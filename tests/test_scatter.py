@@ -54,6 +54,49 @@ def test_token_spans_are_the_heads_of_each_token_in_selection_order():
     assert spans.nbytes == 20 * 128 and spans.tobytes() == want
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    block_size=st.sampled_from([1, 4, 8, 16]),
+    order=st.permutations(range(12)),
+    blocks_used=st.integers(1, 12),
+    data=st.data(),
+)
+def test_block_and_token_spans_are_the_rows_of_the_selection(block_size, order, blocks_used, data):
+    """The helper's spans (one per run of adjacent blocks; one per token for some heads)
+    hold exactly the selection's rows, in token order, the runs as few as memory allows."""
+    ids = np.array(order[:blocks_used], dtype=np.int64)
+    start = data.draw(st.integers(0, blocks_used * block_size - 1))
+    count = data.draw(st.integers(1, blocks_used * block_size - start))
+    row = 48
+    cache = MEMORY[: 12 * block_size * row].reshape(12, block_size * row)
+    want = b"".join(cache[ids[t // block_size], (t % block_size) * row : (t % block_size + 1) * row].tobytes()
+                    for t in range(start, start + count))  # fmt: skip
+    spans = scatter.block_spans(cache, cache.ctypes.data, ids, block_size, start, count)
+    assert spans.nbytes == count * row and spans.tobytes() == want
+    positions = range(start // block_size, (start + count - 1) // block_size + 1)
+    assert len(spans.iov) == 1 + sum(ids[p + 1] != ids[p] + 1 for p in positions[:-1])  # one per run
+    heads = cache.reshape(12, block_size, 3, 16)[:, :, 1:].reshape(12, block_size, 32)  # 2 of 3 heads: strided
+    spans = scatter.token_spans(heads, ids, block_size, start, count)
+    want = b"".join(heads[ids[t // block_size], t % block_size].tobytes() for t in range(start, start + count))
+    assert spans.nbytes == count * 32 and len(spans.iov) == count and spans.tobytes() == want
+
+
+@pytest.mark.parametrize(
+    "ids, start, count, message",
+    [
+        ([0, 12], 0, 16, "block id 12 outside 0..11"),  # a block past the cache
+        ([0, -1], 0, 16, "block id -1 outside"),
+        ([0, 1], 8, 16, "ids int64 covering every token"),  # tokens past the selection
+    ],
+)
+def test_spans_never_leave_the_cache(ids, start, count, message):
+    cache = np.zeros((12, 8 * 48), dtype=np.uint8)
+    with pytest.raises(ValueError, match=message):
+        scatter.block_spans(cache, cache.ctypes.data, ids, 8, start, count)
+    with pytest.raises(ValueError, match="out has too few rows"):  # asked for fewer spans than there are
+        scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 48, 16, [3, 1], 8, 0, 16, capacity=1)
+
+
 def test_spans_cross_a_socket_whole_through_partial_writes():
     pieces = [(o, 1000) for o in range(0, 900_000, 1500)] + [(17, 3), (5000, 0), (900_001, 4095)]
     out = np.zeros_like(MEMORY)

@@ -49,7 +49,7 @@ from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
 from kvwire.proto.frames import crc32c_parts
-from kvwire.scatter import run_spans, token_spans
+from kvwire.scatter import block_spans, run_spans, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -334,8 +334,8 @@ class HostPlacement(Placement):
         if writer.bytes is None:
             return None
         if self.spans:  # the runs of blocks as spans: one call reads them all, and checks them
-            lo, hi = row_bounds(writer.bytes.shape[1], dest.selection, self.layout.block_size, ref)
-            return [run_spans(writer.bytes, writer.address, lo, hi)]
+            return [block_spans(writer.bytes, writer.address, dest.selection.ids, self.layout.block_size, ref.start,
+                                ref.count)]  # fmt: skip
         return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
