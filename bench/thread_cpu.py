@@ -5,10 +5,11 @@ each thread's CPU: the rest is system time, the kernel's copies and TCP).
     python3 bench/thread_cpu.py [--tokens 8192] [--rounds 6] [--streams 4] [--checksum none] [--chunk-kib 2048]
 
 A receiver process and a sender (this process) move the llama3-8b profile's KV (1 GiB at
-8192 tokens) into blocks in reverse order, as ``kvwire-bench loopback`` does, round after
-round. Counters are read from ``/proc/self/task/<tid>`` after the first round (warm-up),
-so the figures cover rounds 2..N. Threads are grouped by their name without the index
-(``kvwire-recv``, ``kvwire-send``, ``kvwire-ack``...). Nothing is verified: this measures,
+8192 tokens) into blocks in reverse order, as ``kvwire-bench loopback`` does (or in order:
+``--destination forward``), round after round. Counters are read from
+``/proc/self/task/<tid>`` after the first round (warm-up), so the figures cover rounds
+2..N. Threads are grouped by their name without the index (``kvwire-recv``,
+``kvwire-send``, ``kvwire-ack``...). Nothing is verified: this measures,
 ``kvwire-bench loopback`` checks.
 
 The last line splits the whole machine's CPU time over the same rounds (``/proc/stat``:
@@ -100,7 +101,8 @@ def receiver(pipe, args: argparse.Namespace) -> None:
     pipe.send(rx.address)
     start = per_thread()
     for r in range(args.rounds):
-        handle = rx.expect(f"round-{r}", list(reversed(range(blocks))), args.tokens, deadline=600)
+        order = list(range(blocks)) if args.destination == "forward" else list(reversed(range(blocks)))
+        handle = rx.expect(f"round-{r}", order, args.tokens, deadline=600)
         if r == 1:
             start = per_thread()
         pipe.send("ready")
@@ -123,6 +125,12 @@ def main() -> None:
         choices=("forward", "reverse"),
         default="forward",
         help="the sender's blocks in order (one run a chunk) or reversed (one run a block)",
+    )
+    parser.add_argument(
+        "--destination",
+        choices=("forward", "reverse"),
+        default="reverse",
+        help="the receiver's blocks reversed (one run a block) or in order (one run a chunk)",
     )
     args = parser.parse_args()
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4:

@@ -45,6 +45,21 @@ def test_crc32c_over_spans_is_the_crc32c_of_their_concatenation(runs, seed):
     assert spans_of(pieces).crc32c(seed) == crc32c.crc32c(joined(pieces), seed)
 
 
+long_piece = st.integers(0, 4096).flatmap(lambda offset: st.tuples(st.just(offset), st.integers(0, (1 << 20) - offset)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(pieces=st.lists(long_piece, min_size=1, max_size=3), seed=st.integers(0, 2**32 - 1))
+def test_crc32c_over_long_spans_cut_into_thirds_is_the_crc32c_of_their_concatenation(pieces, seed):
+    # Spans of 12 KiB and more alone are checked as three streams; any length, any alignment.
+    assert spans_of(pieces).crc32c(seed) == crc32c.crc32c(joined(pieces), seed)
+
+
+@pytest.mark.parametrize("length", [3 * 4096 - 1, 3 * 4096, 6 * 4096 + 7, (1 << 20) - 3])
+def test_crc32c_of_one_span_at_the_edges_of_the_cut(length):
+    assert spans_of([(3, length)]).crc32c() == crc32c.crc32c(joined([(3, length)]))
+
+
 def test_token_spans_are_the_heads_of_each_token_in_selection_order():
     cache = MEMORY[: 16 * 8 * 4 * 64].reshape(16, 8, 4 * 64)  # blocks of 8 tokens, 4 heads of 64 bytes
     heads = cache.reshape(16, 8, 4, 64)[:, :, 1:3].reshape(16, 8, 128)  # heads 1 and 2: a strided view
