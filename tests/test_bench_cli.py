@@ -45,6 +45,16 @@ def test_machine_split_shares_the_ticks_of_a_window():
     assert set(machine_ticks()) >= {"user", "system", "idle", "softirq"}  # this machine reports them
 
 
+def test_loopback_into_blocks_in_order_verifies(tmp_path):
+    # One run of destination blocks per chunk (a fresh allocator's order), raw and int4.
+    for codec in ("raw", "int4"):
+        out = tmp_path / f"{codec}.json"
+        assert main(["loopback", "--tokens", "300", "--codec", codec, "--destination", "forward", "--json", str(out),
+                     "--quiet"]) == 0  # fmt: skip
+        report = json.loads(out.read_text())
+        assert report["verified"] is True and report["destination"] == "forward"
+
+
 def test_loopback_with_exact_tokens_verifies_and_costs_bytes(tmp_path):
     reports = {}
     for exact in ("0", "20"):

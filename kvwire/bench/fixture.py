@@ -69,8 +69,12 @@ def src_blocks(i: int, per: int) -> list[int]:
     return list(range(i * per, (i + 1) * per))
 
 
-def dst_blocks(i: int, per: int) -> list[int]:
-    return list(reversed(src_blocks(i, per)))  # a different order exercises the scatter
+def dst_blocks(i: int, per: int, order: str = "reverse") -> list[int]:
+    """Request ``i``'s destination blocks: reversed by default (a different order exercises
+    the scatter: a run per block), or in order (``"forward"``: one run per chunk, as a
+    fresh block allocator hands them out)."""
+    blocks = src_blocks(i, per)
+    return blocks if order == "forward" else list(reversed(blocks))
 
 
 def verify(layout, args, reference, dst, states, per, source_block_size: int | None = None) -> bool:
@@ -86,7 +90,7 @@ def verify(layout, args, reference, dst, states, per, source_block_size: int | N
     src_per = -(-args.tokens // src_bs)
     for i in range(args.requests):
         s_sel = Selection(tuple(src_blocks(i, src_per)), args.tokens)
-        d_sel = Selection(tuple(dst_blocks(i, per)), args.tokens)
+        d_sel = Selection(tuple(dst_blocks(i, per, getattr(args, "destination", "reverse"))), args.tokens)
         for layer, spec in enumerate(layout.layers):
             for p in spec.paged:
                 a = gather_tokens(src[layer][p.name], s_sel, src_bs)

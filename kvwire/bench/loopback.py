@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tp", type=int, default=1, help="decode tensor-parallel ranks, one process each (1)")
     p.add_argument("--decode-block-size", type=int, default=None,
                    help="the decode's block size (default: the profile's, as the prefill)")  # fmt: skip
+    p.add_argument("--destination", choices=["reverse", "forward"], default="reverse",
+                   help="the receiver's blocks reversed (a run per block, the default) or in order (one run "
+                        "per chunk, as a fresh allocator gives)")  # fmt: skip
     p.add_argument("--compare-homogeneous", action="store_true",
                    help="with --prefill-tp, --decode-tp or --decode-block-size: after each round, send the same "
                         "bytes from one process to one over as many connections in all (1 -> 1), and report "
@@ -191,7 +194,13 @@ def receiver_main(
             reset_peak_rss()
             cpu0 = cpu_seconds()
             handles = [
-                rx.expect(f"{round_}-{i}", fixture.dst_blocks(i, per), args.tokens, states=states[i], deadline=600)
+                rx.expect(
+                    f"{round_}-{i}",
+                    fixture.dst_blocks(i, per, getattr(args, "destination", "reverse")),
+                    args.tokens,
+                    states=states[i],
+                    deadline=600,
+                )
                 for i in range(args.requests)
             ]
             pipe.send("ready")

@@ -37,6 +37,7 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         "tls": "kernel" if getattr(args, "ktls", False) else bool(getattr(args, "tls", False)),
         "checksum": getattr(args, "checksum", None) or ("none" if getattr(args, "tls", False) else "crc32c"),
         "layer_ms": args.layer_ms,
+        "destination": getattr(args, "destination", "reverse"),  # the receiver's block order
         "logical_bytes_per_round": sent["logical_bytes"],
         "wire_bytes_per_round": sent["wire_bytes"],
         "seconds": sent["seconds"],
@@ -215,7 +216,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     spans = report["spans"]
     rows.append(("host data path", f"spans (kvwire._scatter): sender {'yes' if spans['sender'] else 'no'}, "
                  f"receiver {'yes' if spans['receiver'] else 'no'}; "
-                 f"{report['data_frames_per_send']:.2f} DATA frames per send"))  # fmt: skip
+                 f"{report['data_frames_per_send']:.2f} DATA frames per send; "
+                 f"destination blocks {report.get('destination', 'reverse')}"))  # fmt: skip
     st = report["staging"]["receiver"]
     rows.append(
         ("receiver staging", f"high water {st['high_water_bytes'] / 2**20:.0f} of {st['budget_bytes'] / 2**20:.0f} MiB")

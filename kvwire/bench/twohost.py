@@ -50,7 +50,7 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
         return [
             rx.expect(
                 f"{r}-{i}",
-                [b + base for b in dst_blocks(i, per)],
+                [b + base for b in dst_blocks(i, per, getattr(args, "destination", "reverse"))],
                 args.tokens,
                 states=states[h][i],
                 deadline=args.timeout,
