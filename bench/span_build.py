@@ -1,7 +1,7 @@
 """What building a chunk's spans costs, per chunk: the compiled helper (``kvwire._scatter.rows``
 through :func:`kvwire.scatter.token_spans` and :func:`kvwire.scatter.block_spans`) against the
 numpy way it replaced (per-token address arithmetic; :func:`kvwire.blocks.row_bounds` and
-:func:`kvwire.scatter.run_spans`).
+an iovec row per run, both below).
 
     python3 bench/span_build.py
 
@@ -40,6 +40,14 @@ def numpy_token_spans(heads: np.ndarray, ids: np.ndarray, start: int, count: int
     return scatter.Spans(iov, heads)
 
 
+def numpy_run_spans(blocks: np.ndarray, address: int, lo: np.ndarray, hi: np.ndarray) -> scatter.Spans:
+    iov = np.empty((len(lo), 2), dtype=scatter.IOV_DTYPE)
+    iov[:, 0] = lo
+    iov[:, 0] += address
+    iov[:, 1] = hi - lo
+    return scatter.Spans(iov, blocks)
+
+
 def main() -> int:
     if not scatter.available():
         print("the compiled helper kvwire._scatter is not built here")
@@ -55,7 +63,7 @@ def main() -> int:
             lambda: scatter.token_spans(heads, ids, BLOCK_SIZE, 0, 2048),
         ),
         "rows of 1,024 tokens, 64 runs": (
-            lambda: scatter.run_spans(cache, address, *row_bounds(cache.shape[1], selection, BLOCK_SIZE, ref)),
+            lambda: numpy_run_spans(cache, address, *row_bounds(cache.shape[1], selection, BLOCK_SIZE, ref)),
             lambda: scatter.block_spans(cache, address, ids, BLOCK_SIZE, ref.start, ref.count),
         ),
     }

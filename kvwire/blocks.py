@@ -178,11 +178,7 @@ def row_views(blocks: np.ndarray, sel: Selection, block_size: int, c: Rows) -> l
     Per-frame work on both sides, so it slices one flat byte view with integers (the
     runs are the selection's, found once): a numpy reshape per run cost 1.5 us each,
     ~90 us for a 2 MiB chunk of 64 scattered blocks, ~15 us this way."""
-    return byte_views(blocks, *row_bounds(blocks.shape[1], sel, block_size, c))
-
-
-def byte_views(blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[memoryview]:
-    """The byte ranges ``[lo, hi)`` of ``blocks`` (:func:`row_bounds`), a view each."""
+    lo, hi = row_bounds(blocks.shape[1], sel, block_size, c)
     flat = blocks.data.cast("B")
     return [flat[a:b] for a, b in zip(lo.tolist(), hi.tolist())]
 

@@ -3,13 +3,12 @@
 When prefill and decode split the KV heads differently, a chunk carries some of the heads
 of each token. In a ``[blocks, block_size, heads, head_dim]`` cache those are one short
 span per token (4 heads of 128 bf16 values: 1 KiB; 2,048 spans in a 2 MiB chunk). A
-:class:`Spans` is such a chunk as a ``struct iovec`` array (built by the helper from the
-block ids, or by numpy); the compiled
-helper ``kvwire._scatter`` (kvwire/_scatter.c) sends it, receives into it and computes its
-CRC32C with no Python object per span and the GIL released. Without the helper (it is
-optional: it needs a C compiler when kvwire is installed), or on a stream it cannot use
-(TLS, UCX), such chunks go through a staging copy instead, as before: :func:`available`
-says which.
+:class:`Spans` is such a chunk as a ``struct iovec`` array, built by the compiled helper
+``kvwire._scatter`` (kvwire/_scatter.c) from the block ids; the helper also sends it,
+receives into it and computes its CRC32C with no Python object per span and the GIL
+released. Without the helper (it is optional: it needs a C compiler when kvwire is
+installed), or on a stream it cannot use (TLS, UCX), such chunks go through a staging
+copy instead, as before: :func:`available` says which.
 """
 
 from __future__ import annotations
@@ -93,15 +92,6 @@ def _rows(owner: np.ndarray, address: int, num_blocks: int, block_stride: int, r
     block_ids = np.ascontiguousarray(block_ids, dtype=np.int64)  # no copy for a selection's ids
     n = _scatter.rows(iov, block_ids, address, num_blocks, block_stride, row_stride, span, block_size, start, count)
     return Spans(iov[:n], owner, count * span)
-
-
-def run_spans(blocks: np.ndarray, address: int, lo: np.ndarray, hi: np.ndarray) -> Spans:
-    """Byte ranges ``[lo, hi)`` of ``blocks`` (whose data starts at ``address``) as spans."""
-    iov = np.empty((len(lo), 2), dtype=IOV_DTYPE)
-    iov[:, 0] = lo
-    iov[:, 0] += address
-    iov[:, 1] = hi - lo
-    return Spans(iov, blocks)
 
 
 def _buffer_iov(part) -> tuple[np.ndarray, object]:

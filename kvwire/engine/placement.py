@@ -33,12 +33,10 @@ import numpy as np
 import torch
 
 from kvwire.blocks import (
-    byte_views,
     cache_bytes,
     copy_tokens_to_blocks,
     head_bytes,
     place_rows,
-    row_bounds,
     row_views,
     rows_from_blocks,
     rows_to_blocks,
@@ -49,7 +47,7 @@ from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
 from kvwire.proto.frames import crc32c_parts
-from kvwire.scatter import block_spans, run_spans, token_spans
+from kvwire.scatter import block_spans, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -174,12 +172,15 @@ class HostEncoder(Encoder):
         bs = self.layout.block_size
         blocks = self.bytes[ref.layer].get(ref.name)
         if codec.name == "raw" and blocks is not None and ref.heads is None:
-            lo, hi = row_bounds(blocks.shape[1], source.selection, bs, ref)
-            if self.spans and len(lo) > 1:  # scattered blocks: one iovec array, one CRC pass over it
-                spans = run_spans(blocks, self.addresses[ref.layer][ref.name], lo, hi)
+            if not self.spans:
+                views = row_views(blocks, source.selection, bs, ref)
+                return Payload(views, None, sum(v.nbytes for v in views))
+            address = self.addresses[ref.layer][ref.name]
+            spans = block_spans(blocks, address, source.selection.ids, bs, ref.start, ref.count)
+            if len(spans.iov) > 1:  # scattered blocks: one iovec array, one CRC pass over it
                 return Payload([spans], None, spans.nbytes)
-            views = byte_views(blocks, lo, hi)
-            return Payload(views, None, sum(v.nbytes for v in views))
+            offset = int(spans.iov[0, 0]) - address  # one run: a view of it
+            return Payload([blocks.data.cast("B")[offset : offset + spans.nbytes]], None, spans.nbytes)
         if codec.name == "raw" and ref.heads is not None and (heads := self.heads.get(ref)) is not None:
             if self.spans:  # some heads of each token: a span each, read where they lie
                 spans = token_spans(heads, source.selection.ids, bs, ref.start, ref.count)

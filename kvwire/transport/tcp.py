@@ -294,8 +294,8 @@ class TcpStream:
         """Fill every view in order, as if they were one buffer: one scatter read
         (``recvmsg_into`` with MSG_WAITALL) lands a payload in its destination rows, in
         place, however many runs of blocks they span; or one :class:`~kvwire.scatter.Spans`
-        alone (some heads of each token), through the compiled helper."""
-        if any(isinstance(v, scatter.Spans) for v in views):  # some heads of each token, in place
+        alone (some heads of each token, or the runs of blocks), through the compiled helper."""
+        if any(isinstance(v, scatter.Spans) for v in views):  # spans of the cache, in place
             if self._tls or len(views) != 1:
                 raise ValueError("views: spans are received alone, and not over TLS")
             try:
