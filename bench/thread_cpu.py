@@ -30,26 +30,17 @@ import torch
 
 import kvwire
 from kvwire.bench import profiles
+from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
 from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
 from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
 
 SECRET = "thread-cpu-benchmark"
 TICKS = os.sysconf("SC_CLK_TCK")
-MACHINE_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def machine_ticks() -> list[int]:
-    """The whole machine's CPU time by kind (``/proc/stat``, clock ticks), in MACHINE_FIELDS order."""
-    with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1 : 1 + len(MACHINE_FIELDS)]]
-
-
-def machine_report(before: list[int], after: list[int]) -> str:
-    delta = dict(zip(MACHINE_FIELDS, (max(0, b - a) for a, b in zip(before, after))))  # iowait may go back
-    total = max(sum(delta.values()), 1)
-    shown = ("user", "system", "softirq", "idle")
-    other = total - sum(delta[k] for k in shown)
-    return "machine: " + ", ".join(f"{k} {delta[k] / total:.0%}" for k in shown) + f", other {other / total:.0%}"
+def machine_report(before: dict[str, int], after: dict[str, int]) -> str:
+    split = machine_split(machine_delta(before, after))
+    return "machine: " + ", ".join(f"{kind} {share:.0%}" for kind, share in split.items())
 
 
 def per_thread() -> collections.Counter:
