@@ -110,6 +110,10 @@ def test_spans_never_leave_the_cache(ids, start, count, message):
         scatter.block_spans(cache, cache.ctypes.data, ids, 8, start, count)
     with pytest.raises(ValueError, match="out has too few rows"):  # asked for fewer spans than there are
         scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 48, 16, [3, 1], 8, 0, 16, capacity=1)
+    with pytest.raises(ValueError, match="inconsistent geometry"):  # a span longer than its row's stride
+        scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 48, 64, [3, 1], 8, 0, 16, capacity=16)
+    with pytest.raises(ValueError, match="inconsistent geometry"):  # rows past the end of their block
+        scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 64, 48, [3, 1], 8, 0, 16, capacity=16)
 
 
 def test_spans_cross_a_socket_whole_through_partial_writes():
