@@ -15,6 +15,16 @@ A receiver process and a sender (this process) move the llama3-8b profile's KV (
 The last line splits the whole machine's CPU time over the same rounds (``/proc/stat``:
 user, system, softirq, idle): softirq (TCP's receive path, run on behalf of no thread)
 is in no thread's figure above, and idle says whether the two sides left CPU unused.
+
+``--plain`` moves the same bytes over as many connections with plain sockets, cache to
+cache (the ``kvwire-bench loopback --baseline`` reference), instead of kvwire: its
+threads live one round each, so each side is reported as a whole process.
+
+``--perf`` also samples every CPU with ``perf record -a`` over the same rounds and
+prints CPU s/GB by kind of thread (``tx``: sender, ``rx``: receiver) and by what ran
+(the interpreter, the kernel's copies, work with interrupts off, ...; see
+``bench/perf_split.py``). Run it once with and once without ``--plain`` to see where
+kvwire's extra CPU per GB goes. Sampling costs a little CPU of its own (perf's thread).
 """
 
 from __future__ import annotations
@@ -23,13 +33,17 @@ import argparse
 import collections
 import multiprocessing
 import os
+import resource
+import socket
 import threading
 import time
 
+import perf_split  # bench/perf_split.py, beside this script
 import torch
 
 import kvwire
-from kvwire.bench import profiles
+from kvwire.bench import baselines, profiles
+from kvwire.bench.fixture import memory_views
 from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
 from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
 from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
@@ -75,6 +89,26 @@ def report(side: str, before: collections.Counter, after: collections.Counter, n
     ])  # fmt: skip
 
 
+def process_usage() -> tuple[float, int]:
+    """This process's CPU seconds and context switches so far, ended threads included."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_nvcsw + r.ru_nivcsw
+
+
+def process_report(side: str, before: tuple[float, int], nbytes: int) -> str:
+    cpu, switches = (now - then for now, then in zip(process_usage(), before))
+    return (f"{side}, the whole process: {cpu / (nbytes / 1e9):.3f} CPU s/GB, "
+            f"{switches / (nbytes / (2 << 20)):.1f} context switches per 2 MiB")  # fmt: skip
+
+
+def thread_kinds(side: str) -> dict[int, str]:
+    """Native thread id -> "<side> <kind>" for this process's threads, live or (plain
+    sockets' per-round threads) seen."""
+    named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    named.update(baselines.THREAD_NAMES)
+    return {tid: f"{side} {name.rstrip('0123456789-')}" for tid, name in named.items()}
+
+
 def layout_and_blocks(tokens: int) -> tuple[kvwire.KVLayout, int]:
     layout = profiles.get("llama3-8b").layout()
     return layout, -(-tokens // layout.block_size)
@@ -87,21 +121,35 @@ def receiver(pipe, args: argparse.Namespace) -> None:
     for layer in caches:
         for tensor in layer.values():
             tensor.fill_(0)  # touched now, not on the first round's receive
-    rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum,
-                         slot_bytes=max(args.chunk_kib << 10, DEFAULT_SLOT_BYTES))  # fmt: skip
-    pipe.send(rx.address)
-    start = per_thread()
+    nbytes = args.tokens * layout.bytes_per_token()
+    if args.plain:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=args.streams)
+        pipe.send(listener.getsockname())
+    else:
+        rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum,
+                             slot_bytes=max(args.chunk_kib << 10, DEFAULT_SLOT_BYTES))  # fmt: skip
+        pipe.send(rx.address)
+    start, usage0 = per_thread(), process_usage()
     for r in range(args.rounds):
+        if r == 1:
+            start, usage0 = per_thread(), process_usage()
+        pipe.send("ready")
+        if args.plain:
+            baselines.receive(listener, args.streams, nbytes, "cache", memory_views(caches))
+            continue
         order = list(range(blocks)) if args.destination == "forward" else list(reversed(range(blocks)))
         handle = rx.expect(f"round-{r}", order, args.tokens, deadline=600)
-        if r == 1:
-            start = per_thread()
-        pipe.send("ready")
         handle.wait()
-    nbytes = (args.rounds - 1) * args.tokens * layout.bytes_per_token()
-    pipe.send(report("receiver", start, per_thread(), nbytes, args.chunk_kib << 10))
+    moved = (args.rounds - 1) * nbytes
+    text = process_report("receiver", usage0, moved)
+    if not args.plain:
+        text = report("receiver", start, per_thread(), moved, args.chunk_kib << 10) + "\n" + text
+    pipe.send((text, thread_kinds("rx")))
     pipe.recv()  # the sender is done: closing now cannot race its last acknowledgement
-    rx.close()
+    if args.plain:
+        listener.close()
+    else:
+        rx.close()
 
 
 def main() -> None:
@@ -123,43 +171,72 @@ def main() -> None:
         default="reverse",
         help="the receiver's blocks reversed (one run a block) or in order (one run a chunk)",
     )
+    parser.add_argument("--plain", action="store_true", help="plain sockets cache to cache instead of kvwire")
+    parser.add_argument("--perf", action="store_true", help="also split the machine's CPU with perf record -a")
     args = parser.parse_args()
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4:
         parser.error("--rounds must be at least 2, --tokens and --streams at least 1, --chunk-kib at least 4")
+    if args.perf and (why := perf_split.available()) is not None:
+        parser.error(f"--perf: {why}")
     torch.set_num_threads(1)
     here, there = multiprocessing.Pipe()
     child = multiprocessing.get_context("spawn").Process(target=receiver, args=(there, args))
     child.start()
     layout, blocks = layout_and_blocks(args.tokens)
     caches = layout.allocate(blocks)
-    for layer in caches:
-        for tensor in layer.values():
+    for tensors in caches:
+        for tensor in tensors.values():
             tensor.copy_(torch.randn(tensor.shape).to(tensor.dtype))
-    tx = kvwire.Sender(layout, here.recv(), secret=SECRET, kv_caches=caches, streams=args.streams,
-                       max_streams=args.streams, checksum=args.checksum, chunk_bytes=args.chunk_kib << 10)  # fmt: skip
-    start, t0, machine0 = per_thread(), time.monotonic(), machine_ticks()
+    address = here.recv()
+    round_bytes = args.tokens * layout.bytes_per_token()
+    tx = None
+    if not args.plain:
+        tx = kvwire.Sender(layout, address, secret=SECRET, kv_caches=caches, streams=args.streams,
+                           max_streams=args.streams, checksum=args.checksum,
+                           chunk_bytes=args.chunk_kib << 10)  # fmt: skip
+    profile = perf_split.SystemProfile() if args.perf else None
+    start, usage0, t0, machine0 = per_thread(), process_usage(), time.monotonic(), machine_ticks()
     for r in range(args.rounds):
         if here.recv() != "ready":
             raise RuntimeError("the receiver process did not get ready")
         if r == 1:
-            start, t0, machine0 = per_thread(), time.monotonic(), machine_ticks()
+            if profile is not None:
+                profile.start()
+            start, usage0, t0, machine0 = per_thread(), process_usage(), time.monotonic(), machine_ticks()
+        if tx is None:
+            baselines.send(address, args.streams, round_bytes, "cache", memory_views(caches))
+            continue
         order = list(range(blocks)) if args.source == "forward" else list(reversed(range(blocks)))
         transfer = tx.transfer(f"round-{r}", order, args.tokens, deadline=600)
         for layer in range(layout.num_layers):
             transfer.send_layer(layer)
         transfer.finish()
-    nbytes = (args.rounds - 1) * args.tokens * layout.bytes_per_token()
+    nbytes = (args.rounds - 1) * round_bytes
     seconds, machine1 = time.monotonic() - t0, machine_ticks()
-    sent = report("sender", start, per_thread(), nbytes, args.chunk_kib << 10)
-    conns = tx.stats()["connections"]
-    frames, sends = sum(c["data_frames"] for c in conns), sum(c["data_sends"] for c in conns)
+    sent = process_report("sender", usage0, nbytes)
+    if profile is not None:
+        profile.stop()
+    what = "plain sockets, cache to cache" if tx is None else f"checksum {args.checksum}"
     print(f"{nbytes / seconds / 1e9:.2f} GB/s over rounds 2..{args.rounds} "
-          f"({args.streams} connections, checksum {args.checksum}; counters read outside the rounds)")  # fmt: skip
+          f"({args.streams} connections, {what}; counters read outside the rounds)")  # fmt: skip
+    if tx is not None:
+        print(report("sender", start, per_thread(), nbytes, args.chunk_kib << 10))
+        conns = tx.stats()["connections"]
+        frames, sends = sum(c["data_frames"] for c in conns), sum(c["data_sends"] for c in conns)
+        print(f"sender: {frames / max(sends, 1):.2f} DATA frames per send (all rounds)")
     print(sent)
-    print(f"sender: {frames / max(sends, 1):.2f} DATA frames per send (all rounds)")
-    print(here.recv())
+    received, rx_kinds = here.recv()
+    print(received)
     print(machine_report(machine0, machine1))
-    tx.close()
+    if profile is not None:
+        kinds = {**thread_kinds("tx"), **rx_kinds}
+        print(f"perf record -a over the same rounds ({perf_split.FREQUENCY} Hz per CPU):")
+        print(perf_split.table(perf_split.split(profile.samples(), kinds), nbytes / 1e9))
+        machine_s = sum(machine_delta(machine0, machine1).values()) / TICKS
+        print(f"(/proc/stat counts {machine_s / (nbytes / 1e9):.4f} CPU s/GB over the same rounds, idle included)")
+        profile.close()
+    if tx is not None:
+        tx.close()
     here.send("close")
     child.join()
 

@@ -14,6 +14,9 @@ from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks
 from kvwire.proto.frames import crc32c
 
 BUFFER = 1 << 20
+# Native thread id -> name of every baseline thread started in this process (a system-wide
+# profile, bench/thread_cpu.py --perf, tells them from other threads by it).
+THREAD_NAMES: dict[int, str] = {}
 
 
 def byte_range(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
@@ -70,6 +73,7 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
             got += n
 
     def drain(sock: socket.socket, start: int, stop: int) -> None:
+        THREAD_NAMES[threading.get_native_id()] = threading.current_thread().name
         if kind == "hot":
             buf = memoryview(bytearray(BUFFER))
             for o in range(start, stop, BUFFER):
@@ -96,7 +100,8 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
                 recv_exact(sock, view)
         sock.sendall(b"!")  # the same end-to-end acknowledgement kvwire waits for
 
-    threads = [threading.Thread(target=drain, args=(c, a, b)) for c, (a, b) in zip(conns, shares(nbytes, streams))]
+    threads = [threading.Thread(target=drain, args=(c, a, b), name=f"plain-recv-{i}")
+               for i, (c, (a, b)) in enumerate(zip(conns, shares(nbytes, streams)))]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:
@@ -113,6 +118,7 @@ def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
     cpu0, machine0 = cpu_seconds(), machine_ticks()
 
     def pump(sock: socket.socket, start: int, stop: int) -> None:
+        THREAD_NAMES[threading.get_native_id()] = threading.current_thread().name
         if kind == "hot":
             for o in range(start, stop, BUFFER):
                 sock.sendall(hot[: min(BUFFER, stop - o)])
@@ -126,7 +132,8 @@ def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
         if sock.recv(1) != b"!":
             raise ConnectionError("baseline receiver did not acknowledge")
 
-    threads = [threading.Thread(target=pump, args=(s, a, b)) for s, (a, b) in zip(socks, shares(nbytes, streams))]
+    threads = [threading.Thread(target=pump, args=(s, a, b), name=f"plain-send-{i}")
+               for i, (s, (a, b)) in enumerate(zip(socks, shares(nbytes, streams)))]  # fmt: skip
     t0 = time.monotonic()
     for t in threads:
         t.start()
