@@ -179,3 +179,26 @@ def test_paced_traffic_on_a_link_that_got_faster_raises_the_figure():
     link.rate = 40e6  # and a hint never lowers the figure: only busy intervals do
     assert link.run(3.0, busy=False, trickle=True).goodput.value > 150e6
     assert link.run(4.0).goodput.value == pytest.approx(40e6, rel=0.1)  # busy intervals bring it down
+
+
+@pytest.mark.parametrize("length", [232, 240, 231, 200, 104, 3, 0])
+def test_tcp_info_is_read_the_same_in_one_struct_and_field_by_field(length):
+    """The whole-struct read (a current kernel) gives what reading field by field gives;
+    a shorter struct (an older kernel) gives only the fields it holds."""
+    import random
+    import struct
+
+    from kvwire.transport.tcp import _TCP_INFO_FIELDS, parse_tcp_info
+
+    raw = random.Random(length).randbytes(length)
+    expected = {
+        name: struct.unpack_from("<" + fmt, raw, offset)[0]
+        for name, offset, fmt in _TCP_INFO_FIELDS
+        if offset + struct.calcsize(fmt) <= length
+    }
+    assert parse_tcp_info(raw) == expected
+    if length >= 232:
+        assert len(expected) == len(_TCP_INFO_FIELDS)
+        assert expected["snd_wnd"] == int.from_bytes(raw[228:232], "little")
+    else:
+        assert len(expected) < len(_TCP_INFO_FIELDS)

@@ -125,9 +125,26 @@ _TCP_INFO_FIELDS = (
 _TCP_INFO_SIZE = 232
 
 
+def _whole_struct(fields) -> struct.Struct:
+    """One struct for every field at once (padding between them): what a kernel that
+    returns the whole ``tcp_info`` is read with, in one call instead of one per field."""
+    fmt, at = "<", 0
+    for _, offset, code in sorted(fields, key=lambda f: f[1]):
+        fmt += f"{offset - at}x{code}" if offset > at else code
+        at = offset + struct.calcsize(code)
+    return struct.Struct(fmt)
+
+
+_TCP_INFO_WHOLE = _whole_struct(_TCP_INFO_FIELDS)
+_TCP_INFO_NAMES = tuple(name for name, _, _ in sorted(_TCP_INFO_FIELDS, key=lambda f: f[1]))
+
+
 def parse_tcp_info(raw: bytes) -> dict[str, int]:
+    """The fields of ``_TCP_INFO_FIELDS`` that ``raw`` (what getsockopt returned) holds."""
+    if len(raw) >= _TCP_INFO_WHOLE.size:  # the usual case, sampled many times a second
+        return dict(zip(_TCP_INFO_NAMES, _TCP_INFO_WHOLE.unpack_from(raw)))
     out = {}
-    for name, offset, fmt in _TCP_INFO_FIELDS:
+    for name, offset, fmt in _TCP_INFO_FIELDS:  # an older kernel's shorter struct
         size = struct.calcsize(fmt)
         if offset + size <= len(raw):
             (out[name],) = struct.unpack_from("<" + fmt, raw, offset)
