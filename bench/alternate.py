@@ -84,7 +84,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {"A": [], "B": []}
     for i in range(args.pairs):
         for side, (options, path) in sides.items():
-            figures = {name: get(run(options, path)) for name, get in FIGURES.items()}
+            report = run(options, path)
+            figures = {name: get(report) for name, get in FIGURES.items()}
             results[side].append(figures)
             print(row(f"{side}{i + 1}", figures), flush=True)
     print("medians, and B / A pair by pair (median):")

@@ -87,23 +87,29 @@ class SystemProfile:
         """Samples by (tid, comm, dso, symbol)."""
         out = subprocess.run(["perf", "script", "-i", self.path, "-F", "tid,comm,ip,sym,dso"],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
-        counts: collections.Counter = collections.Counter()
-        for line in out.splitlines():
-            # "<comm> <tid> <ip> <sym> (<dso>)"; comm may hold spaces, the tid is the first number
-            head, _, dso = line.rpartition(" (")
-            fields = head.split()
-            tid_at = next((i for i, f in enumerate(fields) if f.isdigit()), None)
-            if tid_at is None or len(fields) < tid_at + 2:
-                continue
-            comm, tid = " ".join(fields[:tid_at]), int(fields[tid_at])
-            sym = fields[tid_at + 2].split("+")[0] if len(fields) > tid_at + 2 else "?"
-            counts[(tid, comm, dso.rstrip(")"), sym)] += 1
-        return counts
+        return parse_script(out)
 
     def close(self) -> None:
         self._ctl.close()
         self._ack.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def parse_script(text: str) -> collections.Counter:
+    """Count ``perf script -F tid,comm,ip,sym,dso`` lines by (tid, comm, dso, symbol). A
+    line is ``<comm> <tid> <ip> <sym>+<offset> (<dso>)``; the command name may hold spaces
+    (the tid is its first all-digit field) and the symbol may be missing."""
+    counts: collections.Counter = collections.Counter()
+    for line in text.splitlines():
+        head, _, dso = line.rpartition(" (")
+        fields = head.split()
+        tid_at = next((i for i, f in enumerate(fields) if f.isdigit()), None)
+        if tid_at is None or len(fields) < tid_at + 2:
+            continue
+        comm, tid = " ".join(fields[:tid_at]), int(fields[tid_at])
+        sym = fields[tid_at + 2].split("+")[0] if len(fields) > tid_at + 2 else "[unknown]"
+        counts[(tid, comm, dso.rstrip(")"), sym)] += 1
+    return counts
 
 
 def category(dso: str, sym: str) -> str:

@@ -1,0 +1,95 @@
+"""The measuring scripts of bench/ that the docs' numbers come from: their parsing and
+arithmetic here, and each one run once, small, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import perf_split  # noqa: E402  (bench/perf_split.py)
+
+SCRIPT = """\
+         python3  4101 ffffffff81a0 _copy_to_iter+0x1f ([kernel.kallsyms])
+         python3  4101 7f00000011 _PyEval_EvalFrameDefault+0x3 (/usr/lib/libpython3.11.so.1.0)
+         python3  4101 7f00000012 _PyEval_EvalFrameDefault+0x9 (/usr/lib/libpython3.11.so.1.0)
+         python3  4200 ffffffff81b0 _copy_from_iter+0x2 ([kernel.kallsyms])
+     ksoftirqd/0    14 ffffffff81c0 _raw_spin_unlock_irqrestore+0x5 ([kernel.kallsyms])
+         swapper     0 ffffffff81d0 pv_native_safe_halt+0x1 ([kernel.kallsyms])
+ kworker/1:0-mm   77 ffffffff81e0 ([kernel.kallsyms])
+"""
+
+
+def test_perf_script_lines_are_counted_by_thread_and_symbol():
+    counts = perf_split.parse_script(SCRIPT)
+    assert counts[(4101, "python3", "/usr/lib/libpython3.11.so.1.0", "_PyEval_EvalFrameDefault")] == 2
+    assert counts[(4101, "python3", "[kernel.kallsyms]", "_copy_to_iter")] == 1
+    assert counts[(14, "ksoftirqd/0", "[kernel.kallsyms]", "_raw_spin_unlock_irqrestore")] == 1
+    assert counts[(77, "kworker/1:0-mm", "[kernel.kallsyms]", "[unknown]")] == 1
+    assert sum(counts.values()) == 7
+
+
+def test_samples_become_cpu_seconds_per_gb_by_kind_and_category():
+    seconds = perf_split.split(perf_split.parse_script(SCRIPT), {4101: "rx kvwire-recv", 4200: "tx kvwire-send"})
+    tick = 1 / perf_split.FREQUENCY
+    assert seconds["rx kvwire-recv"] == pytest.approx({"copy to user": tick, "python": 2 * tick})
+    assert seconds["tx kvwire-send"] == pytest.approx({"copy from user": tick})
+    assert seconds["ksoftirqd"] == pytest.approx({"irqs-off": tick})  # named by command, digits dropped
+    assert seconds["swapper"] == pytest.approx({"idle": tick})
+    text = perf_split.table(seconds, gb=tick)  # one GB: each sample reads as 1.0000 CPU s/GB
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith(("rx", "tx")) else ""): line
+            for line in text.splitlines()[1:]}  # fmt: skip
+    assert rows["rx kvwire-recv"].split()[-1] == "3.0000"
+    assert rows["all"].split()[-1] == "7.0000"
+    assert text.splitlines()[0].split()[-1] == "all"
+
+
+@pytest.mark.parametrize("mode", [[], ["--plain"]])
+def test_thread_cpu_runs_small_transfers_both_ways(mode):
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "thread_cpu.py"), "--tokens", "512", "--rounds", "2", "--checksum", "none", *mode],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " GB/s over rounds 2..2 " in out.stdout
+    assert "sender, the whole process: " in out.stdout and "receiver, the whole process: " in out.stdout
+    assert ("plain sockets, cache to cache" in out.stdout) == bool(mode)
+
+
+def test_alternate_runs_both_sides_and_summarises():
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "alternate.py"), "--pairs", "1", "--common", "--tokens 256 --rounds 1",
+         "--b", "--chunk-kib 256"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.split()[0] in ("A1", "B1", "A", "B", "B/A")] == [
+        "A1", "B1", "A", "B", "B/A"
+    ]  # fmt: skip
+    assert lines[-1].split()[0] == "B/A" and float(lines[-1].split()[1]) > 0
+
+
+def test_alternate_runs_each_side_once_per_pair_and_takes_every_figure_from_that_run(monkeypatch, capsys):
+    import alternate  # bench/alternate.py
+
+    calls = []
+
+    def fake_run(options, path):  # the summary's arithmetic, without the benchmark
+        calls.append(options[-1])
+        n = len(calls)
+        return {"effective_gb_per_s": float(n), "cpu_s_per_gb": {"sender": n / 10, "receiver": n / 100},
+                "checksum": "none", "baseline_cpu_s_per_gb": {"sender": 1.0, "receiver": 1.0}}  # fmt: skip
+
+    monkeypatch.setattr(alternate, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["alternate.py", "--pairs", "2", "--common", "x", "--a", "a", "--b", "b"])
+    alternate.main()
+    assert calls == ["a", "b", "a", "b"]
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
+    assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B2"][4] == "0.400"
+    assert rows["B/A"][0] == "1.667"  # median of 2/1 and 4/3
