@@ -1,6 +1,7 @@
 """Sender to Receiver over real sockets on 127.0.0.1."""
 
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -260,6 +261,48 @@ def test_stats_report_tcp_info_and_staging(receiver_for):
         assert key in tcp
     assert sum(c["bytes_sent"] for c in stats["connections"]) > layout.request_bytes(16)
     assert rx.stats()["completed"] == 1
+
+
+def test_threads_carry_their_names_into_the_kernel(receiver_for):
+    """top -H, perf and py-spy read a thread's kernel name: each kvwire thread sets its own."""
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("thread names in the kernel: Linux only")
+
+    def kernel_names() -> dict[str, str]:
+        out = {}
+        for t in threading.enumerate():
+            try:
+                out[t.name] = open(f"/proc/self/task/{t.native_id}/comm").read().strip()
+            except FileNotFoundError:  # ended meanwhile
+                pass
+        return out
+
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64)) as tx:
+        rx.expect("n", [0], 16)
+        tx.send("n", [1], 16)
+        names = kernel_names()
+    ours = {name: comm for name, comm in names.items() if name.startswith("kvwire-")}
+    for expected in ("kvwire-accept", "kvwire-reaper", "kvwire-recv", "kvwire-encoder", "kvwire-send-0",
+                     "kvwire-ack-0", "kvwire-link"):  # fmt: skip
+        assert ours.get(expected) == expected, (expected, ours)
+    assert names["MainThread"] != "kvwire-recv"  # only kvwire's own threads are renamed
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names in the kernel: Linux only")
+def test_a_long_thread_name_is_cut_to_what_the_kernel_keeps():
+    from kvwire.threads import Thread
+
+    seen: list[str] = []
+
+    def read_own_name():
+        seen.append(open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip())
+
+    t = Thread(read_own_name, "kvwire-a-name-longer-than-fifteen")
+    t.start()
+    t.join()
+    assert seen == ["kvwire-a-name-l"] and t.daemon
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,7 @@ from kvwire.proto.request import PartSpec
 from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
 from kvwire.staging import Slot, StagingPool, StagingTimeout
+from kvwire.threads import Thread
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, TcpListener, parse_address
 
@@ -391,8 +392,8 @@ class Receiver:
         else:
             self._listener = TcpListener(parse_address(listen, "listen"), socket_options or SocketOptions(), tls)
         self._threads = [
-            threading.Thread(target=self._accept_loop, name="kvwire-accept", daemon=True),
-            threading.Thread(target=self._reap_loop, name="kvwire-reaper", daemon=True),
+            Thread(self._accept_loop, "kvwire-accept"),
+            Thread(self._reap_loop, "kvwire-reaper"),
         ]
         for t in self._threads:
             t.start()
@@ -517,7 +518,7 @@ class Receiver:
                 return  # the listener was closed
             conn = self._admit(stream)
             if conn is not None:
-                threading.Thread(target=self._serve, args=(conn,), name="kvwire-recv", daemon=True).start()
+                Thread(self._serve, "kvwire-recv", (conn,)).start()
 
     def _admit(self, stream: ByteStream) -> _RConn | None:
         """Register a new connection, or close it at once when the caps are reached: a

@@ -62,6 +62,7 @@ from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
 from kvwire.proto.request import TensorPlan, check_rows, tensor_plans
 from kvwire.sharding import Part, kinds, part_for, tp_of
 from kvwire.staging import StagingClosed, StagingPool
+from kvwire.threads import Thread
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, connect, parse_address
 
@@ -468,11 +469,11 @@ class Sender:
         self.encoder = self._choose_encoder()
         if isinstance(self.encoder, HostEncoder):  # split heads and scattered raw rows go out where they lie
             self.encoder.spans = transport == "tcp" and tls is None and scatter.available()
-        self._threads = [threading.Thread(target=self._encode_loop, name="kvwire-encoder", daemon=True)]
+        self._threads = [Thread(self._encode_loop, "kvwire-encoder")]
         for c in self._conns:
             c.threads = [
-                threading.Thread(target=self._write_loop, args=(c,), name=f"kvwire-send-{c.index}", daemon=True),
-                threading.Thread(target=self._read_loop, args=(c,), name=f"kvwire-ack-{c.index}", daemon=True),
+                Thread(self._write_loop, f"kvwire-send-{c.index}", (c,)),
+                Thread(self._read_loop, f"kvwire-ack-{c.index}", (c,)),
             ]
             self._threads += c.threads
         for t in self._threads:
@@ -794,8 +795,8 @@ class Sender:
             count = sum(1 for c in self._conns if c.alive) + 1
         conn = self._open(free, count, *self._connect_args)
         conn.threads = [
-            threading.Thread(target=self._write_loop, args=(conn,), name=f"kvwire-send-{free}", daemon=True),
-            threading.Thread(target=self._read_loop, args=(conn,), name=f"kvwire-ack-{free}", daemon=True),
+            Thread(self._write_loop, f"kvwire-send-{free}", (conn,)),
+            Thread(self._read_loop, f"kvwire-ack-{free}", (conn,)),
         ]
         with self._lock:
             if self._closed:

@@ -24,6 +24,7 @@ import kvwire.codec
 from kvwire import planning
 from kvwire.codec import Codec
 from kvwire.link import LinkModel, LinkState
+from kvwire.threads import Thread
 
 if TYPE_CHECKING:
     from kvwire.engine.sender import Sender
@@ -96,7 +97,7 @@ class LinkFollower:
         self._kick = threading.Event()  # a transfer started: sample at the busy pace from now
         self._growing = False
         self._lost_seen = 0  # connections lost to errors, as last seen
-        self._thread = threading.Thread(target=self._run, name="kvwire-link", daemon=True)
+        self._thread = Thread(self._run, "kvwire-link")
 
     def start(self) -> None:
         self.sample()  # the handshakes' RTT, and the counters' starting points
@@ -162,7 +163,7 @@ class LinkFollower:
             want = self.policy.step(state, state.busy_s)
         if want > have and not self._growing:
             self._growing = True
-            threading.Thread(target=self._grow, args=(want - have,), name="kvwire-grow", daemon=True).start()
+            Thread(self._grow, "kvwire-grow", (want - have,)).start()
         elif want < have:
             self._sender._retire_connections(have - want)
         self._sender._close_retired()

@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 
 from kvwire.errors import PeerLost
+from kvwire.threads import Thread
 
 _LENGTH = struct.Struct("<Q")
 CLOSE_FLUSH_S = 2.0  # how long close() waits for queued control frames to leave
@@ -83,7 +84,7 @@ class _Loop:
     def __init__(self) -> None:
         self.ucxx = import_ucxx()
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="kvwire-ucx", daemon=True)
+        self.thread = Thread(self.loop.run_forever, "kvwire-ucx")
         self.thread.start()
 
     @classmethod
