@@ -52,15 +52,17 @@ BASELINES = {
     # place before it is verified (the ceiling for kvwire with checksum="crc32c")
     "in_place": "plain sockets + CRC32C in place",
 }
-CHECKED_PIECE = 2 << 20  # kvwire's default chunk
+CHECKED_PIECE = 2 << 20  # kvwire's default chunk; the checked baselines take the run's chunk size
 
 
 def pieces(views: list[memoryview], size: int) -> list[memoryview]:
     return [v[o : o + size] for v in views for o in range(0, len(v), size)]
 
 
-def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memory) -> dict:
-    """The receiving half of a plain-socket baseline (see ``BASELINES``)."""
+def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memory,
+            piece: int = CHECKED_PIECE) -> dict:  # fmt: skip
+    """The receiving half of a plain-socket baseline (see ``BASELINES``); the checked
+    ones cut the bytes into ``piece``-byte pieces, as kvwire cuts its chunks in the run."""
     conns = [listener.accept()[0] for _ in range(streams)]
     cpu0 = cpu_seconds()
 
@@ -80,15 +82,15 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
                 recv_exact(sock, buf[: min(BUFFER, stop - o)])
         elif kind == "in_place":
             crc = memoryview(bytearray(4))
-            for view in pieces(byte_range(memory, start, stop), CHECKED_PIECE):
+            for view in pieces(byte_range(memory, start, stop), piece):
                 recv_exact(sock, crc)
                 recv_exact(sock, view)
                 if crc32c(view) != int.from_bytes(crc, "little"):
                     raise ConnectionError("in-place baseline: checksum mismatch")
         elif kind == "checked":
-            staging = np.empty(CHECKED_PIECE, dtype=np.uint8)
+            staging = np.empty(piece, dtype=np.uint8)
             crc = memoryview(bytearray(4))
-            for view in pieces(byte_range(memory, start, stop), CHECKED_PIECE):
+            for view in pieces(byte_range(memory, start, stop), piece):
                 n = len(view)
                 recv_exact(sock, crc)
                 recv_exact(sock, staging[:n].data)
@@ -111,7 +113,7 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
     return {"cpu_s": cpu_seconds() - cpu0}
 
 
-def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
+def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHECKED_PIECE) -> dict:
     """The sending half of :func:`receive`."""
     socks = [socket.create_connection(tuple(address)) for _ in range(streams)]
     hot = memoryview(bytearray(os.urandom(BUFFER)))
@@ -123,7 +125,7 @@ def send(address, streams: int, nbytes: int, kind: str, memory) -> dict:
             for o in range(start, stop, BUFFER):
                 sock.sendall(hot[: min(BUFFER, stop - o)])
         elif kind in ("checked", "in_place"):
-            for view in pieces(byte_range(memory, start, stop), CHECKED_PIECE):
+            for view in pieces(byte_range(memory, start, stop), piece):
                 sock.sendall(crc32c(view).to_bytes(4, "little"))
                 sock.sendall(view)
         else:

@@ -231,7 +231,8 @@ def receiver_main(
             )
         elif cmd[0] == "baseline":
             _, nbytes, kind = cmd
-            pipe.send(baselines.receive(base_listener, args.streams, nbytes, kind, fixture.memory_views(dst)))
+            pipe.send(baselines.receive(base_listener, args.streams, nbytes, kind, fixture.memory_views(dst),
+                                        args.chunk_kib << 10))  # fmt: skip
         elif cmd[0] == "rss":
             rss, hwm = rss_bytes()
             pipe.send({"start": rss_start, "now": rss, "peak": hwm})
@@ -276,7 +277,8 @@ def sender_main(
             pipe.send(send_round(sender, layout, args, cmd[1], per, states, streamed=cmd[2]))
         elif cmd[0] == "baseline":
             _, nbytes, kind = cmd
-            pipe.send(baselines.send(baseline_address, args.streams, nbytes, kind, fixture.memory_views(src)))
+            pipe.send(baselines.send(baseline_address, args.streams, nbytes, kind, fixture.memory_views(src),
+                                     args.chunk_kib << 10))  # fmt: skip
         elif cmd[0] == "stats":
             pipe.send(sender_stats(tx))
     tx.close()
