@@ -230,9 +230,9 @@ def receiver_main(
                 }  # fmt: skip
             )
         elif cmd[0] == "baseline":
-            _, nbytes, kind = cmd
+            _, nbytes, kind, piece = cmd
             pipe.send(baselines.receive(base_listener, args.streams, nbytes, kind, fixture.memory_views(dst),
-                                        args.chunk_kib << 10))  # fmt: skip
+                                        piece))  # fmt: skip
         elif cmd[0] == "rss":
             rss, hwm = rss_bytes()
             pipe.send({"start": rss_start, "now": rss, "peak": hwm})
@@ -276,9 +276,9 @@ def sender_main(
             sender = single if len(cmd) > 3 and cmd[3] else tx
             pipe.send(send_round(sender, layout, args, cmd[1], per, states, streamed=cmd[2]))
         elif cmd[0] == "baseline":
-            _, nbytes, kind = cmd
+            _, nbytes, kind, piece = cmd
             pipe.send(baselines.send(baseline_address, args.streams, nbytes, kind, fixture.memory_views(src),
-                                     args.chunk_kib << 10))  # fmt: skip
+                                     piece))  # fmt: skip
         elif cmd[0] == "stats":
             pipe.send(sender_stats(tx))
     tx.close()
@@ -378,7 +378,14 @@ def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) 
         "machine_ticks": machine_delta(machine0, machine_ticks()),
         "rss_growth": rss_bytes()[1] - round_rss,
         "timeline": timeline,
+        "chunk_bytes": chunk_bytes_of(tx),  # in effect: the receiver's slot_bytes caps it
     }
+
+
+def chunk_bytes_of(tx) -> int:
+    """The chunk size a Sender (a ShardedSender: the smallest of its senders') cuts to."""
+    senders = tx.senders.values() if isinstance(tx, kvwire.ShardedSender) else [tx]
+    return min(s.stats()["chunk_bytes"] for s in senders)
 
 
 def run(args: argparse.Namespace, progress=print) -> dict:
@@ -469,8 +476,9 @@ def _run(args, layout, progress, link) -> dict:
             if args.baseline:
                 nbytes = sent["wire_bytes"]
                 for kind, title in baselines.BASELINES.items():
-                    rx_pipe.send(("baseline", nbytes, kind))
-                    tx_pipe.send(("baseline", nbytes, kind))
+                    # the checked baselines frame their pieces as kvwire's chunks were in this run
+                    rx_pipe.send(("baseline", nbytes, kind, sent["chunk_bytes"]))
+                    tx_pipe.send(("baseline", nbytes, kind, sent["chunk_bytes"]))
                     b_sent = _recv(tx_pipe, sender, 900)
                     b_recv = _recv(rx_pipe, receiver, 900)
                     measured[kind].append((b_sent, b_recv, nbytes))
@@ -533,6 +541,7 @@ def merge_sent(parts: list[dict]) -> dict:
         "seconds": end - t0,
         "exposed_ms": max(p["exposed_ms"] for p in parts),
         "samples": [],  # per process; not merged (--plot is refused with ranks)
+        "chunk_bytes": min(p["chunk_bytes"] for p in parts),
         "timeline": [{**t, "produced_s": t["produced_s"] + first["t0_monotonic"] - t0} for t in first["timeline"]],
     }
 

@@ -33,6 +33,7 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         "requests": args.requests,
         "rounds": args.rounds,
         "streams": args.streams,
+        "chunk_bytes": sent.get("chunk_bytes"),  # in effect (the receiver's slot_bytes caps --chunk-kib)
         "transport": args.transport,
         "tls": "kernel" if getattr(args, "ktls", False) else bool(getattr(args, "tls", False)),
         "checksum": getattr(args, "checksum", None) or ("none" if getattr(args, "tls", False) else "crc32c"),
@@ -217,6 +218,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     rows.append(("host data path", f"spans (kvwire._scatter): sender {'yes' if spans['sender'] else 'no'}, "
                  f"receiver {'yes' if spans['receiver'] else 'no'}; "
                  f"{report['data_frames_per_send']:.2f} DATA frames per send; "
+                 f"chunks of {(report.get('chunk_bytes') or 0) / 2**20:.2f} MiB; "
                  f"destination blocks {report.get('destination', 'reverse')}"))  # fmt: skip
     st = report["staging"]["receiver"]
     rows.append(

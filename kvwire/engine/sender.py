@@ -646,6 +646,8 @@ class Sender:
             "active_transfers": active,
             "connections": [c.stream.stats() | c.counts() for c in self._conns],
             "staging": self._pool.stats(),
+            # the frame payload a chunk is cut to: chunk_bytes, at most the receiver's slot_bytes
+            "chunk_bytes": self._chunk_bytes,
             # split heads and raw rows over scattered blocks leave as spans of the cache (kvwire._scatter)
             "spans": bool(getattr(self.encoder, "spans", False)),
         }
