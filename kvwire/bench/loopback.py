@@ -35,6 +35,7 @@ import kvwire
 import kvwire.codec
 from kvwire.bench import baselines, fixture, loopback_report, netem, profiles, tlsutil
 from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks, reset_peak_rss, rss_bytes
+from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
 from kvwire.engine.sender import DEFAULT_MAX_STREAMS, DEFAULT_STREAMS
 from kvwire.sharding import decode_ranks_served
 from kvwire.tuning import tune_malloc
@@ -170,8 +171,11 @@ def receiver_main(
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in layout.allocate_states().items()} for _ in range(args.requests)]
     tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
+    # A receiver that takes the frames --chunk-kib asks for (its slot_bytes caps the sender's chunks).
+    slot = max(DEFAULT_SLOT_BYTES, (args.chunk_kib << 10) + (64 << 10))
     rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
-                         transport=args.transport, tls=tls, checksum=getattr(args, "checksum", None))  # fmt: skip
+                         transport=args.transport, tls=tls, checksum=getattr(args, "checksum", None),
+                         slot_bytes=slot)  # fmt: skip
     base_listener = socket.create_server((host, 0))
     gc.freeze()  # see kvwire/tuning.py
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
