@@ -35,6 +35,27 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert "kvwire / plain" in printed and "each round, effective" in printed and "host data path" in printed
 
 
+def test_loopback_reports_the_chunk_size_in_effect_and_frames_its_ceilings_alike(tmp_path, capsys):
+    """--chunk-kib above the receiver's default slot (4 MiB + 64 KiB) must run as asked,
+    the report must say what ran, and the checked ceilings must cut pieces that size."""
+    from kvwire.bench import baselines
+    from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
+
+    assert (8 << 20) > DEFAULT_SLOT_BYTES  # else this test would not test the cap
+    for kib in (2048, 8192):
+        out = tmp_path / f"{kib}.json"
+        assert main(["loopback", "--tokens", "4096", "--rounds", "1", "--chunk-kib", str(kib), "--baseline",
+                     "--json", str(out), "--quiet"]) == 0  # fmt: skip
+        report = json.loads(out.read_text())
+        assert report["verified"] is True and report["chunk_bytes"] == kib << 10
+        assert report["baseline_in_place_piece_bytes"] == report["baseline_checked_piece_bytes"] == kib << 10
+        assert "baseline_piece_bytes" not in report  # cache to cache has no pieces
+        printed = capsys.readouterr().out
+        assert f"chunks of {kib / 1024:.2f} MiB" in printed and f"{kib / 1024:.2f} MiB pieces" in printed
+    pieces = baselines.pieces([memoryview(bytes(5 << 20))], 2 << 20)  # how a ceiling cuts its bytes
+    assert [len(p) for p in pieces] == [2 << 20, 2 << 20, 1 << 20]
+
+
 def test_machine_split_shares_the_ticks_of_a_window():
     before = {"user": 10, "nice": 0, "system": 20, "idle": 5, "iowait": 0, "irq": 0, "softirq": 1, "steal": 0}
     after = {"user": 30, "nice": 0, "system": 70, "idle": 15, "iowait": 5, "irq": 0, "softirq": 31, "steal": 0}

@@ -145,7 +145,9 @@ def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHE
     for s in socks:
         s.close()
     machine = machine_delta(machine0, machine_ticks())
-    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "machine_ticks": machine}
+    checked = kind in ("checked", "in_place")
+    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "machine_ticks": machine,
+            "piece_bytes": piece if checked else None}  # fmt: skip
 
 
 # -- the parent ----------------------------------------------------------------------------

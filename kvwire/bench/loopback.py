@@ -87,6 +87,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the ratio")  # fmt: skip
 
 
+def receiver_slot_bytes(args: argparse.Namespace) -> int:
+    """A benchmark receiver's ``slot_bytes`` (the largest payload of a frame, which caps the
+    sender's chunks at the handshake): the default, or what ``--chunk-kib`` asks for."""
+    return max(DEFAULT_SLOT_BYTES, (args.chunk_kib << 10) + (64 << 10))
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     profiles.get(args.profile)
     kvwire.codec.get(args.codec)
@@ -171,11 +177,9 @@ def receiver_main(
     dst = layout.allocate(total_blocks)
     states = [{i: t for i, t in layout.allocate_states().items()} for _ in range(args.requests)]
     tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
-    # A receiver that takes the frames --chunk-kib asks for (its slot_bytes caps the sender's chunks).
-    slot = max(DEFAULT_SLOT_BYTES, (args.chunk_kib << 10) + (64 << 10))
     rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
                          transport=args.transport, tls=tls, checksum=getattr(args, "checksum", None),
-                         slot_bytes=slot)  # fmt: skip
+                         slot_bytes=receiver_slot_bytes(args))  # fmt: skip
     base_listener = socket.create_server((host, 0))
     gc.freeze()  # see kvwire/tuning.py
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})
@@ -386,10 +390,11 @@ def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) 
     }
 
 
-def chunk_bytes_of(tx) -> int:
-    """The chunk size a Sender (a ShardedSender: the smallest of its senders') cuts to."""
+def chunk_bytes_of(tx) -> int | None:
+    """The chunk size a Sender (a ShardedSender: the smallest of its senders') cuts to;
+    None for a prefill rank that sends nothing (MLA: one rank per decode rank sends)."""
     senders = tx.senders.values() if isinstance(tx, kvwire.ShardedSender) else [tx]
-    return min(s.stats()["chunk_bytes"] for s in senders)
+    return min((s.stats()["chunk_bytes"] for s in senders), default=None)
 
 
 def run(args: argparse.Namespace, progress=print) -> dict:
@@ -481,8 +486,9 @@ def _run(args, layout, progress, link) -> dict:
                 nbytes = sent["wire_bytes"]
                 for kind, title in baselines.BASELINES.items():
                     # the checked baselines frame their pieces as kvwire's chunks were in this run
-                    rx_pipe.send(("baseline", nbytes, kind, sent["chunk_bytes"]))
-                    tx_pipe.send(("baseline", nbytes, kind, sent["chunk_bytes"]))
+                    piece = sent["chunk_bytes"] or baselines.CHECKED_PIECE
+                    rx_pipe.send(("baseline", nbytes, kind, piece))
+                    tx_pipe.send(("baseline", nbytes, kind, piece))
                     b_sent = _recv(tx_pipe, sender, 900)
                     b_recv = _recv(rx_pipe, receiver, 900)
                     measured[kind].append((b_sent, b_recv, nbytes))
@@ -545,7 +551,7 @@ def merge_sent(parts: list[dict]) -> dict:
         "seconds": end - t0,
         "exposed_ms": max(p["exposed_ms"] for p in parts),
         "samples": [],  # per process; not merged (--plot is refused with ranks)
-        "chunk_bytes": min(p["chunk_bytes"] for p in parts),
+        "chunk_bytes": min((p["chunk_bytes"] for p in parts if p.get("chunk_bytes")), default=None),
         "timeline": [{**t, "produced_s": t["produced_s"] + first["t0_monotonic"] - t0} for t in first["timeline"]],
     }
 

@@ -15,7 +15,7 @@ import torch
 
 import kvwire
 from kvwire.bench.fixture import dst_blocks, fill, layout_and_blocks, verify
-from kvwire.bench.loopback import send_round
+from kvwire.bench.loopback import receiver_slot_bytes, send_round
 from kvwire.proto.frames import crc32c
 from kvwire.tuning import tune_malloc
 
@@ -59,7 +59,8 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
         ]
 
     with kvwire.Receiver(layout, listen, secret=_secret(), kv_caches=dst, staging_bytes=args.staging_mib << 20,
-                         checksum=getattr(args, "checksum", None)) as rx:  # fmt: skip
+                         checksum=getattr(args, "checksum", None),
+                         slot_bytes=receiver_slot_bytes(args)) as rx:  # fmt: skip
         progress(f"listening on {rx.address[0]}:{rx.address[1]}")
         pending = expect_round(rx, 0)
         for r in range(args.rounds):
