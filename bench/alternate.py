@@ -3,7 +3,7 @@
     python3 bench/alternate.py --pairs 6 --common "--baseline --checksum none --rounds 3" \\
         --a "" --b "--chunk-kib 8192"
     python3 bench/alternate.py --pairs 6 --common "--baseline --rounds 3" \\
-        --a-path /tmp/old-checkout --b-path .      # old code against new, same options
+        --a-path ../kvwire-old --b-path .          # old code (a git worktree) against new
 
 The machine's noise is as large as most single changes, and it drifts over minutes: runs
 of A and B alternate (A B A B ...) so that both see the same drift, and the summary
