@@ -46,11 +46,11 @@ def _cpu_ratio(report: dict, side: str) -> float | None:
 
 def run(args: list[str], path: str | None) -> dict:
     env = dict(os.environ)
-    if path:
+    if path:  # run from there too: ``python -m`` puts the working directory first on sys.path
         env["PYTHONPATH"] = os.path.abspath(path) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, "-m", "kvwire.bench.cli", "loopback", *args, "--json", out.name]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=path or None)
         if done.returncode != 0:
             raise SystemExit(f"{shlex.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         report = json.load(open(out.name))
