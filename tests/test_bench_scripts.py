@@ -93,3 +93,28 @@ def test_alternate_runs_each_side_once_per_pair_and_takes_every_figure_from_that
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
     assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B2"][4] == "0.400"
     assert rows["B/A"][0] == "1.667"  # median of 2/1 and 4/3
+
+
+def test_alternate_runs_each_side_from_its_own_checkout(tmp_path):
+    """--a-path and --b-path run that checkout's code, not the current one's (``python -m``
+    puts the working directory ahead of PYTHONPATH). Two stand-in checkouts whose
+    ``kvwire.bench.cli`` writes a fixed report tell them apart."""
+    for side, rate in (("a", 1.0), ("b", 2.0)):
+        cli = tmp_path / side / "kvwire" / "bench"
+        cli.mkdir(parents=True)
+        (tmp_path / side / "kvwire" / "__init__.py").write_text("")
+        (cli / "__init__.py").write_text("")
+        report = {"effective_gb_per_s": rate, "cpu_s_per_gb": {"sender": 1, "receiver": 1}}
+        (cli / "cli.py").write_text(
+            "import json, sys\n"
+            "out = sys.argv[sys.argv.index('--json') + 1]\n"
+            f"json.dump({report!r}, open(out, 'w'))\n"
+        )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "alternate.py"), "--pairs", "1", "--common", "--rounds 1",
+         "--a-path", str(tmp_path / "a"), "--b-path", str(tmp_path / "b")],
+        capture_output=True, text=True, timeout=60, cwd=BENCH.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[3:]}
+    assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B/A"][0] == "2.000"
