@@ -124,7 +124,7 @@ def split(samples: collections.Counter, thread_kinds: dict[int, str]) -> dict[st
     their command name (``ksoftirqd``, ``swapper`` for idle CPUs, other processes)."""
     out: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     for (tid, comm, dso, sym), n in samples.items():
-        kind = thread_kinds.get(tid) or comm.rstrip("0123456789/:").rstrip("/") or "?"
+        kind = thread_kinds.get(tid) or comm.rstrip("0123456789/:-") or "?"
         out[kind][category(dso, sym)] += n / FREQUENCY
     return out
 

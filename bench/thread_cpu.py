@@ -44,8 +44,8 @@ import torch
 import kvwire
 from kvwire.bench import baselines, profiles
 from kvwire.bench.fixture import memory_views
+from kvwire.bench.loopback import receiver_slot_bytes
 from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
-from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
 from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
 
 SECRET = "thread-cpu-benchmark"
@@ -102,10 +102,10 @@ def process_report(side: str, before: tuple[float, int], nbytes: int) -> str:
 
 
 def thread_kinds(side: str) -> dict[int, str]:
-    """Native thread id -> "<side> <kind>" for this process's threads, live or (plain
-    sockets' per-round threads) seen."""
+    """Native thread id -> "<side> <kind>" for this process's live threads (plain sockets'
+    per-round threads are gone by then: the profile knows them by their kernel names,
+    ``plain-send``, ``plain-recv``)."""
     named = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-    named.update(baselines.THREAD_NAMES)
     return {tid: f"{side} {name.rstrip('0123456789-')}" for tid, name in named.items()}
 
 
@@ -127,7 +127,7 @@ def receiver(pipe, args: argparse.Namespace) -> None:
         pipe.send(listener.getsockname())
     else:
         rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum,
-                             slot_bytes=max(args.chunk_kib << 10, DEFAULT_SLOT_BYTES))  # fmt: skip
+                             slot_bytes=receiver_slot_bytes(args))  # fmt: skip
         pipe.send(rx.address)
     start, usage0 = per_thread(), process_usage()
     for r in range(args.rounds):

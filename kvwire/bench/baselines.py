@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 
 import numpy as np
 
 from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks
 from kvwire.proto.frames import crc32c
+from kvwire.threads import Thread
 
 BUFFER = 1 << 20
-# Native thread id -> name of every baseline thread started in this process (a system-wide
-# profile, bench/thread_cpu.py --perf, tells them from other threads by it).
-THREAD_NAMES: dict[int, str] = {}
 
 
 def byte_range(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
@@ -53,6 +50,7 @@ BASELINES = {
     "in_place": "plain sockets + CRC32C in place",
 }
 CHECKED_PIECE = 2 << 20  # kvwire's default chunk; the checked baselines take the run's chunk size
+CHECKED = ("checked", "in_place")  # the baselines that cut pieces, each behind its CRC32C
 
 
 def pieces(views: list[memoryview], size: int) -> list[memoryview]:
@@ -75,7 +73,6 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
             got += n
 
     def drain(sock: socket.socket, start: int, stop: int) -> None:
-        THREAD_NAMES[threading.get_native_id()] = threading.current_thread().name
         if kind == "hot":
             buf = memoryview(bytearray(BUFFER))
             for o in range(start, stop, BUFFER):
@@ -102,7 +99,8 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
                 recv_exact(sock, view)
         sock.sendall(b"!")  # the same end-to-end acknowledgement kvwire waits for
 
-    threads = [threading.Thread(target=drain, args=(c, a, b), name=f"plain-recv-{i}")
+    # named for the kernel too, as kvwire's threads are: a system-wide profile tells them apart
+    threads = [Thread(drain, f"plain-recv-{i}", (c, a, b))
                for i, (c, (a, b)) in enumerate(zip(conns, shares(nbytes, streams)))]  # fmt: skip
     for t in threads:
         t.start()
@@ -120,11 +118,10 @@ def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHE
     cpu0, machine0 = cpu_seconds(), machine_ticks()
 
     def pump(sock: socket.socket, start: int, stop: int) -> None:
-        THREAD_NAMES[threading.get_native_id()] = threading.current_thread().name
         if kind == "hot":
             for o in range(start, stop, BUFFER):
                 sock.sendall(hot[: min(BUFFER, stop - o)])
-        elif kind in ("checked", "in_place"):
+        elif kind in CHECKED:
             for view in pieces(byte_range(memory, start, stop), piece):
                 sock.sendall(crc32c(view).to_bytes(4, "little"))
                 sock.sendall(view)
@@ -134,7 +131,7 @@ def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHE
         if sock.recv(1) != b"!":
             raise ConnectionError("baseline receiver did not acknowledge")
 
-    threads = [threading.Thread(target=pump, args=(s, a, b), name=f"plain-send-{i}")
+    threads = [Thread(pump, f"plain-send-{i}", (s, a, b))
                for i, (s, (a, b)) in enumerate(zip(socks, shares(nbytes, streams)))]  # fmt: skip
     t0 = time.monotonic()
     for t in threads:
@@ -145,9 +142,8 @@ def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHE
     for s in socks:
         s.close()
     machine = machine_delta(machine0, machine_ticks())
-    checked = kind in ("checked", "in_place")
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "machine_ticks": machine,
-            "piece_bytes": piece if checked else None}  # fmt: skip
+            "piece_bytes": piece if kind in CHECKED else None}  # fmt: skip
 
 
 # -- the parent ----------------------------------------------------------------------------

@@ -484,9 +484,9 @@ def _run(args, layout, progress, link) -> dict:
                     )
             if args.baseline:
                 nbytes = sent["wire_bytes"]
+                # the checked baselines frame their pieces as kvwire's chunks were in this run
+                piece = sent["chunk_bytes"] or baselines.CHECKED_PIECE
                 for kind, title in baselines.BASELINES.items():
-                    # the checked baselines frame their pieces as kvwire's chunks were in this run
-                    piece = sent["chunk_bytes"] or baselines.CHECKED_PIECE
                     rx_pipe.send(("baseline", nbytes, kind, piece))
                     tx_pipe.send(("baseline", nbytes, kind, piece))
                     b_sent = _recv(tx_pipe, sender, 900)
