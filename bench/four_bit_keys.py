@@ -30,13 +30,25 @@ said):
 * ``bN``: N-bit codes instead of 4;
 * ``meta8``: int4's groups, but each group's min and max travel as 1-byte codes on a
   255-step grid over the request's range of that channel (two fp16 per channel per
-  request), rounded outwards: 2 bytes per channel per group instead of 4;
-* ``meta8m``: the same with groups of 16 tokens for the request's first 64 tokens and
-  of ``K`` after them.
+  request), rounded outwards: 2 bytes per channel per group instead of 4; ``metaB``:
+  B-bit codes (``meta7``: 1.75 bytes);
+* ``meta8m`` (``metaBm``): the same with groups of 16 tokens for the request's first 64
+  tokens and of ``K`` after them;
+* ``cmetaBaA``: B-bit codes on a companded grid around the channel's median,
+  ``c + u * sinh(code / A)`` (fine steps near the centre, coarse where only an outlier
+  group reaches);
+* ``pairX``: fp16 bounds shared by two channels (``h``: i and i + D/2, ``a``: 2i and
+  2i + 1, ``s``: neighbours by range): half the key metadata.
 
-Value kinds besides the codecs: ``hN`` (above) and ``s4xT``: rotated rows, symmetric 4-bit
+Value kinds besides the codecs: ``hN`` (above), ``s4xT``: rotated rows, symmetric 4-bit
 codes (-7..7), one 1-byte scale per ``T`` tokens of a head (a log grid of 2^(1/16) steps,
-rounded up): with ``meta8`` keys, 3.49x at ``T = 1`` and 3.52x at ``T = 2``.
+rounded up): with ``meta8`` keys, 3.49x at ``T = 1`` and 3.52x at ``T = 2``; and ``z4`` /
+``z8``: rotated rows, asymmetric codes 0..15, a 1-byte log scale per row and an integer
+zero-point in steps of 4 (or 8) bits: 1.5 (2) bytes per row instead of `int4h`'s 4.
+
+Besides the KL, each scheme's squared error of keys and of values over every layer and
+prompt is printed as a multiple of the first scheme's: the error itself, free of the
+near-ties that make a few prompts' KL swing (docs/fidelity.md).
 
 Not a test and not a codec: a way to decide what deserves one.
 """
@@ -134,25 +146,97 @@ def key_group(part: torch.Tensor, mode: str, starts_request: bool) -> torch.Tens
 def group_bounds(tokens: int, group: int, mode: str) -> list[tuple[int, int]]:
     """Key groups ``[g0, g1)``: every ``group`` tokens, or with ``meta8m`` groups of 16 for
     the request's first 64 tokens and of ``group`` after them."""
-    head = min(tokens, MIXED_HEAD) if mode == "meta8m" else 0
+    head = min(tokens, MIXED_HEAD) if mode.startswith("meta") and mode.endswith("m") else 0
     starts = list(range(0, head, 16)) + list(range(head, tokens, group))
     return [(g0, min(g0 + (16 if g0 < head else group), tokens)) for g0 in starts]
 
 
 def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
     out = torch.empty_like(x)
-    if mode in ("meta8", "meta8m"):  # the request's per-channel range in fp16, then 1-byte codes per group
+    if mode.startswith("cmeta"):
+        return _companded_keys(x, group, mode)
+    if mode.startswith("pair"):
+        return _paired_keys(x, group, mode)
+    if mode.startswith("meta"):  # the request's per-channel range in fp16, then B-bit codes per group
+        top = (1 << _meta_bits(mode)) - 1
         lo, hi = x.amin(0).half().float(), x.amax(0).half().float()
         lo, hi = torch.minimum(lo, x.amin(0)), torch.maximum(hi, x.amax(0))  # fp16 rounding kept outside
-        step = ((hi - lo) / 255).clamp_min(1e-30)
+        step = ((hi - lo) / top).clamp_min(1e-30)
         for g0, g1 in group_bounds(x.shape[0], group, mode):
             part = x[g0:g1]
-            mn = lo + ((part.amin(0) - lo) / step).floor().clamp(0, 255) * step
-            mx = lo + ((part.amax(0) - lo) / step).ceil().clamp(0, 255) * step
+            mn = lo + ((part.amin(0) - lo) / step).floor().clamp(0, top) * step
+            mx = lo + ((part.amax(0) - lo) / step).ceil().clamp(0, top) * step
             out[g0:g1] = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
         return out
     for g0 in range(0, x.shape[0], group):
         out[g0 : g0 + group] = key_group(x[g0 : g0 + group], mode, g0 == 0)
+    return out
+
+
+def channel_pairs(x: torch.Tensor, how: str) -> torch.Tensor:
+    """``[H, D]`` partner of each channel: ``h`` i and i + D/2 (rotate-half RoPE), ``a``
+    2i and 2i + 1 (interleaved RoPE), ``s`` neighbours in the order of the channels' ranges
+    over the request (a per-head permutation that would travel with the chunk)."""
+    heads, d = x.shape[1], x.shape[2]
+    idx = torch.arange(d)
+    if how == "h":
+        return ((idx + d // 2) % d).expand(heads, d)
+    if how == "a":
+        return (idx ^ 1).expand(heads, d)
+    order = (x.amax(0) - x.amin(0)).argsort(-1)  # [H, D]
+    partner = torch.empty_like(order)
+    partner.scatter_(1, order[:, 0::2], order[:, 1::2])
+    partner.scatter_(1, order[:, 1::2], order[:, 0::2])
+    return partner
+
+
+def _paired_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
+    """``pairX``: int4's per-channel groups whose min and max (fp16) are shared by two
+    channels (paired as ``channel_pairs`` says): half the key metadata."""
+    partner = channel_pairs(x, mode.removeprefix("pair")[:1])
+    out = torch.empty_like(x)
+    for g0 in range(0, x.shape[0], group):
+        part = x[g0 : g0 + group]
+        mn, mx = part.amin(0), part.amax(0)
+        mn = torch.minimum(mn, mn.gather(1, partner))
+        mx = torch.maximum(mx, mx.gather(1, partner))
+        out[g0 : g0 + group] = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
+    return out
+
+
+def _meta_bits(mode: str) -> int:
+    """``metaB`` (or ``metaBm``): B-bit codes for a group's bounds."""
+    return int(mode.removeprefix("meta").removesuffix("m"))
+
+
+def _cmeta_params(mode: str) -> tuple[int, float]:
+    """``cmetaBaA``: B-bit bound codes, companding slope A (codes per unit near the centre)."""
+    bits, alpha = mode.removeprefix("cmeta").split("a")
+    return int(bits), float(alpha)
+
+
+def _companded_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
+    """int4's per-channel groups whose min and max travel as ``B``-bit codes on a companded
+    grid around the channel's request-wide centre: ``b = c + u * sinh(code / A)``, with
+    ``c`` (fp16) the channel's median and ``u`` (fp16) its median group range, widened
+    where the channel's farthest bound would not fit. Fine steps where ordinary groups lie,
+    coarse ones out where only an outlier group (the attention sink's) reaches."""
+    bits, alpha = _cmeta_params(mode)
+    levels = (1 << (bits - 1)) - 1
+    bounds = group_bounds(x.shape[0], group, "plain")
+    mins = torch.stack([x[g0:g1].amin(0) for g0, g1 in bounds])
+    maxs = torch.stack([x[g0:g1].amax(0) for g0, g1 in bounds])
+    c = x.median(0).values.half().float()
+    reach = torch.maximum((mins - c).abs(), (maxs - c).abs()).amax(0)
+    u = torch.maximum((maxs - mins).median(0).values, reach / math.sinh(levels / alpha) * 1.01)
+    u = u.clamp_min(1e-6).half().float()
+    lo = (torch.asinh((mins - c) / u) * alpha).floor().clamp(-levels, levels)
+    hi = (torch.asinh((maxs - c) / u) * alpha).ceil().clamp(-levels, levels)
+    lo_v = c + u * torch.sinh(lo / alpha)
+    hi_v = c + u * torch.sinh(hi / alpha)
+    out = torch.empty_like(x)
+    for i, (g0, g1) in enumerate(bounds):
+        out[g0:g1] = _levels(x[g0:g1], 4, 0, lo_v[i].unsqueeze(0), hi_v[i].unsqueeze(0))
     return out
 
 
@@ -170,6 +254,19 @@ def _symmetric_rows(v: torch.Tensor, tokens: int) -> torch.Tensor:
     return out @ h.T
 
 
+def _zero_rows(v: torch.Tensor, zero_bits: int) -> torch.Tensor:
+    """Rotated rows, asymmetric 4-bit codes: a 1-byte log scale per row (2^(1/16) steps,
+    rounded up from the row's range / 15) and an integer zero-point in steps (``zero_bits``,
+    signed when 8), rounded to nearest so every element stays within half a step."""
+    h = _hadamard(v.shape[-1])
+    r = v @ h
+    mn, mx = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
+    scale = torch.exp2(torch.ceil(torch.log2(((mx - mn) / 15).clamp_min(1e-30)) * 16) / 16)
+    lo, hi = (0, 15) if zero_bits == 4 else (-128, 127)
+    z = (-mn / scale).round().clamp(lo, hi)
+    return (((r / scale) + z).round().clamp(0, 15) - z) * scale @ h.T
+
+
 def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
     if kind.endswith("/first"):  # the request's first token exact
         y = round_trip_values(v, kind.removesuffix("/first")).clone()
@@ -183,6 +280,8 @@ def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
         return _levels(v @ h, int(kind[1:]), -1) @ h.T
     if kind.startswith("s4x"):
         return _symmetric_rows(v, int(kind[3:]))
+    if kind in ("z4", "z8"):
+        return _zero_rows(v, int(kind[1:]))
     raise ValueError(f"unknown value kind {kind!r}")
 
 
@@ -206,14 +305,19 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     values = values.removesuffix("/first")
     if values.startswith("s4x"):
         value_bytes = d / 2 + 1 / int(values[3:])
+    elif values in ("z4", "z8"):
+        value_bytes = d / 2 + 1 + int(values[1:]) / 8
     else:
         value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
     bits = int(mode[1:]) if mode.startswith("b") else 4
     key_bytes = d * bits / 8 + 4 * d / group
     key_bytes += {"chan": 3 * d / group, "row": (2 * d + 1) / group, "tokscale": 2}.get(mode, 0)
-    if mode.startswith("meta8"):  # 2 bytes per channel per group, and the request's range: 4 per channel
+    if mode.startswith("cmeta"):  # two B-bit codes per channel per group, two fp16 per channel per request
+        code_bits = _cmeta_params(mode)[0]
+        key_bytes = d / 2 + (2 * code_bits / 8 * d * -(-SIZE_TOKENS // group) + 4 * d) / SIZE_TOKENS
+    if mode.startswith("meta"):  # two B-bit codes per channel per group, and the request's range: 4 per channel
         groups = len(group_bounds(SIZE_TOKENS, group, mode))
-        key_bytes = d / 2 + (2 * d * groups + 4 * d) / SIZE_TOKENS
+        key_bytes = d / 2 + (2 * _meta_bits(mode) / 8 * d * groups + 4 * d) / SIZE_TOKENS
     if mode == "smooth":
         key_bytes = d / 2 + 4 + 2 * d / group
     return 4 * d / (key_bytes + value_bytes)
@@ -239,6 +343,7 @@ def main() -> int:
 
     tokenizer, model = smollm2()
     kls: dict[str, dict[str, float]] = {}
+    sq_err: dict[str, list[float]] = {}  # squared error of keys, of values, over every layer and prompt
     lengths = [int(x) for x in args.lengths.split(",")]
     for name, prompt in windows(tokenizer, _prompts, lengths, args.windows):
         ref = DynamicCache()
@@ -260,10 +365,14 @@ def main() -> int:
                         k2[n:] = round_trip_keys(k[n:], int(group), mode)
                         v2[n:] = round_trip_values(v[n:], values)
                     k2[:n], v2[:n] = k[:n].bfloat16().float(), v[:n].bfloat16().float()
+                err = sq_err.setdefault(scheme, [0.0, 0.0])
+                err[0] += float(((k2 - k) ** 2).sum())
+                err[1] += float(((v2 - v) ** 2).sum())
                 cache.update(k2.transpose(0, 1).unsqueeze(0), v2.transpose(0, 1).unsqueeze(0), i)
             lp = torch.log_softmax(model(last, **cache_argument(cache), use_cache=True).logits[0, -1].double(), -1)
             kls.setdefault(scheme, {})[name] = float((ref_lp.exp() * (ref_lp - lp)).sum())
     first = next(iter(kls.values()))
+    first_err = next(iter(sq_err.values()))
     for scheme, per_prompt in kls.items():
         mode, group, values = scheme.split(":")
         mean = sum(per_prompt.values()) / len(per_prompt)
@@ -273,8 +382,10 @@ def main() -> int:
         ratio = times_smaller(mode, int(group), values)
         if args.exact:  # the raw tokens' bytes counted in a request of SIZE_TOKENS
             ratio = SIZE_TOKENS / (args.exact + (SIZE_TOKENS - args.exact) / ratio)
+        k_err, v_err = (e / f for e, f in zip(sq_err[scheme], first_err))
         print(f"{scheme:18s} {ratio:.2f}x  mean KL {mean:.2e}  geometric mean {geo:.2e}  "
-              f"below the first scheme's on {below} of {len(per_prompt)}  {cells}")  # fmt: skip
+              f"below the first scheme's on {below} of {len(per_prompt)}  "
+              f"squared error keys {k_err:.3f}x values {v_err:.3f}x  {cells}")  # fmt: skip
     return 0
 
 

@@ -118,3 +118,37 @@ def test_alternate_runs_each_side_from_its_own_checkout(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[3:]}
     assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B/A"][0] == "2.000"
+
+
+def test_four_bit_search_sizes_and_round_trips():
+    """bench/four_bit_keys.py's cheaper key metadata and value rows: the sizes the docs quote,
+    and round trips that keep every element within half a step of its group's grid."""
+    import torch
+
+    import four_bit_keys as fbk  # bench/four_bit_keys.py
+
+    assert fbk.times_smaller("plain", 16, "int4") == pytest.approx(256 / 84)  # int4: 3.05x
+    assert fbk.times_smaller("meta7", 16, "z4") == pytest.approx(256 / (32 + 7 + 0.25 + 32 + 1.5))
+    assert fbk.times_smaller("meta8", 16, "s4x1") < 3.5 < fbk.times_smaller("meta7", 16, "z4")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 3, 64, generator=gen) * torch.linspace(0.1, 8, 64) + torch.linspace(-20, 20, 64)
+    x[0] *= 30  # an attention sink's keys
+    request_range = x.amax(0) - x.amin(0)
+    for bits in (8, 7, 6):
+        y = fbk.round_trip_keys(x, 16, f"meta{bits}")
+        for g0 in range(0, 48, 16):
+            part, out = x[g0 : g0 + 16], y[g0 : g0 + 16]
+            # the coded bounds hold the group, each at most one code step (of the request's
+            # range, which the sink sets) outside it: nothing is clipped, the error is half a step
+            coded = part.amax(0) - part.amin(0) + 2 * request_range / ((1 << bits) - 1)
+            assert ((out - part).abs() <= coded / 30 * 1.01 + 1e-3).all(), bits
+    y = fbk.round_trip_keys(x, 16, "cmeta8a24")  # coarse out where the sink is: bounded by the request's range
+    assert ((y - x).abs() <= request_range / 15).all()
+    v = torch.randn(40, 3, 64, generator=gen)
+    for kind in ("z4", "z8"):
+        r = v @ fbk._hadamard(64)
+        step = ((r.amax(-1) - r.amin(-1)) / 15) * 2 ** (1 / 16)  # the scale, rounded up one log step at most
+        err = (fbk.round_trip_values(v, kind) - v) @ fbk._hadamard(64)  # the error in rotated coordinates
+        assert (err.abs() <= step.unsqueeze(-1) / 2 + 1e-5).all(), kind
+    partner = fbk.channel_pairs(x, "s")
+    assert torch.equal(partner.gather(1, partner), torch.arange(64).expand(3, 64))  # pairs, each channel once
