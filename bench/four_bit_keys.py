@@ -318,6 +318,8 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     if mode.startswith("meta"):  # two B-bit codes per channel per group, and the request's range: 4 per channel
         groups = len(group_bounds(SIZE_TOKENS, group, mode))
         key_bytes = d / 2 + (2 * _meta_bits(mode) / 8 * d * groups + 4 * d) / SIZE_TOKENS
+    if mode.startswith("pair"):  # fp16 bounds per pair of channels per group
+        key_bytes = d / 2 + 2 * d / group
     if mode == "smooth":
         key_bytes = d / 2 + 4 + 2 * d / group
     return 4 * d / (key_bytes + value_bytes)

@@ -130,6 +130,7 @@ def test_four_bit_search_sizes_and_round_trips():
     assert fbk.times_smaller("plain", 16, "int4") == pytest.approx(256 / 84)  # int4: 3.05x
     assert fbk.times_smaller("meta7", 16, "z4") == pytest.approx(256 / (32 + 7 + 0.25 + 32 + 1.5))
     assert fbk.times_smaller("meta8", 16, "s4x1") < 3.5 < fbk.times_smaller("meta7", 16, "z4")
+    assert fbk.times_smaller("pairs", 16, "int4h") == pytest.approx(256 / (32 + 8 + 36))
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(48, 3, 64, generator=gen) * torch.linspace(0.1, 8, 64) + torch.linspace(-20, 20, 64)
     x[0] *= 30  # an attention sink's keys
