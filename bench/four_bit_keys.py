@@ -159,10 +159,15 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
         return _paired_keys(x, group, mode)
     if mode.startswith("meta"):  # the request's per-channel range in fp16, then B-bit codes per group
         top = (1 << _meta_bits(mode)) - 1
-        lo, hi = x.amin(0).half().float(), x.amax(0).half().float()
-        lo, hi = torch.minimum(lo, x.amin(0)), torch.maximum(hi, x.amax(0))  # fp16 rounding kept outside
+        bounds = group_bounds(x.shape[0], group, mode)
+        rest = x
+        if mode.endswith("s"):  # the first group's bounds in fp16, the grid over the others' range
+            out[: bounds[0][1]] = _levels(x[: bounds[0][1]], 4, 0)
+            rest, bounds = (x[bounds[0][1] :], bounds[1:]) if len(bounds) > 1 else (x, [])
+        lo, hi = rest.amin(0).half().float(), rest.amax(0).half().float()
+        lo, hi = torch.minimum(lo, rest.amin(0)), torch.maximum(hi, rest.amax(0))  # fp16 rounding kept outside
         step = ((hi - lo) / top).clamp_min(1e-30)
-        for g0, g1 in group_bounds(x.shape[0], group, mode):
+        for g0, g1 in bounds:
             part = x[g0:g1]
             mn = lo + ((part.amin(0) - lo) / step).floor().clamp(0, top) * step
             mx = lo + ((part.amax(0) - lo) / step).ceil().clamp(0, top) * step
@@ -205,8 +210,8 @@ def _paired_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
 
 
 def _meta_bits(mode: str) -> int:
-    """``metaB`` (or ``metaBm``): B-bit codes for a group's bounds."""
-    return int(mode.removeprefix("meta").removesuffix("m"))
+    """``metaB`` (or ``metaBm``, ``metaBs``): B-bit codes for a group's bounds."""
+    return int(mode.removeprefix("meta").removesuffix("m").removesuffix("s"))
 
 
 def _cmeta_params(mode: str) -> tuple[int, float]:
@@ -318,6 +323,8 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     if mode.startswith("meta"):  # two B-bit codes per channel per group, and the request's range: 4 per channel
         groups = len(group_bounds(SIZE_TOKENS, group, mode))
         key_bytes = d / 2 + (2 * _meta_bits(mode) / 8 * d * groups + 4 * d) / SIZE_TOKENS
+        if mode.endswith("s"):  # the first group's fp16 bounds instead of its codes
+            key_bytes += (4 - 2 * _meta_bits(mode) / 8) * d / SIZE_TOKENS
     if mode.startswith("pair"):  # fp16 bounds per pair of channels per group
         key_bytes = d / 2 + 2 * d / group
     if mode == "smooth":
