@@ -287,6 +287,11 @@ def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
         return _symmetric_rows(v, int(kind[3:]))
     if kind in ("z4", "z8"):
         return _zero_rows(v, int(kind[1:]))
+    if kind == "z4s":  # z4, but the request's first 16 rows with fp16 scale and zero-point (as int4h)
+        y = _zero_rows(v, 4)
+        h = _hadamard(v.shape[-1])
+        y[:16] = _levels(v[:16] @ h, 4, -1) @ h.T
+        return y
     raise ValueError(f"unknown value kind {kind!r}")
 
 
@@ -310,8 +315,8 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     values = values.removesuffix("/first")
     if values.startswith("s4x"):
         value_bytes = d / 2 + 1 / int(values[3:])
-    elif values in ("z4", "z8"):
-        value_bytes = d / 2 + 1 + int(values[1:]) / 8
+    elif values in ("z4", "z8", "z4s"):
+        value_bytes = d / 2 + 1 + int(values[1]) / 8 + (2.5 * 16 / SIZE_TOKENS if values == "z4s" else 0)
     else:
         value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
     bits = int(mode[1:]) if mode.startswith("b") else 4
