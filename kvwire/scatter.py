@@ -55,6 +55,13 @@ class Spans:
         return b"".join(_span_view(int(a), int(n)) for a, n in self.iov)
 
 
+def crc32c_together(spans: Sequence[Spans]) -> tuple[int, ...]:
+    """The CRC32C of each of several span lists whose span ``t`` lies in the same token row
+    (some heads each), reading the rows once: twice as fast out of main memory as one list
+    after another (``_scatter.c``, ``crc_together``)."""
+    return _scatter.crc32c_together([s.iov for s in spans])
+
+
 def _span_view(address: int, nbytes: int) -> memoryview:
     import ctypes
 

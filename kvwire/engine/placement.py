@@ -25,7 +25,11 @@ codec descriptor, made the first time the codec is seen.
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,7 +51,7 @@ from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
 from kvwire.proto.frames import crc32c_parts
-from kvwire.scatter import block_spans, token_spans
+from kvwire.scatter import Spans, block_spans, crc32c_together, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -79,19 +83,23 @@ class Payload:
 
     ``parts``: host buffers whose concatenation is the payload (views of the cache, or of
     ``slot``, or :class:`~kvwire.scatter.Spans` of the cache); ``device``: the payload in
-    GPU memory instead (then ``parts`` is empty and ``crc`` was computed on the device)."""
+    GPU memory instead (then ``parts`` is empty and ``crc`` was computed on the device);
+    ``crc_of``: computes the CRC instead of reading ``parts`` (:class:`RowChecksums`)."""
 
     parts: list
     slot: Slot | None
     nbytes: int
     device: torch.Tensor | None = None
     crc: int | None = None
+    crc_of: Callable[[], int] | None = None
 
     def checksum(self) -> int:
         """The payload's CRC32C (computed here for host payloads, just before the send, so
         the bytes are still in cache when sendmsg reads them)."""
         if self.crc is not None:
             return self.crc
+        if self.crc_of is not None:
+            return self.crc_of()
         return crc32c_parts(self.parts)
 
     def release(self) -> None:
@@ -116,6 +124,72 @@ class HeadViews:
         if key not in self._views:
             self._views[key] = head_bytes(self._caches[ref.layer][ref.name], *ref.heads)
         return self._views[key]
+
+
+class RowChecksums:
+    """The CRCs of chunks that several senders cut from the same token rows: a prefill rank
+    sending each of several decode ranks some of the heads of every token (a
+    :class:`~kvwire.ShardedSender`'s senders share one). Read one rank's part after
+    another, each pass reads part of every row, which this machine's prefetching serves
+    at half the speed of whole rows; the first writer to need one of these CRCs reads the
+    rows once for every rank's part (:func:`kvwire.scatter.crc32c_together`) and leaves
+    the others' here for their writers, which then need not read them at all. A writer
+    that asks while another computes its CRC waits for it (the senders run in step, and
+    both reading the rows would undo the gain).
+
+    Keys: a transfer's ``row_group`` (the same for the transfers of one request to every
+    rank), the chunk's layer, tensor and rows, and the heads. The senders cut alike (equal
+    head ranges, the same chunk size), so every CRC left here is asked for once; a bounded
+    number are kept, for a transfer that ends before its siblings ask."""
+
+    KEEP = 1024
+
+    def __init__(self, head_ranges: list[tuple[int, int]]) -> None:
+        self.head_ranges = head_ranges
+        self._lock = threading.Lock()
+        self._crcs: collections.OrderedDict[tuple, int | _Pending] = collections.OrderedDict()
+        self.counts = {"computed": 0, "taken": 0, "waited": 0}  # chunks: rows read here, CRC found, waited for
+
+    def checksum(self, key: tuple, heads: tuple[int, int], spans_for: Callable[[tuple[int, int]], Spans]) -> int:
+        index = self.head_ranges.index(heads)
+        pending = None
+        with self._lock:
+            entry = self._crcs.pop(key + (heads,), None)
+            if entry is None:
+                entry = pending = _Pending()
+                for h in self.head_ranges:
+                    if h != heads:
+                        self._crcs[key + (h,)] = pending
+                while len(self._crcs) > self.KEEP:
+                    self._crcs.popitem(last=False)
+            elif isinstance(entry, int):
+                self.counts["taken"] += 1
+                return entry
+            else:
+                self.counts["waited"] += 1
+        if pending is None:  # another writer is reading these rows
+            entry.done.wait()
+            return entry.crcs[index] if entry.crcs is not None else spans_for(heads).crc32c()
+        try:
+            pending.crcs = crc32c_together([spans_for(h) for h in self.head_ranges])
+        finally:
+            pending.done.set()
+        with self._lock:
+            self.counts["computed"] += 1
+            for h, c in zip(self.head_ranges, pending.crcs):
+                if self._crcs.get(key + (h,)) is pending:
+                    self._crcs[key + (h,)] = c
+        return pending.crcs[index]
+
+
+class _Pending:
+    """CRCs one writer is computing for the others (``RowChecksums``)."""
+
+    __slots__ = ("done", "crcs")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.crcs: tuple[int, ...] | None = None
 
 
 class CacheSide:
@@ -166,6 +240,8 @@ class HostEncoder(Encoder):
         # TCP and the compiled helper): some heads of each token, else copied; raw rows
         # over several runs of blocks, else a view per run.
         self.spans = False
+        # Shared with the senders of the other decode ranks' heads (ShardedSender sets it).
+        self.row_checksums: RowChecksums | None = None
 
     def encode(self, source: Source, ref: ChunkRef, spec: ChunkSpec, codec: Codec) -> Payload:
         caches = self.caches[ref.layer]
@@ -184,7 +260,13 @@ class HostEncoder(Encoder):
         if codec.name == "raw" and ref.heads is not None and (heads := self.heads.get(ref)) is not None:
             if self.spans:  # some heads of each token: a span each, read where they lie
                 spans = token_spans(heads, source.selection.ids, bs, ref.start, ref.count)
-                return Payload([spans], None, spans.nbytes)
+                payload = Payload([spans], None, spans.nbytes)
+                group = getattr(source, "row_group", None)
+                if self.row_checksums is not None and group is not None and ref.heads in self.row_checksums.head_ranges:
+                    key = (group, ref.layer, ref.tensor, ref.start, ref.count)
+                    payload.crc_of = functools.partial(self.row_checksums.checksum, key, ref.heads,
+                                                       functools.partial(self._spans_of, source, ref))  # fmt: skip
+                return payload
             n = ref.count * heads.shape[2]  # some heads of each token: one copy into the slot
             slot = self.pool.acquire(n)
             rows_from_blocks(heads, source.selection.block_ids[ref.start // bs :], bs,
@@ -198,6 +280,12 @@ class HostEncoder(Encoder):
             with torch.cuda.stream(self.side_stream):
                 rows = rows.to("cpu")
         return self._into_slot(codec.encode(rows, spec.role, bs).data)
+
+    def _spans_of(self, source: Source, ref: ChunkRef, heads: tuple[int, int]) -> Spans:
+        """The spans of the same rows as ``ref``, other heads (``RowChecksums``)."""
+        view = self.heads.get(ref._replace(heads=heads))
+        assert view is not None  # the same cache as ref's, which has a view
+        return token_spans(view, source.selection.ids, self.layout.block_size, ref.start, ref.count)
 
 
 class GpuStagedEncoder(Encoder):

@@ -180,6 +180,9 @@ class SendHandle:
         self.t_acked: float | None = None
         self.layer_sent_at: dict[int, float] = {}
         self.alone = False  # no other transfer was open when it started
+        # The same number on the transfers of one request to every decode rank a
+        # ShardedSender serves: their chunks' CRCs are computed together (RowChecksums).
+        self.row_group: int | None = None
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue layer ``layer`` (its paged tensors, and its state if it has one); returns at once.

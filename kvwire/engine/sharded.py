@@ -24,6 +24,7 @@ and the error names the decode rank.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from kvwire.engine.common import check_seconds, request_arguments
+from kvwire.engine.placement import HostEncoder, RowChecksums
 from kvwire.engine.sender import Sender, SendHandle
 from kvwire.errors import TransferError
 from kvwire.layout import KVLayout
@@ -80,6 +82,8 @@ class ShardedSender:
                 self.close()
                 raise ValueError(f"peers[{d}]: that receiver is decode rank {sender.receiver_tp}, not {d} of "
                                  f"{len(peers)}")  # fmt: skip
+        self._row_groups = itertools.count(1)
+        self.row_checksums = _row_checksums(list(self.senders.values()))
 
     def estimate(self, num_tokens: int, **options) -> Estimate:
         """The prediction of the decode rank predicted last (each rank's sender predicts
@@ -114,6 +118,9 @@ class ShardedSender:
             for h in handles.values():
                 h.cancel("the transfer could not start on every decode rank")
             raise
+        group = next(self._row_groups)
+        for h in handles.values():
+            h.row_group = group  # before its first layer is queued
         return ShardedTransfer(self, request_id, num_tokens, handles)
 
     def stats(self) -> dict:
@@ -128,6 +135,26 @@ class ShardedSender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _row_checksums(senders: list[Sender]) -> RowChecksums | None:
+    """One :class:`RowChecksums` for senders that each send some heads of every token from
+    spans of the same caches, cut alike (heads in equal ranges); else None."""
+    encoders = [s.encoder for s in senders]
+    ranges = [s._kv_heads for s in senders]
+    if (
+        len(senders) < 2
+        or not all(isinstance(e, HostEncoder) and e.spans for e in encoders)
+        or any(r is None for r in ranges)
+        or len({r[1] for r in ranges if r is not None}) != 1
+        or len({s._chunk_bytes for s in senders}) != 1
+    ):
+        return None
+    shared = RowChecksums([r for r in ranges if r is not None])
+    for e in encoders:
+        assert isinstance(e, HostEncoder)
+        e.row_checksums = shared
+    return shared
 
 
 class ShardedTransfer:
