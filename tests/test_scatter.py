@@ -156,6 +156,37 @@ def test_a_closed_socket_and_a_malformed_iov_are_errors():
         scatter._scatter.crc32c(np.zeros(3, dtype=np.uint64))
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    parts=st.lists(st.integers(0, 300), min_size=1, max_size=8),
+    stride_pad=st.integers(0, 64),
+    uneven=st.booleans(),
+)
+def test_crc32c_together_is_each_lists_crc32c(rows, parts, stride_pad, uneven):
+    """Several lists of spans sharing their rows (each list a part of every row, as decode
+    ranks' heads of each token are) give each list's own CRC32C, read together: any part
+    sizes (zero included), any number of rows (fewer than three: one list at a time),
+    and lists whose spans differ in length (also one at a time)."""
+    stride = sum(parts) + stride_pad
+    starts = [sum(parts[:j]) for j in range(len(parts))]
+    lists = [[(r * stride + start, size) for r in range(rows)] for start, size in zip(starts, parts)]
+    if uneven and rows > 3:
+        lists[0][1] = (lists[0][1][0], max(parts[0] - 1, 0))
+    iovs = [spans_of(pieces) for pieces in lists]
+    assert scatter.crc32c_together(iovs) == tuple(crc32c.crc32c(joined(pieces)) for pieces in lists)
+
+
+def test_crc32c_together_refuses_what_it_cannot_read():
+    one = spans_of([(0, 100), (200, 100)])
+    with pytest.raises(ValueError, match="has 1 spans, the first 2"):
+        scatter.crc32c_together([one, spans_of([(0, 100)])])
+    with pytest.raises(ValueError, match="1 to 8 iov arrays, got 9"):
+        scatter.crc32c_together([one] * 9)
+    with pytest.raises(ValueError, match="1 to 8 iov arrays, got 0"):
+        scatter.crc32c_together([])
+
+
 def test_crc32c_over_many_span_lengths_from_many_threads():
     """Runs of three equal spans use a table per length (16 kept, the rest built per
     call): 40 lengths from 8 threads at once all give the crc32c package's answer."""

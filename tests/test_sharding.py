@@ -283,6 +283,45 @@ def test_split_heads_move_as_spans_or_through_a_copy(spans, prefill_size, decode
         assert used["recv"] > 0
 
 
+@pytest.mark.parametrize("decode_size", [2, 4])
+def test_one_prefill_rank_reads_each_row_once_for_every_decode_ranks_checksum(decode_size):
+    """1 -> 2 and 1 -> 4 with spans: each group of chunks cut from the same rows for the
+    decode ranks has its CRCs computed once, in one pass (the first writer to ask), and
+    the other writers take theirs or wait for it; every head arrives exact."""
+    if not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    tokens = 150
+    src = filled(GQA8, NUM_BLOCKS, seed=4)
+    decode = [shard(GQA8, d, decode_size) for d in range(decode_size)]
+    dst = [layout.allocate(NUM_BLOCKS + 2) for layout in decode]
+    src_ids, dst_ids = list(range(NUM_BLOCKS - 1, 5, -1)), list(range(1, 11))
+    receivers = [kvwire.Receiver(layout, secret=SECRET, kv_caches=caches) for layout, caches in zip(decode, dst)]
+    try:
+        with kvwire.ShardedSender(GQA8, [rx.address for rx in receivers], secret=SECRET, kv_caches=src, streams=2,
+                                  chunk_bytes=4096) as sender:  # fmt: skip
+            assert sender.row_checksums is not None
+            for r in range(2):
+                handles = [rx.expect(f"r{r}", dst_ids, tokens, deadline=30) for rx in receivers]
+                chunks = sender.transfer(f"r{r}", src_ids, tokens, deadline=30).send_all(timeout=30)["chunks"]
+                for h in handles:
+                    h.wait(timeout=30)
+                check(GQA8, src, src_ids, decode, dst, dst_ids, tokens, "raw", 16, 16)
+            counts = sender.row_checksums.counts
+    finally:
+        for rx in receivers:
+            rx.close()
+    assert chunks % decode_size == 0
+    assert counts["computed"] == 2 * chunks // decode_size  # two requests
+    assert counts["computed"] + counts["taken"] + counts["waited"] == 2 * chunks
+
+
+def test_prefill_ranks_that_each_serve_one_decode_rank_share_no_checksums():
+    layout = GQA8.shard(0, 2)  # 2 -> 1: this rank's heads all go to the one decode rank
+    with kvwire.Receiver(GQA8, secret=SECRET, kv_caches=GQA8.allocate(4)) as rx:
+        with kvwire.ShardedSender(layout, [rx.address], secret=SECRET, kv_caches=layout.allocate(4)) as sender:
+            assert sender.row_checksums is None
+
+
 @pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2)])
 def test_split_heads_that_fail_their_checksum_are_asked_for_again(prefill_size, decode_size, monkeypatch):
     """The first payloads carry a wrong CRC (as if corrupted on the way): the receiver
