@@ -123,9 +123,8 @@ def test_alternate_runs_each_side_from_its_own_checkout(tmp_path):
 def test_four_bit_search_sizes_and_round_trips():
     """bench/four_bit_keys.py's cheaper key metadata and value rows: the sizes the docs quote,
     and round trips that keep every element within half a step of its group's grid."""
-    import torch
-
     import four_bit_keys as fbk  # bench/four_bit_keys.py
+    import torch
 
     assert fbk.times_smaller("plain", 16, "int4") == pytest.approx(256 / 84)  # int4: 3.05x
     assert fbk.times_smaller("meta7", 16, "z4") == pytest.approx(256 / (32 + 7 + 0.25 + 32 + 1.5))
