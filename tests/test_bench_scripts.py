@@ -152,3 +152,17 @@ def test_four_bit_search_sizes_and_round_trips():
         assert (err.abs() <= step.unsqueeze(-1) / 2 + 1e-5).all(), kind
     partner = fbk.channel_pairs(x, "s")
     assert torch.equal(partner.gather(1, partner), torch.arange(64).expand(3, 64))  # pairs, each channel once
+
+
+def test_span_memory_prints_every_pattern():
+    from kvwire import scatter
+
+    if not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    out = subprocess.run([sys.executable, str(BENCH / "span_memory.py"), "--mib", "16", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = out.stdout.splitlines()[-1]
+    for name in ("whole rows", "half rows", "halves, one after the other", "halves together", "halves after whole"):
+        assert f"{name} " in line
+    assert all(float(x) > 0 for x in line.split()[-1:])
