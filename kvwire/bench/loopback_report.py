@@ -210,6 +210,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         )
     cpu = report["cpu_s_per_gb"]
     rows.append(("CPU s per GB", f"sender {cpu['sender']:.3f}, receiver {cpu['receiver']:.3f}"))
+    if "homogeneous" in report:  # where the sharded run's extra CPU is: the side that splits heads
+        home_cpu = report["homogeneous"]["cpu_s_per_gb"]
+        rows.append(("CPU s per GB, 1 -> 1", f"sender {home_cpu['sender']:.3f}, receiver {home_cpu['receiver']:.3f}"))
     machine = {k: v for k, v in report["machine_cpu"].items() if v}
     if report.get("homogeneous", {}).get("machine_cpu"):
         machine["1 -> 1"] = report["homogeneous"]["machine_cpu"]
