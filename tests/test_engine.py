@@ -1,5 +1,6 @@
 """Sender to Receiver over real sockets on 127.0.0.1."""
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -195,6 +196,24 @@ def test_data_before_expect_waits_and_credit_slows_the_sender(receiver_for):
         h2.wait(timeout=10)
     assert_transferred(layout, src, blocks, dst, blocks, 64 * 16)
     assert h.done() and not h.ok()  # the first transfer timed out on the sender, which cancelled it
+
+
+def test_chunk_bytes_beyond_the_receivers_frames_is_cut_to_them_and_said(receiver_for, caplog):
+    layout = kvwire.KVLayout.gqa(num_layers=1, num_kv_heads=8, head_dim=128, block_size=16)
+    rx, dst = receiver_for(layout, slot_bytes=256 << 10)
+    src = filled(layout, 16, seed=3)
+    with caplog.at_level(logging.INFO, logger="kvwire.sender"):
+        with sender(layout, rx, src, streams=1, chunk_bytes=1 << 20) as tx:
+            cut = tx.stats()["chunk_bytes"]  # the receiver's slot_bytes
+            h = rx.expect("r", list(range(16)), 256)
+            t = tx.transfer("r", list(range(16)), 256)
+            t.send_layer(0)
+            t.finish(timeout=30)
+            h.wait(timeout=10)
+    assert cut == 256 << 10
+    asked = [r for r in caplog.records if "chunk_bytes 1048576" in r.getMessage()]
+    assert len(asked) == 1 and asked[0].levelno == logging.WARNING and f"chunks of {cut} bytes" in asked[0].getMessage()
+    assert_transferred(layout, src, list(range(16)), dst, list(range(16)), 256)
 
 
 def test_queued_chunks_go_out_gathered_and_whole(receiver_for):

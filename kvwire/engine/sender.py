@@ -464,7 +464,10 @@ class Sender:
                 c.stream.close()
             self._pool.close()
             raise
-        if self._chunk_bytes > self.max_payload:
+        if self._chunk_bytes > self.max_payload:  # said aloud when it was asked for, not just the default
+            log.log(logging.INFO if chunk_bytes == DEFAULT_CHUNK_BYTES else logging.WARNING,
+                    "chunk_bytes %d is more than the receiver takes in one frame (its slot_bytes): chunks of %d "
+                    "bytes instead", self._chunk_bytes, self.max_payload)  # fmt: skip
             self._chunk_bytes = self.max_payload
         self._device_payloads = all(c.stream.device_payloads for c in self._conns) if self._device_payloads else False
         if self._device_payloads:
