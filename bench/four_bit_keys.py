@@ -37,6 +37,8 @@ said):
 * ``cmetaBaA``: B-bit codes on a companded grid around the channel's median,
   ``c + u * sinh(code / A)`` (fine steps near the centre, coarse where only an outlier
   group reaches);
+* ``norm`` (``normh``): no key groups: each channel less its request-wide mean and over
+  its deviation, then each token's row as ``int4h`` quantizes values (rotated first);
 * ``pairX``: fp16 bounds shared by two channels (``h``: i and i + D/2, ``a``: 2i and
   2i + 1, ``s``: neighbours by range): half the key metadata.
 
@@ -157,6 +159,8 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
         return _companded_keys(x, group, mode)
     if mode.startswith("pair"):
         return _paired_keys(x, group, mode)
+    if mode in ("norm", "normh"):
+        return _normalised_keys(x, mode == "normh")
     if mode.startswith("meta"):  # the request's per-channel range in fp16, then B-bit codes per group
         top = (1 << _meta_bits(mode)) - 1
         bounds = group_bounds(x.shape[0], group, mode)
@@ -207,6 +211,17 @@ def _paired_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
         mx = torch.maximum(mx, mx.gather(1, partner))
         out[g0 : g0 + group] = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
     return out
+
+
+def _normalised_keys(x: torch.Tensor, rotate: bool) -> torch.Tensor:
+    """``norm``: each channel less its request-wide mean and divided by its request-wide
+    standard deviation (two fp16 per channel per request), then per token as ``int4h``'s
+    values quantize a row (``normh``: rotated first): per-token metadata, no key groups."""
+    mu = x.mean(0).half().float()
+    sd = x.std(0).clamp_min(1e-6).half().float()
+    y = (x - mu) / sd
+    h = _hadamard(x.shape[-1]) if rotate else torch.eye(x.shape[-1])
+    return (_levels(y @ h, 4, -1) @ h.T) * sd + mu
 
 
 def _meta_bits(mode: str) -> int:
@@ -334,6 +349,8 @@ def times_smaller(mode: str, group: int, values: str) -> float:
         key_bytes = d / 2 + 2 * d / group
     if mode == "smooth":
         key_bytes = d / 2 + 4 + 2 * d / group
+    if mode in ("norm", "normh"):  # fp16 scale and zero per token, mean and deviation per channel per request
+        key_bytes = d / 2 + 4 + 4 * d / SIZE_TOKENS
     return 4 * d / (key_bytes + value_bytes)
 
 
