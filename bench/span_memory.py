@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--row-kib", type=int, default=2, help="bytes per token row (8 heads of 128 bf16: 2)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.mib < 4 or args.row_kib < 1:
+        parser.error("--mib: at least 4 (two chunks' rows); --row-kib: at least 1")
     if not scatter.available():
         raise SystemExit("the compiled helper kvwire._scatter is not built (pip install -e .)")
     size, row = args.mib << 20, args.row_kib << 10

@@ -74,10 +74,10 @@ __attribute__((target("sse4.2"))) static uint32_t crc_bytes_hw(uint32_t reg, con
     return r32;
 }
 
-/* Three spans of ``n`` bytes each, each from a zero register, interleaved. */
-__attribute__((target("sse4.2"))) static void crc_three_hw(const unsigned char *a, const unsigned char *b,
-                                                          const unsigned char *c, size_t n, uint32_t out[3]) {
-    uint64_t ra = 0, rb = 0, rc = 0;
+/* Three spans of ``n`` bytes each, continuing three registers, interleaved. */
+__attribute__((target("sse4.2"))) static void crc_three_on(uint32_t reg[3], const unsigned char *a,
+                                                          const unsigned char *b, const unsigned char *c, size_t n) {
+    uint64_t ra = reg[0], rb = reg[1], rc = reg[2];
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         uint64_t va, vb, vc;
@@ -88,9 +88,16 @@ __attribute__((target("sse4.2"))) static void crc_three_hw(const unsigned char *
         rb = _mm_crc32_u64(rb, vb);
         rc = _mm_crc32_u64(rc, vc);
     }
-    out[0] = crc_bytes_hw((uint32_t)ra, a + i, n - i);
-    out[1] = crc_bytes_hw((uint32_t)rb, b + i, n - i);
-    out[2] = crc_bytes_hw((uint32_t)rc, c + i, n - i);
+    reg[0] = crc_bytes_hw((uint32_t)ra, a + i, n - i);
+    reg[1] = crc_bytes_hw((uint32_t)rb, b + i, n - i);
+    reg[2] = crc_bytes_hw((uint32_t)rc, c + i, n - i);
+}
+
+/* Three spans of ``n`` bytes each, each from a zero register, interleaved. */
+static void crc_three_hw(const unsigned char *a, const unsigned char *b, const unsigned char *c, size_t n,
+                         uint32_t out[3]) {
+    out[0] = out[1] = out[2] = 0;
+    crc_three_on(out, a, b, c, n);
 }
 #else
 #define HAVE_X86 0
@@ -222,6 +229,7 @@ static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, size_t count) {
     return ~reg;
 }
 
+#if HAVE_X86
 /* Joining CRCs of any lengths: the register after ``n`` more bytes is the register times
  * x^(8n) modulo the polynomial (no table per length). Polynomials are reflected: bit 31
  * is x^0. */
@@ -251,26 +259,6 @@ static uint32_t shift_bytes(uint32_t reg, uint64_t n) {
     for (int k = 3; n && k < 64; n >>= 1, k++)
         if (n & 1) p = gf2_mul(x2n[k], p);
     return gf2_mul(p, reg);
-}
-
-#if HAVE_X86
-/* Three spans of ``n`` bytes each, continuing three registers, interleaved. */
-__attribute__((target("sse4.2"))) static void crc_three_on(uint32_t reg[3], const unsigned char *a,
-                                                          const unsigned char *b, const unsigned char *c, size_t n) {
-    uint64_t ra = reg[0], rb = reg[1], rc = reg[2];
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t va, vb, vc;
-        memcpy(&va, a + i, 8);
-        memcpy(&vb, b + i, 8);
-        memcpy(&vc, c + i, 8);
-        ra = _mm_crc32_u64(ra, va);
-        rb = _mm_crc32_u64(rb, vb);
-        rc = _mm_crc32_u64(rc, vc);
-    }
-    reg[0] = crc_bytes_hw((uint32_t)ra, a + i, n - i);
-    reg[1] = crc_bytes_hw((uint32_t)rb, b + i, n - i);
-    reg[2] = crc_bytes_hw((uint32_t)rc, c + i, n - i);
 }
 #endif
 
@@ -338,9 +326,12 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args) {
 static PyObject *py_crc32c_together(PyObject *self, PyObject *args) {
     PyObject *arg;
     if (!PyArg_ParseTuple(args, "O", &arg)) return NULL;
-    PyObject *seq = PySequence_Fast(arg, "crc32c_together: expected a sequence of iov arrays");
+    if (!PyList_Check(arg) && !PyTuple_Check(arg))
+        return PyErr_Format(PyExc_TypeError, "crc32c_together: expected a list or tuple of iov arrays, got %s",
+                            Py_TYPE(arg)->tp_name);
+    PyObject *seq = PySequence_Tuple(arg); /* a copy: the caller's list may not change under us */
     if (seq == NULL) return NULL;
-    Py_ssize_t lists = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t lists = PyTuple_GET_SIZE(seq);
     if (lists < 1 || lists > TOGETHER_MAX) {
         Py_DECREF(seq);
         return PyErr_Format(PyExc_ValueError, "crc32c_together: expected 1 to %d iov arrays, got %zd", TOGETHER_MAX,
@@ -352,7 +343,7 @@ static PyObject *py_crc32c_together(PyObject *self, PyObject *args) {
     Py_ssize_t got = 0;
     PyObject *result = NULL;
     for (; got < lists; got++)
-        if (get_iov(PySequence_Fast_GET_ITEM(seq, got), &views[got], &iov[got], &count[got]) < 0) goto done;
+        if (get_iov(PyTuple_GET_ITEM(seq, got), &views[got], &iov[got], &count[got]) < 0) goto done;
     for (Py_ssize_t j = 1; j < lists; j++)
         if (count[j] != count[0]) {
             PyErr_Format(PyExc_ValueError, "crc32c_together: iov array %zd has %zu spans, the first %zu", j, count[j],
@@ -560,10 +551,12 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_scatter", NULL, -1,
 
 PyMODINIT_FUNC PyInit__scatter(void) {
     init_byte_table();
-    init_x2n();
 #if HAVE_X86
+    init_x2n();
     __builtin_cpu_init();
     use_hw = __builtin_cpu_supports("sse4.2");
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "TOGETHER_MAX", TOGETHER_MAX) < 0) Py_CLEAR(m);
+    return m;
 }

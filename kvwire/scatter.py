@@ -55,6 +55,9 @@ class Spans:
         return b"".join(_span_view(int(a), int(n)) for a, n in self.iov)
 
 
+TOGETHER_MAX = 8  # span lists crc32c_together reads at once (the helper's TOGETHER_MAX)
+
+
 def crc32c_together(spans: Sequence[Spans]) -> tuple[int, ...]:
     """The CRC32C of each of several span lists whose span ``t`` lies in the same token row
     (some heads each), reading the rows once: twice as fast out of main memory as one list

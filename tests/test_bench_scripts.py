@@ -163,6 +163,11 @@ def test_span_memory_prints_every_pattern():
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     line = out.stdout.splitlines()[-1]
-    for name in ("whole rows", "half rows", "halves, one after the other", "halves together", "halves after whole"):
-        assert f"{name} " in line
-    assert all(float(x) > 0 for x in line.split()[-1:])
+    names = ("whole rows", "half rows", "halves, one after the other", "halves together", "halves after whole rows")
+    for name, after in zip(names, names[1:] + ("",)):
+        figure = line.split(f"{name} ", 1)[1].split(after)[0] if after else line.split(f"{name} ", 1)[1]
+        assert float(figure) > 0, (name, line)
+    small = subprocess.run(
+        [sys.executable, str(BENCH / "span_memory.py"), "--mib", "2"], capture_output=True, text=True
+    )
+    assert small.returncode != 0 and "--mib: at least 4" in small.stderr

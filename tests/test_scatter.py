@@ -177,6 +177,16 @@ def test_crc32c_together_is_each_lists_crc32c(rows, parts, stride_pad, uneven):
     assert scatter.crc32c_together(iovs) == tuple(crc32c.crc32c(joined(pieces)) for pieces in lists)
 
 
+@pytest.mark.parametrize("rows", [3000, 3001, 3002])
+def test_crc32c_together_over_thirds_of_megabytes(rows):
+    # Real chunks join thirds of 700 KiB and more: shifts by large lengths (every row here
+    # is the same megabyte's bytes: spans may overlap, lists need not be apart).
+    lists = [[(start, size)] * rows for start, size in ((0, 1024), (1024, 1000), (4096, 333))]
+    lists[0] = [(r * 97 % 4000, 1024) for r in range(rows)]
+    want = tuple(crc32c.crc32c(joined(pieces)) for pieces in lists)
+    assert scatter.crc32c_together([spans_of(pieces) for pieces in lists]) == want
+
+
 def test_crc32c_together_refuses_what_it_cannot_read():
     one = spans_of([(0, 100), (200, 100)])
     with pytest.raises(ValueError, match="has 1 spans, the first 2"):
@@ -185,6 +195,11 @@ def test_crc32c_together_refuses_what_it_cannot_read():
         scatter.crc32c_together([one] * 9)
     with pytest.raises(ValueError, match="1 to 8 iov arrays, got 0"):
         scatter.crc32c_together([])
+    with pytest.raises(ValueError, match="iov"):  # the second is not [address, length] rows: the first is let go
+        scatter._scatter.crc32c_together([one.iov, np.zeros(3, dtype=np.uint64)])
+    with pytest.raises(TypeError, match="list or tuple"):  # an array of rows is not a list of arrays
+        scatter._scatter.crc32c_together(one.iov)
+    assert scatter.TOGETHER_MAX == scatter._scatter.TOGETHER_MAX
 
 
 def test_crc32c_over_many_span_lengths_from_many_threads():

@@ -312,7 +312,31 @@ def test_one_prefill_rank_reads_each_row_once_for_every_decode_ranks_checksum(de
             rx.close()
     assert chunks % decode_size == 0
     assert counts["computed"] == 2 * chunks // decode_size  # two requests
-    assert counts["computed"] + counts["taken"] + counts["waited"] == 2 * chunks
+    assert counts["computed"] + counts["taken"] + counts["waited"] == 2 * chunks and counts["alone"] == 0
+
+
+def test_checksums_computed_together_fall_back_to_each_ones_own(monkeypatch):
+    """The joint pass failing (it never should) costs each writer its own CRC, not a dead
+    writer: the transfer completes, every head exact, nothing asked for again."""
+    if not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    from kvwire.engine import placement
+
+    def broken(spans):
+        raise RuntimeError("a broken joint pass")
+
+    monkeypatch.setattr(placement, "crc32c_together", broken)
+    stats = run(GQA8, 1, 2, tokens=150)
+    assert sum(s["nacked_chunks"] for s in stats) == 0
+
+
+def test_row_checksums_take_two_to_eight_distinct_head_ranges():
+    from kvwire.engine.placement import RowChecksums
+
+    for ranges in ([(0, 1)], [(0, 1), (0, 1)], [(h, 1) for h in range(scatter.TOGETHER_MAX + 1)]):
+        with pytest.raises(ValueError, match="distinct ranges"):
+            RowChecksums(ranges)
+    assert RowChecksums([(0, 4), (4, 4)]).head_ranges == [(0, 4), (4, 4)]
 
 
 def test_prefill_ranks_that_each_serve_one_decode_rank_share_no_checksums():
@@ -320,6 +344,30 @@ def test_prefill_ranks_that_each_serve_one_decode_rank_share_no_checksums():
     with kvwire.Receiver(GQA8, secret=SECRET, kv_caches=GQA8.allocate(4)) as rx:
         with kvwire.ShardedSender(layout, [rx.address], secret=SECRET, kv_caches=layout.allocate(4)) as sender:
             assert sender.row_checksums is None
+
+
+@pytest.mark.parametrize("why", ["no spans", "replicated heads", "different chunk sizes"])
+def test_senders_that_would_not_cut_alike_share_no_checksums(why, monkeypatch):
+    """Sharing needs every sender to send spans of some heads of every token and to cut
+    the same rows: not without the helper, not when heads are replicated over decode ranks
+    (two ranks ask for the same heads), not when one receiver's frames cut chunks smaller."""
+    model, decode_size = (GQA2, 4) if why == "replicated heads" else (GQA8, 2)
+    if why == "no spans":
+        monkeypatch.setattr(scatter, "available", lambda: False)
+    elif not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    decode = [model.shard(d, decode_size) for d in range(decode_size)]
+    slots = [None, 256 << 10] if why == "different chunk sizes" else [None] * decode_size
+    receivers = [kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4),
+                                 **({"slot_bytes": slot} if slot else {}))
+                 for layout, slot in zip(decode, slots)]  # fmt: skip
+    try:
+        with kvwire.ShardedSender(model, [rx.address for rx in receivers], secret=SECRET,
+                                  kv_caches=model.allocate(4)) as sender:  # fmt: skip
+            assert len(sender.senders) == decode_size and sender.row_checksums is None
+    finally:
+        for rx in receivers:
+            rx.close()
 
 
 @pytest.mark.parametrize("prefill_size, decode_size", [(2, 1), (1, 2)])

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from kvwire import scatter
 from kvwire.blocks import (
     cache_bytes,
     copy_tokens_to_blocks,
@@ -131,59 +132,81 @@ class RowChecksums:
     sending each of several decode ranks some of the heads of every token (a
     :class:`~kvwire.ShardedSender`'s senders share one). Read one rank's part after
     another, each pass reads part of every row, which this machine's prefetching serves
-    at half the speed of whole rows; the first writer to need one of these CRCs reads the
-    rows once for every rank's part (:func:`kvwire.scatter.crc32c_together`) and leaves
-    the others' here for their writers, which then need not read them at all. A writer
-    that asks while another computes its CRC waits for it (the senders run in step, and
-    both reading the rows would undo the gain).
+    at half the speed of whole rows; the first writer to need one of a group's CRCs reads
+    the rows once for every rank's part (:func:`kvwire.scatter.crc32c_together`) and
+    leaves the others' here for their writers, which then need not read them at all. A
+    writer that asks while another computes its CRC waits for it (the senders run in
+    step, and both reading the rows would undo the gain).
 
-    Keys: a transfer's ``row_group`` (the same for the transfers of one request to every
-    rank), the chunk's layer, tensor and rows, and the heads. The senders cut alike (equal
-    head ranges, the same chunk size), so every CRC left here is asked for once; a bounded
-    number are kept, for a transfer that ends before its siblings ask."""
+    A group is a chunk's rows: its transfer's ``row_group`` (the same for the transfers of
+    one request to every rank), layer, tensor and rows. A writer whose group was computed
+    before and whose CRC is no longer here (a resend, or one so late that its group was
+    dropped) reads its own part alone and leaves nothing. Bounded: ``KEEP`` groups with
+    CRCs waiting, ``REMEMBER`` groups known to be done. Any failure of the joint pass
+    falls back to each writer's own CRC."""
 
-    KEEP = 1024
+    KEEP = 256
+    REMEMBER = 4096
 
     def __init__(self, head_ranges: list[tuple[int, int]]) -> None:
+        if len(set(head_ranges)) != len(head_ranges) or not 2 <= len(head_ranges) <= scatter.TOGETHER_MAX:
+            raise ValueError(f"head_ranges: 2 to {scatter.TOGETHER_MAX} distinct ranges, got {head_ranges}")
         self.head_ranges = head_ranges
         self._lock = threading.Lock()
-        self._crcs: collections.OrderedDict[tuple, int | _Pending] = collections.OrderedDict()
-        self.counts = {"computed": 0, "taken": 0, "waited": 0}  # chunks: rows read here, CRC found, waited for
+        self._waiting: collections.OrderedDict[tuple, dict[tuple[int, int], int | _Pending]] = collections.OrderedDict()
+        self._done: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        # chunks whose CRCs were computed together, found here, waited for, computed alone
+        self.counts = {"computed": 0, "taken": 0, "waited": 0, "alone": 0}
 
     def checksum(self, key: tuple, heads: tuple[int, int], spans_for: Callable[[tuple[int, int]], Spans]) -> int:
-        index = self.head_ranges.index(heads)
         pending = None
         with self._lock:
-            entry = self._crcs.pop(key + (heads,), None)
-            if entry is None:
-                entry = pending = _Pending()
-                for h in self.head_ranges:
-                    if h != heads:
-                        self._crcs[key + (h,)] = pending
-                while len(self._crcs) > self.KEEP:
-                    self._crcs.popitem(last=False)
-            elif isinstance(entry, int):
+            group = self._waiting.get(key)
+            entry = group.pop(heads, None) if group is not None else None
+            if group is not None and not group:
+                del self._waiting[key]
+            if isinstance(entry, int):
                 self.counts["taken"] += 1
                 return entry
-            else:
+            if entry is not None:
                 self.counts["waited"] += 1
-        if pending is None:  # another writer is reading these rows
+            elif group is not None or key in self._done:
+                self.counts["alone"] += 1
+            else:  # the first of the group: the others' CRCs come from this pass
+                pending = _Pending()
+                self._waiting[key] = {h: pending for h in self.head_ranges if h != heads}
+                self._remember_locked(key)
+        if entry is not None:  # another writer is reading these rows
             entry.done.wait()
-            return entry.crcs[index] if entry.crcs is not None else spans_for(heads).crc32c()
+            return entry.crcs[self.head_ranges.index(heads)] if entry.crcs is not None else spans_for(heads).crc32c()
+        if pending is None:
+            return spans_for(heads).crc32c()
         try:
             pending.crcs = crc32c_together([spans_for(h) for h in self.head_ranges])
+        except Exception:  # never a dead writer over a shortcut: each computes its own
+            log.exception("checksums of several decode ranks' chunks together failed; each computes its own")
         finally:
             pending.done.set()
         with self._lock:
             self.counts["computed"] += 1
-            for h, c in zip(self.head_ranges, pending.crcs):
-                if self._crcs.get(key + (h,)) is pending:
-                    self._crcs[key + (h,)] = c
-        return pending.crcs[index]
+            group = self._waiting.get(key)
+            if group is not None and pending.crcs is not None:
+                for h, crc in zip(self.head_ranges, pending.crcs):
+                    if group.get(h) is pending:
+                        group[h] = crc
+        return pending.crcs[self.head_ranges.index(heads)] if pending.crcs is not None else spans_for(heads).crc32c()
+
+    def _remember_locked(self, key: tuple) -> None:
+        self._done[key] = None
+        while len(self._done) > self.REMEMBER:
+            self._done.popitem(last=False)
+        while len(self._waiting) > self.KEEP:  # the oldest group's writers compute their own
+            self._waiting.popitem(last=False)
 
 
 class _Pending:
-    """CRCs one writer is computing for the others (``RowChecksums``)."""
+    """CRCs one writer is computing for the others (``RowChecksums``); ``crcs`` stays None
+    if that failed."""
 
     __slots__ = ("done", "crcs")
 

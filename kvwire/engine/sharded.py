@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from kvwire import scatter
 from kvwire.engine.common import check_seconds, request_arguments
 from kvwire.engine.placement import HostEncoder, RowChecksums
 from kvwire.engine.sender import Sender, SendHandle
@@ -118,9 +119,10 @@ class ShardedSender:
             for h in handles.values():
                 h.cancel("the transfer could not start on every decode rank")
             raise
-        group = next(self._row_groups)
-        for h in handles.values():
-            h.row_group = group  # before its first layer is queued
+        if len({h.codec.descriptor for h in handles.values()}) == 1:  # "auto" may choose per link
+            group = next(self._row_groups)
+            for h in handles.values():
+                h.row_group = group  # before its first layer is queued
         return ShardedTransfer(self, request_id, num_tokens, handles)
 
     def stats(self) -> dict:
@@ -143,10 +145,11 @@ def _row_checksums(senders: list[Sender]) -> RowChecksums | None:
     encoders = [s.encoder for s in senders]
     ranges = [s._kv_heads for s in senders]
     if (
-        len(senders) < 2
+        not 2 <= len(senders) <= scatter.TOGETHER_MAX
         or not all(isinstance(e, HostEncoder) and e.spans for e in encoders)
         or any(r is None for r in ranges)
         or len({r[1] for r in ranges if r is not None}) != 1
+        or len(set(ranges)) != len(ranges)  # heads replicated over ranks: each asks for the same
         or len({s._chunk_bytes for s in senders}) != 1
     ):
         return None
