@@ -20,6 +20,11 @@ is in no thread's figure above, and idle says whether the two sides left CPU unu
 cache (the ``kvwire-bench loopback --baseline`` reference), instead of kvwire: its
 threads live one round each, so each side is reported as a whole process.
 
+``--decode-tp D`` sends to D receiver processes, each holding 1/D of the heads (one
+prefill rank, a ``ShardedSender``, as ``kvwire-bench loopback --prefill-tp 1 --decode-tp
+D``); ``--streams`` connections go to each; the receivers are reported one by one, each
+per GB it received.
+
 ``--perf`` also samples every CPU with ``perf record -a`` over the same rounds and
 prints CPU s/GB by kind of thread (``tx``: sender, ``rx``: receiver) and by what ran
 (the interpreter, the kernel's copies, work with interrupts off, ...; see
@@ -114,9 +119,12 @@ def layout_and_blocks(tokens: int) -> tuple[kvwire.KVLayout, int]:
     return layout, -(-tokens // layout.block_size)
 
 
-def receiver(pipe, args: argparse.Namespace) -> None:
+def receiver(pipe, args: argparse.Namespace, rank: int = 0) -> None:
     torch.set_num_threads(1)
     layout, blocks = layout_and_blocks(args.tokens)
+    if args.decode_tp > 1:
+        layout = layout.shard(rank, args.decode_tp)
+    side = "receiver" if args.decode_tp == 1 else f"receiver {rank}"
     caches = layout.allocate(blocks)
     for layer in caches:
         for tensor in layer.values():
@@ -141,10 +149,10 @@ def receiver(pipe, args: argparse.Namespace) -> None:
         handle = rx.expect(f"round-{r}", order, args.tokens, deadline=600)
         handle.wait()
     moved = (args.rounds - 1) * nbytes
-    text = process_report("receiver", usage0, moved)
+    text = process_report(side, usage0, moved)
     if not args.plain:
-        text = report("receiver", start, per_thread(), moved, args.chunk_kib << 10) + "\n" + text
-    pipe.send((text, thread_kinds("rx")))
+        text = report(side, start, per_thread(), moved, args.chunk_kib << 10) + "\n" + text
+    pipe.send((text, thread_kinds("rx" if args.decode_tp == 1 else f"rx{rank}")))
     pipe.recv()  # the sender is done: closing now cannot race its last acknowledgement
     if args.plain:
         listener.close()
@@ -171,34 +179,46 @@ def main() -> None:
         default="reverse",
         help="the receiver's blocks reversed (one run a block) or in order (one run a chunk)",
     )
+    parser.add_argument("--decode-tp", type=int, default=1,
+                        help="receiver processes, each with its share of the heads (one prefill rank)")  # fmt: skip
     parser.add_argument("--plain", action="store_true", help="plain sockets cache to cache instead of kvwire")
     parser.add_argument("--perf", action="store_true", help="also split the machine's CPU with perf record -a")
     args = parser.parse_args()
-    if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4:
-        parser.error("--rounds must be at least 2, --tokens and --streams at least 1, --chunk-kib at least 4")
+    if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4 or args.decode_tp < 1:
+        parser.error("--rounds must be at least 2, --tokens, --streams and --decode-tp at least 1, --chunk-kib at "
+                     "least 4")  # fmt: skip
+    if args.plain and args.decode_tp > 1:
+        parser.error("--plain: one receiver only (plain sockets know no heads)")
     if args.perf and (why := perf_split.available()) is not None:
         parser.error(f"--perf: {why}")
     torch.set_num_threads(1)
-    here, there = multiprocessing.Pipe()
-    child = multiprocessing.get_context("spawn").Process(target=receiver, args=(there, args))
-    child.start()
+    pipes, children = [], []
+    for rank in range(args.decode_tp):
+        here, there = multiprocessing.Pipe()
+        child = multiprocessing.get_context("spawn").Process(target=receiver, args=(there, args, rank))
+        child.start()
+        pipes.append(here)
+        children.append(child)
     layout, blocks = layout_and_blocks(args.tokens)
     caches = layout.allocate(blocks)
     for tensors in caches:
         for tensor in tensors.values():
             tensor.copy_(torch.randn(tensor.shape).to(tensor.dtype))
-    address = here.recv()
+    addresses = [pipe.recv() for pipe in pipes]
+    address = addresses[0]
     round_bytes = args.tokens * layout.bytes_per_token()
-    tx = None
-    if not args.plain:
-        tx = kvwire.Sender(layout, address, secret=SECRET, kv_caches=caches, streams=args.streams,
-                           max_streams=args.streams, checksum=args.checksum,
-                           chunk_bytes=args.chunk_kib << 10)  # fmt: skip
+    tx: kvwire.Sender | kvwire.ShardedSender | None = None
+    options = dict(secret=SECRET, kv_caches=caches, streams=args.streams, max_streams=args.streams,
+                   checksum=args.checksum, chunk_bytes=args.chunk_kib << 10)  # fmt: skip
+    if args.decode_tp > 1:
+        tx = kvwire.ShardedSender(layout, addresses, **options)
+    elif not args.plain:
+        tx = kvwire.Sender(layout, address, **options)
     profile = perf_split.SystemProfile() if args.perf else None
     start, usage0, t0, machine0 = per_thread(), process_usage(), time.monotonic(), machine_ticks()
     for r in range(args.rounds):
-        if here.recv() != "ready":
-            raise RuntimeError("the receiver process did not get ready")
+        if any(pipe.recv() != "ready" for pipe in pipes):
+            raise RuntimeError("a receiver process did not get ready")
         if r == 1:
             if profile is not None:
                 profile.start()
@@ -221,12 +241,18 @@ def main() -> None:
           f"({args.streams} connections, {what}; counters read outside the rounds)")  # fmt: skip
     if tx is not None:
         print(report("sender", start, per_thread(), nbytes, args.chunk_kib << 10))
-        conns = tx.stats()["connections"]
+        stats = tx.stats()
+        conns = [c for st in (stats.values() if args.decode_tp > 1 else [stats]) for c in st["connections"]]
         frames, sends = sum(c["data_frames"] for c in conns), sum(c["data_sends"] for c in conns)
         print(f"sender: {frames / max(sends, 1):.2f} DATA frames per send (all rounds)")
     print(sent)
-    received, rx_kinds = here.recv()
-    print(received)
+    rx_kinds: dict[int, str] = {}
+    for pipe in pipes:
+        received, kinds = pipe.recv()
+        print(received)
+        rx_kinds.update(kinds)
+    if isinstance(tx, kvwire.ShardedSender) and tx.row_checksums is not None and args.checksum != "none":
+        print(f"sender: chunk CRCs of the decode ranks' heads {tx.row_checksums.counts}")
     print(machine_report(machine0, machine1))
     if profile is not None:
         kinds = {**thread_kinds("tx"), **rx_kinds}
@@ -237,8 +263,9 @@ def main() -> None:
         profile.close()
     if tx is not None:
         tx.close()
-    here.send("close")
-    child.join()
+    for pipe, child in zip(pipes, children):
+        pipe.send("close")
+        child.join()
 
 
 if __name__ == "__main__":

@@ -49,16 +49,27 @@ def test_samples_become_cpu_seconds_per_gb_by_kind_and_category():
     assert text.splitlines()[0].split()[-1] == "all"
 
 
-@pytest.mark.parametrize("mode", [[], ["--plain"]])
+@pytest.mark.parametrize("mode", [[], ["--plain"], ["--decode-tp", "2"]])
 def test_thread_cpu_runs_small_transfers_both_ways(mode):
+    from kvwire import scatter
+
+    split = "--decode-tp" in mode  # one prefill rank, two decode ranks: each receiver reported
+    checksum = "crc32c" if split else "none"
     out = subprocess.run(
-        [sys.executable, str(BENCH / "thread_cpu.py"), "--tokens", "512", "--rounds", "2", "--checksum", "none", *mode],
+        [sys.executable, str(BENCH / "thread_cpu.py"), "--tokens", "512", "--rounds", "2", "--checksum", checksum,
+         *mode],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert " GB/s over rounds 2..2 " in out.stdout
-    assert "sender, the whole process: " in out.stdout and "receiver, the whole process: " in out.stdout
-    assert ("plain sockets, cache to cache" in out.stdout) == bool(mode)
+    assert " GB/s over rounds 2..2 " in out.stdout and "sender, the whole process: " in out.stdout
+    receivers = ["receiver 0", "receiver 1"] if split else ["receiver"]
+    assert all(f"{r}, the whole process: " in out.stdout for r in receivers)
+    assert ("receiver, the whole process: " in out.stdout) == (not split)
+    assert ("plain sockets, cache to cache" in out.stdout) == ("--plain" in mode)
+    shared = [line for line in out.stdout.splitlines() if "chunk CRCs of the decode ranks' heads" in line]
+    assert bool(shared) == (split and scatter.available())
+    if shared:  # every chunk pair's rows read once
+        assert "'computed': 0" not in shared[0] and "'alone': 0" in shared[0]
 
 
 def test_alternate_runs_both_sides_and_summarises():
