@@ -46,7 +46,9 @@ Value kinds besides the codecs: ``hN`` (above), ``s4xT``: rotated rows, symmetri
 codes (-7..7), one 1-byte scale per ``T`` tokens of a head (a log grid of 2^(1/16) steps,
 rounded up): with ``meta8`` keys, 3.49x at ``T = 1`` and 3.52x at ``T = 2``; and ``z4`` /
 ``z8``: rotated rows, asymmetric codes 0..15, a 1-byte log scale per row and an integer
-zero-point in steps of 4 (or 8) bits: 1.5 (2) bytes per row instead of `int4h`'s 4.
+zero-point in steps of 4 (or 8) bits: 1.5 (2) bytes per row instead of `int4h`'s 4;
+``z4s``: the request's first 16 rows as ``int4h``; ``z4x`` (``z4xs``): scale and
+zero-point searched for the least error.
 
 Besides the KL, each scheme's squared error of keys and of values over every layer and
 prompt is printed as a multiple of the first scheme's: the error itself, free of the
@@ -287,6 +289,28 @@ def _zero_rows(v: torch.Tensor, zero_bits: int) -> torch.Tensor:
     return (((r / scale) + z).round().clamp(0, 15) - z) * scale @ h.T
 
 
+def _searched_rows(v: torch.Tensor) -> torch.Tensor:
+    """``z4x``: ``z4``'s format, but each row's scale code (one of four: the range's, rounded
+    up, one lower, two higher) and zero-point (rounded, or one either side) chosen for the
+    least squared error: the encoder's work, the same bytes."""
+    h = _hadamard(v.shape[-1])
+    r = v @ h
+    mn, mx = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
+    code = torch.ceil(torch.log2(((mx - mn) / 15).clamp_min(1e-30)) * 16)
+    best, best_err = None, None
+    for dk in (-1, 0, 1, 2):
+        scale = torch.exp2((code + dk) / 16)
+        z0 = (-mn / scale).round()
+        for dz in (-1, 0, 1):
+            z = (z0 + dz).clamp(0, 15)
+            y = (((r / scale) + z).round().clamp(0, 15) - z) * scale
+            err = ((y - r) ** 2).sum(-1, keepdim=True)
+            better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
+            best = y if best is None else torch.where(better, y, best)
+            best_err = err if best_err is None else torch.where(better, err, best_err)
+    return best @ h.T
+
+
 def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
     if kind.endswith("/first"):  # the request's first token exact
         y = round_trip_values(v, kind.removesuffix("/first")).clone()
@@ -302,8 +326,10 @@ def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
         return _symmetric_rows(v, int(kind[3:]))
     if kind in ("z4", "z8"):
         return _zero_rows(v, int(kind[1:]))
-    if kind == "z4s":  # z4, but the request's first 16 rows with fp16 scale and zero-point (as int4h)
-        y = _zero_rows(v, 4)
+    if kind == "z4x":
+        return _searched_rows(v)
+    if kind in ("z4s", "z4xs"):  # z4 (z4x), but the request's first 16 rows with fp16 scale and zero-point
+        y = _zero_rows(v, 4) if kind == "z4s" else _searched_rows(v)
         h = _hadamard(v.shape[-1])
         y[:16] = _levels(v[:16] @ h, 4, -1) @ h.T
         return y
@@ -330,8 +356,8 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     values = values.removesuffix("/first")
     if values.startswith("s4x"):
         value_bytes = d / 2 + 1 / int(values[3:])
-    elif values in ("z4", "z8", "z4s"):
-        value_bytes = d / 2 + 1 + int(values[1]) / 8 + (2.5 * 16 / SIZE_TOKENS if values == "z4s" else 0)
+    elif values in ("z4", "z8", "z4s", "z4x", "z4xs"):
+        value_bytes = d / 2 + 1 + int(values[1]) / 8 + (2.5 * 16 / SIZE_TOKENS if values.endswith("s") else 0)
     else:
         value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
     bits = int(mode[1:]) if mode.startswith("b") else 4
