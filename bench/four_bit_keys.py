@@ -33,7 +33,9 @@ said):
   request), rounded outwards: 2 bytes per channel per group instead of 4; ``metaB``:
   B-bit codes (``meta7``: 1.75 bytes);
 * ``meta8m`` (``metaBm``): the same with groups of 16 tokens for the request's first 64
-  tokens and of ``K`` after them;
+  tokens and of ``K`` after them; ``metaBs``: the first group's bounds in fp16 and the
+  code grid over the other groups' range; any of them with ``x`` (``meta7sx``): each
+  group's codes moved inwards by up to two steps where that lowers its squared error;
 * ``cmetaBaA``: B-bit codes on a companded grid around the channel's median,
   ``c + u * sinh(code / A)`` (fine steps near the centre, coarse where only an outlier
   group reaches);
@@ -150,7 +152,7 @@ def key_group(part: torch.Tensor, mode: str, starts_request: bool) -> torch.Tens
 def group_bounds(tokens: int, group: int, mode: str) -> list[tuple[int, int]]:
     """Key groups ``[g0, g1)``: every ``group`` tokens, or with ``meta8m`` groups of 16 for
     the request's first 64 tokens and of ``group`` after them."""
-    head = min(tokens, MIXED_HEAD) if mode.startswith("meta") and mode.endswith("m") else 0
+    head = min(tokens, MIXED_HEAD) if mode.startswith("meta") and mode.removesuffix("x").endswith("m") else 0
     starts = list(range(0, head, 16)) + list(range(head, tokens, group))
     return [(g0, min(g0 + (16 if g0 < head else group), tokens)) for g0 in starts]
 
@@ -164,6 +166,7 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
     if mode in ("norm", "normh"):
         return _normalised_keys(x, mode == "normh")
     if mode.startswith("meta"):  # the request's per-channel range in fp16, then B-bit codes per group
+        searched, mode = mode.endswith("x"), mode.removesuffix("x")
         top = (1 << _meta_bits(mode)) - 1
         bounds = group_bounds(x.shape[0], group, mode)
         rest = x
@@ -175,9 +178,20 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
         step = ((hi - lo) / top).clamp_min(1e-30)
         for g0, g1 in bounds:
             part = x[g0:g1]
-            mn = lo + ((part.amin(0) - lo) / step).floor().clamp(0, top) * step
-            mx = lo + ((part.amax(0) - lo) / step).ceil().clamp(0, top) * step
-            out[g0:g1] = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
+            lo_code = ((part.amin(0) - lo) / step).floor().clamp(0, top)
+            hi_code = ((part.amax(0) - lo) / step).ceil().clamp(0, top)
+            best, best_err = None, None
+            for d_lo, d_hi in [(a, b) for a in range(3) for b in range(3)] if searched else [(0, 0)]:
+                # searched (``metaBx``): bounds moved inwards by up to two codes each, per channel
+                # the pair with the least squared error (clipping the farthest elements)
+                mn = lo + torch.minimum(lo_code + d_lo, hi_code) * step
+                mx = lo + torch.maximum(hi_code - d_hi, lo_code + d_lo) * step
+                y = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
+                err = ((y - part) ** 2).sum(0)
+                better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
+                best = y if best is None else torch.where(better, y, best)
+                best_err = err if best_err is None else torch.where(better, err, best_err)
+            out[g0:g1] = best
         return out
     for g0 in range(0, x.shape[0], group):
         out[g0 : g0 + group] = key_group(x[g0 : g0 + group], mode, g0 == 0)
@@ -227,8 +241,9 @@ def _normalised_keys(x: torch.Tensor, rotate: bool) -> torch.Tensor:
 
 
 def _meta_bits(mode: str) -> int:
-    """``metaB`` (or ``metaBm``, ``metaBs``): B-bit codes for a group's bounds."""
-    return int(mode.removeprefix("meta").removesuffix("m").removesuffix("s"))
+    """``metaB`` (or ``metaBm``, ``metaBs``, any of them with ``x``): B-bit codes for a
+    group's bounds."""
+    return int(mode.removeprefix("meta").removesuffix("x").removesuffix("m").removesuffix("s"))
 
 
 def _cmeta_params(mode: str) -> tuple[int, float]:
@@ -369,7 +384,7 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     if mode.startswith("meta"):  # two B-bit codes per channel per group, and the request's range: 4 per channel
         groups = len(group_bounds(SIZE_TOKENS, group, mode))
         key_bytes = d / 2 + (2 * _meta_bits(mode) / 8 * d * groups + 4 * d) / SIZE_TOKENS
-        if mode.endswith("s"):  # the first group's fp16 bounds instead of its codes
+        if mode.removesuffix("x").endswith("s"):  # the first group's fp16 bounds instead of its codes
             key_bytes += (4 - 2 * _meta_bits(mode) / 8) * d / SIZE_TOKENS
     if mode.startswith("pair"):  # fp16 bounds per pair of channels per group
         key_bytes = d / 2 + 2 * d / group
