@@ -153,6 +153,13 @@ def test_four_bit_search_sizes_and_round_trips():
             # range, which the sink sets) outside it: nothing is clipped, the error is half a step
             coded = part.amax(0) - part.amin(0) + 2 * request_range / ((1 << bits) - 1)
             assert ((out - part).abs() <= coded / 30 * 1.01 + 1e-3).all(), bits
+    # searched codes try the plain ones too: never more squared error, here less
+    plain_err = ((fbk.round_trip_keys(x, 16, "meta7s") - x) ** 2).sum()
+    searched_err = ((fbk.round_trip_keys(x, 16, "meta7sx") - x) ** 2).sum()
+    assert searched_err < plain_err
+    assert ((fbk.round_trip_values(v := torch.randn(40, 3, 64, generator=gen), "z4x") - v) ** 2).sum() <= (
+        (fbk.round_trip_values(v, "z4") - v) ** 2
+    ).sum() * (1 + 1e-6)
     y = fbk.round_trip_keys(x, 16, "cmeta8a24")  # coarse out where the sink is: bounded by the request's range
     assert ((y - x).abs() <= request_range / 15).all()
     v = torch.randn(40, 3, 64, generator=gen)
