@@ -158,7 +158,10 @@ class RowChecksums:
         # chunks whose CRCs were computed together, found here, waited for, computed alone
         self.counts = {"computed": 0, "taken": 0, "waited": 0, "alone": 0}
 
-    def checksum(self, key: tuple, heads: tuple[int, int], spans_for: Callable[[tuple[int, int]], Spans]) -> int:
+    def checksum(self, key: tuple, heads: tuple[int, int], own: Spans,
+                 spans_for: Callable[[tuple[int, int]], Spans]) -> int:  # fmt: skip
+        """The CRC32C of ``own``, the spans of ``heads`` in the rows ``key`` names;
+        ``spans_for`` gives the other ranks' spans of the same rows, for a joint pass."""
         pending = None
         with self._lock:
             group = self._waiting.get(key)
@@ -178,11 +181,11 @@ class RowChecksums:
                 self._remember_locked(key)
         if entry is not None:  # another writer is reading these rows
             entry.done.wait()
-            return entry.crcs[self.head_ranges.index(heads)] if entry.crcs is not None else spans_for(heads).crc32c()
+            return entry.crc_of(self.head_ranges.index(heads), own)
         if pending is None:
-            return spans_for(heads).crc32c()
+            return own.crc32c()
         try:
-            pending.crcs = crc32c_together([spans_for(h) for h in self.head_ranges])
+            pending.crcs = crc32c_together([own if h == heads else spans_for(h) for h in self.head_ranges])
         except Exception:  # never a dead writer over a shortcut: each computes its own
             log.exception("checksums of several decode ranks' chunks together failed; each computes its own")
         finally:
@@ -194,7 +197,7 @@ class RowChecksums:
                 for h, crc in zip(self.head_ranges, pending.crcs):
                     if group.get(h) is pending:
                         group[h] = crc
-        return pending.crcs[self.head_ranges.index(heads)] if pending.crcs is not None else spans_for(heads).crc32c()
+        return pending.crc_of(self.head_ranges.index(heads), own)
 
     def _remember_locked(self, key: tuple) -> None:
         self._done[key] = None
@@ -213,6 +216,11 @@ class _Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.crcs: tuple[int, ...] | None = None
+
+    def crc_of(self, index: int, own: Spans) -> int:
+        """(once ``done``) The CRC of head range ``index``: computed together, or by its
+        own writer when that failed."""
+        return self.crcs[index] if self.crcs is not None else own.crc32c()
 
 
 class CacheSide:
@@ -287,7 +295,7 @@ class HostEncoder(Encoder):
                 group = getattr(source, "row_group", None)
                 if self.row_checksums is not None and group is not None and ref.heads in self.row_checksums.head_ranges:
                     key = (group, ref.layer, ref.tensor, ref.start, ref.count)
-                    payload.crc_of = functools.partial(self.row_checksums.checksum, key, ref.heads,
+                    payload.crc_of = functools.partial(self.row_checksums.checksum, key, ref.heads, spans,
                                                        functools.partial(self._spans_of, source, ref))  # fmt: skip
                 return payload
             n = ref.count * heads.shape[2]  # some heads of each token: one copy into the slot

@@ -144,16 +144,17 @@ def _row_checksums(senders: list[Sender]) -> RowChecksums | None:
     spans of the same caches, cut alike (heads in equal ranges); else None."""
     encoders = [s.encoder for s in senders]
     ranges = [s._kv_heads for s in senders]
+    if any(r is None for r in ranges) or not all(isinstance(e, HostEncoder) and e.spans for e in encoders):
+        return None
+    heads = [r for r in ranges if r is not None]  # all of them (typed)
     if (
-        not 2 <= len(senders) <= scatter.TOGETHER_MAX
-        or not all(isinstance(e, HostEncoder) and e.spans for e in encoders)
-        or any(r is None for r in ranges)
-        or len({r[1] for r in ranges if r is not None}) != 1
-        or len(set(ranges)) != len(ranges)  # heads replicated over ranks: each asks for the same
+        not 2 <= len(heads) <= scatter.TOGETHER_MAX
+        or len({count for _, count in heads}) != 1
+        or len(set(heads)) != len(heads)  # heads replicated over ranks: each asks for the same
         or len({s._chunk_bytes for s in senders}) != 1
     ):
         return None
-    shared = RowChecksums([r for r in ranges if r is not None])
+    shared = RowChecksums(heads)
     for e in encoders:
         assert isinstance(e, HostEncoder)
         e.row_checksums = shared
