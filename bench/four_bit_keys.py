@@ -92,6 +92,21 @@ def _levels(part: torch.Tensor, bits: int, dim: int, mn=None, mx=None) -> torch.
     return ((part - zero) * inv).round().clamp(0, top) * scale + zero
 
 
+def _least_error(x: torch.Tensor, candidates, dim: int) -> torch.Tensor:
+    """Of the round trips ``candidates`` of ``x``, per slice along ``dim`` (a key channel, a
+    value row) the one with the least squared error; the first of equals."""
+    best, best_err = None, None
+    for y in candidates:
+        err = ((y - x) ** 2).sum(dim, keepdim=True)
+        if best is None or best_err is None:
+            best, best_err = y, err
+            continue
+        better = err < best_err
+        best, best_err = torch.where(better, y, best), torch.where(better, err, best_err)
+    assert best is not None, "no candidates"
+    return best
+
+
 def _without(part: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """int4 per-channel round trip whose range ignores the ``keep`` elements, which stay exact."""
     inf = torch.full_like(part, float("inf"))
@@ -132,14 +147,9 @@ def key_group(part: torch.Tensor, mode: str, starts_request: bool) -> torch.Tens
         return _levels(part / r, 4, 0) * r
     if mode == "clip":
         mid, half = (part.amax(0) + part.amin(0)) / 2, (part.amax(0) - part.amin(0)) / 2
-        best, best_err = None, None
-        for f in CLIP_FRACTIONS:
-            y = _levels(part, 4, 0, (mid - half * f).unsqueeze(0), (mid + half * f).unsqueeze(0))
-            err = ((y - part) ** 2).sum(0)
-            better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
-            best = y if best is None else torch.where(better, y, best)
-            best_err = err if best_err is None else torch.where(better, err, best_err)
-        return best
+        clipped = (_levels(part, 4, 0, (mid - half * f).unsqueeze(0), (mid + half * f).unsqueeze(0))
+                   for f in CLIP_FRACTIONS)  # fmt: skip
+        return _least_error(part, clipped, 0)
     if mode == "meta8":
         raise ValueError("meta8 needs the request's range: round_trip_keys handles it")
     if mode == "smooth":
@@ -180,18 +190,13 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
             part = x[g0:g1]
             lo_code = ((part.amin(0) - lo) / step).floor().clamp(0, top)
             hi_code = ((part.amax(0) - lo) / step).ceil().clamp(0, top)
-            best, best_err = None, None
-            for d_lo, d_hi in [(a, b) for a in range(3) for b in range(3)] if searched else [(0, 0)]:
-                # searched (``metaBx``): bounds moved inwards by up to two codes each, per channel
-                # the pair with the least squared error (clipping the farthest elements)
-                mn = lo + torch.minimum(lo_code + d_lo, hi_code) * step
-                mx = lo + torch.maximum(hi_code - d_hi, lo_code + d_lo) * step
-                y = _levels(part, 4, 0, mn.unsqueeze(0), mx.unsqueeze(0))
-                err = ((y - part) ** 2).sum(0)
-                better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
-                best = y if best is None else torch.where(better, y, best)
-                best_err = err if best_err is None else torch.where(better, err, best_err)
-            out[g0:g1] = best
+            # searched (``metaBx``): bounds moved inwards by up to two codes each, per channel
+            # the pair with the least squared error (clipping the farthest elements)
+            moves = [(a, b) for a in range(3) for b in range(3)] if searched else [(0, 0)]
+            bounded = (_levels(part, 4, 0, (lo + torch.minimum(lo_code + d_lo, hi_code) * step).unsqueeze(0),
+                               (lo + torch.maximum(hi_code - d_hi, lo_code + d_lo) * step).unsqueeze(0))
+                       for d_lo, d_hi in moves)  # fmt: skip
+            out[g0:g1] = _least_error(part, bounded, 0)
         return out
     for g0 in range(0, x.shape[0], group):
         out[g0 : g0 + group] = key_group(x[g0 : g0 + group], mode, g0 == 0)
@@ -312,18 +317,16 @@ def _searched_rows(v: torch.Tensor) -> torch.Tensor:
     r = v @ h
     mn, mx = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
     code = torch.ceil(torch.log2(((mx - mn) / 15).clamp_min(1e-30)) * 16)
-    best, best_err = None, None
-    for dk in (-1, 0, 1, 2):
-        scale = torch.exp2((code + dk) / 16)
-        z0 = (-mn / scale).round()
-        for dz in (-1, 0, 1):
-            z = (z0 + dz).clamp(0, 15)
-            y = (((r / scale) + z).round().clamp(0, 15) - z) * scale
-            err = ((y - r) ** 2).sum(-1, keepdim=True)
-            better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
-            best = y if best is None else torch.where(better, y, best)
-            best_err = err if best_err is None else torch.where(better, err, best_err)
-    return best @ h.T
+
+    def candidates():
+        for dk in (-1, 0, 1, 2):
+            scale = torch.exp2((code + dk) / 16)
+            z0 = (-mn / scale).round()
+            for dz in (-1, 0, 1):
+                z = (z0 + dz).clamp(0, 15)
+                yield (((r / scale) + z).round().clamp(0, 15) - z) * scale
+
+    return _least_error(r, candidates(), -1) @ h.T
 
 
 def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
