@@ -189,3 +189,9 @@ def test_span_memory_prints_every_pattern():
         [sys.executable, str(BENCH / "span_memory.py"), "--mib", "2"], capture_output=True, text=True
     )
     assert small.returncode != 0 and "--mib: at least 4" in small.stderr
+
+
+def test_thread_cpu_refuses_plain_sockets_to_several_decode_ranks():
+    out = subprocess.run([sys.executable, str(BENCH / "thread_cpu.py"), "--plain", "--decode-tp", "2"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "--plain: one receiver only" in out.stderr

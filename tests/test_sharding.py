@@ -330,6 +330,37 @@ def test_checksums_computed_together_fall_back_to_each_ones_own(monkeypatch):
     assert sum(s["nacked_chunks"] for s in stats) == 0
 
 
+def test_row_checksums_keep_and_remember_bounded_groups():
+    """Groups past ``KEEP`` are dropped: their late writers compute their own CRC alone;
+    groups past ``REMEMBER`` are forgotten: a late writer starts a joint pass again. The
+    CRC is right every way."""
+    if not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    import numpy as np
+
+    from kvwire.engine.placement import RowChecksums
+
+    rows = np.random.default_rng(2).integers(0, 256, (64, 256), dtype=np.uint8)  # 64 rows, two halves
+
+    def spans(heads):
+        first = heads[0] * 128
+        iov = np.array([[rows.ctypes.data + r * 256 + first, 128] for r in range(64)], dtype=np.uint64)
+        return scatter.Spans(iov, rows)
+
+    a, b = (0, 1), (1, 1)
+    want = {h: spans(h).crc32c() for h in (a, b)}
+    rc = RowChecksums([a, b])
+    rc.KEEP, rc.REMEMBER = 1, 2
+    assert rc.checksum(("g1",), a, spans(a), spans) == want[a]  # computes both, keeps b's
+    assert rc.checksum(("g2",), a, spans(a), spans) == want[a]  # g1 dropped (KEEP 1)
+    assert rc.checksum(("g1",), b, spans(b), spans) == want[b]  # late: alone
+    assert rc.counts == {"computed": 2, "taken": 0, "waited": 0, "alone": 1}
+    assert rc.checksum(("g2",), b, spans(b), spans) == want[b]  # kept: taken
+    assert rc.checksum(("g3",), a, spans(a), spans) == want[a]  # remembers g2, g3: g1 forgotten
+    assert rc.checksum(("g1",), b, spans(b), spans) == want[b]  # forgotten: a joint pass again
+    assert rc.counts == {"computed": 4, "taken": 1, "waited": 0, "alone": 1}
+
+
 def test_row_checksums_take_two_to_eight_distinct_head_ranges():
     from kvwire.engine.placement import RowChecksums
 
