@@ -495,14 +495,24 @@ def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, 
     try:
         with kvwire.Sender(LAYOUT, proxy.address, secret=SECRET, kv_caches=src, streams=2, max_streams=2,
                            chunk_bytes=4096) as tx:  # fmt: skip
-            stream = tx._conns[1].stream
-            send_parts = stream.send_parts
+            stream, first = tx._conns[1].stream, tx._conns[0].stream
+            send_parts, first_send = stream.send_parts, first.send_parts
+            failed = threading.Event()
 
             def fail_once(*args, **kwargs):
                 stream.send_parts = send_parts
+                failed.set()
                 raise PeerLost("injected: the send failed")
 
+            def after_the_failure(*args, **kwargs):
+                # Connection 0 sends nothing before connection 1 has failed: on a short path
+                # one writer could otherwise take every chunk, and connection 1 send none.
+                failed.wait(10)
+                first.send_parts = first_send
+                return first_send(*args, **kwargs)
+
             stream.send_parts = fail_once  # the next data send on connection 1 fails; its peer stays
+            first.send_parts = after_the_failure
             t0 = time.monotonic()
             t = tx.transfer("grace", blocks, 8 * 16)
             for layer in range(LAYOUT.num_layers):
