@@ -41,6 +41,10 @@ said):
   group reaches);
 * ``norm`` (``normh``): no key groups: each channel less its request-wide mean and over
   its deviation, then each token's row as ``int4h`` quantizes values (rotated first);
+* ``plainv``, ``metaB...v`` (``meta7sv``): bits per channel instead of 4 each, 4 on
+  average per head: one bit at a time to the channel whose squared error (each group's
+  range squared over ``(2^b - 1)^2``) falls most, 1 to 8 each, counted in 3 bits per
+  channel per request (``allocate_bits``; with ``s``, the first group keeps 4 bits);
 * ``pairX``: fp16 bounds shared by two channels (``h``: i and i + D/2, ``a``: 2i and
   2i + 1, ``s``: neighbours by range): half the key metadata.
 
@@ -49,7 +53,7 @@ codes (-7..7), one 1-byte scale per ``T`` tokens of a head (a log grid of 2^(1/1
 rounded up): with ``meta8`` keys, 3.49x at ``T = 1`` and 3.52x at ``T = 2``; and ``z4`` /
 ``z8``: rotated rows, asymmetric codes 0..15, a 1-byte log scale per row and an integer
 zero-point in steps of 4 (or 8) bits: 1.5 (2) bytes per row instead of `int4h`'s 4;
-``z4s``: the request's first 16 rows as ``int4h``; ``z4x`` (``z4xs``): scale and
+``z4s``: the request's first 16 rows as ``int4h`` (``z4sN``: the first N); ``z4x`` (``z4xs``): scale and
 zero-point searched for the least error.
 
 Besides the KL, each scheme's squared error of keys and of values over every layer and
@@ -81,15 +85,37 @@ MIXED_HEAD = 64  # meta8m: key groups of 16 tokens up to here
 WINDOW_STEP = 157  # --windows: tokens between the starts of a text's prompts
 
 
-def _levels(part: torch.Tensor, bits: int, dim: int, mn=None, mx=None) -> torch.Tensor:
-    """Asymmetric ``bits``-bit round trip of ``part`` along ``dim`` (fp16 scale and zero)."""
+def _levels(part: torch.Tensor, bits, dim: int, mn=None, mx=None) -> torch.Tensor:
+    """Asymmetric ``bits``-bit round trip of ``part`` along ``dim`` (fp16 scale and zero);
+    ``bits`` an int, or a tensor of them that broadcasts against one slice (a key group's
+    ``[H, D]``: bits per channel)."""
     if mn is None:
         mn, mx = part.amin(dim, keepdim=True), part.amax(dim, keepdim=True)
-    top = (1 << bits) - 1
+    top = (1 << bits) - 1 if isinstance(bits, int) else (2 ** bits.float() - 1).unsqueeze(dim)
     zero = mn.half().float()
     scale = ((mx - zero) / top).half().float()
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    return ((part - zero) * inv).round().clamp(0, top) * scale + zero
+    q = ((part - zero) * inv).round().clamp_min(0)
+    return (q.clamp_max(top) if isinstance(bits, int) else torch.minimum(q, top)) * scale + zero
+
+
+def allocate_bits(x: torch.Tensor, bounds: list[tuple[int, int]], mean: int = 4, fewest: int = 1,
+                  most: int = 8) -> torch.Tensor:  # fmt: skip
+    """Bits per key channel ``[H, D]`` for the groups ``bounds`` of ``x`` ``[T, H, D]``,
+    ``mean`` on average per head: one bit at a time to the channel whose squared error
+    (each group's range squared over ``(2^b - 1)^2``) falls most, from ``fewest`` each, at
+    most ``most``."""
+    _, heads, d = x.shape
+    ranges = torch.zeros(heads, d, dtype=torch.float64)
+    for g0, g1 in bounds:
+        ranges += (x[g0:g1].amax(0) - x[g0:g1].amin(0)).double() ** 2
+    bits = torch.full((heads, d), fewest, dtype=torch.long)
+    rows = torch.arange(heads)
+    for _ in range((mean - fewest) * d):
+        gain = ranges / (2.0**bits - 1) ** 2 - ranges / (2.0 ** (bits + 1) - 1) ** 2
+        gain[bits >= most] = -1
+        bits[rows, gain.argmax(1)] += 1
+    return bits
 
 
 def _least_error(x: torch.Tensor, candidates, dim: int) -> torch.Tensor:
@@ -175,14 +201,23 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
         return _paired_keys(x, group, mode)
     if mode in ("norm", "normh"):
         return _normalised_keys(x, mode == "normh")
+    if mode == "plainv":  # int4's groups, bits per channel
+        bounds = group_bounds(x.shape[0], group, mode)
+        bits = allocate_bits(x, bounds)
+        for g0, g1 in bounds:
+            out[g0:g1] = _levels(x[g0:g1], bits, 0)
+        return out
     if mode.startswith("meta"):  # the request's per-channel range in fp16, then B-bit codes per group
         searched, mode = mode.endswith("x"), mode.removesuffix("x")
+        varied, mode = mode.endswith("v"), mode.removesuffix("v")
         top = (1 << _meta_bits(mode)) - 1
         bounds = group_bounds(x.shape[0], group, mode)
         rest = x
         if mode.endswith("s"):  # the first group's bounds in fp16, the grid over the others' range
             out[: bounds[0][1]] = _levels(x[: bounds[0][1]], 4, 0)
             rest, bounds = (x[bounds[0][1] :], bounds[1:]) if len(bounds) > 1 else (x, [])
+        # ``v``: bits per channel, allocated over the coded groups (the first's, with ``s``, stay 4)
+        bits = allocate_bits(x, bounds) if varied and bounds else 4
         lo, hi = rest.amin(0).half().float(), rest.amax(0).half().float()
         lo, hi = torch.minimum(lo, rest.amin(0)), torch.maximum(hi, rest.amax(0))  # fp16 rounding kept outside
         step = ((hi - lo) / top).clamp_min(1e-30)
@@ -193,7 +228,7 @@ def round_trip_keys(x: torch.Tensor, group: int, mode: str) -> torch.Tensor:
             # searched (``metaBx``): bounds moved inwards by up to two codes each, per channel
             # the pair with the least squared error (clipping the farthest elements)
             moves = [(a, b) for a in range(3) for b in range(3)] if searched else [(0, 0)]
-            bounded = (_levels(part, 4, 0, (lo + torch.minimum(lo_code + d_lo, hi_code) * step).unsqueeze(0),
+            bounded = (_levels(part, bits, 0, (lo + torch.minimum(lo_code + d_lo, hi_code) * step).unsqueeze(0),
                                (lo + torch.maximum(hi_code - d_hi, lo_code + d_lo) * step).unsqueeze(0))
                        for d_lo, d_hi in moves)  # fmt: skip
             out[g0:g1] = _least_error(part, bounded, 0)
@@ -248,7 +283,7 @@ def _normalised_keys(x: torch.Tensor, rotate: bool) -> torch.Tensor:
 def _meta_bits(mode: str) -> int:
     """``metaB`` (or ``metaBm``, ``metaBs``, any of them with ``x``): B-bit codes for a
     group's bounds."""
-    return int(mode.removeprefix("meta").removesuffix("x").removesuffix("m").removesuffix("s"))
+    return int(mode.removeprefix("meta").removesuffix("x").removesuffix("v").removesuffix("m").removesuffix("s"))
 
 
 def _cmeta_params(mode: str) -> tuple[int, float]:
@@ -346,12 +381,17 @@ def round_trip_values(v: torch.Tensor, kind: str) -> torch.Tensor:
         return _zero_rows(v, int(kind[1:]))
     if kind == "z4x":
         return _searched_rows(v)
-    if kind in ("z4s", "z4xs"):  # z4 (z4x), but the request's first 16 rows with fp16 scale and zero-point
-        y = _zero_rows(v, 4) if kind == "z4s" else _searched_rows(v)
-        h = _hadamard(v.shape[-1])
-        y[:16] = _levels(v[:16] @ h, 4, -1) @ h.T
+    if kind.startswith(("z4s", "z4xs")):  # z4 (z4x), but the request's first rows with fp16 scale and zero-point
+        y = _zero_rows(v, 4) if kind.startswith("z4s") else _searched_rows(v)
+        h, n = _hadamard(v.shape[-1]), _first_rows(kind)
+        y[:n] = _levels(v[:n] @ h, 4, -1) @ h.T
         return y
     raise ValueError(f"unknown value kind {kind!r}")
+
+
+def _first_rows(kind: str) -> int:
+    """``z4sN`` (``z4xsN``): the first N rows (16 unless said) as ``int4h``."""
+    return int(kind.removeprefix("z4xs").removeprefix("z4s") or 16)
 
 
 def windows(tokenizer, prompts, lengths: list[int], count: int) -> list[tuple[str, list[int]]]:
@@ -374,10 +414,13 @@ def times_smaller(mode: str, group: int, values: str) -> float:
     values = values.removesuffix("/first")
     if values.startswith("s4x"):
         value_bytes = d / 2 + 1 / int(values[3:])
-    elif values in ("z4", "z8", "z4s", "z4x", "z4xs"):
-        value_bytes = d / 2 + 1 + int(values[1]) / 8 + (2.5 * 16 / SIZE_TOKENS if values.endswith("s") else 0)
+    elif values in ("z4", "z8", "z4x") or values.startswith(("z4s", "z4xs")):
+        first = _first_rows(values) if values.startswith(("z4s", "z4xs")) else 0
+        value_bytes = d / 2 + 1 + int(values[1]) / 8 + 2.5 * first / SIZE_TOKENS
     else:
         value_bytes = d / 2 + 4 if values in ("int4h", "int4") else d * int(values[1:]) / 8 + 4
+    # ``v`` (bits per channel): each channel's count in 3 bits per request
+    varied, mode = mode.removesuffix("x").endswith("v"), mode.replace("v", "")
     bits = int(mode[1:]) if mode.startswith("b") else 4
     key_bytes = d * bits / 8 + 4 * d / group
     key_bytes += {"chan": 3 * d / group, "row": (2 * d + 1) / group, "tokscale": 2}.get(mode, 0)
@@ -395,6 +438,7 @@ def times_smaller(mode: str, group: int, values: str) -> float:
         key_bytes = d / 2 + 4 + 2 * d / group
     if mode in ("norm", "normh"):  # fp16 scale and zero per token, mean and deviation per channel per request
         key_bytes = d / 2 + 4 + 4 * d / SIZE_TOKENS
+    key_bytes += 3 * d / 8 / SIZE_TOKENS if varied else 0
     return 4 * d / (key_bytes + value_bytes)
 
 
@@ -458,6 +502,10 @@ def main() -> int:
         if args.exact:  # the raw tokens' bytes counted in a request of SIZE_TOKENS
             ratio = SIZE_TOKENS / (args.exact + (SIZE_TOKENS - args.exact) / ratio)
         k_err, v_err = (e / f for e, f in zip(sq_err[scheme], first_err))
+        fidelity_set = [kl for n, kl in per_prompt.items() if "@" not in n]  # the windows are named kind-n@start
+        if len(fidelity_set) < len(per_prompt):
+            print(f"{scheme:18s} the fidelity set's {len(fidelity_set)} prompts: mean KL "
+                  f"{sum(fidelity_set) / len(fidelity_set):.2e}")  # fmt: skip
         print(f"{scheme:18s} {ratio:.2f}x  mean KL {mean:.2e}  geometric mean {geo:.2e}  "
               f"below the first scheme's on {below} of {len(per_prompt)}  "
               f"squared error keys {k_err:.3f}x values {v_err:.3f}x  {cells}")  # fmt: skip

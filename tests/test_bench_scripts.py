@@ -172,6 +172,33 @@ def test_four_bit_search_sizes_and_round_trips():
     assert torch.equal(partner.gather(1, partner), torch.arange(64).expand(3, 64))  # pairs, each channel once
 
 
+def test_four_bit_search_bits_per_channel():
+    """bench/four_bit_keys.py's ``v`` keys: 4 bits a channel on average, more where the range
+    is wider, less squared error than 4 bits each; ``z4sN`` values' first rows as ``int4h``."""
+    import four_bit_keys as fbk  # bench/four_bit_keys.py
+    import torch
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 2, 64, generator=gen) * torch.logspace(-1, 1, 64)  # ranges 100x apart
+    bits = fbk.allocate_bits(x, fbk.group_bounds(64, 16, "plainv"))
+    assert (bits.sum(1) == 4 * 64).all() and bits.min() >= 1 and bits.max() <= 8
+    assert bits[:, -8:].float().mean() > 6 > 2 > bits[:, :8].float().mean()
+    for plain, varied in (("plain", "plainv"), ("meta7s", "meta7sv")):
+        err = {m: float(((fbk.round_trip_keys(x, 16, m) - x) ** 2).sum()) for m in (plain, varied)}
+        assert err[varied] < 0.5 * err[plain], err
+    # per head at 1024 tokens: 4-bit keys, 7-bit bound codes, the request's range, the first
+    # group's bounds in fp16 instead of codes, 3 bits per channel; 4-bit values, a 1-byte scale
+    # and a 4-bit zero-point per row, the first 32 rows' fp16 scale and zero-point instead
+    key_bytes = 32 + 7 + 0.25 + 2.25 * 64 / 1024 + 24 / 1024
+    value_bytes = 32 + 1.5 + 2.5 * 32 / 1024
+    assert fbk.times_smaller("meta7sv", 16, "z4s32") == pytest.approx(256 / (key_bytes + value_bytes))
+    assert fbk.times_smaller("meta7sv", 16, "z4s32") > 3.5
+    v = torch.randn(48, 2, 64, generator=gen)
+    y = fbk.round_trip_values(v, "z4s32")
+    assert torch.equal(y[:32], fbk.round_trip_values(v, "z4s64")[:32])  # int4h's rows either way
+    assert not torch.equal(y[32:], fbk.round_trip_values(v, "z4s64")[32:])
+
+
 def test_span_memory_prints_every_pattern():
     from kvwire import scatter
 
