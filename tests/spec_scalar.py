@@ -257,3 +257,148 @@ def rot_decode(data: bytes, T: int, H: int, D: int, dtype: str, bits: int) -> li
                     y = F32(v * scales[r])
                 out.append(to_cache_bits(y, dtype))
     return out
+
+
+# -- int4a: docs/formats.md, "int4a" --------------------------------------------------------
+A_GAIN = (954437176, 97391548, 17140912, 3654868, 846785, 203959, 50059)
+A_ROOTS = [F32(2.0 ** (j / 16)) for j in range(16)]
+A_LOW, A_HIGH = -1888, 1903
+
+
+def _finite_min_max(values) -> tuple[np.float32, np.float32]:
+    finite = [v for v in values if np.isfinite(v)]
+    mn, mx = (F32(min(finite)), F32(max(finite))) if finite else (F32(0), F32(0))
+    return F32(mn + F32(0)), F32(mx + F32(0))
+
+
+def _planes_bytes(values: list[int], bits: int) -> bytes:
+    """``bits`` bit planes over ``values`` (a multiple of 8 of them), plane 0 first."""
+    out = bytearray()
+    for j in range(bits):
+        for i in range(0, len(values), 8):
+            out.append(sum(((values[i + b] >> j) & 1) << b for b in range(8)))
+    return bytes(out)
+
+
+def _a_bits(spread: list[int], width: list[np.float32]) -> list[int]:
+    """Bits per channel of one head from its channels' summed squared code ranges and hi - lo."""
+    D = len(spread)
+    gains = []
+    for b in range(1, 8):
+        for c in range(D):
+            w = float(spread[c]) * (float(width[c]) * float(width[c]))  # fp64: one rounding
+            gains.append((-(w * float(A_GAIN[b - 1])), b, c))
+    bits = [1] * D
+    for _, _, c in sorted(gains)[: 3 * D]:
+        bits[c] += 1
+    return bits
+
+
+def _a_key_grid(lo16, hi16, a, b):
+    step = F32(F32(F32(hi16) - F32(lo16)) / F32(127))
+    return F32(F32(F32(a) * step) + F32(lo16)), F32(F32(F32(b) * step) + F32(lo16))
+
+
+def int4a_keys_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> int4a key bytes."""
+    T, H, D = x.shape
+    n0 = min(T, 16)
+    out = int4_encode(x[:n0], "k", 16, 64)
+    G = -(-(T - n0) // 16)
+    if not G:
+        return out
+    lo16 = np.zeros((H, D), np.float16)
+    hi16 = np.zeros((H, D), np.float16)
+    for h in range(H):
+        for d in range(D):
+            mn, mx = _finite_min_max([x[t, h, d] for t in range(n0, T)])
+            lo16[h, d] = np.float16(min(max(mn, F32(-65504)), F32(65504)))
+            hi16[h, d] = np.float16(min(max(mx, F32(-65504)), F32(65504)))
+    codes_a = np.zeros((G, H, D), np.int64)
+    codes_b = np.zeros((G, H, D), np.int64)
+    for g in range(G):
+        rows = range(n0 + 16 * g, min(n0 + 16 * g + 16, T))
+        for h in range(H):
+            for d in range(D):
+                step = F32(F32(F32(hi16[h, d]) - F32(lo16[h, d])) / F32(127))
+                inv = F32(F32(1) / step) if step > 0 else F32(0)
+                gmn, gmx = _finite_min_max([x[t, h, d] for t in rows])
+                codes_a[g, h, d] = min(max(int(np.floor(F32(F32(gmn - F32(lo16[h, d])) * inv))), 0), 127)
+                codes_b[g, h, d] = min(max(int(np.ceil(F32(F32(gmx - F32(lo16[h, d])) * inv))), 0), 127)
+    bits = []
+    for h in range(H):
+        spread = [sum(int(codes_b[g, h, d] - codes_a[g, h, d]) ** 2 for g in range(G)) for d in range(D)]
+        bits.append(_a_bits(spread, [F32(F32(hi16[h, d]) - F32(lo16[h, d])) for d in range(D)]))
+    out += lo16.astype("<f2").tobytes() + hi16.astype("<f2").tobytes()
+    for g in range(G):
+        for h in range(H):
+            out += _planes_bytes(codes_a[g, h].tolist(), 7) + _planes_bytes(codes_b[g, h].tolist(), 7)
+    for g in range(G):
+        rows = range(n0 + 16 * g, min(n0 + 16 * g + 16, T))
+        for h in range(H):
+            for d in range(D):
+                glo, ghi = _a_key_grid(lo16[h, d], hi16[h, d], codes_a[g, h, d], codes_b[g, h, d])
+                top = (1 << bits[h][d]) - 1
+                s = F32(F32(ghi - glo) / F32(top))
+                inv = F32(F32(1) / s) if s > 0 else F32(0)
+                cs = [0] * 16
+                for i, t in enumerate(rows):
+                    with np.errstate(invalid="ignore"):
+                        c = np.rint(F32(F32(x[t, h, d] - glo) * inv))
+                    cs[i] = 0 if np.isnan(c) else int(min(max(c, 0), top))
+                for j in range(bits[h][d]):
+                    word = sum(((cs[t] >> j) & 1) << t for t in range(16))
+                    out += word.to_bytes(2, "little")
+    return out
+
+
+def _a_scale_index(u: np.float32) -> int | None:
+    if u == 0:
+        return None
+    f, q = np.frexp(u)
+    return 16 * (int(q) - 1) + sum(1 for r in A_ROOTS if r < F32(2 * f))
+
+
+def _a_step(k: int, exponent: int) -> np.float32:
+    if exponent > 127:
+        return F32(np.inf)
+    if exponent < -126:
+        return F32(0)
+    return F32(A_ROOTS[k % 16] * _pow2(exponent))
+
+
+def int4a_rows_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> int4a value (latent, state) bytes."""
+    T, H, D = x.shape
+    m = min(T, 32)
+    out = rot4_encode(x[:m])
+    if T == m:
+        return out
+    L = _block(D).bit_length() - 1
+    rows = [(t, h) for t in range(m, T) for h in range(H)]
+    info = {}
+    for t, h in rows:
+        y, e, _ = _rotated_integers(x[t, h])
+        mn, mx = F32(min(y)) + F32(0), F32(max(y)) + F32(0)
+        k = _a_scale_index(F32(F32(mx - mn) / F32(15)))
+        K = None if k is None else min(max(k + 16 * (e - 16 - L), A_LOW), A_HIGH)
+        info[t, h] = (y, e, mn, K)
+    base = []
+    for h in range(H):
+        ks = [info[t, hh][3] for t, hh in rows if hh == h and info[t, hh][3] is not None]
+        base.append(min(max((max(ks) if ks else A_LOW) - 255, A_LOW), A_HIGH - 255))
+    scale_codes, zs, codes = [], [], []
+    for t, h in rows:
+        y, e, mn, K = info[t, h]
+        code = 0 if K is None else min(max(K - base[h], 0), 255)
+        k2 = base[h] + code
+        step = _a_step(k2, k2 // 16 - e + 16 + L)
+        inv = F32(F32(1) / step) if np.isfinite(step) and step > 0 else F32(0)
+        z = int(min(max(np.rint(F32(-mn * inv)), 0), 15))
+        scale_codes.append(code)
+        zs.append(z)
+        codes += [int(min(max(np.rint(F32(F32(F32(v) * inv) + F32(z))), 0), 15)) for v in y]
+    zs += [0] * (len(zs) % 2)
+    out += np.array(base, "<i2").tobytes() + bytes(scale_codes)
+    out += bytes(zs[i] | (zs[i + 1] << 4) for i in range(0, len(zs), 2))
+    return out + bytes(codes[i] | (codes[i + 1] << 4) for i in range(0, len(codes), 2))

@@ -548,3 +548,82 @@ def test_a_tensor_that_requires_grad_encodes_as_its_values(name):
         enc = codec.encode(x.clone().requires_grad_(True), role)
         assert enc.tobytes() == codec.encode(x, role).tobytes()
         assert torch.equal(codec.decode(enc), codec.decode(codec.encode(x, role)))
+
+
+# -- int4a: bits per key channel, one-byte row scales (docs/formats.md, "int4a") -------------
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([8, 16, 64]),
+    st.integers(1, 50),
+    st.integers(1, 2),
+    st.data(),
+    st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_int4a_bytes_follow_the_written_format(D, T, H, data, dtype):
+    """int4a's keys and rows, element by element as docs/formats.md says: chunks shorter and
+    longer than the first key group and the first 32 rows, partial last groups, channels of
+    very different ranges, special values, tiny and zero rows."""
+    spread = data.draw(st.lists(st.sampled_from([1e-3, 0.1, 1.0, 30.0]), min_size=D, max_size=D))
+    values = data.draw(st.lists(st.one_of(element, st.sampled_from([1e-30, -2e-28, 0.0])), min_size=T * H * D,
+                                max_size=T * H * D))  # fmt: skip
+    x = (torch.tensor(values).view(T, H, D) * torch.tensor(spread)).to(dtype)
+    xf = x.float().numpy()
+    codec = kvwire.codec.get("int4a")
+    keys, rows = codec.encode(x, "k"), codec.encode(x, "v")
+    assert keys.tobytes() == spec_scalar.int4a_keys_encode(xf)
+    assert rows.tobytes() == spec_scalar.int4a_rows_encode(xf)
+    assert keys.nbytes == codec.encoded_size(keys.spec) and rows.nbytes == codec.encoded_size(rows.spec)
+
+
+def test_int4a_is_3_5x_smaller_and_closer_than_int4_where_channels_differ():
+    """At 1024 tokens of three heads of 64 (SmolLM2's shape) keys and values together are
+    3.5x smaller than bf16, and keys whose channels' ranges differ lose far less than int4's."""
+    codec, int4 = kvwire.codec.get("int4a"), kvwire.codec.get("int4")
+    k = realistic_keys(1024, 3, 64, seed=4)
+    v = torch.randn(1024, 3, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    wire = codec.encode(k, "k").nbytes + codec.encode(v, "v").nbytes
+    assert 2 * k.numel() * 2 / wire >= 3.5
+
+    def error(c, x, role):
+        return relative_mse(x, c.decode(c.encode(x, role)))
+
+    assert error(codec, k, "k") < 0.7 * error(int4, k, "k")
+    assert error(codec, v, "v") < 1.15 * error(int4, v, "v")  # Gaussian values: no outliers to spread
+
+
+def test_int4a_gives_the_bits_to_the_wide_channels():
+    """4 bits a channel on average per head, the widest channels the most; constant keys
+    (every range zero) decode exactly, constant value rows (one spike once rotated) within
+    the step of the scale grid above their range."""
+    from kvwire.codec import allocated
+
+    weight = torch.tensor([[0.0, 1.0, 1e4, 1e8] * 4, [1.0] * 16], dtype=torch.float64)
+    bits = allocated.allocate_bits(weight)
+    assert bits.sum(1).tolist() == [64, 64] and bits.min() >= 1 and bits.max() <= 8
+    assert bits[0, :4].tolist() == [1, 1, 6, 8] and bits[1].tolist() == [4] * 16  # ties: equal shares
+    x = torch.full((70, 2, 16), 1.5, dtype=torch.bfloat16)
+    codec = kvwire.codec.get("int4a")
+    assert torch.equal(codec.decode(codec.encode(x, "k")), x)
+    assert ((codec.decode(codec.encode(x, "v")).float() - 1.5).abs() <= 1.5 * (2 ** (1 / 16) - 1)).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(["k", "v"]), st.integers(1, 40), st.data(), dtype_names)
+def test_int4a_decodes_any_bytes(role, T, data, dtype_name):
+    """Bytes no encoder writes (NaN and infinite ranges, any base, any bits): a value of
+    the cache dtype for every element, every NaN the canonical one, nothing raised."""
+    codec = kvwire.codec.get("int4a")
+    spec = ChunkSpec(T, 2, 16, getattr(torch, dtype_name), role)
+    wire = data.draw(st.binary(min_size=codec.encoded_size(spec), max_size=codec.encoded_size(spec)))
+    y = codec.decode_bytes(wire, spec)
+    assert y.shape == spec.shape and y.dtype == spec.dtype
+    nan = torch.isnan(y.float())
+    bits = y.view(torch.int16 if y.itemsize == 2 else torch.int32)
+    assert (bits[nan] == kvwire.codec.base.CANONICAL_NAN[spec.dtype]).all()
+    with pytest.raises(ValueError, match="int4a"):
+        codec.decode_bytes(wire[:-1], spec)
+
+
+def test_int4a_needs_a_head_dim_of_whole_bytes():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kvwire.codec.get("int4a").encode(torch.zeros(4, 2, 12), "k")

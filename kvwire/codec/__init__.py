@@ -1,4 +1,4 @@
-"""How a chunk of KV travels: ``raw``, ``fp8``, ``int8h``, ``int4``, ``int4h``, each optionally ``+lz4``.
+"""How a chunk of KV travels: ``raw``, ``fp8``, ``int8h``, ``int4``, ``int4h``, ``int4a``, each optionally ``+lz4``.
 
 >>> import torch, kvwire.codec
 >>> codec = kvwire.codec.get("fp8")
@@ -15,6 +15,7 @@ Each codec's CPU implementation here is the specification of its bytes
 
 from __future__ import annotations
 
+from kvwire.codec.allocated import Int4aCodec
 from kvwire.codec.base import ROLES, ChunkSpec, Codec, Encoded, as_chunk
 from kvwire.codec.fp8 import Fp8Codec
 from kvwire.codec.int4 import GROUP_SIZES, KEY_TOKENS, Int4Codec
@@ -22,7 +23,7 @@ from kvwire.codec.lz4stage import Lz4Stage
 from kvwire.codec.raw import RawCodec
 from kvwire.codec.rotated import Int4hCodec, Int8hCodec
 
-BASE_CODECS = ("raw", "fp8", "int8h", "int4", "int4h")
+BASE_CODECS = ("raw", "fp8", "int8h", "int4", "int4h", "int4a")
 NAMES = BASE_CODECS + tuple(f"{n}+lz4" for n in BASE_CODECS)
 # Descriptor parameters each codec takes: g<channels per int4 value group>, k<tokens per key group>.
 PARAMETERS = {"int4": "gk", "int4h": "k"}
@@ -59,6 +60,8 @@ def get(name: str, *, group_size: int = 64, key_tokens: int | None = None) -> Co
         codec = Int4Codec(group_size=group_size, key_tokens=key_tokens)
     elif base == "int4h":
         codec = Int4hCodec(key_tokens=key_tokens)
+    elif base == "int4a":
+        codec = Int4aCodec()
     else:
         raise ValueError(f"codec: unknown codec {name!r}; known codecs: {', '.join(NAMES)}")
     return Lz4Stage(codec) if plus else codec

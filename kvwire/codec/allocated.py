@@ -1,0 +1,309 @@
+"""``int4a``: 4 bits per element on average, 3.5x smaller than bf16, with less error than ``int4``.
+
+``int4`` spends 20 of every 84 bytes (per token and head at head_dim 64) on fp16 scales
+and zero-points, and gives every key channel 4 bits although key channels' ranges differ
+a hundredfold. ``int4a`` moves both (docs/fidelity.md, "4 bits: the bits where the range
+is"); every chunk decodes alone, so what the search did per request happens per chunk:
+
+* keys (role ``k``), per channel along groups of 16 tokens as ``int4``'s: the chunk's
+  first group is an ``int4`` key group (fp16 scale and zero-point: the attention sink of
+  a request's first chunk keeps a grid of its own); each later group's min and max travel
+  as 7-bit codes on a grid of 127 steps over the channel's range in those groups (two fp16
+  per channel per chunk), and each channel gets ``b`` bits, 1 to 8, 4 on average over a
+  head's channels, more where the groups' ranges are wider. The decoder derives the bits
+  from the bound codes it received, in integers, so both sides agree on them;
+* values, latents and states: the chunk's first 32 tokens as ``int4h``'s rotated rows;
+  every later row rotated the same way, with a 1-byte scale on a grid of 2^(1/16) steps
+  (from a per-head base exponent) and a 4-bit integer zero-point instead of ``int4h``'s
+  two bf16.
+
+The float operations are IEEE fp32, each rounded to nearest even, no fused multiply-add;
+``docs/formats.md`` ("int4a") has the byte layout and the whole arithmetic, and
+``tests/spec_scalar.py`` re-implements it element by element. Unlike ``int4``'s, a
+chunk's bytes depend on where the transfer was cut into chunks (its groups and its first
+rows are the chunk's own), not on anything else.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params, pack_nibbles, unpack_nibbles
+from kvwire.codec.rotated import ROWS4, _fixed_point, _pow2, rotate, rotation_block
+
+KEY_GROUP = 16  # tokens per key group, as int4's at block size 16
+BOUND_BITS = 7
+BOUND_TOP = (1 << BOUND_BITS) - 1
+MEAN_BITS, FEWEST_BITS, MOST_BITS = 4, 1, 8
+GAIN_BITS = 30
+# GAIN[b]: what a channel's squared error falls by, per unit of its weight, when it gets bit
+# b + 1 (b = 1 .. 7): 2^30 (1 / (2^b - 1)^2 - 1 / (2^(b+1) - 1)^2), rounded down: integers,
+# exact in fp64, so the sender and the receiver compute the same gains.
+GAIN = tuple(
+    int(Fraction(1 << GAIN_BITS) * (Fraction(1, ((1 << b) - 1) ** 2) - Fraction(1, ((1 << (b + 1)) - 1) ** 2)))
+    for b in range(FEWEST_BITS, MOST_BITS)
+)
+EXACT_ROWS = 32  # a chunk's first tokens whose value rows keep int4h's bf16 scale and zero-point
+# The row scales' grid: 2^(k/16) for integer k, as fp32 constants (2^(j/16) rounded to nearest).
+ROOTS = tuple(float(np.float32(2.0 ** (j / 16))) for j in range(16))
+SCALE_LOW, SCALE_HIGH = -118 * 16, 118 * 16 + 15  # k's range: 2^(k/16) and its 2^-8 stay normal fp32
+NO_SCALE = -(1 << 20)  # a constant row's k: no grid step is needed, so it never sets the base
+
+
+def allocate_bits(weight: torch.Tensor) -> torch.Tensor:
+    """Bits per channel (int64, 1 .. 8, ``MEAN_BITS`` on average per head) from ``weight``
+    ``[H, D]`` (fp64: each channel's groups' ranges squared, summed).
+
+    Every channel starts at one bit; the ``3 D`` extra bits of a head go to the largest
+    gains ``weight * GAIN[b]`` (fp64 products), ties to the lower ``b``, then the lower
+    channel. Gains fall with ``b``, so a channel's chosen steps are always its first ones."""
+    heads, d = weight.shape
+    gains = weight.unsqueeze(1) * torch.tensor(GAIN, dtype=torch.float64).view(1, -1, 1)  # [H, 7, D]: b-major
+    order = torch.sort(gains.view(heads, -1), dim=1, descending=True, stable=True).indices
+    chosen = order[:, : (MEAN_BITS - FEWEST_BITS) * d] % d  # the channel of each chosen step
+    bits = torch.full((heads, d), FEWEST_BITS, dtype=torch.int64)
+    return bits.scatter_add_(1, chosen, torch.ones_like(chosen))
+
+
+def _planes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``bits`` bit planes of integer ``codes`` ``[..., n]``: ``[..., bits, n / 8]`` bytes,
+    plane j holding bit j of each code, the first code in the lowest bit."""
+    planes = (codes[..., None, :] >> np.arange(bits, dtype=codes.dtype)[:, None]) & 1
+    return np.packbits(planes.astype(np.uint8), axis=-1, bitorder="little")
+
+
+def _from_planes(planes: np.ndarray, n: int) -> np.ndarray:
+    """``_planes`` undone: ``[..., bits, n / 8]`` bytes -> codes ``[..., n]`` (int64)."""
+    bits = np.unpackbits(planes, axis=-1, count=n, bitorder="little").astype(np.int64)
+    return (bits << np.arange(planes.shape[-2], dtype=np.int64)[:, None]).sum(-2)
+
+
+class KeyLayout:
+    """Where a key chunk's parts sit: sizes from ``(T, H, D)`` and the bits per channel."""
+
+    def __init__(self, spec: ChunkSpec) -> None:
+        t, h, d = spec.shape
+        self.first = min(t, KEY_GROUP)  # the int4 group's tokens
+        self.groups = -(-(t - self.first) // KEY_GROUP)  # coded groups
+        self.head = 4 * h * d + self.first * h * d // 2  # int4 scales, zeros, codes
+        self.ranges = 4 * h * d if self.groups else 0  # lo, hi fp16
+        self.bounds = self.groups * h * 2 * BOUND_BITS * d // 8
+        self.codes = self.groups * h * d * MEAN_BITS * KEY_GROUP // 8  # sum of bits is 4 D per head
+        self.size = self.head + self.ranges + self.bounds + self.codes
+
+
+def _group_minmax(rest: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite min and max ``[G, H, D]`` of each ``KEY_GROUP`` tokens of ``rest`` (the last
+    group holds what is left)."""
+    full = rest.shape[0] // KEY_GROUP
+    parts = []
+    if full:
+        parts.append(_finite_minmax(rest[: full * KEY_GROUP].view(full, KEY_GROUP, *rest.shape[1:]), dim=1))
+    if full < groups:
+        mn, mx = _finite_minmax(rest[full * KEY_GROUP :], dim=0)
+        parts.append((mn.unsqueeze(0), mx.unsqueeze(0)))
+    return torch.cat([p[0] for p in parts]) + 0.0, torch.cat([p[1] for p in parts]) + 0.0
+
+
+def _group_grid(lo16: torch.Tensor, hi16: torch.Tensor, lo_code: torch.Tensor, hi_code: torch.Tensor):
+    """(group min, group max, bits per channel) from the coded parts, as both sides compute them."""
+    lo, step = lo16.float(), (hi16.float() - lo16.float()) / BOUND_TOP
+    group_lo = torch.mul(lo_code.float(), step).add_(lo)  # two roundings: product, then sum
+    group_hi = torch.mul(hi_code.float(), step).add_(lo)
+    # each group's range is its code range times the channel's step: the weight is the
+    # squared code ranges' sum (an integer) times the squared range (exact in fp64), one rounding
+    spread = ((hi_code - lo_code) ** 2).sum(0).double()
+    return group_lo, group_hi, allocate_bits(spread * ((hi16.float() - lo16.float()).double() ** 2))
+
+
+def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    t, h, d = spec.shape
+    lay = KeyLayout(spec)
+    xf = as_float32(x3)
+    out = torch.empty(lay.size, dtype=torch.uint8)
+    first = xf[: lay.first]
+    scale, zero = int4_params(*_finite_minmax(first, dim=0))
+    out[: 2 * h * d].view(torch.float16).copy_(scale.view(-1))
+    out[2 * h * d : 4 * h * d].view(torch.float16).copy_(zero.view(-1))
+    codes0 = int4_codes(first, scale, zero, out=torch.empty_like(first))
+    pack_nibbles(codes0, out[4 * h * d : lay.head].view(lay.first, h, d // 2))
+    if not lay.groups:
+        return out
+    rest = xf[lay.first :]
+    mn, mx = _finite_minmax(rest, dim=0)
+    lo16 = (mn + 0.0).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    hi16 = (mx + 0.0).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    at = lay.head
+    out[at : at + 2 * h * d].view(torch.float16).copy_(lo16.view(-1))
+    out[at + 2 * h * d : at + lay.ranges].view(torch.float16).copy_(hi16.view(-1))
+    at += lay.ranges
+    step = (hi16.float() - lo16.float()) / BOUND_TOP
+    inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
+    gmn, gmx = _group_minmax(rest, lay.groups)
+    lo_code = torch.mul(gmn - lo16.float(), inv).floor_().clamp_(0, BOUND_TOP).to(torch.int64)
+    hi_code = torch.mul(gmx - lo16.float(), inv).ceil_().clamp_(0, BOUND_TOP).to(torch.int64)
+    bounds = torch.stack([lo_code, hi_code], 2).numpy()  # [G, H, 2, D]
+    out[at : at + lay.bounds].numpy()[:] = _planes(bounds, BOUND_BITS).reshape(-1)  # [G, H, 2, 7, D/8]
+    at += lay.bounds
+    group_lo, group_hi, bits = _group_grid(lo16, hi16, lo_code, hi_code)
+    top = (torch.ones_like(bits) << bits).sub_(1).float()  # [H, D]
+    s = (group_hi - group_lo) / top  # [G, H, D]
+    inv_s = torch.where(s > 0, torch.reciprocal(s), 0.0)
+    padded = torch.zeros(lay.groups * KEY_GROUP, h, d)
+    padded[: rest.shape[0]] = rest
+    grouped = padded.view(lay.groups, KEY_GROUP, h, d)
+    q = grouped.sub_(group_lo.unsqueeze(1)).mul_(inv_s.unsqueeze(1)).round_().nan_to_num_(nan=0.0)
+    q = torch.minimum(q.clamp_(min=0), top).to(torch.int64)
+    q[-1, rest.shape[0] - (lay.groups - 1) * KEY_GROUP :] = 0  # the last group's missing tokens
+    planes = _planes(q.permute(0, 2, 3, 1).numpy(), MOST_BITS)  # [G, H, D, 8, 2]
+    chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None])[None]  # [1, H, D, 8]: plane j < b
+    out[at:].numpy()[:] = planes[np.broadcast_to(chosen, planes.shape[:-1])].reshape(-1)
+    return out
+
+
+def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    t, h, d = spec.shape
+    lay = KeyLayout(spec)
+    check_length(data, lay.size, "int4a")
+    y = torch.empty(t, h, d)
+    scale = take(data, 0, 2 * h * d, "int4a scales").clone().view(torch.float16).float().view(h, d)
+    zero = take(data, 2 * h * d, 2 * h * d, "int4a zeros").clone().view(torch.float16).float().view(h, d)
+    first = unpack_nibbles(data[4 * h * d : lay.head].view(lay.first, h, d // 2), y[: lay.first])
+    first.mul_(scale).add_(zero)
+    if lay.groups:
+        at = lay.head
+        lo16 = data[at : at + 2 * h * d].clone().view(torch.float16).view(h, d)
+        hi16 = data[at + 2 * h * d : at + lay.ranges].clone().view(torch.float16).view(h, d)
+        at += lay.ranges
+        planes = data[at : at + lay.bounds].numpy().reshape(lay.groups, h, 2, BOUND_BITS, d // 8)
+        bounds = torch.from_numpy(_from_planes(planes, d))  # [G, H, 2, D]
+        at += lay.bounds
+        group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
+        top = (torch.ones_like(bits) << bits).sub_(1).float()
+        chosen = np.arange(MOST_BITS) < bits.numpy()[..., None]  # [H, D, 8]
+        words = np.zeros((lay.groups, h, d, MOST_BITS, 2), dtype=np.uint8)
+        words[np.broadcast_to(chosen[None], words.shape[:-1])] = data[at:].numpy().reshape(-1, 2)
+        codes = torch.from_numpy(_from_planes(words.reshape(lay.groups, h, d, MOST_BITS, 2), KEY_GROUP))
+        s = (group_hi - group_lo) / top
+        q = codes.permute(0, 3, 1, 2).float()  # [G, 16, H, D]
+        q.mul_(s.unsqueeze(1)).add_(group_lo.unsqueeze(1))
+        y[lay.first :] = q.reshape(-1, h, d)[: t - lay.first]
+    return to_cache_dtype(y, spec.dtype, fresh=True)
+
+
+def _scale_index(u: torch.Tensor) -> torch.Tensor:
+    """The least integer k with 2^floor(k/16) * ROOTS[k mod 16] >= u, for u > 0 (fp32);
+    ``NO_SCALE`` where u is 0."""
+    mant, exp = torch.frexp(u)  # u = mant * 2^exp, 0.5 <= mant < 1
+    twice = mant * 2.0  # in [1, 2): exact
+    below = sum((twice > r).to(torch.int64) for r in ROOTS)  # roots under it: the least j with root >= it
+    k = 16 * (exp.to(torch.int64) - 1) + below
+    return torch.where(u > 0, k, NO_SCALE)
+
+
+def _rows_layout(spec: ChunkSpec) -> tuple[int, int, int]:
+    """(int4h rows' tokens, compact rows, compact part's bytes) of a value chunk."""
+    t, h, d = spec.shape
+    first = min(t, EXACT_ROWS)
+    rows = (t - first) * h
+    return first, rows, (2 * h + rows + (rows + 1) // 2 + rows * d // 2) if rows else 0
+
+
+def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    t, h, d = spec.shape
+    first, rows, compact = _rows_layout(spec)
+    head_spec = ChunkSpec(first, h, d, spec.dtype, spec.role, spec.block_size)
+    head = ROWS4.encode(x3[:first], head_spec)
+    if not rows:
+        return head
+    out = torch.empty(head.numel() + compact, dtype=torch.uint8)
+    out[: head.numel()] = head
+    at = head.numel()
+    xf = as_float32(x3[first:].reshape(rows, d))
+    n, e = _fixed_point(xf)
+    y = rotate(n, out=torch.empty(rows, d))
+    log_block = rotation_block(d).bit_length() - 1
+    mn, mx = y.amin(1) + 0.0, y.amax(1) + 0.0
+    shift = 16 * (e.to(torch.int64) - 16 - log_block)  # k in the row's units -> k of its real values
+    k = _scale_index((mx - mn) / 15.0)
+    k = torch.where(k == NO_SCALE, NO_SCALE, (k + shift).clamp(SCALE_LOW, SCALE_HIGH)).view(-1, h)
+    base = (k.amax(0) - 255).clamp(SCALE_LOW, SCALE_HIGH - 255)  # [H]
+    code = (k - base).clamp(0, 255)
+    kk = (base + code).view(-1)  # the scale each row travels with
+    step = _row_step(kk, (kk.div(16, rounding_mode="floor") - e.to(torch.int64) + 16 + log_block))
+    inv = torch.where(torch.isfinite(step) & (step > 0), torch.reciprocal(step), 0.0)
+    z = torch.mul(-mn, inv).round_().clamp_(0, 15)
+    q = y.mul_(inv.unsqueeze(1)).add_(z.unsqueeze(1)).round_().clamp_(0, 15)
+    out[at : at + 2 * h].view(torch.int16).copy_(base)
+    at += 2 * h
+    out[at : at + rows].copy_(code.view(-1))
+    at += rows
+    zs = torch.zeros(rows + rows % 2, dtype=torch.float32)
+    zs[:rows] = z
+    pack_nibbles(zs.view(1, -1), out[at : at + (rows + 1) // 2].view(1, -1))
+    at += (rows + 1) // 2
+    pack_nibbles(q, out[at:].view(rows, d // 2))
+    return out
+
+
+def _row_step(k: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """ROOTS[k mod 16] * 2^exponent (fp32, exact); inf above 2^127, 0 below 2^-126."""
+    root = torch.tensor(ROOTS, dtype=torch.float32)[k % 16]
+    big, small = exponent > 127, exponent < -126
+    step = root * _pow2(exponent.clamp(-126, 127))
+    return torch.where(big, torch.inf, torch.where(small, 0.0, step))
+
+
+def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    t, h, d = spec.shape
+    first, rows, compact = _rows_layout(spec)
+    head_spec = ChunkSpec(first, h, d, spec.dtype, spec.role, spec.block_size)
+    head_bytes = ROWS4.size(head_spec)
+    check_length(data, head_bytes + compact, "int4a")
+    head = ROWS4.decode(data[:head_bytes], head_spec)
+    if not rows:
+        return head
+    out = torch.empty(spec.shape, dtype=spec.dtype)
+    out[:first] = head
+    at = head_bytes
+    base = data[at : at + 2 * h].clone().view(torch.int16).to(torch.int64)
+    at += 2 * h
+    kk = (data[at : at + rows].to(torch.int64).view(-1, h) + base).view(-1)
+    at += rows
+    z = unpack_nibbles(data[at : at + (rows + 1) // 2].view(1, -1), torch.empty(1, rows + rows % 2))[0, :rows]
+    at += (rows + 1) // 2
+    c = unpack_nibbles(data[at:].view(rows, d // 2), torch.empty(rows, d))
+    v = rotate(c.sub_(z.unsqueeze(1)), out=torch.empty(rows, d))
+    scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings
+    out[first:] = to_cache_dtype(v.mul_(scale.unsqueeze(1)).view(t - first, h, d), spec.dtype)
+    return out
+
+
+class Int4aCodec(Codec):
+    """Keys with bits per channel and one-byte group bounds, values as rotated rows with
+    one-byte scales: 3.5x smaller than bf16 at head_dim 64 (docs/fidelity.md)."""
+
+    name = "int4a"
+
+    def check(self, spec: ChunkSpec) -> None:
+        super().check(spec)
+        if spec.head_dim % 8:
+            raise ValueError(f"head_dim: int4a packs bit planes over channels, so head_dim must be a multiple of 8, "
+                             f"got {spec.head_dim}")  # fmt: skip
+
+    def encoded_size(self, spec: ChunkSpec) -> int:
+        self.check(spec)
+        if spec.role == "k":
+            return KeyLayout(spec).size
+        first, _, compact = _rows_layout(spec)
+        return ROWS4.size(ChunkSpec(first, spec.heads, spec.head_dim, spec.dtype, spec.role)) + compact
+
+    def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        return encode_keys(x3, spec) if spec.role == "k" else encode_rows(x3, spec)
+
+    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        return decode_keys(data, spec) if spec.role == "k" else decode_rows(data, spec)
