@@ -158,8 +158,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
         raise ValueError(f"--new-tokens: must be at least 1, got {args.new_tokens}")
     print("fidelity: SmolLM2-135M, KV cache through each codec, against the uncompressed cache", flush=True)
     report = fidelity.run(args, progress=lambda line: print(line, flush=True))
-    rows = [[s["codec"], s["bytes_per_token"], f"{s['times_smaller_than_bf16']:.2f}x", s["prompts"], s["mean_kl"],
-             s["max_kl"], s["identical_fraction"],
+    rows = [[s["codec"], s["bytes_per_token"], f"{s['times_smaller_than_bf16']:.2f}x", s["prompts"],
+             f"{s['mean_kl']:.2e}", f"{s['max_kl']:.2e}", s["identical_fraction"],
              "-" if s["mean_first_divergence"] is None else f"{s['mean_first_divergence']:.1f}"]
             for s in report["summary"]]  # fmt: skip
     print(

@@ -49,7 +49,7 @@ PROMPTS = {
     ),
 }
 LENGTHS = (32, 128, 512, 1024)
-DEFAULT_CODECS = ("fp8", "int8h", "int4", "int4h", "int4h/k64")
+DEFAULT_CODECS = ("fp8", "int8h", "int4", "int4h", "int4h/k64", "int4a")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ import torch
 from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params, pack_nibbles, unpack_nibbles
 from kvwire.codec.rotated import ROWS4, _fixed_point, _pow2, rotate, rotation_block
+from kvwire.codec.scratch import scratch
 
 KEY_GROUP = 16  # tokens per key group, as int4's at block size 16
 BOUND_BITS = 7
@@ -77,9 +78,45 @@ def _planes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _from_planes(planes: np.ndarray, n: int) -> np.ndarray:
-    """``_planes`` undone: ``[..., bits, n / 8]`` bytes -> codes ``[..., n]`` (int64)."""
-    bits = np.unpackbits(planes, axis=-1, count=n, bitorder="little").astype(np.int64)
-    return (bits << np.arange(planes.shape[-2], dtype=np.int64)[:, None]).sum(-2)
+    """``_planes`` undone: ``[..., bits, n / 8]`` bytes -> codes ``[..., n]`` (uint8; at most 8 bits)."""
+    bits = np.unpackbits(planes, axis=-1, count=n, bitorder="little")
+    codes = bits[..., 0, :].copy()
+    for j in range(1, planes.shape[-2]):
+        codes |= bits[..., j, :] << j
+    return codes
+
+
+_TRANSPOSE = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
+
+
+def _transpose8(x: np.ndarray) -> np.ndarray:
+    """Each uint64 of ``x`` as an 8 x 8 bit matrix (byte i, bit j) transposed, in place:
+    8 codes of 8 bits in, their 8 bit planes out (and back: it is its own inverse)."""
+    t = np.empty_like(x)
+    for shift, mask in _TRANSPOSE:
+        np.right_shift(x, np.uint64(shift), out=t)
+        np.bitwise_xor(t, x, out=t)
+        np.bitwise_and(t, np.uint64(mask), out=t)
+        np.bitwise_xor(x, t, out=x)
+        np.left_shift(t, np.uint64(shift), out=t)
+        np.bitwise_xor(x, t, out=x)
+    return x
+
+
+def _token_words(codes: np.ndarray) -> np.ndarray:
+    """Codes ``[..., 16]`` (uint8, contiguous: one key channel's group) -> ``[..., 8]``
+    16-bit words, word j holding bit j of each token's code, token t in bit t."""
+    halves = _transpose8(codes.view("<u8").copy()).view(np.uint8).reshape(*codes.shape[:-1], 2, 8)
+    # word j: plane j of tokens 0-7 in its low byte, of tokens 8-15 in its high byte
+    return np.stack((halves[..., 0, :], halves[..., 1, :]), axis=-1).view("<u2")[..., 0]
+
+
+def _token_codes(words: np.ndarray) -> np.ndarray:
+    """``_token_words`` undone: ``[..., 8]`` words -> ``[..., 16]`` uint8 codes."""
+    halves = np.empty((*words.shape[:-1], 2, 8), dtype=np.uint8)
+    halves[..., 0, :] = words & 0xFF
+    halves[..., 1, :] = words >> 8
+    return _transpose8(halves.view("<u8")).view(np.uint8).reshape(*words.shape[:-1], 16)
 
 
 class KeyLayout:
@@ -96,17 +133,28 @@ class KeyLayout:
         self.size = self.head + self.ranges + self.bounds + self.codes
 
 
-def _group_minmax(rest: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finite min and max ``[G, H, D]`` of each ``KEY_GROUP`` tokens of ``rest`` (the last
-    group holds what is left)."""
+def _group_minmax(rest: torch.Tensor, groups: int):
+    """(min, max ``[G, H, D]`` of each ``KEY_GROUP`` tokens of ``rest`` (the last group holds
+    what is left), min, max ``[H, D]`` of every token), finite values only, each + 0.0."""
     full = rest.shape[0] // KEY_GROUP
     parts = []
     if full:
-        parts.append(_finite_minmax(rest[: full * KEY_GROUP].view(full, KEY_GROUP, *rest.shape[1:]), dim=1))
+        grouped = rest[: full * KEY_GROUP].view(full, KEY_GROUP, *rest.shape[1:])
+        parts.append((grouped.amin(1), grouped.amax(1)))
+    if full < groups:
+        parts.append((rest[full * KEY_GROUP :].amin(0, keepdim=True), rest[full * KEY_GROUP :].amax(0, keepdim=True)))
+    gmn, gmx = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if torch.isfinite(gmn).all() and torch.isfinite(gmx).all():  # the common case: every group has finite values
+        gmn, gmx = gmn + 0.0, gmx + 0.0
+        return gmn, gmx, gmn.amin(0), gmx.amax(0)
+    parts = []
+    if full:
+        parts.append(_finite_minmax(grouped, dim=1))
     if full < groups:
         mn, mx = _finite_minmax(rest[full * KEY_GROUP :], dim=0)
         parts.append((mn.unsqueeze(0), mx.unsqueeze(0)))
-    return torch.cat([p[0] for p in parts]) + 0.0, torch.cat([p[1] for p in parts]) + 0.0
+    mn, mx = _finite_minmax(rest, dim=0)
+    return torch.cat([p[0] for p in parts]) + 0.0, torch.cat([p[1] for p in parts]) + 0.0, mn + 0.0, mx + 0.0
 
 
 def _group_grid(lo16: torch.Tensor, hi16: torch.Tensor, lo_code: torch.Tensor, hi_code: torch.Tensor):
@@ -134,34 +182,33 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     if not lay.groups:
         return out
     rest = xf[lay.first :]
-    mn, mx = _finite_minmax(rest, dim=0)
-    lo16 = (mn + 0.0).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
-    hi16 = (mx + 0.0).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    gmn, gmx, mn, mx = _group_minmax(rest, lay.groups)
+    lo16 = mn.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+    hi16 = mx.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     at = lay.head
     out[at : at + 2 * h * d].view(torch.float16).copy_(lo16.view(-1))
     out[at + 2 * h * d : at + lay.ranges].view(torch.float16).copy_(hi16.view(-1))
     at += lay.ranges
     step = (hi16.float() - lo16.float()) / BOUND_TOP
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
-    gmn, gmx = _group_minmax(rest, lay.groups)
     lo_code = torch.mul(gmn - lo16.float(), inv).floor_().clamp_(0, BOUND_TOP).to(torch.int64)
     hi_code = torch.mul(gmx - lo16.float(), inv).ceil_().clamp_(0, BOUND_TOP).to(torch.int64)
-    bounds = torch.stack([lo_code, hi_code], 2).numpy()  # [G, H, 2, D]
+    bounds = torch.stack([lo_code, hi_code], 2).to(torch.uint8).numpy()  # [G, H, 2, D]
     out[at : at + lay.bounds].numpy()[:] = _planes(bounds, BOUND_BITS).reshape(-1)  # [G, H, 2, 7, D/8]
     at += lay.bounds
     group_lo, group_hi, bits = _group_grid(lo16, hi16, lo_code, hi_code)
     top = (torch.ones_like(bits) << bits).sub_(1).float()  # [H, D]
     s = (group_hi - group_lo) / top  # [G, H, D]
     inv_s = torch.where(s > 0, torch.reciprocal(s), 0.0)
-    padded = torch.zeros(lay.groups * KEY_GROUP, h, d)
-    padded[: rest.shape[0]] = rest
-    grouped = padded.view(lay.groups, KEY_GROUP, h, d)
-    q = grouped.sub_(group_lo.unsqueeze(1)).mul_(inv_s.unsqueeze(1)).round_().nan_to_num_(nan=0.0)
-    q = torch.minimum(q.clamp_(min=0), top).to(torch.int64)
-    q[-1, rest.shape[0] - (lay.groups - 1) * KEY_GROUP :] = 0  # the last group's missing tokens
-    planes = _planes(q.permute(0, 2, 3, 1).numpy(), MOST_BITS)  # [G, H, D, 8, 2]
-    chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None])[None]  # [1, H, D, 8]: plane j < b
-    out[at:].numpy()[:] = planes[np.broadcast_to(chosen, planes.shape[:-1])].reshape(-1)
+    q = scratch("q", (lay.groups, KEY_GROUP, h, d))
+    q.view(-1, h, d)[: rest.shape[0]].copy_(rest)  # one pass (the input may be the caller's fp32 tensor)
+    q.view(-1, h, d)[rest.shape[0] :] = 0  # the last group's missing tokens, zeroed below
+    q.sub_(group_lo.unsqueeze(1)).mul_(inv_s.unsqueeze(1)).round_().nan_to_num_(nan=0.0).clamp_(min=0)
+    codes = torch.minimum(q, top, out=q).to(torch.uint8)
+    codes.view(-1, h, d)[rest.shape[0] :] = 0
+    words = _token_words(codes.permute(0, 2, 3, 1).contiguous().numpy())  # [G, H, D, 8]
+    chosen = np.flatnonzero(np.arange(MOST_BITS) < bits.numpy()[..., None])  # word j < b of each channel
+    out[at:].numpy().view("<u2").reshape(lay.groups, -1)[:] = words.reshape(lay.groups, -1)[:, chosen]
     return out
 
 
@@ -180,18 +227,25 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         hi16 = data[at + 2 * h * d : at + lay.ranges].clone().view(torch.float16).view(h, d)
         at += lay.ranges
         planes = data[at : at + lay.bounds].numpy().reshape(lay.groups, h, 2, BOUND_BITS, d // 8)
-        bounds = torch.from_numpy(_from_planes(planes, d))  # [G, H, 2, D]
+        bounds = torch.from_numpy(_from_planes(planes, d)).to(torch.int64)  # [G, H, 2, D]
         at += lay.bounds
         group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
         top = (torch.ones_like(bits) << bits).sub_(1).float()
-        chosen = np.arange(MOST_BITS) < bits.numpy()[..., None]  # [H, D, 8]
-        words = np.zeros((lay.groups, h, d, MOST_BITS, 2), dtype=np.uint8)
-        words[np.broadcast_to(chosen[None], words.shape[:-1])] = data[at:].numpy().reshape(-1, 2)
-        codes = torch.from_numpy(_from_planes(words.reshape(lay.groups, h, d, MOST_BITS, 2), KEY_GROUP))
+        chosen = np.flatnonzero(np.arange(MOST_BITS) < bits.numpy()[..., None])  # word j < b of each channel
+        words = np.zeros((lay.groups, h * d * MOST_BITS), dtype="<u2")
+        words[:, chosen] = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
+        words = words.reshape(lay.groups, h, d, MOST_BITS)
+        codes = torch.from_numpy(_token_codes(words)).permute(0, 3, 1, 2).contiguous()  # [G, 16, H, D]
         s = (group_hi - group_lo) / top
-        q = codes.permute(0, 3, 1, 2).float()  # [G, 16, H, D]
-        q.mul_(s.unsqueeze(1)).add_(group_lo.unsqueeze(1))
-        y[lay.first :] = q.reshape(-1, h, d)[: t - lay.first]
+        rest = y[lay.first :]
+        rest.copy_(codes.view(-1, h, d)[: rest.shape[0]])
+        full = rest.shape[0] // KEY_GROUP
+        if full:  # code * s + glo: two roundings
+            rest[: full * KEY_GROUP].view(full, KEY_GROUP, h, d).mul_(s[:full].unsqueeze(1)).add_(
+                group_lo[:full].unsqueeze(1)
+            )
+        if full < lay.groups:
+            rest[full * KEY_GROUP :].mul_(s[full]).add_(group_lo[full])
     return to_cache_dtype(y, spec.dtype, fresh=True)
 
 
