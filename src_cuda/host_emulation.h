@@ -46,6 +46,7 @@ inline float __uint_as_float(unsigned int u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+using std::max;
 using std::min;  // fabsf, fminf, fmaxf, rintf come from <cmath> in the global namespace
 
 inline float emu_half_to_float(unsigned short h) { return _cvtsh_ss(h); }
@@ -84,6 +85,21 @@ inline float __shfl_xor_sync(unsigned int, float v, int mask) {
 inline unsigned int atomicXor(unsigned int* address, unsigned int value) {
   return __atomic_fetch_xor(address, value, __ATOMIC_SEQ_CST);
 }
+
+// A block's lanes run on one host thread, one at a time: a plain read-modify-write is atomic.
+inline int atomicMax(int* address, int value) {
+  int old = *address;
+  if (value > old) *address = value;
+  return old;
+}
+
+inline double __dmul_rn(double a, double b) { return a * b; }
+
+// Shared memory: one copy per host thread (blocks run one after another on it). A barrier
+// parks the lane like a shuffle does, so lanes must meet barriers and shuffles in the same
+// order (the kernels keep every warp's trip count equal where that matters).
+#define __shared__ static thread_local
+inline void __syncthreads() { emu_park(); }
 
 // Launch `kernel` on grid x block lanes, one block at a time. Each round runs every lane
 // up to its next shuffle (or its end); a block ends when all lanes have ended in the same

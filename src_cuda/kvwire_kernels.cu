@@ -390,6 +390,38 @@ __device__ void int4v_decode(Paged dst, int T, int H, int D, int G, const u8* in
 // Keys: group (b, h, d) = channel d of head h over the tokens of block b. One thread
 // handles the channel pair (2c, 2c+1), so it writes whole code bytes.
 template <int KIND>
+__device__ __forceinline__ void int4k_pair_encode(const Paged& src, int H, int D, int b, int h, int c, int t0, int t1,
+                                                  u16* scales, u16* zeros, u8* packed) {
+  float mn[2] = {3.0e38f, 3.0e38f}, mx[2] = {-3.0e38f, -3.0e38f};
+  bool any[2] = {false, false};
+  for (int t = t0; t < t1; ++t) {
+    const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float x = to_float<KIND>(p[(i64)e * src.s_dim]);
+      if (finite(x)) {
+        mn[e] = fminf(mn[e], x);
+        mx[e] = fmaxf(mx[e], x);
+        any[e] = true;
+      }
+    }
+  }
+  Int4Params prm[2] = {int4_params(mn[0], mx[0], any[0]), int4_params(mn[1], mx[1], any[1])};
+  i64 gid = ((i64)b * H + h) * D + 2 * c;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    scales[gid + e] = prm[e].scale;
+    zeros[gid + e] = prm[e].zero;
+  }
+  for (int t = t0; t < t1; ++t) {
+    const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
+    unsigned int lo = int4_code(to_float<KIND>(p[0]), prm[0]);
+    unsigned int hi = int4_code(to_float<KIND>(p[src.s_dim]), prm[1]);
+    packed[((i64)t * H + h) * (D / 2) + c] = (u8)(lo | (hi << 4));
+  }
+}
+
+template <int KIND>
 __device__ void int4k_encode(Paged src, int T, int H, int D, int K, u8* out) {
   int nb = (T + K - 1) / K;  // key groups of K tokens (the block size, or the codec's key_tokens)
   i64 groups = (i64)nb * H * D;
@@ -402,34 +434,18 @@ __device__ void int4k_encode(Paged src, int T, int H, int D, int K, u8* out) {
     i64 bh = i / (D / 2);
     int h = (int)(bh % H), b = (int)(bh / H);
     int t0 = b * K, t1 = min(T, t0 + K);
-    float mn[2] = {3.0e38f, 3.0e38f}, mx[2] = {-3.0e38f, -3.0e38f};
-    bool any[2] = {false, false};
-    for (int t = t0; t < t1; ++t) {
-      const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float x = to_float<KIND>(p[(i64)e * src.s_dim]);
-        if (finite(x)) {
-          mn[e] = fminf(mn[e], x);
-          mx[e] = fmaxf(mx[e], x);
-          any[e] = true;
-        }
-      }
-    }
-    Int4Params prm[2] = {int4_params(mn[0], mx[0], any[0]), int4_params(mn[1], mx[1], any[1])};
-    i64 gid = ((i64)b * H + h) * D + 2 * c;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      scales[gid + e] = prm[e].scale;
-      zeros[gid + e] = prm[e].zero;
-    }
-    for (int t = t0; t < t1; ++t) {
-      const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
-      unsigned int lo = int4_code(to_float<KIND>(p[0]), prm[0]);
-      unsigned int hi = int4_code(to_float<KIND>(p[src.s_dim]), prm[1]);
-      packed[((i64)t * H + h) * (D / 2) + c] = (u8)(lo | (hi << 4));
-    }
+    int4k_pair_encode<KIND>(src, H, D, b, h, c, t0, t1, scales, zeros, packed);
   }
+}
+
+// One code byte (channels 2c, 2c+1 of row (t, h)) of key group gid's pair.
+template <int KIND>
+__device__ __forceinline__ void int4k_pair_decode(const Paged& dst, int D, int t, int h, int c, i64 gid, u8 byte,
+                                                  const u16* scales, const u16* zeros) {
+  u16* p = dst.row(t, h) + (i64)(2 * c) * dst.s_dim;
+  p[0] = from_float<KIND>(int4_value(byte & 15u, half_to_float(scales[gid]), half_to_float(zeros[gid])));
+  p[dst.s_dim] = from_float<KIND>(int4_value(byte >> 4, half_to_float(scales[gid + 1]), half_to_float(zeros[gid + 1])));
+  (void)D;
 }
 
 template <int KIND>
@@ -445,11 +461,7 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, int K, const u8* in
     i64 th = i / (D / 2);
     int h = (int)(th % H), t = (int)(th / H);
     i64 gid = ((i64)(t / K) * H + h) * D + 2 * c;
-    u8 byte = packed[i];
-    u16* p = dst.row(t, h) + (i64)(2 * c) * dst.s_dim;
-    p[0] = from_float<KIND>(int4_value(byte & 15u, half_to_float(scales[gid]), half_to_float(zeros[gid])));
-    p[dst.s_dim] =
-        from_float<KIND>(int4_value(byte >> 4, half_to_float(scales[gid + 1]), half_to_float(zeros[gid + 1])));
+    int4k_pair_decode<KIND>(dst, D, t, h, c, gid, packed[i], scales, zeros);
   }
 }
 
@@ -550,6 +562,75 @@ __device__ __forceinline__ void rot_load(const Paged& src, const u16* p, int D, 
   }
 }
 
+// One row (t, h), the `row`-th of `rows` in the chunk's byte layout, by one warp. Every
+// lane takes part in the shuffles whether or not `live`; only a live row is written.
+template <int KIND, int BITS>
+__device__ void rot_encode_row(const Paged& src, int t, int h, i64 row, i64 rows, int D, const RotRow& g, int lane,
+                               u8* out, bool live) {
+  const u16* p = src.row(t, h);
+  float m = 0.0f;
+  for (int d = lane; d < D; d += WARP) {
+    float x = to_float<KIND>(p[(i64)d * src.s_dim]);
+    if (finite(x)) m = fmaxf(m, fabsf(x));
+  }
+  m = warp_max(m);
+  int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;  // m = f * 2^e, 0.5 <= f < 1
+  bool zero = m == 0.0f || e < ROT_MIN_EXP;
+  if (zero) e = 0;
+  float factor = zero ? 0.0f : pow2f(ROT_Q - e);
+  float lo = 3.0e38f, hi = -3.0e38f;  // BITS 8: hi is max |y|
+  float v[ROT_SLOTS];  // a row of one tile (D <= 256, the usual case) stays here for the codes
+  for (int base = 0; base < D; base += g.tile) {
+    rot_load<KIND>(src, p, D, base, g, lane, factor, v);
+    tile_hadamard(v, g.R, g.slots, lane);
+#pragma unroll
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      if (j < g.slots && base + lane + WARP * j < D) {
+        lo = fminf(lo, v[j]);
+        hi = fmaxf(hi, BITS == 8 ? fabsf(v[j]) : v[j]);
+      }
+    }
+  }
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  float step, z = 0.0f;
+  if (BITS == 8) {
+    step = __fdiv_rn(hi, 127.0f);
+    if (live && lane == 0) reinterpret_cast<float*>(out)[row] = __fmul_rn(step, pow2f(e - ROT_Q - g.L));
+  } else {
+    float mn = __fadd_rn(lo, 0.0f), mx = __fadd_rn(hi, 0.0f);  // -0 becomes +0
+    u16 s16 = float_to_bf16_rn(__fmul_rn(__fdiv_rn(__fsub_rn(mx, mn), 15.0f), pow2f(e - ROT_Q - g.L)));
+    u16 z16 = float_to_bf16_rn(__fmul_rn(mn, pow2f(e - ROT_Q - g.L)));
+    step = __fmul_rn(to_float<0>(s16), pow2f(ROT_Q + g.L - e));
+    z = __fmul_rn(to_float<0>(z16), pow2f(ROT_Q + g.L - e));
+    if (live && lane == 0) {
+      reinterpret_cast<u16*>(out)[row] = s16;
+      reinterpret_cast<u16*>(out)[rows + row] = z16;
+    }
+  }
+  float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
+  u8* codes = out + 4 * rows;
+  for (int base = 0; base < D; base += g.tile) {
+    if (D > g.tile) {  // several tiles: rotate this one again
+      rot_load<KIND>(src, p, D, base, g, lane, factor, v);
+      tile_hadamard(v, g.R, g.slots, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      if (j >= g.slots) continue;  // the same for every lane
+      i64 d = base + lane + WARP * j;
+      if (BITS == 8) {
+        float c = fminf(fmaxf(rintf(__fmul_rn(v[j], inv)), -127.0f), 127.0f);
+        if (live && d < D) codes[row * D + d] = (u8)(int)c;
+      } else {
+        float c = fminf(fmaxf(rintf(__fmul_rn(__fsub_rn(v[j], z), inv)), 0.0f), 15.0f);
+        float high = __shfl_xor_sync(0xffffffffu, c, 1);  // the odd neighbour's code
+        if (live && !(lane & 1) && d < D) codes[(row * D + d) / 2] = (u8)((unsigned int)c | ((unsigned int)high << 4));
+      }
+    }
+  }
+}
+
 template <int KIND, int BITS>
 __device__ void rot_encode(Paged src, int T, int H, int D, u8* out) {
   const int lane = threadIdx.x % WARP;
@@ -557,69 +638,50 @@ __device__ void rot_encode(Paged src, int T, int H, int D, u8* out) {
   i64 rows = (i64)T * H;
   i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
   i64 stride = (i64)gridDim.x * blockDim.x / WARP;
-  for (; row < rows; row += stride) {
-    int t = (int)(row / H), h = (int)(row % H);
-    const u16* p = src.row(t, h);
-    float m = 0.0f;
-    for (int d = lane; d < D; d += WARP) {
-      float x = to_float<KIND>(p[(i64)d * src.s_dim]);
-      if (finite(x)) m = fmaxf(m, fabsf(x));
-    }
-    m = warp_max(m);
-    int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;  // m = f * 2^e, 0.5 <= f < 1
-    bool zero = m == 0.0f || e < ROT_MIN_EXP;
-    if (zero) e = 0;
-    float factor = zero ? 0.0f : pow2f(ROT_Q - e);
-    float lo = 3.0e38f, hi = -3.0e38f;  // BITS 8: hi is max |y|
-    float v[ROT_SLOTS];  // a row of one tile (D <= 256, the usual case) stays here for the codes
-    for (int base = 0; base < D; base += g.tile) {
-      rot_load<KIND>(src, p, D, base, g, lane, factor, v);
-      tile_hadamard(v, g.R, g.slots, lane);
+  for (; row < rows; row += stride) rot_encode_row<KIND, BITS>(src, (int)(row / H), (int)(row % H), row, rows, D, g, lane, out, true);
+}
+
+template <int KIND, int BITS>
+__device__ void rot_decode_row(const Paged& dst, int t, int h, i64 row, i64 rows, int D, const RotRow& g, int lane,
+                               const u8* in) {
+  const u8* codes = in + 4 * rows;
+  const float first_scale = pow2f(-g.L), block = (float)g.R;
+  u16* p = dst.row(t, h);
+  float S, Z = 0.0f;
+  if (BITS == 8) {
+    S = reinterpret_cast<const float*>(in)[row];
+  } else {
+    S = to_float<0>(reinterpret_cast<const u16*>(in)[row]);
+    Z = to_float<0>(reinterpret_cast<const u16*>(in)[rows + row]);
+  }
+  for (int base = 0; base < D; base += g.tile) {
+    float v[ROT_SLOTS];
 #pragma unroll
-      for (int j = 0; j < ROT_SLOTS; ++j) {
-        if (j < g.slots && base + lane + WARP * j < D) {
-          lo = fminf(lo, v[j]);
-          hi = fmaxf(hi, BITS == 8 ? fabsf(v[j]) : v[j]);
-        }
-      }
-    }
-    lo = warp_min(lo);
-    hi = warp_max(hi);
-    float step, z = 0.0f;
-    if (BITS == 8) {
-      step = __fdiv_rn(hi, 127.0f);
-      if (lane == 0) reinterpret_cast<float*>(out)[row] = __fmul_rn(step, pow2f(e - ROT_Q - g.L));
-    } else {
-      float mn = __fadd_rn(lo, 0.0f), mx = __fadd_rn(hi, 0.0f);  // -0 becomes +0
-      u16 s16 = float_to_bf16_rn(__fmul_rn(__fdiv_rn(__fsub_rn(mx, mn), 15.0f), pow2f(e - ROT_Q - g.L)));
-      u16 z16 = float_to_bf16_rn(__fmul_rn(mn, pow2f(e - ROT_Q - g.L)));
-      step = __fmul_rn(to_float<0>(s16), pow2f(ROT_Q + g.L - e));
-      z = __fmul_rn(to_float<0>(z16), pow2f(ROT_Q + g.L - e));
-      if (lane == 0) {
-        reinterpret_cast<u16*>(out)[row] = s16;
-        reinterpret_cast<u16*>(out)[rows + row] = z16;
-      }
-    }
-    float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
-    u8* codes = out + 4 * rows;
-    for (int base = 0; base < D; base += g.tile) {
-      if (D > g.tile) {  // several tiles: rotate this one again
-        rot_load<KIND>(src, p, D, base, g, lane, factor, v);
-        tile_hadamard(v, g.R, g.slots, lane);
-      }
-#pragma unroll
-      for (int j = 0; j < ROT_SLOTS; ++j) {
-        if (j >= g.slots) continue;  // the same for every lane
-        i64 d = base + lane + WARP * j;
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      i64 d = base + lane + WARP * j;
+      v[j] = 0.0f;
+      if (j < g.slots && d < D) {
         if (BITS == 8) {
-          float c = fminf(fmaxf(rintf(__fmul_rn(v[j], inv)), -127.0f), 127.0f);
-          if (d < D) codes[row * D + d] = (u8)(int)c;
+          v[j] = (float)(int)(signed char)codes[row * D + d];
         } else {
-          float c = fminf(fmaxf(rintf(__fmul_rn(__fsub_rn(v[j], z), inv)), 0.0f), 15.0f);
-          float high = __shfl_xor_sync(0xffffffffu, c, 1);  // the odd neighbour's code
-          if (!(lane & 1) && d < D) codes[(row * D + d) / 2] = (u8)((unsigned int)c | ((unsigned int)high << 4));
+          u8 byte = codes[(row * D + d) / 2];
+          v[j] = (float)((d & 1) ? byte >> 4 : byte & 15u);
         }
       }
+    }
+    tile_hadamard(v, g.R, g.slots, lane);
+#pragma unroll
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      int d = base + lane + WARP * j;
+      if (j >= g.slots || d >= D) continue;
+      float vv = __fadd_rn(v[j], 0.0f);  // an exact zero is +0
+      float y;
+      if (BITS == 4 && d % g.R == 0) {  // the block's first element carries the zero-point
+        y = __fmul_rn(__fadd_rn(__fmul_rn(__fmul_rn(vv, first_scale), S), Z), block);
+      } else {
+        y = __fmul_rn(vv, S);
+      }
+      p[(i64)d * dst.s_dim] = from_float<KIND>(y);
     }
   }
 }
@@ -631,46 +693,413 @@ __device__ void rot_decode(Paged dst, int T, int H, int D, const u8* in) {
   i64 rows = (i64)T * H;
   i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
   i64 stride = (i64)gridDim.x * blockDim.x / WARP;
-  const u8* codes = in + 4 * rows;
-  const float first_scale = pow2f(-g.L), block = (float)g.R;
+  for (; row < rows; row += stride) rot_decode_row<KIND, BITS>(dst, (int)(row / H), (int)(row % H), row, rows, D, g, lane, in);
+}
+
+// ---------------------------------------------------------------------------------
+// int4a (docs/formats.md, "int4a"): keys with bits per channel, rows with one-byte
+// scales. Parts of a chunk depend on a whole head (a channel's range over the chunk, the
+// bits of a head's channels, the base of its rows' scales), so one block takes one head
+// at a time and __syncthreads orders the steps. Where a step of warps ends in a barrier,
+// every warp runs the same number of rows (spare ones compute and write nothing): the
+// host emulation's barriers and shuffles are the same rendezvous, so its lanes must meet
+// them in the same order. One block per head leaves most of a GPU idle for a chunk of a
+// few heads; its speed is bench/gpu_check's to measure.
+// ---------------------------------------------------------------------------------
+#define A_GROUP 16         // tokens per key group
+#define A_FIRST_ROWS 32    // a chunk's first tokens whose value rows are int4h rows
+#define A_MAX_D 1024       // channels a key head may have (shared memory per channel)
+#define A_SCALE_LOW (-1888)
+#define A_SCALE_HIGH 1903
+#define A_NO_SCALE (-1000000)
+
+// GAIN_b (b = 1 .. 7): what a channel's squared error falls by, per unit of its weight,
+// from its (b + 1)-th bit, times 2^30, rounded down.
+__device__ __forceinline__ double a_gain(int b) {
+  const double g[7] = {954437176.0, 97391548.0, 17140912.0, 3654868.0, 846785.0, 203959.0, 50059.0};
+  return g[b - 1];
+}
+
+// fp32(2^(j/16)), rounded to nearest.
+__device__ __forceinline__ float a_root(int j) {
+  const unsigned int r[16] = {0x3f800000u, 0x3f85aac3u, 0x3f8b95c2u, 0x3f91c3d3u, 0x3f9837f0u, 0x3f9ef532u,
+                              0x3fa5fed7u, 0x3fad583fu, 0x3fb504f3u, 0x3fbd08a4u, 0x3fc5672au, 0x3fce248cu,
+                              0x3fd744fdu, 0x3fe0ccdfu, 0x3feac0c7u, 0x3ff5257du};
+  return __uint_as_float(r[j]);
+}
+
+struct AKeys {
+  int n0, G;                 // the int4 group's tokens, the coded groups
+  i64 ranges, bounds, codes; // byte offsets of lo/hi, the bound planes, the code words
+};
+
+__device__ __forceinline__ AKeys a_keys_geometry(int T, int H, int D) {
+  AKeys k;
+  k.n0 = min(T, A_GROUP);
+  k.G = (T - k.n0 + A_GROUP - 1) / A_GROUP;
+  k.ranges = 4LL * H * D + (i64)k.n0 * H * D / 2;
+  k.bounds = k.ranges + (k.G ? 4LL * H * D : 0);
+  k.codes = k.bounds + (i64)k.G * H * 14 * (D / 8);
+  return k;
+}
+
+// Group g's bound codes (a, b) of channel d of head h, from their bit planes.
+__device__ __forceinline__ void a_bounds(const u8* buf, const AKeys& k, int H, int D, int g, int h, int d, int* a,
+                                         int* b) {
+  const u8* planes = buf + k.bounds + ((i64)g * H + h) * 14 * (D / 8) + d / 8;
+  int x = 0, y = 0;
+  for (int j = 0; j < 7; ++j) {
+    x |= ((planes[j * (D / 8)] >> (d % 8)) & 1) << j;
+    y |= ((planes[(7 + j) * (D / 8)] >> (d % 8)) & 1) << j;
+  }
+  *a = x;
+  *b = y;
+}
+
+// What both sides derive from head h's ranges and bound codes (already in `buf`): each
+// channel's lo and step, its bits (a step (c, b) is taken when fewer than 3 D of the
+// head's 7 D steps precede it, by gain, then b, then channel) and where its words start
+// in a group. Ends with a barrier.
+__device__ void a_key_bits(const u8* buf, const AKeys& k, int H, int D, int h, float* s_lo, float* s_step,
+                           double* s_w, int* s_bits, int* s_off) {
+  const u16* lo16 = reinterpret_cast<const u16*>(buf + k.ranges) + (i64)h * D;
+  const u16* hi16 = lo16 + (i64)H * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float lo = half_to_float(lo16[d]), width = __fsub_rn(half_to_float(hi16[d]), lo);
+    s_lo[d] = lo;
+    s_step[d] = __fdiv_rn(width, 127.0f);
+    long long spread = 0;
+    for (int g = 0; g < k.G; ++g) {
+      int a, b;
+      a_bounds(buf, k, H, D, g, h, d, &a, &b);
+      spread += (long long)(b - a) * (b - a);
+    }
+    double w = (double)width;
+    w = __dmul_rn((double)spread, __dmul_rn(w, w));
+    s_w[d] = w != w ? 0.0 : w;  // bytes no encoder writes: a NaN weight counts as 0
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    int bits = 1;
+    for (int b = 1; b < 8; ++b) {
+      double mine = __dmul_rn(s_w[d], a_gain(b));
+      int before = 0;
+      for (int b2 = 1; b2 < 8 && before < 3 * D; ++b2) {
+        double gain = a_gain(b2);
+        for (int c = 0; c < D; ++c) {
+          double other = __dmul_rn(s_w[c], gain);
+          before += other > mine || (other == mine && (b2 < b || (b2 == b && c < d)));
+        }
+      }
+      bits += before < 3 * D;
+    }
+    s_bits[d] = bits;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int off = 0;
+    for (int d = 0; d < D; ++d) {
+      s_off[d] = off;
+      off += s_bits[d];
+    }
+  }
+  __syncthreads();
+}
+
+template <int KIND>
+__device__ void a_keys_encode(Paged src, int T, int H, int D, u8* out) {
+  __shared__ float s_lo[A_MAX_D], s_step[A_MAX_D];
+  __shared__ double s_w[A_MAX_D];
+  __shared__ int s_bits[A_MAX_D], s_off[A_MAX_D];
+  const AKeys k = a_keys_geometry(T, H, D);
+  u16* scales = reinterpret_cast<u16*>(out);
+  for (int h = blockIdx.x; h < H; h += gridDim.x) {
+    for (int c = threadIdx.x; c < D / 2; c += blockDim.x)  // the first group: int4's keys
+      int4k_pair_encode<KIND>(src, H, D, 0, h, c, 0, k.n0, scales, scales + (i64)H * D, out + 4LL * H * D);
+    if (k.G == 0) continue;
+    u16* lo16 = reinterpret_cast<u16*>(out + k.ranges) + (i64)h * D;
+    u16* hi16 = lo16 + (i64)H * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {  // the channel's range over the coded groups
+      float mn = 3.0e38f, mx = -3.0e38f;
+      bool any = false;
+      for (int t = k.n0; t < T; ++t) {
+        float x = to_float<KIND>(src.row(t, h)[(i64)d * src.s_dim]);
+        if (finite(x)) {
+          mn = fminf(mn, x);
+          mx = fmaxf(mx, x);
+          any = true;
+        }
+      }
+      if (!any) mn = mx = 0.0f;
+      lo16[d] = float_to_half_rn(fminf(fmaxf(__fadd_rn(mn, 0.0f), -FP16_MAX), FP16_MAX));
+      hi16[d] = float_to_half_rn(fminf(fmaxf(__fadd_rn(mx, 0.0f), -FP16_MAX), FP16_MAX));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < k.G * (D / 8); i += blockDim.x) {  // bound codes: 8 channels' plane bytes
+      int g = i / (D / 8), cb = i % (D / 8);
+      int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
+      unsigned int pa[7] = {0, 0, 0, 0, 0, 0, 0}, pb[7] = {0, 0, 0, 0, 0, 0, 0};
+      for (int e = 0; e < 8; ++e) {
+        int d = cb * 8 + e;
+        float lo = half_to_float(lo16[d]);
+        float step = __fdiv_rn(__fsub_rn(half_to_float(hi16[d]), lo), 127.0f);
+        float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
+        float mn = 3.0e38f, mx = -3.0e38f;
+        bool any = false;
+        for (int t = t0; t < t1; ++t) {
+          float x = to_float<KIND>(src.row(t, h)[(i64)d * src.s_dim]);
+          if (finite(x)) {
+            mn = fminf(mn, x);
+            mx = fmaxf(mx, x);
+            any = true;
+          }
+        }
+        if (!any) mn = mx = 0.0f;
+        int a = (int)fminf(fmaxf(floorf(__fmul_rn(__fsub_rn(__fadd_rn(mn, 0.0f), lo), inv)), 0.0f), 127.0f);
+        int b = (int)fminf(fmaxf(ceilf(__fmul_rn(__fsub_rn(__fadd_rn(mx, 0.0f), lo), inv)), 0.0f), 127.0f);
+        for (int j = 0; j < 7; ++j) {
+          pa[j] |= ((unsigned int)(a >> j) & 1u) << e;
+          pb[j] |= ((unsigned int)(b >> j) & 1u) << e;
+        }
+      }
+      u8* planes = out + k.bounds + ((i64)g * H + h) * 14 * (D / 8) + cb;
+      for (int j = 0; j < 7; ++j) {
+        planes[j * (D / 8)] = (u8)pa[j];
+        planes[(7 + j) * (D / 8)] = (u8)pb[j];
+      }
+    }
+    __syncthreads();
+    a_key_bits(out, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
+    u16* words = reinterpret_cast<u16*>(out + k.codes);
+    for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {  // codes: a channel's group at a time
+      int g = i / D, d = i % D, a, b;
+      a_bounds(out, k, H, D, g, h, d, &a, &b);
+      float glo = __fadd_rn(__fmul_rn((float)a, s_step[d]), s_lo[d]);
+      float ghi = __fadd_rn(__fmul_rn((float)b, s_step[d]), s_lo[d]);
+      int bits = s_bits[d];
+      float top = (float)((1 << bits) - 1);
+      float sc = __fdiv_rn(__fsub_rn(ghi, glo), top);
+      float inv = sc > 0.0f ? __fdiv_rn(1.0f, sc) : 0.0f;
+      unsigned int w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
+      for (int t = t0; t < t1; ++t) {
+        float c = rintf(__fmul_rn(__fsub_rn(to_float<KIND>(src.row(t, h)[(i64)d * src.s_dim]), glo), inv));
+        unsigned int code = c != c ? 0u : (unsigned int)fminf(fmaxf(c, 0.0f), top);
+        for (int j = 0; j < 8; ++j) w[j] |= ((code >> j) & 1u) << (t - t0);
+      }
+      u16* dst = words + ((i64)g * H + h) * 4 * D + s_off[d];
+      for (int j = 0; j < bits; ++j) dst[j] = (u16)w[j];
+    }
+    __syncthreads();  // the next head reuses the shared arrays
+  }
+}
+
+template <int KIND>
+__device__ void a_keys_decode(Paged dst, int T, int H, int D, const u8* in) {
+  __shared__ float s_lo[A_MAX_D], s_step[A_MAX_D];
+  __shared__ double s_w[A_MAX_D];
+  __shared__ int s_bits[A_MAX_D], s_off[A_MAX_D];
+  const AKeys k = a_keys_geometry(T, H, D);
+  const u16* scales = reinterpret_cast<const u16*>(in);
+  for (int h = blockIdx.x; h < H; h += gridDim.x) {
+    for (int i = threadIdx.x; i < k.n0 * (D / 2); i += blockDim.x) {  // the first group: int4's keys
+      int t = i / (D / 2), c = i % (D / 2);
+      int4k_pair_decode<KIND>(dst, D, t, h, c, (i64)h * D + 2 * c, in[4LL * H * D + ((i64)t * H + h) * (D / 2) + c],
+                              scales, scales + (i64)H * D);
+    }
+    if (k.G == 0) continue;
+    a_key_bits(in, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
+    const u16* words = reinterpret_cast<const u16*>(in + k.codes);
+    for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {
+      int g = i / D, d = i % D, a, b;
+      a_bounds(in, k, H, D, g, h, d, &a, &b);
+      float glo = __fadd_rn(__fmul_rn((float)a, s_step[d]), s_lo[d]);
+      float ghi = __fadd_rn(__fmul_rn((float)b, s_step[d]), s_lo[d]);
+      int bits = s_bits[d];
+      float sc = __fdiv_rn(__fsub_rn(ghi, glo), (float)((1 << bits) - 1));
+      const u16* src = words + ((i64)g * H + h) * 4 * D + s_off[d];
+      int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
+      for (int t = t0; t < t1; ++t) {
+        unsigned int code = 0;
+        for (int j = 0; j < bits; ++j) code |= (((unsigned int)src[j] >> (t - t0)) & 1u) << j;
+        dst.row(t, h)[(i64)d * dst.s_dim] = from_float<KIND>(__fadd_rn(__fmul_rn((float)code, sc), glo));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+struct ARows {
+  int m, later;                     // int4h rows' tokens, compact rows' tokens
+  i64 first_rows, base, scales, zeros, codes, zper;  // offsets; zero-point bytes per head
+};
+
+__device__ __forceinline__ ARows a_rows_geometry(int T, int H, int D) {
+  ARows r;
+  r.m = min(T, A_FIRST_ROWS);
+  r.later = T - r.m;
+  r.first_rows = (i64)r.m * H;
+  r.base = r.first_rows * (D / 2 + 4);
+  r.scales = r.base + 2LL * H;
+  r.zeros = r.scales + (i64)r.later * H;
+  r.zper = (r.later + 1) / 2;
+  r.codes = r.zeros + (i64)H * r.zper;
+  return r;
+}
+
+// The step of scale index kk for a row of exponent e: ROOT[kk mod 16] * 2^ex (inf above
+// 2^127, 0 below 2^-126).
+__device__ __forceinline__ float a_row_step(int kk, int ex) {
+  if (ex > 127) return __uint_as_float(0x7f800000u);
+  if (ex < -126) return 0.0f;
+  return __fmul_rn(a_root(kk & 15), pow2f(ex));
+}
+
+// One compact row (t, h), the r-th, by one warp: its scale index K (A_NO_SCALE for a
+// constant row); with `codes`, also its scale code and 4-bit codes (written when live)
+// and its zero-point (returned). Every lane takes part in every shuffle either way.
+template <int KIND>
+__device__ int a_row(const Paged& src, int t, int h, i64 r, int D, const RotRow& g, int lane, int base, bool codes,
+                     bool live, const ARows& ar, u8* out, int* K_out) {
+  const u16* p = src.row(t, h);
+  float m = 0.0f;
+  for (int d = lane; d < D; d += WARP) {
+    float x = to_float<KIND>(p[(i64)d * src.s_dim]);
+    if (finite(x)) m = fmaxf(m, fabsf(x));
+  }
+  m = warp_max(m);
+  int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;
+  bool zero = m == 0.0f || e < ROT_MIN_EXP;
+  if (zero) e = 0;
+  float factor = zero ? 0.0f : pow2f(ROT_Q - e);
+  float lo = 3.0e38f, hi = -3.0e38f, v[ROT_SLOTS];
+  for (int b0 = 0; b0 < D; b0 += g.tile) {
+    rot_load<KIND>(src, p, D, b0, g, lane, factor, v);
+    tile_hadamard(v, g.R, g.slots, lane);
+#pragma unroll
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      if (j < g.slots && b0 + lane + WARP * j < D) {
+        lo = fminf(lo, v[j]);
+        hi = fmaxf(hi, v[j]);
+      }
+    }
+  }
+  float mn = __fadd_rn(warp_min(lo), 0.0f), mx = __fadd_rn(warp_max(hi), 0.0f);
+  float u = __fdiv_rn(__fsub_rn(mx, mn), 15.0f);
+  int K = A_NO_SCALE;
+  if (u > 0.0f) {  // the least k with P(k) >= u: u = f * 2^q (0.5 <= f < 1), then the roots below 2f
+    unsigned int bits = __float_as_uint(u);
+    float twice = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+    int below = 0;
+    for (int j = 0; j < 16; ++j) below += a_root(j) < twice;
+    K = 16 * ((int)((bits >> 23) & 0xffu) - 127) + below + 16 * (e - ROT_Q - g.L);
+    K = min(max(K, A_SCALE_LOW), A_SCALE_HIGH);
+  }
+  *K_out = K;
+  if (!codes) return 0;
+  int code = K == A_NO_SCALE ? 0 : min(max(K - base, 0), 255);
+  int kk = base + code;
+  float step = a_row_step(kk, (kk >> 4) - e + ROT_Q + g.L);  // >> 4: floor(kk / 16), kk < 0 too
+  float inv = finite(step) && step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
+  float z = fminf(fmaxf(rintf(__fmul_rn(-mn, inv)), 0.0f), 15.0f);
+  if (live && lane == 0) out[ar.scales + r] = (u8)code;
+  u8* packed = out + ar.codes;
+  for (int b0 = 0; b0 < D; b0 += g.tile) {
+    if (D > g.tile) {  // several tiles: rotate this one again
+      rot_load<KIND>(src, p, D, b0, g, lane, factor, v);
+      tile_hadamard(v, g.R, g.slots, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < ROT_SLOTS; ++j) {
+      if (j >= g.slots) continue;  // the same for every lane
+      i64 d = b0 + lane + WARP * j;
+      float c = fminf(fmaxf(rintf(__fadd_rn(__fmul_rn(v[j], inv), z)), 0.0f), 15.0f);
+      float high = __shfl_xor_sync(0xffffffffu, c, 1);  // the odd neighbour's code
+      if (live && !(lane & 1) && d < D) packed[(r * D + d) / 2] = (u8)((unsigned int)c | ((unsigned int)high << 4));
+    }
+  }
+  return (int)z;
+}
+
+template <int KIND>
+__device__ void a_rows_encode(Paged src, int T, int H, int D, u8* out) {
+  __shared__ int s_top;  // the largest scale index of the head's compact rows
+  const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+  const RotRow g = rot_geometry(D);
+  const ARows ar = a_rows_geometry(T, H, D);
+  for (int h = blockIdx.x; h < H; h += gridDim.x) {
+    int n = (ar.m + warps - 1) / warps * warps;
+    for (int k = warp; k < n; k += warps) {  // the first rows: int4h rows
+      bool live = k < ar.m;
+      int t = live ? k : 0;
+      rot_encode_row<KIND, 4>(src, t, h, (i64)t * H + h, ar.first_rows, D, g, lane, out, live);
+    }
+    if (ar.later == 0) continue;
+    if (threadIdx.x == 0) s_top = A_SCALE_LOW;
+    __syncthreads();
+    n = (ar.later + warps - 1) / warps * warps;
+    for (int k = warp; k < n; k += warps) {
+      bool live = k < ar.later;
+      int K;
+      a_row<KIND>(src, ar.m + (live ? k : 0), h, 0, D, g, lane, 0, false, false, ar, out, &K);
+      if (live && lane == 0 && K != A_NO_SCALE) atomicMax(&s_top, K);
+    }
+    __syncthreads();
+    int base = min(max(s_top - 255, A_SCALE_LOW), A_SCALE_HIGH - 255);
+    if (threadIdx.x == 0) reinterpret_cast<short*>(out + ar.base)[h] = (short)base;
+    n = (int)((ar.zper + warps - 1) / warps * warps);
+    for (int q = warp; q < n; q += warps) {  // two tokens a warp: their zero-points share a byte
+      int zz[2] = {0, 0};
+      for (int s = 0; s < 2; ++s) {
+        int k = 2 * q + s, K;
+        bool live = q < ar.zper && k < ar.later;
+        int z = a_row<KIND>(src, ar.m + (live ? k : 0), h, (i64)k * H + h, D, g, lane, base, true, live, ar, out, &K);
+        zz[s] = live ? z : 0;
+      }
+      if (q < ar.zper && lane == 0) out[ar.zeros + (i64)h * ar.zper + q] = (u8)(zz[0] | (zz[1] << 4));
+    }
+    __syncthreads();  // s_top is set again for the next head
+  }
+}
+
+template <int KIND>
+__device__ void a_rows_decode(Paged dst, int T, int H, int D, const u8* in) {
+  const int lane = threadIdx.x % WARP;
+  const RotRow g = rot_geometry(D);
+  const ARows ar = a_rows_geometry(T, H, D);
+  i64 rows = (i64)T * H;
+  i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
+  i64 stride = (i64)gridDim.x * blockDim.x / WARP;
   for (; row < rows; row += stride) {
     int t = (int)(row / H), h = (int)(row % H);
-    u16* p = dst.row(t, h);
-    float S, Z = 0.0f;
-    if (BITS == 8) {
-      S = reinterpret_cast<const float*>(in)[row];
-    } else {
-      S = to_float<0>(reinterpret_cast<const u16*>(in)[row]);
-      Z = to_float<0>(reinterpret_cast<const u16*>(in)[rows + row]);
+    if (t < ar.m) {
+      rot_decode_row<KIND, 4>(dst, t, h, row, ar.first_rows, D, g, lane, in);
+      continue;
     }
-    for (int base = 0; base < D; base += g.tile) {
+    int k = t - ar.m;
+    i64 r = (i64)k * H + h;
+    int kk = (int)reinterpret_cast<const short*>(in + ar.base)[h] + in[ar.scales + r];
+    float S = a_row_step(kk, kk >> 4);  // P(kk): the fixed point's and the rotation's powers of two cancel
+    float z = (float)((in[ar.zeros + (i64)h * ar.zper + k / 2] >> (4 * (k & 1))) & 15u);
+    const u8* codes = in + ar.codes;
+    u16* p = dst.row(t, h);
+    for (int b0 = 0; b0 < D; b0 += g.tile) {
       float v[ROT_SLOTS];
 #pragma unroll
       for (int j = 0; j < ROT_SLOTS; ++j) {
-        i64 d = base + lane + WARP * j;
+        i64 d = b0 + lane + WARP * j;
         v[j] = 0.0f;
         if (j < g.slots && d < D) {
-          if (BITS == 8) {
-            v[j] = (float)(int)(signed char)codes[row * D + d];
-          } else {
-            u8 byte = codes[(row * D + d) / 2];
-            v[j] = (float)((d & 1) ? byte >> 4 : byte & 15u);
-          }
+          u8 byte = codes[(r * D + d) / 2];
+          v[j] = __fsub_rn((float)((d & 1) ? byte >> 4 : byte & 15u), z);
         }
       }
       tile_hadamard(v, g.R, g.slots, lane);
 #pragma unroll
       for (int j = 0; j < ROT_SLOTS; ++j) {
-        int d = base + lane + WARP * j;
+        int d = b0 + lane + WARP * j;
         if (j >= g.slots || d >= D) continue;
-        float vv = __fadd_rn(v[j], 0.0f);  // an exact zero is +0
-        float y;
-        if (BITS == 4 && d % g.R == 0) {  // the block's first element carries the zero-point
-          y = __fmul_rn(__fadd_rn(__fmul_rn(__fmul_rn(vv, first_scale), S), Z), block);
-        } else {
-          y = __fmul_rn(vv, S);
-        }
-        p[(i64)d * dst.s_dim] = from_float<KIND>(y);
+        p[(i64)d * dst.s_dim] = from_float<KIND>(__fmul_rn(__fadd_rn(v[j], 0.0f), S));
       }
     }
   }
@@ -737,6 +1166,18 @@ __device__ void rot_decode(Paged dst, int T, int H, int D, const u8* in) {
   }                                                                                                            \
   extern "C" __global__ void kvw_rot4_decode_##NAME(PAGED_ARGS, const u8* in) {                                \
     rot_decode<KIND, 4>(PAGED, T, H, D, in);                                                                   \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4a_keys_encode_##NAME(PAGED_ARGS, u8* out) {                               \
+    a_keys_encode<KIND>(PAGED, T, H, D, out);                                                                  \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4a_keys_decode_##NAME(PAGED_ARGS, const u8* in) {                          \
+    a_keys_decode<KIND>(PAGED, T, H, D, in);                                                                   \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4a_rows_encode_##NAME(PAGED_ARGS, u8* out) {                               \
+    a_rows_encode<KIND>(PAGED, T, H, D, out);                                                                  \
+  }                                                                                                            \
+  extern "C" __global__ void kvw_int4a_rows_decode_##NAME(PAGED_ARGS, const u8* in) {                          \
+    a_rows_decode<KIND>(PAGED, T, H, D, in);                                                                   \
   }
 
 DEFINE_FOR_KIND(bf16, 0)
@@ -819,7 +1260,11 @@ extern "C" void emu_kvw_crc32c(unsigned int grid, unsigned int block, const u8* 
   EMU_WRAP(kvw_rot8_encode_##NAME, u8*)                  \
   EMU_WRAP(kvw_rot8_decode_##NAME, const u8*)            \
   EMU_WRAP(kvw_rot4_encode_##NAME, u8*)                  \
-  EMU_WRAP(kvw_rot4_decode_##NAME, const u8*)
+  EMU_WRAP(kvw_rot4_decode_##NAME, const u8*)            \
+  EMU_WRAP(kvw_int4a_keys_encode_##NAME, u8*)            \
+  EMU_WRAP(kvw_int4a_keys_decode_##NAME, const u8*)      \
+  EMU_WRAP(kvw_int4a_rows_encode_##NAME, u8*)            \
+  EMU_WRAP(kvw_int4a_rows_decode_##NAME, const u8*)
 EMU_FOR_KIND(bf16)
 EMU_FOR_KIND(fp16)
 #endif

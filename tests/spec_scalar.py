@@ -398,7 +398,8 @@ def int4a_rows_encode(x: np.ndarray) -> bytes:
         scale_codes.append(code)
         zs.append(z)
         codes += [int(min(max(np.rint(F32(F32(F32(v) * inv) + F32(z))), 0), 15)) for v in y]
-    zs += [0] * (len(zs) % 2)
     out += np.array(base, "<i2").tobytes() + bytes(scale_codes)
-    out += bytes(zs[i] | (zs[i + 1] << 4) for i in range(0, len(zs), 2))
+    for h in range(H):  # zero-points per head, the even token in the low nibble
+        mine = zs[h::H] + [0] * ((T - m) % 2)
+        out += bytes(mine[i] | (mine[i + 1] << 4) for i in range(0, len(mine), 2))
     return out + bytes(codes[i] | (codes[i + 1] << 4) for i in range(0, len(codes), 2))

@@ -103,7 +103,7 @@ SIZES = [(16, 1000, False), (64, 4096 + 17, False), (16, 333, True)]  # block si
 BYTES_CASES = [
     *[
         (name, *size)
-        for name in ("raw", "fp8", "int4", "int4/g64/k64", "int8h", "int4h", "int4h/k64")
+        for name in ("raw", "fp8", "int4", "int4/g64/k64", "int8h", "int4h", "int4h/k64", "int4a")
         for size in SIZES
     ],
     # 128K tokens for the codecs whose kernels index furthest (full run only; the CPU
@@ -127,7 +127,16 @@ def test_gpu_bytes_equal_cpu_reference(gpu, dtype, codec_name, role, bs, tokens,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "codec_name, role",
-    [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v"), ("int8h", "k"), ("int4h", "v")],
+    [
+        ("raw", "k"),
+        ("fp8", "v"),
+        ("int4/g32", "k"),
+        ("int4/g32", "v"),
+        ("int8h", "k"),
+        ("int4h", "v"),
+        ("int4a", "k"),
+        ("int4a", "v"),
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_every_kernel_of_each_build(each_build, kind, codec_name, role, dtype):
@@ -138,12 +147,14 @@ def test_every_kernel_of_each_build(each_build, kind, codec_name, role, dtype):
     D = src.shape[-1]
     if codec_name.startswith("int4") and role == "v" and D % 32:
         pytest.skip("int4 values need head_dim % group_size == 0")
+    if codec_name == "int4a" and D % 8:
+        pytest.skip("int4a needs head_dim % 8 == 0")
     plan = kernels._plan(each_build, codec, kernels.Chunk.paged(src, [4, 1, 3], 0, 37, 16), role, "encode")
-    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot"))), plan.name
+    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot", "kvw_int4a"))), plan.name
     check_roundtrip(each_build, codec, src, [4, 1, 3], 37, 16, role)  # 37 tokens: the last block partial
 
 
-@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int8h", "int4h"])
+@pytest.mark.parametrize("codec_name", ["raw", "fp8", "int4", "int8h", "int4h", "int4a"])
 def test_state_chunks_of_each_build(each_build, codec_name):
     codec = kvwire.codec.get(codec_name)
     state = torch.randn(2, 64, 128, device="cuda").to(torch.bfloat16)
@@ -177,6 +188,22 @@ def test_any_bytes_decode_bit_for_bit(each_build, name, role, dtype):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("role, T", [("k", 40), ("v", 45)])
+def test_int4a_any_bytes_decode_bit_for_bit(each_build, role, T, dtype):
+    """Random int4a bytes (NaN and infinite ranges, any base scale): as the CPU reference."""
+    codec = kvwire.codec.get("int4a")
+    H, D, bs = 2, 64, 16
+    spec = ChunkSpec(T, H, D, dtype, role, bs)
+    data = torch.randint(0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(T),
+                         dtype=torch.uint8)  # fmt: skip
+    want = codec.decode_bytes(data, spec).reshape(T, H, D)
+    dst = torch.zeros(4, bs, H, D, dtype=dtype, device="cuda")
+    kernels.decode(each_build, codec, data.cuda(), kernels.Chunk.paged(dst, [2, 0, 3], 0, T, bs), role)
+    got = gather_tokens(dst, Selection((2, 0, 3), T), bs).cpu()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def test_special_values_encode_bit_for_bit(gpu):
     x = torch.randn(4, 16, 2, 64)
     x[0, 0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
@@ -189,7 +216,9 @@ def test_special_values_encode_bit_for_bit(gpu):
     for dtype in (torch.bfloat16, torch.float16):
         c = x.to(dtype).cuda()
         rows = gather_tokens(c, Selection((0, 1, 2, 3), 64), 16).cpu()
-        for name, role in (("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v")):
+        cases = (("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v"), ("int4a", "k"),
+                 ("int4a", "v"))  # fmt: skip
+        for name, role in cases:
             codec = kvwire.codec.get(name)
             got = kernels.encode(gpu, codec, kernels.Chunk.paged(c, [0, 1, 2, 3], 0, 64, 16), role)
             assert torch.equal(got.cpu(), codec.encode(rows, role, 16).data), (dtype, name, role)

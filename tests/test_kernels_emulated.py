@@ -56,6 +56,14 @@ CASES = [
     ("int4h", "kv", 1, 576, 16, 17, False),
     ("int8h", "v", 2, 63, 16, 20, False),  # odd head_dim: R = 1, no rotation
     ("int4h", "v", 3, 6, 4, 10, False),  # R = 2: a row shorter than a tile, lanes past it idle
+    ("int4a", "k", 2, 64, 16, 70, False),  # the int4 group, then coded groups, the last partial
+    ("int4a", "k", 3, 32, 4, 9, True),  # one group only
+    ("int4a", "k", 1, 128, 16, 33, False),  # one coded group of one token
+    ("int4a", "v", 2, 64, 16, 70, False),  # int4h rows, then compact rows: an even count
+    ("int4a", "v", 3, 128, 8, 45, True),  # an odd count: a head's last zero-point byte half used
+    ("int4a", "v", 2, 64, 16, 20, False),  # int4h rows only
+    ("int4a", "kv", 1, 576, 16, 40, False),  # an MLA latent: nine tiles a row
+    ("int4a", "v", 2, 512, 16, 37, False),  # R = 256: two tiles of 8 slots per lane
 ]
 
 
@@ -87,7 +95,16 @@ def test_kernel_bytes_equal_the_cpu_reference(backend, dtype, name, role, H, D, 
 
 @pytest.mark.parametrize(
     "codec_name, role",
-    [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v"), ("int8h", "k"), ("int4h", "v")],
+    [
+        ("raw", "k"),
+        ("fp8", "v"),
+        ("int4/g32", "k"),
+        ("int4/g32", "v"),
+        ("int8h", "k"),
+        ("int4h", "v"),
+        ("int4a", "k"),
+        ("int4a", "v"),
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role):
@@ -97,9 +114,11 @@ def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role
     codec = kvwire.codec.get(codec_name)
     if codec_name.startswith("int4") and role == "v" and src.shape[-1] % 32:
         pytest.skip("int4 values need head_dim % group_size == 0")
+    if codec_name == "int4a" and src.shape[-1] % 8:
+        pytest.skip("int4a needs head_dim % 8 == 0")
     ids, tokens = [4, 1, 3], 37
     plan = kernels._plan(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role, "encode")
-    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot"))), plan.name
+    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot", "kvw_int4a"))), plan.name
     rows = gather_tokens(src, Selection(tuple(ids), tokens), 16)
     want = codec.encode(rows, role, 16)
     got = kernels.encode(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role)
@@ -120,7 +139,7 @@ def test_a_chunk_in_the_middle_of_a_request(backend):
     assert torch.equal(kernels.encode(backend, codec, chunk, "k"), codec.encode(rows, "k", 16).data)
 
 
-@pytest.mark.parametrize("name", ["fp8", "int4", "raw", "int8h", "int4h"])
+@pytest.mark.parametrize("name", ["fp8", "int4", "raw", "int8h", "int4h", "int4a"])
 def test_states(backend, name):
     codec = kvwire.codec.get(name)
     state = torch.randn(2, 64, 64).to(torch.float16)
@@ -146,7 +165,9 @@ def test_special_values(backend):
     for dtype in (torch.bfloat16, torch.float16):
         cache = x.to(dtype)
         rows = gather_tokens(cache, Selection((0, 1, 2, 3), 64), 16)
-        for name, role in (("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v")):
+        cases = (("fp8", "k"), ("int4", "k"), ("int4", "v"), ("int8h", "k"), ("int4h", "v"), ("int4a", "k"),
+                 ("int4a", "v"))  # fmt: skip
+        for name, role in cases:
             codec = kvwire.codec.get(name)
             got = kernels.encode(backend, codec, kernels.Chunk.paged(cache, [0, 1, 2, 3], 0, 64, 16), role)
             assert torch.equal(got, codec.encode(rows, role, 16).data), (dtype, name, role)
@@ -200,6 +221,28 @@ def test_decoding_any_bytes_equals_the_cpu_reference(backend, dtype, name, role)
     data = special_wire_bytes(codec, spec, seed=T)
     want = codec.decode_bytes(data, spec).reshape(T, H, D)
     assert torch.isnan(want).any()  # the case is real
+    dst = torch.zeros(-(-T // bs) + 1, bs, H, D, dtype=dtype)
+    ids = list(range(1, -(-T // bs) + 1))
+    kernels.decode(backend, codec, data, kernels.Chunk.paged(dst, ids, 0, T, bs), role)
+    got = gather_tokens(dst, Selection(tuple(ids), T), bs)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("role, T", [("k", 40), ("v", 45)])
+def test_int4a_decoding_any_bytes_equals_the_cpu_reference(backend, dtype, role, T):
+    """Random bytes: NaN and infinite ranges (NaN weights: the bits fall back to 0 weight),
+    any base scale (steps past fp32's range both ways), any bound codes and zero-points."""
+    codec = kvwire.codec.get("int4a")
+    H, D, bs = 2, 64, 8
+    spec = kvwire.codec.ChunkSpec(T, H, D, dtype, role, bs)
+    data = torch.randint(
+        0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(T), dtype=torch.uint8
+    )
+    if role == "k":  # a NaN and an infinite range among the random ones
+        ranges = data[4 * H * D + 16 * H * D // 2 :].view(torch.int16)
+        ranges[0], ranges[H * D + 1] = 0x7E00, 0x7C00
+    want = codec.decode_bytes(data, spec).reshape(T, H, D)
     dst = torch.zeros(-(-T // bs) + 1, bs, H, D, dtype=dtype)
     ids = list(range(1, -(-T // bs) + 1))
     kernels.decode(backend, codec, data, kernels.Chunk.paged(dst, ids, 0, T, bs), role)

@@ -165,7 +165,9 @@ def _group_grid(lo16: torch.Tensor, hi16: torch.Tensor, lo_code: torch.Tensor, h
     # each group's range is its code range times the channel's step: the weight is the
     # squared code ranges' sum (an integer) times the squared range (exact in fp64), one rounding
     spread = ((hi_code - lo_code) ** 2).sum(0).double()
-    return group_lo, group_hi, allocate_bits(spread * ((hi16.float() - lo16.float()).double() ** 2))
+    weight = spread * ((hi16.float() - lo16.float()).double() ** 2)
+    weight = torch.where(torch.isnan(weight), 0.0, weight)  # bytes no encoder writes: NaN counts as 0
+    return group_lo, group_hi, allocate_bits(weight)
 
 
 def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
@@ -264,7 +266,8 @@ def _rows_layout(spec: ChunkSpec) -> tuple[int, int, int]:
     t, h, d = spec.shape
     first = min(t, EXACT_ROWS)
     rows = (t - first) * h
-    return first, rows, (2 * h + rows + (rows + 1) // 2 + rows * d // 2) if rows else 0
+    later = t - first
+    return first, rows, (2 * h + rows + h * ((later + 1) // 2) + rows * d // 2) if rows else 0
 
 
 def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
@@ -296,10 +299,11 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     at += 2 * h
     out[at : at + rows].copy_(code.view(-1))
     at += rows
-    zs = torch.zeros(rows + rows % 2, dtype=torch.float32)
-    zs[:rows] = z
-    pack_nibbles(zs.view(1, -1), out[at : at + (rows + 1) // 2].view(1, -1))
-    at += (rows + 1) // 2
+    later = t - first  # zero-points per head, two tokens a byte (no byte holds two heads')
+    zs = torch.zeros(h, later + later % 2)
+    zs[:, :later] = z.view(later, h).t()
+    pack_nibbles(zs, out[at : at + h * ((later + 1) // 2)].view(h, -1))
+    at += h * ((later + 1) // 2)
     pack_nibbles(q, out[at:].view(rows, d // 2))
     return out
 
@@ -328,8 +332,10 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     at += 2 * h
     kk = (data[at : at + rows].to(torch.int64).view(-1, h) + base).view(-1)
     at += rows
-    z = unpack_nibbles(data[at : at + (rows + 1) // 2].view(1, -1), torch.empty(1, rows + rows % 2))[0, :rows]
-    at += (rows + 1) // 2
+    later = t - first
+    zs = unpack_nibbles(data[at : at + h * ((later + 1) // 2)].view(h, -1), torch.empty(h, later + later % 2))
+    z = zs[:, :later].t().reshape(-1)  # row order [t][h]
+    at += h * ((later + 1) // 2)
     c = unpack_nibbles(data[at:].view(rows, d // 2), torch.empty(rows, d))
     v = rotate(c.sub_(z.unsqueeze(1)), out=torch.empty(rows, d))
     scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings

@@ -62,7 +62,8 @@ HASH_SUFFIX = ".sha256"  # beside a fatbin: the SHA-256 of the source it was bui
 SOURCES = ("auto", "fatbin", "nvrtc")  # where a CupyBackend takes its kernels from
 GPU_BLOCK = 256  # 8 warps: enough to hide latency, small enough for any occupancy
 GPU_MAX_GRID = 65535
-KERNEL_CODECS = ("raw", "fp8", "int8h", "int4", "int4h")  # the lossy (or raw) stages src_cuda/ implements
+A_MAX_KEY_DIM = 1024  # A_MAX_D in the source: shared memory per channel of an int4a key head
+KERNEL_CODECS = ("raw", "fp8", "int8h", "int4", "int4h", "int4a")  # the lossy (or raw) stages src_cuda/ implements
 
 Stream = Any  # a torch.cuda.Stream on a GPU; None for the host emulation
 
@@ -491,6 +492,13 @@ def _plan(backend: Backend, codec: Codec, chunk: Chunk, role: str, op: str) -> _
     elif inner.name == "fp8":
         name, work, align = f"kvw_fp8_{op}_{kind}", chunk.rows * H, 4  # one warp per row; fp32 scales
         per_block = backend.block // 32
+    elif inner.name == "int4a":
+        name, vec, align = f"kvw_int4a_{'keys' if role == 'k' else 'rows'}_{op}_{kind}", False, 2  # fp16, int16 words
+        if role == "k" and D > A_MAX_KEY_DIM:
+            raise ValueError(f"head_dim: the int4a key kernels take at most {A_MAX_KEY_DIM} channels, got {D}")
+        work, per_block = H, 1  # one block per head: a head's channels share ranges, bits and scales
+        if role != "k" and op == "decode":
+            work, per_block = chunk.rows * H, backend.block // 32  # one warp per row
     elif inner.name == "int8h" or (inner.name == "int4h" and role != "k"):
         bits, align = (8, 4) if inner.name == "int8h" else (4, 2)  # fp32 scales, or bf16 scales and zero-points
         name, vec, work = f"kvw_rot{bits}_{op}_{kind}", False, chunk.rows * H  # one warp per row
