@@ -234,9 +234,9 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
         top = (torch.ones_like(bits) << bits).sub_(1).float()
         chosen = np.flatnonzero(np.arange(MOST_BITS) < bits.numpy()[..., None])  # word j < b of each channel
-        words = np.zeros((lay.groups, h * d * MOST_BITS), dtype="<u2")
-        words[:, chosen] = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
-        words = words.reshape(lay.groups, h, d, MOST_BITS)
+        flat = np.zeros((lay.groups, h * d * MOST_BITS), dtype="<u2")
+        flat[:, chosen] = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
+        words = flat.reshape(lay.groups, h, d, MOST_BITS)
         codes = torch.from_numpy(_token_codes(words)).permute(0, 3, 1, 2).contiguous()  # [G, 16, H, D]
         s = (group_hi - group_lo) / top
         rest = y[lay.first :]
