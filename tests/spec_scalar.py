@@ -282,16 +282,8 @@ def _planes_bytes(values: list[int], bits: int) -> bytes:
 
 def _a_bits(spread: list[int], width: list[np.float32]) -> list[int]:
     """Bits per channel of one head from its channels' summed squared code ranges and hi - lo."""
-    D = len(spread)
-    gains = []
-    for b in range(1, 8):
-        for c in range(D):
-            w = float(spread[c]) * (float(width[c]) * float(width[c]))  # fp64: one rounding
-            gains.append((-(w * float(A_GAIN[b - 1])), b, c))
-    bits = [1] * D
-    for _, _, c in sorted(gains)[: 3 * D]:
-        bits[c] += 1
-    return bits
+    weights = [float(n) * (float(w) * float(w)) for n, w in zip(spread, width)]  # fp64: one rounding
+    return _a_bits_from_weights([0.0 if np.isnan(w) else w for w in weights])
 
 
 def _a_key_grid(lo16, hi16, a, b):
@@ -403,3 +395,86 @@ def int4a_rows_encode(x: np.ndarray) -> bytes:
         mine = zs[h::H] + [0] * ((T - m) % 2)
         out += bytes(mine[i] | (mine[i + 1] << 4) for i in range(0, len(mine), 2))
     return out + bytes(codes[i] | (codes[i + 1] << 4) for i in range(0, len(codes), 2))
+
+
+def _a_read_planes(planes: bytes, j0: int, D: int, d: int) -> int:
+    """The 7-bit code of channel ``d`` from planes ``j0 .. j0 + 6`` (``D/8`` bytes each)."""
+    return sum(((planes[(j0 + j) * (D // 8) + d // 8] >> (d % 8)) & 1) << j for j in range(7))
+
+
+def int4a_keys_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+    """int4a key bytes -> the cache elements' bits, [T][H][D]."""
+    n0 = min(T, 16)
+    head = 4 * H * D + n0 * H * D // 2
+    out = int4_decode(data[:head], n0, H, D, dtype, lambda t, h, d: h * D + d)
+    G = -(-(T - n0) // 16)
+    if not G:
+        return out
+    lo16 = np.frombuffer(data[head : head + 2 * H * D], "<f2").reshape(H, D)
+    hi16 = np.frombuffer(data[head + 2 * H * D : head + 4 * H * D], "<f2").reshape(H, D)
+    bounds_at = head + 4 * H * D
+    codes_at = bounds_at + G * H * 14 * D // 8
+    ab = {}
+    for g in range(G):
+        for h in range(H):
+            planes = data[bounds_at + (g * H + h) * 14 * D // 8 :]
+            for d in range(D):
+                ab[g, h, d] = (_a_read_planes(planes, 0, D, d), _a_read_planes(planes, 7, D, d))
+    values = np.zeros((T - n0, H, D), dtype=object)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for h in range(H):
+            width = [F32(F32(hi16[h, d]) - F32(lo16[h, d])) for d in range(D)]
+            spread = [sum((ab[g, h, d][1] - ab[g, h, d][0]) ** 2 for g in range(G)) for d in range(D)]
+            bits = _a_bits(spread, width)
+            offsets = [sum(bits[:d]) for d in range(D)]
+            for g in range(G):
+                words = data[codes_at + 2 * (g * H + h) * 4 * D :]
+                for d in range(D):
+                    glo, ghi = _a_key_grid(lo16[h, d], hi16[h, d], *ab[g, h, d])
+                    s = F32(F32(ghi - glo) / F32((1 << bits[d]) - 1))
+                    for t in range(16 * g, min(16 * g + 16, T - n0)):
+                        code = 0
+                        for j in range(bits[d]):
+                            word = int.from_bytes(words[2 * (offsets[d] + j) : 2 * (offsets[d] + j) + 2], "little")
+                            code |= ((word >> (t - 16 * g)) & 1) << j
+                        values[t, h, d] = to_cache_bits(F32(F32(F32(code) * s) + glo), dtype)
+    return out + values.reshape(-1).tolist()
+
+
+def _a_bits_from_weights(weights: list[float]) -> list[int]:
+    D = len(weights)
+    gains = sorted((-(weights[c] * float(A_GAIN[b - 1])), b, c) for b in range(1, 8) for c in range(D))
+    bits = [1] * D
+    for _, _, c in gains[: 3 * D]:
+        bits[c] += 1
+    return bits
+
+
+def int4a_rows_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+    """int4a value (latent, state) bytes -> the cache elements' bits, [T][H][D]."""
+    m = min(T, 32)
+    first = m * H * (D // 2 + 4)
+    out = rot_decode(data[:first], m, H, D, dtype, 4)
+    later = T - m
+    if not later:
+        return out
+    R = _block(D)
+    base = np.frombuffer(data[first : first + 2 * H], "<i2").tolist()
+    scales_at = first + 2 * H
+    zeros_at = scales_at + later * H
+    zper = (later + 1) // 2
+    codes_at = zeros_at + H * zper
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k in range(later):
+            for h in range(H):
+                r = k * H + h
+                kk = base[h] + data[scales_at + r]
+                S = _a_step(kk, kk // 16)
+                z = (data[zeros_at + h * zper + k // 2] >> (4 * (k % 2))) & 15
+                row = data[codes_at + r * D // 2 : codes_at + (r + 1) * D // 2]
+                c = [(row[i // 2] >> 4 if i % 2 else row[i // 2] & 15) - z for i in range(D)]
+                for i in range(D):
+                    b, j = i - i % R, i % R
+                    v = F32(sum(_h(j, q) * c[b + q] for q in range(R)))
+                    out.append(to_cache_bits(F32(F32(v + F32(0)) * S), dtype))
+    return out

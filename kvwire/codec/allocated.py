@@ -282,7 +282,7 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     at = head.numel()
     xf = as_float32(x3[first:].reshape(rows, d))
     n, e = _fixed_point(xf)
-    y = rotate(n, out=torch.empty(rows, d))
+    y = rotate(n, out=scratch("b", (rows, d)))
     log_block = rotation_block(d).bit_length() - 1
     mn, mx = y.amin(1) + 0.0, y.amax(1) + 0.0
     shift = 16 * (e.to(torch.int64) - 16 - log_block)  # k in the row's units -> k of its real values
@@ -336,8 +336,8 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     zs = unpack_nibbles(data[at : at + h * ((later + 1) // 2)].view(h, -1), torch.empty(h, later + later % 2))
     z = zs[:, :later].t().reshape(-1)  # row order [t][h]
     at += h * ((later + 1) // 2)
-    c = unpack_nibbles(data[at:].view(rows, d // 2), torch.empty(rows, d))
-    v = rotate(c.sub_(z.unsqueeze(1)), out=torch.empty(rows, d))
+    c = unpack_nibbles(data[at:].view(rows, d // 2), scratch("a", (rows, d)))
+    v = rotate(c.sub_(z.unsqueeze(1)), out=scratch("b", (rows, d)))
     scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings
     out[first:] = to_cache_dtype(v.mul_(scale.unsqueeze(1)).view(t - first, h, d), spec.dtype)
     return out
