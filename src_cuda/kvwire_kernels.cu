@@ -391,11 +391,11 @@ __device__ void int4v_decode(Paged dst, int T, int H, int D, int G, const u8* in
 // handles the channel pair (2c, 2c+1), so it writes whole code bytes.
 template <int KIND>
 __device__ __forceinline__ void int4k_pair_encode(const Paged& src, int H, int D, int b, int h, int c, int t0, int t1,
-                                                  u16* scales, u16* zeros, u8* packed) {
+                                                  u16* scales, u16* zeros, u8* packed, int row0 = 0) {
   float mn[2] = {3.0e38f, 3.0e38f}, mx[2] = {-3.0e38f, -3.0e38f};
   bool any[2] = {false, false};
   for (int t = t0; t < t1; ++t) {
-    const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
+    const u16* p = src.row(row0 + t, h) + (i64)(2 * c) * src.s_dim;
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       float x = to_float<KIND>(p[(i64)e * src.s_dim]);
@@ -414,7 +414,7 @@ __device__ __forceinline__ void int4k_pair_encode(const Paged& src, int H, int D
     zeros[gid + e] = prm[e].zero;
   }
   for (int t = t0; t < t1; ++t) {
-    const u16* p = src.row(t, h) + (i64)(2 * c) * src.s_dim;
+    const u16* p = src.row(row0 + t, h) + (i64)(2 * c) * src.s_dim;
     unsigned int lo = int4_code(to_float<KIND>(p[0]), prm[0]);
     unsigned int hi = int4_code(to_float<KIND>(p[src.s_dim]), prm[1]);
     packed[((i64)t * H + h) * (D / 2) + c] = (u8)(lo | (hi << 4));
@@ -707,7 +707,8 @@ __device__ void rot_decode(Paged dst, int T, int H, int D, const u8* in) {
 // few heads; its speed is bench/gpu_check's to measure.
 // ---------------------------------------------------------------------------------
 #define A_GROUP 16         // tokens per key group
-#define A_FIRST_ROWS 32    // a chunk's first tokens whose value rows are int4h rows
+#define A_FIRST_ROWS 32    // a window's first tokens whose value rows are int4h rows
+#define A_WINDOW 1024      // rows encoded together: a chunk is window after window
 #define A_MAX_D 1024       // channels a key head may have (shared memory per channel)
 #define A_SCALE_LOW (-1888)
 #define A_SCALE_HIGH 1903
@@ -806,24 +807,28 @@ __device__ void a_key_bits(const u8* buf, const AKeys& k, int H, int D, int h, f
   __syncthreads();
 }
 
+__device__ __forceinline__ i64 a_keys_size(int T, int H, int D) {
+  AKeys k = a_keys_geometry(T, H, D);
+  return k.codes + (i64)k.G * H * 8 * D;
+}
+
+// Head h of one window: rows w0 .. w0 + T - 1 of the chunk, its bytes at `out`.
 template <int KIND>
-__device__ void a_keys_encode(Paged src, int T, int H, int D, u8* out) {
-  __shared__ float s_lo[A_MAX_D], s_step[A_MAX_D];
-  __shared__ double s_w[A_MAX_D];
-  __shared__ int s_bits[A_MAX_D], s_off[A_MAX_D];
+__device__ void a_keys_encode_window(const Paged& src, int w0, int T, int H, int D, int h, u8* out, float* s_lo,
+                                     float* s_step, double* s_w, int* s_bits, int* s_off) {
   const AKeys k = a_keys_geometry(T, H, D);
   u16* scales = reinterpret_cast<u16*>(out);
-  for (int h = blockIdx.x; h < H; h += gridDim.x) {
+  {
     for (int c = threadIdx.x; c < D / 2; c += blockDim.x)  // the first group: int4's keys
-      int4k_pair_encode<KIND>(src, H, D, 0, h, c, 0, k.n0, scales, scales + (i64)H * D, out + 4LL * H * D);
-    if (k.G == 0) continue;
+      int4k_pair_encode<KIND>(src, H, D, 0, h, c, 0, k.n0, scales, scales + (i64)H * D, out + 4LL * H * D, w0);
+    if (k.G == 0) return;
     u16* lo16 = reinterpret_cast<u16*>(out + k.ranges) + (i64)h * D;
     u16* hi16 = lo16 + (i64)H * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {  // the channel's range over the coded groups
       float mn = 3.0e38f, mx = -3.0e38f;
       bool any = false;
       for (int t = k.n0; t < T; ++t) {
-        float x = to_float<KIND>(src.row(t, h)[(i64)d * src.s_dim]);
+        float x = to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]);
         if (finite(x)) {
           mn = fminf(mn, x);
           mx = fmaxf(mx, x);
@@ -847,7 +852,7 @@ __device__ void a_keys_encode(Paged src, int T, int H, int D, u8* out) {
         float mn = 3.0e38f, mx = -3.0e38f;
         bool any = false;
         for (int t = t0; t < t1; ++t) {
-          float x = to_float<KIND>(src.row(t, h)[(i64)d * src.s_dim]);
+          float x = to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]);
           if (finite(x)) {
             mn = fminf(mn, x);
             mx = fmaxf(mx, x);
@@ -883,31 +888,42 @@ __device__ void a_keys_encode(Paged src, int T, int H, int D, u8* out) {
       unsigned int w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
       for (int t = t0; t < t1; ++t) {
-        float c = rintf(__fmul_rn(__fsub_rn(to_float<KIND>(src.row(t, h)[(i64)d * src.s_dim]), glo), inv));
+        float c = rintf(__fmul_rn(__fsub_rn(to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]), glo), inv));
         unsigned int code = c != c ? 0u : (unsigned int)fminf(fmaxf(c, 0.0f), top);
         for (int j = 0; j < 8; ++j) w[j] |= ((code >> j) & 1u) << (t - t0);
       }
       u16* dst = words + ((i64)g * H + h) * 4 * D + s_off[d];
       for (int j = 0; j < bits; ++j) dst[j] = (u16)w[j];
     }
-    __syncthreads();  // the next head reuses the shared arrays
+    __syncthreads();  // the next window or head reuses the shared arrays
   }
 }
 
 template <int KIND>
-__device__ void a_keys_decode(Paged dst, int T, int H, int D, const u8* in) {
+__device__ void a_keys_encode(Paged src, int T, int H, int D, u8* out) {
   __shared__ float s_lo[A_MAX_D], s_step[A_MAX_D];
   __shared__ double s_w[A_MAX_D];
   __shared__ int s_bits[A_MAX_D], s_off[A_MAX_D];
+  const i64 full = a_keys_size(A_WINDOW, H, D);
+  for (int h = blockIdx.x; h < H; h += gridDim.x)
+    for (int w0 = 0; w0 < T; w0 += A_WINDOW)
+      a_keys_encode_window<KIND>(src, w0, min(A_WINDOW, T - w0), H, D, h, out + (i64)(w0 / A_WINDOW) * full, s_lo,
+                                 s_step, s_w, s_bits, s_off);
+}
+
+
+template <int KIND>
+__device__ void a_keys_decode_window(const Paged& dst, int w0, int T, int H, int D, int h, const u8* in, float* s_lo,
+                                     float* s_step, double* s_w, int* s_bits, int* s_off) {
   const AKeys k = a_keys_geometry(T, H, D);
   const u16* scales = reinterpret_cast<const u16*>(in);
-  for (int h = blockIdx.x; h < H; h += gridDim.x) {
+  {
     for (int i = threadIdx.x; i < k.n0 * (D / 2); i += blockDim.x) {  // the first group: int4's keys
       int t = i / (D / 2), c = i % (D / 2);
-      int4k_pair_decode<KIND>(dst, D, t, h, c, (i64)h * D + 2 * c, in[4LL * H * D + ((i64)t * H + h) * (D / 2) + c],
-                              scales, scales + (i64)H * D);
+      int4k_pair_decode<KIND>(dst, D, w0 + t, h, c, (i64)h * D + 2 * c,
+                              in[4LL * H * D + ((i64)t * H + h) * (D / 2) + c], scales, scales + (i64)H * D);
     }
-    if (k.G == 0) continue;
+    if (k.G == 0) return;
     a_key_bits(in, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
     const u16* words = reinterpret_cast<const u16*>(in + k.codes);
     for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {
@@ -922,11 +938,23 @@ __device__ void a_keys_decode(Paged dst, int T, int H, int D, const u8* in) {
       for (int t = t0; t < t1; ++t) {
         unsigned int code = 0;
         for (int j = 0; j < bits; ++j) code |= (((unsigned int)src[j] >> (t - t0)) & 1u) << j;
-        dst.row(t, h)[(i64)d * dst.s_dim] = from_float<KIND>(__fadd_rn(__fmul_rn((float)code, sc), glo));
+        dst.row(w0 + t, h)[(i64)d * dst.s_dim] = from_float<KIND>(__fadd_rn(__fmul_rn((float)code, sc), glo));
       }
     }
     __syncthreads();
   }
+}
+
+template <int KIND>
+__device__ void a_keys_decode(Paged dst, int T, int H, int D, const u8* in) {
+  __shared__ float s_lo[A_MAX_D], s_step[A_MAX_D];
+  __shared__ double s_w[A_MAX_D];
+  __shared__ int s_bits[A_MAX_D], s_off[A_MAX_D];
+  const i64 full = a_keys_size(A_WINDOW, H, D);
+  for (int h = blockIdx.x; h < H; h += gridDim.x)
+    for (int w0 = 0; w0 < T; w0 += A_WINDOW)
+      a_keys_decode_window<KIND>(dst, w0, min(A_WINDOW, T - w0), H, D, h, in + (i64)(w0 / A_WINDOW) * full, s_lo,
+                                 s_step, s_w, s_bits, s_off);
 }
 
 struct ARows {
@@ -1021,31 +1049,35 @@ __device__ int a_row(const Paged& src, int t, int h, i64 r, int D, const RotRow&
   return (int)z;
 }
 
+__device__ __forceinline__ i64 a_rows_size(int T, int H, int D) {
+  ARows r = a_rows_geometry(T, H, D);
+  return r.later ? r.codes + (i64)r.later * H * D / 2 : r.base;
+}
+
 template <int KIND>
-__device__ void a_rows_encode(Paged src, int T, int H, int D, u8* out) {
-  __shared__ int s_top;  // the largest scale index of the head's compact rows
+__device__ void a_rows_encode_window(const Paged& src, int w0, int T, int H, int D, int h, u8* out, int* s_top) {
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
   const RotRow g = rot_geometry(D);
   const ARows ar = a_rows_geometry(T, H, D);
-  for (int h = blockIdx.x; h < H; h += gridDim.x) {
+  {
     int n = (ar.m + warps - 1) / warps * warps;
     for (int k = warp; k < n; k += warps) {  // the first rows: int4h rows
       bool live = k < ar.m;
       int t = live ? k : 0;
-      rot_encode_row<KIND, 4>(src, t, h, (i64)t * H + h, ar.first_rows, D, g, lane, out, live);
+      rot_encode_row<KIND, 4>(src, w0 + t, h, (i64)t * H + h, ar.first_rows, D, g, lane, out, live);
     }
-    if (ar.later == 0) continue;
-    if (threadIdx.x == 0) s_top = A_SCALE_LOW;
+    if (ar.later == 0) return;
+    if (threadIdx.x == 0) *s_top = A_SCALE_LOW;
     __syncthreads();
     n = (ar.later + warps - 1) / warps * warps;
     for (int k = warp; k < n; k += warps) {
       bool live = k < ar.later;
       int K;
-      a_row<KIND>(src, ar.m + (live ? k : 0), h, 0, D, g, lane, 0, false, false, ar, out, &K);
-      if (live && lane == 0 && K != A_NO_SCALE) atomicMax(&s_top, K);
+      a_row<KIND>(src, w0 + ar.m + (live ? k : 0), h, 0, D, g, lane, 0, false, false, ar, out, &K);
+      if (live && lane == 0 && K != A_NO_SCALE) atomicMax(s_top, K);
     }
     __syncthreads();
-    int base = min(max(s_top - 255, A_SCALE_LOW), A_SCALE_HIGH - 255);
+    int base = min(max(*s_top - 255, A_SCALE_LOW), A_SCALE_HIGH - 255);
     if (threadIdx.x == 0) reinterpret_cast<short*>(out + ar.base)[h] = (short)base;
     n = (int)((ar.zper + warps - 1) / warps * warps);
     for (int q = warp; q < n; q += warps) {  // two tokens a warp: their zero-points share a byte
@@ -1053,27 +1085,40 @@ __device__ void a_rows_encode(Paged src, int T, int H, int D, u8* out) {
       for (int s = 0; s < 2; ++s) {
         int k = 2 * q + s, K;
         bool live = q < ar.zper && k < ar.later;
-        int z = a_row<KIND>(src, ar.m + (live ? k : 0), h, (i64)k * H + h, D, g, lane, base, true, live, ar, out, &K);
+        int z = a_row<KIND>(src, w0 + ar.m + (live ? k : 0), h, (i64)k * H + h, D, g, lane, base, true, live, ar, out,
+                            &K);
         zz[s] = live ? z : 0;
       }
       if (q < ar.zper && lane == 0) out[ar.zeros + (i64)h * ar.zper + q] = (u8)(zz[0] | (zz[1] << 4));
     }
-    __syncthreads();  // s_top is set again for the next head
+    __syncthreads();  // s_top is set again for the next window or head
   }
 }
 
 template <int KIND>
-__device__ void a_rows_decode(Paged dst, int T, int H, int D, const u8* in) {
+__device__ void a_rows_encode(Paged src, int T, int H, int D, u8* out) {
+  __shared__ int s_top;  // the largest scale index of the head's compact rows in a window
+  const i64 full = a_rows_size(A_WINDOW, H, D);
+  for (int h = blockIdx.x; h < H; h += gridDim.x)
+    for (int w0 = 0; w0 < T; w0 += A_WINDOW)
+      a_rows_encode_window<KIND>(src, w0, min(A_WINDOW, T - w0), H, D, h, out + (i64)(w0 / A_WINDOW) * full, &s_top);
+}
+
+template <int KIND>
+__device__ void a_rows_decode(Paged dst, int T, int H, int D, const u8* all) {
   const int lane = threadIdx.x % WARP;
   const RotRow g = rot_geometry(D);
-  const ARows ar = a_rows_geometry(T, H, D);
+  const i64 full = a_rows_size(A_WINDOW, H, D);
   i64 rows = (i64)T * H;
   i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) / WARP;
   i64 stride = (i64)gridDim.x * blockDim.x / WARP;
   for (; row < rows; row += stride) {
-    int t = (int)(row / H), h = (int)(row % H);
+    int ta = (int)(row / H), h = (int)(row % H);
+    int w0 = ta / A_WINDOW * A_WINDOW, t = ta - w0;  // the row's window, and its row there
+    const ARows ar = a_rows_geometry(min(A_WINDOW, T - w0), H, D);
+    const u8* in = all + (i64)(w0 / A_WINDOW) * full;
     if (t < ar.m) {
-      rot_decode_row<KIND, 4>(dst, t, h, row, ar.first_rows, D, g, lane, in);
+      rot_decode_row<KIND, 4>(dst, ta, h, (i64)t * H + h, ar.first_rows, D, g, lane, in);
       continue;
     }
     int k = t - ar.m;
@@ -1082,7 +1127,7 @@ __device__ void a_rows_decode(Paged dst, int T, int H, int D, const u8* in) {
     float S = a_row_step(kk, kk >> 4);  // P(kk): the fixed point's and the rotation's powers of two cancel
     float z = (float)((in[ar.zeros + (i64)h * ar.zper + k / 2] >> (4 * (k & 1))) & 15u);
     const u8* codes = in + ar.codes;
-    u16* p = dst.row(t, h);
+    u16* p = dst.row(ta, h);
     for (int b0 = 0; b0 < D; b0 += g.tile) {
       float v[ROT_SLOTS];
 #pragma unroll

@@ -291,7 +291,7 @@ def _a_key_grid(lo16, hi16, a, b):
     return F32(F32(F32(a) * step) + F32(lo16)), F32(F32(F32(b) * step) + F32(lo16))
 
 
-def int4a_keys_encode(x: np.ndarray) -> bytes:
+def _int4a_keys_encode_window(x: np.ndarray) -> bytes:
     """x: float32 [T, H, D] -> int4a key bytes."""
     T, H, D = x.shape
     n0 = min(T, 16)
@@ -359,7 +359,7 @@ def _a_step(k: int, exponent: int) -> np.float32:
     return F32(A_ROOTS[k % 16] * _pow2(exponent))
 
 
-def int4a_rows_encode(x: np.ndarray) -> bytes:
+def _int4a_rows_encode_window(x: np.ndarray) -> bytes:
     """x: float32 [T, H, D] -> int4a value (latent, state) bytes."""
     T, H, D = x.shape
     m = min(T, 32)
@@ -402,7 +402,7 @@ def _a_read_planes(planes: bytes, j0: int, D: int, d: int) -> int:
     return sum(((planes[(j0 + j) * (D // 8) + d // 8] >> (d % 8)) & 1) << j for j in range(7))
 
 
-def int4a_keys_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+def _int4a_keys_decode_window(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
     """int4a key bytes -> the cache elements' bits, [T][H][D]."""
     n0 = min(T, 16)
     head = 4 * H * D + n0 * H * D // 2
@@ -450,7 +450,7 @@ def _a_bits_from_weights(weights: list[float]) -> list[int]:
     return bits
 
 
-def int4a_rows_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+def _int4a_rows_decode_window(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
     """int4a value (latent, state) bytes -> the cache elements' bits, [T][H][D]."""
     m = min(T, 32)
     first = m * H * (D // 2 + 4)
@@ -477,4 +477,50 @@ def int4a_rows_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[i
                     b, j = i - i % R, i % R
                     v = F32(sum(_h(j, q) * c[b + q] for q in range(R)))
                     out.append(to_cache_bits(F32(F32(v + F32(0)) * S), dtype))
+    return out
+
+
+A_WINDOW = 1024  # rows per window: a chunk is encoded window by window
+
+
+def int4a_keys_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> int4a key bytes: each window of 1024 rows in turn."""
+    return b"".join(_int4a_keys_encode_window(x[t : t + A_WINDOW]) for t in range(0, x.shape[0], A_WINDOW))
+
+
+def int4a_rows_encode(x: np.ndarray) -> bytes:
+    """x: float32 [T, H, D] -> int4a value (latent, state) bytes, window by window."""
+    return b"".join(_int4a_rows_encode_window(x[t : t + A_WINDOW]) for t in range(0, x.shape[0], A_WINDOW))
+
+
+def _a_window_sizes(T: int, H: int, D: int, role: str) -> list[tuple[int, int]]:
+    """(rows, bytes) of each window."""
+    out = []
+    for t in range(0, T, A_WINDOW):
+        n = min(A_WINDOW, T - t)
+        if role == "k":
+            n0 = min(n, 16)
+            G = -(-(n - n0) // 16)
+            size = 4 * H * D + n0 * H * D // 2 + (4 * H * D + G * H * 14 * D // 8 + G * H * 8 * D if G else 0)
+        else:
+            m = min(n, 32)
+            later = n - m
+            size = m * H * (D // 2 + 4) + (2 * H + later * H + H * ((later + 1) // 2) + later * H * D // 2 if later else 0)
+        out.append((n, size))
+    return out
+
+
+def int4a_keys_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+    out, at = [], 0
+    for n, size in _a_window_sizes(T, H, D, "k"):
+        out += _int4a_keys_decode_window(data[at : at + size], n, H, D, dtype)
+        at += size
+    return out
+
+
+def int4a_rows_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+    out, at = [], 0
+    for n, size in _a_window_sizes(T, H, D, "v"):
+        out += _int4a_rows_decode_window(data[at : at + size], n, H, D, dtype)
+        at += size
     return out

@@ -647,3 +647,23 @@ def test_int4a_decoding_follows_the_written_format(role, T, data, dtype_name):
     mask = 0xFFFF if got.itemsize == 2 else 0xFFFFFFFF
     scalar = spec_scalar.int4a_keys_decode if role == "k" else spec_scalar.int4a_rows_decode
     assert [b & mask for b in bits] == scalar(wire, T, H, D, dtype_name)
+
+
+def test_int4a_chunks_are_windows_so_the_cut_does_not_matter():
+    """A chunk is encoded 1024 rows at a time and cut in whole windows: two chunks' bytes
+    are those of the one chunk they were cut from; the window sizes are the spec's; exact
+    rows round to blocks, not to windows."""
+    codec = kvwire.codec.get("int4a")
+    x = realistic_keys(2500, 2, 64, seed=9)
+    assert codec.row_unit("k", 16) == 1024 and codec.row_unit("v", 48) == 3072
+    assert kvwire.codec.get("int4a+lz4").row_unit("v", 16) == 1024
+    for role in ("k", "v"):
+        whole = codec.encode(x, role).tobytes()
+        assert whole == codec.encode(x[:1024], role).tobytes() + codec.encode(x[1024:], role).tobytes()
+        sizes = spec_scalar._a_window_sizes(2500, 2, 64, role)
+        assert [n for n, _ in sizes] == [1024, 1024, 452] and len(whole) == sum(b for _, b in sizes)
+        y = codec.decode(codec.encode(x, role))
+        assert torch.equal(y[1024:2048], codec.decode(codec.encode(x[1024:2048], role)))
+    from kvwire.engine.chunks import exact_row_count
+
+    assert exact_row_count(codec, "k", 2500, 16, 20) == 32

@@ -64,6 +64,8 @@ CASES = [
     ("int4a", "v", 2, 64, 16, 20, False),  # int4h rows only
     ("int4a", "kv", 1, 576, 16, 40, False),  # an MLA latent: nine tiles a row
     ("int4a", "v", 2, 512, 16, 37, False),  # R = 256: two tiles of 8 slots per lane
+    ("int4a", "k", 1, 64, 16, 1100, False),  # two windows of 1024 rows, the second partial
+    ("int4a", "v", 2, 64, 16, 1100, True),
 ]
 
 

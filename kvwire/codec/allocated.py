@@ -26,6 +26,7 @@ rows are the chunk's own), not on anything else.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -48,7 +49,8 @@ GAIN = tuple(
     int(Fraction(1 << GAIN_BITS) * (Fraction(1, ((1 << b) - 1) ** 2) - Fraction(1, ((1 << (b + 1)) - 1) ** 2)))
     for b in range(FEWEST_BITS, MOST_BITS)
 )
-EXACT_ROWS = 32  # a chunk's first tokens whose value rows keep int4h's bf16 scale and zero-point
+WINDOW = 1024  # rows encoded together: a chunk is cut and encoded in whole windows
+EXACT_ROWS = 32  # a window's first tokens whose value rows keep int4h's bf16 scale and zero-point
 # The row scales' grid: 2^(k/16) for integer k, as fp32 constants (2^(j/16) rounded to nearest).
 ROOTS = tuple(float(np.float32(2.0 ** (j / 16))) for j in range(16))
 SCALE_LOW, SCALE_HIGH = -118 * 16, 118 * 16 + 15  # k's range: 2^(k/16) and its 2^-8 stay normal fp32
@@ -343,9 +345,26 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     return out
 
 
+def _windows(spec: ChunkSpec) -> list[ChunkSpec]:
+    """The windows of a chunk: ``WINDOW`` rows each, the last what is left."""
+    return [ChunkSpec(min(WINDOW, spec.tokens - t0), spec.heads, spec.head_dim, spec.dtype, spec.role, spec.block_size)
+            for t0 in range(0, spec.tokens, WINDOW)]  # fmt: skip
+
+
+def _window_size(spec: ChunkSpec) -> int:
+    if spec.role == "k":
+        return KeyLayout(spec).size
+    first, _, compact = _rows_layout(spec)
+    return ROWS4.size(ChunkSpec(first, spec.heads, spec.head_dim, spec.dtype, spec.role)) + compact
+
+
 class Int4aCodec(Codec):
     """Keys with bits per channel and one-byte group bounds, values as rotated rows with
-    one-byte scales: 3.5x smaller than bf16 at head_dim 64 (docs/fidelity.md)."""
+    one-byte scales: 3.5x smaller than bf16 at head_dim 64 (docs/fidelity.md).
+
+    A chunk is encoded in windows of ``WINDOW`` rows, each decodable alone; chunks are cut
+    in whole windows (``row_unit``), so a chunk's bytes do not depend on where a transfer
+    was cut, and a window's per-head parts do not depend on the other heads."""
 
     name = "int4a"
 
@@ -355,15 +374,30 @@ class Int4aCodec(Codec):
             raise ValueError(f"head_dim: int4a packs bit planes over channels, so head_dim must be a multiple of 8, "
                              f"got {spec.head_dim}")  # fmt: skip
 
+    def row_unit(self, role: str, block_size: int) -> int:
+        return math.lcm(block_size, WINDOW)
+
+    def exact_unit(self, role: str, block_size: int) -> int:
+        return block_size  # the windows start after the exact rows
+
     def encoded_size(self, spec: ChunkSpec) -> int:
         self.check(spec)
-        if spec.role == "k":
-            return KeyLayout(spec).size
-        first, _, compact = _rows_layout(spec)
-        return ROWS4.size(ChunkSpec(first, spec.heads, spec.head_dim, spec.dtype, spec.role)) + compact
+        return sum(_window_size(w) for w in _windows(spec))
 
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        return encode_keys(x3, spec) if spec.role == "k" else encode_rows(x3, spec)
+        parts, t0 = [], 0
+        for w in _windows(spec):
+            window = x3[t0 : t0 + w.tokens]
+            parts.append(encode_keys(window, w) if spec.role == "k" else encode_rows(window, w))
+            t0 += w.tokens
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
-        return decode_keys(data, spec) if spec.role == "k" else decode_rows(data, spec)
+        check_length(data, self.encoded_size(spec), self.name)
+        out, at, t0 = torch.empty(spec.shape, dtype=spec.dtype), 0, 0
+        for w in _windows(spec):
+            size = _window_size(w)
+            part = data[at : at + size]
+            out[t0 : t0 + w.tokens] = decode_keys(part, w) if spec.role == "k" else decode_rows(part, w)
+            at, t0 = at + size, t0 + w.tokens
+        return out

@@ -137,6 +137,11 @@ class Codec:
             return math.lcm(block_size, key_tokens)
         return block_size
 
+    def exact_unit(self, role: str, block_size: int) -> int:
+        """Rows the exact (raw) rows at a request's start are rounded up to: ``row_unit``,
+        unless the codec's units are larger than a sender's exact rows should be."""
+        return self.row_unit(role, block_size)
+
     @property
     def descriptor(self) -> str:
         """Name plus every parameter that changes the bytes; peers must agree on it."""

@@ -110,6 +110,12 @@ class Lz4Stage(Codec):
     def key_tokens(self) -> int | None:
         return self._inner.key_tokens
 
+    def row_unit(self, role: str, block_size: int) -> int:
+        return self._inner.row_unit(role, block_size)
+
+    def exact_unit(self, role: str, block_size: int) -> int:
+        return self._inner.exact_unit(role, block_size)
+
     @property
     def descriptor(self) -> str:
         return f"{self.inner.descriptor}+lz4"

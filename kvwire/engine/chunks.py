@@ -93,7 +93,7 @@ def exact_row_count(codec: Codec, name: str, rows: int, block_size: int, exact_t
     states or a lossless codec."""
     if not exact_tokens or name == STATE_NAME or codec.lossless:
         return 0
-    unit = codec.row_unit(name, block_size)
+    unit = codec.exact_unit(name, block_size)
     return min(rows, -(-exact_tokens // unit) * unit)
 
 
