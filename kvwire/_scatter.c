@@ -13,6 +13,7 @@
  *   recvv(fd, iov, timeout)  -> read into every span in order (recvmsg, MSG_WAITALL)
  *   rows(out, ids, ...)      -> fill ``out`` with the spans of some token rows of a block
  *                               cache (below); the number of rows of ``out`` used
+ *   key_words, key_codes     -> int4a's key code words packed and unpacked (below)
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -536,7 +537,105 @@ done:
     return result;
 }
 
+/* key_words(codes, bits, out) and key_codes(words, bits, out): int4a's key code words
+ * (docs/formats.md, "int4a"). ``codes`` uint8 [G, 16, C] (G key groups of 16 tokens, C
+ * channels), ``bits`` uint8 [C] (1..8), ``words`` uint16 [G, sum(bits)]: for each group
+ * and channel in order, bits[c] words, word j holding bit j of the channel's 16 codes,
+ * token t in bit t. key_codes writes 0 for the bits a channel has not. Each channel's 16
+ * codes are two 8 x 8 bit matrices (one uint64 per 8 tokens), transposed in three steps. */
+static inline uint64_t transpose8(uint64_t x) {
+    uint64_t t;
+    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
+    x ^= t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
+    x ^= t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
+    x ^= t ^ (t << 28);
+    return x;
+}
+
+static PyObject *key_planes(PyObject *args, int packing) {
+    PyObject *a_obj, *bits_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &a_obj, &bits_obj, &out_obj)) return NULL;
+    Py_buffer a, bits, out;
+    if (PyObject_GetBuffer(a_obj, &a, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(bits_obj, &bits, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&bits);
+        PyBuffer_Release(&a);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const uint8_t *b = (const uint8_t *)bits.buf;
+    Py_ssize_t C = bits.len, total = 0;
+    for (Py_ssize_t c = 0; c < C; c++) {
+        if (b[c] < 1 || b[c] > 8) {
+            PyErr_Format(PyExc_ValueError, "key planes: channel %zd has %d bits (1..8)", c, (int)b[c]);
+            goto done;
+        }
+        total += b[c];
+    }
+    Py_ssize_t codes_len = packing ? a.len : out.len, words_len = packing ? out.len : a.len;
+    if (C == 0 || codes_len % (16 * C) || words_len != codes_len / (16 * C) * total * 2) {
+        PyErr_SetString(PyExc_ValueError, "key planes: codes must be uint8 [G, 16, C], words uint16 [G, sum(bits)]");
+        goto done;
+    }
+    Py_ssize_t G = codes_len / (16 * C);
+    Py_BEGIN_ALLOW_THREADS
+    if (packing) {
+        const uint8_t *codes = (const uint8_t *)a.buf;
+        uint16_t *w = (uint16_t *)out.buf;
+        for (Py_ssize_t g = 0; g < G; g++) {
+            const uint8_t *group = codes + g * 16 * C;
+            for (Py_ssize_t c = 0; c < C; c++) {
+                uint64_t lo = 0, hi = 0;
+                for (int t = 0; t < 8; t++) {
+                    lo |= (uint64_t)group[t * C + c] << (8 * t);
+                    hi |= (uint64_t)group[(t + 8) * C + c] << (8 * t);
+                }
+                lo = transpose8(lo);
+                hi = transpose8(hi);
+                for (int j = 0; j < b[c]; j++) *w++ = (uint16_t)(((lo >> (8 * j)) & 0xFF) | (((hi >> (8 * j)) & 0xFF) << 8));
+            }
+        }
+    } else {
+        const uint16_t *w = (const uint16_t *)a.buf;
+        uint8_t *codes = (uint8_t *)out.buf;
+        for (Py_ssize_t g = 0; g < G; g++) {
+            uint8_t *group = codes + g * 16 * C;
+            for (Py_ssize_t c = 0; c < C; c++) {
+                uint64_t lo = 0, hi = 0;
+                for (int j = 0; j < b[c]; j++, w++) {
+                    lo |= (uint64_t)(*w & 0xFF) << (8 * j);
+                    hi |= (uint64_t)(*w >> 8) << (8 * j);
+                }
+                lo = transpose8(lo);
+                hi = transpose8(hi);
+                for (int t = 0; t < 8; t++) {
+                    group[t * C + c] = (uint8_t)(lo >> (8 * t));
+                    group[(t + 8) * C + c] = (uint8_t)(hi >> (8 * t));
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&a);
+    return result;
+}
+
+static PyObject *py_key_words(PyObject *self, PyObject *args) { return key_planes(args, 1); }
+static PyObject *py_key_codes(PyObject *self, PyObject *args) { return key_planes(args, 0); }
+
 static PyMethodDef methods[] = {
+    {"key_words", py_key_words, METH_VARARGS, "key_words(codes, bits, out): int4a's key code words (see the source)."},
+    {"key_codes", py_key_codes, METH_VARARGS, "key_codes(words, bits, out): key_words undone (see the source)."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},
     {"crc32c_together", py_crc32c_together, METH_VARARGS,
      "crc32c_together(iovs) -> the CRC32C of each span list, their rows read once (see the source)."},

@@ -505,7 +505,8 @@ def _a_window_sizes(T: int, H: int, D: int, role: str) -> list[tuple[int, int]]:
         else:
             m = min(n, 32)
             later = n - m
-            size = m * H * (D // 2 + 4) + (2 * H + later * H + H * ((later + 1) // 2) + later * H * D // 2 if later else 0)
+            compact = 2 * H + later * H + H * ((later + 1) // 2) + later * H * D // 2
+            size = m * H * (D // 2 + 4) + (compact if later else 0)
         out.append((n, size))
     return out
 

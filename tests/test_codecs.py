@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvwire.codec
+import kvwire.scatter
 from kvwire.codec import ChunkSpec
 from kvwire.codec.fp8 import E4M3_NAN
 from kvwire.codec.lz4stage import LZ4_BLOCK
@@ -667,3 +668,29 @@ def test_int4a_chunks_are_windows_so_the_cut_does_not_matter():
     from kvwire.engine.chunks import exact_row_count
 
     assert exact_row_count(codec, "k", 2500, 16, 20) == 32
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_int4a_key_words_in_c_equal_the_numpy_ones():
+    """kvwire/_scatter.c's key_words and key_codes against the numpy path (int4a takes the C
+    one when it was built), and their refusals."""
+    from kvwire import _scatter
+    from kvwire.codec import allocated
+
+    gen = np.random.default_rng(3)
+    G, H, D = 5, 2, 16
+    bits = gen.integers(1, 9, size=(H, D))
+    codes = (gen.integers(0, 256, size=(G, 16, H, D)) & ((1 << bits) - 1)).astype(np.uint8)
+    every = allocated._token_words(np.ascontiguousarray(codes.transpose(0, 2, 3, 1)))
+    chosen = np.flatnonzero(np.arange(8) < bits[..., None])
+    want = every.reshape(G, -1)[:, chosen]
+    got = np.empty(want.shape, dtype=want.dtype)
+    _scatter.key_words(codes, bits.astype(np.uint8).reshape(-1), got)
+    assert np.array_equal(got, want)
+    back = np.empty_like(codes)
+    _scatter.key_codes(got, bits.astype(np.uint8).reshape(-1), back)
+    assert np.array_equal(back, codes)
+    with pytest.raises(ValueError, match="bits"):
+        _scatter.key_words(codes, np.zeros(H * D, dtype=np.uint8), got)
+    with pytest.raises(ValueError, match="uint16"):
+        _scatter.key_words(codes, bits.astype(np.uint8).reshape(-1), got[:, :-1].copy())

@@ -37,6 +37,11 @@ from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params,
 from kvwire.codec.rotated import ROWS4, _fixed_point, _pow2, rotate, rotation_block
 from kvwire.codec.scratch import scratch
 
+try:
+    from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _helper = None  # type: ignore[assignment]
+
 KEY_GROUP = 16  # tokens per key group, as int4's at block size 16
 BOUND_BITS = 7
 BOUND_TOP = (1 << BOUND_BITS) - 1
@@ -210,9 +215,13 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     q.sub_(group_lo.unsqueeze(1)).mul_(inv_s.unsqueeze(1)).round_().nan_to_num_(nan=0.0).clamp_(min=0)
     codes = torch.minimum(q, top, out=q).to(torch.uint8)
     codes.view(-1, h, d)[rest.shape[0] :] = 0
-    words = _token_words(codes.permute(0, 2, 3, 1).contiguous().numpy())  # [G, H, D, 8]
+    words = out[at:].numpy().view("<u2").reshape(lay.groups, -1)
+    if _helper is not None:  # the C helper: 3-4x faster than the numpy below
+        _helper.key_words(codes.numpy(), bits.to(torch.uint8).numpy(), words)
+        return out
+    every = _token_words(codes.permute(0, 2, 3, 1).contiguous().numpy())  # [G, H, D, 8]
     chosen = np.flatnonzero(np.arange(MOST_BITS) < bits.numpy()[..., None])  # word j < b of each channel
-    out[at:].numpy().view("<u2").reshape(lay.groups, -1)[:] = words.reshape(lay.groups, -1)[:, chosen]
+    np.take(every.reshape(lay.groups, -1), chosen, axis=1, out=words)
     return out
 
 
@@ -220,7 +229,7 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     t, h, d = spec.shape
     lay = KeyLayout(spec)
     check_length(data, lay.size, "int4a")
-    y = torch.empty(t, h, d)
+    y = scratch("y", (t, h, d))
     scale = take(data, 0, 2 * h * d, "int4a scales").clone().view(torch.float16).float().view(h, d)
     zero = take(data, 2 * h * d, 2 * h * d, "int4a zeros").clone().view(torch.float16).float().view(h, d)
     first = unpack_nibbles(data[4 * h * d : lay.head].view(lay.first, h, d // 2), y[: lay.first])
@@ -235,11 +244,18 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         at += lay.bounds
         group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
         top = (torch.ones_like(bits) << bits).sub_(1).float()
-        chosen = np.flatnonzero(np.arange(MOST_BITS) < bits.numpy()[..., None])  # word j < b of each channel
-        flat = np.zeros((lay.groups, h * d * MOST_BITS), dtype="<u2")
-        flat[:, chosen] = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
-        words = flat.reshape(lay.groups, h, d, MOST_BITS)
-        codes = torch.from_numpy(_token_codes(words)).permute(0, 3, 1, 2).contiguous()  # [G, 16, H, D]
+        sent = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
+        if _helper is not None:  # the C helper
+            codes = torch.empty(lay.groups, KEY_GROUP, h, d, dtype=torch.uint8)
+            _helper.key_codes(sent, bits.to(torch.uint8).numpy(), codes.numpy())
+        else:  # each channel's 8 words: its b sent ones, then zeros (a gather: 10x faster than a scatter)
+            chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None]).reshape(-1)
+            where = np.full(chosen.size, sent.shape[1])
+            where[chosen] = np.arange(sent.shape[1])
+            padded = np.zeros((lay.groups, sent.shape[1] + 1), dtype="<u2")
+            padded[:, :-1] = sent
+            words = np.take(padded, where, axis=1).reshape(lay.groups, h, d, MOST_BITS)
+            codes = torch.from_numpy(_token_codes(words)).permute(0, 3, 1, 2).contiguous()  # [G, 16, H, D]
         s = (group_hi - group_lo) / top
         rest = y[lay.first :]
         rest.copy_(codes.view(-1, h, d)[: rest.shape[0]])
