@@ -3,25 +3,24 @@
 ``int4`` spends 20 of every 84 bytes (per token and head at head_dim 64) on fp16 scales
 and zero-points, and gives every key channel 4 bits although key channels' ranges differ
 a hundredfold. ``int4a`` moves both (docs/fidelity.md, "4 bits: the bits where the range
-is"); every chunk decodes alone, so what the search did per request happens per chunk:
+is"). A chunk is encoded in windows of ``WINDOW`` rows, each decodable alone, and cut in
+whole windows, so what the search did per request happens per window:
 
-* keys (role ``k``), per channel along groups of 16 tokens as ``int4``'s: the chunk's
+* keys (role ``k``), per channel along groups of 16 tokens as ``int4``'s: the window's
   first group is an ``int4`` key group (fp16 scale and zero-point: the attention sink of
-  a request's first chunk keeps a grid of its own); each later group's min and max travel
+  a request's first window keeps a grid of its own); each later group's min and max travel
   as 7-bit codes on a grid of 127 steps over the channel's range in those groups (two fp16
-  per channel per chunk), and each channel gets ``b`` bits, 1 to 8, 4 on average over a
+  per channel per window), and each channel gets ``b`` bits, 1 to 8, 4 on average over a
   head's channels, more where the groups' ranges are wider. The decoder derives the bits
-  from the bound codes it received, in integers, so both sides agree on them;
-* values, latents and states: the chunk's first 32 tokens as ``int4h``'s rotated rows;
+  from what it received (the bound codes and the ranges), so both sides agree on them;
+* values, latents and states: the window's first 32 tokens as ``int4h``'s rotated rows;
   every later row rotated the same way, with a 1-byte scale on a grid of 2^(1/16) steps
   (from a per-head base exponent) and a 4-bit integer zero-point instead of ``int4h``'s
   two bf16.
 
-The float operations are IEEE fp32, each rounded to nearest even, no fused multiply-add;
-``docs/formats.md`` ("int4a") has the byte layout and the whole arithmetic, and
-``tests/spec_scalar.py`` re-implements it element by element. Unlike ``int4``'s, a
-chunk's bytes depend on where the transfer was cut into chunks (its groups and its first
-rows are the chunk's own), not on anything else.
+The float operations are IEEE fp32 (the bits' gains fp64), each rounded to nearest even,
+no fused multiply-add; ``docs/formats.md`` ("int4a") has the byte layout and the whole
+arithmetic, and ``tests/spec_scalar.py`` re-implements it element by element.
 """
 
 from __future__ import annotations
