@@ -6,4 +6,4 @@ chunks that carry some heads of each token through a staging copy instead
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("kvwire._scatter", ["kvwire/_scatter.c"], optional=True, extra_compile_args=["-O2"])])
+setup(ext_modules=[Extension("kvwire._scatter", ["kvwire/_scatter.c"], optional=True, extra_compile_args=["-O3", "-ffp-contract=off"])])

@@ -13,7 +13,7 @@
  *   recvv(fd, iov, timeout)  -> read into every span in order (recvmsg, MSG_WAITALL)
  *   rows(out, ids, ...)      -> fill ``out`` with the spans of some token rows of a block
  *                               cache (below); the number of rows of ``out`` used
- *   key_words, key_codes     -> int4a's key code words packed and unpacked (below)
+ *   key_encode, key_decode   -> the coded key groups of an int4a window (below)
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -36,6 +36,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <math.h>
 #include <time.h>
 
 #define POLY 0x82F63B78u /* CRC32C, reflected */
@@ -537,12 +538,8 @@ done:
     return result;
 }
 
-/* key_words(codes, bits, out) and key_codes(words, bits, out): int4a's key code words
- * (docs/formats.md, "int4a"). ``codes`` uint8 [G, 16, C] (G key groups of 16 tokens, C
- * channels), ``bits`` uint8 [C] (1..8), ``words`` uint16 [G, sum(bits)]: for each group
- * and channel in order, bits[c] words, word j holding bit j of the channel's 16 codes,
- * token t in bit t. key_codes writes 0 for the bits a channel has not. Each channel's 16
- * codes are two 8 x 8 bit matrices (one uint64 per 8 tokens), transposed in three steps. */
+/* A uint64 as an 8 x 8 bit matrix (byte i, bit j), transposed: 8 codes of 8 bits in,
+ * their 8 bit planes out, and back. */
 static inline uint64_t transpose8(uint64_t x) {
     uint64_t t;
     t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
@@ -554,58 +551,83 @@ static inline uint64_t transpose8(uint64_t x) {
     return x;
 }
 
-static PyObject *key_planes(PyObject *args, int packing) {
-    PyObject *a_obj, *bits_obj, *out_obj;
-    if (!PyArg_ParseTuple(args, "OOO", &a_obj, &bits_obj, &out_obj)) return NULL;
-    Py_buffer a, bits, out;
-    if (PyObject_GetBuffer(a_obj, &a, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (PyObject_GetBuffer(bits_obj, &bits, PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&a);
+/* key_encode(x, glo, inv, bits, out) and key_decode(words, bits, scale, glo, out): the
+ * coded groups of an int4a key window in one pass each (docs/formats.md, "int4a"): for
+ * each group and channel in order, bits[c] 16-bit words, word j holding bit j of the
+ * channel's 16 codes, token t in bit t (two 8 x 8 bit-matrix transposes). ``x``
+ * (encode) and ``out`` (decode) fp32 [R, C], the window's rows after its first group;
+ * ``glo``, ``inv`` (encode), ``scale`` (decode) fp32 [G, C] with G = ceil(R / 16);
+ * ``bits`` uint8 [C]; ``words`` uint16 [G, sum(bits)].
+ *   encode: code = min(max(rint((x - glo) * inv), 0), 2^bits - 1), NaN -> 0
+ *   decode: x' = code * scale + glo
+ * each operation one fp32 rounding (built with -ffp-contract=off: no fused multiply-add). */
+static PyObject *key_coded(PyObject *args, int encoding) {
+    PyObject *a_obj, *bits_obj, *p_obj, *q_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OOOOO", &a_obj, encoding ? &p_obj : &bits_obj, encoding ? &q_obj : &p_obj,
+                          encoding ? &bits_obj : &q_obj, &out_obj))
         return NULL;
-    }
-    if (PyObject_GetBuffer(out_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&bits);
-        PyBuffer_Release(&a);
-        return NULL;
-    }
+    Py_buffer a, bits, p, q, out;
+    Py_buffer *held[5] = {&a, &bits, &p, &q, &out};
+    PyObject *objs[5] = {a_obj, bits_obj, p_obj, q_obj, out_obj};
+    int n = 0;
     PyObject *result = NULL;
+    for (; n < 5; n++)
+        if (PyObject_GetBuffer(objs[n], held[n], PyBUF_C_CONTIGUOUS | (n == 4 ? PyBUF_WRITABLE : 0)) < 0) goto done;
     const uint8_t *b = (const uint8_t *)bits.buf;
     Py_ssize_t C = bits.len, total = 0;
     for (Py_ssize_t c = 0; c < C; c++) {
         if (b[c] < 1 || b[c] > 8) {
-            PyErr_Format(PyExc_ValueError, "key planes: channel %zd has %d bits (1..8)", c, (int)b[c]);
+            PyErr_Format(PyExc_ValueError, "key coded groups: channel %zd has %d bits (1..8)", c, (int)b[c]);
             goto done;
         }
         total += b[c];
     }
-    Py_ssize_t codes_len = packing ? a.len : out.len, words_len = packing ? out.len : a.len;
-    if (C == 0 || codes_len % (16 * C) || words_len != codes_len / (16 * C) * total * 2) {
-        PyErr_SetString(PyExc_ValueError, "key planes: codes must be uint8 [G, 16, C], words uint16 [G, sum(bits)]");
+    Py_ssize_t rows_len = encoding ? a.len : out.len, words_len = encoding ? out.len : a.len;
+    Py_ssize_t R = C ? rows_len / (4 * C) : 0, G = (R + 15) / 16;
+    if (C == 0 || rows_len != R * 4 * C || p.len != G * 4 * C || q.len != G * 4 * C || words_len != G * total * 2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "key coded groups: rows fp32 [R, C], parameters fp32 [ceil(R/16), C], words uint16 [G, sum(bits)]");
         goto done;
     }
-    Py_ssize_t G = codes_len / (16 * C);
+    uint8_t *codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C);
+    if (codes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
+    for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << b[c]) - 1);
     Py_BEGIN_ALLOW_THREADS
-    if (packing) {
-        const uint8_t *codes = (const uint8_t *)a.buf;
-        uint16_t *w = (uint16_t *)out.buf;
-        for (Py_ssize_t g = 0; g < G; g++) {
-            const uint8_t *group = codes + g * 16 * C;
+    for (Py_ssize_t g = 0; g < G; g++) {
+        Py_ssize_t t0 = g * 16, here = R - t0 < 16 ? R - t0 : 16;
+        const float *pa = (const float *)p.buf + g * C, *pb = (const float *)q.buf + g * C;
+        if (encoding) {
+            const float *x = (const float *)a.buf + t0 * C;
+            uint16_t *w = (uint16_t *)out.buf + g * total;
+            memset(codes, 0, (size_t)(16 * C));
+            /* Clamped first, then rounded: the same code for every input (NaN and below 0
+             * give 0, above top gives top), and a value in [0, 255] rounds to nearest even
+             * by adding and taking away 1.5 * 2^23, with no call into libm. */
+            const float magic = 12582912.0f;
+            for (Py_ssize_t t = 0; t < here; t++)
+                for (Py_ssize_t c = 0; c < C; c++) {
+                    float v = (x[t * C + c] - pa[c]) * pb[c];
+                    v = v > 0.0f ? v : 0.0f;
+                    v = v < top[c] ? v : top[c];
+                    codes[t * C + c] = (uint8_t)((v + magic) - magic);
+                }
             for (Py_ssize_t c = 0; c < C; c++) {
                 uint64_t lo = 0, hi = 0;
                 for (int t = 0; t < 8; t++) {
-                    lo |= (uint64_t)group[t * C + c] << (8 * t);
-                    hi |= (uint64_t)group[(t + 8) * C + c] << (8 * t);
+                    lo |= (uint64_t)codes[t * C + c] << (8 * t);
+                    hi |= (uint64_t)codes[(t + 8) * C + c] << (8 * t);
                 }
                 lo = transpose8(lo);
                 hi = transpose8(hi);
                 for (int j = 0; j < b[c]; j++) *w++ = (uint16_t)(((lo >> (8 * j)) & 0xFF) | (((hi >> (8 * j)) & 0xFF) << 8));
             }
-        }
-    } else {
-        const uint16_t *w = (const uint16_t *)a.buf;
-        uint8_t *codes = (uint8_t *)out.buf;
-        for (Py_ssize_t g = 0; g < G; g++) {
-            uint8_t *group = codes + g * 16 * C;
+        } else {
+            const uint16_t *w = (const uint16_t *)a.buf + g * total;
+            float *y = (float *)out.buf + t0 * C;
             for (Py_ssize_t c = 0; c < C; c++) {
                 uint64_t lo = 0, hi = 0;
                 for (int j = 0; j < b[c]; j++, w++) {
@@ -615,27 +637,32 @@ static PyObject *key_planes(PyObject *args, int packing) {
                 lo = transpose8(lo);
                 hi = transpose8(hi);
                 for (int t = 0; t < 8; t++) {
-                    group[t * C + c] = (uint8_t)(lo >> (8 * t));
-                    group[(t + 8) * C + c] = (uint8_t)(hi >> (8 * t));
+                    codes[t * C + c] = (uint8_t)(lo >> (8 * t));
+                    codes[(t + 8) * C + c] = (uint8_t)(hi >> (8 * t));
                 }
             }
+            for (Py_ssize_t t = 0; t < here; t++)
+                for (Py_ssize_t c = 0; c < C; c++) {
+                    float v = (float)codes[t * C + c] * pa[c];
+                    y[t * C + c] = v + pb[c];
+                }
         }
     }
     Py_END_ALLOW_THREADS
+    PyMem_Free(codes);
     result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&bits);
-    PyBuffer_Release(&a);
+    while (n-- > 0) PyBuffer_Release(held[n]);
     return result;
 }
 
-static PyObject *py_key_words(PyObject *self, PyObject *args) { return key_planes(args, 1); }
-static PyObject *py_key_codes(PyObject *self, PyObject *args) { return key_planes(args, 0); }
+static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
+static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
+
 
 static PyMethodDef methods[] = {
-    {"key_words", py_key_words, METH_VARARGS, "key_words(codes, bits, out): int4a's key code words (see the source)."},
-    {"key_codes", py_key_codes, METH_VARARGS, "key_codes(words, bits, out): key_words undone (see the source)."},
+    {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
+    {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},
     {"crc32c_together", py_crc32c_together, METH_VARARGS,
      "crc32c_together(iovs) -> the CRC32C of each span list, their rows read once (see the source)."},

@@ -671,26 +671,29 @@ def test_int4a_chunks_are_windows_so_the_cut_does_not_matter():
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
-def test_int4a_key_words_in_c_equal_the_numpy_ones():
-    """kvwire/_scatter.c's key_words and key_codes against the numpy path (int4a takes the C
-    one when it was built), and their refusals."""
+@pytest.mark.parametrize("T", [17, 40, 1100])
+def test_int4a_keys_in_c_equal_the_numpy_ones(monkeypatch, T):
+    """int4a's key groups through kvwire/_scatter.c (key_encode, key_decode) and through
+    the numpy path a build without it takes: the same bytes and the same values, special
+    values and random bytes included; the helper's refusals."""
     from kvwire import _scatter
     from kvwire.codec import allocated
 
-    gen = np.random.default_rng(3)
-    G, H, D = 5, 2, 16
-    bits = gen.integers(1, 9, size=(H, D))
-    codes = (gen.integers(0, 256, size=(G, 16, H, D)) & ((1 << bits) - 1)).astype(np.uint8)
-    every = allocated._token_words(np.ascontiguousarray(codes.transpose(0, 2, 3, 1)))
-    chosen = np.flatnonzero(np.arange(8) < bits[..., None])
-    want = every.reshape(G, -1)[:, chosen]
-    got = np.empty(want.shape, dtype=want.dtype)
-    _scatter.key_words(codes, bits.astype(np.uint8).reshape(-1), got)
-    assert np.array_equal(got, want)
-    back = np.empty_like(codes)
-    _scatter.key_codes(got, bits.astype(np.uint8).reshape(-1), back)
-    assert np.array_equal(back, codes)
+    codec = kvwire.codec.get("int4a")
+    x = realistic_keys(T, 2, 64, seed=T).float()
+    x[3, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    x[T - 2, 1, 5] = float("nan")
+    spec = ChunkSpec(T, 2, 64, torch.float32, "k")
+    noise = torch.randint(0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(T),
+                          dtype=torch.uint8)  # fmt: skip
+    fast = codec.encode(x, "k").data
+    fast_values = [codec.decode_bytes(b, spec) for b in (fast, noise)]
+    monkeypatch.setattr(allocated, "_helper", None)
+    assert torch.equal(codec.encode(x, "k").data, fast)
+    for got, wire in zip(fast_values, (fast, noise)):
+        assert torch.equal(got.view(torch.int32), codec.decode_bytes(wire, spec).view(torch.int32))
+    rows, params = np.zeros((20, 8), np.float32), np.zeros((2, 8), np.float32)
     with pytest.raises(ValueError, match="bits"):
-        _scatter.key_words(codes, np.zeros(H * D, dtype=np.uint8), got)
-    with pytest.raises(ValueError, match="uint16"):
-        _scatter.key_words(codes, bits.astype(np.uint8).reshape(-1), got[:, :-1].copy())
+        _scatter.key_encode(rows, params, params, np.zeros(8, np.uint8), np.zeros(64, np.uint16))
+    with pytest.raises(ValueError, match="parameters"):
+        _scatter.key_encode(rows, params[:1], params, np.full(8, 4, np.uint8), np.zeros(64, np.uint16))

@@ -208,16 +208,17 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     top = (torch.ones_like(bits) << bits).sub_(1).float()  # [H, D]
     s = (group_hi - group_lo) / top  # [G, H, D]
     inv_s = torch.where(s > 0, torch.reciprocal(s), 0.0)
+    words = out[at:].numpy().view("<u2").reshape(lay.groups, -1)
+    if _helper is not None:  # the C helper: codes and their words in one pass
+        _helper.key_encode(rest.reshape(rest.shape[0], h * d).numpy(), group_lo.contiguous().numpy(),
+                           inv_s.contiguous().numpy(), bits.to(torch.uint8).numpy(), words)  # fmt: skip
+        return out
     q = scratch("q", (lay.groups, KEY_GROUP, h, d))
     q.view(-1, h, d)[: rest.shape[0]].copy_(rest)  # one pass (the input may be the caller's fp32 tensor)
     q.view(-1, h, d)[rest.shape[0] :] = 0  # the last group's missing tokens, zeroed below
     q.sub_(group_lo.unsqueeze(1)).mul_(inv_s.unsqueeze(1)).round_().nan_to_num_(nan=0.0).clamp_(min=0)
     codes = torch.minimum(q, top, out=q).to(torch.uint8)
     codes.view(-1, h, d)[rest.shape[0] :] = 0
-    words = out[at:].numpy().view("<u2").reshape(lay.groups, -1)
-    if _helper is not None:  # the C helper: 3-4x faster than the numpy below
-        _helper.key_words(codes.numpy(), bits.to(torch.uint8).numpy(), words)
-        return out
     every = _token_words(codes.permute(0, 2, 3, 1).contiguous().numpy())  # [G, H, D, 8]
     chosen = np.flatnonzero(np.arange(MOST_BITS) < bits.numpy()[..., None])  # word j < b of each channel
     np.take(every.reshape(lay.groups, -1), chosen, axis=1, out=words)
@@ -244,19 +245,20 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
         top = (torch.ones_like(bits) << bits).sub_(1).float()
         sent = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
-        if _helper is not None:  # the C helper
-            codes = torch.empty(lay.groups, KEY_GROUP, h, d, dtype=torch.uint8)
-            _helper.key_codes(sent, bits.to(torch.uint8).numpy(), codes.numpy())
-        else:  # each channel's 8 words: its b sent ones, then zeros (a gather: 10x faster than a scatter)
-            chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None]).reshape(-1)
-            where = np.full(chosen.size, sent.shape[1])
-            where[chosen] = np.arange(sent.shape[1])
-            padded = np.zeros((lay.groups, sent.shape[1] + 1), dtype="<u2")
-            padded[:, :-1] = sent
-            words = np.take(padded, where, axis=1).reshape(lay.groups, h, d, MOST_BITS)
-            codes = torch.from_numpy(_token_codes(words)).permute(0, 3, 1, 2).contiguous()  # [G, 16, H, D]
         s = (group_hi - group_lo) / top
         rest = y[lay.first :]
+        if _helper is not None:  # the C helper: words to codes to values in one pass
+            _helper.key_decode(sent, bits.to(torch.uint8).numpy(), s.contiguous().numpy(),
+                               group_lo.contiguous().numpy(), rest.view(-1, h * d).numpy())  # fmt: skip
+            return to_cache_dtype(y, spec.dtype, fresh=True)
+        # each channel's 8 words: its b sent ones, then zeros (a gather: 10x faster than a scatter)
+        chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None]).reshape(-1)
+        where = np.full(chosen.size, sent.shape[1])
+        where[chosen] = np.arange(sent.shape[1])
+        padded = np.zeros((lay.groups, sent.shape[1] + 1), dtype="<u2")
+        padded[:, :-1] = sent
+        words = np.take(padded, where, axis=1).reshape(lay.groups, h, d, MOST_BITS)
+        codes = torch.from_numpy(_token_codes(words)).permute(0, 3, 1, 2).contiguous()  # [G, 16, H, D]
         rest.copy_(codes.view(-1, h, d)[: rest.shape[0]])
         full = rest.shape[0] // KEY_GROUP
         if full:  # code * s + glo: two roundings
