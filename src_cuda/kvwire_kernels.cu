@@ -440,12 +440,11 @@ __device__ void int4k_encode(Paged src, int T, int H, int D, int K, u8* out) {
 
 // One code byte (channels 2c, 2c+1 of row (t, h)) of key group gid's pair.
 template <int KIND>
-__device__ __forceinline__ void int4k_pair_decode(const Paged& dst, int D, int t, int h, int c, i64 gid, u8 byte,
+__device__ __forceinline__ void int4k_pair_decode(const Paged& dst, int t, int h, int c, i64 gid, u8 byte,
                                                   const u16* scales, const u16* zeros) {
   u16* p = dst.row(t, h) + (i64)(2 * c) * dst.s_dim;
   p[0] = from_float<KIND>(int4_value(byte & 15u, half_to_float(scales[gid]), half_to_float(zeros[gid])));
   p[dst.s_dim] = from_float<KIND>(int4_value(byte >> 4, half_to_float(scales[gid + 1]), half_to_float(zeros[gid + 1])));
-  (void)D;
 }
 
 template <int KIND>
@@ -461,7 +460,7 @@ __device__ void int4k_decode(Paged dst, int T, int H, int D, int K, const u8* in
     i64 th = i / (D / 2);
     int h = (int)(th % H), t = (int)(th / H);
     i64 gid = ((i64)(t / K) * H + h) * D + 2 * c;
-    int4k_pair_decode<KIND>(dst, D, t, h, c, gid, packed[i], scales, zeros);
+    int4k_pair_decode<KIND>(dst, t, h, c, gid, packed[i], scales, zeros);
   }
 }
 
@@ -818,16 +817,39 @@ __device__ void a_keys_encode_window(const Paged& src, int w0, int T, int H, int
                                      float* s_step, double* s_w, int* s_bits, int* s_off) {
   const AKeys k = a_keys_geometry(T, H, D);
   u16* scales = reinterpret_cast<u16*>(out);
-  {
-    for (int c = threadIdx.x; c < D / 2; c += blockDim.x)  // the first group: int4's keys
-      int4k_pair_encode<KIND>(src, H, D, 0, h, c, 0, k.n0, scales, scales + (i64)H * D, out + 4LL * H * D, w0);
-    if (k.G == 0) return;
-    u16* lo16 = reinterpret_cast<u16*>(out + k.ranges) + (i64)h * D;
-    u16* hi16 = lo16 + (i64)H * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {  // the channel's range over the coded groups
+  for (int c = threadIdx.x; c < D / 2; c += blockDim.x)  // the first group: int4's keys
+    int4k_pair_encode<KIND>(src, H, D, 0, h, c, 0, k.n0, scales, scales + (i64)H * D, out + 4LL * H * D, w0);
+  if (k.G == 0) return;
+  u16* lo16 = reinterpret_cast<u16*>(out + k.ranges) + (i64)h * D;
+  u16* hi16 = lo16 + (i64)H * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {  // the channel's range over the coded groups
+    float mn = 3.0e38f, mx = -3.0e38f;
+    bool any = false;
+    for (int t = k.n0; t < T; ++t) {
+      float x = to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]);
+      if (finite(x)) {
+        mn = fminf(mn, x);
+        mx = fmaxf(mx, x);
+        any = true;
+      }
+    }
+    if (!any) mn = mx = 0.0f;
+    lo16[d] = float_to_half_rn(fminf(fmaxf(__fadd_rn(mn, 0.0f), -FP16_MAX), FP16_MAX));
+    hi16[d] = float_to_half_rn(fminf(fmaxf(__fadd_rn(mx, 0.0f), -FP16_MAX), FP16_MAX));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < k.G * (D / 8); i += blockDim.x) {  // bound codes: 8 channels' plane bytes
+    int g = i / (D / 8), cb = i % (D / 8);
+    int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
+    unsigned int pa[7] = {0, 0, 0, 0, 0, 0, 0}, pb[7] = {0, 0, 0, 0, 0, 0, 0};
+    for (int e = 0; e < 8; ++e) {
+      int d = cb * 8 + e;
+      float lo = half_to_float(lo16[d]);
+      float step = __fdiv_rn(__fsub_rn(half_to_float(hi16[d]), lo), 127.0f);
+      float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
       float mn = 3.0e38f, mx = -3.0e38f;
       bool any = false;
-      for (int t = k.n0; t < T; ++t) {
+      for (int t = t0; t < t1; ++t) {
         float x = to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]);
         if (finite(x)) {
           mn = fminf(mn, x);
@@ -836,67 +858,42 @@ __device__ void a_keys_encode_window(const Paged& src, int w0, int T, int H, int
         }
       }
       if (!any) mn = mx = 0.0f;
-      lo16[d] = float_to_half_rn(fminf(fmaxf(__fadd_rn(mn, 0.0f), -FP16_MAX), FP16_MAX));
-      hi16[d] = float_to_half_rn(fminf(fmaxf(__fadd_rn(mx, 0.0f), -FP16_MAX), FP16_MAX));
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < k.G * (D / 8); i += blockDim.x) {  // bound codes: 8 channels' plane bytes
-      int g = i / (D / 8), cb = i % (D / 8);
-      int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
-      unsigned int pa[7] = {0, 0, 0, 0, 0, 0, 0}, pb[7] = {0, 0, 0, 0, 0, 0, 0};
-      for (int e = 0; e < 8; ++e) {
-        int d = cb * 8 + e;
-        float lo = half_to_float(lo16[d]);
-        float step = __fdiv_rn(__fsub_rn(half_to_float(hi16[d]), lo), 127.0f);
-        float inv = step > 0.0f ? __fdiv_rn(1.0f, step) : 0.0f;
-        float mn = 3.0e38f, mx = -3.0e38f;
-        bool any = false;
-        for (int t = t0; t < t1; ++t) {
-          float x = to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]);
-          if (finite(x)) {
-            mn = fminf(mn, x);
-            mx = fmaxf(mx, x);
-            any = true;
-          }
-        }
-        if (!any) mn = mx = 0.0f;
-        int a = (int)fminf(fmaxf(floorf(__fmul_rn(__fsub_rn(__fadd_rn(mn, 0.0f), lo), inv)), 0.0f), 127.0f);
-        int b = (int)fminf(fmaxf(ceilf(__fmul_rn(__fsub_rn(__fadd_rn(mx, 0.0f), lo), inv)), 0.0f), 127.0f);
-        for (int j = 0; j < 7; ++j) {
-          pa[j] |= ((unsigned int)(a >> j) & 1u) << e;
-          pb[j] |= ((unsigned int)(b >> j) & 1u) << e;
-        }
-      }
-      u8* planes = out + k.bounds + ((i64)g * H + h) * 14 * (D / 8) + cb;
+      int a = (int)fminf(fmaxf(floorf(__fmul_rn(__fsub_rn(__fadd_rn(mn, 0.0f), lo), inv)), 0.0f), 127.0f);
+      int b = (int)fminf(fmaxf(ceilf(__fmul_rn(__fsub_rn(__fadd_rn(mx, 0.0f), lo), inv)), 0.0f), 127.0f);
       for (int j = 0; j < 7; ++j) {
-        planes[j * (D / 8)] = (u8)pa[j];
-        planes[(7 + j) * (D / 8)] = (u8)pb[j];
+        pa[j] |= ((unsigned int)(a >> j) & 1u) << e;
+        pb[j] |= ((unsigned int)(b >> j) & 1u) << e;
       }
     }
-    __syncthreads();
-    a_key_bits(out, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
-    u16* words = reinterpret_cast<u16*>(out + k.codes);
-    for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {  // codes: a channel's group at a time
-      int g = i / D, d = i % D, a, b;
-      a_bounds(out, k, H, D, g, h, d, &a, &b);
-      float glo = __fadd_rn(__fmul_rn((float)a, s_step[d]), s_lo[d]);
-      float ghi = __fadd_rn(__fmul_rn((float)b, s_step[d]), s_lo[d]);
-      int bits = s_bits[d];
-      float top = (float)((1 << bits) - 1);
-      float sc = __fdiv_rn(__fsub_rn(ghi, glo), top);
-      float inv = sc > 0.0f ? __fdiv_rn(1.0f, sc) : 0.0f;
-      unsigned int w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
-      for (int t = t0; t < t1; ++t) {
-        float c = rintf(__fmul_rn(__fsub_rn(to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]), glo), inv));
-        unsigned int code = c != c ? 0u : (unsigned int)fminf(fmaxf(c, 0.0f), top);
-        for (int j = 0; j < 8; ++j) w[j] |= ((code >> j) & 1u) << (t - t0);
-      }
-      u16* dst = words + ((i64)g * H + h) * 4 * D + s_off[d];
-      for (int j = 0; j < bits; ++j) dst[j] = (u16)w[j];
+    u8* planes = out + k.bounds + ((i64)g * H + h) * 14 * (D / 8) + cb;
+    for (int j = 0; j < 7; ++j) {
+      planes[j * (D / 8)] = (u8)pa[j];
+      planes[(7 + j) * (D / 8)] = (u8)pb[j];
     }
-    __syncthreads();  // the next window or head reuses the shared arrays
   }
+  __syncthreads();
+  a_key_bits(out, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
+  u16* words = reinterpret_cast<u16*>(out + k.codes);
+  for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {  // codes: a channel's group at a time
+    int g = i / D, d = i % D, a, b;
+    a_bounds(out, k, H, D, g, h, d, &a, &b);
+    float glo = __fadd_rn(__fmul_rn((float)a, s_step[d]), s_lo[d]);
+    float ghi = __fadd_rn(__fmul_rn((float)b, s_step[d]), s_lo[d]);
+    int bits = s_bits[d];
+    float top = (float)((1 << bits) - 1);
+    float sc = __fdiv_rn(__fsub_rn(ghi, glo), top);
+    float inv = sc > 0.0f ? __fdiv_rn(1.0f, sc) : 0.0f;
+    unsigned int w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
+    for (int t = t0; t < t1; ++t) {
+      float c = rintf(__fmul_rn(__fsub_rn(to_float<KIND>(src.row(w0 + t, h)[(i64)d * src.s_dim]), glo), inv));
+      unsigned int code = c != c ? 0u : (unsigned int)fminf(fmaxf(c, 0.0f), top);
+      for (int j = 0; j < 8; ++j) w[j] |= ((code >> j) & 1u) << (t - t0);
+    }
+    u16* dst = words + ((i64)g * H + h) * 4 * D + s_off[d];
+    for (int j = 0; j < bits; ++j) dst[j] = (u16)w[j];
+  }
+  __syncthreads();  // the next window or head reuses the shared arrays
 }
 
 template <int KIND>
@@ -917,32 +914,30 @@ __device__ void a_keys_decode_window(const Paged& dst, int w0, int T, int H, int
                                      float* s_step, double* s_w, int* s_bits, int* s_off) {
   const AKeys k = a_keys_geometry(T, H, D);
   const u16* scales = reinterpret_cast<const u16*>(in);
-  {
-    for (int i = threadIdx.x; i < k.n0 * (D / 2); i += blockDim.x) {  // the first group: int4's keys
-      int t = i / (D / 2), c = i % (D / 2);
-      int4k_pair_decode<KIND>(dst, D, w0 + t, h, c, (i64)h * D + 2 * c,
-                              in[4LL * H * D + ((i64)t * H + h) * (D / 2) + c], scales, scales + (i64)H * D);
-    }
-    if (k.G == 0) return;
-    a_key_bits(in, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
-    const u16* words = reinterpret_cast<const u16*>(in + k.codes);
-    for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {
-      int g = i / D, d = i % D, a, b;
-      a_bounds(in, k, H, D, g, h, d, &a, &b);
-      float glo = __fadd_rn(__fmul_rn((float)a, s_step[d]), s_lo[d]);
-      float ghi = __fadd_rn(__fmul_rn((float)b, s_step[d]), s_lo[d]);
-      int bits = s_bits[d];
-      float sc = __fdiv_rn(__fsub_rn(ghi, glo), (float)((1 << bits) - 1));
-      const u16* src = words + ((i64)g * H + h) * 4 * D + s_off[d];
-      int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
-      for (int t = t0; t < t1; ++t) {
-        unsigned int code = 0;
-        for (int j = 0; j < bits; ++j) code |= (((unsigned int)src[j] >> (t - t0)) & 1u) << j;
-        dst.row(w0 + t, h)[(i64)d * dst.s_dim] = from_float<KIND>(__fadd_rn(__fmul_rn((float)code, sc), glo));
-      }
-    }
-    __syncthreads();
+  for (int i = threadIdx.x; i < k.n0 * (D / 2); i += blockDim.x) {  // the first group: int4's keys
+    int t = i / (D / 2), c = i % (D / 2);
+    int4k_pair_decode<KIND>(dst, w0 + t, h, c, (i64)h * D + 2 * c,
+                            in[4LL * H * D + ((i64)t * H + h) * (D / 2) + c], scales, scales + (i64)H * D);
   }
+  if (k.G == 0) return;
+  a_key_bits(in, k, H, D, h, s_lo, s_step, s_w, s_bits, s_off);
+  const u16* words = reinterpret_cast<const u16*>(in + k.codes);
+  for (int i = threadIdx.x; i < k.G * D; i += blockDim.x) {
+    int g = i / D, d = i % D, a, b;
+    a_bounds(in, k, H, D, g, h, d, &a, &b);
+    float glo = __fadd_rn(__fmul_rn((float)a, s_step[d]), s_lo[d]);
+    float ghi = __fadd_rn(__fmul_rn((float)b, s_step[d]), s_lo[d]);
+    int bits = s_bits[d];
+    float sc = __fdiv_rn(__fsub_rn(ghi, glo), (float)((1 << bits) - 1));
+    const u16* src = words + ((i64)g * H + h) * 4 * D + s_off[d];
+    int t0 = k.n0 + g * A_GROUP, t1 = min(T, t0 + A_GROUP);
+    for (int t = t0; t < t1; ++t) {
+      unsigned int code = 0;
+      for (int j = 0; j < bits; ++j) code |= (((unsigned int)src[j] >> (t - t0)) & 1u) << j;
+      dst.row(w0 + t, h)[(i64)d * dst.s_dim] = from_float<KIND>(__fadd_rn(__fmul_rn((float)code, sc), glo));
+    }
+  }
+  __syncthreads();
 }
 
 template <int KIND>
@@ -1059,40 +1054,38 @@ __device__ void a_rows_encode_window(const Paged& src, int w0, int T, int H, int
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
   const RotRow g = rot_geometry(D);
   const ARows ar = a_rows_geometry(T, H, D);
-  {
-    int n = (ar.m + warps - 1) / warps * warps;
-    for (int k = warp; k < n; k += warps) {  // the first rows: int4h rows
-      bool live = k < ar.m;
-      int t = live ? k : 0;
-      rot_encode_row<KIND, 4>(src, w0 + t, h, (i64)t * H + h, ar.first_rows, D, g, lane, out, live);
-    }
-    if (ar.later == 0) return;
-    if (threadIdx.x == 0) *s_top = A_SCALE_LOW;
-    __syncthreads();
-    n = (ar.later + warps - 1) / warps * warps;
-    for (int k = warp; k < n; k += warps) {
-      bool live = k < ar.later;
-      int K;
-      a_row<KIND>(src, w0 + ar.m + (live ? k : 0), h, 0, D, g, lane, 0, false, false, ar, out, &K);
-      if (live && lane == 0 && K != A_NO_SCALE) atomicMax(s_top, K);
-    }
-    __syncthreads();
-    int base = min(max(*s_top - 255, A_SCALE_LOW), A_SCALE_HIGH - 255);
-    if (threadIdx.x == 0) reinterpret_cast<short*>(out + ar.base)[h] = (short)base;
-    n = (int)((ar.zper + warps - 1) / warps * warps);
-    for (int q = warp; q < n; q += warps) {  // two tokens a warp: their zero-points share a byte
-      int zz[2] = {0, 0};
-      for (int s = 0; s < 2; ++s) {
-        int k = 2 * q + s, K;
-        bool live = q < ar.zper && k < ar.later;
-        int z = a_row<KIND>(src, w0 + ar.m + (live ? k : 0), h, (i64)k * H + h, D, g, lane, base, true, live, ar, out,
-                            &K);
-        zz[s] = live ? z : 0;
-      }
-      if (q < ar.zper && lane == 0) out[ar.zeros + (i64)h * ar.zper + q] = (u8)(zz[0] | (zz[1] << 4));
-    }
-    __syncthreads();  // s_top is set again for the next window or head
+  int n = (ar.m + warps - 1) / warps * warps;
+  for (int k = warp; k < n; k += warps) {  // the first rows: int4h rows
+    bool live = k < ar.m;
+    int t = live ? k : 0;
+    rot_encode_row<KIND, 4>(src, w0 + t, h, (i64)t * H + h, ar.first_rows, D, g, lane, out, live);
   }
+  if (ar.later == 0) return;
+  if (threadIdx.x == 0) *s_top = A_SCALE_LOW;
+  __syncthreads();
+  n = (ar.later + warps - 1) / warps * warps;
+  for (int k = warp; k < n; k += warps) {
+    bool live = k < ar.later;
+    int K;
+    a_row<KIND>(src, w0 + ar.m + (live ? k : 0), h, 0, D, g, lane, 0, false, false, ar, out, &K);
+    if (live && lane == 0 && K != A_NO_SCALE) atomicMax(s_top, K);
+  }
+  __syncthreads();
+  int base = min(max(*s_top - 255, A_SCALE_LOW), A_SCALE_HIGH - 255);
+  if (threadIdx.x == 0) reinterpret_cast<short*>(out + ar.base)[h] = (short)base;
+  n = (int)((ar.zper + warps - 1) / warps * warps);
+  for (int q = warp; q < n; q += warps) {  // two tokens a warp: their zero-points share a byte
+    int zz[2] = {0, 0};
+    for (int s = 0; s < 2; ++s) {
+      int k = 2 * q + s, K;
+      bool live = q < ar.zper && k < ar.later;
+      int z = a_row<KIND>(src, w0 + ar.m + (live ? k : 0), h, (i64)k * H + h, D, g, lane, base, true, live, ar, out,
+                          &K);
+      zz[s] = live ? z : 0;
+    }
+    if (q < ar.zper && lane == 0) out[ar.zeros + (i64)h * ar.zper + q] = (u8)(zz[0] | (zz[1] << 4));
+  }
+  __syncthreads();  // s_top is set again for the next window or head
 }
 
 template <int KIND>
