@@ -561,37 +561,55 @@ __device__ __forceinline__ void rot_load(const Paged& src, const u16* p, int D, 
   }
 }
 
-// One row (t, h), the `row`-th of `rows` in the chunk's byte layout, by one warp. Every
-// lane takes part in the shuffles whether or not `live`; only a live row is written.
-template <int KIND, int BITS>
-__device__ void rot_encode_row(const Paged& src, int t, int h, i64 row, i64 rows, int D, const RotRow& g, int lane,
-                               u8* out, bool live) {
-  const u16* p = src.row(t, h);
+// The first pass of every rotated-row encoder over row p: the fixed-point exponent e and
+// factor, and the rotated row's min and max (with ABS, max |y|) across the warp. v is
+// left holding the last tile rotated: the whole row when it is one tile.
+struct RowScan {
+  int e;
+  float factor, lo, hi;
+};
+
+template <int KIND, bool ABS>
+__device__ __forceinline__ RowScan rot_scan(const Paged& src, const u16* p, int D, const RotRow& g, int lane,
+                                            float* v) {
   float m = 0.0f;
   for (int d = lane; d < D; d += WARP) {
     float x = to_float<KIND>(p[(i64)d * src.s_dim]);
     if (finite(x)) m = fmaxf(m, fabsf(x));
   }
   m = warp_max(m);
-  int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;  // m = f * 2^e, 0.5 <= f < 1
-  bool zero = m == 0.0f || e < ROT_MIN_EXP;
-  if (zero) e = 0;
-  float factor = zero ? 0.0f : pow2f(ROT_Q - e);
-  float lo = 3.0e38f, hi = -3.0e38f;  // BITS 8: hi is max |y|
-  float v[ROT_SLOTS];  // a row of one tile (D <= 256, the usual case) stays here for the codes
+  RowScan r;
+  r.e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;  // m = f * 2^e, 0.5 <= f < 1
+  bool zero = m == 0.0f || r.e < ROT_MIN_EXP;
+  if (zero) r.e = 0;
+  r.factor = zero ? 0.0f : pow2f(ROT_Q - r.e);
+  float lo = 3.0e38f, hi = -3.0e38f;
   for (int base = 0; base < D; base += g.tile) {
-    rot_load<KIND>(src, p, D, base, g, lane, factor, v);
+    rot_load<KIND>(src, p, D, base, g, lane, r.factor, v);
     tile_hadamard(v, g.R, g.slots, lane);
 #pragma unroll
     for (int j = 0; j < ROT_SLOTS; ++j) {
       if (j < g.slots && base + lane + WARP * j < D) {
         lo = fminf(lo, v[j]);
-        hi = fmaxf(hi, BITS == 8 ? fabsf(v[j]) : v[j]);
+        hi = fmaxf(hi, ABS ? fabsf(v[j]) : v[j]);
       }
     }
   }
-  lo = warp_min(lo);
-  hi = warp_max(hi);
+  r.lo = warp_min(lo);
+  r.hi = warp_max(hi);
+  return r;
+}
+
+// One row (t, h), the `row`-th of `rows` in the chunk's byte layout, by one warp. Every
+// lane takes part in the shuffles whether or not `live`; only a live row is written.
+template <int KIND, int BITS>
+__device__ void rot_encode_row(const Paged& src, int t, int h, i64 row, i64 rows, int D, const RotRow& g, int lane,
+                               u8* out, bool live) {
+  const u16* p = src.row(t, h);
+  float v[ROT_SLOTS];  // a row of one tile (D <= 256, the usual case) stays here for the codes
+  const RowScan sc = rot_scan<KIND, BITS == 8>(src, p, D, g, lane, v);  // BITS 8: hi is max |y|
+  const int e = sc.e;
+  const float factor = sc.factor, lo = sc.lo, hi = sc.hi;
   float step, z = 0.0f;
   if (BITS == 8) {
     step = __fdiv_rn(hi, 127.0f);
@@ -985,29 +1003,11 @@ template <int KIND>
 __device__ int a_row(const Paged& src, int t, int h, i64 r, int D, const RotRow& g, int lane, int base, bool codes,
                      bool live, const ARows& ar, u8* out, int* K_out) {
   const u16* p = src.row(t, h);
-  float m = 0.0f;
-  for (int d = lane; d < D; d += WARP) {
-    float x = to_float<KIND>(p[(i64)d * src.s_dim]);
-    if (finite(x)) m = fmaxf(m, fabsf(x));
-  }
-  m = warp_max(m);
-  int e = (int)((__float_as_uint(m) >> 23) & 0xffu) - 126;
-  bool zero = m == 0.0f || e < ROT_MIN_EXP;
-  if (zero) e = 0;
-  float factor = zero ? 0.0f : pow2f(ROT_Q - e);
-  float lo = 3.0e38f, hi = -3.0e38f, v[ROT_SLOTS];
-  for (int b0 = 0; b0 < D; b0 += g.tile) {
-    rot_load<KIND>(src, p, D, b0, g, lane, factor, v);
-    tile_hadamard(v, g.R, g.slots, lane);
-#pragma unroll
-    for (int j = 0; j < ROT_SLOTS; ++j) {
-      if (j < g.slots && b0 + lane + WARP * j < D) {
-        lo = fminf(lo, v[j]);
-        hi = fmaxf(hi, v[j]);
-      }
-    }
-  }
-  float mn = __fadd_rn(warp_min(lo), 0.0f), mx = __fadd_rn(warp_max(hi), 0.0f);
+  float v[ROT_SLOTS];
+  const RowScan sc = rot_scan<KIND, false>(src, p, D, g, lane, v);
+  const int e = sc.e;
+  const float factor = sc.factor;
+  float mn = __fadd_rn(sc.lo, 0.0f), mx = __fadd_rn(sc.hi, 0.0f);
   float u = __fdiv_rn(__fsub_rn(mx, mn), 15.0f);
   int K = A_NO_SCALE;
   if (u > 0.0f) {  // the least k with P(k) >= u: u = f * 2^q (0.5 <= f < 1), then the roots below 2f
