@@ -156,6 +156,21 @@ def paged_geometry(kind: str, dtype: torch.dtype, device: str = "cpu") -> tuple[
 
 GEOMETRIES = ["nhd", "hnd", "odd heads 3", "odd heads 5", "vllm packed k of kv", "mla latent",
               "strided head_dim", "base off 16 bytes", "head_dim 36"]  # fmt: skip
+# (codec, role) of every kernel family, run over GEOMETRIES on the host emulation and on a GPU.
+KERNEL_CASES = [("raw", "k"), ("fp8", "v"), ("int4/g32", "k"), ("int4/g32", "v"), ("int8h", "k"), ("int4h", "v"),
+                ("int4a", "k"), ("int4a", "v")]  # fmt: skip
+# Kernel plans that never take 16-byte vector access to the cache.
+SCALAR_KERNELS = ("kvw_int4k", "kvw_rot", "kvw_int4a")
+
+
+def skip_geometry_the_codec_refuses(codec_name: str, role: str, head_dim: int) -> None:
+    """pytest.skip where a codec cannot take a geometry's head_dim at all."""
+    import pytest
+
+    if codec_name.startswith("int4") and role == "v" and head_dim % 32:
+        pytest.skip("int4 values need head_dim % group_size == 0")
+    if codec_name == "int4a" and head_dim % 8:
+        pytest.skip("int4a needs head_dim % 8 == 0")
 
 
 def wire_tp(layout) -> tuple[int, int, int]:

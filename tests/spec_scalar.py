@@ -511,17 +511,19 @@ def _a_window_sizes(T: int, H: int, D: int, role: str) -> list[tuple[int, int]]:
     return out
 
 
-def int4a_keys_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+def _int4a_decode(data: bytes, T: int, H: int, D: int, dtype: str, role: str) -> list[int]:
+    """int4a bytes -> the cache elements' bits, [T][H][D]: each window in turn."""
+    window = _int4a_keys_decode_window if role == "k" else _int4a_rows_decode_window
     out, at = [], 0
-    for n, size in _a_window_sizes(T, H, D, "k"):
-        out += _int4a_keys_decode_window(data[at : at + size], n, H, D, dtype)
+    for n, size in _a_window_sizes(T, H, D, role):
+        out += window(data[at : at + size], n, H, D, dtype)
         at += size
     return out
+
+
+def int4a_keys_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
+    return _int4a_decode(data, T, H, D, dtype, "k")
 
 
 def int4a_rows_decode(data: bytes, T: int, H: int, D: int, dtype: str) -> list[int]:
-    out, at = [], 0
-    for n, size in _a_window_sizes(T, H, D, "v"):
-        out += _int4a_rows_decode_window(data[at : at + size], n, H, D, dtype)
-        at += size
-    return out
+    return _int4a_decode(data, T, H, D, dtype, "v")

@@ -19,7 +19,14 @@ from kvwire.blocks import gather_tokens
 from kvwire.codec import ChunkSpec
 from kvwire.engine.placement import HostEncoder
 from kvwire.layout import Selection
-from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
+from tests.helpers import (
+    GEOMETRIES,
+    KERNEL_CASES,
+    SCALAR_KERNELS,
+    paged_geometry,
+    skip_geometry_the_codec_refuses,
+    special_wire_bytes,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -127,16 +134,7 @@ def test_gpu_bytes_equal_cpu_reference(gpu, dtype, codec_name, role, bs, tokens,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "codec_name, role",
-    [
-        ("raw", "k"),
-        ("fp8", "v"),
-        ("int4/g32", "k"),
-        ("int4/g32", "v"),
-        ("int8h", "k"),
-        ("int4h", "v"),
-        ("int4a", "k"),
-        ("int4a", "v"),
-    ],  # fmt: skip
+    KERNEL_CASES,
 )
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_every_kernel_of_each_build(each_build, kind, codec_name, role, dtype):
@@ -145,12 +143,9 @@ def test_every_kernel_of_each_build(each_build, kind, codec_name, role, dtype):
     src, vec = paged_geometry(kind, dtype, "cuda")
     codec = kvwire.codec.get(codec_name)
     D = src.shape[-1]
-    if codec_name.startswith("int4") and role == "v" and D % 32:
-        pytest.skip("int4 values need head_dim % group_size == 0")
-    if codec_name == "int4a" and D % 8:
-        pytest.skip("int4a needs head_dim % 8 == 0")
+    skip_geometry_the_codec_refuses(codec_name, role, D)
     plan = kernels._plan(each_build, codec, kernels.Chunk.paged(src, [4, 1, 3], 0, 37, 16), role, "encode")
-    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot", "kvw_int4a"))), plan.name
+    assert plan.vec == (vec and not plan.name.startswith(SCALAR_KERNELS)), plan.name
     check_roundtrip(each_build, codec, src, [4, 1, 3], 37, 16, role)  # 37 tokens: the last block partial
 
 

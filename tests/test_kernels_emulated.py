@@ -14,7 +14,14 @@ import kvwire.codec
 from kvwire.blocks import gather_tokens
 from kvwire.cuda import kernels
 from kvwire.layout import Selection
-from tests.helpers import GEOMETRIES, paged_geometry, special_wire_bytes
+from tests.helpers import (
+    GEOMETRIES,
+    KERNEL_CASES,
+    SCALAR_KERNELS,
+    paged_geometry,
+    skip_geometry_the_codec_refuses,
+    special_wire_bytes,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the host emulation")
 
@@ -97,16 +104,7 @@ def test_kernel_bytes_equal_the_cpu_reference(backend, dtype, name, role, H, D, 
 
 @pytest.mark.parametrize(
     "codec_name, role",
-    [
-        ("raw", "k"),
-        ("fp8", "v"),
-        ("int4/g32", "k"),
-        ("int4/g32", "v"),
-        ("int8h", "k"),
-        ("int4h", "v"),
-        ("int4a", "k"),
-        ("int4a", "v"),
-    ],  # fmt: skip
+    KERNEL_CASES,
 )
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role):
@@ -114,13 +112,10 @@ def test_every_layout_takes_the_kernel_it_should(backend, kind, codec_name, role
     the base allow 16-byte access, element-by-element ones elsewhere, same bytes."""
     src, vec = paged_geometry(kind, torch.float16)
     codec = kvwire.codec.get(codec_name)
-    if codec_name.startswith("int4") and role == "v" and src.shape[-1] % 32:
-        pytest.skip("int4 values need head_dim % group_size == 0")
-    if codec_name == "int4a" and src.shape[-1] % 8:
-        pytest.skip("int4a needs head_dim % 8 == 0")
+    skip_geometry_the_codec_refuses(codec_name, role, src.shape[-1])
     ids, tokens = [4, 1, 3], 37
     plan = kernels._plan(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role, "encode")
-    assert plan.vec == (vec and not plan.name.startswith(("kvw_int4k", "kvw_rot", "kvw_int4a"))), plan.name
+    assert plan.vec == (vec and not plan.name.startswith(SCALAR_KERNELS)), plan.name
     rows = gather_tokens(src, Selection(tuple(ids), tokens), 16)
     want = codec.encode(rows, role, 16)
     got = kernels.encode(backend, codec, kernels.Chunk.paged(src, ids, 0, tokens, 16), role)
