@@ -181,6 +181,9 @@ def test_launcher_rejects_bad_inputs(backend):
         kernels.decode(
             backend, codec, torch.zeros(10, dtype=torch.uint8), kernels.Chunk.paged(cache, [0], 0, 16, 16), "k"
         )
+    wide = torch.zeros(2, 16, 1, kernels.A_MAX_KEY_DIM + 8, dtype=torch.float16)  # int4a keys' shared memory
+    with pytest.raises(ValueError, match=f"at most {kernels.A_MAX_KEY_DIM} channels, got {kernels.A_MAX_KEY_DIM + 8}"):
+        kernels.encode(backend, kvwire.codec.get("int4a"), kernels.Chunk.paged(wide, [0], 0, 16, 16), "k")
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 1023, 1024, 1025, 4096 + 7, 70_001])

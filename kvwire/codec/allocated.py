@@ -126,7 +126,8 @@ def _token_codes(words: np.ndarray) -> np.ndarray:
 
 
 class KeyLayout:
-    """Where a key chunk's parts sit: sizes from ``(T, H, D)`` and the bits per channel."""
+    """Where a key window's parts sit: their sizes follow from ``(T, H, D)`` alone (the
+    bits per channel sum to ``4 D`` per head whatever they are)."""
 
     def __init__(self, spec: ChunkSpec) -> None:
         t, h, d = spec.shape
