@@ -14,6 +14,8 @@
  *   rows(out, ids, ...)      -> fill ``out`` with the spans of some token rows of a block
  *                               cache (below); the number of rows of ``out`` used
  *   key_encode, key_decode   -> the coded key groups of an int4a window (below)
+ *   rot_stats, rot_quantize,
+ *   rot_dequantize           -> the element-wise work of rotated rows (below)
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -660,7 +662,394 @@ static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_code
 static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
 
 
+/* Rotated rows (docs/formats.md, "int8h", "int4h", "int4a"; kvwire/codec/rotated.py has
+ * the arithmetic and the torch path these replace, a test holds the two to the same
+ * bytes). Rows of ``d`` values, read as fp32 (kind 0) or bf16 (kind 1, the bits as
+ * uint16), each one:
+ *   x_i = 0 where not finite; m = max |x_i| = f 2^e (0.5 <= f < 1);
+ *   a zero row (m == 0 or e < -90): e = 0, every n_i = 0; else n_i = rint(x_i 2^(16 - e));
+ *   y = H_R n block by block (exact integers in fp32: any order gives the same), + 0.0.
+ *
+ * rot_stats(x, kind, d, e, mn, mx)           -> e (int32 [N]), min and max of y (fp32 [N])
+ * rot_quantize(x, kind, d, mode, inv, z, out) -> codes of y, rotating each row again:
+ *   mode 8: int8 [N, d], c = clamp(rint(y inv), -127, 127)
+ *   mode 4: two per byte, even channel low, c = clamp(rint((y - z) inv), 0, 15)   (int4h)
+ *   mode 5: the same packing, c = clamp(rint(y inv + z), 0, 15)                    (int4a)
+ * rot_dequantize(codes, mode, d, scale, zero, out, kind) -> rows of fp32 (kind 0) or bf16
+ * (kind 1: nearest, ties to even) in ``out``, every NaN as the canonical one:
+ *   mode 8: x' = (H c) S;  mode 4: x' = (H c) S, each block's first element
+ *   ((v 2^-L) S + Z) 2^L;  mode 5: x' = (H (c - z)) S.
+ * The per-row parameters (inv, z, scale, zero: fp32 [N]) come from the caller, computed
+ * from rot_stats' results by the same torch code as the reference, so only the
+ * element-wise work is here. Each float operation is one IEEE fp32 rounding (built with
+ * -ffp-contract=off); integers in [-2^22, 2^22] round to nearest even by adding and
+ * taking away 1.5 * 2^23 (no libm call, and the compiler keeps it in vector registers). */
+#define ROUNDER 12582912.0f
+
+/* The hot loops are written with the compiler's vector types (8 lanes of fp32) and built
+ * twice on x86-64, for AVX2 and for the baseline, the one to run chosen once at load
+ * (``target_clones``); elsewhere the vector types are lowered to what the target has.
+ * Rows whose length is not a multiple of 8 (R < 8) take the scalar loops. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SIMD_CLONES
+#endif
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+ALWAYS_INLINE v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+ALWAYS_INLINE void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+ALWAYS_INLINE v8f select8(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
+ALWAYS_INLINE v8f max8(v8f a, v8f b) { return select8(a > b, a, b); }
+ALWAYS_INLINE v8f min8(v8f a, v8f b) { return select8(a < b, a, b); }
+ALWAYS_INLINE float hmax8(v8f v) {
+    float m = v[0];
+    for (int k = 1; k < 8; k++) m = v[k] > m ? v[k] : m;
+    return m;
+}
+ALWAYS_INLINE float hmin8(v8f v) {
+    float m = v[0];
+    for (int k = 1; k < 8; k++) m = v[k] < m ? v[k] : m;
+    return m;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float pow2f(int k) { /* 2^k for k in [-126, 127], exactly */
+    uint32_t bits = (uint32_t)(k + 127) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static int rotation_block(Py_ssize_t d) {
+    Py_ssize_t r = d & -d;
+    return (int)(r < 256 ? r : 256);
+}
+
+/* y = H_R y block by block, then + 0.0. With R >= 8 (d a multiple of 8) the first three
+ * stages run inside each vector (a lane and its partner), the others between vectors. */
+ALWAYS_INLINE void hadamard_rows(float *y, Py_ssize_t d, int r) {
+    if (r >= 8) {
+        const v8f s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1}, s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+        for (Py_ssize_t j = 0; j < d; j += 8) {
+            v8f v = load8(y + j);
+            v = __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6}) + v * s1;
+            v = __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5}) + v * s2;
+            v = __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3}) + v * s4;
+            store8(y + j, v);
+        }
+        for (Py_ssize_t b = 0; b < d; b += r)
+            for (int h = 8; h < r; h <<= 1)
+                for (int i = 0; i < r; i += 2 * h)
+                    for (int j = i; j < i + h; j += 8) {
+                        v8f u = load8(y + b + j), w = load8(y + b + j + h);
+                        store8(y + b + j, u + w);
+                        store8(y + b + j + h, u - w);
+                    }
+        for (Py_ssize_t j = 0; j < d; j += 8) store8(y + j, load8(y + j) + 0.0f);
+        return;
+    }
+    for (Py_ssize_t b = 0; b < d; b += r) {
+        float *p = y + b;
+        for (int h = 1; h < r; h <<= 1)
+            for (int i = 0; i < r; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    float u = p[j], w = p[j + h];
+                    p[j] = u + w;
+                    p[j + h] = u - w;
+                }
+    }
+    for (Py_ssize_t i = 0; i < d; i++) y[i] += 0.0f; /* +0 for zero, whatever sign the sums gave it */
+}
+
+/* Row ``i`` of ``x`` into ``y``, non-finite values as 0; returns max |y|. */
+ALWAYS_INLINE float load_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d, float *y) {
+    if (d % 8 == 0) {
+        v8f m = {0};
+        for (Py_ssize_t j = 0; j < d; j += 8) {
+            v8u bits;
+            if (kind == 1) {
+                v8h h;
+                memcpy(&h, (const uint16_t *)x + i * d + j, sizeof h);
+                bits = __builtin_convertvector(h, v8u) << 16;
+            } else {
+                memcpy(&bits, (const float *)x + i * d + j, sizeof bits);
+            }
+            bits &= (v8u)((bits & 0x7F800000u) != 0x7F800000u); /* inf and NaN -> +0 */
+            store8(y + j, (v8f)bits);
+            m = max8(m, (v8f)(bits & 0x7FFFFFFFu));
+        }
+        return hmax8(m);
+    }
+    float m = 0.0f;
+    for (Py_ssize_t j = 0; j < d; j++) {
+        float v = kind == 1 ? bf16_to_float(((const uint16_t *)x)[i * d + j]) : ((const float *)x)[i * d + j];
+        v = isfinite(v) ? v : 0.0f;
+        y[j] = v;
+        float a = fabsf(v);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+/* Row ``i`` of ``x`` fixed-point and rotated into ``y``; returns its exponent e. */
+ALWAYS_INLINE int rotate_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d, float *y) {
+    float m = load_row(x, kind, i, d, y);
+    int e = 0;
+    frexpf(m, &e);
+    if (m == 0.0f || e < -90) {
+        memset(y, 0, (size_t)d * sizeof(float));
+        return 0;
+    }
+    const float f = pow2f(16 - e); /* 16 - e in [-112, 106]: an exact product, |n| <= 2^16 */
+    for (Py_ssize_t j = 0; j < d; j++) y[j] = (y[j] * f + ROUNDER) - ROUNDER;
+    hadamard_rows(y, d, rotation_block(d));
+    return e;
+}
+
+SIMD_CLONES
+static void stats_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, float *y, int32_t *e, float *mn, float *mx) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        e[i] = rotate_row(x, kind, i, d, y);
+        float lo = y[0], hi = y[0];
+        if (d % 8 == 0) {
+            v8f vlo = load8(y), vhi = vlo;
+            for (Py_ssize_t j = 8; j < d; j += 8) {
+                v8f v = load8(y + j);
+                vlo = min8(vlo, v);
+                vhi = max8(vhi, v);
+            }
+            lo = hmin8(vlo);
+            hi = hmax8(vhi);
+        } else {
+            for (Py_ssize_t j = 1; j < d; j++) {
+                lo = y[j] < lo ? y[j] : lo;
+                hi = y[j] > hi ? y[j] : hi;
+            }
+        }
+        mn[i] = lo;
+        mx[i] = hi;
+    }
+}
+
+/* Clamped first, then rounded: integer bounds make that the same code. */
+SIMD_CLONES
+static void quantize_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, int mode, const float *inv,
+                          const float *z, float *y, void *out) {
+    const float lo = mode == 8 ? -127.0f : 0.0f, hi = mode == 8 ? 127.0f : 15.0f;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        rotate_row(x, kind, i, d, y);
+        const float s = inv[i], o = z[i];
+        if (d % 8 == 0) {
+            for (Py_ssize_t j = 0; j < d; j += 8) {
+                v8f v = load8(y + j);
+                v = mode == 4 ? (v - o) * s : mode == 5 ? v * s + o : v * s;
+                v = min8(max8(v, (v8f){0} + lo), (v8f){0} + hi);
+                store8(y + j, (v + ROUNDER) - ROUNDER);
+            }
+        } else {
+            for (Py_ssize_t j = 0; j < d; j++) {
+                float v = mode == 4 ? (y[j] - o) * s : mode == 5 ? y[j] * s + o : y[j] * s;
+                v = v > lo ? v : lo;
+                v = v < hi ? v : hi;
+                y[j] = (v + ROUNDER) - ROUNDER;
+            }
+        }
+        if (mode == 8) {
+            int8_t *c = (int8_t *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) c[j] = (int8_t)y[j];
+        } else {
+            uint8_t *c = (uint8_t *)out + i * (d / 2);
+            for (Py_ssize_t j = 0; j < d / 2; j++) c[j] = (uint8_t)((int)y[2 * j] | ((int)y[2 * j + 1] << 4));
+        }
+    }
+}
+
+SIMD_CLONES
+static void dequantize_rows(const void *codes, int mode, Py_ssize_t n, Py_ssize_t d, const float *scale,
+                            const float *zero, float *y, void *out, int kind) {
+    const int r = rotation_block(d);
+    const float down = 1.0f / (float)r, up = (float)r;
+    const uint32_t nan_bits = 0x7FC00000u; /* every NaN written as this one (kvwire/codec/base.py) */
+    float canonical_nan;
+    memcpy(&canonical_nan, &nan_bits, 4);
+    float *first = y + d; /* int4h: each block's first element, from its own formula */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float s = scale[i], o = zero[i];
+        if (mode == 8) {
+            const int8_t *c = (const int8_t *)codes + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) y[j] = (float)c[j];
+        } else {
+            const uint8_t *c = (const uint8_t *)codes + i * (d / 2);
+            for (Py_ssize_t j = 0; j < d / 2; j++) {
+                y[2 * j] = (float)(c[j] & 0x0F);
+                y[2 * j + 1] = (float)(c[j] >> 4);
+            }
+            if (mode == 5)
+                for (Py_ssize_t j = 0; j < d; j++) y[j] -= o;
+        }
+        hadamard_rows(y, d, r);
+        for (Py_ssize_t b = 0; mode == 4 && b < d; b += r) first[b / r] = ((y[b] * down) * s + o) * up;
+        for (Py_ssize_t j = 0; j < d; j++) y[j] *= s;
+        for (Py_ssize_t b = 0; mode == 4 && b < d; b += r) y[b] = first[b / r];
+        if (kind == 1) {
+            uint16_t *to = (uint16_t *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) to[j] = float_to_bf16(y[j]);
+        } else {
+            float *to = (float *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) to[j] = y[j] == y[j] ? y[j] : canonical_nan;
+        }
+    }
+}
+
+static int rot_buffers(PyObject **objs, Py_buffer *held, int count, int writable_from) {
+    for (int n = 0; n < count; n++)
+        if (PyObject_GetBuffer(objs[n], &held[n], PyBUF_C_CONTIGUOUS | (n >= writable_from ? PyBUF_WRITABLE : 0)) < 0) {
+            while (n-- > 0) PyBuffer_Release(&held[n]);
+            return -1;
+        }
+    return 0;
+}
+
+static void rot_release(Py_buffer *held, int count) {
+    for (int n = count; n-- > 0;) PyBuffer_Release(&held[n]);
+}
+
+/* The rows of ``x`` (kind 0 or 1, d per row), or -1 with an error set. */
+static Py_ssize_t rot_rows(const Py_buffer *x, int kind, Py_ssize_t d) {
+    Py_ssize_t item = kind == 1 ? 2 : 4;
+    if ((kind != 0 && kind != 1) || d <= 0 || x->len % (item * d)) {
+        PyErr_Format(PyExc_ValueError, "rotated rows: x must be fp32 (kind 0) or bf16 bits (kind 1) [N, d], "
+                     "got kind %d, %zd bytes, d %zd", kind, x->len, d);
+        return -1;
+    }
+    return x->len / (item * d);
+}
+
+static PyObject *py_rot_stats(PyObject *self, PyObject *args) {
+    PyObject *objs[4];
+    int kind;
+    Py_ssize_t d;
+    if (!PyArg_ParseTuple(args, "OinOOO", &objs[0], &kind, &d, &objs[1], &objs[2], &objs[3])) return NULL;
+    Py_buffer held[4];
+    if (rot_buffers(objs, held, 4, 1) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = rot_rows(&held[0], kind, d);
+    if (n < 0) goto done;
+    if (held[1].len != n * 4 || held[2].len != n * 4 || held[3].len != n * 4) {
+        PyErr_SetString(PyExc_ValueError, "rot_stats: e int32 [N], mn and mx fp32 [N]");
+        goto done;
+    }
+    float *y = PyMem_Malloc((size_t)d * sizeof(float));
+    if (y == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    stats_rows(held[0].buf, kind, n, d, y, held[1].buf, held[2].buf, held[3].buf);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(y);
+    result = Py_NewRef(Py_None);
+done:
+    rot_release(held, 4);
+    return result;
+}
+
+static PyObject *py_rot_quantize(PyObject *self, PyObject *args) {
+    PyObject *objs[4];
+    int kind, mode;
+    Py_ssize_t d;
+    if (!PyArg_ParseTuple(args, "OiniOOO", &objs[0], &kind, &d, &mode, &objs[1], &objs[2], &objs[3])) return NULL;
+    Py_buffer held[4];
+    if (rot_buffers(objs, held, 4, 3) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = rot_rows(&held[0], kind, d);
+    if (n < 0) goto done;
+    if ((mode != 8 && mode != 4 && mode != 5) || (mode != 8 && d % 2)) {
+        PyErr_Format(PyExc_ValueError, "rot_quantize: mode must be 8, 4 or 5 (4 and 5 with an even d), got %d", mode);
+        goto done;
+    }
+    Py_ssize_t row_bytes = mode == 8 ? d : d / 2;
+    if (held[1].len != n * 4 || held[2].len != n * 4 || held[3].len != n * row_bytes) {
+        PyErr_SetString(PyExc_ValueError, "rot_quantize: inv and z fp32 [N], out [N, d] int8 (mode 8) or [N, d/2] uint8");
+        goto done;
+    }
+    float *y = PyMem_Malloc((size_t)d * sizeof(float));
+    if (y == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    quantize_rows(held[0].buf, kind, n, d, mode, held[1].buf, held[2].buf, y, held[3].buf);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(y);
+    result = Py_NewRef(Py_None);
+done:
+    rot_release(held, 4);
+    return result;
+}
+
+static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
+    PyObject *objs[4];
+    int kind, mode;
+    Py_ssize_t d;
+    if (!PyArg_ParseTuple(args, "OinOOOi", &objs[0], &mode, &d, &objs[1], &objs[2], &objs[3], &kind)) return NULL;
+    Py_buffer held[4];
+    if (rot_buffers(objs, held, 4, 3) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = rot_rows(&held[3], kind, d);
+    if (n < 0) goto done;
+    if ((mode != 8 && mode != 4 && mode != 5) || (mode != 8 && d % 2)) {
+        PyErr_Format(PyExc_ValueError, "rot_dequantize: mode must be 8, 4 or 5 (4 and 5 with an even d), got %d", mode);
+        goto done;
+    }
+    Py_ssize_t row_bytes = mode == 8 ? d : d / 2;
+    if (held[0].len != n * row_bytes || held[1].len != n * 4 || held[2].len != n * 4) {
+        PyErr_SetString(PyExc_ValueError, "rot_dequantize: codes [N, d] int8 (mode 8) or [N, d/2] uint8, scale and zero fp32 [N]");
+        goto done;
+    }
+    float *y = PyMem_Malloc(2 * (size_t)d * sizeof(float));
+    if (y == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dequantize_rows(held[0].buf, mode, n, d, held[1].buf, held[2].buf, y, held[3].buf, kind);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(y);
+    result = Py_NewRef(Py_None);
+done:
+    rot_release(held, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
+    {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
+    {"rot_dequantize", py_rot_dequantize, METH_VARARGS,
+     "rot_dequantize(codes, mode, d, scale, zero, out, kind): rotated rows decoded."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},

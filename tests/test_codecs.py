@@ -671,6 +671,59 @@ def test_int4a_chunks_are_windows_so_the_cut_does_not_matter():
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("name", "role", "head_dim"), [("int8h", "k", 128), ("int8h", "v", 96), ("int8h", "k", 12),
+                                                         ("int4h", "v", 128), ("int4h", "v", 48), ("int4h", "v", 6),
+                                                         ("int4a", "v", 64), ("int4a", "v", 256)])  # fmt: skip
+def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, head_dim):
+    """Rotated rows through kvwire/_scatter.c (rot_stats, rot_quantize, rot_dequantize)
+    and through the torch path a build without it takes: the same bytes and the same
+    values, for every cache dtype, with special values, zero and tiny rows, and random
+    bytes decoded (NaN scales included); rows of 8 values or more take the helper's vector
+    loops, shorter rotation blocks (head_dim 12, 6) its scalar ones."""
+    from kvwire.codec import rotated
+
+    codec = kvwire.codec.get(name)
+    T = 70
+    x = (realistic_keys(T, 3, head_dim, seed=head_dim) * 4).to(dtype)
+    x[3, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    x[40, 1] = 0.0
+    x[41, 2] = torch.finfo(dtype).tiny
+    x[50, 0, 5] = torch.finfo(dtype).max
+    spec = ChunkSpec(T, 3, head_dim, dtype, role)
+    noise = torch.randint(0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(head_dim),
+                          dtype=torch.uint8)  # fmt: skip
+    fast = codec.encode(x, role).data
+    fast_values = [codec.decode_bytes(b, spec) for b in (fast, noise)]
+    monkeypatch.setattr(rotated, "_helper", None)
+    assert torch.equal(codec.encode(x, role).data, fast)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    for got, wire in zip(fast_values, (fast, noise)):
+        assert torch.equal(got.view(bits), codec.decode_bytes(wire, spec).view(bits))
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_rotated_rows_helper_refuses_what_does_not_fit():
+    from kvwire import _scatter
+
+    rows, per_row = np.zeros((4, 8), np.float32), np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="kind"):
+        _scatter.rot_stats(rows, 2, 8, np.zeros(4, np.int32), per_row, per_row)
+    with pytest.raises(ValueError, match="d 7"):
+        _scatter.rot_stats(rows, 0, 7, np.zeros(4, np.int32), per_row, per_row)
+    with pytest.raises(ValueError, match="e int32"):
+        _scatter.rot_stats(rows, 0, 8, np.zeros(3, np.int32), per_row, per_row)
+    with pytest.raises(ValueError, match="mode must be 8, 4 or 5"):
+        _scatter.rot_quantize(rows, 0, 8, 6, per_row, per_row, np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="out"):
+        _scatter.rot_quantize(rows, 0, 8, 4, per_row, per_row, np.zeros((4, 8), np.uint8))
+    with pytest.raises(ValueError, match="codes"):
+        _scatter.rot_dequantize(np.zeros((4, 3), np.uint8), 4, 8, per_row, per_row, rows, 0)
+    with pytest.raises(BufferError):  # the output must be writable
+        _scatter.rot_dequantize(np.zeros((4, 4), np.uint8), 4, 8, per_row, per_row, bytes(128), 0)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("T", [17, 40, 1100])
 def test_int4a_keys_in_c_equal_the_numpy_ones(monkeypatch, T):
     """int4a's key groups through kvwire/_scatter.c (key_encode, key_decode) and through

@@ -33,7 +33,7 @@ import torch
 
 from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params, pack_nibbles, unpack_nibbles
-from kvwire.codec.rotated import ROWS4, _fixed_point, _pow2, rotate, rotation_block
+from kvwire.codec.rotated import MODE4A, ROWS4, _pow2, dequantize, quantize, rotated, rotation_block
 from kvwire.codec.scratch import scratch
 
 try:
@@ -300,11 +300,9 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     out = torch.empty(head.numel() + compact, dtype=torch.uint8)
     out[: head.numel()] = head
     at = head.numel()
-    xf = as_float32(x3[first:].reshape(rows, d))
-    n, e = _fixed_point(xf)
-    y = rotate(n, out=scratch("b", (rows, d)))
+    r = rotated(x3[first:].reshape(rows, d))
+    e, mn, mx = r.e, r.mn, r.mx
     log_block = rotation_block(d).bit_length() - 1
-    mn, mx = y.amin(1) + 0.0, y.amax(1) + 0.0
     shift = 16 * (e.to(torch.int64) - 16 - log_block)  # k in the row's units -> k of its real values
     k = _scale_index((mx - mn) / 15.0)
     k = torch.where(k == NO_SCALE, NO_SCALE, (k + shift).clamp(SCALE_LOW, SCALE_HIGH)).view(-1, h)
@@ -314,7 +312,6 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     step = _row_step(kk, (kk.div(16, rounding_mode="floor") - e.to(torch.int64) + 16 + log_block))
     inv = torch.where(torch.isfinite(step) & (step > 0), torch.reciprocal(step), 0.0)
     z = torch.mul(-mn, inv).round_().clamp_(0, 15)
-    q = y.mul_(inv.unsqueeze(1)).add_(z.unsqueeze(1)).round_().clamp_(0, 15)
     out[at : at + 2 * h].view(torch.int16).copy_(base)
     at += 2 * h
     out[at : at + rows].copy_(code.view(-1))
@@ -324,7 +321,7 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     zs[:, :later] = z.view(later, h).t()
     pack_nibbles(zs, out[at : at + h * ((later + 1) // 2)].view(h, -1))
     at += h * ((later + 1) // 2)
-    pack_nibbles(q, out[at:].view(rows, d // 2))
+    quantize(r, MODE4A, inv, z, out[at:].view(rows, d // 2))
     return out
 
 
@@ -356,10 +353,8 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     zs = unpack_nibbles(data[at : at + h * ((later + 1) // 2)].view(h, -1), torch.empty(h, later + later % 2))
     z = zs[:, :later].t().reshape(-1)  # row order [t][h]
     at += h * ((later + 1) // 2)
-    c = unpack_nibbles(data[at:].view(rows, d // 2), scratch("a", (rows, d)))
-    v = rotate(c.sub_(z.unsqueeze(1)), out=scratch("b", (rows, d)))
     scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings
-    out[first:] = to_cache_dtype(v.mul_(scale.unsqueeze(1)).view(t - first, h, d), spec.dtype)
+    out[first:] = dequantize(data[at:].view(rows, d // 2), MODE4A, d, scale, z, spec.dtype).view(t - first, h, d)
     return out
 
 

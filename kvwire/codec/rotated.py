@@ -44,12 +44,19 @@ measured and loses to per-channel groups (``docs/fidelity.md``).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
 from kvwire.codec.scratch import scratch
+
+try:
+    from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _helper = None  # type: ignore[assignment]
 
 FIXED_POINT_BITS = 16  # |n_i| <= 2^16, so a rotated block of up to 2^8 sums stays an exact fp32 integer
 MAX_ROTATION = 256
@@ -130,52 +137,114 @@ def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return n.round_(), e  # ties to even
 
 
-def quantize8(xf: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Rows ``xf`` ([N, D] fp32) -> S [N] fp32; their codes written to ``codes`` ([N, D] int8)."""
-    n, e = _fixed_point(xf)
-    y = rotate(n, out=scratch("b", n.shape))
-    log_block = rotation_block(xf.shape[1]).bit_length() - 1
-    step = (abs_max(y, 1) + 0.0) / 127.0  # +0.0: never -0
+MODE8, MODE4, MODE4A = 8, 4, 5  # the C helper's modes: int8h, int4h's rows, int4a's compact rows
+
+
+class Rotated(NamedTuple):
+    """Rows after the fixed point and the rotation, as far as the quantizers need them."""
+
+    e: torch.Tensor  # [N] int32, the rows' exponents
+    mn: torch.Tensor  # [N] fp32, min of each rotated row
+    mx: torch.Tensor  # [N] fp32, max of each rotated row
+    rows: torch.Tensor | tuple[np.ndarray, int]  # the rotated rows [N, D], or the input as the C helper reads it
+
+
+def _as_helper_input(x2: torch.Tensor) -> tuple[np.ndarray, int]:
+    """Rows ``x2`` [N, D] as the C helper reads them: bf16's bits (kind 1) or fp32 (kind 0)."""
+    if x2.dtype == torch.bfloat16:
+        return x2.contiguous().view(torch.int16).numpy(), 1
+    return as_float32(x2).contiguous().numpy(), 0
+
+
+def rotated(x2: torch.Tensor) -> Rotated:
+    """Rows ``x2`` ([N, D], any float dtype) fixed-point, rotated and measured. With the C
+    helper the rotated rows are not kept: :func:`quantize` rotates each row again, which
+    costs less than writing and reading 4 bytes per element (``python3 bench/codec_parts.py``)."""
+    n, d = x2.shape
+    if _helper is not None:
+        source = _as_helper_input(x2)
+        e, mn, mx = torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n)
+        _helper.rot_stats(*source, d, e.numpy(), mn.numpy(), mx.numpy())
+        return Rotated(e, mn, mx, source)
+    fixed, e = _fixed_point(as_float32(x2))
+    y = rotate(fixed, out=scratch("b", fixed.shape))
+    return Rotated(e, y.amin(1) + 0.0, y.amax(1) + 0.0, y)
+
+
+def quantize(r: Rotated, mode: int, inv: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> None:
+    """The codes of rotated rows ``r`` into ``out`` (int8 [N, D] for ``MODE8``, else two per
+    byte [N, D/2]), from each row's ``inv`` and ``z`` ([N] fp32; ``z`` unused by ``MODE8``):
+    ``MODE8`` clamp(rint(y inv), -127, 127); ``MODE4`` clamp(rint((y - z) inv), 0, 15);
+    ``MODE4A`` clamp(rint(y inv + z), 0, 15)."""
+    if not isinstance(r.rows, torch.Tensor):
+        array, kind = r.rows
+        _helper.rot_quantize(array, kind, array.shape[1], mode, inv.float().contiguous().numpy(),
+                             z.float().contiguous().numpy(), out.numpy())  # fmt: skip
+        return
+    y = r.rows
+    if mode == MODE8:
+        out.copy_(y.mul_(inv.unsqueeze(1)).round_().clamp_(-127, 127))
+    elif mode == MODE4:
+        pack_nibbles(y.sub_(z.unsqueeze(1)).mul_(inv.unsqueeze(1)).round_().clamp_(0, 15), out)
+    else:
+        pack_nibbles(y.mul_(inv.unsqueeze(1)).add_(z.unsqueeze(1)).round_().clamp_(0, 15), out)
+
+
+def dequantize(codes: torch.Tensor, mode: int, d: int, scale: torch.Tensor, zero: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Rotated rows decoded from ``codes`` (int8 [N, D] for ``MODE8``, else uint8 [N, D/2])
+    and each row's ``scale`` and ``zero`` ([N] fp32): a new [N, D] tensor of ``dtype``.
+    ``MODE8`` (H c) S; ``MODE4`` (H c) S, each block's first element ((v 2^-L) S + Z) 2^L;
+    ``MODE4A`` (H (c - Z)) S."""
+    n = codes.shape[0]
+    scale, zero = scale.float().contiguous(), zero.float().contiguous()
+    if _helper is not None:
+        direct = dtype in (torch.bfloat16, torch.float32)
+        out = torch.empty(n, d, dtype=dtype) if direct else scratch("b", (n, d))
+        target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), target.numpy(),
+                               1 if out.dtype == torch.bfloat16 else 0)  # fmt: skip
+        return out if direct else to_cache_dtype(out, dtype, fresh=True)
+    block = rotation_block(d)
+    v = scratch("a", (n, d))
+    if mode == MODE8:
+        v.copy_(codes)
+    else:
+        unpack_nibbles(codes, v)
+    if mode == MODE4A:
+        v.sub_(zero.unsqueeze(1))
+    y = rotate(v, out=scratch("b", (n, d)))
+    if mode == MODE4:
+        first = y.view(n, d // block, block)[:, :, 0] * (1.0 / block)  # exact scalings around one multiply-add
+        first.mul_(scale.unsqueeze(1)).add_(zero.unsqueeze(1)).mul_(float(block))
+        y.mul_(scale.unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
+    else:
+        y.mul_(scale.unsqueeze(1))
+    return to_cache_dtype(y, dtype, fresh=True)
+
+
+def quantize8(x2: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Rows ``x2`` ([N, D]) -> S [N] fp32; their codes written to ``codes`` ([N, D] int8)."""
+    r = rotated(x2)
+    log_block = rotation_block(x2.shape[1]).bit_length() - 1
+    step = torch.maximum(r.mx, r.mn.neg()).add_(0.0) / 127.0  # max |y|, never -0
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
-    codes.copy_(y.mul_(inv.unsqueeze(1)).round_().clamp_(-127, 127))
-    return step * _pow2(e - FIXED_POINT_BITS - log_block)
+    quantize(r, MODE8, inv, inv, codes)
+    return step * _pow2(r.e - FIXED_POINT_BITS - log_block)
 
 
-def quantize4(xf: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``xf`` ([N, D] fp32) -> (S [N] bf16, Z [N] bf16); their codes (0..15) written to
+def quantize4(x2: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x2`` ([N, D]) -> (S [N] bf16, Z [N] bf16); their codes (0..15) written to
     ``packed`` ([N, D/2] uint8, two per byte)."""
-    n, e = _fixed_point(xf)
-    y = rotate(n, out=scratch("b", n.shape))
-    log_block = rotation_block(xf.shape[1]).bit_length() - 1
-    mn, mx = y.amin(dim=1) + 0.0, y.amax(dim=1) + 0.0
-    scale = ((mx - mn) / 15.0 * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
-    zero = (mn * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
+    r = rotated(x2)
+    e, log_block = r.e, rotation_block(x2.shape[1]).bit_length() - 1
+    scale = ((r.mx - r.mn) / 15.0 * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
+    zero = (r.mn * _pow2(e - FIXED_POINT_BITS - log_block)).to(torch.bfloat16)
     step = scale.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     z = zero.float() * _pow2(FIXED_POINT_BITS + log_block - e)
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
-    q = y.sub_(z.unsqueeze(1)).mul_(inv.unsqueeze(1)).round_().clamp_(0, 15)
-    pack_nibbles(q, packed)
+    quantize(r, MODE4, inv, z, packed)
     return scale, zero
-
-
-def dequantize8(scale: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(S [N] fp32, codes [N, D] int8) -> decoded rows [N, D] fp32 (scratch ``"b"``)."""
-    v = scratch("a", codes.shape)
-    v.copy_(codes)
-    return rotate(v, out=scratch("b", codes.shape)).mul_(scale.unsqueeze(1))
-
-
-def dequantize4(scale: torch.Tensor, zero: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """(S [N] bf16, Z [N] bf16, packed codes [N, D/2]) -> decoded rows [N, D] fp32 (scratch
-    ``"b"``)."""
-    n, half = packed.shape
-    d = 2 * half
-    block = rotation_block(d)
-    v = rotate(unpack_nibbles(packed, scratch("a", (n, d))), out=scratch("b", (n, d)))
-    first = v.view(n, d // block, block)[:, :, 0] * (1.0 / block)  # exact scalings around one multiply-add
-    first.mul_(scale.float().unsqueeze(1)).add_(zero.float().unsqueeze(1)).mul_(float(block))
-    v.mul_(scale.float().unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
-    return v
 
 
 class RotatedRows:
@@ -191,13 +260,13 @@ class RotatedRows:
 
     def encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows, d = spec.tokens * spec.heads, spec.head_dim
-        xf = as_float32(x3.reshape(rows, d))
+        x2 = x3.reshape(rows, d)
         out = torch.empty(self.size(spec), dtype=torch.uint8)
         codes = out[rows * 4 :].view(rows, d * self.bits // 8)
         if self.bits == 8:
-            out[: rows * 4].view(torch.float32).copy_(quantize8(xf, codes.view(torch.int8)))
+            out[: rows * 4].view(torch.float32).copy_(quantize8(x2, codes.view(torch.int8)))
         else:
-            scale, zero = quantize4(xf, codes)
+            scale, zero = quantize4(x2, codes)
             out[: rows * 2].view(torch.bfloat16).copy_(scale)
             out[rows * 2 : rows * 4].view(torch.bfloat16).copy_(zero)
         return out
@@ -207,12 +276,12 @@ class RotatedRows:
         body = take(data, rows * 4, rows * d * self.bits // 8, "codes")
         if self.bits == 8:
             scale = take(data, 0, rows * 4, "scales").clone().view(torch.float32)
-            y = dequantize8(scale, body.view(torch.int8).view(rows, d))
+            y = dequantize(body.view(torch.int8).view(rows, d), MODE8, d, scale, scale, spec.dtype)
         else:
             scale = take(data, 0, rows * 2, "scales").clone().view(torch.bfloat16)
             zero = take(data, rows * 2, rows * 2, "zero-points").clone().view(torch.bfloat16)
-            y = dequantize4(scale, zero, body.view(rows, d // 2))
-        return to_cache_dtype(y.view(spec.shape), spec.dtype, fresh=True)
+            y = dequantize(body.view(rows, d // 2), MODE4, d, scale, zero, spec.dtype)
+        return y.view(spec.shape)
 
 
 ROWS8, ROWS4 = RotatedRows(8), RotatedRows(4)
