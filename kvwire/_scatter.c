@@ -748,29 +748,44 @@ static int rotation_block(Py_ssize_t d) {
     return (int)(r < 256 ? r : 256);
 }
 
-/* y = H_R y block by block, then + 0.0. With R >= 8 (d a multiple of 8) the first three
- * stages run inside each vector (a lane and its partner), the others between vectors. */
-ALWAYS_INLINE void hadamard_rows(float *y, Py_ssize_t d, int r) {
-    if (r >= 8) {
-        const v8f s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1}, s4 = {1, 1, 1, 1, -1, -1, -1, -1};
-        for (Py_ssize_t j = 0; j < d; j += 8) {
-            v8f v = load8(y + j);
-            v = __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6}) + v * s1;
-            v = __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5}) + v * s2;
-            v = __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3}) + v * s4;
-            store8(y + j, v);
-        }
-        for (Py_ssize_t b = 0; b < d; b += r)
-            for (int h = 8; h < r; h <<= 1)
-                for (int i = 0; i < r; i += 2 * h)
-                    for (int j = i; j < i + h; j += 8) {
-                        v8f u = load8(y + b + j), w = load8(y + b + j + h);
-                        store8(y + b + j, u + w);
-                        store8(y + b + j + h, u - w);
-                    }
-        for (Py_ssize_t j = 0; j < d; j += 8) store8(y + j, load8(y + j) + 0.0f);
-        return;
+/* One block of ``8 nv`` values in ``nv`` vectors: H_R p, then + 0.0. The first three
+ * stages run inside each vector (a lane and its partner), the others between vectors;
+ * called with a constant ``nv``, the block stays in registers. */
+ALWAYS_INLINE void hadamard_block(float *p, const int nv) {
+    const v8f s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1}, s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+    v8f v[32];
+#pragma GCC unroll 32
+    for (int k = 0; k < nv; k++) {
+        v8f u = load8(p + 8 * k);
+        u = __builtin_shuffle(u, (v8i){1, 0, 3, 2, 5, 4, 7, 6}) + u * s1;
+        u = __builtin_shuffle(u, (v8i){2, 3, 0, 1, 6, 7, 4, 5}) + u * s2;
+        v[k] = __builtin_shuffle(u, (v8i){4, 5, 6, 7, 0, 1, 2, 3}) + u * s4;
     }
+#pragma GCC unroll 8
+    for (int h = 1; h < nv; h <<= 1)
+#pragma GCC unroll 16
+        for (int i = 0; i < nv; i += 2 * h)
+#pragma GCC unroll 16
+            for (int j = i; j < i + h; j++) {
+                v8f u = v[j], w = v[j + h];
+                v[j] = u + w;
+                v[j + h] = u - w;
+            }
+#pragma GCC unroll 32
+    for (int k = 0; k < nv; k++) store8(p + 8 * k, v[k] + 0.0f); /* +0 for zero, whatever sign the sums gave it */
+}
+
+/* y = H_R y block by block, then + 0.0 (R >= 8 in vectors, one constant size per case). */
+ALWAYS_INLINE void hadamard_rows(float *y, Py_ssize_t d, int r) {
+    for (Py_ssize_t b = 0; r >= 8 && b < d; b += r) switch (r) {
+        case 8: hadamard_block(y + b, 1); break;
+        case 16: hadamard_block(y + b, 2); break;
+        case 32: hadamard_block(y + b, 4); break;
+        case 64: hadamard_block(y + b, 8); break;
+        case 128: hadamard_block(y + b, 16); break;
+        default: hadamard_block(y + b, 32); break;
+    }
+    if (r >= 8) return;
     for (Py_ssize_t b = 0; b < d; b += r) {
         float *p = y + b;
         for (int h = 1; h < r; h <<= 1)
@@ -781,7 +796,7 @@ ALWAYS_INLINE void hadamard_rows(float *y, Py_ssize_t d, int r) {
                     p[j + h] = u - w;
                 }
     }
-    for (Py_ssize_t i = 0; i < d; i++) y[i] += 0.0f; /* +0 for zero, whatever sign the sums gave it */
+    for (Py_ssize_t i = 0; i < d; i++) y[i] += 0.0f;
 }
 
 /* Row ``i`` of ``x`` into ``y``, non-finite values as 0; returns max |y|. */
