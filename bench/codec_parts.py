@@ -8,6 +8,8 @@ best of 20 calls:
 * int4 packing: strided 8-bit shifts against 16-bit words (`int4.pack_nibbles`);
 * a head-slice gather from 128 scattered blocks: `np.take` over the strided source
   against a copy per block (`blocks.rows_from_blocks`);
+* rotated rows (int8h, int4h's values, int4a's): the C helper's passes alone, and each
+  codec's encode and decode through the helper against the torch path it replaced;
 * and the work buffers one codec call holds for a 2 MiB chunk (`kvwire/codec/scratch.py`).
 
     python3 bench/codec_parts.py
@@ -76,6 +78,8 @@ def main() -> None:
     per_block = best_us(lambda: rows_from_blocks(src, ids, 16, dst))
     print(f"4 of 8 heads from 128 scattered blocks (2 MiB): np.take {take:6.0f} us, per block {per_block:6.0f} us")
 
+    rotated_rows()
+
     chunk = torch.randn(1024, 8, 128).to(torch.bfloat16)
     names = ("fp8", "int4", "int8h", "int4h")
     sizes = []
@@ -87,6 +91,44 @@ def main() -> None:
                 codec.decode(codec.encode(chunk, role))
         sizes.append(f"{'+'.join(run) if len(run) > 1 else run[0]} {scratch.idle_bytes() / 2**20:.1f}")
     print("work buffers per codec call, 2 MiB chunk, MiB: " + ", ".join(sizes))
+
+
+def rotated_rows() -> None:
+    """GB/s of bf16 rows (3072 tokens x 8 heads x 128): the helper's two encode passes,
+    then whole codec calls through the helper and through torch (``rotated._helper``
+    set aside), in alternation."""
+    from kvwire.codec.synthetic import realistic_keys
+
+    x = realistic_keys(3072, 8, 128, seed=1).to(torch.bfloat16)
+    gb = x.numel() * 2 / 1e9
+    helper = rotated._helper
+    if helper is None:
+        print("rotated rows: the C helper is not built")
+        return
+    rows = x.view(-1, 128).view(torch.int16).numpy()
+    n = rows.shape[0]
+    e, mn, mx = np.empty(n, np.int32), np.empty(n, np.float32), np.empty(n, np.float32)
+    packed = np.empty((n, 64), np.uint8)
+    stats = best_us(lambda: helper.rot_stats(rows, 1, 128, e, mn, mx), 5)
+    codes = best_us(lambda: helper.rot_quantize(rows, 1, 128, rotated.MODE4, mn, mx, packed), 5)
+    print(
+        f"rotated rows, helper alone: rot_stats {gb / stats * 1e6:.2f} GB/s, rot_quantize {gb / codes * 1e6:.2f} GB/s"
+    )
+    for name in ("int8h", "int4h", "int4a"):
+        codec = kvwire.codec.get(name)
+        wire = codec.encode(x, "v")
+        timings = {}
+        for path in ("helper", "torch", "helper", "torch"):
+            rotated._helper = helper if path == "helper" else None
+            with scratch.workspace():
+                enc = best_us(lambda codec=codec: codec.encode(x, "v"), 5)
+                dec = best_us(lambda codec=codec, wire=wire: codec.decode(wire), 5)
+            best = timings.get(path, (float("inf"), float("inf")))
+            timings[path] = (min(best[0], enc), min(best[1], dec))
+        rotated._helper = helper
+        print(f"{name} values, GB/s encode / decode: helper {gb / timings['helper'][0] * 1e6:.2f} / "
+              f"{gb / timings['helper'][1] * 1e6:.2f}, torch {gb / timings['torch'][0] * 1e6:.2f} / "
+              f"{gb / timings['torch'][1] * 1e6:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

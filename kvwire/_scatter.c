@@ -14,6 +14,8 @@
  *   rows(out, ids, ...)      -> fill ``out`` with the spans of some token rows of a block
  *                               cache (below); the number of rows of ``out`` used
  *   key_encode, key_decode   -> the coded key groups of an int4a window (below)
+ *   bit_planes               -> codes to bit planes over channels and back (below)
+ *   key_extremes             -> int4a key groups' finite extremes (below)
  *   rot_stats, rot_quantize,
  *   rot_dequantize           -> the element-wise work of rotated rows (below)
  *
@@ -540,152 +542,6 @@ done:
     return result;
 }
 
-/* A uint64 as an 8 x 8 bit matrix (byte i, bit j), transposed: 8 codes of 8 bits in,
- * their 8 bit planes out, and back. */
-static inline uint64_t transpose8(uint64_t x) {
-    uint64_t t;
-    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
-    x ^= t ^ (t << 7);
-    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
-    x ^= t ^ (t << 14);
-    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
-    x ^= t ^ (t << 28);
-    return x;
-}
-
-/* key_encode(x, glo, inv, bits, out) and key_decode(words, bits, scale, glo, out): the
- * coded groups of an int4a key window in one pass each (docs/formats.md, "int4a"): for
- * each group and channel in order, bits[c] 16-bit words, word j holding bit j of the
- * channel's 16 codes, token t in bit t (two 8 x 8 bit-matrix transposes). ``x``
- * (encode) and ``out`` (decode) fp32 [R, C], the window's rows after its first group;
- * ``glo``, ``inv`` (encode), ``scale`` (decode) fp32 [G, C] with G = ceil(R / 16);
- * ``bits`` uint8 [C]; ``words`` uint16 [G, sum(bits)].
- *   encode: code = min(max(rint((x - glo) * inv), 0), 2^bits - 1), NaN -> 0
- *   decode: x' = code * scale + glo
- * each operation one fp32 rounding (built with -ffp-contract=off: no fused multiply-add). */
-static PyObject *key_coded(PyObject *args, int encoding) {
-    PyObject *a_obj, *bits_obj, *p_obj, *q_obj, *out_obj;
-    if (!PyArg_ParseTuple(args, "OOOOO", &a_obj, encoding ? &p_obj : &bits_obj, encoding ? &q_obj : &p_obj,
-                          encoding ? &bits_obj : &q_obj, &out_obj))
-        return NULL;
-    Py_buffer a, bits, p, q, out;
-    Py_buffer *held[5] = {&a, &bits, &p, &q, &out};
-    PyObject *objs[5] = {a_obj, bits_obj, p_obj, q_obj, out_obj};
-    int n = 0;
-    PyObject *result = NULL;
-    for (; n < 5; n++)
-        if (PyObject_GetBuffer(objs[n], held[n], PyBUF_C_CONTIGUOUS | (n == 4 ? PyBUF_WRITABLE : 0)) < 0) goto done;
-    const uint8_t *b = (const uint8_t *)bits.buf;
-    Py_ssize_t C = bits.len, total = 0;
-    for (Py_ssize_t c = 0; c < C; c++) {
-        if (b[c] < 1 || b[c] > 8) {
-            PyErr_Format(PyExc_ValueError, "key coded groups: channel %zd has %d bits (1..8)", c, (int)b[c]);
-            goto done;
-        }
-        total += b[c];
-    }
-    Py_ssize_t rows_len = encoding ? a.len : out.len, words_len = encoding ? out.len : a.len;
-    Py_ssize_t R = C ? rows_len / (4 * C) : 0, G = (R + 15) / 16;
-    if (C == 0 || rows_len != R * 4 * C || p.len != G * 4 * C || q.len != G * 4 * C || words_len != G * total * 2) {
-        PyErr_SetString(PyExc_ValueError,
-                        "key coded groups: rows fp32 [R, C], parameters fp32 [ceil(R/16), C], words uint16 [G, sum(bits)]");
-        goto done;
-    }
-    uint8_t *codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C);
-    if (codes == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
-    for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << b[c]) - 1);
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t g = 0; g < G; g++) {
-        Py_ssize_t t0 = g * 16, here = R - t0 < 16 ? R - t0 : 16;
-        const float *pa = (const float *)p.buf + g * C, *pb = (const float *)q.buf + g * C;
-        if (encoding) {
-            const float *x = (const float *)a.buf + t0 * C;
-            uint16_t *w = (uint16_t *)out.buf + g * total;
-            memset(codes, 0, (size_t)(16 * C));
-            /* Clamped first, then rounded: the same code for every input (NaN and below 0
-             * give 0, above top gives top), and a value in [0, 255] rounds to nearest even
-             * by adding and taking away 1.5 * 2^23, with no call into libm. */
-            const float magic = 12582912.0f;
-            for (Py_ssize_t t = 0; t < here; t++)
-                for (Py_ssize_t c = 0; c < C; c++) {
-                    float v = (x[t * C + c] - pa[c]) * pb[c];
-                    v = v > 0.0f ? v : 0.0f;
-                    v = v < top[c] ? v : top[c];
-                    codes[t * C + c] = (uint8_t)((v + magic) - magic);
-                }
-            for (Py_ssize_t c = 0; c < C; c++) {
-                uint64_t lo = 0, hi = 0;
-                for (int t = 0; t < 8; t++) {
-                    lo |= (uint64_t)codes[t * C + c] << (8 * t);
-                    hi |= (uint64_t)codes[(t + 8) * C + c] << (8 * t);
-                }
-                lo = transpose8(lo);
-                hi = transpose8(hi);
-                for (int j = 0; j < b[c]; j++) *w++ = (uint16_t)(((lo >> (8 * j)) & 0xFF) | (((hi >> (8 * j)) & 0xFF) << 8));
-            }
-        } else {
-            const uint16_t *w = (const uint16_t *)a.buf + g * total;
-            float *y = (float *)out.buf + t0 * C;
-            for (Py_ssize_t c = 0; c < C; c++) {
-                uint64_t lo = 0, hi = 0;
-                for (int j = 0; j < b[c]; j++, w++) {
-                    lo |= (uint64_t)(*w & 0xFF) << (8 * j);
-                    hi |= (uint64_t)(*w >> 8) << (8 * j);
-                }
-                lo = transpose8(lo);
-                hi = transpose8(hi);
-                for (int t = 0; t < 8; t++) {
-                    codes[t * C + c] = (uint8_t)(lo >> (8 * t));
-                    codes[(t + 8) * C + c] = (uint8_t)(hi >> (8 * t));
-                }
-            }
-            for (Py_ssize_t t = 0; t < here; t++)
-                for (Py_ssize_t c = 0; c < C; c++) {
-                    float v = (float)codes[t * C + c] * pa[c];
-                    y[t * C + c] = v + pb[c];
-                }
-        }
-    }
-    Py_END_ALLOW_THREADS
-    PyMem_Free(codes);
-    result = Py_NewRef(Py_None);
-done:
-    while (n-- > 0) PyBuffer_Release(held[n]);
-    return result;
-}
-
-static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
-static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
-
-
-/* Rotated rows (docs/formats.md, "int8h", "int4h", "int4a"; kvwire/codec/rotated.py has
- * the arithmetic and the torch path these replace, a test holds the two to the same
- * bytes). Rows of ``d`` values, read as fp32 (kind 0) or bf16 (kind 1, the bits as
- * uint16), each one:
- *   x_i = 0 where not finite; m = max |x_i| = f 2^e (0.5 <= f < 1);
- *   a zero row (m == 0 or e < -90): e = 0, every n_i = 0; else n_i = rint(x_i 2^(16 - e));
- *   y = H_R n block by block (exact integers in fp32: any order gives the same), + 0.0.
- *
- * rot_stats(x, kind, d, e, mn, mx)           -> e (int32 [N]), min and max of y (fp32 [N])
- * rot_quantize(x, kind, d, mode, inv, z, out) -> codes of y, rotating each row again:
- *   mode 8: int8 [N, d], c = clamp(rint(y inv), -127, 127)
- *   mode 4: two per byte, even channel low, c = clamp(rint((y - z) inv), 0, 15)   (int4h)
- *   mode 5: the same packing, c = clamp(rint(y inv + z), 0, 15)                    (int4a)
- * rot_dequantize(codes, mode, d, scale, zero, out, kind) -> rows of fp32 (kind 0) or bf16
- * (kind 1: nearest, ties to even) in ``out``, every NaN as the canonical one:
- *   mode 8: x' = (H c) S;  mode 4: x' = (H c) S, each block's first element
- *   ((v 2^-L) S + Z) 2^L;  mode 5: x' = (H (c - z)) S.
- * The per-row parameters (inv, z, scale, zero: fp32 [N]) come from the caller, computed
- * from rot_stats' results by the same torch code as the reference, so only the
- * element-wise work is here. Each float operation is one IEEE fp32 rounding (built with
- * -ffp-contract=off); integers in [-2^22, 2^22] round to nearest even by adding and
- * taking away 1.5 * 2^23 (no libm call, and the compiler keeps it in vector registers). */
-#define ROUNDER 12582912.0f
-
 /* The hot loops are written with the compiler's vector types (8 lanes of fp32) and built
  * twice on x86-64, for AVX2 and for the baseline, the one to run chosen once at load
  * (``target_clones``); elsewhere the vector types are lowered to what the target has.
@@ -728,6 +584,375 @@ static inline float bf16_to_float(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
+
+/* Buffers objs[0 .. count) C-contiguous, those from ``writable_from`` on writable. */
+static int get_buffers(PyObject **objs, Py_buffer *held, int count, int writable_from) {
+    for (int n = 0; n < count; n++)
+        if (PyObject_GetBuffer(objs[n], &held[n], PyBUF_C_CONTIGUOUS | (n >= writable_from ? PyBUF_WRITABLE : 0)) < 0) {
+            while (n-- > 0) PyBuffer_Release(&held[n]);
+            return -1;
+        }
+    return 0;
+}
+
+static void release_buffers(Py_buffer *held, int count) {
+    for (int n = count; n-- > 0;) PyBuffer_Release(&held[n]);
+}
+
+/* A uint64 as an 8 x 8 bit matrix (byte i, bit j), transposed: 8 codes of 8 bits in,
+ * their 8 bit planes out, and back. */
+static inline uint64_t transpose8(uint64_t x) {
+    uint64_t t;
+    t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
+    x ^= t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
+    x ^= t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
+    x ^= t ^ (t << 28);
+    return x;
+}
+
+#if HAVE_X86
+#include <emmintrin.h>
+
+/* The words of 16 channels of a key group (SSE2, x86-64's baseline): ``codes`` [16][C]
+ * bytes from channel ``c`` on, transposed 16 x 16 (four rounds of byte interleaving give
+ * each channel's 16 tokens in one vector), then word j of a channel = the top bits of its
+ * bytes once bit j is shifted up to bit 7 (token t in bit t). Returns where the words end. */
+static uint16_t *channel_words16(const uint8_t *codes, Py_ssize_t C, const uint8_t *bits, uint16_t *w) {
+    __m128i v[16], u[16];
+    for (int t = 0; t < 16; t++) v[t] = _mm_loadu_si128((const __m128i *)(codes + t * C));
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 8; i++) {
+            u[2 * i] = _mm_unpacklo_epi8(v[i], v[i + 8]);
+            u[2 * i + 1] = _mm_unpackhi_epi8(v[i], v[i + 8]);
+        }
+        memcpy(v, u, sizeof v);
+    }
+    for (int c = 0; c < 16; c++)
+        for (int j = 0; j < bits[c]; j++)
+            *w++ = (uint16_t)_mm_movemask_epi8(_mm_sll_epi16(v[c], _mm_cvtsi32_si128(7 - j)));
+    return w;
+}
+
+/* channel_words16 undone: 16 channels' words -> their codes in ``codes`` [16][C] from
+ * channel ``c`` on. Word j's low byte spread over tokens 0-7, its high byte over 8-15,
+ * each byte's own bit tested; then the same 16 x 16 transpose (its own inverse). */
+static const uint16_t *channel_codes16(const uint16_t *w, const uint8_t *bits, uint8_t *codes, Py_ssize_t C) {
+    __m128i v[16], u[16];
+    const __m128i select = _mm_set1_epi64x((long long)0x8040201008040201ull);
+    for (int c = 0; c < 16; c++) {
+        __m128i acc = _mm_setzero_si128();
+        for (int j = 0; j < bits[c]; j++, w++) {
+            uint64_t lo = (uint64_t)(*w & 0xFF) * 0x0101010101010101ull, hi = (uint64_t)(*w >> 8) * 0x0101010101010101ull;
+            __m128i set = _mm_cmpeq_epi8(_mm_and_si128(_mm_set_epi64x((long long)hi, (long long)lo), select), select);
+            acc = _mm_or_si128(acc, _mm_and_si128(set, _mm_set1_epi8((char)(1 << j))));
+        }
+        v[c] = acc;
+    }
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 8; i++) {
+            u[2 * i] = _mm_unpacklo_epi8(v[i], v[i + 8]);
+            u[2 * i + 1] = _mm_unpackhi_epi8(v[i], v[i + 8]);
+        }
+        memcpy(v, u, sizeof v);
+    }
+    for (int t = 0; t < 16; t++) _mm_storeu_si128((__m128i *)(codes + t * C), v[t]);
+    return w;
+}
+#endif
+
+/* key_encode(x, glo, inv, bits, out) and key_decode(words, bits, scale, glo, out): the
+ * coded groups of an int4a key window in one pass each (docs/formats.md, "int4a"): for
+ * each group and channel in order, bits[c] 16-bit words, word j holding bit j of the
+ * channel's 16 codes, token t in bit t (two 8 x 8 bit-matrix transposes). ``x``
+ * (encode) and ``out`` (decode) fp32 [R, C], the window's rows after its first group;
+ * ``glo``, ``inv`` (encode), ``scale`` (decode) fp32 [G, C] with G = ceil(R / 16);
+ * key_encode's optional last argument 1 reads ``x`` as bf16 bits (uint16 [R, C]);
+ * ``bits`` uint8 [C]; ``words`` uint16 [G, sum(bits)].
+ *   encode: code = min(max(rint((x - glo) * inv), 0), 2^bits - 1), NaN -> 0
+ *   decode: x' = code * scale + glo
+ * each operation one fp32 rounding (built with -ffp-contract=off: no fused multiply-add). */
+static PyObject *key_coded(PyObject *args, int encoding) {
+    PyObject *a_obj, *bits_obj, *p_obj, *q_obj, *out_obj;
+    int kind = 0; /* encode: rows as fp32 (0) or bf16 bits (1) */
+    if (!PyArg_ParseTuple(args, "OOOOO|i", &a_obj, encoding ? &p_obj : &bits_obj, encoding ? &q_obj : &p_obj,
+                          encoding ? &bits_obj : &q_obj, &out_obj, &kind))
+        return NULL;
+    if (kind != 0 && (kind != 1 || !encoding)) {
+        PyErr_Format(PyExc_ValueError, "key coded groups: kind must be 0 (fp32) or, to encode, 1 (bf16), got %d", kind);
+        return NULL;
+    }
+    Py_buffer a, bits, p, q, out;
+    Py_buffer *held[5] = {&a, &bits, &p, &q, &out};
+    PyObject *objs[5] = {a_obj, bits_obj, p_obj, q_obj, out_obj};
+    int n = 0;
+    PyObject *result = NULL;
+    for (; n < 5; n++)
+        if (PyObject_GetBuffer(objs[n], held[n], PyBUF_C_CONTIGUOUS | (n == 4 ? PyBUF_WRITABLE : 0)) < 0) goto done;
+    const uint8_t *b = (const uint8_t *)bits.buf;
+    Py_ssize_t C = bits.len, total = 0;
+    for (Py_ssize_t c = 0; c < C; c++) {
+        if (b[c] < 1 || b[c] > 8) {
+            PyErr_Format(PyExc_ValueError, "key coded groups: channel %zd has %d bits (1..8)", c, (int)b[c]);
+            goto done;
+        }
+        total += b[c];
+    }
+    Py_ssize_t rows_len = encoding ? a.len : out.len, words_len = encoding ? out.len : a.len, item = kind ? 2 : 4;
+    Py_ssize_t R = C ? rows_len / (item * C) : 0, G = (R + 15) / 16;
+    if (C == 0 || rows_len != R * item * C || p.len != G * 4 * C || q.len != G * 4 * C || words_len != G * total * 2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "key coded groups: rows fp32 [R, C], parameters fp32 [ceil(R/16), C], words uint16 [G, sum(bits)]");
+        goto done;
+    }
+    uint8_t *codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C * (kind ? 17 : 1));
+    if (codes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
+    float *wide = top + C;                  /* kind 1: a group's rows as fp32 */
+    for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << b[c]) - 1);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t g = 0; g < G; g++) {
+        Py_ssize_t t0 = g * 16, here = R - t0 < 16 ? R - t0 : 16;
+        const float *pa = (const float *)p.buf + g * C, *pb = (const float *)q.buf + g * C;
+        if (encoding) {
+            const float *x = (const float *)a.buf + t0 * C;
+            if (kind) { /* bf16 rows widened first, so the loop below stays one vector loop */
+                const uint16_t *xb = (const uint16_t *)a.buf + t0 * C;
+                for (Py_ssize_t k = 0; k < here * C; k++) wide[k] = bf16_to_float(xb[k]);
+                x = wide;
+            }
+            uint16_t *w = (uint16_t *)out.buf + g * total;
+            memset(codes, 0, (size_t)(16 * C));
+            /* Clamped first, then rounded: the same code for every input (NaN and below 0
+             * give 0, above top gives top), and a value in [0, 255] rounds to nearest even
+             * by adding and taking away 1.5 * 2^23, with no call into libm. */
+            const float magic = 12582912.0f;
+            for (Py_ssize_t t = 0; t < here; t++)
+                for (Py_ssize_t c = 0; c < C; c++) {
+                    float v = (x[t * C + c] - pa[c]) * pb[c];
+                    v = v > 0.0f ? v : 0.0f;
+                    v = v < top[c] ? v : top[c];
+                    codes[t * C + c] = (uint8_t)((v + magic) - magic);
+                }
+            Py_ssize_t c = 0;
+#if HAVE_X86
+            for (; c + 16 <= C; c += 16) w = channel_words16(codes + c, C, b + c, w);
+#endif
+            for (; c < C; c++) {
+                uint64_t lo = 0, hi = 0;
+                for (int t = 0; t < 8; t++) {
+                    lo |= (uint64_t)codes[t * C + c] << (8 * t);
+                    hi |= (uint64_t)codes[(t + 8) * C + c] << (8 * t);
+                }
+                lo = transpose8(lo);
+                hi = transpose8(hi);
+                for (int j = 0; j < b[c]; j++) *w++ = (uint16_t)(((lo >> (8 * j)) & 0xFF) | (((hi >> (8 * j)) & 0xFF) << 8));
+            }
+        } else {
+            const uint16_t *w = (const uint16_t *)a.buf + g * total;
+            float *y = (float *)out.buf + t0 * C;
+            Py_ssize_t c = 0;
+#if HAVE_X86
+            for (; c + 16 <= C; c += 16) w = channel_codes16(w, b + c, codes + c, C);
+#endif
+            for (; c < C; c++) {
+                uint64_t lo = 0, hi = 0;
+                for (int j = 0; j < b[c]; j++, w++) {
+                    lo |= (uint64_t)(*w & 0xFF) << (8 * j);
+                    hi |= (uint64_t)(*w >> 8) << (8 * j);
+                }
+                lo = transpose8(lo);
+                hi = transpose8(hi);
+                for (int t = 0; t < 8; t++) {
+                    codes[t * C + c] = (uint8_t)(lo >> (8 * t));
+                    codes[(t + 8) * C + c] = (uint8_t)(hi >> (8 * t));
+                }
+            }
+            for (Py_ssize_t t = 0; t < here; t++)
+                for (Py_ssize_t c = 0; c < C; c++) {
+                    float v = (float)codes[t * C + c] * pa[c];
+                    y[t * C + c] = v + pb[c];
+                }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(codes);
+    result = Py_NewRef(Py_None);
+done:
+    while (n-- > 0) PyBuffer_Release(held[n]);
+    return result;
+}
+
+/* bit_planes(codes, n, bits, planes, encoding): codes uint8 [M, n] <-> planes uint8
+ * [M, bits, n / 8], plane j holding bit j of each code, code i of a byte's eight in bit i
+ * (numpy's packbits with bitorder "little"; int4a's bound codes). Encoding reads the
+ * codes and writes the planes (bits above ``bits`` are dropped); decoding the reverse. */
+static PyObject *py_bit_planes(PyObject *self, PyObject *args) {
+    PyObject *codes_obj, *planes_obj;
+    Py_ssize_t n;
+    int bits, encoding;
+    if (!PyArg_ParseTuple(args, "OniOp", &codes_obj, &n, &bits, &planes_obj, &encoding)) return NULL;
+    Py_buffer codes, planes;
+    if (PyObject_GetBuffer(codes_obj, &codes, PyBUF_C_CONTIGUOUS | (encoding ? 0 : PyBUF_WRITABLE)) < 0) return NULL;
+    if (PyObject_GetBuffer(planes_obj, &planes, PyBUF_C_CONTIGUOUS | (encoding ? PyBUF_WRITABLE : 0)) < 0) {
+        PyBuffer_Release(&codes);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t m = n > 0 ? codes.len / n : 0;
+    if (n <= 0 || n % 8 || bits < 1 || bits > 8 || codes.len != m * n || planes.len != m * bits * (n / 8)) {
+        PyErr_Format(PyExc_ValueError, "bit_planes: codes uint8 [M, n], planes [M, bits, n / 8] with n a multiple of 8 "
+                     "and 1 <= bits <= 8, got n %zd, bits %d, %zd and %zd bytes", n, bits, codes.len, planes.len);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t per = n / 8;
+    for (Py_ssize_t r = 0; r < m; r++) {
+        uint8_t *c = (uint8_t *)codes.buf + r * n, *p = (uint8_t *)planes.buf + r * bits * per;
+        for (Py_ssize_t k = 0; k < per; k++) {
+            uint64_t x = 0;
+            if (encoding) {
+                memcpy(&x, c + 8 * k, 8);
+                x = transpose8(x);
+                for (int j = 0; j < bits; j++) p[j * per + k] = (uint8_t)(x >> (8 * j));
+            } else {
+                for (int j = 0; j < bits; j++) x |= (uint64_t)p[j * per + k] << (8 * j);
+                x = transpose8(x);
+                memcpy(c + 8 * k, &x, 8);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&planes);
+    PyBuffer_Release(&codes);
+    return result;
+}
+
+/* The loop of key_extremes (below); ``all`` holds 4 C floats. */
+ALWAYS_INLINE float widen(const void *x, int kind, Py_ssize_t k) {
+    return kind ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+}
+
+SIMD_CLONES
+static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, float *all, float *gl, float *gh, float *ml,
+                     float *mh) {
+    float *lo_all = all, *hi_all = all + C, *lo = all + 2 * C, *hi = all + 3 * C;
+    for (Py_ssize_t c = 0; c < C; c++) {
+        lo_all[c] = INFINITY;
+        hi_all[c] = -INFINITY;
+    }
+    for (Py_ssize_t g = 0; g * 16 < R; g++) {
+        for (Py_ssize_t c = 0; c < C; c++) {
+            lo[c] = INFINITY;
+            hi[c] = -INFINITY;
+        }
+        Py_ssize_t end = (g + 1) * 16 < R ? (g + 1) * 16 : R;
+        for (Py_ssize_t t = g * 16; t < end; t++) {
+            Py_ssize_t c = 0;
+            for (; C % 8 == 0 && c < C; c += 8) {
+                v8u bits;
+                if (kind) {
+                    v8h h;
+                    memcpy(&h, (const uint16_t *)x + t * C + c, sizeof h);
+                    bits = __builtin_convertvector(h, v8u) << 16;
+                } else {
+                    memcpy(&bits, (const float *)x + t * C + c, sizeof bits);
+                }
+                v8i finite = (v8i)((bits & 0x7F800000u) != 0x7F800000u);
+                v8f v = (v8f)bits, l = load8(lo + c), h = load8(hi + c);
+                store8(lo + c, select8(finite & (v < l), v, l));
+                store8(hi + c, select8(finite & (v > h), v, h));
+            }
+            for (; c < C; c++) {
+                float v = widen(x, kind, t * C + c);
+                int finite = v > -INFINITY && v < INFINITY; /* NaN compares false both ways */
+                lo[c] = finite && v < lo[c] ? v : lo[c];
+                hi[c] = finite && v > hi[c] ? v : hi[c];
+            }
+        }
+        for (Py_ssize_t c = 0; c < C; c++) {
+            lo_all[c] = lo[c] < lo_all[c] ? lo[c] : lo_all[c];
+            hi_all[c] = hi[c] > hi_all[c] ? hi[c] : hi_all[c];
+            int none = lo[c] > hi[c];
+            gl[g * C + c] = (none ? 0.0f : lo[c]) + 0.0f;
+            gh[g * C + c] = (none ? 0.0f : hi[c]) + 0.0f;
+        }
+    }
+    for (Py_ssize_t c = 0; c < C; c++) {
+        int none = lo_all[c] > hi_all[c];
+        ml[c] = (none ? 0.0f : lo_all[c]) + 0.0f;
+        mh[c] = (none ? 0.0f : hi_all[c]) + 0.0f;
+    }
+}
+
+/* key_extremes(x, kind, C, gmn, gmx, mn, mx): of rows ``x`` [R, C] (fp32, kind 0, or bf16
+ * bits, kind 1), per group of 16 rows (the last what is left) and channel the min and max
+ * of the finite values (gmn, gmx fp32 [ceil(R / 16), C]), and over all rows (mn, mx fp32
+ * [C]); 0 and 0 where none is finite; every result + 0.0 (no -0). int4a's key groups. */
+static PyObject *py_key_extremes(PyObject *self, PyObject *args) {
+    PyObject *objs[5];
+    int kind;
+    Py_ssize_t C;
+    if (!PyArg_ParseTuple(args, "OinOOOO", &objs[0], &kind, &C, &objs[1], &objs[2], &objs[3], &objs[4])) return NULL;
+    Py_buffer held[5];
+    if (get_buffers(objs, held, 5, 1) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t item = kind == 1 ? 2 : 4, R = C > 0 ? held[0].len / (item * C) : 0, G = (R + 15) / 16;
+    if ((kind != 0 && kind != 1) || C <= 0 || held[0].len != R * item * C || held[1].len != G * C * 4 ||
+        held[2].len != G * C * 4 || held[3].len != C * 4 || held[4].len != C * 4) {
+        PyErr_Format(PyExc_ValueError, "key_extremes: x fp32 (kind 0) or bf16 bits (kind 1) [R, C], gmn and gmx fp32 "
+                     "[ceil(R / 16), C], mn and mx fp32 [C]; got kind %d, C %zd", kind, C);
+        goto done;
+    }
+    float *all = PyMem_Malloc(4 * (size_t)C * sizeof(float));
+    if (all == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    extremes(held[0].buf, kind, R, C, all, held[1].buf, held[2].buf, held[3].buf, held[4].buf);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(all);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 5);
+    return result;
+}
+
+static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
+static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
+
+
+/* Rotated rows (docs/formats.md, "int8h", "int4h", "int4a"; kvwire/codec/rotated.py has
+ * the arithmetic and the torch path these replace, a test holds the two to the same
+ * bytes). Rows of ``d`` values, read as fp32 (kind 0) or bf16 (kind 1, the bits as
+ * uint16), each one:
+ *   x_i = 0 where not finite; m = max |x_i| = f 2^e (0.5 <= f < 1);
+ *   a zero row (m == 0 or e < -90): e = 0, every n_i = 0; else n_i = rint(x_i 2^(16 - e));
+ *   y = H_R n block by block (exact integers in fp32: any order gives the same), + 0.0.
+ *
+ * rot_stats(x, kind, d, e, mn, mx)           -> e (int32 [N]), min and max of y (fp32 [N])
+ * rot_quantize(x, kind, d, mode, inv, z, out) -> codes of y, rotating each row again:
+ *   mode 8: int8 [N, d], c = clamp(rint(y inv), -127, 127)
+ *   mode 4: two per byte, even channel low, c = clamp(rint((y - z) inv), 0, 15)   (int4h)
+ *   mode 5: the same packing, c = clamp(rint(y inv + z), 0, 15)                    (int4a)
+ * rot_dequantize(codes, mode, d, scale, zero, out, kind) -> rows of fp32 (kind 0) or bf16
+ * (kind 1: nearest, ties to even) in ``out``, every NaN as the canonical one:
+ *   mode 8: x' = (H c) S;  mode 4: x' = (H c) S, each block's first element
+ *   ((v 2^-L) S + Z) 2^L;  mode 5: x' = (H (c - z)) S.
+ * The per-row parameters (inv, z, scale, zero: fp32 [N]) come from the caller, computed
+ * from rot_stats' results by the same torch code as the reference, so only the
+ * element-wise work is here. Each float operation is one IEEE fp32 rounding (built with
+ * -ffp-contract=off); integers in [-2^22, 2^22] round to nearest even by adding and
+ * taking away 1.5 * 2^23 (no libm call, and the compiler keeps it in vector registers). */
+#define ROUNDER 12582912.0f
+
 
 static inline uint16_t float_to_bf16(float f) {
     uint32_t bits;
@@ -939,19 +1164,6 @@ static void dequantize_rows(const void *codes, int mode, Py_ssize_t n, Py_ssize_
     }
 }
 
-static int rot_buffers(PyObject **objs, Py_buffer *held, int count, int writable_from) {
-    for (int n = 0; n < count; n++)
-        if (PyObject_GetBuffer(objs[n], &held[n], PyBUF_C_CONTIGUOUS | (n >= writable_from ? PyBUF_WRITABLE : 0)) < 0) {
-            while (n-- > 0) PyBuffer_Release(&held[n]);
-            return -1;
-        }
-    return 0;
-}
-
-static void rot_release(Py_buffer *held, int count) {
-    for (int n = count; n-- > 0;) PyBuffer_Release(&held[n]);
-}
-
 /* The rows of ``x`` (kind 0 or 1, d per row), or -1 with an error set. */
 static Py_ssize_t rot_rows(const Py_buffer *x, int kind, Py_ssize_t d) {
     Py_ssize_t item = kind == 1 ? 2 : 4;
@@ -969,7 +1181,7 @@ static PyObject *py_rot_stats(PyObject *self, PyObject *args) {
     Py_ssize_t d;
     if (!PyArg_ParseTuple(args, "OinOOO", &objs[0], &kind, &d, &objs[1], &objs[2], &objs[3])) return NULL;
     Py_buffer held[4];
-    if (rot_buffers(objs, held, 4, 1) < 0) return NULL;
+    if (get_buffers(objs, held, 4, 1) < 0) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = rot_rows(&held[0], kind, d);
     if (n < 0) goto done;
@@ -988,7 +1200,7 @@ static PyObject *py_rot_stats(PyObject *self, PyObject *args) {
     PyMem_Free(y);
     result = Py_NewRef(Py_None);
 done:
-    rot_release(held, 4);
+    release_buffers(held, 4);
     return result;
 }
 
@@ -998,7 +1210,7 @@ static PyObject *py_rot_quantize(PyObject *self, PyObject *args) {
     Py_ssize_t d;
     if (!PyArg_ParseTuple(args, "OiniOOO", &objs[0], &kind, &d, &mode, &objs[1], &objs[2], &objs[3])) return NULL;
     Py_buffer held[4];
-    if (rot_buffers(objs, held, 4, 3) < 0) return NULL;
+    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = rot_rows(&held[0], kind, d);
     if (n < 0) goto done;
@@ -1022,7 +1234,7 @@ static PyObject *py_rot_quantize(PyObject *self, PyObject *args) {
     PyMem_Free(y);
     result = Py_NewRef(Py_None);
 done:
-    rot_release(held, 4);
+    release_buffers(held, 4);
     return result;
 }
 
@@ -1032,7 +1244,7 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     Py_ssize_t d;
     if (!PyArg_ParseTuple(args, "OinOOOi", &objs[0], &mode, &d, &objs[1], &objs[2], &objs[3], &kind)) return NULL;
     Py_buffer held[4];
-    if (rot_buffers(objs, held, 4, 3) < 0) return NULL;
+    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = rot_rows(&held[3], kind, d);
     if (n < 0) goto done;
@@ -1056,7 +1268,7 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyMem_Free(y);
     result = Py_NewRef(Py_None);
 done:
-    rot_release(held, 4);
+    release_buffers(held, 4);
     return result;
 }
 
@@ -1065,6 +1277,8 @@ static PyMethodDef methods[] = {
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
     {"rot_dequantize", py_rot_dequantize, METH_VARARGS,
      "rot_dequantize(codes, mode, d, scale, zero, out, kind): rotated rows decoded."},
+    {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},
+    {"key_extremes", py_key_extremes, METH_VARARGS, "key_extremes(x, kind, C, gmn, gmx, mn, mx): int4a key groups' ranges."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},

@@ -724,27 +724,33 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
-@pytest.mark.parametrize("T", [17, 40, 1100])
-def test_int4a_keys_in_c_equal_the_numpy_ones(monkeypatch, T):
+@pytest.mark.parametrize(("T", "H", "D"), [(17, 2, 64), (40, 2, 64), (1100, 2, 64), (40, 3, 8)])
+def test_int4a_keys_in_c_equal_the_numpy_ones(monkeypatch, T, H, D):
     """int4a's key groups through kvwire/_scatter.c (key_encode, key_decode) and through
     the numpy path a build without it takes: the same bytes and the same values, special
-    values and random bytes included; the helper's refusals."""
+    values and random bytes included, bf16 rows read as they are; 16 channels at a time on
+    x86-64 and the rest one by one (3 x 8 channels); the helper's refusals."""
     from kvwire import _scatter
     from kvwire.codec import allocated
 
     codec = kvwire.codec.get("int4a")
-    x = realistic_keys(T, 2, 64, seed=T).float()
+    x = realistic_keys(T, H, D, seed=T).float()
     x[3, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     x[T - 2, 1, 5] = float("nan")
-    spec = ChunkSpec(T, 2, 64, torch.float32, "k")
-    noise = torch.randint(0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(T),
-                          dtype=torch.uint8)  # fmt: skip
-    fast = codec.encode(x, "k").data
-    fast_values = [codec.decode_bytes(b, spec) for b in (fast, noise)]
+    x[T - 1, 0, :] = float("inf")  # a channel group with no finite value in the last group
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        spec = ChunkSpec(T, H, D, dtype, "k")
+        noise = torch.randint(0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(T),
+                              dtype=torch.uint8)  # fmt: skip
+        fast = codec.encode(x.to(dtype), "k").data
+        cases.append((dtype, spec, fast, noise, [codec.decode_bytes(b, spec) for b in (fast, noise)]))
     monkeypatch.setattr(allocated, "_helper", None)
-    assert torch.equal(codec.encode(x, "k").data, fast)
-    for got, wire in zip(fast_values, (fast, noise)):
-        assert torch.equal(got.view(torch.int32), codec.decode_bytes(wire, spec).view(torch.int32))
+    for dtype, spec, fast, noise, fast_values in cases:
+        assert torch.equal(codec.encode(x.to(dtype), "k").data, fast)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        for got, wire in zip(fast_values, (fast, noise)):
+            assert torch.equal(got.view(bits), codec.decode_bytes(wire, spec).view(bits))
     rows, params = np.zeros((20, 8), np.float32), np.zeros((2, 8), np.float32)
     with pytest.raises(ValueError, match="bits"):
         _scatter.key_encode(rows, params, params, np.zeros(8, np.uint8), np.zeros(64, np.uint16))

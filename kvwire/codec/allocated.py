@@ -33,7 +33,7 @@ import torch
 
 from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
 from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params, pack_nibbles, unpack_nibbles
-from kvwire.codec.rotated import MODE4A, ROWS4, _pow2, dequantize, quantize, rotated, rotation_block
+from kvwire.codec.rotated import MODE4A, ROWS4, _as_helper_input, _pow2, dequantize, quantize, rotated, rotation_block
 from kvwire.codec.scratch import scratch
 
 try:
@@ -79,12 +79,20 @@ def allocate_bits(weight: torch.Tensor) -> torch.Tensor:
 def _planes(codes: np.ndarray, bits: int) -> np.ndarray:
     """``bits`` bit planes of integer ``codes`` ``[..., n]``: ``[..., bits, n / 8]`` bytes,
     plane j holding bit j of each code, the first code in the lowest bit."""
+    if _helper is not None:
+        out = np.empty((*codes.shape[:-1], bits, codes.shape[-1] // 8), dtype=np.uint8)
+        _helper.bit_planes(np.ascontiguousarray(codes, dtype=np.uint8), codes.shape[-1], bits, out, True)
+        return out
     planes = (codes[..., None, :] >> np.arange(bits, dtype=codes.dtype)[:, None]) & 1
     return np.packbits(planes.astype(np.uint8), axis=-1, bitorder="little")
 
 
 def _from_planes(planes: np.ndarray, n: int) -> np.ndarray:
     """``_planes`` undone: ``[..., bits, n / 8]`` bytes -> codes ``[..., n]`` (uint8; at most 8 bits)."""
+    if _helper is not None:
+        codes = np.empty((*planes.shape[:-2], n), dtype=np.uint8)
+        _helper.bit_planes(codes, n, planes.shape[-2], np.ascontiguousarray(planes), False)
+        return codes
     bits = np.unpackbits(planes, axis=-1, count=n, bitorder="little")
     codes = bits[..., 0, :].copy()
     for j in range(1, planes.shape[-2]):
@@ -180,9 +188,8 @@ def _group_grid(lo16: torch.Tensor, hi16: torch.Tensor, lo_code: torch.Tensor, h
 def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     t, h, d = spec.shape
     lay = KeyLayout(spec)
-    xf = as_float32(x3)
     out = torch.empty(lay.size, dtype=torch.uint8)
-    first = xf[: lay.first]
+    first = as_float32(x3[: lay.first])
     scale, zero = int4_params(*_finite_minmax(first, dim=0))
     out[: 2 * h * d].view(torch.float16).copy_(scale.view(-1))
     out[2 * h * d : 4 * h * d].view(torch.float16).copy_(zero.view(-1))
@@ -190,8 +197,14 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     pack_nibbles(codes0, out[4 * h * d : lay.head].view(lay.first, h, d // 2))
     if not lay.groups:
         return out
-    rest = xf[lay.first :]
-    gmn, gmx, mn, mx = _group_minmax(rest, lay.groups)
+    if _helper is not None:  # the C helper reads the rows as they are (fp32 or bf16) for both passes
+        source, kind = _as_helper_input(x3[lay.first :].reshape(-1, h * d))
+        gmn, gmx = torch.empty(lay.groups, h, d), torch.empty(lay.groups, h, d)
+        mn, mx = torch.empty(h, d), torch.empty(h, d)
+        _helper.key_extremes(source, kind, h * d, gmn.numpy(), gmx.numpy(), mn.numpy(), mx.numpy())
+    else:
+        rest = as_float32(x3[lay.first :])
+        gmn, gmx, mn, mx = _group_minmax(rest, lay.groups)
     lo16 = mn.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     hi16 = mx.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
     at = lay.head
@@ -211,8 +224,8 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     inv_s = torch.where(s > 0, torch.reciprocal(s), 0.0)
     words = out[at:].numpy().view("<u2").reshape(lay.groups, -1)
     if _helper is not None:  # the C helper: codes and their words in one pass
-        _helper.key_encode(rest.reshape(rest.shape[0], h * d).numpy(), group_lo.contiguous().numpy(),
-                           inv_s.contiguous().numpy(), bits.to(torch.uint8).numpy(), words)  # fmt: skip
+        _helper.key_encode(source, group_lo.contiguous().numpy(), inv_s.contiguous().numpy(),
+                           bits.to(torch.uint8).numpy(), words, kind)  # fmt: skip
         return out
     q = scratch("q", (lay.groups, KEY_GROUP, h, d))
     q.view(-1, h, d)[: rest.shape[0]].copy_(rest)  # one pass (the input may be the caller's fp32 tensor)
