@@ -129,7 +129,7 @@ def test_auto_sends_raw_on_a_fast_link_and_a_smaller_codec_on_a_slow_one():
         finally:
             tx.close()
             rx.close()
-    assert slow["codec"] in ("int8h", "int4h"), slow["plan"]
+    assert slow["codec"] in ("int8h", "int4a"), slow["plan"]
     assert slow["plan"]["meets"] is True and "raw" in slow["plan"]["reason"]
     assert_transferred(LAYOUT, src, blocks, dst, blocks, tokens, kvwire.codec.get(slow["codec"]).name)
     assert slow["wire_bytes"] < fast["wire_bytes"] / 1.8

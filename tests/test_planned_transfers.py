@@ -30,8 +30,8 @@ def blocks(i):
 
 def test_each_transfer_of_a_session_travels_with_its_own_codec(pair):
     rx, tx, src, dst = pair
-    assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4h"]
-    for i, codec in enumerate(["int4h", "raw", "int8h", "int4h"]):
+    assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4a"]
+    for i, codec in enumerate(["int4a", "raw", "int8h", "int4a"]):
         for layer in dst:
             for t in layer.values():
                 t.zero_()
@@ -65,7 +65,7 @@ def test_auto_on_a_fast_link_sends_raw_and_says_why(pair):
     link = tx.link()
     assert link.rtt.value is not None and link.connections == 2
     described = tx.stats()
-    assert described["codec"] == "auto" and described["codecs"] == ["raw", "int8h", "int4h"]
+    assert described["codec"] == "auto" and described["codecs"] == ["raw", "int8h", "int4a"]
     assert described["link"]["connections"] == 2
     assert described["streams_policy"]["bound"] == 16
 
@@ -98,8 +98,8 @@ def test_estimate_before_and_after_a_measurement(pair):
     h = rx.expect("m", blocks(0), TOKENS)
     tx.send("m", blocks(0), TOKENS, timeout=30)
     h.wait(timeout=30)
-    e = tx.estimate(TOKENS, codec="int4h", layers_per_s=100.0)
-    assert e.codec == "int4h" and e.wire_bytes < first.wire_bytes and e.layers_per_s == 100.0
+    e = tx.estimate(TOKENS, codec="int4a", layers_per_s=100.0)
+    assert e.codec == "int4a" and e.wire_bytes < first.wire_bytes and e.layers_per_s == 100.0
     assert e.total_s is not None and e.total_s >= LAYOUT.num_layers / 100.0  # the prefill is inside it
     assert tx.estimate(TOKENS, codec="auto").codec == "raw"
     with pytest.raises(ValueError, match="not one of this sender's codecs"):
@@ -147,3 +147,20 @@ def test_an_fp8_cache_may_only_travel_raw_so_auto_offers_raw_alone():
             assert tx.stats()["codecs"] == ["raw"]
     finally:
         rx.close()
+
+
+def test_auto_default_codecs_follow_the_dtype_and_head_dim():
+    """auto's default list: raw, int8h, int4a; int4h where a head_dim is no multiple of 8
+    (int4a packs bit planes over channels); only raw for an fp8 cache."""
+    from kvwire.engine.sender_link import auto_codecs
+
+    def names(dtype, head_dims):
+        return [c.descriptor for c in auto_codecs(None, dtype, 64, head_dims)]
+
+    assert names(torch.bfloat16, [128]) == ["raw", "int8h", "int4a"]
+    assert names(torch.float16, [64, 12]) == ["raw", "int8h", "int4h"]
+    assert names(torch.float8_e4m3fn, [128]) == ["raw"]
+    layout = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=12, block_size=16)
+    with kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4)) as rx:
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=filled(layout, 4), codec="auto") as tx:
+            assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4h"]

@@ -293,7 +293,7 @@ class Sender:
             exposed time meets its target (``max_exposed_ms``); the receiver must accept
             every one of them.
         codecs: with ``codec="auto"``, the codecs it may choose, least lossy first
-            (default raw, int8h, int4h).
+            (default raw, int8h, int4a; int4h for a head_dim int4a cannot take).
         max_exposed_ms: the default target of ``transfer(max_exposed_ms=...)``: exposed
             milliseconds (last layer produced to acknowledgement) a transfer should stay within.
         layers_per_s: the default prefill pace the predictions assume (layers produced per
@@ -376,7 +376,8 @@ class Sender:
         self.layout = layout
         self.auto = codec == AUTO
         if self.auto:
-            self.codecs = auto_codecs(codecs, layout.dtype, group_size)
+            head_dims = sorted({p.head_dim for layer in layout.layers for p in layer.paged})
+            self.codecs = auto_codecs(codecs, layout.dtype, group_size, head_dims)
         elif codecs is not None:
             raise ValueError("codecs: only with codec='auto' (a fixed codec is the only one a sender uses)")
         else:
