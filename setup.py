@@ -2,7 +2,8 @@
 
 Optional: where it does not build (no C compiler), kvwire installs without it and moves
 chunks that carry some heads of each token through a staging copy instead
-(kvwire/scatter.py says which path is in use)."""
+(kvwire/scatter.py says which path is in use), and the CPU codecs take their torch and
+numpy paths (the same bytes, several times slower)."""
 
 from setuptools import Extension, setup
 

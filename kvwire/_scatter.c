@@ -1,4 +1,5 @@
-/* kvwire._scatter: byte spans of host memory moved and checked without Python objects.
+/* kvwire._scatter: byte spans of host memory moved and checked without Python objects,
+ * and the CPU codecs' per-element loops (rotated rows, int4a's key groups).
  *
  * A chunk that carries some of the heads of each token lies in memory as one short span
  * per token (4 heads of 128 bf16 values: 1 KiB, 2,048 of them in a 2 MiB chunk). These
