@@ -554,10 +554,17 @@ done:
 #endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+#pragma GCC diagnostic ignored "-Wpsabi" /* the vector helpers are always inlined: no call passes a vector */
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
+
+#if defined(__clang__)
+#define SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shufflevector(v, v, a, b, c, d, e, f, g, h)
+#else
+#define SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shuffle(v, (v8i){a, b, c, d, e, f, g, h})
+#endif
 
 ALWAYS_INLINE v8f load8(const float *p) {
     v8f v;
@@ -983,9 +990,9 @@ ALWAYS_INLINE void hadamard_block(float *p, const int nv) {
 #pragma GCC unroll 32
     for (int k = 0; k < nv; k++) {
         v8f u = load8(p + 8 * k);
-        u = __builtin_shuffle(u, (v8i){1, 0, 3, 2, 5, 4, 7, 6}) + u * s1;
-        u = __builtin_shuffle(u, (v8i){2, 3, 0, 1, 6, 7, 4, 5}) + u * s2;
-        v[k] = __builtin_shuffle(u, (v8i){4, 5, 6, 7, 0, 1, 2, 3}) + u * s4;
+        u = SHUFFLE8(u, 1, 0, 3, 2, 5, 4, 7, 6) + u * s1;
+        u = SHUFFLE8(u, 2, 3, 0, 1, 6, 7, 4, 5) + u * s2;
+        v[k] = SHUFFLE8(u, 4, 5, 6, 7, 0, 1, 2, 3) + u * s4;
     }
 #pragma GCC unroll 8
     for (int h = 1; h < nv; h <<= 1)
