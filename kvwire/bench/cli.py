@@ -27,7 +27,8 @@ from kvwire.bench.report import table, write_json
 def _cmd_codec(args: argparse.Namespace) -> int:
     print(
         f"codec report: {args.tokens} tokens x {args.heads} heads x {args.head_dim} ({args.dtype}), "
-        f"synthetic keys with outlier channels, on the CPU reference"
+        f"synthetic keys with outlier channels, on the CPU reference (torch threads: {torch.get_num_threads()}; "
+        f"the C helper's loops, where built, one thread per call)"
     )
     results = codec_report.measure(args)
     print(table(codec_report.HEADERS, codec_report.rows(results)))
