@@ -756,3 +756,22 @@ def test_int4a_keys_in_c_equal_the_numpy_ones(monkeypatch, T, H, D):
         _scatter.key_encode(rows, params, params, np.zeros(8, np.uint8), np.zeros(64, np.uint16))
     with pytest.raises(ValueError, match="parameters"):
         _scatter.key_encode(rows, params[:1], params, np.full(8, 4, np.uint8), np.zeros(64, np.uint16))
+
+
+def test_int4a_bit_allocation_is_a_stable_sorts_first_choices():
+    """allocate_bits picks, per head, the 3 D largest gains weight * GAIN[b], ties to the
+    lower b and then the lower channel: a stable descending sort's first 3 D, which it
+    finds without sorting. Ties are the hard part: zero weights, repeated weights, weights
+    a power of two apart (GAIN values coincide across steps then)."""
+    from kvwire.codec.allocated import GAIN, MEAN_BITS, allocate_bits
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(400):
+        heads, d = int(torch.randint(1, 5, (1,), generator=g)), 8 * int(torch.randint(1, 17, (1,), generator=g))
+        small = torch.randint(0, 4, (heads, d), generator=g).double()
+        powers = 4.0 ** torch.randint(-2, 3, (heads, d), generator=g)
+        weight = [torch.rand(heads, d, generator=g, dtype=torch.float64), small, small * 0, small * powers][trial % 4]
+        gains = (weight.unsqueeze(1) * torch.tensor(GAIN, dtype=torch.float64).view(1, -1, 1)).view(heads, -1)
+        order = torch.sort(gains, dim=1, descending=True, stable=True).indices[:, : (MEAN_BITS - 1) * d] % d
+        expected = torch.ones(heads, d, dtype=torch.int64).scatter_add_(1, order, torch.ones_like(order))
+        assert torch.equal(allocate_bits(weight), expected), (trial, heads, d)

@@ -67,13 +67,20 @@ def allocate_bits(weight: torch.Tensor) -> torch.Tensor:
 
     Every channel starts at one bit; the ``3 D`` extra bits of a head go to the largest
     gains ``weight * GAIN[b]`` (fp64 products), ties to the lower ``b``, then the lower
-    channel. Gains fall with ``b``, so a channel's chosen steps are always its first ones."""
+    channel. Gains fall with ``b``, so a channel's chosen steps are always its first ones.
+
+    That is a stable descending sort's first ``3 D``; found without sorting (a third of a
+    millisecond per window): every gain above the ``3 D``-th largest value, then as many
+    of those equal to it as are still needed, lowest index (b-major) first."""
     heads, d = weight.shape
-    gains = weight.unsqueeze(1) * torch.tensor(GAIN, dtype=torch.float64).view(1, -1, 1)  # [H, 7, D]: b-major
-    order = torch.sort(gains.view(heads, -1), dim=1, descending=True, stable=True).indices
-    chosen = order[:, : (MEAN_BITS - FEWEST_BITS) * d] % d  # the channel of each chosen step
-    bits = torch.full((heads, d), FEWEST_BITS, dtype=torch.int64)
-    return bits.scatter_add_(1, chosen, torch.ones_like(chosen))
+    gains = (weight.unsqueeze(1) * torch.tensor(GAIN, dtype=torch.float64).view(1, -1, 1)).view(heads, -1)
+    k = (MEAN_BITS - FEWEST_BITS) * d
+    threshold = torch.kthvalue(gains, gains.shape[1] - k + 1, dim=1, keepdim=True).values  # the k-th largest
+    above = gains > threshold
+    level = gains == threshold
+    needed = k - above.sum(1, keepdim=True)
+    chosen = above | (level & (level.cumsum(1) <= needed))
+    return chosen.view(heads, MOST_BITS - FEWEST_BITS, d).sum(1) + FEWEST_BITS
 
 
 def _planes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -179,8 +186,11 @@ def _group_grid(lo16: torch.Tensor, hi16: torch.Tensor, lo_code: torch.Tensor, h
     group_hi = torch.mul(hi_code.float(), step).add_(lo)
     # each group's range is its code range times the channel's step: the weight is the
     # squared code ranges' sum (an integer) times the squared range (exact in fp64), one rounding
-    spread = ((hi_code - lo_code) ** 2).sum(0).double()
-    weight = spread * ((hi16.float() - lo16.float()).double() ** 2)
+    # (squares as products: torch's integer ``** 2`` took a third of a millisecond per window)
+    code_range = hi_code - lo_code
+    spread = code_range.mul_(code_range).sum(0).double()
+    value_range = (hi16.float() - lo16.float()).double()
+    weight = spread * (value_range * value_range)
     weight = torch.where(torch.isnan(weight), 0.0, weight)  # bytes no encoder writes: NaN counts as 0
     return group_lo, group_hi, allocate_bits(weight)
 
