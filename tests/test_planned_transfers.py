@@ -150,8 +150,9 @@ def test_an_fp8_cache_may_only_travel_raw_so_auto_offers_raw_alone():
 
 
 def test_auto_default_codecs_follow_the_dtype_and_head_dim():
-    """auto's default list: raw, int8h, int4a; int4h where a head_dim is no multiple of 8
-    (int4a packs bit planes over channels); only raw for an fp8 cache."""
+    """auto's default list: raw, int8h, int4a; int4h where a head_dim, or a state's last
+    dimension, is no multiple of 8 (int4a packs bit planes over channels); only raw for an
+    fp8 cache. A fixed codec that cannot take a state is refused when the sender opens."""
     from kvwire.engine.sender_link import auto_codecs
 
     def names(dtype, head_dims):
@@ -164,3 +165,10 @@ def test_auto_default_codecs_follow_the_dtype_and_head_dim():
     with kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4)) as rx:
         with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=filled(layout, 4), codec="auto") as tx:
             assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4h"]
+    # a state travels through the same codec, as rows of its last dimension (12 here)
+    hybrid = kvwire.KVLayout.hybrid("LF", 2, 64, state_shape=(3, 4, 12))
+    with kvwire.Receiver(hybrid, secret=SECRET, kv_caches=hybrid.allocate(4)) as rx:
+        with kvwire.Sender(hybrid, rx.address, secret=SECRET, kv_caches=hybrid.allocate(4), codec="auto") as tx:
+            assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4h"]
+        with pytest.raises(ValueError, match="codec: head_dim: int4a .* got 12"):
+            kvwire.Sender(hybrid, rx.address, secret=SECRET, kv_caches=hybrid.allocate(4), codec="int4a")

@@ -221,7 +221,7 @@ def _as_uint8(buf) -> torch.Tensor:
     if isinstance(buf, torch.Tensor):
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise TypeError(f"buf: expected a 1-D uint8 tensor, got {buf.dtype} of shape {tuple(buf.shape)}")
-        return buf
+        return buf.contiguous()  # a strided view is copied: the codecs read their parts as flat arrays
     try:
         mv = memoryview(buf).cast("B")
     except TypeError as exc:

@@ -55,7 +55,7 @@ from kvwire.errors import (
     TransferTimeout,
     TransferWouldMissDeadline,
 )
-from kvwire.layout import KVLayout, Selection, TensorParallel
+from kvwire.layout import STATE_NAME, KVLayout, Selection, TensorParallel
 from kvwire.link import LinkState
 from kvwire.planning import Choice, Estimate, choose_codec
 from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
@@ -376,7 +376,9 @@ class Sender:
         self.layout = layout
         self.auto = codec == AUTO
         if self.auto:
-            head_dims = sorted({p.head_dim for layer in layout.layers for p in layer.paged})
+            widths = {p.head_dim for layer in layout.layers for p in layer.paged}
+            widths |= {layer.state.shape[-1] for layer in layout.layers if layer.state is not None}
+            head_dims = sorted(widths)
             self.codecs = auto_codecs(codecs, layout.dtype, group_size, head_dims)
         elif codecs is not None:
             raise ValueError("codecs: only with codec='auto' (a fixed codec is the only one a sender uses)")
@@ -391,11 +393,14 @@ class Sender:
         self._max_exposed_s = _milliseconds(max_exposed_ms, "max_exposed_ms")
         self._layers_per_s = _rate(layers_per_s, "layers_per_s")
         for layer in layout.layers:  # e.g. int4 groups that do not divide head_dim: say so now
-            for p in layer.paged:
+            specs = [ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name, layout.block_size)
+                     for p in layer.paged]  # fmt: skip
+            if layer.state is not None:  # a state travels as rows of its last dimension
+                specs.append(ChunkSpec(layer.state.rows, 1, layer.state.shape[-1], layout.dtype, STATE_NAME))
+            for spec in specs:
                 for candidate in self.codecs:
                     try:
-                        candidate.check(ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name,
-                                          layout.block_size))  # fmt: skip
+                        candidate.check(spec)
                     except ValueError as exc:
                         raise ValueError(f"codec: {exc}") from None
         self._secret = secret_bytes(secret)
