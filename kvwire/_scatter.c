@@ -33,6 +33,18 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+/* The codec loops below must round every float operation on its own, as the torch path and
+ * the specification do: no fused multiply-add, no reassociation, whatever the flags
+ * (setup.py also passes -ffp-contract=off). */
+#ifdef __FAST_MATH__
+#error "kvwire._scatter needs IEEE float arithmetic: build it without -ffast-math"
+#endif
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
@@ -544,11 +556,12 @@ done:
 }
 
 /* The hot loops are written with the compiler's vector types (8 lanes of fp32) and built
- * twice on x86-64, for AVX2 and for the baseline, the one to run chosen once at load
- * (``target_clones``); elsewhere the vector types are lowered to what the target has.
+ * twice on x86-64 with GCC and glibc, for AVX2 and for the baseline, the one to run
+ * chosen once at load (``target_clones``, which needs glibc's ifunc); elsewhere the vector
+ * types are lowered to what the target's baseline has.
  * Rows whose length is not a multiple of 8 (R < 8) take the scalar loops. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__) && defined(__ELF__)
+#define SIMD_CLONES __attribute__((target_clones("avx2", "default"))) /* needs ifunc: glibc on ELF */
 #else
 #define SIMD_CLONES
 #endif
@@ -558,7 +571,6 @@ done:
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
 
 #if defined(__clang__)
 #define SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shufflevector(v, v, a, b, c, d, e, f, g, h)
@@ -572,6 +584,12 @@ ALWAYS_INLINE v8f load8(const float *p) {
     return v;
 }
 ALWAYS_INLINE void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+ALWAYS_INLINE v8u bf16_bits8(const uint16_t *p) { /* 8 bf16 as the bits of 8 fp32 */
+    uint16_t h[8];
+    memcpy(h, p, sizeof h);
+    v8u bits = {h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]};
+    return bits << 16;
+}
 ALWAYS_INLINE v8f select8(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
 ALWAYS_INLINE v8f max8(v8f a, v8f b) { return select8(a > b, a, b); }
 ALWAYS_INLINE v8f min8(v8f a, v8f b) { return select8(a < b, a, b); }
@@ -866,9 +884,7 @@ static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, float 
             for (; C % 8 == 0 && c < C; c += 8) {
                 v8u bits;
                 if (kind) {
-                    v8h h;
-                    memcpy(&h, (const uint16_t *)x + t * C + c, sizeof h);
-                    bits = __builtin_convertvector(h, v8u) << 16;
+                    bits = bf16_bits8((const uint16_t *)x + t * C + c);
                 } else {
                     memcpy(&bits, (const float *)x + t * C + c, sizeof bits);
                 }
@@ -911,8 +927,9 @@ static PyObject *py_key_extremes(PyObject *self, PyObject *args) {
     Py_buffer held[5];
     if (get_buffers(objs, held, 5, 1) < 0) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t item = kind == 1 ? 2 : 4, R = C > 0 ? held[0].len / (item * C) : 0, G = (R + 15) / 16;
-    if ((kind != 0 && kind != 1) || C <= 0 || held[0].len != R * item * C || held[1].len != G * C * 4 ||
+    int fits = C > 0 && C <= PY_SSIZE_T_MAX / 16; /* no product below can wrap */
+    Py_ssize_t item = kind == 1 ? 2 : 4, R = fits ? held[0].len / (item * C) : 0, G = (R + 15) / 16;
+    if (!fits || (kind != 0 && kind != 1) || held[0].len != R * item * C || held[1].len != G * C * 4 ||
         held[2].len != G * C * 4 || held[3].len != C * 4 || held[4].len != C * 4) {
         PyErr_Format(PyExc_ValueError, "key_extremes: x fp32 (kind 0) or bf16 bits (kind 1) [R, C], gmn and gmx fp32 "
                      "[ceil(R / 16), C], mn and mx fp32 [C]; got kind %d, C %zd", kind, C);
@@ -1039,9 +1056,7 @@ ALWAYS_INLINE float load_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d
         for (Py_ssize_t j = 0; j < d; j += 8) {
             v8u bits;
             if (kind == 1) {
-                v8h h;
-                memcpy(&h, (const uint16_t *)x + i * d + j, sizeof h);
-                bits = __builtin_convertvector(h, v8u) << 16;
+                bits = bf16_bits8((const uint16_t *)x + i * d + j);
             } else {
                 memcpy(&bits, (const float *)x + i * d + j, sizeof bits);
             }
@@ -1175,7 +1190,7 @@ static void dequantize_rows(const void *codes, int mode, Py_ssize_t n, Py_ssize_
 /* The rows of ``x`` (kind 0 or 1, d per row), or -1 with an error set. */
 static Py_ssize_t rot_rows(const Py_buffer *x, int kind, Py_ssize_t d) {
     Py_ssize_t item = kind == 1 ? 2 : 4;
-    if ((kind != 0 && kind != 1) || d <= 0 || x->len % (item * d)) {
+    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16 || x->len % (item * d)) {
         PyErr_Format(PyExc_ValueError, "rotated rows: x must be fp32 (kind 0) or bf16 bits (kind 1) [N, d], "
                      "got kind %d, %zd bytes, d %zd", kind, x->len, d);
         return -1;

@@ -721,6 +721,11 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
         _scatter.rot_dequantize(np.zeros((4, 3), np.uint8), 4, 8, per_row, per_row, rows, 0)
     with pytest.raises(BufferError):  # the output must be writable
         _scatter.rot_dequantize(np.zeros((4, 4), np.uint8), 4, 8, per_row, per_row, bytes(128), 0)
+    for huge in (1 << 62, (1 << 62) + 1):  # sizes whose products would wrap: refused, not read past
+        with pytest.raises(ValueError, match="rotated rows"):
+            _scatter.rot_dequantize(np.zeros(4, np.int8), 8, huge, per_row, per_row, np.zeros(4, np.float32), 0)
+        with pytest.raises(ValueError, match="key_extremes"):
+            _scatter.key_extremes(np.zeros(1, np.float32), 0, huge, *[np.zeros(1, np.float32)] * 4)
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
@@ -775,3 +780,20 @@ def test_int4a_bit_allocation_is_a_stable_sorts_first_choices():
         order = torch.sort(gains, dim=1, descending=True, stable=True).indices[:, : (MEAN_BITS - 1) * d] % d
         expected = torch.ones(heads, d, dtype=torch.int64).scatter_add_(1, order, torch.ones_like(order))
         assert torch.equal(allocate_bits(weight), expected), (trial, heads, d)
+
+
+@pytest.mark.parametrize(
+    ("name", "role"), [("int8h", "k"), ("int4h", "v"), ("int4a", "k"), ("int4a", "v"), ("fp8", "v")]
+)
+def test_decode_bytes_takes_a_strided_buffer(name, role):
+    """A 1-D uint8 view with a stride (every other byte of a larger buffer) decodes as its
+    contiguous copy would: the codecs' C loops read flat arrays, so it is copied first."""
+    codec = kvwire.codec.get(name)
+    x = gaussian((40, 2, 64), torch.bfloat16, 3)
+    data = codec.encode(x, role).data
+    spread = torch.zeros(2 * data.numel(), dtype=torch.uint8)
+    spread[::2] = data
+    spec = ChunkSpec(40, 2, 64, torch.bfloat16, role)
+    assert torch.equal(
+        codec.decode_bytes(spread[::2], spec).view(torch.int16), codec.decode_bytes(data, spec).view(torch.int16)
+    )

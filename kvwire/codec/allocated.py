@@ -26,6 +26,7 @@ arithmetic, and ``tests/spec_scalar.py`` re-implements it element by element.
 from __future__ import annotations
 
 import math
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -39,6 +40,8 @@ from kvwire.codec.scratch import scratch
 try:
     from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
 except ImportError:  # pragma: no cover - a build without a C compiler
+    _helper = None  # type: ignore[assignment]
+if sys.byteorder != "little":  # pragma: no cover - its words and planes assume little-endian integers
     _helper = None  # type: ignore[assignment]
 
 KEY_GROUP = 16  # tokens per key group, as int4's at block size 16
