@@ -8,8 +8,9 @@ best of 20 calls:
 * int4 packing: strided 8-bit shifts against 16-bit words (`int4.pack_nibbles`);
 * a head-slice gather from 128 scattered blocks: `np.take` over the strided source
   against a copy per block (`blocks.rows_from_blocks`);
-* rotated rows (int8h, int4h's values, int4a's): the C helper's passes alone, and each
-  codec's encode and decode through the helper against the torch path it replaced;
+* the CPU codecs' C loops: the rotated rows' passes alone, then each codec part (int8h,
+  int4h's and int4a's values, int4's and int4a's keys) encoded and decoded through the
+  helper against the torch path it replaced;
 * and the work buffers one codec call holds for a 2 MiB chunk (`kvwire/codec/scratch.py`).
 
     python3 bench/codec_parts.py
@@ -95,7 +96,7 @@ def main() -> None:
 
 def rotated_rows() -> None:
     """GB/s of bf16 rows (3072 tokens x 8 heads x 128): the helper's two encode passes,
-    then whole codec calls through the helper and through torch (``rotated._helper``
+    then whole codec calls through the helper and through torch (the module's ``_helper``
     set aside), in alternation."""
     from kvwire.codec.synthetic import realistic_keys
 
@@ -114,19 +115,23 @@ def rotated_rows() -> None:
     print(
         f"rotated rows, helper alone: rot_stats {gb / stats * 1e6:.2f} GB/s, rot_quantize {gb / codes * 1e6:.2f} GB/s"
     )
-    for name in ("int8h", "int4h", "int4a"):
+    from kvwire.codec import allocated
+
+    for name, role, module in (("int8h", "v", rotated), ("int4h", "v", rotated), ("int4a", "v", rotated),
+                               ("int4", "k", int4), ("int4a", "k", allocated)):  # fmt: skip
         codec = kvwire.codec.get(name)
-        wire = codec.encode(x, "v")
+        wire = codec.encode(x, role)
         timings = {}
         for path in ("helper", "torch", "helper", "torch"):
-            rotated._helper = helper if path == "helper" else None
+            module._helper = helper if path == "helper" else None
             with scratch.workspace():
-                enc = best_us(lambda codec=codec: codec.encode(x, "v"), 5)
+                enc = best_us(lambda codec=codec, role=role: codec.encode(x, role), 5)
                 dec = best_us(lambda codec=codec, wire=wire: codec.decode(wire), 5)
             best = timings.get(path, (float("inf"), float("inf")))
             timings[path] = (min(best[0], enc), min(best[1], dec))
-        rotated._helper = helper
-        print(f"{name} values, GB/s encode / decode: helper {gb / timings['helper'][0] * 1e6:.2f} / "
+        module._helper = helper
+        what = "values" if role == "v" else "keys (int4h's too)" if name == "int4" else "keys"
+        print(f"{name} {what}, GB/s encode / decode: helper {gb / timings['helper'][0] * 1e6:.2f} / "
               f"{gb / timings['helper'][1] * 1e6:.2f}, torch {gb / timings['torch'][0] * 1e6:.2f} / "
               f"{gb / timings['torch'][1] * 1e6:.2f}")  # fmt: skip
 

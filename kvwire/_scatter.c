@@ -16,7 +16,8 @@
  *                               cache (below); the number of rows of ``out`` used
  *   key_encode, key_decode   -> the coded key groups of an int4a window (below)
  *   bit_planes               -> codes to bit planes over channels and back (below)
- *   key_extremes             -> int4a key groups' finite extremes (below)
+ *   key_extremes             -> key groups' finite extremes (int4a, int4; below)
+ *   group_codes4             -> int4 key groups' packed codes (below)
  *   rot_stats, rot_quantize,
  *   rot_dequantize           -> the element-wise work of rotated rows (below)
  *
@@ -566,6 +567,7 @@ done:
 #define SIMD_CLONES
 #endif
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define ROUNDER 12582912.0f /* 1.5 * 2^23: adding and taking it away rounds |v| <= 2^22 to nearest even */
 
 #pragma GCC diagnostic ignored "-Wpsabi" /* the vector helpers are always inlined: no call passes a vector */
 typedef float v8f __attribute__((vector_size(32)));
@@ -866,20 +868,21 @@ ALWAYS_INLINE float widen(const void *x, int kind, Py_ssize_t k) {
 }
 
 SIMD_CLONES
-static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, float *all, float *gl, float *gh, float *ml,
+static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rows, float *all, float *gl,
+                     float *gh, float *ml,
                      float *mh) {
     float *lo_all = all, *hi_all = all + C, *lo = all + 2 * C, *hi = all + 3 * C;
     for (Py_ssize_t c = 0; c < C; c++) {
         lo_all[c] = INFINITY;
         hi_all[c] = -INFINITY;
     }
-    for (Py_ssize_t g = 0; g * 16 < R; g++) {
+    for (Py_ssize_t g = 0; g * rows < R; g++) {
         for (Py_ssize_t c = 0; c < C; c++) {
             lo[c] = INFINITY;
             hi[c] = -INFINITY;
         }
-        Py_ssize_t end = (g + 1) * 16 < R ? (g + 1) * 16 : R;
-        for (Py_ssize_t t = g * 16; t < end; t++) {
+        Py_ssize_t end = (g + 1) * rows < R ? (g + 1) * rows : R;
+        for (Py_ssize_t t = g * rows; t < end; t++) {
             Py_ssize_t c = 0;
             for (; C % 8 == 0 && c < C; c += 8) {
                 v8u bits;
@@ -915,24 +918,26 @@ static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, float 
     }
 }
 
-/* key_extremes(x, kind, C, gmn, gmx, mn, mx): of rows ``x`` [R, C] (fp32, kind 0, or bf16
- * bits, kind 1), per group of 16 rows (the last what is left) and channel the min and max
- * of the finite values (gmn, gmx fp32 [ceil(R / 16), C]), and over all rows (mn, mx fp32
- * [C]); 0 and 0 where none is finite; every result + 0.0 (no -0). int4a's key groups. */
+/* key_extremes(x, kind, C, gmn, gmx, mn, mx, rows=16): of rows ``x`` [R, C] (fp32, kind 0,
+ * or bf16 bits, kind 1), per group of ``rows`` rows (the last what is left) and channel the
+ * min and max of the finite values (gmn, gmx fp32 [ceil(R / rows), C]), and over all rows
+ * (mn, mx fp32 [C]); 0 and 0 where none is finite; every result + 0.0 (no -0). The key
+ * groups of int4a (16 rows) and of int4 (a block's tokens, or key_tokens). */
 static PyObject *py_key_extremes(PyObject *self, PyObject *args) {
     PyObject *objs[5];
     int kind;
-    Py_ssize_t C;
-    if (!PyArg_ParseTuple(args, "OinOOOO", &objs[0], &kind, &C, &objs[1], &objs[2], &objs[3], &objs[4])) return NULL;
+    Py_ssize_t C, rows = 16;
+    if (!PyArg_ParseTuple(args, "OinOOOO|n", &objs[0], &kind, &C, &objs[1], &objs[2], &objs[3], &objs[4], &rows))
+        return NULL;
     Py_buffer held[5];
     if (get_buffers(objs, held, 5, 1) < 0) return NULL;
     PyObject *result = NULL;
-    int fits = C > 0 && C <= PY_SSIZE_T_MAX / 16; /* no product below can wrap */
-    Py_ssize_t item = kind == 1 ? 2 : 4, R = fits ? held[0].len / (item * C) : 0, G = (R + 15) / 16;
+    int fits = C > 0 && C <= PY_SSIZE_T_MAX / 16 && rows > 0; /* no product below can wrap */
+    Py_ssize_t item = kind == 1 ? 2 : 4, R = fits ? held[0].len / (item * C) : 0, G = fits ? (R + rows - 1) / rows : 0;
     if (!fits || (kind != 0 && kind != 1) || held[0].len != R * item * C || held[1].len != G * C * 4 ||
         held[2].len != G * C * 4 || held[3].len != C * 4 || held[4].len != C * 4) {
         PyErr_Format(PyExc_ValueError, "key_extremes: x fp32 (kind 0) or bf16 bits (kind 1) [R, C], gmn and gmx fp32 "
-                     "[ceil(R / 16), C], mn and mx fp32 [C]; got kind %d, C %zd", kind, C);
+                     "[ceil(R / rows), C], mn and mx fp32 [C], rows > 0; got kind %d, C %zd, rows %zd", kind, C, rows);
         goto done;
     }
     float *all = PyMem_Malloc(4 * (size_t)C * sizeof(float));
@@ -941,12 +946,76 @@ static PyObject *py_key_extremes(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    extremes(held[0].buf, kind, R, C, all, held[1].buf, held[2].buf, held[3].buf, held[4].buf);
+    extremes(held[0].buf, kind, R, C, rows, all, held[1].buf, held[2].buf, held[3].buf, held[4].buf);
     Py_END_ALLOW_THREADS
     PyMem_Free(all);
     result = Py_NewRef(Py_None);
 done:
     release_buffers(held, 5);
+    return result;
+}
+
+/* The loop of group_codes4 (below). */
+SIMD_CLONES
+static void group_codes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rows, const float *zero,
+                        const float *inv, float *v, uint8_t *out) {
+    for (Py_ssize_t t = 0; t < R; t++) {
+        const float *z = zero + (t / rows) * C, *s = inv + (t / rows) * C;
+        Py_ssize_t c = 0;
+        for (; C % 8 == 0 && c < C; c += 8) {
+            v8u bits;
+            if (kind)
+                bits = bf16_bits8((const uint16_t *)x + t * C + c);
+            else
+                memcpy(&bits, (const float *)x + t * C + c, sizeof bits);
+            v8f q = ((v8f)bits - load8(z + c)) * load8(s + c);
+            q = min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f); /* NaN and below 0 -> 0 */
+            store8(v + c, (q + ROUNDER) - ROUNDER);
+        }
+        for (; c < C; c++) {
+            float q = (widen(x, kind, t * C + c) - z[c]) * s[c];
+            q = q > 0.0f ? q : 0.0f;
+            q = q < 15.0f ? q : 15.0f;
+            v[c] = (q + ROUNDER) - ROUNDER;
+        }
+        uint8_t *o = out + t * (C / 2);
+        for (Py_ssize_t j = 0; j < C / 2; j++) o[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
+    }
+}
+
+/* group_codes4(x, kind, C, rows, zero, inv, out): int4 key codes, packed: for row t of
+ * ``x`` [R, C] (fp32, kind 0, or bf16 bits, kind 1) and channel c, with g = t / rows,
+ * code = clamp(rint((x - zero[g, c]) inv[g, c]), 0, 15), NaN -> 0 (the int4 codec's
+ * int4_codes), two per byte, the even channel in the low nibble: ``out`` uint8 [R, C / 2];
+ * ``zero``, ``inv`` fp32 [ceil(R / rows), C]. */
+static PyObject *py_group_codes4(PyObject *self, PyObject *args) {
+    PyObject *objs[4];
+    int kind;
+    Py_ssize_t C, rows;
+    if (!PyArg_ParseTuple(args, "OinnOOO", &objs[0], &kind, &C, &rows, &objs[1], &objs[2], &objs[3])) return NULL;
+    Py_buffer held[4];
+    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
+    PyObject *result = NULL;
+    int fits = C > 0 && C % 2 == 0 && C <= PY_SSIZE_T_MAX / 16 && rows > 0;
+    Py_ssize_t item = kind == 1 ? 2 : 4, R = fits ? held[0].len / (item * C) : 0, G = fits ? (R + rows - 1) / rows : 0;
+    if (!fits || (kind != 0 && kind != 1) || held[0].len != R * item * C || held[1].len != G * C * 4 ||
+        held[2].len != G * C * 4 || held[3].len != R * (C / 2)) {
+        PyErr_Format(PyExc_ValueError, "group_codes4: x fp32 (kind 0) or bf16 bits (kind 1) [R, C] with C even, zero and "
+                     "inv fp32 [ceil(R / rows), C], out uint8 [R, C / 2]; got kind %d, C %zd, rows %zd", kind, C, rows);
+        goto done;
+    }
+    float *v = PyMem_Malloc((size_t)C * sizeof(float));
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    group_codes(held[0].buf, kind, R, C, rows, held[1].buf, held[2].buf, v, held[3].buf);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(v);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 4);
     return result;
 }
 
@@ -976,7 +1045,6 @@ static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_code
  * element-wise work is here. Each float operation is one IEEE fp32 rounding (built with
  * -ffp-contract=off); integers in [-2^22, 2^22] round to nearest even by adding and
  * taking away 1.5 * 2^23 (no libm call, and the compiler keeps it in vector registers). */
-#define ROUNDER 12582912.0f
 
 
 static inline uint16_t float_to_bf16(float f) {
@@ -1302,6 +1370,7 @@ static PyMethodDef methods[] = {
      "rot_dequantize(codes, mode, d, scale, zero, out, kind): rotated rows decoded."},
     {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},
     {"key_extremes", py_key_extremes, METH_VARARGS, "key_extremes(x, kind, C, gmn, gmx, mn, mx): int4a key groups' ranges."},
+    {"group_codes4", py_group_codes4, METH_VARARGS, "group_codes4(x, kind, C, rows, zero, inv, out): int4 key codes."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},

@@ -797,3 +797,24 @@ def test_decode_bytes_takes_a_strided_buffer(name, role):
     assert torch.equal(
         codec.decode_bytes(spread[::2], spec).view(torch.int16), codec.decode_bytes(data, spec).view(torch.int16)
     )
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("name", "T", "H", "D"), [("int4", 70, 3, 64), ("int4/g64/k64", 150, 2, 128),
+                                                    ("int4h", 33, 2, 64), ("int4", 21, 1, 6)])  # fmt: skip
+def test_int4_keys_in_c_equal_the_torch_ones(monkeypatch, dtype, name, T, H, D):
+    """int4's key groups (also int4h's keys) through kvwire/_scatter.c (key_extremes with
+    the group's rows, group_codes4) and through the torch path: the same bytes for every
+    dtype, partial last groups, special values, a group with no finite value, and a row
+    width that is no multiple of 8 (1 x 6: the scalar loops)."""
+    from kvwire.codec import int4
+
+    codec = kvwire.codec.get(name)
+    x = (realistic_keys(T, H, D, seed=T) * 3).to(dtype)
+    x[3, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    x[T - 1, 0, :] = float("nan")  # with T % group == 1 the last group's channels have no finite value
+    x[T // 2, H - 1, 1] = torch.finfo(dtype).max
+    fast = codec.encode(x, "k").data
+    monkeypatch.setattr(int4, "_helper", None)
+    assert torch.equal(codec.encode(x, "k").data, fast)

@@ -32,9 +32,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, helper_rows, take, to_cache_dtype
 from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params, pack_nibbles, unpack_nibbles
-from kvwire.codec.rotated import MODE4A, ROWS4, _as_helper_input, _pow2, dequantize, quantize, rotated, rotation_block
+from kvwire.codec.rotated import MODE4A, ROWS4, _pow2, dequantize, quantize, rotated, rotation_block
 from kvwire.codec.scratch import scratch
 
 try:
@@ -211,7 +211,7 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     if not lay.groups:
         return out
     if _helper is not None:  # the C helper reads the rows as they are (fp32 or bf16) for both passes
-        source, kind = _as_helper_input(x3[lay.first :].reshape(-1, h * d))
+        source, kind = helper_rows(x3[lay.first :].reshape(-1, h * d))
         gmn, gmx = torch.empty(lay.groups, h, d), torch.empty(lay.groups, h, d)
         mn, mx = torch.empty(h, d), torch.empty(h, d)
         _helper.key_extremes(source, kind, h * d, gmn.numpy(), gmx.numpy(), mn.numpy(), mx.numpy())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvwire.codec.scratch import scratch, workspace
@@ -256,6 +257,15 @@ def as_float32(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32:
         return x
     return scratch("x", tuple(x.shape)).copy_(x)
+
+
+def helper_rows(x2: torch.Tensor) -> tuple[np.ndarray, int]:
+    """Rows ``x2`` ([N, C], any float dtype) as the C helper's codec loops read them: (the
+    bits of bf16 as int16, kind 1) or (fp32, kind 0; other dtypes converted in the work
+    buffer ``"x"``), C-contiguous either way."""
+    if x2.dtype == torch.bfloat16:
+        return x2.contiguous().view(torch.int16).numpy(), 1
+    return as_float32(x2).contiguous().numpy(), 0
 
 
 def abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -33,8 +33,13 @@ import math
 import numpy as np
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, helper_rows, take, to_cache_dtype
 from kvwire.codec.scratch import scratch
+
+try:
+    from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _helper = None  # type: ignore[assignment]
 
 GROUP_SIZES = (32, 64, 128)
 KEY_TOKENS = (16, 32, 64, 128, 256)
@@ -156,12 +161,15 @@ class Int4Codec(Codec):
 
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         T, H, D = spec.shape
-        xf = as_float32(x3)
         groups = self._num_groups(spec)
         out = torch.empty(self.encoded_size(spec), dtype=torch.uint8)
         scales = out[: groups * 2].view(torch.float16)
         zeros = out[groups * 2 : groups * 4].view(torch.float16)
         packed = out[groups * 4 :].view(T, H, D // 2)
+        if spec.role == "k" and _helper is not None:
+            self._encode_keys_in_c(x3, spec, scales, zeros, packed)
+            return out
+        xf = as_float32(x3)
         q = scratch("a", (T, H, D))
         if spec.role == "k":
             row = group = 0
@@ -184,6 +192,26 @@ class Int4Codec(Codec):
             int4_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), out=q.view(T, H, D // g, g))
         pack_nibbles(q, packed)
         return out
+
+    def _encode_keys_in_c(self, x3: torch.Tensor, spec: ChunkSpec, scales: torch.Tensor, zeros: torch.Tensor,
+                          packed: torch.Tensor) -> None:  # fmt: skip
+        """The key path of ``_encode`` through the C helper: the groups' finite extremes in
+        one pass, the parameters in the same torch code, the packed codes in a second pass
+        (the same bytes: tests/test_codecs.py compares the two paths)."""
+        T, H, D = spec.shape
+        group = self.key_group(spec)
+        source, kind = helper_rows(x3.reshape(T, H * D))
+        count = -(-T // group)
+        mn, mx = torch.empty(count, H, D), torch.empty(count, H, D)
+        everywhere = torch.empty(2, H, D)  # the extremes over all rows: not used by int4
+        _helper.key_extremes(source, kind, H * D, mn.numpy(), mx.numpy(), everywhere[0].numpy(),
+                             everywhere[1].numpy(), group)  # fmt: skip
+        scale, zero = int4_params(mn, mx)
+        scales.copy_(scale.view(-1))
+        zeros.copy_(zero.view(-1))
+        s = scale.float()
+        inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
+        _helper.group_codes4(source, kind, H * D, group, zero.float().numpy(), inv.numpy(), packed.view(T, -1).numpy())
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         check_length(data, self.encoded_size(spec), self.name)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, helper_rows, take, to_cache_dtype
 from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
 from kvwire.codec.scratch import scratch
 
@@ -149,20 +149,13 @@ class Rotated(NamedTuple):
     rows: torch.Tensor | tuple[np.ndarray, int]  # the rotated rows [N, D], or the input as the C helper reads it
 
 
-def _as_helper_input(x2: torch.Tensor) -> tuple[np.ndarray, int]:
-    """Rows ``x2`` [N, D] as the C helper reads them: bf16's bits (kind 1) or fp32 (kind 0)."""
-    if x2.dtype == torch.bfloat16:
-        return x2.contiguous().view(torch.int16).numpy(), 1
-    return as_float32(x2).contiguous().numpy(), 0
-
-
 def rotated(x2: torch.Tensor) -> Rotated:
     """Rows ``x2`` ([N, D], any float dtype) fixed-point, rotated and measured. With the C
     helper the rotated rows are not kept: :func:`quantize` rotates each row again, which
     costs less than writing and reading 4 bytes per element (``python3 bench/codec_parts.py``)."""
     n, d = x2.shape
     if _helper is not None:
-        source = _as_helper_input(x2)
+        source = helper_rows(x2)
         e, mn, mx = torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n)
         _helper.rot_stats(*source, d, e.numpy(), mn.numpy(), mx.numpy())
         return Rotated(e, mn, mx, source)
