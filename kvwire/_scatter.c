@@ -1,5 +1,5 @@
 /* kvwire._scatter: byte spans of host memory moved and checked without Python objects,
- * and the CPU codecs' per-element loops (rotated rows, int4a's key groups).
+ * and the CPU codecs' per-element loops (rotated rows, int4a's and int4's key groups).
  *
  * A chunk that carries some of the heads of each token lies in memory as one short span
  * per token (4 heads of 128 bf16 values: 1 KiB, 2,048 of them in a 2 MiB chunk). These
@@ -1042,9 +1042,9 @@ static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_code
  *   ((v 2^-L) S + Z) 2^L;  mode 5: x' = (H (c - z)) S.
  * The per-row parameters (inv, z, scale, zero: fp32 [N]) come from the caller, computed
  * from rot_stats' results by the same torch code as the reference, so only the
- * element-wise work is here. Each float operation is one IEEE fp32 rounding (built with
- * -ffp-contract=off); integers in [-2^22, 2^22] round to nearest even by adding and
- * taking away 1.5 * 2^23 (no libm call, and the compiler keeps it in vector registers). */
+ * element-wise work is here. Each float operation is one IEEE fp32 rounding (no
+ * contraction: see the top of the file); integers in [-2^22, 2^22] round to nearest even
+ * by adding and taking away 1.5 * 2^23 (no libm call, and it stays in vector registers). */
 
 
 static inline uint16_t float_to_bf16(float f) {
