@@ -33,16 +33,13 @@ import numpy as np
 import torch
 
 from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, helper_rows, take, to_cache_dtype
-from kvwire.codec.int4 import FP16_MAX, _finite_minmax, int4_codes, int4_params, pack_nibbles, unpack_nibbles
+from kvwire.codec.int4 import FP16_MAX, _finite_minmax, encode_key_groups, pack_nibbles, unpack_nibbles
 from kvwire.codec.rotated import MODE4A, ROWS4, _pow2, dequantize, quantize, rotated, rotation_block
 from kvwire.codec.scratch import scratch
+from kvwire.scatter import _scatter
 
-try:
-    from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _helper = None  # type: ignore[assignment]
-if sys.byteorder != "little":  # pragma: no cover - its words and planes assume little-endian integers
-    _helper = None  # type: ignore[assignment]
+# The C helper (kvwire/_scatter.c), or None; its key words and planes assume little-endian integers.
+_helper = _scatter if sys.byteorder == "little" else None
 
 KEY_GROUP = 16  # tokens per key group, as int4's at block size 16
 BOUND_BITS = 7
@@ -202,12 +199,10 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     t, h, d = spec.shape
     lay = KeyLayout(spec)
     out = torch.empty(lay.size, dtype=torch.uint8)
-    first = as_float32(x3[: lay.first])
-    scale, zero = int4_params(*_finite_minmax(first, dim=0))
-    out[: 2 * h * d].view(torch.float16).copy_(scale.view(-1))
-    out[2 * h * d : 4 * h * d].view(torch.float16).copy_(zero.view(-1))
-    codes0 = int4_codes(first, scale, zero, out=torch.empty_like(first))
-    pack_nibbles(codes0, out[4 * h * d : lay.head].view(lay.first, h, d // 2))
+    # the window's first tokens: one int4 key group (scales, zero-points, codes)
+    encode_key_groups(x3[: lay.first], lay.first, out[: 2 * h * d].view(torch.float16),
+                      out[2 * h * d : 4 * h * d].view(torch.float16),
+                      out[4 * h * d : lay.head].view(lay.first, h, d // 2))  # fmt: skip
     if not lay.groups:
         return out
     if _helper is not None:  # the C helper reads the rows as they are (fp32 or bf16) for both passes

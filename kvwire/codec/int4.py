@@ -35,11 +35,7 @@ import torch
 
 from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, helper_rows, take, to_cache_dtype
 from kvwire.codec.scratch import scratch
-
-try:
-    from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _helper = None  # type: ignore[assignment]
+from kvwire.scatter import _scatter as _helper  # the C helper (kvwire/_scatter.c), or None
 
 GROUP_SIZES = (32, 64, 128)
 KEY_TOKENS = (16, 32, 64, 128, 256)
@@ -70,10 +66,15 @@ def int4_params(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch
     return scale, zero
 
 
+def int4_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale (fp32) of fp16 scales, 0 where a scale is not positive: what codes multiply by."""
+    s = scale.float()
+    return torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
+
+
 def int4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 of fp32 ``x`` with broadcastable fp16 params, as fp32 integers in ``out``."""
-    s = scale.float()
-    inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
+    inv = int4_inverse(scale)
     q = torch.sub(x, zero.float(), out=out)
     q.mul_(inv).round_()  # (x - z) * inv, then ties-to-even
     return q.nan_to_num_(nan=0.0).clamp_(0, 15)
@@ -101,6 +102,43 @@ def unpack_nibbles(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     pairs[..., 0].copy_(torch.bitwise_and(packed, 0x0F, out=half))
     pairs[..., 1].copy_(torch.bitwise_right_shift(packed, 4, out=half))
     return out
+
+
+def encode_key_groups(x3: torch.Tensor, group: int, scales: torch.Tensor, zeros: torch.Tensor,
+                      packed: torch.Tensor) -> None:  # fmt: skip
+    """int4's key groups of ``x3`` ([T, H, D], any float dtype), ``group`` tokens each (the
+    last what is left), per channel: their fp16 scales and zero-points into ``scales`` and
+    ``zeros`` (flat, [groups, H, D]) and their codes into ``packed`` ([T, H, D/2]). Through
+    the C helper when it is built (the groups' finite extremes in one pass, the codes and
+    their packing in a second; the parameters in the same torch code), else torch: the same
+    bytes (tests/test_codecs.py compares the two). ``int4a``'s first key group is one."""
+    T, H, D = x3.shape
+    if _helper is not None:
+        source, kind = helper_rows(x3.reshape(T, H * D))
+        count = -(-T // group)
+        mn, mx = torch.empty(count, H, D), torch.empty(count, H, D)
+        everywhere = torch.empty(2, H, D)  # the extremes over all rows: not used here
+        _helper.key_extremes(source, kind, H * D, mn.numpy(), mx.numpy(), everywhere[0].numpy(),
+                             everywhere[1].numpy(), group)  # fmt: skip
+        scale, zero = int4_params(mn, mx)
+        scales.copy_(scale.view(-1))
+        zeros.copy_(zero.view(-1))
+        inv = int4_inverse(scale)
+        _helper.group_codes4(source, kind, H * D, group, zero.float().numpy(), inv.numpy(), packed.view(T, -1).numpy())
+        return
+    xf = as_float32(x3)
+    q = scratch("a", (T, H, D))
+    row = done = 0
+    for part in _key_blocks(xf, group):  # [groups, tokens, H, D]
+        n, tokens = part.shape[0], part.shape[1]
+        mn, mx = _finite_minmax(part, dim=1)
+        scale, zero = int4_params(mn, mx)
+        scales[done * H * D : (done + n) * H * D] = scale.view(-1)
+        zeros[done * H * D : (done + n) * H * D] = zero.view(-1)
+        codes = q[row : row + n * tokens].view(part.shape)
+        int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1), out=codes)
+        row, done = row + n * tokens, done + n
+    pack_nibbles(q, packed)
 
 
 def _key_blocks(x: torch.Tensor, block_size: int) -> list[torch.Tensor]:
@@ -166,52 +204,20 @@ class Int4Codec(Codec):
         scales = out[: groups * 2].view(torch.float16)
         zeros = out[groups * 2 : groups * 4].view(torch.float16)
         packed = out[groups * 4 :].view(T, H, D // 2)
-        if spec.role == "k" and _helper is not None:
-            self._encode_keys_in_c(x3, spec, scales, zeros, packed)
+        if spec.role == "k":
+            encode_key_groups(x3, self.key_group(spec), scales, zeros, packed)
             return out
         xf = as_float32(x3)
         q = scratch("a", (T, H, D))
-        if spec.role == "k":
-            row = group = 0
-            for part in _key_blocks(xf, self.key_group(spec)):  # [groups, tokens, H, D]
-                n, tokens = part.shape[0], part.shape[1]
-                mn, mx = _finite_minmax(part, dim=1)
-                scale, zero = int4_params(mn, mx)
-                scales[group * H * D : (group + n) * H * D] = scale.view(-1)
-                zeros[group * H * D : (group + n) * H * D] = zero.view(-1)
-                codes = q[row : row + n * tokens].view(part.shape)
-                int4_codes(part, scale.unsqueeze(1), zero.unsqueeze(1), out=codes)
-                row, group = row + n * tokens, group + n
-        else:
-            g = self.group_size
-            grouped = xf.view(T, H, D // g, g)
-            mn, mx = _finite_minmax(grouped, dim=-1)  # [T, H, D/g]
-            scale, zero = int4_params(mn, mx)
-            scales.copy_(scale.view(-1))
-            zeros.copy_(zero.view(-1))
-            int4_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), out=q.view(T, H, D // g, g))
-        pack_nibbles(q, packed)
-        return out
-
-    def _encode_keys_in_c(self, x3: torch.Tensor, spec: ChunkSpec, scales: torch.Tensor, zeros: torch.Tensor,
-                          packed: torch.Tensor) -> None:  # fmt: skip
-        """The key path of ``_encode`` through the C helper: the groups' finite extremes in
-        one pass, the parameters in the same torch code, the packed codes in a second pass
-        (the same bytes: tests/test_codecs.py compares the two paths)."""
-        T, H, D = spec.shape
-        group = self.key_group(spec)
-        source, kind = helper_rows(x3.reshape(T, H * D))
-        count = -(-T // group)
-        mn, mx = torch.empty(count, H, D), torch.empty(count, H, D)
-        everywhere = torch.empty(2, H, D)  # the extremes over all rows: not used by int4
-        _helper.key_extremes(source, kind, H * D, mn.numpy(), mx.numpy(), everywhere[0].numpy(),
-                             everywhere[1].numpy(), group)  # fmt: skip
+        g = self.group_size
+        grouped = xf.view(T, H, D // g, g)
+        mn, mx = _finite_minmax(grouped, dim=-1)  # [T, H, D/g]
         scale, zero = int4_params(mn, mx)
         scales.copy_(scale.view(-1))
         zeros.copy_(zero.view(-1))
-        s = scale.float()
-        inv = torch.where(s > 0, torch.reciprocal(s), torch.zeros_like(s))
-        _helper.group_codes4(source, kind, H * D, group, zero.float().numpy(), inv.numpy(), packed.view(T, -1).numpy())
+        int4_codes(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), out=q.view(T, H, D // g, g))
+        pack_nibbles(q, packed)
+        return out
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         check_length(data, self.encoded_size(spec), self.name)

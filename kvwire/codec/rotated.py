@@ -52,11 +52,7 @@ import torch
 from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, helper_rows, take, to_cache_dtype
 from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
 from kvwire.codec.scratch import scratch
-
-try:
-    from kvwire import _scatter as _helper  # the C helper (kvwire/_scatter.c), when it was built
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _helper = None  # type: ignore[assignment]
+from kvwire.scatter import _scatter as _helper  # the C helper (kvwire/_scatter.c), or None
 
 FIXED_POINT_BITS = 16  # |n_i| <= 2^16, so a rotated block of up to 2^8 sums stays an exact fp32 integer
 MAX_ROTATION = 256
