@@ -918,6 +918,18 @@ static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, Py_ssi
     }
 }
 
+/* Rows R of ``x`` [R, C] (fp32, kind 0, or bf16 bits, kind 1) and its groups G of ``rows``
+ * rows (the last what is left): 0, or -1 when kind, C, rows or the length do not fit (no
+ * error set: the caller names its own shapes). C is bounded first, so no product of the
+ * callers' checks can wrap. */
+static int group_shape(const Py_buffer *x, int kind, Py_ssize_t C, Py_ssize_t rows, Py_ssize_t *R, Py_ssize_t *G) {
+    if ((kind != 0 && kind != 1) || C <= 0 || C > PY_SSIZE_T_MAX / 16 || rows <= 0) return -1;
+    Py_ssize_t item = kind == 1 ? 2 : 4;
+    *R = x->len / (item * C);
+    *G = (*R + rows - 1) / rows;
+    return x->len == *R * item * C ? 0 : -1;
+}
+
 /* key_extremes(x, kind, C, gmn, gmx, mn, mx, rows=16): of rows ``x`` [R, C] (fp32, kind 0,
  * or bf16 bits, kind 1), per group of ``rows`` rows (the last what is left) and channel the
  * min and max of the finite values (gmn, gmx fp32 [ceil(R / rows), C]), and over all rows
@@ -932,10 +944,9 @@ static PyObject *py_key_extremes(PyObject *self, PyObject *args) {
     Py_buffer held[5];
     if (get_buffers(objs, held, 5, 1) < 0) return NULL;
     PyObject *result = NULL;
-    int fits = C > 0 && C <= PY_SSIZE_T_MAX / 16 && rows > 0; /* no product below can wrap */
-    Py_ssize_t item = kind == 1 ? 2 : 4, R = fits ? held[0].len / (item * C) : 0, G = fits ? (R + rows - 1) / rows : 0;
-    if (!fits || (kind != 0 && kind != 1) || held[0].len != R * item * C || held[1].len != G * C * 4 ||
-        held[2].len != G * C * 4 || held[3].len != C * 4 || held[4].len != C * 4) {
+    Py_ssize_t R, G;
+    if (group_shape(&held[0], kind, C, rows, &R, &G) < 0 || held[1].len != G * C * 4 || held[2].len != G * C * 4 ||
+        held[3].len != C * 4 || held[4].len != C * 4) {
         PyErr_Format(PyExc_ValueError, "key_extremes: x fp32 (kind 0) or bf16 bits (kind 1) [R, C], gmn and gmx fp32 "
                      "[ceil(R / rows), C], mn and mx fp32 [C], rows > 0; got kind %d, C %zd, rows %zd", kind, C, rows);
         goto done;
@@ -996,9 +1007,8 @@ static PyObject *py_group_codes4(PyObject *self, PyObject *args) {
     Py_buffer held[4];
     if (get_buffers(objs, held, 4, 3) < 0) return NULL;
     PyObject *result = NULL;
-    int fits = C > 0 && C % 2 == 0 && C <= PY_SSIZE_T_MAX / 16 && rows > 0;
-    Py_ssize_t item = kind == 1 ? 2 : 4, R = fits ? held[0].len / (item * C) : 0, G = fits ? (R + rows - 1) / rows : 0;
-    if (!fits || (kind != 0 && kind != 1) || held[0].len != R * item * C || held[1].len != G * C * 4 ||
+    Py_ssize_t R, G;
+    if (C % 2 || group_shape(&held[0], kind, C, rows, &R, &G) < 0 || held[1].len != G * C * 4 ||
         held[2].len != G * C * 4 || held[3].len != R * (C / 2)) {
         PyErr_Format(PyExc_ValueError, "group_codes4: x fp32 (kind 0) or bf16 bits (kind 1) [R, C] with C even, zero and "
                      "inv fp32 [ceil(R / rows), C], out uint8 [R, C / 2]; got kind %d, C %zd, rows %zd", kind, C, rows);
@@ -1266,6 +1276,16 @@ static Py_ssize_t rot_rows(const Py_buffer *x, int kind, Py_ssize_t d) {
     return x->len / (item * d);
 }
 
+/* Bytes of codes per row of ``d`` values in ``mode`` (8: one each; 4 and 5: two per byte),
+ * or -1 with an error naming ``what``. */
+static Py_ssize_t code_bytes(int mode, Py_ssize_t d, const char *what) {
+    if ((mode != 8 && mode != 4 && mode != 5) || (mode != 8 && d % 2)) {
+        PyErr_Format(PyExc_ValueError, "%s: mode must be 8, 4 or 5 (4 and 5 with an even d), got %d", what, mode);
+        return -1;
+    }
+    return mode == 8 ? d : d / 2;
+}
+
 static PyObject *py_rot_stats(PyObject *self, PyObject *args) {
     PyObject *objs[4];
     int kind;
@@ -1305,11 +1325,8 @@ static PyObject *py_rot_quantize(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t n = rot_rows(&held[0], kind, d);
     if (n < 0) goto done;
-    if ((mode != 8 && mode != 4 && mode != 5) || (mode != 8 && d % 2)) {
-        PyErr_Format(PyExc_ValueError, "rot_quantize: mode must be 8, 4 or 5 (4 and 5 with an even d), got %d", mode);
-        goto done;
-    }
-    Py_ssize_t row_bytes = mode == 8 ? d : d / 2;
+    Py_ssize_t row_bytes = code_bytes(mode, d, "rot_quantize");
+    if (row_bytes < 0) goto done;
     if (held[1].len != n * 4 || held[2].len != n * 4 || held[3].len != n * row_bytes) {
         PyErr_SetString(PyExc_ValueError, "rot_quantize: inv and z fp32 [N], out [N, d] int8 (mode 8) or [N, d/2] uint8");
         goto done;
@@ -1339,11 +1356,8 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t n = rot_rows(&held[3], kind, d);
     if (n < 0) goto done;
-    if ((mode != 8 && mode != 4 && mode != 5) || (mode != 8 && d % 2)) {
-        PyErr_Format(PyExc_ValueError, "rot_dequantize: mode must be 8, 4 or 5 (4 and 5 with an even d), got %d", mode);
-        goto done;
-    }
-    Py_ssize_t row_bytes = mode == 8 ? d : d / 2;
+    Py_ssize_t row_bytes = code_bytes(mode, d, "rot_dequantize");
+    if (row_bytes < 0) goto done;
     if (held[0].len != n * row_bytes || held[1].len != n * 4 || held[2].len != n * 4) {
         PyErr_SetString(PyExc_ValueError, "rot_dequantize: codes [N, d] int8 (mode 8) or [N, d/2] uint8, scale and zero fp32 [N]");
         goto done;

@@ -721,6 +721,16 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
         _scatter.rot_dequantize(np.zeros((4, 3), np.uint8), 4, 8, per_row, per_row, rows, 0)
     with pytest.raises(BufferError):  # the output must be writable
         _scatter.rot_dequantize(np.zeros((4, 4), np.uint8), 4, 8, per_row, per_row, bytes(128), 0)
+    groups = np.zeros((1, 8), np.float32)
+    with pytest.raises(ValueError, match="key_extremes: .* rows 0"):
+        _scatter.key_extremes(rows, 0, 8, groups, groups, np.zeros(8, np.float32), np.zeros(8, np.float32), 0)
+    with pytest.raises(ValueError, match="group_codes4: .* C even"):
+        odd = np.zeros((4, 7), np.float32)
+        _scatter.group_codes4(odd, 0, 7, 4, groups[:, :7], groups[:, :7], np.zeros(12, np.uint8))
+    with pytest.raises(ValueError, match="group_codes4"):  # out one row short
+        _scatter.group_codes4(rows, 0, 8, 4, groups, groups, np.zeros((3, 4), np.uint8))
+    with pytest.raises(ValueError, match="bit_planes: .* n a multiple of 8"):
+        _scatter.bit_planes(np.zeros(12, np.uint8), 12, 7, np.zeros(7, np.uint8), True)
     for huge in (1 << 62, (1 << 62) + 1):  # sizes whose products would wrap: refused, not read past
         with pytest.raises(ValueError, match="rotated rows"):
             _scatter.rot_dequantize(np.zeros(4, np.int8), 8, huge, per_row, per_row, np.zeros(4, np.float32), 0)
