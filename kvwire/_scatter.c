@@ -1029,6 +1029,155 @@ done:
     return result;
 }
 
+/* int4a's bit allocation for one head (kvwire/codec/allocated.py, allocate_bits): the 3 D
+ * largest gains w[c] GAIN[b] (fp64; b-major index b D + c), ties to the lower index, each
+ * chosen step one more bit for its channel (from 1). The k-th largest value by
+ * quickselect on a copy, then every gain above it and as many equal to it as are needed,
+ * in index order: the same choice as a stable descending sort's first 3 D. */
+static const double GAIN[7] = {
+    /* 2^30 (1 / (2^b - 1)^2 - 1 / (2^(b+1) - 1)^2), rounded down, b = 1 .. 7 (allocated.py: GAIN) */
+    954437176.0, 97391548.0, 17140912.0, 3654868.0, 846785.0, 203959.0, 50059.0};
+
+static double kth_largest(double *v, Py_ssize_t n, Py_ssize_t k) { /* k in 1 .. n; reorders v */
+    Py_ssize_t lo = 0, hi = n - 1, want = k - 1; /* position in descending order */
+    while (lo < hi) {
+        double pivot = v[lo + (hi - lo) / 2];
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                double t = v[i];
+                v[i++] = v[j];
+                v[j--] = t;
+            }
+        }
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            return v[want];
+    }
+    return v[want];
+}
+
+static void allocate_head(const double *weight, Py_ssize_t D, double *gains, double *scratch, uint8_t *bits) {
+    Py_ssize_t n = 7 * D, k = 3 * D;
+    for (int b = 0; b < 7; b++)
+        for (Py_ssize_t c = 0; c < D; c++) gains[b * D + c] = weight[c] * GAIN[b];
+    memcpy(scratch, gains, (size_t)n * sizeof(double));
+    double t = kth_largest(scratch, n, k);
+    Py_ssize_t above = 0;
+    for (Py_ssize_t i = 0; i < n; i++) above += gains[i] > t;
+    Py_ssize_t equal_left = k - above;
+    for (Py_ssize_t c = 0; c < D; c++) bits[c] = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int take = gains[i] > t;
+        if (!take && gains[i] == t && equal_left > 0) {
+            take = 1;
+            equal_left--;
+        }
+        bits[i % D] += (uint8_t)take;
+    }
+}
+
+/* key_grid(lo, hi, heads, bounds, glo, scale, bits, gmn, gmx): an int4a key window's
+ * grid (kvwire/codec/allocated.py: the bound codes, _group_grid, allocate_bits and the
+ * codes' steps), the same fp32 and fp64 operations in the same order. ``lo``, ``hi``
+ * fp32 [C] (the channels' fp16 range, C = heads D); ``bounds`` uint8 [G, heads, 2, D]
+ * (each group's min and max codes, 0 .. 127). With ``gmn``, ``gmx`` (fp32 [G, C], the
+ * groups' extremes) the bound codes are computed into ``bounds`` (encoding) and ``scale``
+ * receives each group's 1 / step (0 for a step of 0); without them ``bounds`` is read
+ * (decoding) and ``scale`` receives the step. ``glo`` fp32 [G, C]: each group's min;
+ * ``bits`` uint8 [C]. */
+static PyObject *py_key_grid(PyObject *self, PyObject *args) {
+    PyObject *objs[8] = {NULL};
+    Py_ssize_t heads;
+    if (!PyArg_ParseTuple(args, "OOnOOOO|OO", &objs[0], &objs[1], &heads, &objs[2], &objs[3], &objs[4], &objs[5],
+                          &objs[6], &objs[7]))
+        return NULL;
+    int encoding = objs[6] != NULL && objs[7] != NULL;
+    int count = encoding ? 8 : 6;
+    Py_buffer held[8];
+    /* bounds are written when encoding: take them writable, with glo, scale and bits */
+    if (get_buffers(objs, held, 2, 2) < 0) return NULL;
+    if (get_buffers(objs + 2, held + 2, 4, encoding ? 0 : 1) < 0) {
+        release_buffers(held, 2);
+        return NULL;
+    }
+    if (encoding && get_buffers(objs + 6, held + 6, 2, 2) < 0) {
+        release_buffers(held, 6);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t C = held[0].len / 4, D = heads > 0 ? C / heads : 0, G = C > 0 ? held[3].len / (4 * C) : 0;
+    if (heads <= 0 || C <= 0 || C > PY_SSIZE_T_MAX / 64 || D * heads != C || held[0].len != 4 * C ||
+        held[1].len != 4 * C || held[2].len != 2 * G * C || held[3].len != 4 * G * C || held[4].len != 4 * G * C ||
+        held[5].len != C || (encoding && (held[6].len != 4 * G * C || held[7].len != 4 * G * C))) {
+        PyErr_Format(PyExc_ValueError, "key_grid: lo and hi fp32 [C], C = heads D, bounds uint8 [G, heads, 2, D], glo "
+                     "and scale fp32 [G, C], bits uint8 [C], gmn and gmx fp32 [G, C]; got heads %zd, %zd bytes of lo",
+                     heads, held[0].len);
+        goto done;
+    }
+    double *work = PyMem_Malloc((size_t)C * sizeof(double) + 14 * (size_t)D * sizeof(double) + (size_t)C * sizeof(float));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const float *lo = held[0].buf, *hi = held[1].buf;
+    uint8_t *bounds = held[2].buf, *bits = held[5].buf;
+    float *glo = held[3].buf, *scale = held[4].buf;
+    double *weight = work, *gains = work + C, *copy = gains + 7 * D;
+    float *step = (float *)(copy + 7 * D);
+    for (Py_ssize_t c = 0; c < C; c++) step[c] = (hi[c] - lo[c]) / 127.0f;
+    if (encoding) { /* the bound codes: floor and ceil of (extreme - lo) / step, clamped */
+        const float *gmn = held[6].buf, *gmx = held[7].buf;
+        for (Py_ssize_t g = 0; g < G; g++)
+            for (Py_ssize_t c = 0; c < C; c++) {
+                float inv = step[c] > 0.0f ? 1.0f / step[c] : 0.0f;
+                float a = floorf((gmn[g * C + c] - lo[c]) * inv), b = ceilf((gmx[g * C + c] - lo[c]) * inv);
+                a = a > 0.0f ? (a < 127.0f ? a : 127.0f) : 0.0f;
+                b = b > 0.0f ? (b < 127.0f ? b : 127.0f) : 0.0f;
+                Py_ssize_t h = c / D, j = c % D, at = ((g * heads + h) * 2) * D + j;
+                bounds[at] = (uint8_t)a;
+                bounds[at + D] = (uint8_t)b;
+            }
+    }
+    for (Py_ssize_t h = 0; h < heads; h++) {
+        double *w = weight + h * D;
+        for (Py_ssize_t j = 0; j < D; j++) {
+            int64_t sum = 0;
+            for (Py_ssize_t g = 0; g < G; g++) {
+                Py_ssize_t at = ((g * heads + h) * 2) * D + j;
+                int64_t r = (int64_t)bounds[at + D] - (int64_t)bounds[at];
+                sum += r * r;
+            }
+            Py_ssize_t c = h * D + j;
+            double range = (double)(hi[c] - lo[c]);
+            double value = (double)sum * (range * range);
+            w[j] = value != value ? 0.0 : value; /* bytes no encoder writes: NaN counts as 0 */
+        }
+        allocate_head(w, D, gains, copy, bits + h * D);
+    }
+    for (Py_ssize_t g = 0; g < G; g++)
+        for (Py_ssize_t c = 0; c < C; c++) {
+            Py_ssize_t h = c / D, j = c % D, at = ((g * heads + h) * 2) * D + j;
+            float low = (float)bounds[at] * step[c] + lo[c];
+            float high = (float)bounds[at + D] * step[c] + lo[c];
+            float s = (high - low) / (float)((1 << bits[c]) - 1);
+            glo[g * C + c] = low;
+            scale[g * C + c] = encoding ? (s > 0.0f ? 1.0f / s : 0.0f) : s;
+        }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(work);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, count);
+    return result;
+}
+
 static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
 static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
 
@@ -1385,6 +1534,7 @@ static PyMethodDef methods[] = {
     {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},
     {"key_extremes", py_key_extremes, METH_VARARGS, "key_extremes(x, kind, C, gmn, gmx, mn, mx): int4a key groups' ranges."},
     {"group_codes4", py_group_codes4, METH_VARARGS, "group_codes4(x, kind, C, rows, zero, inv, out): int4 key codes."},
+    {"key_grid", py_key_grid, METH_VARARGS, "key_grid(lo, hi, heads, bounds, glo, scale, bits[, gmn, gmx]): int4a's grid."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},

@@ -219,6 +219,16 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     out[at : at + 2 * h * d].view(torch.float16).copy_(lo16.view(-1))
     out[at + 2 * h * d : at + lay.ranges].view(torch.float16).copy_(hi16.view(-1))
     at += lay.ranges
+    if _helper is not None:  # the C helper: bound codes, grid, bits and steps in one call
+        bounds_c = np.empty((lay.groups, h, 2, d), dtype=np.uint8)
+        glo, inv_c, bits_c = torch.empty(lay.groups, h, d), torch.empty(lay.groups, h, d), np.empty(h * d, np.uint8)
+        _helper.key_grid(lo16.float().numpy(), hi16.float().numpy(), h, bounds_c, glo.numpy(), inv_c.numpy(), bits_c,
+                         gmn.contiguous().numpy(), gmx.contiguous().numpy())  # fmt: skip
+        out[at : at + lay.bounds].numpy()[:] = _planes(bounds_c, BOUND_BITS).reshape(-1)
+        at += lay.bounds
+        words = out[at:].numpy().view("<u2").reshape(lay.groups, -1)
+        _helper.key_encode(source, glo.numpy(), inv_c.numpy(), bits_c, words, kind)
+        return out
     step = (hi16.float() - lo16.float()) / BOUND_TOP
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
     lo_code = torch.mul(gmn - lo16.float(), inv).floor_().clamp_(0, BOUND_TOP).to(torch.int64)
@@ -231,10 +241,6 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     s = (group_hi - group_lo) / top  # [G, H, D]
     inv_s = torch.where(s > 0, torch.reciprocal(s), 0.0)
     words = out[at:].numpy().view("<u2").reshape(lay.groups, -1)
-    if _helper is not None:  # the C helper: codes and their words in one pass
-        _helper.key_encode(source, group_lo.contiguous().numpy(), inv_s.contiguous().numpy(),
-                           bits.to(torch.uint8).numpy(), words, kind)  # fmt: skip
-        return out
     q = scratch("q", (lay.groups, KEY_GROUP, h, d))
     q.view(-1, h, d)[: rest.shape[0]].copy_(rest)  # one pass (the input may be the caller's fp32 tensor)
     q.view(-1, h, d)[rest.shape[0] :] = 0  # the last group's missing tokens, zeroed below
@@ -262,17 +268,22 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         hi16 = data[at + 2 * h * d : at + lay.ranges].clone().view(torch.float16).view(h, d)
         at += lay.ranges
         planes = data[at : at + lay.bounds].numpy().reshape(lay.groups, h, 2, BOUND_BITS, d // 8)
-        bounds = torch.from_numpy(_from_planes(planes, d)).to(torch.int64)  # [G, H, 2, D]
+        bound_codes = _from_planes(planes, d)  # [G, H, 2, D]
         at += lay.bounds
+        rest = y[lay.first :]
+        if _helper is not None:  # the C helper: the grid in one call, then words to values in one pass
+            glo, step_c = torch.empty(lay.groups, h, d), torch.empty(lay.groups, h, d)
+            bits_c = np.empty(h * d, np.uint8)
+            _helper.key_grid(lo16.float().numpy(), hi16.float().numpy(), h, bound_codes, glo.numpy(), step_c.numpy(),
+                             bits_c)  # fmt: skip
+            sent = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
+            _helper.key_decode(sent, bits_c, step_c.numpy(), glo.numpy(), rest.view(-1, h * d).numpy())
+            return to_cache_dtype(y, spec.dtype, fresh=True)
+        bounds = torch.from_numpy(bound_codes).to(torch.int64)
         group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
         top = (torch.ones_like(bits) << bits).sub_(1).float()
         sent = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
         s = (group_hi - group_lo) / top
-        rest = y[lay.first :]
-        if _helper is not None:  # the C helper: words to codes to values in one pass
-            _helper.key_decode(sent, bits.to(torch.uint8).numpy(), s.contiguous().numpy(),
-                               group_lo.contiguous().numpy(), rest.view(-1, h * d).numpy())  # fmt: skip
-            return to_cache_dtype(y, spec.dtype, fresh=True)
         # each channel's 8 words: its b sent ones, then zeros (a gather: 10x faster than a scatter)
         chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None]).reshape(-1)
         where = np.full(chosen.size, sent.shape[1])
