@@ -1082,6 +1082,102 @@ static void allocate_head(const double *weight, Py_ssize_t D, double *gains, dou
     }
 }
 
+/* The loops of key_grid (below), cloned for AVX2 like the others: without AVX the
+ * compiler splits the 8-lane comparisons into scalar ones. */
+SIMD_CLONES
+static void grid_loops(const float *lo, const float *hi, Py_ssize_t heads, Py_ssize_t D, Py_ssize_t G, uint8_t *bounds,
+                       float *glo, float *scale, uint8_t *bits, const float *gmn, const float *gmx, double *work) {
+    const Py_ssize_t C = heads * D;
+    const int encoding = gmn != NULL;
+    double *weight = work, *gains = work + C, *copy = gains + 7 * D;
+    float *step = (float *)(copy + 7 * D), *inv_step = step + C;
+    int64_t *spread = (int64_t *)weight; /* the squared code ranges' sums, before they become weights */
+    for (Py_ssize_t c = 0; c < C; c++) {
+        step[c] = (hi[c] - lo[c]) / 127.0f;
+        inv_step[c] = step[c] > 0.0f ? 1.0f / step[c] : 0.0f;
+        spread[c] = 0;
+    }
+    for (Py_ssize_t g = 0; g < G; g++)
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            uint8_t *low = bounds + (g * heads + h) * 2 * D, *high = low + D;
+            const float *l = lo + h * D, *iv = inv_step + h * D;
+            if (encoding) { /* the bound codes: floor and ceil of (extreme - lo) / step, clamped */
+                const float *mn = gmn + g * C + h * D, *mx = gmx + g * C + h * D;
+                Py_ssize_t j = 0;
+                for (; j + 8 <= D; j += 8) { /* the loop below, 8 channels at a time */
+                    const v8f inv = load8(iv + j), base = load8(l + j), m1 = (v8f){0} - 1.0f, zero = {0};
+                    v8f a = (load8(mn + j) - base) * inv, b = (load8(mx + j) - base) * inv;
+                    a = min8(max8(a, m1), zero + 128.0f);
+                    b = min8(max8(b, m1), zero + 128.0f);
+                    v8f fa = (a + ROUNDER) - ROUNDER, cb = (b + ROUNDER) - ROUNDER;
+                    fa = select8(fa > a, fa - 1.0f, fa);
+                    cb = select8(cb < b, cb + 1.0f, cb);
+                    fa = min8(max8(fa, zero), zero + 127.0f);
+                    cb = min8(max8(cb, zero), zero + 127.0f);
+                    /* an integer 0 .. 127 plus 2^23 has itself in its low mantissa bits */
+                    uint32_t ia[8], ib[8];
+                    v8u ua = (v8u)(fa + 8388608.0f), ub = (v8u)(cb + 8388608.0f);
+                    memcpy(ia, &ua, sizeof ia);
+                    memcpy(ib, &ub, sizeof ib);
+                    for (int k = 0; k < 8; k++) {
+                        low[j + k] = (uint8_t)ia[k];
+                        high[j + k] = (uint8_t)ib[k];
+                    }
+                }
+                for (; j < D; j++) {
+                    float inv = iv[j];
+                    /* clamped to [-1, 128] first (the codes are clamped to [0, 127] after), then
+                     * rounded to nearest and stepped down (floor) or up (ceil): no libm call */
+                    float a = (mn[j] - l[j]) * inv, b = (mx[j] - l[j]) * inv;
+                    a = a > -1.0f ? (a < 128.0f ? a : 128.0f) : -1.0f;
+                    b = b > -1.0f ? (b < 128.0f ? b : 128.0f) : -1.0f;
+                    float fa = (a + ROUNDER) - ROUNDER, cb = (b + ROUNDER) - ROUNDER;
+                    fa = fa > a ? fa - 1.0f : fa;
+                    cb = cb < b ? cb + 1.0f : cb;
+                    low[j] = (uint8_t)(fa > 0.0f ? (fa < 127.0f ? fa : 127.0f) : 0.0f);
+                    high[j] = (uint8_t)(cb > 0.0f ? (cb < 127.0f ? cb : 127.0f) : 0.0f);
+                }
+            }
+            int64_t *sp = spread + h * D;
+            for (Py_ssize_t j = 0; j < D; j++) {
+                int64_t r = (int64_t)high[j] - (int64_t)low[j];
+                sp[j] += r * r;
+            }
+        }
+    for (Py_ssize_t c = 0; c < C; c++) {
+        double range = (double)(hi[c] - lo[c]);
+        double value = (double)spread[c] * (range * range);
+        weight[c] = value != value ? 0.0 : value; /* bytes no encoder writes: NaN counts as 0 */
+    }
+    for (Py_ssize_t h = 0; h < heads; h++) allocate_head(weight + h * D, D, gains, copy, bits + h * D);
+    float *top = (float *)copy; /* 2^bits - 1 per channel: the gains' space is free again */
+    for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << bits[c]) - 1);
+    for (Py_ssize_t g = 0; g < G; g++)
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            const uint8_t *low = bounds + (g * heads + h) * 2 * D, *high = low + D;
+            const float *l = lo + h * D, *st = step + h * D, *tp = top + h * D;
+            float *gl = glo + g * C + h * D, *sc = scale + g * C + h * D;
+            Py_ssize_t j = 0;
+            for (; j + 8 <= D; j += 8) { /* the loop below, 8 channels at a time */
+                v8f lc, hc;
+                for (int k = 0; k < 8; k++) {
+                    lc[k] = (float)low[j + k];
+                    hc[k] = (float)high[j + k];
+                }
+                const v8f sv = load8(st + j), base = load8(l + j);
+                v8f a = lc * sv + base, b = hc * sv + base, q = (b - a) / load8(tp + j);
+                store8(gl + j, a);
+                store8(sc + j, encoding ? select8(q > 0.0f, 1.0f / q, (v8f){0}) : q);
+            }
+            for (; j < D; j++) {
+                float a = (float)low[j] * st[j] + l[j], b = (float)high[j] * st[j] + l[j];
+                float q = (b - a) / tp[j];
+                gl[j] = a;
+                sc[j] = encoding ? (q > 0.0f ? 1.0f / q : 0.0f) : q;
+            }
+        }
+}
+
 /* key_grid(lo, hi, heads, bounds, glo, scale, bits, gmn, gmx): an int4a key window's
  * grid (kvwire/codec/allocated.py: the bound codes, _group_grid, allocate_bits and the
  * codes' steps), the same fp32 and fp64 operations in the same order. ``lo``, ``hi``
@@ -1120,56 +1216,14 @@ static PyObject *py_key_grid(PyObject *self, PyObject *args) {
                      heads, held[0].len);
         goto done;
     }
-    double *work = PyMem_Malloc((size_t)C * sizeof(double) + 14 * (size_t)D * sizeof(double) + (size_t)C * sizeof(float));
+    double *work = PyMem_Malloc((size_t)C * sizeof(double) + 14 * (size_t)D * sizeof(double) + 2 * (size_t)C * sizeof(float));
     if (work == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    const float *lo = held[0].buf, *hi = held[1].buf;
-    uint8_t *bounds = held[2].buf, *bits = held[5].buf;
-    float *glo = held[3].buf, *scale = held[4].buf;
-    double *weight = work, *gains = work + C, *copy = gains + 7 * D;
-    float *step = (float *)(copy + 7 * D);
-    for (Py_ssize_t c = 0; c < C; c++) step[c] = (hi[c] - lo[c]) / 127.0f;
-    if (encoding) { /* the bound codes: floor and ceil of (extreme - lo) / step, clamped */
-        const float *gmn = held[6].buf, *gmx = held[7].buf;
-        for (Py_ssize_t g = 0; g < G; g++)
-            for (Py_ssize_t c = 0; c < C; c++) {
-                float inv = step[c] > 0.0f ? 1.0f / step[c] : 0.0f;
-                float a = floorf((gmn[g * C + c] - lo[c]) * inv), b = ceilf((gmx[g * C + c] - lo[c]) * inv);
-                a = a > 0.0f ? (a < 127.0f ? a : 127.0f) : 0.0f;
-                b = b > 0.0f ? (b < 127.0f ? b : 127.0f) : 0.0f;
-                Py_ssize_t h = c / D, j = c % D, at = ((g * heads + h) * 2) * D + j;
-                bounds[at] = (uint8_t)a;
-                bounds[at + D] = (uint8_t)b;
-            }
-    }
-    for (Py_ssize_t h = 0; h < heads; h++) {
-        double *w = weight + h * D;
-        for (Py_ssize_t j = 0; j < D; j++) {
-            int64_t sum = 0;
-            for (Py_ssize_t g = 0; g < G; g++) {
-                Py_ssize_t at = ((g * heads + h) * 2) * D + j;
-                int64_t r = (int64_t)bounds[at + D] - (int64_t)bounds[at];
-                sum += r * r;
-            }
-            Py_ssize_t c = h * D + j;
-            double range = (double)(hi[c] - lo[c]);
-            double value = (double)sum * (range * range);
-            w[j] = value != value ? 0.0 : value; /* bytes no encoder writes: NaN counts as 0 */
-        }
-        allocate_head(w, D, gains, copy, bits + h * D);
-    }
-    for (Py_ssize_t g = 0; g < G; g++)
-        for (Py_ssize_t c = 0; c < C; c++) {
-            Py_ssize_t h = c / D, j = c % D, at = ((g * heads + h) * 2) * D + j;
-            float low = (float)bounds[at] * step[c] + lo[c];
-            float high = (float)bounds[at + D] * step[c] + lo[c];
-            float s = (high - low) / (float)((1 << bits[c]) - 1);
-            glo[g * C + c] = low;
-            scale[g * C + c] = encoding ? (s > 0.0f ? 1.0f / s : 0.0f) : s;
-        }
+    grid_loops(held[0].buf, held[1].buf, heads, D, G, held[2].buf, held[3].buf, held[4].buf, held[5].buf,
+               encoding ? held[6].buf : NULL, encoding ? held[7].buf : NULL, work);
     Py_END_ALLOW_THREADS
     PyMem_Free(work);
     result = Py_NewRef(Py_None);
