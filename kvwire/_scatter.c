@@ -1235,6 +1235,140 @@ done:
 static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
 static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
 
+/* int4a's compact value rows (docs/formats.md, "int4a"): each row's scale is 2^(k/16) on a
+ * grid kept per head as a base (int16) and a byte per row, its zero-point a 4-bit integer.
+ * ROOTS_4A[j] = 2^(j/16) rounded to the nearest fp32 (allocated.py's ROOTS). */
+static const float ROOTS_4A[16] = {
+    0x1.000000p+0f, 0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f, 0x1.306fe0p+0f, 0x1.3dea64p+0f,
+    0x1.4bfdaep+0f, 0x1.5ab07ep+0f, 0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,
+    0x1.ae89fap+0f, 0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f,
+};
+#define SCALE_LOW_4A (-118 * 16)
+#define SCALE_HIGH_4A (118 * 16 + 15)
+#define NO_SCALE_4A (-(INT64_C(1) << 20))
+
+static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+static inline int64_t floor_div16(int64_t v) { return v >= 0 ? v / 16 : -((-v + 15) / 16); }
+
+/* ROOTS_4A[k mod 16] * 2^exponent, exact; inf above 2^127, 0 below 2^-126 (allocated.py's _row_step). */
+static inline float row_step_4a(int64_t k, int64_t exponent) {
+    if (exponent > 127) return INFINITY;
+    if (exponent < -126) return 0.0f;
+    return ROOTS_4A[k & 15] * ldexpf(1.0f, (int)exponent);
+}
+
+/* row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): an int4a value
+ * window's compact rows' parameters from their rotated stats (rot_stats: e int32, mn, mx
+ * fp32 [N], rows in [token][head] order, N a multiple of ``heads``), as allocated.py's
+ * encode_rows computes them in torch: ``base`` int16 [heads], ``code`` uint8 [N] (the
+ * scale bytes), ``zeros`` uint8 [heads, ceil(N / heads / 2)] (each head's zero-points,
+ * two tokens a byte, the earlier in the low nibble), ``inv`` and ``z`` fp32 [N] for
+ * rot_quantize's mode 5. */
+static PyObject *py_row_params4a(PyObject *self, PyObject *args) {
+    PyObject *objs[8];
+    Py_ssize_t heads;
+    int log_block;
+    if (!PyArg_ParseTuple(args, "OOOniOOOOO", &objs[0], &objs[1], &objs[2], &heads, &log_block, &objs[3], &objs[4],
+                          &objs[5], &objs[6], &objs[7]))
+        return NULL;
+    Py_buffer held[8];
+    if (get_buffers(objs, held, 8, 3) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = held[0].len / 4, later = heads > 0 ? n / heads : 0, half = (later + 1) / 2;
+    if (heads <= 0 || log_block < 0 || log_block > 8 || held[0].len != n * 4 || n % heads || held[1].len != n * 4 ||
+        held[2].len != n * 4 || held[3].len != heads * 2 || held[4].len != n || held[5].len != heads * half ||
+        held[6].len != n * 4 || held[7].len != n * 4) {
+        PyErr_Format(PyExc_ValueError, "row_params4a: e int32, mn and mx fp32 [N] with N a multiple of heads, "
+                     "base int16 [heads], code uint8 [N], zeros uint8 [heads, ceil(N / heads / 2)], inv and z fp32 "
+                     "[N], 0 <= log_block <= 8; got heads %zd, log_block %d", heads, log_block);
+        goto done;
+    }
+    int64_t *k = PyMem_Malloc((size_t)n * sizeof(int64_t) + 1);
+    if (k == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const int32_t *e = held[0].buf;
+    const float *mn = held[1].buf, *mx = held[2].buf;
+    int16_t *base = held[3].buf;
+    uint8_t *code = held[4].buf, *zeros = held[5].buf;
+    float *inv = held[6].buf, *z = held[7].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t h = 0; h < heads; h++) base[h] = 0;
+    for (Py_ssize_t r = 0; r < n; r++) { /* the least k with 2^(k/16) >= range / 15, in the row's real units */
+        float u = (mx[r] - mn[r]) / 15.0f;
+        if (!(u > 0.0f)) {
+            k[r] = NO_SCALE_4A;
+            continue;
+        }
+        int ex;
+        float twice = frexpf(u, &ex) * 2.0f; /* in [1, 2): exact */
+        int below = 0;
+        for (int j = 0; j < 16; j++) below += twice > ROOTS_4A[j];
+        k[r] = clamp64(16 * ((int64_t)ex - 1) + below + 16 * ((int64_t)e[r] - 16 - log_block), SCALE_LOW_4A,
+                       SCALE_HIGH_4A);
+    }
+    for (Py_ssize_t h = 0; h < heads; h++) { /* each head's base: its largest k less 255 */
+        int64_t top = INT64_MIN;
+        for (Py_ssize_t r = h; r < n; r += heads) top = k[r] > top ? k[r] : top;
+        base[h] = (int16_t)clamp64(top - 255, SCALE_LOW_4A, SCALE_HIGH_4A - 255);
+    }
+    memset(zeros, 0, (size_t)(heads * half));
+    for (Py_ssize_t r = 0; r < n; r++) {
+        Py_ssize_t h = r % heads, t = r / heads;
+        int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
+        float step = row_step_4a(kk, floor_div16(kk) - e[r] + 16 + log_block);
+        float q = step > 0.0f && step < INFINITY ? 1.0f / step : 0.0f;
+        float zp = rintf(-mn[r] * q);
+        zp = zp > 0.0f ? zp : 0.0f;
+        zp = zp < 15.0f ? zp : 15.0f;
+        code[r] = (uint8_t)c;
+        inv[r] = q;
+        z[r] = zp;
+        zeros[h * half + t / 2] |= (uint8_t)((int)zp << (4 * (t % 2)));
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(k);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 8);
+    return result;
+}
+
+/* row_steps4a(code, base, zeros, scale, z): row_params4a's bytes back to each row's scale
+ * ``scale`` (ROOTS_4A[kk mod 16] 2^floor(kk / 16), kk = base[head] + code) and zero-point
+ * ``z`` (fp32 [N]), for rot_dequantize's mode 5 (allocated.py's decode_rows). */
+static PyObject *py_row_steps4a(PyObject *self, PyObject *args) {
+    PyObject *objs[5];
+    if (!PyArg_ParseTuple(args, "OOOOO", &objs[0], &objs[1], &objs[2], &objs[3], &objs[4])) return NULL;
+    Py_buffer held[5];
+    if (get_buffers(objs, held, 5, 3) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = held[0].len, heads = held[1].len / 2, later = heads > 0 ? n / heads : 0, half = (later + 1) / 2;
+    if (heads <= 0 || held[1].len != heads * 2 || n % heads || held[2].len != heads * half || held[3].len != n * 4 ||
+        held[4].len != n * 4) {
+        PyErr_SetString(PyExc_ValueError, "row_steps4a: code uint8 [N] with N a multiple of heads, base int16 "
+                        "[heads], zeros uint8 [heads, ceil(N / heads / 2)], scale and z fp32 [N]");
+        goto done;
+    }
+    const uint8_t *code = held[0].buf, *zeros = held[2].buf;
+    const int16_t *base = held[1].buf;
+    float *scale = held[3].buf, *z = held[4].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < n; r++) {
+        Py_ssize_t h = r % heads, t = r / heads;
+        int64_t kk = (int64_t)base[h] + code[r];
+        scale[r] = row_step_4a(kk, floor_div16(kk));
+        z[r] = (float)((zeros[h * half + t / 2] >> (4 * (t % 2))) & 15);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 5);
+    return result;
+}
+
 
 /* Rotated rows (docs/formats.md, "int8h", "int4h", "int4a"; kvwire/codec/rotated.py has
  * the arithmetic and the torch path these replace, a test holds the two to the same
@@ -1591,6 +1725,9 @@ static PyMethodDef methods[] = {
     {"key_grid", py_key_grid, METH_VARARGS, "key_grid(lo, hi, heads, bounds, glo, scale, bits[, gmn, gmx]): int4a's grid."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
+    {"row_params4a", py_row_params4a, METH_VARARGS,
+     "row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): int4a value rows' scales."},
+    {"row_steps4a", py_row_steps4a, METH_VARARGS, "row_steps4a(code, base, zeros, scale, z): row_params4a undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},
     {"crc32c_together", py_crc32c_together, METH_VARARGS,
      "crc32c_together(iovs) -> the CRC32C of each span list, their rows read once (see the source)."},

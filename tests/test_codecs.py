@@ -672,19 +672,20 @@ def test_int4a_chunks_are_windows_so_the_cut_does_not_matter():
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("name", "role", "head_dim"), [("int8h", "k", 128), ("int8h", "v", 96), ("int8h", "k", 12),
-                                                         ("int4h", "v", 128), ("int4h", "v", 48), ("int4h", "v", 6),
-                                                         ("int4a", "v", 64), ("int4a", "v", 256)])  # fmt: skip
-def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, head_dim):
-    """Rotated rows through kvwire/_scatter.c (rot_stats, rot_quantize, rot_dequantize)
-    and through the torch path a build without it takes: the same bytes and the same
-    values, for every cache dtype, with special values, zero and tiny rows, and random
-    bytes decoded (NaN scales included); rows of 8 values or more take the helper's vector
-    loops, shorter rotation blocks (head_dim 12, 6) its scalar ones."""
-    from kvwire.codec import rotated
+@pytest.mark.parametrize(("name", "role", "head_dim", "T"), [
+    ("int8h", "k", 128, 70), ("int8h", "v", 96, 70), ("int8h", "k", 12, 70), ("int4h", "v", 128, 70),
+    ("int4h", "v", 48, 70), ("int4h", "v", 6, 70), ("int4a", "v", 64, 70), ("int4a", "v", 256, 71)])  # fmt: skip
+def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, head_dim, T):
+    """Rotated rows through kvwire/_scatter.c (rot_stats, rot_quantize, rot_dequantize;
+    for int4a also its rows' scales and zero-points, row_params4a and row_steps4a) and
+    through the torch path a build without it takes: the same bytes and the same values,
+    for every cache dtype, with special values, zero and tiny rows, and random bytes
+    decoded (NaN scales included); rows of 8 values or more take the helper's vector
+    loops, shorter rotation blocks (head_dim 12, 6) its scalar ones; an odd count of
+    int4a's compact rows per head (71 tokens) leaves half a zero-point byte."""
+    from kvwire.codec import allocated, rotated
 
     codec = kvwire.codec.get(name)
-    T = 70
     x = (realistic_keys(T, 3, head_dim, seed=head_dim) * 4).to(dtype)
     x[3, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     x[40, 1] = 0.0
@@ -696,6 +697,7 @@ def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, 
     fast = codec.encode(x, role).data
     fast_values = [codec.decode_bytes(b, spec) for b in (fast, noise)]
     monkeypatch.setattr(rotated, "_helper", None)
+    monkeypatch.setattr(allocated, "_helper", None)
     assert torch.equal(codec.encode(x, role).data, fast)
     bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
     for got, wire in zip(fast_values, (fast, noise)):
@@ -729,6 +731,15 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
         _scatter.group_codes4(odd, 0, 7, 4, groups[:, :7], groups[:, :7], np.zeros(12, np.uint8))
     with pytest.raises(ValueError, match="group_codes4"):  # out one row short
         _scatter.group_codes4(rows, 0, 8, 4, groups, groups, np.zeros((3, 4), np.uint8))
+    e4, f4 = np.zeros(8, np.int32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="row_params4a: .* heads 3"):  # 8 rows are not whole tokens of 3 heads
+        _scatter.row_params4a(e4, f4, f4, 3, 7, np.zeros(6, np.uint8), np.zeros(8, np.uint8), np.zeros(6, np.uint8),
+                              f4, f4)  # fmt: skip
+    with pytest.raises(ValueError, match="row_params4a"):  # zero-points: 4 heads x 1 byte, not 2
+        _scatter.row_params4a(e4, f4, f4, 4, 7, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(2, np.uint8),
+                              f4, f4)  # fmt: skip
+    with pytest.raises(ValueError, match="row_steps4a"):
+        _scatter.row_steps4a(np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8), f4[:7], f4)
     with pytest.raises(ValueError, match="bit_planes: .* n a multiple of 8"):
         _scatter.bit_planes(np.zeros(12, np.uint8), 12, 7, np.zeros(7, np.uint8), True)
     for huge in (1 << 62, (1 << 62) + 1):  # sizes whose products would wrap: refused, not read past

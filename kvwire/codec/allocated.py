@@ -335,6 +335,16 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     r = rotated(x3[first:].reshape(rows, d))
     e, mn, mx = r.e, r.mn, r.mx
     log_block = rotation_block(d).bit_length() - 1
+    later = t - first  # zero-points per head, two tokens a byte (no byte holds two heads')
+    zero_bytes = h * ((later + 1) // 2)
+    if _helper is not None:  # the C helper: the rows' scales and zero-points in one call
+        inv, z = torch.empty(rows), torch.empty(rows)
+        _helper.row_params4a(e.numpy(), mn.numpy(), mx.numpy(), h, log_block, out[at : at + 2 * h].numpy(),
+                             out[at + 2 * h : at + 2 * h + rows].numpy(),
+                             out[at + 2 * h + rows : at + 2 * h + rows + zero_bytes].numpy(), inv.numpy(),
+                             z.numpy())  # fmt: skip
+        quantize(r, MODE4A, inv, z, out[at + 2 * h + rows + zero_bytes :].view(rows, d // 2))
+        return out
     shift = 16 * (e.to(torch.int64) - 16 - log_block)  # k in the row's units -> k of its real values
     k = _scale_index((mx - mn) / 15.0)
     k = torch.where(k == NO_SCALE, NO_SCALE, (k + shift).clamp(SCALE_LOW, SCALE_HIGH)).view(-1, h)
@@ -348,11 +358,10 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     at += 2 * h
     out[at : at + rows].copy_(code.view(-1))
     at += rows
-    later = t - first  # zero-points per head, two tokens a byte (no byte holds two heads')
     zs = torch.zeros(h, later + later % 2)
     zs[:, :later] = z.view(later, h).t()
-    pack_nibbles(zs, out[at : at + h * ((later + 1) // 2)].view(h, -1))
-    at += h * ((later + 1) // 2)
+    pack_nibbles(zs, out[at : at + zero_bytes].view(h, -1))
+    at += zero_bytes
     quantize(r, MODE4A, inv, z, out[at:].view(rows, d // 2))
     return out
 
@@ -377,14 +386,23 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     out = torch.empty(spec.shape, dtype=spec.dtype)
     out[:first] = head
     at = head_bytes
+    later = t - first
+    zero_bytes = h * ((later + 1) // 2)
+    if _helper is not None:  # the C helper: the rows' scales and zero-points in one call
+        scale, z = torch.empty(rows), torch.empty(rows)
+        _helper.row_steps4a(data[at + 2 * h : at + 2 * h + rows].numpy(), data[at : at + 2 * h].numpy(),
+                            data[at + 2 * h + rows : at + 2 * h + rows + zero_bytes].numpy(), scale.numpy(),
+                            z.numpy())  # fmt: skip
+        codes = data[at + 2 * h + rows + zero_bytes :].view(rows, d // 2)
+        out[first:] = dequantize(codes, MODE4A, d, scale, z, spec.dtype).view(t - first, h, d)
+        return out
     base = data[at : at + 2 * h].clone().view(torch.int16).to(torch.int64)
     at += 2 * h
     kk = (data[at : at + rows].to(torch.int64).view(-1, h) + base).view(-1)
     at += rows
-    later = t - first
-    zs = unpack_nibbles(data[at : at + h * ((later + 1) // 2)].view(h, -1), torch.empty(h, later + later % 2))
+    zs = unpack_nibbles(data[at : at + zero_bytes].view(h, -1), torch.empty(h, later + later % 2))
     z = zs[:, :later].t().reshape(-1)  # row order [t][h]
-    at += h * ((later + 1) // 2)
+    at += zero_bytes
     scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings
     out[first:] = dequantize(data[at:].view(rows, d // 2), MODE4A, d, scale, z, spec.dtype).view(t - first, h, d)
     return out
