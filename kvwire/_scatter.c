@@ -613,6 +613,11 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+/* Element k of rows of fp32 (kind 0) or bf16 bits (kind 1), as fp32. */
+ALWAYS_INLINE float widen(const void *x, int kind, Py_ssize_t k) {
+    return kind ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+}
+
 /* Buffers objs[0 .. count) C-contiguous, those from ``writable_from`` on writable. */
 static int get_buffers(PyObject **objs, Py_buffer *held, int count, int writable_from) {
     for (int n = 0; n < count; n++)
@@ -690,6 +695,46 @@ static const uint16_t *channel_codes16(const uint16_t *w, const uint8_t *bits, u
 }
 #endif
 
+/* The element-wise loops of key_coded (below), cloned for AVX2 like the others and
+ * written as scalar loops: GCC vectorizes them with packs from fp32 to bytes, which its
+ * vector types' conversions do lane by lane.
+ * group_codes8: the codes of rows t0 .. t0 + here of ``x`` (fp32, kind 0, or bf16 bits,
+ * kind 1) [R, C] into ``codes`` [here, C]: clamped first, then rounded, so every input has
+ * one code (NaN and below 0 give 0, above top gives top), and a value in [0, 255] rounds
+ * to nearest even by adding and taking away 1.5 * 2^23, with no call into libm. */
+ALWAYS_INLINE uint8_t group_code(float v, float lo, float inv, float top) {
+    float q = (v - lo) * inv;
+    q = q > 0.0f ? q : 0.0f;
+    q = q < top ? q : top;
+    return (uint8_t)(int)((q + ROUNDER) - ROUNDER);
+}
+
+SIMD_CLONES
+static void group_codes8(const void *x, int kind, Py_ssize_t t0, Py_ssize_t here, Py_ssize_t C, const float *lo,
+                         const float *inv, const float *top, uint8_t *codes) {
+    for (Py_ssize_t t = 0; t < here; t++) {
+        uint8_t *out = codes + t * C;
+        if (kind) {
+            const uint16_t *row = (const uint16_t *)x + (t0 + t) * C;
+            for (Py_ssize_t c = 0; c < C; c++) out[c] = group_code(bf16_to_float(row[c]), lo[c], inv[c], top[c]);
+        } else {
+            const float *row = (const float *)x + (t0 + t) * C;
+            for (Py_ssize_t c = 0; c < C; c++) out[c] = group_code(row[c], lo[c], inv[c], top[c]);
+        }
+    }
+}
+
+/* group_values8: codes [here, C] back to values, y = code * scale + lo (two roundings). */
+SIMD_CLONES
+static void group_values8(const uint8_t *codes, Py_ssize_t here, Py_ssize_t C, const float *scale, const float *lo,
+                          float *y) {
+    for (Py_ssize_t t = 0; t < here; t++)
+        for (Py_ssize_t c = 0; c < C; c++) {
+            float v = (float)codes[t * C + c] * scale[c];
+            y[t * C + c] = v + lo[c];
+        }
+}
+
 /* key_encode(x, glo, inv, bits, out) and key_decode(words, bits, scale, glo, out): the
  * coded groups of an int4a key window in one pass each (docs/formats.md, "int4a"): for
  * each group and channel in order, bits[c] 16-bit words, word j holding bit j of the
@@ -734,38 +779,21 @@ static PyObject *key_coded(PyObject *args, int encoding) {
                         "key coded groups: rows fp32 [R, C], parameters fp32 [ceil(R/16), C], words uint16 [G, sum(bits)]");
         goto done;
     }
-    uint8_t *codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C * (kind ? 17 : 1));
+    uint8_t *codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C);
     if (codes == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
-    float *wide = top + C;                  /* kind 1: a group's rows as fp32 */
     for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << b[c]) - 1);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t g = 0; g < G; g++) {
         Py_ssize_t t0 = g * 16, here = R - t0 < 16 ? R - t0 : 16;
         const float *pa = (const float *)p.buf + g * C, *pb = (const float *)q.buf + g * C;
         if (encoding) {
-            const float *x = (const float *)a.buf + t0 * C;
-            if (kind) { /* bf16 rows widened first, so the loop below stays one vector loop */
-                const uint16_t *xb = (const uint16_t *)a.buf + t0 * C;
-                for (Py_ssize_t k = 0; k < here * C; k++) wide[k] = bf16_to_float(xb[k]);
-                x = wide;
-            }
             uint16_t *w = (uint16_t *)out.buf + g * total;
             memset(codes, 0, (size_t)(16 * C));
-            /* Clamped first, then rounded: the same code for every input (NaN and below 0
-             * give 0, above top gives top), and a value in [0, 255] rounds to nearest even
-             * by adding and taking away 1.5 * 2^23, with no call into libm. */
-            const float magic = 12582912.0f;
-            for (Py_ssize_t t = 0; t < here; t++)
-                for (Py_ssize_t c = 0; c < C; c++) {
-                    float v = (x[t * C + c] - pa[c]) * pb[c];
-                    v = v > 0.0f ? v : 0.0f;
-                    v = v < top[c] ? v : top[c];
-                    codes[t * C + c] = (uint8_t)((v + magic) - magic);
-                }
+            group_codes8(a.buf, kind, t0, here, C, pa, pb, top, codes);
             Py_ssize_t c = 0;
 #if HAVE_X86
             for (; c + 16 <= C; c += 16) w = channel_words16(codes + c, C, b + c, w);
@@ -800,11 +828,7 @@ static PyObject *key_coded(PyObject *args, int encoding) {
                     codes[(t + 8) * C + c] = (uint8_t)(hi >> (8 * t));
                 }
             }
-            for (Py_ssize_t t = 0; t < here; t++)
-                for (Py_ssize_t c = 0; c < C; c++) {
-                    float v = (float)codes[t * C + c] * pa[c];
-                    y[t * C + c] = v + pb[c];
-                }
+            group_values8(codes, here, C, pa, pb, y);
         }
     }
     Py_END_ALLOW_THREADS
@@ -863,10 +887,6 @@ done:
 }
 
 /* The loop of key_extremes (below); ``all`` holds 4 C floats. */
-ALWAYS_INLINE float widen(const void *x, int kind, Py_ssize_t k) {
-    return kind ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
-}
-
 SIMD_CLONES
 static void extremes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rows, float *all, float *gl,
                      float *gh, float *ml,
