@@ -1275,7 +1275,10 @@ static inline int64_t floor_div16(int64_t v) { return v >= 0 ? v / 16 : -((-v + 
 static inline float row_step_4a(int64_t k, int64_t exponent) {
     if (exponent > 127) return INFINITY;
     if (exponent < -126) return 0.0f;
-    return ROOTS_4A[k & 15] * ldexpf(1.0f, (int)exponent);
+    uint32_t bits = (uint32_t)(exponent + 127) << 23; /* 2^exponent, a normal fp32 */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return ROOTS_4A[k & 15] * scale;
 }
 
 /* row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): an int4a value
@@ -1335,8 +1338,8 @@ static PyObject *py_row_params4a(PyObject *self, PyObject *args) {
         base[h] = (int16_t)clamp64(top - 255, SCALE_LOW_4A, SCALE_HIGH_4A - 255);
     }
     memset(zeros, 0, (size_t)(heads * half));
-    for (Py_ssize_t r = 0; r < n; r++) {
-        Py_ssize_t h = r % heads, t = r / heads;
+    for (Py_ssize_t t = 0, r = 0; t < later; t++)
+        for (Py_ssize_t h = 0; h < heads; h++, r++) {
         int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
         float step = row_step_4a(kk, floor_div16(kk) - e[r] + 16 + log_block);
         float q = step > 0.0f && step < INFINITY ? 1.0f / step : 0.0f;
@@ -1347,7 +1350,7 @@ static PyObject *py_row_params4a(PyObject *self, PyObject *args) {
         inv[r] = q;
         z[r] = zp;
         zeros[h * half + t / 2] |= (uint8_t)((int)zp << (4 * (t % 2)));
-    }
+        }
     Py_END_ALLOW_THREADS
     PyMem_Free(k);
     result = Py_NewRef(Py_None);
@@ -1376,12 +1379,12 @@ static PyObject *py_row_steps4a(PyObject *self, PyObject *args) {
     const int16_t *base = held[1].buf;
     float *scale = held[3].buf, *z = held[4].buf;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < n; r++) {
-        Py_ssize_t h = r % heads, t = r / heads;
-        int64_t kk = (int64_t)base[h] + code[r];
-        scale[r] = row_step_4a(kk, floor_div16(kk));
-        z[r] = (float)((zeros[h * half + t / 2] >> (4 * (t % 2))) & 15);
-    }
+    for (Py_ssize_t t = 0, r = 0; t < later; t++)
+        for (Py_ssize_t h = 0; h < heads; h++, r++) {
+            int64_t kk = (int64_t)base[h] + code[r];
+            scale[r] = row_step_4a(kk, floor_div16(kk));
+            z[r] = (float)((zeros[h * half + t / 2] >> (4 * (t % 2))) & 15);
+        }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
