@@ -1307,18 +1307,17 @@ static PyObject *py_row_params4a(PyObject *self, PyObject *args) {
                      "[N], 0 <= log_block <= 8; got heads %zd, log_block %d", heads, log_block);
         goto done;
     }
-    int64_t *k = PyMem_Malloc((size_t)n * sizeof(int64_t) + 1);
+    int64_t *k = PyMem_Malloc((size_t)n * sizeof(int64_t) + (size_t)heads * sizeof(int16_t));
     if (k == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     const int32_t *e = held[0].buf;
     const float *mn = held[1].buf, *mx = held[2].buf;
-    int16_t *base = held[3].buf;
-    uint8_t *code = held[4].buf, *zeros = held[5].buf;
+    uint8_t *base_bytes = held[3].buf, *code = held[4].buf, *zeros = held[5].buf; /* base: int16, maybe unaligned */
     float *inv = held[6].buf, *z = held[7].buf;
+    int16_t *base = (int16_t *)(k + n); /* the bases, aligned, copied out at the end */
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t h = 0; h < heads; h++) base[h] = 0;
     for (Py_ssize_t r = 0; r < n; r++) { /* the least k with 2^(k/16) >= range / 15, in the row's real units */
         float u = (mx[r] - mn[r]) / 15.0f;
         if (!(u > 0.0f)) {
@@ -1333,24 +1332,25 @@ static PyObject *py_row_params4a(PyObject *self, PyObject *args) {
                        SCALE_HIGH_4A);
     }
     for (Py_ssize_t h = 0; h < heads; h++) { /* each head's base: its largest k less 255 */
-        int64_t top = INT64_MIN;
+        int64_t top = NO_SCALE_4A; /* no k is below it */
         for (Py_ssize_t r = h; r < n; r += heads) top = k[r] > top ? k[r] : top;
         base[h] = (int16_t)clamp64(top - 255, SCALE_LOW_4A, SCALE_HIGH_4A - 255);
     }
     memset(zeros, 0, (size_t)(heads * half));
     for (Py_ssize_t t = 0, r = 0; t < later; t++)
         for (Py_ssize_t h = 0; h < heads; h++, r++) {
-        int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
-        float step = row_step_4a(kk, floor_div16(kk) - e[r] + 16 + log_block);
-        float q = step > 0.0f && step < INFINITY ? 1.0f / step : 0.0f;
-        float zp = rintf(-mn[r] * q);
-        zp = zp > 0.0f ? zp : 0.0f;
-        zp = zp < 15.0f ? zp : 15.0f;
-        code[r] = (uint8_t)c;
-        inv[r] = q;
-        z[r] = zp;
-        zeros[h * half + t / 2] |= (uint8_t)((int)zp << (4 * (t % 2)));
+            int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
+            float step = row_step_4a(kk, floor_div16(kk) - e[r] + 16 + log_block);
+            float q = step > 0.0f && step < INFINITY ? 1.0f / step : 0.0f;
+            float zp = rintf(-mn[r] * q);
+            zp = zp > 0.0f ? zp : 0.0f;
+            zp = zp < 15.0f ? zp : 15.0f;
+            code[r] = (uint8_t)c;
+            inv[r] = q;
+            z[r] = zp;
+            zeros[h * half + t / 2] |= (uint8_t)((int)zp << (4 * (t % 2)));
         }
+    memcpy(base_bytes, base, (size_t)heads * sizeof(int16_t));
     Py_END_ALLOW_THREADS
     PyMem_Free(k);
     result = Py_NewRef(Py_None);
@@ -1375,13 +1375,14 @@ static PyObject *py_row_steps4a(PyObject *self, PyObject *args) {
                         "[heads], zeros uint8 [heads, ceil(N / heads / 2)], scale and z fp32 [N]");
         goto done;
     }
-    const uint8_t *code = held[0].buf, *zeros = held[2].buf;
-    const int16_t *base = held[1].buf;
+    const uint8_t *code = held[0].buf, *zeros = held[2].buf, *base = held[1].buf; /* base: int16, maybe unaligned */
     float *scale = held[3].buf, *z = held[4].buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t t = 0, r = 0; t < later; t++)
         for (Py_ssize_t h = 0; h < heads; h++, r++) {
-            int64_t kk = (int64_t)base[h] + code[r];
+            int16_t b;
+            memcpy(&b, base + 2 * h, sizeof b);
+            int64_t kk = (int64_t)b + code[r];
             scale[r] = row_step_4a(kk, floor_div16(kk));
             z[r] = (float)((zeros[h * half + t / 2] >> (4 * (t % 2))) & 15);
         }
