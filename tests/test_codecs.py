@@ -735,6 +735,13 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
         _scatter.group_codes4(odd, 0, 7, 4, groups[:, :7], groups[:, :7], np.zeros(12, np.uint8))
     with pytest.raises(ValueError, match="group_codes4"):  # out one row short
         _scatter.group_codes4(rows, 0, 8, 4, groups, groups, np.zeros((3, 4), np.uint8))
+    lohi, grid = np.zeros(8, np.float32), np.zeros((2, 8), np.float32)  # 2 groups of one head of 8 channels
+    with pytest.raises(ValueError, match="key_grid: .* heads 3"):  # 8 channels are not whole heads of 3
+        _scatter.key_grid(lohi, lohi, 3, np.zeros(32, np.uint8), grid, grid, np.zeros(8, np.uint8))
+    with pytest.raises(ValueError, match="key_grid"):  # bits for 7 channels, not 8
+        _scatter.key_grid(lohi, lohi, 1, np.zeros(32, np.uint8), grid, grid, np.zeros(7, np.uint8), grid, grid)
+    with pytest.raises(BufferError):  # encoding writes the bound codes
+        _scatter.key_grid(lohi, lohi, 1, bytes(32), grid, grid, np.zeros(8, np.uint8), grid, grid)
     e4, f4 = np.zeros(8, np.int32), np.zeros(8, np.float32)
     with pytest.raises(ValueError, match="row_params4a: .* heads 3"):  # 8 rows are not whole tokens of 3 heads
         _scatter.row_params4a(e4, f4, f4, 3, 7, np.zeros(6, np.uint8), np.zeros(8, np.uint8), np.zeros(6, np.uint8),
