@@ -394,7 +394,7 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
                             data[at + 2 * h + rows : at + 2 * h + rows + zero_bytes].numpy(), scale.numpy(),
                             z.numpy())  # fmt: skip
         codes = data[at + 2 * h + rows + zero_bytes :].view(rows, d // 2)
-        out[first:] = dequantize(codes, MODE4A, d, scale, z, spec.dtype).view(t - first, h, d)
+        dequantize(codes, MODE4A, d, scale, z, spec.dtype, out=out[first:].view(rows, d))  # in place: no copy
         return out
     base = data[at : at + 2 * h].clone().view(torch.int16).to(torch.int64)
     at += 2 * h

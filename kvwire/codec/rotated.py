@@ -180,20 +180,31 @@ def quantize(r: Rotated, mode: int, inv: torch.Tensor, z: torch.Tensor, out: tor
 
 
 def dequantize(codes: torch.Tensor, mode: int, d: int, scale: torch.Tensor, zero: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+               dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Rotated rows decoded from ``codes`` (int8 [N, D] for ``MODE8``, else uint8 [N, D/2])
-    and each row's ``scale`` and ``zero`` ([N] fp32): a new [N, D] tensor of ``dtype``.
+    and each row's ``scale`` and ``zero`` ([N] fp32): a new [N, D] tensor of ``dtype``, or
+    ``out`` (contiguous [N, D] of ``dtype``) filled and returned.
     ``MODE8`` (H c) S; ``MODE4`` (H c) S, each block's first element ((v 2^-L) S + Z) 2^L;
     ``MODE4A`` (H (c - Z)) S."""
     n = codes.shape[0]
     scale, zero = scale.float().contiguous(), zero.float().contiguous()
-    if _helper is not None:
-        direct = dtype in (torch.bfloat16, torch.float32)
-        out = torch.empty(n, d, dtype=dtype) if direct else scratch("b", (n, d))
-        target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+    if _helper is not None and dtype in (torch.bfloat16, torch.float32):  # the rows written as they are
+        rows = torch.empty(n, d, dtype=dtype) if out is None else out
+        target = rows.view(torch.int16) if dtype == torch.bfloat16 else rows
         _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), target.numpy(),
-                               1 if out.dtype == torch.bfloat16 else 0)  # fmt: skip
-        return out if direct else to_cache_dtype(out, dtype, fresh=True)
+                               1 if dtype == torch.bfloat16 else 0)  # fmt: skip
+        return rows
+    y = _dequantize_fp32(codes, mode, d, scale, zero)
+    return to_cache_dtype(y, dtype, fresh=True) if out is None else out.copy_(to_cache_dtype(y, dtype))
+
+
+def _dequantize_fp32(codes: torch.Tensor, mode: int, d: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize`'s rows as fp32, in the codec call's work buffer ``"b"``."""
+    n = codes.shape[0]
+    if _helper is not None:
+        y = scratch("b", (n, d))
+        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), y.numpy(), 0)
+        return y
     block = rotation_block(d)
     v = scratch("a", (n, d))
     if mode == MODE8:
@@ -209,7 +220,7 @@ def dequantize(codes: torch.Tensor, mode: int, d: int, scale: torch.Tensor, zero
         y.mul_(scale.unsqueeze(1)).view(n, d // block, block)[:, :, 0] = first
     else:
         y.mul_(scale.unsqueeze(1))
-    return to_cache_dtype(y, dtype, fresh=True)
+    return y
 
 
 def quantize8(x2: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
