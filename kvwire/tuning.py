@@ -13,25 +13,40 @@ calls :func:`tune_process` once it has imported its models:
   bench/codec_micro.py [--tune]``, one thread, a 2 MiB chunk: fp8 decode 6.4 ms untuned
   and 2.8 ms tuned before, 0.71 ms either way after). It still helps whatever else in the
   process allocates megabytes per call. Freed memory then stays in the process for reuse.
+* glibc's arenas capped at the CPU count: glibc gives each new thread its own malloc arena
+  (up to 8 per CPU), and a new arena's heap is fresh memory, every page a fault on first
+  touch. A receiver starts a reader thread for every connection a sender opens, and the
+  sender's connection policy opens and retires connections as it probes, so a long run
+  kept making fresh arenas: in a 1 Gbit/s `int4a` run four reader threads came in 10 s,
+  and 87% of the receiver's page faults were in arena heaps grown from empty
+  (docs/development.md). Capped, new threads share the arenas there are.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 
 
-def tune_malloc(threshold: int = 1 << 30) -> bool:
-    """Raise glibc's mmap/trim thresholds; False where the C library is not glibc."""
+def tune_malloc(threshold: int = 1 << 30, arenas: int | None = None) -> bool:
+    """Raise glibc's mmap/trim thresholds and cap its arenas at ``arenas`` (default: the
+    CPUs this process may run on); False where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+    if arenas is None:
+        arenas = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if arenas < 1:
+        raise ValueError(f"arenas: at least 1, got {arenas}")
+    return (bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+            and bool(mallopt(M_ARENA_MAX, arenas)))  # fmt: skip
 
 
 def tune_process(*, freeze_gc: bool = True, malloc: bool = True) -> None:
