@@ -1255,6 +1255,13 @@ done:
 static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
 static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
 
+static inline float pow2f(int k) { /* 2^k for k in [-126, 127], exactly */
+    uint32_t bits = (uint32_t)(k + 127) << 23;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 /* int4a's compact value rows (docs/formats.md, "int4a"): each row's scale is 2^(k/16) on a
  * grid kept per head as a base (int16) and a byte per row, its zero-point a 4-bit integer.
  * ROOTS_4A[j] = 2^(j/16) rounded to the nearest fp32 (allocated.py's ROOTS). */
@@ -1275,10 +1282,7 @@ static inline int64_t floor_div16(int64_t v) { return v >= 0 ? v / 16 : -((-v + 
 static inline float row_step_4a(int64_t k, int64_t exponent) {
     if (exponent > 127) return INFINITY;
     if (exponent < -126) return 0.0f;
-    uint32_t bits = (uint32_t)(exponent + 127) << 23; /* 2^exponent, a normal fp32 */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return ROOTS_4A[k & 15] * scale;
+    return ROOTS_4A[k & 15] * pow2f((int)exponent);
 }
 
 /* row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): an int4a value
@@ -1423,13 +1427,6 @@ static inline uint16_t float_to_bf16(float f) {
     memcpy(&bits, &f, 4);
     if (f != f) return 0x7FC0;
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
-static inline float pow2f(int k) { /* 2^k for k in [-126, 127], exactly */
-    uint32_t bits = (uint32_t)(k + 127) << 23;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 static int rotation_block(Py_ssize_t d) {

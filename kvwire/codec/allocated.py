@@ -322,6 +322,16 @@ def _rows_layout(spec: ChunkSpec) -> tuple[int, int, int]:
     return first, rows, (2 * h + rows + h * ((later + 1) // 2) + rows * d // 2) if rows else 0
 
 
+def _compact_parts(buf: torch.Tensor, at: int, h: int, rows: int, later: int):
+    """The compact rows' parts of a value window ``buf`` (uint8) from byte ``at``: each head's
+    base (int16, as bytes), a scale byte per row, each head's zero-points (two tokens a
+    byte, no byte holding two heads'), then the codes."""
+    zero_bytes = h * ((later + 1) // 2)
+    base, code = buf[at : at + 2 * h], buf[at + 2 * h : at + 2 * h + rows]
+    at += 2 * h + rows
+    return base, code, buf[at : at + zero_bytes], buf[at + zero_bytes :]
+
+
 def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     t, h, d = spec.shape
     first, rows, compact = _rows_layout(spec)
@@ -335,15 +345,13 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     r = rotated(x3[first:].reshape(rows, d))
     e, mn, mx = r.e, r.mn, r.mx
     log_block = rotation_block(d).bit_length() - 1
-    later = t - first  # zero-points per head, two tokens a byte (no byte holds two heads')
-    zero_bytes = h * ((later + 1) // 2)
+    later = t - first
+    base_part, code_part, zero_part, codes = _compact_parts(out, at, h, rows, later)
     if _helper is not None:  # the C helper: the rows' scales and zero-points in one call
         inv, z = torch.empty(rows), torch.empty(rows)
-        _helper.row_params4a(e.numpy(), mn.numpy(), mx.numpy(), h, log_block, out[at : at + 2 * h].numpy(),
-                             out[at + 2 * h : at + 2 * h + rows].numpy(),
-                             out[at + 2 * h + rows : at + 2 * h + rows + zero_bytes].numpy(), inv.numpy(),
-                             z.numpy())  # fmt: skip
-        quantize(r, MODE4A, inv, z, out[at + 2 * h + rows + zero_bytes :].view(rows, d // 2))
+        _helper.row_params4a(e.numpy(), mn.numpy(), mx.numpy(), h, log_block, base_part.numpy(), code_part.numpy(),
+                             zero_part.numpy(), inv.numpy(), z.numpy())  # fmt: skip
+        quantize(r, MODE4A, inv, z, codes.view(rows, d // 2))
         return out
     shift = 16 * (e.to(torch.int64) - 16 - log_block)  # k in the row's units -> k of its real values
     k = _scale_index((mx - mn) / 15.0)
@@ -354,15 +362,12 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     step = _row_step(kk, (kk.div(16, rounding_mode="floor") - e.to(torch.int64) + 16 + log_block))
     inv = torch.where(torch.isfinite(step) & (step > 0), torch.reciprocal(step), 0.0)
     z = torch.mul(-mn, inv).round_().clamp_(0, 15)
-    out[at : at + 2 * h].view(torch.int16).copy_(base)
-    at += 2 * h
-    out[at : at + rows].copy_(code.view(-1))
-    at += rows
+    base_part.view(torch.int16).copy_(base)
+    code_part.copy_(code.view(-1))
     zs = torch.zeros(h, later + later % 2)
     zs[:, :later] = z.view(later, h).t()
-    pack_nibbles(zs, out[at : at + zero_bytes].view(h, -1))
-    at += zero_bytes
-    quantize(r, MODE4A, inv, z, out[at:].view(rows, d // 2))
+    pack_nibbles(zs, zero_part.view(h, -1))
+    quantize(r, MODE4A, inv, z, codes.view(rows, d // 2))
     return out
 
 
@@ -385,26 +390,18 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         return head
     out = torch.empty(spec.shape, dtype=spec.dtype)
     out[:first] = head
-    at = head_bytes
     later = t - first
-    zero_bytes = h * ((later + 1) // 2)
+    base_part, code_part, zero_part, codes = _compact_parts(data, head_bytes, h, rows, later)
     if _helper is not None:  # the C helper: the rows' scales and zero-points in one call
         scale, z = torch.empty(rows), torch.empty(rows)
-        _helper.row_steps4a(data[at + 2 * h : at + 2 * h + rows].numpy(), data[at : at + 2 * h].numpy(),
-                            data[at + 2 * h + rows : at + 2 * h + rows + zero_bytes].numpy(), scale.numpy(),
-                            z.numpy())  # fmt: skip
-        codes = data[at + 2 * h + rows + zero_bytes :].view(rows, d // 2)
-        dequantize(codes, MODE4A, d, scale, z, spec.dtype, out=out[first:].view(rows, d))  # in place: no copy
-        return out
-    base = data[at : at + 2 * h].clone().view(torch.int16).to(torch.int64)
-    at += 2 * h
-    kk = (data[at : at + rows].to(torch.int64).view(-1, h) + base).view(-1)
-    at += rows
-    zs = unpack_nibbles(data[at : at + zero_bytes].view(h, -1), torch.empty(h, later + later % 2))
-    z = zs[:, :later].t().reshape(-1)  # row order [t][h]
-    at += zero_bytes
-    scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings
-    out[first:] = dequantize(data[at:].view(rows, d // 2), MODE4A, d, scale, z, spec.dtype).view(t - first, h, d)
+        _helper.row_steps4a(code_part.numpy(), base_part.numpy(), zero_part.numpy(), scale.numpy(), z.numpy())
+    else:
+        base = base_part.clone().view(torch.int16).to(torch.int64)
+        kk = (code_part.to(torch.int64).view(-1, h) + base).view(-1)
+        zs = unpack_nibbles(zero_part.view(h, -1), torch.empty(h, later + later % 2))
+        z = zs[:, :later].t().reshape(-1)  # row order [t][h]
+        scale = _row_step(kk, kk.div(16, rounding_mode="floor"))  # S: H (c - z) * S undoes both scalings
+    dequantize(codes.view(rows, d // 2), MODE4A, d, scale, z, spec.dtype, out=out[first:].view(rows, d))  # in place
     return out
 
 
