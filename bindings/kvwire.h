@@ -131,7 +131,7 @@ int kvw_set_log_level(int level);
  * ...) or num_layers tensors for MLA. options: comma-separated key=value (docs/c-api.md
  * has the grammar), NULL or "" for the defaults:
  *   streams=4, codec=raw|fp8|int4|raw+lz4|fp8+lz4|int4+lz4 (or a descriptor such as
- *   int4/g64/k64), chunk_kib=2048, staging_mib=64, connect_timeout=10,
+ *   int4/g64/k64), chunk_kib=2048 (4096 on a short path unless set), staging_mib=64, connect_timeout=10,
  *   transport=tcp|ucx (ucx needs UCXX in the embedded Python),
  *   exact_tokens=0 (a lossy codec sends the first N tokens of each transfer raw) */
 int kvw_sender_create(const kvw_layout* layout, const char* peer, const char* secret, const kvw_tensor* caches,

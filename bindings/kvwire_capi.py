@@ -702,8 +702,8 @@ def install(ffi) -> None:
     def _kvwpy_sender_create(c_layout, peer, secret, caches, num_caches, options, out):
         fields, layout, peer_text, key, opts = endpoint_arguments(c_layout, peer, "peer", secret, options, out)
         codec = codec_option(opts.get("codec", "raw"), "codec")
-        chunk_kib, staging_mib = opts.get("chunk_kib", 2048), opts.get("staging_mib", 64)
-        if staging_mib << 10 < chunk_kib + 64:
+        chunk_kib, staging_mib = opts.get("chunk_kib"), opts.get("staging_mib", 64)
+        if chunk_kib is not None and staging_mib << 10 < chunk_kib + 64:
             raise Invalid(f"options: staging_mib={staging_mib} cannot hold one chunk of chunk_kib={chunk_kib} "
                           f"(it needs {chunk_kib + 64} KiB)")  # fmt: skip
         kv_caches = caches_from(layout, fields, caches, num_caches)
@@ -715,7 +715,7 @@ def install(ffi) -> None:
                 kv_caches=kv_caches,
                 streams=opts.get("streams", 4),
                 codec=codec,
-                chunk_bytes=chunk_kib << 10,
+                chunk_bytes=None if chunk_kib is None else chunk_kib << 10,
                 staging_bytes=staging_mib << 20,
                 connect_timeout=opts.get("connect_timeout", 10.0),
                 transport=opts.get("transport", "tcp"),

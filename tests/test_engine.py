@@ -216,10 +216,38 @@ def test_chunk_bytes_beyond_the_receivers_frames_is_cut_to_them_and_said(receive
     assert_transferred(layout, src, list(range(16)), dst, list(range(16)), 256)
 
 
+def test_chunks_are_larger_on_a_short_path_unless_set(receiver_for):
+    """chunk_bytes=None: 4 MiB on loopback (a short path), where the receiver's frames and
+    the sender's staging take it; 2 MiB where they do not; a size that was set is kept.
+    Across a long path: tests/test_link_emulated.py."""
+    from kvwire.engine.sender import DEFAULT_CHUNK_BYTES, SHORT_PATH_CHUNK_BYTES
+
+    layout = kvwire.KVLayout.gqa(num_layers=1, num_kv_heads=8, head_dim=128, block_size=16)
+    rx, dst = receiver_for(layout)
+    small, _ = receiver_for(layout, slot_bytes=(2 << 20) + (64 << 10))
+    src = filled(layout, 16, seed=3)
+    found = {}
+    for name, peer, options in [("default", rx, {}), ("set", rx, {"chunk_bytes": 1 << 20}),
+                                ("small frames", small, {}),
+                                ("small staging", rx, {"staging_bytes": 4 << 20})]:  # fmt: skip
+        with sender(layout, peer, src, streams=1, **options) as tx:
+            found[name] = tx.stats()["chunk_bytes"]
+            if name == "default":
+                h = rx.expect("r", list(range(16)), 256)
+                tx.send("r", list(range(16)), 256, timeout=30)
+                h.wait(timeout=10)
+    assert found == {"default": SHORT_PATH_CHUNK_BYTES, "set": 1 << 20, "small frames": DEFAULT_CHUNK_BYTES,
+                     "small staging": DEFAULT_CHUNK_BYTES}  # fmt: skip
+    assert_transferred(layout, src, list(range(16)), dst, list(range(16)), 256)
+    for bad in (True, 4095, 2.0**21):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            sender(layout, rx, src, streams=1, chunk_bytes=bad)
+
+
 def test_queued_chunks_go_out_gathered_and_whole(receiver_for):
     # One connection held back by credit (1 MiB window, credit returned 256 KiB at a time)
     # while 24 chunks of 128 KiB wait in the queue: each credit lets the writer take two,
-    # which go out in one send (on loopback, without checksums: see GATHER_MAX_RTT_S).
+    # which go out in one send (on loopback, without checksums: see SHORT_PATH_RTT_S).
     # Every byte still lands where it belongs; with checksums, one chunk per send.
     layout = LAYOUTS["mha"]
     rx, dst = receiver_for(layout, staging_bytes=4 << 20, slot_bytes=256 << 10, window_bytes=1 << 20,

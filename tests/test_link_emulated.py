@@ -152,3 +152,19 @@ def test_chunks_go_out_one_per_send_across_a_long_path():
     assert not gather
     assert conn["data_frames"] == conn["data_sends"] == stats["chunks"] == 32
     assert_transferred(LAYOUT, src, list(range(16)), dst, list(range(16)), 256)
+
+
+def test_chunks_keep_their_default_size_across_a_long_path():
+    """chunk_bytes=None is 2 MiB across 20 ms of RTT: the larger chunks of a short path
+    (tests/test_engine.py) would stripe a layer over fewer connections where the link,
+    not the CPU per frame, limits."""
+    from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
+
+    with netem.EmulatedLink(netem.parse_link("rtt=20ms,rate=160mbit")) as link:
+        rx, tx, _, _ = open_pair(link, 16, streams=1, max_streams=1)
+        try:
+            chunk = tx.stats()["chunk_bytes"]
+        finally:
+            tx.close()
+            rx.close()
+    assert chunk == DEFAULT_CHUNK_BYTES

@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="connections the sender may grow to while goodput grows (default: the library's, 16; "
                         "equal to --streams for a fixed count)")  # fmt: skip
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
-    p.add_argument("--chunk-kib", type=int, default=2048, help="target frame payload in KiB")
+    p.add_argument("--chunk-kib", type=int, default=None,
+                   help="target frame payload in KiB (default: the library's, 2048, or 4096 on a short path)")  # fmt: skip
     p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
     p.add_argument("--exact-tokens", type=int, default=0,
                    help="first tokens of each request sent raw with a lossy codec (default 0)")  # fmt: skip
@@ -90,14 +91,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def receiver_slot_bytes(args: argparse.Namespace) -> int:
     """A benchmark receiver's ``slot_bytes`` (the largest payload of a frame, which caps the
     sender's chunks at the handshake): the default, or what ``--chunk-kib`` asks for."""
-    return max(DEFAULT_SLOT_BYTES, (args.chunk_kib << 10) + (64 << 10))
+    return max(DEFAULT_SLOT_BYTES, (chunk_bytes(args) or 0) + (64 << 10))
+
+
+def chunk_bytes(args: argparse.Namespace) -> int | None:
+    """``--chunk-kib`` in bytes; None: the library chooses."""
+    return None if args.chunk_kib is None else args.chunk_kib << 10
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     profiles.get(args.profile)
     kvwire.codec.get(args.codec)
     for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib", "encode_threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     if args.exact_tokens < 0:
         raise ValueError(f"--exact-tokens: must be 0 or more, got {args.exact_tokens}")
@@ -263,7 +269,7 @@ def sender_main(
     src = fixture.shard_caches(src, layout)  # then keeps its own heads
     tls = tlsutil.client_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     options = dict(
-        secret=secret, kv_caches=src, streams=args.streams, codec=args.codec, chunk_bytes=args.chunk_kib << 10,
+        secret=secret, kv_caches=src, streams=args.streams, codec=args.codec, chunk_bytes=chunk_bytes(args),
         transport=args.transport, encode_threads=args.encode_threads, exact_tokens=args.exact_tokens, tls=tls,
         checksum=getattr(args, "checksum", None), max_streams=args.max_streams,
     )  # fmt: skip
@@ -273,7 +279,7 @@ def sender_main(
     single = None
     if args.compare_single_stream:
         single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, max_streams=1,
-                               codec=args.codec, chunk_bytes=args.chunk_kib << 10,
+                               codec=args.codec, chunk_bytes=chunk_bytes(args),
                                exact_tokens=args.exact_tokens)  # fmt: skip
     pipe.send("ready")
     while True:

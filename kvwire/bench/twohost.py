@@ -15,7 +15,7 @@ import torch
 
 import kvwire
 from kvwire.bench.fixture import dst_blocks, fill, layout_and_blocks, verify
-from kvwire.bench.loopback import receiver_slot_bytes, send_round
+from kvwire.bench.loopback import chunk_bytes, receiver_slot_bytes, send_round
 from kvwire.proto.frames import crc32c
 from kvwire.tuning import tune_malloc
 
@@ -117,7 +117,7 @@ def send(args: argparse.Namespace, peer, progress=print) -> dict:
     gc.freeze()
     rounds = []
     with kvwire.Sender(layout, peer, secret=_secret(), kv_caches=src, streams=args.streams, codec=args.codec,
-                       chunk_bytes=args.chunk_kib << 10, exact_tokens=args.exact_tokens,
+                       chunk_bytes=chunk_bytes(args), exact_tokens=args.exact_tokens,
                        encode_threads=args.encode_threads, checksum=getattr(args, "checksum", None),
                        max_streams=args.max_streams) as tx:  # fmt: skip
         for r in range(args.rounds):

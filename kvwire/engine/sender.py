@@ -45,7 +45,7 @@ from kvwire.engine.common import (
     secret_bytes,
 )
 from kvwire.engine.placement import Encoder, GpuDirectEncoder, GpuStagedEncoder, HostEncoder, Payload, gpu_kernels
-from kvwire.engine.sender_link import AUTO, LinkFollower, auto_codecs
+from kvwire.engine.sender_link import AUTO, SHORT_PATH_RTT_S, LinkFollower, auto_codecs
 from kvwire.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -71,6 +71,11 @@ log = logging.getLogger("kvwire.sender")
 DEFAULT_STREAMS = 4  # loopback and a 40 ms / 2 Gbit/s link both saturate at 4-8; see docs/benchmarks.md
 DEFAULT_MAX_STREAMS = 16  # connections grow up to this while goodput grows (TCP; see kvwire/planning.py)
 DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small enough to stripe a layer
+# On a short path (the handshakes' RTT under SHORT_PATH_RTT_S: loopback, one datacenter)
+# the CPU per frame, not the link, is what limits, and a layer striped over fewer
+# connections costs nothing: chunks of this size there, when ``chunk_bytes`` is not given
+# (docs/benchmarks.md, "Chunks of 4 MiB on short paths").
+SHORT_PATH_CHUNK_BYTES = 4 << 20
 DEFAULT_STAGING_BYTES = 64 << 20
 # A writer gathers up to this many queued chunks (this many bytes) into one sendmsg while
 # no other connection waits for one: a sendmsg per 2 MiB frame cost the sender 0.140-0.155
@@ -300,7 +305,9 @@ class Sender:
             second; None: every layer is ready when the transfer starts).
         group_size: channels per int4 value group (32, 64 or 128).
         staging_bytes: host memory for encoded chunks waiting for the network.
-        chunk_bytes: target encoded size of one frame (at most the receiver's ``slot_bytes``).
+        chunk_bytes: target encoded size of one frame (at most the receiver's ``slot_bytes``);
+            None: 2 MiB, or 4 MiB on a short path (TCP, the handshakes' RTT under 2 ms) where
+            the receiver's ``slot_bytes`` and ``staging_bytes`` take it.
         tls: an ``ssl.SSLContext`` (client side) to encrypt the connections (TCP only).
         socket_options: a :class:`~kvwire.SocketOptions` for every TCP connection.
         connect_timeout: seconds each connection has to connect and finish its handshake.
@@ -346,7 +353,7 @@ class Sender:
         max_exposed_ms: float | None = None,
         layers_per_s: float | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         tls: ssl.SSLContext | None = None,
         socket_options: SocketOptions | None = None,
         connect_timeout: float = 10.0,
@@ -371,8 +378,9 @@ class Sender:
             raise TypeError(f"layout: expected KVLayout, got {type(layout).__name__}")
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= 64:
             raise ValueError(f"streams: expected an int in 1..64, got {streams!r}")
-        if chunk_bytes < 4096:
-            raise ValueError(f"chunk_bytes: at least 4096, got {chunk_bytes}")
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                        or chunk_bytes < 4096):  # fmt: skip
+            raise ValueError(f"chunk_bytes: an int of at least 4096, or None, got {chunk_bytes!r}")
         self.layout = layout
         self.auto = codec == AUTO
         if self.auto:
@@ -416,8 +424,7 @@ class Sender:
         self._caches = [dict(c) for c in kv_caches]
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
-        self._chunk_bytes = chunk_bytes
-        self._pool = StagingPool(staging_bytes, chunk_bytes + 64 * 1024)
+        self._chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self._lock = threading.Lock()
         self._jobs: collections.deque = collections.deque()
         self._jobs_cond = threading.Condition(self._lock)
@@ -468,13 +475,21 @@ class Sender:
         except BaseException:
             for c in self._conns:
                 c.stream.close()
-            self._pool.close()
             raise
+        if chunk_bytes is None and self._short_path() and self.max_payload >= SHORT_PATH_CHUNK_BYTES \
+                and staging_bytes >= SHORT_PATH_CHUNK_BYTES + 64 * 1024:  # fmt: skip
+            self._chunk_bytes = SHORT_PATH_CHUNK_BYTES
         if self._chunk_bytes > self.max_payload:  # said aloud when it was asked for, not just the default
-            log.log(logging.INFO if chunk_bytes == DEFAULT_CHUNK_BYTES else logging.WARNING,
+            log.log(logging.INFO if chunk_bytes is None else logging.WARNING,
                     "chunk_bytes %d is more than the receiver takes in one frame (its slot_bytes): chunks of %d "
                     "bytes instead", self._chunk_bytes, self.max_payload)  # fmt: skip
             self._chunk_bytes = self.max_payload
+        try:
+            self._pool = StagingPool(staging_bytes, self._chunk_bytes + 64 * 1024)
+        except BaseException:
+            for c in self._conns:
+                c.stream.close()
+            raise
         self._device_payloads = all(c.stream.device_payloads for c in self._conns) if self._device_payloads else False
         if self._device_payloads:
             log.info("payloads go from GPU memory over UCX, without host staging")
@@ -493,6 +508,13 @@ class Sender:
         self._follower = LinkFollower(self, start=streams, bound=max_streams, codecs=self.codecs,
                                       on_gpu=self._kernels is not None)  # fmt: skip
         self._follower.start()
+
+    def _short_path(self) -> bool:
+        """Whether every connection's handshake saw a round trip under SHORT_PATH_RTT_S
+        (TCP's minimum RTT; False where TCP_INFO says nothing: UCX)."""
+        infos: list[dict] = [c.stream.tcp_info() if hasattr(c.stream, "tcp_info") else {} for c in self._conns]
+        rtts = [i.get("min_rtt_us") for i in infos]
+        return bool(rtts) and all(r is not None and 0 < r < SHORT_PATH_RTT_S * 1e6 for r in rtts)
 
     def _agree_part(self, accepted) -> None:
         """What this sender sends this receiver, from both sides' tensor parallelism."""

@@ -43,12 +43,13 @@ IDLE_PERIOD_S = 0.5
 COST_CACHE = 256  # (codec, num_tokens) -> layer costs remembered
 PRIOR_TOKENS = 128  # tokens of one tensor a codec is timed on once, when auto may choose it
 # Writers gather queued chunks into one send only on a path this short (loopback, one
-# datacenter), where the CPU per send is what limits; across a longer path the link does,
-# and chunks taken one at a time keep a slow connection from holding a layer's tail. And
-# only without payload checksums: each CRC32C is computed just before its chunk is sent,
-# while the bytes are in cache; gathering 2 or 8 chunks first lowered throughput by 2-6%
-# on loopback (bench/thread_cpu.py; docs/development.md).
-GATHER_MAX_RTT_S = 0.002
+# datacenter; chunks are larger there too: sender.py, SHORT_PATH_CHUNK_BYTES), where the
+# CPU per send is what limits; across a longer path the link does, and chunks taken one
+# at a time keep a slow connection from holding a layer's tail. And only without payload
+# checksums: each CRC32C is computed just before its chunk is sent, while the bytes are in
+# cache; gathering 2 or 8 chunks first lowered throughput by 2-6% on loopback
+# (bench/thread_cpu.py; docs/development.md).
+SHORT_PATH_RTT_S = 0.002
 
 
 def auto_codecs(
@@ -160,7 +161,7 @@ class LinkFollower:
     # -- connections that follow the link -------------------------------------------------------
     def _allow_gathering(self, state: LinkState) -> None:
         rtt = state.min_rtt.value
-        self._sender.gather = self._sender.checksum == "none" and rtt is not None and rtt < GATHER_MAX_RTT_S
+        self._sender.gather = self._sender.checksum == "none" and rtt is not None and rtt < SHORT_PATH_RTT_S
 
     def _follow(self) -> None:
         state = self.state()
