@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "equal to --streams for a fixed count)")  # fmt: skip
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=None,
-                   help="target frame payload in KiB (default: the library's, 2048, or 4096 on a short path)")  # fmt: skip
+                   help="target frame payload in KiB (default: 2048, or 4096 on a short path)")  # fmt: skip
     p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
     p.add_argument("--exact-tokens", type=int, default=0,
                    help="first tokens of each request sent raw with a lossy codec (default 0)")  # fmt: skip

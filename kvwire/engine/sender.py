@@ -74,7 +74,7 @@ DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small e
 # On a short path (the handshakes' RTT under SHORT_PATH_RTT_S: loopback, one datacenter)
 # the CPU per frame, not the link, is what limits, and a layer striped over fewer
 # connections costs nothing: chunks of this size there, when ``chunk_bytes`` is not given
-# (docs/benchmarks.md, "Chunks of 4 MiB on short paths").
+# (docs/benchmarks.md, "4 MiB on short paths").
 SHORT_PATH_CHUNK_BYTES = 4 << 20
 DEFAULT_STAGING_BYTES = 64 << 20
 # A writer gathers up to this many queued chunks (this many bytes) into one sendmsg while
