@@ -425,6 +425,9 @@ class Sender:
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        if isinstance(staging_bytes, int) and staging_bytes < self._chunk_bytes + 64 * 1024:  # before connecting
+            raise ValueError(f"staging_bytes: budget of {staging_bytes} bytes is less than one chunk's slot "
+                             f"({self._chunk_bytes + 64 * 1024})")  # fmt: skip
         self._lock = threading.Lock()
         self._jobs: collections.deque = collections.deque()
         self._jobs_cond = threading.Condition(self._lock)
