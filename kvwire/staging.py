@@ -72,14 +72,20 @@ class Slot:
             self.pool._release(self)
 
 
+def check_budget(budget_bytes: int, slot_bytes: int) -> None:
+    """ValueError unless ``budget_bytes`` holds one slot of ``slot_bytes`` (what a
+    :class:`StagingPool` needs; callers that must refuse before any other work check first)."""
+    if slot_bytes <= 0:
+        raise ValueError(f"slot_bytes: must be positive, got {slot_bytes}")
+    if budget_bytes < slot_bytes:
+        raise ValueError(f"staging_bytes: budget of {budget_bytes} bytes is less than one slot ({slot_bytes})")
+
+
 class StagingPool:
     """``budget_bytes`` of host memory; one :meth:`acquire` takes at most ``slot_bytes``."""
 
     def __init__(self, budget_bytes: int, slot_bytes: int, *, pinned: bool | None = None) -> None:
-        if slot_bytes <= 0:
-            raise ValueError(f"slot_bytes: must be positive, got {slot_bytes}")
-        if budget_bytes < slot_bytes:
-            raise ValueError(f"staging_bytes: budget of {budget_bytes} bytes is less than one slot ({slot_bytes})")
+        check_budget(budget_bytes, slot_bytes)
         self.slot_bytes = slot_bytes
         self._units = -(-budget_bytes // UNIT)
         self.budget_bytes = self._units * UNIT

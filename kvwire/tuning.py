@@ -36,15 +36,15 @@ M_ARENA_MAX = -8
 def tune_malloc(threshold: int = 1 << 30, arenas: int | None = None) -> bool:
     """Raise glibc's mmap/trim thresholds and cap its arenas at ``arenas`` (default: the
     CPUs this process may run on); False where the C library is not glibc."""
+    if arenas is None:
+        arenas = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if arenas < 1:
+        raise ValueError(f"arenas: at least 1, got {arenas}")
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    if arenas is None:
-        arenas = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if arenas < 1:
-        raise ValueError(f"arenas: at least 1, got {arenas}")
     return (bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
             and bool(mallopt(M_ARENA_MAX, arenas)))  # fmt: skip
 

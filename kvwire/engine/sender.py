@@ -61,7 +61,7 @@ from kvwire.planning import Choice, Estimate, choose_codec
 from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
 from kvwire.proto.request import TensorPlan, check_rows, tensor_plans
 from kvwire.sharding import Part, kinds, part_for, tp_of
-from kvwire.staging import StagingClosed, StagingPool
+from kvwire.staging import StagingClosed, StagingPool, check_budget
 from kvwire.threads import Thread
 from kvwire.transport import ByteStream
 from kvwire.transport.tcp import SocketOptions, connect, parse_address
@@ -76,6 +76,7 @@ DEFAULT_CHUNK_BYTES = 2 << 20  # big enough that per-frame costs vanish, small e
 # connections costs nothing: chunks of this size there, when ``chunk_bytes`` is not given
 # (docs/benchmarks.md, "4 MiB on short paths").
 SHORT_PATH_CHUNK_BYTES = 4 << 20
+SLOT_HEADROOM = 64 * 1024  # a staging slot holds a chunk and the lz4 stage's worst-case headers
 DEFAULT_STAGING_BYTES = 64 << 20
 # A writer gathers up to this many queued chunks (this many bytes) into one sendmsg while
 # no other connection waits for one: a sendmsg per 2 MiB frame cost the sender 0.140-0.155
@@ -425,9 +426,7 @@ class Sender:
         first = next((t for c in self._caches for t in c.values()), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-        if isinstance(staging_bytes, int) and staging_bytes < self._chunk_bytes + 64 * 1024:  # before connecting
-            raise ValueError(f"staging_bytes: budget of {staging_bytes} bytes is less than one chunk's slot "
-                             f"({self._chunk_bytes + 64 * 1024})")  # fmt: skip
+        check_budget(staging_bytes, self._chunk_bytes + SLOT_HEADROOM)  # before connecting
         self._lock = threading.Lock()
         self._jobs: collections.deque = collections.deque()
         self._jobs_cond = threading.Condition(self._lock)
@@ -480,7 +479,7 @@ class Sender:
                 c.stream.close()
             raise
         if chunk_bytes is None and self._short_path() and self.max_payload >= SHORT_PATH_CHUNK_BYTES \
-                and staging_bytes >= SHORT_PATH_CHUNK_BYTES + 64 * 1024:  # fmt: skip
+                and staging_bytes >= SHORT_PATH_CHUNK_BYTES + SLOT_HEADROOM:  # fmt: skip
             self._chunk_bytes = SHORT_PATH_CHUNK_BYTES
         if self._chunk_bytes > self.max_payload:  # said aloud when it was asked for, not just the default
             log.log(logging.INFO if chunk_bytes is None else logging.WARNING,
@@ -488,7 +487,7 @@ class Sender:
                     "bytes instead", self._chunk_bytes, self.max_payload)  # fmt: skip
             self._chunk_bytes = self.max_payload
         try:
-            self._pool = StagingPool(staging_bytes, self._chunk_bytes + 64 * 1024)
+            self._pool = StagingPool(staging_bytes, self._chunk_bytes + SLOT_HEADROOM)
         except BaseException:
             for c in self._conns:
                 c.stream.close()
