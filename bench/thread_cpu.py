@@ -135,7 +135,7 @@ def receiver(pipe, args: argparse.Namespace, rank: int = 0) -> None:
         pipe.send(listener.getsockname())
     else:
         rx = kvwire.Receiver(layout, ("127.0.0.1", 0), secret=SECRET, kv_caches=caches, checksum=args.checksum,
-                             slot_bytes=receiver_slot_bytes(args))  # fmt: skip
+                             slot_bytes=receiver_slot_bytes(args), receive_lane=not args.no_receive_lane)  # fmt: skip
         pipe.send(rx.address)
     start, usage0 = per_thread(), process_usage()
     for r in range(args.rounds):
@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--decode-tp", type=int, default=1,
                         help="receiver processes, each with its share of the heads (one prefill rank)")  # fmt: skip
     parser.add_argument("--plain", action="store_true", help="plain sockets cache to cache instead of kvwire")
+    parser.add_argument("--no-receive-lane", action="store_true",
+                        help="every frame through the receiver's Python loop (for comparisons)")  # fmt: skip
     parser.add_argument("--perf", action="store_true", help="also split the machine's CPU with perf record -a")
     args = parser.parse_args()
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4 or args.decode_tp < 1:

@@ -480,6 +480,65 @@ static PyObject *py_recvv(PyObject *self, PyObject *args) { return move(args, 0)
 
 static PyObject *py_hardware(PyObject *self, PyObject *unused) { return PyBool_FromLong(use_hw); }
 
+/* Where a selection's token rows lie in a block cache (``rows`` below says how). */
+typedef struct {
+    uint64_t address;
+    Py_ssize_t num_blocks, block_stride, row_stride, span, block_size;
+} RowsGeometry;
+
+/* Fill ``o`` (``capacity`` [address, length] rows) with the spans of tokens [start, start +
+ * count) of the selection ``id`` (``n_ids`` blocks in token order); how many rows it used,
+ * or -1 with ``*why`` set (and ``*bad``, the block id, if it names one). The geometry must have been checked (rows_geometry_ok). */
+static Py_ssize_t rows_fill(const RowsGeometry *g, const int64_t *id, Py_ssize_t n_ids, Py_ssize_t start,
+                            Py_ssize_t count, uint64_t *o, Py_ssize_t capacity, const char **why, int64_t *bad) {
+    int whole_rows = g->span == g->row_stride;
+    Py_ssize_t n = 0, t = start, end = start + count;
+    if ((end - 1) / g->block_size >= n_ids) {
+        *why = "rows: out must be uint64 [n, 2], ids int64 covering every token";
+        return -1;
+    }
+    while (t < end) {
+        Py_ssize_t position = t / g->block_size, offset = t % g->block_size;
+        int64_t block = id[position];
+        if (block < 0 || block >= g->num_blocks) {
+            *why = "rows: block id %lld outside 0..%zd";
+            *bad = block;
+            return -1;
+        }
+        Py_ssize_t here = g->block_size - offset < end - t ? g->block_size - offset : end - t;
+        uint64_t base = g->address + (uint64_t)block * (uint64_t)g->block_stride +
+                        (uint64_t)offset * (uint64_t)g->row_stride;
+        if (whole_rows) { /* the rows of a block follow each other: one span, joined to the last if adjacent */
+            uint64_t length = (uint64_t)here * (uint64_t)g->row_stride;
+            if (n && o[2 * n - 2] + o[2 * n - 1] == base) {
+                o[2 * n - 1] += length;
+            } else {
+                if (n == capacity) goto full;
+                o[2 * n] = base;
+                o[2 * n + 1] = length;
+                n++;
+            }
+        } else {
+            for (Py_ssize_t k = 0; k < here; k++) {
+                if (n == capacity) goto full;
+                o[2 * n] = base + (uint64_t)k * (uint64_t)g->row_stride;
+                o[2 * n + 1] = (uint64_t)g->span;
+                n++;
+            }
+        }
+        t += here;
+    }
+    return n;
+full:
+    *why = "rows: out has too few rows for these spans";
+    return -1;
+}
+
+static int rows_geometry_ok(const RowsGeometry *g, Py_ssize_t start, Py_ssize_t count) {
+    return !(g->block_size <= 0 || g->span <= 0 || g->span > g->row_stride ||
+             g->row_stride * g->block_size > g->block_stride || start < 0 || count <= 0 || g->num_blocks <= 0);
+}
+
 /* rows(out, ids, address, num_blocks, block_stride, row_stride, span, block_size, start, count)
  *
  * Tokens [start, start + count) of a selection whose blocks, in token order, are ``ids``
@@ -496,8 +555,8 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOKnnnnnnn", &out_obj, &ids_obj, &address, &num_blocks, &block_stride, &row_stride,
                           &span, &block_size, &start, &count))
         return NULL;
-    if (block_size <= 0 || span <= 0 || span > row_stride || row_stride * block_size > block_stride || start < 0 ||
-        count <= 0 || num_blocks <= 0) {
+    RowsGeometry checked = {address, num_blocks, block_stride, row_stride, span, block_size};
+    if (!rows_geometry_ok(&checked, start, count)) {
         PyErr_SetString(PyExc_ValueError, "rows: inconsistent geometry (sizes, strides, start or count)");
         return NULL;
     }
@@ -508,51 +567,297 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    uint64_t *o = (uint64_t *)out.buf;
-    const int64_t *id = (const int64_t *)ids.buf;
-    Py_ssize_t capacity = out.len / 16, n_ids = ids.len / 8;
-    int whole_rows = span == row_stride;
-    Py_ssize_t n = 0, t = start, end = start + count;
-    if (out.len % 16 || ids.len % 8 || (end - 1) / block_size >= n_ids) {
+    const char *why = NULL;
+    int64_t bad = -1;
+    if (out.len % 16 || ids.len % 8) {
         PyErr_SetString(PyExc_ValueError, "rows: out must be uint64 [n, 2], ids int64 covering every token");
         goto done;
     }
-    while (t < end) {
-        Py_ssize_t position = t / block_size, offset = t % block_size;
-        int64_t block = id[position];
-        if (block < 0 || block >= num_blocks) {
-            PyErr_Format(PyExc_ValueError, "rows: block id %lld outside 0..%zd", (long long)block, num_blocks - 1);
-            goto done;
-        }
-        Py_ssize_t here = block_size - offset < end - t ? block_size - offset : end - t;
-        uint64_t base = address + (uint64_t)block * (uint64_t)block_stride + (uint64_t)offset * (uint64_t)row_stride;
-        if (whole_rows) {  /* the rows of a block follow each other: one span, joined to the last if adjacent */
-            uint64_t length = (uint64_t)here * (uint64_t)row_stride;
-            if (n && o[2 * n - 2] + o[2 * n - 1] == base) {
-                o[2 * n - 1] += length;
-            } else {
-                if (n == capacity) goto full;
-                o[2 * n] = base;
-                o[2 * n + 1] = length;
-                n++;
-            }
-        } else {
-            for (Py_ssize_t k = 0; k < here; k++) {
-                if (n == capacity) goto full;
-                o[2 * n] = base + (uint64_t)k * (uint64_t)row_stride;
-                o[2 * n + 1] = (uint64_t)span;
-                n++;
-            }
-        }
-        t += here;
+    Py_ssize_t n = rows_fill(&checked, (const int64_t *)ids.buf, ids.len / 8, start, count, (uint64_t *)out.buf,
+                             out.len / 16, &why, &bad);
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, why, (long long)bad, num_blocks - 1);
+        goto done;
     }
     result = PyLong_FromSsize_t(n);
-    goto done;
-full:
-    PyErr_SetString(PyExc_ValueError, "rows: out has too few rows for these spans");
 done:
     PyBuffer_Release(&ids);
     PyBuffer_Release(&out);
+    return result;
+}
+
+/* ---- The receive lane ------------------------------------------------------------------
+ *
+ * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters)
+ *     -> (status, lane, received, owed, error)
+ *
+ * The receiver's frame loop for the frames that need no Python (kvwire/engine/lane.py):
+ * raw DATA of a bound request, received in place. It reads a frame header into ``head``
+ * (a writable 32-byte buffer). When the frame is a well-formed DATA frame of a tag in
+ * ``lanes`` (a dict: tag -> Lane) whose lane is live, its layer and tensor are ones this
+ * sender's part carries, its rows lie inside the plan and on its grid, its length is what
+ * those raw rows take, and none of its rows was claimed before, the lane claims the rows
+ * (as RequestPlan.claim does), receives the payload straight into the destination rows,
+ * checks its CRC32C (``checked``), counts it, and reads the next header. Anything else
+ * goes back to Python, which handles it as it handles every frame (and names what is
+ * wrong with it). ``status``:
+ *
+ *   LANE_PYTHON    ``head`` holds a header the lane does not take: Python reads that frame
+ *   LANE_HANDOFF   the frame in ``head`` was written, verified and counted, and its layer
+ *                  may now be ready or its request no longer live: Python finishes the write
+ *                  (its claim stands and the layer's writing count still includes it)
+ *   LANE_CHECKSUM  the frame's payload failed its checksum; its rows are still claimed
+ *   LANE_LOST      the stream ended or failed (``error``: the errno, 0 at end of stream);
+ *                  ``lane`` is the lane whose rows it was receiving, with the claim standing,
+ *                  or None between frames
+ *   LANE_CREDIT    ``owed`` reached ``batch``: Python returns it to the sender as credit
+ *
+ * ``received``: bytes read from the stream; ``owed``: payload bytes consumed (every one is
+ * owed back as credit, whatever became of it). ``lock`` is the receiver's lock: the lane
+ * looks at a request's tables only while holding it, as Python does; the reads from the
+ * socket run with neither the lock nor the GIL.
+ *
+ * A Lane's ``table`` (int64) is a header, LANE_HEAD values (below), then one entry of
+ * LANE_FIELDS values per (layer, tensor) position; the addresses in it are of arrays the
+ * Lane keeps alive (the plan's coverage, the selection's block ids, the caches). */
+enum { LANE_PYTHON, LANE_HANDOFF, LANE_CHECKSUM, LANE_LOST, LANE_CREDIT };
+enum { L_LIVE, L_LAYERS, L_TENSORS, L_IDS, L_NIDS, L_MISSING, L_WRITING, LANE_HEAD = 8 };
+enum {
+    E_ENABLED, E_ROWS, E_UNIT, E_WEIGHT, E_ADDRESS, E_NUM_BLOCKS, E_BLOCK_STRIDE, E_ROW_STRIDE, E_SPAN,
+    E_BLOCK_SIZE, E_COVERED, E_COUNTS, LANE_FIELDS
+};
+#define FRAME_HEADER 32
+#define FRAME_MAGIC 0x4B57
+#define FRAME_DATA 7
+#define DATA_RAW 0x01
+
+static uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+typedef struct {
+    uint32_t tag, start, count, length, crc;
+    unsigned layer, tensor;
+} DataHeader;
+
+/* Whether ``h`` is a well-formed DATA header (the checks parse_header makes) of at most
+ * ``max_payload`` bytes; its fields in ``d``. */
+static int data_header(const unsigned char *h, Py_ssize_t max_payload, DataHeader *d) {
+    if ((h[0] | h[1] << 8) != FRAME_MAGIC || h[2] != FRAME_DATA || (h[3] & ~DATA_RAW) || h[11]) return 0;
+    struct iovec body = {(void *)h, 28};
+    if (crc_iov(0, &body, 1) != le32(h + 28)) return 0;
+    d->tag = le32(h + 4);
+    d->layer = h[8] | h[9] << 8;
+    d->tensor = h[10];
+    d->start = le32(h + 12);
+    d->count = le32(h + 16);
+    d->length = le32(h + 20);
+    d->crc = le32(h + 24);
+    return d->length > 0 && d->length <= (uint64_t)max_payload;
+}
+
+static int add_to(PyObject *target, const char *name, long long delta, int item) {
+    PyObject *key = PyUnicode_FromString(name), *value = NULL, *sum = NULL, *by = PyLong_FromLongLong(delta);
+    int rc = -1;
+    if (key == NULL || by == NULL) goto done;
+    value = item ? PyObject_GetItem(target, key) : PyObject_GetAttr(target, key);
+    if (value == NULL) goto done;
+    sum = PyNumber_Add(value, by);
+    if (sum == NULL) goto done;
+    rc = item ? PyObject_SetItem(target, key, sum) : PyObject_SetAttr(target, key, sum);
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_XDECREF(sum);
+    Py_XDECREF(by);
+    return rc;
+}
+
+/* A written, verified chunk counted where Python counts one (the handle's statistics). */
+static int count_chunk(PyObject *lane, long long nbytes) {
+    PyObject *handle = PyObject_GetAttrString(lane, "handle");
+    if (handle == NULL) return -1;
+    int rc = -1;
+    PyObject *first = PyObject_GetAttrString(handle, "t_first_byte");
+    if (first == NULL) goto done;
+    int seen = PyObject_IsTrue(first);
+    Py_DECREF(first);
+    if (seen < 0) goto done;
+    if (!seen) {
+        PyObject *now = PyFloat_FromDouble(now_s());
+        if (now == NULL || PyObject_SetAttrString(handle, "t_first_byte", now) < 0) {
+            Py_XDECREF(now);
+            goto done;
+        }
+        Py_DECREF(now);
+    }
+    if (add_to(handle, "chunks", 1, 0) < 0 || add_to(handle, "wire_bytes", nbytes, 0) < 0 ||
+        add_to(handle, "logical_bytes", nbytes, 0) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_DECREF(handle);
+    return rc;
+}
+
+static int call_lock(PyObject *lock, const char *method) {
+    PyObject *r = PyObject_CallMethod(lock, method, NULL);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Under the lock: the lane of ``d`` and the entry its frame lands in, its rows claimed and its
+ * destination spans in ``iov`` (``*spans`` of them), or 0 when the lane does not take it. */
+static int lane_claim(PyObject *lanes, const DataHeader *d, PyObject **lane_out, Py_buffer *table,
+                      struct iovec **iov, size_t *iov_cap, size_t *spans) {
+    PyObject *tag = PyLong_FromUnsignedLong(d->tag);
+    if (tag == NULL) return -1;
+    PyObject *lane = PyDict_GetItemWithError(lanes, tag);
+    Py_DECREF(tag);
+    if (lane == NULL) return PyErr_Occurred() ? -1 : 0;
+    PyObject *table_obj = PyObject_GetAttrString(lane, "table");
+    if (table_obj == NULL) return -1;
+    int got = PyObject_GetBuffer(table_obj, table, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
+    Py_DECREF(table_obj);
+    if (got < 0) return -1;
+    int64_t *t = (int64_t *)table->buf;
+    Py_ssize_t n = table->len / 8;
+    if (n < LANE_HEAD || !t[L_LIVE] || d->layer >= t[L_LAYERS] || d->tensor >= t[L_TENSORS]) goto no;
+    Py_ssize_t at = LANE_HEAD + ((Py_ssize_t)d->layer * t[L_TENSORS] + d->tensor) * LANE_FIELDS;
+    if (at + LANE_FIELDS > n) goto no;
+    int64_t *e = t + at;
+    int64_t start = d->start, count = d->count, rows = e[E_ROWS], unit = e[E_UNIT];
+    if (!e[E_ENABLED] || count <= 0 || start + count > rows || start % unit ||
+        ((start + count) % unit && start + count != rows) || (int64_t)d->length != count * e[E_SPAN])
+        goto no;
+    int64_t first = start / unit, last = (start + count + unit - 1) / unit;
+    unsigned char *covered = (unsigned char *)(uintptr_t)e[E_COVERED];
+    for (int64_t u = first; u < last; u++)
+        if (covered[u]) goto no; /* a repeat or an overlap: Python tells which */
+    if ((size_t)count > *iov_cap) {
+        struct iovec *bigger = PyMem_RawRealloc(*iov, 2 * (size_t)count * sizeof(struct iovec));
+        if (bigger == NULL) {
+            PyBuffer_Release(table);
+            PyErr_NoMemory();
+            return -1;
+        }
+        *iov = bigger;
+        *iov_cap = (size_t)count;
+    }
+    RowsGeometry g = {(uint64_t)e[E_ADDRESS], e[E_NUM_BLOCKS], e[E_BLOCK_STRIDE], e[E_ROW_STRIDE], e[E_SPAN],
+                      e[E_BLOCK_SIZE]};
+    const char *why;
+    int64_t bad;
+    if (!rows_geometry_ok(&g, start, count)) goto no;
+    Py_ssize_t made = rows_fill(&g, (const int64_t *)(uintptr_t)t[L_IDS], t[L_NIDS], start, count,
+                                (uint64_t *)*iov, (Py_ssize_t)*iov_cap, &why, &bad);
+    if (made < 0) goto no; /* Python's own path finds the same fault and names it */
+    memset(covered + first, 1, (size_t)(last - first));
+    ((int64_t *)(uintptr_t)e[E_COUNTS])[first] = count;
+    ((int64_t *)(uintptr_t)t[L_MISSING])[d->layer] -= (last - first) * e[E_WEIGHT];
+    ((int64_t *)(uintptr_t)t[L_WRITING])[d->layer] += 1;
+    *spans = (size_t)made;
+    Py_INCREF(lane);
+    *lane_out = lane;
+    return 1;
+no:
+    PyBuffer_Release(table);
+    return 0;
+}
+
+static PyObject *lane_result(int status, PyObject *lane, size_t received, size_t owed, int error) {
+    return Py_BuildValue("iOnni", status, lane ? lane : Py_None, (Py_ssize_t)received, (Py_ssize_t)owed, error);
+}
+
+static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
+    int fd, checked;
+    PyObject *head_obj, *lanes, *lock, *counters;
+    Py_ssize_t batch, max_payload;
+    if (!PyArg_ParseTuple(args, "iOO!OnnpO", &fd, &head_obj, &PyDict_Type, &lanes, &lock, &batch, &max_payload,
+                          &checked, &counters))
+        return NULL;
+    Py_buffer head;
+    if (PyObject_GetBuffer(head_obj, &head, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *result = NULL, *lane = NULL;
+    struct iovec *iov = NULL;
+    size_t iov_cap = 0, received = 0, owed = 0;
+    if (head.len != FRAME_HEADER) {
+        PyErr_SetString(PyExc_ValueError, "lane_recv: head must be a writable 32-byte buffer");
+        goto out;
+    }
+    for (;;) {
+        if (owed > 0 && owed >= (size_t)batch) { /* batch may be 0: a credit per frame */
+            result = lane_result(LANE_CREDIT, NULL, received, owed, 0);
+            goto out;
+        }
+        struct iovec one = {head.buf, FRAME_HEADER};
+        size_t moved = 0;
+        int err;
+        Py_BEGIN_ALLOW_THREADS err = move_all(fd, &one, 1, 0, -1, &moved);
+        Py_END_ALLOW_THREADS received += moved;
+        if (err || moved < FRAME_HEADER) {
+            result = lane_result(LANE_LOST, NULL, received, owed, err);
+            goto out;
+        }
+        DataHeader d;
+        if (!data_header(head.buf, max_payload, &d)) {
+            result = lane_result(LANE_PYTHON, NULL, received, owed, 0);
+            goto out;
+        }
+        Py_buffer table;
+        size_t spans = 0;
+        if (call_lock(lock, "acquire") < 0) goto out;
+        int claimed = lane_claim(lanes, &d, &lane, &table, &iov, &iov_cap, &spans);
+        int counted = claimed > 0 ? add_to(counters, "frames", 1, 1) | add_to(counters, "lane_frames", 1, 1) |
+                                        add_to(counters, "wire_bytes", d.length, 1)
+                                  : 0;
+        if (call_lock(lock, "release") < 0 || claimed < 0 || counted < 0) {
+            if (claimed > 0) PyBuffer_Release(&table);
+            goto out; /* a claim left standing dies with the connection's request (a Python error is a bug) */
+        }
+        if (!claimed) {
+            result = lane_result(LANE_PYTHON, NULL, received, owed, 0);
+            goto out;
+        }
+        int64_t *t = (int64_t *)table.buf;
+        struct iovec *work = iov + iov_cap; /* move_all advances its copy */
+        memcpy(work, iov, spans * sizeof(struct iovec));
+        uint32_t crc = 0;
+        Py_BEGIN_ALLOW_THREADS err = move_all(fd, work, spans, 0, -1, &moved);
+        if (!err && moved == d.length && checked) crc = crc_iov(0, iov, spans);
+        Py_END_ALLOW_THREADS received += moved;
+        if (err || moved < d.length) {
+            PyBuffer_Release(&table);
+            result = lane_result(LANE_LOST, lane, received, owed, err);
+            goto out;
+        }
+        owed += d.length;
+        if (checked && crc != d.crc) {
+            PyBuffer_Release(&table);
+            result = lane_result(LANE_CHECKSUM, lane, received, owed, 0);
+            goto out;
+        }
+        if (call_lock(lock, "acquire") < 0) {
+            PyBuffer_Release(&table);
+            goto out;
+        }
+        int64_t *writing = (int64_t *)(uintptr_t)t[L_WRITING], *missing = (int64_t *)(uintptr_t)t[L_MISSING];
+        int handoff = !t[L_LIVE] || (missing[d.layer] == 0 && writing[d.layer] == 1);
+        int rc = count_chunk(lane, d.length);
+        if (!handoff && rc == 0) writing[d.layer] -= 1;
+        PyBuffer_Release(&table);
+        if (call_lock(lock, "release") < 0 || rc < 0) goto out;
+        if (handoff) {
+            result = lane_result(LANE_HANDOFF, lane, received, owed, 0);
+            goto out;
+        }
+        Py_CLEAR(lane);
+    }
+out:
+    Py_XDECREF(lane);
+    PyMem_RawFree(iov);
+    PyBuffer_Release(&head);
     return result;
 }
 
@@ -1756,6 +2061,9 @@ static PyMethodDef methods[] = {
     {"recvv", py_recvv, METH_VARARGS, "recvv(fd, iov, timeout=-1) -> bytes read (fewer only at end of stream)."},
     {"hardware", py_hardware, METH_NOARGS, "hardware() -> whether CRC32C runs on the CPU's instruction."},
     {"rows", py_rows, METH_VARARGS, "rows(out, ids, address, ...) -> spans written into out (see the source)."},
+    {"lane_recv", py_lane_recv, METH_VARARGS,
+     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters) -> (status, lane, received, owed, "
+     "error): the receive lane (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1769,6 +2077,14 @@ PyMODINIT_FUNC PyInit__scatter(void) {
     use_hw = __builtin_cpu_supports("sse4.2");
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "TOGETHER_MAX", TOGETHER_MAX) < 0) Py_CLEAR(m);
+    if (m != NULL && (PyModule_AddIntConstant(m, "TOGETHER_MAX", TOGETHER_MAX) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_PYTHON", LANE_PYTHON) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_HANDOFF", LANE_HANDOFF) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_CHECKSUM", LANE_CHECKSUM) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_LOST", LANE_LOST) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_CREDIT", LANE_CREDIT) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_HEAD", LANE_HEAD) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_FIELDS", LANE_FIELDS) < 0))
+        Py_CLEAR(m);
     return m;
 }

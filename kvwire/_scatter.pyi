@@ -22,6 +22,18 @@ def rows(
     count: int,
     /,
 ) -> int: ...
+
+LANE_PYTHON: int
+LANE_HANDOFF: int
+LANE_CHECKSUM: int
+LANE_LOST: int
+LANE_CREDIT: int
+LANE_HEAD: int
+LANE_FIELDS: int
+
+def lane_recv(
+    fd: int, head: Any, lanes: dict, lock: Any, batch: int, max_payload: int, checked: bool, counters: Any, /
+) -> tuple[int, Any, int, int, int]: ...
 def key_encode(x: Any, glo: Any, inv: Any, bits: Any, out: Any, kind: int = 0, /) -> None: ...
 def key_extremes(x: Any, kind: int, c: int, gmn: Any, gmx: Any, mn: Any, mx: Any, rows: int = 16, /) -> None: ...
 def group_codes4(x: Any, kind: int, c: int, rows: int, zero: Any, inv: Any, out: Any, /) -> None: ...

@@ -71,14 +71,27 @@ def _span_view(address: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
+def token_geometry(heads: np.ndarray) -> tuple[int, int, int, int, int]:
+    """(address, num_blocks, block_stride, row_stride, span) of ``heads``, a ``[num_blocks,
+    block_size, span]`` uint8 view whose last axis is contiguous: one span per token."""
+    nb, _, span = heads.shape
+    return heads.ctypes.data, nb, heads.strides[0], heads.strides[1], span
+
+
+def block_geometry(blocks: np.ndarray, address: int, block_size: int) -> tuple[int, int, int, int, int]:
+    """The same for a contiguous cache ``[num_blocks, block_bytes]`` at ``address``: whole
+    rows, one span per run of blocks that follow each other in memory."""
+    nb, block_bytes = blocks.shape
+    row = block_bytes // block_size
+    return address, nb, block_bytes, row, row
+
+
 def token_spans(heads: np.ndarray, block_ids: Sequence[int] | np.ndarray, block_size: int, start: int,
                 count: int) -> Spans:  # fmt: skip
     """Tokens ``[start, start + count)`` of a selection (``block_ids``, int64, in token
-    order) in ``heads``, a ``[num_blocks, block_size, span]`` uint8 view whose last axis is
-    contiguous (:func:`kvwire.blocks.head_bytes`): one span per token."""
-    nb, bs, span = heads.shape
-    return _rows(heads, heads.ctypes.data, nb, heads.strides[0], heads.strides[1], span, block_ids, block_size,
-                 start, count, capacity=count)  # fmt: skip
+    order) in ``heads`` (:func:`token_geometry`; :func:`kvwire.blocks.head_bytes`): one
+    span per token."""
+    return _rows(heads, *token_geometry(heads), block_ids, block_size, start, count, capacity=count)
 
 
 def block_spans(blocks: np.ndarray, address: int, block_ids: Sequence[int] | np.ndarray, block_size: int, start: int,
@@ -86,10 +99,8 @@ def block_spans(blocks: np.ndarray, address: int, block_ids: Sequence[int] | np.
     """Tokens ``[start, start + count)`` of a selection (``block_ids``, int64, in token
     order) in ``blocks``, a contiguous cache ``[num_blocks, block_bytes]`` at ``address``:
     one span per run of blocks that follow each other in memory."""
-    nb, block_bytes = blocks.shape
     first, last = start // block_size, (start + count - 1) // block_size
-    row = block_bytes // block_size
-    return _rows(blocks, address, nb, block_bytes, row, row, block_ids, block_size, start, count,
+    return _rows(blocks, *block_geometry(blocks, address, block_size), block_ids, block_size, start, count,
                  capacity=last - first + 1)  # fmt: skip
 
 

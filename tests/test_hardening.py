@@ -293,6 +293,7 @@ def test_records_return_to_zero_after_completed_cancelled_and_failed_requests():
             assert wait_until(lambda: rx.census()["requests"] == 0 and rx.census()["tags"] == 0)
             census = rx.census()
             assert census["expected"] == 0 and census["parked_chunks"] == 0 and census["parked_bytes"] == 0
+            assert census["lanes"] == 0  # each closed as its request ended
             assert census["cancelled_ids"] <= 10  # a bounded memory of ids cancelled before their expect
     finally:
         rx.close()

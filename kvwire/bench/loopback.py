@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tp", type=int, default=1, help="decode tensor-parallel ranks, one process each (1)")
     p.add_argument("--decode-block-size", type=int, default=None,
                    help="the decode's block size (default: the profile's, as the prefill)")  # fmt: skip
+    p.add_argument("--no-receive-lane", action="store_true",
+                   help="every frame through the receiver's Python loop, none through its compiled receive lane "
+                        "(for comparisons)")  # fmt: skip
     p.add_argument("--destination", choices=["reverse", "forward"], default="reverse",
                    help="the receiver's blocks reversed (a run per block, the default) or in order (one run "
                         "per chunk, as a fresh allocator gives)")  # fmt: skip
@@ -185,7 +188,8 @@ def receiver_main(
     tls = tlsutil.server_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     rx = kvwire.Receiver(layout, (host, 0), secret=secret, kv_caches=dst, staging_bytes=args.staging_mib << 20,
                          transport=args.transport, tls=tls, checksum=getattr(args, "checksum", None),
-                         slot_bytes=receiver_slot_bytes(args))  # fmt: skip
+                         slot_bytes=receiver_slot_bytes(args),
+                         receive_lane=not getattr(args, "no_receive_lane", False))  # fmt: skip
     base_listener = socket.create_server((host, 0))
     gc.freeze()  # see kvwire/tuning.py
     pipe.send({"address": rx.address, "baseline_address": base_listener.getsockname()[:2]})

@@ -70,6 +70,8 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         "resent_chunks": sum(r[0]["resent_chunks"] for r in rounds),
         # how host bytes moved: spans of the cache through kvwire._scatter, or views and copies
         "spans": {"sender": bool(sender_stats.get("spans")), "receiver": bool(received["stats"].get("spans"))},
+        # DATA frames the receiver's compiled receive lane took, of all it read (every round)
+        "receive_lane": {k: received["stats"].get(k, 0) for k in ("lane_frames", "frames")},
         "data_frames_per_send": sum(c.get("data_frames", 0) for c in sender_stats["connections"])
         / max(1, sum(c.get("data_sends", 0) for c in sender_stats["connections"])),
         "streams_policy": sender_stats["streams_policy"],
@@ -228,6 +230,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  f"receiver {'yes' if spans['receiver'] else 'no'}; "
                  f"{report['data_frames_per_send']:.2f} DATA frames per send; "
                  f"chunks of {(report.get('chunk_bytes') or 0) / 2**20:.2f} MiB; "
+                 f"receive lane {lane_share(report)}; "
                  f"destination blocks {report.get('destination', 'reverse')}"))  # fmt: skip
     st = report["staging"]["receiver"]
     rows.append(
@@ -257,3 +260,10 @@ def connection_rows(report: dict) -> list[list[object]]:
 
 
 CONNECTION_HEADERS = ("conn", "MiB sent", "rtt ms", "cwnd", "retrans", "delivery GB/s")
+
+
+def lane_share(report: dict) -> str:
+    """How many of the DATA frames the receiver's compiled receive lane took."""
+    lane = report.get("receive_lane") or {}
+    frames = lane.get("frames", 0)
+    return f"{lane.get('lane_frames', 0) / frames:.0%} of frames" if frames else "no frames"

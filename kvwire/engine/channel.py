@@ -26,7 +26,11 @@ class Channel:
     def read_header(self) -> tuple[Header, int]:
         """The next frame's header, checked for the connection's state, and how many
         payload bytes follow it."""
-        header = parse_header(self.stream.recv_exact(HEADER_SIZE))
+        return self.take_header(self.stream.recv_exact(HEADER_SIZE))
+
+    def take_header(self, data: bytes) -> tuple[Header, int]:
+        """The same for a header already read off the stream (by the receive lane)."""
+        header = parse_header(data)
         return header, self.proto.on_header(header)
 
     def read_control(self, header: Header, nbytes: int) -> list[Event]:

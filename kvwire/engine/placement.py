@@ -52,7 +52,7 @@ from kvwire.codec import ChunkSpec, Codec
 from kvwire.engine.chunks import ChunkRef
 from kvwire.layout import STATE_NAME, KVLayout, Selection
 from kvwire.proto.frames import crc32c_parts
-from kvwire.scatter import Spans, block_spans, crc32c_together, token_spans
+from kvwire.scatter import Spans, block_geometry, block_spans, crc32c_together, token_geometry, token_spans
 from kvwire.staging import Slot, StagingPool
 
 log = logging.getLogger("kvwire.placement")
@@ -428,6 +428,11 @@ class Placement(CacheSide):
         staging, no copy), or None when a decode or a copy must come between."""
         return None
 
+    def span_geometry(self, ref: ChunkRef) -> tuple[int, int, int, int, int] | None:
+        """Where raw chunks of ``ref``'s tensor land as spans of the cache (the receive
+        lane's destination); None here: only host caches take them."""
+        return None
+
 
 class HostPlacement(Placement):
     def __init__(self, layout: KVLayout, caches: list[dict[str, torch.Tensor]]) -> None:
@@ -457,6 +462,17 @@ class HostPlacement(Placement):
             return [block_spans(writer.bytes, writer.address, dest.selection.ids, self.layout.block_size, ref.start,
                                 ref.count)]  # fmt: skip
         return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
+
+    def span_geometry(self, ref: ChunkRef) -> tuple[int, int, int, int, int] | None:
+        """(:func:`kvwire.scatter.token_geometry`, ``block_geometry``) None without the
+        helper, for a state, and for a cache whose blocks are not contiguous."""
+        if not self.spans or ref.name == STATE_NAME:
+            return None
+        if ref.heads is not None:
+            heads = self.heads.get(ref)
+            return None if heads is None else token_geometry(heads)
+        writer = self.writers[ref.layer][ref.name]
+        return None if writer.bytes is None else block_geometry(writer.bytes, writer.address, self.layout.block_size)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
         rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import ssl
 import threading
 import time
@@ -31,7 +32,7 @@ import torch
 import kvwire.codec
 from kvwire import scatter
 from kvwire.codec import ChunkSpec, Codec
-from kvwire.engine import requests
+from kvwire.engine import lane, requests
 from kvwire.engine.channel import Channel, server_handshake
 from kvwire.engine.chunks import ChunkRef, encoded_size, spec_of
 from kvwire.engine.common import (
@@ -49,14 +50,14 @@ from kvwire.engine.requests import Request, RequestTable
 from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout, TensorParallel
 from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
-from kvwire.proto.frames import DATA_RAW, FrameType
+from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
 from kvwire.proto.request import PartSpec
 from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
 from kvwire.staging import Slot, StagingPool, StagingTimeout
 from kvwire.threads import Thread
 from kvwire.transport import ByteStream
-from kvwire.transport.tcp import SocketOptions, TcpListener, parse_address
+from kvwire.transport.tcp import SocketOptions, TcpListener, TcpStream, parse_address
 
 if TYPE_CHECKING:
     from kvwire.transport.ucx import UcxListener
@@ -87,6 +88,7 @@ class _Session:
     block_size: int  # the sender's block size: its chunks are cut on it, int4 keys grouped by it
     conns: list = field(default_factory=list)
     parked_bytes: int = 0  # staging held by its chunks that wait for an expect
+    lanes: dict = field(default_factory=dict)  # tag -> the receive lane of its bound request (kvwire/engine/lane.py)
 
     def any_conn(self) -> _RConn | None:
         return next((c for c in self.conns if c.alive), None)
@@ -109,6 +111,7 @@ class _RConn:
     cut: str | None = None  # why this side closed it (the handshake deadline passed)
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
+    head: bytearray = field(default_factory=lambda: bytearray(HEADER_SIZE))  # the receive lane's header
 
     @property
     def stream(self) -> ByteStream:
@@ -291,6 +294,10 @@ class Receiver:
         kernels: a CUDA kernel backend to decode with (``kvwire.cuda.kernels``); default:
             the GPU's, when the caches are on one. Tests pass the kernels' host emulation
             here to run the GPU data path on CPU tensors.
+        receive_lane: take the raw frames that land in place in host caches in the
+            compiled receive loop (kvwire/engine/lane.py; TCP without TLS, the helper
+            built), returning to Python only for what changes state; False: every frame
+            through the Python loop (for comparisons). Default True.
 
     Example::
 
@@ -324,6 +331,7 @@ class Receiver:
         check_terms: Callable[[dict], str | None] | None = None,
         kernels=None,
         checksum: str | None = None,
+        receive_lane: bool = True,
     ) -> None:
         check_transport(transport, tls)
         self.checksum = check_checksum(checksum, tls)
@@ -353,6 +361,7 @@ class Receiver:
         self._placement = self._choose_placement(kernels)
         if isinstance(self._placement, HostPlacement):  # raw payloads land as spans of the cache
             self._placement.spans = transport == "tcp" and tls is None and scatter.available()
+        self._lanes = bool(receive_lane) and getattr(self._placement, "spans", False) and lane.available()
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
         self._pool = StagingPool(staging_bytes, slot_bytes)
         self._window = window_bytes or max(slot_bytes, self._pool.budget_bytes // 8)
@@ -378,7 +387,7 @@ class Receiver:
         self._last_reject_log = float("-inf")
         self._unlogged_rejects = 0
         self._counters: collections.Counter[str] = collections.Counter(
-            {k: 0 for k in ("frames", "wire_bytes", "protocol_errors", "rejected_connections",
+            {k: 0 for k in ("frames", "lane_frames", "wire_bytes", "protocol_errors", "rejected_connections",
                             "refused_connections", "late_frames", "parking_waits", "device_payloads")}
         )  # fmt: skip
         self._closed = False
@@ -477,6 +486,7 @@ class Receiver:
             return self._table.census() | {
                 "parked_bytes": self._parked_bytes,
                 "sessions": len(self._sessions),
+                "lanes": sum(len(s.lanes) for s in self._sessions.values()),
                 "connections": len(self._conns),
                 "pending_connections": len(self._pending),
             }
@@ -592,8 +602,9 @@ class Receiver:
             server_handshake(stream, proto, lambda event: self._join_session(conn, event))
             stream.device_payloads = proto.device_payloads
             stream.settimeout(None)
+            lanes = self._lanes and not proto.device_payloads
             while True:
-                self._read_frame(conn)
+                self._read_frame(conn, self._lane_frames(conn) if lanes else None)
         except (KvwireError, OSError) as exc:
             out = proto.data_to_send()  # a REJECT explaining why, if the handshake failed
             if out:
@@ -670,14 +681,57 @@ class Receiver:
         self._run(actions)
 
     # -- frames --------------------------------------------------------------------------
-    def _read_frame(self, conn: _RConn) -> None:
-        header, n = conn.channel.read_header()
+    def _read_frame(self, conn: _RConn, head: bytes | None = None) -> None:
+        """One frame: its header read here, or already read (``head``) by the receive lane."""
+        header, n = conn.channel.read_header() if head is None else conn.channel.take_header(head)
         if header.type != FrameType.DATA:
             for event in conn.channel.read_control(header, n):
                 if isinstance(event, Begin | Cancel):
                     self._on_event(conn, event)
             return
         self._read_data(conn, header, n)
+
+    def _lane_frames(self, conn: _RConn) -> bytes:
+        """Let the receive lane take frames until one needs Python; that frame's header.
+        The lane returns with a chunk of its own only for what changes state, finished here
+        as ``_receive_in_place`` finishes one."""
+        stream, session, batch = conn.stream, conn.joined, self._credit_batch
+        assert isinstance(stream, TcpStream)  # lanes are for plain TCP only
+        checked, fd = conn.proto.checksum != "none", stream.sock.fileno()
+        while True:
+            status, lane_of, received, owed, error = lane.receive(
+                fd, conn.head, session.lanes, self._lock, batch, conn.proto.max_payload, checked,
+                self._counters,
+            )  # fmt: skip
+            stream.bytes_received += received
+            if owed:
+                frame = conn.owe(owed, batch)
+                if frame is not None:
+                    conn.send(frame)
+            if status == lane.CREDIT:
+                continue
+            if status == lane.PYTHON:
+                return bytes(conn.head)
+            lost = None
+            if status == lane.LOST:
+                why = f"lost while receiving: {os.strerror(error)}" if error else "closed by the peer"
+                lost = PeerLost(f"connection to {stream.peer} {why}")
+                if lane_of is None:  # between frames: nothing of a request to undo
+                    raise lost
+            assert lane_of is not None  # every other status names the lane of the frame in head
+            header, _ = conn.channel.take_header(bytes(conn.head))
+            request = lane_of.request  # perhaps no longer bound: its chunk is finished all the same
+            if status == lane.HANDOFF:
+                self._written_in_place(request, header.layer, False)
+                continue
+            with self._lock:  # a checksum mismatch, or the stream broke inside the payload
+                actions = self._table.unwrite(request, session.id, header.layer, header.tensor, header.start,
+                                              header.count)  # fmt: skip
+                self._run_locked(actions)
+            self._run(actions)
+            if lost is not None:
+                raise lost
+            self._checksum_failed(conn, header, request)
 
     def _read_data(self, conn: _RConn, header: Header, n: int) -> None:
         """A DATA frame: its header checked, its payload received into the destination rows
@@ -744,26 +798,46 @@ class Receiver:
             self._run(actions)
             raise
         ok = conn.proto.verify_data(header, views)
-        with self._lock:
-            if ok:
-                handle.t_first_byte = handle.t_first_byte or time.monotonic()
-                handle.chunks += 1
-                handle.wire_bytes += n
-                handle.logical_bytes += spec.raw_nbytes
-                actions, layer_ready = self._table.written(request, ref.layer, None)
-                if layer_ready:
-                    handle.layer_done_at.setdefault(ref.layer, time.monotonic())
-                    self._cond.notify_all()
-            else:
-                actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
-            self._run_locked(actions)
+        if ok:
+            handle.t_first_byte = handle.t_first_byte or time.monotonic()
+            handle.chunks += 1
+            handle.wire_bytes += n
+            handle.logical_bytes += spec.raw_nbytes
         frame = conn.owe(n, self._credit_batch)
         if frame is not None:
             conn.send(frame)
+        if ok:
+            lane_ok = self._lanes and request.codec_of(conn.joined.id).name == "raw"  # every frame of it is raw
+            self._written_in_place(request, ref.layer, lane_ok, conn.joined, header.tag)
+            return True
+        with self._lock:
+            actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
+            self._run_locked(actions)
         self._run(actions)
-        if not ok:
-            self._checksum_failed(conn, header, request)
+        self._checksum_failed(conn, header, request)
         return True
+
+    def _written_in_place(self, request: Request, layer: int, lane_ok: bool, session: _Session | None = None,
+                          tag: int = 0) -> None:  # fmt: skip
+        """A chunk received in place and verified: its write is done. With ``session``, the
+        first such chunk of this sender's part opens the part's receive lane."""
+        with self._lock:
+            actions, layer_ready = self._table.written(request, layer, None)
+            if layer_ready:
+                request.handle.layer_done_at.setdefault(layer, time.monotonic())
+                self._cond.notify_all()
+            if session is not None and lane_ok and tag not in session.lanes and request.state is requests.State.BOUND:
+                self._open_lane(request, session, tag)
+            self._run_locked(actions)
+        self._run(actions)
+
+    def _open_lane(self, request: Request, session: _Session, tag: int) -> None:
+        """(lock held) The receive lane of ``session``'s part of a bound request."""
+        assert request.plan is not None and request.handle is not None
+        opened = lane.build(request, request.part_of(session.id), self._placement, tag, session.id, session.lanes)
+        if opened is not None:
+            session.lanes[tag] = opened
+            request.lanes.append(opened)
 
     def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
         """Ask for a chunk again, or fail its request once too many have failed."""

@@ -28,9 +28,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout
 from kvwire.proto.request import PartSpec, RequestPlan
+
+_NO_WRITES = np.zeros(0, dtype=np.int64)
 
 
 class State(enum.Enum):
@@ -77,10 +81,10 @@ class Request:
     deadline: float | None = None  # from expect()
     handle: Any = None  # the caller's handle, finished by a Finish action
     parked: list = field(default_factory=list)  # chunks that arrived before expect()
-    writing: collections.Counter = field(default_factory=collections.Counter)  # layer -> writes under way
     ending: tuple[State, TransferError] | None = None  # how it ends, while DRAINING
     checksum_failures: int = 0  # payloads that failed their checksum (each asked for again)
     codecs: dict[str, Any] = field(default_factory=dict)  # session -> the codec its BEGIN named
+    lanes: list = field(default_factory=list)  # the receiver's receive lanes into it: closed as it leaves BOUND
 
     def codec_of(self, session: str) -> Any:
         """The codec a sender's chunks of this request use (its session may offer several)."""
@@ -89,6 +93,11 @@ class Request:
     @property
     def live(self) -> bool:
         return self.state in (State.EXPECTED, State.ANNOUNCED, State.BOUND)
+
+    @property
+    def writing(self) -> np.ndarray:
+        """Chunks being written, per layer (the plan's table; none before there is a plan)."""
+        return self.plan.writing if self.plan is not None else _NO_WRITES
 
     def part_of(self, session: str) -> PartSpec:
         return self.senders[session][1]
@@ -386,7 +395,7 @@ class RequestTable:
         """After a chunk was written (or failed to be): (actions, whether ``layer`` became ready)."""
         request.writing[layer] -= 1
         if request.state is State.DRAINING:
-            if any(request.writing.values()):
+            if request.writing.any():
                 return [], False
             assert request.ending is not None
             state, ending_error = request.ending
@@ -398,7 +407,7 @@ class RequestTable:
             return self._end(request, State.FAILED, error, Origin.LOCAL), False
         layer_ready = request.layer_ready(layer)
         assert request.plan is not None
-        if not request.plan.complete or any(request.writing.values()):
+        if not request.plan.complete or request.writing.any():
             return [], layer_ready
         # Complete. The ACK goes out before the handle reports success: a caller that closes
         # the receiver as soon as wait() returns would otherwise cut the ACK off.
@@ -427,6 +436,9 @@ class RequestTable:
         if state not in ALLOWED.get(request.state, frozenset()):
             raise AssertionError(f"request {request.request_id!r}: {request.state.value} -> {state.value}")
         request.state = state
+        for lane in request.lanes:  # no BOUND -> BOUND move exists: it leaves BOUND, or was never in it
+            lane.close()
+        request.lanes.clear()
 
     def _attach(self, request: Request, session: str, tag: int, part: PartSpec, unit: int | None,
                 now: float, codec: Any = None) -> str | None:  # fmt: skip
@@ -476,7 +488,7 @@ class RequestTable:
             request.parked = []
         self.counters[state.value] += 1
         self._retire(request)
-        if any(request.writing.values()):  # the handle ends once the writes under way are done
+        if request.writing.any():  # the handle ends once the writes under way are done
             self._move(request, State.DRAINING)
             request.ending = (state, error)
             return actions

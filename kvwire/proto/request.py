@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvwire.errors import ProtocolError
 from kvwire.layout import STATE_NAME, KVLayout
 
@@ -80,7 +82,13 @@ def check_rows(t: TensorPlan, start: int, count: int) -> None:
 class RequestPlan:
     """What a request must contain and what has arrived, over all its parts.
 
-    ``unit``: rows per coverage unit of paged tensors (default: the layout's block size)."""
+    ``unit``: rows per coverage unit of paged tensors (default: the layout's block size).
+
+    Its tables are numpy arrays so that the receiver's compiled lane
+    (kvwire/engine/lane.py) claims rows in the very same tables, under the same lock:
+    per part and tensor, ``covered`` (a byte per unit) and ``counts`` (the rows of the
+    chunk that starts at each unit, 0 for none); per layer, ``missing`` (head-units still
+    to come) and ``writing`` (chunks being written)."""
 
     def __init__(self, layout: KVLayout, num_tokens: int, unit: int | None = None) -> None:
         self.layout = layout
@@ -90,12 +98,13 @@ class RequestPlan:
         self._by_index = [{t.index: t for t in layer} for layer in self.tensors]
         self._parts: list[PartSpec] = []
         # (layer, tensor, first head) -> coverage units of the part that starts there
-        self._covered: dict[tuple[int, int, int], bytearray] = {}
-        self._chunks: dict[tuple[int, int, int], dict[int, int]] = {}
-        self._missing = [0] * layout.num_layers  # head-units still to come, per layer
+        self._covered: dict[tuple[int, int, int], np.ndarray] = {}
+        self._counts: dict[tuple[int, int, int], np.ndarray] = {}
+        self.missing = np.zeros(layout.num_layers, dtype=np.int64)  # head-units still to come, per layer
+        self.writing = np.zeros(layout.num_layers, dtype=np.int64)  # chunks being written, per layer
         for i, plans in enumerate(self.tensors):
             for t in plans:
-                self._missing[i] += -(-t.rows // t.unit) * t.heads
+                self.missing[i] += -(-t.rows // t.unit) * t.heads
 
     # -- parts -------------------------------------------------------------------------
     def add_part(self, part: PartSpec) -> str | None:
@@ -118,8 +127,9 @@ class RequestPlan:
             for t in plans:
                 first = 0 if t.whole else part.first_head
                 if (t.whole and part.whole) or (not t.whole and part.heads):
-                    self._covered[(i, t.index, first)] = bytearray(-(-t.rows // t.unit))
-                    self._chunks[(i, t.index, first)] = {}
+                    units = -(-t.rows // t.unit)
+                    self._covered[(i, t.index, first)] = np.zeros(units, dtype=np.uint8)
+                    self._counts[(i, t.index, first)] = np.zeros(units, dtype=np.int64)
         return None
 
     # -- chunks ------------------------------------------------------------------------
@@ -143,36 +153,43 @@ class RequestPlan:
             raise ProtocolError(f"layer {t.layer} {t.name!r}: not part of what this sender announced")
         return key
 
+    def coverage(self, layer: int, index: int, part: PartSpec) -> tuple[np.ndarray, np.ndarray]:
+        """The ``covered`` and ``counts`` tables of ``part``'s share of a tensor."""
+        key = self._key(self.tensor(layer, index), part)
+        return self._covered[key], self._counts[key]
+
     def claim(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> bool:
         """Record a chunk as placed: True when it is new, False for an exact repeat of an
         arrived chunk (nothing recorded); ProtocolError for a partial overlap."""
         t = self.check(layer, index, start, count)
         key = self._key(t, part)
-        chunks = self._chunks[key]
-        if chunks.get(start) == count:
+        first, last = start // t.unit, -(-(start + count) // t.unit)  # start is on the unit grid
+        counts = self._counts[key]
+        if counts[first] == count:
             return False
-        first, last = start // t.unit, -(-(start + count) // t.unit)
         covered = self._covered[key]
-        if any(covered[first:last]):
+        if covered[first:last].any():
             raise ProtocolError(f"chunk rows {start}..{start + count} of layer {layer} {t.name!r} overlap earlier data")
-        covered[first:last] = b"\x01" * (last - first)
-        chunks[start] = count
-        self._missing[layer] -= (last - first) * (1 if t.whole else part.heads)
+        covered[first:last] = 1
+        counts[first] = count
+        self.missing[layer] -= (last - first) * (1 if t.whole else part.heads)
         return True
 
     def unmark(self, layer: int, index: int, start: int, count: int, part: PartSpec) -> None:
         """Forget a chunk marked before (its payload failed its checksum: it comes again)."""
         t = self.check(layer, index, start, count)
         key = self._key(t, part)
-        if self._chunks[key].pop(start, None) != count:
-            raise AssertionError(f"unmark of rows {start}..{start + count} that were not marked")
         first, last = start // t.unit, -(-(start + count) // t.unit)
-        self._covered[key][first:last] = bytes(last - first)
-        self._missing[layer] += (last - first) * (1 if t.whole else part.heads)
+        counts = self._counts[key]
+        if counts[first] != count:
+            raise AssertionError(f"unmark of rows {start}..{start + count} that were not marked")
+        counts[first] = 0
+        self._covered[key][first:last] = 0
+        self.missing[layer] += (last - first) * (1 if t.whole else part.heads)
 
     def layer_complete(self, layer: int) -> bool:
-        return self._missing[layer] == 0
+        return bool(self.missing[layer] == 0)
 
     @property
     def complete(self) -> bool:
-        return not any(self._missing)
+        return not self.missing.any()

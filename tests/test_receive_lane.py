@@ -1,0 +1,230 @@
+"""The receiver's compiled receive lane (kvwire/engine/lane.py): the frames it takes land
+exactly where Python's loop puts them, and every frame it does not take, or that goes
+wrong on it, is handled as Python handles it: a repeat read past, an overlap or a frame
+out of bounds refused, a corrupted payload asked for again, a broken stream failing the
+request, with nothing written outside the request's rows."""
+
+import time
+
+import pytest
+import torch
+
+import kvwire
+from kvwire.engine import lane
+from kvwire.proto import FrameType, Header, crc32c
+from tests.helpers import SECRET, WireClient, assert_transferred, corrupt_first_checksums, filled
+
+pytestmark = pytest.mark.skipif(not lane.available(), reason="the compiled helper is not built")
+
+LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
+ROW = 2 * 64 * 2  # bytes of one token's row of k (or v): 2 heads of 64 bf16 values
+
+
+@pytest.fixture
+def rx():
+    dst = LAYOUT.allocate(32)
+    receiver = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    receiver.dst = dst
+    yield receiver
+    receiver.close()
+
+
+def rows_of(start: int, count: int, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    return bytes(torch.randint(0, 256, (count * ROW,), dtype=torch.uint8, generator=g).tolist())
+
+
+def data_frame(layer=0, tensor=0, start=0, count=16, payload=None, crc=None, tag=1) -> bytes:
+    payload = rows_of(start, count, seed=layer * 100 + tensor * 10 + start) if payload is None else payload
+    return Header(FrameType.DATA, tag=tag, layer=layer, tensor=tensor, start=start, count=count, length=len(payload),
+                  payload_crc=crc32c(payload) if crc is None else crc).pack() + payload  # fmt: skip
+
+
+def every_frame(num_tokens: int = 32, skip=()) -> list[tuple[int, int, int]]:
+    """(layer, tensor, start) of each 16-row chunk of a request, in layer order."""
+    return [(i, j, s) for i in range(3) for j in range(2) for s in range(0, num_tokens, 16) if (i, j, s) not in skip]
+
+
+def token_rows(dst, layer: int, name: str, blocks: list[int]) -> bytes:
+    return b"".join(bytes(dst[layer][name][b].view(torch.uint8).reshape(-1).tolist()) for b in blocks)
+
+
+def opened(rx, request_id: str, blocks: list[int], num_tokens: int = 32):
+    """A request whose first chunk (layer 0, k, rows 0..16) arrived through Python's loop,
+    which opens the lane for the rest: the handle and the client."""
+    h = rx.expect(request_id, blocks, num_tokens)
+    client = WireClient(rx.address, LAYOUT)
+    client.send(client.proto.begin(1, request_id, num_tokens) + data_frame())
+    wait_for(lambda: h.stats()["chunks"] == 1)  # written and verified
+    return h, client
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def snapshot(dst) -> list[dict[str, bytes]]:
+    """The caches' bytes (compared as bytes: random rows hold NaNs, which compare unequal)."""
+    return [{n: bytes(t.view(torch.uint8).reshape(-1).numpy()) for n, t in layer.items()} for layer in dst]
+
+
+def untouched_outside(dst, blocks: list[int]) -> bool:
+    others = [b for b in range(len(dst[0]["k"])) if b not in blocks]
+    return all(bool((t[others] == 0).all()) for layer in dst for t in layer.values())
+
+
+@pytest.mark.parametrize("receive_lane", [True, False], ids=["lane", "python"])
+def test_a_transfer_lands_exact_whichever_loop_takes_its_frames(receive_lane):
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, receive_lane=receive_lane)
+    src = filled(LAYOUT, 64, seed=7)
+    blocks, dst_blocks = list(range(20)), [63 - 2 * i for i in range(20)]  # scattered, reversed
+    try:
+        h = rx.expect("both", dst_blocks, 317)  # a partial last block
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=8192) as tx:
+            tx.send("both", blocks, 317, timeout=20)
+        stats = h.wait(timeout=10)
+        counters = rx.stats()
+    finally:
+        rx.close()
+    assert_transferred(LAYOUT, src, blocks, dst, dst_blocks, 317)
+    assert stats["chunks"] == counters["frames"] > 40
+    if receive_lane:  # all but the first in-place chunks of each connection
+        assert counters["lane_frames"] >= counters["frames"] - 4
+    else:
+        assert counters["lane_frames"] == 0
+    assert untouched_outside(dst, dst_blocks)
+
+
+def test_a_window_of_one_frame_gets_its_credit_back_after_every_frame():
+    """window_bytes == slot_bytes: no credit may wait for a batch (the batch is 0)."""
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, slot_bytes=8192, window_bytes=8192)
+    src = filled(LAYOUT, 64, seed=8)
+    try:
+        h = rx.expect("narrow", list(range(40, 60)), 320)
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=1) as tx:
+            tx.send("narrow", list(range(20)), 320, timeout=20)
+        h.wait(timeout=10)
+        assert rx.stats()["lane_frames"] == rx.stats()["frames"] - 1
+    finally:
+        rx.close()
+    assert_transferred(LAYOUT, src, list(range(20)), dst, list(range(40, 60)), 320)
+
+
+def test_the_lane_places_each_frame_in_its_rows(rx):
+    blocks = [9, 3]
+    h, client = opened(rx, "exact", blocks)
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame(skip={(0, 0, 0)})))
+    h.wait(timeout=10)
+    stats = rx.stats()
+    assert stats["lane_frames"] == stats["frames"] - 1 == 11
+    for i in range(3):
+        for j, name in enumerate(("k", "v")):
+            want = rows_of(0, 16, i * 100 + j * 10) + rows_of(16, 16, i * 100 + j * 10 + 16)
+            assert token_rows(rx.dst, i, name, blocks) == want, (i, name)
+    assert untouched_outside(rx.dst, blocks)
+
+
+def test_layers_become_ready_one_by_one_from_the_lane(rx):
+    h, client = opened(rx, "layers", [4, 5])
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame() if i == 0 and (i, j, s) != (0, 0, 0)))
+    h.wait_layer(0, timeout=5)
+    with pytest.raises(kvwire.TransferTimeout):
+        h.wait_layer(1, timeout=0.2)
+    assert not h.done() and set(h.layer_done_at) == {0}
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame() if i > 0))
+    h.wait(timeout=10)
+    assert set(h.layer_done_at) == {0, 1, 2} and rx.stats()["lane_frames"] == 11
+
+
+def test_a_corrupted_payload_on_the_lane_is_asked_for_again(rx):
+    from tests.test_faults import nack_of
+
+    h, client = opened(rx, "again", [4, 5])
+    good = data_frame(1, 0, 16)
+    bad = bytearray(good)
+    bad[-1] ^= 0x08
+    client.send(bytes(bad))
+    nack = nack_of(client)
+    assert (nack.tag, nack.layer, nack.tensor, nack.start, nack.count) == (1, 1, 0, 16, 16)
+    assert rx.stats()["lane_frames"] == 1 and rx.stats()["checksum_failures"] == 1
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame(skip={(0, 0, 0)})))
+    h.wait(timeout=10)
+    assert token_rows(rx.dst, 1, "k", [5]) == rows_of(16, 16, 100 + 16)
+    assert untouched_outside(rx.dst, [4, 5])
+
+
+def test_a_real_senders_corrupted_payloads_are_resent_through_the_lane(rx, monkeypatch):
+    src = filled(LAYOUT, 32, seed=4)
+    h = rx.expect("resent", [10, 11, 12], 40)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=1, chunk_bytes=4096) as tx:
+        t = tx.transfer("resent", [0, 1, 2], 40)
+        t.send_layer(0)
+        wait_for(lambda: rx.stats()["lane_frames"] > 0)
+        corrupt_first_checksums(monkeypatch, 3)  # from now on: the lane meets them
+        for i in (1, 2):
+            t.send_layer(i)
+        stats = t.finish(timeout=20)
+    h.wait(timeout=10)
+    assert stats["nacked_chunks"] == 3 == rx.stats()["checksum_failures"]
+    assert_transferred(LAYOUT, src, [0, 1, 2], rx.dst, [10, 11, 12], 40)
+
+
+def test_an_exact_repeat_on_the_lane_is_read_past(rx):
+    h, client = opened(rx, "repeat", [4, 5])
+    client.send(data_frame(0, 1, 0) + data_frame(0, 1, 0, payload=bytes(16 * ROW)))  # the repeat carries zeros
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame(skip={(0, 0, 0), (0, 1, 0)})))
+    h.wait(timeout=10)
+    assert h.stats()["duplicates"] == 1
+    assert token_rows(rx.dst, 0, "v", [4]) == rows_of(0, 16, 10)  # the first one's rows, not the repeat's
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(lambda: data_frame(0, 0, 0, 32), id="overlap"),
+        pytest.param(lambda: data_frame(1, 0, 32, 16), id="rows-past-the-request"),
+        pytest.param(lambda: data_frame(3, 0, 0), id="layer-out-of-range"),
+        pytest.param(lambda: data_frame(1, 2, 0), id="tensor-out-of-range"),
+        pytest.param(lambda: data_frame(1, 0, 8, 16), id="misaligned-rows"),
+        pytest.param(lambda: data_frame(1, 0, 0, payload=bytes(1000)), id="wrong-payload-size"),
+        pytest.param(lambda: data_frame(1, 0, 0, tag=9), id="unknown-tag"),
+        pytest.param(lambda: data_frame(1, 0, 0)[:28] + b"\0\0\0\0" + bytes(16 * ROW), id="bad-header-crc"),
+    ],
+)
+def test_a_bad_frame_after_the_lane_opened_is_refused_and_writes_nothing(rx, frame):
+    h, client = opened(rx, "victim", [4, 5])
+    before = snapshot(rx.dst)
+    client.send(frame())
+    assert client.closed_by_peer()
+    with pytest.raises(kvwire.PeerLost):
+        h.wait(timeout=5)
+    assert snapshot(rx.dst) == before
+    assert rx.stats()["protocol_errors"] >= 1
+
+
+def test_a_stream_cut_inside_a_lane_frame_fails_the_request(rx):
+    h, client = opened(rx, "cut", [4, 5])
+    client.send(data_frame(1, 0, 0)[:-100])
+    client.close()
+    with pytest.raises(kvwire.PeerLost):
+        h.wait(timeout=5)
+    assert untouched_outside(rx.dst, [4, 5])
+    wait_for(lambda: rx.census()["lanes"] == 0)
+    assert rx.census()["requests"] == 0
+
+
+def test_frames_after_a_cancel_are_dropped_not_written(rx):
+    h, client = opened(rx, "gone", [4, 5])
+    client.send(data_frame(1, 0, 0))
+    wait_for(lambda: rx.stats()["lane_frames"] == 1)
+    h.cancel("changed my mind")
+    before = snapshot(rx.dst)
+    client.send(data_frame(2, 0, 0))
+    wait_for(lambda: rx.stats()["late_frames"] == 1)
+    assert snapshot(rx.dst) == before
+    assert rx.stats()["lane_frames"] == 1
