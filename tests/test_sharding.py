@@ -19,6 +19,7 @@ import kvwire
 from kvwire import scatter
 from kvwire.bench.fixture import head_range, shard_caches
 from kvwire.blocks import gather_tokens
+from kvwire.engine import lane
 from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection
 from kvwire.sharding import decode_ranks_served, holders, part_for
@@ -59,12 +60,15 @@ def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=
         stats = [t.finish(timeout=30) for t in transfers]
         for h in handles:
             h.wait(timeout=30)
+        lane_frames = sum(rx.stats()["lane_frames"] for rx in receivers)
     finally:
         for s in senders:
             s.close()
         for rx in receivers:
             rx.close()
     check(model_p, src, src_ids, decode, dst, dst_ids, tokens, codec, prefill_bs, decode_bs, exact)
+    if codec == "raw" and scatter.available() and lane.available():  # split heads land through the lane too
+        assert lane_frames > 0
     return stats
 
 
