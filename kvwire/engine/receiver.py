@@ -724,7 +724,7 @@ class Receiver:
             header, _ = conn.channel.take_header(bytes(conn.head))
             request = lane_of.request  # perhaps no longer bound: its chunk is finished all the same
             if status == lane.HANDOFF:
-                self._written_in_place(request, header.layer, False)
+                self._written_in_place(request, header.layer, None)
                 continue
             with self._lock:  # a checksum mismatch, or the stream broke inside the payload
                 actions = self._table.unwrite(request, session.id, header.layer, header.tensor, header.start,
@@ -744,8 +744,9 @@ class Receiver:
             return
         request, ref, spec = checked
         codec = ref.codec(request.codec_of(conn.joined.id))
-        self._counters["frames"] += 1
-        self._counters["wire_bytes"] += n
+        with self._lock:  # the receive lane counts its frames under the lock too
+            self._counters["frames"] += 1
+            self._counters["wire_bytes"] += n
         if self._receive_in_place(conn, header, n, request, ref, spec, codec):
             return
         parked_bytes = self._reserve_parking(conn, request, n)
@@ -800,17 +801,12 @@ class Receiver:
             self._run(actions)
             raise
         ok = conn.proto.verify_data(header, views)
-        if ok:
-            handle.t_first_byte = handle.t_first_byte or time.monotonic()
-            handle.chunks += 1
-            handle.wire_bytes += n
-            handle.logical_bytes += spec.raw_nbytes
         frame = conn.owe(n, self._credit_batch)
         if frame is not None:
             conn.send(frame)
         if ok:
             lane_ok = self._lanes and request.codec_of(conn.joined.id).name == "raw"  # every frame of it is raw
-            self._written_in_place(request, ref.layer, lane_ok, conn.joined, header.tag)
+            self._written_in_place(request, ref.layer, n, lane_ok, conn.joined, header.tag)
             return True
         with self._lock:
             actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
@@ -819,11 +815,18 @@ class Receiver:
         self._checksum_failed(conn, header, request)
         return True
 
-    def _written_in_place(self, request: Request, layer: int, lane_ok: bool, session: _Session | None = None,
-                          tag: int = 0) -> None:  # fmt: skip
-        """A chunk received in place and verified: its write is done. With ``session``, the
-        first such chunk of this sender's part opens the part's receive lane."""
+    def _written_in_place(self, request: Request, layer: int, nbytes: int | None, lane_ok: bool = False,
+                          session: _Session | None = None, tag: int = 0) -> None:  # fmt: skip
+        """A raw chunk of ``nbytes`` received in place and verified (None: counted by the
+        receive lane already): its write is done. With ``session``, the first such chunk of
+        this sender's part opens the part's receive lane."""
         with self._lock:
+            if nbytes is not None:  # under the lock, as the lane counts: the two may run at once
+                handle = request.handle
+                handle.t_first_byte = handle.t_first_byte or time.monotonic()
+                handle.chunks += 1
+                handle.wire_bytes += nbytes
+                handle.logical_bytes += nbytes
             actions, layer_ready = self._table.written(request, layer, None)
             if layer_ready:
                 request.handle.layer_done_at.setdefault(layer, time.monotonic())
