@@ -7,6 +7,7 @@ import pytest
 from kvwire import scatter
 from kvwire.bench.cli import main
 from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
+from kvwire.engine import lane
 
 
 def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
@@ -31,8 +32,13 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert set(machine) == {"kvwire", "cache", "hot", "checked", "in_place"}
     for split in machine.values():
         assert not split or abs(sum(split.values()) - 1) < 1e-9
+    for suffix in ("", "_hot", "_checked", "_in_place"):  # each round over the baseline run right after it
+        each = report[f"ratio_to_baseline{suffix}_by_round"]
+        assert len(each) == 2 and all(r > 0 for r in each)
+    assert report["receive_lane"]["lane_frames"] == 0  # int4 payloads are decoded: none lands in place as it is
     printed = capsys.readouterr().out
     assert "kvwire / plain" in printed and "each round, effective" in printed and "host data path" in printed
+    assert "(best rounds); each round" in printed and "receive lane 0% of frames" in printed
 
 
 def test_loopback_reports_the_chunk_size_in_effect_and_frames_its_ceilings_alike(tmp_path, capsys):
@@ -50,6 +56,8 @@ def test_loopback_reports_the_chunk_size_in_effect_and_frames_its_ceilings_alike
         assert report["verified"] is True and report["chunk_bytes"] == kib << 10
         assert report["baseline_in_place_piece_bytes"] == report["baseline_checked_piece_bytes"] == kib << 10
         assert "baseline_piece_bytes" not in report  # cache to cache has no pieces
+        if lane.available():  # raw into host caches: after each part's first chunk, the lane takes them
+            assert report["receive_lane"]["lane_frames"] > report["receive_lane"]["frames"] // 2
         printed = capsys.readouterr().out
         assert f"chunks of {kib / 1024:.2f} MiB" in printed and f"{kib / 1024:.2f} MiB pieces" in printed
     pieces = baselines.pieces([memoryview(bytes(5 << 20))], 2 << 20)  # how a ceiling cuts its bytes
