@@ -39,6 +39,49 @@ def sender(layout, rx, src, **kw):
     return kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, **kw)
 
 
+def test_a_stream_closed_while_a_call_uses_it_keeps_its_descriptor_until_the_call_returns():
+    """close() from another thread shuts the socket down at once (ending the call) but
+    leaves its descriptor to the call: a number the process could give to a new socket
+    meanwhile is never what a receive or send still under way uses."""
+    import socket
+
+    from kvwire.errors import PeerLost
+    from kvwire.transport import TcpStream
+
+    a, b = socket.socketpair()
+    stream = TcpStream(a, "pair")
+    fd = stream.hold()  # a call under way (the receive lane holds it so around each call)
+    stream.close()
+    assert a.fileno() == fd  # shut down, not closed: the call still owns the number
+    assert a.recv(1) == b""  # ... and the call sees the end of the stream at once
+    with pytest.raises(PeerLost, match="closed"):
+        stream.hold()  # no new call starts on a closed stream
+    stream.release()
+    assert a.fileno() == -1  # the last call out closed it
+    b.close()
+
+    c, d = socket.socketpair()
+    reader, outcome = TcpStream(c, "pair"), []
+
+    def read() -> None:  # blocked in recv when the close comes from this thread
+        try:
+            reader.recv_exact(8)
+        except PeerLost as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    for _ in range(500):  # until it is inside its call
+        if reader._users:
+            break
+        thread.join(timeout=0.01)
+    assert reader._users == 1
+    reader.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and len(outcome) == 1 and c.fileno() == -1
+    d.close()
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_raw_transfer_is_bit_exact(name, transport, receiver_for):

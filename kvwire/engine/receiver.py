@@ -697,14 +697,15 @@ class Receiver:
         as ``_receive_in_place`` finishes one."""
         stream, session, batch = conn.stream, conn.joined, self._credit_batch
         assert isinstance(stream, TcpStream)  # lanes are for plain TCP only
-        checked, sock = conn.proto.checksum != "none", stream.sock
+        checked = conn.proto.checksum != "none"
         while True:
-            # The descriptor is asked for on every call: a stream closed meanwhile gives -1
-            # (the read fails), never a number the process may have reused since.
-            status, lane_of, received, owed, error = lane.receive(
-                sock.fileno(), conn.head, session.lanes, self._lock, batch, conn.proto.max_payload, checked,
-                self._counters,
-            )  # fmt: skip
+            fd = stream.hold()  # the socket's until release, however the stream is closed meanwhile
+            try:
+                status, lane_of, received, owed, error = lane.receive(
+                    fd, conn.head, session.lanes, self._lock, batch, conn.proto.max_payload, checked, self._counters
+                )
+            finally:
+                stream.release()
             stream.bytes_received += received
             if owed:
                 frame = conn.owe(owed, batch)

@@ -174,6 +174,11 @@ class TcpStream:
         self._outbox_bytes = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
         self.closed = False
+        # Calls under way on the socket (hold/release): a close meanwhile shuts the socket
+        # down at once (which ends them) and leaves closing its descriptor to the last one,
+        # so no call ever reaches a descriptor number the process has given to another socket.
+        self._users = 0
+        self._users_lock = threading.Lock()
 
     def send_parts(self, parts: Sequence[bytes | memoryview | scatter.Spans], device_payload=None) -> None:
         """Write every byte of ``parts`` in order (gathered with sendmsg, no joining copy),
@@ -191,6 +196,11 @@ class TcpStream:
             # statistics) before this thread runs again; a failed send uncounts it.
             self.bytes_sent += nbytes
             try:
+                self.hold()
+            except PeerLost:
+                self.bytes_sent -= nbytes
+                raise
+            try:
                 if spans:  # a chunk as spans of the cache: the compiled helper writes it all
                     scatter.send_parts(self.sock, [*pending, *parts])
                 elif self._tls:  # SSL sockets have no sendmsg
@@ -201,6 +211,8 @@ class TcpStream:
             except OSError as exc:
                 self.bytes_sent -= nbytes
                 raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
+            finally:
+                self.release()
         self.flush_control()  # frames queued while this one was being written
 
     def send_control(self, frame: bytes) -> None:
@@ -242,6 +254,7 @@ class TcpStream:
 
     def _send_outbox_nowait(self) -> bool:
         """(send lock held) Send what the socket takes now; keep the rest. True once empty."""
+        self.hold()
         try:
             if self._tls:
                 # No MSG_DONTWAIT for SSL sockets: write only when the socket reports room,
@@ -275,6 +288,8 @@ class TcpStream:
         except OSError as exc:
             self.close()
             raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
+        finally:
+            self.release()
 
     def _sendmsg_all(self, views: list[memoryview]) -> None:
         while views:
@@ -296,6 +311,7 @@ class TcpStream:
         # Payloads: MSG_WAITALL lets one system call gather the whole frame (fewer returns
         # to Python per MiB); it returns early only on a signal, EOF or error.
         flags = socket.MSG_WAITALL if total >= WAITALL_MIN and not self._tls else 0
+        self.hold()
         try:
             while got < total:
                 n = self.sock.recv_into(view[got:], total - got, flags)
@@ -306,6 +322,7 @@ class TcpStream:
             raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
         finally:
             self.bytes_received += got
+            self.release()
 
     def recv_into_views(self, views: Sequence) -> None:
         """Fill every view in order, as if they were one buffer: one scatter read
@@ -315,10 +332,13 @@ class TcpStream:
         if any(isinstance(v, scatter.Spans) for v in views):  # spans of the cache, in place
             if self._tls or len(views) != 1:
                 raise ValueError("views: spans are received alone, and not over TLS")
+            self.hold()
             try:
                 n = scatter.recv_spans(self.sock, views[0])
             except OSError as exc:
                 raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
+            finally:
+                self.release()
             self.bytes_received += n
             if n < views[0].nbytes:
                 raise PeerLost(f"connection to {self.peer} closed by the peer")
@@ -328,6 +348,7 @@ class TcpStream:
                 self.recv_into_exact(view)
             return
         pending = [v.cast("B") if v.format != "B" else v for v in views if v.nbytes]
+        self.hold()
         try:
             while pending:
                 n = self.sock.recvmsg_into(pending[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
@@ -342,6 +363,8 @@ class TcpStream:
                         n = 0
         except OSError as exc:
             raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
+        finally:
+            self.release()
 
     def recv_device_into(self, tensor) -> None:
         raise ValueError("tensor: TCP carries payloads into host memory only")
@@ -381,15 +404,36 @@ class TcpStream:
             pass  # already reset: the reader meets the end of the stream all the same
         return True
 
+    def hold(self) -> int:
+        """Begin a call on the socket (end it with :meth:`release`): its descriptor, which
+        stays this socket's until then, however the stream is closed meanwhile. Raises
+        PeerLost once the stream is closed."""
+        with self._users_lock:
+            if self.closed:
+                raise PeerLost(f"connection to {self.peer} is closed")
+            self._users += 1
+            return self.sock.fileno()
+
+    def release(self) -> None:
+        with self._users_lock:
+            self._users -= 1
+            last = self.closed and not self._users
+        if last:  # a close came while this call was under way: the descriptor goes now
+            self.sock.close()
+
     def close(self) -> None:
-        """Close now: a thread blocked in recv or send on this stream gets an error."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Close now: a thread blocked in recv or send on this stream gets an error (the
+        socket is shut down at once; its descriptor is closed once no call uses it)."""
+        with self._users_lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if self._users:
+                return  # the last call under way closes it (release)
         self.sock.close()
 
 
