@@ -517,7 +517,11 @@ class TcpListener:
             stream._tls = True
             if stream.closed:  # closed while being wrapped: the close may have missed it
                 raise OSError("closed during the TLS handshake")
-            stream.sock.do_handshake()
+            stream.hold()  # as every call on the socket (TcpStream.hold)
+            try:
+                stream.sock.do_handshake()
+            finally:
+                stream.release()
         except (OSError, ssl.SSLError, ValueError) as exc:
             stream.close()
             stream.sock.close()  # the TLS socket, if the close above found the raw one
