@@ -10,8 +10,9 @@ of A and B alternate (A B A B ...) so that both see the same drift, and the summ
 gives each side's median and the pair-by-pair ratio B / A. ``--a-path`` and ``--b-path``
 put another checkout first on ``PYTHONPATH`` (its compiled helper must be built there).
 Each run writes its JSON report to a temporary file; the figures are read from it:
-effective GB/s, the ratios to the plain-socket baselines when ``--baseline`` is given,
-and CPU seconds per GB on each side.
+effective GB/s, the ratios to the plain-socket baselines when ``--baseline`` is given
+(best round over best baseline run, and ``rnd``: the median of each round over the
+baseline run right after it), and CPU seconds per GB on each side.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import tempfile
 FIGURES = {
     "GB/s": lambda d: d["effective_gb_per_s"],
     "/plain": lambda d: d.get("ratio_to_baseline"),
+    "/plain rnd": lambda d: _median(d.get("ratio_to_baseline_by_round") or []),
     "/in-place": lambda d: d.get("ratio_to_baseline_in_place"),
+    "/in-pl rnd": lambda d: _median(d.get("ratio_to_baseline_in_place_by_round") or []),
     "homog.": lambda d: (d.get("homogeneous") or {}).get("ratio"),
     "send s/GB": lambda d: d["cpu_s_per_gb"]["sender"],
     "recv s/GB": lambda d: d["cpu_s_per_gb"]["receiver"],

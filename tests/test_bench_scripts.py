@@ -95,14 +95,17 @@ def test_alternate_runs_each_side_once_per_pair_and_takes_every_figure_from_that
         calls.append(options[-1])
         n = len(calls)
         return {"effective_gb_per_s": float(n), "cpu_s_per_gb": {"sender": n / 10, "receiver": n / 100},
-                "checksum": "none", "baseline_cpu_s_per_gb": {"sender": 1.0, "receiver": 1.0}}  # fmt: skip
+                "checksum": "none", "baseline_cpu_s_per_gb": {"sender": 1.0, "receiver": 1.0},
+                "ratio_to_baseline_by_round": [n / 10, n / 5, n / 20]}  # fmt: skip
 
     monkeypatch.setattr(alternate, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["alternate.py", "--pairs", "2", "--common", "x", "--a", "a", "--b", "b"])
     alternate.main()
     assert calls == ["a", "b", "a", "b"]
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
-    assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B2"][4] == "0.400"
+    columns = list(alternate.FIGURES)
+    assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B2"][columns.index("send s/GB")] == "0.400"
+    assert rows["B2"][columns.index("/plain rnd")] == "0.400"  # the median of the run's rounds: 0.4, 0.8, 0.2
     assert rows["B/A"][0] == "1.667"  # median of 2/1 and 4/3
 
 
