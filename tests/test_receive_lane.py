@@ -99,33 +99,6 @@ def test_a_transfer_lands_exact_whichever_loop_takes_its_frames(receive_lane):
     assert untouched_outside(dst, dst_blocks)
 
 
-def test_requests_interleaved_on_the_same_connections_each_get_their_lane():
-    dst = LAYOUT.allocate(64)
-    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
-    src = filled(LAYOUT, 64, seed=9)
-    try:
-        handles = [rx.expect(f"r{i}", list(range(32 + 10 * i, 42 + 10 * i)), 160) for i in range(3)]
-        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=4096) as tx:
-            transfers = [tx.transfer(f"r{i}", list(range(10 * i, 10 * i + 10)), 160) for i in range(3)]
-            for layer in range(LAYOUT.num_layers):  # the three requests' layers alternate on the wire
-                for t in transfers:
-                    t.send_layer(layer)
-            for t in transfers:
-                t.finish(timeout=20)
-        for h in handles:
-            h.wait(timeout=10)
-        stats, census = rx.stats(), rx.census()
-    finally:
-        rx.close()
-    for i in range(3):
-        assert_transferred(LAYOUT, src, list(range(10 * i, 10 * i + 10)), dst, list(range(32 + 10 * i, 42 + 10 * i)),
-                           160)  # fmt: skip
-    # Until a request's first chunk is in place, its frames go through Python (how many
-    # depends on the scheduling of the two connections): after that the lane takes them.
-    assert stats["lane_frames"] >= stats["frames"] // 2
-    assert census["lanes"] == 0
-
-
 def test_a_window_of_one_frame_gets_its_credit_back_after_every_frame():
     """window_bytes == slot_bytes: no credit may wait for a batch (the batch is 0)."""
     dst = LAYOUT.allocate(64)
