@@ -699,13 +699,10 @@ class Receiver:
         assert isinstance(stream, TcpStream)  # lanes are for plain TCP only
         checked = conn.proto.checksum != "none"
         while True:
-            fd = stream.hold()  # the socket's until release, however the stream is closed meanwhile
-            try:
+            with stream.held() as fd:  # the socket's until the call returns, however it is closed meanwhile
                 status, lane_of, received, owed, error = lane.receive(
                     fd, conn.head, session.lanes, self._lock, batch, conn.proto.max_payload, checked, self._counters
                 )
-            finally:
-                stream.release()
             stream.bytes_received += received
             if owed:
                 frame = conn.owe(owed, batch)

@@ -9,13 +9,14 @@ several flows fill the link and lose less when one of them backs off.
 from __future__ import annotations
 
 import collections
+import contextlib
 import select
 import socket
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvwire import scatter
@@ -192,27 +193,21 @@ class TcpStream:
                 raise ValueError("parts: spans cannot go over TLS; send a copy")
             views = [memoryview(p).cast("B") for p in (*pending, *parts) if not isinstance(p, scatter.Spans)]
             nbytes = sum(len(v) for v in views) + sum(s.nbytes for s in spans)
-            # Counted before the send: the peer may answer (and a caller read the
-            # statistics) before this thread runs again; a failed send uncounts it.
-            self.bytes_sent += nbytes
-            try:
-                self.hold()
-            except PeerLost:
-                self.bytes_sent -= nbytes
-                raise
-            try:
-                if spans:  # a chunk as spans of the cache: the compiled helper writes it all
-                    scatter.send_parts(self.sock, [*pending, *parts])
-                elif self._tls:  # SSL sockets have no sendmsg
-                    for view in views:
-                        self.sock.sendall(view)
-                else:
-                    self._sendmsg_all(views)
-            except OSError as exc:
-                self.bytes_sent -= nbytes
-                raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
-            finally:
-                self.release()
+            with self.held():  # PeerLost once closed, before anything is counted
+                # Counted before the send: the peer may answer (and a caller read the
+                # statistics) before this thread runs again; a failed send uncounts it.
+                self.bytes_sent += nbytes
+                try:
+                    if spans:  # a chunk as spans of the cache: the compiled helper writes it all
+                        scatter.send_parts(self.sock, [*pending, *parts])
+                    elif self._tls:  # SSL sockets have no sendmsg
+                        for view in views:
+                            self.sock.sendall(view)
+                    else:
+                        self._sendmsg_all(views)
+                except OSError as exc:
+                    self.bytes_sent -= nbytes
+                    raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
         self.flush_control()  # frames queued while this one was being written
 
     def send_control(self, frame: bytes) -> None:
@@ -332,13 +327,11 @@ class TcpStream:
         if any(isinstance(v, scatter.Spans) for v in views):  # spans of the cache, in place
             if self._tls or len(views) != 1:
                 raise ValueError("views: spans are received alone, and not over TLS")
-            self.hold()
             try:
-                n = scatter.recv_spans(self.sock, views[0])
+                with self.held():
+                    n = scatter.recv_spans(self.sock, views[0])
             except OSError as exc:
                 raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
-            finally:
-                self.release()
             self.bytes_received += n
             if n < views[0].nbytes:
                 raise PeerLost(f"connection to {self.peer} closed by the peer")
@@ -413,6 +406,15 @@ class TcpStream:
                 raise PeerLost(f"connection to {self.peer} is closed")
             self._users += 1
             return self.sock.fileno()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[int]:
+        """:meth:`hold` and :meth:`release` around a block: the descriptor."""
+        fd = self.hold()
+        try:
+            yield fd
+        finally:
+            self.release()
 
     def release(self) -> None:
         with self._users_lock:
@@ -517,11 +519,8 @@ class TcpListener:
             stream._tls = True
             if stream.closed:  # closed while being wrapped: the close may have missed it
                 raise OSError("closed during the TLS handshake")
-            stream.hold()  # as every call on the socket (TcpStream.hold)
-            try:
+            with stream.held():  # as every call on the socket (TcpStream.hold)
                 stream.sock.do_handshake()
-            finally:
-                stream.release()
         except (OSError, ssl.SSLError, ValueError) as exc:
             stream.close()
             stream.sock.close()  # the TLS socket, if the close above found the raw one
