@@ -181,6 +181,16 @@ def wire_tp(layout) -> tuple[int, int, int]:
     return tp.rank, tp.size, tp.kv_heads
 
 
+def wait_until(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
+    """Whether ``predicate()`` came true within ``timeout`` seconds (polled every ``step``)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 class WireClient:
     """A sender driven by hand over a real socket, to send frames a real Sender never would."""
 

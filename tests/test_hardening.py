@@ -22,18 +22,9 @@ import kvwire
 from kvwire.engine.common import layout_summary
 from kvwire.proto import FrameType, Header, ServerConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE
-from tests.helpers import SECRET, WireClient, assert_transferred, filled, wire_tp
+from tests.helpers import SECRET, WireClient, assert_transferred, filled, wait_until, wire_tp
 
 LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
-
-
-def wait_until(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def read_frame(client: WireClient, timeout: float = 10.0):

@@ -4,15 +4,13 @@ wrong on it, is handled as Python handles it: a repeat read past, an overlap or 
 out of bounds refused, a corrupted payload asked for again, a broken stream failing the
 request, with nothing written outside the request's rows."""
 
-import time
-
 import pytest
 import torch
 
 import kvwire
 from kvwire.engine import lane
-from kvwire.proto import FrameType, Header, crc32c
-from tests.helpers import SECRET, WireClient, assert_transferred, corrupt_first_checksums, filled
+from tests import test_faults as faults
+from tests.helpers import SECRET, WireClient, assert_transferred, corrupt_first_checksums, filled, wait_until
 
 pytestmark = pytest.mark.skipif(not lane.available(), reason="the compiled helper is not built")
 
@@ -35,9 +33,9 @@ def rows_of(start: int, count: int, seed: int) -> bytes:
 
 
 def data_frame(layer=0, tensor=0, start=0, count=16, payload=None, crc=None, tag=1) -> bytes:
+    """A DATA frame (tests/test_faults.py's) whose rows, unless given, are seeded by where they go."""
     payload = rows_of(start, count, seed=layer * 100 + tensor * 10 + start) if payload is None else payload
-    return Header(FrameType.DATA, tag=tag, layer=layer, tensor=tensor, start=start, count=count, length=len(payload),
-                  payload_crc=crc32c(payload) if crc is None else crc).pack() + payload  # fmt: skip
+    return faults.data_frame(tag, layer, tensor, start, count, payload, crc)
 
 
 def every_frame(num_tokens: int = 32, skip=()) -> list[tuple[int, int, int]]:
@@ -55,15 +53,8 @@ def opened(rx, request_id: str, blocks: list[int], num_tokens: int = 32):
     h = rx.expect(request_id, blocks, num_tokens)
     client = WireClient(rx.address, LAYOUT)
     client.send(client.proto.begin(1, request_id, num_tokens) + data_frame())
-    wait_for(lambda: h.stats()["chunks"] == 1)  # written and verified
+    assert wait_until(lambda: h.stats()["chunks"] == 1, timeout=5)  # written and verified
     return h, client
-
-
-def wait_for(condition, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
 
 
 def snapshot(dst) -> list[dict[str, bytes]]:
@@ -142,14 +133,12 @@ def test_layers_become_ready_one_by_one_from_the_lane(rx):
 
 
 def test_a_corrupted_payload_on_the_lane_is_asked_for_again(rx):
-    from tests.test_faults import nack_of
-
     h, client = opened(rx, "again", [4, 5])
     good = data_frame(1, 0, 16)
     bad = bytearray(good)
     bad[-1] ^= 0x08
     client.send(bytes(bad))
-    nack = nack_of(client)
+    nack = faults.nack_of(client)
     assert (nack.tag, nack.layer, nack.tensor, nack.start, nack.count) == (1, 1, 0, 16, 16)
     assert rx.stats()["lane_frames"] == 1 and rx.stats()["checksum_failures"] == 1
     client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame(skip={(0, 0, 0)})))
@@ -164,7 +153,7 @@ def test_a_real_senders_corrupted_payloads_are_resent_through_the_lane(rx, monke
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=1, chunk_bytes=4096) as tx:
         t = tx.transfer("resent", [0, 1, 2], 40)
         t.send_layer(0)
-        wait_for(lambda: rx.stats()["lane_frames"] > 0)
+        assert wait_until(lambda: rx.stats()["lane_frames"] > 0, timeout=5)
         corrupt_first_checksums(monkeypatch, 3)  # from now on: the lane meets them
         for i in (1, 2):
             t.send_layer(i)
@@ -214,17 +203,17 @@ def test_a_stream_cut_inside_a_lane_frame_fails_the_request(rx):
     with pytest.raises(kvwire.PeerLost):
         h.wait(timeout=5)
     assert untouched_outside(rx.dst, [4, 5])
-    wait_for(lambda: rx.census()["lanes"] == 0)
+    assert wait_until(lambda: rx.census()["lanes"] == 0, timeout=5)
     assert rx.census()["requests"] == 0
 
 
 def test_frames_after_a_cancel_are_dropped_not_written(rx):
     h, client = opened(rx, "gone", [4, 5])
     client.send(data_frame(1, 0, 0))
-    wait_for(lambda: rx.stats()["lane_frames"] == 1)
+    assert wait_until(lambda: rx.stats()["lane_frames"] == 1, timeout=5)
     h.cancel("changed my mind")
     before = snapshot(rx.dst)
     client.send(data_frame(2, 0, 0))
-    wait_for(lambda: rx.stats()["late_frames"] == 1)
+    assert wait_until(lambda: rx.stats()["late_frames"] == 1, timeout=5)
     assert snapshot(rx.dst) == before
     assert rx.stats()["lane_frames"] == 1
