@@ -217,3 +217,11 @@ def test_frames_after_a_cancel_are_dropped_not_written(rx):
     assert wait_until(lambda: rx.stats()["late_frames"] == 1, timeout=5)
     assert snapshot(rx.dst) == before
     assert rx.stats()["lane_frames"] == 1
+
+
+def test_a_helper_built_from_another_version_is_refused_by_name(monkeypatch):
+    """The lane's table layout is written in lane.py and in _scatter.c: a helper whose
+    layout differs must not be used with this Python side."""
+    monkeypatch.setattr(lane._scatter, "LANE_FIELDS", lane.FIELDS + 1)
+    with pytest.raises(ImportError, match="another version of kvwire/_scatter.c: reinstall kvwire"):
+        lane.available()
