@@ -107,12 +107,44 @@ class _OutChunk:
         return self.payload.nbytes
 
 
+class _Wakeup:
+    """What a connection's writer waits on when it also reads the connection's control
+    frames (``_Conn.duplex``), in place of a condition: a :meth:`notify` from another
+    thread (an eventfd) or bytes to read on the socket, whichever comes first. Notified
+    and closed under the sender's lock, as the condition is notified, so that a
+    notification never reaches a descriptor closed meanwhile."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def notify(self) -> None:
+        if self.fd >= 0:
+            os.eventfd_write(self.fd, 1)
+
+    def wait(self, stream) -> None:
+        """Until notified, or ``stream`` has bytes to read (PeerLost once it is closed)."""
+        stream.wait_readable(self.fd)
+        try:
+            os.eventfd_read(self.fd)  # notified: cleared for the next wait
+        except BlockingIOError:
+            pass  # woken by the socket
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass
 class _Conn:
     index: int
     channel: Channel
     credit: int
-    wake: threading.Condition  # on the sender's lock: this connection's writer waits here
+    wake: threading.Condition | _Wakeup  # on the sender's lock: this connection's writer waits here
+    # Its writer reads its control frames too, between sends and while it waits (plain TCP,
+    # every connection but the first, on which the receiver acknowledges: an acknowledgement
+    # there never waits behind a send): no reader thread woken for each credit.
+    duplex: bool = False
     alive: bool = True
     retiring: bool = False  # takes no new chunk; closed once its transfers ended (fewer connections)
     opened: float = field(default_factory=time.monotonic)
@@ -500,10 +532,7 @@ class Sender:
             self.encoder.spans = transport == "tcp" and tls is None and scatter.available()
         self._threads = [Thread(self._encode_loop, "kvwire-encoder")]
         for c in self._conns:
-            c.threads = [
-                Thread(self._write_loop, f"kvwire-send-{c.index}", (c,)),
-                Thread(self._read_loop, f"kvwire-ack-{c.index}", (c,)),
-            ]
+            c.threads = self._conn_threads(c)
             self._threads += c.threads
         for t in self._threads:
             t.start()
@@ -588,7 +617,18 @@ class Sender:
         self.max_payload = accepted.max_payload
         if self.transport == "ucx":
             stream.device_payloads = accepted.device_payloads
+        if index > 0 and getattr(stream, "nowait_reads", False):
+            return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=_Wakeup(), duplex=True)
         return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=threading.Condition(self._lock))
+
+    def _conn_threads(self, conn: _Conn) -> list[threading.Thread]:
+        """A connection's threads: its writer, and a reader unless the writer reads too."""
+        if conn.duplex:
+            return [Thread(self._duplex_loop, f"kvwire-send-{conn.index}", (conn,))]
+        return [
+            Thread(self._write_loop, f"kvwire-send-{conn.index}", (conn,)),
+            Thread(self._read_loop, f"kvwire-ack-{conn.index}", (conn,)),
+        ]
 
     # -- the public surface --------------------------------------------------------------
     def transfer(
@@ -832,10 +872,7 @@ class Sender:
                         len(self._conns))  # fmt: skip
             count = sum(1 for c in self._conns if c.alive) + 1
         conn = self._open(free, count, *self._connect_args)
-        conn.threads = [
-            Thread(self._write_loop, f"kvwire-send-{free}", (conn,)),
-            Thread(self._read_loop, f"kvwire-ack-{free}", (conn,)),
-        ]
+        conn.threads = self._conn_threads(conn)
         with self._lock:
             if self._closed:
                 conn.stream.close()
@@ -991,12 +1028,16 @@ class Sender:
         first if its request is new on this connection; None once closed or dead. Chunks
         of transfers that ended meanwhile are dropped here, so they leave no record behind.
 
+        A writer that reads its connection too (``conn.duplex``) gets ``[]`` where another
+        would wait here: it waits outside the lock, for a notification or a frame to read.
+
         Usually one chunk; on a short path (``gather``: loopback, one datacenter) up to
         ``GATHER_CHUNKS`` when more are queued and no other connection's writer is
         waiting for one: one ``sendmsg`` for several frames costs the kernel less per byte
         than one each (docs/development.md), and a connection that waits is never passed
         over for it."""
         with self._lock:
+            conn.waiting = False
             while True:
                 if self._closed or not conn.alive or conn.retiring:
                     return None
@@ -1015,7 +1056,9 @@ class Sender:
                     self._wake_writer()  # the next chunk, if any, to another connection
                     return taken
                 conn.waiting = True
-                conn.wake.wait()
+                if conn.duplex:
+                    return []
+                conn.wake.wait()  # type: ignore[call-arg]
                 conn.waiting = False
 
     def _take_locked(self, conn: _Conn, queue: collections.deque[_OutChunk]) -> tuple[_OutChunk, list[bytes]]:
@@ -1056,34 +1099,69 @@ class Sender:
             if taken is None:
                 return
             try:
-                parts: list = []
-                for chunk, frames in taken:
-                    ref, payload = chunk.ref, chunk.payload
-                    crc = payload.checksum() if self.checksum != "none" else 0
-                    header = conn.proto.data_header(chunk.transfer.tag, ref.layer, ref.tensor, ref.start, ref.count,
-                                                    payload.nbytes, crc, ref.raw)  # fmt: skip
-                    parts += frames
-                    parts.append(header)
-                    if payload.device is None:
-                        parts += payload.parts
-                # Counted before the send, as the chunks are: the acknowledgement may come first.
-                conn.data_frames += len(taken)
-                conn.data_sends += 1
-                try:
-                    device = taken[0][0].payload.device  # a device payload is always taken alone
-                    conn.stream.send_parts(parts, device_payload=device)
-                except PeerLost:
-                    conn.data_frames -= len(taken)
-                    conn.data_sends -= 1
-                    for chunk, _ in taken:
-                        self._count(chunk.transfer, chunk, -1)  # counted again when resent
-                    raise
+                self._send_taken(conn, taken)
             except PeerLost as exc:
                 self._writer_lost(conn, exc)
                 return
-            finally:
+
+    def _duplex_loop(self, conn: _Conn) -> None:
+        """The writer of a connection whose control frames it reads too (``conn.duplex``):
+        credits, acknowledgements and NACKs are read after each send without waiting, and
+        while there is nothing to send it waits for them as well as for a chunk. Once it
+        sends no more (closing, retiring, the send failed) it reads what is left as a
+        reader thread would."""
+        try:
+            while True:
+                taken = self._next_chunks(conn)
+                if taken is None:
+                    break
+                if taken:
+                    try:
+                        self._send_taken(conn, taken)
+                    except PeerLost as exc:
+                        self._writer_lost(conn, exc)
+                        break
+                else:
+                    conn.wake.wait(conn.stream)  # type: ignore[call-arg]
+                for event in conn.channel.read_ready():
+                    self._on_event(conn, event)
+        except (PeerLost, ProtocolError) as exc:
+            self._connection_lost(conn, exc)
+            return
+        finally:
+            with self._lock:
+                conn.wake.close()  # type: ignore[union-attr]
+        self._read_loop(conn)
+
+    def _send_taken(self, conn: _Conn, taken: list[tuple[_OutChunk, list[bytes]]]) -> None:
+        """Write the chunks ``_next_chunks`` took, each behind its header (PeerLost: the
+        connection failed; they are uncounted, to be sent again elsewhere)."""
+        try:
+            parts: list = []
+            for chunk, frames in taken:
+                ref, payload = chunk.ref, chunk.payload
+                crc = payload.checksum() if self.checksum != "none" else 0
+                header = conn.proto.data_header(chunk.transfer.tag, ref.layer, ref.tensor, ref.start, ref.count,
+                                                payload.nbytes, crc, ref.raw)  # fmt: skip
+                parts += frames
+                parts.append(header)
+                if payload.device is None:
+                    parts += payload.parts
+            # Counted before the send, as the chunks are: the acknowledgement may come first.
+            conn.data_frames += len(taken)
+            conn.data_sends += 1
+            try:
+                device = taken[0][0].payload.device  # a device payload is always taken alone
+                conn.stream.send_parts(parts, device_payload=device)
+            except PeerLost:
+                conn.data_frames -= len(taken)
+                conn.data_sends -= 1
                 for chunk, _ in taken:
-                    chunk.payload.release()
+                    self._count(chunk.transfer, chunk, -1)  # counted again when resent
+                raise
+        finally:
+            for chunk, _ in taken:
+                chunk.payload.release()
 
     def _count(self, handle: SendHandle, chunk: _OutChunk, sign: int) -> None:
         with self._lock:
@@ -1108,7 +1186,8 @@ class Sender:
             with self._lock:
                 conn.credit += event.nbytes
                 queue = self._queue()
-                if conn.waiting and queue and queue[0].nbytes <= conn.credit:
+                # (a duplex connection's own writer reads it, and looks for a chunk next)
+                if conn.waiting and not conn.duplex and queue and queue[0].nbytes <= conn.credit:
                     conn.waiting = False
                     conn.wake.notify()
             return

@@ -174,6 +174,9 @@ class TcpStream:
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
+        # recv_nowait and wait_readable work: one thread may write frames and read the
+        # peer's between its writes (plain TCP; a TLS record may arrive half)
+        self.nowait_reads = not self._tls
         self.closed = False
         # Calls under way on the socket (hold/release): a close meanwhile shuts the socket
         # down at once (which ends them) and leaves closing its descriptor to the last one,
@@ -361,6 +364,40 @@ class TcpStream:
 
     def recv_device_into(self, tensor) -> None:
         raise ValueError("tensor: TCP carries payloads into host memory only")
+
+    def recv_nowait(self, n: int) -> bytes:
+        """Up to ``n`` bytes the socket holds now, without waiting: ``b""`` if none. The end
+        of the stream is PeerLost. Plain TCP only (a TLS record may be half there)."""
+        if self._tls:
+            raise ValueError("recv_nowait: not over TLS")
+        self.hold()
+        try:
+            data = self.sock.recv(n, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            raise PeerLost(f"connection to {self.peer} lost while receiving: {exc}") from None
+        finally:
+            self.release()
+        if not data:
+            raise PeerLost(f"connection to {self.peer} closed by the peer")
+        self.bytes_received += len(data)
+        return data
+
+    def wait_readable(self, also: int) -> None:
+        """Wait until the socket has bytes to read (or its end, or an error) or descriptor
+        ``also`` (an eventfd another thread writes to wake this one) is readable. Plain
+        TCP only. PeerLost once the stream is closed."""
+        if self._tls:
+            raise ValueError("wait_readable: not over TLS")
+        fd = self.hold()
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(also, select.POLLIN)
+            poller.poll()
+        finally:
+            self.release()
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
