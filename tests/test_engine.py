@@ -83,6 +83,28 @@ def test_a_stream_closed_while_a_call_uses_it_keeps_its_descriptor_until_the_cal
     d.close()
 
 
+def test_connections_after_the_first_read_their_credits_in_their_writers(receiver_for):
+    """On plain TCP every connection but the first has one thread, its writer, which reads
+    the credits (and acknowledgements, NACKs) that arrive on it between its sends and
+    while it waits; the first keeps a reader, because the receiver acknowledges there.
+    With a credit window of four chunks every writer must read credit after credit."""
+    layout = LAYOUTS["gqa"]
+    chunk, window = 16 << 10, 64 << 10
+    rx, dst = receiver_for(layout, slot_bytes=chunk, window_bytes=window)
+    src = filled(layout, 64, seed=5)
+    blocks, dst_blocks = list(range(64)), list(range(63, -1, -1))
+    num_tokens = 64 * layout.block_size
+    h = rx.expect("credits", dst_blocks, num_tokens)
+    with sender(layout, rx, src, chunk_bytes=chunk, max_streams=3) as tx:
+        names = [[t.name for t in c.threads] for c in tx._conns]
+        assert names == [["kvwire-send-0", "kvwire-ack-0"], ["kvwire-send-1"], ["kvwire-send-2"]]
+        tx.send("credits", blocks, num_tokens, timeout=30)
+        frames = [c["data_frames"] for c in tx.stats()["connections"]]
+    h.wait(timeout=10)
+    assert all(n > window // chunk for n in frames[1:]), frames  # each went past its first window
+    assert_transferred(layout, src, blocks, dst, dst_blocks, num_tokens)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_raw_transfer_is_bit_exact(name, transport, receiver_for):

@@ -1,5 +1,7 @@
 """The protocol, sans I/O: handshake, framing h11-style (whole, byte by byte, trailing), fuzz."""
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -340,3 +342,52 @@ def test_a_begin_naming_a_codec_the_session_lacks_is_a_protocol_error():
         pump(bad, FrameReader(s), "whole")
     with pytest.raises(ValueError, match="codecs: 1..8 codecs starting with 'fp8'"):
         client_offering(["raw", "fp8"], codec="fp8")
+
+
+def test_control_frames_read_without_waiting_arrive_whole_however_the_bytes_come():
+    """A sender's writer reads its connection between sends without waiting
+    (``Channel.read_ready``): it takes every whole control frame the socket holds, keeps a
+    frame begun but not ended for the next call, and hands it whole to ``next_events``
+    (the blocking reader it becomes once it stops writing). A DATA header is refused
+    before its payload is waited for, and the end of the stream is PeerLost."""
+    import socket
+
+    from kvwire.engine.channel import Channel
+    from kvwire.errors import PeerLost
+    from kvwire.proto import Ack, Credit
+    from kvwire.transport import TcpStream
+
+    def opened():
+        c, s = client(), server()
+        reader = handshake(c, s)[0]
+        reader.feed(s.data_to_send())  # ACCEPT
+        assert reader.next_events() == [Accepted(window=1 << 20, max_payload=1 << 16)]
+        return c, s
+
+    c, s = opened()
+    a, b = socket.socketpair()
+    channel = Channel(TcpStream(a, "pair"), c)
+    try:
+        assert channel.read_ready() == []  # nothing there: returns at once
+        ack = s.ack(7, True, "done")
+        b.sendall(s.credit(100) + s.credit(200) + ack[:10])
+        assert channel.read_ready() == [Credit(100), Credit(200)]
+        b.sendall(ack[10 : HEADER_SIZE + 2])  # the header whole, its payload begun
+        assert channel.read_ready() == []
+        timer = threading.Timer(0.2, b.sendall, (ack[HEADER_SIZE + 2 :] + s.credit(5),))
+        timer.start()
+        assert channel.next_events() == [Ack(7, True, "done")]  # waits for the rest of that frame only
+        timer.join()
+        assert channel.next_events() == [Credit(5)]
+        data = Header(FrameType.DATA, tag=7, layer=0, tensor=0, start=0, count=1, length=1 << 20).pack()
+        b.sendall(data)  # a megabyte announced, none of it sent: refused now, not waited for
+        with pytest.raises(ProtocolError, match="DATA"):
+            channel.read_ready()
+    finally:
+        b.close()
+    d, e = socket.socketpair()
+    closed = Channel(TcpStream(d, "pair"), opened()[0])
+    e.close()
+    with pytest.raises(PeerLost, match="closed by the peer"):
+        closed.read_ready()
+    d.close()

@@ -13,6 +13,7 @@ from kvwire.errors import KvwireError, PeerLost, ProtocolError
 from kvwire.proto import Accepted, Authenticated, ClientConnection, FrameType, Header, ServerConnection, parse_header
 from kvwire.proto.connection import Connection, Event
 from kvwire.proto.frames import HEADER_SIZE
+from kvwire.proto.reader import FrameReader, NeedData
 from kvwire.transport import ByteStream
 
 READ_AHEAD = 64 * 1024  # bytes read_ready asks the socket for at once
@@ -24,7 +25,7 @@ class Channel:
     def __init__(self, stream: ByteStream, proto: Connection) -> None:
         self.stream = stream
         self.proto = proto
-        self._ahead = bytearray()  # read by read_ready, not yet a whole frame
+        self._ahead = FrameReader(proto)  # bytes read_ready took off the stream, not yet a whole frame
 
     def read_header(self) -> tuple[Header, int]:
         """The next frame's header, checked for the connection's state, and how many
@@ -42,10 +43,10 @@ class Channel:
 
     def next_events(self) -> list[Event]:
         """Read one whole control frame: for the side that never receives DATA (the sender)."""
-        if self._ahead:  # the start of a frame, read by read_ready: the rest of it first
-            while (frame := self._whole_frame()) is None:
-                self._ahead += self.stream.recv_exact(self._front()[1] - len(self._ahead))
-            return self._control_frame(frame)
+        if self._ahead.missing:  # a frame begun by read_ready: the rest of it first
+            while isinstance(events := self._ahead.next_events(), NeedData):
+                self._ahead.feed(self.stream.recv_exact(self._ahead.missing))
+            return events
         header, nbytes = self.read_header()
         if header.type == FrameType.DATA:  # the protocol's table never allows it on this side
             raise ProtocolError("DATA where only control frames may arrive")
@@ -53,42 +54,17 @@ class Channel:
 
     def read_ready(self) -> list[Event]:
         """The events of the whole control frames the stream holds now, without waiting
-        (the sender's writer reads them between its sends: ``stream.nowait_reads``). The
-        start of a frame whose rest has not arrived stays for the next call."""
+        (the sender's writer reads them between its sends: ``stream.nowait_reads``). A
+        frame whose end has not arrived stays begun for the next call (or next_events)."""
         while True:
             data = self.stream.recv_nowait(READ_AHEAD)  # type: ignore[attr-defined]
-            self._ahead += data
+            self._ahead.feed(data)
             if len(data) < READ_AHEAD:
                 break
         events: list[Event] = []
-        while (frame := self._whole_frame()) is not None:
-            events += self._control_frame(frame)
+        while not isinstance(more := self._ahead.next_events(), NeedData):
+            events += more
         return events
-
-    def _front(self) -> tuple[Header | None, int]:
-        """The header of the frame that starts the bytes read ahead (None until all of it
-        is there) and the frame's size so far as known: a control frame, at most 64 KiB
-        beyond its header."""
-        if len(self._ahead) < HEADER_SIZE:
-            return None, HEADER_SIZE
-        header = parse_header(bytes(self._ahead[:HEADER_SIZE]))
-        if header.type == FrameType.DATA:  # refused before its payload is waited for
-            raise ProtocolError("DATA where only control frames may arrive")
-        return header, HEADER_SIZE + header.length
-
-    def _whole_frame(self) -> tuple[Header, bytes] | None:
-        """The frame at the front of the bytes read ahead, taken off them once all of it is there."""
-        header, size = self._front()
-        if header is None or len(self._ahead) < size:
-            return None
-        payload = bytes(self._ahead[HEADER_SIZE:size])
-        del self._ahead[:size]
-        return header, payload
-
-    def _control_frame(self, frame: tuple[Header, bytes]) -> list[Event]:
-        header, payload = frame
-        self.proto.on_header(header)
-        return self.proto.on_payload(header, payload)
 
     def flush(self) -> None:
         """Send what the protocol object has queued (handshake replies), now."""

@@ -8,7 +8,8 @@ Threads (all daemon, all ended by :meth:`Sender.close`):
   and queues it;
 * per connection, a *writer* that takes the next queued chunk when the receiver has
   granted this connection credit for it, and a *reader* for acknowledgements, credits
-  and cancellations.
+  and cancellations; on plain TCP every connection but the first has no reader: its
+  writer reads those frames between its sends and while it waits (``_duplex_loop``).
 
 Chunks leave in queue order, so layer i is on the wire before layer i+1. When a
 connection dies, the chunks it carried for unacknowledged transfers are encoded again
@@ -621,7 +622,7 @@ class Sender:
             return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=_Wakeup(), duplex=True)
         return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=threading.Condition(self._lock))
 
-    def _conn_threads(self, conn: _Conn) -> list[threading.Thread]:
+    def _conn_threads(self, conn: _Conn) -> list[Thread]:
         """A connection's threads: its writer, and a reader unless the writer reads too."""
         if conn.duplex:
             return [Thread(self._duplex_loop, f"kvwire-send-{conn.index}", (conn,))]
@@ -1110,6 +1111,8 @@ class Sender:
         while there is nothing to send it waits for them as well as for a chunk. Once it
         sends no more (closing, retiring, the send failed) it reads what is left as a
         reader thread would."""
+        wake = conn.wake
+        assert isinstance(wake, _Wakeup)
         try:
             while True:
                 taken = self._next_chunks(conn)
@@ -1122,7 +1125,7 @@ class Sender:
                         self._writer_lost(conn, exc)
                         break
                 else:
-                    conn.wake.wait(conn.stream)  # type: ignore[call-arg]
+                    wake.wait(conn.stream)
                 for event in conn.channel.read_ready():
                     self._on_event(conn, event)
         except (PeerLost, ProtocolError) as exc:
@@ -1130,7 +1133,7 @@ class Sender:
             return
         finally:
             with self._lock:
-                conn.wake.close()  # type: ignore[union-attr]
+                wake.close()
         self._read_loop(conn)
 
     def _send_taken(self, conn: _Conn, taken: list[tuple[_OutChunk, list[bytes]]]) -> None:

@@ -1,7 +1,9 @@
 """Feed-style framing on top of a :class:`Connection`: bytes in, events out.
 
-Used where whole messages arrive in memory (tests, fuzzing, message transports). The
-socket path does not use it: there, DATA payloads go straight into staging memory.
+Used where whole messages arrive in memory (tests, fuzzing, message transports) and by
+the sender's writers for the control frames they read between sends without waiting
+(``Channel.read_ready``). The receiver's socket path does not use it: there, DATA
+payloads go straight into their destination or staging memory.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class FrameReader:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+
+    @property
+    def missing(self) -> int:
+        """Bytes the frame begun in the buffer still lacks (a header's, until it is whole);
+        0 when no frame is begun."""
+        if self._header is not None:
+            return max(self._header.length - len(self._buffer), 0)
+        return HEADER_SIZE - len(self._buffer) if self._buffer else 0
 
     @property
     def trailing(self) -> bytes:
