@@ -352,7 +352,7 @@ def test_control_frames_read_without_waiting_arrive_whole_however_the_bytes_come
     before its payload is waited for, and the end of the stream is PeerLost."""
     import socket
 
-    from kvwire.engine.channel import Channel
+    from kvwire.engine.channel import READ_AHEAD, Channel
     from kvwire.errors import PeerLost
     from kvwire.proto import Ack, Credit
     from kvwire.transport import TcpStream
@@ -385,6 +385,21 @@ def test_control_frames_read_without_waiting_arrive_whole_however_the_bytes_come
             channel.read_ready()
     finally:
         b.close()
+    # A peer that floods the connection: one call reads at most READ_AHEAD bytes (whole
+    # frames out, the begun one kept), so the writer goes back to sending between reads.
+    f, g = socket.socketpair()
+    c3, s3 = opened()
+    flooded = Channel(TcpStream(f, "pair"), c3)
+    credit = s3.credit(1)
+    g.sendall(credit * (2 * READ_AHEAD // len(credit)))
+    first = flooded.read_ready()
+    assert len(first) == READ_AHEAD // len(credit) and first[0] == Credit(1)
+    total = len(first)
+    while more := flooded.read_ready():
+        total += len(more)
+    assert total == 2 * READ_AHEAD // len(credit)
+    f.close()
+    g.close()
     d, e = socket.socketpair()
     closed = Channel(TcpStream(d, "pair"), opened()[0])
     e.close()

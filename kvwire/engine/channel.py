@@ -55,12 +55,11 @@ class Channel:
     def read_ready(self) -> list[Event]:
         """The events of the whole control frames the stream holds now, without waiting
         (the sender's writer reads them between its sends: ``stream.nowait_reads``). A
-        frame whose end has not arrived stays begun for the next call (or next_events)."""
-        while True:
-            data = self.stream.recv_nowait(READ_AHEAD)  # type: ignore[attr-defined]
-            self._ahead.feed(data)
-            if len(data) < READ_AHEAD:
-                break
+        frame whose end has not arrived stays begun for the next call (or next_events).
+        One read of at most READ_AHEAD bytes per call: a peer that floods the connection
+        gets its frames read a bounded amount at a time, between sends, never buffered
+        beyond that."""
+        self._ahead.feed(self.stream.recv_nowait(READ_AHEAD))  # type: ignore[attr-defined]
         events: list[Event] = []
         while not isinstance(more := self._ahead.next_events(), NeedData):
             events += more
