@@ -10,7 +10,15 @@ import torch
 
 import kvwire
 from kvwire.engine import lane
-from tests.helpers import SECRET, TRANSPORTS, assert_transferred, filled, random_states, sender_process
+from tests.helpers import (
+    SECRET,
+    TRANSPORTS,
+    assert_transferred,
+    filled,
+    random_states,
+    sender_process,
+    wait_until,
+)
 
 LAYOUTS = {
     "mha": kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=4, head_dim=64, block_size=16),
@@ -102,6 +110,31 @@ def test_connections_after_the_first_read_their_credits_in_their_writers(receive
         frames = [c["data_frames"] for c in tx.stats()["connections"]]
     h.wait(timeout=10)
     assert all(n > window // chunk for n in frames[1:]), frames  # each went past its first window
+    assert_transferred(layout, src, blocks, dst, dst_blocks, num_tokens)
+
+
+def test_when_the_connection_with_the_reader_is_lost_the_oldest_left_takes_reading_over(receiver_for):
+    """The receiver acknowledges on the oldest connection left; once the first one (the
+    one with a reader thread) is lost, the oldest duplex connection's writer hands its
+    reading to a thread of its own, so acknowledgements never wait behind its sends.
+    The newer connections stay duplex, and transfers go on."""
+    layout = LAYOUTS["gqa"]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=6)
+    blocks, num_tokens = list(range(64)), 64 * layout.block_size
+    with sender(layout, rx, src, chunk_bytes=16 << 10, max_streams=3) as tx:
+        h = rx.expect("before", blocks, num_tokens)
+        tx.send("before", blocks, num_tokens, timeout=30)
+        h.wait(timeout=10)
+        tx.reset_connection(0)
+        assert wait_until(lambda: not tx._conns[1].duplex)  # connection 1 reads the acknowledgements now
+        assert [t.name for t in tx._conns[1].threads] == ["kvwire-send-1", "kvwire-ack-1"]
+        assert tx._conns[2].duplex and [t.name for t in tx._conns[2].threads] == ["kvwire-send-2"]
+        dst_blocks = blocks[::-1]
+        h = rx.expect("after", dst_blocks, num_tokens)
+        stats = tx.send("after", blocks, num_tokens, timeout=30)
+        h.wait(timeout=10)
+        assert stats["chunks"] > 0 and tx.stats()["alive_streams"] == 2
     assert_transferred(layout, src, blocks, dst, dst_blocks, num_tokens)
 
 

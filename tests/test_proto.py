@@ -1,6 +1,7 @@
 """The protocol, sans I/O: handshake, framing h11-style (whole, byte by byte, trailing), fuzz."""
 
 import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -348,8 +349,9 @@ def test_control_frames_read_without_waiting_arrive_whole_however_the_bytes_come
     """A sender's writer reads its connection between sends without waiting
     (``Channel.read_ready``): it takes every whole control frame the socket holds, keeps a
     frame begun but not ended for the next call, and hands it whole to ``next_events``
-    (the blocking reader it becomes once it stops writing). A DATA header is refused
-    before its payload is waited for, and the end of the stream is PeerLost."""
+    (the blocking reader it becomes once it stops writing). A bad frame raises after the
+    events of those before it, a DATA header is refused before its payload is waited
+    for, a flood is read a bounded amount per call, and the end of the stream is PeerLost."""
     import socket
 
     from kvwire.engine.channel import READ_AHEAD, Channel
@@ -368,41 +370,46 @@ def test_control_frames_read_without_waiting_arrive_whole_however_the_bytes_come
     a, b = socket.socketpair()
     channel = Channel(TcpStream(a, "pair"), c)
     try:
-        assert channel.read_ready() == []  # nothing there: returns at once
+        assert list(channel.read_ready()) == []  # nothing there: returns at once
         ack = s.ack(7, True, "done")
         b.sendall(s.credit(100) + s.credit(200) + ack[:10])
-        assert channel.read_ready() == [Credit(100), Credit(200)]
+        assert list(channel.read_ready()) == [Credit(100), Credit(200)]
         b.sendall(ack[10 : HEADER_SIZE + 2])  # the header whole, its payload begun
-        assert channel.read_ready() == []
+        assert list(channel.read_ready()) == []
         timer = threading.Timer(0.2, b.sendall, (ack[HEADER_SIZE + 2 :] + s.credit(5),))
         timer.start()
         assert channel.next_events() == [Ack(7, True, "done")]  # waits for the rest of that frame only
         timer.join()
         assert channel.next_events() == [Credit(5)]
         data = Header(FrameType.DATA, tag=7, layer=0, tensor=0, start=0, count=1, length=1 << 20).pack()
-        b.sendall(data)  # a megabyte announced, none of it sent: refused now, not waited for
+        b.sendall(s.credit(9) + data)  # a megabyte announced, none of it sent: refused now, not waited for
+        events = channel.read_ready()
+        assert next(events) == Credit(9)  # the frame before the bad one counts
         with pytest.raises(ProtocolError, match="DATA"):
-            channel.read_ready()
+            next(events)
     finally:
         b.close()
-    # A peer that floods the connection: one call reads at most READ_AHEAD bytes (whole
+
+    # A peer that floods the connection: each call reads at most READ_AHEAD bytes (whole
     # frames out, the begun one kept), so the writer goes back to sending between reads.
     f, g = socket.socketpair()
-    c3, s3 = opened()
-    flooded = Channel(TcpStream(f, "pair"), c3)
-    credit = s3.credit(1)
-    g.sendall(credit * (2 * READ_AHEAD // len(credit)))
-    first = flooded.read_ready()
-    assert len(first) == READ_AHEAD // len(credit) and first[0] == Credit(1)
-    total = len(first)
-    while more := flooded.read_ready():
-        total += len(more)
-    assert total == 2 * READ_AHEAD // len(credit)
+    flooded = Channel(TcpStream(f, "pair"), opened()[0])
+    credit = s.credit(1)
+    sent = 4 * READ_AHEAD // len(credit)
+    flood = threading.Thread(target=g.sendall, args=(credit * sent,))
+    flood.start()
+    counts: list[int] = []
+    deadline = time.monotonic() + 20
+    while sum(counts) < sent and time.monotonic() < deadline:
+        counts.append(len(list(flooded.read_ready())))
+    flood.join(timeout=5)
+    assert sum(counts) == sent and max(counts) <= READ_AHEAD // len(credit) + 1, counts
     f.close()
     g.close()
+
     d, e = socket.socketpair()
     closed = Channel(TcpStream(d, "pair"), opened()[0])
     e.close()
     with pytest.raises(PeerLost, match="closed by the peer"):
-        closed.read_ready()
+        list(closed.read_ready())
     d.close()

@@ -9,6 +9,8 @@ destination rows, GPU memory) and reads them with ``stream.recv_into_exact``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kvwire.errors import KvwireError, PeerLost, ProtocolError
 from kvwire.proto import Accepted, Authenticated, ClientConnection, FrameType, Header, ServerConnection, parse_header
 from kvwire.proto.connection import Connection, Event
@@ -43,7 +45,7 @@ class Channel:
 
     def next_events(self) -> list[Event]:
         """Read one whole control frame: for the side that never receives DATA (the sender)."""
-        if self._ahead.missing:  # a frame begun by read_ready: the rest of it first
+        if self._ahead.begun:  # a frame begun by read_ready: the rest of it first
             while isinstance(events := self._ahead.next_events(), NeedData):
                 self._ahead.feed(self.stream.recv_exact(self._ahead.missing))
             return events
@@ -52,18 +54,17 @@ class Channel:
             raise ProtocolError("DATA where only control frames may arrive")
         return self.read_control(header, nbytes)
 
-    def read_ready(self) -> list[Event]:
+    def read_ready(self) -> Iterator[Event]:
         """The events of the whole control frames the stream holds now, without waiting
-        (the sender's writer reads them between its sends: ``stream.nowait_reads``). A
+        (the sender's writer reads them between its sends: ``stream.nowait_reads``), each
+        frame's before the next is parsed: a bad frame raises after those before it. A
         frame whose end has not arrived stays begun for the next call (or next_events).
         One read of at most READ_AHEAD bytes per call: a peer that floods the connection
         gets its frames read a bounded amount at a time, between sends, never buffered
         beyond that."""
         self._ahead.feed(self.stream.recv_nowait(READ_AHEAD))  # type: ignore[attr-defined]
-        events: list[Event] = []
-        while not isinstance(more := self._ahead.next_events(), NeedData):
-            events += more
-        return events
+        while not isinstance(events := self._ahead.next_events(), NeedData):
+            yield from events
 
     def flush(self) -> None:
         """Send what the protocol object has queued (handshake replies), now."""

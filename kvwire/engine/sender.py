@@ -8,8 +8,9 @@ Threads (all daemon, all ended by :meth:`Sender.close`):
   and queues it;
 * per connection, a *writer* that takes the next queued chunk when the receiver has
   granted this connection credit for it, and a *reader* for acknowledgements, credits
-  and cancellations; on plain TCP every connection but the first has no reader: its
-  writer reads those frames between its sends and while it waits (``_duplex_loop``).
+  and cancellations; on plain TCP only the connection the receiver acknowledges on
+  (the oldest) has a reader: the others' writers read those frames between their sends
+  and while they wait (``_duplex_loop``).
 
 Chunks leave in queue order, so layer i is on the wire before layer i+1. When a
 connection dies, the chunks it carried for unacknowledged transfers are encoded again
@@ -116,6 +117,9 @@ class _Wakeup:
     notification never reaches a descriptor closed meanwhile."""
 
     def __init__(self) -> None:
+        self.fd = -1  # opened by the writer's thread as it starts (open), closed as it stops
+
+    def open(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def notify(self) -> None:
@@ -142,10 +146,13 @@ class _Conn:
     channel: Channel
     credit: int
     wake: threading.Condition | _Wakeup  # on the sender's lock: this connection's writer waits here
-    # Its writer reads its control frames too, between sends and while it waits (plain TCP,
-    # every connection but the first, on which the receiver acknowledges: an acknowledgement
-    # there never waits behind a send): no reader thread woken for each credit.
+    # Its writer reads its control frames too, between sends and while it waits (plain TCP):
+    # no reader thread woken for each credit. Every connection but the one the receiver
+    # acknowledges on (its oldest), where an acknowledgement must not wait behind a send.
     duplex: bool = False
+    # (duplex) the connection that had a reader was lost and this one is now the oldest:
+    # its writer hands reading to a thread of its own (Sender._duplex_loop)
+    hand_over: bool = False
     alive: bool = True
     retiring: bool = False  # takes no new chunk; closed once its transfers ended (fewer connections)
     opened: float = field(default_factory=time.monotonic)
@@ -618,9 +625,15 @@ class Sender:
         self.max_payload = accepted.max_payload
         if self.transport == "ucx":
             stream.device_payloads = accepted.device_payloads
-        if index > 0 and getattr(stream, "nowait_reads", False):
+        if getattr(stream, "nowait_reads", False) and hasattr(os, "eventfd") and self._reader_alive():
             return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=_Wakeup(), duplex=True)
         return _Conn(index, Channel(stream, proto), credit=accepted.window, wake=threading.Condition(self._lock))
+
+    def _reader_alive(self) -> bool:
+        """Whether a live connection has (or is about to have) a reader thread: the one the
+        receiver acknowledges on. A connection opened while one has is duplex."""
+        with self._lock:
+            return any(c.alive and (not c.duplex or c.hand_over) for c in self._conns)
 
     def _conn_threads(self, conn: _Conn) -> list[Thread]:
         """A connection's threads: its writer, and a reader unless the writer reads too."""
@@ -1110,11 +1123,15 @@ class Sender:
         credits, acknowledgements and NACKs are read after each send without waiting, and
         while there is nothing to send it waits for them as well as for a chunk. Once it
         sends no more (closing, retiring, the send failed) it reads what is left as a
-        reader thread would."""
+        reader thread would; once the connection with the reader is lost and this one is
+        the oldest (``conn.hand_over``), a reader thread takes over and it only writes."""
         wake = conn.wake
         assert isinstance(wake, _Wakeup)
+        with self._lock:
+            wake.open()
+        handed_over = False
         try:
-            while True:
+            while not (handed_over := conn.hand_over):
                 taken = self._next_chunks(conn)
                 if taken is None:
                     break
@@ -1131,10 +1148,24 @@ class Sender:
         except (PeerLost, ProtocolError) as exc:
             self._connection_lost(conn, exc)
             return
+        except Exception as exc:  # a bug must not leave a live connection that nobody reads
+            log.exception("connection %d: its writer failed", conn.index)
+            self._connection_lost(conn, exc)
+            return
         finally:
             with self._lock:
                 wake.close()
-        self._read_loop(conn)
+                if handed_over:  # a writer with a reader beside it, from now on
+                    conn.duplex, conn.wake = False, threading.Condition(self._lock)
+                    reader = Thread(self._read_loop, f"kvwire-ack-{conn.index}", (conn,))
+                    conn.threads.append(reader)
+                    self._threads.append(reader)
+        if not handed_over:
+            self._read_loop(conn)
+            return
+        reader.start()
+        log.info("connection %d reads the acknowledgements now", conn.index)
+        self._write_loop(conn)
 
     def _send_taken(self, conn: _Conn, taken: list[tuple[_OutChunk, list[bytes]]]) -> None:
         """Write the chunks ``_next_chunks`` took, each behind its header (PeerLost: the
@@ -1260,6 +1291,10 @@ class Sender:
                     self._jobs.appendleft((handle, refs[0].layer, None, list(refs)))
                 self._jobs_cond.notify()
             doomed = [] if alive else [t for t in self._transfers.values() if not t.done()]
+            if alive and all(c.duplex and not c.hand_over for c in alive):
+                # It had the reader: the receiver acknowledges on the oldest connection left now.
+                heir = min(alive, key=lambda c: c.opened)
+                heir.hand_over = True
             self._wake_all()
         conn.stream.close()
         log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))

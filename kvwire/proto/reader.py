@@ -32,12 +32,17 @@ class FrameReader:
         self._buffer += data
 
     @property
+    def begun(self) -> bool:
+        """Whether bytes of a frame not yet handed out are held (its header, or part of it)."""
+        return self._header is not None or bool(self._buffer)
+
+    @property
     def missing(self) -> int:
-        """Bytes the frame begun in the buffer still lacks (a header's, until it is whole);
-        0 when no frame is begun."""
+        """Bytes the frame at the front still lacks: at least 1 after ``next_events``
+        said NEED_DATA (a header's bytes until it is whole, then its payload's)."""
         if self._header is not None:
             return max(self._header.length - len(self._buffer), 0)
-        return HEADER_SIZE - len(self._buffer) if self._buffer else 0
+        return max(HEADER_SIZE - len(self._buffer), 0)
 
     @property
     def trailing(self) -> bytes:

@@ -368,8 +368,8 @@ class TcpStream:
     def recv_nowait(self, n: int) -> bytes:
         """Up to ``n`` bytes the socket holds now, without waiting: ``b""`` if none. The end
         of the stream is PeerLost. Plain TCP only (a TLS record may be half there)."""
-        if self._tls:
-            raise ValueError("recv_nowait: not over TLS")
+        if self._tls or self.sock.gettimeout() is not None:  # with a timeout, Python would wait for it
+            raise ValueError("recv_nowait: plain TCP in blocking mode only (no TLS, no socket timeout)")
         self.hold()
         try:
             data = self.sock.recv(n, socket.MSG_DONTWAIT)
