@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import multiprocessing
 import os
 import resource
@@ -100,10 +101,21 @@ def process_usage() -> tuple[float, int]:
     return r.ru_utime + r.ru_stime, r.ru_nvcsw + r.ru_nivcsw
 
 
-def process_report(side: str, before: tuple[float, int], nbytes: int) -> str:
+def process_figures(before: tuple[float, int], nbytes: int) -> dict[str, float]:
+    """This process's CPU seconds per GB and context switches per 2 MiB since ``before``."""
     cpu, switches = (now - then for now, then in zip(process_usage(), before))
-    return (f"{side}, the whole process: {cpu / (nbytes / 1e9):.3f} CPU s/GB, "
-            f"{switches / (nbytes / (2 << 20)):.1f} context switches per 2 MiB")  # fmt: skip
+    return {"cpu_s_per_gb": cpu / (nbytes / 1e9), "switches_per_2mib": switches / (nbytes / (2 << 20))}
+
+
+def process_report(side: str, figures: dict[str, float]) -> str:
+    return (f"{side}, the whole process: {figures['cpu_s_per_gb']:.3f} CPU s/GB, "
+            f"{figures['switches_per_2mib']:.1f} context switches per 2 MiB")  # fmt: skip
+
+
+def kind_figures(before: collections.Counter, after: collections.Counter, nbytes: int) -> dict[str, float]:
+    """CPU seconds per GB by kind of thread (``kvwire-send``, ``kvwire-encoder``...)."""
+    gb = nbytes / 1e9
+    return {k: (v - before.get(("cpu", k), 0)) / gb for (what, k), v in after.items() if what == "cpu"}
 
 
 def thread_kinds(side: str) -> dict[int, str]:
@@ -149,10 +161,11 @@ def receiver(pipe, args: argparse.Namespace, rank: int = 0) -> None:
         handle = rx.expect(f"round-{r}", order, args.tokens, deadline=600)
         handle.wait()
     moved = (args.rounds - 1) * nbytes
-    text = process_report(side, usage0, moved)
+    figures = process_figures(usage0, moved)
+    text = process_report(side, figures)
     if not args.plain:
         text = report(side, start, per_thread(), moved, args.chunk_kib << 10) + "\n" + text
-    pipe.send((text, thread_kinds("rx" if args.decode_tp == 1 else f"rx{rank}")))
+    pipe.send((text, thread_kinds("rx" if args.decode_tp == 1 else f"rx{rank}"), figures))
     pipe.recv()  # the sender is done: closing now cannot race its last acknowledgement
     if args.plain:
         listener.close()
@@ -185,6 +198,8 @@ def main() -> None:
     parser.add_argument("--no-receive-lane", action="store_true",
                         help="every frame through the receiver's Python loop (for comparisons)")  # fmt: skip
     parser.add_argument("--perf", action="store_true", help="also split the machine's CPU with perf record -a")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the figures there (bench/alternate.py --thread-cpu reads them)")  # fmt: skip
     args = parser.parse_args()
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4 or args.decode_tp < 1:
         parser.error("--rounds must be at least 2, --tokens, --streams and --decode-tp at least 1, --chunk-kib at "
@@ -235,14 +250,18 @@ def main() -> None:
         transfer.finish()
     nbytes = (args.rounds - 1) * round_bytes
     seconds, machine1 = time.monotonic() - t0, machine_ticks()
-    sent = process_report("sender", usage0, nbytes)
+    sent_figures = process_figures(usage0, nbytes)
+    sent = process_report("sender", sent_figures)
+    figures: dict = {"gb_per_s": nbytes / seconds / 1e9, "sender": sent_figures, "receivers": []}
     if profile is not None:
         profile.stop()
     what = "plain sockets, cache to cache" if tx is None else f"checksum {args.checksum}"
     print(f"{nbytes / seconds / 1e9:.2f} GB/s over rounds 2..{args.rounds} "
           f"({args.streams} connections, {what}; counters read outside the rounds)")  # fmt: skip
     if tx is not None:
-        print(report("sender", start, per_thread(), nbytes, args.chunk_kib << 10))
+        after = per_thread()
+        print(report("sender", start, after, nbytes, args.chunk_kib << 10))
+        figures["sender_threads"] = kind_figures(start, after, nbytes)
         stats = tx.stats()
         conns = [c for st in (stats.values() if args.decode_tp > 1 else [stats]) for c in st["connections"]]
         frames, sends = sum(c["data_frames"] for c in conns), sum(c["data_sends"] for c in conns)
@@ -250,12 +269,16 @@ def main() -> None:
     print(sent)
     rx_kinds: dict[int, str] = {}
     for pipe in pipes:
-        received, kinds = pipe.recv()
+        received, kinds, rx_figures = pipe.recv()
         print(received)
         rx_kinds.update(kinds)
+        figures["receivers"].append(rx_figures)
     if isinstance(tx, kvwire.ShardedSender) and tx.row_checksums is not None and args.checksum != "none":
         print(f"sender: chunk CRCs of the decode ranks' heads {tx.row_checksums.counts}")
     print(machine_report(machine0, machine1))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(figures, out, indent=1)
     if profile is not None:
         kinds = {**thread_kinds("tx"), **rx_kinds}
         print(f"perf record -a over the same rounds ({perf_split.FREQUENCY} Hz per CPU):")

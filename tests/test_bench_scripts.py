@@ -50,17 +50,26 @@ def test_samples_become_cpu_seconds_per_gb_by_kind_and_category():
 
 
 @pytest.mark.parametrize("mode", [[], ["--plain"], ["--decode-tp", "2"]])
-def test_thread_cpu_runs_small_transfers_both_ways(mode):
+def test_thread_cpu_runs_small_transfers_both_ways(mode, tmp_path):
+    import json
+
     from kvwire import scatter
 
     split = "--decode-tp" in mode  # one prefill rank, two decode ranks: each receiver reported
     checksum = "crc32c" if split else "none"
     out = subprocess.run(
         [sys.executable, str(BENCH / "thread_cpu.py"), "--tokens", "512", "--rounds", "2", "--checksum", checksum,
-         *mode],
+         "--json", str(tmp_path / "figures.json"), *mode],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "figures.json").read_text())  # what the printed lines say, as numbers
+    assert f"{figures['gb_per_s']:.2f} GB/s over rounds 2..2 " in out.stdout
+    assert f"sender, the whole process: {figures['sender']['cpu_s_per_gb']:.3f} CPU s/GB" in out.stdout
+    assert len(figures["receivers"]) == (2 if split else 1)
+    assert ("sender_threads" in figures) == ("--plain" not in mode)
+    if "--plain" not in mode:  # (a short run may not last a clock tick in every thread)
+        assert figures["sender_threads"]["kvwire-send"] >= 0 and "kvwire-encoder" in figures["sender_threads"]
     assert " GB/s over rounds 2..2 " in out.stdout and "sender, the whole process: " in out.stdout
     receivers = ["receiver 0", "receiver 1"] if split else ["receiver"]
     assert all(f"{r}, the whole process: " in out.stdout for r in receivers)
@@ -91,7 +100,7 @@ def test_alternate_runs_each_side_once_per_pair_and_takes_every_figure_from_that
 
     calls = []
 
-    def fake_run(options, path):  # the summary's arithmetic, without the benchmark
+    def fake_run(options, path, thread_cpu=False):  # the summary's arithmetic, without the benchmark
         calls.append(options[-1])
         n = len(calls)
         return {"effective_gb_per_s": float(n), "cpu_s_per_gb": {"sender": n / 10, "receiver": n / 100},
@@ -107,6 +116,23 @@ def test_alternate_runs_each_side_once_per_pair_and_takes_every_figure_from_that
     assert rows["A1"][0] == "1.000" and rows["B1"][0] == "2.000" and rows["B2"][columns.index("send s/GB")] == "0.400"
     assert rows["B2"][columns.index("/plain rnd")] == "0.400"  # the median of the run's rounds: 0.4, 0.8, 0.2
     assert rows["B/A"][0] == "1.667"  # median of 2/1 and 4/3
+
+
+def test_alternate_alternates_thread_cpu_runs_too():
+    """--thread-cpu: bench/thread_cpu.py's figures, per run and summarised, the sender's
+    kinds of threads among them."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "alternate.py"), "--thread-cpu", "--pairs", "1", "--common",
+         "--tokens 512 --rounds 2 --checksum none"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    header = lines[2].split()
+    assert header[:4] == ["run", "GB/s", "send", "s/GB"] and "writers" in header and "encoder" in header
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert set(rows) == {"A1", "B1", "A", "B", "B/A", "medians,"}
+    assert float(rows["A1"][0]) > 0 and float(rows["B1"][4]) >= 0  # GB/s; the writers' CPU per GB (not "-")
 
 
 def test_alternate_runs_each_side_from_its_own_checkout(tmp_path):
