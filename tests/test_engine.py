@@ -91,6 +91,55 @@ def test_a_stream_closed_while_a_call_uses_it_keeps_its_descriptor_until_the_cal
     d.close()
 
 
+def test_reads_without_waiting_are_refused_where_they_would_wait_or_break_records():
+    """recv_nowait and wait_readable are for plain TCP in blocking mode: with a socket
+    timeout Python would wait for it, and a TLS record may arrive half. Each refusal names
+    why; a stream that turns TLS after it was made (a server's) stops offering them."""
+    import socket
+
+    from kvwire.transport import TcpStream
+
+    a, b = socket.socketpair()
+    stream = TcpStream(a, "pair")
+    assert stream.nowait_reads and stream.recv_nowait(1) == b""
+    a.settimeout(1.0)
+    with pytest.raises(ValueError, match="no socket timeout"):
+        stream.recv_nowait(1)
+    a.settimeout(None)
+    stream._tls = True  # as TcpListener.finish_accept marks a stream it wraps
+    assert not stream.nowait_reads
+    with pytest.raises(ValueError, match="no TLS"):
+        stream.recv_nowait(1)
+    with pytest.raises(ValueError, match="not over TLS"):
+        stream.wait_readable(b.fileno())
+    stream.close()
+    b.close()
+
+
+def test_a_duplex_writer_that_fails_unexpectedly_loses_its_connection_and_the_transfer_goes_on(receiver_for):
+    """A bug in a duplex writer (here its reads raise something unforeseen) must not leave a
+    live connection that nobody reads: the connection is lost, its chunks go again on the
+    others, and the transfer completes."""
+    layout = LAYOUTS["gqa"]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=7)
+    blocks, num_tokens = list(range(64)), 64 * layout.block_size
+    with sender(layout, rx, src, chunk_bytes=16 << 10, max_streams=3) as tx:
+        conn = tx._conns[1]
+        assert conn.duplex
+
+        def broken():
+            raise RuntimeError("injected: a bug in the writer's reads")
+
+        conn.channel.read_ready = broken
+        h = rx.expect("broken", blocks[::-1], num_tokens)
+        stats = tx.send("broken", blocks, num_tokens, timeout=30)
+        h.wait(timeout=10)
+        assert not conn.alive and tx.stats()["alive_streams"] == 2
+        assert stats["chunks"] > 0
+    assert_transferred(layout, src, blocks, dst, blocks[::-1], num_tokens)
+
+
 def test_connections_after_the_first_read_their_credits_in_their_writers(receiver_for):
     """On plain TCP every connection but the first has one thread, its writer, which reads
     the credits (and acknowledgements, NACKs) that arrive on it between its sends and

@@ -174,9 +174,6 @@ class TcpStream:
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
-        # recv_nowait and wait_readable work: one thread may write frames and read the
-        # peer's between its writes (plain TCP; a TLS record may arrive half)
-        self.nowait_reads = not self._tls
         self.closed = False
         # Calls under way on the socket (hold/release): a close meanwhile shuts the socket
         # down at once (which ends them) and leaves closing its descriptor to the last one,
@@ -364,6 +361,13 @@ class TcpStream:
 
     def recv_device_into(self, tensor) -> None:
         raise ValueError("tensor: TCP carries payloads into host memory only")
+
+    @property
+    def nowait_reads(self) -> bool:
+        """Whether recv_nowait and wait_readable work: one thread may write frames and read
+        the peer's between its writes (plain TCP; a TLS record may arrive half). A server
+        stream turns TLS after it is made (TcpListener.finish_accept), hence asked each time."""
+        return not self._tls
 
     def recv_nowait(self, n: int) -> bytes:
         """Up to ``n`` bytes the socket holds now, without waiting: ``b""`` if none. The end
