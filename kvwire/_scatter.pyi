@@ -2,6 +2,7 @@
 from typing import Any
 
 def crc32c(iov: Any, crc: int = 0, /) -> int: ...
+def crc32c_buffer(buffer: Any, crc: int = 0, /) -> int: ...
 
 TOGETHER_MAX: int
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvwire import scatter
+from kvwire.proto import frames
 
 pytestmark = pytest.mark.skipif(
     not scatter.available(), reason="the compiled helper kvwire._scatter is not built in this environment"
@@ -58,6 +59,28 @@ def test_crc32c_over_long_spans_cut_into_thirds_is_the_crc32c_of_their_concatena
 @pytest.mark.parametrize("length", [3 * 4096 - 1, 3 * 4096, 6 * 4096 + 7, (1 << 20) - 3])
 def test_crc32c_of_one_span_at_the_edges_of_the_cut(length):
     assert spans_of([(3, length)]).crc32c() == crc32c.crc32c(joined([(3, length)]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(piece=long_piece, seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["bytes", "memoryview", "array"]))
+def test_frames_crc32c_is_the_packages_on_either_side_of_the_helpers_threshold(piece, seed, kind):
+    # kvwire.proto.frames.crc32c hands buffers of LONG_CRC_BYTES and more to the helper
+    offset, length = piece
+    view = MEMORY[offset : offset + length]
+    data = {"bytes": view.tobytes(), "memoryview": memoryview(view), "array": view}[kind]
+    assert frames.crc32c(data, seed) == crc32c.crc32c(view.tobytes(), seed)
+
+
+@pytest.mark.parametrize("length", [frames.LONG_CRC_BYTES - 1, frames.LONG_CRC_BYTES, frames.LONG_CRC_BYTES + 1])
+def test_frames_crc32c_at_the_threshold(length):
+    view = MEMORY[5 : 5 + length]
+    assert frames.crc32c(view, 77) == crc32c.crc32c(view.tobytes(), 77)
+
+
+def test_frames_crc32c_refuses_a_strided_buffer_on_either_side_of_the_threshold():
+    for n in (1024, 2 * frames.LONG_CRC_BYTES):
+        with pytest.raises(ValueError, match="contiguous"):
+            frames.crc32c(MEMORY[: 2 * n : 2])
 
 
 def test_token_spans_are_the_heads_of_each_token_in_selection_order():
