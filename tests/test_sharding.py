@@ -35,14 +35,15 @@ def shard(model: kvwire.KVLayout, rank: int, size: int) -> kvwire.KVLayout:
     return model.shard(rank, size)
 
 
-def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=16, tokens=50, seed=3, exact=0):
+def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=16, tokens=50, seed=3, exact=0,
+        num_blocks=NUM_BLOCKS, chunk_bytes=4096):  # fmt: skip
     """One request from every prefill rank to every decode rank; returns what is needed to check."""
     model_p = model.with_block_size(prefill_bs)
-    src = filled(model_p, NUM_BLOCKS, seed=seed)
+    src = filled(model_p, num_blocks, seed=seed)
     prefill = [shard(model_p, p, prefill_size) for p in range(prefill_size)]
     decode = [shard(model.with_block_size(decode_bs), d, decode_size) for d in range(decode_size)]
-    dst = [layout.allocate(NUM_BLOCKS * prefill_bs // decode_bs + 2) for layout in decode]
-    src_ids = list(range(NUM_BLOCKS - 1, NUM_BLOCKS - 1 - (-(-tokens // prefill_bs)), -1))
+    dst = [layout.allocate(num_blocks * prefill_bs // decode_bs + 2) for layout in decode]
+    src_ids = list(range(num_blocks - 1, num_blocks - 1 - (-(-tokens // prefill_bs)), -1))
     dst_ids = list(range(1, 1 + -(-tokens // decode_bs)))
     receivers = [kvwire.Receiver(layout, secret=SECRET, kv_caches=caches) for layout, caches in zip(decode, dst)]
     senders = []
@@ -52,7 +53,7 @@ def run(model, prefill_size, decode_size, codec="raw", prefill_bs=16, decode_bs=
         for layout in prefill:
             caches = shard_caches(src, layout)
             senders.append(kvwire.ShardedSender(layout, peers, secret=SECRET, kv_caches=caches, codec=codec,
-                                                streams=2, chunk_bytes=4096, exact_tokens=exact))  # fmt: skip
+                                                streams=2, chunk_bytes=chunk_bytes, exact_tokens=exact))  # fmt: skip
         transfers = [s.transfer("r", src_ids, tokens, deadline=30) for s in senders]
         for t in transfers:
             for i in range(model.num_layers):
@@ -413,3 +414,16 @@ def test_split_heads_that_fail_their_checksum_are_asked_for_again(prefill_size, 
     corrupt_first_checksums(monkeypatch, 3)
     stats = run(GQA8, prefill_size, decode_size, tokens=150)
     assert sum(s["nacked_chunks"] for s in stats) == 3
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 256])  # half rows of 128 B, 256 B and 2 KiB
+@pytest.mark.parametrize("corrupted", [0, 2])
+def test_half_rows_of_large_chunks_are_received_and_checked_piece_by_piece(head_dim, corrupted, monkeypatch):
+    """2 -> 1 in chunks of up to 512 KiB of half rows: the receive lane receives such a
+    payload and checks it a piece at a time (at most 256 KiB or 1024 spans, the last
+    piece partial; kvwire/_scatter.c, recv_checked); every byte lands, and payloads whose
+    CRC does not match are asked for again."""
+    corrupt_first_checksums(monkeypatch, corrupted)
+    model = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=head_dim, block_size=16)
+    stats = run(model, 2, 1, tokens=2000, num_blocks=128, chunk_bytes=512 << 10)
+    assert sum(s["nacked_chunks"] for s in stats) == corrupted
