@@ -8,11 +8,22 @@ on one buffer again and again (hot: out of the caches), the two alternating, thr
 passes each, and prints GB/s (1e9 bytes a second).
 
     python3 bench/checksum_speed.py [--kib 4096] [--mib 1024] [--passes 3]
+
+With ``--received SPAN``, what a receiver's check costs right after the bytes land: 4 MiB
+payloads come over a loopback connection from another process into spans of SPAN bytes
+every ``--stride`` bytes (1024 and 2048: half rows; SPAN = stride: whole rows), and the
+helper checks each payload after all of it landed, or each 256 KiB piece right after its
+``recvmsg`` (as the receive lane does for short spans), in turn:
+
+    python3 bench/checksum_speed.py --received 1024 --stride 2048
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
+import socket
 import time
 
 import numpy as np
@@ -28,14 +39,65 @@ def timed(fn, views) -> float:
     return sum(v.nbytes for v in views) / (time.perf_counter() - t0) / 1e9
 
 
+PAYLOAD = 4 << 20
+PIECE = 256 << 10
+AREAS = 8  # payloads land in these in turn: 32-64 MiB for half rows, more than the L3
+
+
+def _send_payloads(port: int, count: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        payload = os.urandom(PAYLOAD)
+        for _ in range(count):
+            s.sendall(payload)
+
+
+def received(span: int, stride: int, rounds: int) -> None:
+    """The CRC of payloads just received into spans: after each payload, and piece by piece."""
+    if stride < span or PIECE % span:
+        raise SystemExit("--stride must be at least --received, which must divide 256 KiB")
+    per_payload = PAYLOAD // span * stride
+    memory = np.zeros(per_payload * AREAS, dtype=np.uint8)
+    memory[::4096] = 1
+    listener = socket.create_server(("127.0.0.1", 0))
+    count = 2 * rounds * AREAS
+    sender = mp.get_context("spawn").Process(target=_send_payloads, args=(listener.getsockname()[1], count))
+    sender.start()
+    conn, _ = listener.accept()
+    seconds = {"after the payload": 0.0, "piece by piece": 0.0}
+    n = 0
+    for _ in range(rounds):
+        for mode in seconds:
+            for area in range(AREAS):
+                base = memory.ctypes.data + area * per_payload
+                iov = np.array([[base + o, span] for o in range(0, per_payload, stride)], dtype=np.uint64)
+                pieces = [iov] if mode == "after the payload" else np.split(iov, len(iov) // (PIECE // span))
+                for piece in pieces:
+                    _scatter.recvv(conn.fileno(), piece)
+                    t0 = time.perf_counter()
+                    _scatter.crc32c(piece, 0)
+                    seconds[mode] += time.perf_counter() - t0
+                n += 1
+    sender.join()
+    conn.close()
+    each = n // 2 * PAYLOAD
+    print(f"CRC32C of 4 MiB payloads received into {span}-byte spans every {stride} bytes, GB/s of checking:")
+    for mode, s in seconds.items():
+        print(f"  {mode:18s} {each / s / 1e9:5.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kib", type=int, default=4096, help="buffer size (default 4096: kvwire's chunks on short paths)")
     p.add_argument("--mib", type=int, default=1024, help="memory walked for the cold figures (default 1024)")
-    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3, help="(with --received: rounds of both modes)")
+    p.add_argument("--received", type=int, metavar="SPAN", help="check payloads just received into SPAN-byte spans")
+    p.add_argument("--stride", type=int, default=2048, help="with --received: bytes from one span to the next")
     args = p.parse_args()
     if _scatter is None or not _scatter.hardware():
         raise SystemExit("kvwire's helper is not built, or this CPU has no CRC32C instruction")
+    if args.received:
+        received(args.received, args.stride, args.passes)
+        return
     size = args.kib << 10
     memory = np.random.default_rng(0).integers(0, 256, size=max(args.mib << 20, size), dtype=np.uint8)
     cold = [memory[o : o + size] for o in range(0, len(memory) - size + 1, size)]

@@ -345,8 +345,8 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args) {
 
 /* One contiguous buffer (bytes, memoryview, numpy array...), the GIL released: on data
  * that must come from main memory, as a sender's cache rows do, the three streams a third
- * apart of crc_long_hw ran at 19-26 GB/s where a CRC taking the buffer front to back
- * read 7-14 (bench/checksum_speed.py). */
+ * apart of crc_long_hw ran at 17-27 GB/s where a CRC taking the buffer front to back
+ * read 8-15 (bench/checksum_speed.py, 2-4 MiB buffers). */
 static PyObject *py_crc32c_buffer(PyObject *self, PyObject *args) {
     Py_buffer view;
     unsigned long crc = 0;
@@ -783,11 +783,11 @@ no:
 
 /* A payload received into short spans (half rows, when the decode rank holds more heads
  * than the sender) and checked piece by piece, each piece's CRC32C computed right after
- * its recvmsg. Checked after all 4 MiB had landed, 1 KiB half rows read back at 7.6-9.4
- * GB/s, as from main memory (short spans read from there run at 6-9, long ones at 15-24);
- * 256 KiB at a time, at 13-19. Spans of 32 KiB (whole rows, a block each) read back at
- * 14-20 either way, and stay checked after the whole payload, in one recvmsg per MAX_IOV
- * spans. ``piece`` has room for 2 * MAX_IOV entries. */
+ * its recvmsg. Checked after all 4 MiB had landed, 1 KiB half rows read back at 10-13
+ * GB/s, as if from main memory; 256 KiB at a time, at 18-22. Spans of 32 KiB (whole rows,
+ * a block each) read back at 19-25 either way (bench/checksum_speed.py --received), and
+ * stay checked after the whole payload, in one recvmsg per MAX_IOV spans. ``piece`` has
+ * room for 2 * MAX_IOV entries. */
 #define CHECK_PIECE (256 * 1024)
 #define SHORT_SPAN 4096 /* spans this long on average, or shorter, are checked piece by piece */
 static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct iovec *piece, size_t *moved,

@@ -251,3 +251,24 @@ def test_thread_cpu_refuses_plain_sockets_to_several_decode_ranks():
     out = subprocess.run([sys.executable, str(BENCH / "thread_cpu.py"), "--plain", "--decode-tp", "2"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "--plain: one receiver only" in out.stderr
+
+
+def test_checksum_speed_times_both_implementations_and_checks_after_receiving():
+    from kvwire import scatter
+
+    if not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    script = str(BENCH / "checksum_speed.py")
+    out = subprocess.run([sys.executable, script, "--kib", "256", "--mib", "4", "--passes", "2"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {" ".join(line.split()[:-2]): line.split()[-2:] for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == {"crc32c package cold", "crc32c package hot", "kvwire helper cold", "kvwire helper hot"}
+    assert all(float(r) > 0 for rates in rows.values() for r in rates)
+    out = subprocess.run([sys.executable, script, "--received", "1024", "--passes", "1"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    modes = {line.rsplit(None, 1)[0].strip(): float(line.split()[-1]) for line in out.stdout.splitlines()[1:]}
+    assert set(modes) == {"after the payload", "piece by piece"} and min(modes.values()) > 0
+    bad = subprocess.run([sys.executable, script, "--received", "3000"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "must divide 256 KiB" in bad.stderr

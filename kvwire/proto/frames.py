@@ -44,11 +44,11 @@ except ImportError:  # pragma: no cover - crc32c is a dependency; this keeps GPU
 try:
     from kvwire import _scatter as _helper  # the compiled helper: faster on long buffers
 except ImportError:  # pragma: no cover - depends on how kvwire was installed
-    _helper = None
+    _helper = None  # type: ignore[assignment]
 if _helper is not None and not _helper.hardware():
-    _helper = None  # its byte-table fallback is slower than the crc32c package
-# From this many bytes the helper's three streams a third apart (19-26 GB/s out of main
-# memory, where a sender's cache rows come from) beat the package's 7-14; below it, and
+    _helper = None  # type: ignore[assignment]  # its byte-table fallback is slower than the crc32c package
+# From this many bytes the helper's three streams a third apart (17-27 GB/s out of main
+# memory, where a sender's cache rows come from) beat the package's 8-15; below it, and
 # for the 28-byte header bodies, the package (bench/checksum_speed.py).
 LONG_CRC_BYTES = 64 * 1024
 
