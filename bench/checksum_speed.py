@@ -29,6 +29,7 @@ import time
 import numpy as np
 from crc32c import crc32c as package
 
+from kvwire.proto import frames
 from kvwire.scatter import _scatter
 
 
@@ -53,8 +54,11 @@ def _send_payloads(port: int, count: int) -> None:
 
 def received(span: int, stride: int, rounds: int) -> None:
     """The CRC of payloads just received into spans: after each payload, and piece by piece."""
-    if stride < span or PIECE % span:
-        raise SystemExit("--stride must be at least --received, which must divide 256 KiB")
+    if stride < span or PIECE % span or span < PIECE // 1024:
+        raise SystemExit(
+            "--stride must be at least --received, which must divide 256 KiB and be 256 or more "
+            "(the lane's pieces are 1024 spans at most)"
+        )
     per_payload = PAYLOAD // span * stride
     memory = np.zeros(per_payload * AREAS, dtype=np.uint8)
     memory[::4096] = 1
@@ -72,7 +76,8 @@ def received(span: int, stride: int, rounds: int) -> None:
                 iov = np.array([[base + o, span] for o in range(0, per_payload, stride)], dtype=np.uint64)
                 pieces = [iov] if mode == "after the payload" else np.split(iov, len(iov) // (PIECE // span))
                 for piece in pieces:
-                    _scatter.recvv(conn.fileno(), piece)
+                    if _scatter.recvv(conn.fileno(), piece) != int(piece[:, 1].sum()):
+                        raise SystemExit("the sending process stopped early")
                     t0 = time.perf_counter()
                     _scatter.crc32c(piece, 0)
                     seconds[mode] += time.perf_counter() - t0
@@ -104,7 +109,8 @@ def main() -> None:
     hot = [memory[:size]] * len(cold)
     if package(cold[0]) != _scatter.crc32c_buffer(cold[0]):
         raise SystemExit("the two implementations disagree")
-    impls = {"crc32c package": package, "kvwire helper": _scatter.crc32c_buffer}
+    # the helper's call alone, and kvwire's crc32c (which chooses between the two per call)
+    impls = {"crc32c package": package, "kvwire helper": _scatter.crc32c_buffer, "frames.crc32c": frames.crc32c}
     found: dict[tuple[str, str], list[float]] = {(n, k): [] for n in impls for k in ("cold", "hot")}
     for _ in range(args.passes):
         for name, fn in impls.items():

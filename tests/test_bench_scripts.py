@@ -263,7 +263,8 @@ def test_checksum_speed_times_both_implementations_and_checks_after_receiving():
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {" ".join(line.split()[:-2]): line.split()[-2:] for line in out.stdout.splitlines()[1:]}
-    assert set(rows) == {"crc32c package cold", "crc32c package hot", "kvwire helper cold", "kvwire helper hot"}
+    assert set(rows) == {f"{name} {kind}" for name in ("crc32c package", "kvwire helper", "frames.crc32c")
+                         for kind in ("cold", "hot")}  # fmt: skip
     assert all(float(r) > 0 for rates in rows.values() for r in rates)
     out = subprocess.run([sys.executable, script, "--received", "1024", "--passes", "1"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -272,3 +273,5 @@ def test_checksum_speed_times_both_implementations_and_checks_after_receiving():
     assert set(modes) == {"after the payload", "piece by piece"} and min(modes.values()) > 0
     bad = subprocess.run([sys.executable, script, "--received", "3000"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "must divide 256 KiB" in bad.stderr
+    tiny = subprocess.run([sys.executable, script, "--received", "128"], capture_output=True, text=True, timeout=60)
+    assert tiny.returncode != 0 and "be 256 or more" in tiny.stderr

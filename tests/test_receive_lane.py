@@ -207,6 +207,49 @@ def test_a_stream_cut_inside_a_lane_frame_fails_the_request(rx):
     assert rx.census()["requests"] == 0
 
 
+# A frame of 1280 rows into 80 blocks that are not adjacent: spans of one 4 KiB block
+# each, so the lane receives its 320 KiB and checks them a piece (256 KiB) at a time.
+BIG = 1280
+BIG_BLOCKS = [2 * i + 1 for i in range(BIG // 16)]
+
+
+@pytest.fixture
+def big_rx():
+    dst = LAYOUT.allocate(2 * len(BIG_BLOCKS) + 2)
+    receiver = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    receiver.dst = dst
+    yield receiver
+    receiver.close()
+
+
+def test_a_frame_checked_piece_by_piece_lands_and_a_bad_one_is_asked_for_again(big_rx):
+    h, client = opened(big_rx, "pieces", BIG_BLOCKS, num_tokens=BIG)
+    good = data_frame(0, 1, 0, BIG)
+    bad = bytearray(good)
+    bad[32 + 300_000] ^= 0x10  # a byte of the second piece
+    client.send(bytes(bad))
+    nack = faults.nack_of(client)
+    assert (nack.layer, nack.tensor, nack.start, nack.count) == (0, 1, 0, BIG)
+    client.send(good + data_frame(0, 0, 16, BIG - 16))
+    h.wait_layer(0, timeout=10)
+    assert big_rx.stats()["lane_frames"] == 3 and big_rx.stats()["checksum_failures"] == 1
+    assert token_rows(big_rx.dst, 0, "v", BIG_BLOCKS) == rows_of(0, BIG, seed=10)
+    assert token_rows(big_rx.dst, 0, "k", BIG_BLOCKS) == rows_of(0, 16, seed=0) + rows_of(16, BIG - 16, seed=16)
+    assert untouched_outside(big_rx.dst, BIG_BLOCKS)
+
+
+@pytest.mark.parametrize("cut", [262_143, 262_144, 300_000])  # payload bytes sent: inside, at, after a piece
+def test_a_stream_cut_in_a_later_piece_of_a_lane_frame_fails_the_request(big_rx, cut):
+    h, client = opened(big_rx, "cut", BIG_BLOCKS, num_tokens=BIG)
+    client.send(data_frame(0, 1, 0, BIG)[: 32 + cut])
+    client.close()
+    with pytest.raises(kvwire.PeerLost):
+        h.wait(timeout=5)
+    assert untouched_outside(big_rx.dst, BIG_BLOCKS)
+    assert wait_until(lambda: big_rx.census()["lanes"] == 0, timeout=5)
+    assert big_rx.stats()["lane_frames"] == 1
+
+
 def test_frames_after_a_cancel_are_dropped_not_written(rx):
     h, client = opened(rx, "gone", [4, 5])
     client.send(data_frame(1, 0, 0))

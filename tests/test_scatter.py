@@ -61,14 +61,31 @@ def test_crc32c_of_one_span_at_the_edges_of_the_cut(length):
     assert spans_of([(3, length)]).crc32c() == crc32c.crc32c(joined([(3, length)]))
 
 
+KINDS = ["bytes", "bytearray", "memoryview", "array", "float32 rows", "float32 rows' memoryview"]
+
+
+def as_kind(view: np.ndarray, kind: str):
+    """``view``'s bytes as one of the buffers kvwire checks (rows of 4-byte items: ``len``
+    and ``nbytes`` differ; whole items only)."""
+    if kind.startswith("float32"):
+        rows = view[: len(view) // 8 * 8].view(np.float32).reshape(-1, 2)
+        return memoryview(rows) if kind.endswith("memoryview") else rows
+    return {"bytes": view.tobytes(), "bytearray": bytearray(view.tobytes()), "memoryview": memoryview(view),
+            "array": view}[kind]  # fmt: skip
+
+
+def test_frames_crc32c_uses_the_helper_here():
+    assert frames._helper is not None  # else the tests below compare the package with itself
+
+
 @settings(max_examples=100, deadline=None)
-@given(piece=long_piece, seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["bytes", "memoryview", "array"]))
+@given(piece=long_piece, seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(KINDS))
 def test_frames_crc32c_is_the_packages_on_either_side_of_the_helpers_threshold(piece, seed, kind):
     # kvwire.proto.frames.crc32c hands buffers of LONG_CRC_BYTES and more to the helper
     offset, length = piece
-    view = MEMORY[offset : offset + length]
-    data = {"bytes": view.tobytes(), "memoryview": memoryview(view), "array": view}[kind]
-    assert frames.crc32c(data, seed) == crc32c.crc32c(view.tobytes(), seed)
+    data = as_kind(MEMORY[offset : offset + length], kind)
+    assert frames.crc32c(data, seed) == crc32c.crc32c(memoryview(data).tobytes(), seed)
+    assert frames.crc32c(data, np.uint32(seed)) == crc32c.crc32c(data, np.uint32(seed))
 
 
 @pytest.mark.parametrize("length", [frames.LONG_CRC_BYTES - 1, frames.LONG_CRC_BYTES, frames.LONG_CRC_BYTES + 1])

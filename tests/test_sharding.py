@@ -416,7 +416,9 @@ def test_split_heads_that_fail_their_checksum_are_asked_for_again(prefill_size, 
     assert sum(s["nacked_chunks"] for s in stats) == 3
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 256])  # half rows of 128 B, 256 B and 2 KiB
+# Half rows of 128 B (pieces cut at 1024 spans), 256 B, 2 KiB, and 320 B and 768 B (spans
+# cut between two pieces)
+@pytest.mark.parametrize("head_dim", [16, 32, 256, 40, 96])
 @pytest.mark.parametrize("corrupted", [0, 2])
 def test_half_rows_of_large_chunks_are_received_and_checked_piece_by_piece(head_dim, corrupted, monkeypatch):
     """2 -> 1 in chunks of up to 512 KiB of half rows: the receive lane receives such a

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import json
+import operator
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ try:
     from kvwire import _scatter as _helper  # the compiled helper: faster on long buffers
 except ImportError:  # pragma: no cover - depends on how kvwire was installed
     _helper = None  # type: ignore[assignment]
-if _helper is not None and not _helper.hardware():
-    _helper = None  # type: ignore[assignment]  # its byte-table fallback is slower than the crc32c package
+if _helper is not None and not (_helper.hardware() and hasattr(_helper, "crc32c_buffer")):
+    # Its byte-table fallback is slower than the crc32c package; a helper built from an
+    # older kvwire/_scatter.c lacks the call (the receive lane refuses such a build by name).
+    _helper = None  # type: ignore[assignment]
 # From this many bytes the helper's three streams a third apart (17-27 GB/s out of main
 # memory, where a sender's cache rows come from) beat the package's 8-15; below it, and
 # for the 28-byte header bodies, the package (bench/checksum_speed.py).
@@ -92,9 +95,9 @@ CHECKSUMS = ("crc32c", "none")  # what a session may agree to check DATA payload
 def crc32c(data, value: int = 0) -> int:
     """The CRC32C of ``data`` (a C-contiguous buffer), continuing ``value``."""
     if _helper is not None:
-        n = getattr(data, "nbytes", None)  # memoryviews and arrays; len() for bytes
-        if (len(data) if n is None else n) >= LONG_CRC_BYTES:
-            return _helper.crc32c_buffer(data, value)
+        n = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+        if n >= LONG_CRC_BYTES:
+            return _helper.crc32c_buffer(data, operator.index(value))  # numpy ints too, as the package
     if _crc32c is None:  # pragma: no cover
         raise ImportError("kvwire needs the crc32c package: pip install crc32c")
     return _crc32c(data, value)
