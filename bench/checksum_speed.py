@@ -37,7 +37,8 @@ def timed(fn, views) -> float:
     t0 = time.perf_counter()
     for v in views:
         fn(v)
-    return sum(v.nbytes for v in views) / (time.perf_counter() - t0) / 1e9
+    seconds = time.perf_counter() - t0
+    return sum(v.nbytes for v in views) / seconds / 1e9
 
 
 PAYLOAD = 4 << 20
@@ -68,13 +69,14 @@ def received(span: int, stride: int, rounds: int) -> None:
     sender.start()
     conn, _ = listener.accept()
     seconds = {"after the payload": 0.0, "piece by piece": 0.0}
+    areas = [np.array([[memory.ctypes.data + area * per_payload + o, span] for o in range(0, per_payload, stride)],
+                      dtype=np.uint64) for area in range(AREAS)]  # fmt: skip
+    cut = {"after the payload": [[iov] for iov in areas],
+           "piece by piece": [np.split(iov, len(iov) // (PIECE // span)) for iov in areas]}  # fmt: skip
     n = 0
     for _ in range(rounds):
         for mode in seconds:
-            for area in range(AREAS):
-                base = memory.ctypes.data + area * per_payload
-                iov = np.array([[base + o, span] for o in range(0, per_payload, stride)], dtype=np.uint64)
-                pieces = [iov] if mode == "after the payload" else np.split(iov, len(iov) // (PIECE // span))
+            for pieces in cut[mode]:
                 for piece in pieces:
                     if _scatter.recvv(conn.fileno(), piece) != int(piece[:, 1].sum()):
                         raise SystemExit("the sending process stopped early")

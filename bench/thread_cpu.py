@@ -82,9 +82,14 @@ def per_thread() -> collections.Counter:
     return out
 
 
+def deltas(before: collections.Counter, after: collections.Counter) -> dict[tuple[str, str], float]:
+    """Each (figure, kind of thread) counter's growth from ``before`` to ``after``."""
+    return {key: after[key] - before.get(key, 0) for key in after}
+
+
 def report(side: str, before: collections.Counter, after: collections.Counter, nbytes: int, frame_bytes: int) -> str:
     gb, frames = nbytes / 1e9, nbytes / frame_bytes
-    delta = {key: after[key] - before.get(key, 0) for key in after}
+    delta = deltas(before, after)
     cpu = sorted(((k, v) for (what, k), v in delta.items() if what == "cpu" and v > 0), key=lambda x: -x[1])
     switches = sorted(((k, v) for (what, k), v in delta.items() if what == "switches" and v > 0), key=lambda x: -x[1])
     return "\n".join([
@@ -115,7 +120,7 @@ def process_report(side: str, figures: dict[str, float]) -> str:
 def kind_figures(before: collections.Counter, after: collections.Counter, nbytes: int) -> dict[str, float]:
     """CPU seconds per GB by kind of thread (``kvwire-send``, ``kvwire-encoder``...)."""
     gb = nbytes / 1e9
-    return {k: (v - before.get(("cpu", k), 0)) / gb for (what, k), v in after.items() if what == "cpu"}
+    return {k: v / gb for (what, k), v in deltas(before, after).items() if what == "cpu"}
 
 
 def thread_kinds(side: str) -> dict[int, str]:
