@@ -78,6 +78,20 @@ def test_frames_crc32c_uses_the_helper_here():
     assert frames._helper is not None  # else the tests below compare the package with itself
 
 
+def test_frames_crc32c_passes_over_a_helper_without_the_call_or_the_instruction():
+    class Built:
+        def __init__(self, hardware: bool, call: bool) -> None:
+            self.hardware = lambda: hardware
+            if call:
+                self.crc32c_buffer = lambda data, value=0: 0
+
+    assert frames.long_crc_helper(None) is None
+    assert frames.long_crc_helper(Built(hardware=True, call=False)) is None  # built from an older _scatter.c
+    assert frames.long_crc_helper(Built(hardware=False, call=True)) is None  # the byte table: slower
+    helper = Built(hardware=True, call=True)
+    assert frames.long_crc_helper(helper) is helper
+
+
 @settings(max_examples=100, deadline=None)
 @given(piece=long_piece, seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(KINDS))
 def test_frames_crc32c_is_the_packages_on_either_side_of_the_helpers_threshold(piece, seed, kind):

@@ -42,14 +42,22 @@ try:
 except ImportError:  # pragma: no cover - crc32c is a dependency; this keeps GPU-only images importable
     _crc32c = None
 
+
+def long_crc_helper(helper):
+    """``helper`` (the compiled ``kvwire._scatter``, or None) if long buffers' CRCs should go
+    to it: not when its CRC is the byte-table fallback (slower than the crc32c package),
+    nor when it was built from an older kvwire/_scatter.c without ``crc32c_buffer`` (the
+    receive lane refuses such a build by name)."""
+    if helper is None or not helper.hardware() or not hasattr(helper, "crc32c_buffer"):
+        return None
+    return helper
+
+
 try:
-    from kvwire import _scatter as _helper  # the compiled helper: faster on long buffers
+    from kvwire import _scatter
 except ImportError:  # pragma: no cover - depends on how kvwire was installed
-    _helper = None  # type: ignore[assignment]
-if _helper is not None and not (_helper.hardware() and hasattr(_helper, "crc32c_buffer")):
-    # Its byte-table fallback is slower than the crc32c package; a helper built from an
-    # older kvwire/_scatter.c lacks the call (the receive lane refuses such a build by name).
-    _helper = None  # type: ignore[assignment]
+    _scatter = None  # type: ignore[assignment]
+_helper = long_crc_helper(_scatter)  # the compiled helper: faster on long buffers
 # From this many bytes the helper's three streams a third apart (17-27 GB/s out of main
 # memory, where a sender's cache rows come from) beat the package's 8-15; below it, and
 # for the 28-byte header bodies, the package (bench/checksum_speed.py).
