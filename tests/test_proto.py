@@ -15,6 +15,7 @@ from kvwire.proto import (
     Authenticated,
     Begin,
     ClientConnection,
+    Credit,
     Data,
     FrameReader,
     FrameType,
@@ -25,7 +26,7 @@ from kvwire.proto import (
     crc32c,
     parse_header,
 )
-from kvwire.proto.frames import HEADER_SIZE, PROTOCOL_VERSION, json_frame
+from kvwire.proto.frames import HEADER_SIZE, PROTOCOL_VERSION, control_frame, json_frame, pack_header
 
 SECRET = b"correct horse battery"
 
@@ -266,6 +267,24 @@ def test_unknown_data_flags_are_refused():
     with pytest.raises(ProtocolError, match="DATA flags"):
         parse_header(header)
     assert parse_header(Header(FrameType.DATA, tag=1, count=1, length=4, flags=0x01).pack()).flags == 1
+
+
+def test_every_frame_type_parses_to_itself_and_an_unknown_one_is_named():
+    for ftype in FrameType:
+        assert parse_header(Header(ftype, tag=7).pack()).type is ftype
+    unknown = pack_header(12, 0, 1, 0, 0, 0, 0, 0, 0)  # a well-formed header of no known type
+    with pytest.raises(ProtocolError, match="unknown frame type 12"):
+        parse_header(unknown)
+
+
+def test_a_credit_frame_is_the_control_frame_it_stands_for():
+    c, s = client(), server()
+    cr, _, _ = handshake(c, s)
+    pump(s.data_to_send(), cr, "whole")  # ACCEPT: the client is open
+    for nbytes in (1, 256 << 10, 2**32 - 1):
+        frame = s.credit(nbytes)
+        assert frame == control_frame(FrameType.CREDIT, start=nbytes)
+        assert pump(frame, cr, "whole") == [Credit(nbytes)]
 
 
 # -- a codec per transfer: HELLO's codecs, BEGIN's codec index ---------------------------------

@@ -698,11 +698,15 @@ class Receiver:
         stream, session, batch = conn.stream, conn.joined, self._credit_batch
         assert isinstance(stream, TcpStream)  # lanes are for plain TCP only
         checked = conn.proto.checksum != "none"
+        max_payload = conn.proto.max_payload
         while True:
-            with stream.held() as fd:  # the socket's until the call returns, however it is closed meanwhile
+            fd = stream.hold()  # the socket's until the call returns, however it is closed meanwhile
+            try:
                 status, lane_of, received, owed, error = lane.receive(
-                    fd, conn.head, session.lanes, self._lock, batch, conn.proto.max_payload, checked, self._counters
+                    fd, conn.head, session.lanes, self._lock, batch, max_payload, checked, self._counters
                 )
+            finally:
+                stream.release()
             stream.bytes_received += received
             if owed:
                 frame = conn.owe(owed, batch)

@@ -103,10 +103,10 @@ class _OutChunk:
     payload: Payload
     logical_bytes: int
     resend: bool = False  # sent before on a connection that died: it goes out first
+    nbytes: int = field(init=False)  # the payload's, read a few times per chunk under the lock
 
-    @property
-    def nbytes(self) -> int:
-        return self.payload.nbytes
+    def __post_init__(self) -> None:
+        self.nbytes = self.payload.nbytes
 
 
 class _Wakeup:
@@ -1064,8 +1064,8 @@ class Sender:
                     continue
                 if queue and queue[0].nbytes <= conn.credit:
                     taken = [self._take_locked(conn, queue)]
-                    while self._may_gather_locked(conn, taken):
-                        taken.append(self._take_locked(conn, self._queue()))
+                    if self.gather:
+                        self._gather_locked(conn, taken)
                     self._space_freed()
                     self._wake_writer()  # the next chunk, if any, to another connection
                     return taken
@@ -1086,19 +1086,28 @@ class Sender:
         self._count_locked(chunk.transfer, chunk, +1)
         return chunk, _begin_frames(conn, chunk.transfer)
 
-    def _may_gather_locked(self, conn: _Conn, taken: list[tuple[_OutChunk, list[bytes]]]) -> bool:
-        """(lock held) Whether ``conn``'s writer may add the next queued chunk to those it took."""
-        if not self.gather or len(taken) >= GATHER_CHUNKS or taken[0][0].payload.device is not None:
-            return False
-        queue = self._queue()
-        if not queue or queue[0].transfer.done() or queue[0].payload.device is not None:
-            return False
-        need = queue[0].nbytes
-        if need > conn.credit or sum(c.nbytes for c, _ in taken) + need > GATHER_BYTES:
-            return False
-        return not any(
-            c is not conn and c.waiting and c.alive and not c.retiring and c.credit >= need for c in self._conns
-        )
+    def _gather_locked(self, conn: _Conn, taken: list[tuple[_OutChunk, list[bytes]]]) -> None:
+        """(lock held) Add queued chunks to the one ``conn``'s writer took while it may: up
+        to ``GATHER_CHUNKS`` and ``GATHER_BYTES``, host payloads, within its credit, and
+        only while no other connection's writer waits for the next one."""
+        if taken[0][0].payload.device is not None:
+            return
+        nbytes = taken[0][0].nbytes
+        while len(taken) < GATHER_CHUNKS:
+            queue = self._queue()
+            if not queue:
+                return
+            head = queue[0]
+            need = head.nbytes
+            if head.transfer.done() or head.payload.device is not None or need > conn.credit:
+                return
+            if nbytes + need > GATHER_BYTES:
+                return
+            for c in self._conns:
+                if c is not conn and c.waiting and c.alive and not c.retiring and c.credit >= need:
+                    return
+            taken.append(self._take_locked(conn, queue))
+            nbytes += need
 
     def _space_freed(self) -> None:
         """(lock held) A chunk left the queue: wake the encoder once the queue has drained a
@@ -1172,12 +1181,14 @@ class Sender:
         connection failed; they are uncounted, to be sent again elsewhere)."""
         try:
             parts: list = []
+            proto, checked = conn.proto, self.checksum != "none"
             for chunk, frames in taken:
                 ref, payload = chunk.ref, chunk.payload
-                crc = payload.checksum() if self.checksum != "none" else 0
-                header = conn.proto.data_header(chunk.transfer.tag, ref.layer, ref.tensor, ref.start, ref.count,
-                                                payload.nbytes, crc, ref.raw)  # fmt: skip
-                parts += frames
+                crc = payload.checksum() if checked else 0
+                header = proto.data_header(chunk.transfer.tag, ref.layer, ref.tensor, ref.start, ref.count,
+                                           payload.nbytes, crc, ref.raw)  # fmt: skip
+                if frames:
+                    parts += frames
                 parts.append(header)
                 if payload.device is None:
                     parts += payload.parts

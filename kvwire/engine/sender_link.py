@@ -1,7 +1,7 @@
 """The sender's side of the link model: sampling, planning, and connections that follow it.
 
 A :class:`LinkFollower` belongs to one :class:`~kvwire.engine.sender.Sender`. Its thread
-samples every live connection's TCP_INFO (every 50 ms while transfers are open, every
+samples every live connection's TCP_INFO (every 20 ms while transfers are open, every
 500 ms otherwise) into a :class:`~kvwire.link.LinkModel`, and steps a
 :class:`~kvwire.planning.StreamPolicy` that asks the sender for more (or fewer)
 connections. The sender asks it for estimates and codec choices. The model and the

@@ -317,6 +317,9 @@ class ClientConnection(Connection):
 
     def _handle(self, header: Header, payload: memoryview) -> list[Event]:
         t = header.type
+        if t == FrameType.CREDIT:  # most frames a sender reads: asked first
+            check_payload(header, payload)
+            return [Credit(header.start)]
         if t == FrameType.REJECT:
             obj = parse_json(header, payload)
             code, reason = obj.get("code"), str(obj.get("reason", "no reason given"))
@@ -359,9 +362,6 @@ class ClientConnection(Connection):
             return [Ack(header.tag, ok, parse_text(header, payload))]
         if t == FrameType.CANCEL:
             return [Cancel(header.tag, parse_text(header, payload))]
-        if t == FrameType.CREDIT:
-            check_payload(header, payload)
-            return [Credit(header.start)]
         if t == FrameType.NACK:
             reason = parse_text(header, payload)
             raw = bool(header.flags & DATA_RAW)
@@ -601,7 +601,9 @@ class ServerConnection(Connection):
         return control_frame(FrameType.ACK, message.encode()[:4096], tag=tag, flags=status)
 
     def credit(self, nbytes: int) -> bytes:
-        return control_frame(FrameType.CREDIT, start=nbytes)
+        # control_frame(FrameType.CREDIT, start=nbytes), packed directly: a few a frame
+        # (the CRC32C of its empty payload is 0)
+        return pack_header(FrameType.CREDIT, 0, 0, 0, 0, nbytes, 0, 0, 0)
 
     def cancel(self, tag: int, reason: str) -> bytes:
         return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)

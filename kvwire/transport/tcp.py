@@ -188,12 +188,19 @@ class TcpStream:
             raise ValueError("device_payload: TCP carries payloads from host memory only")
         with self._send_lock:
             pending = self._take_outbox()
-            spans = [p for p in parts if isinstance(p, scatter.Spans)]
+            views, spans, nbytes = [], False, 0
+            for p in (*pending, *parts) if pending else parts:
+                if isinstance(p, scatter.Spans):
+                    spans = True
+                    nbytes += p.nbytes
+                else:
+                    view = memoryview(p).cast("B")
+                    views.append(view)
+                    nbytes += len(view)
             if spans and self._tls:  # the helper writes the socket itself: never under TLS
                 raise ValueError("parts: spans cannot go over TLS; send a copy")
-            views = [memoryview(p).cast("B") for p in (*pending, *parts) if not isinstance(p, scatter.Spans)]
-            nbytes = sum(len(v) for v in views) + sum(s.nbytes for s in spans)
-            with self.held():  # PeerLost once closed, before anything is counted
+            self.hold()  # PeerLost once closed, before anything is counted
+            try:
                 # Counted before the send: the peer may answer (and a caller read the
                 # statistics) before this thread runs again; a failed send uncounts it.
                 self.bytes_sent += nbytes
@@ -204,11 +211,14 @@ class TcpStream:
                         for view in views:
                             self.sock.sendall(view)
                     else:
-                        self._sendmsg_all(views)
+                        self._sendmsg_all(views, nbytes)
                 except OSError as exc:
                     self.bytes_sent -= nbytes
                     raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
-        self.flush_control()  # frames queued while this one was being written
+            finally:
+                self.release()
+        if self._outbox:
+            self.flush_control()  # frames queued while this one was being written
 
     def send_control(self, frame: bytes) -> None:
         """Queue a small control frame and return at once, whatever the peer is doing.
@@ -286,9 +296,13 @@ class TcpStream:
         finally:
             self.release()
 
-    def _sendmsg_all(self, views: list[memoryview]) -> None:
+    def _sendmsg_all(self, views: list[memoryview], nbytes: int) -> None:
+        """Write ``views`` (``nbytes`` in all); usually one call writes them all."""
         while views:
             sent = self.sock.sendmsg(views[:IOV_MAX])
+            nbytes -= sent
+            if not nbytes:
+                return
             while sent:
                 if sent >= len(views[0]):
                     sent -= len(views[0])
