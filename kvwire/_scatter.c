@@ -603,7 +603,7 @@ done:
 
 /* ---- The receive lane ------------------------------------------------------------------
  *
- * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters)
+ * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None)
  *     -> (status, lane, received, owed, error)
  *
  * The receiver's frame loop for the frames that need no Python (kvwire/engine/lane.py):
@@ -626,6 +626,8 @@ done:
  *                  ``lane`` is the lane whose rows it was receiving, with the claim standing,
  *                  or None between frames
  *   LANE_CREDIT    ``owed`` reached ``batch``: Python returns it to the sender as credit
+ *                  (given the ``stream``, the lane sends the CREDIT frame itself when that
+ *                  needs no waiting, lane_send_credit, and returns for it only otherwise)
  *
  * ``received``: bytes read from the stream; ``owed``: payload bytes consumed (every one is
  * owed back as credit, whatever became of it). ``lock`` is the receiver's lock: the lane
@@ -822,16 +824,77 @@ static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct io
     return 0;
 }
 
+/* Return ``owed`` bytes of credit on ``fd`` as a CREDIT frame, as the stream's own
+ * send_control would, when that needs no waiting: 1 when the frame went out (whole, or
+ * its tail left at the front of the stream's outbox for the next flush), 0 when Python
+ * must send it (another thread is writing, frames are already queued, the socket is full
+ * or failed; nothing was written then), -1 on a Python error. ``stream`` is the
+ * TcpStream that owns ``fd``: its ``_send_lock`` is held while writing, as every writer of
+ * the socket holds it, and ``bytes_sent`` counts the bytes. A round trip to Python per
+ * credit was half of the receiver's calls of Python per GB. */
+#define FRAME_CREDIT 10
+static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
+    if (owed > UINT32_MAX) return 0;
+    PyObject *send_lock = PyObject_GetAttrString(stream, "_send_lock");
+    if (send_lock == NULL) return -1;
+    PyObject *got = PyObject_CallMethod(send_lock, "acquire", "i", 0);
+    int rc = -1;
+    if (got == NULL) goto done;
+    int held = PyObject_IsTrue(got);
+    Py_DECREF(got);
+    if (held <= 0) {
+        rc = held < 0 ? -1 : 0;
+        goto done;
+    }
+    PyObject *outbox = PyObject_GetAttrString(stream, "_outbox");
+    Py_ssize_t queued = outbox == NULL ? -1 : PyObject_Length(outbox);
+    ssize_t sent = -1;
+    unsigned char frame[FRAME_HEADER] = {0};
+    if (queued == 0) { /* frames queued first go first: Python sends them, and this one after */
+        frame[0] = FRAME_MAGIC & 0xFF;
+        frame[1] = FRAME_MAGIC >> 8;
+        frame[2] = FRAME_CREDIT;
+        for (int i = 0; i < 4; i++) frame[12 + i] = (unsigned char)(owed >> (8 * i)); /* start */
+        struct iovec body = {frame, 28};
+        uint32_t crc = crc_iov(0, &body, 1);
+        for (int i = 0; i < 4; i++) frame[28 + i] = (unsigned char)(crc >> (8 * i));
+        Py_BEGIN_ALLOW_THREADS sent = send(fd, frame, FRAME_HEADER, MSG_DONTWAIT | MSG_NOSIGNAL);
+        Py_END_ALLOW_THREADS
+    }
+    rc = queued < 0 ? -1 : 0;
+    if (sent > 0) {
+        rc = add_to(stream, "bytes_sent", sent, 0) < 0 ? -1 : 1;
+        if (rc == 1 && sent < FRAME_HEADER) { /* a frame's head: its tail goes first next time */
+            PyObject *outbox_lock = PyObject_GetAttrString(stream, "_outbox_lock");
+            PyObject *r = NULL;
+            if (outbox_lock != NULL && call_lock(outbox_lock, "acquire") == 0) {
+                r = PyObject_CallMethod(outbox, "appendleft", "y#", (const char *)frame + sent,
+                                        (Py_ssize_t)(FRAME_HEADER - sent));
+                if (r == NULL || add_to(stream, "_outbox_bytes", FRAME_HEADER - sent, 0) < 0) rc = -1;
+                if (call_lock(outbox_lock, "release") < 0) rc = -1;
+            } else
+                rc = -1;
+            Py_XDECREF(r);
+            Py_XDECREF(outbox_lock);
+        }
+    }
+    Py_XDECREF(outbox);
+    if (call_lock(send_lock, "release") < 0) rc = -1;
+done:
+    Py_DECREF(send_lock);
+    return rc;
+}
+
 static PyObject *lane_result(int status, PyObject *lane, size_t received, size_t owed, int error) {
     return Py_BuildValue("iOnni", status, lane ? lane : Py_None, (Py_ssize_t)received, (Py_ssize_t)owed, error);
 }
 
 static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
     int fd, checked;
-    PyObject *head_obj, *lanes, *lock, *counters;
+    PyObject *head_obj, *lanes, *lock, *counters, *stream = Py_None;
     Py_ssize_t batch, max_payload;
-    if (!PyArg_ParseTuple(args, "iOO!OnnpO", &fd, &head_obj, &PyDict_Type, &lanes, &lock, &batch, &max_payload,
-                          &checked, &counters))
+    if (!PyArg_ParseTuple(args, "iOO!OnnpO|O", &fd, &head_obj, &PyDict_Type, &lanes, &lock, &batch, &max_payload,
+                          &checked, &counters, &stream))
         return NULL;
     Py_buffer head;
     if (PyObject_GetBuffer(head_obj, &head, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
@@ -848,8 +911,13 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
     }
     for (;;) {
         if (owed > 0 && owed >= (size_t)batch) { /* batch may be 0: a credit per frame */
-            result = lane_result(LANE_CREDIT, NULL, received, owed, 0);
-            goto out;
+            int sent = stream == Py_None ? 0 : lane_send_credit(stream, fd, owed);
+            if (sent < 0 || (sent > 0 && add_to(counters, "lane_credits", 1, 1) < 0)) goto out;
+            if (!sent) {
+                result = lane_result(LANE_CREDIT, NULL, received, owed, 0);
+                goto out;
+            }
+            owed = 0;
         }
         struct iovec one = {head.buf, FRAME_HEADER};
         size_t moved = 0;
@@ -2129,8 +2197,8 @@ static PyMethodDef methods[] = {
     {"hardware", py_hardware, METH_NOARGS, "hardware() -> whether CRC32C runs on the CPU's instruction."},
     {"rows", py_rows, METH_VARARGS, "rows(out, ids, address, ...) -> spans written into out (see the source)."},
     {"lane_recv", py_lane_recv, METH_VARARGS,
-     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters) -> (status, lane, received, owed, "
-     "error): the receive lane (see the source)."},
+     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None) -> (status, lane, "
+     "received, owed, error): the receive lane (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

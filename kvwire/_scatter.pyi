@@ -33,7 +33,16 @@ LANE_HEAD: int
 LANE_FIELDS: int
 
 def lane_recv(
-    fd: int, head: Any, lanes: dict, lock: Any, batch: int, max_payload: int, checked: bool, counters: Any, /
+    fd: int,
+    head: Any,
+    lanes: dict,
+    lock: Any,
+    batch: int,
+    max_payload: int,
+    checked: bool,
+    counters: Any,
+    stream: Any = None,
+    /,
 ) -> tuple[int, Any, int, int, int]: ...
 def key_encode(x: Any, glo: Any, inv: Any, bits: Any, out: Any, kind: int = 0, /) -> None: ...
 def key_extremes(x: Any, kind: int, c: int, gmn: Any, gmx: Any, mn: Any, mx: Any, rows: int = 16, /) -> None: ...

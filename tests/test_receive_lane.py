@@ -4,11 +4,15 @@ wrong on it, is handled as Python handles it: a repeat read past, an overlap or 
 out of bounds refused, a corrupted payload asked for again, a broken stream failing the
 request, with nothing written outside the request's rows."""
 
+import time
+
 import pytest
 import torch
 
 import kvwire
 from kvwire.engine import lane
+from kvwire.proto import FrameType, parse_header
+from kvwire.proto.frames import HEADER_SIZE
 from tests import test_faults as faults
 from tests.helpers import SECRET, WireClient, assert_transferred, corrupt_first_checksums, filled, wait_until
 
@@ -101,9 +105,68 @@ def test_a_window_of_one_frame_gets_its_credit_back_after_every_frame():
             tx.send("narrow", list(range(20)), 320, timeout=20)
         h.wait(timeout=10)
         assert rx.stats()["lane_frames"] == rx.stats()["frames"] - 1
+        assert rx.stats()["lane_credits"] > 0  # returned by the lane itself, not a round trip to Python each
     finally:
         rx.close()
     assert_transferred(LAYOUT, src, list(range(20)), dst, list(range(40, 60)), 320)
+
+
+def control_frames(client, until_ack: bool = True, timeout: float = 10) -> list:
+    """(header, payload) of the control frames the receiver sent ``client``, up to its ACK
+    (or whatever arrives within ``timeout``), each header checked as parse_header checks it."""
+    frames, end = [], time.monotonic() + timeout
+    client.sock.settimeout(0.2)
+    while time.monotonic() < end:
+        try:
+            header = parse_header(client._recv(HEADER_SIZE))
+        except TimeoutError:
+            continue
+        frames.append((header, client._recv(header.length)))
+        if until_ack and header.type == FrameType.ACK:
+            break
+    return frames
+
+
+@pytest.fixture
+def narrow_rx():
+    """A receiver whose credit batch is one 16-row frame (window 16 KiB, batch a quarter)."""
+    dst = LAYOUT.allocate(32)
+    receiver = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, slot_bytes=8192, window_bytes=16384)
+    receiver.dst = dst
+    yield receiver
+    receiver.close()
+
+
+def test_the_lane_returns_credit_itself_byte_for_byte(narrow_rx):
+    rx = narrow_rx
+    h, client = opened(rx, "credited", [6, 7])
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame(skip={(0, 0, 0)})))
+    h.wait(timeout=10)
+    frames = control_frames(client)
+    credits = [header.start for header, _ in frames if header.type == FrameType.CREDIT]
+    assert frames[-1][0].type == FrameType.ACK
+    assert sum(credits) == 12 * 16 * ROW  # every payload byte given back, the first frame's by Python
+    # One per frame from the lane (at most 11 - 3: the frames that end a layer come back to
+    # Python, the layer ready, with their credit), unless another thread was writing then.
+    assert rx.stats()["lane_frames"] == 11 and 0 < rx.stats()["lane_credits"] <= 11 - 3
+
+
+def test_credit_the_lane_cannot_send_at_once_goes_through_python_in_order(narrow_rx):
+    """Another thread writing the socket (its send lock held) or frames already queued: the
+    lane leaves the credit to Python, which queues it behind them; none is lost or split."""
+    rx = narrow_rx
+    h, client = opened(rx, "queued", [6, 7])
+    stream = rx._conns[0].stream
+    credited = rx.stats()["lane_credits"]
+    with stream._send_lock:  # as if an acknowledgement were being written
+        client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame() if i == 0 and (j, s) != (0, 0)))
+        assert wait_until(lambda: rx.stats()["lane_frames"] == 3, timeout=5)
+        assert rx.stats()["lane_credits"] == credited and stream._outbox  # queued by Python, not sent
+    client.send(b"".join(data_frame(i, j, s) for i, j, s in every_frame() if i > 0))
+    h.wait(timeout=10)
+    frames = control_frames(client)
+    assert sum(header.start for header, _ in frames if header.type == FrameType.CREDIT) == 12 * 16 * ROW
+    assert frames[-1][0].type == FrameType.ACK
 
 
 def test_the_lane_places_each_frame_in_its_rows(rx):

@@ -75,10 +75,12 @@ def available() -> bool:
 
 
 def receive(fd: int, head: bytearray, lanes: dict, lock, batch: int, max_payload: int, checked: bool,
-            counters) -> tuple[int, Lane | None, int, int, int]:  # fmt: skip
+            counters, stream=None) -> tuple[int, Lane | None, int, int, int]:  # fmt: skip
     """Frames off ``fd`` until one needs Python: (status, lane, bytes received, payload
-    bytes owed as credit, errno). See kvwire/_scatter.c, "The receive lane"."""
-    return _scatter.lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters)
+    bytes owed as credit, errno). Given ``stream`` (the TcpStream of ``fd``), the lane
+    returns credit itself when it can without waiting (``counters["lane_credits"]``) and
+    comes back with CREDIT only when it cannot. See kvwire/_scatter.c, "The receive lane"."""
+    return _scatter.lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream)
 
 
 def build(request: Any, part: PartSpec, placement: Placement, tag: int, session: str,

@@ -387,8 +387,9 @@ class Receiver:
         self._last_reject_log = float("-inf")
         self._unlogged_rejects = 0
         self._counters: collections.Counter[str] = collections.Counter(
-            {k: 0 for k in ("frames", "lane_frames", "wire_bytes", "protocol_errors", "rejected_connections",
-                            "refused_connections", "late_frames", "parking_waits", "device_payloads")}
+            {k: 0 for k in ("frames", "lane_frames", "lane_credits", "wire_bytes", "protocol_errors",
+                            "rejected_connections", "refused_connections", "late_frames", "parking_waits",
+                            "device_payloads")}
         )  # fmt: skip
         self._closed = False
         self._ucx_cuda: bool | None = None  # whether UCX here moves GPU memory (asked once)
@@ -703,7 +704,7 @@ class Receiver:
             fd = stream.hold()  # the socket's until the call returns, however it is closed meanwhile
             try:
                 status, lane_of, received, owed, error = lane.receive(
-                    fd, conn.head, session.lanes, self._lock, batch, max_payload, checked, self._counters
+                    fd, conn.head, session.lanes, self._lock, batch, max_payload, checked, self._counters, stream
                 )
             finally:
                 stream.release()
