@@ -833,6 +833,16 @@ static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct io
  * the socket holds it, and ``bytes_sent`` counts the bytes. A round trip to Python per
  * credit was half of the receiver's calls of Python per GB. */
 #define FRAME_CREDIT 10
+
+/* Release ``lock`` even with an error pending, which then stays the one raised. */
+static int release_keeping_error(PyObject *lock) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    int rc = call_lock(lock, "release");
+    if (type != NULL) PyErr_Restore(type, value, traceback);
+    return rc;
+}
+
 static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
     if (owed > UINT32_MAX) return 0;
     PyObject *send_lock = PyObject_GetAttrString(stream, "_send_lock");
@@ -871,7 +881,7 @@ static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
                 r = PyObject_CallMethod(outbox, "appendleft", "y#", (const char *)frame + sent,
                                         (Py_ssize_t)(FRAME_HEADER - sent));
                 if (r == NULL || add_to(stream, "_outbox_bytes", FRAME_HEADER - sent, 0) < 0) rc = -1;
-                if (call_lock(outbox_lock, "release") < 0) rc = -1;
+                if (release_keeping_error(outbox_lock) < 0) rc = -1;
             } else
                 rc = -1;
             Py_XDECREF(r);
@@ -879,7 +889,7 @@ static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
         }
     }
     Py_XDECREF(outbox);
-    if (call_lock(send_lock, "release") < 0) rc = -1;
+    if (release_keeping_error(send_lock) < 0) rc = -1;
 done:
     Py_DECREF(send_lock);
     return rc;
