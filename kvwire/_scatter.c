@@ -652,6 +652,10 @@ static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
+static void put_le32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
 typedef struct {
     uint32_t tag, start, count, length, crc;
     unsigned layer, tensor;
@@ -824,14 +828,6 @@ static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct io
     return 0;
 }
 
-/* Return ``owed`` bytes of credit on ``fd`` as a CREDIT frame, as the stream's own
- * send_control would, when that needs no waiting: 1 when the frame went out (whole, or
- * its tail left at the front of the stream's outbox for the next flush), 0 when Python
- * must send it (another thread is writing, frames are already queued, the socket is full
- * or failed; nothing was written then), -1 on a Python error. ``stream`` is the
- * TcpStream that owns ``fd``: its ``_send_lock`` is held while writing, as every writer of
- * the socket holds it, and ``bytes_sent`` counts the bytes. A round trip to Python per
- * credit was half of the receiver's calls of Python per GB. */
 #define FRAME_CREDIT 10
 
 /* Release ``lock`` even with an error pending, which then stays the one raised. */
@@ -843,6 +839,14 @@ static int release_keeping_error(PyObject *lock) {
     return rc;
 }
 
+/* Return ``owed`` bytes of credit on ``fd`` as a CREDIT frame, as the stream's own
+ * send_control would, when that needs no waiting: 1 when the frame went out (whole, or
+ * its tail left at the front of the stream's outbox for the next flush), 0 when Python
+ * must send it (another thread is writing, frames are already queued, the socket is full
+ * or failed; nothing was written then), -1 on a Python error. ``stream`` is the
+ * TcpStream that owns ``fd``: its ``_send_lock`` is held while writing, as every writer of
+ * the socket holds it, and ``bytes_sent`` counts the bytes. A round trip to Python per
+ * credit was half of the receiver's calls of Python per GB. */
 static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
     if (owed > UINT32_MAX) return 0;
     PyObject *send_lock = PyObject_GetAttrString(stream, "_send_lock");
@@ -864,10 +868,9 @@ static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
         frame[0] = FRAME_MAGIC & 0xFF;
         frame[1] = FRAME_MAGIC >> 8;
         frame[2] = FRAME_CREDIT;
-        for (int i = 0; i < 4; i++) frame[12 + i] = (unsigned char)(owed >> (8 * i)); /* start */
+        put_le32(frame + 12, (uint32_t)owed); /* start */
         struct iovec body = {frame, 28};
-        uint32_t crc = crc_iov(0, &body, 1);
-        for (int i = 0; i < 4; i++) frame[28 + i] = (unsigned char)(crc >> (8 * i));
+        put_le32(frame + 28, crc_iov(0, &body, 1));
         Py_BEGIN_ALLOW_THREADS sent = send(fd, frame, FRAME_HEADER, MSG_DONTWAIT | MSG_NOSIGNAL);
         Py_END_ALLOW_THREADS
     }
@@ -915,10 +918,6 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "lane_recv: head must be a writable 32-byte buffer");
         goto out;
     }
-    if (checked && (piece = PyMem_RawMalloc(2 * MAX_IOV * sizeof(struct iovec))) == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
     for (;;) {
         if (owed > 0 && owed >= (size_t)batch) { /* batch may be 0: a credit per frame */
             int sent = stream == Py_None ? 0 : lane_send_credit(stream, fd, owed);
@@ -962,6 +961,11 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         struct iovec *work = iov + iov_cap; /* move_all advances its copy */
         uint32_t crc = 0;
         int piecewise = checked && d.length <= SHORT_SPAN * (size_t)spans;
+        if (piecewise && piece == NULL && (piece = PyMem_RawMalloc(2 * MAX_IOV * sizeof(struct iovec))) == NULL) {
+            PyBuffer_Release(&table);
+            PyErr_NoMemory();
+            goto out; /* its claim dies with the connection's request, as after any Python error here */
+        }
         Py_BEGIN_ALLOW_THREADS if (piecewise) err = recv_checked(fd, iov, spans, piece, &moved, &crc);
         else {
             memcpy(work, iov, spans * sizeof(struct iovec));
