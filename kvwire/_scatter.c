@@ -603,7 +603,7 @@ done:
 
 /* ---- The receive lane ------------------------------------------------------------------
  *
- * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None)
+ * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None, conn=None)
  *     -> (status, lane, received, owed, error)
  *
  * The receiver's frame loop for the frames that need no Python (kvwire/engine/lane.py):
@@ -628,16 +628,21 @@ done:
  *   LANE_CREDIT    ``owed`` reached ``batch``: Python returns it to the sender as credit
  *                  (given the ``stream``, the lane sends the CREDIT frame itself when that
  *                  needs no waiting, lane_send_credit, and returns for it only otherwise)
+ *   LANE_FAILED    a Python error (out of memory, a bug) while the frame in ``head`` had its
+ *                  rows claimed: ``error`` is the exception; Python undoes the claim, as for
+ *                  LANE_LOST, and raises it. An error with no claim standing is raised here.
  *
  * ``received``: bytes read from the stream; ``owed``: payload bytes consumed (every one is
- * owed back as credit, whatever became of it). ``lock`` is the receiver's lock: the lane
+ * owed back as credit, whatever became of it). Given ``conn`` (the receiver's connection:
+ * ``owed``, ``owed_lock``), what the lane owes joins the connection's count before the lane
+ * waits for the next frame (pool_owed). ``lock`` is the receiver's lock: the lane
  * looks at a request's tables only while holding it, as Python does; the reads from the
  * socket run with neither the lock nor the GIL.
  *
  * A Lane's ``table`` (int64) is a header, LANE_HEAD values (below), then one entry of
  * LANE_FIELDS values per (layer, tensor) position; the addresses in it are of arrays the
  * Lane keeps alive (the plan's coverage, the selection's block ids, the caches). */
-enum { LANE_PYTHON, LANE_HANDOFF, LANE_CHECKSUM, LANE_LOST, LANE_CREDIT };
+enum { LANE_PYTHON, LANE_HANDOFF, LANE_CHECKSUM, LANE_LOST, LANE_CREDIT, LANE_FAILED };
 enum { L_LIVE, L_LAYERS, L_TENSORS, L_IDS, L_NIDS, L_MISSING, L_WRITING, LANE_HEAD = 8 };
 enum {
     E_ENABLED, E_ROWS, E_UNIT, E_WEIGHT, E_ADDRESS, E_NUM_BLOCKS, E_BLOCK_STRIDE, E_ROW_STRIDE, E_SPAN,
@@ -891,11 +896,70 @@ static int lane_send_credit(PyObject *stream, int fd, size_t owed) {
             Py_XDECREF(outbox_lock);
         }
     }
-    Py_XDECREF(outbox);
     if (release_keeping_error(send_lock) < 0) rc = -1;
+    /* As every writer of the stream does after its send: frames another thread queued
+     * meanwhile (its flush found the lock held), or this frame's tail, go out now. */
+    Py_ssize_t left = rc == 1 ? PyObject_Length(outbox) : 0;
+    if (left < 0) rc = -1;
+    if (left > 0) {
+        PyObject *r = PyObject_CallMethod(stream, "flush_control", NULL);
+        if (r == NULL) rc = -1;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(outbox);
 done:
     Py_DECREF(send_lock);
     return rc;
+}
+
+/* One count of the credit a connection owes: ``conn.owed``, under ``conn.owed_lock``, where
+ * the receiver's other threads add what they release. The lane adds what it owes there
+ * before it waits for the next frame and takes the whole out once it reaches ``batch``
+ * (``*owed`` is then the total to return, else 0). Two counts, each kept short of a batch,
+ * could together hold back more than the window leaves the sender beyond one chunk, and
+ * the lane would wait for a frame the sender has no credit to send. -1 on a Python error. */
+static int pool_owed(PyObject *conn, size_t *owed, Py_ssize_t batch) {
+    PyObject *lock = PyObject_GetAttrString(conn, "owed_lock");
+    if (lock == NULL) return -1;
+    int rc = -1;
+    if (call_lock(lock, "acquire") < 0) goto done;
+    PyObject *value = PyObject_GetAttrString(conn, "owed");
+    size_t before = value == NULL ? (size_t)-1 : PyLong_AsSize_t(value);
+    Py_XDECREF(value);
+    if (!(before == (size_t)-1 && PyErr_Occurred())) {
+        size_t total = before + *owed, keep = total >= (size_t)batch ? 0 : total;
+        PyObject *left = PyLong_FromSize_t(keep);
+        if (left != NULL && PyObject_SetAttrString(conn, "owed", left) == 0) {
+            *owed = total - keep;
+            rc = 0;
+        }
+        Py_XDECREF(left);
+    }
+    if (release_keeping_error(lock) < 0) rc = -1;
+done:
+    Py_DECREF(lock);
+    return rc;
+}
+
+/* A Python error with the rows of the frame in ``head`` claimed: LANE_FAILED, the error
+ * handed to Python with the lane, so that the claim is undone before it is raised (left
+ * standing, the request would wait for those rows for good). */
+static PyObject *lane_failed(PyObject *lane, size_t received, size_t owed) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value == NULL) { /* cannot happen: every caller comes with an error set */
+        Py_XDECREF(type);
+        Py_XDECREF(traceback);
+        PyErr_SetString(PyExc_SystemError, "lane_recv: a failure without an error");
+        return NULL;
+    }
+    if (traceback != NULL) PyException_SetTraceback(value, traceback);
+    PyObject *result = Py_BuildValue("iOnnO", LANE_FAILED, lane, (Py_ssize_t)received, (Py_ssize_t)owed, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return result;
 }
 
 static PyObject *lane_result(int status, PyObject *lane, size_t received, size_t owed, int error) {
@@ -904,10 +968,10 @@ static PyObject *lane_result(int status, PyObject *lane, size_t received, size_t
 
 static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
     int fd, checked;
-    PyObject *head_obj, *lanes, *lock, *counters, *stream = Py_None;
+    PyObject *head_obj, *lanes, *lock, *counters, *stream = Py_None, *conn = Py_None;
     Py_ssize_t batch, max_payload;
-    if (!PyArg_ParseTuple(args, "iOO!OnnpO|O", &fd, &head_obj, &PyDict_Type, &lanes, &lock, &batch, &max_payload,
-                          &checked, &counters, &stream))
+    if (!PyArg_ParseTuple(args, "iOO!OnnpO|OO", &fd, &head_obj, &PyDict_Type, &lanes, &lock, &batch, &max_payload,
+                          &checked, &counters, &stream, &conn))
         return NULL;
     Py_buffer head;
     if (PyObject_GetBuffer(head_obj, &head, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
@@ -919,6 +983,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         goto out;
     }
     for (;;) {
+        if (owed > 0 && conn != Py_None && pool_owed(conn, &owed, batch) < 0) goto out;
         if (owed > 0 && owed >= (size_t)batch) { /* batch may be 0: a credit per frame */
             int sent = stream == Py_None ? 0 : lane_send_credit(stream, fd, owed);
             if (sent < 0 || (sent > 0 && add_to(counters, "lane_credits", 1, 1) < 0)) goto out;
@@ -946,13 +1011,17 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         size_t spans = 0;
         if (call_lock(lock, "acquire") < 0) goto out;
         int claimed = lane_claim(lanes, &d, &lane, &table, &iov, &iov_cap, &spans);
-        int counted = claimed > 0 ? add_to(counters, "frames", 1, 1) | add_to(counters, "lane_frames", 1, 1) |
-                                        add_to(counters, "wire_bytes", d.length, 1)
-                                  : 0;
-        if (call_lock(lock, "release") < 0 || claimed < 0 || counted < 0) {
-            if (claimed > 0) PyBuffer_Release(&table);
-            goto out; /* a claim left standing dies with the connection's request (a Python error is a bug) */
+        int counted = 0; /* one error at a time: no Python call while one is pending */
+        if (claimed > 0 && (add_to(counters, "frames", 1, 1) < 0 || add_to(counters, "lane_frames", 1, 1) < 0 ||
+                            add_to(counters, "wire_bytes", d.length, 1) < 0))
+            counted = -1;
+        int released = claimed < 0 || counted < 0 ? release_keeping_error(lock) : call_lock(lock, "release");
+        if (claimed > 0 && (released < 0 || counted < 0)) {
+            PyBuffer_Release(&table);
+            result = lane_failed(lane, received, owed);
+            goto out;
         }
+        if (released < 0 || claimed < 0) goto out;
         if (!claimed) {
             result = lane_result(LANE_PYTHON, NULL, received, owed, 0);
             goto out;
@@ -964,7 +1033,8 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         if (piecewise && piece == NULL && (piece = PyMem_RawMalloc(2 * MAX_IOV * sizeof(struct iovec))) == NULL) {
             PyBuffer_Release(&table);
             PyErr_NoMemory();
-            goto out; /* its claim dies with the connection's request, as after any Python error here */
+            result = lane_failed(lane, received, owed);
+            goto out;
         }
         Py_BEGIN_ALLOW_THREADS if (piecewise) err = recv_checked(fd, iov, spans, piece, &moved, &crc);
         else {
@@ -986,14 +1056,21 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         }
         if (call_lock(lock, "acquire") < 0) {
             PyBuffer_Release(&table);
+            result = lane_failed(lane, received, owed);
             goto out;
         }
         int64_t *writing = (int64_t *)(uintptr_t)t[L_WRITING], *missing = (int64_t *)(uintptr_t)t[L_MISSING];
         int handoff = !t[L_LIVE] || (missing[d.layer] == 0 && writing[d.layer] == 1);
         int rc = count_chunk(lane, d.length);
-        if (!handoff && rc == 0) writing[d.layer] -= 1;
+        int done = !handoff && rc == 0; /* the write is finished here: nothing left to undo */
+        if (done) writing[d.layer] -= 1;
         PyBuffer_Release(&table);
-        if (call_lock(lock, "release") < 0 || rc < 0) goto out;
+        released = rc < 0 ? release_keeping_error(lock) : call_lock(lock, "release");
+        if (rc < 0 || (released < 0 && !done)) {
+            result = lane_failed(lane, received, owed);
+            goto out;
+        }
+        if (released < 0) goto out;
         if (handoff) {
             result = lane_result(LANE_HANDOFF, lane, received, owed, 0);
             goto out;
@@ -2232,6 +2309,7 @@ PyMODINIT_FUNC PyInit__scatter(void) {
                       PyModule_AddIntConstant(m, "LANE_CHECKSUM", LANE_CHECKSUM) < 0 ||
                       PyModule_AddIntConstant(m, "LANE_LOST", LANE_LOST) < 0 ||
                       PyModule_AddIntConstant(m, "LANE_CREDIT", LANE_CREDIT) < 0 ||
+                      PyModule_AddIntConstant(m, "LANE_FAILED", LANE_FAILED) < 0 ||
                       PyModule_AddIntConstant(m, "LANE_HEAD", LANE_HEAD) < 0 ||
                       PyModule_AddIntConstant(m, "LANE_FIELDS", LANE_FIELDS) < 0))
         Py_CLEAR(m);

@@ -29,6 +29,7 @@ LANE_HANDOFF: int
 LANE_CHECKSUM: int
 LANE_LOST: int
 LANE_CREDIT: int
+LANE_FAILED: int
 LANE_HEAD: int
 LANE_FIELDS: int
 
@@ -42,8 +43,9 @@ def lane_recv(
     checked: bool,
     counters: Any,
     stream: Any = None,
+    conn: Any = None,
     /,
-) -> tuple[int, Any, int, int, int]: ...
+) -> tuple[int, Any, int, int, Any]: ...
 def key_encode(x: Any, glo: Any, inv: Any, bits: Any, out: Any, kind: int = 0, /) -> None: ...
 def key_extremes(x: Any, kind: int, c: int, gmn: Any, gmx: Any, mn: Any, mx: Any, rows: int = 16, /) -> None: ...
 def group_codes4(x: Any, kind: int, c: int, rows: int, zero: Any, inv: Any, out: Any, /) -> None: ...

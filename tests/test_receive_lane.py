@@ -331,3 +331,122 @@ def test_a_helper_built_from_another_version_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(lane._scatter, "LANE_FIELDS", lane.FIELDS + 1)
     with pytest.raises(ImportError, match="another version of kvwire/_scatter.c: reinstall kvwire"):
         lane.available()
+
+
+@pytest.mark.parametrize("receive_lane", [True, False], ids=["lane", "python"])
+def test_one_connection_never_runs_out_of_credit_with_a_window_under_two_frames(receive_lane):
+    """A window of 52 KiB for 32 KiB frames (credit batch 13 KiB): the sender keeps
+    credit for a frame only if the receiver never holds back a batch or more. The credit
+    the lane owes and what Python owes (a layer's last frame comes back to Python) are
+    one count: kept apart, each short of a batch, they held back 24 KiB and the transfer
+    waited for its deadline."""
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, slot_bytes=32768, window_bytes=53248,
+                         receive_lane=receive_lane)  # fmt: skip
+    src = filled(LAYOUT, 64, seed=3)
+    try:
+        h = rx.expect("tight", list(range(20, 31)), 176)  # per tensor: a 32 KiB frame and a 12 KiB one
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=1, chunk_bytes=32768) as tx:
+            tx.send("tight", list(range(11)), 176, timeout=20)
+        h.wait(timeout=10)
+        if receive_lane:
+            assert rx.stats()["lane_frames"] > 0
+    finally:
+        rx.close()
+    assert_transferred(LAYOUT, src, list(range(11)), dst, list(range(20, 31)), 176)
+
+
+class _FailsOnce(dict):
+    """The receiver's counters, raising MemoryError once when the lane counts a frame it
+    has claimed the rows of."""
+
+    armed = False
+
+    def __setitem__(self, key, value):
+        if self.armed and key == "lane_frames":
+            self.armed = False
+            raise MemoryError("no memory for a counter")
+        super().__setitem__(key, value)
+
+
+def test_a_python_error_inside_the_lane_undoes_the_claim_and_fails_the_request(rx, caplog):
+    """Out of memory (or a bug) after the lane claimed a frame's rows: the claim is undone
+    as for a broken stream, the connection closes with the error in kvwire's log, and the
+    request fails at once instead of waiting for rows that will never come."""
+    rx._counters = _FailsOnce(rx._counters)
+    h, client = opened(rx, "oom", [4, 5])
+    rx._counters.armed = True
+    client.send(data_frame(1, 0, 0))
+    assert client.closed_by_peer(timeout=5)
+    with pytest.raises(kvwire.PeerLost):
+        h.wait(timeout=5)
+    assert wait_until(lambda: rx.census()["requests"] == 0 and rx.census()["lanes"] == 0, timeout=5)
+    assert any("its reader failed" in r.getMessage() and r.exc_info[0] is MemoryError for r in caplog.records)
+    assert untouched_outside(rx.dst, [4, 5])
+
+
+def test_a_python_error_in_the_lane_is_raised_as_itself_with_the_lock_released():
+    import socket
+    import threading
+
+    class NoTable:  # a lane without its table: a bug the lane meets under the receiver's lock
+        pass
+
+    a, b = socket.socketpair()
+    lock = threading.Lock()
+    try:
+        b.sendall(data_frame(0, 0, 0))
+        counters = {"frames": 0, "lane_frames": 0, "wire_bytes": 0}
+        with pytest.raises(AttributeError, match="table"):
+            lane.receive(a.fileno(), bytearray(HEADER_SIZE), {1: NoTable()}, lock, 1 << 20, 1 << 20, True, counters)
+        assert not lock.locked()
+    finally:
+        a.close()
+        b.close()
+
+
+class _QueuesWhileHeld:
+    """A stream's send lock that, as the lane releases it, has a control frame queued as if
+    another thread's ``send_control`` had found the lock held meanwhile."""
+
+    def __init__(self, stream, frame: bytes) -> None:
+        self.stream, self.frame, self.inner = stream, frame, __import__("threading").Lock()
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self.inner.acquire(blocking, timeout)
+
+    def release(self):
+        if self.frame is not None:
+            with self.stream._outbox_lock:
+                self.stream._outbox.append(self.frame)
+                self.stream._outbox_bytes += len(self.frame)
+            self.frame = None
+        self.inner.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def test_frames_queued_while_the_lane_wrote_its_credit_go_out_right_after(monkeypatch):
+    """As every writer of the stream does: what another thread queued while the lane held
+    the send lock goes out when the lane lets go of it, not at the reaper's next flush
+    (held off here) or with a later frame."""
+    from kvwire.engine import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "REAPER_PERIOD_S", 30.0)
+    dst = LAYOUT.allocate(32)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, slot_bytes=8192, window_bytes=16384)
+    try:
+        h, client = opened(rx, "queued", [6, 7])
+        conn = rx._conns[0]
+        marker = conn.proto.credit(1)  # a CREDIT of one byte, told apart from every frame's
+        conn.stream._send_lock = _QueuesWhileHeld(conn.stream, marker)
+        credited = rx.stats()["lane_credits"]
+        client.send(data_frame(0, 1, 0))
+        assert wait_until(lambda: rx.stats()["lane_credits"] == credited + 1, timeout=5)
+        frames = control_frames(client, until_ack=False, timeout=2)
+        assert [h.start for h, _ in frames if h.type == FrameType.CREDIT][-2:] == [16 * ROW, 1]
+    finally:
+        rx.close()

@@ -35,7 +35,7 @@ from kvwire.proto.request import PartSpec, RequestPlan
 from kvwire.scatter import _scatter
 
 # What ``receive`` returns to Python for (kvwire/_scatter.c, "The receive lane")
-PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT = range(5)
+PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT, FAILED = range(6)
 # The table's layout: a header, then an entry per (layer, tensor) position.
 _LIVE, _LAYERS, _TENSORS, _IDS, _NIDS, _MISSING, _WRITING = range(7)
 HEAD = 8
@@ -68,19 +68,23 @@ def available() -> bool:
     if _scatter is None or not _scatter.hardware():
         return False
     built = (_scatter.LANE_PYTHON, _scatter.LANE_HANDOFF, _scatter.LANE_CHECKSUM, _scatter.LANE_LOST,
-             _scatter.LANE_CREDIT, _scatter.LANE_HEAD, _scatter.LANE_FIELDS)  # fmt: skip
-    if built != (PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT, HEAD, FIELDS):
+             _scatter.LANE_CREDIT, getattr(_scatter, "LANE_FAILED", None), _scatter.LANE_HEAD,
+             _scatter.LANE_FIELDS)  # fmt: skip
+    if built != (PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT, FAILED, HEAD, FIELDS):
         raise ImportError("kvwire._scatter was built from another version of kvwire/_scatter.c: reinstall kvwire")
     return True
 
 
 def receive(fd: int, head: bytearray, lanes: dict, lock, batch: int, max_payload: int, checked: bool,
-            counters, stream=None) -> tuple[int, Lane | None, int, int, int]:  # fmt: skip
+            counters, stream=None, conn=None) -> tuple[int, Lane | None, int, int, Any]:  # fmt: skip
     """Frames off ``fd`` until one needs Python: (status, lane, bytes received, payload
-    bytes owed as credit, errno). Given ``stream`` (the TcpStream of ``fd``), the lane
-    returns credit itself when it can without waiting (``counters["lane_credits"]``) and
-    comes back with CREDIT only when it cannot. See kvwire/_scatter.c, "The receive lane"."""
-    return _scatter.lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream)
+    bytes owed as credit, errno; for FAILED, the exception). Given ``stream`` (the
+    TcpStream of ``fd``), the lane returns credit itself when it can without waiting
+    (``counters["lane_credits"]``) and comes back with CREDIT only when it cannot. Given
+    ``conn`` (``owed``, ``owed_lock``: the receiver's connection), what the lane owes joins
+    the connection's one count of credit owed before the lane waits for a frame. See
+    kvwire/_scatter.c, "The receive lane"."""
+    return _scatter.lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream, conn)
 
 
 def build(request: Any, part: PartSpec, placement: Placement, tag: int, session: str,

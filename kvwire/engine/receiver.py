@@ -615,6 +615,8 @@ class Receiver:
             elif not isinstance(exc, PeerLost):
                 self._counters["protocol_errors"] += 1
                 log.warning("closing connection from %s: %s", stream.peer, exc)
+        except Exception:  # out of memory, or a bug: said in kvwire's log, the connection closed below
+            log.exception("closing connection from %s: its reader failed", stream.peer)
         finally:
             stream.close()
             self._connection_closed(conn)
@@ -704,7 +706,7 @@ class Receiver:
             fd = stream.hold()  # the socket's until the call returns, however it is closed meanwhile
             try:
                 status, lane_of, received, owed, error = lane.receive(
-                    fd, conn.head, session.lanes, self._lock, batch, max_payload, checked, self._counters, stream
+                    fd, conn.head, session.lanes, self._lock, batch, max_payload, checked, self._counters, stream, conn
                 )
             finally:
                 stream.release()
@@ -717,8 +719,10 @@ class Receiver:
                 continue
             if status == lane.PYTHON:
                 return bytes(conn.head)
-            lost = None
-            if status == lane.LOST:
+            lost: BaseException | None = None
+            if status == lane.FAILED:  # a Python error in the lane: the frame's claim is undone below
+                lost = error
+            elif status == lane.LOST:
                 why = f"lost while receiving: {os.strerror(error)}" if error else "closed by the peer"
                 lost = PeerLost(f"connection to {stream.peer} {why}")
                 if lane_of is None:  # between frames: nothing of a request to undo
@@ -729,7 +733,7 @@ class Receiver:
             if status == lane.HANDOFF:
                 self._written_in_place(request, header.layer, None)
                 continue
-            with self._lock:  # a checksum mismatch, or the stream broke inside the payload
+            with self._lock:  # a checksum mismatch, the stream broke inside the payload, or a Python error
                 actions = self._table.unwrite(request, session.id, header.layer, header.tensor, header.start,
                                               header.count)  # fmt: skip
                 self._run_locked(actions)
