@@ -557,6 +557,21 @@ def test_bad_sender_construction(kwargs, error, message, receiver_for, monkeypat
         kvwire.Sender(layout, rx.address, **args)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"window_bytes": 1 << 32}, ValueError, r"window_bytes: at most 4294967295 \(CREDIT frames count in 32 bits\)"),
+        ({"window_bytes": 1024}, ValueError, r"window_bytes: 1024 is less than one slot"),
+        ({"window_bytes": 0}, ValueError, r"window_bytes: must be >= 1, got 0"),
+        ({"window_bytes": 2.0**21}, TypeError, r"window_bytes: expected an int, got float"),
+    ],
+)
+def test_bad_receiver_windows_name_the_problem(kwargs, error, message):
+    layout = LAYOUTS["mha"]
+    with pytest.raises(error, match=message):
+        kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4), **kwargs)
+
+
 def test_bad_expect_arguments(receiver_for):
     layout = LAYOUTS["hybrid"]
     rx, _ = receiver_for(layout)

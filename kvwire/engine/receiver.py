@@ -67,6 +67,7 @@ log = logging.getLogger("kvwire.receiver")
 DEFAULT_STAGING_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = (4 << 20) + (64 << 10)  # a 4 MiB chunk plus the lz4 stage's worst-case headers
 REAPER_PERIOD_S = 0.05
+MAX_WINDOW_BYTES = (1 << 32) - 1  # credit returned comes in batches of a quarter window, each a 32-bit count
 # What a peer can make this side hold is bounded; these are the defaults (docs/api.md).
 DEFAULT_MAX_PENDING_CONNECTIONS = 64  # not yet authenticated: each holds a thread until its deadline
 DEFAULT_MAX_CONNECTIONS = 1024  # authenticated: each holds a reader thread
@@ -268,7 +269,8 @@ class Receiver:
         staging_bytes: host memory for payloads between the network and the caches; data
             that arrives before ``expect`` waits here.
         slot_bytes: the largest payload a sender may put in one frame.
-        window_bytes: credit per connection: payload bytes a sender may have outstanding.
+        window_bytes: credit per connection: payload bytes a sender may have outstanding
+            (default: an eighth of ``staging_bytes``, at least one slot, at most 4 GiB).
         codecs: codec names accepted (default: all).
         unclaimed_timeout: seconds a request may wait for ``expect`` before it is refused.
         tls: an ``ssl.SSLContext`` (server side).
@@ -364,9 +366,15 @@ class Receiver:
         self._lanes = bool(receive_lane) and getattr(self._placement, "spans", False) and lane.available()
         self._accepted_codecs = None if codecs is None else {kvwire.codec.get(c).descriptor for c in codecs}
         self._pool = StagingPool(staging_bytes, slot_bytes)
-        self._window = window_bytes or max(slot_bytes, self._pool.budget_bytes // 8)
+        if window_bytes is None:
+            self._window = min(max(slot_bytes, self._pool.budget_bytes // 8), MAX_WINDOW_BYTES)
+        else:
+            self._window = check_count(window_bytes, "window_bytes")
         if self._window < slot_bytes:
             raise ValueError(f"window_bytes: {self._window} is less than one slot ({slot_bytes})")
+        if self._window > MAX_WINDOW_BYTES:
+            raise ValueError(f"window_bytes: at most {MAX_WINDOW_BYTES} (CREDIT frames count in 32 bits), "
+                             f"got {self._window}")  # fmt: skip
         self._slot_bytes = slot_bytes
         self._credit_batch = min(self._window // 4, self._window - slot_bytes)
         self._unclaimed_timeout = unclaimed_timeout
