@@ -962,6 +962,18 @@ static PyObject *lane_failed(PyObject *lane, size_t received, size_t owed) {
     return result;
 }
 
+/* ``conn.lane_claim``: the lane whose claimed rows this connection is receiving into, or
+ * None (the receiver's reaper closes a connection whose receive holds up a request that
+ * ended). Any error pending stays the one raised; one here is dropped, as the mark is only
+ * a hint. */
+static void mark_claim(PyObject *conn, PyObject *lane) {
+    if (conn == Py_None) return;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (PyObject_SetAttrString(conn, "lane_claim", lane) < 0) PyErr_Clear();
+    PyErr_Restore(type, value, traceback);
+}
+
 static PyObject *lane_result(int status, PyObject *lane, size_t received, size_t owed, int error) {
     return Py_BuildValue("iOnni", status, lane ? lane : Py_None, (Py_ssize_t)received, (Py_ssize_t)owed, error);
 }
@@ -1026,6 +1038,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
             result = lane_result(LANE_PYTHON, NULL, received, owed, 0);
             goto out;
         }
+        mark_claim(conn, lane);
         int64_t *t = (int64_t *)table.buf;
         struct iovec *work = iov + iov_cap; /* move_all advances its copy */
         uint32_t crc = 0;
@@ -1065,6 +1078,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         int done = !handoff && rc == 0; /* the write is finished here: nothing left to undo */
         if (done) writing[d.layer] -= 1;
         PyBuffer_Release(&table);
+        mark_claim(conn, Py_None); /* received: the rows take no more bytes from this stream */
         released = rc < 0 ? release_keeping_error(lock) : call_lock(lock, "release");
         if (rc < 0 || (released < 0 && !done)) {
             result = lane_failed(lane, received, owed);
@@ -1078,6 +1092,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         Py_CLEAR(lane);
     }
 out:
+    if (lane != NULL) mark_claim(conn, Py_None);
     Py_XDECREF(lane);
     PyMem_RawFree(iov);
     PyMem_RawFree(piece);

@@ -51,10 +51,10 @@ def token_rows(dst, layer: int, name: str, blocks: list[int]) -> bytes:
     return b"".join(bytes(dst[layer][name][b].view(torch.uint8).reshape(-1).tolist()) for b in blocks)
 
 
-def opened(rx, request_id: str, blocks: list[int], num_tokens: int = 32):
+def opened(rx, request_id: str, blocks: list[int], num_tokens: int = 32, deadline: float = 60.0):
     """A request whose first chunk (layer 0, k, rows 0..16) arrived through Python's loop,
     which opens the lane for the rest: the handle and the client."""
-    h = rx.expect(request_id, blocks, num_tokens)
+    h = rx.expect(request_id, blocks, num_tokens, deadline=deadline)
     client = WireClient(rx.address, LAYOUT)
     client.send(client.proto.begin(1, request_id, num_tokens) + data_frame())
     assert wait_until(lambda: h.stats()["chunks"] == 1, timeout=5)  # written and verified
@@ -450,3 +450,39 @@ def test_frames_queued_while_the_lane_wrote_its_credit_go_out_right_after(monkey
         assert [h.start for h, _ in frames if h.type == FrameType.CREDIT][-2:] == [16 * ROW, 1]
     finally:
         rx.close()
+
+
+@pytest.mark.parametrize("ending", ["deadline", "cancel"])
+@pytest.mark.parametrize("loop", ["python", "lane"])
+def test_a_request_that_ends_inside_a_payload_is_done_only_once_its_rows_are(rx, monkeypatch, loop, ending):
+    """A request that ends (its deadline, a cancel) while a payload is being received into
+    its rows: wait() returns only once nothing more can be written there. A sender that
+    stalls inside the payload has that connection closed after DRAIN_LIMIT_S, and what it
+    sends later lands nowhere."""
+    from kvwire.engine import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "DRAIN_LIMIT_S", 0.3)
+    deadline = 1.0 if ending == "deadline" else 30.0
+    if loop == "lane":
+        h, client = opened(rx, "stall", [4, 5], deadline=deadline)
+    else:  # the request's first frame: Python's loop receives it in place
+        h = rx.expect("stall", [4, 5], 32, deadline=deadline)
+        client = WireClient(rx.address, LAYOUT)
+        client.send(client.proto.begin(1, "stall", 32))
+    frame = data_frame(1, 0, 0)
+    client.send(frame[: HEADER_SIZE + 100])  # the sender stops 100 bytes into the payload
+    assert wait_until(lambda: h._request.writing.any(), timeout=5)
+    if ending == "cancel":
+        h.cancel("the decode gave up")
+    with pytest.raises(kvwire.Cancelled if ending == "cancel" else kvwire.TransferTimeout):
+        h.wait()
+    assert h.done()
+    before = snapshot(rx.dst)
+    try:
+        client.send(frame[HEADER_SIZE + 100 :])  # the rest, after wait() returned
+    except OSError:
+        pass  # the connection is closed already
+    time.sleep(0.3)
+    assert snapshot(rx.dst) == before
+    assert rx.stats()["lane_frames"] == (0 if loop == "python" else 1)  # which loop had the stalled frame
+    assert untouched_outside(rx.dst, [4, 5])

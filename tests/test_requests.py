@@ -6,6 +6,7 @@ import kvwire
 from kvwire.engine.requests import (
     ALLOWED,
     TERMINAL,
+    Drain,
     Finish,
     Place,
     Placement,
@@ -133,7 +134,8 @@ def test_an_error_while_chunks_are_written_waits_for_them_before_the_handle_ends
     assert t.start_write(request, S, 0, 0, 0, 4) is True  # a write under way
     actions = t.expire(request)
     assert request.state is State.DRAINING
-    assert [type(a) for a in actions] == [SendCancel]  # the sender is told now; the handle not yet
+    assert actions[1:] == [Drain(request)]  # the receiver watches its writes; the handle ends later
+    assert [type(a) for a in actions] == [SendCancel, Drain]  # the sender is told now
     assert t.start_write(request, S, 0, 1, 0, 4) is None  # nothing new starts
     actions, _ = t.written(request, 0, None)
     assert request.state is State.EXPIRED

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -67,6 +67,10 @@ log = logging.getLogger("kvwire.receiver")
 DEFAULT_STAGING_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = (4 << 20) + (64 << 10)  # a 4 MiB chunk plus the lz4 stage's worst-case headers
 REAPER_PERIOD_S = 0.05
+# A request that ended while a payload was being received into its rows waits for that
+# receive; one that stalls this long (a sender stopped inside a frame) has its
+# connection closed, so that wait() never returns while its rows may still be written.
+DRAIN_LIMIT_S = 2.0
 MAX_WINDOW_BYTES = (1 << 32) - 1  # credit returned comes in batches of a quarter window, each a 32-bit count
 # What a peer can make this side hold is bounded; these are the defaults (docs/api.md).
 DEFAULT_MAX_PENDING_CONNECTIONS = 64  # not yet authenticated: each holds a thread until its deadline
@@ -113,6 +117,10 @@ class _RConn:
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
     head: bytearray = field(default_factory=lambda: bytearray(HEADER_SIZE))  # the receive lane's header
+    # The request whose rows this connection's reader is receiving a payload into (Python's
+    # path), and the lane whose claimed rows it is (the receive lane sets and clears it).
+    writing_into: Any = None
+    lane_claim: Any = None
 
     @property
     def stream(self) -> ByteStream:
@@ -391,6 +399,9 @@ class Receiver:
         self._conns: list[_RConn] = []
         self._pending: list[_RConn] = []  # accepted, handshake not finished
         self._parked_bytes = 0
+        # Requests that ended with payloads still being received into their rows, by id:
+        # (request, since when); their handles end once those receives do.
+        self._draining: dict[int, tuple[Request, float]] = {}
         self._rejected: collections.deque = collections.deque(maxlen=32)
         self._last_reject_log = float("-inf")
         self._unlogged_rejects = 0
@@ -462,9 +473,12 @@ class Receiver:
                 raise ValueError(f"states[{i}]: must be contiguous")
         handle = ReceiveHandle(self, request_id, Destination(sel, dict(states or {})), time.monotonic() + deadline)
         with self._lock:
+            if self._closed:  # checked again under the lock: close() may have run meanwhile
+                raise ValueError("expect: the receiver is closed")
             request, actions = self._table.expect(request_id, handle, sel.num_tokens, handle.deadline)
             handle._request = request
             self._run_locked(actions)
+            self._cond.notify_all()  # a reader may wait for parking room for this request's sender
         self._run(actions)
         return handle
 
@@ -807,6 +821,7 @@ class Receiver:
         if write is False:
             self._skip_payload(conn, header, n, late=False)
             return True
+        conn.writing_into = request
         try:
             conn.stream.recv_into_views(views)
         except BaseException:
@@ -815,6 +830,8 @@ class Receiver:
                 self._run_locked(actions)
             self._run(actions)
             raise
+        finally:
+            conn.writing_into = None
         ok = conn.proto.verify_data(header, views)
         frame = conn.owe(n, self._credit_batch)
         if frame is not None:
@@ -1103,7 +1120,10 @@ class Receiver:
                 self._send_locked(action)
             elif isinstance(action, requests.Finish):
                 action.handle._end(action.error)
+                self._draining.pop(id(action.handle._request), None)
                 self._cond.notify_all()
+            elif isinstance(action, requests.Drain):
+                self._draining[id(action.request)] = (action.request, time.monotonic())
             elif isinstance(action, requests.Release):
                 for chunk in action.chunks:
                     self._release_locked(chunk)
@@ -1138,11 +1158,34 @@ class Receiver:
             error = handle._error
         if error is not None:
             raise error
-        if not ready():
-            if time.monotonic() >= handle.deadline:
-                self._expire(handle)
-                raise handle._error or TransferTimeout(f"request {handle.request_id!r}: deadline passed")
+        if ready():
+            return
+        if time.monotonic() < handle.deadline:
             raise TransferTimeout(f"request {handle.request_id!r}: not complete within {timeout:.3g} s")
+        self._expire(handle)
+        # It may have completed meanwhile; or it ended with payloads still being received into
+        # its rows, which are not the caller's before those end (DRAIN_LIMIT_S bounds them).
+        with self._lock:
+            while not handle._finished and not ready():
+                self._cond.wait(REAPER_PERIOD_S)
+        if handle._error is not None:
+            raise handle._error
+        if not ready():  # cannot happen: a request that ends without an error is complete
+            raise TransferTimeout(f"request {handle.request_id!r}: deadline passed")
+
+    def _stalled_writers_locked(self, now: float) -> list[tuple[_RConn, str]]:
+        """(lock held) Connections receiving a payload into the rows of a request that ended
+        more than ``DRAIN_LIMIT_S`` ago: its handle waits for them."""
+        late = {key: request for key, (request, since) in self._draining.items() if now - since > DRAIN_LIMIT_S}
+        if not late:
+            return []
+        found = []
+        for c in self._conns:
+            lane_of = c.lane_claim
+            request = c.writing_into if c.writing_into is not None else getattr(lane_of, "request", None)
+            if request is not None and id(request) in late and late[id(request)] is request:
+                found.append((c, request.request_id))
+        return found
 
     def _expire(self, handle: ReceiveHandle) -> None:
         request = handle._request
@@ -1178,8 +1221,13 @@ class Receiver:
                     actions += self._table.expire(request)
                 self._run_locked(actions)
                 conns = list(self._conns)
+                stalled = self._stalled_writers_locked(now)
             for c in overdue:
                 c.stream.close()  # the thread reading its handshake gets an error and reports why
+            for c, request_id in stalled:
+                log.warning("closing connection from %s: a payload into request %r, which has ended, stalled "
+                            "for %.3g s", c.stream.peer, request_id, DRAIN_LIMIT_S)  # fmt: skip
+                c.stream.close()  # its reader undoes the chunk, and the request's handle ends
             self._run(actions)
             for c in conns:
                 try:

@@ -145,7 +145,15 @@ class Release:
     chunks: list
 
 
-Action = SendAck | SendCancel | Finish | Place | Release
+@dataclass(frozen=True)
+class Drain:
+    """A request ended while chunks were being written into its rows: its handle ends
+    (Finish) once those writes are done, and until then its rows are not the caller's."""
+
+    request: Request
+
+
+Action = SendAck | SendCancel | Finish | Place | Release | Drain
 
 
 class Placement(enum.Enum):
@@ -491,6 +499,7 @@ class RequestTable:
         if request.writing.any():  # the handle ends once the writes under way are done
             self._move(request, State.DRAINING)
             request.ending = (state, error)
+            actions.append(Drain(request))
             return actions
         self._move(request, state)
         if request.handle is not None:
