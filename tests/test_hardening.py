@@ -177,6 +177,34 @@ def test_a_peer_over_its_parked_bound_is_slowed_alone():
         rx.close()
 
 
+def test_an_expect_wakes_the_reader_waiting_to_park_its_request():
+    """A sender's parking is full (another request of its parked first) and its next
+    request's first chunk waits for room: expect() for that request lets it in at once,
+    not at the unclaimed timeout."""
+    dst = LAYOUT.allocate(32)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, max_parked_bytes_per_peer=8192, unclaimed_timeout=30)
+    row = 2 * 64 * 2
+
+    def frame(tag, layer, tensor, start):
+        from tests import test_faults as faults
+
+        return faults.data_frame(tag, layer, tensor, start, 16, bytes([tag]) * (16 * row))
+
+    try:
+        client = WireClient(rx.address, LAYOUT)
+        client.send(client.proto.begin(2, "parked", 32) + frame(2, 0, 0, 0) + frame(2, 0, 1, 0))
+        assert wait_until(lambda: rx.census()["parked_chunks"] == 2, timeout=5)
+        rest = [frame(1, i, j, s) for i in range(3) for j in range(2) for s in (0, 16)]
+        client.send(client.proto.begin(1, "next", 32) + b"".join(rest))
+        assert wait_until(lambda: rx.stats()["parking_waits"] >= 1, timeout=5)
+        h = rx.expect("next", [4, 5], 32, deadline=10)
+        t0 = time.monotonic()
+        h.wait()
+        assert time.monotonic() - t0 < 3 and h.stats()["chunks"] == 12
+    finally:
+        rx.close()
+
+
 # -- 4. finish(timeout) and cancel never wait behind a writer blocked in the kernel ------------
 class StalledReceiver:
     """Completes the handshake over a real socket, grants a huge window, then never reads."""
