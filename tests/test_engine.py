@@ -91,6 +91,47 @@ def test_a_stream_closed_while_a_call_uses_it_keeps_its_descriptor_until_the_cal
     d.close()
 
 
+def test_a_control_frame_queued_while_another_thread_flushes_goes_out_with_that_flush():
+    """Thread A flushes the outbox; thread B queues a frame after A took its copy (B's own
+    flush finds the send lock held and leaves it to A). A must send it too: taking "frames
+    still queued" for "the socket is full" left it behind until some later write."""
+    import socket
+
+    from kvwire.transport import TcpStream
+
+    a, b = socket.socketpair()
+    stream = TcpStream(a, "pair")
+    first, second = b"A" * 32, b"B" * 32
+
+    class QueuesDuringSend:  # the stream's socket: another thread queues inside the first sendmsg
+        def __init__(self, sock) -> None:
+            self.sock, self.armed = sock, True
+
+        def sendmsg(self, *args, **kwargs):
+            if self.armed:
+                self.armed = False
+                other = threading.Thread(target=stream.send_control, args=(second,))
+                other.start()
+                other.join()
+            return self.sock.sendmsg(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    stream.sock = QueuesDuringSend(a)
+    try:
+        stream.send_control(first)
+        b.settimeout(2)
+        got = b""
+        while len(got) < 64:
+            got += b.recv(64)
+        assert got == first + second and not stream._outbox
+    finally:
+        stream.sock = a
+        stream.close()
+        b.close()
+
+
 def test_reads_without_waiting_are_refused_where_they_would_wait_or_break_records():
     """recv_nowait and wait_readable are for plain TCP in blocking mode: with a socket
     timeout Python would wait for it, and a TLS record may arrive half. Each refusal names

@@ -345,6 +345,27 @@ def test_tls_transfer_round_trip(tls_contexts):
         rx.close()
 
 
+def test_a_retired_tls_connection_lets_its_writer_go(tls_contexts):
+    """Over TLS a writer waits for chunks on a condition: retiring its connection must wake
+    it, or the thread stays blocked after the connection is closed."""
+    server, client = tls_contexts
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8), tls=server)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 8), tls=client,
+                           streams=1, max_streams=2) as tx:  # fmt: skip
+            tx._follower.stop()  # the connection count by hand from here
+            assert tx._add_connection()
+            new = tx._conns[1]
+            assert wait_until(lambda: new.waiting, timeout=5) and not new.duplex
+            tx._retire_connections(1)
+            tx._close_retired()
+            writers = [t for t in new.threads if "send" in t.name]
+            assert wait_until(lambda: not any(t.is_alive() for t in writers), timeout=5)
+            assert not new.alive
+    finally:
+        rx.close()
+
+
 def test_split_heads_over_tls_go_through_a_copy(tls_contexts):
     """Spans of the cache go to the socket through the compiled helper, which would bypass
     TLS: over TLS both sides take the staging copy, and the heads arrive exact."""

@@ -910,6 +910,7 @@ class Sender:
             newest_first = sorted(live, key=lambda c: c.opened)[1:][::-1]
             for c in newest_first[:n]:
                 c.retiring = True
+                c.wake.notify()  # a writer waiting for a chunk leaves: it takes none any more
             self._wake_writer()
 
     def _close_retired(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import select
 import socket
 import ssl
@@ -258,38 +259,46 @@ class TcpStream:
         return frames
 
     def _send_outbox_nowait(self) -> bool:
-        """(send lock held) Send what the socket takes now; keep the rest. True once empty."""
+        """(send lock held) Send what the socket takes now; keep the rest. True once empty.
+
+        Frames another thread queues meanwhile (its own flush found the lock held) are sent
+        too: only a socket that takes less than it is given stops the loop."""
         self.hold()
         try:
-            if self._tls:
-                # No MSG_DONTWAIT for SSL sockets: write only when the socket reports room,
-                # which for these frames (tens of bytes) means the write cannot block.
-                if not select.select([], [self.sock], [], 0)[1]:
+            while True:
+                if self._tls:
+                    # No MSG_DONTWAIT for SSL sockets: write only when the socket reports room,
+                    # which for these frames (tens of bytes) means the write cannot block.
+                    if not self._outbox:
+                        return True
+                    if not select.select([], [self.sock], [], 0)[1]:
+                        return False
+                    for frame in self._take_outbox():
+                        self.bytes_sent += len(frame)
+                        self.sock.sendall(frame)
+                    continue
+                with self._outbox_lock:
+                    frames = list(itertools.islice(self._outbox, IOV_MAX))
+                if not frames:
+                    return True
+                try:
+                    sent = self.sock.sendmsg([memoryview(f) for f in frames], [], socket.MSG_DONTWAIT)
+                except BlockingIOError:
                     return False
-                for frame in self._take_outbox():
-                    self.bytes_sent += len(frame)
-                    self.sock.sendall(frame)
-                return True
-            with self._outbox_lock:
-                frames = list(self._outbox)
-            if not frames:
-                return True
-            try:
-                sent = self.sock.sendmsg([memoryview(f) for f in frames[:IOV_MAX]], [], socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return False
-            self.bytes_sent += sent
-            with self._outbox_lock:
-                self._outbox_bytes -= sent
-                while sent:
-                    head = self._outbox[0]
-                    if sent >= len(head):
-                        sent -= len(head)
-                        self._outbox.popleft()
-                    else:  # a partly sent frame: its tail goes first next time
-                        self._outbox[0] = head[sent:]
-                        sent = 0
-                return not self._outbox
+                self.bytes_sent += sent
+                full = sent < sum(len(f) for f in frames)
+                with self._outbox_lock:
+                    self._outbox_bytes -= sent
+                    while sent:
+                        head = self._outbox[0]
+                        if sent >= len(head):
+                            sent -= len(head)
+                            self._outbox.popleft()
+                        else:  # a partly sent frame: its tail goes first next time
+                            self._outbox[0] = head[sent:]
+                            sent = 0
+                if full:
+                    return False
         except OSError as exc:
             self.close()
             raise PeerLost(f"connection to {self.peer} lost while sending: {exc}") from None
