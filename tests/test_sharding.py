@@ -219,6 +219,30 @@ def prefill_rank_process(model_dict, rank, size, peers, ready):
         time.sleep(600)
 
 
+def test_one_decode_rank_failing_fails_the_one_to_many_transfer_at_once():
+    """Decode rank 1 cancels while rank 0 has not even expected the request: finish() and
+    done() see rank 1's failure when it comes, not at rank 0's deadline; rank 0's part is
+    cancelled with it, and the error names decode rank 1."""
+    decode = [kvwire.Receiver(GQA8.shard(d, 2), secret=SECRET, kv_caches=GQA8.shard(d, 2).allocate(8))
+              for d in range(2)]  # fmt: skip
+    try:
+        with kvwire.ShardedSender(GQA8, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8, 8),
+                                  streams=1) as tx:  # fmt: skip
+            decode[1].expect("one", [0, 1], 20).cancel("decode rank 1 gave up")
+            t = tx.transfer("one", [2, 3], 20, deadline=30)
+            for layer in range(GQA8.num_layers):
+                t.send_layer(layer)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.Cancelled, match="decode rank 1"):
+                t.finish()
+            assert time.monotonic() - t0 < 10
+            assert t.done() and t.handles[0].done()
+            assert "decode rank 1 of the same transfer failed" in t.stats()["per_rank"][0]["error"]
+    finally:
+        for r in decode:
+            r.close()
+
+
 def test_one_prefill_rank_killed_fails_the_many_to_one_transfer_on_every_side():
     decode = GQA8.shard(0, 1)
     dst = decode.allocate(8)

@@ -271,9 +271,7 @@ class SendHandle:
         ``TransferTimeout`` (the transfer is then cancelled), ``PeerLost``, ``Cancelled``...
         """
         timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
-        missing = sorted(set(range(self._sender.layout.num_layers)) - self._sent_layers)
-        if missing and not self._done.is_set():
-            raise ValueError(f"finish: layers {missing} of {self.request_id!r} were never sent")
+        self._check_all_sent()
         remaining = self._deadline - time.monotonic()
         wait = remaining if timeout is None else min(timeout, remaining)
         if not self._done.wait(max(wait, 0)):
@@ -285,6 +283,12 @@ class SendHandle:
     def cancel(self, reason: str = "cancelled by the sender") -> None:
         """Stop sending; the receiver's handle fails with ``Cancelled``."""
         self._sender._cancel(self, reason, Cancelled)
+
+    def _check_all_sent(self) -> None:
+        """Before waiting for the acknowledgement: a layer never sent is the caller's error."""
+        missing = sorted(set(range(self._sender.layout.num_layers)) - self._sent_layers)
+        if missing and not self._done.is_set():
+            raise ValueError(f"finish: layers {missing} of {self.request_id!r} were never sent")
 
     def done(self) -> bool:
         """True once the transfer ended (acknowledged, failed or cancelled). Never blocks,

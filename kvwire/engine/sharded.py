@@ -35,7 +35,7 @@ from kvwire import scatter
 from kvwire.engine.common import check_seconds, request_arguments
 from kvwire.engine.placement import HostEncoder, RowChecksums
 from kvwire.engine.sender import Sender, SendHandle
-from kvwire.errors import TransferError
+from kvwire.errors import TransferError, TransferTimeout
 from kvwire.layout import KVLayout
 from kvwire.planning import Estimate
 from kvwire.sharding import decode_ranks_served
@@ -183,21 +183,51 @@ class ShardedTransfer:
         return self.finish(timeout)
 
     def done(self) -> bool:
-        """True once every decode rank's part ended. Never blocks, never cancels."""
+        """True once every decode rank's part ended, or one failed: the transfer fails as
+        one, so the others are cancelled then. Never blocks."""
+        if self._failed() is not None:
+            self._cancel_others()
+            return True
         return all(h.done() for h in self.handles.values())
+
+    def _failed(self) -> int | None:
+        """The first decode rank whose part failed, or None."""
+        return next((d for d, h in self.handles.items() if h.done() and h._error is not None), None)
+
+    def _cancel_others(self) -> None:
+        d = self._failed()
+        for other in self.handles.values():
+            other.cancel(f"decode rank {d} of the same transfer failed")
 
     def finish(self, timeout: float | None = None) -> dict:
         """Wait for every decode rank's acknowledgement; the statistics summed. The first
         failure cancels the others and is raised naming its decode rank."""
         timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
-        end = None if timeout is None else time.monotonic() + timeout
+        for h in self.handles.values():
+            h._check_all_sent()
+        start = time.monotonic()
+        end = None if timeout is None else start + timeout
+        # Every rank watched at once: the first failure, whichever rank, ends the wait.
+        while self._failed() is None:
+            pending = [h for h in self.handles.values() if not h.done()]
+            if not pending:
+                break
+            stop = min(h._deadline for h in pending)  # each part's own deadline, as SendHandle.finish
+            left = (stop if end is None else min(stop, end)) - time.monotonic()
+            if left <= 0:
+                break
+            pending[0]._done.wait(min(left, FINISH_POLL_S))
+        failed = self._failed()
+        order = sorted(self.handles, key=lambda d: (d != failed, d))  # the failed rank first, to name it
         results = {}
-        for d, h in self.handles.items():
+        for d in order:
+            h = self.handles[d]
             try:
-                results[d] = h.finish(None if end is None else max(end - time.monotonic(), 0.0))
+                if not h.done() and failed is None:  # its deadline, or the timeout, passed first
+                    h._sender._cancel(h, f"sender gave up after {time.monotonic() - start:.3g} s", TransferTimeout)
+                results[d] = h.finish(0)
             except TransferError as exc:
-                for other in self.handles.values():
-                    other.cancel(f"decode rank {d} of the same transfer failed")
+                self._cancel_others()
                 raise type(exc)(f"decode rank {d} ({self._owner.peers[d]}): {exc}") from exc
         return {
             "request_id": self.request_id,
@@ -240,6 +270,7 @@ class ShardedTransfer:
         return _latest(h.t_acked for h in self.handles.values())
 
 
+FINISH_POLL_S = 0.02  # finish() looks at every decode rank's part this often, for the first to fail
 SUMMED = ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")  # over the decode ranks
 
 
