@@ -20,6 +20,7 @@ from tests.helpers import (
     filled,
     receiver_process,
     sender_process,
+    wait_until,
 )
 
 LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
@@ -530,3 +531,61 @@ def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, 
     if completes:
         h.wait(timeout=10)
         assert_transferred(LAYOUT, src, blocks, rx.dst, dst_blocks, 8 * 16)
+
+
+def test_an_acknowledgement_lost_with_its_connection_is_sent_again_on_another(monkeypatch):
+    """The connection the receiver acknowledges on breaks just as the ACK goes out: the
+    ACK is sent again on another of the sender's connections, and finish() returns."""
+    from kvwire.engine import receiver as receiver_module
+    from kvwire.engine import requests
+
+    send_locked = receiver_module.Receiver._send_locked
+
+    def break_it_as_the_ack_goes(self, action):
+        if isinstance(action, requests.SendAck) and action.ok:
+            self._sessions[action.session].any_conn().stream.close()
+        send_locked(self, action)
+
+    monkeypatch.setattr(receiver_module.Receiver, "_send_locked", break_it_as_the_ack_goes)
+    dst = LAYOUT.allocate(32)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    src = filled(LAYOUT, 32, seed=3)
+    try:
+        h = rx.expect("acked", [10, 11, 12], 40)
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=4096) as tx:
+            t = tx.transfer("acked", [0, 1, 2], 40, deadline=20)
+            for layer in range(LAYOUT.num_layers):
+                t.send_layer(layer)
+            h.wait(timeout=10)
+            t0 = time.monotonic()
+            t.finish(timeout=10)
+            assert time.monotonic() - t0 < 5
+    finally:
+        rx.close()
+    assert_transferred(LAYOUT, src, [0, 1, 2], dst, [10, 11, 12], 40)
+
+
+def test_a_chunk_whose_connection_broke_inside_it_is_asked_for_on_another(rx):
+    """Chunk X is being received on connection A when its copy arrives whole on B (as a
+    sender sends again what a failing connection carried): the copy is read past as a
+    repeat. A then breaks inside X, whose rows are missing again: X is asked for on B."""
+    from kvwire.proto.frames import HEADER_SIZE
+
+    def frame(layer, tensor, start):
+        return data_frame(1, layer, tensor, start, 16, bytes([layer * 10 + tensor + 1]) * (16 * 256))
+
+    h = rx.expect("again", [4, 5], 32, deadline=20)
+    a, b = WireClient(rx.address, LAYOUT), WireClient(rx.address, LAYOUT)  # one session: one sender
+    x = frame(1, 0, 0)
+    rest = [frame(i, j, s) for i in range(3) for j in range(2) for s in (0, 16) if (i, j, s) != (1, 0, 0)]
+    a.send(a.proto.begin(1, "again", 32) + b"".join(rest) + x[: HEADER_SIZE + 1000])  # A stops inside X
+    assert wait_until(lambda: h.stats()["chunks"] == 11 and h._request.writing.any(), timeout=5)
+    b.send(b.proto.begin(1, "again", 32) + x)
+    assert wait_until(lambda: h.stats()["duplicates"] == 1, timeout=5)
+    a.close()
+    nack = nack_of(b)
+    assert (nack.tag, nack.layer, nack.tensor, nack.start, nack.count) == (1, 1, 0, 0, 16)
+    b.send(x)
+    h.wait(timeout=10)
+    assert bytes(rx.dst[1]["k"][4].view(torch.uint8).reshape(-1).numpy()) == bytes([11]) * (16 * 256)
+    b.close()

@@ -71,6 +71,7 @@ REAPER_PERIOD_S = 0.05
 # receive; one that stalls this long (a sender stopped inside a frame) has its
 # connection closed, so that wait() never returns while its rows may still be written.
 DRAIN_LIMIT_S = 2.0
+OUTCOMES_KEPT = 64  # per connection (see _RConn.outcomes)
 MAX_WINDOW_BYTES = (1 << 32) - 1  # credit returned comes in batches of a quarter window, each a 32-bit count
 # What a peer can make this side hold is bounded; these are the defaults (docs/api.md).
 DEFAULT_MAX_PENDING_CONNECTIONS = 64  # not yet authenticated: each holds a thread until its deadline
@@ -95,8 +96,8 @@ class _Session:
     parked_bytes: int = 0  # staging held by its chunks that wait for an expect
     lanes: dict = field(default_factory=dict)  # tag -> the receive lane of its bound request (kvwire/engine/lane.py)
 
-    def any_conn(self) -> _RConn | None:
-        return next((c for c in self.conns if c.alive), None)
+    def any_conn(self, besides: _RConn | None = None) -> _RConn | None:
+        return next((c for c in self.conns if c.alive and c is not besides), None)
 
     @property
     def who(self) -> str:
@@ -121,6 +122,9 @@ class _RConn:
     # path), and the lane whose claimed rows it is (the receive lane sets and clears it).
     writing_into: Any = None
     lane_claim: Any = None
+    # The last outcomes (ACK, CANCEL) sent on this connection: sent again on another of the
+    # session's if this one breaks, as the bytes may have died with it.
+    outcomes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=OUTCOMES_KEPT))
 
     @property
     def stream(self) -> ByteStream:
@@ -698,7 +702,12 @@ class Receiver:
             if conn in self._conns:
                 self._conns.remove(conn)
             session = conn.session
-            if session is None or session.any_conn() is not None:
+            other = session.any_conn() if session is not None else None
+            if other is not None:  # outcomes sent here may have died with it: the sender ignores repeats
+                for frame in conn.outcomes:
+                    other.send(frame)
+                conn.outcomes.clear()
+            if session is None or other is not None:
                 return
             self._sessions.pop(session.id, None)
             actions = self._table.session_lost(session.id, session.who)
@@ -761,6 +770,7 @@ class Receiver:
                 self._run_locked(actions)
             self._run(actions)
             if lost is not None:
+                self._ask_elsewhere(conn, header, request)
                 raise lost
             self._checksum_failed(conn, header, request)
 
@@ -829,6 +839,7 @@ class Receiver:
                 actions = self._table.unwrite(request, conn.joined.id, ref.layer, ref.tensor, ref.start, ref.count)
                 self._run_locked(actions)
             self._run(actions)
+            self._ask_elsewhere(conn, header, request)
             raise
         finally:
             conn.writing_into = None
@@ -875,6 +886,18 @@ class Receiver:
         if opened is not None:
             session.lanes[tag] = opened
             request.lanes.append(opened)
+
+    def _ask_elsewhere(self, conn: _RConn, header: Header, request: Request) -> None:
+        """A payload received in place broke off with its connection: its rows are missing
+        again. The sender sends what a lost connection carried again on its others, but a
+        copy that came while this one was still being received was read past as a repeat;
+        so the chunk is asked for on another of the sender's connections, if it has one (a
+        copy that arrives twice is read past)."""
+        with self._lock:
+            bound = request.state is requests.State.BOUND
+            other = conn.joined.any_conn(besides=conn) if bound else None
+        if other is not None:
+            other.send(other.proto.nack(header, "its connection broke inside the payload"))
 
     def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
         """Ask for a chunk again, or fail its request once too many have failed."""
@@ -1136,9 +1159,11 @@ class Receiver:
         if conn is None:
             return
         if isinstance(action, requests.SendAck):
-            conn.send(conn.proto.ack(action.tag, action.ok, action.message))
+            frame = conn.proto.ack(action.tag, action.ok, action.message)
         else:
-            conn.send(conn.proto.cancel(action.tag, action.reason))
+            frame = conn.proto.cancel(action.tag, action.reason)
+        conn.outcomes.append(frame)
+        conn.send(frame)
 
     def _run(self, actions: list) -> None:
         """The rest, in order, without the lock: chunks to place."""

@@ -219,7 +219,7 @@ class SendHandle:
         self.wire_bytes = 0
         self.chunks = 0
         self.resent_chunks = 0
-        self.nacked_chunks = 0  # chunks the receiver asked for again (a payload failed its checksum)
+        self.nacked_chunks = 0  # chunks the receiver asked for again (a payload failed its checksum, or broke off)
         self.t_created = time.monotonic()
         self.t_first_layer: float | None = None
         self.t_last_layer: float | None = None
