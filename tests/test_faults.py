@@ -589,3 +589,30 @@ def test_a_chunk_whose_connection_broke_inside_it_is_asked_for_on_another(rx):
     h.wait(timeout=10)
     assert bytes(rx.dst[1]["k"][4].view(torch.uint8).reshape(-1).numpy()) == bytes([11]) * (16 * 256)
     b.close()
+
+
+@pytest.mark.parametrize("ending", ["connections-lost", "unclaimed"])
+def test_an_expect_after_its_senders_failed_fails_at_once(ending):
+    """A request whose sender's connections were all lost, or that nobody expected in
+    time, before expect() named its destination: that expect() fails at once with the
+    same error, not at its deadline."""
+    dst = LAYOUT.allocate(32)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, unclaimed_timeout=0.3 if ending == "unclaimed" else 60)
+    rx.dst = dst  # for still_serves
+    try:
+        client = WireClient(rx.address, LAYOUT)
+        client.send(client.proto.begin(1, "gone", 32) + data_frame(1, 0, 0, 0, 16, bytes(16 * 256)))
+        assert wait_until(lambda: rx.census()["parked_chunks"] == 1, timeout=5)
+        if ending == "connections-lost":
+            client.close()
+        assert wait_until(lambda: rx.census()["requests"] == 0, timeout=5)
+        h = rx.expect("gone", [4, 5], 32, deadline=30)
+        t0 = time.monotonic()
+        with pytest.raises(kvwire.PeerLost if ending == "connections-lost" else kvwire.TransferError,
+                           match="all gone" if ending == "connections-lost" else "no expect"):  # fmt: skip
+            h.wait()
+        assert time.monotonic() - t0 < 2
+        client.close()
+        still_serves(rx, "gone")  # a new transfer of the same id is not refused for the old one
+    finally:
+        rx.close()

@@ -194,8 +194,11 @@ class RequestTable:
         self._by_id: dict[str, Request] = {}  # live requests
         self._by_tag: dict[str, dict[int, Request]] = {}  # session -> tag -> live request
         self._ended_tags: dict[str, collections.OrderedDict[int, None]] = {}
-        # request ids cancelled before the other side showed up: id -> (reason, origin)
-        self._cancelled: collections.OrderedDict[str, tuple[str, Origin]] = collections.OrderedDict()
+        # request ids cancelled before the other side showed up, or whose senders failed
+        # before an expect(): id -> (reason, origin, the error a later expect() ends with)
+        self._cancelled: collections.OrderedDict[str, tuple[str, Origin, TransferError | None]] = (
+            collections.OrderedDict()
+        )
         self.counters: collections.Counter[str] = collections.Counter(
             {
                 "completed": 0,
@@ -218,7 +221,10 @@ class RequestTable:
         remembered = self._cancelled.pop(request_id, None)
         if remembered is not None and remembered[1] is Origin.PEER:
             request = Request(request_id, num_tokens, State.EXPECTED, handle=handle, deadline=deadline)
-            error = Cancelled(f"request {request_id!r} was cancelled by the sender: {remembered[0]}")
+            reason, _, failure = remembered
+            if failure is not None:  # it failed before this expect: the same error, at once
+                return request, self._end(request, State.FAILED, type(failure)(str(failure)), Origin.PEER)
+            error = Cancelled(f"request {request_id!r} was cancelled by the sender: {reason}")
             return request, self._end(request, State.CANCELLED, error, Origin.PEER)
         if known is not None:  # ANNOUNCED: its sender came first
             known.handle, known.deadline = handle, deadline
@@ -252,6 +258,7 @@ class RequestTable:
         actions: list[Action] = []
         for r in [r for r in self._by_id.values() if r.state is State.ANNOUNCED and now - r.created > timeout]:
             error = TransferError(f"no expect() for {r.request_id!r} within {timeout:g} s")
+            self._remember_cancel(r.request_id, str(error), Origin.PEER, error)  # an expect() later fails at once
             actions += self._end(r, State.FAILED, error, Origin.LOCAL)
         return actions
 
@@ -327,6 +334,8 @@ class RequestTable:
         actions: list[Action] = []
         for request in list(self._by_tag.get(session, {}).values()):
             error = PeerLost(f"request {request.request_id!r}: the connections of {who} are all gone")
+            if request.handle is None:  # an expect() that comes later fails at once
+                self._remember_cancel(request.request_id, str(error), Origin.PEER, error)
             actions += self._end(request, State.FAILED, error, Origin.PEER, session)
         self._by_tag.pop(session, None)
         self._ended_tags.pop(session, None)
@@ -522,7 +531,9 @@ class RequestTable:
         while len(ended) > self._remembered_tags:
             ended.popitem(last=False)
 
-    def _remember_cancel(self, request_id: str, reason: str, origin: Origin) -> None:
-        self._cancelled[request_id] = (reason, origin)
+    def _remember_cancel(
+        self, request_id: str, reason: str, origin: Origin, failure: TransferError | None = None
+    ) -> None:
+        self._cancelled[request_id] = (reason, origin, failure)
         while len(self._cancelled) > self._remembered_cancels:
             self._cancelled.popitem(last=False)
