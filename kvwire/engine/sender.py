@@ -214,6 +214,7 @@ class SendHandle:
         self._deadline = deadline
         self._sent_layers: set[int] = set()
         self._done = threading.Event()
+        self._ending = threading.Lock()  # one outcome: an ACK racing a cancel or a timeout
         self._error: TransferError | None = None
         self.logical_bytes = 0
         self.wire_bytes = 0
@@ -315,11 +316,12 @@ class SendHandle:
         }
 
     def _complete(self, error: TransferError | None) -> None:
-        if self._done.is_set():
-            return
-        self._error = error
-        self.t_acked = time.monotonic()
-        self._done.set()
+        with self._ending:
+            if self._done.is_set():
+                return
+            self._error = error
+            self.t_acked = time.monotonic()
+            self._done.set()
         self._sender._forget(self)
         if error is None:
             self._sender._follower.completed(self)
@@ -698,6 +700,8 @@ class Sender:
             if refuse_if_late and plan.meets is False:
                 raise TransferWouldMissDeadline(f"transfer {request_id!r} refused: {plan.reason}", plan.estimate)
         with self._lock:
+            if self._closed:  # checked again under the lock: close() may have run meanwhile
+                raise ValueError("transfer: the sender is closed")
             if not any(c.alive for c in self._conns):
                 raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
             tag = self._next_tag
