@@ -132,6 +132,34 @@ def test_a_control_frame_queued_while_another_thread_flushes_goes_out_with_that_
         b.close()
 
 
+def test_writes_to_a_closed_peer_fail_without_a_signal():
+    """A C program that embeds kvwire keeps SIGPIPE's default action (die): every write of
+    a stream must fail with EPIPE instead. In a child with the default action restored, a
+    control frame and a data frame to a peer that closed end in PeerLost, not the signal."""
+    import subprocess
+    import sys
+
+    code = """
+import signal, socket
+from kvwire.errors import PeerLost
+from kvwire.transport import TcpStream
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+for write in ("control", "parts"):
+    a, b = socket.socketpair()
+    b.close()
+    stream = TcpStream(a, "pair")
+    try:
+        for _ in range(3):  # the first write may still find the socket open
+            stream.send_control(b"x" * 32) if write == "control" else stream.send_parts([b"y" * 4096])
+    except PeerLost:
+        pass
+    stream.close()
+print("no signal")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "no signal" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
 def test_reads_without_waiting_are_refused_where_they_would_wait_or_break_records():
     """recv_nowait and wait_readable are for plain TCP in blocking mode: with a socket
     timeout Python would wait for it, and a TLS record may arrive half. Each refusal names

@@ -31,6 +31,10 @@ TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
 # sendmsg accepts at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
+# A write to a connection the peer closed fails with EPIPE instead of raising SIGPIPE:
+# Python ignores the signal, but a C program that embeds kvwire (libkvwire.so) would die
+# of it (the compiled helper's writes pass the same flag).
+NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 WAITALL_MIN = 64 * 1024  # reads this large wait for all their bytes in one call
 # Control frames (credits, acks, cancels) are tens of bytes; this many unread means the
 # peer stopped reading long ago, and the connection is given up rather than grow forever.
@@ -282,7 +286,7 @@ class TcpStream:
                 if not frames:
                     return True
                 try:
-                    sent = self.sock.sendmsg([memoryview(f) for f in frames], [], socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg([memoryview(f) for f in frames], [], socket.MSG_DONTWAIT | NO_SIGNAL)
                 except BlockingIOError:
                     return False
                 self.bytes_sent += sent
@@ -308,7 +312,7 @@ class TcpStream:
     def _sendmsg_all(self, views: list[memoryview], nbytes: int) -> None:
         """Write ``views`` (``nbytes`` in all); usually one call writes them all."""
         while views:
-            sent = self.sock.sendmsg(views[:IOV_MAX])
+            sent = self.sock.sendmsg(views[:IOV_MAX], [], NO_SIGNAL)
             nbytes -= sent
             if not nbytes:
                 return
