@@ -15,6 +15,7 @@ pytest.importorskip(
 
 import torch  # noqa: E402
 
+import kvwire  # noqa: E402
 from kvwire.bench import vllm_engines as ve  # noqa: E402
 from kvwire.integrations.vllm import decode_params, prefill_params  # noqa: E402
 
@@ -206,6 +207,19 @@ def test_prefill_aborted_before_the_transfer_started(pair):
     assert not p.sending_done  # it never held blocks for the transfer
 
 
+def test_an_abandon_goes_out_in_a_step_without_a_forward_pass(pair):
+    """vLLM binds every step's metadata but runs no forward pass (no save hooks) when
+    nothing is scheduled: the cancel of an abandoned segment must not wait for one."""
+    from kvwire.integrations.vllm.metadata import Abandon, KvwireConnectorMetadata
+
+    p, d = pair()
+    host, port = d.worker.worker.receiver.address
+    h = d.worker.worker.receiver.expect("lonely#0", [0, 1], 20, deadline=20)
+    p.worker.worker.bind(KvwireConnectorMetadata(abandons=[Abandon("p-lonely", (host, port), [("lonely#0", 20)])]))
+    with pytest.raises(kvwire.Cancelled, match="the prefill request ended"):
+        h.wait(timeout=10)
+
+
 def test_prefill_aborted_mid_prompt_recomputes_from_the_first_missing_block(pair):
     # Chunks of 64 tokens, segments of 64: the prefill is aborted after its first chunk.
     # With kv_load_failure_policy=recompute the decode keeps segment 0 and computes the rest.
@@ -331,6 +345,53 @@ def test_prefill_and_decode_of_different_tensor_parallelism(tmp_path, prefill_tp
     finally:
         for e in engines:
             e.close()
+
+
+def test_a_decode_unlike_decode_tp_fails_the_segment_not_the_prefill_engine(tmp_path):
+    """decode_tp not said (the prefill takes its own TP, 1) while the decode runs TP 2: the
+    prefill cannot pair with it, and says so as a failed segment; its engine goes on."""
+    base = {"secret": ve.SECRET, "deadline_s": 5.0, "connections": 1}
+    listen = f"127.0.0.1:{free_port_run(2)}"
+    engines = []
+    try:
+        for r in range(2):
+            engines.append(ve.make_engine(ve.Options("kv_consumer", base | {"listen": listen}, kv_heads=4, tp_size=2,
+                                                     tp_rank=r), str(tmp_path)))  # fmt: skip
+        prefill = ve.make_engine(ve.Options("kv_producer", base, kv_heads=4), str(tmp_path))
+        engines.append(prefill)
+        prefill.add("p-x", prompt(40, seed=3), prefill_params("x", peer_of(engines[0])), max_tokens=1)
+        ve.run([prefill], prefill.idle, what="the prefill, its segment failed")
+        assert sum(s.data.get("send_failures", 0) for s in prefill.stats) == 1
+    finally:
+        for e in engines:
+            e.close()
+
+
+def test_a_segment_that_ends_as_a_layer_is_queued_does_not_fail_the_forward_pass():
+    """A reader thread may end a transfer (the decode cancelled, its deadline, a lost peer)
+    between the worker's done() and its send_layer(): that layer is simply not sent."""
+    from kvwire.integrations.vllm.worker import _Segment, _send_layer
+
+    class EndsMeanwhile:
+        ended = False
+
+        def done(self) -> bool:
+            return self.ended
+
+        def send_layer(self, index: int) -> None:
+            self.ended = True
+            raise ValueError("send_layer: transfer 'x' has already ended")
+
+    seg = _Segment("r", "x", 16, EndsMeanwhile())  # type: ignore[arg-type]
+    _send_layer(seg, 0)
+    assert seg.layers_sent == {0}
+
+    class Open(EndsMeanwhile):
+        def send_layer(self, index: int) -> None:
+            raise ValueError("layer: 9 out of range for 3 layers")
+
+    with pytest.raises(ValueError, match="out of range"):  # a real mistake still says so
+        _send_layer(_Segment("r", "y", 16, Open()), 9)  # type: ignore[arg-type]
 
 
 def test_prefill_killed_mid_transfer(pair, tmp_path):

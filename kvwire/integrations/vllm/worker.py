@@ -116,6 +116,20 @@ class _Segment:
         return self.handle is None or self.handle.done()
 
 
+def _send_layer(seg: _Segment, index: int) -> None:
+    """Queue layer ``index`` of an open segment. One that ended since it was looked at (a
+    reader thread saw a cancel, its deadline or a lost peer) takes no more layers: its
+    ValueError must not reach vLLM's forward pass."""
+    handle = seg.handle
+    assert handle is not None
+    try:
+        handle.send_layer(index)  # type: ignore[union-attr]
+    except ValueError:
+        if not handle.done():
+            raise
+    seg.layers_sent.add(index)
+
+
 class WorkerSide:
     def __init__(self, settings: Settings, *, producer: bool, consumer: bool, tp_size: int, tp_rank: int,
                  mla: bool, head_size_v: int | None, num_blocks: int, kv_heads: int | None = None) -> None:  # fmt: skip
@@ -202,6 +216,10 @@ class WorkerSide:
     def bind(self, meta: KvwireConnectorMetadata) -> None:
         self._meta = meta
         self._opened = False
+        # Now, not with the step's segments: a step without a forward pass (nothing
+        # scheduled but the abort) never reaches save_kv_layer or wait_for_save.
+        for a in meta.abandons:
+            self._abandon(a)
 
     def _open_step(self) -> None:
         """Open this step's segments (once): one kvwire transfer each, to the paired rank."""
@@ -221,14 +239,13 @@ class WorkerSide:
                 ids = self.caches.block_ids(s.block_ids, s.num_tokens)
                 seg.handle = tx.transfer(s.wire_id, ids, s.num_tokens, deadline=self.settings.deadline_s)
                 self._step.append(seg)
-            except (kvwire.KvwireError, OSError) as exc:
+            except (kvwire.KvwireError, OSError, ValueError) as exc:  # ValueError: a decode not as configured
+                # (its ranks are not those decode_tp says): this segment fails, never the engine's step
                 failed[s.peer] = str(exc)
                 seg.error = str(exc)
                 self._stats["send_failures"] += 1
                 log.warning("segment %s not sent: %s", s.wire_id, exc)
             self._outgoing[s.req_id].append(seg)
-        for a in meta.abandons:
-            self._abandon(a)
 
     def _abandon(self, a) -> None:
         """Tell the decode that these segments will never come (the prefill request ended)."""
@@ -253,8 +270,7 @@ class WorkerSide:
             return  # a layer that shares another layer's cache
         for seg in self._step:
             if index not in seg.layers_sent and seg.handle is not None and not seg.handle.done():
-                seg.handle.send_layer(index)  # type: ignore[union-attr]
-                seg.layers_sent.add(index)
+                _send_layer(seg, index)
 
     def wait_for_save(self) -> None:
         self._open_step()
@@ -264,8 +280,7 @@ class WorkerSide:
                 continue
             for i in range(self.caches.layout.num_layers):
                 if i not in seg.layers_sent:
-                    seg.handle.send_layer(i)  # type: ignore[union-attr]
-                    seg.layers_sent.add(i)
+                    _send_layer(seg, i)
         self._step = []
 
     def handle_preemptions(self, meta: KvwireConnectorMetadata) -> None:
