@@ -1190,12 +1190,15 @@ class Receiver:
         self._expire(handle)
         # It may have completed meanwhile; or it ended with payloads still being received into
         # its rows, which are not the caller's before those end (DRAIN_LIMIT_S bounds them).
+        give_up = time.monotonic() + DRAIN_LIMIT_S + 5.0  # a bug must not make wait() hang for good
         with self._lock:
-            while not handle._finished and not ready():
+            while not handle._finished and not ready() and time.monotonic() < give_up:
                 self._cond.wait(REAPER_PERIOD_S)
         if handle._error is not None:
             raise handle._error
         if not ready():  # cannot happen: a request that ends without an error is complete
+            log.error("request %r: its writes did not end %.3g s after its deadline", handle.request_id,
+                      DRAIN_LIMIT_S + 5.0)  # fmt: skip
             raise TransferTimeout(f"request {handle.request_id!r}: deadline passed")
 
     def _stalled_writers_locked(self, now: float) -> list[tuple[_RConn, str]]:
@@ -1206,6 +1209,8 @@ class Receiver:
             return []
         found = []
         for c in self._conns:
+            if c.stream.closed:
+                continue  # closed at an earlier pass: its reader is on its way out
             lane_of = c.lane_claim
             request = c.writing_into if c.writing_into is not None else getattr(lane_of, "request", None)
             if request is not None and id(request) in late and late[id(request)] is request:
