@@ -1209,7 +1209,7 @@ class Receiver:
             return []
         found = []
         for c in self._conns:
-            if c.stream.closed:
+            if getattr(c.stream, "closed", False):
                 continue  # closed at an earlier pass: its reader is on its way out
             lane_of = c.lane_claim
             request = c.writing_into if c.writing_into is not None else getattr(lane_of, "request", None)
