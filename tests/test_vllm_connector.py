@@ -182,6 +182,19 @@ def test_decode_aborted_before_the_transfer_started(pair):
     assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
 
 
+def test_decode_aborted_while_queued_for_blocks_declines_its_segments(pair):
+    """Aborted before vLLM gave it blocks (nothing expected yet): its segments are declined,
+    so the prefill releases its blocks at once instead of at deadline_s."""
+    p, d = pair()
+    tokens = prompt(70, seed=6)
+    d.add("d-q", tokens, decode_params("q"), max_tokens=3)
+    d.abort("d-q")  # before any step: still waiting for blocks
+    p.add("p-q", tokens, prefill_params("q", peer_of(d)), max_tokens=1)
+    ve.run([p, d], both_idle(p, d), timeout=20, what="the prefill releasing its blocks")
+    assert p.sending_done == ["p-q"]
+    assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
+
+
 def test_decode_aborted_after_the_transfer_started(pair):
     p, d = pair()
     tokens = prompt(70, seed=4)

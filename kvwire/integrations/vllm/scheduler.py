@@ -148,10 +148,16 @@ class SchedulerSide:
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         req_id = request.request_id
+        handled = req_id in self._handled
         self._handled.discard(req_id)
         if req_id in self._receiving:  # aborted while its KV was on the way: stop receiving
             self._receiving.discard(req_id)
             self._meta.cancel_receives.append(req_id)
+        elif not handled and (tid := self._remote_prefill(request)) is not None:
+            # Aborted while still queued for blocks: nothing was expected, so its segments
+            # would park here until deadline_s (and hold the prefill's blocks); declined now.
+            n = len(segments(request.num_prompt_tokens, self.settings.segment_tokens))
+            self._meta.declines += [segment_id(tid, k) for k in range(n)]
         out = self._outgoing.pop(req_id, None) or self._outgoing_of(request)  # (ended before it was scheduled)
         if out is None:
             return False, None
