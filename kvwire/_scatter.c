@@ -1027,7 +1027,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         if (claimed > 0 && (add_to(counters, "frames", 1, 1) < 0 || add_to(counters, "lane_frames", 1, 1) < 0 ||
                             add_to(counters, "wire_bytes", d.length, 1) < 0))
             counted = -1;
-        int released = claimed < 0 || counted < 0 ? release_keeping_error(lock) : call_lock(lock, "release");
+        int released = release_keeping_error(lock); /* an error of the claim or the count stays the one raised */
         if (claimed > 0 && (released < 0 || counted < 0)) {
             PyBuffer_Release(&table);
             result = lane_failed(lane, received, owed);
@@ -1079,7 +1079,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         if (done) writing[d.layer] -= 1;
         PyBuffer_Release(&table);
         mark_claim(conn, Py_None); /* received: the rows take no more bytes from this stream */
-        released = rc < 0 ? release_keeping_error(lock) : call_lock(lock, "release");
+        released = release_keeping_error(lock);
         if (rc < 0 || (released < 0 && !done)) {
             result = lane_failed(lane, received, owed);
             goto out;
@@ -2303,8 +2303,8 @@ static PyMethodDef methods[] = {
     {"hardware", py_hardware, METH_NOARGS, "hardware() -> whether CRC32C runs on the CPU's instruction."},
     {"rows", py_rows, METH_VARARGS, "rows(out, ids, address, ...) -> spans written into out (see the source)."},
     {"lane_recv", py_lane_recv, METH_VARARGS,
-     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None) -> (status, lane, "
-     "received, owed, error): the receive lane (see the source)."},
+     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None, conn=None) -> (status, "
+     "lane, received, owed, error): the receive lane (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,6 +4,7 @@ wrong on it, is handled as Python handles it: a repeat read past, an overlap or 
 out of bounds refused, a corrupted payload asked for again, a broken stream failing the
 request, with nothing written outside the request's rows."""
 
+import threading
 import time
 
 import pytest
@@ -387,7 +388,6 @@ def test_a_python_error_inside_the_lane_undoes_the_claim_and_fails_the_request(r
 
 def test_a_python_error_in_the_lane_is_raised_as_itself_with_the_lock_released():
     import socket
-    import threading
 
     class NoTable:  # a lane without its table: a bug the lane meets under the receiver's lock
         pass
@@ -410,7 +410,7 @@ class _QueuesWhileHeld:
     another thread's ``send_control`` had found the lock held meanwhile."""
 
     def __init__(self, stream, frame: bytes) -> None:
-        self.stream, self.frame, self.inner = stream, frame, __import__("threading").Lock()
+        self.stream, self.frame, self.inner = stream, frame, threading.Lock()
 
     def acquire(self, blocking=True, timeout=-1):
         return self.inner.acquire(blocking, timeout)

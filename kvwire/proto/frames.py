@@ -92,7 +92,7 @@ class FrameType(enum.IntEnum):
     ACK = 8  # server -> client: request complete (flags 0) or failed (flags = AckStatus)
     CANCEL = 9  # either way: a request is cancelled
     CREDIT = 10  # server -> client: ``start`` more payload bytes may be sent on this connection
-    NACK = 11  # server -> client: a DATA payload failed its checksum; send that chunk again
+    NACK = 11  # server -> client: a DATA payload failed its checksum or broke off; send that chunk again
 
 
 # Frame types by code: a dict lookup, where calling the enum costs a microsecond a frame.
