@@ -262,6 +262,54 @@ def test_decode_that_never_expects_releases_the_prefill_within_its_deadline(pair
     assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
 
 
+def test_a_prefill_engine_with_nothing_scheduled_keeps_stepping_until_its_kv_is_acknowledged(pair):
+    """vLLM steps an engine only while ``Scheduler.has_requests()``; its blocks are freed
+    by a step's ``get_finished``. A finished prefill whose KV is not yet acknowledged must
+    keep it stepping, or the blocks stay held until new traffic comes. vLLM 0.33 counts
+    such requests itself (``has_finished_requests``); the connector relies on that."""
+    p, d = pair()
+    tokens = prompt(40, seed=9)
+    p.add("p-g", tokens, prefill_params("g", peer_of(d)), max_tokens=1)
+    ve.run([p], lambda: "p-g" in p.finished, timeout=20, what="the prefill finishing")
+    assert not p.sending_done and p.scheduler.get_num_unfinished_requests() == 0
+    assert p.scheduler.has_requests(), "vLLM would stop stepping an engine that still holds blocks for kvwire"
+    checked: dict = {}
+    d.on_recving = check_on_receive(checked, {"d-g": tokens})
+    d.add("d-g", tokens, decode_params("g"), max_tokens=3)
+    ve.run([p, d], lambda: p.sending_done == ["p-g"], timeout=20, what="the acknowledgement")
+    ve.run([p, d], both_idle(p, d), timeout=20, what="every block released")
+    assert not p.scheduler.has_requests() and checked == {"d-g": True}
+
+
+@pytest.mark.parametrize("connect_timeout_s,deadline_s", [(2.0, 30.0), (30.0, 2.0)], ids=["connect", "deadline"])
+def test_a_decode_that_never_answers_stalls_no_forward_pass(pair, connect_timeout_s, deadline_s):
+    """The kernel accepts the connections of a decode that never answers its handshake:
+    the prefill connects in a thread of its own, so its steps go on at their pace; the
+    segment fails once ``connect_timeout_s`` or its deadline has passed, whichever comes
+    first, and its blocks are released."""
+    import socket
+    import time
+
+    silent = socket.create_server(("127.0.0.1", 0))  # listening, never accepting
+    try:
+        p, _ = pair(prefill_extra={"connect_timeout_s": connect_timeout_s, "deadline_s": deadline_s})
+        host, port = silent.getsockname()
+        p.add("p-s", prompt(40, seed=10), prefill_params("s", f"{host}:{port}"), max_tokens=1)
+        t0, slowest = time.monotonic(), 0.0
+        while not p.idle():
+            assert time.monotonic() - t0 < 20, "the prefill did not release its blocks"
+            t = time.monotonic()
+            p.step()
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.003)
+        assert slowest < 1.0, f"a step took {slowest:.2f} s: the connection was made in the forward pass"
+        assert time.monotonic() - t0 >= 2.0  # it did wait for the connection
+        assert p.sending_done == ["p-s"]
+        assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
+    finally:
+        silent.close()
+
+
 def test_wrong_secret_fails_both_sides_within_the_deadline(pair):
     p, d = pair(decode_extra=FAST, prefill_extra=FAST | {"secret": "not-the-decode-secret"})
     tokens = prompt(50, seed=8)
@@ -290,12 +338,14 @@ def test_mismatches_are_refused_at_the_handshake_naming_them(pair, prefill_extra
     import kvwire
 
     p, d = pair(prefill_extra=prefill_extra, **prefill_kw)
-    host, port = d.worker.worker.receiver.address
+    peer = d.worker.worker.receiver.address
+    p.worker.worker._connect(peer)  # as a segment for a new decode starts it
     with pytest.raises(kvwire.LayoutMismatch, match=message):
-        p.worker.worker._sender((host, port))
+        p.worker.worker._connects[peer].result(timeout=10)
     # A request over that pairing fails fast on the prefill and releases its blocks.
     p.add("p-h", prompt(20, seed=9), prefill_params("h", peer_of(d)), max_tokens=1)
     ve.run([p], lambda: p.idle(), timeout=20, what="the prefill releasing its blocks")
+    assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
 
 
 def free_port_run(n: int) -> int:

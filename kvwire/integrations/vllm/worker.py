@@ -11,7 +11,9 @@ Prefill: the segments planned for this step are opened at the first ``save_kv_la
 each layer goes on the wire as soon as vLLM saves it; ``wait_for_save`` sends any layer
 that was not saved through the hook (a layer skipped by a CUDA-graph replay, say).
 Completion is polled with ``done()``, never with a short ``finish(timeout)`` (which
-cancels).
+cancels). Connections to a decode are made by a thread of their own, never in the
+forward pass: a segment for a decode not yet connected waits (its blocks are held) and
+goes out, every layer saved so far, at the first hook after the connection is made.
 
 Decode: one :class:`kvwire.Receiver` per worker, listening on ``PORT + tensor-parallel
 rank``; ``start_load_kv`` expects the planned segments into the blocks vLLM allocated.
@@ -23,6 +25,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +34,7 @@ import kvwire
 import kvwire.codec
 from kvwire.integrations.vllm.config import PROTOCOL, Settings
 from kvwire.integrations.vllm.metadata import KvwireConnectorMetadata
+from kvwire.threads import Thread
 
 log = logging.getLogger("kvwire.vllm")
 
@@ -111,8 +115,16 @@ class _Segment:
     block_ids: list[int] = field(default_factory=list)  # vLLM ids (the decode reports them on failure)
     layers_sent: set = field(default_factory=set)
     deadline: float = 0.0
+    # A prefill segment whose decode is being connected: kvwire block ids to open it on,
+    # and the layers vLLM saved meanwhile (all of them once its step ended).
+    peer: tuple[str, int] | None = None
+    connecting: bool = False
+    send_blocks: list[int] = field(default_factory=list)
+    layers_saved: set = field(default_factory=set)
 
     def done(self) -> bool:
+        if self.connecting:
+            return False
         return self.handle is None or self.handle.done()
 
 
@@ -141,6 +153,12 @@ class WorkerSide:
         self.caches: CacheViews | None = None
         self.receiver: kvwire.Receiver | None = None
         self._senders: dict[tuple[str, int], kvwire.ShardedSender] = {}
+        # Decodes being connected (by a thread each), with what waits for them: segments to
+        # open and (wire id, tokens, reason) to cancel on the wire once connected.
+        self._connects: dict[tuple[str, int], Future] = {}
+        self._waiting: dict[tuple[str, int], list[_Segment]] = defaultdict(list)
+        self._cancels_waiting: dict[tuple[str, int], list[tuple[str, int, str]]] = defaultdict(list)
+        self._closed = False
         self._lock = threading.Lock()
         self._meta: KvwireConnectorMetadata | None = None
         self._step: list[_Segment] = []  # prefill segments opened this step
@@ -186,32 +204,110 @@ class WorkerSide:
         return None
 
     # -- prefill -----------------------------------------------------------------------------
-    def _sender(self, peer: tuple[str, int], checked: dict | None = None) -> kvwire.ShardedSender:
+    def _ready_sender(self, peer: tuple[str, int], checked: dict | None = None) -> kvwire.ShardedSender | None:
         """This rank's sender to the decode instance at ``peer`` (its rank d listens on
-        ``PORT + d``): connected to every decode rank this rank sends heads to; a new one
-        if every connection of one of them died. ``checked`` caches the answer for the
-        rest of a step."""
+        ``PORT + d``), connected to every decode rank this rank sends heads to; None while
+        it is being connected (a new decode, or every connection of one of its ranks
+        died), which this starts. ``checked`` caches the answer for the rest of a step."""
         if checked is not None and peer in checked:
             return checked[peer]
         tx = self._senders.get(peer)
-        if tx is not None and all(s.stats()["alive_streams"] for s in tx.senders.values()):
-            if checked is not None:
-                checked[peer] = tx
-            return tx
-        if tx is not None:
+        if tx is not None and not all(s.stats()["alive_streams"] for s in tx.senders.values()):
+            del self._senders[peer]
             tx.close()
-        assert self.caches is not None
-        decode_tp = self.settings.decode_tp or self.tp_size
-        tx = kvwire.ShardedSender(
-            self.caches.layout, [(peer[0], peer[1] + d) for d in range(decode_tp)], secret=self.settings.secret,
-            kv_caches=self.caches.views, streams=self.settings.connections, codec=self.settings.codec,
-            exact_tokens=self.settings.exact_tokens, staging_bytes=(self.settings.staging_mib or 64) << 20,
-            tls=self.settings.client_tls(), connect_timeout=self.settings.connect_timeout_s, terms=self.terms(),
-        )  # fmt: skip
-        self._senders[peer] = tx
+            tx = None
+        if tx is None:
+            self._connect(peer)
         if checked is not None:
             checked[peer] = tx
         return tx
+
+    def _connect(self, peer: tuple[str, int]) -> None:
+        """Connect to the decode at ``peer`` in a thread of its own (once at a time): a
+        decode that accepts but never answers costs ``connect_timeout_s`` there, not in
+        vLLM's forward pass. :meth:`_poll_connects` takes the result."""
+        if peer in self._connects:
+            return
+        assert self.caches is not None
+        caches, settings, terms = self.caches, self.settings, self.terms()
+        decode_tp = settings.decode_tp or self.tp_size
+        future: Future = Future()
+
+        def connect() -> None:
+            try:
+                tx = kvwire.ShardedSender(
+                    caches.layout, [(peer[0], peer[1] + d) for d in range(decode_tp)], secret=settings.secret,
+                    kv_caches=caches.views, streams=settings.connections, codec=settings.codec,
+                    exact_tokens=settings.exact_tokens, staging_bytes=(settings.staging_mib or 64) << 20,
+                    tls=settings.client_tls(), connect_timeout=settings.connect_timeout_s, terms=terms,
+                )  # fmt: skip
+            except Exception as exc:  # every failure reaches the segments that wait for it
+                future.set_exception(exc)
+                return
+            with self._lock:
+                closed = self._closed
+                cancels = [] if closed else self._cancels_waiting.pop(peer, [])
+            if closed:
+                tx.close()
+                future.set_exception(kvwire.Cancelled("the connector shut down"))
+                return
+            for wire_id, num_tokens, reason in cancels:  # now: they need no forward pass (nor its blocks)
+                self._cancel_on(tx, wire_id, num_tokens, reason)
+            future.set_result(tx)
+
+        self._connects[peer] = future
+        Thread(connect, f"kvwire-connect-{peer[1]}").start()
+
+    def _poll_connects(self) -> None:
+        """Take the connections made since the last hook: open the segments that waited
+        for them (sending every layer saved meanwhile) and send the cancels; fail them if
+        the connection could not be made."""
+        for peer, future in list(self._connects.items()):
+            if not future.done():
+                continue
+            del self._connects[peer]
+            with self._lock:
+                cancels = self._cancels_waiting.pop(peer, [])
+            segs = self._waiting.pop(peer, [])
+            try:
+                tx = future.result()
+            except Exception as exc:
+                for seg in segs:
+                    self._fail_waiting(seg, f"could not connect to the decode at {peer[0]}:{peer[1]}: {exc}")
+                if cancels:
+                    log.info("could not tell the decode at %s:%d that %d segments were abandoned: %s", *peer,
+                             len(cancels), exc)  # fmt: skip
+                continue
+            self._senders[peer] = tx
+            for seg in segs:
+                self._open_waiting(tx, seg)
+            for wire_id, num_tokens, reason in cancels:
+                self._cancel_on(tx, wire_id, num_tokens, reason)
+
+    def _open_waiting(self, tx: kvwire.ShardedSender, seg: _Segment) -> None:
+        if not seg.connecting:
+            return  # failed meanwhile (its deadline, a preemption)
+        seg.connecting = False
+        try:
+            left = seg.deadline - time.monotonic()
+            if left <= 0:
+                raise kvwire.TransferTimeout(f"deadline of {self.settings.deadline_s:g} s passed while connecting")
+            seg.handle = tx.transfer(seg.wire_id, seg.send_blocks, seg.num_tokens, deadline=left)
+            for i in sorted(seg.layers_saved):
+                _send_layer(seg, i)
+        except (kvwire.KvwireError, OSError, ValueError) as exc:
+            seg.error = str(exc)
+            self._stats["send_failures"] += 1
+            log.warning("segment %s not sent: %s", seg.wire_id, exc)
+
+    def _fail_waiting(self, seg: _Segment, reason: str) -> None:
+        """A segment that waited for its connection will not be sent."""
+        if not seg.connecting:
+            return
+        seg.connecting = False
+        seg.error = reason
+        self._stats["send_failures"] += 1
+        log.warning("segment %s not sent: %s", seg.wire_id, reason)
 
     def bind(self, meta: KvwireConnectorMetadata) -> None:
         self._meta = meta
@@ -228,19 +324,23 @@ class WorkerSide:
         self._opened = True
         meta = self._meta
         failed: dict[tuple[str, int], str] = {}
-        checked: dict[tuple[str, int], kvwire.Sender] = {}
+        checked: dict[tuple[str, int], kvwire.ShardedSender | None] = {}
+        self._poll_connects()
         for s in meta.sends:
             deadline = time.monotonic() + self.settings.deadline_s
-            seg = _Segment(s.req_id, s.wire_id, s.num_tokens, None, deadline=deadline)
+            seg = _Segment(s.req_id, s.wire_id, s.num_tokens, None, deadline=deadline, peer=s.peer)
             try:
                 if s.peer in failed:
                     raise kvwire.PeerLost(failed[s.peer])
-                tx = self._sender(s.peer, checked)
                 ids = self.caches.block_ids(s.block_ids, s.num_tokens)
-                seg.handle = tx.transfer(s.wire_id, ids, s.num_tokens, deadline=self.settings.deadline_s)
+                tx = self._ready_sender(s.peer, checked)
+                if tx is None:  # sent once connected (_poll_connects)
+                    seg.connecting, seg.send_blocks = True, ids
+                    self._waiting[s.peer].append(seg)
+                else:
+                    seg.handle = tx.transfer(s.wire_id, ids, s.num_tokens, deadline=self.settings.deadline_s)
                 self._step.append(seg)
-            except (kvwire.KvwireError, OSError, ValueError) as exc:  # ValueError: a decode not as configured
-                # (its ranks are not those decode_tp says): this segment fails, never the engine's step
+            except (kvwire.KvwireError, OSError, ValueError) as exc:  # this segment fails, never the engine's step
                 failed[s.peer] = str(exc)
                 seg.error = str(exc)
                 self._stats["send_failures"] += 1
@@ -249,16 +349,27 @@ class WorkerSide:
 
     def _abandon(self, a) -> None:
         """Tell the decode that these segments will never come (the prefill request ended)."""
+        reason = "the prefill request ended before this segment was computed"
+        tx = self._ready_sender(a.peer)
+        for wire_id, num_tokens in a.segments:
+            if tx is None:
+                self._cancel_when_connected(a.peer, wire_id, num_tokens, reason)
+            else:
+                self._cancel_on(tx, wire_id, num_tokens, reason)
+
+    def _cancel_when_connected(self, peer: tuple[str, int], wire_id: str, num_tokens: int, reason: str) -> None:
+        """(a connection to ``peer`` is being made) Cancel ``wire_id`` once it is."""
+        with self._lock:
+            self._cancels_waiting[peer].append((wire_id, num_tokens, reason))
+
+    def _cancel_on(self, tx: kvwire.ShardedSender, wire_id: str, num_tokens: int, reason: str) -> None:
+        """Cancel segment ``wire_id`` on the wire: the decode stops waiting for it."""
         assert self.caches is not None
+        blocks = list(range(-(-num_tokens // self.caches.layout.block_size)))  # never read: cancelled first
         try:
-            tx = self._sender(a.peer)
-            for wire_id, num_tokens in a.segments:
-                blocks = list(range(-(-num_tokens // self.caches.layout.block_size)))  # never read: cancelled first
-                tx.transfer(wire_id, blocks, num_tokens, deadline=self.settings.deadline_s).cancel(
-                    "the prefill request ended before this segment was computed"
-                )
+            tx.transfer(wire_id, blocks, num_tokens, deadline=self.settings.deadline_s).cancel(reason)
         except (kvwire.KvwireError, OSError, ValueError) as exc:
-            log.info("could not tell the decode that %s was abandoned: %s", a.req_id, exc)
+            log.info("could not tell the decode that %s will not come: %s", wire_id, exc)
 
     def save_layer(self, layer_name: str) -> None:
         if not self._opened:
@@ -268,15 +379,26 @@ class WorkerSide:
         index = self.caches.layer_index.get(layer_name)
         if index is None:
             return  # a layer that shares another layer's cache
+        if self._connects:
+            self._poll_connects()
         for seg in self._step:
-            if index not in seg.layers_sent and seg.handle is not None and not seg.handle.done():
+            if seg.connecting:
+                seg.layers_saved.add(index)
+            elif index not in seg.layers_sent and seg.handle is not None and not seg.handle.done():
                 _send_layer(seg, index)
 
     def wait_for_save(self) -> None:
         self._open_step()
         assert self.caches is not None or not self._step
+        if self._connects:
+            self._poll_connects()
         for seg in self._step:
-            if seg.handle is None or seg.handle.done() or self.caches is None:
+            if self.caches is None:
+                continue
+            if seg.connecting:
+                seg.layers_saved = set(range(self.caches.layout.num_layers))
+                continue
+            if seg.handle is None or seg.handle.done():
                 continue
             for i in range(self.caches.layout.num_layers):
                 if i not in seg.layers_sent:
@@ -288,15 +410,26 @@ class WorkerSide:
         longer reads them, so the next forward cannot overwrite bytes still on their way."""
         for req_id in meta.preempted:
             for seg in self._outgoing.get(req_id, ()):
+                if seg.connecting and seg.peer is not None:  # nothing read its blocks yet; the decode is told
+                    self._fail_waiting(seg, "the prefill request was preempted before its decode was connected")
+                    self._cancel_when_connected(seg.peer, seg.wire_id, seg.num_tokens, seg.error or "")
                 while not seg.done() and time.monotonic() < seg.deadline:
                     time.sleep(POLL_S)
                 self._expire(seg)
 
     def _expire(self, seg: _Segment) -> None:
-        if not seg.done() and time.monotonic() >= seg.deadline:
-            seg.handle.cancel(f"deadline of {self.settings.deadline_s:g} s passed")  # type: ignore[union-attr]
+        if seg.done() or time.monotonic() < seg.deadline:
+            return
+        reason = f"deadline of {self.settings.deadline_s:g} s passed"
+        if seg.connecting and seg.peer is not None:
+            self._fail_waiting(seg, reason + " while connecting to its decode")
+            self._cancel_when_connected(seg.peer, seg.wire_id, seg.num_tokens, reason)
+        else:
+            seg.handle.cancel(reason)  # type: ignore[union-attr]
 
     def finished_sending(self, finished_req_ids: set[str]) -> set[str]:
+        if self._connects:
+            self._poll_connects()
         self._finished_prefills |= finished_req_ids & set(self._outgoing)
         done = set()
         for req_id in list(self._finished_prefills):
@@ -408,6 +541,11 @@ class WorkerSide:
         return dict(stats)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True  # a connection made from now on is closed by its thread
+        for future in self._connects.values():
+            future.add_done_callback(lambda f: f.exception() is None and f.result().close())
+        self._connects.clear()
         for tx in self._senders.values():
             tx.close()
         self._senders.clear()
