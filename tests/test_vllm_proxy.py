@@ -92,6 +92,96 @@ def test_router_streams_the_decode_answer(routed):
     assert status == 200 and data.count(b"data:") == 4 and data.endswith(b"data: [DONE]\n\n")
 
 
+def waiting_decode(seen: list, dropped: threading.Event):
+    """A decode that, asked with do_remote_prefill, begins its answer and then waits for
+    KV that never comes until its client leaves; asked without, answers at once."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            if (body.get("kv_transfer_params") or {}).get("do_remote_prefill"):
+                self.send_response(200)  # vLLM's streaming answer begins before the KV is in
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.flush()
+                self.connection.settimeout(20)
+                if self.rfile.read(1) == b"":  # the router closed the request
+                    dropped.set()
+                self.close_connection = True
+                return
+            data = json.dumps({"from": "decode", "computed here": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def failing_prefill(seen: list):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            threading.Event().wait(0.2)  # the decode request is on its way meanwhile
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("prefill", ["error status", "unreachable"])
+def test_a_failed_prefill_makes_the_decode_compute_the_prompt(prefill):
+    """Without the prefill's KV the decode would wait until its deadline: the router drops
+    that request and asks again without kv_transfer_params; the client gets one answer."""
+    import socket
+    import time
+
+    pre_seen, dec_seen, dropped = [], [], threading.Event()
+    dec = waiting_decode(dec_seen, dropped)
+    servers = [dec]
+    if prefill == "unreachable":
+        with socket.create_server(("127.0.0.1", 0)) as s:
+            pre_url = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
+    else:
+        pre = failing_prefill(pre_seen)
+        servers.append(pre)
+        pre_url = f"http://127.0.0.1:{pre.server_port}"
+    router = proxy.Router(pre_url, f"http://127.0.0.1:{dec.server_port}", "10.0.0.2:7600")
+    server = proxy.serve(router, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        status, data = post(server.server_port, "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 4})
+        assert status == 200 and json.loads(data) == {"from": "decode", "computed here": True}
+        assert time.monotonic() - t0 < 5
+        assert dropped.wait(5), "the decode request waiting for the KV was not dropped"
+        (_, first), (_, second) = dec_seen
+        assert first["kv_transfer_params"]["do_remote_prefill"] and "kv_transfer_params" not in second
+        assert second["max_tokens"] == 4 and second["prompt"] == "x"
+        assert len(pre_seen) == (1 if prefill == "error status" else 0)
+    finally:
+        for s in [server, *servers]:
+            s.shutdown()
+
+
 def test_router_refuses_what_it_cannot_route(routed):
     port, _, dec_seen = routed
     assert post(port, "/v1/embeddings", {})[0] == 404

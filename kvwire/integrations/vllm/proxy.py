@@ -10,7 +10,13 @@ For every request it makes a transfer id and sends, concurrently,
   true, "kvwire_transfer_id": ID}``, whose answer (streamed or not) goes back to the client.
 
 The prefill streams the KV to the decode layer by layer while it computes; the decode
-waits for it, then generates. Standard library only: it runs where vLLM is not installed.
+waits for it, then generates. When the prefill fails (an error status, or no answer) the
+decode would wait for KV that never comes, until its ``deadline_s``: the router drops
+that decode request (vLLM aborts a request whose client disconnects, and the connector
+releases its blocks) and asks the decode again without ``kv_transfer_params``, so that
+it computes the prompt itself; the client sees one answer. Once the decode's answer has
+begun to reach the client, a prefill failure changes nothing. Standard library only: it
+runs where vLLM is not installed.
 
     python -m kvwire.integrations.vllm.proxy --port 8000 \\
         --prefill http://prefill-host:8100 --decode http://decode-host:8200 \\
@@ -23,6 +29,7 @@ import argparse
 import http.client
 import json
 import logging
+import socket
 import sys
 import threading
 import urllib.parse
@@ -67,18 +74,64 @@ class Router:
         dec = dict(body, kv_transfer_params=decode_params(tid))
         return tid, pre, dec
 
-    def run_prefill(self, path: str, body: dict, headers: dict) -> None:
+    def run_prefill(self, path: str, body: dict, headers: dict, exchange: _Exchange | None = None) -> None:
+        """Send the prefill its request; a failure ends ``exchange``'s wait for the KV."""
+        tid = body["kv_transfer_params"]["kvwire_transfer_id"]
         conn = self.prefill.connect()
+        failure = None
         try:
             conn.request("POST", path, json.dumps(body), headers)
             resp = conn.getresponse()
             resp.read()
             if resp.status != 200:
-                log.warning("prefill answered %d for %s", resp.status, body["kv_transfer_params"]["kvwire_transfer_id"])
-        except OSError as exc:
-            log.warning("prefill request failed: %s", exc)
+                failure = f"the prefill answered {resp.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            failure = f"the prefill request failed: {exc}"
         finally:
             conn.close()
+        if failure is not None:
+            redone = exchange is not None and exchange.prefill_failed()
+            log.warning("%s for %s%s", failure, tid, "; the decode computes the prompt itself" if redone else "")
+
+
+class _Exchange:
+    """One client request's decode side, as far as a failed prefill concerns it: the
+    decode connection that waits for the KV can be dropped until its answer has begun to
+    reach the client (``commit``), and not after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self._committed = False
+        self.failed = False  # the prefill failed: the decode must compute the prompt itself
+
+    def waiting_on(self, conn: http.client.HTTPConnection) -> bool:
+        """The decode request on ``conn`` waits for the prefill's KV; False if the prefill
+        already failed (then ask without it)."""
+        with self._lock:
+            self._conn = conn
+            return not self.failed
+
+    def commit(self) -> bool:
+        """The decode's answer begins: from now on it is the client's. False if the prefill
+        failed first (the connection was dropped: ask again without the KV)."""
+        with self._lock:
+            self._committed = not self.failed
+            return self._committed
+
+    def prefill_failed(self) -> bool:
+        """Drop the decode request that waits for the KV; False once it is too late."""
+        with self._lock:
+            if self._committed:
+                return False
+            self.failed = True
+            sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the reader blocked on the decode's answer wakes
+            except OSError:
+                pass
+        return True
 
 
 def _handler(router: Router):
@@ -131,27 +184,52 @@ def _handler(router: Router):
             if self.headers.get("Authorization"):
                 headers["Authorization"] = self.headers["Authorization"]
             tid, pre, dec = router.bodies(body)
-            threading.Thread(target=router.run_prefill, args=(self.path, pre, headers), daemon=True).start()
+            exchange = _Exchange()
+            threading.Thread(target=router.run_prefill, args=(self.path, pre, headers, exchange), daemon=True).start()
+            if self._forward(dec, headers, exchange) is None:
+                return
+            # The prefill failed while the decode waited for its KV: the same request, computed there.
+            local = dict(body)
+            local.pop("kv_transfer_params", None)
+            self._forward(local, headers, None)
+
+        def _forward(self, body: dict, headers: dict, exchange: _Exchange | None) -> bool | None:
+            """Pass the decode's answer to ``body`` on to the client; None once it has been
+            (or failed), False if ``exchange`` saw the prefill fail before it began."""
+            tid = (body.get("kv_transfer_params") or {}).get("kvwire_transfer_id", "(computed by the decode)")
             conn = router.decode.connect()
+            answered = False
             try:
-                conn.request("POST", self.path, json.dumps(dec), headers)
+                if exchange is not None and not exchange.waiting_on(conn):
+                    return False
+                conn.request("POST", self.path, json.dumps(body), headers)
                 resp = conn.getresponse()
+                chunk = resp.read1(65536)  # the answer's first bytes: after the KV, for a decode waiting on it
+                if exchange is not None and not exchange.commit():
+                    return False
+                answered = True
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.getheader("Content-Type", "application/json"))
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                while True:
-                    chunk = resp.read1(65536)
-                    if not chunk:
-                        break
+                while chunk:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     self.wfile.flush()
+                    chunk = resp.read1(65536)
                 self.wfile.write(b"0\r\n\r\n")
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
+                if exchange is not None and not exchange.commit():
+                    return False  # dropped for the failed prefill
                 log.warning("decode request %s failed: %s", tid, exc)
+                if not answered:
+                    try:
+                        self._reply(502, {"error": f"the decode request failed: {exc}"})
+                    except OSError:
+                        pass  # the client left too
                 self.close_connection = True
             finally:
                 conn.close()
+            return None
 
     return Handler
 
