@@ -200,8 +200,10 @@ def _handler(router: Router):
             conn = router.decode.connect()
             answered = False
             try:
-                if exchange is not None and not exchange.waiting_on(conn):
-                    return False
+                if exchange is not None:
+                    conn.connect()  # a socket for prefill_failed to shut down from now on
+                    if not exchange.waiting_on(conn):
+                        return False
                 conn.request("POST", self.path, json.dumps(body), headers)
                 resp = conn.getresponse()
                 chunk = resp.read1(65536)  # the answer's first bytes: after the KV, for a decode waiting on it
