@@ -478,13 +478,20 @@ class HalfCloseSwallowingProxy:
             s.close()
 
 
-@pytest.mark.parametrize("grace_s, completes", [(0.5, True), (60.0, False)])
-def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, monkeypatch, grace_s, completes):
+@pytest.mark.parametrize(
+    "grace_s, completes, failing", [(0.5, True, 1), (60.0, False, 1), (0.5, True, 0)],
+    ids=["cut-off", "grace-outlasts-the-transfer", "cut-off-conn0"],
+)  # fmt: skip
+def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, monkeypatch, grace_s, completes,
+                                                                             failing):  # fmt: skip
     """A send fails, writing stops (a half-close), and the connection's reader waits for
     what the peer sent before it closed; a peer that never closes would hold that
     connection's chunks forever: after WRITER_LOSS_GRACE_S it is cut off and its chunks
     go again on the other connection (with a grace past the transfer's timeout, the
-    transfer times out instead: the grace is what ends it)."""
+    transfer times out instead: the grace is what ends it). The receiver still thinks
+    the cut connection alive (nothing passed its close on), so it must acknowledge on
+    the one that carried the last payload: with connection 0 failing, the first live
+    connection it knows is the dead one."""
     from kvwire.engine import sender as sender_module
     from kvwire.errors import PeerLost
 
@@ -496,7 +503,7 @@ def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, 
     try:
         with kvwire.Sender(LAYOUT, proxy.address, secret=SECRET, kv_caches=src, streams=2, max_streams=2,
                            chunk_bytes=4096) as tx:  # fmt: skip
-            stream, first = tx._conns[1].stream, tx._conns[0].stream
+            stream, first = tx._conns[failing].stream, tx._conns[1 - failing].stream
             send_parts, first_send = stream.send_parts, first.send_parts
             failed = threading.Event()
 
@@ -506,13 +513,13 @@ def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, 
                 raise PeerLost("injected: the send failed")
 
             def after_the_failure(*args, **kwargs):
-                # Connection 0 sends nothing before connection 1 has failed: on a short path
-                # one writer could otherwise take every chunk, and connection 1 send none.
+                # The other connection sends nothing before the failing one has failed: on a
+                # short path one writer could otherwise take every chunk, and it send none.
                 failed.wait(10)
                 first.send_parts = first_send
                 return first_send(*args, **kwargs)
 
-            stream.send_parts = fail_once  # the next data send on connection 1 fails; its peer stays
+            stream.send_parts = fail_once  # its next data send fails; its peer stays
             first.send_parts = after_the_failure
             t0 = time.monotonic()
             t = tx.transfer("grace", blocks, 8 * 16)

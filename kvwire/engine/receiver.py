@@ -95,9 +95,22 @@ class _Session:
     conns: list = field(default_factory=list)
     parked_bytes: int = 0  # staging held by its chunks that wait for an expect
     lanes: dict = field(default_factory=dict)  # tag -> the receive lane of its bound request (kvwire/engine/lane.py)
+    last_data: _RConn | None = None  # the connection that last carried a payload
 
     def any_conn(self, besides: _RConn | None = None) -> _RConn | None:
         return next((c for c in self.conns if c.alive and c is not besides), None)
+
+    def reply_conns(self) -> list[_RConn]:
+        """Where an ACK or CANCEL goes: the oldest live connection, which the sender reads
+        without waiting behind a send, and also the one that last carried a payload, which
+        the sender was writing to then. The oldest alone is not enough: one the sender has
+        given up on may still look alive from here (a middlebox that never passes its close
+        on). The sender ignores the repeat."""
+        first, last = self.any_conn(), self.last_data
+        conns = [first] if first is not None else []
+        if last is not None and last.alive and last is not first:
+            conns.append(last)
+        return conns
 
     @property
     def who(self) -> str:
@@ -723,6 +736,8 @@ class Receiver:
                 if isinstance(event, Begin | Cancel):
                     self._on_event(conn, event)
             return
+        if conn.session is not None:
+            conn.session.last_data = conn
         self._read_data(conn, header, n)
 
     def _lane_frames(self, conn: _RConn) -> bytes:
@@ -742,6 +757,8 @@ class Receiver:
             finally:
                 stream.release()
             stream.bytes_received += received
+            if received:
+                session.last_data = conn
             if owed:
                 frame = conn.owe(owed, batch)
                 if frame is not None:
@@ -1155,15 +1172,13 @@ class Receiver:
 
     def _send_locked(self, action: requests.SendAck | requests.SendCancel) -> None:
         session = self._sessions.get(action.session)
-        conn = session.any_conn() if session is not None else None
-        if conn is None:
-            return
-        if isinstance(action, requests.SendAck):
-            frame = conn.proto.ack(action.tag, action.ok, action.message)
-        else:
-            frame = conn.proto.cancel(action.tag, action.reason)
-        conn.outcomes.append(frame)
-        conn.send(frame)
+        for conn in session.reply_conns() if session is not None else ():
+            if isinstance(action, requests.SendAck):
+                frame = conn.proto.ack(action.tag, action.ok, action.message)
+            else:
+                frame = conn.proto.cancel(action.tag, action.reason)
+            conn.outcomes.append(frame)
+            conn.send(frame)
 
     def _run(self, actions: list) -> None:
         """The rest, in order, without the lock: chunks to place."""
