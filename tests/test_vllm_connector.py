@@ -7,6 +7,10 @@ step that builds .venv-vllm (.ci/vllm-env); skipped where vLLM cannot be importe
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 
 pytest.importorskip(
@@ -308,6 +312,91 @@ def test_a_decode_that_never_answers_stalls_no_forward_pass(pair, connect_timeou
         assert sum(s.data.get("send_failures", 0) for s in p.stats) == 1
     finally:
         silent.close()
+
+
+class HeldRelay:
+    """A decode reached through a slow path: connections are accepted at once and relayed
+    to ``target`` only once ``release`` is set, so the prefill's handshake waits."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.release = target, threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = "{}:{}".format(*self.server.getsockname()[:2])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn) -> None:
+        self.release.wait()
+        upstream = socket.create_connection(self.target)
+
+        def pipe(a, b):
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                try:
+                    b.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        pipe(conn, upstream)
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.close()
+
+
+def test_a_prefill_request_preempted_while_its_decode_is_being_connected(pair):
+    """vLLM preempts a prefill request mid-prompt (a request decoding beside it needs a
+    block) while its first segments wait for a decode whose handshake is slow: they fail at
+    once, reading nothing from blocks vLLM is about to reuse, and the step does not wait;
+    once connected, the decode is told, stops waiting for the request's later segments
+    too (vLLM would compute them anyway) and fails the request well before its deadline;
+    the prefill request, computed again when there is room, ends with every block free."""
+    p, d = pair(prefill_num_blocks=21, prefill_max_batched_tokens=64, prefill_max_num_seqs=16,
+                prefill_extra={"segment_tokens": 64}, decode_extra={"segment_tokens": 64})  # fmt: skip
+    relay = HeldRelay(d.worker.worker.receiver.address)
+    try:
+        p.add("local", prompt(100, seed=20), None, max_tokens=150)  # takes a block every 16 tokens
+        for _ in range(12):  # (the point where its next block is needed during the prompt below)
+            p.step()
+        tokens = prompt(16 * p.free_blocks, seed=21)  # just fits when admitted
+        d.add("d-x", tokens, decode_params("x"), max_tokens=3)
+        p.add("p-x", tokens, prefill_params("x", relay.address), max_tokens=1)
+        slowest = 0.0
+        for _ in range(20):
+            t = time.monotonic()
+            p.step()
+            d.step()
+            slowest = max(slowest, time.monotonic() - t)
+            if p.preempted:
+                break
+        assert p.preempted == ["p-x"], "vLLM did not preempt the prefill request mid-prompt"
+        assert slowest < 1.0, f"a step took {slowest:.2f} s: the preemption waited for the connection"
+        sent = p.worker.worker._outgoing["p-x"]
+        assert [s.wire_id for s in sent] == ["x#0", "x#1"]
+        assert all(s.done() and "preempted before its decode was connected" in s.error for s in sent)
+
+        relay.release.set()
+        t0 = time.monotonic()
+        ve.run([p, d], lambda: "d-x" in d.finished, timeout=20, what="the decode giving up")
+        assert time.monotonic() - t0 < 10  # its deadline is 30 s
+        assert str(d.finished["d-x"]).lower().endswith("error")
+        assert len(set(d.load_errors)) == len(tokens) // 16  # every block: none of its segments came
+        ve.run([p, d], both_idle(p, d), timeout=60, what="every block released")
+        assert p.finished.keys() == {"local", "p-x"} and p.sending_done == ["p-x"]
+    finally:
+        relay.close()
 
 
 def test_wrong_secret_fails_both_sides_within_the_deadline(pair):

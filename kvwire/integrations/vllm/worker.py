@@ -142,6 +142,24 @@ def _send_layer(seg: _Segment, index: int) -> None:
     seg.layers_sent.add(index)
 
 
+def _stop_after_a_failure(segs: list[_Segment]) -> None:
+    """A decode request's segments after one that failed are cancelled: vLLM keeps the
+    KV before the first block that failed to load and computes the rest (or fails the
+    request), so waiting for them would only hold its blocks, perhaps until the deadline
+    (a prefill request preempted before they were sent is computed again only when its
+    engine has room). The cancel reaches the prefill, which releases their blocks."""
+    failed = next((i for i, seg in enumerate(segs) if seg.done() and not _received(seg)), None)
+    if failed is None:
+        return
+    for seg in segs[failed + 1 :]:
+        if not seg.done():
+            seg.handle.cancel(f"an earlier segment, {segs[failed].wire_id}, failed")  # type: ignore[union-attr]
+
+
+def _received(seg: _Segment) -> bool:
+    return seg.handle is not None and seg.handle.ok()  # type: ignore[union-attr]
+
+
 class WorkerSide:
     def __init__(self, settings: Settings, *, producer: bool, consumer: bool, tp_size: int, tp_rank: int,
                  mla: bool, head_size_v: int | None, num_blocks: int, kv_heads: int | None = None) -> None:  # fmt: skip
@@ -499,6 +517,7 @@ class WorkerSide:
     def finished_recving(self) -> set[str]:
         done = set()
         for req_id, segs in list(self._incoming.items()):
+            _stop_after_a_failure(segs)
             if not all(seg.done() for seg in segs):
                 continue
             del self._incoming[req_id]
@@ -507,8 +526,7 @@ class WorkerSide:
             self._aborted.discard(req_id)
             failed = False
             for seg in segs:
-                ok = seg.handle is not None and seg.handle.ok()  # type: ignore[union-attr]
-                if ok:
+                if _received(seg):
                     stats = seg.handle.stats()  # type: ignore[union-attr]
                     self._stats["received_segments"] += 1
                     self._stats["received_bytes"] += stats["wire_bytes"]
