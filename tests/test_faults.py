@@ -381,6 +381,27 @@ def test_a_sender_resends_what_the_receiver_asks_for(rx, monkeypatch):
     assert_transferred(LAYOUT, src, [0, 1, 2], rx.dst, [10, 11, 12], 40)
 
 
+def test_a_sender_whose_payloads_keep_failing_the_checksum_fails_typed_on_both_sides(rx, monkeypatch):
+    """Every payload corrupted on the way: the receiver asks again a bounded number of
+    times, then fails the request; both sides raise ChecksumMismatch (the sender learns
+    why from the ACK's status), within the deadline, and nothing is left half-written."""
+    from kvwire.engine.requests import MAX_CHECKSUM_FAILURES
+
+    corrupt_first_checksums(monkeypatch, 10_000)
+    src = filled(LAYOUT, 32, seed=6)
+    h = rx.expect("hopeless", [10, 11, 12], 40, deadline=20)
+    t0 = time.monotonic()
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=4096) as tx:
+        with pytest.raises(kvwire.ChecksumMismatch, match="failed their checksum"):
+            tx.send("hopeless", [0, 1, 2], 40, timeout=20)
+    with pytest.raises(kvwire.ChecksumMismatch, match="failed their checksum"):
+        h.wait(timeout=10)
+    assert time.monotonic() - t0 < 10
+    assert rx.stats()["checksum_failures"] > MAX_CHECKSUM_FAILURES
+    monkeypatch.undo()  # the path is clean again
+    still_serves(rx)
+
+
 @pytest.mark.parametrize("sender_sum, receiver_sum", [("none", "crc32c"), ("crc32c", "none")])
 def test_a_checksum_disagreement_is_refused_at_the_handshake(sender_sum, receiver_sum):
     r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4), checksum=receiver_sum)

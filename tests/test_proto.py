@@ -90,7 +90,8 @@ def test_handshake_then_data_and_ack(mode):
     assert events[1].header.layer == 2 and events[1].header.start == 16
 
     cr2 = FrameReader(c)
-    assert pump(s.ack(7, True) + s.ack(8, False, "boom"), cr2, mode) == [Ack(7, True, ""), Ack(8, False, "boom")]
+    acks = s.ack(7, True) + s.ack(8, False, "boom") + s.ack(9, False, "crc", checksum=True)
+    assert pump(acks, cr2, mode) == [Ack(7, True, ""), Ack(8, False, "boom"), Ack(9, False, "crc", checksum=True)]
 
 
 def test_wrong_secret_is_rejected_before_any_data():

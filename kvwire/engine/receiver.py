@@ -1174,7 +1174,7 @@ class Receiver:
         session = self._sessions.get(action.session)
         for conn in session.reply_conns() if session is not None else ():
             if isinstance(action, requests.SendAck):
-                frame = conn.proto.ack(action.tag, action.ok, action.message)
+                frame = conn.proto.ack(action.tag, action.ok, action.message, action.checksum)
             else:
                 frame = conn.proto.cancel(action.tag, action.reason)
             conn.outcomes.append(frame)

@@ -114,6 +114,7 @@ class SendAck:
     tag: int
     ok: bool
     message: str = ""
+    checksum: bool = False  # failed for payloads that failed their checksum (ChecksumMismatch)
 
 
 @dataclass(frozen=True)
@@ -497,7 +498,7 @@ class RequestTable:
                 if session == origin_session:
                     continue
                 if state is State.FAILED and origin is Origin.LOCAL:
-                    actions.append(SendAck(session, tag, False, str(error)))
+                    actions.append(SendAck(session, tag, False, str(error), isinstance(error, ChecksumMismatch)))
                 else:
                     actions.append(SendCancel(session, tag, str(error)))
         if request.parked:

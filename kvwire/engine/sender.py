@@ -1253,9 +1253,8 @@ class Sender:
             self._resend_nacked(conn, handle, event)
             return
         if isinstance(event, Ack):
-            handle._complete(
-                None if event.ok else TransferError(f"receiver failed {handle.request_id!r}: {event.message}")
-            )
+            failed = ChecksumMismatch if event.checksum else TransferError
+            handle._complete(None if event.ok else failed(f"receiver failed {handle.request_id!r}: {event.message}"))
         elif isinstance(event, Cancel):
             handle._complete(Cancelled(f"transfer {handle.request_id!r} cancelled by the receiver: {event.reason}"))
 

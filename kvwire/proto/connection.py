@@ -166,6 +166,7 @@ class Ack:
     tag: int
     ok: bool
     message: str
+    checksum: bool = False  # failed: its payloads failed their checksum too often (AckStatus.CHECKSUM)
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ class ClientConnection(Connection):
                              field(obj, "block_size", int, "ACCEPT"))]  # fmt: skip
         if t == FrameType.ACK:
             ok = header.flags == AckStatus.OK
-            return [Ack(header.tag, ok, parse_text(header, payload))]
+            return [Ack(header.tag, ok, parse_text(header, payload), header.flags == AckStatus.CHECKSUM)]
         if t == FrameType.CANCEL:
             return [Cancel(header.tag, parse_text(header, payload))]
         if t == FrameType.NACK:
@@ -596,8 +597,10 @@ class ServerConnection(Connection):
         )  # fmt: skip
 
     # -- what the receiver says once open --------------------------------------------
-    def ack(self, tag: int, ok: bool, message: str = "") -> bytes:
-        status = AckStatus.OK if ok else AckStatus.FAILED
+    def ack(self, tag: int, ok: bool, message: str = "", checksum: bool = False) -> bytes:
+        """ACK of request ``tag``: complete, or failed (``checksum``: its payloads failed
+        their checksum too often) for ``message``."""
+        status = AckStatus.OK if ok else AckStatus.CHECKSUM if checksum else AckStatus.FAILED
         return control_frame(FrameType.ACK, message.encode()[:4096], tag=tag, flags=status)
 
     def credit(self, nbytes: int) -> bytes:

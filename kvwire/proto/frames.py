@@ -107,6 +107,9 @@ BEGIN_ALL_HEADS = 0x02  # every k/v head the receiver holds (else ``layer`` head
 class AckStatus(enum.IntEnum):
     OK = 0
     FAILED = 1  # the receiver could not complete the request; the payload says why
+    # Its payloads failed their checksum more often than the receiver asks again: the
+    # sender raises ChecksumMismatch (a peer that knows only 1 reads it as FAILED)
+    CHECKSUM = 2
 
 
 CHECKSUMS = ("crc32c", "none")  # what a session may agree to check DATA payloads with
