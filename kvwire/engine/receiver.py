@@ -921,8 +921,8 @@ class Receiver:
         where = f"layer {header.layer} tensor {header.tensor} rows {header.start}..{header.start + header.count}"
         log.warning("payload checksum mismatch from %s (%s of %r): asking for it again", conn.stream.peer, where,
                     request.request_id)  # fmt: skip
-        with self._lock:
-            actions, again = self._table.checksum_failed(request, where)
+        with self._lock:  # (a request of several senders: the error names the one whose payload it was)
+            actions, again = self._table.checksum_failed(request, f"{where}, from {conn.joined.who}")
             self._run_locked(actions)
         self._run(actions)
         if again:
