@@ -352,6 +352,32 @@ def test_a_corrupted_payload_is_asked_for_again_and_the_request_completes(rx):
     assert bytes(rows[4].reshape(-1)[:256].tolist()) == bytes(range(256))  # the good bytes, in place
 
 
+def test_a_late_frame_is_read_past_while_parked_chunks_fill_staging():
+    """A DATA frame of a request that ended is read and dropped. With staging taken by
+    chunks parked for an expect that has not come, reading it past through staging waited
+    30 s for room and then dropped the connection, and the requests behind it failed."""
+    dst = LAYOUT.allocate(32)
+    staging = 4259840  # one slot's worth; parking may use all of it here
+    r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, staging_bytes=staging, max_parked_bytes=staging,
+                        max_parked_bytes_per_peer=staging)  # fmt: skip
+    try:
+        client = WireClient(r.address, LAYOUT)
+        chunk = 512 * 2 * 64 * 2  # bytes of a 512-row chunk of one tensor: 128 KiB
+        for q in range(6):  # 32 chunks of requests nobody expects yet: staging is full but for 64 KiB
+            chunks = [data_frame(tag=10 + q, layer=i, tensor=j, count=512) for i in range(3) for j in range(2)]
+            client.send(client.proto.begin(10 + q, f"parked-{q}", 512) + b"".join(chunks[: 2 if q == 5 else 6]))
+        assert wait_until(lambda: r.stats()["parked_bytes"] == 32 * chunk, timeout=5)
+        late = client.proto.begin(2, "ended", 512) + client.proto.cancel(2, "gone") + data_frame(tag=2, count=512)
+        h = r.expect("behind", [20], 16)
+        client.send(late + client.proto.begin(3, "behind", 16)
+                    + b"".join(data_frame(tag=3, layer=i, tensor=j) for i in range(3) for j in range(2)))  # fmt: skip
+        h.wait(timeout=10)
+        assert r.stats()["late_frames"] == 1
+        assert r.stats()["parked_bytes"] == 32 * chunk  # the parked chunks wait on, untouched
+    finally:
+        r.close()
+
+
 def test_a_payload_corrupted_again_and_again_fails_typed(rx):
     from kvwire.engine.requests import MAX_CHECKSUM_FAILURES
 

@@ -81,6 +81,7 @@ DEFAULT_MAX_REQUESTS_PER_SESSION = 1024  # requests a sender may have open at on
 # is placed (parked data has its own, smaller bound), so this is only ever hit by a bug
 # or a machine too overloaded to place a chunk in that time.
 STAGING_WAIT_S = 30.0
+SKIP_BUFFER_BYTES = 256 << 10  # a payload read past (a late frame) goes through this much at a time
 
 
 @dataclass(eq=False)
@@ -955,15 +956,24 @@ class Receiver:
             raise TransferError(f"no staging room for {nbytes} bytes within {STAGING_WAIT_S:.0f} s") from None
 
     def _skip_payload(self, conn: _RConn, header: Header, n: int, late: bool = True) -> None:
-        """Read a DATA payload past (a request that ended, an exact repeat) and drop it."""
-        if conn.proto.device_payloads:
-            slot: Slot | _DeviceSlot = self._receive_payload(conn, header, n, conn.joined.codec)[0]
-        else:
-            slot = self._acquire(n)
-            conn.stream.recv_into_exact(slot.view(n))
+        """Read a DATA payload past (a request that ended, an exact repeat) and drop it.
+        Through a small buffer of its own, not staging: with staging taken by parked
+        chunks, waiting for room would hold up everything behind it on this connection."""
         if late:
             self._counters["late_frames"] += 1
-        self._release(_Chunk(None, None, slot, n, conn))
+        if conn.proto.device_payloads:
+            slot = self._receive_payload(conn, header, n, conn.joined.codec)[0]
+            self._release(_Chunk(None, None, slot, n, conn))
+            return
+        scratch = memoryview(bytearray(min(n, SKIP_BUFFER_BYTES)))
+        left = n
+        while left:
+            piece = scratch[: min(left, len(scratch))]
+            conn.stream.recv_into_exact(piece)
+            left -= len(piece)
+        frame = conn.owe(n, self._credit_batch)  # its window room comes back as a released chunk's
+        if frame is not None:
+            conn.send(frame)
 
     def _check_data(self, conn: _RConn, header: Header) -> tuple[Request, ChunkRef, ChunkSpec] | None:
         """Everything about a DATA frame that can be checked before its payload is read.
