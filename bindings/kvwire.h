@@ -37,7 +37,7 @@
 
 /* The version of this header; kvw_version_number() is the library's. */
 #define KVW_VERSION_MAJOR 1
-#define KVW_VERSION_MINOR 0
+#define KVW_VERSION_MINOR 1
 #define KVW_VERSION_PATCH 0
 #define KVW_VERSION_NUMBER (KVW_VERSION_MAJOR * 10000 + KVW_VERSION_MINOR * 100 + KVW_VERSION_PATCH)
 
@@ -60,7 +60,8 @@ enum kvw_status {
   KVW_ERR_INIT = 10,      /* the embedded runtime could not start, or kvw_init was not called */
   KVW_ERR_INTERNAL = 11,  /* a bug in kvwire: please report kvw_last_error() */
   KVW_ERR_SYSTEM = 12,    /* the system refused: address in use, no such device, out of memory */
-  KVW_PENDING = 13        /* not an error: the poll calls' "still in flight" */
+  KVW_PENDING = 13,       /* not an error: the poll calls' "still in flight" */
+  KVW_ERR_CHECKSUM = 14   /* (1.1) payloads kept failing their checksum: the path corrupts data */
 };
 
 /* Element types of a KV cache. */

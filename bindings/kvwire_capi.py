@@ -30,7 +30,7 @@ from typing import Any
 
 # enum kvw_status
 OK, INVALID, TIMEOUT, PEER_LOST, AUTH, PROTOCOL, LAYOUT, CANCELLED, TRANSFER, CLOSED, INIT, INTERNAL = range(12)
-SYSTEM, PENDING = 12, 13
+SYSTEM, PENDING, CHECKSUM = 12, 13, 14
 MESSAGES = {
     OK: "success",
     INVALID: "invalid argument",
@@ -46,6 +46,7 @@ MESSAGES = {
     INTERNAL: "internal error",
     SYSTEM: "refused by the system (address in use, no such device, out of memory)",
     PENDING: "pending: still in flight",
+    CHECKSUM: "payloads kept failing their checksum (the path corrupts data)",
 }
 DTYPES = {0: "KVW_BF16", 1: "KVW_FP16", 2: "KVW_FP32"}
 LOG_LEVELS = {10: "KVW_LOG_DEBUG", 20: "KVW_LOG_INFO", 30: "KVW_LOG_WARNING", 40: "KVW_LOG_ERROR", 100: "KVW_LOG_OFF"}
@@ -79,6 +80,7 @@ def status_of(exc: BaseException) -> int:
         (kvwire.LayoutMismatch, LAYOUT),
         (kvwire.ProtocolError, PROTOCOL),
         (kvwire.Cancelled, CANCELLED),
+        (kvwire.ChecksumMismatch, CHECKSUM),
         (kvwire.TransferError, TRANSFER),
         ((ValueError, TypeError), INVALID),
         ((OSError, MemoryError), SYSTEM),

@@ -120,3 +120,17 @@ def test_a_layout_mismatch_names_the_field_that_differs(receiver, named):
 
 def test_a_layout_message_it_cannot_read_is_passed_on_in_c_terms():
     assert capi.layout_difference("the layouts differ: torch.float32", C_LAYOUT) == "the layouts differ: KVW_FP32"
+
+
+def test_status_codes_match_the_header_and_each_error_has_its_own():
+    import re
+
+    header = (Path(__file__).resolve().parent.parent / "bindings" / "kvwire.h").read_text()
+    enum = header[header.index("enum kvw_status {") : header.index("};", header.index("enum kvw_status {"))]
+    codes = {name: int(value) for name, value in re.findall(r"\bKVW_([A-Z_]+) = (\d+)", enum)}
+    names = {name.removeprefix("ERR_"): value for name, value in codes.items()}
+    assert names == {name: getattr(capi, name) for name in names}, "kvwire.h and kvwire_capi.py disagree"
+    assert set(capi.MESSAGES) == set(codes.values())
+    assert capi.status_of(kvwire.ChecksumMismatch("9 payloads failed their checksum")) == capi.CHECKSUM
+    assert capi.status_of(kvwire.TransferError("another token count")) == capi.TRANSFER
+    assert capi.status_of(kvwire.Cancelled("by the peer")) == capi.CANCELLED

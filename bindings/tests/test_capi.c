@@ -413,6 +413,7 @@ int main(int argc, char** argv) {
   printf("kvw_init: %.2f s; kvwire %s\n", now() - t0, kvw_version());
   EXPECT_STATUS(kvw_init(), KVW_OK); /* idempotent */
   CHECK(strcmp(kvw_strerror(KVW_ERR_TIMEOUT), "timed out") == 0, "strerror");
+  CHECK(strstr(kvw_strerror(KVW_ERR_CHECKSUM), "checksum") != NULL, "strerror of KVW_ERR_CHECKSUM");
 
   test_logging();
   test_threads();
