@@ -212,3 +212,28 @@ def test_a_request_keeps_the_codec_its_begin_named_and_a_repeat_may_not_change_i
     request, _ = t.expect("e", handle="h", num_tokens=8, deadline=10.0)
     t.begin(S, 2, "e", 8, now=0.0, codec=int4)  # expect came first: the BEGIN still names the codec
     assert request.codec_of(S) is int4 and request.state is State.BOUND
+
+
+def test_the_checksum_limit_tells_the_sender_whose_payloads_failed_and_only_it():
+    """A request from two senders (two heads, one each): the one whose payloads kept
+    failing their checksum hears why (ChecksumMismatch on its side); the other, whose path
+    may be clean, a plain failure with the same message."""
+    from kvwire.engine.requests import MAX_CHECKSUM_FAILURES
+    from kvwire.errors import ChecksumMismatch
+    from kvwire.proto.request import PartSpec
+
+    layout = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)
+    t = RequestTable(layout, capacity_tokens=64, max_requests_per_session=8)
+    handle = object()
+    request, _ = t.expect("r", handle, 8, deadline=100)
+    assert t.begin("a", 1, "r", 8, now=0, part=PartSpec(1, 0, True)) == []
+    assert t.begin("b", 5, "r", 8, now=0, part=PartSpec(1, 1, False)) == []
+    for _ in range(MAX_CHECKSUM_FAILURES):
+        assert t.checksum_failed(request, "layer 0 tensor 0 rows 0..8, from b", "b") == ([], True)
+    actions, again = t.checksum_failed(request, "layer 0 tensor 0 rows 0..8, from b", "b")
+    acks = {a.session: a for a in actions if isinstance(a, SendAck)}
+    assert not again and acks.keys() == {"a", "b"} and not acks["a"].ok and not acks["b"].ok
+    assert acks["b"].checksum and not acks["a"].checksum
+    assert acks["a"].message == acks["b"].message and "from b" in acks["a"].message
+    (finish,) = [a for a in actions if isinstance(a, Finish)]
+    assert isinstance(finish.error, ChecksumMismatch)

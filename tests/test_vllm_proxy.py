@@ -115,14 +115,16 @@ def waiting_decode(seen: list, waits: list[threading.Event]):
                 seen.append((self.path, None))
                 return
             body = json.loads(raw)
+            waiting = bool((body.get("kv_transfer_params") or {}).get("do_remote_prefill"))
+            if waiting:
+                waits.append(threading.Event())  # before it is seen: a test that sees it finds its wait
             seen.append((self.path, body))
-            if (body.get("kv_transfer_params") or {}).get("do_remote_prefill"):
+            if waiting:
                 self.send_response(200)  # vLLM's streaming answer begins before the KV is in
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 self.wfile.flush()
-                waits.append(threading.Event())
                 self.connection.settimeout(20)
                 if self.rfile.read(1) == b"":  # the router closed the request
                     waits[-1].set()
@@ -186,12 +188,13 @@ def test_a_failed_prefill_makes_the_decode_compute_the_prompt(prefill):
         assert time.monotonic() - t0 < 5
         # The request that would wait for the KV was dropped: while it waited (always, for a
         # prefill that answers late), or before it was whole, or before it was sent at all.
-        assert all(w.wait(5) for w in waits), "a decode request waiting for the KV was not dropped"
+        local = [b for _, b in dec_seen if b is not None and "kv_transfer_params" not in b]
+        dropped = [b for _, b in dec_seen if b is None or "kv_transfer_params" in b]
+        assert local == [{"model": "m", "prompt": "x", "max_tokens": 4}] and len(dropped) <= 1
+        assert len(waits) == sum(b is not None for b in dropped)  # every whole request that waited ...
+        assert all(w.wait(5) for w in waits), "a decode request waiting for the KV was not dropped"  # ... was dropped
         if prefill == "error status":
             assert len(waits) == 1  # it fails 0.2 s late: the decode request was waiting by then
-        *dropped, (_, local) = dec_seen
-        assert "kv_transfer_params" not in local and local["max_tokens"] == 4 and local["prompt"] == "x"
-        assert len(dropped) <= 1 and all(b is None or b["kv_transfer_params"]["do_remote_prefill"] for _, b in dropped)
         assert len(pre_seen) == (1 if prefill == "error status" else 0)
     finally:
         for s in [server, *servers]:

@@ -101,15 +101,15 @@ class _Session:
     def any_conn(self, besides: _RConn | None = None) -> _RConn | None:
         return next((c for c in self.conns if c.alive and c is not besides), None)
 
-    def reply_conns(self) -> list[_RConn]:
-        """Where an ACK or CANCEL goes: the oldest live connection, which the sender reads
-        without waiting behind a send, and also the one that last carried a payload, which
-        the sender was writing to then. The oldest alone is not enough: one the sender has
-        given up on may still look alive from here (a middlebox that never passes its close
-        on). The sender ignores the repeat."""
-        first, last = self.any_conn(), self.last_data
+    def reply_conns(self, besides: _RConn | None = None) -> list[_RConn]:
+        """Where an ACK or CANCEL goes (never on ``besides``): the oldest live
+        connection, which the sender reads without waiting behind a send, and also the one
+        that last carried a payload, which the sender was writing to then. The oldest alone
+        is not enough: one the sender has given up on may still look alive from here (a
+        middlebox that never passes its close on). The sender ignores the repeat."""
+        first, last = self.any_conn(besides), self.last_data
         conns = [first] if first is not None else []
-        if last is not None and last.alive and last is not first:
+        if last is not None and last.alive and last is not first and last is not besides:
             conns.append(last)
         return conns
 
@@ -716,12 +716,12 @@ class Receiver:
             if conn in self._conns:
                 self._conns.remove(conn)
             session = conn.session
-            other = session.any_conn() if session is not None else None
-            if other is not None:  # outcomes sent here may have died with it: the sender ignores repeats
+            others = session.reply_conns() if session is not None else []
+            for other in others:  # outcomes sent here may have died with it: the sender ignores repeats
                 for frame in conn.outcomes:
                     other.send(frame)
-                conn.outcomes.clear()
-            if session is None or other is not None:
+            conn.outcomes.clear()
+            if session is None or others:
                 return
             self._sessions.pop(session.id, None)
             actions = self._table.session_lost(session.id, session.who)
@@ -913,8 +913,10 @@ class Receiver:
         copy that arrives twice is read past)."""
         with self._lock:
             bound = request.state is requests.State.BOUND
-            other = conn.joined.any_conn(besides=conn) if bound else None
-        if other is not None:
+            # One connection (each NACK is a resend): the one the sender last wrote to, else the oldest.
+            others = conn.joined.reply_conns(besides=conn) if bound else []
+        if others:
+            other = others[-1]
             other.send(other.proto.nack(header, "its connection broke inside the payload"))
 
     def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
@@ -923,7 +925,7 @@ class Receiver:
         log.warning("payload checksum mismatch from %s (%s of %r): asking for it again", conn.stream.peer, where,
                     request.request_id)  # fmt: skip
         with self._lock:  # (a request of several senders: the error names the one whose payload it was)
-            actions, again = self._table.checksum_failed(request, f"{where}, from {conn.joined.who}")
+            actions, again = self._table.checksum_failed(request, f"{where}, from {conn.joined.who}", conn.joined.id)
             self._run_locked(actions)
         self._run(actions)
         if again:

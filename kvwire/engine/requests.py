@@ -24,6 +24,7 @@ in flight for it are dropped rather than taken for a protocol error).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,7 @@ class SendAck:
     tag: int
     ok: bool
     message: str = ""
-    checksum: bool = False  # failed for payloads that failed their checksum (ChecksumMismatch)
+    checksum: bool = False  # failed for this sender's payloads that failed their checksum (ChecksumMismatch)
 
 
 @dataclass(frozen=True)
@@ -399,15 +400,20 @@ class RequestTable:
         actions, _ = self.written(request, layer, None)
         return actions
 
-    def checksum_failed(self, request: Request, where: str) -> tuple[list[Action], bool]:
-        """A payload of ``request`` failed its checksum: (actions, whether to ask for it again)."""
+    def checksum_failed(self, request: Request, where: str, session: str) -> tuple[list[Action], bool]:
+        """A payload of ``request`` from ``session`` failed its checksum: (actions, whether
+        to ask for it again)."""
         request.checksum_failures += 1
         self.counters["checksum_failures"] += 1
         if request.checksum_failures <= MAX_CHECKSUM_FAILURES or not request.live:
             return [], request.live
         error = ChecksumMismatch(f"request {request.request_id!r}: {request.checksum_failures} payloads failed "
                                  f"their checksum (the last: {where})")  # fmt: skip
-        return self._end(request, State.FAILED, error, Origin.LOCAL), False
+        # The sender whose payload it was raises ChecksumMismatch; the request's other
+        # senders (shards), whose path may be clean, a plain failure with the same message.
+        actions = [dataclasses.replace(a, checksum=a.session == session) if isinstance(a, SendAck) else a
+                   for a in self._end(request, State.FAILED, error, Origin.LOCAL)]  # fmt: skip
+        return actions, False
 
     def written(self, request: Request, layer: int, error: TransferError | None) -> tuple[list[Action], bool]:
         """After a chunk was written (or failed to be): (actions, whether ``layer`` became ready)."""
@@ -498,7 +504,7 @@ class RequestTable:
                 if session == origin_session:
                     continue
                 if state is State.FAILED and origin is Origin.LOCAL:
-                    actions.append(SendAck(session, tag, False, str(error), isinstance(error, ChecksumMismatch)))
+                    actions.append(SendAck(session, tag, False, str(error)))
                 else:
                     actions.append(SendCancel(session, tag, str(error)))
         if request.parked:
