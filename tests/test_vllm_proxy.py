@@ -13,6 +13,17 @@ import pytest
 from kvwire.integrations.vllm import proxy
 
 
+def read_body(handler: BaseHTTPRequestHandler, seen: list) -> dict | None:
+    """The request's JSON body; None, recorded in ``seen`` as None, if the router dropped
+    the request before its body was whole."""
+    length = int(handler.headers["Content-Length"])
+    raw = handler.rfile.read(length)
+    if len(raw) < length:
+        seen.append((handler.path, None))
+        return None
+    return json.loads(raw)
+
+
 def backend(name: str, seen: list, stream_chunks: int = 0):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -21,12 +32,9 @@ def backend(name: str, seen: list, stream_chunks: int = 0):
             pass
 
         def do_POST(self):
-            length = int(self.headers["Content-Length"])
-            raw = self.rfile.read(length)
-            if len(raw) < length:  # the router dropped the request before its body was whole
-                seen.append((self.path, None))
+            body = read_body(self, seen)
+            if body is None:
                 return
-            body = json.loads(raw)
             seen.append((self.path, body))
             if body.get("stream"):
                 data = b"".join(b'data: {"n": %d}\n\n' % i for i in range(stream_chunks)) + b"data: [DONE]\n\n"
@@ -109,12 +117,9 @@ def waiting_decode(seen: list, waits: list[threading.Event]):
             pass
 
         def do_POST(self):
-            length = int(self.headers["Content-Length"])
-            raw = self.rfile.read(length)
-            if len(raw) < length:  # the router dropped the request before its body was whole
-                seen.append((self.path, None))
+            body = read_body(self, seen)
+            if body is None:
                 return
-            body = json.loads(raw)
             waiting = bool((body.get("kv_transfer_params") or {}).get("do_remote_prefill"))
             if waiting:
                 waits.append(threading.Event())  # before it is seen: a test that sees it finds its wait
