@@ -310,12 +310,14 @@ def make_engine(opts: Options, root: str) -> Engine:
 
 
 def run(engines: list[Engine], until, timeout: float = 60.0, what: str = "condition") -> None:
-    """Step every engine until ``until()`` holds; fail after ``timeout`` seconds."""
+    """Step the engines until ``until()`` holds; fail after ``timeout`` seconds. As vLLM's
+    engine loop does, an engine steps only while its scheduler ``has_requests()``: one
+    that has nothing to do waits for a new request, whatever its connector still holds."""
     end = time.monotonic() + timeout
     while not until():
         if time.monotonic() > end:
             raise TimeoutError(f"{what} did not happen within {timeout} s")
-        busy = sum(e.step() for e in engines)
+        busy = sum(e.step() for e in engines if e.scheduler.has_requests())
         if not busy:
             time.sleep(0.003)  # only background transfers left: let them run
 
