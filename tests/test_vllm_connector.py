@@ -403,6 +403,41 @@ def test_a_prefill_request_preempted_while_its_decode_is_being_connected(pair):
         relay.close()
 
 
+def test_a_remote_hit_trimmed_by_vllm_loads_what_it_took_and_no_more(pair):
+    """vLLM may take fewer remote tokens than offered (a hit trimmed to a replay window):
+    it loads tokens [local hit, local hit + taken) and computes the rest. The segments
+    inside that range are received; the one it cuts cannot arrive whole, so its blocks
+    are reported as failed to load (vLLM computes from there); the segments after it
+    are declined, never waited for. The bytes that came are the prefill's."""
+    from types import SimpleNamespace
+
+    p, d = pair(decode_extra={"segment_tokens": 64}, prefill_extra={"segment_tokens": 64})
+    tokens = prompt(200, seed=30)
+    req = d.add("d-o", tokens, decode_params("o"), max_tokens=3)
+    side = d.scheduler.connector.scheduler
+    assert side.get_num_new_matched_tokens(req, 0) == (200, True)
+    blocks = d.scheduler.kv_cache_manager.allocate_slots(req, 180)
+    ids = blocks.get_block_ids()[0]
+    side.update_state_after_alloc(req, blocks, 180)  # vLLM took 180 of the 200 tokens offered
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}, preempted_req_ids=()))
+    assert meta.declines == ["o#2", "o#3"]  # [128, 192) is cut at 180; [192, 200) is vLLM's to compute
+    (receive,) = meta.receives
+    assert [wire_id for wire_id, _, _ in receive.segments] == ["o#0", "o#1"]
+    assert sorted(receive.missing_blocks) == sorted(ids[8:12])  # tokens 128..179
+
+    worker = d.worker.worker
+    worker.bind(meta)
+    worker.start_load()
+    p.add("p-o", tokens, prefill_params("o", peer_of(d)), max_tokens=1)
+    done: set = set()
+    ve.run([p], lambda: done.update(worker.finished_recving()) or done == {"d-o"}, timeout=20, what="the receive")
+    assert worker.take_load_errors() == set(ids[8:12])
+    for layer, name in enumerate(d.caches):
+        got = d.tokens_in_blocks(name, ids[:8], 128)
+        assert torch.equal(got, d.expected(tokens, layer)[:128].reshape(128, -1)), f"layer {layer}"
+    ve.run([p], lambda: p.idle(), timeout=20, what="the prefill releasing its blocks")  # o#2, o#3 refused
+
+
 def test_wrong_secret_fails_both_sides_within_the_deadline(pair):
     p, d = pair(decode_extra=FAST, prefill_extra=FAST | {"secret": "not-the-decode-secret"})
     tokens = prompt(50, seed=8)

@@ -47,6 +47,7 @@ class SchedulerSide:
         self.producer, self.consumer = producer, consumer
         self._outgoing: dict[str, _Outgoing] = {}
         self._handled: set[str] = set()  # decode requests whose remote KV is planned (or declined)
+        self._offered: dict[str, int] = {}  # decode request -> the local hit its remote tokens were offered after
         self._receiving: set[str] = set()  # decode requests whose segments are expected, not yet reported
         self._meta = KvwireConnectorMetadata()
 
@@ -66,6 +67,7 @@ class SchedulerSide:
             return 0, False
         n = request.num_prompt_tokens
         if num_computed_tokens < n and num_computed_tokens % self.settings.segment_tokens == 0:
+            self._offered[request.request_id] = num_computed_tokens
             return n - num_computed_tokens, True
         return 0, False
 
@@ -76,21 +78,31 @@ class SchedulerSide:
             self._handled.add(req_id)
             n = request.num_prompt_tokens
             segs = segments(n, self.settings.segment_tokens)
+            # vLLM loads tokens [first, last): from where its own hit ends, as many as it took
+            # of the offer (all of it, or fewer: a hit trimmed to a window)
+            first = self._offered.pop(req_id, n - num_external_tokens)
+            last = first + num_external_tokens
             if num_external_tokens <= 0:
                 self._meta.declines += [segment_id(tid, k) for k in range(len(segs))]
                 return
-            first_token = n - num_external_tokens
             ids = blocks.get_block_ids()[0]
-            expect, missing = [], []
+            expect, missing, cut = [], [], last
             for k, (s, e) in enumerate(segs):
-                if s >= first_token:
-                    expect.append((segment_id(tid, k), segment_blocks(ids, s, e, self.block_size), e - s))
-                else:
-                    self._meta.declines.append(segment_id(tid, k))
-                    if e > first_token:  # vLLM moved the hit off the grid: these cannot arrive
-                        missing += segment_blocks(ids, first_token, e, self.block_size)
+                if first <= s and e <= last:
+                    expect.append((s, (segment_id(tid, k), segment_blocks(ids, s, e, self.block_size), e - s)))
+                    continue
+                self._meta.declines.append(segment_id(tid, k))  # here already, vLLM's to compute, or cut
+                if s < last and e > first:  # partly inside what vLLM loads: those tokens cannot arrive
+                    missing += segment_blocks(ids, max(s, first), min(e, last), self.block_size)
+                    cut = min(cut, max(s, first))
+            # vLLM computes from the first block that failed to load on: the segments after
+            # it would be received only to be thrown away.
+            for s, (wire_id, blocks_of, _) in expect:
+                if s >= cut:
+                    self._meta.declines.append(wire_id)
+                    missing += blocks_of
             self._receiving.add(req_id)
-            self._meta.receives.append(Receive(req_id, expect, missing))
+            self._meta.receives.append(Receive(req_id, [x for s, x in expect if s < cut], missing))
         if self.producer and req_id not in self._outgoing:
             out = self._outgoing_of(request)
             if out is not None:
@@ -150,6 +162,7 @@ class SchedulerSide:
         req_id = request.request_id
         handled = req_id in self._handled
         self._handled.discard(req_id)
+        self._offered.pop(req_id, None)
         if req_id in self._receiving:  # aborted while its KV was on the way: stop receiving
             self._receiving.discard(req_id)
             self._meta.cancel_receives.append(req_id)
