@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import threading
 import time
 
 import pytest
@@ -266,3 +267,63 @@ def receiver_process(layout_dict, num_blocks, port_queue, expect):
                          slot_bytes=1 << 20, window_bytes=1 << 20)  # fmt: skip
     port_queue.put(rx.address)
     time.sleep(600)
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 to ``target``: each connection's bytes are pumped both ways.
+    ``hold``: connections are accepted at once but relayed only once it is set (a slow
+    path: the peer's handshake waits). ``pass_close=False``: a half-close is swallowed and
+    both sockets stay open (a middlebox that leaves a failed writer's reader waiting)."""
+
+    def __init__(self, target, hold: threading.Event | None = None, pass_close: bool = True) -> None:
+        self.target, self.hold, self.pass_close = target, hold, pass_close
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.hold is None:  # relayed in the order accepted
+                self._relay(client)
+            else:
+                threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client) -> None:
+        if self.hold is not None:
+            self.hold.wait()
+        try:
+            server = socket.create_connection(self.target)
+        except OSError:  # the target is gone (the test ended)
+            client.close()
+            return
+        self.sockets.append(server)
+        for a, b in ((client, server), (server, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source, sink) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        if self.pass_close:
+            try:
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.hold is not None:
+            self.hold.set()  # connections still held end at once (the target is closing too)
+        for s in [self.listener, *self.sockets]:  # shut down first: that wakes the threads blocked in them
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

@@ -14,6 +14,7 @@ from kvwire.proto import FrameType, Header, crc32c
 from tests.helpers import (
     SECRET,
     TRANSPORTS,
+    TcpRelay,
     WireClient,
     assert_transferred,
     corrupt_first_checksums,
@@ -476,55 +477,6 @@ def _wait_then_close(handle, receiver) -> None:
     receiver.close()
 
 
-class HalfCloseSwallowingProxy:
-    """A TCP relay between a sender and a receiver that, when the sender half-closes a
-    connection, keeps both of that connection's sockets open and never passes the end of
-    the stream on: a middlebox (or a peer) that leaves a failed writer's reader waiting."""
-
-    def __init__(self, target) -> None:
-        import socket
-
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
-        self.sockets: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.target)
-            except OSError:
-                return
-            self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink) -> None:
-        while True:
-            try:
-                data = source.recv(1 << 16)
-                if not data:
-                    return  # the end of the stream, swallowed: sink stays open
-                sink.sendall(data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        import socket
-
-        for s in [self.listener, *self.sockets]:  # shut down first: that wakes the threads blocked in them
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
 @pytest.mark.parametrize(
     "grace_s, completes, failing", [(0.5, True, 1), (60.0, False, 1), (0.5, True, 0)],
     ids=["cut-off", "grace-outlasts-the-transfer", "cut-off-conn0"],
@@ -543,7 +495,7 @@ def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, 
     from kvwire.errors import PeerLost
 
     monkeypatch.setattr(sender_module, "WRITER_LOSS_GRACE_S", grace_s)
-    proxy = HalfCloseSwallowingProxy(rx.address)
+    proxy = TcpRelay(rx.address, pass_close=False)  # a middlebox that never passes a close on
     src = filled(LAYOUT, 32, seed=31)
     blocks, dst_blocks = list(range(8)), list(range(20, 28))
     h = rx.expect("grace", dst_blocks, 8 * 16)

@@ -7,7 +7,6 @@ step that builds .venv-vllm (.ci/vllm-env); skipped where vLLM cannot be importe
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 import kvwire  # noqa: E402
 from kvwire.bench import vllm_engines as ve  # noqa: E402
 from kvwire.integrations.vllm import decode_params, prefill_params  # noqa: E402
+from tests.helpers import TcpRelay  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -314,52 +314,6 @@ def test_a_decode_that_never_answers_stalls_no_forward_pass(pair, connect_timeou
         silent.close()
 
 
-class HeldRelay:
-    """A decode reached through a slow path: connections are accepted at once and relayed
-    to ``target`` only once ``release`` is set, so the prefill's handshake waits."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target, self.release = target, threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.address = "{}:{}".format(*self.server.getsockname()[:2])
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
-
-    def _relay(self, conn) -> None:
-        self.release.wait()
-        try:
-            upstream = socket.create_connection(self.target)
-        except OSError:  # the decode is gone (the test ended)
-            conn.close()
-            return
-
-        def pipe(a, b):
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-            except OSError:
-                pass
-            finally:
-                try:
-                    b.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
-        pipe(conn, upstream)
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.close()
-
-
 def test_a_prefill_request_preempted_while_its_decode_is_being_connected(pair):
     """vLLM preempts a prefill request mid-prompt (a request decoding beside it needs a
     block) while its first segments wait for a decode whose handshake is slow: they fail at
@@ -369,14 +323,15 @@ def test_a_prefill_request_preempted_while_its_decode_is_being_connected(pair):
     the prefill request, computed again when there is room, ends with every block free."""
     p, d = pair(prefill_num_blocks=21, prefill_max_batched_tokens=64, prefill_max_num_seqs=16,
                 prefill_extra={"segment_tokens": 64}, decode_extra={"segment_tokens": 64})  # fmt: skip
-    relay = HeldRelay(d.worker.worker.receiver.address)
+    release = threading.Event()
+    relay = TcpRelay(d.worker.worker.receiver.address, hold=release)  # the decode's handshake waits for it
     try:
         p.add("local", prompt(100, seed=20), None, max_tokens=150)  # takes a block every 16 tokens
         for _ in range(12):  # (the point where its next block is needed during the prompt below)
             p.step()
         tokens = prompt(16 * p.free_blocks, seed=21)  # just fits when admitted
         d.add("d-x", tokens, decode_params("x"), max_tokens=3)
-        p.add("p-x", tokens, prefill_params("x", relay.address), max_tokens=1)
+        p.add("p-x", tokens, prefill_params("x", "{}:{}".format(*relay.address)), max_tokens=1)
         slowest = 0.0
         for _ in range(20):
             t = time.monotonic()
@@ -391,7 +346,7 @@ def test_a_prefill_request_preempted_while_its_decode_is_being_connected(pair):
         assert [s.wire_id for s in sent] == ["x#0", "x#1"]
         assert all(s.done() and "preempted before its decode was connected" in s.error for s in sent)
 
-        relay.release.set()
+        release.set()
         t0 = time.monotonic()
         ve.run([p, d], lambda: "d-x" in d.finished, timeout=20, what="the decode giving up")
         assert time.monotonic() - t0 < 10  # its deadline is 30 s
