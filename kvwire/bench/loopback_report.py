@@ -286,8 +286,5 @@ def rounds_and_median(by_round: list) -> str:
     right after it) and their median, which single noisy rounds move less."""
     if len(by_round) < 2:
         return ""
-    return (
-        " (best rounds); each round "
-        + ", ".join(f"{r:.3f}" for r in by_round)
-        + (f", median {statistics.median(by_round):.3f}")
-    )
+    each = ", ".join(f"{r:.3f}" for r in by_round)
+    return f" (best rounds); each round {each}, median {statistics.median(by_round):.3f}"
