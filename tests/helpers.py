@@ -269,17 +269,31 @@ def receiver_process(layout_dict, num_blocks, port_queue, expect):
     time.sleep(600)
 
 
+def _recv_exactly(sock, n: int) -> bytes:
+    """``n`` bytes from ``sock``, or fewer if it ends first."""
+    data = bytearray()
+    while len(data) < n and (more := sock.recv(n - len(data))):
+        data += more
+    return bytes(data)
+
+
 class TcpRelay:
     """A TCP relay on 127.0.0.1 to ``target``: each connection's bytes are pumped both ways.
     ``hold``: connections are accepted at once but relayed only once it is set (a slow
     path: the peer's handshake waits). ``pass_close=False``: a half-close is swallowed and
-    both sockets stay open (a middlebox that leaves a failed writer's reader waiting)."""
+    both sockets stay open (a middlebox that leaves a failed writer's reader waiting).
+    ``corrupt``: the first that many DATA payloads from the connecting side, over all its
+    connections, reach the target with one bit flipped (a path that damages bytes; the
+    frame headers pass intact, so only the payload checksum can tell). ``corrupted``
+    counts them."""
 
-    def __init__(self, target, hold: threading.Event | None = None, pass_close: bool = True) -> None:
+    def __init__(self, target, hold: threading.Event | None = None, pass_close: bool = True, corrupt: int = 0) -> None:
         self.target, self.hold, self.pass_close = target, hold, pass_close
+        self.corrupt, self.corrupted = corrupt, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.sockets: list = []
+        self.pumps: list[threading.Thread] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -303,8 +317,15 @@ class TcpRelay:
             client.close()
             return
         self.sockets.append(server)
-        for a, b in ((client, server), (server, client)):
-            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+        upstream = self._pump_frames if self.corrupt else self._pump
+        for pump, a, b in ((upstream, client, server), (self._pump, server, client)):
+            thread = threading.Thread(target=pump, args=(a, b), daemon=True)
+            self.pumps.append(thread)
+            thread.start()
+
+    def finished(self) -> bool:
+        """Some connection was relayed, and every one has ended both ways."""
+        return bool(self.pumps) and not any(t.is_alive() for t in self.pumps)
 
     def _pump(self, source, sink) -> None:
         try:
@@ -312,6 +333,32 @@ class TcpRelay:
                 sink.sendall(data)
         except OSError:
             pass
+        self._pass_close(sink)
+
+    def _pump_frames(self, source, sink) -> None:
+        """Relay whole frames, flipping a bit of the DATA payloads ``corrupt`` asks for."""
+        try:
+            while header := _recv_exactly(source, HEADER_SIZE):
+                sink.sendall(header)
+                if len(header) < HEADER_SIZE:
+                    break  # the stream ended inside a header
+                frame = parse_header(header)
+                left, first = frame.length, True
+                while left:
+                    data = _recv_exactly(source, min(left, 1 << 16))
+                    if not data:
+                        break
+                    if first and frame.type == kvwire.proto.FrameType.DATA and self.corrupted < self.corrupt:
+                        self.corrupted += 1
+                        data = bytes([data[0] ^ 0x01]) + data[1:]
+                    first = False
+                    sink.sendall(data)
+                    left -= len(data)
+        except (OSError, kvwire.ProtocolError):
+            pass
+        self._pass_close(sink)
+
+    def _pass_close(self, sink) -> None:
         if self.pass_close:
             try:
                 sink.shutdown(socket.SHUT_WR)

@@ -408,6 +408,27 @@ def test_a_sender_resends_what_the_receiver_asks_for(rx, monkeypatch):
     assert_transferred(LAYOUT, src, [0, 1, 2], rx.dst, [10, 11, 12], 40)
 
 
+def test_payload_bytes_damaged_on_the_path_are_sent_again_and_land_exact(rx):
+    """A middlebox flips a bit in the first payloads: they land in place damaged, fail
+    their checksum, are asked for again and overwritten by the resent bytes. The other
+    blocks of the destination are never written."""
+    src = filled(LAYOUT, 32, seed=5)
+    relay = TcpRelay(rx.address, corrupt=4)
+    try:
+        h = rx.expect("damaged", [10, 11, 12], 40)
+        with kvwire.Sender(LAYOUT, relay.address, secret=SECRET, kv_caches=src, streams=2, chunk_bytes=4096) as tx:
+            stats = tx.send("damaged", [0, 1, 2], 40, timeout=20)
+        h.wait(timeout=10)
+    finally:
+        relay.close()
+    assert relay.corrupted == 4
+    assert stats["nacked_chunks"] == 4
+    assert rx.stats()["checksum_failures"] == 4
+    assert_transferred(LAYOUT, src, [0, 1, 2], rx.dst, [10, 11, 12], 40)
+    untouched = [b for b in range(32) if b not in (10, 11, 12)]
+    assert all(bool((t[untouched] == 0).all()) for layer in rx.dst for t in layer.values())
+
+
 def test_a_sender_whose_payloads_keep_failing_the_checksum_fails_typed_on_both_sides(rx, monkeypatch):
     """Every payload corrupted on the way: the receiver asks again a bounded number of
     times, then fails the request; both sides raise ChecksumMismatch (the sender learns

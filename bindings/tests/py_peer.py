@@ -2,11 +2,15 @@
 
     py_peer.py receive            prints the port, expects "from-c", verifies, exits 0/1
     py_peer.py send PORT          sends "from-py" to a C receiver on 127.0.0.1:PORT
+    py_peer.py damage PORT        relays to 127.0.0.1:PORT, flipping a bit of every DATA
+                                  payload; prints its port, exits 0 once its connections
+                                  have ended (1 if it damaged nothing)
 
 Both sides fill and check the caches with the same formula as test_capi.c.
 """
 
 import sys
+import time
 
 import torch
 
@@ -27,7 +31,23 @@ def filled(seed: int) -> list[dict[str, torch.Tensor]]:
     return [{"k": pattern(2 * layer, seed), "v": pattern(2 * layer + 1, seed)} for layer in range(LAYOUT.num_layers)]
 
 
+def damage(port: int) -> int:
+    from tests.helpers import TcpRelay  # the checkout is on PYTHONPATH (CMakeLists.txt)
+
+    relay = TcpRelay(("127.0.0.1", port), corrupt=1 << 30)
+    print(relay.address[1], flush=True)
+    give_up = time.monotonic() + 120
+    while not relay.finished() and time.monotonic() < give_up:
+        time.sleep(0.05)
+    ended = relay.finished()
+    relay.close()
+    print(f"py_peer: damaged {relay.corrupted} payloads", file=sys.stderr)
+    return 0 if ended and relay.corrupted else 1
+
+
 def main() -> int:
+    if sys.argv[1] == "damage":
+        return damage(int(sys.argv[2]))
     if sys.argv[1] == "receive":
         dst = LAYOUT.allocate(BLOCKS)
         with kvwire.Receiver(LAYOUT, ("127.0.0.1", 0), secret=SECRET, kv_caches=dst) as rx:

@@ -351,6 +351,52 @@ static void test_python_sender_to_c_receiver(void) {
   caches_free(&expected);
 }
 
+/* A path that damages every payload (py_peer.py's relay, which flips a bit of each): the
+ * receiver asks again a bounded number of times, then both sides end with
+ * KVW_ERR_CHECKSUM, within the deadline, and the destination outside the request stays zero. */
+static void test_damaged_path(void) {
+  caches src, dst;
+  caches_init(&src, 4);
+  caches_init(&dst, -1);
+  char peer[64];
+  kvw_receiver* r = loopback_receiver(&dst, NULL, peer, sizeof peer);
+  int port = atoi(strchr(peer, ':') + 1);
+  char cmd[1024];
+  snprintf(cmd, sizeof cmd, "%s %s damage %d", python, peer_script, port);
+  FILE* relay = popen(cmd, "r");
+  int relay_port = 0;
+  CHECK(relay && fscanf(relay, "%d", &relay_port) == 1, "the damaging relay did not print its port");
+  char address[64];
+  snprintf(address, sizeof address, "127.0.0.1:%d", relay_port);
+  kvw_request* q = NULL;
+  kvw_sender* s = NULL;
+  kvw_transfer* t = NULL;
+  int dst_blocks[2] = {40, 41};
+  double t0 = now();
+  EXPECT_STATUS(kvw_expect(r, "damaged", dst_blocks, 2, 20, 30.0, &q), KVW_OK);
+  EXPECT_STATUS(kvw_sender_create(&LAYOUT, address, SECRET, src.tensors, 8, "streams=2,chunk_kib=4", &s), KVW_OK);
+  EXPECT_STATUS(kvw_transfer_begin(s, "damaged", (int[]){0, 1}, 2, 20, 30.0, &t), KVW_OK);
+  for (int layer = 0; layer < LAYERS && t; ++layer) kvw_transfer_send_layer(t, layer, NULL); /* may fail early */
+  EXPECT_STATUS(kvw_transfer_finish(t, 30.0), KVW_ERR_CHECKSUM);
+  CHECK(strstr(kvw_last_error(), "checksum") != NULL, "the sender's error should say why: %s", kvw_last_error());
+  EXPECT_STATUS(kvw_request_wait(q, 30.0), KVW_ERR_CHECKSUM);
+  CHECK(now() - t0 < 20.0, "the failure took %.1f s", now() - t0);
+  CHECK(receiver_stat(r, "checksum_failures") > 0, "the receiver counted no checksum failure");
+  int zero = 1;
+  for (int i = 0; i < LAYERS * 2; ++i)
+    for (long e = 0; e < ELEMS; ++e)
+      if (e / (BS * HEADS * DIM) != 40 && e / (BS * HEADS * DIM) != 41 && dst.data[i][e] != 0.0f) zero = 0;
+  CHECK(zero, "a block outside the request was written");
+  kvw_transfer_free(t);
+  kvw_request_free(q);
+  kvw_sender_close(s);
+  kvw_receiver_close(r);
+  int status = relay ? pclose(relay) : -1;
+  CHECK(status == 0, "the damaging relay failed or damaged nothing (status %d)", status);
+  caches_free(&src);
+  caches_free(&dst);
+}
+
 /* A transfer from C to C over UCX, and a bad transport named as such. Skipped, saying
  * so, when the embedded Python has no UCXX. */
 static void test_ucx_transport(void) {
@@ -420,6 +466,7 @@ int main(int argc, char** argv) {
   test_polling();
   test_c_sender_to_python_receiver();
   test_python_sender_to_c_receiver();
+  test_damaged_path();
   test_ucx_transport();
 
   printf("%d failed\n", failures);
