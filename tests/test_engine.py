@@ -91,6 +91,33 @@ def test_a_stream_closed_while_a_call_uses_it_keeps_its_descriptor_until_the_cal
     d.close()
 
 
+def test_a_stream_whose_writing_stopped_refuses_sends_and_keeps_reading():
+    """After a failed send the sender stops writing (a half-close) and reads on for what
+    the peer sent before. A later send (a transfer's CANCEL, say) must fail without
+    closing the stream: closing it cut that reading off before its grace."""
+    import socket
+
+    from kvwire.transport import TcpStream
+
+    a, b = socket.socketpair()
+    stream = TcpStream(a, "pair")
+    try:
+        assert stream.shutdown_write()
+        with pytest.raises(kvwire.PeerLost, match="writing has stopped"):
+            stream.send_control(b"C" * 32)
+        with pytest.raises(kvwire.PeerLost, match="writing has stopped"):
+            stream.send_parts([b"D" * 32])
+        assert not stream.closed
+        b.sendall(b"an ACK sent before the peer closed")
+        got = bytearray(34)
+        stream.recv_into_exact(memoryview(got))
+        assert bytes(got) == b"an ACK sent before the peer closed"
+        assert b.recv(64) == b""  # the half-close reached the peer, and nothing after it
+    finally:
+        stream.close()
+        b.close()
+
+
 def test_a_control_frame_queued_while_another_thread_flushes_goes_out_with_that_flush():
     """Thread A flushes the outbox; thread B queues a frame after A took its copy (B's own
     flush finds the send lock held and leaves it to A). A must send it too: taking "frames

@@ -499,8 +499,8 @@ def _wait_then_close(handle, receiver) -> None:
 
 
 @pytest.mark.parametrize(
-    "grace_s, completes, failing", [(0.5, True, 1), (60.0, False, 1), (0.5, True, 0)],
-    ids=["cut-off", "grace-outlasts-the-transfer", "cut-off-conn0"],
+    "grace_s, completes, failing", [(0.5, True, 1), (60.0, False, 1), (0.5, True, 0), (60.0, False, 0)],
+    ids=["cut-off", "grace-outlasts-the-transfer", "cut-off-conn0", "grace-outlasts-the-transfer-conn0"],
 )  # fmt: skip
 def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, monkeypatch, grace_s, completes,
                                                                              failing):  # fmt: skip
@@ -552,7 +552,9 @@ def test_a_failed_writer_whose_reader_never_ends_is_cut_off_after_the_grace(rx, 
             else:
                 with pytest.raises(kvwire.TransferError):
                     t.finish(timeout=3)
-                assert tx.stats()["alive_streams"] == 2  # still waiting on the silent reader
+                # Still waiting on the silent reader: the timed-out transfer's CANCEL did not go
+                # to the connection whose writing stopped (that send closed it, one run in ten).
+                assert tx.stats()["alive_streams"] == 2
     finally:
         proxy.close()
     if completes:

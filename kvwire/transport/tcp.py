@@ -180,6 +180,7 @@ class TcpStream:
         self._outbox_bytes = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
         self.closed = False
+        self.writing_stopped = False  # shutdown_write: nothing more is sent, the reading goes on
         # Calls under way on the socket (hold/release): a close meanwhile shuts the socket
         # down at once (which ends them) and leaves closing its descriptor to the last one,
         # so no call ever reaches a descriptor number the process has given to another socket.
@@ -191,6 +192,7 @@ class TcpStream:
         after any control frames queued before them."""
         if device_payload is not None:
             raise ValueError("device_payload: TCP carries payloads from host memory only")
+        self._check_writing()
         with self._send_lock:
             pending = self._take_outbox()
             views, spans, nbytes = [], False, 0
@@ -233,6 +235,7 @@ class TcpStream:
         A peer that leaves ``MAX_OUTBOX_BYTES`` of control frames unread is lost."""
         if self.closed:
             raise PeerLost(f"connection to {self.peer} is closed")
+        self._check_writing()
         with self._outbox_lock:
             self._outbox.append(frame)
             self._outbox_bytes += len(frame)
@@ -247,13 +250,19 @@ class TcpStream:
     def flush_control(self) -> None:
         """Send queued control frames if that needs no waiting: not while another thread
         writes (that one sends them when its frame is done), not beyond the socket's room."""
-        while self._outbox and not self.closed and self._send_lock.acquire(blocking=False):
+        while self._outbox and not self.closed and not self.writing_stopped and self._send_lock.acquire(blocking=False):
             try:
                 drained = self._send_outbox_nowait()
             finally:
                 self._send_lock.release()
             if not drained:
                 return  # the socket is full; the next writer or flush sends the rest
+
+    def _check_writing(self) -> None:
+        """PeerLost once writing has stopped: a send then would fail, and its failure would
+        close the stream, cutting off the reading that :meth:`shutdown_write` leaves open."""
+        if self.writing_stopped:
+            raise PeerLost(f"connection to {self.peer}: writing has stopped (a send failed before)")
 
     def _take_outbox(self) -> list[bytes]:
         with self._outbox_lock:
@@ -459,6 +468,7 @@ class TcpStream:
         reading side stays open for what the peer sent before. False if already closed."""
         if self.closed:
             return False
+        self.writing_stopped = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
