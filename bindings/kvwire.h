@@ -151,7 +151,8 @@ int kvw_sender_close(kvw_sender* sender);
 int kvw_transfer_begin(kvw_sender* sender, const char* request_id, const int* block_ids, int num_blocks,
                        int num_tokens, double deadline_s, kvw_transfer** out);
 /* Queue layer `layer`; returns at once. cuda_stream: the stream the layer was computed on
- * (kvwire reads the cache after the work queued there), or NULL for host caches. */
+ * (kvwire reads the cache after the work queued there), or NULL for host caches. Once the
+ * transfer has failed, the layer is dropped (KVW_OK): kvw_transfer_finish returns why. */
 int kvw_transfer_send_layer(kvw_transfer* transfer, int layer, void* cuda_stream);
 /* Wait up to timeout_s for the receiver's acknowledgement. If the timeout passes first,
  * the transfer is cancelled (KVW_ERR_TIMEOUT); to wait without cancelling, poll. */

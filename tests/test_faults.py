@@ -245,6 +245,27 @@ def test_token_count_disagreement_fails_both_sides(rx):
     assert untouched(rx.dst)
 
 
+def test_layers_given_to_a_failed_transfer_are_dropped_and_finish_says_why(rx):
+    """A prefill streams layer by layer; the receiver fails the transfer after its first
+    layer (the token counts disagree). The later layers must not raise into the
+    prefill's loop: they are dropped, and finish() raises the transfer's own error."""
+    h = rx.expect("failed-early", [4, 5], 20)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:
+        t = tx.transfer("failed-early", [0, 1], 30)
+        t.send_layer(0)
+        assert wait_until(t.done, timeout=10)
+        for layer in range(1, LAYOUT.num_layers):
+            t.send_layer(layer)
+        with pytest.raises(ValueError, match="out of range"):  # a caller's mistake still says so
+            t.send_layer(LAYOUT.num_layers)
+        with pytest.raises(kvwire.TransferError, match="expects 20"):
+            t.finish(timeout=10)
+    with pytest.raises(kvwire.TransferError, match="expects 20"):
+        h.wait(timeout=5)
+    assert untouched(rx.dst)
+    still_serves(rx)
+
+
 def test_receiver_close_fails_open_requests():
     r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4))
     h = r.expect("x", [0], 4)

@@ -226,6 +226,7 @@ class SendHandle:
         self.t_last_layer: float | None = None
         self.t_acked: float | None = None
         self.layer_sent_at: dict[int, float] = {}
+        self._ended_by_caller = False  # cancel() or finish() returned: a later send_layer is a mistake
         self.alone = False  # no other transfer was open when it started
         # The same number on the transfers of one request to every decode rank a
         # ShardedSender serves: their chunks' CRCs are computed together (RowChecksums).
@@ -237,14 +238,22 @@ class SendHandle:
         The blocks must keep their contents until :meth:`finish` returns: kvwire reads them
         in the background. With CUDA tensors, the read is ordered after the work already
         queued on the current stream.
+
+        Once the transfer has failed (the receiver refused or cancelled it, the peer was
+        lost...), a layer is taken and dropped: the failure is :meth:`finish`'s to raise,
+        so a prefill that streams layer by layer computes on and learns why at the end.
+        After the caller's own :meth:`cancel` or :meth:`finish` it is a ValueError.
         """
-        if self._done.is_set():
-            raise ValueError(f"send_layer: transfer {self.request_id!r} has already ended")
         L = self._sender.layout.num_layers
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
         if not 0 <= layer < L:
             raise ValueError(f"layer: {layer} out of range for {L} layers")
+        if self._done.is_set():
+            if self._error is not None and not self._ended_by_caller:
+                self._sent_layers.add(layer)
+                return
+            raise ValueError(f"send_layer: transfer {self.request_id!r} has already ended")
         if layer in self._sent_layers:
             raise ValueError(f"layer: {layer} was already sent for {self.request_id!r}")
         spec = self._sender.layout.layers[layer].state
@@ -277,12 +286,14 @@ class SendHandle:
         wait = remaining if timeout is None else min(timeout, remaining)
         if not self._done.wait(max(wait, 0)):
             self._sender._cancel(self, f"sender gave up after {wait:.3g} s", TransferTimeout)
+        self._ended_by_caller = True
         if self._error is not None:
             raise self._error
         return self.stats()
 
     def cancel(self, reason: str = "cancelled by the sender") -> None:
         """Stop sending; the receiver's handle fails with ``Cancelled``."""
+        self._ended_by_caller = True
         self._sender._cancel(self, reason, Cancelled)
 
     def _check_all_sent(self) -> None:

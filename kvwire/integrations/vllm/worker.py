@@ -130,15 +130,11 @@ class _Segment:
 
 def _send_layer(seg: _Segment, index: int) -> None:
     """Queue layer ``index`` of an open segment. One that ended since it was looked at (a
-    reader thread saw a cancel, its deadline or a lost peer) takes no more layers: its
-    ValueError must not reach vLLM's forward pass."""
+    reader thread saw a cancel, its deadline or a lost peer) takes the layer and drops it:
+    nothing reaches vLLM's forward pass, and the failure is reported when it is collected."""
     handle = seg.handle
     assert handle is not None
-    try:
-        handle.send_layer(index)  # type: ignore[union-attr]
-    except ValueError:
-        if not handle.done():
-            raise
+    handle.send_layer(index)  # type: ignore[union-attr]
     seg.layers_sent.add(index)
 
 
