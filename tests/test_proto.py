@@ -94,6 +94,22 @@ def test_handshake_then_data_and_ack(mode):
     assert pump(acks, cr2, mode) == [Ack(7, True, ""), Ack(8, False, "boom"), Ack(9, False, "crc", checksum=True)]
 
 
+@pytest.mark.parametrize("text", ["x" * 4095 + "é", "é" * 3000, "a lone surrogate \udcff from an OS error"])
+def test_a_long_or_odd_reason_reaches_the_peer_as_text(text):
+    """Reasons are cut to 4096 bytes: never inside a character (the peer would drop the
+    connection on a payload that is not UTF-8, and not read why)."""
+    c, s = client(), server()
+    cr, sr, _ = handshake(c, s)
+    pump(s.data_to_send(), cr, "whole")
+    frames = c.begin(7, "req-1", 100) + c.cancel(7, text)
+    begin, cancel = pump(frames, FrameReader(s), "whole")
+    sendable = text.encode("utf-8", "replace").decode()  # a lone surrogate becomes "?"
+    cut = len(cancel.reason.encode())
+    assert sendable.startswith(cancel.reason) and min(len(sendable.encode()), 4096) - 4 < cut <= 4096
+    ack, cancel_back = pump(s.ack(7, False, text) + s.cancel(8, text), FrameReader(c), "whole")
+    assert ack.message == cancel_back.reason == cancel.reason
+
+
 def test_wrong_secret_is_rejected_before_any_data():
     c, s = client(secret=b"wrong secret!!"), server()
     cr, sr = FrameReader(c), FrameReader(s)

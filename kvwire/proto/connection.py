@@ -196,6 +196,19 @@ class Nack:
 Event = Hello | Accepted | Authenticated | Begin | Data | Ack | Cancel | Credit | Nack
 
 
+MAX_TEXT_BYTES = 4096  # the reason or message a CANCEL, NACK or ACK carries; a longer one is cut
+
+
+def _text_payload(text: str) -> bytes:
+    """``text`` as UTF-8, cut to ``MAX_TEXT_BYTES`` on a character's boundary: the peer
+    requires UTF-8, and a character cut in half (or a lone surrogate from an OS error's
+    text) would make it drop the connection instead of reading why."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_TEXT_BYTES:
+        return data
+    return data[:MAX_TEXT_BYTES].decode("utf-8", "ignore").encode()
+
+
 def _proof(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"\0" + b"".join(parts), hashlib.sha256).digest()
 
@@ -390,7 +403,7 @@ class ClientConnection(Connection):
                              layer=heads or 0, start=first_head if heads else 0, tensor=codec)  # fmt: skip
 
     def cancel(self, tag: int, reason: str) -> bytes:
-        return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
+        return control_frame(FrameType.CANCEL, _text_payload(reason), tag=tag)
 
     def data_header(
         self, tag: int, layer: int, tensor: int, start: int, count: int, length: int, payload_crc: int, raw: bool
@@ -592,7 +605,7 @@ class ServerConnection(Connection):
     def nack(self, header: Header, reason: str) -> bytes:
         """Ask for the chunk of DATA frame ``header`` again."""
         return control_frame(
-            FrameType.NACK, reason.encode()[:4096], tag=header.tag, layer=header.layer, tensor=header.tensor,
+            FrameType.NACK, _text_payload(reason), tag=header.tag, layer=header.layer, tensor=header.tensor,
             start=header.start, count=header.count, flags=header.flags & DATA_RAW,
         )  # fmt: skip
 
@@ -601,7 +614,7 @@ class ServerConnection(Connection):
         """ACK of request ``tag``: complete, or failed (``checksum``: its payloads failed
         their checksum too often) for ``message``."""
         status = AckStatus.OK if ok else AckStatus.CHECKSUM if checksum else AckStatus.FAILED
-        return control_frame(FrameType.ACK, message.encode()[:4096], tag=tag, flags=status)
+        return control_frame(FrameType.ACK, _text_payload(message), tag=tag, flags=status)
 
     def credit(self, nbytes: int) -> bytes:
         # control_frame(FrameType.CREDIT, start=nbytes), packed directly: a few a frame
@@ -609,4 +622,4 @@ class ServerConnection(Connection):
         return pack_header(FrameType.CREDIT, 0, 0, 0, 0, nbytes, 0, 0, 0)
 
     def cancel(self, tag: int, reason: str) -> bytes:
-        return control_frame(FrameType.CANCEL, reason.encode()[:4096], tag=tag)
+        return control_frame(FrameType.CANCEL, _text_payload(reason), tag=tag)
