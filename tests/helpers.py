@@ -285,10 +285,14 @@ class TcpRelay:
     ``corrupt``: the first that many DATA payloads from the connecting side, over all its
     connections, reach the target with one bit flipped (a path that damages bytes; the
     frame headers pass intact, so only the payload checksum can tell). ``corrupted``
-    counts them."""
+    counts them. ``stall``: once it is set, the first connection's bytes from the
+    connecting side are no longer read (a path gone dark: that side's socket fills).
+    ``rate``: bytes per second from the connecting side, on each connection (a slow link)."""
 
-    def __init__(self, target, hold: threading.Event | None = None, pass_close: bool = True, corrupt: int = 0) -> None:
-        self.target, self.hold, self.pass_close = target, hold, pass_close
+    def __init__(self, target, hold: threading.Event | None = None, pass_close: bool = True, corrupt: int = 0,
+                 stall: threading.Event | None = None, rate: float | None = None) -> None:  # fmt: skip
+        self.target, self.hold, self.pass_close, self.stall = target, hold, pass_close, stall
+        self.rate = rate
         self.corrupt, self.corrupted = corrupt, 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
@@ -317,9 +321,12 @@ class TcpRelay:
             client.close()
             return
         self.sockets.append(server)
-        upstream = self._pump_frames if self.corrupt else self._pump
-        for pump, a, b in ((upstream, client, server), (self._pump, server, client)):
-            thread = threading.Thread(target=pump, args=(a, b), daemon=True)
+        if self.corrupt:
+            upstream: tuple = (self._pump_frames, client, server)
+        else:
+            upstream = (self._pump, client, server, self.stall if not self.pumps else None, self.rate)
+        for pump, *args in (upstream, (self._pump, server, client)):
+            thread = threading.Thread(target=pump, args=args, daemon=True)
             self.pumps.append(thread)
             thread.start()
 
@@ -327,10 +334,14 @@ class TcpRelay:
         """Some connection was relayed, and every one has ended both ways."""
         return bool(self.pumps) and not any(t.is_alive() for t in self.pumps)
 
-    def _pump(self, source, sink) -> None:
+    def _pump(self, source, sink, stall: threading.Event | None = None, rate: float | None = None) -> None:
         try:
-            while data := source.recv(1 << 16):
+            while data := source.recv(1 << 14 if rate else 1 << 16):
                 sink.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+                if stall is not None and stall.is_set():
+                    return  # neither read nor closed: the path is dark
         except OSError:
             pass
         self._pass_close(sink)

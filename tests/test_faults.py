@@ -235,6 +235,35 @@ def test_cancel_from_either_side(rx):
     still_serves(rx)
 
 
+def test_a_sender_that_gives_up_on_a_stalled_path_tells_the_receiver_on_another():
+    """The first connection's path goes dark mid-transfer, so finish(timeout) runs out.
+    Its CANCEL must not wait behind that connection's blocked send: the receiver's handle
+    fails with Cancelled at once, not at its own deadline."""
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    blocks = 128  # 2048 tokens, 8 MiB a layer: more than the stalled socket holds
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(blocks))
+    stall = threading.Event()
+    relay = TcpRelay(rx.address, stall=stall)
+    try:
+        src = filled(layout, blocks, seed=8)
+        with kvwire.Sender(layout, relay.address, secret=SECRET, kv_caches=src, streams=2, max_streams=2,
+                           chunk_bytes=256 << 10) as tx:  # fmt: skip
+            h = rx.expect("dark", list(range(blocks)), blocks * 16, deadline=30)
+            stall.set()
+            t = tx.transfer("dark", list(range(blocks)), blocks * 16)
+            for layer in range(layout.num_layers):
+                t.send_layer(layer)
+            with pytest.raises(kvwire.TransferTimeout):
+                t.finish(timeout=2)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.Cancelled, match="gave up"):
+                h.wait(timeout=20)
+            assert time.monotonic() - t0 < 5
+    finally:
+        relay.close()
+        rx.close()
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

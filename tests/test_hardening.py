@@ -22,7 +22,7 @@ import kvwire
 from kvwire.engine.common import layout_summary
 from kvwire.proto import FrameType, Header, ServerConnection, parse_header
 from kvwire.proto.frames import HEADER_SIZE
-from tests.helpers import SECRET, WireClient, assert_transferred, filled, wait_until, wire_tp
+from tests.helpers import SECRET, TcpRelay, WireClient, assert_transferred, filled, wait_until, wire_tp
 
 LAYOUT = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
 
@@ -342,6 +342,37 @@ def test_tls_transfer_round_trip(tls_contexts):
         h.wait(timeout=10)
         assert_transferred(LAYOUT, src, [0, 1], dst, [4, 5], 20)
     finally:
+        rx.close()
+
+
+def test_a_cancel_queued_behind_a_tls_send_goes_out_once_the_socket_has_room(tls_contexts):
+    """A transfer is given up while its only connection's writer is in a long send over a
+    slow path. The CANCEL waits in the outbox; over TLS it is written only when the
+    socket reports room, which it does not right after that send, and with the transfer
+    ended the writer sends nothing more. The sender's periodic flush must send it: the
+    receiver hears Cancelled, not its own deadline."""
+    server, client = tls_contexts
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    blocks = 128  # 2048 tokens, 8 MiB a layer
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(blocks), tls=server)
+    relay = TcpRelay(rx.address, rate=4e6)
+    try:
+        src = filled(layout, blocks, seed=9)
+        with kvwire.Sender(layout, relay.address, secret=SECRET, kv_caches=src, tls=client, streams=1,
+                           max_streams=1, chunk_bytes=256 << 10) as tx:  # fmt: skip
+            h = rx.expect("slow", list(range(blocks)), blocks * 16, deadline=40)
+            t = tx.transfer("slow", list(range(blocks)), blocks * 16)
+            for layer in range(layout.num_layers):
+                t.send_layer(layer)
+            time.sleep(1.0)
+            with pytest.raises(kvwire.TransferTimeout):
+                t.finish(timeout=0.1)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.Cancelled, match="gave up"):
+                h.wait(timeout=30)
+            assert time.monotonic() - t0 < 15  # the bytes queued before it drain at 4 MB/s
+    finally:
+        relay.close()
         rx.close()
 
 

@@ -802,15 +802,30 @@ class Sender:
         handle._complete(error(f"transfer {handle.request_id!r}: {reason}"))
         with self._lock:
             conns = [c for c in self._conns if c.alive]
-        # Always with its BEGIN (a repeat is ignored by the receiver): a BEGIN marked as
-        # sent on a connection here could let a writer send DATA there before it went out.
-        frames = {c.index: self._begin(c, handle) + c.proto.cancel(handle.tag, reason) for c in conns}
+        # On every connection: the first may be the one whose path stalled (the reason a
+        # finish(timeout) ran out), where the frame would wait behind a blocked send, and be
+        # lost with the connection. The receiver reads the first to come and ignores the
+        # rest. Always with its BEGIN (a repeat is ignored too): a BEGIN marked as sent on a
+        # connection here could let a writer send DATA there before it went out.
         for c in conns:
             try:
-                c.stream.send_control(frames[c.index])
-                break
+                c.stream.send_control(self._begin(c, handle) + c.proto.cancel(handle.tag, reason))
             except PeerLost:
                 continue
+        self._follower.kick()  # it flushes what a full socket kept (flush_controls)
+
+    def flush_controls(self) -> None:
+        """Send control frames that waited in a connection's outbox because its socket was
+        full when they were queued, now that it may have room. Nothing else would send
+        them while that connection's writer has no DATA to send (over TLS a frame is only
+        written when the socket reports room). Never waits."""
+        with self._lock:
+            conns = [c for c in self._conns if c.alive]
+        for c in conns:
+            try:
+                c.stream.flush_control()
+            except PeerLost:
+                pass  # its reader or writer sees the connection fail
 
     def _forget(self, handle: SendHandle) -> None:
         """Drop every record of an ended transfer (its chunks still queued are dropped by

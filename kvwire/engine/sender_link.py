@@ -4,7 +4,9 @@ A :class:`LinkFollower` belongs to one :class:`~kvwire.engine.sender.Sender`. It
 samples every live connection's TCP_INFO (every 20 ms while transfers are open, every
 500 ms otherwise) into a :class:`~kvwire.link.LinkModel`, and steps a
 :class:`~kvwire.planning.StreamPolicy` that asks the sender for more (or fewer)
-connections. The sender asks it for estimates and codec choices. The model and the
+connections. Each pass also sends the control frames a full socket kept in a connection's
+outbox (:meth:`~kvwire.engine.sender.Sender.flush_controls`). The sender asks it for
+estimates and codec choices. The model and the
 math live in ``kvwire/link.py`` and ``kvwire/planning.py``; this file only wires them to
 the sender's connections and clock.
 """
@@ -134,6 +136,7 @@ class LinkFollower:
             if self._stop:
                 return
             try:
+                self._sender.flush_controls()
                 self.sample()
                 self._follow()
             except Exception:  # a bug here must not stop the sampling for good, nor the sender
