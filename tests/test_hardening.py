@@ -376,6 +376,39 @@ def test_a_cancel_queued_behind_a_tls_send_goes_out_once_the_socket_has_room(tls
         rx.close()
 
 
+def test_a_tls_stream_is_not_half_closed(tls_contexts):
+    """After a failed send the sender half-closes a plain TCP connection and reads on. Over
+    TLS that would drop the session (the reads after it return ciphertext): the stream
+    refuses, and stays whole for the sender to close."""
+    import socket
+
+    from kvwire.transport.tcp import SocketOptions, connect
+
+    server, client = tls_contexts
+    listener = socket.create_server(("127.0.0.1", 0))
+    frame = b"an ACK the peer sent before closing"
+
+    def serve():
+        peer = server.wrap_socket(listener.accept()[0], server_side=True)
+        peer.sendall(frame)
+        peer.recv(1)
+        peer.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    stream = connect(listener.getsockname(), SocketOptions(), timeout=5, tls=client)
+    try:
+        stream.settimeout(None)
+        assert stream.shutdown_write() is False and not stream.writing_stopped
+        got = bytearray(len(frame))
+        stream.recv_into_exact(memoryview(got))
+        assert bytes(got) == frame  # plaintext: the session is intact
+    finally:
+        stream.close()
+        thread.join(timeout=5)
+        listener.close()
+
+
 def test_a_retired_tls_connection_lets_its_writer_go(tls_contexts):
     """Over TLS a writer waits for chunks on a condition: retiring its connection must wake
     it, or the thread stays blocked after the connection is closed."""

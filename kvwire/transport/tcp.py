@@ -465,8 +465,10 @@ class TcpStream:
 
     def shutdown_write(self) -> bool:
         """Stop sending (a half-close: the peer reads the end of the stream) while the
-        reading side stays open for what the peer sent before. False if already closed."""
-        if self.closed:
+        reading side stays open for what the peer sent before. False if already closed, or
+        over TLS: ``SSLSocket.shutdown`` drops the TLS session, and every later read would
+        return the peer's records still encrypted (the caller closes such a stream at once)."""
+        if self.closed or self._tls:
             return False
         self.writing_stopped = True
         try:
