@@ -264,6 +264,26 @@ def test_a_sender_that_gives_up_on_a_stalled_path_tells_the_receiver_on_another(
         rx.close()
 
 
+def test_a_transfer_its_caller_abandoned_ends_at_its_deadline(rx):
+    """The prefill failed after one layer and nobody calls finish(): at the deadline the
+    sender ends the transfer by itself, tells the receiver, and keeps no record of it
+    (nor counts its bytes as queued in later estimates)."""
+    h = rx.expect("abandoned", [4, 5], 20, deadline=30)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 4, seed=2), streams=2) as tx:
+        queued_before = tx.estimate(20).queued_bytes
+        t = tx.transfer("abandoned", [0, 1], 20, deadline=0.5)
+        t.send_layer(0)
+        assert wait_until(t.done, timeout=5)
+        with pytest.raises(kvwire.Cancelled, match="deadline passed"):
+            h.wait(timeout=5)
+        assert wait_until(lambda: tx.census()["transfers"] == 0, timeout=5), tx.census()
+        assert tx.census() == {"transfers": 0, "inflight_chunks": 0, "queued_chunks": 0, "begun_tags": 0}
+        assert tx.estimate(20).queued_bytes == queued_before
+        with pytest.raises(kvwire.TransferTimeout, match="deadline passed"):
+            t.finish()
+    still_serves(rx)
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

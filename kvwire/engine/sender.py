@@ -814,6 +814,17 @@ class Sender:
                 continue
         self._follower.kick()  # it flushes what a full socket kept (flush_controls)
 
+    def expire_transfers(self) -> None:
+        """End the transfers whose deadline has passed (``TransferTimeout``; the receiver is
+        told). ``finish`` does so for a caller waiting in it; this is for a transfer nobody
+        waits on, whose caller failed before its last layer: it would hold its records,
+        count as queued in every estimate and keep the link sampled at the busy pace."""
+        now = time.monotonic()
+        with self._lock:
+            due = [t for t in self._transfers.values() if t._deadline <= now and not t.done()]
+        for t in due:
+            self._cancel(t, "its deadline passed before it was acknowledged", TransferTimeout)
+
     def flush_controls(self) -> None:
         """Send control frames that waited in a connection's outbox because its socket was
         full when they were queued, now that it may have room. Nothing else would send

@@ -137,6 +137,7 @@ class LinkFollower:
                 return
             try:
                 self._sender.flush_controls()
+                self._sender.expire_transfers()
                 self.sample()
                 self._follow()
             except Exception:  # a bug here must not stop the sampling for good, nor the sender
