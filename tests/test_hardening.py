@@ -318,6 +318,42 @@ def test_records_return_to_zero_after_completed_cancelled_and_failed_requests():
         rx.close()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_peer_that_trickles_its_handshake_is_given_up_at_connect_timeout(tls, request):
+    """A peer answers a byte every 0.2 s: every read returns in time, so a timeout per read
+    never fires. connect_timeout bounds the whole handshake (TLS and kvwire)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        peer, _ = listener.accept()
+        with peer:
+            if tls:  # a TLS handshake record's header announcing 16 KiB, whose body then trickles
+                peer.sendall(b"\x16\x03\x03\x40\x00")
+            while not stop.is_set():
+                try:
+                    peer.sendall(b"\x00")
+                except OSError:
+                    return
+                stop.wait(0.2)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    kwargs = {"tls": request.getfixturevalue("tls_contexts")[1]} if tls else {}
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(kvwire.PeerLost, match="did not finish within connect_timeout=1 s"):
+            kvwire.Sender(LAYOUT, listener.getsockname(), secret=SECRET, kv_caches=LAYOUT.allocate(4), streams=1,
+                          connect_timeout=1.0, **kwargs)  # fmt: skip
+        assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
 # -- 6. TLS handshakes run off the accept thread ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tls_contexts():

@@ -51,6 +51,7 @@ from kvwire.engine.sender_link import AUTO, SHORT_PATH_RTT_S, LinkFollower, auto
 from kvwire.errors import (
     Cancelled,
     ChecksumMismatch,
+    KvwireError,
     PeerLost,
     ProtocolError,
     TransferError,
@@ -611,12 +612,27 @@ class Sender:
     # -- connecting ----------------------------------------------------------------------
     def _open(self, index: int, count: int, tls, options: SocketOptions, timeout: float) -> _Conn:
         stream: ByteStream
+        expired = threading.Event()
+        watchdog = None
         if self.transport == "ucx":
             from kvwire.transport import ucx
 
             stream = ucx.connect(self._address, timeout=timeout)
         else:
-            stream = connect(self._address, options, timeout=timeout, tls=tls)
+            # ``timeout`` bounds the connect and each read; the watchdog bounds the TLS and
+            # kvwire handshakes as a whole: a peer that trickles a byte now and then would
+            # otherwise hold this (the constructor, or a connection being added) forever.
+            started = time.monotonic()
+            tcp = connect(self._address, options, timeout=timeout, tls=tls, tls_handshake=False)
+            stream = tcp
+
+            def expire() -> None:
+                expired.set()
+                tcp.close()
+
+            watchdog = threading.Timer(max(started + timeout - time.monotonic(), 0), expire)
+            watchdog.daemon = True
+            watchdog.start()
         proto = ClientConnection(
             self._secret,
             session=self._session,
@@ -632,7 +648,20 @@ class Sender:
             tp=(self._tp.rank, self._tp.size, self._tp.kv_heads),
             block_size=self.layout.block_size,
         )
-        accepted = client_handshake(stream, proto)
+        try:
+            if watchdog is not None:
+                tcp.tls_handshake()
+            accepted = client_handshake(stream, proto)
+        except KvwireError as exc:
+            if expired.is_set():
+                raise PeerLost(f"handshake with {stream.peer} did not finish within connect_timeout={timeout:g} s "
+                               f"({exc})") from None  # fmt: skip
+            raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if expired.is_set():  # it fired as the handshake ended: the stream is closed
+            raise PeerLost(f"handshake with {stream.peer} did not finish within connect_timeout={timeout:g} s")
         stream.settimeout(None)
         try:
             self._agree_part(accepted)

@@ -463,6 +463,19 @@ class TcpStream:
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 
+    def tls_handshake(self) -> None:
+        """The client side of the TLS handshake of a stream ``connect`` left it to; nothing
+        without TLS. PeerLost if it fails, or if the stream is closed meanwhile."""
+        if not self._tls:
+            return
+        try:
+            with self.held():  # as every call on the socket: a close ends it
+                assert isinstance(self.sock, ssl.SSLSocket)
+                self.sock.do_handshake()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.close()
+            raise PeerLost(f"TLS handshake with {self.peer} failed: {exc}") from None
+
     def shutdown_write(self) -> bool:
         """Stop sending (a half-close: the peer reads the end of the stream) while the
         reading side stays open for what the peer sent before. False if already closed, or
@@ -540,7 +553,12 @@ def connect(
     timeout: float,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    tls_handshake: bool = True,
 ) -> TcpStream:
+    """A connected stream; ``timeout`` bounds the connect and each read after it.
+    ``tls_handshake=False``: the socket is wrapped but its TLS handshake is left to
+    :meth:`TcpStream.tls_handshake`, which a ``close()`` from another thread (a
+    watchdog bounding the whole setup) ends at once."""
     host, port = address
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -553,7 +571,8 @@ def connect(
         sock.settimeout(timeout)
         sock.connect(sockaddr)
         if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
+            sock = tls.wrap_socket(sock, server_hostname=server_hostname or host,
+                                   do_handshake_on_connect=tls_handshake)  # fmt: skip
     except ValueError:
         sock.close()
         raise
