@@ -284,6 +284,23 @@ def test_a_transfer_its_caller_abandoned_ends_at_its_deadline(rx):
     still_serves(rx)
 
 
+@pytest.mark.parametrize("code", ["auth", "layout", "other"])
+def test_a_reject_after_the_handshake_loses_the_connection_it_came_on(rx, code):
+    """A REJECT is allowed at any time (then the peer closes). Whatever error it names,
+    the connection it came on is lost and its transfers fail; its reader must not die
+    with the error and leave a connection that looks alive and is read by nobody."""
+    from kvwire.proto import FrameType
+    from kvwire.proto.frames import json_frame
+
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 4, seed=3), streams=2) as tx:
+        assert wait_until(lambda: len([c for c in rx._conns if c.alive]) == 2, timeout=5)
+        for c in rx._conns:
+            c.stream.send_control(json_frame(FrameType.REJECT, {"code": code, "reason": "changed its mind"}))
+        assert wait_until(lambda: tx.stats()["alive_streams"] == 0, timeout=5), tx.stats()["alive_streams"]
+        with pytest.raises(kvwire.PeerLost):
+            tx.send("after-reject", [0, 1], 20, timeout=5)
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

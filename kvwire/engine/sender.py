@@ -806,7 +806,8 @@ class Sender:
             c.stream.close()
         self._pool.close()
         for t in self._threads:
-            t.join(timeout=5)
+            if t.ident is not None:  # one being added may not have started yet: it sees the close
+                t.join(timeout=5)
         if self._encoders is not None:
             self._encoders.shutdown(wait=False, cancel_futures=True)
 
@@ -1192,15 +1193,21 @@ class Sender:
             self._space.notify()
 
     def _write_loop(self, conn: _Conn) -> None:
-        while True:
-            taken = self._next_chunks(conn)
-            if taken is None:
-                return
-            try:
-                self._send_taken(conn, taken)
-            except PeerLost as exc:
-                self._writer_lost(conn, exc)
-                return
+        try:
+            while True:
+                taken = self._next_chunks(conn)
+                if taken is None:
+                    return
+                try:
+                    self._send_taken(conn, taken)
+                except PeerLost as exc:
+                    self._writer_lost(conn, exc)
+                    return
+        except ProtocolError as exc:  # the reader found the peer's frames bad meanwhile
+            self._connection_lost(conn, exc)
+        except Exception as exc:  # a bug must not leave a live connection nobody writes to
+            log.exception("connection %d: its writer failed", conn.index)
+            self._connection_lost(conn, exc)
 
     def _duplex_loop(self, conn: _Conn) -> None:
         """The writer of a connection whose control frames it reads too (``conn.duplex``):
@@ -1229,7 +1236,7 @@ class Sender:
                     wake.wait(conn.stream)
                 for event in conn.channel.read_ready():
                     self._on_event(conn, event)
-        except (PeerLost, ProtocolError) as exc:
+        except KvwireError as exc:
             self._connection_lost(conn, exc)
             return
         except Exception as exc:  # a bug must not leave a live connection that nobody reads
@@ -1298,7 +1305,10 @@ class Sender:
             while True:
                 for event in conn.channel.next_events():
                     self._on_event(conn, event)
-        except (PeerLost, ProtocolError) as exc:
+        except KvwireError as exc:  # lost, a bad frame, a REJECT where none belongs...
+            self._connection_lost(conn, exc)
+        except Exception as exc:  # a bug must not leave a live connection nobody reads
+            log.exception("connection %d: its reader failed", conn.index)
             self._connection_lost(conn, exc)
 
     def _on_event(self, conn: _Conn, event) -> None:
