@@ -301,6 +301,39 @@ def test_a_reject_after_the_handshake_loses_the_connection_it_came_on(rx, code):
             tx.send("after-reject", [0, 1], 20, timeout=5)
 
 
+def test_a_segment_declined_while_its_data_is_being_read_costs_nothing_else(rx, monkeypatch):
+    """A reader has looked up a DATA frame of a request nobody expected yet; before it
+    goes on, the decode declines it (expect with no tokens, as the vLLM connector does).
+    The expect sets a handle but binds nothing: the frame must go the way of a frame of
+    an ended request, not into the handle's (empty) rows, and the connection, with the
+    other requests on it, must live on."""
+    from kvwire.engine import receiver as receiver_module
+
+    looked_up, go_on = threading.Event(), threading.Event()
+    check_data = receiver_module.Receiver._check_data
+
+    def pause_after_the_lookup(self, conn, header):
+        found = check_data(self, conn, header)
+        if found is not None and found[0].request_id == "declined" and not looked_up.is_set():
+            looked_up.set()
+            go_on.wait(10)  # the reader descheduled here (lock contention, the GIL)
+        return found
+
+    monkeypatch.setattr(receiver_module.Receiver, "_check_data", pause_after_the_lookup)
+    client = WireClient(rx.address, LAYOUT)
+    client.send(client.proto.begin(1, "declined", 20) + data_frame(tag=1, payload=b"\x01" * (16 * 2 * 64 * 2)))
+    assert looked_up.wait(10)
+    rx.expect("declined", [], 0).cancel("the decode computes these tokens itself")
+    go_on.set()
+    h = rx.expect("next", [6, 7], 20)
+    chunks = b"".join(data_frame(tag=2, layer=i, tensor=j, count=20) for i in range(3) for j in range(2))
+    client.send(client.proto.begin(2, "next", 20) + chunks)
+    h.wait(timeout=10)
+    assert not client.closed_by_peer(timeout=0.5)
+    client.close()
+    assert untouched(rx.dst)  # nothing of the declined segment landed ("next" sent zeros)
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

@@ -834,9 +834,13 @@ class Receiver:
         take it as it is (raw into contiguous host memory): no staging, no copy. The rows
         belong to this request alone until it ends; they count as arrived only once the
         checksum passed. False when the payload must go through staging instead."""
-        handle = request.handle  # set once by expect(), with the destination it names
-        if handle is None or n != spec.raw_nbytes:
+        # Bound first: an expect() that did not bind (fewer tokens than the BEGIN, as a decline
+        # is) also sets a handle, whose rows this chunk's are not. Once bound, the handle and
+        # its rows are fixed; if the request ends meanwhile, start_write says so.
+        if request.state is not requests.State.BOUND or n != spec.raw_nbytes:
             return False
+        handle = request.handle  # set once by expect(), with the destination it names
+        assert handle is not None
         views = self._placement.destination_views(codec, ref, handle.destination)  # outside the lock
         if views is None:
             return False
