@@ -334,6 +334,22 @@ def test_a_segment_declined_while_its_data_is_being_read_costs_nothing_else(rx, 
     assert untouched(rx.dst)  # nothing of the declined segment landed ("next" sent zeros)
 
 
+def test_a_long_lived_sender_whose_connections_come_and_go_leaves_nothing_behind(rx):
+    """A sender's connection policy opens and retires connections for as long as it runs:
+    the receiver must forget each closed one, not keep it with its session for good."""
+    keep = WireClient(rx.address, LAYOUT)
+    for _ in range(30):
+        WireClient(rx.address, LAYOUT).close()  # the same session ("cd" * 8)
+    assert wait_until(lambda: len(rx._conns) == 1, timeout=10)
+    session = rx._sessions["cd" * 8]
+    assert wait_until(lambda: len(session.conns) == 1, timeout=10), len(session.conns)
+    h = rx.expect("kept", [6, 7], 20)  # the one left still carries a request
+    chunks = b"".join(data_frame(tag=1, layer=i, tensor=j, count=20) for i in range(3) for j in range(2))
+    keep.send(keep.proto.begin(1, "kept", 20) + chunks)
+    h.wait(timeout=10)
+    keep.close()
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

@@ -716,6 +716,11 @@ class Receiver:
             if conn in self._conns:
                 self._conns.remove(conn)
             session = conn.session
+            if session is not None:  # a sender's connections come and go for as long as it runs
+                if conn in session.conns:
+                    session.conns.remove(conn)
+                if session.last_data is conn:
+                    session.last_data = None
             others = session.reply_conns() if session is not None else []
             for other in others:  # outcomes sent here may have died with it: the sender ignores repeats
                 for frame in conn.outcomes:
