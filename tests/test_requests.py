@@ -237,3 +237,21 @@ def test_the_checksum_limit_tells_the_sender_whose_payloads_failed_and_only_it()
     assert acks["a"].message == acks["b"].message and "from b" in acks["a"].message
     (finish,) = [a for a in actions if isinstance(a, Finish)]
     assert isinstance(finish.error, ChecksumMismatch)
+
+
+def test_one_sender_may_not_send_a_request_under_two_tags():
+    """Two BEGINs of one request from one session, with parts that would fit together:
+    refused as a protocol error, leaving the table as it was, so losing that sender
+    later ends the request once (it used to end it twice and fail an assertion)."""
+    from kvwire.proto.request import PartSpec
+
+    layout = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)
+    t = RequestTable(layout, capacity_tokens=64, max_requests_per_session=8)
+    assert t.begin("a", 1, "r", 8, now=0, part=PartSpec(1, 0, False)) == []
+    with pytest.raises(ProtocolError, match="already sends it under tag 1"):
+        t.begin("a", 2, "r", 8, now=0, part=PartSpec(1, 1, False))
+    assert t.begin("b", 5, "r", 8, now=0, part=PartSpec(1, 1, False)) == []  # another sender's part fits
+    request, _ = t.expect("r", object(), 8, deadline=100)
+    (finish,) = [a for a in t.session_lost("a") if isinstance(a, Finish)]
+    assert isinstance(finish.error, PeerLost) and not request.live
+    assert t.session_lost("b") == []  # it ended already: told once

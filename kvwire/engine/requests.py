@@ -306,6 +306,9 @@ class RequestTable:
             why = self._attach(request, session, tag, part, unit, now, codec)
             assert why is None, why  # a first part fits an empty plan (BEGIN checked its numbers)
             return []
+        if session in request.senders:  # one sender, one tag per request: its parts would be two
+            raise ProtocolError(f"BEGIN for {request_id!r} under tag {tag}: this sender already sends it under "
+                                f"tag {request.senders[session][0]}")  # fmt: skip
         if request.senders and request.num_tokens != num_tokens:
             why = f"this sender sends {num_tokens} tokens, another sends {request.num_tokens}"
         else:
@@ -335,6 +338,8 @@ class RequestTable:
         senders are told)."""
         actions: list[Action] = []
         for request in list(self._by_tag.get(session, {}).values()):
+            if not request.live:
+                continue
             error = PeerLost(f"request {request.request_id!r}: the connections of {who} are all gone")
             if request.handle is None:  # an expect() that comes later fails at once
                 self._remember_cancel(request.request_id, str(error), Origin.PEER, error)
