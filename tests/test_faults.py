@@ -11,6 +11,7 @@ import torch
 
 import kvwire
 from kvwire.proto import FrameType, Header, crc32c
+from kvwire.proto.frames import HEADER_SIZE
 from tests.helpers import (
     SECRET,
     TRANSPORTS,
@@ -348,6 +349,43 @@ def test_a_long_lived_sender_whose_connections_come_and_go_leaves_nothing_behind
     keep.send(keep.proto.begin(1, "kept", 20) + chunks)
     h.wait(timeout=10)
     keep.close()
+
+
+def test_senders_that_stop_inside_a_parked_payload_give_its_room_back(monkeypatch):
+    """Connections that each send a DATA header of a request nobody expected yet, a byte
+    of its payload, then nothing, each hold a payload's share of the parking bounds. With
+    all of it held, every other sender's early chunks would wait (and the requests behind
+    them on its connection). After PARKED_READ_LIMIT_S those connections are closed and
+    the room is back."""
+    from kvwire.engine import receiver as receiver_module
+
+    monkeypatch.setattr(receiver_module, "PARKED_READ_LIMIT_S", 1.0)
+    row = 2 * 64 * 2
+    rx = kvwire.Receiver(
+        LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(512), staging_bytes=16 << 20, slot_bytes=1 << 20
+    )  # fmt: skip  (parking: 8 MiB in all, 2 MiB per sender)
+    idle = []
+    try:
+        rows = (1 << 20) // row  # a 1 MiB payload each
+        for i in range(8):
+            c = WireClient(rx.address, LAYOUT, session=f"{i:02d}" * 16)
+            c.send(c.proto.begin(1, f"idle-{i}", rows) + data_frame(tag=1, count=rows)[: HEADER_SIZE + 1])
+            idle.append(c)
+        assert wait_until(lambda: rx.stats()["parked_bytes"] >= 8 << 20, timeout=5)
+        assert all(c.closed_by_peer(timeout=5) for c in idle)
+        assert wait_until(lambda: rx.stats()["parked_bytes"] == 0, timeout=5)
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 8, seed=4), streams=1) as tx:
+            early = tx.transfer("early", [0, 1], 32)  # parked until its expect
+            for layer in range(LAYOUT.num_layers):
+                early.send_layer(layer)
+            assert wait_until(lambda: rx.stats()["parked_bytes"] > 0, timeout=5)
+            h = rx.expect("early", [10, 11], 32)
+            early.finish(timeout=10)
+            h.wait(timeout=10)
+    finally:
+        for c in idle:
+            c.close()
+        rx.close()
 
 
 def test_token_count_disagreement_fails_both_sides(rx):

@@ -71,6 +71,11 @@ REAPER_PERIOD_S = 0.05
 # receive; one that stalls this long (a sender stopped inside a frame) has its
 # connection closed, so that wait() never returns while its rows may still be written.
 DRAIN_LIMIT_S = 2.0
+# A payload of a request nobody has expected yet holds a share of the parking bounds while
+# it is read; a sender that stops inside it (a byte, then nothing) would hold that share for
+# good, and enough such connections would park every other sender. Its connection is
+# closed if the read takes longer than this (a 4 MiB chunk needs it only below ~1 Mbit/s).
+PARKED_READ_LIMIT_S = 30.0
 OUTCOMES_KEPT = 64  # per connection (see _RConn.outcomes)
 MAX_WINDOW_BYTES = (1 << 32) - 1  # credit returned comes in batches of a quarter window, each a 32-bit count
 # What a peer can make this side hold is bounded; these are the defaults (docs/api.md).
@@ -129,6 +134,7 @@ class _RConn:
     session: _Session | None = None
     alive: bool = True
     cut: str | None = None  # why this side closed it (the handshake deadline passed)
+    parked_read_until: float | None = None  # reading a payload that holds parking: the time it must end by
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
     head: bytearray = field(default_factory=lambda: bytearray(HEADER_SIZE))  # the receive lane's header
@@ -812,12 +818,16 @@ class Receiver:
         if self._receive_in_place(conn, header, n, request, ref, spec, codec):
             return
         parked_bytes = self._reserve_parking(conn, request, n)
+        if parked_bytes:
+            conn.parked_read_until = time.monotonic() + PARKED_READ_LIMIT_S  # the reaper closes it after
         try:
             slot, ok = self._receive_payload(conn, header, n, codec)
         except BaseException:
             with self._lock:
                 self._unpark_locked(conn.joined, parked_bytes)
             raise
+        finally:
+            conn.parked_read_until = None
         chunk = _Chunk(ref, spec, slot, n, conn, parked_bytes)
         if not ok:
             self._release(chunk)
@@ -1273,8 +1283,9 @@ class Receiver:
 
     def _reap_loop(self) -> None:
         """Every ``REAPER_PERIOD_S``: cut handshakes past their deadline, expire requests
-        past theirs, refuse data nobody claimed in time, and send queued control frames
-        that found the socket full."""
+        past theirs, refuse data nobody claimed in time, close connections stalled inside a
+        payload that holds parking room (``PARKED_READ_LIMIT_S``), and send queued control
+        frames that found the socket full."""
         while not self._closed:
             time.sleep(REAPER_PERIOD_S)
             now = time.monotonic()
@@ -1288,6 +1299,11 @@ class Receiver:
                 self._run_locked(actions)
                 conns = list(self._conns)
                 stalled = self._stalled_writers_locked(now)
+            slow = [c for c in conns if c.parked_read_until is not None and c.parked_read_until <= now]
+            for c in slow:
+                log.warning("closing connection from %s: a payload of a request nobody expected yet took more than "
+                            "%.3g s to arrive, holding parking room", c.stream.peer, PARKED_READ_LIMIT_S)  # fmt: skip
+                c.stream.close()  # its reader gives the parking room back
             for c in overdue:
                 c.stream.close()  # the thread reading its handshake gets an error and reports why
             for c, request_id in stalled:
