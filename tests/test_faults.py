@@ -285,21 +285,26 @@ def test_a_transfer_its_caller_abandoned_ends_at_its_deadline(rx):
     still_serves(rx)
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["with-a-reader", "duplex"])
 @pytest.mark.parametrize("code", ["auth", "layout", "other"])
-def test_a_reject_after_the_handshake_loses_the_connection_it_came_on(rx, code):
+def test_a_reject_after_the_handshake_loses_the_connection_it_came_on(rx, code, which):
     """A REJECT is allowed at any time (then the peer closes). Whatever error it names,
-    the connection it came on is lost and its transfers fail; its reader must not die
-    with the error and leave a connection that looks alive and is read by nobody."""
+    the connection it came on is lost (its chunks go on the others); its reader must not
+    die with the error and leave a connection that looks alive and is read by nobody."""
     from kvwire.proto import FrameType
     from kvwire.proto.frames import json_frame
 
-    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 4, seed=3), streams=2) as tx:
+    src = filled(LAYOUT, 4, seed=3)
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=src, streams=2, max_streams=2) as tx:
         assert wait_until(lambda: len([c for c in rx._conns if c.alive]) == 2, timeout=5)
-        for c in rx._conns:
-            c.stream.send_control(json_frame(FrameType.REJECT, {"code": code, "reason": "changed its mind"}))
-        assert wait_until(lambda: tx.stats()["alive_streams"] == 0, timeout=5), tx.stats()["alive_streams"]
-        with pytest.raises(kvwire.PeerLost):
-            tx.send("after-reject", [0, 1], 20, timeout=5)
+        (peer,) = [c for c in rx._conns if c.stream.sock.getpeername() == tx._conns[which].stream.sock.getsockname()]
+        peer.stream.send_control(json_frame(FrameType.REJECT, {"code": code, "reason": "changed its mind"}))
+        assert wait_until(lambda: not tx._conns[which].alive, timeout=5)
+        assert tx.stats()["alive_streams"] == 1
+        h = rx.expect("after-reject", [6, 7], 20)
+        tx.send("after-reject", [0, 1], 20, timeout=10)
+        h.wait(timeout=10)
+        assert_transferred(LAYOUT, src, [0, 1], rx.dst, [6, 7], 20)
 
 
 def test_a_segment_declined_while_its_data_is_being_read_costs_nothing_else(rx, monkeypatch):
@@ -362,8 +367,8 @@ def test_senders_that_stop_inside_a_parked_payload_give_its_room_back(monkeypatc
     monkeypatch.setattr(receiver_module, "PARKED_READ_LIMIT_S", 1.0)
     row = 2 * 64 * 2
     rx = kvwire.Receiver(
-        LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(512), staging_bytes=16 << 20, slot_bytes=1 << 20
-    )  # fmt: skip  (parking: 8 MiB in all, 2 MiB per sender)
+        LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(1024), staging_bytes=16 << 20, slot_bytes=1 << 20
+    )  # parking: 8 MiB in all, 2 MiB per sender
     idle = []
     try:
         rows = (1 << 20) // row  # a 1 MiB payload each
@@ -531,7 +536,7 @@ def test_a_late_frame_is_read_past_while_parked_chunks_fill_staging():
     """A DATA frame of a request that ended is read and dropped. With staging taken by
     chunks parked for an expect that has not come, reading it past through staging waited
     30 s for room and then dropped the connection, and the requests behind it failed."""
-    dst = LAYOUT.allocate(32)
+    dst = LAYOUT.allocate(128)  # room to announce the parked requests (twice the capacity in tokens)
     staging = 4259840  # one slot's worth; parking may use all of it here
     r = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst, staging_bytes=staging, max_parked_bytes=staging,
                         max_parked_bytes_per_peer=staging)  # fmt: skip

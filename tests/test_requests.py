@@ -255,3 +255,21 @@ def test_one_sender_may_not_send_a_request_under_two_tags():
     (finish,) = [a for a in t.session_lost("a") if isinstance(a, Finish)]
     assert isinstance(finish.error, PeerLost) and not request.live
     assert t.session_lost("b") == []  # it ended already: told once
+
+
+def test_requests_announced_before_their_expect_are_bounded_in_tokens_over_every_sender():
+    """Each BEGIN nobody expected yet holds a coverage plan sized by its tokens; senders
+    together may announce at most twice the receiver's capacity before expects claim
+    them. A BEGIN beyond is refused and counted; claimed or ended ones make room."""
+    t = table(capacity=64, limit=8)
+    assert t.max_announced_tokens == 128
+    assert t.begin("a", 1, "r1", 64, now=0) == []
+    assert t.begin("b", 1, "r2", 64, now=0) == []
+    (refused,) = t.begin("c", 1, "r3", 1, now=0)
+    assert isinstance(refused, SendAck) and not refused.ok and "not yet expected" in refused.message
+    assert t.counters["refused_requests"] == 1 and t.announced_tokens == 128
+    request, _ = t.expect("r1", object(), 64, deadline=100)  # bound: no longer counted
+    assert t.announced_tokens == 64
+    assert t.begin("c", 2, "r3", 32, now=0) == []
+    t.refuse_unclaimed(now=1000, timeout=60)  # r2 and r3 end unclaimed
+    assert t.announced_tokens == 0

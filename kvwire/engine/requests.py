@@ -169,6 +169,9 @@ class Placement(enum.Enum):
 # Payloads of one request that may fail their checksum, each asked for again, before the
 # request fails: a link that corrupts this often is not one to trust with the rest.
 MAX_CHECKSUM_FAILURES = 8
+# Requests announced and not yet expected may hold this many times the receiver's capacity
+# in tokens, over every sender together; a BEGIN beyond it is refused (refused_requests).
+ANNOUNCED_CAPACITIES = 2
 
 
 class RequestTable:
@@ -185,12 +188,17 @@ class RequestTable:
         max_requests_per_session: int,
         remembered_cancels: int = 4096,
         remembered_tags: int = 1024,
+        announced_capacities: int = ANNOUNCED_CAPACITIES,
     ) -> None:
         self.layout = layout
         kv = {p.heads for layer in layout.layers for p in layer.paged if p.name != "kv"}
         self._all_heads = kv.pop() if kv else 0  # the k/v heads this side holds
         self.capacity_tokens = capacity_tokens
         self.max_requests_per_session = max_requests_per_session
+        # Tokens of requests announced (BEGIN) and not yet expected, over every sender: each
+        # holds a coverage plan sized by its tokens, and nothing else bounds them together.
+        self.max_announced_tokens = announced_capacities * capacity_tokens
+        self.announced_tokens = 0
         self._remembered_cancels = remembered_cancels
         self._remembered_tags = remembered_tags
         self._by_id: dict[str, Request] = {}  # live requests
@@ -296,6 +304,12 @@ class RequestTable:
             self._end_tag(session, tag)
             return [SendAck(session, tag, False, refused)]
         request = self._by_id.get(request_id)
+        if request is None and self.announced_tokens + num_tokens > self.max_announced_tokens:
+            self.counters["refused_requests"] += 1
+            self._end_tag(session, tag)
+            return [SendAck(session, tag, False, f"request {request_id!r}: {self.announced_tokens} tokens of requests "
+                                                 f"not yet expected are waiting here already (at most "
+                                                 f"{self.max_announced_tokens}); try again once they are")]  # fmt: skip
         if request is None:
             remembered = self._cancelled.get(request_id)
             if remembered is not None and remembered[1] is Origin.LOCAL:  # cancelled here before it came
@@ -305,6 +319,7 @@ class RequestTable:
             request = Request(request_id, num_tokens, State.ANNOUNCED, created=now)
             why = self._attach(request, session, tag, part, unit, now, codec)
             assert why is None, why  # a first part fits an empty plan (BEGIN checked its numbers)
+            self.announced_tokens += num_tokens  # until it leaves ANNOUNCED (_move)
             return []
         if session in request.senders:  # one sender, one tag per request: its parts would be two
             raise ProtocolError(f"BEGIN for {request_id!r} under tag {tag}: this sender already sends it under "
@@ -464,6 +479,8 @@ class RequestTable:
     def _move(self, request: Request, state: State) -> None:
         if state not in ALLOWED.get(request.state, frozenset()):
             raise AssertionError(f"request {request.request_id!r}: {request.state.value} -> {state.value}")
+        if request.state is State.ANNOUNCED:
+            self.announced_tokens -= request.num_tokens
         request.state = state
         for lane in request.lanes:  # no BOUND -> BOUND move exists: it leaves BOUND, or was never in it
             lane.close()
