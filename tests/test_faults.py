@@ -393,6 +393,26 @@ def test_senders_that_stop_inside_a_parked_payload_give_its_room_back(monkeypatc
         rx.close()
 
 
+def test_a_parked_chunk_refused_at_the_expect_costs_only_its_own_connection(rx):
+    """Chunks of one request wait parked, from two connections of a sender. When the
+    expect claims them, one from the first connection overlaps that connection's earlier
+    data (a protocol error): that connection is closed, and the chunks of the other are
+    still placed, not dropped with it (the request would wait for its deadline)."""
+    a, b = WireClient(rx.address, LAYOUT), WireClient(rx.address, LAYOUT)  # one session
+    a.send(a.proto.begin(1, "mixed", 40) + data_frame(tag=1, count=16) + data_frame(tag=1, count=32))
+    assert wait_until(lambda: rx.stats()["parked_chunks"] == 2, timeout=5)
+    rest = [data_frame(tag=1, start=16, count=24)]
+    rest += [data_frame(tag=1, layer=i, tensor=j, count=40) for i in range(3) for j in range(2) if (i, j) != (0, 0)]
+    b.send(b.proto.begin(1, "mixed", 40) + b"".join(rest))
+    assert wait_until(lambda: rx.stats()["parked_chunks"] == 8, timeout=5)
+    h = rx.expect("mixed", [6, 7, 8], 40)
+    assert a.closed_by_peer(timeout=5)
+    h.wait(timeout=10)
+    assert not b.closed_by_peer(timeout=0.3)
+    a.close()
+    b.close()
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

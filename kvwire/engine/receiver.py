@@ -1084,27 +1084,32 @@ class Receiver:
 
     # -- placing -------------------------------------------------------------------------
     def _claim_all_locked(self, place: requests.Place) -> None:
-        """(lock held) Claim the rows of a bound request's parked chunks, in order, until
-        one is refused (it overlaps earlier data): that one and the rest are not claimed."""
+        """(lock held) Claim the rows of a bound request's parked chunks, in order. One that
+        is refused (it overlaps earlier data) condemns its connection: the chunks parked
+        after it from that connection are dropped with it (its sender resends them on
+        another), those of the request's other connections and senders are claimed."""
+        refused: set[_RConn] = set()
         for chunk in place.chunks:
+            if chunk.conn in refused:
+                self._release_parking_locked(chunk)
+                place.claims.append(None)  # dropped, unclaimed
+                continue
             try:
                 place.claims.append(self._claim_locked(place.request, chunk))
             except ProtocolError as exc:
                 place.claims.append(exc)
-                return
+                refused.add(chunk.conn)
 
     def _place_all(self, place: requests.Place) -> None:
-        """Write the chunks :meth:`_claim_all_locked` claimed; after a refused one, close its
-        connection and drop the rest (the refused one was released when it was refused)."""
-        assert place.claims or not place.chunks, "a Place action runs under the lock first"
+        """Write the chunks :meth:`_claim_all_locked` claimed; close the connection of a
+        refused one (it was released when it was refused) and drop what was not claimed."""
+        assert len(place.claims) == len(place.chunks), "a Place action runs under the lock first"
         for chunk, claim in zip(place.chunks, place.claims):
             if isinstance(claim, ProtocolError):
                 log.warning("closing connection from %s: %s", chunk.conn.stream.peer, claim)
                 chunk.conn.stream.close()
-                break
+                continue
             self._write(place.request, chunk, claim)
-        for rest in place.chunks[len(place.claims) :]:
-            self._release(rest)
 
     def _place(self, request: Request, chunk: _Chunk) -> None:
         with self._lock:
