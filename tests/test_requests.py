@@ -273,3 +273,15 @@ def test_requests_announced_before_their_expect_are_bounded_in_tokens_over_every
     assert t.begin("c", 2, "r3", 32, now=0) == []
     t.refuse_unclaimed(now=1000, timeout=60)  # r2 and r3 end unclaimed
     assert t.announced_tokens == 0
+
+
+def test_unclaimed_requests_are_refused_oldest_first_and_only_those_past_the_timeout():
+    """The reaper's pass looks only at the announced requests past the timeout (oldest
+    first), not at every request: a claimed one leaves that order."""
+    t = table(capacity=64, limit=16)
+    for i in range(10):
+        assert t.begin(S, i, f"r{i}", 4, now=float(i)) == []
+    t.expect("r2", object(), 4, deadline=100)  # bound: no longer announced
+    refused = {a.tag for a in t.refuse_unclaimed(now=14.5, timeout=10) if isinstance(a, SendAck)}
+    assert refused == {0, 1, 3, 4}
+    assert t.announced_tokens == 5 * 4 and t.refuse_unclaimed(now=14.5, timeout=10) == []

@@ -199,6 +199,7 @@ class RequestTable:
         # holds a coverage plan sized by its tokens, and nothing else bounds them together.
         self.max_announced_tokens = announced_capacities * capacity_tokens
         self.announced_tokens = 0
+        self._announced: dict[int, Request] = {}  # the ANNOUNCED ones, oldest first (refuse_unclaimed)
         self._remembered_cancels = remembered_cancels
         self._remembered_tags = remembered_tags
         self._by_id: dict[str, Request] = {}  # live requests
@@ -266,7 +267,12 @@ class RequestTable:
     def refuse_unclaimed(self, now: float, timeout: float) -> list[Action]:
         """Fail requests announced more than ``timeout`` seconds ago that nobody expected."""
         actions: list[Action] = []
-        for r in [r for r in self._by_id.values() if r.state is State.ANNOUNCED and now - r.created > timeout]:
+        old = []
+        for r in self._announced.values():  # oldest first: stop at the first one still in time
+            if now - r.created <= timeout:
+                break
+            old.append(r)
+        for r in old:
             error = TransferError(f"no expect() for {r.request_id!r} within {timeout:g} s")
             self._remember_cancel(r.request_id, str(error), Origin.PEER, error)  # an expect() later fails at once
             actions += self._end(r, State.FAILED, error, Origin.LOCAL)
@@ -320,6 +326,7 @@ class RequestTable:
             why = self._attach(request, session, tag, part, unit, now, codec)
             assert why is None, why  # a first part fits an empty plan (BEGIN checked its numbers)
             self.announced_tokens += num_tokens  # until it leaves ANNOUNCED (_move)
+            self._announced[id(request)] = request
             return []
         if session in request.senders:  # one sender, one tag per request: its parts would be two
             raise ProtocolError(f"BEGIN for {request_id!r} under tag {tag}: this sender already sends it under "
@@ -481,6 +488,7 @@ class RequestTable:
             raise AssertionError(f"request {request.request_id!r}: {request.state.value} -> {state.value}")
         if request.state is State.ANNOUNCED:
             self.announced_tokens -= request.num_tokens
+            del self._announced[id(request)]
         request.state = state
         for lane in request.lanes:  # no BOUND -> BOUND move exists: it leaves BOUND, or was never in it
             lane.close()
