@@ -17,8 +17,9 @@
  *   - Any thread may call any function; calls are serialised by the embedded runtime's
  *     lock only for their bookkeeping: data moves in background threads that do not hold it.
  *   - Strings are NUL-terminated UTF-8 and are copied: the caller keeps ownership.
- *   - Times are seconds as double. A deadline must be > 0. A timeout < 0 means "until the
- *     transfer's deadline"; NaN is refused.
+ *   - Times are seconds as double, finite, at most 1e9. A deadline must be > 0. A timeout
+ *     < 0 means "until the transfer's deadline"; NaN, infinity and larger values are refused
+ *     (KVW_ERR_INVALID). A transfer needs at least 1 token (an expect of 0 tokens declines).
  *   - No shutdown call is needed: close senders and receivers (their connections close),
  *     then exit. Do not fork after kvw_init() (the child may only exec).
  *
@@ -108,8 +109,10 @@ typedef struct kvw_request kvw_request;
 
 /* A log message: level (enum kvw_log_level), the text (valid during the call only), and
  * the user_data given to kvw_set_log_callback. Called from the library's threads, one call
- * at a time. It must return quickly, and may call kvw_version, kvw_strerror and
- * kvw_last_error but no other kvwire function. */
+ * at a time, and also from the caller's own thread inside a kvwire call that logs (a
+ * warning at kvw_sender_create): do not hold a lock the callback takes around kvwire calls.
+ * It must return quickly, and may call kvw_version, kvw_strerror and kvw_last_error but no
+ * other kvwire function. */
 typedef void (*kvw_log_fn)(int level, const char* message, void* user_data);
 
 /* Library */

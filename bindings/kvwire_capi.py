@@ -487,8 +487,8 @@ class CSender:
 
 
 class Transfer:
-    """A ``SendHandle`` with its deadline, which ``kvw_transfer_poll`` enforces: the sender
-    ends an expired transfer only when ``finish`` is called, and a poller never calls it."""
+    """A ``SendHandle`` with its deadline, which ``kvw_transfer_poll`` enforces at once (the
+    sender's own pass ends an expired transfer too, within tens of milliseconds)."""
 
     __slots__ = ("handle", "on_gpu", "deadline_s", "deadline", "expired")
 
@@ -517,8 +517,10 @@ class Transfer:
         message = f"transfer {self.handle.request_id!r}: its deadline ({self.deadline_s:g} s) passed"
         try:
             self.handle.finish(0)  # every layer was sent: this ends it as timed out
-        except ValueError:  # layers never sent: finish refuses, so end it here
-            self.handle.cancel(f"the deadline ({self.deadline_s:g} s) passed before every layer was sent")
+        except ValueError:  # layers never sent: finish refuses, so end it here (not as the caller's
+            # cancel: layers given after it are dropped, as for any transfer that failed)
+            self.handle._sender._cancel(self.handle, f"the deadline ({self.deadline_s:g} s) passed before every "
+                                        f"layer was sent", _kvwire.TransferTimeout)  # fmt: skip
             self.expired = message
         except _kvwire.TransferTimeout:
             self.expired = message
@@ -527,9 +529,16 @@ class Transfer:
 
 
 def request_poll(handle) -> int:
-    if not handle.done() and time.monotonic() < handle.deadline:
-        return PENDING
-    handle.wait(0)  # ended, or past its deadline (this ends it): returns or raises the outcome
+    """PENDING, OK, or raise the request's error; never blocks. Past the deadline it ends
+    the request now; one with a payload still landing in its rows stays PENDING until that
+    ends (at most the receiver's drain limit), where ``wait`` would block."""
+    if not handle.done():
+        if time.monotonic() < handle.deadline:
+            return PENDING
+        handle._receiver._expire(handle)
+        if not handle.done():
+            return PENDING
+    handle.wait(0)  # it has ended: returns or raises the outcome at once
     return OK
 
 

@@ -4,6 +4,7 @@ The library itself is tested from C by ctest (bindings/tests)."""
 
 import errno
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,66 @@ def test_status_codes_match_the_header_and_each_error_has_its_own():
     assert capi.status_of(kvwire.ChecksumMismatch("9 payloads failed their checksum")) == capi.CHECKSUM
     assert capi.status_of(kvwire.TransferError("another token count")) == capi.TRANSFER
     assert capi.status_of(kvwire.Cancelled("by the peer")) == capi.CANCELLED
+
+
+@pytest.mark.parametrize("ending", ["deadline", "failed"])
+def test_a_layer_given_after_a_poll_saw_the_failure_is_dropped_not_refused(ending, monkeypatch):
+    """kvw_transfer_poll reads a failed transfer's outcome; a send_layer after it must be
+    dropped (KVW_OK), as it is without the poll, not refused as the caller's mistake."""
+    from tests.helpers import SECRET
+
+    monkeypatch.setattr(capi, "_kvwire", kvwire)  # what kvw_init sets
+
+    layout = kvwire.KVLayout.gqa(num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(8))
+    try:
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=layout.allocate(8)) as tx:
+            if ending == "failed":
+                rx.expect("x", [4, 5], 20)  # the sender says 30: the receiver fails it at BEGIN
+            handle = tx.transfer("x", [0, 1], 30 if ending == "failed" else 20, deadline=0.3)
+            transfer = capi.Transfer(handle, on_gpu=False, deadline_s=0.3)
+            handle.send_layer(0)
+            deadline = time.monotonic() + 10
+            while transfer.poll() == capi.PENDING if time.monotonic() < deadline else False:
+                time.sleep(0.01)
+    except kvwire.TransferError as exc:
+        assert ("deadline" if ending == "deadline" else "expects 20") in str(exc)
+        handle.send_layer(1)  # dropped
+        handle.send_layer(2)
+    else:
+        pytest.fail("the poll did not report the failure")
+    finally:
+        rx.close()
+
+
+def test_polling_a_request_past_its_deadline_never_blocks(monkeypatch):
+    """A slow path: the request's deadline passes while a payload is still landing in its
+    rows. kvw_request_poll must not wait for that payload (wait would, up to the drain
+    limit): it says PENDING until the request has ended, then its outcome."""
+    from tests.helpers import SECRET, TcpRelay
+
+    monkeypatch.setattr(capi, "_kvwire", kvwire)
+    layout = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(64))
+    relay = TcpRelay(rx.address, rate=16e3)  # a 64 KiB chunk takes 4 s: past the drain limit
+    try:
+        with kvwire.Sender(layout, relay.address, secret=SECRET, kv_caches=layout.allocate(64), streams=1,
+                           max_streams=1, chunk_bytes=64 << 10) as tx:  # fmt: skip
+            h = rx.expect("slow", list(range(64)), 1024, deadline=1.5)
+            t = tx.transfer("slow", list(range(64)), 1024, deadline=30)
+            for layer in range(layout.num_layers):
+                t.send_layer(layer)
+            longest, outcome, give_up = 0.0, None, time.monotonic() + 15
+            while outcome is None and time.monotonic() < give_up:
+                t0 = time.monotonic()
+                try:
+                    if capi.request_poll(h) == capi.OK:
+                        outcome = "ok"
+                except kvwire.TransferTimeout:
+                    outcome = "timeout"
+                longest = max(longest, time.monotonic() - t0)
+                time.sleep(0.01)
+            assert outcome == "timeout" and longest < 0.5, (outcome, longest)
+    finally:
+        relay.close()
+        rx.close()

@@ -413,6 +413,16 @@ def test_a_parked_chunk_refused_at_the_expect_costs_only_its_own_connection(rx):
     b.close()
 
 
+def test_a_transfer_of_no_tokens_is_refused_at_once(rx):
+    """No token means no chunk, so no BEGIN would go out and no ACK come back: the
+    transfer would only time out. It is refused where it is made. (An expect of no
+    tokens is allowed: it declines a request.)"""
+    with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:
+        with pytest.raises(ValueError, match="at least 1 token"):
+            tx.transfer("empty", [], 0)
+    rx.expect("declined", [], 0).cancel("declined")
+
+
 def test_token_count_disagreement_fails_both_sides(rx):
     h = rx.expect("mismatch", [4, 5], 20)
     with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=LAYOUT.allocate(4)) as tx:

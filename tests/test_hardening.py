@@ -510,7 +510,9 @@ def test_an_idle_socket_does_not_stall_tls_handshakes(tls_contexts):
 
 
 # -- 7. deadlines and timeouts are finite and positive -------------------------------------------
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 0.0])
+# 1e10 s: beyond what Python's waits take (threading.TIMEOUT_MAX, ~9.2e9 s), which used to
+# fail deep inside a wait with OverflowError (KVW_ERR_INTERNAL from C) and cancel nothing.
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 0.0, 1e10])
 def test_deadlines_must_be_finite_and_positive(bad):
     rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(4))
     try:

@@ -39,8 +39,14 @@ def check_checksum(checksum: str | None, tls) -> str:
     return checksum
 
 
+# The longest duration a timeout or deadline may name (about 31 years): Python's waits take
+# at most threading.TIMEOUT_MAX (about 9.2e9 s) and fail beyond it, deep inside a wait.
+MAX_SECONDS = 1e9
+
+
 def check_seconds(value, name: str, *, optional: bool = False, zero: bool = False) -> float | None:
-    """A duration argument: a finite number of seconds, positive (or >= 0 with ``zero``).
+    """A duration argument: a finite number of seconds, positive (or >= 0 with ``zero``),
+    at most ``MAX_SECONDS``.
 
     NaN and infinity are refused: a NaN deadline compares false with every clock reading,
     so a wait on it would never end (and never time out)."""
@@ -52,6 +58,8 @@ def check_seconds(value, name: str, *, optional: bool = False, zero: bool = Fals
         raise ValueError(f"{name}: must be a finite number of seconds, got {value}")
     if value < 0 or (value == 0 and not zero):
         raise ValueError(f"{name}: must be {'>= 0' if zero else 'positive'}, got {value}")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{name}: at most {MAX_SECONDS:g} seconds, got {value:g}")
     return float(value)
 
 

@@ -227,7 +227,7 @@ class SendHandle:
         self.t_last_layer: float | None = None
         self.t_acked: float | None = None
         self.layer_sent_at: dict[int, float] = {}
-        self._ended_by_caller = False  # cancel() or finish() returned: a later send_layer is a mistake
+        self._ended_by_caller = False  # cancel() was called: a later send_layer is a mistake
         self.alone = False  # no other transfer was open when it started
         # The same number on the transfers of one request to every decode rank a
         # ShardedSender serves: their chunks' CRCs are computed together (RowChecksums).
@@ -243,7 +243,7 @@ class SendHandle:
         Once the transfer has failed (the receiver refused or cancelled it, the peer was
         lost...), a layer is taken and dropped: the failure is :meth:`finish`'s to raise,
         so a prefill that streams layer by layer computes on and learns why at the end.
-        After the caller's own :meth:`cancel` or :meth:`finish` it is a ValueError.
+        After the caller's own :meth:`cancel` it is a ValueError.
         """
         L = self._sender.layout.num_layers
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -287,7 +287,6 @@ class SendHandle:
         wait = remaining if timeout is None else min(timeout, remaining)
         if not self._done.wait(max(wait, 0)):
             self._sender._cancel(self, f"sender gave up after {wait:.3g} s", TransferTimeout)
-        self._ended_by_caller = True
         if self._error is not None:
             raise self._error
         return self.stats()
@@ -724,6 +723,8 @@ class Sender:
         request_id, sel = request_arguments(
             request_id, block_ids, num_tokens, deadline, self.layout.block_size, self._num_blocks
         )
+        if sel.num_tokens < 1:  # nothing to send: no BEGIN would go out, and no ACK come back
+            raise ValueError(f"num_tokens: a transfer sends at least 1 token, got {sel.num_tokens}")
         for i, t in (states or {}).items():
             self.layout.check_state(i, t, f"states[{i}]")
         if not isinstance(refuse_if_late, bool):
