@@ -206,10 +206,17 @@ class Handles:
         return entry[1]
 
     def pop(self, kind: str, handle: int, argument: str) -> object:
-        obj = self.get(kind, handle, argument)
+        """The object, removed in the same hold of the lock that found it: of two threads
+        freeing one handle at once, one gets it and the other Closed."""
+        if handle == 0:
+            raise Invalid(f"{argument}: NULL handle")
         with self._lock:
-            self._objects.pop(handle, None)
-        return obj
+            entry = self._objects.get(handle)
+            if entry is not None and entry[0] == kind:
+                del self._objects[handle]
+        if entry is None or entry[0] != kind:
+            raise Closed(f"{argument}: this kvw_{kind} was closed or freed (or is not a kvw_{kind})")
+        return entry[1]
 
 
 # -- options -------------------------------------------------------------------------------------
@@ -683,9 +690,13 @@ def install(ffi) -> None:
 
     @ffi.def_extern()
     def _kvwpy_strerror(status):
-        if f"e{status}" not in keep:
-            keep[f"e{status}"] = ffi.new("char[]", MESSAGES.get(status, f"unknown status {status}").encode())
-        return keep[f"e{status}"]
+        # One string per status, kept for good (a caller may hold it); setdefault: two threads
+        # asking at once get the same string, never one the other's store let go of.
+        found = keep.get(f"e{status}")
+        if found is None:
+            text = MESSAGES.get(status, f"unknown status {status}")
+            found = keep.setdefault(f"e{status}", ffi.new("char[]", text.encode()))
+        return found
 
     @ffi.def_extern()
     def _kvwpy_last_error():

@@ -198,3 +198,42 @@ def test_polling_a_request_past_its_deadline_never_blocks(monkeypatch):
     finally:
         relay.close()
         rx.close()
+
+
+def test_a_handle_freed_by_two_threads_at_once_is_freed_once():
+    """Handles.pop finds and removes in one hold of its lock: of several threads freeing
+    one handle together, exactly one gets it, the others Closed (kvw_transfer_free twice
+    at once returned KVW_OK twice)."""
+    import threading
+
+    class YieldingLock:  # gives the other threads their turn after each release, as a busy host might
+        def __init__(self) -> None:
+            self._lock = threading.Lock()
+
+        def __enter__(self):
+            self._lock.acquire()
+
+        def __exit__(self, *exc) -> None:
+            self._lock.release()
+            time.sleep(0.001)
+
+    def free(handles, h, start, got, closed) -> None:
+        start.wait()
+        try:
+            got.append(handles.pop("transfer", h, "transfer"))
+        except capi.Closed:
+            closed.append(1)
+
+    for _ in range(20):
+        handles = capi.Handles()
+        handles._lock = YieldingLock()
+        h = handles.add("transfer", object())
+        got: list = []
+        closed: list = []
+        start = threading.Barrier(4)
+        threads = [threading.Thread(target=free, args=(handles, h, start, got, closed)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 1 and len(closed) == 3
