@@ -100,6 +100,7 @@ C_TERMS = (
     (re.compile(r"\btorch\.float32\b"), "KVW_FP32"),
     (re.compile(r"\bkv_caches\b"), "caches"),
     (re.compile(r"\bdeadline:"), "deadline_s:"),
+    (re.compile(r"\btimeout:"), "timeout_s:"),  # not connect_timeout: nor unclaimed_timeout:
     (re.compile(r"^finish:"), "kvw_transfer_finish:"),
     (re.compile(r"^send_layer:"), "kvw_transfer_send_layer:"),
     (re.compile(r"\bexpect\(\)"), "kvw_expect"),

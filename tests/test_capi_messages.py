@@ -70,6 +70,8 @@ def test_messages_are_rewritten_in_c_terms():
     )
     assert capi.c_terms("finish: layers [1, 2] of 'x' were never sent").startswith("kvw_transfer_finish: layers [1, 2]")
     assert capi.c_terms("no expect() for 'r' within 60 s") == "no kvw_expect for 'r' within 60 s"
+    assert capi.c_terms("timeout: must be a finite number of seconds, got inf").startswith("timeout_s: must")
+    assert capi.c_terms("connect_timeout: must be positive").startswith("connect_timeout: must")
     assert capi.c_terms("cannot resolve 'x': [Errno -2] Name or service not known") == (
         "cannot resolve 'x': name or service not known"
     )
