@@ -198,24 +198,22 @@ class Handles:
             return handle
 
     def get(self, kind: str, handle: int, argument: str) -> object:
-        if handle == 0:
-            raise Invalid(f"{argument}: NULL handle")
-        with self._lock:
-            entry = self._objects.get(handle)
-        if entry is None or entry[0] != kind:
-            raise Closed(f"{argument}: this kvw_{kind} was closed or freed (or is not a kvw_{kind})")
-        return entry[1]
+        return self._find(kind, handle, argument, remove=False)
 
     def pop(self, kind: str, handle: int, argument: str) -> object:
         """The object, removed in the same hold of the lock that found it: of two threads
         freeing one handle at once, one gets it and the other Closed."""
+        return self._find(kind, handle, argument, remove=True)
+
+    def _find(self, kind: str, handle: int, argument: str, remove: bool) -> object:
         if handle == 0:
             raise Invalid(f"{argument}: NULL handle")
         with self._lock:
             entry = self._objects.get(handle)
-            if entry is not None and entry[0] == kind:
+            found = entry is not None and entry[0] == kind
+            if found and remove:
                 del self._objects[handle]
-        if entry is None or entry[0] != kind:
+        if not found:
             raise Closed(f"{argument}: this kvw_{kind} was closed or freed (or is not a kvw_{kind})")
         return entry[1]
 
@@ -498,18 +496,15 @@ class Transfer:
     """A ``SendHandle`` with its deadline, which ``kvw_transfer_poll`` enforces at once (the
     sender's own pass ends an expired transfer too, within tens of milliseconds)."""
 
-    __slots__ = ("handle", "on_gpu", "deadline_s", "deadline", "expired")
+    __slots__ = ("handle", "on_gpu", "deadline")
 
     def __init__(self, handle, on_gpu: bool, deadline_s: float) -> None:
         self.handle = handle
         self.on_gpu = on_gpu
-        self.deadline_s = deadline_s
+        # Taken after the sender took its own: once this has passed, so has the sender's.
         self.deadline = time.monotonic() + deadline_s
-        self.expired: str | None = None
 
     def finish(self, timeout: float | None) -> None:
-        if self.expired is not None:
-            raise _kvwire.TransferTimeout(self.expired)
         self.handle.finish(timeout)
 
     def poll(self) -> int:
@@ -517,23 +512,9 @@ class Transfer:
         if not self.handle.done():
             if time.monotonic() < self.deadline:
                 return PENDING
-            self._expire()
+            self.handle._sender.expire_transfers()  # now, not at the sender's next pass
         self.finish(0)  # it has ended: this returns or raises its outcome, and cancels nothing
         return OK
-
-    def _expire(self) -> None:
-        message = f"transfer {self.handle.request_id!r}: its deadline ({self.deadline_s:g} s) passed"
-        try:
-            self.handle.finish(0)  # every layer was sent: this ends it as timed out
-        except ValueError:  # layers never sent: finish refuses, so end it here (not as the caller's
-            # cancel: layers given after it are dropped, as for any transfer that failed)
-            self.handle._sender._cancel(self.handle, f"the deadline ({self.deadline_s:g} s) passed before every "
-                                        f"layer was sent", _kvwire.TransferTimeout)  # fmt: skip
-            self.expired = message
-        except _kvwire.TransferTimeout:
-            self.expired = message
-        except _kvwire.TransferError:
-            pass  # it failed otherwise in the meantime: that outcome stands
 
 
 def request_poll(handle) -> int:

@@ -613,6 +613,10 @@ class Sender:
         stream: ByteStream
         expired = threading.Event()
         watchdog = None
+
+        def late(stream: ByteStream) -> str:
+            return f"handshake with {stream.peer} did not finish within connect_timeout={timeout:g} s"
+
         if self.transport == "ucx":
             from kvwire.transport import ucx
 
@@ -653,14 +657,13 @@ class Sender:
             accepted = client_handshake(stream, proto)
         except KvwireError as exc:
             if expired.is_set():
-                raise PeerLost(f"handshake with {stream.peer} did not finish within connect_timeout={timeout:g} s "
-                               f"({exc})") from None  # fmt: skip
+                raise PeerLost(f"{late(stream)} ({exc})") from None
             raise
         finally:
             if watchdog is not None:
                 watchdog.cancel()
         if expired.is_set():  # it fired as the handshake ended: the stream is closed
-            raise PeerLost(f"handshake with {stream.peer} did not finish within connect_timeout={timeout:g} s")
+            raise PeerLost(late(stream))
         stream.settimeout(None)
         try:
             self._agree_part(accepted)
