@@ -293,7 +293,10 @@ class TcpRelay:
                  stall: threading.Event | None = None, rate: float | None = None) -> None:  # fmt: skip
         self.target, self.hold, self.pass_close, self.stall = target, hold, pass_close, stall
         self.rate = rate
+        if corrupt and (stall is not None or rate):
+            raise ValueError("corrupt: relays whole frames, and neither stalls nor paces them")
         self.corrupt, self.corrupted = corrupt, 0
+        self._counting = threading.Lock()  # the pumps of several connections count together
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.sockets: list = []
@@ -359,8 +362,7 @@ class TcpRelay:
                     data = _recv_exactly(source, min(left, 1 << 16))
                     if not data:
                         break
-                    if first and frame.type == kvwire.proto.FrameType.DATA and self.corrupted < self.corrupt:
-                        self.corrupted += 1
+                    if first and frame.type == kvwire.proto.FrameType.DATA and self._take_one_to_corrupt():
                         data = bytes([data[0] ^ 0x01]) + data[1:]
                     first = False
                     sink.sendall(data)
@@ -368,6 +370,13 @@ class TcpRelay:
         except (OSError, kvwire.ProtocolError):
             pass
         self._pass_close(sink)
+
+    def _take_one_to_corrupt(self) -> bool:
+        with self._counting:
+            if self.corrupted >= self.corrupt:
+                return False
+            self.corrupted += 1
+            return True
 
     def _pass_close(self, sink) -> None:
         if self.pass_close:
