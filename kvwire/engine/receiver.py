@@ -162,20 +162,21 @@ class _RConn:
         assert self.session is not None
         return self.session
 
-    def owe(self, nbytes: int, batch: int) -> bytes | None:
-        """Add released bytes; return a CREDIT frame once ``batch`` bytes are owed.
+    def owe(self, nbytes: int, batch: int) -> None:
+        """Add released bytes; send a CREDIT frame once ``batch`` bytes are owed (queued:
+        sending never waits for the peer).
 
         Batching cuts the wake-ups of the sender's ack thread several times over; the
         sender keeps ``window - batch`` >= one chunk of credit, so it never waits on a
         batch that cannot fill."""
         if not self.alive:
-            return None
+            return
         with self.owed_lock:
             self.owed += nbytes
             if self.owed < batch:
-                return None
+                return
             owed, self.owed = self.owed, 0
-        return self.proto.credit(owed)
+        self.send(self.proto.credit(owed))
 
     def send(self, frame: bytes) -> bool:
         """Queue a control frame; never waits for the peer (safe under the receiver's lock)."""
@@ -772,9 +773,7 @@ class Receiver:
             if received:
                 session.last_data = conn
             if owed:
-                frame = conn.owe(owed, batch)
-                if frame is not None:
-                    conn.send(frame)
+                conn.owe(owed, batch)
             if status == lane.CREDIT:
                 continue
             if status == lane.PYTHON:
@@ -881,9 +880,7 @@ class Receiver:
         finally:
             conn.writing_into = None
         ok = conn.proto.verify_data(header, views)
-        frame = conn.owe(n, self._credit_batch)
-        if frame is not None:
-            conn.send(frame)
+        conn.owe(n, self._credit_batch)
         if ok:
             lane_ok = self._lanes and request.codec_of(conn.joined.id).name == "raw"  # every frame of it is raw
             self._written_in_place(request, ref.layer, n, lane_ok, conn.joined, header.tag)
@@ -992,9 +989,7 @@ class Receiver:
             piece = scratch[: min(left, len(scratch))]
             conn.stream.recv_into_exact(piece)
             left -= len(piece)
-        frame = conn.owe(n, self._credit_batch)  # its window room comes back as a released chunk's
-        if frame is not None:
-            conn.send(frame)
+        conn.owe(n, self._credit_batch)  # its window room comes back as a released chunk's
 
     def _check_data(self, conn: _RConn, header: Header) -> tuple[Request, ChunkRef, ChunkSpec] | None:
         """Everything about a DATA frame that can be checked before its payload is read.
@@ -1177,9 +1172,7 @@ class Receiver:
         bytes back to the sender as credit (queued: sending never waits for the peer)."""
         self._release_parking_locked(chunk)
         chunk.slot.release()
-        frame = chunk.conn.owe(chunk.length, self._credit_batch)
-        if frame is not None:
-            chunk.conn.send(frame)
+        chunk.conn.owe(chunk.length, self._credit_batch)
 
     def _release(self, chunk: _Chunk) -> None:
         with self._lock:
