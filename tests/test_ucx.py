@@ -141,3 +141,54 @@ def test_a_corrupted_device_payload_is_refused_and_written_nowhere(emulated_gpu,
     finally:
         rx.close()
     assert all((t == 0).all() for layer in dst for t in layer.values())
+
+
+def test_a_ucx_peer_that_never_answers_the_handshake_is_given_up_on_both_sides():
+    """A UCX endpoint is ready as soon as it is made, so neither side's connect step waits
+    for the other's handshake. A listener that accepts and never answers is given up at
+    the sender's connect_timeout; an endpoint that never says HELLO is closed at the
+    receiver's handshake_timeout, while a real sender's transfer goes through beside it."""
+    import asyncio
+    import time
+
+    from kvwire.transport import ucx
+    from tests.helpers import assert_transferred, filled, wait_until
+
+    layout = LAYOUTS["mha"]
+    ucx.configure_for("127.0.0.1")
+    loop = ucx._Loop.get()
+    stop = asyncio.Event()
+
+    async def mute(ep) -> None:
+        await stop.wait()
+
+    async def listen():
+        return loop.ucxx.create_listener(mute, 0)
+
+    listener = loop.run(listen(), 10)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(kvwire.PeerLost, match="did not finish within connect_timeout=1 s"):
+            kvwire.Sender(layout, ("127.0.0.1", listener.port), secret=SECRET, kv_caches=layout.allocate(4),
+                          streams=1, transport="ucx", connect_timeout=1.0)  # fmt: skip
+        assert time.monotonic() - t0 < 3
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        loop.run(asyncio.sleep(0), 5)
+        listener.close()
+
+    dst = layout.allocate(8)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, transport="ucx", handshake_timeout=1.0)
+    try:
+        silent = ucx.connect(rx.address, timeout=5)  # never says HELLO
+        assert wait_until(lambda: rx.census()["pending_connections"] == 1, timeout=5)
+        src = filled(layout, 8, seed=3)
+        h = rx.expect("beside", [1, 2], 20)
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, streams=1, transport="ucx") as tx:
+            tx.send("beside", [0, 3], 20, timeout=30)
+        h.wait(timeout=10)
+        assert_transferred(layout, src, [0, 3], dst, [1, 2], 20, "raw")
+        assert wait_until(lambda: rx.census()["pending_connections"] == 0, timeout=5)  # the silent one is cut
+        silent.close()
+    finally:
+        rx.close()

@@ -612,30 +612,32 @@ class Sender:
     def _open(self, index: int, count: int, tls, options: SocketOptions, timeout: float) -> _Conn:
         stream: ByteStream
         expired = threading.Event()
-        watchdog = None
 
         def late(stream: ByteStream) -> str:
             return f"handshake with {stream.peer} did not finish within connect_timeout={timeout:g} s"
 
+        # ``timeout`` bounds the connect and each read; the watchdog bounds the TLS and kvwire
+        # handshakes as a whole: a peer that trickles a byte now and then, or accepts and
+        # never answers, would otherwise hold this (the constructor, or a connection being
+        # added) forever.
+        started = time.monotonic()
+        tcp = None
         if self.transport == "ucx":
             from kvwire.transport import ucx
 
             stream = ucx.connect(self._address, timeout=timeout)
+            stream.settimeout(timeout)
         else:
-            # ``timeout`` bounds the connect and each read; the watchdog bounds the TLS and
-            # kvwire handshakes as a whole: a peer that trickles a byte now and then would
-            # otherwise hold this (the constructor, or a connection being added) forever.
-            started = time.monotonic()
             tcp = connect(self._address, options, timeout=timeout, tls=tls, tls_handshake=False)
             stream = tcp
 
-            def expire() -> None:
-                expired.set()
-                tcp.close()
+        def expire() -> None:
+            expired.set()
+            stream.close()
 
-            watchdog = threading.Timer(max(started + timeout - time.monotonic(), 0), expire)
-            watchdog.daemon = True
-            watchdog.start()
+        watchdog = threading.Timer(max(started + timeout - time.monotonic(), 0), expire)
+        watchdog.daemon = True
+        watchdog.start()
         proto = ClientConnection(
             self._secret,
             session=self._session,
@@ -652,7 +654,7 @@ class Sender:
             block_size=self.layout.block_size,
         )
         try:
-            if watchdog is not None:
+            if tcp is not None:
                 tcp.tls_handshake()
             accepted = client_handshake(stream, proto)
         except KvwireError as exc:
@@ -660,8 +662,7 @@ class Sender:
                 raise PeerLost(f"{late(stream)} ({exc})") from None
             raise
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            watchdog.cancel()
         if expired.is_set():  # it fired as the handshake ended: the stream is closed
             raise PeerLost(late(stream))
         stream.settimeout(None)
