@@ -132,6 +132,38 @@ static uint32_t crc_bytes(uint32_t reg, const unsigned char *p, size_t n) {
     return crc_bytes_sw(reg, p, n);
 }
 
+#if HAVE_X86
+/* Joining CRCs of any lengths: the register after ``n`` more bytes is the register times
+ * x^(8n) modulo the polynomial (no table per length). Polynomials are reflected: bit 31
+ * is x^0. */
+static uint32_t x2n[64]; /* x^(2^k) */
+
+static uint32_t gf2_mul(uint32_t a, uint32_t b) {
+    if (a == 0) return 0;
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0) break;
+        }
+        m >>= 1;
+        b = (b & 1) ? (b >> 1) ^ POLY : b >> 1;
+    }
+    return p;
+}
+
+static void init_x2n(void) {
+    x2n[0] = 1u << 30; /* x^1 */
+    for (int k = 1; k < 64; k++) x2n[k] = gf2_mul(x2n[k - 1], x2n[k - 1]);
+}
+
+static uint32_t shift_bytes(uint32_t reg, uint64_t n) {
+    uint32_t p = 1u << 31; /* x^0 */
+    for (int k = 3; n && k < 64; n >>= 1, k++)
+        if (n & 1) p = gf2_mul(x2n[k], p);
+    return gf2_mul(p, reg);
+}
+
 /* Advancing a register over ``n`` zero bytes is linear in the register: four byte tables
  * (one per byte of the register) built from the 32 unit registers. */
 typedef struct {
@@ -140,18 +172,8 @@ typedef struct {
 } ZeroTable;
 
 static void zero_table_build(ZeroTable *z, size_t n) {
-    static const unsigned char zeros[4096];
     uint32_t unit[32];
-    for (int bit = 0; bit < 32; bit++) {
-        uint32_t reg = 1u << bit;
-        size_t left = n;
-        while (left) {
-            size_t step = left < sizeof zeros ? left : sizeof zeros;
-            reg = crc_bytes(reg, zeros, step);
-            left -= step;
-        }
-        unit[bit] = reg;
-    }
+    for (int bit = 0; bit < 32; bit++) unit[bit] = shift_bytes(1u << bit, n);
     for (int k = 0; k < 4; k++)
         for (uint32_t v = 0; v < 256; v++) {
             uint32_t acc = 0;
@@ -168,7 +190,9 @@ static inline uint32_t zero_advance(const ZeroTable *z, uint32_t reg) {
 
 /* Tables for the span lengths seen, shared by all threads and never freed (bounded:
  * ZERO_SLOTS of 4 KiB). A slot is published (zero_used raised) only once built, and never
- * changes after; a length beyond the slots is built into the caller's scratch table. */
+ * changes after; a length beyond the slots is built into the caller's scratch table, in
+ * about 6 us here (the units are products, not CRCs of n zero bytes, which cost 32 n bytes
+ * of CRC: 4.8 ms a call once 48 lengths had filled the slots, for a 4 MiB buffer). */
 #define ZERO_SLOTS 48
 static ZeroTable zero_slots[ZERO_SLOTS];
 static int zero_used = 0;
@@ -196,7 +220,6 @@ static const ZeroTable *zero_table_for(size_t n, ZeroTable *scratch) {
     return found;
 }
 
-#if HAVE_X86
 /* One long span as three interleaved streams too: cut into thirds of a power-of-two
  * multiple of SPLIT_MIN bytes (few distinct lengths, so their zero tables stay in the
  * slots), again on what is left, then the tail one byte stream. A single stream runs
@@ -249,38 +272,6 @@ static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, size_t count) {
     return ~reg;
 }
 
-#if HAVE_X86
-/* Joining CRCs of any lengths: the register after ``n`` more bytes is the register times
- * x^(8n) modulo the polynomial (no table per length). Polynomials are reflected: bit 31
- * is x^0. */
-static uint32_t x2n[64]; /* x^(2^k) */
-
-static uint32_t gf2_mul(uint32_t a, uint32_t b) {
-    if (a == 0) return 0;
-    uint32_t m = 1u << 31, p = 0;
-    for (;;) {
-        if (a & m) {
-            p ^= b;
-            if ((a & (m - 1)) == 0) break;
-        }
-        m >>= 1;
-        b = (b & 1) ? (b >> 1) ^ POLY : b >> 1;
-    }
-    return p;
-}
-
-static void init_x2n(void) {
-    x2n[0] = 1u << 30; /* x^1 */
-    for (int k = 1; k < 64; k++) x2n[k] = gf2_mul(x2n[k - 1], x2n[k - 1]);
-}
-
-static uint32_t shift_bytes(uint32_t reg, uint64_t n) {
-    uint32_t p = 1u << 31; /* x^0 */
-    for (int k = 3; n && k < 64; n >>= 1, k++)
-        if (n & 1) p = gf2_mul(x2n[k], p);
-    return gf2_mul(p, reg);
-}
-#endif
 
 /* The CRC32C of each of ``lists`` span lists of ``count`` spans, where span ``t`` of every
  * list lies in the same row of memory (several decode ranks' heads of one token). Checked
@@ -409,26 +400,31 @@ static double now_s(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Wait until ``fd`` is ready for ``events`` or the deadline passes: 0, or an errno. */
-static int wait_ready(int fd, short events, double deadline) {
+/* Wait until ``fd`` is ready for ``events`` or the deadline passes (-1: none): 0, or an
+ * errno. EINTR is returned only when ``interruptible``; otherwise the wait goes on. */
+static int wait_ready(int fd, short events, double deadline, int interruptible) {
     for (;;) {
         int ms = -1;
         if (deadline >= 0) {
             double left = deadline - now_s();
             if (left <= 0) return ETIMEDOUT;
-            ms = (int)(left * 1000) + 1;
+            ms = left < 86400.0 ? (int)(left * 1000) + 1 : 86400000; /* a day at a time: no int overflow */
         }
         struct pollfd p = {fd, events, 0};
         int r = poll(&p, 1, ms);
         if (r > 0) return 0;
         if (r == 0) continue; /* the deadline is checked above */
-        if (errno != EINTR) return errno;
+        if (errno != EINTR || interruptible) return errno;
     }
 }
 
-/* Move every byte of ``iov`` (a private copy: partial transfers advance it). */
-static int move_all(int fd, struct iovec *iov, size_t count, int sending, double timeout, size_t *moved) {
-    double deadline = timeout >= 0 ? now_s() + timeout : -1;
+/* Move every byte of ``iov`` (a private copy: partial transfers advance it, and the spans
+ * done are left empty, so a call that returned EINTR can be made again to go on) before
+ * ``deadline`` (-1: none). ``*moved`` counts the bytes this call moved. EINTR is returned
+ * only when ``interruptible``: the reader threads of the receive lane, where Python runs
+ * no signal handler, go on; the main thread must run its handlers (PEP 475). */
+static int move_all(int fd, struct iovec *iov, size_t count, int sending, double deadline, size_t *moved,
+                    int interruptible) {
     size_t i = 0;
     *moved = 0;
     while (i < count && iov[i].iov_len == 0) i++;
@@ -439,9 +435,12 @@ static int move_all(int fd, struct iovec *iov, size_t count, int sending, double
         msg.msg_iovlen = count - i < MAX_IOV ? count - i : MAX_IOV;
         ssize_t n = sending ? sendmsg(fd, &msg, MSG_NOSIGNAL) : recvmsg(fd, &msg, MSG_WAITALL);
         if (n < 0) {
-            if (errno == EINTR) continue;
+            if (errno == EINTR) {
+                if (interruptible) return EINTR;
+                continue;
+            }
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                int err = wait_ready(fd, sending ? POLLOUT : POLLIN, deadline);
+                int err = wait_ready(fd, sending ? POLLOUT : POLLIN, deadline, interruptible);
                 if (err) return err;
                 continue;
             }
@@ -452,6 +451,7 @@ static int move_all(int fd, struct iovec *iov, size_t count, int sending, double
         size_t left = (size_t)n;
         while (i < count && left >= iov[i].iov_len) {
             left -= iov[i].iov_len;
+            iov[i].iov_len = 0;
             i++;
         }
         if (left) {
@@ -478,11 +478,19 @@ static PyObject *move(PyObject *args, int sending) {
         return PyErr_NoMemory();
     }
     memcpy(iov, given, count * sizeof(struct iovec));
+    double deadline = timeout >= 0 ? now_s() + timeout : -1;
     size_t moved = 0;
     int err;
-    Py_BEGIN_ALLOW_THREADS err = move_all(fd, iov, count, sending, timeout, &moved);
-    Py_END_ALLOW_THREADS PyMem_RawFree(iov);
+    for (;;) { /* a signal's handler runs between the tries, and an error it raises is this call's */
+        size_t part = 0;
+        Py_BEGIN_ALLOW_THREADS err = move_all(fd, iov, count, sending, deadline, &part, 1);
+        Py_END_ALLOW_THREADS moved += part;
+        if (err != EINTR) break;
+        if (PyErr_CheckSignals() < 0) break;
+    }
+    PyMem_RawFree(iov);
     PyBuffer_Release(&view);
+    if (err == EINTR) return NULL;
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -550,8 +558,10 @@ full:
 }
 
 static int rows_geometry_ok(const RowsGeometry *g, Py_ssize_t start, Py_ssize_t count) {
+    /* in this order, so that no product or sum below can overflow */
     return !(g->block_size <= 0 || g->span <= 0 || g->span > g->row_stride ||
-             g->row_stride * g->block_size > g->block_stride || start < 0 || count <= 0 || g->num_blocks <= 0);
+             g->row_stride > g->block_stride / g->block_size || start < 0 || count <= 0 ||
+             count > PY_SSIZE_T_MAX - start || g->num_blocks <= 0);
 }
 
 /* rows(out, ids, address, num_blocks, block_stride, row_stride, span, block_size, start, count)
@@ -824,7 +834,7 @@ static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct io
         }
         memcpy(copy, piece, k * sizeof *piece);
         size_t got = 0;
-        int err = move_all(fd, copy, k, 0, -1, &got);
+        int err = move_all(fd, copy, k, 0, -1, &got, 0);
         *moved += got;
         if (err || got < bytes) return err;
         c = crc_iov(c, piece, k);
@@ -1008,7 +1018,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         struct iovec one = {head.buf, FRAME_HEADER};
         size_t moved = 0;
         int err;
-        Py_BEGIN_ALLOW_THREADS err = move_all(fd, &one, 1, 0, -1, &moved);
+        Py_BEGIN_ALLOW_THREADS err = move_all(fd, &one, 1, 0, -1, &moved, 0);
         Py_END_ALLOW_THREADS received += moved;
         if (err || moved < FRAME_HEADER) {
             result = lane_result(LANE_LOST, NULL, received, owed, err);
@@ -1052,7 +1062,7 @@ static PyObject *py_lane_recv(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS if (piecewise) err = recv_checked(fd, iov, spans, piece, &moved, &crc);
         else {
             memcpy(work, iov, spans * sizeof(struct iovec));
-            err = move_all(fd, work, spans, 0, -1, &moved);
+            err = move_all(fd, work, spans, 0, -1, &moved, 0);
             if (!err && moved == d.length && checked) crc = crc_iov(0, iov, spans);
         }
         Py_END_ALLOW_THREADS received += moved;
@@ -1305,10 +1315,19 @@ static PyObject *key_coded(PyObject *args, int encoding) {
     PyObject *objs[5] = {a_obj, bits_obj, p_obj, q_obj, out_obj};
     int n = 0;
     PyObject *result = NULL;
+    uint8_t *codes = NULL;
     for (; n < 5; n++)
         if (PyObject_GetBuffer(objs[n], held[n], PyBUF_C_CONTIGUOUS | (n == 4 ? PyBUF_WRITABLE : 0)) < 0) goto done;
-    const uint8_t *b = (const uint8_t *)bits.buf;
     Py_ssize_t C = bits.len, total = 0;
+    /* 16 C codes, C floats (2^bits - 1), then a copy of the bits: ``out`` is sized from them,
+     * so the loops must read the bits checked here, not the caller's buffer again */
+    if (C > PY_SSIZE_T_MAX / 32 || (codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C + (size_t)C + 1)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
+    uint8_t *b = (uint8_t *)(top + C);
+    if (C) memcpy(b, bits.buf, (size_t)C);
     for (Py_ssize_t c = 0; c < C; c++) {
         if (b[c] < 1 || b[c] > 8) {
             PyErr_Format(PyExc_ValueError, "key coded groups: channel %zd has %d bits (1..8)", c, (int)b[c]);
@@ -1323,12 +1342,6 @@ static PyObject *key_coded(PyObject *args, int encoding) {
                         "key coded groups: rows fp32 [R, C], parameters fp32 [ceil(R/16), C], words uint16 [G, sum(bits)]");
         goto done;
     }
-    uint8_t *codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C);
-    if (codes == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
     for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << b[c]) - 1);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t g = 0; g < G; g++) {
@@ -1376,9 +1389,9 @@ static PyObject *key_coded(PyObject *args, int encoding) {
         }
     }
     Py_END_ALLOW_THREADS
-    PyMem_Free(codes);
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(codes);
     while (n-- > 0) PyBuffer_Release(held[n]);
     return result;
 }
@@ -1714,7 +1727,7 @@ static void grid_loops(const float *lo, const float *hi, Py_ssize_t heads, Py_ss
         weight[c] = value != value ? 0.0 : value; /* bytes no encoder writes: NaN counts as 0 */
     }
     for (Py_ssize_t h = 0; h < heads; h++) allocate_head(weight + h * D, D, gains, copy, bits + h * D);
-    float *top = (float *)copy; /* 2^bits - 1 per channel: the gains' space is free again */
+    float *top = inv_step; /* 2^bits - 1 per channel (C floats): the encoding's 1 / step are used up */
     for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << bits[c]) - 1);
     for (Py_ssize_t g = 0; g < G; g++)
         for (Py_ssize_t h = 0; h < heads; h++) {
@@ -1757,7 +1770,11 @@ static PyObject *py_key_grid(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOnOOOO|OO", &objs[0], &objs[1], &heads, &objs[2], &objs[3], &objs[4], &objs[5],
                           &objs[6], &objs[7]))
         return NULL;
-    int encoding = objs[6] != NULL && objs[7] != NULL;
+    if ((objs[6] == NULL) != (objs[7] == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "key_grid: gmn and gmx go together (encoding) or are both left out");
+        return NULL;
+    }
+    int encoding = objs[6] != NULL;
     int count = encoding ? 8 : 6;
     Py_buffer held[8];
     /* bounds are written when encoding: take them writable, with glo, scale and bits */

@@ -742,6 +742,8 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
         _scatter.key_grid(lohi, lohi, 1, np.zeros(32, np.uint8), grid, grid, np.zeros(7, np.uint8), grid, grid)
     with pytest.raises(BufferError):  # encoding writes the bound codes
         _scatter.key_grid(lohi, lohi, 1, bytes(32), grid, grid, np.zeros(8, np.uint8), grid, grid)
+    with pytest.raises(ValueError, match="key_grid: gmn and gmx go together"):  # neither encoding nor decoding
+        _scatter.key_grid(lohi, lohi, 1, np.zeros(32, np.uint8), grid, grid, np.zeros(8, np.uint8), grid)
     e4, f4 = np.zeros(8, np.int32), np.zeros(8, np.float32)
     with pytest.raises(ValueError, match="row_params4a: .* heads 3"):  # 8 rows are not whole tokens of 3 heads
         _scatter.row_params4a(e4, f4, f4, 3, 7, np.zeros(6, np.uint8), np.zeros(8, np.uint8), np.zeros(6, np.uint8),
@@ -761,7 +763,9 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
-@pytest.mark.parametrize(("T", "H", "D"), [(17, 2, 64), (40, 2, 64), (1100, 2, 64), (40, 3, 8)])
+@pytest.mark.parametrize(
+    ("T", "H", "D"), [(17, 2, 64), (40, 2, 64), (1100, 2, 64), (40, 3, 8), (40, 16, 64), (24, 32, 8)]
+)
 def test_int4a_keys_in_c_equal_the_numpy_ones(monkeypatch, T, H, D):
     """int4a's key groups through kvwire/_scatter.c (key_encode, key_decode) and through
     the numpy path a build without it takes: the same bytes and the same values, special

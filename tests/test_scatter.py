@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import crc32c
 import numpy as np
@@ -168,6 +169,11 @@ def test_spans_never_leave_the_cache(ids, start, count, message):
         scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 48, 64, [3, 1], 8, 0, 16, capacity=16)
     with pytest.raises(ValueError, match="inconsistent geometry"):  # rows past the end of their block
         scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 64, 48, [3, 1], 8, 0, 16, capacity=16)
+    with pytest.raises(ValueError, match="inconsistent geometry"):  # a row stride whose product with 4 wraps to 0
+        scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 1 << 62, 48, [3, 1], 4, 0, 8, capacity=16)
+    for start, count in [(2**63 - 10, 20), (2**62, 2**62)]:  # tokens whose end wraps past the largest size
+        with pytest.raises(ValueError, match="inconsistent geometry"):
+            scatter._rows(cache, cache.ctypes.data, 12, 8 * 48, 48, 48, [3, 1], 8, start, count, capacity=16)
 
 
 def test_spans_cross_a_socket_whole_through_partial_writes():
@@ -197,6 +203,45 @@ def test_a_peer_that_closes_early_leaves_fewer_bytes_and_one_that_never_reads_ti
         a.settimeout(0.2)  # a non-blocking socket with a timeout: the helper waits that long, no more
         with pytest.raises(OSError, match="timed out"):
             scatter.send_parts(a, [spans_of([(0, 1 << 20)])] * 16)
+
+
+def test_a_signal_while_spans_wait_runs_its_handler():
+    """A signal arriving while the helper waits in the main thread runs its Python handler
+    at once, as socket.recv_into would (PEP 475): one that raises ends the call with its
+    error; one that returns lets it go on where it was, and every byte still arrives."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def raising(*_):
+        raise Alarm
+
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGALRM, raising)
+    try:
+        a, b = socket.socketpair()
+        with a, b:
+            signal.setitimer(signal.ITIMER_REAL, 0.2)  # nobody ever sends: only the handler ends the wait
+            t0 = time.monotonic()
+            with pytest.raises(Alarm):
+                scatter.recv_spans(b, spans_of([(0, 64)], np.zeros_like(MEMORY)))
+            assert time.monotonic() - t0 < 5
+        signal.signal(signal.SIGALRM, lambda *_: calls.append(1))
+        a, b = socket.socketpair()
+        out = np.zeros_like(MEMORY)
+        with a, b:
+            a.sendall(b"x" * 100)  # half of the spans before the signal, half after it
+            later = threading.Timer(0.6, a.sendall, (b"y" * 100,))
+            later.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            got = scatter.recv_spans(b, spans_of([(0, 60), (1000, 140)], out))
+            later.join()
+        assert calls and got == 200
+        assert joined([(0, 60), (1000, 140)], out) == b"x" * 100 + b"y" * 100
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_a_closed_socket_and_a_malformed_iov_are_errors():
@@ -257,9 +302,9 @@ def test_crc32c_together_refuses_what_it_cannot_read():
 
 
 def test_crc32c_over_many_span_lengths_from_many_threads():
-    """Runs of three equal spans use a table per length (16 kept, the rest built per
-    call): 40 lengths from 8 threads at once all give the crc32c package's answer."""
-    lengths = list(range(64, 64 + 40 * 97, 97))
+    """Runs of three equal spans use a table per length (48 kept, the rest built per
+    call): 64 lengths from 8 threads at once all give the crc32c package's answer."""
+    lengths = list(range(64, 64 + 64 * 97, 97))
     failures: list[int] = []
 
     def check(offset: int) -> None:
