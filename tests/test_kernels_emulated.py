@@ -66,6 +66,7 @@ CASES = [
     ("int4a", "k", 2, 64, 16, 70, False),  # the int4 group, then coded groups, the last partial
     ("int4a", "k", 3, 32, 4, 9, True),  # one group only
     ("int4a", "k", 1, 128, 16, 33, False),  # one coded group of one token
+    ("int4a", "k", 16, 64, 16, 40, False),  # more heads than the C helper's grid once had room for
     ("int4a", "v", 2, 64, 16, 70, False),  # int4h rows, then compact rows: an even count
     ("int4a", "v", 3, 128, 8, 45, True),  # an odd count: a head's last zero-point byte half used
     ("int4a", "v", 2, 64, 16, 20, False),  # int4h rows only
