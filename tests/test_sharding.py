@@ -23,7 +23,7 @@ from kvwire.engine import lane
 from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection
 from kvwire.sharding import decode_ranks_served, holders, part_for
-from tests.helpers import SECRET, corrupt_first_checksums, filled
+from tests.helpers import SECRET, corrupt_first_checksums, filled, wait_until
 
 GQA8 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=32, block_size=16)
 GQA2 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16)
@@ -241,6 +241,90 @@ def test_one_decode_rank_failing_fails_the_one_to_many_transfer_at_once():
     finally:
         for r in decode:
             r.close()
+
+
+GQA8_4 = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=32, block_size=16)
+
+
+@pytest.mark.parametrize("after", ["done", "stats"])
+def test_a_prefill_that_saw_a_rank_fail_streams_on_and_finish_names_the_rank(after):
+    """A prefill polls the transfer between layers. Once decode rank 1 has failed, its
+    later layers are taken and dropped for every rank (as a SendHandle does), rank 0's part
+    is cancelled, and finish() raises rank 1's failure, whether the prefill sent the rest
+    (after done()) or stopped streaming when stats() showed the error."""
+    decode = [kvwire.Receiver(GQA8_4.shard(d, 2), secret=SECRET, kv_caches=GQA8_4.shard(d, 2).allocate(8))
+              for d in range(2)]  # fmt: skip
+    try:
+        with kvwire.ShardedSender(GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8),
+                                  streams=1) as tx:  # fmt: skip
+            h0 = decode[0].expect("one", [0, 1], 20, deadline=30)
+            decode[1].expect("one", [0, 1], 20).cancel("decode rank 1 gave up")
+            t = tx.transfer("one", [2, 3], 20, deadline=30)
+            t.send_layer(0)
+            seen = t.done if after == "done" else (lambda: t.stats()["error"] is not None)
+            assert wait_until(seen, timeout=10)
+            if after == "done":
+                for layer in range(1, GQA8_4.num_layers):
+                    t.send_layer(layer)  # dropped, not refused
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.Cancelled, match=r"decode rank 1 \(127\.0\.0\.1:\d+\)"):
+                t.finish()
+            assert time.monotonic() - t0 < 5
+            assert t.handles[0].done() and "decode rank 1 of the same transfer failed" in t.handles[0].stats()["error"]
+            with pytest.raises(kvwire.Cancelled):
+                h0.wait(timeout=10)  # told at once, not at its deadline
+    finally:
+        for r in decode:
+            r.close()
+
+
+def test_a_send_layer_refused_for_one_decode_rank_is_taken_by_none():
+    """Prefill rank 1 of 4 of a hybrid model sends head 1 to decode rank 0 and the state to
+    decode rank 1. A layer sent without its state is refused before either rank takes it,
+    so the corrected call goes through and the transfer completes."""
+    model = kvwire.KVLayout.hybrid("LF", num_kv_heads=4, head_dim=32, state_shape=(2, 8, 8))
+    decode = [model.shard(d, 2) for d in range(2)]
+    rxs = [kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(8)) for layout in decode]
+    layout = model.shard(1, 4)
+    try:
+        with kvwire.ShardedSender(layout, [rx.address for rx in rxs], secret=SECRET,
+                                  kv_caches=shard_caches(filled(model, 8), layout), streams=1) as tx:  # fmt: skip
+            assert tx.served[0].heads == 1 and tx.served[1].whole
+            t = tx.transfer("r", [0, 1], 20, deadline=10)
+            with pytest.raises(ValueError, match="has a state"):
+                t.send_layer(0)
+            assert all(not h._sent_layers for h in t.handles.values())
+            t.send_layer(0, torch.zeros(2, 8, 8, dtype=model.dtype))
+            t.send_layer(1)
+            t.cancel()
+    finally:
+        for rx in rxs:
+            rx.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"max_exposed_mss": 5}, TypeError),
+        ({"codec": "no-such-codec"}, ValueError),
+        ({"refuse_if_late": "yes"}, TypeError),
+        ({"states": {7: torch.zeros(1)}}, ValueError),
+        ({"num_tokens": 0}, ValueError),
+        ({"block_ids": [10**9]}, ValueError),
+        ({"layers_per_s": -1}, ValueError),
+    ],
+)
+def test_a_prefill_rank_that_serves_no_decode_rank_checks_its_arguments_all_the_same(kwargs, error):
+    """MLA prefill rank 1 of 2 sends nothing to a single decode rank (rank 0 sends the
+    latent), so its transfers are done at once; its arguments are refused as its
+    sibling's would be, so one prefill's code behaves alike on every rank."""
+    mla = MLA.shard(1, 2)
+    with kvwire.ShardedSender(mla, ["127.0.0.1:1"], secret=SECRET, kv_caches=mla.allocate(4)) as tx:
+        assert tx.senders == {}
+        args = {"block_ids": [0], "num_tokens": 3} | kwargs
+        with pytest.raises(error):
+            tx.transfer("r", args.pop("block_ids"), args.pop("num_tokens"), **args)
+        assert tx.transfer("r", [0], 3).done()
 
 
 def test_one_prefill_rank_killed_fails_the_many_to_one_transfer_on_every_side():

@@ -245,23 +245,11 @@ class SendHandle:
         so a prefill that streams layer by layer computes on and learns why at the end.
         After the caller's own :meth:`cancel` it is a ValueError.
         """
-        L = self._sender.layout.num_layers
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
-        if not 0 <= layer < L:
-            raise ValueError(f"layer: {layer} out of range for {L} layers")
-        if self._done.is_set():
-            if self._error is not None and not self._ended_by_caller:
-                self._sent_layers.add(layer)
-                return
-            raise ValueError(f"send_layer: transfer {self.request_id!r} has already ended")
-        if layer in self._sent_layers:
-            raise ValueError(f"layer: {layer} was already sent for {self.request_id!r}")
-        spec = self._sender.layout.layers[layer].state
+        if self._check_layer(layer, state):
+            self._sent_layers.add(layer)  # dropped: the transfer failed
+            return
         if state is not None:
             self.states[layer] = self._sender.layout.check_state(layer, state, "state")
-        elif spec is not None and layer not in self.states and self._sender.part.whole:
-            raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
         event = None
         if self._sender._device.type == "cuda":
             # On the caches' device: with caches on cuda:1 and cuda:0 current, a bare
@@ -274,6 +262,27 @@ class SendHandle:
         self.layer_sent_at[layer] = now
         self._sent_layers.add(layer)
         self._sender._enqueue_layer(self, layer, event)
+
+    def _check_layer(self, layer: int, state: torch.Tensor | None) -> bool:
+        """send_layer's refusals, with nothing changed: True when the layer is to be
+        dropped (the transfer failed, not by the caller's cancel)."""
+        L = self._sender.layout.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= layer < L:
+            raise ValueError(f"layer: {layer} out of range for {L} layers")
+        if self._done.is_set():
+            if self._error is not None and not self._ended_by_caller:
+                return True
+            raise ValueError(f"send_layer: transfer {self.request_id!r} has already ended")
+        if layer in self._sent_layers:
+            raise ValueError(f"layer: {layer} was already sent for {self.request_id!r}")
+        layout = self._sender.layout
+        if state is not None:
+            layout.check_state(layer, state, "state")
+        elif layer not in self.states and layout.layers[layer].state is not None and self._sender.part.whole:
+            raise ValueError(f"state: layer {layer} has a state; pass it here or in transfer(states=...)")
+        return False
 
     def finish(self, timeout: float | None = None) -> dict:
         """Wait for the receiver's acknowledgement; return this transfer's statistics.
@@ -724,21 +733,13 @@ class Sender:
         """
         if self._closed:
             raise ValueError("transfer: the sender is closed")
-        request_id, sel = request_arguments(
-            request_id, block_ids, num_tokens, deadline, self.layout.block_size, self._num_blocks
-        )
-        if sel.num_tokens < 1:  # nothing to send: no BEGIN would go out, and no ACK come back
-            raise ValueError(f"num_tokens: a transfer sends at least 1 token, got {sel.num_tokens}")
-        for i, t in (states or {}).items():
-            self.layout.check_state(i, t, f"states[{i}]")
-        if not isinstance(refuse_if_late, bool):
-            raise TypeError(f"refuse_if_late: expected a bool, got {type(refuse_if_late).__name__}")
+        request_id, sel, target, pace = transfer_arguments(
+            self.layout, self._num_blocks, request_id, block_ids, num_tokens, states, deadline, max_exposed_ms,
+            layers_per_s, refuse_if_late)  # fmt: skip
         codec_index = 0 if codec is None else self._codec_index(codec)
         plan = None
-        target = _milliseconds(max_exposed_ms, "max_exposed_ms")
         target = self._max_exposed_s if target is None else target
         if (self.auto and codec is None) or refuse_if_late:
-            pace = _rate(layers_per_s, "layers_per_s")
             candidates = None if codec is None else [self.codecs[codec_index]]
             plan = self._plan(sel.num_tokens, target, pace, deadline, candidates)
             codec_index = self._codec_index(plan.codec)
@@ -1400,6 +1401,23 @@ class Sender:
         log.warning("connection %d to %s lost: %s (%d left)", conn.index, conn.stream.peer, exc, len(alive))
         for t in doomed:
             t._complete(PeerLost(f"transfer {t.request_id!r}: every connection to the receiver is lost ({exc})"))
+
+
+def transfer_arguments(
+    layout: KVLayout, num_blocks: int, request_id, block_ids, num_tokens, states, deadline, max_exposed_ms,
+    layers_per_s, refuse_if_late
+) -> tuple[str, Selection, float | None, float | None]:  # fmt: skip
+    """The checks of :meth:`Sender.transfer` that need no connection (a ShardedSender's
+    transfer makes them too, even when it serves no decode rank): the request id, the
+    selection, the target in seconds (None: the sender's) and the pace (None: likewise)."""
+    request_id, sel = request_arguments(request_id, block_ids, num_tokens, deadline, layout.block_size, num_blocks)
+    if sel.num_tokens < 1:  # nothing to send: no BEGIN would go out, and no ACK come back
+        raise ValueError(f"num_tokens: a transfer sends at least 1 token, got {sel.num_tokens}")
+    for i, t in (states or {}).items():
+        layout.check_state(i, t, f"states[{i}]")
+    if not isinstance(refuse_if_late, bool):
+        raise TypeError(f"refuse_if_late: expected a bool, got {type(refuse_if_late).__name__}")
+    return request_id, sel, _milliseconds(max_exposed_ms, "max_exposed_ms"), _rate(layers_per_s, "layers_per_s")
 
 
 def _milliseconds(value, name: str) -> float | None:

@@ -31,11 +31,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+import kvwire.codec
 from kvwire import scatter
-from kvwire.engine.common import check_seconds, request_arguments
+from kvwire.engine.common import check_seconds
 from kvwire.engine.placement import HostEncoder, RowChecksums
-from kvwire.engine.sender import Sender, SendHandle
-from kvwire.errors import TransferError, TransferTimeout
+from kvwire.engine.sender import Sender, SendHandle, transfer_arguments
+from kvwire.errors import Cancelled, TransferError, TransferTimeout
 from kvwire.layout import KVLayout
 from kvwire.planning import Estimate
 from kvwire.sharding import decode_ranks_served
@@ -67,11 +68,12 @@ class ShardedSender:
         if isinstance(peers, (str, bytes)) or not isinstance(peers, Sequence) or not peers:
             raise ValueError("peers: expected the decode ranks' addresses, one per rank, in rank order")
         self.layout = layout
+        self._num_blocks = layout.check_caches(kv_caches)
         # Possibly none: with heads replicated over more prefill ranks than there are
         # heads, another replica may send them all. Its transfers then end at once.
         self.served = decode_ranks_served(layout, len(peers), whole_from)
         self.senders: dict[int, Sender] = {}
-        self.peers = {d: peers[d] for d in self.served}
+        self.peers = {d: _host_port(peers[d]) for d in self.served}  # for messages
         try:
             for d in self.served:
                 self.senders[d] = Sender(layout, peers[d], kv_caches=kv_caches, whole_from=whole_from, **options)
@@ -103,18 +105,30 @@ class ShardedSender:
         *,
         states: Mapping[int, torch.Tensor] | None = None,
         deadline: float = 60.0,
-        **planning,
+        max_exposed_ms: float | None = None,
+        layers_per_s: float | None = None,
+        refuse_if_late: bool = False,
+        codec: str | None = None,
     ) -> ShardedTransfer:
         """Start one transfer to every decode rank served; see :meth:`Sender.transfer`
-        (with no rank served, a transfer that is done at once). ``planning``: its
-        ``max_exposed_ms``, ``layers_per_s``, ``refuse_if_late`` and ``codec``, applied
-        per decode rank (each link is planned on its own; one refusal refuses all)."""
-        request_id, _ = request_arguments(request_id, block_ids, num_tokens, deadline, self.layout.block_size, None)
+        (with no rank served, a transfer that is done at once, after the same checks of
+        its arguments). ``max_exposed_ms``, ``layers_per_s``, ``refuse_if_late`` and
+        ``codec`` apply per decode rank (each link is planned on its own; one refusal
+        refuses all)."""
+        request_id, _, _, _ = transfer_arguments(
+            self.layout, self._num_blocks, request_id, block_ids, num_tokens, states, deadline, max_exposed_ms,
+            layers_per_s, refuse_if_late)  # fmt: skip
+        if codec is not None and not self.senders:  # a sender checks it against its own codecs
+            if not isinstance(codec, str):
+                raise TypeError(f"codec: expected a codec name, got {type(codec).__name__}")
+            if codec != "auto":
+                kvwire.codec.get(codec)
         handles: dict[int, SendHandle] = {}
         try:
             for d, sender in self.senders.items():
-                handles[d] = sender.transfer(request_id, block_ids, num_tokens, states=states, deadline=deadline,
-                                             **planning)  # fmt: skip
+                handles[d] = sender.transfer(
+                    request_id, block_ids, num_tokens, states=states, deadline=deadline, max_exposed_ms=max_exposed_ms,
+                    layers_per_s=layers_per_s, refuse_if_late=refuse_if_late, codec=codec)  # fmt: skip
         except BaseException:
             for h in handles.values():
                 h.cancel("the transfer could not start on every decode rank")
@@ -170,9 +184,17 @@ class ShardedTransfer:
         self.num_tokens = num_tokens
         self._owner = owner
         self.handles = handles
+        self._first_failed: int | None = None
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
-        """Queue ``layer`` for every decode rank (each gets its part); returns at once."""
+        """Queue ``layer`` for every decode rank (each gets its part); returns at once.
+        A call refused for one rank is refused before any rank takes the layer. Once a
+        rank has failed, the others are cancelled and the layer is dropped, as
+        :meth:`SendHandle.send_layer` does: :meth:`finish` raises the failure."""
+        if self._failed() is not None:
+            self._cancel_others()
+        for h in self.handles.values():
+            h._check_layer(layer, state)
         for h in self.handles.values():
             h.send_layer(layer, state)
 
@@ -191,18 +213,25 @@ class ShardedTransfer:
         return all(h.done() for h in self.handles.values())
 
     def _failed(self) -> int | None:
-        """The first decode rank whose part failed, or None."""
-        return next((d for d, h in self.handles.items() if h.done() and h._error is not None), None)
+        """The first decode rank whose part was seen to fail, or None. Kept once seen: the
+        ranks cancelled because of it fail too, and must not be named in its place."""
+        if self._first_failed is None:
+            self._first_failed = next((d for d, h in self.handles.items() if h.done() and h._error is not None), None)
+        return self._first_failed
 
     def _cancel_others(self) -> None:
+        """Cancel the ranks still open because another failed. Not the caller's cancel: a
+        later send_layer is dropped, not refused."""
         d = self._failed()
         for other in self.handles.values():
-            other.cancel(f"decode rank {d} of the same transfer failed")
+            other._sender._cancel(other, f"decode rank {d} of the same transfer failed", Cancelled)
 
     def finish(self, timeout: float | None = None) -> dict:
         """Wait for every decode rank's acknowledgement; the statistics summed. The first
         failure cancels the others and is raised naming its decode rank."""
         timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
+        if self._failed() is not None:  # a rank's failure is the answer, whatever was left unsent
+            self._cancel_others()
         for h in self.handles.values():
             h._check_all_sent()
         start = time.monotonic()
@@ -283,3 +312,8 @@ def _latest(values: Iterable[float | None]) -> float | None:
     """The latest of the ranks' times; None until every rank has one."""
     values = list(values)
     return None if any(v is None for v in values) else max(values, default=0.0)  # type: ignore[type-var]
+
+
+def _host_port(peer: str | tuple[str, int]) -> str:
+    """A peer as "host:port", however it was given."""
+    return peer if isinstance(peer, str) else f"{peer[0]}:{peer[1]}"
