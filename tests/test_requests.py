@@ -53,7 +53,7 @@ def test_expect_first_then_begin_binds_and_completes_with_ack_before_finish():
     assert actions == [SendAck(S, 1, True), Finish(handle, None)]  # the ACK first
     assert request.state is State.COMPLETE
     assert t.census() == {"requests": 0, "tags": 0, "expected": 0, "parked_chunks": 0, "cancelled_ids": 0,
-                          "ended_tags": 1}  # fmt: skip
+                          "ended_ids": 0, "ended_tags": 1}  # fmt: skip
 
 
 def test_begin_first_parks_chunks_until_expect_places_them():
@@ -285,3 +285,57 @@ def test_unclaimed_requests_are_refused_oldest_first_and_only_those_past_the_tim
     refused = {a.tag for a in t.refuse_unclaimed(now=14.5, timeout=10) if isinstance(a, SendAck)}
     assert refused == {0, 1, 3, 4}
     assert t.announced_tokens == 5 * 4 and t.refuse_unclaimed(now=14.5, timeout=10) == []
+
+
+LAYOUT2 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)
+
+
+def test_a_sibling_whose_request_ended_before_its_begin_is_told_how_it_ended():
+    """Two senders, a head each. Sender a's connections go; sender b's BEGIN comes after.
+    b is told at once what ended the request (not taken for a new request nobody will
+    complete); a later BEGIN whose heads the request had already (a sender trying again)
+    starts anew. Without an expect, the one that comes later still fails at once."""
+    from kvwire.proto.request import PartSpec
+
+    t = RequestTable(LAYOUT2, capacity_tokens=64, max_requests_per_session=8)
+    request, _ = t.expect("r", "h", 8, deadline=100)
+    t.begin("a", 1, "r", 8, now=0, part=PartSpec(1, 0, True))
+    (finish,) = t.session_lost("a", who="rank 0")
+    assert isinstance(finish.error, PeerLost) and not request.live
+    (told,) = t.begin("b", 5, "r", 8, now=0, part=PartSpec(1, 1, False))
+    assert told == SendCancel("b", 5, str(finish.error)) and "rank 0" in told.reason
+    assert t.census()["requests"] == 0 and t.lookup("b", 5) is None  # its frames are dropped
+    assert t.begin("a2", 1, "r", 8, now=1, part=PartSpec(1, 0, True)) == []  # rank 0 again: a new transfer
+    assert t.lookup("a2", 1).state is State.ANNOUNCED and t.census()["ended_ids"] == 0
+
+    t = RequestTable(LAYOUT2, capacity_tokens=64, max_requests_per_session=8)
+    t.begin("a", 1, "q", 8, now=0, part=PartSpec(1, 0, True))  # no expect yet
+    t.session_lost("a", who="rank 0")
+    assert isinstance(t.begin("b", 5, "q", 8, now=0, part=PartSpec(1, 1, False))[0], SendCancel)
+    request, (finish,) = t.expect("q", "h", 8, deadline=100)
+    assert request.state is State.FAILED and isinstance(finish.error, PeerLost) and "rank 0" in str(finish.error)
+    request, _ = t.expect("q", "h2", 8, deadline=100)  # the decode tries again: so may every sender
+    assert t.begin("b", 6, "q", 8, now=1, part=PartSpec(1, 1, False)) == [] and request.state is State.BOUND
+
+
+def test_senders_that_disagree_fail_their_request_as_one():
+    """A second sender whose heads the request lacks but whose token count (or block grid,
+    or whole tensors) disagrees with the first's can never join: the request fails at once
+    and every sender is told why. A BEGIN for heads the request has already is another
+    transfer under the same id: only it is refused."""
+    from kvwire.proto.request import PartSpec
+
+    t = RequestTable(LAYOUT2, capacity_tokens=64, max_requests_per_session=8)
+    request, _ = t.expect("r", "h", 8, deadline=100)
+    t.begin("a", 1, "r", 8, now=0, part=PartSpec(1, 0, True))
+    assert not t.begin("c", 2, "r", 7, now=0, part=PartSpec(1, 0, False))[0].ok  # heads 0 again: another transfer
+    assert request.state is State.BOUND
+    actions = t.begin("b", 5, "r", 7, now=0, part=PartSpec(1, 1, False))
+    acks = {a.session: a for a in actions if isinstance(a, SendAck)}
+    assert acks.keys() == {"a", "b"} and not any(a.ok for a in acks.values())
+    assert all("senders disagree (this sender sends 7 tokens, another sends 8)" in a.message for a in acks.values())
+    (finish,) = [a for a in actions if isinstance(a, Finish)]
+    assert request.state is State.FAILED and "senders disagree" in str(finish.error)
+    t.begin("d", 1, "w", 8, now=0, part=PartSpec(1, 0, True))
+    actions = t.begin("e", 1, "w", 8, now=0, part=PartSpec(1, 1, True), unit=8)  # another block grid
+    assert {a.session for a in actions} == {"d", "e"} and "cut on 8 tokens" in actions[0].message

@@ -23,7 +23,7 @@ from kvwire.engine import lane
 from kvwire.engine.chunks import received_rows
 from kvwire.layout import Selection
 from kvwire.sharding import decode_ranks_served, holders, part_for
-from tests.helpers import SECRET, corrupt_first_checksums, filled, wait_until
+from tests.helpers import SECRET, TcpRelay, corrupt_first_checksums, filled, wait_until
 
 GQA8 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=8, head_dim=32, block_size=16)
 GQA2 = kvwire.KVLayout.gqa(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16)
@@ -325,6 +325,37 @@ def test_a_prefill_rank_that_serves_no_decode_rank_checks_its_arguments_all_the_
         with pytest.raises(error):
             tx.transfer("r", args.pop("block_ids"), args.pop("num_tokens"), **args)
         assert tx.transfer("r", [0], 3).done()
+
+
+def test_a_prefill_rank_that_begins_after_its_sibling_was_lost_is_told_at_once():
+    """2 -> 1: prefill rank 1 begins, then its connections are cut and the decode's handle
+    fails. Rank 0, a little behind, begins after that: it fails at once naming rank 1, not
+    at its own deadline (the receiver used to take its BEGIN for a new request)."""
+    decode = GQA8.shard(0, 1)
+    rx = kvwire.Receiver(decode, secret=SECRET, kv_caches=decode.allocate(8))
+    src = filled(GQA8, 8, seed=9)
+    relay = TcpRelay(rx.address)
+    l0, l1 = GQA8.shard(0, 2), GQA8.shard(1, 2)
+    tx0 = kvwire.ShardedSender(l0, [rx.address], secret=SECRET, kv_caches=shard_caches(src, l0), streams=1)
+    tx1 = kvwire.ShardedSender(l1, [relay.address], secret=SECRET, kv_caches=shard_caches(src, l1), streams=1)
+    try:
+        h = rx.expect("r", [4, 5, 6], 40, deadline=60)
+        tx1.transfer("r", [0, 1, 2], 40, deadline=60).send_layer(0)
+        assert wait_until(lambda: rx.census()["requests"] == 1, timeout=5)  # rank 1's BEGIN is in
+        relay.close()
+        with pytest.raises(kvwire.PeerLost, match="rank 1 of 2"):
+            h.wait(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(kvwire.Cancelled, match="rank 1 of 2"):
+            tx0.transfer("r", [0, 1, 2], 40, deadline=30).send_all()
+        assert time.monotonic() - t0 < 5
+        census = rx.census()
+        assert census["requests"] == 0 and census["parked_chunks"] == 0
+    finally:
+        tx0.close()
+        tx1.close()
+        rx.close()
+        relay.close()
 
 
 def test_one_prefill_rank_killed_fails_the_many_to_one_transfer_on_every_side():

@@ -33,7 +33,7 @@ import numpy as np
 
 from kvwire.errors import Cancelled, ChecksumMismatch, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout
-from kvwire.proto.request import PartSpec, RequestPlan
+from kvwire.proto.request import PartSpec, RequestPlan, heads_overlap, part_conflict
 
 _NO_WRITES = np.zeros(0, dtype=np.int64)
 
@@ -174,6 +174,27 @@ MAX_CHECKSUM_FAILURES = 8
 ANNOUNCED_CAPACITIES = 2
 
 
+@dataclass(frozen=True)
+class Ended:
+    """A request that ended before it completed, remembered so that a BEGIN from one of
+    its other senders, which had not come yet, is told how it ended instead of starting a
+    request that could never complete."""
+
+    num_tokens: int
+    unit: int
+    parts: tuple[PartSpec, ...]
+    sessions: frozenset[str]
+    message: str
+    ack: bool  # its senders were told by a failed ACK (this side failed it), else by a CANCEL
+
+    def sibling(self, session: str, num_tokens: int, unit: int, part: PartSpec, held: int) -> bool:
+        """Whether a BEGIN is a part of this request that had not come: another sender, the
+        same numbers, heads none of its parts had. Else it is a new transfer of that id (a
+        sender trying again)."""
+        return (session not in self.sessions and (num_tokens, unit) == (self.num_tokens, self.unit)
+                and part_conflict(self.parts, part, held) is None)  # fmt: skip
+
+
 class RequestTable:
     """Every request a receiver knows, by id and by (session, tag).
 
@@ -210,6 +231,7 @@ class RequestTable:
         self._cancelled: collections.OrderedDict[str, tuple[str, Origin, TransferError | None]] = (
             collections.OrderedDict()
         )
+        self._ended: collections.OrderedDict[str, Ended] = collections.OrderedDict()  # as many as _cancelled
         self.counters: collections.Counter[str] = collections.Counter(
             {
                 "completed": 0,
@@ -229,6 +251,7 @@ class RequestTable:
         known = self._by_id.get(request_id)
         if known is not None and known.handle is not None:
             raise ValueError(f"request_id: {request_id!r} is already expected")
+        self._ended.pop(request_id, None)  # the decode asks for it again: BEGINs from now on are for this one
         remembered = self._cancelled.pop(request_id, None)
         if remembered is not None and remembered[1] is Origin.PEER:
             request = Request(request_id, num_tokens, State.EXPECTED, handle=handle, deadline=deadline)
@@ -310,6 +333,15 @@ class RequestTable:
             self._end_tag(session, tag)
             return [SendAck(session, tag, False, refused)]
         request = self._by_id.get(request_id)
+        ended = self._ended.get(request_id) if request is None else None
+        if ended is not None:
+            if ended.sibling(session, num_tokens, unit or self.layout.block_size, part, self._all_heads):
+                self._ended[request_id] = dataclasses.replace(ended, parts=(*ended.parts, part),
+                                                              sessions=ended.sessions | {session})  # fmt: skip
+                self._end_tag(session, tag)
+                return [SendAck(session, tag, False, ended.message) if ended.ack
+                        else SendCancel(session, tag, ended.message)]  # fmt: skip
+            del self._ended[request_id]  # a new transfer of that id
         if request is None and self.announced_tokens + num_tokens > self.max_announced_tokens:
             self.counters["refused_requests"] += 1
             self._end_tag(session, tag)
@@ -335,7 +367,14 @@ class RequestTable:
             why = f"this sender sends {num_tokens} tokens, another sends {request.num_tokens}"
         else:
             why = self._attach(request, session, tag, part, unit, now, codec)
-        if why is not None:  # it cannot join: the other senders' parts go on
+        if why is not None and request.senders and not any(heads_overlap(part, o) for _, o in request.senders.values()):
+            # Heads the request still lacks, from a sender that disagrees with the others
+            # (tokens, block grid, which rank sends the whole tensors): a sibling that can
+            # never join, so the request fails as one, every sender told why.
+            self._end_tag(session, tag)
+            error = TransferError(f"request {request_id!r}: its senders disagree ({why})")
+            return [SendAck(session, tag, False, str(error)), *self._end(request, State.FAILED, error, Origin.LOCAL)]
+        if why is not None:  # another transfer under the same id (its heads are here already): it goes on
             self._end_tag(session, tag)
             return [SendAck(session, tag, False, f"request id {request_id!r} is already being received "
                                                  f"from another transfer ({why})")]  # fmt: skip
@@ -476,6 +515,7 @@ class RequestTable:
             "expected": sum(1 for r in self._by_id.values() if r.state is State.EXPECTED),
             "parked_chunks": sum(len(r.parked) for r in self._by_id.values()),
             "cancelled_ids": len(self._cancelled),
+            "ended_ids": len(self._ended),
             "ended_tags": sum(len(t) for t in self._ended_tags.values()),
         }
 
@@ -542,6 +582,8 @@ class RequestTable:
             request.parked = []
         self.counters[state.value] += 1
         self._retire(request)
+        if origin is not Origin.SHUTDOWN and request.plan is not None:
+            self._remember_ended(request, str(error), ack=state is State.FAILED and origin is Origin.LOCAL)
         if request.writing.any():  # the handle ends once the writes under way are done
             self._move(request, State.DRAINING)
             request.ending = (state, error)
@@ -567,6 +609,14 @@ class RequestTable:
         ended[tag] = None
         while len(ended) > self._remembered_tags:
             ended.popitem(last=False)
+
+    def _remember_ended(self, request: Request, message: str, ack: bool) -> None:
+        assert request.plan is not None
+        self._ended[request.request_id] = Ended(request.num_tokens, request.plan.unit, request.plan.parts,
+                                                frozenset(request.senders), message, ack)  # fmt: skip
+        self._ended.move_to_end(request.request_id)
+        while len(self._ended) > self._remembered_cancels:
+            self._ended.popitem(last=False)
 
     def _remember_cancel(
         self, request_id: str, reason: str, origin: Origin, failure: TransferError | None = None

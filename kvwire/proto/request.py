@@ -15,6 +15,7 @@ without writing anything.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,26 @@ class PartSpec:
     heads: int
     first_head: int
     whole: bool
+
+
+def part_conflict(parts: Sequence[PartSpec], part: PartSpec, held: int) -> str | None:
+    """Why ``part`` cannot join ``parts`` of one request on a side holding ``held`` k/v
+    heads (out of range, empty, overlapping another), or None."""
+    if part.heads and (part.first_head < 0 or part.first_head + part.heads > held):
+        return f"k/v heads {part.first_head}..{part.first_head + part.heads} outside the {held} this side holds"
+    if part.heads == 0 and not part.whole:
+        return "a part with nothing in it"
+    for other in parts:
+        if part.whole and other.whole:
+            return "the tensors held whole come from another sender already"
+        if heads_overlap(part, other):
+            return (f"k/v heads {part.first_head}..{part.first_head + part.heads} overlap heads "
+                    f"{other.first_head}..{other.first_head + other.heads} of another sender")  # fmt: skip
+    return None
+
+
+def heads_overlap(a: PartSpec, b: PartSpec) -> bool:
+    return bool(a.heads and b.heads and a.first_head < b.first_head + b.heads and b.first_head < a.first_head + a.heads)
 
 
 def tensor_plans(layout: KVLayout, num_tokens: int, unit: int | None = None,
@@ -107,21 +128,21 @@ class RequestPlan:
                 self.missing[i] += -(-t.rows // t.unit) * t.heads
 
     # -- parts -------------------------------------------------------------------------
+    @property
+    def parts(self) -> tuple[PartSpec, ...]:
+        return tuple(self._parts)
+
+    @property
+    def held_heads(self) -> int:
+        """The k/v heads this side holds (0: none, an MLA latent's layout)."""
+        kv_heads = {t.heads for plans in self.tensors for t in plans if not t.whole}
+        return kv_heads.pop() if kv_heads else 0
+
     def add_part(self, part: PartSpec) -> str | None:
         """Attach a sender's part; why it cannot be (overlap, out of range), or None."""
-        kv_heads = {t.heads for plans in self.tensors for t in plans if not t.whole}
-        held = kv_heads.pop() if kv_heads else 0
-        if part.heads and (part.first_head < 0 or part.first_head + part.heads > held):
-            return f"k/v heads {part.first_head}..{part.first_head + part.heads} outside the {held} this side holds"
-        if part.heads == 0 and not part.whole:
-            return "a part with nothing in it"
-        for other in self._parts:
-            if part.whole and other.whole:
-                return "the tensors held whole come from another sender already"
-            if part.heads and other.heads and part.first_head < other.first_head + other.heads \
-                    and other.first_head < part.first_head + part.heads:  # fmt: skip
-                return (f"k/v heads {part.first_head}..{part.first_head + part.heads} overlap heads "
-                        f"{other.first_head}..{other.first_head + other.heads} of another sender")  # fmt: skip
+        why = part_conflict(self._parts, part, self.held_heads)
+        if why is not None:
+            return why
         self._parts.append(part)
         for i, plans in enumerate(self.tensors):
             for t in plans:
