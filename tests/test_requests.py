@@ -339,3 +339,25 @@ def test_senders_that_disagree_fail_their_request_as_one():
     t.begin("d", 1, "w", 8, now=0, part=PartSpec(1, 0, True))
     actions = t.begin("e", 1, "w", 8, now=0, part=PartSpec(1, 1, True), unit=8)  # another block grid
     assert {a.session for a in actions} == {"d", "e"} and "cut on 8 tokens" in actions[0].message
+
+
+def test_a_deadline_names_what_had_not_arrived_and_from_whom():
+    """An expired request's error says which senders' parts were still short (the layers)
+    and which heads no sender had begun, so a stalled rank of several is found."""
+    from kvwire.proto.request import PartSpec
+
+    t = RequestTable(LAYOUT2, capacity_tokens=64, max_requests_per_session=8)
+    request, _ = t.expect("r", "h", 8, deadline=10)
+    (finish,) = t.expire(request)
+    assert str(finish.error).endswith("deadline passed (no sender had begun it)")
+    request, _ = t.expect("r", "h", 8, deadline=10)
+    t.begin("a", 1, "r", 8, now=0, part=PartSpec(1, 0, True))
+    for tensor in range(2):  # layer 0 of a's part arrives, layer 1 does not
+        assert t.start_write(request, "a", 0, tensor, 0, 8) is True
+        t.written(request, 0, None)
+    names = {"a": "the sender at h:1 (tensor-parallel rank 0 of 2)"}
+    actions = t.expire(request, names.__getitem__)
+    (finish,) = [a for a in actions if isinstance(a, Finish)]
+    assert isinstance(finish.error, TransferTimeout)
+    assert str(finish.error) == ("request 'r': deadline passed (still missing: layer 1 from the sender at h:1 "
+                                 "(tensor-parallel rank 0 of 2); k/v heads 1..2 from no sender yet)")  # fmt: skip

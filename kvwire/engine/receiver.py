@@ -1261,12 +1261,17 @@ class Receiver:
                 found.append((c, request.request_id))
         return found
 
+    def _who(self, session_id: str) -> str:
+        """A sender as errors name it (under the lock)."""
+        session = self._sessions.get(session_id)
+        return session.who if session is not None else "a sender whose connections are gone"
+
     def _expire(self, handle: ReceiveHandle) -> None:
         request = handle._request
         if request is None:
             return
         with self._lock:
-            actions = self._table.expire(request)
+            actions = self._table.expire(request, self._who)
             self._run_locked(actions)
         self._run(actions)
 
@@ -1293,7 +1298,7 @@ class Receiver:
                     c.cut = f"handshake not finished within {self._handshake_timeout:.3g} s"
                 actions = self._table.refuse_unclaimed(now, self._unclaimed_timeout)
                 for request in self._table.due(now):
-                    actions += self._table.expire(request)
+                    actions += self._table.expire(request, self._who)
                 self._run_locked(actions)
                 conns = list(self._conns)
                 stalled = self._stalled_writers_locked(now)

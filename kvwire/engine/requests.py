@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,12 +277,29 @@ class RequestTable:
             self._remember_cancel(request.request_id, reason, Origin.LOCAL)
         return self._end(request, State.CANCELLED, error, Origin.LOCAL)
 
-    def expire(self, request: Request) -> list[Action]:
-        """A request's deadline passed."""
+    def expire(self, request: Request, who: Callable[[str], str] = str) -> list[Action]:
+        """A request's deadline passed. The error says what had not arrived, naming each
+        sender by ``who(session)``."""
         if not request.live or request.state is State.ANNOUNCED:
             return []
-        error = TransferTimeout(f"request {request.request_id!r}: deadline passed")
+        error = TransferTimeout(f"request {request.request_id!r}: deadline passed ({self._lacking(request, who)})")
         return self._end(request, State.EXPIRED, error, Origin.LOCAL)
+
+    @staticmethod
+    def _lacking(request: Request, who: Callable[[str], str]) -> str:
+        plan = request.plan
+        if plan is None:
+            return "no sender had begun it"
+        lacking = []
+        for session, (_, part) in request.senders.items():
+            layers = plan.missing_layers(part)
+            if layers:
+                span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}..{layers[-1]}"
+                lacking.append(f"{span} from {who(session)}")
+        unannounced = plan.unannounced()
+        if unannounced is not None:
+            lacking.append(f"{unannounced} from no sender yet")
+        return "still missing: " + "; ".join(lacking) if lacking else "every chunk arrived, some still being written"
 
     def due(self, now: float) -> list[Request]:
         """Requests whose deadline has passed."""

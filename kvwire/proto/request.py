@@ -208,9 +208,37 @@ class RequestPlan:
         self._covered[key][first:last] = 0
         self.missing[layer] += (last - first) * (1 if t.whole else part.heads)
 
+    def missing_layers(self, part: PartSpec) -> list[int]:
+        """The layers in which ``part`` (attached) still lacks rows."""
+        return [i for i, plans in enumerate(self.tensors)
+                if any(not self._covered[self._key(t, part)].all() for t in plans
+                       if (t.whole and part.whole) or (not t.whole and part.heads))]  # fmt: skip
+
+    def unannounced(self) -> str | None:
+        """What no attached part carries (heads, the tensors held whole), in words, or None."""
+        held, taken = self.held_heads, np.zeros(self.held_heads, dtype=bool)
+        for part in self._parts:
+            taken[part.first_head : part.first_head + part.heads] = True
+        lacking = [f"k/v heads {a}..{b}" for a, b in _runs(np.flatnonzero(~taken))] if held else []
+        has_whole = any(t.whole for plans in self.tensors for t in plans)
+        if has_whole and not any(p.whole for p in self._parts):
+            lacking.append("the tensors held whole")
+        return ", ".join(lacking) or None
+
     def layer_complete(self, layer: int) -> bool:
         return bool(self.missing[layer] == 0)
 
     @property
     def complete(self) -> bool:
         return not self.missing.any()
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices as [first, last + 1) runs."""
+    runs: list[tuple[int, int]] = []
+    for i in indices.tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
