@@ -521,6 +521,26 @@ def test_prefill_ranks_that_each_serve_one_decode_rank_share_no_checksums():
             assert sender.row_checksums is None
 
 
+def test_a_sender_of_the_state_alone_does_not_stop_its_siblings_sharing_checksums():
+    """Hybrid model, 8 heads, 2 -> 4: prefill rank 0 sends heads to decode ranks 0 and 1
+    and only the state to decode rank 2 (the rank that holds the state's whole tensors
+    for it). The two that read rows share their checksums; the third reads no rows."""
+    if not scatter.available():
+        pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
+    model = kvwire.KVLayout.hybrid("LF", num_kv_heads=8, head_dim=32, state_shape=(2, 8, 8))
+    decode = [model.shard(d, 4) for d in range(4)]
+    receivers = [kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4)) for layout in decode]
+    layout = model.shard(0, 2)
+    try:
+        with kvwire.ShardedSender(layout, [rx.address for rx in receivers], secret=SECRET,
+                                  kv_caches=layout.allocate(4)) as sender:  # fmt: skip
+            assert sender.served[2].heads == 0 and sender.served[2].whole
+            assert sender.row_checksums is not None and sender.row_checksums.head_ranges == [(0, 2), (2, 2)]
+    finally:
+        for rx in receivers:
+            rx.close()
+
+
 @pytest.mark.parametrize("why", ["no spans", "replicated heads", "different chunk sizes"])
 def test_senders_that_would_not_cut_alike_share_no_checksums(why, monkeypatch):
     """Sharing needs every sender to send spans of some heads of every token and to cut

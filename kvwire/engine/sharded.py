@@ -155,7 +155,10 @@ class ShardedSender:
 
 def _row_checksums(senders: list[Sender]) -> RowChecksums | None:
     """One :class:`RowChecksums` for senders that each send some heads of every token from
-    spans of the same caches, cut alike (heads in equal ranges); else None."""
+    spans of the same caches, cut alike (heads in equal ranges); else None. A sender of
+    the whole tensors alone (a hybrid model's state, no heads) reads no rows: it is left
+    out, not a reason to share nothing."""
+    senders = [s for s in senders if s._kv_heads is None or s._kv_heads[1] > 0]
     encoders = [s.encoder for s in senders]
     ranges = [s._kv_heads for s in senders]
     if any(r is None for r in ranges) or not all(isinstance(e, HostEncoder) and e.spans for e in encoders):
