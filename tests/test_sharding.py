@@ -278,6 +278,27 @@ def test_a_prefill_that_saw_a_rank_fail_streams_on_and_finish_names_the_rank(aft
             r.close()
 
 
+def test_a_rank_that_fails_cancels_the_others_while_the_prefill_looks_elsewhere():
+    """Decode rank 1 gives up mid-transfer; the prefill neither polls nor waits (it is
+    computing its next layers). Rank 0's part is cancelled anyway, at once: its decode's
+    handle fails naming rank 1, instead of receiving data nobody will use."""
+    decode = [kvwire.Receiver(GQA8_4.shard(d, 2), secret=SECRET, kv_caches=GQA8_4.shard(d, 2).allocate(8))
+              for d in range(2)]  # fmt: skip
+    try:
+        with kvwire.ShardedSender(GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8),
+                                  streams=1) as tx:  # fmt: skip
+            h0, h1 = (rx.expect("one", [0, 1], 20, deadline=30) for rx in decode)
+            t = tx.transfer("one", [2, 3], 20, deadline=30)
+            t.send_layer(0)
+            h1.cancel("decode rank 1 gave up")
+            with pytest.raises(kvwire.Cancelled, match="decode rank 1 of the same transfer failed"):
+                h0.wait(timeout=5)
+            assert t.handles[0].done()
+    finally:
+        for r in decode:
+            r.close()
+
+
 def test_a_send_layer_refused_for_one_decode_rank_is_taken_by_none():
     """Prefill rank 1 of 4 of a hybrid model sends head 1 to decode rank 0 and the state to
     decode rank 1. A layer sent without its state is refused before either rank takes it,

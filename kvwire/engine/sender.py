@@ -232,6 +232,9 @@ class SendHandle:
         # The same number on the transfers of one request to every decode rank a
         # ShardedSender serves: their chunks' CRCs are computed together (RowChecksums).
         self.row_group: int | None = None
+        # Called (outside every lock) once the transfer fails: a ShardedTransfer cancels
+        # the other decode ranks' parts then, whether or not its caller is looking.
+        self.on_failure: Callable[[SendHandle], None] | None = None
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue layer ``layer`` (its paged tensors, and its state if it has one); returns at once.
@@ -345,6 +348,11 @@ class SendHandle:
         self._sender._forget(self)
         if error is None:
             self._sender._follower.completed(self)
+        elif self.on_failure is not None:
+            try:
+                self.on_failure(self)
+            except Exception:  # noqa: BLE001 - a reader or writer thread must go on
+                log.exception("transfer %r: its failure hook failed", self.request_id)
 
 
 class Sender:

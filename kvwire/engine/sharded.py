@@ -188,6 +188,9 @@ class ShardedTransfer:
         self._owner = owner
         self.handles = handles
         self._first_failed: int | None = None
+        for h in handles.values():  # a rank's failure cancels the others at once
+            h.on_failure = self._rank_failed
+        self._rank_failed(None)  # one may have failed before its hook was set
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue ``layer`` for every decode rank (each gets its part); returns at once.
@@ -208,8 +211,8 @@ class ShardedTransfer:
         return self.finish(timeout)
 
     def done(self) -> bool:
-        """True once every decode rank's part ended, or one failed: the transfer fails as
-        one, so the others are cancelled then. Never blocks."""
+        """True once every decode rank's part ended, or one failed (the others are
+        cancelled as it fails: the transfer fails as one). Never blocks."""
         if self._failed() is not None:
             self._cancel_others()
             return True
@@ -221,6 +224,10 @@ class ShardedTransfer:
         if self._first_failed is None:
             self._first_failed = next((d for d, h in self.handles.items() if h.done() and h._error is not None), None)
         return self._first_failed
+
+    def _rank_failed(self, _handle: SendHandle | None) -> None:
+        if self._failed() is not None:
+            self._cancel_others()
 
     def _cancel_others(self) -> None:
         """Cancel the ranks still open because another failed. Not the caller's cancel: a
