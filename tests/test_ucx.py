@@ -192,3 +192,30 @@ def test_a_ucx_peer_that_never_answers_the_handshake_is_given_up_on_both_sides()
         silent.close()
     finally:
         rx.close()
+
+
+def test_a_ucx_message_longer_than_any_frame_is_refused_before_it_is_allocated(caplog):
+    """Each UCX message is preceded by its length. Before the handshake only control
+    frames may come: a peer announcing 8 GiB is cut at once (its length read, nothing
+    allocated for it, no wait for the handshake's deadline)."""
+    import time
+
+    import numpy as np
+
+    from kvwire.transport import ucx
+    from tests.helpers import wait_until
+
+    layout = LAYOUTS["mha"]
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4), transport="ucx", handshake_timeout=30)
+    try:
+        loop = ucx._Loop.get()
+        ep = loop.run(loop.ucxx.create_endpoint(*rx.address), 5)
+        assert wait_until(lambda: rx.census()["pending_connections"] == 1, timeout=5)
+        t0 = time.monotonic()
+        loop.run(ep.send(np.frombuffer((8 << 30).to_bytes(8, "little"), np.uint8).copy()), 5)
+        assert wait_until(lambda: rx.census()["pending_connections"] == 0, timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert "UCX message of 8589934592 bytes" in caplog.text
+        loop.run(ep.close(), 5)
+    finally:
+        rx.close()

@@ -50,7 +50,7 @@ from kvwire.engine.requests import Request, RequestTable
 from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout, TensorParallel
 from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
-from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
+from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, MAX_CONTROL_PAYLOAD, FrameType
 from kvwire.proto.request import PartSpec
 from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
@@ -649,6 +649,8 @@ class Receiver:
             stream.settimeout(self._handshake_timeout)
             server_handshake(stream, proto, lambda event: self._join_session(conn, event))
             stream.device_payloads = proto.device_payloads
+            if hasattr(stream, "max_message"):  # UCX: one frame a message, DATA frames from now on
+                stream.max_message = HEADER_SIZE + max(self._slot_bytes, MAX_CONTROL_PAYLOAD)
             stream.settimeout(None)
             lanes = self._lanes and not proto.device_payloads
             while True:

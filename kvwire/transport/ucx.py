@@ -33,7 +33,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from kvwire.errors import PeerLost
+from kvwire.errors import PeerLost, ProtocolError
+from kvwire.proto.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD
 from kvwire.threads import Thread
 
 _LENGTH = struct.Struct("<Q")
@@ -146,6 +147,10 @@ class UcxStream:
         self._on_close = on_close
         self._control: concurrent.futures.Future | None = None  # the last control frame queued
         self.device_payloads = False  # set by the engine once the handshake agreed on it
+        # The largest message the peer may send: one frame, a control frame until the
+        # engine raises it to its largest DATA frame after the handshake. A length above
+        # it is refused before anything is allocated (the peer may not have authenticated).
+        self.max_message = HEADER_SIZE + MAX_CONTROL_PAYLOAD
 
     # The engine calls these from its threads.
     def send_parts(self, parts: Sequence[bytes | memoryview], device_payload=None) -> None:
@@ -242,6 +247,9 @@ class UcxStream:
         length = np.empty(_LENGTH.size, dtype=np.uint8)
         self._call(self._ep.recv(length), "receiving")
         (size,) = _LENGTH.unpack(length.tobytes())
+        if size > self.max_message:
+            raise ProtocolError(f"UCX message of {size} bytes from {self.peer}: the largest frame here is "
+                                f"{self.max_message} bytes")  # fmt: skip
         data = np.empty(size, dtype=np.uint8)
         if size:
             self._call(self._ep.recv(data), "receiving")
