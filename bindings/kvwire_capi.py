@@ -104,6 +104,12 @@ C_TERMS = (
     (re.compile(r"^finish:"), "kvw_transfer_finish:"),
     (re.compile(r"^send_layer:"), "kvw_transfer_send_layer:"),
     (re.compile(r"\bexpect\(\)"), "kvw_expect"),
+    # sizes are options in KiB or MiB in C; the figures after them stay in bytes and say so
+    (
+        re.compile(r"^(staging|window)_bytes: (budget of )?(\d+)( bytes)?"),
+        lambda m: f"{m.group(1)}_mib: {m.group(2) or ''}{m.group(3)} bytes",
+    ),
+    (re.compile(r"^(chunk|slot)_bytes:"), lambda m: f"{m.group(1)}_kib:"),
     (re.compile(r"\['([^\]]*)'\]"), lambda m: m.group(1).replace("', '", "|")),  # ['fp8', 'int4'] -> fp8|int4
     (re.compile(r"\[Errno (-?\d+)\] ([^,;()]+)"), lambda m: os_error_text(OSError(int(m.group(1)), m.group(2)))),
 )

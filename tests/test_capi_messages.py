@@ -72,6 +72,13 @@ def test_messages_are_rewritten_in_c_terms():
     assert capi.c_terms("no expect() for 'r' within 60 s") == "no kvw_expect for 'r' within 60 s"
     assert capi.c_terms("timeout: must be a finite number of seconds, got inf").startswith("timeout_s: must")
     assert capi.c_terms("connect_timeout: must be positive").startswith("connect_timeout: must")
+    assert capi.c_terms("staging_bytes: budget of 1048576 bytes is less than one slot (2162688)") == (
+        "staging_mib: budget of 1048576 bytes is less than one slot (2162688)"
+    )
+    assert capi.c_terms("window_bytes: 1048576 is less than one slot (4259840)") == (
+        "window_mib: 1048576 bytes is less than one slot (4259840)"
+    )
+    assert capi.c_terms("chunk_bytes: an int of at least 4096").startswith("chunk_kib: an int")
     assert capi.c_terms("cannot resolve 'x': [Errno -2] Name or service not known") == (
         "cannot resolve 'x': name or service not known"
     )
