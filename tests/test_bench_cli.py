@@ -130,6 +130,52 @@ def test_an_mla_run_counts_the_one_pair_that_sends(tmp_path):
     assert report["homogeneous"]["streams"] == 1
 
 
+def test_a_latent_replicated_over_decode_ranks_counts_once_as_logical_bytes(tmp_path, capsys):
+    """1 -> 2 with an MLA latent: each decode rank gets the whole latent. The request's KV
+    is delivered once, so its logical bytes (and the effective rate, and the ratio to
+    1 -> 1, which moves them once) count it once; the copies are reported beside."""
+    out = tmp_path / "mla2.json"
+    assert main(["loopback", "--profile", "deepseek-v3", "--tokens", "40", "--prefill-tp", "1", "--decode-tp", "2",
+                 "--streams", "1", "--compare-homogeneous", "--json", str(out), "--quiet"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["verified"] is True
+    assert report["logical_bytes_per_round"] == report["homogeneous"]["logical_bytes_per_round"]
+    assert report["delivered_logical_bytes_per_round"] == 2 * report["logical_bytes_per_round"]
+    assert "GiB as the decode ranks hold it" in capsys.readouterr().out
+
+
+def test_the_baselines_move_every_byte_they_are_credited_with():
+    """A baseline is credited with the run's wire bytes; it moves them from the memory
+    kvwire moves (caches, then states), and again from the start if they outnumber it."""
+    import torch
+
+    from kvwire.bench import baselines, fixture
+
+    caches = [{"k": torch.zeros(2, 8, dtype=torch.bfloat16)}]
+    states = [{0: torch.ones(3, dtype=torch.bfloat16)}, {0: torch.ones(2, dtype=torch.bfloat16)}]
+    views = fixture.memory_views(caches, states)
+    assert [len(v) for v in views] == [32, 6, 4]
+    for start, stop in [(0, 42), (10, 40), (30, 100), (84, 85), (5, 5)]:
+        got = baselines.byte_range(views, start, stop)
+        assert sum(len(v) for v in got) == stop - start
+    assert bytes(b"".join(bytes(v) for v in baselines.byte_range(views, 40, 44))) == bytes(views[2][0:2]) + bytes(
+        views[0][0:2])  # fmt: skip
+    with pytest.raises(ValueError, match="no memory"):
+        baselines.byte_range([], 0, 1)
+
+
+def test_each_request_gets_states_of_its_own():
+    """So that a state delivered to the wrong request (or left from the last round) fails."""
+    import torch
+
+    from kvwire.bench import fixture, profiles
+
+    layout = profiles.get("kimi-linear-48b").layout()
+    a, b = fixture.request_states(layout, 0), fixture.request_states(layout, 1)
+    assert a.keys() == b.keys() and a
+    assert all(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["loopback", "--tokens", "150", "--rounds", "2", "--prefill-tp", "2", "--decode-tp", "1",
@@ -155,13 +201,25 @@ def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_pat
 
 
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
+    """Paced by --layer-ms, two requests with states of their own; a round's window opens
+    at its first send_layer, not before the first layer's share of the prefill."""
     out = tmp_path / "r.json"
-    assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "2",
+    assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "2", "--requests", "2",
                  "--json", str(out), "--quiet"]) == 0  # fmt: skip
     report = json.loads(out.read_text())
     assert report["verified"] is True
     assert report["exposed_ms_after_prefill"] > 0 and report["one_layer_wire_ms"] > 0
     assert [t["layer"] for t in report["timeline"]] == list(range(27))
+    assert report["timeline"][0]["produced_s"] < 0.001 < report["timeline"][1]["produced_s"]
+
+
+def test_one_connection_runs_as_the_main_sender_and_its_rounds_are_checked(tmp_path):
+    out = tmp_path / "one.json"
+    assert main(["loopback", "--tokens", "100", "--rounds", "2", "--checksum", "none", "--compare-single-stream",
+                 "--json", str(out), "--quiet"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["verified"] is True and report["errors"] == [] and report["checksum"] == "none"
+    assert report["single_stream_wire_gb_per_s"] > 0
 
 
 @pytest.mark.parametrize(
@@ -174,6 +232,7 @@ def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
         (["loopback", "--profile", "gpt-9"], "unknown profile"),
         (["loopback", "--streams", "100"], "--streams"),
         (["loopback", "--layer-ms", "-1"], "--layer-ms"),
+        (["loopback", "--layer-ms", "2", "--baseline"], "--baseline: not with --layer-ms"),
         (["codec", "--dtype", "int8"], "dtype"),
         (["profiles", "--link-gbit", "0"], "--link-gbit"),
         (["soak", "--minutes", "0"], "--minutes"),
@@ -260,6 +319,13 @@ def test_soak_reports_samples_and_flat_records(tmp_path):
         assert report["growth"][f"{side}_records"]["grew"] is False
         assert report["samples"][-1][side]["fds"] > 0 and report["samples"][-1][side]["threads"] > 0
     assert code == (1 if any(g["grew"] for g in report["growth"].values()) else 0)
+
+
+def test_a_soak_too_short_to_judge_says_so_and_exits_3(capsys):
+    code = main(["soak", "--minutes", "0.03", "--sample-s", "1", "--tokens", "16"])
+    printed = capsys.readouterr().out
+    assert code == 3 and "growth not judged: too few samples after the warm-up" in printed
+    assert "verdict" not in printed and "flat:" not in printed
 
 
 def test_flood_times_transfers_under_each_attack(tmp_path):

@@ -17,13 +17,24 @@ BUFFER = 1 << 20
 
 
 def byte_range(views: list[memoryview], start: int, stop: int) -> list[memoryview]:
-    """The bytes ``[start, stop)`` of the concatenation of ``views``, as sub-views."""
-    out, offset = [], 0
-    for v in views:
-        lo, hi = max(start, offset), min(stop, offset + len(v))
-        if lo < hi:
-            out.append(v[lo - offset : hi - offset])
-        offset += len(v)
+    """The bytes ``[start, stop)`` of the concatenation of ``views``, repeated as often as
+    it takes, as sub-views: a baseline moves every byte it is credited with, reading (and
+    writing) its memory again when they outnumber it (a codec's wire bytes may)."""
+    total = sum(len(v) for v in views)
+    if total == 0:
+        if stop > start:
+            raise ValueError(f"byte_range: no memory to move {stop - start} bytes from")
+        return []
+    out = []
+    lap = start // total * total
+    while lap < stop:
+        offset = lap
+        for v in views:
+            lo, hi = max(start, offset), min(stop, offset + len(v))
+            if lo < hi:
+                out.append(v[lo - offset : hi - offset])
+            offset += len(v)
+        lap += total
     return out
 
 

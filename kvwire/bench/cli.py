@@ -209,10 +209,16 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     for fate, counts in report["outcomes"].items():
         print(f"  {fate}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     grew = [k for k, g in report["growth"].items() if isinstance(g, dict) and g["grew"]]
-    print(table(("figure", "after warm-up", "end", "peak", "verdict"), soak.rows(report)))
-    print("flat: RSS within 16 MiB, descriptors, threads and records within 2 of their value after the warm-up")
+    note = report["growth"].get("note")
+    if note is not None:  # nothing was judged: no table that reads like a verdict
+        print(f"growth not judged: {note} (run longer than the warm-up, or sample more often)")
+    else:
+        print(table(("figure", "after warm-up", "end", "peak", "verdict"), soak.rows(report)))
+        print("flat: RSS within 16 MiB, descriptors, threads and records within 2 of their value after the warm-up")
     if args.json:
         write_json(args.json, report)
+    if note is not None:
+        return 3
     if grew:
         print("GROWTH:", ", ".join(grew), file=sys.stderr)
         return 1
@@ -323,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write every request's outcome as JSON")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("soak", help="requests ending every way for minutes: RSS, fds, threads, records over time")
+    p = sub.add_parser("soak", help="requests ending every way for minutes: RSS, fds, threads, records over time",
+                       epilog="exit status: 0 flat, 1 a figure grew, 3 too short to judge (too few samples "
+                              "after the warm-up)")  # fmt: skip
     soak.add_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the samples and verdicts as JSON")
     p.set_defaults(func=_cmd_soak)

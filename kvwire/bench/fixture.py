@@ -65,6 +65,14 @@ def fill(caches, states, seed: int, dtype: torch.dtype) -> None:
             offset += 7919
 
 
+def request_states(layout: kvwire.KVLayout, i: int) -> dict:
+    """Request ``i``'s states (layer -> tensor), each request's unlike the others', so a
+    state delivered to the wrong request, or not at all, fails the check."""
+    states = layout.allocate_states()
+    fill([], states, seed=1000 + i, dtype=layout.dtype)
+    return states
+
+
 def src_blocks(i: int, per: int) -> list[int]:
     return list(range(i * per, (i + 1) * per))
 
@@ -80,9 +88,11 @@ def dst_blocks(i: int, per: int, order: str = "reverse") -> list[int]:
 def verify(layout, args, reference, dst, states, per, source_block_size: int | None = None) -> bool:
     """Does ``dst`` (this decode rank's caches, of ``layout``) hold what it must?
     ``reference`` holds the whole model's source caches, paged in the prefill's block size
-    (``source_block_size``; default: this layout's): the codec's CPU reference is applied
-    to the whole model's rows, then this rank's heads are compared (every codec's scales
-    are per head, so a head's decoded values do not depend on the split)."""
+    (``source_block_size``; default: this layout's), and every request's source states
+    (:func:`request_states`); ``states``, every request's received ones. The codec's CPU
+    reference is applied to the whole model's rows, then this rank's heads are compared
+    (every codec's scales are per head, so a head's decoded values do not depend on the
+    split)."""
     codec = kvwire.codec.get(args.codec)
     src, src_states = reference
     bs = layout.block_size
@@ -103,12 +113,15 @@ def verify(layout, args, reference, dst, states, per, source_block_size: int | N
                 ):
                     return False
             if spec.state is not None:
-                a = src_states[layer]
+                a = src_states[i][layer]
                 if not torch.equal(states[i][layer], received_rows(codec, a, "state", src_bs)):
                     return False
     return True
 
 
-def memory_views(caches) -> list[memoryview]:
-    """Every paged cache tensor as one flat byte view, layer by layer."""
-    return [memoryview(t.view(-1).view(torch.uint8).numpy()) for layer in caches for t in layer.values()]
+def memory_views(caches, states=()) -> list[memoryview]:
+    """Every paged cache tensor as one flat byte view, layer by layer, then every state
+    tensor of ``states`` (dicts of layer -> tensor): the memory kvwire moves, for the
+    plain-socket baselines."""
+    tensors = [t for layer in caches for t in layer.values()] + [t for group in states for t in group.values()]
+    return [memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in tensors]

@@ -112,6 +112,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--exact-tokens: must be 0 or more, got {args.exact_tokens}")
     if args.layer_ms < 0:
         raise ValueError(f"--layer-ms: must be >= 0, got {args.layer_ms}")
+    if args.layer_ms and args.baseline:  # a paced round waits for its prefill; the sockets would not
+        raise ValueError("--baseline: not with --layer-ms (plain sockets run unpaced: the ratio would say nothing)")
     if args.streams > 64:
         raise ValueError(f"--streams: at most 64, got {args.streams}")
     if args.max_streams is not None and not args.streams <= args.max_streams <= 64:
@@ -205,9 +207,9 @@ def receiver_main(
             break
         if cmd[0] == "expect":
             round_ = cmd[1]
-            for layer in dst:  # so a round that delivers nothing cannot pass on the last one's bytes
-                for t in layer.values():
-                    t.zero_()
+            # so that a round that delivers nothing cannot pass on the last one's bytes
+            for t in [t for layer in dst for t in layer.values()] + [t for one in states for t in one.values()]:
+                t.zero_()
             round_rss = rss_bytes()[0]
             reset_peak_rss()
             cpu0 = cpu_seconds()
@@ -234,8 +236,9 @@ def receiver_main(
             verified = None
             if error is None and not args.no_verify:
                 if reference is None:  # the whole model's source, as the prefill pages it
-                    reference = model.allocate(model_blocks), model.allocate_states()
-                    fixture.fill(reference[0], reference[1], seed=1, dtype=layout.dtype)
+                    reference = model.allocate(model_blocks), [fixture.request_states(model, i)
+                                                               for i in range(args.requests)]  # fmt: skip
+                    fixture.fill(reference[0], {}, seed=1, dtype=layout.dtype)
                 verified = fixture.verify(layout, args, reference, dst, states, per, model.block_size)
             pipe.send(
                 {
@@ -249,11 +252,12 @@ def receiver_main(
             )
         elif cmd[0] == "baseline":
             _, nbytes, kind, piece = cmd
-            pipe.send(baselines.receive(base_listener, args.streams, nbytes, kind, fixture.memory_views(dst),
+            pipe.send(baselines.receive(base_listener, args.streams, nbytes, kind, fixture.memory_views(dst, states),
                                         piece))  # fmt: skip
         elif cmd[0] == "rss":
             rss, hwm = rss_bytes()
-            pipe.send({"start": rss_start, "now": rss, "peak": hwm})
+            caches = sum(len(v) for v in fixture.memory_views(dst, states))
+            pipe.send({"start": rss_start, "now": rss, "peak": hwm, "caches": caches})
     rx.close()
 
 
@@ -268,8 +272,8 @@ def sender_main(
     torch.set_num_threads(1)
     layout, per, total_blocks = fixture.layout_and_blocks(args, "prefill", rank)
     src = layout.model().allocate(total_blocks)  # every rank fills the whole model alike
-    states = layout.allocate_states()
-    fixture.fill(src, states, seed=1, dtype=layout.dtype)
+    fixture.fill(src, {}, seed=1, dtype=layout.dtype)
+    states = [fixture.request_states(layout, i) for i in range(args.requests)]
     src = fixture.shard_caches(src, layout)  # then keeps its own heads
     tls = tlsutil.client_context(args.tls_paths, args.ktls) if getattr(args, "tls", False) else None
     options = dict(
@@ -281,10 +285,8 @@ def sender_main(
     tx = kind(layout, address, **options)
     gc.freeze()  # see kvwire/tuning.py
     single = None
-    if args.compare_single_stream:
-        single = kvwire.Sender(layout, address, secret=secret, kv_caches=src, streams=1, max_streams=1,
-                               codec=args.codec, chunk_bytes=chunk_bytes(args),
-                               exact_tokens=args.exact_tokens)  # fmt: skip
+    if args.compare_single_stream:  # the same sender, on one connection that stays one
+        single = kvwire.Sender(layout, address, **{**options, "streams": 1, "max_streams": 1})
     pipe.send("ready")
     while True:
         cmd = pipe.recv()
@@ -295,7 +297,7 @@ def sender_main(
             pipe.send(send_round(sender, layout, args, cmd[1], per, states, streamed=cmd[2]))
         elif cmd[0] == "baseline":
             _, nbytes, kind, piece = cmd
-            pipe.send(baselines.send(baseline_address, args.streams, nbytes, kind, fixture.memory_views(src),
+            pipe.send(baselines.send(baseline_address, args.streams, nbytes, kind, fixture.memory_views(src, states),
                                      piece))  # fmt: skip
         elif cmd[0] == "stats":
             pipe.send(sender_stats(tx))
@@ -358,13 +360,12 @@ class _Sampler:
 
 
 def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) -> dict:
+    """One round; its window (time, CPU, the machine's ticks) runs from the first
+    ``send_layer`` to the last acknowledgement, so a paced prefill's first layer is not in it."""
     round_rss = rss_bytes()[0]
     reset_peak_rss()
-    cpu0, machine0 = cpu_seconds(), machine_ticks()
-    t0 = time.monotonic()
-    sampler = _Sampler(tx, t0, show=False)  # records from the first send_layer on
     transfers = [
-        tx.transfer(f"{round_}-{i}", fixture.src_blocks(i, per), args.tokens, states=states, deadline=600)
+        tx.transfer(f"{round_}-{i}", fixture.src_blocks(i, per), args.tokens, states=states[i], deadline=600)
         for i in range(args.requests)
     ]
     timeline = []
@@ -373,6 +374,10 @@ def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) 
     for layer in range(layout.num_layers):
         if args.layer_ms and streamed:
             time.sleep(args.layer_ms / 1e3)  # this layer's share of the prefill
+        if layer == 0:
+            cpu0, machine0 = cpu_seconds(), machine_ticks()
+            t0 = time.monotonic()
+            sampler = _Sampler(tx, t0, show=False)
         produced = time.monotonic() - t0
         for t in transfers:
             t.send_layer(layer)
@@ -463,6 +468,11 @@ def _run(args, layout, progress, link) -> dict:
         for r in range(args.rounds):
             _all(receivers, ("expect", r), 60)
             sent = merge_sent(_all(senders, ("send", r, True), 900))
+            if sharded(args):
+                # The request's bytes, once: a latent (or heads) replicated over decode ranks is
+                # sent to each, and those copies are wire work, not more KV delivered.
+                sent["delivered_logical_bytes"] = sent["logical_bytes"]
+                sent["logical_bytes"] = layout.request_bytes(args.tokens) * args.requests
             received = merge_received(_all(receivers, None, 900))
             rounds.append((sent, received))
             if args.quiet is False:
@@ -486,8 +496,7 @@ def _run(args, layout, progress, link) -> dict:
                 _recv(rx_pipe, receiver, 60)
                 tx_pipe.send(("send", f"single-{r}", True, True))
                 one = _recv(tx_pipe, sender, 1800)
-                _recv(rx_pipe, receiver, 1800)
-                singles.append(one)
+                singles.append((one, _recv(rx_pipe, receiver, 1800)))
                 if args.quiet is False:
                     progress(
                         f"  1 connection {r + 1}/{args.rounds}: {one['wire_bytes'] / one['seconds'] / 1e9:.3f} GB/s"
@@ -506,13 +515,13 @@ def _run(args, layout, progress, link) -> dict:
                         progress(f"  {title} {r + 1}/{args.rounds}: {nbytes / b_sent['seconds'] / 1e9:.3f} GB/s")
         if args.layer_ms:
             _all(receivers, ("expect", args.rounds), 60)
-            overlap = merge_sent(_all(senders, ("send", args.rounds, False), 900))
-            _all(receivers, None, 900)
+            overlap = merge_sent(_all(senders, ("send", args.rounds, False), 900)), merge_received(
+                _all(receivers, None, 900))  # fmt: skip
         stats = _all(senders, ("stats",), 60)
         tx_stats = merged_stats({f"prefill rank {i}": s for i, s in enumerate(stats)})
         rss = _all(receivers, ("rss",), 60)
         rss_all = {"start": sum(x["start"] for x in rss), "now": sum(x["now"] for x in rss),
-                   "peak": max(x["peak"] for x in rss)}  # fmt: skip
+                   "peak": max(x["peak"] for x in rss), "caches": sum(x["caches"] for x in rss)}  # fmt: skip
         report = loopback_report.build(args, layout, rounds, measured, singles, overlap, tx_stats, rss_all)
         if sharded(args):
             report["tensor_parallel"] = {"prefill": n_tx, "decode": n_rx, "prefill_block_size": layout.block_size,
@@ -572,11 +581,16 @@ def merge_received(parts: list[dict]) -> dict:
         return parts[0]
     errors = [f"decode rank {d}: {p['error']}" for d, p in enumerate(parts) if p["error"]]
     verified = [p["verified"] for p in parts]
+    stats = {
+        **parts[0]["stats"],
+        **{k: sum(p["stats"].get(k, 0) for p in parts) for k in ("lane_frames", "frames")},
+        "spans": all(p["stats"].get("spans", False) for p in parts),
+    }  # staging: rank 0's (the report says so)
     return {
         "error": "; ".join(errors) or None,
         "cpu_s": sum(p["cpu_s"] for p in parts),
         "verified": None if None in verified else all(verified),
-        "stats": parts[0]["stats"],
+        "stats": stats,
         "rss_growth": sum(p["rss_growth"] for p in parts),
         "layer_delivered_monotonic": [max(v) for v in zip(*(p["layer_delivered_monotonic"] for p in parts))],
     }

@@ -19,12 +19,19 @@ def summed_split(windows: list[dict]) -> dict[str, float]:
 
 
 def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) -> dict:
+    """``rounds``, ``singles`` (1-connection rounds): (sent, received) pairs; ``overlap``:
+    the no-overlap round's pair, or None. A round that failed or did not verify fails the
+    report (``verified``, ``errors``) and lends it no figure."""
     best = max(rounds, key=lambda r: r[0]["wire_bytes"] / r[0]["seconds"])
     sent, received = best
     wire = sent["wire_bytes"] / sent["seconds"] / 1e9
     effective = sent["logical_bytes"] / sent["seconds"] / 1e9
-    errors = [r[1]["error"] for r in rounds if r[1]["error"]]
-    verified = None if args.no_verify else (not errors and all(r[1]["verified"] for r in rounds))
+    others = [(f"1 connection, round {i + 1}", r) for i, (_, r) in enumerate(singles)]
+    others += [("the no-overlap round", overlap[1])] if overlap is not None else []
+    errors = [r[1]["error"] for r in rounds if r[1]["error"]] + [f"{name}: {r['error']}" for name, r in others
+                                                                 if r["error"]]  # fmt: skip
+    verified = None if args.no_verify else (
+        not errors and all(r[1]["verified"] for r in rounds) and all(r["verified"] for _, r in others))  # fmt: skip
     gb_moved = sum(r[0]["wire_bytes"] for r in rounds) / 1e9
     report = {
         "kind": "loopback",
@@ -41,6 +48,12 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         "layer_ms": args.layer_ms,
         "destination": getattr(args, "destination", "reverse"),  # the receiver's block order
         "logical_bytes_per_round": sent["logical_bytes"],
+        # with ranks: what the decode ranks received together (a replicated latent or head, once each)
+        **(
+            {"delivered_logical_bytes_per_round": sent["delivered_logical_bytes"]}
+            if "delivered_logical_bytes" in sent
+            else {}
+        ),  # fmt: skip
         "wire_bytes_per_round": sent["wire_bytes"],
         "seconds": sent["seconds"],
         "wire_gb_per_s": wire,
@@ -55,14 +68,14 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         },
         "staging": {"receiver": received["stats"]["staging"], "sender": sender_stats["staging"]},
         "receiver_rss": {
-            "caches_allocated_bytes": rss["start"],
+            "caches_bytes": rss["caches"],  # the destination caches and states, allocated and touched
+            "rss_before_rounds_bytes": rss["start"],  # the receiver processes' RSS then, caches included
             "growth_bytes": max(r[1]["rss_growth"] for r in rounds),
         },
         "sender_rss_growth_bytes": max(r[0]["rss_growth"] for r in rounds),
         "connections": [
             {
-                "bytes_sent": c["bytes_sent"],
-                "goodput_gb_per_s": c["goodput_gb_per_s"],
+                "bytes_sent": c["bytes_sent"],  # every round and the handshake, frame headers included
                 "tcp": c["tcp"],
                 "path": c.get("path", "host memory"),
             }  # fmt: skip
@@ -72,7 +85,7 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         # how host bytes moved: spans of the cache through kvwire._scatter, or views and copies
         "spans": {"sender": bool(sender_stats.get("spans")), "receiver": bool(received["stats"].get("spans"))},
         # DATA frames the receiver's compiled receive lane took, of all it read (every round)
-        "receive_lane": {k: received["stats"].get(k, 0) for k in ("lane_frames", "frames")},
+        "receive_lane": {k: received["stats"].get(k, 0) for k in ("lane_frames", "frames")},  # every decode rank's
         "data_frames_per_send": sum(c.get("data_frames", 0) for c in sender_stats["connections"])
         / max(1, sum(c.get("data_sends", 0) for c in sender_stats["connections"])),
         "streams_policy": sender_stats["streams_policy"],
@@ -105,20 +118,22 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         report["machine_cpu"][kind] = summed_split([b[0] for b in runs])
         if b_best[0].get("piece_bytes"):  # the checked ceilings: pieces cut as kvwire's chunks were
             report[f"baseline{suffix}_piece_bytes"] = b_best[0]["piece_bytes"]
-    if singles:
-        best_single = max(singles, key=lambda r: r["wire_bytes"] / r["seconds"])
+    good_singles = [one for one, got in singles if not got["error"] and got["verified"] is not False]
+    if good_singles:
+        best_single = max(good_singles, key=lambda r: r["wire_bytes"] / r["seconds"])
         report["single_stream_wire_gb_per_s"] = best_single["wire_bytes"] / best_single["seconds"] / 1e9
     if args.link:
         rate_gb = netem.parse_link(args.link).rate_bps / 8 / 1e9
         report["link_utilization"] = wire / rate_gb
-        if singles:
+        if good_singles:
             report["single_stream_link_utilization"] = report["single_stream_wire_gb_per_s"] / rate_gb
-    if overlap is not None:
+    if overlap is not None and not overlap[1]["error"] and overlap[1]["verified"] is not False:
         # One layer's wire time, measured: the no-overlap round sends every layer back to back
         # once the prefill is over, so its exposed time is all layers' wire time plus one RTT.
-        report["exposed_ms_after_prefill"] = overlap["exposed_ms"]
+        exposed = overlap[0]["exposed_ms"]
+        report["exposed_ms_after_prefill"] = exposed
         rtt_ms = netem.parse_link(args.link).rtt_s * 1e3 if args.link else 0.0
-        report["one_layer_wire_ms"] = max(overlap["exposed_ms"] - rtt_ms, 0.0) / layout.num_layers
+        report["one_layer_wire_ms"] = max(exposed - rtt_ms, 0.0) / layout.num_layers
         report["exposed_ideal_ms"] = report["one_layer_wire_ms"] + rtt_ms
         report["exposed_over_ideal"] = sent["exposed_ms"] / report["exposed_ideal_ms"]
     return report
@@ -159,9 +174,15 @@ def first_connections(report: dict) -> str:
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     gib = report["logical_bytes_per_round"] / 2**30
+    delivered = report.get("delivered_logical_bytes_per_round", report["logical_bytes_per_round"])
+    copies = f" ({delivered / 2**30:.3f} GiB as the decode ranks hold it)" if delivered != report[
+        "logical_bytes_per_round"] else ""  # fmt: skip
     rows = [
         ("profile / codec", f"{report['profile']} / {report['codec']}, checksum {report.get('checksum', 'crc32c')}"),
-        ("moved per round", f"{gib:.3f} GiB logical, {report['wire_bytes_per_round'] / 2**30:.3f} GiB on the wire"),
+        (
+            "moved per round",
+            f"{gib:.3f} GiB logical{copies}, {report['wire_bytes_per_round'] / 2**30:.3f} GiB on the wire",
+        ),  # fmt: skip
         ("requests x rounds", f"{report['requests']} x {report['rounds']}, {first_connections(report)}"),
         ("connections at the end", f"{report['streams_policy']['connections']}: {report['streams_policy']['reason']}"),
         ("wire throughput", f"{report['wire_gb_per_s']:.3f} GB/s"),
@@ -238,9 +259,11 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  f"receive lane {lane_share(report)}; "
                  f"destination blocks {report.get('destination', 'reverse')}"))  # fmt: skip
     st = report["staging"]["receiver"]
-    rows.append(
-        ("receiver staging", f"high water {st['high_water_bytes'] / 2**20:.0f} of {st['budget_bytes'] / 2**20:.0f} MiB")
-    )
+    ranks = report.get("tensor_parallel", {}).get("decode", 1)
+    rows.append((
+        "receiver staging" + (" (decode rank 0)" if ranks > 1 else ""),
+        f"high water {st['high_water_bytes'] / 2**20:.0f} of {st['budget_bytes'] / 2**20:.0f} MiB",
+    ))  # fmt: skip
     rows.append(
         (
             "RSS growth in a round",

@@ -502,6 +502,7 @@ class Receiver:
                 raise ValueError("expect: the receiver is closed")
             request, actions = self._table.expect(request_id, handle, sel.num_tokens, handle.deadline)
             handle._request = request
+            handle.t_first_byte = request.first_byte  # its data may have come first, and parked
             self._run_locked(actions)
             self._cond.notify_all()  # a reader may wait for parking room for this request's sender
         self._run(actions)
@@ -902,7 +903,7 @@ class Receiver:
         with self._lock:
             if nbytes is not None:  # under the lock, as the lane counts: the two may run at once
                 handle = request.handle
-                handle.t_first_byte = handle.t_first_byte or time.monotonic()
+                handle.t_first_byte = handle.t_first_byte or request.first_byte or time.monotonic()
                 handle.chunks += 1
                 handle.wire_bytes += nbytes
                 handle.logical_bytes += nbytes
@@ -1003,6 +1004,8 @@ class Receiver:
                 request = self._table.lookup(session.id, header.tag)
             if request is None:
                 return None
+        if request.first_byte is None:  # its first DATA header: the first byte of its receive time
+            request.first_byte = time.monotonic()
         assert request.plan is not None  # a request known by its tag has its plan
         t = request.plan.check(header.layer, header.tensor, header.start, header.count)
         part = request.part_of(session.id)
@@ -1129,7 +1132,7 @@ class Receiver:
         if write is False:
             request.handle.duplicates += 1
         elif write:
-            request.handle.t_first_byte = request.handle.t_first_byte or time.monotonic()
+            request.handle.t_first_byte = request.handle.t_first_byte or request.first_byte or time.monotonic()
         return write
 
     def _write(self, request: Request, chunk: _Chunk, claim: bool | None) -> None:

@@ -80,6 +80,7 @@ class Request:
     senders: dict[str, tuple[int, PartSpec]] = field(default_factory=dict)
     plan: RequestPlan | None = None  # which chunks it must contain: made when its first BEGIN arrives
     created: float = 0.0  # when the BEGIN arrived (the unclaimed timeout runs from it)
+    first_byte: float | None = None  # when its first DATA header was read (the receiver's clock)
     deadline: float | None = None  # from expect()
     handle: Any = None  # the caller's handle, finished by a Finish action
     parked: list = field(default_factory=list)  # chunks that arrived before expect()
