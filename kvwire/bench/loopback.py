@@ -383,7 +383,7 @@ def send_round(tx, layout, args, round_: int, per: int, states, streamed: bool) 
             t.send_layer(layer)
         timeline.append({"layer": layer, "produced_s": produced})
     prefill_end = time.monotonic()
-    sampler.show = not args.quiet
+    sampler.show = not args.quiet and sys.stderr.isatty()  # no carriage returns in a log
     try:
         results = [t.finish() for t in transfers]
     finally:

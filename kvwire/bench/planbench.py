@@ -536,7 +536,10 @@ def _run_policy(args, peers: Peers, requests: list[Arrival], policy: str, progre
         t.join(600)
     stop_schedule.set()
     scheduler.join(5)
-    return [outcomes[r.index] for r in requests if r.index in outcomes]
+    # A request whose finisher never reported (a thread still stuck after 600 s) failed: it
+    # stays in the share's denominator, not dropped from it.
+    return [outcomes.get(r.index, {"index": r.index, "tokens": r.tokens, "where": "unknown", "ttft_s": None,
+                                   "error": "no outcome reported"}) for r in requests]  # fmt: skip
 
 
 def summarize_policy(outcomes: list[dict], target_s: float) -> dict:
