@@ -50,7 +50,7 @@ from kvwire.engine.requests import Request, RequestTable
 from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, TransferTimeout
 from kvwire.layout import KVLayout, TensorParallel
 from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
-from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, MAX_CONTROL_PAYLOAD, FrameType
+from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
 from kvwire.proto.request import PartSpec
 from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
@@ -66,6 +66,10 @@ log = logging.getLogger("kvwire.receiver")
 
 DEFAULT_STAGING_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = (4 << 20) + (64 << 10)  # a 4 MiB chunk plus the lz4 stage's worst-case headers
+# Over UCX each of a sender's sends is one message: DATA frames whose payloads fit its
+# credit (the window), gathered on short paths, each perhaps behind its BEGIN. Headers and
+# BEGINs on top of the window's payload bytes take at most this much.
+UCX_FRAMING_SLACK = 1 << 20
 REAPER_PERIOD_S = 0.05
 # A request that ended while a payload was being received into its rows waits for that
 # receive; one that stalls this long (a sender stopped inside a frame) has its
@@ -650,8 +654,8 @@ class Receiver:
             stream.settimeout(self._handshake_timeout)
             server_handshake(stream, proto, lambda event: self._join_session(conn, event))
             stream.device_payloads = proto.device_payloads
-            if hasattr(stream, "max_message"):  # UCX: one frame a message, DATA frames from now on
-                stream.max_message = HEADER_SIZE + max(self._slot_bytes, MAX_CONTROL_PAYLOAD)
+            if hasattr(stream, "max_message"):  # UCX: a message holds what one send of the sender holds
+                stream.max_message = self._window + UCX_FRAMING_SLACK
             stream.settimeout(None)
             lanes = self._lanes and not proto.device_payloads
             while True:

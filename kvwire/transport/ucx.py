@@ -147,9 +147,10 @@ class UcxStream:
         self._on_close = on_close
         self._control: concurrent.futures.Future | None = None  # the last control frame queued
         self.device_payloads = False  # set by the engine once the handshake agreed on it
-        # The largest message the peer may send: one frame, a control frame until the
-        # engine raises it to its largest DATA frame after the handshake. A length above
-        # it is refused before anything is allocated (the peer may not have authenticated).
+        # The largest message the peer may send: one control frame until the handshake is
+        # done, then what the engine allows (a receiver: its credit window, with headers).
+        # A length above it is refused before anything is allocated (the peer may not
+        # have authenticated).
         self.max_message = HEADER_SIZE + MAX_CONTROL_PAYLOAD
 
     # The engine calls these from its threads.
@@ -248,8 +249,8 @@ class UcxStream:
         self._call(self._ep.recv(length), "receiving")
         (size,) = _LENGTH.unpack(length.tobytes())
         if size > self.max_message:
-            raise ProtocolError(f"UCX message of {size} bytes from {self.peer}: the largest frame here is "
-                                f"{self.max_message} bytes")  # fmt: skip
+            raise ProtocolError(f"UCX message of {size} bytes from {self.peer}: at most {self.max_message} "
+                                f"are allowed here")  # fmt: skip
         data = np.empty(size, dtype=np.uint8)
         if size:
             self._call(self._ep.recv(data), "receiving")
