@@ -244,3 +244,95 @@ def test_a_chunk_of_a_whole_slot_behind_its_begin_fits_a_ucx_message():
         assert_transferred(layout, src, blocks, dst, blocks, 48 * layout.block_size)
     finally:
         rx.close()
+
+
+def _ucx_pair():
+    """(client stream, server stream, listener) over loopback UCX."""
+    from kvwire.transport import ucx
+
+    ucx.configure_for("127.0.0.1")
+    listener = ucx.UcxListener(("127.0.0.1", 0))
+    client = ucx.connect(listener.address, timeout=5)
+    return client, listener.accept(), listener
+
+
+def test_ucx_streams_keep_their_messages_in_step():
+    """An empty message is still a message (its body is received, or the next length would
+    be read from it); each accepted endpoint is a host of its own to the receiver's
+    per-host cap (UCX does not say where it comes from); a read that timed out leaves the
+    stream unusable (its receive could take the next message), not out of step."""
+    client, server, listener = _ucx_pair()
+    try:
+        assert ":" not in server.peer  # the receiver takes the part before a colon for the host
+        client.send_parts([b""])
+        client.send_parts([b"abc", b"de"])
+        assert server.recv_exact(5) == b"abcde"
+        server.settimeout(0.3)
+        with pytest.raises(kvwire.PeerLost, match="failed while receiving"):
+            server.recv_exact(1)  # nothing comes
+        client.send_parts([b"late"])
+        with pytest.raises(kvwire.PeerLost, match="unusable: it failed while receiving"):
+            server.recv_exact(4)
+    finally:
+        client.close()
+        server.close()
+        listener.close()
+
+
+def test_closing_a_ucx_listener_closes_the_endpoints_nobody_took():
+    """UCX accepts endpoints before the receiver takes them: those still waiting when the
+    listener closes are closed with it, so their peers learn at once, not at a timeout."""
+    import time
+
+    from kvwire.transport import ucx
+    from tests.helpers import wait_until
+
+    ucx.configure_for("127.0.0.1")
+    listener = ucx.UcxListener(("127.0.0.1", 0))
+    clients = [ucx.connect(listener.address, timeout=5) for _ in range(2)]
+    try:
+        assert wait_until(lambda: listener._queue.qsize() == 2, timeout=5)
+        listener.close()
+        for c in clients:
+            c.settimeout(10)
+            t0 = time.monotonic()
+            with pytest.raises(kvwire.PeerLost):
+                c.recv_exact(1)
+            assert time.monotonic() - t0 < 5
+        with pytest.raises(OSError, match="listener closed"):
+            listener.accept()
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_closing_a_ucx_stream_behind_a_blocked_send_does_not_wait_for_its_control_frames():
+    """A peer that never reads: a large send blocks, a control frame queues behind it. The
+    control frame cannot leave before the send, so close() does not wait for it (it waited
+    2 s per stream, one stream after another), and the blocked send ends PeerLost."""
+    import threading
+    import time
+
+    client, server, listener = _ucx_pair()
+    errors: list[Exception] = []
+
+    def send() -> None:
+        try:
+            server.send_parts([b"D" * (16 << 20)])
+        except kvwire.PeerLost as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=send)
+    try:
+        thread.start()
+        time.sleep(0.5)
+        assert thread.is_alive()  # blocked: the client never posts a receive
+        server.send_control(b"c" * 40)
+        t0 = time.monotonic()
+        server.close()
+        assert time.monotonic() - t0 < 1
+        thread.join(15)
+        assert not thread.is_alive() and errors
+    finally:
+        client.close()
+        listener.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import queue
 import struct
@@ -38,6 +39,8 @@ from kvwire.proto.frames import HEADER_SIZE, MAX_CONTROL_PAYLOAD
 from kvwire.threads import Thread
 
 _LENGTH = struct.Struct("<Q")
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+log = logging.getLogger("kvwire.ucx")
 CLOSE_FLUSH_S = 2.0  # how long close() waits for queued control frames to leave
 INSTALL_HINT = "transport='ucx' needs UCXX: pip install 'kvwire[ucx]' (PyPI package ucxx-cu12)"
 
@@ -96,7 +99,14 @@ class _Loop:
             return cls._instance
 
     def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the loop thread and wait for it; one that outlives ``timeout`` is
+        cancelled (a receive left posted would take the next message)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
 
 
 CUDA_TRANSPORTS = frozenset({"cuda_copy", "cuda_ipc", "gdr_copy"})
@@ -146,6 +156,7 @@ class UcxStream:
         self._message = memoryview(b"")
         self._on_close = on_close
         self._control: concurrent.futures.Future | None = None  # the last control frame queued
+        self._failed: str | None = None  # what it was doing when an operation failed
         self.device_payloads = False  # set by the engine once the handshake agreed on it
         # The largest message the peer may send: one control frame until the handshake is
         # done, then what the engine allows (a receiver: its credit window, with headers).
@@ -185,8 +196,14 @@ class UcxStream:
         header = np.frombuffer(_LENGTH.pack(len(frame)), dtype=np.uint8).copy()
         self.bytes_sent += len(frame)
         future = asyncio.run_coroutine_threadsafe(self._send_all(header, data, None), self._loop.loop)
-        # A failed control send is not reported here: the reader sees the endpoint fail.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def sent(f: concurrent.futures.Future) -> None:
+            # A failed control send is not reported here (the reader sees the endpoint
+            # fail), only uncounted.
+            if f.cancelled() or f.exception() is not None:
+                self.bytes_sent -= len(frame)
+
+        future.add_done_callback(sent)
         self._control = future  # messages leave in order: the last one done means all are
 
     def flush_control(self) -> None:
@@ -245,24 +262,29 @@ class UcxStream:
 
     def _next_message(self) -> memoryview:
         np = self._np
-        length = np.empty(_LENGTH.size, dtype=np.uint8)
+        length = np.zeros(_LENGTH.size, dtype=np.uint8)
         self._call(self._ep.recv(length), "receiving")
         (size,) = _LENGTH.unpack(length.tobytes())
         if size > self.max_message:
             raise ProtocolError(f"UCX message of {size} bytes from {self.peer}: at most {self.max_message} "
                                 f"are allowed here")  # fmt: skip
-        data = np.empty(size, dtype=np.uint8)
-        if size:
-            self._call(self._ep.recv(data), "receiving")
+        # Zeroed: UCX completes a receive of a shorter message without saying so, and the
+        # rest must not be the heap's old bytes. An empty body is a message too.
+        data = np.zeros(size, dtype=np.uint8)
+        self._call(self._ep.recv(data), "receiving")
         return memoryview(data)
 
     def _call(self, coro, what: str):
-        if self.closed:
+        if self.closed or self._failed is not None:
             coro.close()
-            raise PeerLost(f"UCX endpoint to {self.peer} is closed")
+            raise PeerLost(f"UCX endpoint to {self.peer} is " + (
+                "closed" if self._failed is None else f"unusable: it failed while {self._failed}"))  # fmt: skip
         try:
             return self._loop.run(coro, self._timeout)
         except Exception as exc:  # UCXError, UCXCloseError, CancelledError, TimeoutError
+            # Where its messages stand is unknown now (a receive cut short, a send that
+            # may still leave): nothing more goes through it.
+            self._failed = what
             raise PeerLost(f"UCX endpoint to {self.peer} failed while {what}: {exc!r}") from None
 
     def settimeout(self, seconds: float | None) -> None:
@@ -286,8 +308,9 @@ class UcxStream:
     def close(self) -> None:
         if self.closed:
             return
-        self._drain_control()
         self.closed = True
+        if not self._send_lock.locked():  # behind a send in flight, they would not leave in time
+            self._drain_control()
         try:
             self._loop.run(self._ep.close(), 5)
         except Exception:  # noqa: BLE001 - closing a dead endpoint may fail; it is closed either way
@@ -318,6 +341,9 @@ class UcxListener:
         self._closed = False
 
         async def handler(ep) -> None:
+            if self._closed:  # too late: closed at once, its peer told
+                await ep.close()
+                return
             done = asyncio.Event()
             loop = asyncio.get_running_loop()
             self._queue.put((ep, lambda: loop.call_soon_threadsafe(done.set)))
@@ -326,7 +352,12 @@ class UcxListener:
         async def listen():
             return self._loop.ucxx.create_listener(handler, port)
 
-        self._listener = self._loop.run(listen(), 10)
+        if host not in WILDCARD_HOSTS:
+            log.warning("UCX listens on every interface: %r limits nothing but the address reported", host)
+        try:
+            self._listener = self._loop.run(listen(), 10)
+        except Exception as exc:  # noqa: BLE001 - UCXXBusyError and the like, as a socket's OSError
+            raise OSError(f"cannot listen on port {port} over UCX: {exc!r}") from None
         self.address = (host, self._listener.port)
 
     def accept(self) -> UcxStream:
@@ -334,7 +365,9 @@ class UcxListener:
         if item is None:
             raise OSError("listener closed")
         ep, release = item
-        return UcxStream(self._loop, ep, f"ucx:{ep.uid:x}", on_close=release)
+        # No colon: the receiver caps connections in their handshake per host (the part
+        # before one), and UCX does not say where an endpoint comes from: each is its own.
+        return UcxStream(self._loop, ep, f"ucx-endpoint-{ep.uid:x}", on_close=release)
 
     def finish_accept(self, stream: UcxStream, timeout: float) -> None:
         """Nothing to finish: a UCX endpoint is ready when accepted."""
@@ -343,7 +376,6 @@ class UcxListener:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
 
         async def stop():
             self._listener.close()
@@ -352,3 +384,11 @@ class UcxListener:
             self._loop.run(stop(), 5)
         except Exception:  # noqa: BLE001
             pass
+        while True:  # endpoints accepted by UCX that nobody took: closed, their peers told
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                UcxStream(self._loop, item[0], f"ucx-endpoint-{item[0].uid:x}", on_close=item[1]).close()
+        self._queue.put(None)
