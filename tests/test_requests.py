@@ -361,3 +361,35 @@ def test_a_deadline_names_what_had_not_arrived_and_from_whom():
     assert isinstance(finish.error, TransferTimeout)
     assert str(finish.error) == ("request 'r': deadline passed (still missing: layer 1 from the sender at h:1 "
                                  "(tensor-parallel rank 0 of 2); k/v heads 1..2 from no sender yet)")  # fmt: skip
+
+
+def test_a_sender_trying_again_first_is_refused_once_at_most():
+    """A late part of an ended request and a sender trying the id again look alike. The
+    part with heads the ended request lacked, from a new session, is refused once; from
+    then on that session counts among the request's senders, whatever ends next under the
+    id, so trying again cannot be refused for good."""
+    from kvwire.proto.request import PartSpec
+
+    t = RequestTable(LAYOUT2, capacity_tokens=64, max_requests_per_session=8)
+    request, _ = t.expect("r", "h", 8, deadline=10)
+    t.begin("a", 1, "r", 8, now=0, part=PartSpec(1, 0, True))
+    t.expire(request)  # b never began
+    assert isinstance(t.begin("b", 7, "r", 8, now=1, part=PartSpec(1, 1, False))[0], SendCancel)  # once
+    assert t.begin("a", 2, "r", 8, now=1, part=PartSpec(1, 0, True)) == []  # a again: a new request
+    again = t.lookup("a", 2)
+    t.refuse_unclaimed(now=100, timeout=10)  # it ends too, before b comes back
+    assert not again.live
+    assert t.begin("b", 8, "r", 8, now=101, part=PartSpec(1, 1, False)) == []  # b again: taken, not refused
+    assert t.lookup("b", 8).state is State.ANNOUNCED
+
+
+def test_a_second_sender_of_the_whole_tensors_alone_is_refused_and_the_first_goes_on():
+    """MLA: every part is the latent alone, no heads. A second one under a bound id is
+    another transfer of it (a sender restarted, a replica): only it is refused."""
+    mla = kvwire.KVLayout.mla(num_layers=2, latent_dim=16, block_size=4)
+    t = RequestTable(mla, capacity_tokens=64, max_requests_per_session=8)
+    t.begin("a", 1, "r", 8, now=0)
+    request, _ = t.expect("r", "h", 8, deadline=100)
+    (refused,) = t.begin("b", 1, "r", 8, now=0)
+    assert not refused.ok and refused.session == "b" and "another transfer" in refused.message
+    assert request.state is State.BOUND

@@ -299,6 +299,24 @@ def test_a_rank_that_fails_cancels_the_others_while_the_prefill_looks_elsewhere(
             r.close()
 
 
+def test_the_callers_cancel_reaches_every_decode_rank_with_its_own_reason():
+    decode = [kvwire.Receiver(GQA8_4.shard(d, 2), secret=SECRET, kv_caches=GQA8_4.shard(d, 2).allocate(8))
+              for d in range(2)]  # fmt: skip
+    try:
+        with kvwire.ShardedSender(GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8),
+                                  streams=1) as tx:  # fmt: skip
+            handles = [rx.expect("one", [0, 1], 20, deadline=30) for rx in decode]
+            t = tx.transfer("one", [2, 3], 20, deadline=30)
+            t.send_layer(0)
+            t.cancel("the prefill gave up")
+            for h in handles:
+                with pytest.raises(kvwire.Cancelled, match="the prefill gave up"):
+                    h.wait(timeout=10)
+    finally:
+        for r in decode:
+            r.close()
+
+
 def test_a_send_layer_refused_for_one_decode_rank_is_taken_by_none():
     """Prefill rank 1 of 4 of a hybrid model sends head 1 to decode rank 0 and the state to
     decode rank 1. A layer sent without its state is refused before either rank takes it,

@@ -234,6 +234,8 @@ class RequestTable:
             collections.OrderedDict()
         )
         self._ended: collections.OrderedDict[str, Ended] = collections.OrderedDict()  # as many as _cancelled
+        # sessions refused as a late part of an ended request, per id (as many)
+        self._late_refused: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
         self.counters: collections.Counter[str] = collections.Counter(
             {
                 "completed": 0,
@@ -254,6 +256,7 @@ class RequestTable:
         if known is not None and known.handle is not None:
             raise ValueError(f"request_id: {request_id!r} is already expected")
         self._ended.pop(request_id, None)  # the decode asks for it again: BEGINs from now on are for this one
+        self._late_refused.pop(request_id, None)
         remembered = self._cancelled.pop(request_id, None)
         if remembered is not None and remembered[1] is Origin.PEER:
             request = Request(request_id, num_tokens, State.EXPECTED, handle=handle, deadline=deadline)
@@ -357,6 +360,11 @@ class RequestTable:
             if ended.sibling(session, num_tokens, unit or self.layout.block_size, part, self._all_heads):
                 self._ended[request_id] = dataclasses.replace(ended, parts=(*ended.parts, part),
                                                               sessions=ended.sessions | {session})  # fmt: skip
+                # Once only: had it been a sender trying again (it cannot be told apart), it is
+                # one of the request's senders from now on, whatever ends next under this id.
+                self._late_refused[request_id] = self._late_refused.pop(request_id, frozenset()) | {session}
+                while len(self._late_refused) > self._remembered_cancels:
+                    self._late_refused.popitem(last=False)
                 self._end_tag(session, tag)
                 return [SendAck(session, tag, False, ended.message) if ended.ack
                         else SendCancel(session, tag, ended.message)]  # fmt: skip
@@ -386,10 +394,12 @@ class RequestTable:
             why = f"this sender sends {num_tokens} tokens, another sends {request.num_tokens}"
         else:
             why = self._attach(request, session, tag, part, unit, now, codec)
-        if why is not None and request.senders and not any(heads_overlap(part, o) for _, o in request.senders.values()):
+        if why is not None and part.heads and not any(heads_overlap(part, o) for _, o in request.senders.values()) \
+                and request.senders:  # fmt: skip
             # Heads the request still lacks, from a sender that disagrees with the others
             # (tokens, block grid, which rank sends the whole tensors): a sibling that can
-            # never join, so the request fails as one, every sender told why.
+            # never join, so the request fails as one, every sender told why. (A part of
+            # no heads, the whole tensors alone, is told apart by nothing: only it is refused.)
             self._end_tag(session, tag)
             error = TransferError(f"request {request_id!r}: its senders disagree ({why})")
             return [SendAck(session, tag, False, str(error)), *self._end(request, State.FAILED, error, Origin.LOCAL)]
@@ -631,8 +641,9 @@ class RequestTable:
 
     def _remember_ended(self, request: Request, message: str, ack: bool) -> None:
         assert request.plan is not None
-        self._ended[request.request_id] = Ended(request.num_tokens, request.plan.unit, request.plan.parts,
-                                                frozenset(request.senders), message, ack)  # fmt: skip
+        sessions = frozenset(request.senders) | self._late_refused.get(request.request_id, frozenset())
+        self._ended[request.request_id] = Ended(request.num_tokens, request.plan.unit, request.plan.parts, sessions,
+                                                message, ack)  # fmt: skip
         self._ended.move_to_end(request.request_id)
         while len(self._ended) > self._remembered_cancels:
             self._ended.popitem(last=False)

@@ -188,6 +188,7 @@ class ShardedTransfer:
         self._owner = owner
         self.handles = handles
         self._first_failed: int | None = None
+        self._cancelling = False  # the caller's cancel: every rank gets its reason, none another's
         for h in handles.values():  # a rank's failure cancels the others at once
             h.on_failure = self._rank_failed
         self._rank_failed(None)  # one may have failed before its hook was set
@@ -226,7 +227,7 @@ class ShardedTransfer:
         return self._first_failed
 
     def _rank_failed(self, _handle: SendHandle | None) -> None:
-        if self._failed() is not None:
+        if not self._cancelling and self._failed() is not None:
             self._cancel_others()
 
     def _cancel_others(self) -> None:
@@ -278,6 +279,7 @@ class ShardedTransfer:
         }
 
     def cancel(self, reason: str = "cancelled by the sender") -> None:
+        self._cancelling = True
         for h in self.handles.values():
             h.cancel(reason)
 
