@@ -709,24 +709,13 @@ done:
     return rc;
 }
 
-/* A written, verified chunk counted where Python counts one (the handle's statistics). */
+/* A written, verified chunk counted where Python counts one (the handle's statistics; its
+ * first byte's time is the request's, stamped when Python read the request's first header,
+ * which never comes through the lane). */
 static int count_chunk(PyObject *lane, long long nbytes) {
     PyObject *handle = PyObject_GetAttrString(lane, "handle");
     if (handle == NULL) return -1;
     int rc = -1;
-    PyObject *first = PyObject_GetAttrString(handle, "t_first_byte");
-    if (first == NULL) goto done;
-    int seen = PyObject_IsTrue(first);
-    Py_DECREF(first);
-    if (seen < 0) goto done;
-    if (!seen) {
-        PyObject *now = PyFloat_FromDouble(now_s());
-        if (now == NULL || PyObject_SetAttrString(handle, "t_first_byte", now) < 0) {
-            Py_XDECREF(now);
-            goto done;
-        }
-        Py_DECREF(now);
-    }
     if (add_to(handle, "chunks", 1, 0) < 0 || add_to(handle, "wire_bytes", nbytes, 0) < 0 ||
         add_to(handle, "logical_bytes", nbytes, 0) < 0)
         goto done;

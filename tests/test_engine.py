@@ -789,3 +789,30 @@ def test_exact_tokens_must_be_a_non_negative_int(receiver_for):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="exact_tokens"):
             sender(layout, rx, layout.allocate(4), exact_tokens=bad)
+
+
+def test_a_requests_receive_time_runs_from_its_first_header_even_before_its_expect():
+    """``receive_ms`` runs from the first DATA header of the request to its last byte: for
+    a request whose data came first and parked, from before the expect; otherwise from
+    after it."""
+    import time
+
+    layout = LAYOUTS["mha"]
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(16))
+    try:
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=filled(layout, 16), streams=1) as tx:
+            t = tx.transfer("early", [0, 1], 20, deadline=30)
+            for layer in range(layout.num_layers):
+                t.send_layer(layer)
+            assert wait_until(lambda: rx.census()["parked_chunks"] > 0, timeout=10)
+            time.sleep(0.1)
+            early = rx.expect("early", [2, 3], 20)
+            late = rx.expect("late", [4, 5], 20)
+            t.finish(timeout=30)
+            tx.send("late", [0, 1], 20, timeout=30)
+        for h in (early, late):
+            h.wait(timeout=10)
+    finally:
+        rx.close()
+    assert early.t_first_byte < early.t_expected - 0.05 and early.stats()["receive_ms"] > 50
+    assert late.t_expected < late.t_first_byte <= late.t_done and late.stats()["receive_ms"] > 0

@@ -51,7 +51,7 @@ from kvwire.errors import KvwireError, PeerLost, ProtocolError, TransferError, T
 from kvwire.layout import KVLayout, TensorParallel
 from kvwire.proto import Authenticated, Begin, Cancel, Data, Header, ServerConnection
 from kvwire.proto.frames import DATA_RAW, HEADER_SIZE, FrameType
-from kvwire.proto.request import PartSpec
+from kvwire.proto.request import PartSpec, carries
 from kvwire.sharding import Part, check_part, tp_of
 from kvwire.staging import UNIT as STAGING_UNIT
 from kvwire.staging import Slot, StagingPool, StagingTimeout
@@ -228,7 +228,6 @@ class ReceiveHandle:
         self._error: TransferError | None = None
         self._finished = False
         self.t_expected = time.monotonic()
-        self.t_first_byte: float | None = None
         self.t_done: float | None = None
         self.wire_bytes = 0
         self.logical_bytes = 0
@@ -268,6 +267,12 @@ class ReceiveHandle:
     def cancel(self, reason: str = "cancelled by the receiver") -> None:
         """Stop receiving; the sender's ``finish`` raises ``Cancelled``."""
         self._receiver._cancel(self, reason)
+
+    @property
+    def t_first_byte(self) -> float | None:
+        """When the request's first DATA header was read (before this expect, if its data
+        came first and parked), or None."""
+        return None if self._request is None else self._request.first_byte
 
     def stats(self) -> dict:
         return {
@@ -506,7 +511,6 @@ class Receiver:
                 raise ValueError("expect: the receiver is closed")
             request, actions = self._table.expect(request_id, handle, sel.num_tokens, handle.deadline)
             handle._request = request
-            handle.t_first_byte = request.first_byte  # its data may have come first, and parked
             self._run_locked(actions)
             self._cond.notify_all()  # a reader may wait for parking room for this request's sender
         self._run(actions)
@@ -907,7 +911,6 @@ class Receiver:
         with self._lock:
             if nbytes is not None:  # under the lock, as the lane counts: the two may run at once
                 handle = request.handle
-                handle.t_first_byte = handle.t_first_byte or request.first_byte or time.monotonic()
                 handle.chunks += 1
                 handle.wire_bytes += nbytes
                 handle.logical_bytes += nbytes
@@ -1013,7 +1016,7 @@ class Receiver:
         assert request.plan is not None  # a request known by its tag has its plan
         t = request.plan.check(header.layer, header.tensor, header.start, header.count)
         part = request.part_of(session.id)
-        if (part.whole if t.whole else part.heads) == 0:
+        if not carries(part, t):
             raise ProtocolError(f"DATA for layer {header.layer} {t.name!r}, which this sender did not announce")
         heads = t.heads if t.whole or part.heads == t.heads else (part.first_head, part.heads)
         ref = ChunkRef(header.layer, header.tensor, t.name, header.start, header.count, bool(header.flags & DATA_RAW),
@@ -1135,8 +1138,6 @@ class Receiver:
             raise
         if write is False:
             request.handle.duplicates += 1
-        elif write:
-            request.handle.t_first_byte = request.handle.t_first_byte or request.first_byte or time.monotonic()
         return write
 
     def _write(self, request: Request, chunk: _Chunk, claim: bool | None) -> None:

@@ -394,8 +394,8 @@ class RequestTable:
             why = f"this sender sends {num_tokens} tokens, another sends {request.num_tokens}"
         else:
             why = self._attach(request, session, tag, part, unit, now, codec)
-        if why is not None and part.heads and not any(heads_overlap(part, o) for _, o in request.senders.values()) \
-                and request.senders:  # fmt: skip
+        others = [other for _, other in request.senders.values()]
+        if why is not None and others and part.heads and not any(heads_overlap(part, o) for o in others):
             # Heads the request still lacks, from a sender that disagrees with the others
             # (tokens, block grid, which rank sends the whole tensors): a sibling that can
             # never join, so the request fails as one, every sender told why. (A part of

@@ -234,7 +234,7 @@ class SendHandle:
         self.row_group: int | None = None
         # Called (outside every lock) once the transfer fails: a ShardedTransfer cancels
         # the other decode ranks' parts then, whether or not its caller is looking.
-        self.on_failure: Callable[[SendHandle], None] | None = None
+        self.on_failure: Callable[[SendHandle], object] | None = None
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue layer ``layer`` (its paged tensors, and its state if it has one); returns at once.
@@ -248,11 +248,16 @@ class SendHandle:
         so a prefill that streams layer by layer computes on and learns why at the end.
         After the caller's own :meth:`cancel` it is a ValueError.
         """
-        if self._check_layer(layer, state):
-            self._sent_layers.add(layer)  # dropped: the transfer failed
+        self._take_layer(layer, state, self._check_layer(layer, state))
+
+    def _take_layer(self, layer: int, state: torch.Tensor | None, drop: bool) -> None:
+        """send_layer once :meth:`_check_layer` passed: the layer queued, or, with ``drop``
+        (the transfer failed), counted as sent and dropped."""
+        if drop:
+            self._sent_layers.add(layer)
             return
         if state is not None:
-            self.states[layer] = self._sender.layout.check_state(layer, state, "state")
+            self.states[layer] = state  # checked by _check_layer
         event = None
         if self._sender._device.type == "cuda":
             # On the caches' device: with caches on cuda:1 and cuda:0 current, a bare

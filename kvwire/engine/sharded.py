@@ -190,20 +190,18 @@ class ShardedTransfer:
         self._first_failed: int | None = None
         self._cancelling = False  # the caller's cancel: every rank gets its reason, none another's
         for h in handles.values():  # a rank's failure cancels the others at once
-            h.on_failure = self._rank_failed
-        self._rank_failed(None)  # one may have failed before its hook was set
+            h.on_failure = self._fail_as_one
+        self._fail_as_one()  # one may have failed before its hook was set
 
     def send_layer(self, layer: int, state: torch.Tensor | None = None) -> None:
         """Queue ``layer`` for every decode rank (each gets its part); returns at once.
         A call refused for one rank is refused before any rank takes the layer. Once a
         rank has failed, the others are cancelled and the layer is dropped, as
         :meth:`SendHandle.send_layer` does: :meth:`finish` raises the failure."""
-        if self._failed() is not None:
-            self._cancel_others()
-        for h in self.handles.values():
-            h._check_layer(layer, state)
-        for h in self.handles.values():
-            h.send_layer(layer, state)
+        self._fail_as_one()
+        dropped = [h._check_layer(layer, state) for h in self.handles.values()]
+        for h, drop in zip(self.handles.values(), dropped):
+            h._take_layer(layer, state, drop)
 
     def send_all(self, timeout: float | None = None) -> dict:
         """Send every layer, then :meth:`finish`."""
@@ -214,10 +212,7 @@ class ShardedTransfer:
     def done(self) -> bool:
         """True once every decode rank's part ended, or one failed (the others are
         cancelled as it fails: the transfer fails as one). Never blocks."""
-        if self._failed() is not None:
-            self._cancel_others()
-            return True
-        return all(h.done() for h in self.handles.values())
+        return self._fail_as_one() or all(h.done() for h in self.handles.values())
 
     def _failed(self) -> int | None:
         """The first decode rank whose part was seen to fail, or None. Kept once seen: the
@@ -226,9 +221,14 @@ class ShardedTransfer:
             self._first_failed = next((d for d, h in self.handles.items() if h.done() and h._error is not None), None)
         return self._first_failed
 
-    def _rank_failed(self, _handle: SendHandle | None) -> None:
-        if not self._cancelling and self._failed() is not None:
+    def _fail_as_one(self, _handle: SendHandle | None = None) -> bool:
+        """Whether a rank failed; if one did, the others are cancelled (by the caller's
+        cancel, they were already, with its reason). The ranks' failure hook, and a check
+        of each call that must see it whichever thread runs the hook."""
+        failed = self._failed() is not None
+        if failed and not self._cancelling:
             self._cancel_others()
+        return failed
 
     def _cancel_others(self) -> None:
         """Cancel the ranks still open because another failed. Not the caller's cancel: a
@@ -241,8 +241,7 @@ class ShardedTransfer:
         """Wait for every decode rank's acknowledgement; the statistics summed. The first
         failure cancels the others and is raised naming its decode rank."""
         timeout = check_seconds(timeout, "timeout", optional=True, zero=True)
-        if self._failed() is not None:  # a rank's failure is the answer, whatever was left unsent
-            self._cancel_others()
+        self._fail_as_one()  # a rank's failure is the answer, whatever was left unsent
         for h in self.handles.values():
             h._check_all_sent()
         start = time.monotonic()

@@ -66,6 +66,11 @@ def part_conflict(parts: Sequence[PartSpec], part: PartSpec, held: int) -> str |
     return None
 
 
+def carries(part: PartSpec, t: TensorPlan) -> bool:
+    """Whether ``part`` carries rows of tensor ``t``: a tensor held whole, or its heads."""
+    return bool(part.whole if t.whole else part.heads)
+
+
 def heads_overlap(a: PartSpec, b: PartSpec) -> bool:
     return bool(a.heads and b.heads and a.first_head < b.first_head + b.heads and b.first_head < a.first_head + a.heads)
 
@@ -117,6 +122,8 @@ class RequestPlan:
         self.unit = unit or layout.block_size
         self.tensors = tensor_plans(layout, num_tokens, self.unit)
         self._by_index = [{t.index: t for t in layer} for layer in self.tensors]
+        kv_heads = {t.heads for plans in self.tensors for t in plans if not t.whole}
+        self.held_heads = kv_heads.pop() if kv_heads else 0  # the k/v heads this side holds (0: an MLA latent's)
         self._parts: list[PartSpec] = []
         # (layer, tensor, first head) -> coverage units of the part that starts there
         self._covered: dict[tuple[int, int, int], np.ndarray] = {}
@@ -132,12 +139,6 @@ class RequestPlan:
     def parts(self) -> tuple[PartSpec, ...]:
         return tuple(self._parts)
 
-    @property
-    def held_heads(self) -> int:
-        """The k/v heads this side holds (0: none, an MLA latent's layout)."""
-        kv_heads = {t.heads for plans in self.tensors for t in plans if not t.whole}
-        return kv_heads.pop() if kv_heads else 0
-
     def add_part(self, part: PartSpec) -> str | None:
         """Attach a sender's part; why it cannot be (overlap, out of range), or None."""
         why = part_conflict(self._parts, part, self.held_heads)
@@ -147,7 +148,7 @@ class RequestPlan:
         for i, plans in enumerate(self.tensors):
             for t in plans:
                 first = 0 if t.whole else part.first_head
-                if (t.whole and part.whole) or (not t.whole and part.heads):
+                if carries(part, t):
                     units = -(-t.rows // t.unit)
                     self._covered[(i, t.index, first)] = np.zeros(units, dtype=np.uint8)
                     self._counts[(i, t.index, first)] = np.zeros(units, dtype=np.int64)
@@ -170,7 +171,7 @@ class RequestPlan:
 
     def _key(self, t: TensorPlan, part: PartSpec) -> tuple[int, int, int]:
         key = (t.layer, t.index, 0 if t.whole else part.first_head)
-        if key not in self._covered or (t.whole and not part.whole) or (not t.whole and not part.heads):
+        if key not in self._covered or not carries(part, t):
             raise ProtocolError(f"layer {t.layer} {t.name!r}: not part of what this sender announced")
         return key
 
@@ -211,12 +212,12 @@ class RequestPlan:
     def missing_layers(self, part: PartSpec) -> list[int]:
         """The layers in which ``part`` (attached) still lacks rows."""
         return [i for i, plans in enumerate(self.tensors)
-                if any(not self._covered[self._key(t, part)].all() for t in plans
-                       if (t.whole and part.whole) or (not t.whole and part.heads))]  # fmt: skip
+                if any(not self._covered[self._key(t, part)].all() for t in plans if carries(part, t))]  # fmt: skip
 
     def unannounced(self) -> str | None:
         """What no attached part carries (heads, the tensors held whole), in words, or None."""
-        held, taken = self.held_heads, np.zeros(self.held_heads, dtype=bool)
+        held = self.held_heads
+        taken = np.zeros(held, dtype=bool)
         for part in self._parts:
             taken[part.first_head : part.first_head + part.heads] = True
         lacking = [f"k/v heads {a}..{b}" for a, b in _runs(np.flatnonzero(~taken))] if held else []

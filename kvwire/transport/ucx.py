@@ -364,6 +364,10 @@ class UcxListener:
         item = self._queue.get()
         if item is None:
             raise OSError("listener closed")
+        return self._stream(item)
+
+    def _stream(self, item) -> UcxStream:
+        """An accepted endpoint (with the release of its handler) as a stream."""
         ep, release = item
         # No colon: the receiver caps connections in their handshake per host (the part
         # before one), and UCX does not say where an endpoint comes from: each is its own.
@@ -390,5 +394,5 @@ class UcxListener:
             except queue.Empty:
                 break
             if item is not None:
-                UcxStream(self._loop, item[0], f"ucx-endpoint-{item[0].uid:x}", on_close=item[1]).close()
+                self._stream(item).close()
         self._queue.put(None)
