@@ -7,6 +7,7 @@ lossy codecs equal to their CPU reference (per-head scales survive the split).""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -246,75 +247,81 @@ def test_one_decode_rank_failing_fails_the_one_to_many_transfer_at_once():
 GQA8_4 = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=32, block_size=16)
 
 
+@contextlib.contextmanager
+def decode_ranks(model: kvwire.KVLayout, size: int, num_blocks: int = 8):
+    """``size`` decode ranks of ``model``, each a Receiver over its shard, closed after."""
+    receivers = [kvwire.Receiver(model.shard(d, size), secret=SECRET, kv_caches=model.shard(d, size).allocate(
+        num_blocks)) for d in range(size)]  # fmt: skip
+    try:
+        yield receivers
+    finally:
+        for rx in receivers:
+            rx.close()
+
+
 @pytest.mark.parametrize("after", ["done", "stats"])
 def test_a_prefill_that_saw_a_rank_fail_streams_on_and_finish_names_the_rank(after):
     """A prefill polls the transfer between layers. Once decode rank 1 has failed, its
     later layers are taken and dropped for every rank (as a SendHandle does), rank 0's part
     is cancelled, and finish() raises rank 1's failure, whether the prefill sent the rest
     (after done()) or stopped streaming when stats() showed the error."""
-    decode = [kvwire.Receiver(GQA8_4.shard(d, 2), secret=SECRET, kv_caches=GQA8_4.shard(d, 2).allocate(8))
-              for d in range(2)]  # fmt: skip
-    try:
-        with kvwire.ShardedSender(GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8),
-                                  streams=1) as tx:  # fmt: skip
-            h0 = decode[0].expect("one", [0, 1], 20, deadline=30)
-            decode[1].expect("one", [0, 1], 20).cancel("decode rank 1 gave up")
-            t = tx.transfer("one", [2, 3], 20, deadline=30)
-            t.send_layer(0)
-            seen = t.done if after == "done" else (lambda: t.stats()["error"] is not None)
-            assert wait_until(seen, timeout=10)
-            if after == "done":
-                for layer in range(1, GQA8_4.num_layers):
-                    t.send_layer(layer)  # dropped, not refused
-            t0 = time.monotonic()
-            with pytest.raises(kvwire.Cancelled, match=r"decode rank 1 \(127\.0\.0\.1:\d+\)"):
-                t.finish()
-            assert time.monotonic() - t0 < 5
-            assert t.handles[0].done() and "decode rank 1 of the same transfer failed" in t.handles[0].stats()["error"]
-            with pytest.raises(kvwire.Cancelled):
-                h0.wait(timeout=10)  # told at once, not at its deadline
-    finally:
-        for r in decode:
-            r.close()
+    with (
+        decode_ranks(GQA8_4, 2) as decode,
+        kvwire.ShardedSender(
+            GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8), streams=1
+        ) as tx,
+    ):
+        h0 = decode[0].expect("one", [0, 1], 20, deadline=30)
+        decode[1].expect("one", [0, 1], 20).cancel("decode rank 1 gave up")
+        t = tx.transfer("one", [2, 3], 20, deadline=30)
+        t.send_layer(0)
+        seen = t.done if after == "done" else (lambda: t.stats()["error"] is not None)
+        assert wait_until(seen, timeout=10)
+        if after == "done":
+            for layer in range(1, GQA8_4.num_layers):
+                t.send_layer(layer)  # dropped, not refused
+        t0 = time.monotonic()
+        with pytest.raises(kvwire.Cancelled, match=r"decode rank 1 \(127\.0\.0\.1:\d+\)"):
+            t.finish()
+        assert time.monotonic() - t0 < 5
+        assert t.handles[0].done() and "decode rank 1 of the same transfer failed" in t.handles[0].stats()["error"]
+        with pytest.raises(kvwire.Cancelled):
+            h0.wait(timeout=10)  # told at once, not at its deadline
 
 
 def test_a_rank_that_fails_cancels_the_others_while_the_prefill_looks_elsewhere():
     """Decode rank 1 gives up mid-transfer; the prefill neither polls nor waits (it is
     computing its next layers). Rank 0's part is cancelled anyway, at once: its decode's
     handle fails naming rank 1, instead of receiving data nobody will use."""
-    decode = [kvwire.Receiver(GQA8_4.shard(d, 2), secret=SECRET, kv_caches=GQA8_4.shard(d, 2).allocate(8))
-              for d in range(2)]  # fmt: skip
-    try:
-        with kvwire.ShardedSender(GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8),
-                                  streams=1) as tx:  # fmt: skip
-            h0, h1 = (rx.expect("one", [0, 1], 20, deadline=30) for rx in decode)
-            t = tx.transfer("one", [2, 3], 20, deadline=30)
-            t.send_layer(0)
-            h1.cancel("decode rank 1 gave up")
-            with pytest.raises(kvwire.Cancelled, match="decode rank 1 of the same transfer failed"):
-                h0.wait(timeout=5)
-            assert t.handles[0].done()
-    finally:
-        for r in decode:
-            r.close()
+    with (
+        decode_ranks(GQA8_4, 2) as decode,
+        kvwire.ShardedSender(
+            GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8), streams=1
+        ) as tx,
+    ):
+        h0, h1 = (rx.expect("one", [0, 1], 20, deadline=30) for rx in decode)
+        t = tx.transfer("one", [2, 3], 20, deadline=30)
+        t.send_layer(0)
+        h1.cancel("decode rank 1 gave up")
+        with pytest.raises(kvwire.Cancelled, match="decode rank 1 of the same transfer failed"):
+            h0.wait(timeout=5)
+        assert t.handles[0].done()
 
 
 def test_the_callers_cancel_reaches_every_decode_rank_with_its_own_reason():
-    decode = [kvwire.Receiver(GQA8_4.shard(d, 2), secret=SECRET, kv_caches=GQA8_4.shard(d, 2).allocate(8))
-              for d in range(2)]  # fmt: skip
-    try:
-        with kvwire.ShardedSender(GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8),
-                                  streams=1) as tx:  # fmt: skip
-            handles = [rx.expect("one", [0, 1], 20, deadline=30) for rx in decode]
-            t = tx.transfer("one", [2, 3], 20, deadline=30)
-            t.send_layer(0)
-            t.cancel("the prefill gave up")
-            for h in handles:
-                with pytest.raises(kvwire.Cancelled, match="the prefill gave up"):
-                    h.wait(timeout=10)
-    finally:
-        for r in decode:
-            r.close()
+    with (
+        decode_ranks(GQA8_4, 2) as decode,
+        kvwire.ShardedSender(
+            GQA8_4, [r.address for r in decode], secret=SECRET, kv_caches=filled(GQA8_4, 8), streams=1
+        ) as tx,
+    ):
+        handles = [rx.expect("one", [0, 1], 20, deadline=30) for rx in decode]
+        t = tx.transfer("one", [2, 3], 20, deadline=30)
+        t.send_layer(0)
+        t.cancel("the prefill gave up")
+        for h in handles:
+            with pytest.raises(kvwire.Cancelled, match="the prefill gave up"):
+                h.wait(timeout=10)
 
 
 def test_a_send_layer_refused_for_one_decode_rank_is_taken_by_none():
@@ -322,23 +329,25 @@ def test_a_send_layer_refused_for_one_decode_rank_is_taken_by_none():
     decode rank 1. A layer sent without its state is refused before either rank takes it,
     so the corrected call goes through and the transfer completes."""
     model = kvwire.KVLayout.hybrid("LF", num_kv_heads=4, head_dim=32, state_shape=(2, 8, 8))
-    decode = [model.shard(d, 2) for d in range(2)]
-    rxs = [kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(8)) for layout in decode]
     layout = model.shard(1, 4)
-    try:
-        with kvwire.ShardedSender(layout, [rx.address for rx in rxs], secret=SECRET,
-                                  kv_caches=shard_caches(filled(model, 8), layout), streams=1) as tx:  # fmt: skip
-            assert tx.served[0].heads == 1 and tx.served[1].whole
-            t = tx.transfer("r", [0, 1], 20, deadline=10)
-            with pytest.raises(ValueError, match="has a state"):
-                t.send_layer(0)
-            assert all(not h._sent_layers for h in t.handles.values())
-            t.send_layer(0, torch.zeros(2, 8, 8, dtype=model.dtype))
-            t.send_layer(1)
-            t.cancel()
-    finally:
-        for rx in rxs:
-            rx.close()
+    with (
+        decode_ranks(model, 2) as decode,
+        kvwire.ShardedSender(
+            layout,
+            [rx.address for rx in decode],
+            secret=SECRET,
+            kv_caches=shard_caches(filled(model, 8), layout),
+            streams=1,
+        ) as tx,
+    ):
+        assert tx.served[0].heads == 1 and tx.served[1].whole
+        t = tx.transfer("r", [0, 1], 20, deadline=10)
+        with pytest.raises(ValueError, match="has a state"):
+            t.send_layer(0)
+        assert all(not h._sent_layers for h in t.handles.values())
+        t.send_layer(0, torch.zeros(2, 8, 8, dtype=model.dtype))
+        t.send_layer(1)
+        t.cancel()
 
 
 @pytest.mark.parametrize(
@@ -567,17 +576,15 @@ def test_a_sender_of_the_state_alone_does_not_stop_its_siblings_sharing_checksum
     if not scatter.available():
         pytest.skip("the compiled helper kvwire._scatter is not built in this environment")
     model = kvwire.KVLayout.hybrid("LF", num_kv_heads=8, head_dim=32, state_shape=(2, 8, 8))
-    decode = [model.shard(d, 4) for d in range(4)]
-    receivers = [kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(4)) for layout in decode]
     layout = model.shard(0, 2)
-    try:
-        with kvwire.ShardedSender(layout, [rx.address for rx in receivers], secret=SECRET,
-                                  kv_caches=layout.allocate(4)) as sender:  # fmt: skip
-            assert sender.served[2].heads == 0 and sender.served[2].whole
-            assert sender.row_checksums is not None and sender.row_checksums.head_ranges == [(0, 2), (2, 2)]
-    finally:
-        for rx in receivers:
-            rx.close()
+    with (
+        decode_ranks(model, 4, num_blocks=4) as decode,
+        kvwire.ShardedSender(
+            layout, [rx.address for rx in decode], secret=SECRET, kv_caches=layout.allocate(4)
+        ) as sender,
+    ):
+        assert sender.served[2].heads == 0 and sender.served[2].whole
+        assert sender.row_checksums is not None and sender.row_checksums.head_ranges == [(0, 2), (2, 2)]
 
 
 @pytest.mark.parametrize("why", ["no spans", "replicated heads", "different chunk sizes"])

@@ -65,6 +65,14 @@ def fill(caches, states, seed: int, dtype: torch.dtype) -> None:
             offset += 7919
 
 
+def zero(caches, states) -> None:
+    """Clear caches and every request's states (dicts of layer -> tensor), so a round that
+    delivers nothing cannot pass on an earlier round's bytes."""
+    for tensors in [*caches, *states]:
+        for t in tensors.values():
+            t.zero_()
+
+
 def request_states(layout: kvwire.KVLayout, i: int) -> dict:
     """Request ``i``'s states (layer -> tensor), each request's unlike the others', so a
     state delivered to the wrong request, or not at all, fails the check."""

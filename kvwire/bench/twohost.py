@@ -14,7 +14,7 @@ import time
 import torch
 
 import kvwire
-from kvwire.bench.fixture import dst_blocks, fill, layout_and_blocks, request_states, verify
+from kvwire.bench.fixture import dst_blocks, fill, layout_and_blocks, request_states, verify, zero
 from kvwire.bench.loopback import chunk_bytes, receiver_slot_bytes, send_round
 from kvwire.proto.frames import crc32c
 from kvwire.tuning import tune_malloc
@@ -75,7 +75,7 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
             t0 = time.monotonic()
             digest = None if args.no_verify else _digest(halves[r % 2], states[r % 2])
             if r + 2 < args.rounds:  # round r + 2 lands here: it must not pass on these bytes
-                _zero(halves[r % 2], states[r % 2])
+                zero(halves[r % 2], states[r % 2])
             overlapped = time.monotonic() - t0 if r + 1 < args.rounds else 0.0
             rounds.append({"seconds": last - first, "wire_bytes": wire, "digest": digest,
                            "check_s_overlapping_next": overlapped})  # fmt: skip
@@ -97,15 +97,6 @@ def serve(args: argparse.Namespace, listen, progress=print) -> dict:
         while rx.census()["sessions"] and time.monotonic() < hang_up:
             time.sleep(0.05)
         return {"kind": "serve", "rounds": rounds, "stats": rx.stats(), "verified": verified}
-
-
-def _zero(caches, states) -> None:
-    for layer in caches:
-        for t in layer.values():
-            t.zero_()
-    for one in states:
-        for t in one.values():
-            t.zero_()
 
 
 def _digest(caches, states) -> int:
