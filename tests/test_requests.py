@@ -393,3 +393,14 @@ def test_a_second_sender_of_the_whole_tensors_alone_is_refused_and_the_first_goe
     (refused,) = t.begin("b", 1, "r", 8, now=0)
     assert not refused.ok and refused.session == "b" and "another transfer" in refused.message
     assert request.state is State.BOUND
+
+
+def test_ended_requests_are_remembered_boundedly():
+    """Requests that ended before they completed are remembered for their late parts as
+    many as cancelled ids (``remembered_cancels``), the oldest forgotten first."""
+    t = RequestTable(LAYOUT, capacity_tokens=64, max_requests_per_session=8, remembered_cancels=3)
+    for tag in range(1, 6):
+        t.begin(S, tag, f"r{tag}", 4, now=0)
+        t.cancel_from_peer(S, tag, "x")
+    assert t.census()["ended_ids"] == 3
+    assert list(t._ended) == ["r3", "r4", "r5"]

@@ -336,3 +336,15 @@ def test_closing_a_ucx_stream_behind_a_blocked_send_does_not_wait_for_its_contro
     finally:
         client.close()
         listener.close()
+
+
+def test_a_ucx_port_in_use_is_an_os_error_as_a_sockets_is():
+    from kvwire.transport import ucx
+
+    ucx.configure_for("127.0.0.1")
+    first = ucx.UcxListener(("127.0.0.1", 0))
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on port {first.address[1]} over UCX"):
+            ucx.UcxListener(("127.0.0.1", first.address[1]))
+    finally:
+        first.close()
