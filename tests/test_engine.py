@@ -816,3 +816,29 @@ def test_a_requests_receive_time_runs_from_its_first_header_even_before_its_expe
         rx.close()
     assert early.t_first_byte < early.t_expected - 0.05 and early.stats()["receive_ms"] > 50
     assert late.t_expected < late.t_first_byte <= late.t_done and late.stats()["receive_ms"] > 0
+
+
+def test_a_requests_end_is_stamped_when_decided_not_after_its_ack_is_queued():
+    """``t_done`` closes the receive window benchmarks divide by: it is the moment the
+    request completed, taken before the ACK is written to the sender's connection (a
+    write that may run the peer's TCP stack on loopback), not after."""
+    import time
+
+    layout = LAYOUTS["mha"]
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=layout.allocate(16))
+    acks: list[float] = []
+    send_locked = rx._send_locked
+
+    def stamped(action):
+        acks.append(time.monotonic())
+        send_locked(action)
+
+    rx._send_locked = stamped
+    try:
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=filled(layout, 16), streams=1) as tx:
+            h = rx.expect("r", [2, 3], 20)
+            tx.send("r", [0, 1], 20, timeout=30)
+            h.wait(timeout=10)
+    finally:
+        rx.close()
+    assert acks and h.t_first_byte <= h.t_done <= acks[0]

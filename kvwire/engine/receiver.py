@@ -291,13 +291,13 @@ class ReceiveHandle:
     def _layer_ready(self, layer: int) -> bool:
         return self._finished or (self._request is not None and self._request.layer_ready(layer))
 
-    def _end(self, error: TransferError | None) -> None:
-        """(receiver lock held) The request ended: wake whoever waits for it."""
+    def _end(self, error: TransferError | None, at: float | None = None) -> None:
+        """(receiver lock held) The request ended (at ``at``, default now): wake whoever waits for it."""
         if self._finished:
             return
         self._error = error
         self._finished = True
-        self.t_done = time.monotonic()
+        self.t_done = time.monotonic() if at is None else at
 
 
 class Receiver:
@@ -1193,12 +1193,14 @@ class Receiver:
         """(lock held) The actions that must happen under the lock, in order: frames to the
         sender (queued, never waiting for the peer), then handles finish (and their waiters
         wake) in the critical section the table decided it in. An ACK is on its way before
-        wait() returns: a caller that closes the receiver at once does not cut it off."""
+        wait() returns: a caller that closes the receiver at once does not cut it off. A
+        handle's ``t_done`` is the moment the table decided, not the later one its ACK left."""
+        decided = time.monotonic() if actions else 0.0
         for action in actions:
             if isinstance(action, requests.SendAck | requests.SendCancel):
                 self._send_locked(action)
             elif isinstance(action, requests.Finish):
-                action.handle._end(action.error)
+                action.handle._end(action.error, decided)
                 self._draining.pop(id(action.handle._request), None)
                 self._cond.notify_all()
             elif isinstance(action, requests.Drain):
