@@ -348,3 +348,21 @@ def test_a_ucx_port_in_use_is_an_os_error_as_a_sockets_is():
             ucx.UcxListener(("127.0.0.1", first.address[1]))
     finally:
         first.close()
+
+
+def test_a_ucx_listener_says_it_listens_on_every_interface_when_given_one_host(caplog):
+    """UCXX takes a port only: a receiver told to listen on one address listens on every
+    interface, and its log says so; one told to listen everywhere gets no warning."""
+    import logging
+
+    from kvwire.transport import ucx
+
+    ucx.configure_for("127.0.0.1")
+    for host, warned in (("127.0.0.1", True), ("0.0.0.0", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kvwire.ucx"):
+            listener = ucx.UcxListener((host, 0))
+            listener.close()
+        said = [r.getMessage() for r in caplog.records if "every interface" in r.getMessage()]
+        assert bool(said) == warned, (host, said)
+        assert not said or repr(host) in said[0]
