@@ -114,6 +114,61 @@ def test_a_begin_larger_than_the_receivers_blocks_is_refused_without_allocating(
         rx.close()
 
 
+def test_a_flood_of_refused_requests_is_one_log_line_a_second(caplog):
+    """A peer can have requests refused as fast as it can send BEGINs; the receiver logs
+    at most one such line a second, and the next line says how many it left out."""
+    import logging
+    import re
+
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32))
+    try:
+        client = WireClient(rx.address, LAYOUT)
+        with caplog.at_level(logging.WARNING, logger="kvwire"):
+            t0 = time.monotonic()
+            for tag in range(1, 201):
+                client.send(client.proto.begin(tag, f"huge-{tag}", (1 << 32) - 1))
+            for _ in range(200):
+                header, _ = read_frame(client)
+                assert header.type == FrameType.ACK and header.flags != 0
+            elapsed = time.monotonic() - t0
+            lines = [r.getMessage() for r in caplog.records if "refused a request" in r.getMessage()]
+            assert 1 <= len(lines) <= elapsed + 2
+            time.sleep(1.1)
+            client.send(client.proto.begin(201, "huge-201", (1 << 32) - 1))
+            read_frame(client)
+            assert wait_until(lambda: sum("refused a request" in r.getMessage() for r in caplog.records)
+                              > len(lines), timeout=5)  # fmt: skip
+        client.close()
+    finally:
+        rx.close()
+    said = [r.getMessage() for r in caplog.records if "refused a request" in r.getMessage()]
+    left_out = sum(int(m.group(1)) for line in said if (m := re.search(r"\((\d+) more like it", line)))
+    assert len(said) + left_out == 201 and "huge-201" in said[-1]
+
+
+def test_log_limit_counts_what_it_leaves_out():
+    import logging
+
+    from kvwire.engine.common import LogLimit
+
+    now = [0.0]
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    logger = logging.getLogger("kvwire.test-log-limit")
+    logger.addHandler(Collect())
+    limit = LogLimit(logger, period_s=1.0, clock=lambda: now[0])
+    assert limit.warning("a", "first %d", 1)
+    assert not limit.warning("a", "second %d", 2) and not limit.warning("a", "third %d", 3)
+    assert limit.warning("b", "other kind")  # kinds are limited apart
+    now[0] = 1.0
+    assert limit.warning("a", "fourth %d", 4)
+    assert said == ["first 1", "other kind", "fourth 4 (2 more like it since the last such line, not logged)"]
+
+
 def test_open_requests_per_session_are_limited():
     rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32), max_requests_per_session=4)
     try:

@@ -7,8 +7,11 @@ sides refuse the same things with the same words.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Mapping
 
 from kvwire.layout import KVLayout, Selection
@@ -142,3 +145,34 @@ def check_request_id(request_id: str | int) -> str:
     if not text or len(text.encode()) > 1024:
         raise ValueError("request_id: must be 1..1024 bytes")
     return text
+
+
+class LogLimit:
+    """Warnings about what a peer can repeat at will (a refused connection or request, a
+    payload that fails its checksum), at most one line per ``period_s`` for each kind: a
+    flood of bad input must not become a flood of log lines. The next line of a kind says
+    how many it left out."""
+
+    def __init__(self, logger: logging.Logger, period_s: float = 1.0, clock=time.monotonic) -> None:
+        self._log = logger
+        self._period = period_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}  # by kind: a few fixed names, so it stays small
+        self._left_out: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args) -> bool:
+        """Log ``message % args`` unless a line of ``kind`` went out less than a period ago
+        (then only count it); whether it was logged."""
+        now = self._clock()
+        with self._lock:
+            if now - self._last.get(kind, -math.inf) < self._period:
+                self._left_out[kind] = self._left_out.get(kind, 0) + 1
+                return False
+            self._last[kind] = now
+            left_out = self._left_out.pop(kind, 0)
+        if left_out:
+            message += " (%d more like it since the last such line, not logged)"
+            args += (left_out,)
+        self._log.warning(message, *args)
+        return True

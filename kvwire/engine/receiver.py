@@ -36,6 +36,7 @@ from kvwire.engine import lane, requests
 from kvwire.engine.channel import Channel, server_handshake
 from kvwire.engine.chunks import ChunkRef, encoded_size, spec_of
 from kvwire.engine.common import (
+    LogLimit,
     check_checksum,
     check_count,
     check_seconds,
@@ -437,8 +438,7 @@ class Receiver:
         # (request, since when); their handles end once those receives do.
         self._draining: dict[int, tuple[Request, float]] = {}
         self._rejected: collections.deque = collections.deque(maxlen=32)
-        self._last_reject_log = float("-inf")
-        self._unlogged_rejects = 0
+        self._log_limit = LogLimit(log)
         self._counters: collections.Counter[str] = collections.Counter(
             {k: 0 for k in ("frames", "lane_frames", "lane_credits", "wire_bytes", "protocol_errors",
                             "rejected_connections", "refused_connections", "late_frames", "parking_waits",
@@ -672,7 +672,7 @@ class Receiver:
                 self._reject(stream.peer, conn.cut or str(exc))
             elif not isinstance(exc, PeerLost):
                 self._counters["protocol_errors"] += 1
-                log.warning("closing connection from %s: %s", stream.peer, exc)
+                self._log_limit.warning("closing", "closing connection from %s: %s", stream.peer, exc)
         except Exception:  # out of memory, or a bug: said in kvwire's log, the connection closed below
             log.exception("closing connection from %s: its reader failed", stream.peer)
         finally:
@@ -696,13 +696,7 @@ class Receiver:
         with self._lock:
             self._counters["rejected_connections"] += 1
             self._rejected.append({"peer": peer, "reason": reason, "time": time.time()})
-            now = time.monotonic()
-            if now - self._last_reject_log < 1.0:
-                self._unlogged_rejects += 1
-                return
-            self._last_reject_log, unlogged, self._unlogged_rejects = now, self._unlogged_rejects, 0
-        more = f" ({unlogged} more refused in the last second, not logged)" if unlogged else ""
-        log.warning("refused a connection from %s: %s%s", peer or "?", reason, more)
+        self._log_limit.warning("connection", "refused a connection from %s: %s", peer or "?", reason)
 
     def _join_session(self, conn: _RConn, event: Authenticated) -> None:
         hello = event.hello
@@ -948,8 +942,8 @@ class Receiver:
     def _checksum_failed(self, conn: _RConn, header: Header, request: Request) -> None:
         """Ask for a chunk again, or fail its request once too many have failed."""
         where = f"layer {header.layer} tensor {header.tensor} rows {header.start}..{header.start + header.count}"
-        log.warning("payload checksum mismatch from %s (%s of %r): asking for it again", conn.stream.peer, where,
-                    request.request_id)  # fmt: skip
+        self._log_limit.warning("checksum", "payload checksum mismatch from %s (%s of %r): asking for it again",
+                                conn.stream.peer, where, request.request_id)  # fmt: skip
         with self._lock:  # (a request of several senders: the error names the one whose payload it was)
             actions, again = self._table.checksum_failed(request, f"{where}, from {conn.joined.who}", conn.joined.id)
             self._run_locked(actions)
@@ -1070,7 +1064,7 @@ class Receiver:
                 refused = []
             self._run_locked(actions)
         for a in refused:
-            log.warning("refused a request from %s: %s", session.peer, a.message)
+            self._log_limit.warning("request", "refused a request from %s: %s", session.peer, a.message)
         self._run(actions)
 
     def _part_of(self, session: _Session, begin: Begin) -> PartSpec:
