@@ -169,6 +169,90 @@ def test_log_limit_counts_what_it_leaves_out():
     assert said == ["first 1", "other kind", "fourth 4 (2 more like it since the last such line, not logged)"]
 
 
+def test_a_small_lz4_payload_naming_more_rows_than_a_slot_holds_is_refused_before_decoding():
+    """``+lz4`` payloads are checked against the bound of the rows they name; a hostile
+    sender could name a whole tensor's rows with a payload of a few KiB (LZ4 packs zeros
+    about 255 to 1) and have the receiver decompress and decode far more than a slot. A
+    chunk a real sender cuts fits a slot coded whatever lz4 makes of it: one that does not
+    is a protocol error, before anything is allocated for it."""
+    import numpy as np
+
+    from kvwire.codec import ChunkSpec, get, scratch
+    from kvwire.codec.lz4stage import compress_blocks
+    from kvwire.proto import crc32c
+
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(128), slot_bytes=64 << 10)
+    try:
+        rows = 128 * LAYOUT.block_size
+        inner = get("fp8").encoded_size(ChunkSpec(rows, 2, 64, LAYOUT.dtype, "k", LAYOUT.block_size))
+        assert inner > 64 << 10
+        payload = compress_blocks(np.zeros(inner, dtype=np.uint8))
+        assert len(payload) < 64 << 10
+        h = rx.expect("bomb", list(range(128)), rows, deadline=30)
+        idle = scratch.idle_bytes()
+        client = WireClient(rx.address, LAYOUT, codec="fp8+lz4")
+        data = Header(FrameType.DATA, tag=1, layer=0, tensor=0, start=0, count=rows, length=len(payload),
+                      payload_crc=crc32c(payload)).pack()  # fmt: skip
+        client.send(client.proto.begin(1, "bomb", rows) + data + payload)
+        assert client.closed_by_peer(timeout=10)
+        assert wait_until(lambda: rx.stats()["protocol_errors"] == 1, timeout=10)
+        assert h.chunks == 0 and scratch.idle_bytes() == idle
+        client.close()
+    finally:
+        rx.close()
+
+
+@pytest.mark.parametrize("codec, why", [
+    ("int4/g128", "not a multiple of the int4 group_size 128"),  # LAYOUT's head_dim is 64
+    ("int4/g064", "spelt 'int4/g64' on the wire"),
+])  # fmt: skip
+def test_a_codec_the_receiver_cannot_take_as_spelt_is_refused_at_the_handshake(codec, why):
+    """A codec that cannot code the layout (int4 groups that do not divide head_dim) was
+    accepted and failed the first DATA frame as a bug would, in the reader; one spelt
+    otherwise than kvwire spells it added an entry to the receiver's codecs per spelling.
+    Both are refused at the handshake now, saying why."""
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8))
+    try:
+        with pytest.raises(kvwire.KvwireError, match=why):
+            WireClient(rx.address, LAYOUT, codec=codec)
+        assert wait_until(lambda: rx.stats()["rejected_connections"] == 1, timeout=10)
+        assert not rx._codecs  # nothing kept for a peer refused
+    finally:
+        rx.close()
+
+
+def test_a_payload_that_does_not_decode_fails_its_request_naming_rows_and_sender(caplog):
+    """A payload whose checksum holds but whose lz4 stream is corrupt fails its request
+    with a message naming the rows and the sender, as a checksum failure does; the log
+    gets a warning without a traceback (the peer's bytes, not a bug in kvwire)."""
+    import logging
+
+    import numpy as np
+
+    from kvwire.codec import ChunkSpec, get
+    from kvwire.codec.lz4stage import compress_blocks
+    from kvwire.proto import crc32c
+
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(8))
+    try:
+        inner = get("int4h").encoded_size(ChunkSpec(32, 2, 64, LAYOUT.dtype, "v", LAYOUT.block_size))
+        good = compress_blocks(np.arange(inner, dtype=np.uint8) % 7)
+        payload = good[:4] + b"\xff" * (len(good) - 4)
+        h = rx.expect("r", [0, 1], 32, deadline=10)
+        client = WireClient(rx.address, LAYOUT, codec="int4h+lz4")
+        data = Header(FrameType.DATA, tag=1, layer=0, tensor=1, start=0, count=32, length=len(payload),
+                      payload_crc=crc32c(payload)).pack()  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="kvwire"):
+            client.send(client.proto.begin(1, "r", 32) + data + payload)
+            with pytest.raises(kvwire.TransferError, match=r"layer 0 v rows 0\.\.32, from the sender at .* lz4"):
+                h.wait(timeout=10)
+        said = [r for r in caplog.records if "did not decode" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING and said[0].exc_info is None
+        client.close()
+    finally:
+        rx.close()
+
+
 def test_open_requests_per_session_are_limited():
     rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=LAYOUT.allocate(32), max_requests_per_session=4)
     try:

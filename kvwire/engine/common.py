@@ -128,6 +128,23 @@ def layout_summary(layout: KVLayout) -> str:
     return f"{model.num_layers} layers [{', '.join(sorted(kinds))}], {model.dtype}"
 
 
+def check_codec_fits(codec, layout: KVLayout) -> None:
+    """ValueError (naming the codec's reason) unless ``codec`` can code every tensor of
+    ``layout``: its paged tensors' head_dim (int4 groups that do not divide it, say) and
+    each state's last dimension, as which a state travels. Both sides ask: a sender before
+    it connects, a receiver before it accepts a sender's codecs."""
+    from kvwire.codec import ChunkSpec
+    from kvwire.layout import STATE_NAME
+
+    for layer in layout.layers:
+        specs = [ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name, layout.block_size)
+                 for p in layer.paged]  # fmt: skip
+        if layer.state is not None:
+            specs.append(ChunkSpec(layer.state.rows, 1, layer.state.shape[-1], layout.dtype, STATE_NAME))
+        for spec in specs:
+            codec.check(spec)
+
+
 def request_arguments(
     request_id, block_ids, num_tokens, deadline: float, block_size: int, num_blocks: int | None
 ) -> tuple[str, Selection]:

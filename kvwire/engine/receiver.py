@@ -38,6 +38,7 @@ from kvwire.engine.chunks import ChunkRef, encoded_size, spec_of
 from kvwire.engine.common import (
     LogLimit,
     check_checksum,
+    check_codec_fits,
     check_count,
     check_seconds,
     check_transport,
@@ -642,8 +643,11 @@ class Receiver:
         try:
             codec = kvwire.codec.get(descriptor)
             codec.check_dtype(self.layout.dtype)
+            check_codec_fits(codec, self.layout)
         except ValueError as exc:
             return str(exc)
+        if codec.descriptor != descriptor:  # one spelling per codec: the receiver keeps codecs by it
+            return f"{descriptor!r} is spelt {codec.descriptor!r} on the wire"
         if self._accepted_codecs is not None and codec.descriptor not in self._accepted_codecs:
             return f"accepted codecs are {sorted(self._accepted_codecs)}"
         return None
@@ -1025,6 +1029,11 @@ class Receiver:
                 f"DATA of {header.length} bytes for {header.count} rows of layer {header.layer} {t.name!r}; "
                 f"{codec.descriptor} needs {'at most ' if codec.variable_size else ''}{size}"
             )
+        if size > conn.proto.max_payload:  # a chunk a sender cuts fits a slot whatever lz4 makes of it
+            raise ProtocolError(
+                f"DATA for {header.count} rows of layer {header.layer} {t.name!r}: {codec.descriptor} codes them in "
+                f"up to {size} bytes, more than the largest payload agreed ({conn.proto.max_payload})"
+            )
         return request, ref, spec
 
     def _reserve_parking(self, conn: _RConn, request: Request, nbytes: int) -> int:
@@ -1147,8 +1156,16 @@ class Receiver:
             codec = ref.codec(request.codec_of(chunk.conn.joined.id))
             self._placement.place(codec, ref, spec, chunk.slot.tensor[: chunk.length], handle.destination)
         except Exception as exc:  # a decode failure must fail the request, not the thread
-            log.exception("placing a chunk of %r failed", request.request_id)
-            error = TransferError(f"request {request.request_id!r}: placing layer {ref.layer} {ref.name} failed: {exc}")
+            where = (
+                f"layer {ref.layer} {ref.name} rows {ref.start}..{ref.start + ref.count}, from {chunk.conn.joined.who}"
+            )
+            if isinstance(exc, ValueError):  # the codec refused the payload's bytes: the peer's doing, not a bug
+                self._log_limit.warning(
+                    "decode", "a chunk of %r did not decode (%s): %s", request.request_id, where, exc
+                )
+            else:
+                log.exception("placing a chunk of %r failed (%s)", request.request_id, where)
+            error = TransferError(f"request {request.request_id!r}: placing {where} failed: {exc}")
         with self._lock:
             self._release_locked(chunk)
             handle.chunks += 1

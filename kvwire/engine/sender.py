@@ -34,11 +34,11 @@ import torch
 
 import kvwire.codec
 from kvwire import scatter
-from kvwire.codec import ChunkSpec
 from kvwire.engine.channel import Channel, client_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
     check_checksum,
+    check_codec_fits,
     check_seconds,
     check_terms,
     check_transport,
@@ -58,7 +58,7 @@ from kvwire.errors import (
     TransferTimeout,
     TransferWouldMissDeadline,
 )
-from kvwire.layout import STATE_NAME, KVLayout, Selection, TensorParallel
+from kvwire.layout import KVLayout, Selection, TensorParallel
 from kvwire.link import LinkState
 from kvwire.planning import Choice, Estimate, choose_codec
 from kvwire.proto import Ack, Cancel, ClientConnection, Credit, Nack
@@ -480,17 +480,11 @@ class Sender:
             raise ValueError(f"max_streams: expected an int in streams..64 ({streams}..64), got {max_streams!r}")
         self._max_exposed_s = _milliseconds(max_exposed_ms, "max_exposed_ms")
         self._layers_per_s = _rate(layers_per_s, "layers_per_s")
-        for layer in layout.layers:  # e.g. int4 groups that do not divide head_dim: say so now
-            specs = [ChunkSpec(layout.block_size, p.heads, p.head_dim, layout.dtype, p.name, layout.block_size)
-                     for p in layer.paged]  # fmt: skip
-            if layer.state is not None:  # a state travels as rows of its last dimension
-                specs.append(ChunkSpec(layer.state.rows, 1, layer.state.shape[-1], layout.dtype, STATE_NAME))
-            for spec in specs:
-                for candidate in self.codecs:
-                    try:
-                        candidate.check(spec)
-                    except ValueError as exc:
-                        raise ValueError(f"codec: {exc}") from None
+        for candidate in self.codecs:  # e.g. int4 groups that do not divide head_dim: say so now
+            try:
+                check_codec_fits(candidate, layout)
+            except ValueError as exc:
+                raise ValueError(f"codec: {exc}") from None
         self._secret = secret_bytes(secret)
         self._address = parse_address(peer, "peer")
         self._num_blocks = layout.check_caches(kv_caches)
