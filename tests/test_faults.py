@@ -526,6 +526,9 @@ def test_a_connection_lost_mid_layer_is_resent_and_the_repeats_dropped():
         rx.close()
     assert stats["resent_chunks"] == 16  # a window's worth, 4 KiB each
     assert repeats == 16  # each had arrived before the reset; resends go first, so they find it open
+    # Resends are frames on the wire, not more KV: the request's bytes are counted once.
+    assert stats["logical_bytes"] == LAYOUT.request_bytes(512)
+    assert stats["wire_bytes"] == LAYOUT.request_bytes(512) + 16 * 4096
     assert_transferred(LAYOUT, src, blocks, dst, dst_blocks, 512)
 
 

@@ -520,6 +520,43 @@ def test_tls_transfer_round_trip(tls_contexts):
         rx.close()
 
 
+def test_tls_works_with_descriptors_past_1024(tls_contexts):
+    """A server with many files open gives its sockets descriptors past 1024, where
+    ``select`` refuses to look; TLS control frames (the receiver's CREDITs, the sender's
+    CANCEL) checked for room with it and failed there: every TLS transfer larger than a
+    credit batch was lost, and a cancel raised ValueError."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1400
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"this machine allows {hard} open files, fewer than the {want} the test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    server, client = tls_contexts
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    blocks = 64  # 1024 tokens, 2 MiB a layer: many credit batches of the 8 MiB staging's window
+    dst = layout.allocate(blocks)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, tls=server, staging_bytes=8 << 20)
+    try:
+        src = filled(layout, blocks, seed=10)
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, tls=client, streams=1, max_streams=1,
+                           chunk_bytes=256 << 10) as tx:  # fmt: skip
+            assert tx._conns[0].stream.sock.fileno() >= 1024
+            t = tx.transfer("given-up", list(range(4)), 64)
+            t.cancel()
+            h = rx.expect("big", list(range(blocks)), blocks * 16, deadline=30)
+            tx.send("big", list(range(blocks)), blocks * 16, timeout=30)
+            h.wait(timeout=10)
+        assert_transferred(layout, src, list(range(blocks)), dst, list(range(blocks)), blocks * 16)
+    finally:
+        rx.close()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_cancel_queued_behind_a_tls_send_goes_out_once_the_socket_has_room(tls_contexts):
     """A transfer is given up while its only connection's writer is in a long send over a
     slow path. The CANCEL waits in the outbox; over TLS it is written only when the

@@ -899,6 +899,7 @@ class Sender:
                     self._out_bytes -= chunk.nbytes
                     chunk.payload.release()
                 self._space.notify_all()
+                self._wake_writer()  # the new head may need less credit than the one dropped
 
     # -- the link: its model, plans, and connections that follow it (kvwire/engine/sender_link.py)
     def link(self) -> LinkState:
@@ -1297,7 +1298,7 @@ class Sender:
                 conn.data_frames -= len(taken)
                 conn.data_sends -= 1
                 for chunk, _ in taken:
-                    self._count(chunk.transfer, chunk, -1)  # counted again when resent
+                    self._count(chunk.transfer, chunk, -1)  # its frame and bytes are counted again when resent
                 raise
         finally:
             for chunk, _ in taken:
@@ -1309,9 +1310,13 @@ class Sender:
 
     @staticmethod
     def _count_locked(handle: SendHandle, chunk: _OutChunk, sign: int) -> None:
+        """Frames and their bytes as they go (resends too); the request's KV bytes once per
+        chunk: counted at its first send and not taken back if that send fails (it goes out
+        again as a resend, which adds no KV)."""
         handle.chunks += sign
         handle.wire_bytes += sign * chunk.nbytes
-        handle.logical_bytes += sign * chunk.logical_bytes
+        if sign > 0 and not chunk.resend:
+            handle.logical_bytes += chunk.logical_bytes
 
     def _read_loop(self, conn: _Conn) -> None:
         try:

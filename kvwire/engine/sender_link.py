@@ -135,13 +135,13 @@ class LinkFollower:
                 self._kick.clear()
             if self._stop:
                 return
-            try:
-                self._sender.flush_controls()
-                self._sender.expire_transfers()
-                self.sample()
-                self._follow()
-            except Exception:  # a bug here must not stop the sampling for good, nor the sender
-                log.exception("link sampling failed")
+            # Each job on its own: one that fails (a bug) must not stop the others, deadlines
+            # above all, nor the sampling for good.
+            for job in (self._sender.flush_controls, self._sender.expire_transfers, self.sample, self._follow):
+                try:
+                    job()
+                except Exception:
+                    log.exception("the link follower's %s failed", job.__name__)
 
     def sample(self) -> None:
         conns, queued = self._sender._link_view()

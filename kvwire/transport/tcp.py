@@ -157,6 +157,14 @@ def parse_tcp_info(raw: bytes) -> dict[str, int]:
     return out
 
 
+def _has_room(fd: int) -> bool:
+    """Whether a write to ``fd`` would not block now (or would fail at once: an error or a
+    hang-up reports too). ``poll``, not ``select``, which refuses descriptors >= 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 class TcpStream:
     """One connected TCP (or TLS) socket: write all of a frame, read exactly N bytes.
 
@@ -284,7 +292,7 @@ class TcpStream:
                     # which for these frames (tens of bytes) means the write cannot block.
                     if not self._outbox:
                         return True
-                    if not select.select([], [self.sock], [], 0)[1]:
+                    if not _has_room(self.sock.fileno()):
                         return False
                     for frame in self._take_outbox():
                         self.bytes_sent += len(frame)
