@@ -842,3 +842,21 @@ def test_a_requests_end_is_stamped_when_decided_not_after_its_ack_is_queued():
     finally:
         rx.close()
     assert acks and h.t_first_byte <= h.t_done <= acks[0]
+
+
+def test_requests_shorter_than_a_codecs_row_unit_are_one_chunk_each(receiver_for):
+    """int4a codes rows in windows of 1024, so a shorter request is one chunk per tensor.
+    Cutting one took a walk down from the chunk the target asked for, one unit at a time,
+    each step sizing the whole oversized chunk: seconds at 48 tokens and hours at one,
+    during which the sender's encoder (and an ``estimate``) sent nothing at all."""
+    layout = LAYOUTS["mha"]
+    rx, dst = receiver_for(layout)
+    src = filled(layout, 64, seed=4)
+    with sender(layout, rx, src, codec="int4a", streams=2) as tx:
+        for n in (1, 17, 48):
+            blocks = list(range(-(-n // layout.block_size)))
+            assert tx.estimate(n).wire_bytes > 0
+            h = rx.expect(f"short-{n}", blocks, n, deadline=20)
+            stats = tx.send(f"short-{n}", blocks, n, timeout=20)
+            h.wait(timeout=10)
+            assert stats["chunks"] == 2 * layout.num_layers  # k and v, one chunk each per layer

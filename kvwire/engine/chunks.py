@@ -113,17 +113,27 @@ def _cut(layout, codec, t: TensorPlan, start: int, stop: int, unit: int, target_
     """Rows ``[start, stop)`` of ``t`` in chunks of whole ``unit`` rows under ``max_payload``."""
     if stop <= start:
         return []
-    unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(unit, stop - start)))
-    units = max(1, target_bytes // max(unit_bytes, 1))
-    rows_per_chunk = units * unit
-    while rows_per_chunk > unit and codec.encoded_size(chunk_spec(layout, t, rows_per_chunk)) > max_payload:
-        rows_per_chunk -= unit
-    if codec.encoded_size(chunk_spec(layout, t, min(rows_per_chunk, stop - start))) > max_payload:
+    rows = stop - start
+
+    def fits(units: int) -> bool:
+        return codec.encoded_size(chunk_spec(layout, t, min(units * unit, rows))) <= max_payload
+
+    unit_bytes = codec.encoded_size(chunk_spec(layout, t, min(unit, rows)))
+    # Units per chunk: as many as the target asks, no more than the rows hold (a short
+    # request is one chunk), and the most of those that fit a payload (bytes grow with
+    # rows: a bisection, as a chunk's size is not always units times one unit's).
+    most = min(max(1, target_bytes // max(unit_bytes, 1)), -(-rows // unit))
+    if not fits(1):
         raise ValueError(
             f"layer {t.layer} {t.name!r}: one {'block' if unit > 1 else 'row'} encodes to "
             f"{unit_bytes} bytes, more than the receiver's largest payload ({max_payload}); "
             f"raise the receiver's slot_bytes"
         )
+    low, high = 1, most  # fits(low) holds; the answer lies in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    rows_per_chunk = low * unit
     return [
         ChunkRef(t.layer, t.index, t.name, first, min(rows_per_chunk, stop - first), raw, heads)
         for first in range(start, stop, rows_per_chunk)
