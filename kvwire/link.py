@@ -124,12 +124,13 @@ class LinkState:
         is one from at least ``FIT_MIN`` of them: it prices the start-up that busy
         intervals average in; scaled down by ``goodput / goodput_slow`` when the busy
         figures say the link is getting worse, and set aside for the busy goodput when
-        that fell below half of it (the completions are from another link). Else
+        that is below half of it or above twice it (the completions are from another link:
+        a fit is only refreshed by completions, which a paced workload never makes). Else
         :meth:`best_goodput`, with ``overhead`` against a measured figure."""
         fit, fixed = self.transfer_goodput.value, self.transfer_overhead.value
         if fit and fixed is not None and self.transfer_goodput.samples >= FIT_MIN:
             fast, slow = self.goodput.value, self.goodput_slow.value
-            if not fast or fast >= 0.5 * fit:
+            if not fast or 0.5 * fit <= fast <= 2.0 * fit:
                 worse = min(1.0, fast / slow) if fast and slow else 1.0
                 return fit * worse, fixed, self.transfer_uncertainty, "transfers"
         goodput, basis = self.best_goodput()

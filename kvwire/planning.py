@@ -138,8 +138,9 @@ def timeline(
             striped = -(-k // n) * n * (layer.wire_bytes / k) / goodput
             first = begin + max(service, striped) + rtt_s / 2
     # The fixed cost (start-up) delays everything; learned from completions it may be
-    # negative (the goodput was measured low), but nothing arrives before the RTT allows.
-    total = max(left + rtt_s + overhead_s, rtt_s)
+    # negative (the goodput was measured low, so each layer's service is priced high),
+    # but the last layer is not acknowledged before it is made and a round trip has passed.
+    total = max(left + rtt_s + overhead_s, ready + rtt_s)
     first = min((first if first is not None else total) + max(overhead_s, 0.0), total)
     return first, total, max(total - ready, 0.0)
 
@@ -179,14 +180,15 @@ def estimate(
             overhead_s=overhead, connections=link.connections or 1)]  # fmt: skip
 
     if goodput:
-        times = list(course(goodput, uncertainty, overhead_s))
+        known = course(goodput, uncertainty, overhead_s)
         busy = link.goodput.value
         if basis == "transfers" and busy:
             # Layer 0 travels in the ramp that busy intervals average in: the busy figure
             # predicts it better than the fit, whose fixed cost is spread over the transfer
             # (kvwire-bench calibrate: 11-16% median error against 23-34% at 500 Mbit/s).
             slow_start = course(busy, link.uncertainty, link.overhead.value or 0.0)
-            times[0], times[3] = slow_start[0], slow_start[3]
+            known[0], known[3] = min(slow_start[0], known[1]), min(slow_start[3], known[4])  # never after the whole
+        times = list(known)
     return Estimate(num_tokens, codec, wire, logical, layers_per_s, goodput, rtt or None, queued_bytes, basis,
                     uncertainty, *times)  # fmt: skip
 

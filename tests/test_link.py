@@ -202,3 +202,22 @@ def test_tcp_info_is_read_the_same_in_one_struct_and_field_by_field(length):
         assert expected["snd_wnd"] == int.from_bytes(raw[228:232], "little")
     else:
         assert len(expected) < len(_TCP_INFO_FIELDS)
+
+
+def test_a_fit_of_completions_gives_way_to_busy_intervals_that_measured_a_faster_link():
+    """Completions are only refreshed by completions, which a paced workload never makes:
+    once busy intervals measure the link at more than twice the fit, the plan follows
+    them (it held a link measured at 100 MB/s to a fit of 10 MB/s)."""
+    model = LinkModel()
+    model.observe(0.0, {"a": {"rtt_us": 20_000, "min_rtt_us": 20_000}}, backlog=False)
+    for i, mb in enumerate([2, 40, 7, 25, 13, 31, 4, 18]):
+        model.completed(1.0 + i, mb * 1_000_000, 0.01 + mb * 1e6 / 10e6 + 0.02)  # 10 MB/s and 10 ms
+    assert model.state(9.0).plan_rate()[3] == "transfers"
+    t, acked = 10.0, 0
+    model.observe(t, {"a": {"bytes_acked": 0, "rtt_us": 20_000, "min_rtt_us": 20_000}}, backlog=True)
+    for _ in range(200):  # 10 s busy at 100 MB/s
+        t, acked = t + 0.05, acked + 5_000_000
+        model.observe(t, {"a": {"bytes_acked": acked, "bytes_sent": acked, "rtt_us": 20_000, "min_rtt_us": 20_000}},
+                      backlog=True)  # fmt: skip
+    goodput, _, _, basis = model.state(t).plan_rate()
+    assert basis == "measured" and goodput == pytest.approx(100e6, rel=0.1)

@@ -172,3 +172,43 @@ def test_auto_default_codecs_follow_the_dtype_and_head_dim():
             assert [c.descriptor for c in tx.codecs] == ["raw", "int8h", "int4h"]
         with pytest.raises(ValueError, match="codec: head_dim: int4a .* got 12"):
             kvwire.Sender(hybrid, rx.address, secret=SECRET, kv_caches=hybrid.allocate(4), codec="int4a")
+
+
+def test_estimate_refuses_what_transfer_would(pair):
+    """An estimate promises only what a transfer could do: not more tokens than the caches
+    hold, not at a pace whose timeline overflows, and not once every connection is lost
+    (it said "2.6 ms" for a receiver that had gone)."""
+    rx, tx, src, dst = pair
+    with pytest.raises(ValueError, match="more than this sender's caches hold"):
+        tx.estimate(64 * LAYOUT.block_size + 1)
+    for bad in (1e-308, 0.0, float("nan"), 2e9):
+        with pytest.raises(ValueError, match="layers_per_s: expected layers per second"):
+            tx.estimate(TOKENS, layers_per_s=bad)
+    with pytest.raises(ValueError, match="max_exposed_ms: expected milliseconds"):
+        tx.estimate(TOKENS, max_exposed_ms=float("inf"))
+    rx.close()
+    for i in range(len(tx._conns)):
+        tx.reset_connection(i)
+    with pytest.raises(kvwire.PeerLost, match="no live connection"):
+        tx.estimate(TOKENS)
+
+
+def test_a_single_cpu_codecs_time_is_in_its_estimates_and_kept_out_of_the_links_fit():
+    """A sender with one lossy codec on the CPU priced none of its CPU time (only an auto
+    sender timed its codecs), and completions of such transfers, bounded by that CPU,
+    taught the link model a rate that then priced raw 20 times too slow."""
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 64), codec="int4a") as tx:
+            for i in range(6):
+                h = rx.expect(f"c{i}", list(range(64)), 1024)
+                tx.send(f"c{i}", list(range(64)), 1024, timeout=30)
+                h.wait(timeout=30)
+            assert tx.link().transfer_goodput.samples == 0
+            cpu = tx._follower.cpu_s_per_byte(tx.codec)
+            e = tx.estimate(1024)  # by now the link has a rate (TCP's delivery rate at least)
+            assert cpu > 0 and e.total_s is not None
+            assert e.total_s >= e.logical_bytes * cpu  # the codec's time is a floor of the whole
+    finally:
+        rx.close()

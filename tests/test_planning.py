@@ -80,6 +80,10 @@ def test_queued_bytes_cpu_time_and_overhead_delay_the_transfer():
     assert (first, total) == (pytest.approx(0.1 + 0.02 + 0.03), pytest.approx(0.2 + 0.04 + 0.03))
     # a negative overhead (goodput measured low) never makes the transfer beat the RTT
     assert timeline(layers, 100e6, 0.04, overhead_s=-1.0)[1] == pytest.approx(0.04)
+    # nor the prefill: the last layer is acknowledged a round trip after it is made at the earliest
+    paced = [LayerCost(1_000_000, 1_000_000)] * 32
+    first, total, exposed = timeline(paced, 100e6, 0.04, layers_per_s=16.0, overhead_s=-0.3)
+    assert total == pytest.approx(2.0 + 0.04) and exposed == pytest.approx(0.04) and first <= total
     with pytest.raises(ValueError, match="goodput"):
         timeline(layers, 0.0, 0.04)
 
@@ -226,3 +230,12 @@ def test_a_fit_of_completed_transfers_is_planned_with_while_it_agrees_with_the_b
     assert e.basis == "measured" and e.goodput == 20e6
     few = link_state(goodput=50e6, rtt=0.02, overhead=0.0, fit=(70e6, 0.1, 3))  # too few completions
     assert estimate(layers, "raw", 1000, few).basis == "measured"
+
+
+def test_layer_zero_is_never_predicted_after_the_whole_transfer():
+    """With a fit of completions, layer 0 is priced from the busy figure and the whole
+    from the fit; a busy figure below the fit put layer 0 after the acknowledgement."""
+    two = [LayerCost(8_000_000, 8_000_000, 1)] * 2
+    e = estimate(two, "raw", 100, link_state(goodput=40e6, rtt=0.02, overhead=0.05, fit=(70e6, 0.0, 8)))
+    assert e.basis == "transfers"
+    assert e.first_layer_s <= e.total_s and e.first_layer_s_high <= e.total_s_high

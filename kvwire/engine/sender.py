@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import ssl
 import threading
@@ -37,6 +38,7 @@ from kvwire import scatter
 from kvwire.engine.channel import Channel, client_handshake
 from kvwire.engine.chunks import ChunkRef, chunk_spec, plan_chunks
 from kvwire.engine.common import (
+    MAX_SECONDS,
     check_checksum,
     check_codec_fits,
     check_seconds,
@@ -922,8 +924,14 @@ class Sender:
         ``max_exposed_ms``); ``layers_per_s``: the prefill's pace (default: the sender's)."""
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens: expected a positive int, got {num_tokens!r}")
+        capacity = self._num_blocks * self.layout.block_size
+        if num_tokens > capacity:  # transfer() would refuse it: the caches hold no more
+            raise ValueError(f"num_tokens: {num_tokens} is more than this sender's caches hold ({capacity})")
         pace = _rate(layers_per_s, "layers_per_s")
         target = _milliseconds(max_exposed_ms, "max_exposed_ms")
+        with self._lock:
+            if not any(c.alive for c in self._conns):  # as transfer() says: nothing would arrive
+                raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
         if codec == AUTO or (codec is None and self.auto):
             return self._plan(num_tokens, self._max_exposed_s if target is None else target, pace, None).estimate
         chosen = self.codecs[0 if codec is None else self._codec_index(codec)]
@@ -1432,20 +1440,30 @@ def transfer_arguments(
     return request_id, sel, _milliseconds(max_exposed_ms, "max_exposed_ms"), _rate(layers_per_s, "layers_per_s")
 
 
+def _positive(value, name: str, unit: str, low: float, high: float) -> float:
+    """A number of ``unit`` in ``[low, high]`` (``low`` excluded when it is 0): NaN,
+    infinity and bools refused, and values whose timelines would overflow to infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {unit} as a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not (low < value if low == 0 else low <= value) or value > high:
+        raise ValueError(f"{name}: expected {unit} {'above' if low == 0 else 'from'} {low:g} to {high:g}, "
+                         f"got {value!r}")  # fmt: skip
+    return float(value)
+
+
 def _milliseconds(value, name: str) -> float | None:
     """An optional target in milliseconds, as seconds."""
     if value is None:
         return None
-    seconds = check_seconds(value, name)
-    assert seconds is not None
-    return seconds / 1e3
+    return _positive(value, name, "milliseconds", 0, MAX_SECONDS * 1e3) / 1e3
 
 
 def _rate(value, name: str) -> float | None:
-    """An optional positive rate (per second)."""
+    """An optional pace in layers per second: a prefill of a layer in at most about 11
+    days (1e-6), at most a billion a second."""
     if value is None:
         return None
-    return check_seconds(value, name)  # the same checks: a finite positive number
+    return _positive(value, name, "layers per second", 1e-6, 1e9)
 
 
 def _ucx_cuda(host: str) -> bool:

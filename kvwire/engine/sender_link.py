@@ -101,9 +101,11 @@ class LinkFollower:
         self.model = LinkModel()
         self.policy = planning.StreamPolicy(start, bound)
         self._costs: collections.OrderedDict[tuple[str, int], list[planning.LayerCost]] = collections.OrderedDict()
-        # CPU seconds per logical byte of each codec (the slower of encode and decode), from
-        # one timing at start: on a GPU the kernels make it negligible against any link.
-        self._cpu: dict[str, float] = {c.descriptor: 0.0 for c in codecs}
+        # CPU seconds per logical byte of each codec (the slower of encode and decode): on a
+        # GPU the kernels make it negligible against any link; on the CPU an auto sender's
+        # codecs are timed at start, a single codec when an estimate first needs it.
+        self._on_gpu = on_gpu
+        self._cpu: dict[str, float] = {c.descriptor: 0.0 for c in codecs} if on_gpu else {}
         if not on_gpu and len(codecs) > 1:
             for codec in codecs:
                 self._cpu[codec.descriptor] = _time_codec(sender.layout, codec)
@@ -211,10 +213,22 @@ class LinkFollower:
             return
         if self._sender._transfers_created_since(handle.tag) or last - first > ALL_AT_ONCE * (acked - first):
             return
+        if not self._on_gpu and _costs_cpu(handle.codec):
+            return  # bounded by the codec's CPU, perhaps: a sample of this machine, not of the link
         with self._lock:
             self.model.completed(acked, handle.wire_bytes, acked - first)
 
     # -- planning ------------------------------------------------------------------------------
+    def cpu_s_per_byte(self, codec: Codec) -> float:
+        """``codec``'s CPU seconds per logical byte here, timed once when first asked for."""
+        with self._lock:
+            cpu = self._cpu.get(codec.descriptor)
+        if cpu is None:
+            cpu = _time_codec(self._sender.layout, codec)
+            with self._lock:
+                self._cpu[codec.descriptor] = cpu
+        return cpu
+
     def layer_costs(self, codec: Codec, num_tokens: int) -> list[planning.LayerCost]:
         key = (codec.descriptor, num_tokens)
         with self._lock:
@@ -244,18 +258,23 @@ class LinkFollower:
                 num_tokens,
                 state,
                 layers_per_s=layers_per_s,
-                cpu_s_per_byte=self._cpu.get(c.descriptor, 0.0),
+                cpu_s_per_byte=self.cpu_s_per_byte(c),
                 queued_bytes=queued,
             )  # fmt: skip
             for c in codecs
         ]
 
 
+def _costs_cpu(codec: Codec) -> bool:
+    """Whether ``codec`` spends CPU per byte (on the CPU): every codec but plain raw."""
+    return codec.name != "raw" or codec.has_lossless_stage
+
+
 def _time_codec(layout, codec: Codec) -> float:
     """CPU seconds per logical byte of ``codec`` on this machine: the slower of encode and
     decode of ``PRIOR_TOKENS`` tokens of the layout's first paged tensor, after one
     block to warm up. 0 for raw, which moves bytes as they are."""
-    if codec.name == "raw" and not codec.has_lossless_stage:
+    if not _costs_cpu(codec):
         return 0.0
     paged = next((p for layer in layout.layers for p in layer.paged), None)
     if paged is None:
