@@ -18,6 +18,7 @@ Times are seconds, rates bytes per second; nothing here reads a clock.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -259,6 +260,7 @@ MIN_FLIGHT_BYTES = 256 << 10
 MEASURE_S = 1.5  # busy seconds measured at each count (after settling)
 SETTLE_S = 0.5  # busy seconds new connections get to leave slow start before measuring
 RETRY_S = 60.0  # busy seconds before a step that did not pay is tried again
+HISTORY_KEPT = 32  # measurements of the connection count kept for stats()
 
 
 @dataclass
@@ -276,7 +278,9 @@ class StreamPolicy:
     bound: int
     phase: str = "measuring"
     reason: str = "measuring the first connections"
-    history: list = field(default_factory=list)  # (count, goodput) measured
+    # (count, goodput) measured, the last HISTORY_KEPT: a measurement every RETRY_S busy
+    # seconds for as long as the sender lives, and all of it in every stats()
+    history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY_KEPT))
     _since: float | None = None  # busy seconds when the current phase began
     _previous: tuple[int, float] | None = None
 

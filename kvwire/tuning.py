@@ -33,20 +33,33 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 
+INT_MAX = (1 << 31) - 1  # mallopt takes a C int
+
+
+def _c_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 1 <= value <= INT_MAX:
+        raise ValueError(f"{name}: expected 1 to {INT_MAX} (a C int), got {value}")
+    return value
+
+
 def tune_malloc(threshold: int = 1 << 30, arenas: int | None = None) -> bool:
-    """Raise glibc's mmap/trim thresholds and cap its arenas at ``arenas`` (default: the
-    CPUs this process may run on); False where the C library is not glibc."""
+    """Raise glibc's mmap/trim thresholds to ``threshold`` bytes and cap its arenas at
+    ``arenas`` (default: the CPUs this process may run on); whether glibc took all three
+    (False where the C library is not glibc)."""
     if arenas is None:
         arenas = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if arenas < 1:
-        raise ValueError(f"arenas: at least 1, got {arenas}")
+    threshold, arenas = _c_int(threshold, "threshold"), _c_int(arenas, "arenas")
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return (bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
-            and bool(mallopt(M_ARENA_MAX, arenas)))  # fmt: skip
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    took = [bool(mallopt(option, value)) for option, value in
+            ((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, threshold), (M_ARENA_MAX, arenas))]  # fmt: skip
+    return all(took)
 
 
 def tune_process(*, freeze_gc: bool = True, malloc: bool = True) -> None:

@@ -212,3 +212,24 @@ def test_a_single_cpu_codecs_time_is_in_its_estimates_and_kept_out_of_the_links_
             assert e.total_s >= e.logical_bytes * cpu  # the codec's time is a floor of the whole
     finally:
         rx.close()
+
+
+def test_a_sender_whose_every_connection_died_stays_without_one():
+    """Losing every connection fails the open transfers with PeerLost and ends the
+    session; the link follower opened a new connection afterwards, so the sender came
+    back or not depending on when its next pass ran. It stays down now: a new Sender
+    starts a new session."""
+    import time
+
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 64), streams=2) as tx:
+            for i in range(2):
+                tx.reset_connection(i)
+            time.sleep(1.5)  # three idle passes of the follower at least
+            assert tx.stats()["alive_streams"] == 0
+            with pytest.raises(kvwire.PeerLost):
+                tx.transfer("after", blocks(0), TOKENS)
+    finally:
+        rx.close()

@@ -239,3 +239,14 @@ def test_layer_zero_is_never_predicted_after_the_whole_transfer():
     e = estimate(two, "raw", 100, link_state(goodput=40e6, rtt=0.02, overhead=0.05, fit=(70e6, 0.0, 8)))
     assert e.basis == "transfers"
     assert e.first_layer_s <= e.total_s and e.first_layer_s_high <= e.total_s_high
+
+
+def test_a_long_lived_policy_keeps_its_last_measurements_only():
+    """A measurement every RETRY_S busy seconds, for as long as the sender lives: the
+    policy keeps the last ``HISTORY_KEPT`` (about 58 an hour were kept for good, all in
+    every stats())."""
+    from kvwire.planning import HISTORY_KEPT, RETRY_S
+
+    policy = StreamPolicy(4, 16)
+    _policy_run(policy, lambda n: 30e6 * n, seconds=RETRY_S * (HISTORY_KEPT + 20))
+    assert len(policy.history) == HISTORY_KEPT == len(policy.as_dict()["measured"])

@@ -65,5 +65,19 @@ def test_tune_malloc_caps_the_arenas_new_threads_get():
     assert arenas("untuned") > 2
     assert arenas("2") == 2
     assert arenas("1") == 1
-    with pytest.raises(ValueError, match="arenas: at least 1"):
+    with pytest.raises(ValueError, match="arenas: expected 1 to"):
         kvwire.tuning.tune_malloc(arenas=0)
+
+
+@pytest.mark.parametrize("kw, error, why", [
+    ({"threshold": 4 << 30}, ValueError, "threshold: expected 1 to 2147483647"),  # was masked to 0
+    ({"threshold": 0}, ValueError, "threshold"),
+    ({"arenas": 2.5}, TypeError, "arenas: expected an int"),
+    ({"arenas": True}, TypeError, "arenas: expected an int"),
+    ({"arenas": "3"}, TypeError, "arenas: expected an int"),
+])  # fmt: skip
+def test_tune_malloc_refuses_what_a_c_int_cannot_hold(kw, error, why):
+    """mallopt takes C ints: ctypes masked a Python int to one, so 4 GiB became 0 (every
+    large allocation mmapped, the opposite of the intent) and the call said True."""
+    with pytest.raises(error, match=why):
+        kvwire.tuning.tune_malloc(**kw)

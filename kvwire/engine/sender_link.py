@@ -178,6 +178,8 @@ class LinkFollower:
                 self._lost_seen = lost
                 self.policy.count = max(1, min(self.policy.count, have))
                 self.policy._hold(state.busy_s, f"a connection was lost: {have} left")
+            if not have:  # the session is over (its transfers failed with PeerLost): no new one begins
+                return
             want = self.policy.step(state, state.busy_s)
         if want > have and not self._growing:
             self._growing = True
