@@ -181,7 +181,7 @@ def test_a_shard_senders_estimate_counts_only_the_heads_it_sends():
         with kvwire.ShardedSender(layout, [rx.address for rx in receivers], secret=SECRET,
                                   kv_caches=filled(layout, NUM_BLOCKS), streams=1) as tx:  # fmt: skip
             predicted = {d: s.estimate(tokens).wire_bytes for d, s in tx.senders.items()}
-            assert tx.estimate(tokens).wire_bytes == predicted[0]  # the rank predicted last; both alike here
+            assert tx.estimate(tokens).wire_bytes == sum(predicted.values())  # what this prefill rank sends
             handles = [rx.expect("r", [0, 1, 2], tokens, deadline=30) for rx in receivers]
             t = tx.transfer("r", [0, 1, 2], tokens, deadline=30, max_exposed_ms=60_000, refuse_if_late=True)
             for i in range(layout.num_layers):
@@ -195,6 +195,33 @@ def test_a_shard_senders_estimate_counts_only_the_heads_it_sends():
             rx.close()
     whole = tokens * layout.num_layers * 2 * 8 * 32 * 2  # k and v, 8 heads of 32 bf16 values
     assert predicted == sent == {0: whole // 2, 1: whole // 2}
+
+
+def test_a_sharded_estimate_is_the_latest_of_its_ranks_in_every_time():
+    """Decode has layer 0 once every rank has it: a sharded estimate took one rank's
+    whole prediction (the one with the latest total), whose layer 0 or slow end could be
+    earlier than another rank's."""
+    import dataclasses
+
+    from kvwire.planning import Estimate
+
+    decode = [shard(GQA8, d, 2) for d in range(2)]
+    receivers = [kvwire.Receiver(lay, secret=SECRET, kv_caches=lay.allocate(NUM_BLOCKS)) for lay in decode]
+    try:
+        with kvwire.ShardedSender(GQA8, [rx.address for rx in receivers], secret=SECRET,
+                                  kv_caches=filled(GQA8, NUM_BLOCKS), streams=1) as tx:  # fmt: skip
+            base = Estimate(40, "raw", 100, 100, None, 1e9, 0.01, 0, "measured", 0.1, *([0.0] * 6))
+            given = {0: dataclasses.replace(base, first_layer_s=0.5, total_s=1.0, exposed_s_high=3.0),
+                     1: dataclasses.replace(base, first_layer_s=0.2, total_s=2.0, exposed_s_high=2.5)}  # fmt: skip
+            for d, sender in tx.senders.items():
+                sender.estimate = lambda n, e=given[d], **kw: e
+            e = tx.estimate(40)
+            assert (e.first_layer_s, e.total_s, e.exposed_s_high, e.wire_bytes) == (0.5, 2.0, 3.0, 200)
+            tx.senders[1].estimate = lambda n, **kw: dataclasses.replace(base, basis="none", total_s=None)
+            assert tx.estimate(40).total_s is None  # a rank that cannot predict: nothing is known
+    finally:
+        for rx in receivers:
+            rx.close()
 
 
 def test_a_prefill_rank_that_serves_a_decode_rank_nothing_is_told_so():

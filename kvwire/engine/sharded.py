@@ -24,6 +24,7 @@ and the error names the decode rank.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -89,13 +90,22 @@ class ShardedSender:
         self.row_checksums = _row_checksums(list(self.senders.values()))
 
     def estimate(self, num_tokens: int, **options) -> Estimate:
-        """The prediction of the decode rank predicted last (each rank's sender predicts
-        the part it sends over its own link; see :meth:`Sender.estimate`). One that
-        cannot predict yet (``basis == "none"``) wins: nothing is known about that link."""
+        """The whole transfer as the decode ranks will see it (each rank's sender predicts
+        the part it sends over its own link; see :meth:`Sender.estimate`): every time is
+        the latest of the ranks' (decode has layer 0 once every rank has it), None when one
+        rank cannot predict yet (``basis == "none"``: nothing is known about that link);
+        the bytes are summed; the rest is the rank predicted last's."""
         if not self.senders:
             raise ValueError("estimate: this prefill rank serves no decode rank")
         found = [s.estimate(num_tokens, **options) for s in self.senders.values()]
-        return max(found, key=lambda e: math.inf if e.total_s is None else e.total_s)
+        last = max(found, key=lambda e: math.inf if e.total_s is None else e.total_s)
+        times = {}
+        for name in TIMES:
+            values = [getattr(e, name) for e in found]
+            times[name] = None if any(v is None for v in values) else max(values)
+        return dataclasses.replace(last, wire_bytes=sum(e.wire_bytes for e in found),
+                                   logical_bytes=sum(e.logical_bytes for e in found),
+                                   queued_bytes=sum(e.queued_bytes for e in found), **times)  # fmt: skip
 
     def transfer(
         self,
@@ -311,6 +321,7 @@ class ShardedTransfer:
 
 
 FINISH_POLL_S = 0.02  # finish() looks at every decode rank's part this often, for the first to fail
+TIMES = ("first_layer_s", "total_s", "exposed_s", "first_layer_s_high", "total_s_high", "exposed_s_high")
 SUMMED = ("logical_bytes", "wire_bytes", "chunks", "resent_chunks", "nacked_chunks")  # over the decode ranks
 
 
