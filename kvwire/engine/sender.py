@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import math
 import os
@@ -143,6 +144,9 @@ class _Wakeup:
             self.fd = -1
 
 
+_CONN_SERIALS = itertools.count()
+
+
 @dataclass
 class _Conn:
     index: int
@@ -165,6 +169,9 @@ class _Conn:
     begun: set = field(default_factory=set)
     inflight: dict = field(default_factory=lambda: collections.defaultdict(list))
     threads: list = field(default_factory=list)
+    # Never reused (index is, and so may id() be once a lost one is freed): the link model
+    # keeps each connection's counters by it.
+    serial: int = field(default_factory=lambda: next(_CONN_SERIALS))
 
     @property
     def stream(self) -> ByteStream:
@@ -960,7 +967,7 @@ class Sender:
     def _link_view(self) -> tuple[list[tuple[int, ByteStream]], bool]:
         """(the live connections as (key, stream), whether chunks wait for a writer)."""
         with self._lock:
-            return [(id(c), c.stream) for c in self._conns if c.alive], self._out_bytes > 0
+            return [(c.serial, c.stream) for c in self._conns if c.alive], self._out_bytes > 0
 
     def _queued_wire_bytes(self, follower: LinkFollower) -> int:
         """Wire bytes of the open transfers not yet written: a new transfer waits behind them."""

@@ -29,6 +29,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -99,7 +100,7 @@ class ShardedSender:
             raise ValueError("estimate: this prefill rank serves no decode rank")
         found = [s.estimate(num_tokens, **options) for s in self.senders.values()]
         last = max(found, key=lambda e: math.inf if e.total_s is None else e.total_s)
-        times = {}
+        times: dict[str, Any] = {}
         for name in TIMES:
             values = [getattr(e, name) for e in found]
             times[name] = None if any(v is None for v in values) else max(values)
