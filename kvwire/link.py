@@ -307,7 +307,7 @@ class LinkModel:
             if self._bin_s >= BIN_S:
                 self._flush_bin(now)
         elif self._bin_s:
-            self._flush_bin(now)  # a busy stretch ended: what it measured still counts
+            self._flush_bin(now, ended=True)  # a busy stretch ended: what it measured still counts
         decay = math.exp(-dt / LOSS_TAU_S)
         self._sent_sum = self._sent_sum * decay + sent
         self._retrans_sum = self._retrans_sum * decay + retrans
@@ -356,12 +356,18 @@ class LinkModel:
             del self._overheads[:-COMPLETIONS]
             self._overhead_at = now
 
-    def _flush_bin(self, now: float) -> None:
+    def _flush_bin(self, now: float, ended: bool = False) -> None:
+        if self._bin_bytes <= 0:
+            # Busy and nothing acknowledged yet: a stall (or an RTT longer than a bin). Its
+            # time stays in the bin, so the rate of the bytes that end it counts it (dropped,
+            # the link kept its old figure through a stall of any length), unless the busy
+            # stretch ended without a byte: nothing then says what the link did.
+            if ended:
+                self._bin_s = 0.0
+            return
         rate = self._bin_bytes / self._bin_s
         weight = self._bin_s
         self._bin_bytes, self._bin_s = 0, 0.0
-        if rate <= 0:
-            return  # busy, and nothing acknowledged: a stall, seen by the next bin's rate
         self._fast.add(rate, weight)
         self._slow.add(rate, weight)
         self._goodput_at = now

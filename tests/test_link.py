@@ -221,3 +221,23 @@ def test_a_fit_of_completions_gives_way_to_busy_intervals_that_measured_a_faster
                       backlog=True)  # fmt: skip
     goodput, _, _, basis = model.state(t).plan_rate()
     assert basis == "measured" and goodput == pytest.approx(100e6, rel=0.1)
+
+
+def test_a_busy_stall_counts_in_the_rate_of_the_bytes_that_end_it():
+    """Busy bins that delivered nothing were dropped, so a link that stalled for seconds
+    with data waiting kept its old goodput; their time now goes into the next bin."""
+    model = LinkModel()
+    t, acked = 0.0, 0
+    info = {"rtt_us": 20_000, "min_rtt_us": 20_000}
+    model.observe(t, {"a": {"bytes_acked": 0, **info}}, backlog=True)
+    for _ in range(100):  # 5 s busy at 100 MB/s
+        t, acked = t + 0.05, acked + 5_000_000
+        model.observe(t, {"a": {"bytes_acked": acked, "bytes_sent": acked, **info}}, backlog=True)
+    assert model.state(t).goodput.value == pytest.approx(100e6, rel=0.05)
+    for _ in range(40):  # 2 s busy, nothing acknowledged
+        t += 0.05
+        model.observe(t, {"a": {"bytes_acked": acked, "bytes_sent": acked, **info}}, backlog=True)
+    for _ in range(5):  # then 0.25 s at 100 MB/s again
+        t, acked = t + 0.05, acked + 5_000_000
+        model.observe(t, {"a": {"bytes_acked": acked, "bytes_sent": acked, **info}}, backlog=True)
+    assert model.state(t).goodput.value < 60e6  # 25 MB over 2.25 s weighed in, not dropped
