@@ -222,6 +222,17 @@ def test_one_connection_runs_as_the_main_sender_and_its_rounds_are_checked(tmp_p
     assert report["single_stream_wire_gb_per_s"] > 0
 
 
+def test_calibrate_with_auto_plans_each_transfer_against_its_target(tmp_path):
+    """calibrate --codec auto made a sender without a target, so auto took raw every
+    time whatever the link; the target is an option now, and every transfer is planned."""
+    out = tmp_path / "calibrate.json"
+    assert main(["calibrate", "--transfers", "2", "--min-tokens", "32", "--max-tokens", "64", "--codec", "auto",
+                 "--max-exposed-ms", "50", "--gap-ms", "0", "--quiet", "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    rows = report["runs"][0]["transfers"]
+    assert len(rows) == 2 and all(r["codec"] in ("raw", "int8h", "int4a") for r in rows)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -241,6 +252,9 @@ def test_one_connection_runs_as_the_main_sender_and_its_rounds_are_checked(tmp_p
         (["loopback", "--prefill-tp", "3"], "--prefill-tp: tp_size: 8 KV heads do not split evenly over 3 ranks"),
         (["loopback", "--decode-tp", "2", "--baseline"], "--baseline: not with --prefill-tp"),
         (["loopback", "--decode-block-size", "0"], "--decode-block-size"),
+        (["calibrate", "--codec", "auto"], "--max-exposed-ms: give it with --codec auto"),  # else auto is raw
+        (["calibrate", "--max-exposed-ms", "5"], "--max-exposed-ms: give it with --codec auto"),
+        (["calibrate", "--codec", "auto", "--max-exposed-ms", "-1"], "--max-exposed-ms: a positive number"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys):

@@ -181,7 +181,11 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfers", type=int, default=20, help="measured transfers per link (default 20)")
     p.add_argument("--min-tokens", type=int, default=128, help="smallest prompt (default 128)")
     p.add_argument("--max-tokens", type=int, default=2048, help="largest prompt (default 2048); log-uniform between")
-    p.add_argument("--codec", default="raw", help="the sender's codec (default raw; 'auto' chooses per transfer)")
+    p.add_argument("--codec", default="raw", help="the sender's codec (default raw; 'auto' chooses per transfer, "
+                   "against --max-exposed-ms)")  # fmt: skip
+    p.add_argument("--max-exposed-ms", type=float, default=None,
+                   help="with --codec auto: the exposed time each transfer aims at (required with auto: without "
+                        "a target auto always takes the least lossy codec, raw)")  # fmt: skip
     p.add_argument("--gap-ms", type=float, default=200.0, help="idle time between transfers (default 200)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no line per transfer")
@@ -208,6 +212,11 @@ def check_calibrate(args) -> None:
         raise ValueError(f"--gap-ms: must be >= 0, got {args.gap_ms}")
     if args.no_loopback and not args.link:
         raise ValueError("--no-loopback: give at least one --link")
+    if (args.codec == "auto") != (args.max_exposed_ms is not None):
+        raise ValueError("--max-exposed-ms: give it with --codec auto, and only then (auto without a target "
+                         "always takes raw)")  # fmt: skip
+    if args.max_exposed_ms is not None and not 0 < args.max_exposed_ms < math.inf:
+        raise ValueError(f"--max-exposed-ms: a positive number, got {args.max_exposed_ms}")
 
 
 def calibrate(args, progress=print) -> dict:
@@ -218,7 +227,8 @@ def calibrate(args, progress=print) -> dict:
     for spec in ([] if args.no_loopback else [None]) + list(args.link):
         progress(f"{spec or 'loopback'}: {args.transfers} transfers of {args.min_tokens}-{args.max_tokens} tokens, "
                  "every other one paced at the profile's prefill rate")  # fmt: skip
-        with Peers(args.profile, args.max_tokens, spec, codec=args.codec) as peers:
+        target = {} if args.max_exposed_ms is None else {"max_exposed_ms": args.max_exposed_ms}
+        with Peers(args.profile, args.max_tokens, spec, codec=args.codec, **target) as peers:
             rows = []
             for i in range(-2, args.transfers):  # two to warm the model up, not counted
                 tokens = int(math.exp(rng.uniform(math.log(args.min_tokens), math.log(args.max_tokens))))
@@ -322,7 +332,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-ms", type=float, default=4000.0, help="the TTFT target (default 4000)")
     p.add_argument("--local-share", type=float, default=0.5,
                    help="a decode node prefills at this share of the profile's rate (default 0.5)")  # fmt: skip
-    p.add_argument("--codec", default="raw", help="the sender's codec (default raw; 'auto' chooses per transfer)")
+    p.add_argument("--codec", default="raw", help="the sender's codec (default raw; 'auto' chooses per transfer "
+                   "against what the TTFT target leaves it once its prefill waited and ran)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--quiet", action="store_true", help="no line per request")
 
@@ -470,6 +481,13 @@ def _run_policy(args, peers: Peers, requests: list[Arrival], policy: str, progre
             shown = "failed" if ttft is None else f"TTFT {ttft * 1e3:.0f} ms"
             progress(f"  #{r.index:3d} {r.tokens:6d} tokens remote ({handle.codec.descriptor}): {shown}")
 
+    def exposed_target(waited_s: float, tokens: int) -> dict:
+        """With codec="auto": what the request's TTFT target leaves the transfer once its
+        prefill waited ``waited_s`` and ran (without a target auto always takes raw)."""
+        if not tx.auto:
+            return {}
+        return {"max_exposed_ms": max(target - waited_s - _prefill_s(profile, tokens), 1e-3) * 1e3}
+
     def remote_server() -> None:
         while True:
             with lock:
@@ -481,7 +499,8 @@ def _run_policy(args, peers: Peers, requests: list[Arrival], policy: str, progre
             began = now()
             name = f"{policy[:1]}{r.index}"
             peers.expect(name, r.tokens)
-            handle = peers.run_transfer(name, r.tokens, layers_per_s(profile, r.tokens))
+            handle = peers.run_transfer(name, r.tokens, layers_per_s(profile, r.tokens),
+                                        **exposed_target(began - r.at, r.tokens))  # fmt: skip
             t = threading.Thread(target=finish, args=(r, handle, began), daemon=True)
             t.start()
             finishers.append(t)
@@ -505,11 +524,11 @@ def _run_policy(args, peers: Peers, requests: list[Arrival], policy: str, progre
             time.sleep(pause)
         remote = policy == "always remote"
         if policy == "remote when predicted to fit":
-            estimate = tx.estimate(r.tokens, layers_per_s=layers_per_s(profile, r.tokens),
-                                   codec="auto" if tx.auto else None)  # fmt: skip
             with lock:  # the prefill servers' backlogs: when this request's prefill would start
                 wait = max(state["remote_free_at"], r.at) - r.at
                 local = max(state["local_free_at"], r.at) - r.at + _prefill_s(profile, r.tokens, args.local_share)
+            estimate = tx.estimate(r.tokens, layers_per_s=layers_per_s(profile, r.tokens),
+                                   codec="auto" if tx.auto else None, **exposed_target(wait, r.tokens))  # fmt: skip
             predicted = None if estimate.total_s is None else wait + estimate.total_s
             # remote if it fits; else local if that fits; else whichever is predicted sooner
             remote = predicted is None or predicted <= target or (local > target and predicted < local)
