@@ -520,6 +520,48 @@ def test_tls_transfer_round_trip(tls_contexts):
         rx.close()
 
 
+def test_one_thread_at_a_time_calls_into_a_tls_connection(tls_contexts):
+    """OpenSSL allows one thread at a time in an SSL object; a TLS connection has a reader
+    thread blocked in SSL_read while its writer calls SSL_write. Every call into the SSL
+    socket is counted here on the sender's side: never two at once on one connection."""
+    server, client = tls_contexts
+    layout = kvwire.KVLayout.gqa(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16)
+    blocks = 64
+    dst = layout.allocate(blocks)
+    rx = kvwire.Receiver(layout, secret=SECRET, kv_caches=dst, tls=server, staging_bytes=8 << 20)
+    most = {"seen": 0}
+    try:
+        src = filled(layout, blocks, seed=11)
+        with kvwire.Sender(layout, rx.address, secret=SECRET, kv_caches=src, tls=client, streams=2,
+                           max_streams=2, chunk_bytes=256 << 10) as tx:  # fmt: skip
+
+            def counted(call, inside: list, lock: threading.Lock):
+                def call_counted(*args, **kw):
+                    with lock:
+                        inside[0] += 1
+                        most["seen"] = max(most["seen"], inside[0])
+                    try:
+                        return call(*args, **kw)
+                    finally:
+                        with lock:
+                            inside[0] -= 1
+
+                return call_counted
+
+            for conn in tx._conns:
+                sock, inside, lock = conn.stream.sock, [0], threading.Lock()
+                for name in ("recv_into", "recv", "send", "sendall"):
+                    setattr(sock, name, counted(getattr(sock, name), inside, lock))
+            for i in range(3):
+                h = rx.expect(f"r{i}", list(range(blocks)), blocks * 16, deadline=30)
+                tx.send(f"r{i}", list(range(blocks)), blocks * 16, timeout=30)
+                h.wait(timeout=10)
+        assert_transferred(layout, src, list(range(blocks)), dst, list(range(blocks)), blocks * 16)
+    finally:
+        rx.close()
+    assert most["seen"] == 1
+
+
 def test_tls_works_with_descriptors_past_1024(tls_contexts):
     """A server with many files open gives its sockets descriptors past 1024, where
     ``select`` refuses to look; TLS control frames (the receiver's CREDITs, the sender's

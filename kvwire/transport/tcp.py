@@ -187,6 +187,13 @@ class TcpStream:
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
         self._tls = isinstance(sock, ssl.SSLSocket)
+        # TLS: OpenSSL allows one thread at a time in an SSL object, and a connection has a
+        # reader and writers. Once its handshake is done the socket is non-blocking and every
+        # call into it holds this lock for that call alone (never while waiting for the
+        # socket: _tls_io), and the stream keeps the timeout the socket would have had.
+        self._ssl_lock = threading.Lock()
+        self._tls_timeout: float | None = None
+        self._tls_ready = False
         self.closed = False
         self.writing_stopped = False  # shutdown_write: nothing more is sent, the reading goes on
         # Calls under way on the socket (hold/release): a close meanwhile shuts the socket
@@ -224,7 +231,7 @@ class TcpStream:
                         scatter.send_parts(self.sock, [*pending, *parts])
                     elif self._tls:  # SSL sockets have no sendmsg
                         for view in views:
-                            self.sock.sendall(view)
+                            self._tls_send_all(view)
                     else:
                         self._sendmsg_all(views, nbytes)
                 except OSError as exc:
@@ -296,7 +303,7 @@ class TcpStream:
                         return False
                     for frame in self._take_outbox():
                         self.bytes_sent += len(frame)
-                        self.sock.sendall(frame)
+                        self._tls_send_all(memoryview(frame))
                     continue
                 with self._outbox_lock:
                     frames = list(itertools.islice(self._outbox, IOV_MAX))
@@ -353,7 +360,10 @@ class TcpStream:
         self.hold()
         try:
             while got < total:
-                n = self.sock.recv_into(view[got:], total - got, flags)
+                if self._tls_ready:
+                    n = self._tls_io(self.sock.recv_into, view[got:], total - got)
+                else:
+                    n = self.sock.recv_into(view[got:], total - got, flags)
                 if n == 0:
                     raise PeerLost(f"connection to {self.peer} closed by the peer")
                 got += n
@@ -469,7 +479,41 @@ class TcpStream:
         }
 
     def settimeout(self, seconds: float | None) -> None:
-        self.sock.settimeout(seconds)
+        if self._tls_ready:
+            self._tls_timeout = seconds  # the socket stays non-blocking (_tls_io)
+        else:
+            self.sock.settimeout(seconds)
+
+    def tls_ready(self) -> None:
+        """(the TLS handshake done) From now on calls into the SSL object are non-blocking,
+        one thread at a time (:meth:`_tls_io`); the socket's timeout becomes the stream's."""
+        self._tls_timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        self._tls_ready = True
+
+    def _tls_io(self, call, *args):
+        """``call(*args)`` into the SSL object with the SSL lock held; when it needs the socket
+        (SSLWantRead/Write) the lock is let go while waiting for it, within the stream's
+        timeout (``TimeoutError``, an OSError, past it)."""
+        deadline = None if self._tls_timeout is None else time.monotonic() + self._tls_timeout
+        while True:
+            with self._ssl_lock:
+                try:
+                    return call(*args)
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+            poller = select.poll()
+            poller.register(self.sock.fileno(), events)  # errors and hang-ups report too
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1e3
+            if not poller.poll(wait):
+                raise TimeoutError("timed out")
+
+    def _tls_send_all(self, view: memoryview) -> None:
+        while len(view):
+            n = self._tls_io(self.sock.send, view)
+            view = view[n:]
 
     def tls_handshake(self) -> None:
         """The client side of the TLS handshake of a stream ``connect`` left it to; nothing
@@ -483,6 +527,7 @@ class TcpStream:
         except (OSError, ssl.SSLError, ValueError) as exc:
             self.close()
             raise PeerLost(f"TLS handshake with {self.peer} failed: {exc}") from None
+        self.tls_ready()
 
     def shutdown_write(self) -> bool:
         """Stop sending (a half-close: the peer reads the end of the stream) while the
@@ -633,6 +678,7 @@ class TcpListener:
             stream.sock.close()  # the TLS socket, if the close above found the raw one
             raise PeerLost(f"TLS handshake with {stream.peer} failed: {exc}") from None
         stream.sock.settimeout(None)
+        stream.tls_ready()
 
     def close(self) -> None:
         try:
