@@ -562,6 +562,54 @@ def test_one_thread_at_a_time_calls_into_a_tls_connection(tls_contexts):
     assert most["seen"] == 1
 
 
+def test_a_tls_stream_closed_while_its_reader_waits_never_returns_ciphertext(tls_contexts):
+    """``SSLSocket.shutdown`` drops the SSL object, after which a read goes to the plain
+    socket, which still holds what arrived: a reader that waited outside the SSL lock and
+    read after another thread's close() got the record's ciphertext as data (about one
+    race in twenty). A closed stream now refuses every call into its SSL object."""
+    from kvwire.errors import PeerLost
+    from kvwire.transport.tcp import SocketOptions, TcpListener, connect
+
+    server_ctx, client_ctx = tls_contexts
+    message = b"K" * 64
+    outcomes = {"data": 0, "lost": 0}
+    for i in range(150):
+        listener = TcpListener(("127.0.0.1", 0), SocketOptions(), tls=server_ctx)
+        accepted = {}
+
+        def serve(listener=listener, accepted=accepted):
+            stream = listener.accept()
+            listener.finish_accept(stream, 5.0)
+            accepted["s"] = stream
+
+        server = threading.Thread(target=serve)
+        server.start()
+        client = connect(listener.address, SocketOptions(), timeout=5.0, tls=client_ctx, tls_handshake=False)
+        client.tls_handshake()
+        server.join()
+        listener.close()
+        got: dict = {}
+
+        def read(client=client, got=got):
+            try:
+                got["data"] = client.recv_exact(len(message))
+            except PeerLost:
+                got["lost"] = True
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.002)  # the reader waits for the socket, outside the SSL object
+        closer = threading.Timer(0.00005 * (i % 20), client.close)
+        closer.start()
+        accepted["s"].send_parts([message])
+        closer.join()
+        reader.join(5)
+        accepted["s"].close()
+        assert got.get("data", message) == message, f"race {i}: {got['data'][:12].hex()} is not what was sent"
+        outcomes["data" if "data" in got else "lost"] += 1
+    assert outcomes["lost"] > 0  # the close won some of the races
+
+
 def test_tls_works_with_descriptors_past_1024(tls_contexts):
     """A server with many files open gives its sockets descriptors past 1024, where
     ``select`` refuses to look; TLS control frames (the receiver's CREDITs, the sender's

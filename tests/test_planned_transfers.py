@@ -206,9 +206,9 @@ def test_a_single_cpu_codecs_time_is_in_its_estimates_and_kept_out_of_the_links_
                 tx.send(f"c{i}", list(range(64)), 1024, timeout=30)
                 h.wait(timeout=30)
             assert tx.link().transfer_goodput.samples == 0
-            cpu = tx._follower.cpu_s_per_byte(tx.codec)
             e = tx.estimate(1024)  # by now the link has a rate (TCP's delivery rate at least)
-            assert cpu > 0 and e.total_s is not None
+            cpu = tx._follower._cpu.get(tx.codec.descriptor)  # timed for that estimate, not before
+            assert cpu is not None and cpu > 0 and e.total_s is not None
             assert e.total_s >= e.logical_bytes * cpu  # the codec's time is a floor of the whole
     finally:
         rx.close()
@@ -231,5 +231,26 @@ def test_a_sender_whose_every_connection_died_stays_without_one():
             assert tx.stats()["alive_streams"] == 0
             with pytest.raises(kvwire.PeerLost):
                 tx.transfer("after", blocks(0), TOKENS)
+    finally:
+        rx.close()
+
+
+def test_a_sender_left_with_a_retiring_connection_opens_another():
+    """The follower stops opening connections once none is alive; a retiring connection
+    is alive but takes no chunk, so losing the kept ones must still bring a new one
+    (stopping there wedged the sender: transfers accepted, none sent)."""
+    import time
+
+    dst = LAYOUT.allocate(64)
+    rx = kvwire.Receiver(LAYOUT, secret=SECRET, kv_caches=dst)
+    try:
+        with kvwire.Sender(LAYOUT, rx.address, secret=SECRET, kv_caches=filled(LAYOUT, 64), streams=2,
+                           max_streams=2) as tx:  # fmt: skip
+            tx._retire_connections(1)  # the policy wants one fewer: connection 1 retires
+            tx.reset_connection(0)  # and the one kept is lost
+            time.sleep(1.5)  # several passes of the follower
+            h = rx.expect("after", blocks(0), TOKENS)
+            tx.send("after", blocks(0), TOKENS, timeout=10)
+            h.wait(timeout=10)
     finally:
         rx.close()

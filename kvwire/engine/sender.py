@@ -975,10 +975,12 @@ class Sender:
             open_ = [(t.codec, t.selection.num_tokens, t.wire_bytes) for t in self._transfers.values() if not t.done()]
         return sum(max(0, sum(x.wire_bytes for x in follower.layer_costs(codec, n)) - sent) for codec, n, sent in open_)
 
-    def _connection_count(self) -> tuple[int, int]:
-        """(connections that take chunks, connections lost to errors since the start)."""
+    def _connection_count(self) -> tuple[int, int, bool]:
+        """(connections that take chunks, connections lost to errors since the start,
+        whether any connection is alive, a retiring one included)."""
         with self._lock:
-            return sum(1 for c in self._conns if c.alive and not c.retiring), self._lost_conns
+            taking = sum(1 for c in self._conns if c.alive and not c.retiring)
+            return taking, self._lost_conns, any(c.alive for c in self._conns)
 
     def _add_connection(self) -> bool:
         """Open one more connection (its handshake runs while the others carry data) and

@@ -172,13 +172,13 @@ class LinkFollower:
     def _follow(self) -> None:
         state = self.state()
         self._allow_gathering(state)
-        have, lost = self._sender._connection_count()
+        have, lost, alive = self._sender._connection_count()
         with self._lock:
             if lost > self._lost_seen:  # a lost connection is not replaced: failures stay visible
                 self._lost_seen = lost
                 self.policy.count = max(1, min(self.policy.count, have))
                 self.policy._hold(state.busy_s, f"a connection was lost: {have} left")
-            if not have:  # the session is over (its transfers failed with PeerLost): no new one begins
+            if not alive:  # the session is over (its transfers failed with PeerLost): no new one begins
                 return
             want = self.policy.step(state, state.busy_s)
         if want > have and not self._growing:

@@ -498,6 +498,8 @@ class TcpStream:
         deadline = None if self._tls_timeout is None else time.monotonic() + self._tls_timeout
         while True:
             with self._ssl_lock:
+                if self.closed:  # close() shut the SSL object down: what the socket holds is ciphertext now
+                    raise OSError(f"connection to {self.peer} is closed")
                 try:
                     return call(*args)
                 except ssl.SSLWantReadError:
@@ -524,10 +526,10 @@ class TcpStream:
             with self.held():  # as every call on the socket: a close ends it
                 assert isinstance(self.sock, ssl.SSLSocket)
                 self.sock.do_handshake()
+                self.tls_ready()
         except (OSError, ssl.SSLError, ValueError) as exc:
             self.close()
             raise PeerLost(f"TLS handshake with {self.peer} failed: {exc}") from None
-        self.tls_ready()
 
     def shutdown_write(self) -> bool:
         """Stop sending (a half-close: the peer reads the end of the stream) while the
@@ -577,7 +579,11 @@ class TcpStream:
                 return
             self.closed = True
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                if self._tls:  # not while another thread is inside the SSL object (_tls_io)
+                    with self._ssl_lock:
+                        self.sock.shutdown(socket.SHUT_RDWR)
+                else:
+                    self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             if self._users:
@@ -632,7 +638,10 @@ def connect(
     except OSError as exc:
         sock.close()
         raise PeerLost(f"cannot connect to {host}:{port}: {exc}") from None
-    return TcpStream(sock, f"{host}:{port}")
+    stream = TcpStream(sock, f"{host}:{port}")
+    if tls is not None and tls_handshake:  # done in wrap_socket: calls take turns from now on
+        stream.tls_ready()
+    return stream
 
 
 class TcpListener:
@@ -673,12 +682,12 @@ class TcpListener:
                 raise OSError("closed during the TLS handshake")
             with stream.held():  # as every call on the socket (TcpStream.hold)
                 stream.sock.do_handshake()
+                stream.sock.settimeout(None)
+                stream.tls_ready()
         except (OSError, ssl.SSLError, ValueError) as exc:
             stream.close()
             stream.sock.close()  # the TLS socket, if the close above found the raw one
             raise PeerLost(f"TLS handshake with {stream.peer} failed: {exc}") from None
-        stream.sock.settimeout(None)
-        stream.tls_ready()
 
     def close(self) -> None:
         try:
