@@ -764,8 +764,7 @@ class Sender:
         with self._lock:
             if self._closed:  # checked again under the lock: close() may have run meanwhile
                 raise ValueError("transfer: the sender is closed")
-            if not any(c.alive for c in self._conns):
-                raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
+            self._check_alive_locked()
             tag = self._next_tag
             self._next_tag += 1
             handle = SendHandle(self, tag, request_id, sel, states, time.monotonic() + deadline,
@@ -937,12 +936,16 @@ class Sender:
         pace = _rate(layers_per_s, "layers_per_s")
         target = _milliseconds(max_exposed_ms, "max_exposed_ms")
         with self._lock:
-            if not any(c.alive for c in self._conns):  # as transfer() says: nothing would arrive
-                raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
+            self._check_alive_locked()  # as transfer() says: nothing would arrive
         if codec == AUTO or (codec is None and self.auto):
             return self._plan(num_tokens, self._max_exposed_s if target is None else target, pace, None).estimate
         chosen = self.codecs[0 if codec is None else self._codec_index(codec)]
         return self._follower.estimates(num_tokens, [chosen], pace or self._layers_per_s)[0]
+
+    def _check_alive_locked(self) -> None:
+        """(lock held) PeerLost unless a connection is alive: nothing sent would arrive."""
+        if not any(c.alive for c in self._conns):
+            raise PeerLost(f"no live connection to {self._address[0]}:{self._address[1]}")
 
     def _codec_index(self, codec: str) -> int:
         """The index of ``codec`` (a name or descriptor) in this sender's codecs."""

@@ -105,7 +105,7 @@ class LinkFollower:
         # GPU the kernels make it negligible against any link; on the CPU an auto sender's
         # codecs are timed at start, a single codec when an estimate first needs it.
         self._on_gpu = on_gpu
-        self._cpu: dict[str, float] = {c.descriptor: 0.0 for c in codecs} if on_gpu else {}
+        self._cpu: dict[str, float] = {}
         if not on_gpu and len(codecs) > 1:
             for codec in codecs:
                 self._cpu[codec.descriptor] = _time_codec(sender.layout, codec)
@@ -223,6 +223,8 @@ class LinkFollower:
     # -- planning ------------------------------------------------------------------------------
     def cpu_s_per_byte(self, codec: Codec) -> float:
         """``codec``'s CPU seconds per logical byte here, timed once when first asked for."""
+        if self._on_gpu:
+            return 0.0
         with self._lock:
             cpu = self._cpu.get(codec.descriptor)
         if cpu is None:

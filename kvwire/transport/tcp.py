@@ -157,12 +157,13 @@ def parse_tcp_info(raw: bytes) -> dict[str, int]:
     return out
 
 
-def _has_room(fd: int) -> bool:
-    """Whether a write to ``fd`` would not block now (or would fail at once: an error or a
-    hang-up reports too). ``poll``, not ``select``, which refuses descriptors >= 1024."""
+def _ready(fd: int, events: int, timeout_ms: float | None) -> bool:
+    """Whether ``fd`` is ready for ``events`` (errors and hang-ups report too) within
+    ``timeout_ms`` (None: no limit). ``poll``, not ``select``, which refuses descriptors
+    of 1024 and more."""
     poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(0))
+    poller.register(fd, events)
+    return bool(poller.poll(timeout_ms))
 
 
 class TcpStream:
@@ -299,7 +300,7 @@ class TcpStream:
                     # which for these frames (tens of bytes) means the write cannot block.
                     if not self._outbox:
                         return True
-                    if not _has_room(self.sock.fileno()):
+                    if not _ready(self.sock.fileno(), select.POLLOUT, 0):
                         return False
                     for frame in self._take_outbox():
                         self.bytes_sent += len(frame)
@@ -506,10 +507,8 @@ class TcpStream:
                     events = select.POLLIN
                 except ssl.SSLWantWriteError:
                     events = select.POLLOUT
-            poller = select.poll()
-            poller.register(self.sock.fileno(), events)  # errors and hang-ups report too
             wait = None if deadline is None else max(deadline - time.monotonic(), 0.0) * 1e3
-            if not poller.poll(wait):
+            if not _ready(self.sock.fileno(), events, wait):
                 raise TimeoutError("timed out")
 
     def _tls_send_all(self, view: memoryview) -> None:
@@ -579,10 +578,7 @@ class TcpStream:
                 return
             self.closed = True
             try:
-                if self._tls:  # not while another thread is inside the SSL object (_tls_io)
-                    with self._ssl_lock:
-                        self.sock.shutdown(socket.SHUT_RDWR)
-                else:
+                with self._ssl_lock:  # TLS: not while another thread is inside the SSL object (_tls_io)
                     self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
