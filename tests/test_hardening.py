@@ -610,6 +610,42 @@ def test_a_tls_stream_closed_while_its_reader_waits_never_returns_ciphertext(tls
     assert outcomes["lost"] > 0  # the close won some of the races
 
 
+def test_a_tls_read_keeps_the_streams_timeout_once_its_socket_is_non_blocking(tls_contexts):
+    """After its handshake a TLS stream's socket is non-blocking and the stream keeps the
+    timeout itself: a read with nothing coming ends at it, as the socket's would have,
+    naming the timeout; without one it waits for the data."""
+    from kvwire.errors import PeerLost
+    from kvwire.transport.tcp import SocketOptions, TcpListener, connect
+
+    server_ctx, client_ctx = tls_contexts
+    listener = TcpListener(("127.0.0.1", 0), SocketOptions(), tls=server_ctx)
+    accepted = {}
+
+    def serve():
+        stream = listener.accept()
+        listener.finish_accept(stream, 5.0)
+        accepted["s"] = stream
+
+    server = threading.Thread(target=serve)
+    server.start()
+    client = connect(listener.address, SocketOptions(), timeout=5.0, tls=client_ctx, tls_handshake=False)
+    client.tls_handshake()
+    server.join()
+    listener.close()
+    try:
+        client.settimeout(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(PeerLost, match="timed out"):
+            client.recv_exact(8)
+        assert 0.25 < time.monotonic() - t0 < 5
+        client.settimeout(None)
+        threading.Timer(0.3, accepted["s"].send_parts, ([b"12345678"],)).start()
+        assert client.recv_exact(8) == b"12345678"
+    finally:
+        client.close()
+        accepted["s"].close()
+
+
 def test_tls_works_with_descriptors_past_1024(tls_contexts):
     """A server with many files open gives its sockets descriptors past 1024, where
     ``select`` refuses to look; TLS control frames (the receiver's CREDITs, the sender's
