@@ -562,59 +562,9 @@ def test_one_thread_at_a_time_calls_into_a_tls_connection(tls_contexts):
     assert most["seen"] == 1
 
 
-def test_a_tls_stream_closed_while_its_reader_waits_never_returns_ciphertext(tls_contexts):
-    """``SSLSocket.shutdown`` drops the SSL object, after which a read goes to the plain
-    socket, which still holds what arrived: a reader that waited outside the SSL lock and
-    read after another thread's close() got the record's ciphertext as data (about one
-    race in twenty). A closed stream now refuses every call into its SSL object."""
-    from kvwire.errors import PeerLost
-    from kvwire.transport.tcp import SocketOptions, TcpListener, connect
-
-    server_ctx, client_ctx = tls_contexts
-    message = b"K" * 64
-    outcomes = {"data": 0, "lost": 0}
-    for i in range(150):
-        listener = TcpListener(("127.0.0.1", 0), SocketOptions(), tls=server_ctx)
-        accepted = {}
-
-        def serve(listener=listener, accepted=accepted):
-            stream = listener.accept()
-            listener.finish_accept(stream, 5.0)
-            accepted["s"] = stream
-
-        server = threading.Thread(target=serve)
-        server.start()
-        client = connect(listener.address, SocketOptions(), timeout=5.0, tls=client_ctx, tls_handshake=False)
-        client.tls_handshake()
-        server.join()
-        listener.close()
-        got: dict = {}
-
-        def read(client=client, got=got):
-            try:
-                got["data"] = client.recv_exact(len(message))
-            except PeerLost:
-                got["lost"] = True
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        time.sleep(0.002)  # the reader waits for the socket, outside the SSL object
-        closer = threading.Timer(0.00005 * (i % 20), client.close)
-        closer.start()
-        accepted["s"].send_parts([message])
-        closer.join()
-        reader.join(5)
-        accepted["s"].close()
-        assert got.get("data", message) == message, f"race {i}: {got['data'][:12].hex()} is not what was sent"
-        outcomes["data" if "data" in got else "lost"] += 1
-    assert outcomes["lost"] > 0  # the close won some of the races
-
-
-def test_a_tls_read_keeps_the_streams_timeout_once_its_socket_is_non_blocking(tls_contexts):
-    """After its handshake a TLS stream's socket is non-blocking and the stream keeps the
-    timeout itself: a read with nothing coming ends at it, as the socket's would have,
-    naming the timeout; without one it waits for the data."""
-    from kvwire.errors import PeerLost
+def tls_stream_pair(tls_contexts):
+    """(client, server): two TcpStreams joined over TLS on loopback, made as a Sender
+    (connect, then its TLS handshake) and a Receiver (accept, then finish_accept) make them."""
     from kvwire.transport.tcp import SocketOptions, TcpListener, connect
 
     server_ctx, client_ctx = tls_contexts
@@ -632,6 +582,49 @@ def test_a_tls_read_keeps_the_streams_timeout_once_its_socket_is_non_blocking(tl
     client.tls_handshake()
     server.join()
     listener.close()
+    return client, accepted["s"]
+
+
+def test_a_tls_stream_closed_while_its_reader_waits_never_returns_ciphertext(tls_contexts):
+    """``SSLSocket.shutdown`` drops the SSL object, after which a read goes to the plain
+    socket, which still holds what arrived: a reader that waited outside the SSL lock and
+    read after another thread's close() got the record's ciphertext as data (about one
+    race in twenty). A closed stream now refuses every call into its SSL object."""
+    from kvwire.errors import PeerLost
+
+    message = b"K" * 64
+    outcomes = {"data": 0, "lost": 0}
+    for i in range(150):
+        client, server = tls_stream_pair(tls_contexts)
+        got: dict = {}
+
+        def read(client=client, got=got):
+            try:
+                got["data"] = client.recv_exact(len(message))
+            except PeerLost:
+                got["lost"] = True
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.002)  # the reader waits for the socket, outside the SSL object
+        closer = threading.Timer(0.00005 * (i % 20), client.close)
+        closer.start()
+        server.send_parts([message])
+        closer.join()
+        reader.join(5)
+        server.close()
+        assert got.get("data", message) == message, f"race {i}: {got['data'][:12].hex()} is not what was sent"
+        outcomes["data" if "data" in got else "lost"] += 1
+    assert outcomes["lost"] > 0  # the close won some of the races
+
+
+def test_a_tls_read_keeps_the_streams_timeout_once_its_socket_is_non_blocking(tls_contexts):
+    """After its handshake a TLS stream's socket is non-blocking and the stream keeps the
+    timeout itself: a read with nothing coming ends at it, as the socket's would have,
+    naming the timeout; without one it waits for the data."""
+    from kvwire.errors import PeerLost
+
+    client, server = tls_stream_pair(tls_contexts)
     try:
         client.settimeout(0.3)
         t0 = time.monotonic()
@@ -639,11 +632,11 @@ def test_a_tls_read_keeps_the_streams_timeout_once_its_socket_is_non_blocking(tl
             client.recv_exact(8)
         assert 0.25 < time.monotonic() - t0 < 5
         client.settimeout(None)
-        threading.Timer(0.3, accepted["s"].send_parts, ([b"12345678"],)).start()
+        threading.Timer(0.3, server.send_parts, ([b"12345678"],)).start()
         assert client.recv_exact(8) == b"12345678"
     finally:
         client.close()
-        accepted["s"].close()
+        server.close()
 
 
 def test_tls_works_with_descriptors_past_1024(tls_contexts):
