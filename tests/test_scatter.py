@@ -341,3 +341,35 @@ def test_a_tcp_stream_takes_spans_alone_and_never_over_tls():
         with pytest.raises(ValueError, match="not over TLS"):
             tls.recv_into_views([spans_of([(0, 8)], np.zeros_like(MEMORY))])
         assert tls.bytes_sent == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    gaps=st.lists(st.tuples(st.integers(0, 100), st.integers(0, 3000)), max_size=12),
+    shift=st.integers(0, 63),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_copy_out_puts_the_buffer_in_its_spans_and_nothing_else(gaps, shift, seed):
+    """The receive lane's copy out of its bounce buffer (stores that bypass the cache on
+    x86-64): any span lengths (zero, under a line, thousands), at any alignment, each
+    gets its bytes in order; the bytes between them are left as they were."""
+    out = np.zeros(shift + sum(gap + length for gap, length in gaps) + 64, dtype=np.uint8)
+    at, pieces = shift, []
+    for gap, length in gaps:
+        pieces.append((at + gap, length))
+        at += gap + length
+    data = np.random.default_rng(seed).integers(0, 256, sum(length for _, length in gaps), dtype=np.uint8)
+    assert scatter._scatter.copy_out(data, spans_of(pieces, out).iov) == len(data)
+    want = np.zeros_like(out)
+    offset = 0
+    for start, length in pieces:
+        want[start : start + length] = data[offset : offset + length]
+        offset += length
+    assert bytes(out) == bytes(want)
+
+
+def test_copy_out_refuses_spans_that_do_not_take_the_buffer():
+    out = np.zeros(100, dtype=np.uint8)
+    with pytest.raises(ValueError, match="the spans take 60 bytes, the buffer holds 50"):
+        scatter._scatter.copy_out(bytes(50), spans_of([(0, 30), (40, 30)], out).iov)
+    assert not out.any()

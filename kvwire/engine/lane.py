@@ -40,6 +40,7 @@ PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT, FAILED = range(6)
 _LIVE, _LAYERS, _TENSORS, _IDS, _NIDS, _MISSING, _WRITING = range(7)
 HEAD = 8
 FIELDS = 12
+BOUNCE = 256 << 10  # bytes a payload is received through at a time (bounce_buffer)
 
 
 class Lane:
@@ -69,22 +70,31 @@ def available() -> bool:
         return False
     built = (_scatter.LANE_PYTHON, _scatter.LANE_HANDOFF, _scatter.LANE_CHECKSUM, _scatter.LANE_LOST,
              _scatter.LANE_CREDIT, getattr(_scatter, "LANE_FAILED", None), _scatter.LANE_HEAD,
-             _scatter.LANE_FIELDS)  # fmt: skip
-    if built != (PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT, FAILED, HEAD, FIELDS):
+             _scatter.LANE_FIELDS, hasattr(_scatter, "STREAMING_STORES"))  # fmt: skip
+    if built != (PYTHON, HANDOFF, CHECKSUM, LOST, CREDIT, FAILED, HEAD, FIELDS, True):
         raise ImportError("kvwire._scatter was built from another version of kvwire/_scatter.c: reinstall kvwire")
     return True
 
 
+def bounce_buffer() -> bytearray:
+    """A connection's buffer for ``receive``'s ``bounce``: BOUNCE bytes where the helper
+    copies out with stores that bypass the cache (x86-64), else none (empty): payloads are
+    then received straight into their rows. See kvwire/_scatter.c, recv_bounced."""
+    return bytearray(BOUNCE if _scatter.STREAMING_STORES else 0)
+
+
 def receive(fd: int, head: bytearray, lanes: dict, lock, batch: int, max_payload: int, checked: bool,
-            counters, stream=None, conn=None) -> tuple[int, Lane | None, int, int, Any]:  # fmt: skip
+            counters, stream=None, conn=None, bounce=None) -> tuple[int, Lane | None, int, int, Any]:  # fmt: skip
     """Frames off ``fd`` until one needs Python: (status, lane, bytes received, payload
     bytes owed as credit, errno; for FAILED, the exception). Given ``stream`` (the
     TcpStream of ``fd``), the lane returns credit itself when it can without waiting
     (``counters["lane_credits"]``) and comes back with CREDIT only when it cannot. Given
     ``conn`` (``owed``, ``owed_lock``: the receiver's connection), what the lane owes joins
     the connection's one count of credit owed before the lane waits for a frame. See
-    kvwire/_scatter.c, "The receive lane"."""
-    return _scatter.lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream, conn)
+    kvwire/_scatter.c, "The receive lane". Given a non-empty ``bounce`` (bounce_buffer), each
+    payload goes through it a piece at a time, checked there, and is copied out to its rows
+    with stores that bypass the cache."""
+    return _scatter.lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream, conn, bounce)
 
 
 def build(request: Any, part: PartSpec, placement: Placement, tag: int, session: str,

@@ -144,6 +144,7 @@ class _RConn:
     owed: int = 0  # payload bytes released but not yet returned to the sender as credit
     owed_lock: threading.Lock = field(default_factory=threading.Lock)
     head: bytearray = field(default_factory=lambda: bytearray(HEADER_SIZE))  # the receive lane's header
+    bounce: bytearray | None = None  # the receive lane's bounce buffer (lane.bounce_buffer), made on first use
     # The request whose rows this connection's reader is receiving a payload into (Python's
     # path), and the lane whose claimed rows it is (the receive lane sets and clears it).
     writing_into: Any = None
@@ -770,11 +771,14 @@ class Receiver:
         assert isinstance(stream, TcpStream)  # lanes are for plain TCP only
         checked = conn.proto.checksum != "none"
         max_payload = conn.proto.max_payload
+        if conn.bounce is None:
+            conn.bounce = lane.bounce_buffer()
+        bounce, head, lanes, counters = conn.bounce, conn.head, session.lanes, self._counters
         while True:
             fd = stream.hold()  # the socket's until the call returns, however it is closed meanwhile
             try:
                 status, lane_of, received, owed, error = lane.receive(
-                    fd, conn.head, session.lanes, self._lock, batch, max_payload, checked, self._counters, stream, conn
+                    fd, head, lanes, self._lock, batch, max_payload, checked, counters, stream, conn, bounce
                 )
             finally:
                 stream.release()
