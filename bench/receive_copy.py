@@ -78,7 +78,10 @@ def run(conn: socket.socket, iovs: list[np.ndarray], bounced: bool, crc: bool, p
                 view = memoryview(buffer)[:n]
                 got = 0
                 while got < n:
-                    got += conn.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+                    more = conn.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+                    if not more:
+                        raise ConnectionError("the peer closed the connection")
+                    got += more
                 if crc:
                     _scatter.crc32c_buffer(view)
                 _scatter.copy_out(view, iov)

@@ -22,6 +22,8 @@
  *   group_codes4             -> int4 key groups' packed codes (below)
  *   rot_stats, rot_quantize,
  *   rot_dequantize           -> the element-wise work of rotated rows (below)
+ *   fp8_quantize,
+ *   fp8_dequantize           -> fp8 rows encoded and decoded (below)
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -49,6 +51,7 @@
 #endif
 
 #include <errno.h>
+#include <float.h>
 #include <limits.h>
 #include <poll.h>
 #include <pthread.h>
@@ -615,8 +618,8 @@ done:
 
 /* ---- The receive lane ------------------------------------------------------------------
  *
- * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None, conn=None)
- *     -> (status, lane, received, owed, error)
+ * lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None, conn=None,
+ *           bounce=None) -> (status, lane, received, owed, error)
  *
  * The receiver's frame loop for the frames that need no Python (kvwire/engine/lane.py):
  * raw DATA of a bound request, received in place. It reads a frame header into ``head``
@@ -624,8 +627,9 @@ done:
  * ``lanes`` (a dict: tag -> Lane) whose lane is live, its layer and tensor are ones this
  * sender's part carries, its rows lie inside the plan and on its grid, its length is what
  * those raw rows take, and none of its rows was claimed before, the lane claims the rows
- * (as RequestPlan.claim does), receives the payload straight into the destination rows,
- * checks its CRC32C (``checked``), counts it, and reads the next header. Anything else
+ * (as RequestPlan.claim does), receives the payload into the destination rows (given a
+ * non-empty ``bounce``, a writable buffer, through it a piece at a time: recv_bounced;
+ * else straight in), checks its CRC32C (``checked``), counts it, and reads the next header. Anything else
  * goes back to Python, which handles it as it handles every frame (and names what is
  * wrong with it). ``status``:
  *
@@ -844,7 +848,7 @@ static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct io
 static void copy_streaming(unsigned char *d, const unsigned char *s, size_t n) {
 #if HAVE_X86
     if (n >= 128) {
-        size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+        size_t head = (64 - ((uintptr_t)d & 63)) & 63; /* whole lines streamed: none read, none half written */
         memcpy(d, s, head);
         d += head, s += head, n -= head;
         for (; n >= 64; d += 64, s += 64, n -= 64) {
@@ -2392,9 +2396,178 @@ done:
     return result;
 }
 
+/* fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded (kvwire/codec/fp8.py), each
+ * row of ``d`` values read as fp32 (kind 0) or bf16 (kind 1, the bits as uint16):
+ *   amax = max |x| over the finite values (0 when none); S = (amax + 0) / 448, 1 when 0;
+ *   inv = 1 / S; c = e4m3(clamp(x inv, -448, 448)), nearest, ties to even; NaN -> 0x7F
+ * (``scale``: fp32 [N]; ``codes``: uint8 [N, d]), as torch's division, reciprocal,
+ * multiply, clamp and float8_e4m3fn conversion give (tests/test_codecs.py compares them,
+ * every halfway point between two codes included). */
+static inline uint8_t e4m3_code(float q) {
+    uint32_t bits;
+    memcpy(&bits, &q, 4);
+    const uint32_t sign = (bits >> 24) & 0x80u, ab = bits & 0x7FFFFFFFu;
+    float a;
+    memcpy(&a, &ab, 4);
+    const int small = a < 0.015625f; /* below 2^-6: subnormal codes, steps of 2^-9 (8 steps: code 8, 2^-6) */
+    const float steps = (small ? a : 0.0f) * 512.0f + ROUNDER; /* the count of steps, rounded, in the low bits */
+    uint32_t sub;
+    memcpy(&sub, &steps, 4);
+    const uint32_t r = ab + 0x7FFFFu + ((ab >> 20) & 1u); /* the 20 bits below the 3 kept rounded off */
+    const uint32_t code = (small ? sub - 0x4B400000u : (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u)) | sign;
+    return (uint8_t)(q != q ? 0x7Fu : code);
+}
+
+typedef uint8_t v32b __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define PICK_LOW_BYTES(v) \
+    __builtin_shufflevector(v, v, 0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, \
+                            0, 0, 0, 0, 0)
+#else
+#define PICK_LOW_BYTES(v) __builtin_shuffle(v, (v32b){0, 4, 8, 12, 16, 20, 24, 28})
+#endif
+
+ALWAYS_INLINE v8u select8u(v8i mask, v8u a, v8u b) { return ((v8u)mask & a) | (~(v8u)mask & b); }
+
+/* e4m3_code of 8 values at once. */
+ALWAYS_INLINE v8u e4m3_codes8(v8f q) {
+    const v8u bits = (v8u)q, sign = (bits >> 24) & 0x80u, ab = bits & 0x7FFFFFFFu;
+    const v8f a = (v8f)ab;
+    const v8i small = a < 0.015625f;
+    const v8u sub = (v8u)(select8(small, a, (v8f){0}) * 512.0f + ROUNDER) - 0x4B400000u;
+    const v8u r = ab + 0x7FFFFu + ((ab >> 20) & 1u);
+    const v8u code = select8u(small, sub, (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u)) | sign;
+    return select8u(q != q, (v8u){0x7F, 0x7F, 0x7F, 0x7F, 0x7F, 0x7F, 0x7F, 0x7F}, code);
+}
+
+ALWAYS_INLINE v8u row_bits8(const void *x, int kind, Py_ssize_t k) {
+    v8u bits;
+    if (kind)
+        bits = bf16_bits8((const uint16_t *)x + k);
+    else
+        memcpy(&bits, (const float *)x + k, sizeof bits);
+    return bits;
+}
+
+SIMD_CLONES
+static void fp8_encode_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, float *scale, uint8_t *codes) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_ssize_t row = i * d, vec = d % 8 == 0 ? d : 0;
+        v8f m8 = {0};
+        for (Py_ssize_t j = 0; j < vec; j += 8) {
+            const v8u ab = row_bits8(x, kind, row + j) & 0x7FFFFFFFu;
+            const v8f a = (v8f)ab;
+            m8 = select8(((v8i)ab < 0x7F800000) & (a > m8), a, m8); /* finite only (the sign bit is clear) */
+        }
+        float m = hmax8(m8);
+        for (Py_ssize_t j = vec; j < d; j++) {
+            const float a = fabsf(widen(x, kind, row + j));
+            m = a <= FLT_MAX && a > m ? a : m; /* NaN and inf compare false with FLT_MAX */
+        }
+        float s = (m + 0.0f) / 448.0f;
+        if (s == 0.0f) s = 1.0f;
+        const float inv = 1.0f / s;
+        scale[i] = s;
+        uint8_t *c = codes + row;
+        for (Py_ssize_t j = 0; j < vec; j += 8) {
+            v8f q = (v8f)row_bits8(x, kind, row + j) * inv;
+            q = select8(q < -448.0f, (v8f){0} - 448.0f, q); /* NaN stays NaN */
+            q = select8(q > 448.0f, (v8f){0} + 448.0f, q);
+            const v32b code = PICK_LOW_BYTES((v32b)e4m3_codes8(q)); /* each lane's low byte, in order */
+            memcpy(c + j, &code, 8);
+        }
+        for (Py_ssize_t j = vec; j < d; j++) {
+            float q = widen(x, kind, row + j) * inv;
+            q = q < -448.0f ? -448.0f : q > 448.0f ? 448.0f : q; /* NaN stays NaN */
+            c[j] = e4m3_code(q);
+        }
+    }
+}
+
+static PyObject *py_fp8_quantize(PyObject *self, PyObject *args) {
+    PyObject *objs[3];
+    Py_ssize_t d;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OinOO", &objs[0], &kind, &d, &objs[1], &objs[2])) return NULL;
+    Py_buffer held[3];
+    if (get_buffers(objs, held, 3, 1) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t item = kind == 1 ? 2 : 4;
+    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16 || held[0].len % (item * d) ||
+        held[1].len != held[0].len / (item * d) * 4 || held[2].len != held[0].len / item) {
+        PyErr_Format(PyExc_ValueError, "fp8_quantize: x fp32 (kind 0) or bf16 bits (kind 1) [N, d], scale fp32 [N], "
+                     "codes uint8 [N, d]; got %zd x bytes, kind %d, d %zd, %zd scale bytes, %zd code bytes",
+                     held[0].len, kind, d, held[1].len, held[2].len);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fp8_encode_rows(held[0].buf, kind, held[0].len / (item * d), d, held[1].buf, held[2].buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 3);
+    return result;
+}
+
+/* fp8_dequantize(codes, d, scale, table, out, kind): fp8 rows decoded (kvwire/codec/fp8.py):
+ * x' = table[c] * S, one fp32 multiply per value (``table``: fp32 [256], the value of each
+ * E4M3 code, made by torch's conversion; ``scale``: fp32 [N], one per row of ``d`` codes),
+ * written as fp32 (kind 0) or bf16 (kind 1: nearest, ties to even), every NaN the
+ * canonical one, as the torch path's index_select, mul and to_cache_dtype give. */
+SIMD_CLONES
+static void fp8_rows(const uint8_t *codes, Py_ssize_t n, Py_ssize_t d, const float *scale, const float *table,
+                     void *out, int kind) {
+    const uint32_t nan_bits = 0x7FC00000u;
+    float canonical_nan;
+    memcpy(&canonical_nan, &nan_bits, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float s = scale[i];
+        const uint8_t *c = codes + i * d;
+        if (kind == 1) {
+            uint16_t *to = (uint16_t *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) to[j] = float_to_bf16(table[c[j]] * s);
+        } else {
+            float *to = (float *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) {
+                float v = table[c[j]] * s;
+                to[j] = v == v ? v : canonical_nan;
+            }
+        }
+    }
+}
+
+static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
+    PyObject *objs[4];
+    Py_ssize_t d;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OnOOOi", &objs[0], &d, &objs[1], &objs[2], &objs[3], &kind)) return NULL;
+    Py_buffer held[4];
+    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t item = kind == 1 ? 2 : 4;
+    if ((kind != 0 && kind != 1) || d <= 0 || held[0].len % d || held[1].len != held[0].len / d * 4 ||
+        held[2].len != 256 * 4 || held[3].len != held[0].len * item) {
+        PyErr_Format(PyExc_ValueError, "fp8_dequantize: codes uint8 [N, d], scale fp32 [N], table fp32 [256], out "
+                     "fp32 (kind 0) or bf16 bits (kind 1) [N, d]; got %zd code bytes, d %zd, %zd scale bytes, %zd "
+                     "table bytes, %zd out bytes, kind %d", held[0].len, d, held[1].len, held[2].len, held[3].len,
+                     kind);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    fp8_rows(held[0].buf, held[0].len / d, d, held[1].buf, held[2].buf, held[3].buf, kind);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
+    {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
+    {"fp8_dequantize", py_fp8_dequantize, METH_VARARGS,
+     "fp8_dequantize(codes, d, scale, table, out, kind): fp8 rows decoded."},
     {"rot_dequantize", py_rot_dequantize, METH_VARARGS,
      "rot_dequantize(codes, mode, d, scale, zero, out, kind): rotated rows decoded."},
     {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},
@@ -2418,8 +2591,8 @@ static PyMethodDef methods[] = {
     {"hardware", py_hardware, METH_NOARGS, "hardware() -> whether CRC32C runs on the CPU's instruction."},
     {"rows", py_rows, METH_VARARGS, "rows(out, ids, address, ...) -> spans written into out (see the source)."},
     {"lane_recv", py_lane_recv, METH_VARARGS,
-     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None, conn=None) -> (status, "
-     "lane, received, owed, error): the receive lane (see the source)."},
+     "lane_recv(fd, head, lanes, lock, batch, max_payload, checked, counters, stream=None, conn=None, bounce=None) "
+     "-> (status, lane, received, owed, error): the receive lane (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

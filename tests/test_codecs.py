@@ -709,6 +709,103 @@ def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, 
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]),
+    tokens=st.integers(1, 40),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([1, 7, 64, 128]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fp8_decoded_in_c_equals_the_torch_decode(dtype, tokens, heads, head_dim, seed):
+    """fp8 rows through kvwire/_scatter.c (fp8_dequantize) and through torch, the path a
+    build without it takes and fp16 caches still take: the same bits, for any scale bits
+    (NaN, inf, zero, subnormal, huge) and any codes (NaN codes included), the products'
+    overflows and subnormals rounded alike, every NaN the canonical one."""
+    from kvwire.codec import fp8
+
+    spec = ChunkSpec(tokens, heads, head_dim, dtype, "v")
+    rows = tokens * heads
+    g = np.random.default_rng(seed)
+    scale_bits = g.integers(0, 2**32, rows, dtype=np.uint64).astype(np.uint32)
+    specials = np.array([0x7F800000, 0xFF800000, 0x7FC00001, 0, 0x80000000, 1, 0x007FFFFF, 0x7F7FFFFF, 0x3F800000,
+                         0x3B124925], dtype=np.uint32)  # fmt: skip
+    scale_bits[: min(rows, len(specials))] = specials[:rows]
+    wire = np.concatenate([scale_bits.view(np.uint8), g.integers(0, 256, rows * head_dim, dtype=np.uint8)])
+    data = torch.from_numpy(wire)
+    got = fp8.Fp8Codec()._decode(data, spec)
+    want = fp8._decode_torch(data[rows * 4 :], data[: rows * 4].clone().view(torch.float32), spec)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+    assert got.shape == want.shape == spec.shape
+    assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [128, 64, 7, 1])
+def test_fp8_encoded_in_c_equals_the_torch_encode(monkeypatch, dtype, head_dim):
+    """fp8 codes and scales through kvwire/_scatter.c (fp8_quantize) and through torch:
+    the same bytes, over rows whose magnitudes span the dtype's range (subnormal scales
+    whose reciprocal overflows included), with inf, NaN, signed zeros, whole rows of zeros,
+    NaN and inf, the largest and smallest values, and every value halfway between two
+    E4M3 codes (ties to even) and next to one; rows of 8 values or more take the vector
+    loop, shorter ones (7, 1) the scalar one."""
+    from kvwire.codec import fp8
+
+    g = torch.Generator().manual_seed(head_dim)
+    rows = 256
+    magnitude = torch.logspace(-44 if dtype != torch.float16 else -8, 36 if dtype != torch.float16 else 4, rows)
+    x = (torch.randn(rows, 2, head_dim, generator=g) * magnitude.view(rows, 1, 1)).to(dtype)
+    finite = fp8.E4M3_VALUES[torch.isfinite(fp8.E4M3_VALUES)].unique()
+    halfway = ((finite[1:].double() + finite[:-1].double()) / 2).float()
+    up, down = torch.nextafter(halfway, torch.tensor(1e9)), torch.nextafter(halfway, torch.tensor(-1e9))
+    ties = torch.cat([halfway, up, down])
+    ties = torch.cat([ties, -ties])
+    n = min(ties.numel(), x[10:].numel())
+    x.view(-1)[x[:10].numel() : x[:10].numel() + n] = ties[:n].to(dtype)  # scale 448/448 rows: codes at the ties
+    x[10:, 0, 0] = 448.0  # each tie row's largest value: its scale is 1
+    x[0, 0, : min(head_dim, 5)] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0])[:head_dim]
+    x[1, 0], x[2, 1], x[3, 0], x[4, 1] = 0.0, -0.0, float("nan"), float("inf")
+    x[5, 0], x[6, 0, 0] = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    spec = ChunkSpec(rows, 2, head_dim, dtype, "k")
+    fast = fp8.Fp8Codec().encode(x, "k").data
+    monkeypatch.setattr(fp8, "_helper", None)
+    assert torch.equal(fast, fp8.Fp8Codec().encode(x, "k").data)
+    assert fast.numel() == fp8.Fp8Codec().encoded_size(spec)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_fp8_helper_refuses_what_does_not_fit():
+    from kvwire import _scatter
+
+    codes, scale, table = np.zeros(16, np.uint8), np.zeros(2, np.float32), np.zeros(256, np.float32)
+    _scatter.fp8_dequantize(codes, 8, scale, table, np.zeros(16, np.int16), 1)  # what fits
+    sizes = "got 16 code bytes, d 8, 8 scale bytes, 1024 table bytes, 64 out bytes, kind 1"
+    with pytest.raises(ValueError, match=sizes):
+        _scatter.fp8_dequantize(codes, 8, scale, table, np.zeros(16, np.float32), 1)
+    with pytest.raises(ValueError, match="kind 2"):
+        _scatter.fp8_dequantize(codes, 8, scale, table, np.zeros(16, np.int16), 2)
+    with pytest.raises(ValueError, match="d 3"):
+        _scatter.fp8_dequantize(codes, 3, scale, table, np.zeros(16, np.int16), 1)
+    with pytest.raises(ValueError, match="12 scale bytes"):
+        _scatter.fp8_dequantize(codes, 8, np.zeros(3, np.float32), table, np.zeros(16, np.int16), 1)
+    with pytest.raises(ValueError, match="1020 table bytes"):
+        _scatter.fp8_dequantize(codes, 8, scale, table[:255], np.zeros(16, np.int16), 1)
+    with pytest.raises(BufferError):  # the output must be writable
+        _scatter.fp8_dequantize(codes, 8, scale, table, bytes(32), 1)
+    x = np.zeros(16, np.int16)
+    _scatter.fp8_quantize(x, 1, 8, scale, codes)  # what fits
+    with pytest.raises(ValueError, match="got 32 x bytes, kind 1, d 8, 12 scale bytes, 16 code bytes"):
+        _scatter.fp8_quantize(x, 1, 8, np.zeros(3, np.float32), codes)
+    with pytest.raises(ValueError, match="got 32 x bytes, kind 0, d 8, 8 scale bytes, 16 code bytes"):
+        _scatter.fp8_quantize(x, 0, 8, scale, codes)  # fp32 rows of 8 need 64 bytes
+    with pytest.raises(ValueError, match="kind 3"):
+        _scatter.fp8_quantize(x, 3, 8, scale, codes)
+    with pytest.raises(BufferError):
+        _scatter.fp8_quantize(x, 1, 8, scale, bytes(16))
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 def test_rotated_rows_helper_refuses_what_does_not_fit():
     from kvwire import _scatter
 

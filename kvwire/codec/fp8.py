@@ -1,7 +1,9 @@
 """``fp8``: OCP FP8 e4m3 codes with one fp32 scale per token per head.
 
-The float operations below are the specification; the CUDA kernels reproduce them
-bit for bit (``docs/formats.md`` spells them out). All arithmetic is IEEE fp32 with
+The float operations below are the specification; the CUDA kernels and the C helper's
+loops (kvwire/_scatter.c, ``fp8_quantize`` and ``fp8_dequantize``: one pass over the
+rows, no temporaries, for bf16 and fp32 caches) reproduce them bit for bit
+(``docs/formats.md`` spells them out; tests/test_codecs.py compares them). All arithmetic is IEEE fp32 with
 round-to-nearest-even, as separate operations (no fused multiply-add):
 
     amax  = max |x| over head_dim, over finite values only (0 when none is finite)
@@ -19,8 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, take, to_cache_dtype
+from kvwire.codec.base import (
+    ChunkSpec,
+    Codec,
+    abs_max,
+    as_float32,
+    check_length,
+    helper_rows,
+    take,
+    to_cache_dtype,
+)
 from kvwire.codec.scratch import scratch
+from kvwire.scatter import _scatter as _helper  # the C helper (kvwire/_scatter.c), or None
 
 E4M3_MAX = 448.0
 E4M3_NAN = 0x7F
@@ -29,6 +41,7 @@ E4M3_NAN = 0x7F
 # bench/codec_parts.py), with
 # the same values, since the table is made by that conversion.
 E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+_TABLE = E4M3_VALUES.numpy()
 
 
 def fp8_scales(xf: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -67,6 +80,11 @@ class Fp8Codec(Codec):
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows = spec.tokens * spec.heads
         out = torch.empty(rows * 4 + spec.numel, dtype=torch.uint8)
+        if _helper is not None:  # one pass over the rows for the scales, one for the codes
+            x2, kind = helper_rows(x3.reshape(rows, spec.head_dim))
+            _helper.fp8_quantize(x2, kind, spec.head_dim, out[: rows * 4].view(torch.float32).numpy(),
+                                 out[rows * 4 :].numpy())  # fmt: skip
+            return out
         xf = as_float32(x3)
         scale, finite = fp8_scales(xf)
         out[: rows * 4].view(torch.float32).copy_(scale.view(-1))
@@ -78,6 +96,18 @@ class Fp8Codec(Codec):
         rows = spec.tokens * spec.heads
         scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
         codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
-        index = scratch("index", (spec.numel,), torch.int32).copy_(codes)
-        values = torch.index_select(E4M3_VALUES, 0, index, out=scratch("a", (spec.numel,))).view(spec.shape)
-        return to_cache_dtype(values.mul_(scale.view(spec.tokens, spec.heads, 1)), spec.dtype, fresh=True)
+        if _helper is not None and spec.dtype in (torch.bfloat16, torch.float32):  # one pass, no temporaries
+            out = torch.empty(spec.shape, dtype=spec.dtype)
+            target = out.view(torch.int16) if spec.dtype == torch.bfloat16 else out
+            _helper.fp8_dequantize(codes.numpy(), spec.head_dim, scale.numpy(), _TABLE, target.numpy(),
+                                   1 if spec.dtype == torch.bfloat16 else 0)  # fmt: skip
+            return out
+        return _decode_torch(codes, scale, spec)
+
+
+def _decode_torch(codes: torch.Tensor, scale: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    """fp8 rows decoded by torch: the specification the helper's ``fp8_dequantize`` meets,
+    and the path for cache dtypes it does not write (fp16)."""
+    index = scratch("index", (spec.numel,), torch.int32).copy_(codes)
+    values = torch.index_select(E4M3_VALUES, 0, index, out=scratch("a", (spec.numel,))).view(spec.shape)
+    return to_cache_dtype(values.mul_(scale.view(spec.tokens, spec.heads, 1)), spec.dtype, fresh=True)
