@@ -870,6 +870,26 @@ static void store_fence(void) {
 #endif
 }
 
+/* A place in a list of spans: span ``i``, ``off`` bytes in. */
+typedef struct {
+    const struct iovec *iov;
+    size_t i, off;
+} SpanCursor;
+
+/* The next ``n`` bytes of the spans from ``at`` on (there must be that many) get ``src``,
+ * copied with copy_streaming; ``at`` moves past them. */
+static void spill(SpanCursor *at, const unsigned char *src, size_t n) {
+    size_t done = 0;
+    while (done < n) {
+        size_t take = at->iov[at->i].iov_len - at->off;
+        if (take > n - done) take = n - done;
+        copy_streaming((unsigned char *)at->iov[at->i].iov_base + at->off, src + done, take);
+        done += take;
+        at->off += take;
+        if (at->off == at->iov[at->i].iov_len) at->i++, at->off = 0;
+    }
+}
+
 /* Receive a payload for ``spans`` through ``bounce`` (``room`` bytes, small enough to stay
  * in the core's cache): a piece at a time, the kernel copies it into the bounce buffer
  * (in cache: no destination line is read first), its CRC32C is taken there, and it is
@@ -879,13 +899,14 @@ static void store_fence(void) {
  * cut short by a lost stream is not copied out: its rows are received again anyway. */
 static int recv_bounced(int fd, const struct iovec *iov, size_t spans, unsigned char *bounce, size_t room,
                         int checked, size_t *moved, uint32_t *crc) {
-    size_t left = 0, i = 0, off = 0;
+    size_t left = 0;
+    SpanCursor at = {iov, 0, 0};
     uint32_t c = 0;
     int err = 0;
     for (size_t j = 0; j < spans; j++) left += iov[j].iov_len;
     *moved = 0;
     while (left > 0) {
-        size_t want = left < room ? left : room, got = 0, done = 0;
+        size_t want = left < room ? left : room, got = 0;
         struct iovec one = {bounce, want}; /* move_all advances it */
         err = move_all(fd, &one, 1, 0, -1, &got, 0);
         *moved += got;
@@ -894,14 +915,7 @@ static int recv_bounced(int fd, const struct iovec *iov, size_t spans, unsigned 
             struct iovec piece = {bounce, want};
             c = crc_iov(c, &piece, 1);
         }
-        while (done < want) {
-            size_t take = iov[i].iov_len - off;
-            if (take > want - done) take = want - done;
-            copy_streaming((unsigned char *)iov[i].iov_base + off, bounce + done, take);
-            done += take;
-            off += take;
-            if (off == iov[i].iov_len) i++, off = 0;
-        }
+        spill(&at, bounce, want);
         left -= want;
     }
     store_fence();
@@ -928,8 +942,8 @@ static PyObject *py_copy_out(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "copy_out: the spans take %zu bytes, the buffer holds %zd", total,
                             data.len);
     }
-    Py_BEGIN_ALLOW_THREADS const unsigned char *from = data.buf;
-    for (size_t i = 0; i < count; from += iov[i].iov_len, i++) copy_streaming(iov[i].iov_base, from, iov[i].iov_len);
+    Py_BEGIN_ALLOW_THREADS SpanCursor at = {iov, 0, 0};
+    spill(&at, data.buf, total);
     store_fence();
     Py_END_ALLOW_THREADS PyBuffer_Release(&view);
     PyBuffer_Release(&data);
@@ -2509,11 +2523,14 @@ done:
     return result;
 }
 
-/* fp8_dequantize(codes, d, scale, table, out, kind): fp8 rows decoded (kvwire/codec/fp8.py):
+/* fp8_dequantize(codes, d, scale, table, out, kind, spans=None): fp8 rows decoded (kvwire/codec/fp8.py):
  * x' = table[c] * S, one fp32 multiply per value (``table``: fp32 [256], the value of each
  * E4M3 code, made by torch's conversion; ``scale``: fp32 [N], one per row of ``d`` codes),
  * written as fp32 (kind 0) or bf16 (kind 1: nearest, ties to even), every NaN the
- * canonical one, as the torch path's index_select, mul and to_cache_dtype give. */
+ * canonical one, as the torch path's index_select, mul and to_cache_dtype give. Given
+ * ``spans`` (an iov array taking exactly the decoded rows), ``out`` is a work buffer of at
+ * least one row instead: rows are decoded into it a piece at a time, where they stay in
+ * cache, and copied to the spans with copy_streaming (a cache's rows, decoded in place). */
 SIMD_CLONES
 static void fp8_rows(const uint8_t *codes, Py_ssize_t n, Py_ssize_t d, const float *scale, const float *table,
                      void *out, int kind) {
@@ -2537,27 +2554,48 @@ static void fp8_rows(const uint8_t *codes, Py_ssize_t n, Py_ssize_t d, const flo
 }
 
 static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
-    PyObject *objs[4];
+    PyObject *objs[4], *spans_obj = Py_None;
     Py_ssize_t d;
     int kind;
-    if (!PyArg_ParseTuple(args, "OnOOOi", &objs[0], &d, &objs[1], &objs[2], &objs[3], &kind)) return NULL;
-    Py_buffer held[4];
+    if (!PyArg_ParseTuple(args, "OnOOOi|O", &objs[0], &d, &objs[1], &objs[2], &objs[3], &kind, &spans_obj))
+        return NULL;
+    Py_buffer held[4], view = {0};
     if (get_buffers(objs, held, 4, 3) < 0) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t item = kind == 1 ? 2 : 4;
-    if ((kind != 0 && kind != 1) || d <= 0 || held[0].len % d || held[1].len != held[0].len / d * 4 ||
-        held[2].len != 256 * 4 || held[3].len != held[0].len * item) {
+    struct iovec *iov = NULL;
+    size_t count = 0, total = 0;
+    Py_ssize_t item = kind == 1 ? 2 : 4, n = d > 0 ? held[0].len / d : 0;
+    if (spans_obj != Py_None) {
+        if (get_iov(spans_obj, &view, &iov, &count) < 0) goto done;
+        for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
+    }
+    int spilled = spans_obj != Py_None;
+    if ((kind != 0 && kind != 1) || d <= 0 || held[0].len % d || held[1].len != n * 4 || held[2].len != 256 * 4 ||
+        (spilled ? held[3].len < d * item || total != (size_t)(held[0].len * item) : held[3].len != held[0].len * item)) {
         PyErr_Format(PyExc_ValueError, "fp8_dequantize: codes uint8 [N, d], scale fp32 [N], table fp32 [256], out "
-                     "fp32 (kind 0) or bf16 bits (kind 1) [N, d]; got %zd code bytes, d %zd, %zd scale bytes, %zd "
-                     "table bytes, %zd out bytes, kind %d", held[0].len, d, held[1].len, held[2].len, held[3].len,
-                     kind);
+                     "fp32 (kind 0) or bf16 bits (kind 1) [N, d] (with spans: at least a row, the spans taking "
+                     "[N, d]); got %zd code bytes, d %zd, %zd scale bytes, %zd table bytes, %zd out bytes, kind %d, "
+                     "%zu span bytes", held[0].len, d, held[1].len, held[2].len, held[3].len, kind, total);
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    fp8_rows(held[0].buf, held[0].len / d, d, held[1].buf, held[2].buf, held[3].buf, kind);
+    if (!spilled) {
+        fp8_rows(held[0].buf, n, d, held[1].buf, held[2].buf, held[3].buf, kind);
+    } else { /* a piece of rows at a time in ``out``, in cache, then out to the spans */
+        const Py_ssize_t room = held[3].len / (d * item);
+        SpanCursor at = {iov, 0, 0};
+        for (Py_ssize_t r = 0; r < n; r += room) {
+            const Py_ssize_t rows = n - r < room ? n - r : room;
+            fp8_rows((const uint8_t *)held[0].buf + r * d, rows, d, (const float *)held[1].buf + r, held[2].buf,
+                     held[3].buf, kind);
+            spill(&at, held[3].buf, (size_t)(rows * d * item));
+        }
+        store_fence();
+    }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
+    if (view.obj != NULL) PyBuffer_Release(&view);
     release_buffers(held, 4);
     return result;
 }
@@ -2567,7 +2605,7 @@ static PyMethodDef methods[] = {
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
     {"fp8_dequantize", py_fp8_dequantize, METH_VARARGS,
-     "fp8_dequantize(codes, d, scale, table, out, kind): fp8 rows decoded."},
+     "fp8_dequantize(codes, d, scale, table, out, kind, spans=None): fp8 rows decoded (into spans: see the source)."},
     {"rot_dequantize", py_rot_dequantize, METH_VARARGS,
      "rot_dequantize(codes, mode, d, scale, zero, out, kind): rotated rows decoded."},
     {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},

@@ -775,6 +775,63 @@ def test_fp8_encoded_in_c_equals_the_torch_encode(monkeypatch, dtype, head_dim):
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    tokens=st.integers(1, 40),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([8, 64, 128]),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+    gap=st.integers(0, 100),
+    spill_rows=st.integers(1, 9),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fp8_decoded_into_spans_is_decode_bytes_in_place(dtype, tokens, heads, head_dim, cuts, gap, spill_rows, seed):
+    """fp8's decode_into (a host cache's rows, decoded a few rows at a time and copied out
+    with streaming stores): the values decode_bytes gives, in order, across spans cut
+    anywhere (inside a row, inside a value) and pieces of any number of rows; nothing
+    between the spans written."""
+    from kvwire.codec import fp8
+
+    spec = ChunkSpec(tokens, heads, head_dim, dtype, "v")
+    x = realistic_keys(tokens, heads, head_dim, seed=seed % 1000).to(dtype)
+    wire = fp8.Fp8Codec().encode(x, "v").data
+    want = bytes(fp8.Fp8Codec().decode_bytes(wire, spec).view(torch.uint8).reshape(-1).numpy())
+    total = len(want)
+    bounds = sorted({0, total, *(c % (total + 1) for c in cuts)})
+    out = np.zeros(total + gap * len(bounds) + 64, dtype=np.uint8)
+    iov, at = [], 3
+    for start, end in zip(bounds, bounds[1:]):
+        iov.append([out.ctypes.data + at, end - start])
+        at += end - start + gap
+    spans = kvwire.scatter.Spans(np.array(iov, dtype=np.uint64).reshape(-1, 2), out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fp8, "SPILL_BYTES", spill_rows * head_dim * spec.itemsize)
+        assert fp8.Fp8Codec().decode_into(wire, spec, spans)
+    got, outside, at = b"", np.ones(len(out), dtype=bool), 3
+    for start, end in zip(bounds, bounds[1:]):
+        got += bytes(out[at : at + end - start])
+        outside[at : at + end - start] = False
+        at += end - start + gap
+    assert got == want
+    assert not out[outside].any()
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_fp8_decoded_into_spans_refuses_spans_of_another_size():
+    from kvwire.codec import fp8
+
+    spec = ChunkSpec(4, 2, 8, torch.bfloat16, "v")
+    wire = fp8.Fp8Codec().encode(torch.ones(spec.shape, dtype=torch.bfloat16), "v").data
+    out = np.zeros(256, dtype=np.uint8)
+    short = kvwire.scatter.Spans(np.array([[out.ctypes.data, 127]], dtype=np.uint64), out)
+    with pytest.raises(ValueError, match="127 span bytes"):
+        fp8.Fp8Codec().decode_into(wire, spec, short)
+    assert not out.any()
+    assert not fp8.Fp8Codec().decode_into(wire, ChunkSpec(4, 2, 8, torch.float16, "v"), short)  # torch's, not here
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 def test_fp8_helper_refuses_what_does_not_fit():
     from kvwire import _scatter
 

@@ -198,6 +198,16 @@ class Codec:
             out.copy_(y.reshape(out.shape))
         return out
 
+    def decode_into(self, buf, spec: ChunkSpec, spans) -> bool:
+        """Decode wire bytes straight into a host cache's rows, when this codec can: ``spans``
+        (:class:`~kvwire.scatter.Spans`) take exactly the chunk's values in the cache dtype,
+        in order. True when it did; False (the default, and for dtypes or builds it does not
+        serve) leaves the caller to decode and copy. The values are the ones
+        :meth:`decode_bytes` gives."""
+        self.check(spec)
+        with workspace(), torch.no_grad():
+            return self._decode_into(_as_uint8(buf), spec, spans)
+
     def pack(self, inner_bytes, spec: ChunkSpec) -> bytes:
         """A lossless stage alone: ``inner``'s bytes (e.g. made by a GPU kernel) -> wire bytes.
         Only codecs with ``has_lossless_stage`` have one."""
@@ -213,6 +223,9 @@ class Codec:
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         raise NotImplementedError
+
+    def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
+        return False
 
     def __repr__(self) -> str:
         return f"<codec {self.descriptor}>"

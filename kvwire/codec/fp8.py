@@ -42,6 +42,7 @@ E4M3_NAN = 0x7F
 # the same values, since the table is made by that conversion.
 E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 _TABLE = E4M3_VALUES.numpy()
+SPILL_BYTES = 64 << 10  # rows decoded at a time by decode_into, in cache, then copied to the cache's rows
 
 
 def fp8_scales(xf: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -103,6 +104,19 @@ class Fp8Codec(Codec):
                                    1 if spec.dtype == torch.bfloat16 else 0)  # fmt: skip
             return out
         return _decode_torch(codes, scale, spec)
+
+    def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
+        if _helper is None or spec.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        check_length(data, self.encoded_size(spec), self.name)
+        rows = spec.tokens * spec.heads
+        scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
+        codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
+        work = scratch("spill", (max(SPILL_BYTES // spec.itemsize, spec.head_dim),), spec.dtype)
+        target = work.view(torch.int16) if spec.dtype == torch.bfloat16 else work
+        _helper.fp8_dequantize(codes.numpy(), spec.head_dim, scale.numpy(), _TABLE, target.numpy(),
+                               1 if spec.dtype == torch.bfloat16 else 0, spans.iov)  # fmt: skip
+        return True
 
 
 def _decode_torch(codes: torch.Tensor, scale: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:

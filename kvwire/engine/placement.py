@@ -450,18 +450,28 @@ class HostPlacement(Placement):
             state = dest.states[ref.layer]
             rows = state.view(-1, state.shape[-1])[ref.start : ref.start + ref.count]
             return [rows.view(torch.uint8).numpy().reshape(-1).data] if state.device.type == "cpu" else None
-        if ref.heads is not None:  # some heads of each token: a span each, or staging and a copy
-            heads = self.heads.get(ref) if self.spans else None
-            if heads is None:
-                return None
-            return [token_spans(heads, dest.selection.ids, self.layout.block_size, ref.start, ref.count)]
+        if self.spans:  # a span per token (some heads of each), or per run of blocks: one call reads them all
+            spans = self.row_spans(ref, dest)
+            return None if spans is None else [spans]
+        writer = self.writers[ref.layer][ref.name]
+        if ref.heads is not None or writer.bytes is None:  # some heads of each token: staging and a copy
+            return None
+        return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
+
+    def row_spans(self, ref: ChunkRef, dest: Destination) -> Spans | None:
+        """(with ``spans``) Where a chunk's values lie in the cache, as spans of it in token
+        order: a span per token for some heads of each, else one per run of blocks; None
+        for a state, or a cache whose blocks are not contiguous."""
+        if ref.name == STATE_NAME:
+            return None
+        bs = self.layout.block_size
+        if ref.heads is not None:
+            heads = self.heads.get(ref)
+            return None if heads is None else token_spans(heads, dest.selection.ids, bs, ref.start, ref.count)
         writer = self.writers[ref.layer][ref.name]
         if writer.bytes is None:
             return None
-        if self.spans:  # the runs of blocks as spans: one call reads them all, and checks them
-            return [block_spans(writer.bytes, writer.address, dest.selection.ids, self.layout.block_size, ref.start,
-                                ref.count)]  # fmt: skip
-        return row_views(writer.bytes, dest.selection, self.layout.block_size, ref)
+        return block_spans(writer.bytes, writer.address, dest.selection.ids, bs, ref.start, ref.count)
 
     def span_geometry(self, ref: ChunkRef) -> tuple[int, int, int, int, int] | None:
         """(:func:`kvwire.scatter.token_geometry`, ``block_geometry``) None without the
@@ -475,6 +485,9 @@ class HostPlacement(Placement):
         return None if writer.bytes is None else block_geometry(writer.bytes, writer.address, self.layout.block_size)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
+        if codec.name != "raw" and self.spans and (spans := self.row_spans(ref, dest)) is not None:
+            if codec.decode_into(data, spec, spans):  # decoded straight into the rows
+                return
         rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)
         if ref.name == STATE_NAME:
             state = dest.states[ref.layer]
