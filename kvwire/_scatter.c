@@ -2523,6 +2523,48 @@ done:
     return result;
 }
 
+/* fp8_quantize_spans(iov, kind, d, scale, codes): fp8_quantize of rows that lie in spans
+ * (a cache's blocks or tokens, each span whole rows of ``d`` values), read where they lie:
+ * no gathered copy of the chunk first. */
+static PyObject *py_fp8_quantize_spans(PyObject *self, PyObject *args) {
+    PyObject *objs[2], *iov_obj;
+    Py_ssize_t d;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OinOO", &iov_obj, &kind, &d, &objs[0], &objs[1])) return NULL;
+    Py_buffer view, held[2];
+    struct iovec *iov;
+    size_t count, rows = 0;
+    if (get_iov(iov_obj, &view, &iov, &count) < 0) return NULL;
+    if (get_buffers(objs, held, 2, 0) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)(d > 0 ? d : 1);
+    int whole = 1;
+    for (size_t i = 0; i < count; i++) {
+        whole &= iov[i].iov_len % row == 0;
+        rows += iov[i].iov_len / row;
+    }
+    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16 || !whole ||
+        held[0].len != (Py_ssize_t)rows * 4 || held[1].len != (Py_ssize_t)rows * d) {
+        PyErr_Format(PyExc_ValueError, "fp8_quantize_spans: spans of whole rows of d fp32 (kind 0) or bf16 (kind 1) "
+                     "values, scale fp32 [N], codes uint8 [N, d]; got %zu spans of %zu rows%s, kind %d, d %zd, %zd "
+                     "scale bytes, %zd code bytes", count, rows, whole ? "" : " (not all whole)", kind, d,
+                     held[0].len, held[1].len);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS float *scale = held[0].buf;
+    uint8_t *codes = held[1].buf;
+    for (size_t i = 0, r = 0; i < count; r += iov[i].iov_len / row, i++)
+        fp8_encode_rows(iov[i].iov_base, kind, (Py_ssize_t)(iov[i].iov_len / row), d, scale + r, codes + r * d);
+    Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 2);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* fp8_dequantize(codes, d, scale, table, out, kind, spans=None): fp8 rows decoded (kvwire/codec/fp8.py):
  * x' = table[c] * S, one fp32 multiply per value (``table``: fp32 [256], the value of each
  * E4M3 code, made by torch's conversion; ``scale``: fp32 [N], one per row of ``d`` codes),
@@ -2604,6 +2646,8 @@ static PyMethodDef methods[] = {
     {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
+    {"fp8_quantize_spans", py_fp8_quantize_spans, METH_VARARGS,
+     "fp8_quantize_spans(iov, kind, d, scale, codes): fp8 rows encoded where they lie."},
     {"fp8_dequantize", py_fp8_dequantize, METH_VARARGS,
      "fp8_dequantize(codes, d, scale, table, out, kind, spans=None): fp8 rows decoded (into spans: see the source)."},
     {"rot_dequantize", py_rot_dequantize, METH_VARARGS,

@@ -198,6 +198,17 @@ class Codec:
             out.copy_(y.reshape(out.shape))
         return out
 
+    def encodes_into(self, spec: ChunkSpec) -> bool:
+        """Whether :meth:`encode_into` serves chunks like ``spec`` (this build, this dtype)."""
+        return False
+
+    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
+        """Encode a chunk whose values lie in a host cache, read where they lie: ``spans``
+        (:class:`~kvwire.scatter.Spans`, whole rows of ``head_dim`` values in the cache
+        dtype, in token order) into ``out`` (uint8, :meth:`encoded_size` bytes), the bytes
+        :meth:`encode` gives for the same values. Only where :meth:`encodes_into` says so."""
+        raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered rows only")
+
     def decode_into(self, buf, spec: ChunkSpec, spans) -> bool:
         """Decode wire bytes straight into a host cache's rows, when this codec can: ``spans``
         (:class:`~kvwire.scatter.Spans`) take exactly the chunk's values in the cache dtype,

@@ -19,6 +19,7 @@ Wire bytes: ``scales`` (fp32, ``[T, H]``) then ``codes`` (u8, ``[T, H, D]``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvwire.codec.base import (
@@ -104,6 +105,18 @@ class Fp8Codec(Codec):
                                    1 if spec.dtype == torch.bfloat16 else 0)  # fmt: skip
             return out
         return _decode_torch(codes, scale, spec)
+
+    def encodes_into(self, spec: ChunkSpec) -> bool:
+        return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+
+    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
+        self.check(spec)
+        rows = spec.tokens * spec.heads
+        if out.dtype != np.uint8 or out.nbytes != self.encoded_size(spec):
+            raise ValueError(f"out: {self.encoded_size(spec)} uint8 bytes, got {out.nbytes} {out.dtype}")
+        assert _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)  # encodes_into said so
+        _helper.fp8_quantize_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
+                                   out[: rows * 4].view(np.float32), out[rows * 4 :])  # fmt: skip
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         if _helper is None or spec.dtype not in (torch.bfloat16, torch.float32):

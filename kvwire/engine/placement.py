@@ -303,6 +303,15 @@ class HostEncoder(Encoder):
             rows_from_blocks(heads, source.selection.block_ids[ref.start // bs :], bs,
                              slot.array[:n].reshape(ref.count, -1))  # fmt: skip
             return Payload([slot.view(n)], slot, n)
+        if codec.encodes_into(spec) and (lying := self._row_spans(source, ref)) is not None:
+            n = codec.encoded_size(spec)  # coded where the rows lie, straight into staging
+            slot = self.pool.acquire(n)
+            try:
+                codec.encode_into(lying, spec, slot.array[:n])
+            except BaseException:
+                slot.release()
+                raise
+            return Payload([slot.view(n)], slot, n)
         rows = source_rows(caches, source.states.get(ref.layer), source.selection, bs, ref)
         if ref.heads is not None:  # some of this side's heads: gathered into staging below
             first, count = ref.heads
@@ -311,6 +320,21 @@ class HostEncoder(Encoder):
             with torch.cuda.stream(self.side_stream):
                 rows = rows.to("cpu")
         return self._into_slot(codec.encode(rows, spec.role, bs).data)
+
+    def _row_spans(self, source: Source, ref: ChunkRef) -> Spans | None:
+        """A chunk's rows where they lie in a contiguous CPU cache, as spans in token order
+        (a span per token for some heads of each, else per run of blocks); None for a state,
+        other caches, or without the compiled helper."""
+        if ref.name == STATE_NAME or not scatter.available():
+            return None
+        bs = self.layout.block_size
+        if ref.heads is not None:
+            heads = self.heads.get(ref)
+            return None if heads is None else token_spans(heads, source.selection.ids, bs, ref.start, ref.count)
+        blocks = self.bytes[ref.layer].get(ref.name)
+        if blocks is None:
+            return None
+        return block_spans(blocks, self.addresses[ref.layer][ref.name], source.selection.ids, bs, ref.start, ref.count)
 
     def _spans_of(self, source: Source, ref: ChunkRef, heads: tuple[int, int]) -> Spans:
         """The spans of the same rows as ``ref``, other heads (``RowChecksums``)."""
