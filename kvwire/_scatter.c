@@ -2086,8 +2086,10 @@ done:
  *   mode 8: int8 [N, d], c = clamp(rint(y inv), -127, 127)
  *   mode 4: two per byte, even channel low, c = clamp(rint((y - z) inv), 0, 15)   (int4h)
  *   mode 5: the same packing, c = clamp(rint(y inv + z), 0, 15)                    (int4a)
- * rot_dequantize(codes, mode, d, scale, zero, out, kind) -> rows of fp32 (kind 0) or bf16
- * (kind 1: nearest, ties to even) in ``out``, every NaN as the canonical one:
+ * rot_dequantize(codes, mode, d, scale, zero, out, kind, spans=None) -> rows of fp32 (kind 0)
+ * or bf16 (kind 1: nearest, ties to even) in ``out``, every NaN as the canonical one (given
+ * ``spans``, taking exactly the rows, ``out`` is a work buffer of at least a row: rows are
+ * decoded into it a piece at a time and copied to the spans, as fp8_dequantize does):
  *   mode 8: x' = (H c) S;  mode 4: x' = (H c) S, each block's first element
  *   ((v 2^-L) S + Z) 2^L;  mode 5: x' = (H (c - z)) S.
  * The per-row parameters (inv, z, scale, zero: fp32 [N]) come from the caller, computed
@@ -2380,19 +2382,32 @@ done:
 }
 
 static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
-    PyObject *objs[4];
+    PyObject *objs[4], *spans_obj = Py_None;
     int kind, mode;
     Py_ssize_t d;
-    if (!PyArg_ParseTuple(args, "OinOOOi", &objs[0], &mode, &d, &objs[1], &objs[2], &objs[3], &kind)) return NULL;
-    Py_buffer held[4];
+    if (!PyArg_ParseTuple(args, "OinOOOi|O", &objs[0], &mode, &d, &objs[1], &objs[2], &objs[3], &kind, &spans_obj))
+        return NULL;
+    Py_buffer held[4], view = {0};
     if (get_buffers(objs, held, 4, 3) < 0) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n = rot_rows(&held[3], kind, d);
-    if (n < 0) goto done;
+    struct iovec *iov = NULL;
+    size_t count = 0, total = 0;
+    const int spilled = spans_obj != Py_None;
+    if (spilled) {
+        if (get_iov(spans_obj, &view, &iov, &count) < 0) goto done;
+        for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
+    }
     Py_ssize_t row_bytes = code_bytes(mode, d, "rot_dequantize");
     if (row_bytes < 0) goto done;
-    if (held[0].len != n * row_bytes || held[1].len != n * 4 || held[2].len != n * 4) {
-        PyErr_SetString(PyExc_ValueError, "rot_dequantize: codes [N, d] int8 (mode 8) or [N, d/2] uint8, scale and zero fp32 [N]");
+    const Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / row_bytes;
+    /* without spans, the rows' count is out's; with them, out is a work buffer of at least a row */
+    if (!spilled && rot_rows(&held[3], kind, d) < 0) goto done;
+    if ((kind != 0 && kind != 1) || held[0].len % row_bytes || held[1].len != n * 4 || held[2].len != n * 4 ||
+        (spilled ? held[3].len < d * item || total != (size_t)(n * d * item) : held[3].len != n * d * item)) {
+        PyErr_Format(PyExc_ValueError, "rot_dequantize: codes [N, d] int8 (mode 8) or [N, d/2] uint8, scale and zero "
+                     "fp32 [N], out [N, d] of kind %d (with spans: at least a row, the spans taking [N, d]); got %zd "
+                     "code bytes, %zd and %zd scale and zero bytes, %zd out bytes, %zu span bytes", kind, held[0].len,
+                     held[1].len, held[2].len, held[3].len, total);
         goto done;
     }
     float *y = PyMem_Malloc(2 * (size_t)d * sizeof(float));
@@ -2401,11 +2416,24 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    dequantize_rows(held[0].buf, mode, n, d, held[1].buf, held[2].buf, y, held[3].buf, kind);
+    if (!spilled) {
+        dequantize_rows(held[0].buf, mode, n, d, held[1].buf, held[2].buf, y, held[3].buf, kind);
+    } else { /* a piece of rows at a time in ``out``, in cache, then out to the spans */
+        const Py_ssize_t room = held[3].len / (d * item);
+        SpanCursor at = {iov, 0, 0};
+        for (Py_ssize_t r = 0; r < n; r += room) {
+            const Py_ssize_t rows = n - r < room ? n - r : room;
+            dequantize_rows((const char *)held[0].buf + r * row_bytes, mode, rows, d, (const float *)held[1].buf + r,
+                            (const float *)held[2].buf + r, y, held[3].buf, kind);
+            spill(&at, held[3].buf, (size_t)(rows * d * item));
+        }
+        store_fence();
+    }
     Py_END_ALLOW_THREADS
     PyMem_Free(y);
     result = Py_NewRef(Py_None);
 done:
+    if (view.obj != NULL) PyBuffer_Release(&view);
     release_buffers(held, 4);
     return result;
 }
@@ -2651,7 +2679,7 @@ static PyMethodDef methods[] = {
     {"fp8_dequantize", py_fp8_dequantize, METH_VARARGS,
      "fp8_dequantize(codes, d, scale, table, out, kind, spans=None): fp8 rows decoded (into spans: see the source)."},
     {"rot_dequantize", py_rot_dequantize, METH_VARARGS,
-     "rot_dequantize(codes, mode, d, scale, zero, out, kind): rotated rows decoded."},
+     "rot_dequantize(codes, mode, d, scale, zero, out, kind, spans=None): rotated rows decoded (see the source)."},
     {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},
     {"key_extremes", py_key_extremes, METH_VARARGS, "key_extremes(x, kind, C, gmn, gmx, mn, mx): int4a key groups' ranges."},
     {"group_codes4", py_group_codes4, METH_VARARGS, "group_codes4(x, kind, C, rows, zero, inv, out): int4 key codes."},

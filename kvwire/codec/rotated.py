@@ -56,6 +56,7 @@ from kvwire.scatter import _scatter as _helper  # the C helper (kvwire/_scatter.
 
 FIXED_POINT_BITS = 16  # |n_i| <= 2^16, so a rotated block of up to 2^8 sums stays an exact fp32 integer
 MAX_ROTATION = 256
+SPILL_BYTES = 64 << 10  # rows decoded at a time by decode_into, in cache, then copied to the cache's rows
 MIN_EXPONENT = -90  # rows whose largest value is below 2^-91 travel as zero (so S and Z stay normal fp32)
 
 
@@ -283,6 +284,27 @@ class RotatedRows:
             y = dequantize(body.view(rows, d // 2), MODE4, d, scale, zero, spec.dtype)
         return y.view(spec.shape)
 
+    def decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
+        """:meth:`decode`'s values written into ``spans`` (``Codec.decode_into``), a few rows
+        at a time through a work buffer that stays in cache; False where the helper does
+        not write the dtype."""
+        if _helper is None or spec.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        rows, d = spec.tokens * spec.heads, spec.head_dim
+        body = take(data, rows * 4, rows * d * self.bits // 8, "codes")
+        if self.bits == 8:
+            mode, codes = MODE8, body.view(torch.int8)
+            scale = zero = take(data, 0, rows * 4, "scales").clone().view(torch.float32)
+        else:
+            mode, codes = MODE4, body
+            scale = take(data, 0, rows * 2, "scales").clone().view(torch.bfloat16).float()
+            zero = take(data, rows * 2, rows * 2, "zero-points").clone().view(torch.bfloat16).float()
+        work = scratch("spill", (max(SPILL_BYTES // spec.itemsize, d),), spec.dtype)
+        target = work.view(torch.int16) if spec.dtype == torch.bfloat16 else work
+        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), target.numpy(),
+                               1 if spec.dtype == torch.bfloat16 else 0, spans.iov)  # fmt: skip
+        return True
+
 
 ROWS8, ROWS4 = RotatedRows(8), RotatedRows(4)
 
@@ -302,6 +324,10 @@ class Int8hCodec(Codec):
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         check_length(data, self.encoded_size(spec), self.name)
         return ROWS8.decode(data, spec)
+
+    def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
+        check_length(data, self.encoded_size(spec), self.name)
+        return ROWS8.decode_into(data, spec, spans)
 
 
 class Int4hCodec(Int4Codec):
@@ -334,3 +360,9 @@ class Int4hCodec(Int4Codec):
             return super()._decode(data, spec)
         check_length(data, self.encoded_size(spec), self.name)
         return ROWS4.decode(data, spec)
+
+    def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
+        if spec.role == "k":  # int4 key groups: decoded and copied
+            return False
+        check_length(data, self.encoded_size(spec), self.name)
+        return ROWS4.decode_into(data, spec, spans)
