@@ -23,7 +23,9 @@
  *   rot_stats, rot_quantize,
  *   rot_dequantize           -> the element-wise work of rotated rows (below)
  *   fp8_quantize,
- *   fp8_dequantize           -> fp8 rows encoded and decoded (below)
+ *   fp8_quantize_spans,
+ *   fp8_dequantize           -> fp8 rows encoded (from a buffer, or where they lie) and
+ *                               decoded (into a buffer, or into spans) (below)
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -2397,12 +2399,17 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
         if (get_iov(spans_obj, &view, &iov, &count) < 0) goto done;
         for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
     }
+    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16) {
+        PyErr_Format(PyExc_ValueError, "rot_dequantize: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, d %zd",
+                     PY_SSIZE_T_MAX / 16, kind, d);
+        goto done;
+    }
     Py_ssize_t row_bytes = code_bytes(mode, d, "rot_dequantize");
     if (row_bytes < 0) goto done;
     const Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / row_bytes;
     /* without spans, the rows' count is out's; with them, out is a work buffer of at least a row */
     if (!spilled && rot_rows(&held[3], kind, d) < 0) goto done;
-    if ((kind != 0 && kind != 1) || held[0].len % row_bytes || held[1].len != n * 4 || held[2].len != n * 4 ||
+    if (held[0].len % row_bytes || held[1].len != n * 4 || held[2].len != n * 4 ||
         (spilled ? held[3].len < d * item || total != (size_t)(n * d * item) : held[3].len != n * d * item)) {
         PyErr_Format(PyExc_ValueError, "rot_dequantize: codes [N, d] int8 (mode 8) or [N, d/2] uint8, scale and zero "
                      "fp32 [N], out [N, d] of kind %d (with spans: at least a row, the spans taking [N, d]); got %zd "
@@ -2568,14 +2575,18 @@ static PyObject *py_fp8_quantize_spans(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)(d > 0 ? d : 1);
+    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16) {
+        PyErr_Format(PyExc_ValueError, "fp8_quantize_spans: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, "
+                     "d %zd", PY_SSIZE_T_MAX / 16, kind, d);
+        goto done;
+    }
+    const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
     int whole = 1;
     for (size_t i = 0; i < count; i++) {
         whole &= iov[i].iov_len % row == 0;
         rows += iov[i].iov_len / row;
     }
-    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16 || !whole ||
-        held[0].len != (Py_ssize_t)rows * 4 || held[1].len != (Py_ssize_t)rows * d) {
+    if (!whole || held[0].len != (Py_ssize_t)rows * 4 || held[1].len != (Py_ssize_t)rows * d) {
         PyErr_Format(PyExc_ValueError, "fp8_quantize_spans: spans of whole rows of d fp32 (kind 0) or bf16 (kind 1) "
                      "values, scale fp32 [N], codes uint8 [N, d]; got %zu spans of %zu rows%s, kind %d, d %zd, %zd "
                      "scale bytes, %zd code bytes", count, rows, whole ? "" : " (not all whole)", kind, d,
@@ -2634,13 +2645,18 @@ static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     struct iovec *iov = NULL;
     size_t count = 0, total = 0;
-    Py_ssize_t item = kind == 1 ? 2 : 4, n = d > 0 ? held[0].len / d : 0;
+    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16) {
+        PyErr_Format(PyExc_ValueError, "fp8_dequantize: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, d %zd",
+                     PY_SSIZE_T_MAX / 16, kind, d);
+        goto done;
+    }
+    Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / d;
     if (spans_obj != Py_None) {
         if (get_iov(spans_obj, &view, &iov, &count) < 0) goto done;
         for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
     }
     int spilled = spans_obj != Py_None;
-    if ((kind != 0 && kind != 1) || d <= 0 || held[0].len % d || held[1].len != n * 4 || held[2].len != 256 * 4 ||
+    if (held[0].len % d || held[1].len != n * 4 || held[2].len != 256 * 4 ||
         (spilled ? held[3].len < d * item || total != (size_t)(held[0].len * item) : held[3].len != held[0].len * item)) {
         PyErr_Format(PyExc_ValueError, "fp8_dequantize: codes uint8 [N, d], scale fp32 [N], table fp32 [256], out "
                      "fp32 (kind 0) or bf16 bits (kind 1) [N, d] (with spans: at least a row, the spans taking "

@@ -863,6 +863,14 @@ def test_fp8_helper_refuses_what_does_not_fit():
         _scatter.fp8_quantize(x, 3, 8, scale, codes)
     with pytest.raises(BufferError):
         _scatter.fp8_quantize(x, 1, 8, scale, bytes(16))
+    iov = np.array([[x.ctypes.data, 32]], dtype=np.uint64)
+    for huge in (2**62, 2**62 + 2**61, 2**63 - 1, 0, -8):  # refused before any arithmetic on d (was a crash)
+        with pytest.raises(ValueError, match=f"0 < d <= .*, got kind 1, d {huge}"):
+            _scatter.fp8_quantize_spans(iov, 1, huge, scale, codes)
+        with pytest.raises(ValueError, match=f"0 < d <= .*, got kind 1, d {huge}"):
+            _scatter.fp8_dequantize(codes[:0], huge, scale[:0], table, np.zeros(16, np.int16), 1, iov[:0])
+        with pytest.raises(ValueError, match=f"0 < d <= .*, got kind 1, d {huge}"):
+            _scatter.rot_dequantize(codes[:0], 8, huge, scale[:0], scale[:0], np.zeros(16, np.int16), 1, iov[:0])
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
@@ -913,7 +921,7 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="bit_planes: .* n a multiple of 8"):
         _scatter.bit_planes(np.zeros(12, np.uint8), 12, 7, np.zeros(7, np.uint8), True)
     for huge in (1 << 62, (1 << 62) + 1):  # sizes whose products would wrap: refused, not read past
-        with pytest.raises(ValueError, match="rotated rows"):
+        with pytest.raises(ValueError, match=f"rot_dequantize: .*0 < d <= .*, got kind 0, d {huge}"):
             _scatter.rot_dequantize(np.zeros(4, np.int8), 8, huge, per_row, per_row, np.zeros(4, np.float32), 0)
         with pytest.raises(ValueError, match="key_extremes"):
             _scatter.key_extremes(np.zeros(1, np.float32), 0, huge, *[np.zeros(1, np.float32)] * 4)

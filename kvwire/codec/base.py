@@ -209,6 +209,10 @@ class Codec:
         :meth:`encode` gives for the same values. Only where :meth:`encodes_into` says so."""
         raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered rows only")
 
+    def decodes_into(self, spec: ChunkSpec) -> bool:
+        """Whether :meth:`decode_into` may serve chunks like ``spec`` (this build, this dtype)."""
+        return False
+
     def decode_into(self, buf, spec: ChunkSpec, spans) -> bool:
         """Decode wire bytes straight into a host cache's rows, when this codec can: ``spans``
         (:class:`~kvwire.scatter.Spans`) take exactly the chunk's values in the cache dtype,

@@ -2,7 +2,8 @@
 
 The float operations below are the specification; the CUDA kernels and the C helper's
 loops (kvwire/_scatter.c, ``fp8_quantize`` and ``fp8_dequantize``: one pass over the
-rows, no temporaries, for bf16 and fp32 caches) reproduce them bit for bit
+rows, no temporaries; rows of other dtypes are encoded from fp32, and decoded by torch
+into fp16) reproduce them bit for bit
 (``docs/formats.md`` spells them out; tests/test_codecs.py compares them). All arithmetic is IEEE fp32 with
 round-to-nearest-even, as separate operations (no fused multiply-add):
 
@@ -82,7 +83,7 @@ class Fp8Codec(Codec):
     def _encode(self, x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         rows = spec.tokens * spec.heads
         out = torch.empty(rows * 4 + spec.numel, dtype=torch.uint8)
-        if _helper is not None:  # one pass over the rows for the scales, one for the codes
+        if _helper is not None and x3.device.type == "cpu":  # one pass for the scales, one for the codes
             x2, kind = helper_rows(x3.reshape(rows, spec.head_dim))
             _helper.fp8_quantize(x2, kind, spec.head_dim, out[: rows * 4].view(torch.float32).numpy(),
                                  out[rows * 4 :].numpy())  # fmt: skip
@@ -107,6 +108,9 @@ class Fp8Codec(Codec):
         return _decode_torch(codes, scale, spec)
 
     def encodes_into(self, spec: ChunkSpec) -> bool:
+        return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+
+    def decodes_into(self, spec: ChunkSpec) -> bool:
         return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:

@@ -325,6 +325,9 @@ class Int8hCodec(Codec):
         check_length(data, self.encoded_size(spec), self.name)
         return ROWS8.decode(data, spec)
 
+    def decodes_into(self, spec: ChunkSpec) -> bool:
+        return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         check_length(data, self.encoded_size(spec), self.name)
         return ROWS8.decode_into(data, spec, spans)
@@ -360,6 +363,9 @@ class Int4hCodec(Int4Codec):
             return super()._decode(data, spec)
         check_length(data, self.encoded_size(spec), self.name)
         return ROWS4.decode(data, spec)
+
+    def decodes_into(self, spec: ChunkSpec) -> bool:
+        return spec.role != "k" and _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         if spec.role == "k":  # int4 key groups: decoded and copied

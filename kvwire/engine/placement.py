@@ -4,7 +4,9 @@ Sending (cache -> wire), an :class:`Encoder`:
 
 * :class:`HostEncoder`: caches on the CPU (or on a GPU without kernels for the codec):
   ``raw`` from a contiguous CPU cache goes out as views of the cache itself (no copy);
-  anything else is gathered, encoded by the codec's CPU reference into a staging slot;
+  a codec that codes rows where they lie (``Codec.encodes_into``: fp8 with the compiled
+  helper) reads them there, straight into a staging slot; anything else is gathered,
+  then encoded by the codec's CPU reference into a staging slot;
 * :class:`GpuStagedEncoder`: GPU caches with kernels: gather + encode on the side stream,
   then a copy into a pinned slot (and the ``+lz4`` stage on the host);
 * :class:`GpuDirectEncoder`: the same, but the bytes stay in GPU memory for a transport
@@ -14,7 +16,8 @@ Receiving (wire -> cache), a :class:`Placement`:
 
 * :class:`HostPlacement`: CPU caches: ``raw`` bytes, or the codec's decoded rows, written
   into the blocks by one writer per cache tensor (numpy memcpys for contiguous caches,
-  torch for strided views);
+  torch for strided views); a codec that decodes into the rows (``Codec.decodes_into``:
+  fp8, int8h and int4h's values with the compiled helper) writes them there itself;
 * :class:`GpuPlacement`: GPU caches: the payload (in a pinned slot, or already in GPU
   memory) decoded + scattered by the kernels on the side stream; codecs without kernels
   decode on the CPU and their rows are copied over.
@@ -509,7 +512,7 @@ class HostPlacement(Placement):
         return None if writer.bytes is None else block_geometry(writer.bytes, writer.address, self.layout.block_size)
 
     def place(self, codec: Codec, ref: ChunkRef, spec: ChunkSpec, data: torch.Tensor, dest: Destination) -> None:
-        if codec.name != "raw" and self.spans and (spans := self.row_spans(ref, dest)) is not None:
+        if codec.decodes_into(spec) and self.spans and (spans := self.row_spans(ref, dest)) is not None:
             if codec.decode_into(data, spec, spans):  # decoded straight into the rows
                 return
         rows = data if codec.name == "raw" else codec.decode_bytes(data, spec)
