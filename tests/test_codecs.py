@@ -821,6 +821,50 @@ def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads,
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads", [None, (1, 2), (3, 1)], ids=["whole rows", "heads 1-2", "head 3"])
+def test_fp8_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(dtype, heads):
+    """fp8's encode_into reads a chunk's rows where they lie in a block cache (runs of
+    blocks, or a span per token for some of its heads, from mid-block to a partial last
+    block): the bytes encode gives for the same rows gathered, special values included."""
+    from kvwire.codec import fp8
+    from kvwire.scatter import block_spans, token_spans
+
+    cache = realistic_keys(12 * 16, 4, 64, seed=3).to(dtype).reshape(12, 16, 4, 64).contiguous()
+    cache[2, 3, 0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
+    cache[5, 0, 1] = 0.0
+    ids, start, count = [7, 2, 3, 4, 11, 0], 5, 70  # rows 5..74: mid-block start, a partial last block
+    first, n_heads = heads if heads is not None else (0, 4)
+    rows = cache[ids].reshape(-1, 4, 64)[start : start + count, first : first + n_heads]
+    spec = ChunkSpec(count, n_heads, 64, dtype, "k")
+    raw = cache.view(torch.uint8).numpy().reshape(12, -1)
+    if heads is None:
+        spans = block_spans(raw, raw.ctypes.data, np.array(ids), 16, start, count)
+    else:
+        view = kvwire.blocks.head_bytes(cache, first, n_heads)
+        spans = token_spans(view, np.array(ids), 16, start, count)
+    out = np.zeros(fp8.Fp8Codec().encoded_size(spec), dtype=np.uint8)
+    assert fp8.Fp8Codec().encodes_into(spec)
+    fp8.Fp8Codec().encode_into(spans, spec, out)
+    assert bytes(out) == bytes(fp8.Fp8Codec().encode(rows.contiguous(), "k").data.numpy())
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_fp8_encode_into_refuses_spans_that_are_not_whole_rows():
+    from kvwire import _scatter
+
+    x = np.zeros(64, dtype=np.uint16)
+    scale, codes = np.zeros(4, np.float32), np.zeros(64, np.uint8)
+    whole = np.array([[x.ctypes.data, 64], [x.ctypes.data + 64, 64]], dtype=np.uint64)
+    _scatter.fp8_quantize_spans(whole, 1, 16, scale, codes)  # what fits: 4 rows of 16
+    cut = np.array([[x.ctypes.data, 48], [x.ctypes.data + 48, 80]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="2 spans of 3 rows \\(not all whole\\)"):
+        _scatter.fp8_quantize_spans(cut, 1, 16, scale, codes)
+    with pytest.raises(ValueError, match="12 scale bytes"):
+        _scatter.fp8_quantize_spans(whole, 1, 16, scale[:3], codes)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 def test_fp8_decoded_into_spans_refuses_spans_of_another_size():
     from kvwire.codec import fp8
 
