@@ -2383,27 +2383,61 @@ done:
     return result;
 }
 
+/* The optional ``spans`` argument of the decoders: an iov array and the bytes it takes
+ * (none: ``given`` 0, no spans). */
+typedef struct {
+    Py_buffer view;
+    struct iovec *iov;
+    size_t count, total;
+    int given;
+} OutSpans;
+
+static int out_spans_get(PyObject *obj, OutSpans *out) {
+    memset(out, 0, sizeof *out);
+    if (obj == Py_None) return 0;
+    if (get_iov(obj, &out->view, &out->iov, &out->count) < 0) return -1;
+    out->given = 1;
+    for (size_t i = 0; i < out->count; i++) out->total += out->iov[i].iov_len;
+    return 0;
+}
+
+static void out_spans_release(OutSpans *out) {
+    if (out->given) PyBuffer_Release(&out->view);
+    out->given = 0;
+}
+
+/* A decoder's buffers: codes, scale, zero or table (read), out (written), and its
+ * optional spans; on failure nothing is held. */
+static int decoder_args(PyObject **objs, PyObject *spans_obj, Py_buffer *held, OutSpans *spans) {
+    if (out_spans_get(spans_obj, spans) < 0) return -1;
+    if (get_buffers(objs, held, 4, 3) == 0) return 0;
+    out_spans_release(spans);
+    return -1;
+}
+
+/* 0 when ``kind`` is 0 (fp32) or 1 (bf16) and ``d`` a row length whose byte products
+ * cannot wrap; else -1 with a ValueError naming ``what``. Checked before any arithmetic
+ * on ``d``. */
+static int kind_and_d(const char *what, int kind, Py_ssize_t d) {
+    if ((kind == 0 || kind == 1) && d > 0 && d <= PY_SSIZE_T_MAX / 16) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, d %zd", what,
+                 PY_SSIZE_T_MAX / 16, kind, d);
+    return -1;
+}
+
 static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyObject *objs[4], *spans_obj = Py_None;
     int kind, mode;
     Py_ssize_t d;
     if (!PyArg_ParseTuple(args, "OinOOOi|O", &objs[0], &mode, &d, &objs[1], &objs[2], &objs[3], &kind, &spans_obj))
         return NULL;
-    Py_buffer held[4], view = {0};
-    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
+    OutSpans spans;
+    Py_buffer held[4];
+    if (decoder_args(objs, spans_obj, held, &spans) < 0) return NULL;
     PyObject *result = NULL;
-    struct iovec *iov = NULL;
-    size_t count = 0, total = 0;
-    const int spilled = spans_obj != Py_None;
-    if (spilled) {
-        if (get_iov(spans_obj, &view, &iov, &count) < 0) goto done;
-        for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
-    }
-    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16) {
-        PyErr_Format(PyExc_ValueError, "rot_dequantize: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, d %zd",
-                     PY_SSIZE_T_MAX / 16, kind, d);
-        goto done;
-    }
+    const int spilled = spans.given;
+    const size_t total = spans.total;
+    if (kind_and_d("rot_dequantize", kind, d) < 0) goto done;
     Py_ssize_t row_bytes = code_bytes(mode, d, "rot_dequantize");
     if (row_bytes < 0) goto done;
     const Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / row_bytes;
@@ -2427,7 +2461,7 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
         dequantize_rows(held[0].buf, mode, n, d, held[1].buf, held[2].buf, y, held[3].buf, kind);
     } else { /* a piece of rows at a time in ``out``, in cache, then out to the spans */
         const Py_ssize_t room = held[3].len / (d * item);
-        SpanCursor at = {iov, 0, 0};
+        SpanCursor at = {spans.iov, 0, 0};
         for (Py_ssize_t r = 0; r < n; r += room) {
             const Py_ssize_t rows = n - r < room ? n - r : room;
             dequantize_rows((const char *)held[0].buf + r * row_bytes, mode, rows, d, (const float *)held[1].buf + r,
@@ -2440,7 +2474,7 @@ static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyMem_Free(y);
     result = Py_NewRef(Py_None);
 done:
-    if (view.obj != NULL) PyBuffer_Release(&view);
+    out_spans_release(&spans);
     release_buffers(held, 4);
     return result;
 }
@@ -2575,11 +2609,7 @@ static PyObject *py_fp8_quantize_spans(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16) {
-        PyErr_Format(PyExc_ValueError, "fp8_quantize_spans: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, "
-                     "d %zd", PY_SSIZE_T_MAX / 16, kind, d);
-        goto done;
-    }
+    if (kind_and_d("fp8_quantize_spans", kind, d) < 0) goto done;
     const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
     int whole = 1;
     for (size_t i = 0; i < count; i++) {
@@ -2640,22 +2670,14 @@ static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
     int kind;
     if (!PyArg_ParseTuple(args, "OnOOOi|O", &objs[0], &d, &objs[1], &objs[2], &objs[3], &kind, &spans_obj))
         return NULL;
-    Py_buffer held[4], view = {0};
-    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
+    OutSpans spans;
+    Py_buffer held[4];
+    if (decoder_args(objs, spans_obj, held, &spans) < 0) return NULL;
     PyObject *result = NULL;
-    struct iovec *iov = NULL;
-    size_t count = 0, total = 0;
-    if ((kind != 0 && kind != 1) || d <= 0 || d > PY_SSIZE_T_MAX / 16) {
-        PyErr_Format(PyExc_ValueError, "fp8_dequantize: kind 0 (fp32) or 1 (bf16) and 0 < d <= %zd, got kind %d, d %zd",
-                     PY_SSIZE_T_MAX / 16, kind, d);
-        goto done;
-    }
-    Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / d;
-    if (spans_obj != Py_None) {
-        if (get_iov(spans_obj, &view, &iov, &count) < 0) goto done;
-        for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
-    }
-    int spilled = spans_obj != Py_None;
+    if (kind_and_d("fp8_dequantize", kind, d) < 0) goto done;
+    const Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / d;
+    const size_t total = spans.total;
+    const int spilled = spans.given;
     if (held[0].len % d || held[1].len != n * 4 || held[2].len != 256 * 4 ||
         (spilled ? held[3].len < d * item || total != (size_t)(held[0].len * item) : held[3].len != held[0].len * item)) {
         PyErr_Format(PyExc_ValueError, "fp8_dequantize: codes uint8 [N, d], scale fp32 [N], table fp32 [256], out "
@@ -2669,7 +2691,7 @@ static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
         fp8_rows(held[0].buf, n, d, held[1].buf, held[2].buf, held[3].buf, kind);
     } else { /* a piece of rows at a time in ``out``, in cache, then out to the spans */
         const Py_ssize_t room = held[3].len / (d * item);
-        SpanCursor at = {iov, 0, 0};
+        SpanCursor at = {spans.iov, 0, 0};
         for (Py_ssize_t r = 0; r < n; r += room) {
             const Py_ssize_t rows = n - r < room ? n - r : room;
             fp8_rows((const uint8_t *)held[0].buf + r * d, rows, d, (const float *)held[1].buf + r, held[2].buf,
@@ -2681,7 +2703,7 @@ static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    if (view.obj != NULL) PyBuffer_Release(&view);
+    out_spans_release(&spans);
     release_buffers(held, 4);
     return result;
 }
