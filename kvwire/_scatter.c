@@ -631,9 +631,9 @@ done:
  * those raw rows take, and none of its rows was claimed before, the lane claims the rows
  * (as RequestPlan.claim does), receives the payload into the destination rows (given a
  * non-empty ``bounce``, a writable buffer, through it a piece at a time: recv_bounced;
- * else straight in), checks its CRC32C (``checked``), counts it, and reads the next header. Anything else
- * goes back to Python, which handles it as it handles every frame (and names what is
- * wrong with it). ``status``:
+ * else straight in), checks its CRC32C (``checked``), counts it, and reads the next
+ * header. Anything else goes back to Python, which handles it as it handles every frame
+ * (and names what is wrong with it). ``status``:
  *
  *   LANE_PYTHON    ``head`` holds a header the lane does not take: Python reads that frame
  *   LANE_HANDOFF   the frame in ``head`` was written, verified and counted, and its layer
@@ -843,10 +843,11 @@ static int recv_checked(int fd, const struct iovec *iov, size_t spans, struct io
 /* Copy ``n`` bytes to ``d`` with stores that bypass the cache (x86-64: SSE2's, on every
  * such CPU), for a destination nobody reads soon (a decode rank's cache rows). An ordinary
  * copy first reads each destination line it writes (the line must be owned before it is
- * written): into half rows (1 KiB spans 2 KiB apart) of a cache far larger than the
- * last-level cache it moved 4-5 GB/s here, whole rows 8-10, where these stores moved
- * 20-23 either way (bench/receive_copy.py). The caller fences (store_fence) before the
- * rows may be read by another thread. */
+ * written): from a buffer in cache into half rows (1 KiB spans 2 KiB apart) of a 1 GiB
+ * buffer, memcpy moved 4.9-5.0 GB/s here, into whole rows 9.6-10.1, where these stores
+ * moved 20.6-22.6 either way (a throwaway program: docs/benchmarks.md, "Receiving through
+ * a bounce buffer"). The caller fences (store_fence) before the rows may be read by
+ * another thread. */
 static void copy_streaming(unsigned char *d, const unsigned char *s, size_t n) {
 #if HAVE_X86
     if (n >= 128) {
@@ -896,9 +897,10 @@ static void spill(SpanCursor *at, const unsigned char *src, size_t n) {
  * in the core's cache): a piece at a time, the kernel copies it into the bounce buffer
  * (in cache: no destination line is read first), its CRC32C is taken there, and it is
  * copied out to the spans with copy_streaming. Against receiving straight into cold rows
- * and checking them there, this took the receive lane's copy from about 0.19 to 0.15 CPU
- * s/GB into whole rows and from about 0.3 into half rows (bench/receive_copy.py). A piece
- * cut short by a lost stream is not copied out: its rows are received again anyway. */
+ * and checking them there, the receiving thread's CPU per GB went from 0.228 to 0.213 s
+ * into whole rows and from 0.391 to 0.245 into half rows (python3 bench/receive_copy.py,
+ * second round). A piece cut short by a lost stream is not copied out: its rows are
+ * received again anyway. */
 static int recv_bounced(int fd, const struct iovec *iov, size_t spans, unsigned char *bounce, size_t room,
                         int checked, size_t *moved, uint32_t *crc) {
     size_t left = 0;
@@ -2504,8 +2506,8 @@ static inline uint8_t e4m3_code(float q) {
 typedef uint8_t v32b __attribute__((vector_size(32)));
 #if defined(__clang__)
 #define PICK_LOW_BYTES(v) \
-    __builtin_shufflevector(v, v, 0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, \
-                            0, 0, 0, 0, 0)
+    __builtin_shufflevector(v, v, 0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, \
+                            0, 0, 0, 0, 0, 0, 0, 0)
 #else
 #define PICK_LOW_BYTES(v) __builtin_shuffle(v, (v32b){0, 4, 8, 12, 16, 20, 24, 28})
 #endif
@@ -2678,8 +2680,9 @@ static PyObject *py_fp8_dequantize(PyObject *self, PyObject *args) {
     const Py_ssize_t item = kind == 1 ? 2 : 4, n = held[0].len / d;
     const size_t total = spans.total;
     const int spilled = spans.given;
-    if (held[0].len % d || held[1].len != n * 4 || held[2].len != 256 * 4 ||
-        (spilled ? held[3].len < d * item || total != (size_t)(held[0].len * item) : held[3].len != held[0].len * item)) {
+    const Py_ssize_t values = held[0].len; /* one code per value */
+    if (values % d || held[1].len != n * 4 || held[2].len != 256 * 4 ||
+        (spilled ? held[3].len < d * item || total != (size_t)(values * item) : held[3].len != values * item)) {
         PyErr_Format(PyExc_ValueError, "fp8_dequantize: codes uint8 [N, d], scale fp32 [N], table fp32 [256], out "
                      "fp32 (kind 0) or bf16 bits (kind 1) [N, d] (with spans: at least a row, the spans taking "
                      "[N, d]); got %zd code bytes, d %zd, %zd scale bytes, %zd table bytes, %zd out bytes, kind %d, "

@@ -792,7 +792,7 @@ def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads,
     streaming stores), for fp8 and the rotated rows (int8h, int4h's values): the values
     decode_bytes gives, in order, across spans cut anywhere (inside a row, inside a value)
     and pieces of any number of rows; nothing between the spans written."""
-    from kvwire.codec import fp8, rotated
+    from kvwire.codec import base
 
     codec = kvwire.codec.get(name)
     spec = ChunkSpec(tokens, heads, head_dim, dtype, "v")
@@ -809,7 +809,7 @@ def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads,
         at += end - start + gap
     spans = kvwire.scatter.Spans(np.array(iov, dtype=np.uint64).reshape(-1, 2), out)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fp8 if name == "fp8" else rotated, "SPILL_BYTES", spill_rows * head_dim * spec.itemsize)
+        patch.setattr(base, "SPILL_BYTES", spill_rows * head_dim * spec.itemsize)
         assert codec.decode_into(wire, spec, spans)
     got, outside, at = b"", np.ones(len(out), dtype=bool), 3
     for start, end in zip(bounds, bounds[1:]):
@@ -847,6 +847,24 @@ def test_fp8_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(dtype, he
     assert fp8.Fp8Codec().encodes_into(spec)
     fp8.Fp8Codec().encode_into(spans, spec, out)
     assert bytes(out) == bytes(fp8.Fp8Codec().encode(rows.contiguous(), "k").data.numpy())
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_encode_into_refuses_an_output_of_another_size_and_codecs_without_it():
+    from kvwire.codec import fp8
+
+    spec = ChunkSpec(4, 2, 8, torch.bfloat16, "k")
+    x = np.zeros(64, dtype=np.uint16)
+    spans = kvwire.scatter.Spans(np.array([[x.ctypes.data, 128]], dtype=np.uint64), x)
+    size = fp8.Fp8Codec().encoded_size(spec)
+    with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size - 1} uint8"):
+        fp8.Fp8Codec().encode_into(spans, spec, np.zeros(size - 1, dtype=np.uint8))
+    with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size * 4} float32"):
+        fp8.Fp8Codec().encode_into(spans, spec, np.zeros(size, dtype=np.float32))
+    int4 = kvwire.codec.get("int4")
+    assert not int4.encodes_into(spec) and not int4.decodes_into(spec)
+    with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes gathered rows only"):
+        int4.encode_into(spans, spec, np.zeros(64, dtype=np.uint8))
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")

@@ -296,6 +296,24 @@ def helper_rows(x2: torch.Tensor) -> tuple[np.ndarray, int]:
     return as_float32(x2).contiguous().numpy(), 0
 
 
+HELPER_WRITES = (torch.bfloat16, torch.float32)  # the cache dtypes the C helper's decoders write
+SPILL_BYTES = 64 << 10  # rows a decoder writes into spans at a time, through a work buffer that stays in cache
+
+
+def helper_out(out: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A contiguous ``out`` of a dtype in HELPER_WRITES as the C helper's decoders write it:
+    (the bits of bf16 as int16, kind 1) or (fp32, kind 0)."""
+    if out.dtype == torch.bfloat16:
+        return out.view(torch.int16).numpy(), 1
+    return out.numpy(), 0
+
+
+def helper_spill(spec: ChunkSpec) -> tuple[np.ndarray, int]:
+    """The work buffer a decoder writes rows into before they go to their spans
+    (``Codec.decode_into``): SPILL_BYTES, at least a row, as :func:`helper_out` gives it."""
+    return helper_out(scratch("spill", (max(SPILL_BYTES // spec.itemsize, spec.head_dim),), spec.dtype))
+
+
 def abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     """max |x| along ``dim`` from two reductions, without an |x| temporary (NaN propagates;
     a maximum over zeros may come out -0)."""

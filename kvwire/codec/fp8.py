@@ -3,8 +3,8 @@
 The float operations below are the specification; the CUDA kernels and the C helper's
 loops (kvwire/_scatter.c, ``fp8_quantize`` and ``fp8_dequantize``: one pass over the
 rows, no temporaries; rows of other dtypes are encoded from fp32, and decoded by torch
-into fp16) reproduce them bit for bit
-(``docs/formats.md`` spells them out; tests/test_codecs.py compares them). All arithmetic is IEEE fp32 with
+into fp16) reproduce them bit for bit (``docs/formats.md`` spells them out;
+tests/test_codecs.py compares them). All arithmetic is IEEE fp32 with
 round-to-nearest-even, as separate operations (no fused multiply-add):
 
     amax  = max |x| over head_dim, over finite values only (0 when none is finite)
@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from kvwire.codec.base import (
+    HELPER_WRITES,
     ChunkSpec,
     Codec,
     abs_max,
     as_float32,
     check_length,
+    helper_out,
     helper_rows,
+    helper_spill,
     take,
     to_cache_dtype,
 )
@@ -44,7 +47,6 @@ E4M3_NAN = 0x7F
 # the same values, since the table is made by that conversion.
 E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 _TABLE = E4M3_VALUES.numpy()
-SPILL_BYTES = 64 << 10  # rows decoded at a time by decode_into, in cache, then copied to the cache's rows
 
 
 def fp8_scales(xf: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -94,45 +96,41 @@ class Fp8Codec(Codec):
         fp8_codes_into(out[rows * 4 :], xf, scale, finite)
         return out
 
-    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+    def _wire(self, data: torch.Tensor, spec: ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's (scales, codes), its length checked; the scales copied (aligned)."""
         check_length(data, self.encoded_size(spec), self.name)
         rows = spec.tokens * spec.heads
         scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
-        codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
-        if _helper is not None and spec.dtype in (torch.bfloat16, torch.float32):  # one pass, no temporaries
-            out = torch.empty(spec.shape, dtype=spec.dtype)
-            target = out.view(torch.int16) if spec.dtype == torch.bfloat16 else out
-            _helper.fp8_dequantize(codes.numpy(), spec.head_dim, scale.numpy(), _TABLE, target.numpy(),
-                                   1 if spec.dtype == torch.bfloat16 else 0)  # fmt: skip
-            return out
-        return _decode_torch(codes, scale, spec)
+        return scale, take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
+
+    def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        scale, codes = self._wire(data, spec)
+        if not self.decodes_into(spec):
+            return _decode_torch(codes, scale, spec)
+        out = torch.empty(spec.shape, dtype=spec.dtype)  # one pass, no temporaries
+        _helper.fp8_dequantize(codes.numpy(), spec.head_dim, scale.numpy(), _TABLE, *helper_out(out))
+        return out
 
     def encodes_into(self, spec: ChunkSpec) -> bool:
-        return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+        return _helper is not None and spec.dtype in HELPER_WRITES
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
-        return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+        return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         self.check(spec)
         rows = spec.tokens * spec.heads
         if out.dtype != np.uint8 or out.nbytes != self.encoded_size(spec):
             raise ValueError(f"out: {self.encoded_size(spec)} uint8 bytes, got {out.nbytes} {out.dtype}")
-        assert _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)  # encodes_into said so
+        assert self.encodes_into(spec)
         _helper.fp8_quantize_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
                                    out[: rows * 4].view(np.float32), out[rows * 4 :])  # fmt: skip
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
-        if _helper is None or spec.dtype not in (torch.bfloat16, torch.float32):
+        if not self.decodes_into(spec):
             return False
-        check_length(data, self.encoded_size(spec), self.name)
-        rows = spec.tokens * spec.heads
-        scale = take(data, 0, rows * 4, "fp8 scales").clone().view(torch.float32)
-        codes = take(data, rows * 4, rows * spec.head_dim, "fp8 codes")
-        work = scratch("spill", (max(SPILL_BYTES // spec.itemsize, spec.head_dim),), spec.dtype)
-        target = work.view(torch.int16) if spec.dtype == torch.bfloat16 else work
-        _helper.fp8_dequantize(codes.numpy(), spec.head_dim, scale.numpy(), _TABLE, target.numpy(),
-                               1 if spec.dtype == torch.bfloat16 else 0, spans.iov)  # fmt: skip
+        scale, codes = self._wire(data, spec)
+        _helper.fp8_dequantize(codes.numpy(), spec.head_dim, scale.numpy(), _TABLE, *helper_spill(spec), spans.iov)
         return True
 
 

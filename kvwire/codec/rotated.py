@@ -49,14 +49,25 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, abs_max, as_float32, check_length, helper_rows, take, to_cache_dtype
+from kvwire.codec.base import (
+    HELPER_WRITES,
+    ChunkSpec,
+    Codec,
+    abs_max,
+    as_float32,
+    check_length,
+    helper_out,
+    helper_rows,
+    helper_spill,
+    take,
+    to_cache_dtype,
+)
 from kvwire.codec.int4 import Int4Codec, pack_nibbles, unpack_nibbles
 from kvwire.codec.scratch import scratch
 from kvwire.scatter import _scatter as _helper  # the C helper (kvwire/_scatter.c), or None
 
 FIXED_POINT_BITS = 16  # |n_i| <= 2^16, so a rotated block of up to 2^8 sums stays an exact fp32 integer
 MAX_ROTATION = 256
-SPILL_BYTES = 64 << 10  # rows decoded at a time by decode_into, in cache, then copied to the cache's rows
 MIN_EXPONENT = -90  # rows whose largest value is below 2^-91 travel as zero (so S and Z stay normal fp32)
 
 
@@ -189,11 +200,9 @@ def dequantize(codes: torch.Tensor, mode: int, d: int, scale: torch.Tensor, zero
     ``MODE4A`` (H (c - Z)) S."""
     n = codes.shape[0]
     scale, zero = scale.float().contiguous(), zero.float().contiguous()
-    if _helper is not None and dtype in (torch.bfloat16, torch.float32):  # the rows written as they are
+    if _helper is not None and dtype in HELPER_WRITES:  # the rows written as they are
         rows = torch.empty(n, d, dtype=dtype) if out is None else out
-        target = rows.view(torch.int16) if dtype == torch.bfloat16 else rows
-        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), target.numpy(),
-                               1 if dtype == torch.bfloat16 else 0)  # fmt: skip
+        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), *helper_out(rows))
         return rows
     y = _dequantize_fp32(codes, mode, d, scale, zero)
     return to_cache_dtype(y, dtype, fresh=True) if out is None else out.copy_(to_cache_dtype(y, dtype))
@@ -288,7 +297,7 @@ class RotatedRows:
         """:meth:`decode`'s values written into ``spans`` (``Codec.decode_into``), a few rows
         at a time through a work buffer that stays in cache; False where the helper does
         not write the dtype."""
-        if _helper is None or spec.dtype not in (torch.bfloat16, torch.float32):
+        if _helper is None or spec.dtype not in HELPER_WRITES:
             return False
         rows, d = spec.tokens * spec.heads, spec.head_dim
         body = take(data, rows * 4, rows * d * self.bits // 8, "codes")
@@ -299,10 +308,7 @@ class RotatedRows:
             mode, codes = MODE4, body
             scale = take(data, 0, rows * 2, "scales").clone().view(torch.bfloat16).float()
             zero = take(data, rows * 2, rows * 2, "zero-points").clone().view(torch.bfloat16).float()
-        work = scratch("spill", (max(SPILL_BYTES // spec.itemsize, d),), spec.dtype)
-        target = work.view(torch.int16) if spec.dtype == torch.bfloat16 else work
-        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), target.numpy(),
-                               1 if spec.dtype == torch.bfloat16 else 0, spans.iov)  # fmt: skip
+        _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), *helper_spill(spec), spans.iov)
         return True
 
 
@@ -326,7 +332,7 @@ class Int8hCodec(Codec):
         return ROWS8.decode(data, spec)
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
-        return _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+        return _helper is not None and spec.dtype in HELPER_WRITES
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         check_length(data, self.encoded_size(spec), self.name)
@@ -365,7 +371,7 @@ class Int4hCodec(Int4Codec):
         return ROWS4.decode(data, spec)
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
-        return spec.role != "k" and _helper is not None and spec.dtype in (torch.bfloat16, torch.float32)
+        return spec.role != "k" and _helper is not None and spec.dtype in HELPER_WRITES
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         if spec.role == "k":  # int4 key groups: decoded and copied

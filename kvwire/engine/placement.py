@@ -244,6 +244,17 @@ class CacheSide:
         first, count = ref.heads
         return cache[:, :, first : first + count]
 
+    def spans_at(self, ids, ref: ChunkRef, blocks: np.ndarray | None, address: int) -> Spans | None:
+        """Where a chunk's rows lie in a contiguous CPU cache (``blocks``, its bytes at
+        ``address``), as spans in token order for the block ids ``ids``: a span per token
+        for some heads of each, else one per run of blocks; None when the heads have no
+        byte view or the blocks are not contiguous. Not for a state."""
+        bs = self.layout.block_size
+        if ref.heads is not None:
+            heads = self.heads.get(ref)
+            return None if heads is None else token_spans(heads, ids, bs, ref.start, ref.count)
+        return None if blocks is None else block_spans(blocks, address, ids, bs, ref.start, ref.count)
+
 
 class Encoder(CacheSide):
     """Turns a chunk of a transfer into its payload. Subclasses are the ways bytes move."""
@@ -330,14 +341,8 @@ class HostEncoder(Encoder):
         other caches, or without the compiled helper."""
         if ref.name == STATE_NAME or not scatter.available():
             return None
-        bs = self.layout.block_size
-        if ref.heads is not None:
-            heads = self.heads.get(ref)
-            return None if heads is None else token_spans(heads, source.selection.ids, bs, ref.start, ref.count)
-        blocks = self.bytes[ref.layer].get(ref.name)
-        if blocks is None:
-            return None
-        return block_spans(blocks, self.addresses[ref.layer][ref.name], source.selection.ids, bs, ref.start, ref.count)
+        blocks, address = self.bytes[ref.layer].get(ref.name), self.addresses[ref.layer][ref.name]
+        return self.spans_at(source.selection.ids, ref, blocks, address)
 
     def _spans_of(self, source: Source, ref: ChunkRef, heads: tuple[int, int]) -> Spans:
         """The spans of the same rows as ``ref``, other heads (``RowChecksums``)."""
@@ -491,14 +496,8 @@ class HostPlacement(Placement):
         for a state, or a cache whose blocks are not contiguous."""
         if ref.name == STATE_NAME:
             return None
-        bs = self.layout.block_size
-        if ref.heads is not None:
-            heads = self.heads.get(ref)
-            return None if heads is None else token_spans(heads, dest.selection.ids, bs, ref.start, ref.count)
         writer = self.writers[ref.layer][ref.name]
-        if writer.bytes is None:
-            return None
-        return block_spans(writer.bytes, writer.address, dest.selection.ids, bs, ref.start, ref.count)
+        return self.spans_at(dest.selection.ids, ref, writer.bytes, writer.address)
 
     def span_geometry(self, ref: ChunkRef) -> tuple[int, int, int, int, int] | None:
         """(:func:`kvwire.scatter.token_geometry`, ``block_geometry``) None without the
