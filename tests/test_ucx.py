@@ -279,6 +279,32 @@ def test_ucx_streams_keep_their_messages_in_step():
         listener.close()
 
 
+def test_a_timed_out_ucx_receive_does_not_stall_later_sends():
+    """A receive that timed out is left posted, not cancelled: cancelling it left a later
+    send on the same UCX worker hanging forever about once in a dozen tries."""
+    from kvwire.transport import ucx
+
+    ucx.configure_for("127.0.0.1")
+    listener = ucx.UcxListener(("127.0.0.1", 0))
+    try:
+        for i in range(40):
+            client = ucx.connect(listener.address, timeout=5)
+            server = listener.accept()
+            try:
+                client.settimeout(10)  # a stalled send fails here instead of hanging the suite
+                client.send_parts([b"abc"])
+                assert server.recv_exact(3) == b"abc"
+                server.settimeout(0.05)
+                with pytest.raises(kvwire.PeerLost, match="failed while receiving"):
+                    server.recv_exact(1)
+                client.send_parts([b"late"])  # must leave, though a stale receive may take it
+            finally:
+                client.close()
+                server.close()
+    finally:
+        listener.close()
+
+
 def test_closing_a_ucx_listener_closes_the_endpoints_nobody_took():
     """UCX accepts endpoints before the receiver takes them: those still waiting when the
     listener closes are closed with it, so their peers learn at once, not at a timeout."""
