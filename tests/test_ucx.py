@@ -287,7 +287,7 @@ def test_a_timed_out_ucx_receive_does_not_stall_later_sends():
     ucx.configure_for("127.0.0.1")
     listener = ucx.UcxListener(("127.0.0.1", 0))
     try:
-        for i in range(40):
+        for _ in range(40):
             client = ucx.connect(listener.address, timeout=5)
             server = listener.accept()
             try:
