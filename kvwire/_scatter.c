@@ -2427,6 +2427,82 @@ static int kind_and_d(const char *what, int kind, Py_ssize_t d) {
     return -1;
 }
 
+/* The rows of ``d`` values of ``kind`` in every span of ``iov``, or -1 with a ValueError
+ * naming ``what`` when a span is not whole rows (the rows a chunk's spans in a cache hold). */
+static Py_ssize_t span_rows(const char *what, const struct iovec *iov, size_t count, int kind, Py_ssize_t d) {
+    const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
+    size_t rows = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (iov[i].iov_len % row) {
+            PyErr_Format(PyExc_ValueError, "%s: span %zu holds %zu bytes, not whole rows of %zu", what, i,
+                         iov[i].iov_len, row);
+            return -1;
+        }
+        rows += iov[i].iov_len / row;
+    }
+    return (Py_ssize_t)rows;
+}
+
+/* rot_stats_spans(iov, kind, d, e, mn, mx) and rot_quantize_spans(iov, kind, d, mode, inv,
+ * z, out): rot_stats and rot_quantize over rows read where they lie, in the spans' order
+ * (a chunk's rows in a block cache), instead of one contiguous [N, d] array: the same
+ * values as the gathered rows give, without the gather. */
+static PyObject *rot_spans(PyObject *args, int quantizing) {
+    PyObject *objs[3], *iov_obj;
+    Py_ssize_t d;
+    int kind, mode = 8;
+    const char *what = quantizing ? "rot_quantize_spans" : "rot_stats_spans";
+    if (quantizing ? !PyArg_ParseTuple(args, "OiniOOO", &iov_obj, &kind, &d, &mode, &objs[0], &objs[1], &objs[2])
+                   : !PyArg_ParseTuple(args, "OinOOO", &iov_obj, &kind, &d, &objs[0], &objs[1], &objs[2]))
+        return NULL;
+    Py_buffer view, held[3];
+    struct iovec *iov;
+    size_t count;
+    if (get_iov(iov_obj, &view, &iov, &count) < 0) return NULL;
+    if (get_buffers(objs, held, 3, quantizing ? 2 : 0) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    float *y = NULL;
+    if (kind_and_d(what, kind, d) < 0) goto done;
+    Py_ssize_t n = span_rows(what, iov, count, kind, d);
+    if (n < 0) goto done;
+    Py_ssize_t row_bytes = quantizing ? code_bytes(mode, d, what) : 0;
+    if (row_bytes < 0) goto done;
+    if (held[0].len != n * 4 || held[1].len != n * 4 || held[2].len != n * (quantizing ? row_bytes : 4)) {
+        PyErr_Format(PyExc_ValueError, quantizing ? "%s: inv and z fp32 [N], out [N, d] int8 (mode 8) or [N, d/2] "
+                     "uint8, for the spans' %zd rows" : "%s: e int32 [N], mn and mx fp32 [N], for the spans' %zd rows",
+                     what, n);
+        goto done;
+    }
+    if ((y = PyMem_Malloc((size_t)d * sizeof(float))) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0, r = 0; i < count; r += iov[i].iov_len / row, i++) {
+        Py_ssize_t k = (Py_ssize_t)(iov[i].iov_len / row);
+        if (quantizing)
+            quantize_rows(iov[i].iov_base, kind, k, d, mode, (const float *)held[0].buf + r,
+                          (const float *)held[1].buf + r, y, (uint8_t *)held[2].buf + r * (size_t)row_bytes);
+        else
+            stats_rows(iov[i].iov_base, kind, k, d, y, (int32_t *)held[0].buf + r, (float *)held[1].buf + r,
+                       (float *)held[2].buf + r);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(y);
+    release_buffers(held, 3);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *py_rot_stats_spans(PyObject *self, PyObject *args) { return rot_spans(args, 0); }
+static PyObject *py_rot_quantize_spans(PyObject *self, PyObject *args) { return rot_spans(args, 1); }
+
 static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyObject *objs[4], *spans_obj = Py_None;
     int kind, mode;
@@ -2714,6 +2790,10 @@ done:
 static PyMethodDef methods[] = {
     {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
+    {"rot_stats_spans", py_rot_stats_spans, METH_VARARGS,
+     "rot_stats_spans(iov, kind, d, e, mn, mx): rot_stats of rows read where they lie."},
+    {"rot_quantize_spans", py_rot_quantize_spans, METH_VARARGS,
+     "rot_quantize_spans(iov, kind, d, mode, inv, z, out): rot_quantize of rows read where they lie."},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
     {"fp8_quantize_spans", py_fp8_quantize_spans, METH_VARARGS,
      "fp8_quantize_spans(iov, kind, d, scale, codes): fp8 rows encoded where they lie."},

@@ -202,15 +202,17 @@ def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_pat
 
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):
     """Paced by --layer-ms, two requests with states of their own; a round's window opens
-    at its first send_layer, not before the first layer's share of the prefill."""
+    at its first send_layer, not before the first layer's share of the prefill. (At 2 ms a
+    layer, a busy CI machine once produced layer 0 at 1.4 ms: the pace is long enough now
+    that half of it tells the two apart whatever the scheduler does.)"""
     out = tmp_path / "r.json"
-    assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "2", "--requests", "2",
+    assert main(["loopback", "--profile", "kimi-linear-48b", "--tokens", "200", "--layer-ms", "20", "--requests", "2",
                  "--json", str(out), "--quiet"]) == 0  # fmt: skip
     report = json.loads(out.read_text())
     assert report["verified"] is True
     assert report["exposed_ms_after_prefill"] > 0 and report["one_layer_wire_ms"] > 0
     assert [t["layer"] for t in report["timeline"]] == list(range(27))
-    assert report["timeline"][0]["produced_s"] < 0.001 < report["timeline"][1]["produced_s"]
+    assert report["timeline"][0]["produced_s"] < 0.010 < report["timeline"][1]["produced_s"]
 
 
 def test_one_connection_runs_as_the_main_sender_and_its_rounds_are_checked(tmp_path):

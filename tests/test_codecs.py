@@ -823,12 +823,14 @@ def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads,
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads", [None, (1, 2), (3, 1)], ids=["whole rows", "heads 1-2", "head 3"])
-def test_fp8_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(dtype, heads):
-    """fp8's encode_into reads a chunk's rows where they lie in a block cache (runs of
-    blocks, or a span per token for some of its heads, from mid-block to a partial last
-    block): the bytes encode gives for the same rows gathered, special values included."""
-    from kvwire.codec import fp8
+@pytest.mark.parametrize("name", ["fp8", "int8h"])
+def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, heads):
+    """encode_into reads a chunk's rows where they lie in a block cache (runs of blocks, or
+    a span per token for some of its heads, from mid-block to a partial last block): the
+    bytes encode gives for the same rows gathered, special values included."""
     from kvwire.scatter import block_spans, token_spans
+
+    codec = kvwire.codec.get(name)
 
     cache = realistic_keys(12 * 16, 4, 64, seed=3).to(dtype).reshape(12, 16, 4, 64).contiguous()
     cache[2, 3, 0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
@@ -843,10 +845,10 @@ def test_fp8_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(dtype, he
     else:
         view = kvwire.blocks.head_bytes(cache, first, n_heads)
         spans = token_spans(view, np.array(ids), 16, start, count)
-    out = np.zeros(fp8.Fp8Codec().encoded_size(spec), dtype=np.uint8)
-    assert fp8.Fp8Codec().encodes_into(spec)
-    fp8.Fp8Codec().encode_into(spans, spec, out)
-    assert bytes(out) == bytes(fp8.Fp8Codec().encode(rows.contiguous(), "k").data.numpy())
+    out = np.zeros(codec.encoded_size(spec), dtype=np.uint8)
+    assert codec.encodes_into(spec)
+    codec.encode_into(spans, spec, out)
+    assert bytes(out) == bytes(codec.encode(rows.contiguous(), "k").data.numpy())
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
@@ -880,6 +882,26 @@ def test_fp8_encode_into_refuses_spans_that_are_not_whole_rows():
         _scatter.fp8_quantize_spans(cut, 1, 16, scale, codes)
     with pytest.raises(ValueError, match="12 scale bytes"):
         _scatter.fp8_quantize_spans(whole, 1, 16, scale[:3], codes)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_rotated_rows_read_where_they_lie_refuse_spans_that_are_not_whole_rows():
+    from kvwire import _scatter
+
+    x = np.zeros(64, dtype=np.uint16)
+    e, mn, mx = np.zeros(4, np.int32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    whole = np.array([[x.ctypes.data, 64], [x.ctypes.data + 64, 64]], dtype=np.uint64)
+    _scatter.rot_stats_spans(whole, 1, 16, e, mn, mx)  # what fits: 4 rows of 16
+    _scatter.rot_quantize_spans(whole, 1, 16, 8, mn, mx, np.zeros(64, np.int8))
+    cut = np.array([[x.ctypes.data, 48], [x.ctypes.data + 48, 80]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="rot_stats_spans: span 0 holds 48 bytes, not whole rows of 32"):
+        _scatter.rot_stats_spans(cut, 1, 16, e, mn, mx)
+    with pytest.raises(ValueError, match="rot_quantize_spans: inv and z fp32 .N., out .* for the spans' 4 rows"):
+        _scatter.rot_quantize_spans(whole, 1, 16, 8, mn[:3], mx, np.zeros(64, np.int8))
+    with pytest.raises(ValueError, match="rot_stats_spans: kind 0 .fp32. or 1 .bf16."):
+        _scatter.rot_stats_spans(whole, 2, 16, e, mn, mx)
+    with pytest.raises(ValueError, match="rot_quantize_spans: mode must be 8, 4 or 5"):
+        _scatter.rot_quantize_spans(whole, 1, 16, 3, mn, mx, np.zeros(64, np.int8))
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
