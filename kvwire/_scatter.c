@@ -2209,61 +2209,90 @@ ALWAYS_INLINE int rotate_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d
     return e;
 }
 
+/* The least and the greatest of a rotated row ``y``. */
+ALWAYS_INLINE void row_range(const float *y, Py_ssize_t d, float *mn, float *mx) {
+    float lo = y[0], hi = y[0];
+    if (d % 8 == 0) {
+        v8f vlo = load8(y), vhi = vlo;
+        for (Py_ssize_t j = 8; j < d; j += 8) {
+            v8f v = load8(y + j);
+            vlo = min8(vlo, v);
+            vhi = max8(vhi, v);
+        }
+        lo = hmin8(vlo);
+        hi = hmax8(vhi);
+    } else {
+        for (Py_ssize_t j = 1; j < d; j++) {
+            lo = y[j] < lo ? y[j] : lo;
+            hi = y[j] > hi ? y[j] : hi;
+        }
+    }
+    *mn = lo;
+    *mx = hi;
+}
+
 SIMD_CLONES
 static void stats_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, float *y, int32_t *e, float *mn, float *mx) {
     for (Py_ssize_t i = 0; i < n; i++) {
         e[i] = rotate_row(x, kind, i, d, y);
-        float lo = y[0], hi = y[0];
-        if (d % 8 == 0) {
-            v8f vlo = load8(y), vhi = vlo;
-            for (Py_ssize_t j = 8; j < d; j += 8) {
-                v8f v = load8(y + j);
-                vlo = min8(vlo, v);
-                vhi = max8(vhi, v);
-            }
-            lo = hmin8(vlo);
-            hi = hmax8(vhi);
-        } else {
-            for (Py_ssize_t j = 1; j < d; j++) {
-                lo = y[j] < lo ? y[j] : lo;
-                hi = y[j] > hi ? y[j] : hi;
-            }
-        }
-        mn[i] = lo;
-        mx[i] = hi;
+        row_range(y, d, mn + i, mx + i);
     }
 }
 
-/* Clamped first, then rounded: integer bounds make that the same code. */
+/* A rotated row ``y``'s codes into ``out`` (row ``i`` of the codes), from its ``s`` and
+ * ``o`` (see quantize in kvwire/codec/rotated.py). Clamped first, then rounded: integer
+ * bounds make that the same code. */
+ALWAYS_INLINE void quantize_row(float *y, Py_ssize_t d, int mode, float s, float o, void *out, Py_ssize_t i) {
+    const float lo = mode == 8 ? -127.0f : 0.0f, hi = mode == 8 ? 127.0f : 15.0f;
+    if (d % 8 == 0) {
+        for (Py_ssize_t j = 0; j < d; j += 8) {
+            v8f v = load8(y + j);
+            v = mode == 4 ? (v - o) * s : mode == 5 ? v * s + o : v * s;
+            v = min8(max8(v, (v8f){0} + lo), (v8f){0} + hi);
+            store8(y + j, (v + ROUNDER) - ROUNDER);
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < d; j++) {
+            float v = mode == 4 ? (y[j] - o) * s : mode == 5 ? y[j] * s + o : y[j] * s;
+            v = v > lo ? v : lo;
+            v = v < hi ? v : hi;
+            y[j] = (v + ROUNDER) - ROUNDER;
+        }
+    }
+    if (mode == 8) {
+        int8_t *c = (int8_t *)out + i * d;
+        for (Py_ssize_t j = 0; j < d; j++) c[j] = (int8_t)y[j];
+    } else {
+        uint8_t *c = (uint8_t *)out + i * (d / 2);
+        for (Py_ssize_t j = 0; j < d / 2; j++) c[j] = (uint8_t)((int)y[2 * j] | ((int)y[2 * j + 1] << 4));
+    }
+}
+
 SIMD_CLONES
 static void quantize_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, int mode, const float *inv,
                           const float *z, float *y, void *out) {
-    const float lo = mode == 8 ? -127.0f : 0.0f, hi = mode == 8 ? 127.0f : 15.0f;
     for (Py_ssize_t i = 0; i < n; i++) {
         rotate_row(x, kind, i, d, y);
-        const float s = inv[i], o = z[i];
-        if (d % 8 == 0) {
-            for (Py_ssize_t j = 0; j < d; j += 8) {
-                v8f v = load8(y + j);
-                v = mode == 4 ? (v - o) * s : mode == 5 ? v * s + o : v * s;
-                v = min8(max8(v, (v8f){0} + lo), (v8f){0} + hi);
-                store8(y + j, (v + ROUNDER) - ROUNDER);
-            }
-        } else {
-            for (Py_ssize_t j = 0; j < d; j++) {
-                float v = mode == 4 ? (y[j] - o) * s : mode == 5 ? y[j] * s + o : y[j] * s;
-                v = v > lo ? v : lo;
-                v = v < hi ? v : hi;
-                y[j] = (v + ROUNDER) - ROUNDER;
-            }
-        }
-        if (mode == 8) {
-            int8_t *c = (int8_t *)out + i * d;
-            for (Py_ssize_t j = 0; j < d; j++) c[j] = (int8_t)y[j];
-        } else {
-            uint8_t *c = (uint8_t *)out + i * (d / 2);
-            for (Py_ssize_t j = 0; j < d / 2; j++) c[j] = (uint8_t)((int)y[2 * j] | ((int)y[2 * j + 1] << 4));
-        }
+        quantize_row(y, d, mode, inv[i], z[i], out, i);
+    }
+}
+
+/* int8h in one pass (kvwire/codec/rotated.py, quantize8): each row rotated once, measured,
+ * its scale S and its codes written while it is in cache, where rot_stats and rot_quantize
+ * rotate it twice. The same values: step = max(max y, -min y) / 127 (+0.0: never -0),
+ * inv = 1 / step (0 for a zero row), S = step 2^(e - 16 - log2 block), e - 16 - log2 block
+ * within [-114, 112] since e is 0 or in [-90, 128]. */
+SIMD_CLONES
+static void encode8_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, float *y, float *scale, int8_t *codes) {
+    const int log_block = __builtin_ctz((unsigned)rotation_block(d));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int e = rotate_row(x, kind, i, d, y);
+        float lo, hi;
+        row_range(y, d, &lo, &hi);
+        const float step = ((hi > -lo ? hi : -lo) + 0.0f) / 127.0f;
+        const float inv = step > 0.0f ? 1.0f / step : 0.0f;
+        scale[i] = step * pow2f(e - 16 - log_block);
+        quantize_row(y, d, 8, inv, inv, codes, i);
     }
 }
 
@@ -2443,37 +2472,29 @@ static Py_ssize_t span_rows(const char *what, const struct iovec *iov, size_t co
     return (Py_ssize_t)rows;
 }
 
-/* rot_stats_spans(iov, kind, d, e, mn, mx) and rot_quantize_spans(iov, kind, d, mode, inv,
- * z, out): rot_stats and rot_quantize over rows read where they lie, in the spans' order
- * (a chunk's rows in a block cache), instead of one contiguous [N, d] array: the same
- * values as the gathered rows give, without the gather. */
-static PyObject *rot_spans(PyObject *args, int quantizing) {
-    PyObject *objs[3], *iov_obj;
+/* rot_encode8_spans(iov, kind, d, scale, codes): int8h's scales fp32 [N] and codes int8
+ * [N, d] of the rows in the spans (whole rows, in order), in one pass (encode8_rows). */
+static PyObject *py_rot_encode8_spans(PyObject *self, PyObject *args) {
+    PyObject *objs[2], *iov_obj;
     Py_ssize_t d;
-    int kind, mode = 8;
-    const char *what = quantizing ? "rot_quantize_spans" : "rot_stats_spans";
-    if (quantizing ? !PyArg_ParseTuple(args, "OiniOOO", &iov_obj, &kind, &d, &mode, &objs[0], &objs[1], &objs[2])
-                   : !PyArg_ParseTuple(args, "OinOOO", &iov_obj, &kind, &d, &objs[0], &objs[1], &objs[2]))
-        return NULL;
-    Py_buffer view, held[3];
+    int kind;
+    if (!PyArg_ParseTuple(args, "OinOO", &iov_obj, &kind, &d, &objs[0], &objs[1])) return NULL;
+    Py_buffer view, held[2];
     struct iovec *iov;
     size_t count;
     if (get_iov(iov_obj, &view, &iov, &count) < 0) return NULL;
-    if (get_buffers(objs, held, 3, quantizing ? 2 : 0) < 0) {
+    if (get_buffers(objs, held, 2, 0) < 0) {
         PyBuffer_Release(&view);
         return NULL;
     }
     PyObject *result = NULL;
     float *y = NULL;
-    if (kind_and_d(what, kind, d) < 0) goto done;
-    Py_ssize_t n = span_rows(what, iov, count, kind, d);
+    if (kind_and_d("rot_encode8_spans", kind, d) < 0) goto done;
+    Py_ssize_t n = span_rows("rot_encode8_spans", iov, count, kind, d);
     if (n < 0) goto done;
-    Py_ssize_t row_bytes = quantizing ? code_bytes(mode, d, what) : 0;
-    if (row_bytes < 0) goto done;
-    if (held[0].len != n * 4 || held[1].len != n * 4 || held[2].len != n * (quantizing ? row_bytes : 4)) {
-        PyErr_Format(PyExc_ValueError, quantizing ? "%s: inv and z fp32 [N], out [N, d] int8 (mode 8) or [N, d/2] "
-                     "uint8, for the spans' %zd rows" : "%s: e int32 [N], mn and mx fp32 [N], for the spans' %zd rows",
-                     what, n);
+    if (held[0].len != n * 4 || held[1].len != n * d) {
+        PyErr_Format(PyExc_ValueError, "rot_encode8_spans: scale fp32 [N], codes int8 [N, d], for the spans' %zd rows",
+                     n);
         goto done;
     }
     if ((y = PyMem_Malloc((size_t)d * sizeof(float))) == NULL) {
@@ -2482,26 +2503,18 @@ static PyObject *rot_spans(PyObject *args, int quantizing) {
     }
     const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
     Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 0, r = 0; i < count; r += iov[i].iov_len / row, i++) {
-        Py_ssize_t k = (Py_ssize_t)(iov[i].iov_len / row);
-        if (quantizing)
-            quantize_rows(iov[i].iov_base, kind, k, d, mode, (const float *)held[0].buf + r,
-                          (const float *)held[1].buf + r, y, (uint8_t *)held[2].buf + r * (size_t)row_bytes);
-        else
-            stats_rows(iov[i].iov_base, kind, k, d, y, (int32_t *)held[0].buf + r, (float *)held[1].buf + r,
-                       (float *)held[2].buf + r);
-    }
+    for (size_t i = 0, r = 0; i < count; r += iov[i].iov_len / row, i++)
+        encode8_rows(iov[i].iov_base, kind, (Py_ssize_t)(iov[i].iov_len / row), d, y, (float *)held[0].buf + r,
+                     (int8_t *)held[1].buf + r * (size_t)d);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     PyMem_Free(y);
-    release_buffers(held, 3);
+    release_buffers(held, 2);
     PyBuffer_Release(&view);
     return result;
 }
 
-static PyObject *py_rot_stats_spans(PyObject *self, PyObject *args) { return rot_spans(args, 0); }
-static PyObject *py_rot_quantize_spans(PyObject *self, PyObject *args) { return rot_spans(args, 1); }
 
 static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyObject *objs[4], *spans_obj = Py_None;
@@ -2790,10 +2803,8 @@ done:
 static PyMethodDef methods[] = {
     {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
-    {"rot_stats_spans", py_rot_stats_spans, METH_VARARGS,
-     "rot_stats_spans(iov, kind, d, e, mn, mx): rot_stats of rows read where they lie."},
-    {"rot_quantize_spans", py_rot_quantize_spans, METH_VARARGS,
-     "rot_quantize_spans(iov, kind, d, mode, inv, z, out): rot_quantize of rows read where they lie."},
+    {"rot_encode8_spans", py_rot_encode8_spans, METH_VARARGS,
+     "rot_encode8_spans(iov, kind, d, scale, codes): int8h of rows read where they lie, in one pass."},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
     {"fp8_quantize_spans", py_fp8_quantize_spans, METH_VARARGS,
      "fp8_quantize_spans(iov, kind, d, scale, codes): fp8 rows encoded where they lie."},

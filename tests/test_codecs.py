@@ -885,23 +885,43 @@ def test_fp8_encode_into_refuses_spans_that_are_not_whole_rows():
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
-def test_rotated_rows_read_where_they_lie_refuse_spans_that_are_not_whole_rows():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [128, 64, 24])
+def test_int8h_coded_in_one_pass_is_encode_at_every_scale(dtype, head_dim):
+    """int8h's one-pass encoder computes each row's step, inverse and scale itself: the
+    bytes encode gives, for rows from 2^-100 (sent as zero) to 2^100 and every rotation
+    block size (24 values: blocks of 8)."""
+    codec = kvwire.codec.get("int8h")
+    gen = torch.Generator().manual_seed(11)
+    rows = 400
+    x = torch.randn(rows, head_dim, generator=gen) * torch.pow(2.0, torch.arange(rows) % 201 - 100.0).unsqueeze(1)
+    x[7] = 0.0
+    x[9, ::3] = -x[9, ::3].abs()
+    x = x.to(dtype).reshape(rows // 4, 4, head_dim).contiguous()
+    spec = ChunkSpec(rows // 4, 4, head_dim, dtype, "v")
+    raw = x.view(torch.uint8).numpy().reshape(-1)
+    half = raw.nbytes // 2 // (head_dim * x.element_size()) * head_dim * x.element_size()
+    iov = np.array([[raw.ctypes.data, half], [raw.ctypes.data + half, raw.nbytes - half]], dtype=np.uint64)
+    out = np.zeros(codec.encoded_size(spec), dtype=np.uint8)
+    codec.encode_into(kvwire.scatter.Spans(iov, raw), spec, out)
+    assert bytes(out) == bytes(codec.encode(x, "v").data.numpy())
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_int8h_coded_where_the_rows_lie_refuses_spans_that_are_not_whole_rows():
     from kvwire import _scatter
 
     x = np.zeros(64, dtype=np.uint16)
-    e, mn, mx = np.zeros(4, np.int32), np.zeros(4, np.float32), np.zeros(4, np.float32)
+    scale, codes = np.zeros(4, np.float32), np.zeros(64, np.int8)
     whole = np.array([[x.ctypes.data, 64], [x.ctypes.data + 64, 64]], dtype=np.uint64)
-    _scatter.rot_stats_spans(whole, 1, 16, e, mn, mx)  # what fits: 4 rows of 16
-    _scatter.rot_quantize_spans(whole, 1, 16, 8, mn, mx, np.zeros(64, np.int8))
+    _scatter.rot_encode8_spans(whole, 1, 16, scale, codes)  # what fits: 4 rows of 16
     cut = np.array([[x.ctypes.data, 48], [x.ctypes.data + 48, 80]], dtype=np.uint64)
-    with pytest.raises(ValueError, match="rot_stats_spans: span 0 holds 48 bytes, not whole rows of 32"):
-        _scatter.rot_stats_spans(cut, 1, 16, e, mn, mx)
-    with pytest.raises(ValueError, match="rot_quantize_spans: inv and z fp32 .N., out .* for the spans' 4 rows"):
-        _scatter.rot_quantize_spans(whole, 1, 16, 8, mn[:3], mx, np.zeros(64, np.int8))
-    with pytest.raises(ValueError, match="rot_stats_spans: kind 0 .fp32. or 1 .bf16."):
-        _scatter.rot_stats_spans(whole, 2, 16, e, mn, mx)
-    with pytest.raises(ValueError, match="rot_quantize_spans: mode must be 8, 4 or 5"):
-        _scatter.rot_quantize_spans(whole, 1, 16, 3, mn, mx, np.zeros(64, np.int8))
+    with pytest.raises(ValueError, match="rot_encode8_spans: span 0 holds 48 bytes, not whole rows of 32"):
+        _scatter.rot_encode8_spans(cut, 1, 16, scale, codes)
+    with pytest.raises(ValueError, match="scale fp32 .N., codes int8 .N, d., for the spans' 4 rows"):
+        _scatter.rot_encode8_spans(whole, 1, 16, scale[:3], codes)
+    with pytest.raises(ValueError, match="rot_encode8_spans: kind 0 .fp32. or 1 .bf16."):
+        _scatter.rot_encode8_spans(whole, 2, 16, scale, codes)
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")

@@ -148,22 +148,13 @@ def _fixed_point(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 MODE8, MODE4, MODE4A = 8, 4, 5  # the C helper's modes: int8h, int4h's rows, int4a's compact rows
 
 
-class LyingRows(NamedTuple):
-    """Rows where they lie in a cache, as the C helper reads them: the spans' iov array
-    (whole rows, in order) and the kind (0: fp32, 1: bf16)."""
-
-    iov: np.ndarray
-    kind: int
-
-
 class Rotated(NamedTuple):
     """Rows after the fixed point and the rotation, as far as the quantizers need them."""
 
     e: torch.Tensor  # [N] int32, the rows' exponents
     mn: torch.Tensor  # [N] fp32, min of each rotated row
     mx: torch.Tensor  # [N] fp32, max of each rotated row
-    # the rotated rows [N, D], or the input as the C helper reads it: an array, or spans of a cache
-    rows: torch.Tensor | tuple[np.ndarray, int] | LyingRows
+    rows: torch.Tensor | tuple[np.ndarray, int]  # the rotated rows [N, D], or the input as the C helper reads it
 
 
 def rotated(x2: torch.Tensor) -> Rotated:
@@ -181,22 +172,11 @@ def rotated(x2: torch.Tensor) -> Rotated:
     return Rotated(e, y.amin(1) + 0.0, y.amax(1) + 0.0, y)
 
 
-def rotated_where_they_lie(lying: LyingRows, n: int, d: int) -> Rotated:
-    """:func:`rotated` of ``n`` rows of ``d`` values read where they lie (C helper only)."""
-    e, mn, mx = torch.empty(n, dtype=torch.int32), torch.empty(n), torch.empty(n)
-    _helper.rot_stats_spans(lying.iov, lying.kind, d, e.numpy(), mn.numpy(), mx.numpy())
-    return Rotated(e, mn, mx, lying)
-
-
 def quantize(r: Rotated, mode: int, inv: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> None:
     """The codes of rotated rows ``r`` into ``out`` (int8 [N, D] for ``MODE8``, else two per
     byte [N, D/2]), from each row's ``inv`` and ``z`` ([N] fp32; ``z`` unused by ``MODE8``):
     ``MODE8`` clamp(rint(y inv), -127, 127); ``MODE4`` clamp(rint((y - z) inv), 0, 15);
     ``MODE4A`` clamp(rint(y inv + z), 0, 15)."""
-    if isinstance(r.rows, LyingRows):
-        _helper.rot_quantize_spans(r.rows.iov, r.rows.kind, d_of(out, mode), mode, inv.float().contiguous().numpy(),
-                                   z.float().contiguous().numpy(), out.numpy())  # fmt: skip
-        return
     if not isinstance(r.rows, torch.Tensor):
         array, kind = r.rows
         _helper.rot_quantize(array, kind, array.shape[1], mode, inv.float().contiguous().numpy(),
@@ -253,19 +233,10 @@ def _dequantize_fp32(codes: torch.Tensor, mode: int, d: int, scale: torch.Tensor
     return y
 
 
-def d_of(codes: torch.Tensor, mode: int) -> int:
-    """The values per row of ``codes`` [N, D] (``MODE8``) or [N, D/2]."""
-    return codes.shape[1] if mode == MODE8 else 2 * codes.shape[1]
-
-
 def quantize8(x2: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Rows ``x2`` ([N, D]) -> S [N] fp32; their codes written to ``codes`` ([N, D] int8)."""
-    return _quantize8(rotated(x2), codes)
-
-
-def _quantize8(r: Rotated, codes: torch.Tensor) -> torch.Tensor:
-    """:func:`quantize8` of rows already measured (``r``)."""
-    log_block = rotation_block(codes.shape[1]).bit_length() - 1
+    r = rotated(x2)
+    log_block = rotation_block(x2.shape[1]).bit_length() - 1
     step = torch.maximum(r.mx, r.mn.neg()).add_(0.0) / 127.0  # max |y|, never -0
     inv = torch.where(step > 0, torch.reciprocal(step), 0.0)
     quantize(r, MODE8, inv, inv, codes)
@@ -371,15 +342,16 @@ class Int8hCodec(Codec):
         return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
+        """Each row read where it lies and coded in one pass (``rot_encode8_spans``: one
+        rotation per row, where :meth:`encode` gathers the rows, then rotates each twice,
+        once to measure it and once to code it)."""
         self.check(spec)
-        rows, d = spec.tokens * spec.heads, spec.head_dim
+        rows = spec.tokens * spec.heads
         if out.dtype != np.uint8 or out.nbytes != self.encoded_size(spec):
             raise ValueError(f"out: {self.encoded_size(spec)} uint8 bytes, got {out.nbytes} {out.dtype}")
         assert self.encodes_into(spec)
-        lying = LyingRows(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0)
-        wire = torch.from_numpy(out)
-        codes = wire[rows * 4 :].view(torch.int8).view(rows, d)
-        wire[: rows * 4].view(torch.float32).copy_(_quantize8(rotated_where_they_lie(lying, rows, d), codes))
+        _helper.rot_encode8_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
+                                  out[: rows * 4].view(np.float32), out[rows * 4 :].view(np.int8))  # fmt: skip
 
 
 class Int4hCodec(Int4Codec):
