@@ -2277,22 +2277,47 @@ static void quantize_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, i
     }
 }
 
-/* int8h in one pass (kvwire/codec/rotated.py, quantize8): each row rotated once, measured,
- * its scale S and its codes written while it is in cache, where rot_stats and rot_quantize
- * rotate it twice. The same values: step = max(max y, -min y) / 127 (+0.0: never -0),
- * inv = 1 / step (0 for a zero row), S = step 2^(e - 16 - log2 block), e - 16 - log2 block
- * within [-114, 112] since e is 0 or in [-90, 128]. */
+static inline float bf16_value(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Rotated rows in one pass (kvwire/codec/rotated.py, quantize8 and quantize4): each row
+ * rotated once, measured, and its parameters and codes written while it is in cache,
+ * where rot_stats and rot_quantize rotate it twice. ``params`` is 4 bytes a row: the
+ * scale S fp32 (mode 8), or S then Z, bf16 each, in two arrays of N (mode 4). The same
+ * values as there, with p = 2^(e - 16 - log2 block) (e is 0 or in [-90, 128], so every
+ * power of two here is within [-114, 114]):
+ *   mode 8: step = max(max y, -min y) / 127 (+0.0: never -0), S = step p, inv = 1 / step;
+ *   mode 4: S = bf16((max y - min y) / 15 p), Z = bf16(min y p), step = S / p, z = Z / p,
+ *           inv = 1 / step;
+ * inv is 0 for a zero step. */
 SIMD_CLONES
-static void encode8_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, float *y, float *scale, int8_t *codes) {
+static void encode_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, int mode, float *y, uint8_t *params,
+                        void *codes, Py_ssize_t rows) {
     const int log_block = __builtin_ctz((unsigned)rotation_block(d));
     for (Py_ssize_t i = 0; i < n; i++) {
         const int e = rotate_row(x, kind, i, d, y);
         float lo, hi;
         row_range(y, d, &lo, &hi);
-        const float step = ((hi > -lo ? hi : -lo) + 0.0f) / 127.0f;
+        const float p = pow2f(e - 16 - log_block);
+        float step, z = 0.0f;
+        if (mode == 8) {
+            step = ((hi > -lo ? hi : -lo) + 0.0f) / 127.0f;
+            const float s = step * p;
+            memcpy(params + 4 * i, &s, 4);
+        } else {
+            const uint16_t sb = float_to_bf16((hi - lo) / 15.0f * p), zb = float_to_bf16(lo * p);
+            memcpy(params + 2 * i, &sb, 2);
+            memcpy(params + 2 * (rows + i), &zb, 2);
+            const float q = pow2f(16 + log_block - e);
+            step = bf16_value(sb) * q;
+            z = bf16_value(zb) * q;
+        }
         const float inv = step > 0.0f ? 1.0f / step : 0.0f;
-        scale[i] = step * pow2f(e - 16 - log_block);
-        quantize_row(y, d, 8, inv, inv, codes, i);
+        quantize_row(y, d, mode, inv, z, codes, i);
     }
 }
 
@@ -2472,13 +2497,14 @@ static Py_ssize_t span_rows(const char *what, const struct iovec *iov, size_t co
     return (Py_ssize_t)rows;
 }
 
-/* rot_encode8_spans(iov, kind, d, scale, codes): int8h's scales fp32 [N] and codes int8
- * [N, d] of the rows in the spans (whole rows, in order), in one pass (encode8_rows). */
-static PyObject *py_rot_encode8_spans(PyObject *self, PyObject *args) {
+/* rot_encode_spans(iov, kind, d, mode, params, codes): int8h's (mode 8) or int4h's values'
+ * (mode 4) parameters, uint8 [4 N], and codes, int8 [N, d] or uint8 [N, d/2], of the rows
+ * in the spans (whole rows, in order), in one pass (encode_rows). */
+static PyObject *py_rot_encode_spans(PyObject *self, PyObject *args) {
     PyObject *objs[2], *iov_obj;
     Py_ssize_t d;
-    int kind;
-    if (!PyArg_ParseTuple(args, "OinOO", &iov_obj, &kind, &d, &objs[0], &objs[1])) return NULL;
+    int kind, mode;
+    if (!PyArg_ParseTuple(args, "OiniOO", &iov_obj, &kind, &d, &mode, &objs[0], &objs[1])) return NULL;
     Py_buffer view, held[2];
     struct iovec *iov;
     size_t count;
@@ -2489,12 +2515,18 @@ static PyObject *py_rot_encode8_spans(PyObject *self, PyObject *args) {
     }
     PyObject *result = NULL;
     float *y = NULL;
-    if (kind_and_d("rot_encode8_spans", kind, d) < 0) goto done;
-    Py_ssize_t n = span_rows("rot_encode8_spans", iov, count, kind, d);
+    if (kind_and_d("rot_encode_spans", kind, d) < 0) goto done;
+    if (mode != 8 && mode != 4) {
+        PyErr_Format(PyExc_ValueError, "rot_encode_spans: mode 8 (int8h) or 4 (int4h's values), got %d", mode);
+        goto done;
+    }
+    Py_ssize_t row_bytes = code_bytes(mode, d, "rot_encode_spans");
+    if (row_bytes < 0) goto done;
+    Py_ssize_t n = span_rows("rot_encode_spans", iov, count, kind, d);
     if (n < 0) goto done;
-    if (held[0].len != n * 4 || held[1].len != n * d) {
-        PyErr_Format(PyExc_ValueError, "rot_encode8_spans: scale fp32 [N], codes int8 [N, d], for the spans' %zd rows",
-                     n);
+    if (held[0].len != n * 4 || held[1].len != n * row_bytes) {
+        PyErr_Format(PyExc_ValueError, "rot_encode_spans: params 4 bytes a row, codes %zd bytes a row, for the spans' "
+                     "%zd rows; got %zd and %zd bytes", row_bytes, n, held[0].len, held[1].len);
         goto done;
     }
     if ((y = PyMem_Malloc((size_t)d * sizeof(float))) == NULL) {
@@ -2503,9 +2535,10 @@ static PyObject *py_rot_encode8_spans(PyObject *self, PyObject *args) {
     }
     const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
     Py_BEGIN_ALLOW_THREADS
+    uint8_t *params = held[0].buf;
     for (size_t i = 0, r = 0; i < count; r += iov[i].iov_len / row, i++)
-        encode8_rows(iov[i].iov_base, kind, (Py_ssize_t)(iov[i].iov_len / row), d, y, (float *)held[0].buf + r,
-                     (int8_t *)held[1].buf + r * (size_t)d);
+        encode_rows(iov[i].iov_base, kind, (Py_ssize_t)(iov[i].iov_len / row), d, mode, y,
+                    params + (mode == 8 ? 4 : 2) * r, (uint8_t *)held[1].buf + r * (size_t)row_bytes, n);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -2514,7 +2547,6 @@ done:
     PyBuffer_Release(&view);
     return result;
 }
-
 
 static PyObject *py_rot_dequantize(PyObject *self, PyObject *args) {
     PyObject *objs[4], *spans_obj = Py_None;
@@ -2803,8 +2835,8 @@ done:
 static PyMethodDef methods[] = {
     {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
-    {"rot_encode8_spans", py_rot_encode8_spans, METH_VARARGS,
-     "rot_encode8_spans(iov, kind, d, scale, codes): int8h of rows read where they lie, in one pass."},
+    {"rot_encode_spans", py_rot_encode_spans, METH_VARARGS,
+     "rot_encode_spans(iov, kind, d, mode, params, codes): int8h or int4h rows read where they lie, in one pass."},
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
     {"fp8_quantize_spans", py_fp8_quantize_spans, METH_VARARGS,
      "fp8_quantize_spans(iov, kind, d, scale, codes): fp8 rows encoded where they lie."},

@@ -823,7 +823,7 @@ def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads,
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads", [None, (1, 2), (3, 1)], ids=["whole rows", "heads 1-2", "head 3"])
-@pytest.mark.parametrize("name", ["fp8", "int8h"])
+@pytest.mark.parametrize("name", ["fp8", "int8h", "int4h"])
 def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, heads):
     """encode_into reads a chunk's rows where they lie in a block cache (runs of blocks, or
     a span per token for some of its heads, from mid-block to a partial last block): the
@@ -831,6 +831,7 @@ def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, 
     from kvwire.scatter import block_spans, token_spans
 
     codec = kvwire.codec.get(name)
+    role = "v" if name == "int4h" else "k"  # int4h codes keys as int4 key groups, gathered
 
     cache = realistic_keys(12 * 16, 4, 64, seed=3).to(dtype).reshape(12, 16, 4, 64).contiguous()
     cache[2, 3, 0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
@@ -838,7 +839,7 @@ def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, 
     ids, start, count = [7, 2, 3, 4, 11, 0], 5, 70  # rows 5..74: mid-block start, a partial last block
     first, n_heads = heads if heads is not None else (0, 4)
     rows = cache[ids].reshape(-1, 4, 64)[start : start + count, first : first + n_heads]
-    spec = ChunkSpec(count, n_heads, 64, dtype, "k")
+    spec = ChunkSpec(count, n_heads, 64, dtype, role)
     raw = cache.view(torch.uint8).numpy().reshape(12, -1)
     if heads is None:
         spans = block_spans(raw, raw.ctypes.data, np.array(ids), 16, start, count)
@@ -848,7 +849,7 @@ def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, 
     out = np.zeros(codec.encoded_size(spec), dtype=np.uint8)
     assert codec.encodes_into(spec)
     codec.encode_into(spans, spec, out)
-    assert bytes(out) == bytes(codec.encode(rows.contiguous(), "k").data.numpy())
+    assert bytes(out) == bytes(codec.encode(rows.contiguous(), role).data.numpy())
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
@@ -887,11 +888,13 @@ def test_fp8_encode_into_refuses_spans_that_are_not_whole_rows():
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim", [128, 64, 24])
-def test_int8h_coded_in_one_pass_is_encode_at_every_scale(dtype, head_dim):
-    """int8h's one-pass encoder computes each row's step, inverse and scale itself: the
+@pytest.mark.parametrize("name", ["int8h", "int4h"])
+def test_rotated_rows_coded_in_one_pass_are_encode_at_every_scale(name, dtype, head_dim):
+    """The one-pass encoder computes each row's parameters itself (int8h's step, inverse
+    and scale; int4h's bf16 scale and zero-point, then the step and offset they give): the
     bytes encode gives, for rows from 2^-100 (sent as zero) to 2^100 and every rotation
     block size (24 values: blocks of 8)."""
-    codec = kvwire.codec.get("int8h")
+    codec = kvwire.codec.get(name)
     gen = torch.Generator().manual_seed(11)
     rows = 400
     x = torch.randn(rows, head_dim, generator=gen) * torch.pow(2.0, torch.arange(rows) % 201 - 100.0).unsqueeze(1)
@@ -908,20 +911,25 @@ def test_int8h_coded_in_one_pass_is_encode_at_every_scale(dtype, head_dim):
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
-def test_int8h_coded_where_the_rows_lie_refuses_spans_that_are_not_whole_rows():
+def test_rotated_rows_coded_where_they_lie_refuse_spans_and_buffers_that_do_not_fit():
     from kvwire import _scatter
 
     x = np.zeros(64, dtype=np.uint16)
-    scale, codes = np.zeros(4, np.float32), np.zeros(64, np.int8)
+    params, codes = np.zeros(16, np.uint8), np.zeros(64, np.uint8)
     whole = np.array([[x.ctypes.data, 64], [x.ctypes.data + 64, 64]], dtype=np.uint64)
-    _scatter.rot_encode8_spans(whole, 1, 16, scale, codes)  # what fits: 4 rows of 16
+    _scatter.rot_encode_spans(whole, 1, 16, 8, params, codes)  # what fits: 4 rows of 16
+    _scatter.rot_encode_spans(whole, 1, 16, 4, params, codes[:32])
     cut = np.array([[x.ctypes.data, 48], [x.ctypes.data + 48, 80]], dtype=np.uint64)
-    with pytest.raises(ValueError, match="rot_encode8_spans: span 0 holds 48 bytes, not whole rows of 32"):
-        _scatter.rot_encode8_spans(cut, 1, 16, scale, codes)
-    with pytest.raises(ValueError, match="scale fp32 .N., codes int8 .N, d., for the spans' 4 rows"):
-        _scatter.rot_encode8_spans(whole, 1, 16, scale[:3], codes)
-    with pytest.raises(ValueError, match="rot_encode8_spans: kind 0 .fp32. or 1 .bf16."):
-        _scatter.rot_encode8_spans(whole, 2, 16, scale, codes)
+    with pytest.raises(ValueError, match="rot_encode_spans: span 0 holds 48 bytes, not whole rows of 32"):
+        _scatter.rot_encode_spans(cut, 1, 16, 8, params, codes)
+    with pytest.raises(ValueError, match="codes 8 bytes a row, for the spans' 4 rows; got 16 and 64 bytes"):
+        _scatter.rot_encode_spans(whole, 1, 16, 4, params, codes)
+    with pytest.raises(ValueError, match="params 4 bytes a row, .* got 12 and 64 bytes"):
+        _scatter.rot_encode_spans(whole, 1, 16, 8, params[:12], codes)
+    with pytest.raises(ValueError, match="rot_encode_spans: kind 0 .fp32. or 1 .bf16."):
+        _scatter.rot_encode_spans(whole, 2, 16, 8, params, codes)
+    with pytest.raises(ValueError, match="rot_encode_spans: mode 8 .int8h. or 4 .int4h's values., got 5"):
+        _scatter.rot_encode_spans(whole, 1, 16, 5, params, codes)
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")

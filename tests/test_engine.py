@@ -337,7 +337,7 @@ def test_raw_lands_in_place_with_or_without_the_span_helper(spans, receiver_for,
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("codec", ["fp8", "int8h", "int4", "fp8+lz4", "int4+lz4", "raw+lz4", "int4/g64/k64"])
+@pytest.mark.parametrize("codec", ["fp8", "int8h", "int4h", "int4", "fp8+lz4", "int4+lz4", "raw+lz4", "int4/g64/k64"])
 @pytest.mark.parametrize("name", ["gqa", "hybrid"])
 def test_lossy_codecs_deliver_what_the_reference_decodes(codec, name, transport, receiver_for):
     layout = LAYOUTS[name]

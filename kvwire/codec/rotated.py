@@ -311,6 +311,17 @@ class RotatedRows:
         _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), *helper_spill(spec), spans.iov)
         return True
 
+    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray, size: int) -> None:
+        """:meth:`encode`'s bytes from rows read where they lie (``Codec.encode_into``), each
+        row in one pass (``rot_encode_spans``: rotated once, where :meth:`encode` gathers
+        the rows and rotates each twice, once to measure it and once to code it)."""
+        if out.dtype != np.uint8 or out.nbytes != size:
+            raise ValueError(f"out: {size} uint8 bytes, got {out.nbytes} {out.dtype}")
+        assert _helper is not None and spec.dtype in HELPER_WRITES
+        rows = spec.tokens * spec.heads
+        _helper.rot_encode_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
+                                 MODE8 if self.bits == 8 else MODE4, out[: rows * 4], out[rows * 4 :])  # fmt: skip
+
 
 ROWS8, ROWS4 = RotatedRows(8), RotatedRows(4)
 
@@ -342,16 +353,8 @@ class Int8hCodec(Codec):
         return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
-        """Each row read where it lies and coded in one pass (``rot_encode8_spans``: one
-        rotation per row, where :meth:`encode` gathers the rows, then rotates each twice,
-        once to measure it and once to code it)."""
         self.check(spec)
-        rows = spec.tokens * spec.heads
-        if out.dtype != np.uint8 or out.nbytes != self.encoded_size(spec):
-            raise ValueError(f"out: {self.encoded_size(spec)} uint8 bytes, got {out.nbytes} {out.dtype}")
-        assert self.encodes_into(spec)
-        _helper.rot_encode8_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
-                                  out[: rows * 4].view(np.float32), out[rows * 4 :].view(np.int8))  # fmt: skip
+        ROWS8.encode_into(spans, spec, out, self.encoded_size(spec))
 
 
 class Int4hCodec(Int4Codec):
@@ -387,6 +390,15 @@ class Int4hCodec(Int4Codec):
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
         return spec.role != "k" and _helper is not None and spec.dtype in HELPER_WRITES
+
+    def encodes_into(self, spec: ChunkSpec) -> bool:
+        return self.decodes_into(spec)  # values, latents and states: rotated rows
+
+    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
+        self.check(spec)
+        if spec.role == "k":
+            raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered keys only")
+        ROWS4.encode_into(spans, spec, out, self.encoded_size(spec))
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         if spec.role == "k":  # int4 key groups: decoded and copied
