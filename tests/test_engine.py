@@ -860,3 +860,29 @@ def test_requests_shorter_than_a_codecs_row_unit_are_one_chunk_each(receiver_for
             stats = tx.send(f"short-{n}", blocks, n, timeout=20)
             h.wait(timeout=10)
             assert stats["chunks"] == 2 * layout.num_layers  # k and v, one chunk each per layer
+
+
+def test_finish_returns_once_the_sender_holds_no_record_of_the_transfer(receiver_for, monkeypatch):
+    """finish() returned as soon as the transfer ended, before the thread that saw the
+    acknowledgement dropped its records: a census taken right after could count them (a
+    soak run on a busy machine reported them as growth). Here dropping them is slowed
+    down, as a busy machine would, so the old order fails every time."""
+    import time
+
+    from kvwire.engine.sender import Sender
+
+    forget = Sender._forget
+
+    def slow_forget(self, handle):
+        time.sleep(0.05)
+        forget(self, handle)
+
+    monkeypatch.setattr(Sender, "_forget", slow_forget)
+    layout = LAYOUTS["gqa"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64, seed=6)) as tx:
+        for i in range(3):
+            h = rx.expect(f"r{i}", [1, 2], 2 * layout.block_size)
+            tx.send(f"r{i}", [10, 11], 2 * layout.block_size, timeout=30)
+            assert tx.census() == {"transfers": 0, "inflight_chunks": 0, "queued_chunks": 0, "begun_tags": 0}
+            h.wait(timeout=10)

@@ -93,6 +93,7 @@ GATHER_BYTES = 16 << 20
 # After a failed send, how long the connection's reader may take to read what the peer
 # sent before it closed (an acknowledgement) and meet the end of the stream.
 WRITER_LOSS_GRACE_S = 2.0
+FORGET_WAIT_S = 5.0  # finish() waits at most this for an ended transfer's records to be dropped
 # Chunks of one transfer the receiver may ask for again before the transfer fails (the
 # receiver gives up sooner, after 8: this bounds a receiver that would ask forever).
 MAX_NACKS_PER_TRANSFER = 64
@@ -224,6 +225,9 @@ class SendHandle:
         self._deadline = deadline
         self._sent_layers: set[int] = set()
         self._done = threading.Event()
+        # Set once the sender has dropped every record of this ended transfer: finish()
+        # returns only then, so a census taken after it sees none of them.
+        self._forgotten = threading.Event()
         self._ending = threading.Lock()  # one outcome: an ACK racing a cancel or a timeout
         self._error: TransferError | None = None
         self.logical_bytes = 0
@@ -313,6 +317,9 @@ class SendHandle:
         wait = remaining if timeout is None else min(timeout, remaining)
         if not self._done.wait(max(wait, 0)):
             self._sender._cancel(self, f"sender gave up after {wait:.3g} s", TransferTimeout)
+        # The thread that ended it drops its records right after (under the sender's lock,
+        # which nothing holds for long); bounded all the same.
+        self._forgotten.wait(FORGET_WAIT_S)
         if self._error is not None:
             raise self._error
         return self.stats()
@@ -359,7 +366,10 @@ class SendHandle:
             self._error = error
             self.t_acked = time.monotonic()
             self._done.set()
-        self._sender._forget(self)
+        try:
+            self._sender._forget(self)
+        finally:
+            self._forgotten.set()
         if error is None:
             self._sender._follower.completed(self)
         elif self.on_failure is not None:
