@@ -854,16 +854,16 @@ def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 def test_encode_into_refuses_an_output_of_another_size_and_codecs_without_it():
-    from kvwire.codec import fp8
-
     spec = ChunkSpec(4, 2, 8, torch.bfloat16, "k")
     x = np.zeros(64, dtype=np.uint16)
     spans = kvwire.scatter.Spans(np.array([[x.ctypes.data, 128]], dtype=np.uint64), x)
-    size = fp8.Fp8Codec().encoded_size(spec)
-    with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size - 1} uint8"):
-        fp8.Fp8Codec().encode_into(spans, spec, np.zeros(size - 1, dtype=np.uint8))
-    with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size * 4} float32"):
-        fp8.Fp8Codec().encode_into(spans, spec, np.zeros(size, dtype=np.float32))
+    for name, role in (("fp8", "k"), ("int8h", "k"), ("int4h", "v")):  # int4h codes values in place, not keys
+        codec, coded = kvwire.codec.get(name), ChunkSpec(4, 2, 8, torch.bfloat16, role)
+        size = codec.encoded_size(coded)
+        with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size - 1} uint8"):
+            codec.encode_into(spans, coded, np.zeros(size - 1, dtype=np.uint8))
+        with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size * 4} float32"):
+            codec.encode_into(spans, coded, np.zeros(size, dtype=np.float32))
     int4 = kvwire.codec.get("int4")
     assert not int4.encodes_into(spec) and not int4.decodes_into(spec)
     with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes gathered rows only"):

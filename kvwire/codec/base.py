@@ -320,6 +320,12 @@ def abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.maximum(x.amax(dim=dim), x.amin(dim=dim).neg_())
 
 
+def check_out(out: np.ndarray, size: int) -> None:
+    """``Codec.encode_into``'s ``out``: ``size`` uint8 bytes, else a ValueError naming both."""
+    if out.dtype != np.uint8 or out.nbytes != size:
+        raise ValueError(f"out: {size} uint8 bytes, got {out.nbytes} {out.dtype}")
+
+
 def check_length(data: torch.Tensor, expected: int, codec: str) -> None:
     if data.numel() != expected:
         raise ValueError(f"buf: {codec} chunk must be {expected} bytes, got {data.numel()}")

@@ -30,6 +30,7 @@ from kvwire.codec.base import (
     abs_max,
     as_float32,
     check_length,
+    check_out,
     helper_out,
     helper_rows,
     helper_spill,
@@ -120,8 +121,7 @@ class Fp8Codec(Codec):
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         self.check(spec)
         rows = spec.tokens * spec.heads
-        if out.dtype != np.uint8 or out.nbytes != self.encoded_size(spec):
-            raise ValueError(f"out: {self.encoded_size(spec)} uint8 bytes, got {out.nbytes} {out.dtype}")
+        check_out(out, self.encoded_size(spec))
         assert self.encodes_into(spec)
         _helper.fp8_quantize_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
                                    out[: rows * 4].view(np.float32), out[rows * 4 :])  # fmt: skip

@@ -56,6 +56,7 @@ from kvwire.codec.base import (
     abs_max,
     as_float32,
     check_length,
+    check_out,
     helper_out,
     helper_rows,
     helper_spill,
@@ -311,12 +312,11 @@ class RotatedRows:
         _helper.rot_dequantize(codes.numpy(), mode, d, scale.numpy(), zero.numpy(), *helper_spill(spec), spans.iov)
         return True
 
-    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray, size: int) -> None:
+    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         """:meth:`encode`'s bytes from rows read where they lie (``Codec.encode_into``), each
         row in one pass (``rot_encode_spans``: rotated once, where :meth:`encode` gathers
         the rows and rotates each twice, once to measure it and once to code it)."""
-        if out.dtype != np.uint8 or out.nbytes != size:
-            raise ValueError(f"out: {size} uint8 bytes, got {out.nbytes} {out.dtype}")
+        check_out(out, self.size(spec))
         assert _helper is not None and spec.dtype in HELPER_WRITES
         rows = spec.tokens * spec.heads
         _helper.rot_encode_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
@@ -354,7 +354,7 @@ class Int8hCodec(Codec):
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         self.check(spec)
-        ROWS8.encode_into(spans, spec, out, self.encoded_size(spec))
+        ROWS8.encode_into(spans, spec, out)
 
 
 class Int4hCodec(Int4Codec):
@@ -398,7 +398,7 @@ class Int4hCodec(Int4Codec):
         self.check(spec)
         if spec.role == "k":
             raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered keys only")
-        ROWS4.encode_into(spans, spec, out, self.encoded_size(spec))
+        ROWS4.encode_into(spans, spec, out)
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
         if spec.role == "k":  # int4 key groups: decoded and copied
