@@ -40,6 +40,8 @@ def test_loopback_runs_end_to_end_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kvwire / plain" in printed and "each round, effective" in printed and "host data path" in printed
     assert "(best rounds); each round" in printed and "receive lane 0% of frames" in printed
+    assert [c["send_buffer"] for c in report["connections"]] == [128 << 10] * 2  # loopback: local_sndbuf
+    assert "send buffer 128 KiB" in printed
 
 
 def test_loopback_reports_the_chunk_size_in_effect_and_frames_its_ceilings_alike(tmp_path, capsys):
@@ -254,6 +256,8 @@ def test_calibrate_with_auto_plans_each_transfer_against_its_target(tmp_path):
         (["loopback", "--prefill-tp", "3"], "--prefill-tp: tp_size: 8 KV heads do not split evenly over 3 ranks"),
         (["loopback", "--decode-tp", "2", "--baseline"], "--baseline: not with --prefill-tp"),
         (["loopback", "--decode-block-size", "0"], "--decode-block-size"),
+        (["loopback", "--local-sndbuf-kib", "64"], "--local-sndbuf-kib: 0 (the kernel's autotuning) or at least 128"),
+        (["loopback", "--local-sndbuf-kib", "-1"], "--local-sndbuf-kib"),
         (["calibrate", "--codec", "auto"], "--max-exposed-ms: give it with --codec auto"),  # else auto is raw
         (["calibrate", "--max-exposed-ms", "5"], "--max-exposed-ms: give it with --codec auto"),
         (["calibrate", "--codec", "auto", "--max-exposed-ms", "-1"], "--max-exposed-ms: a positive number"),

@@ -562,6 +562,70 @@ def test_stats_report_tcp_info_and_staging(receiver_for):
     assert rx.stats()["completed"] == 1
 
 
+def test_connections_to_this_host_get_a_small_send_buffer(receiver_for):
+    """On this host both ends share the CPU's caches: each connection gets
+    SocketOptions.local_sndbuf (the kernel reports twice what was asked); an explicit
+    sndbuf wins, and local_sndbuf=None leaves the kernel's autotuning."""
+    import socket
+
+    from kvwire.transport.tcp import LOCAL_SNDBUF
+
+    layout = LAYOUTS["mha"]
+    rx, _ = receiver_for(layout)
+    src = filled(layout, 8)
+    cases = [
+        (None, LOCAL_SNDBUF),
+        (kvwire.SocketOptions(sndbuf=96 << 10), 96 << 10),
+        (kvwire.SocketOptions(local_sndbuf=512 << 10), 512 << 10),
+        (kvwire.SocketOptions(local_sndbuf=None), None),
+    ]
+    for options, asked in cases:
+        with sender(layout, rx, src, streams=2, max_streams=2, socket_options=options) as tx:
+            rx.expect("b", [0], 16)
+            tx.send("b", [1], 16)
+            reported = [c["send_buffer"] for c in tx.stats()["connections"]]
+            kernel = [c.stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) for c in tx._conns]
+        assert reported == [asked, asked], options
+        if asked is not None:
+            assert kernel == [2 * asked, 2 * asked], options
+        else:  # autotuned: nothing fixed it at LOCAL_SNDBUF
+            assert all(k != 2 * LOCAL_SNDBUF for k in kernel), kernel
+
+
+def test_a_connection_to_this_hosts_own_address_counts_as_this_host():
+    import socket
+
+    from kvwire.transport.tcp import LOCAL_SNDBUF, SocketOptions, connect
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # sends nothing: asks the routing table for this host's address
+        own = probe.getsockname()[0]
+    except OSError:
+        own = "127.0.0.1"
+    finally:
+        probe.close()
+    if own.startswith("127."):
+        pytest.skip("this host has no route off loopback, so no address of its own to connect to")
+    listener = socket.create_server(("0.0.0.0", 0))
+    try:
+        stream = connect((own, listener.getsockname()[1]), SocketOptions(), timeout=5)
+        peer, _ = listener.accept()
+        try:
+            assert stream.send_buffer == LOCAL_SNDBUF
+        finally:
+            stream.close()
+            peer.close()
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("value", [64 << 10, 0, True, "131072", 131072.0])
+def test_a_local_send_buffer_too_small_or_not_a_size_is_refused(value):
+    with pytest.raises(ValueError, match=r"local_sndbuf: expected None or at least 131072 bytes"):
+        kvwire.SocketOptions(local_sndbuf=value)
+
+
 def test_threads_carry_their_names_into_the_kernel(receiver_for):
     """top -H, perf and py-spy read a thread's kernel name: each kvwire thread sets its own."""
     if not os.path.exists("/proc/self/task"):

@@ -38,6 +38,7 @@ from kvwire.bench.procstats import cpu_seconds, machine_delta, machine_ticks, re
 from kvwire.engine.receiver import DEFAULT_SLOT_BYTES
 from kvwire.engine.sender import DEFAULT_MAX_STREAMS, DEFAULT_STREAMS
 from kvwire.sharding import decode_ranks_served
+from kvwire.transport.tcp import LOCAL_SNDBUF_MIN
 from kvwire.tuning import tune_malloc
 
 
@@ -54,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="tcp", choices=["tcp", "ucx"], help="byte mover: tcp, or ucx (UCXX)")
     p.add_argument("--chunk-kib", type=int, default=None,
                    help="target frame payload in KiB (default: 2048, or 4096 on a short path)")  # fmt: skip
+    p.add_argument("--local-sndbuf-kib", type=int, default=None,
+                   help="send buffer of each connection to this host, in KiB (default: the library's, 128; 0: the "
+                        "kernel's autotuning, as before it)")  # fmt: skip
     p.add_argument("--encode-threads", type=int, default=1, help="sender threads for CPU codecs (default 1)")
     p.add_argument("--exact-tokens", type=int, default=0,
                    help="first tokens of each request sent raw with a lossy codec (default 0)")  # fmt: skip
@@ -102,12 +106,24 @@ def chunk_bytes(args: argparse.Namespace) -> int | None:
     return None if args.chunk_kib is None else args.chunk_kib << 10
 
 
+def socket_options(args: argparse.Namespace) -> kvwire.SocketOptions:
+    """The sender's socket options: the library's, but for ``--local-sndbuf-kib``."""
+    kib = getattr(args, "local_sndbuf_kib", None)
+    if kib is None:
+        return kvwire.SocketOptions()
+    return kvwire.SocketOptions(local_sndbuf=(kib << 10) or None)
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     profiles.get(args.profile)
     kvwire.codec.get(args.codec)
     for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib", "encode_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    kib = getattr(args, "local_sndbuf_kib", None)
+    if kib is not None and kib != 0 and kib < LOCAL_SNDBUF_MIN >> 10:
+        raise ValueError(f"--local-sndbuf-kib: 0 (the kernel's autotuning) or at least {LOCAL_SNDBUF_MIN >> 10}, "
+                         f"got {kib}")  # fmt: skip
     if args.exact_tokens < 0:
         raise ValueError(f"--exact-tokens: must be 0 or more, got {args.exact_tokens}")
     if args.layer_ms < 0:
@@ -277,7 +293,7 @@ def sender_main(
     options = dict(
         secret=secret, kv_caches=src, streams=args.streams, codec=args.codec, chunk_bytes=chunk_bytes(args),
         transport=args.transport, encode_threads=args.encode_threads, exact_tokens=args.exact_tokens, tls=tls,
-        checksum=getattr(args, "checksum", None), max_streams=args.max_streams,
+        checksum=getattr(args, "checksum", None), max_streams=args.max_streams, socket_options=socket_options(args),
     )  # fmt: skip
     kind = kvwire.ShardedSender if sharded(args) else kvwire.Sender
     tx = kind(layout, address, **options)

@@ -76,6 +76,7 @@ def build(args, layout, rounds, baselines, singles, overlap, sender_stats, rss) 
         "connections": [
             {
                 "bytes_sent": c["bytes_sent"],  # every round and the handshake, frame headers included
+                "send_buffer": c.get("send_buffer"),  # SO_SNDBUF asked for; None: autotuned (or UCX)
                 "tcp": c["tcp"],
                 "path": c.get("path", "host memory"),
             }  # fmt: skip
@@ -257,7 +258,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
                  f"{report['data_frames_per_send']:.2f} DATA frames per send; "
                  f"chunks of {(report.get('chunk_bytes') or 0) / 2**20:.2f} MiB; "
                  f"receive lane {lane_share(report)}; "
-                 f"destination blocks {report.get('destination', 'reverse')}"))  # fmt: skip
+                 f"destination blocks {report.get('destination', 'reverse')}; "
+                 f"send buffer {send_buffers(report)}"))  # fmt: skip
     st = report["staging"]["receiver"]
     ranks = report.get("tensor_parallel", {}).get("decode", 1)
     rows.append((
@@ -288,6 +290,13 @@ def connection_rows(report: dict) -> list[list[object]]:
 
 
 CONNECTION_HEADERS = ("conn", "MiB sent", "rtt ms", "cwnd", "retrans", "delivery GB/s")
+
+
+def send_buffers(report: dict) -> str:
+    """The sender's connections' SO_SNDBUF, as asked for (SocketOptions.local_sndbuf on
+    this host), or "autotuned" where the kernel sizes it."""
+    sizes = sorted({c.get("send_buffer") for c in report["connections"]}, key=lambda b: b or 0)
+    return ", ".join("autotuned" if b is None else f"{b >> 10} KiB" for b in sizes) or "none"
 
 
 def lane_share(report: dict) -> str:
