@@ -25,6 +25,10 @@ prefill rank, a ``ShardedSender``, as ``kvwire-bench loopback --prefill-tp 1 --d
 D``); ``--streams`` connections go to each; the receivers are reported one by one, each
 per GB it received.
 
+``--local-sndbuf-kib N`` sets the sender's send buffer on loopback (0: the kernel's
+autotuning, as before ``SocketOptions.local_sndbuf``); with ``--plain``, plain sockets'
+senders get the same buffer, to ask whether they would gain as much.
+
 ``--perf`` also samples every CPU with ``perf record -a`` over the same rounds and
 prints CPU s/GB by kind of thread (``tx``: sender, ``rx``: receiver) and by what ran
 (the interpreter, the kernel's copies, work with interrupts off, ...; see
@@ -53,6 +57,7 @@ from kvwire.bench.fixture import memory_views
 from kvwire.bench.loopback import receiver_slot_bytes
 from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
 from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
+from kvwire.transport.tcp import LOCAL_SNDBUF_MIN
 
 SECRET = "thread-cpu-benchmark"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -185,6 +190,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4, help="TCP connections (fixed)")
     parser.add_argument("--checksum", choices=("crc32c", "none"), default="crc32c")
     parser.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_BYTES >> 10, help="target frame payload")
+    parser.add_argument("--local-sndbuf-kib", type=int, default=None,
+                        help="the sender's SO_SNDBUF on loopback in KiB (default: the library's; 0: the kernel's "
+                             "autotuning); with --plain, set on plain sockets' senders too")  # fmt: skip
     parser.add_argument(
         "--source",
         choices=("forward", "reverse"),
@@ -209,6 +217,9 @@ def main() -> None:
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4 or args.decode_tp < 1:
         parser.error("--rounds must be at least 2, --tokens, --streams and --decode-tp at least 1, --chunk-kib at "
                      "least 4")  # fmt: skip
+    kib = args.local_sndbuf_kib
+    if kib is not None and kib != 0 and kib < LOCAL_SNDBUF_MIN >> 10:
+        parser.error(f"--local-sndbuf-kib: 0 (the kernel's autotuning) or at least {LOCAL_SNDBUF_MIN >> 10}")
     if args.plain and args.decode_tp > 1:
         parser.error("--plain: one receiver only (plain sockets know no heads)")
     if args.perf and (why := perf_split.available()) is not None:
@@ -230,8 +241,9 @@ def main() -> None:
     address = addresses[0]
     round_bytes = args.tokens * layout.bytes_per_token()
     tx: kvwire.Sender | kvwire.ShardedSender | None = None
+    sockets = kvwire.SocketOptions() if kib is None else kvwire.SocketOptions(local_sndbuf=(kib << 10) or None)
     options = dict(secret=SECRET, kv_caches=caches, streams=args.streams, max_streams=args.streams,
-                   checksum=args.checksum, chunk_bytes=args.chunk_kib << 10)  # fmt: skip
+                   checksum=args.checksum, chunk_bytes=args.chunk_kib << 10, socket_options=sockets)  # fmt: skip
     if args.decode_tp > 1:
         tx = kvwire.ShardedSender(layout, addresses, **options)
     elif not args.plain:
@@ -246,7 +258,8 @@ def main() -> None:
                 profile.start()
             start, usage0, t0, machine0 = per_thread(), process_usage(), time.monotonic(), machine_ticks()
         if tx is None:
-            baselines.send(address, args.streams, round_bytes, "cache", memory_views(caches))
+            baselines.send(address, args.streams, round_bytes, "cache", memory_views(caches),
+                           sndbuf=(kib << 10) if kib else None)  # fmt: skip
             continue
         order = list(range(blocks)) if args.source == "forward" else list(reversed(range(blocks)))
         transfer = tx.transfer(f"round-{r}", order, args.tokens, deadline=600)

@@ -49,7 +49,10 @@ def test_samples_become_cpu_seconds_per_gb_by_kind_and_category():
     assert text.splitlines()[0].split()[-1] == "all"
 
 
-@pytest.mark.parametrize("mode", [[], ["--plain"], ["--decode-tp", "2"]])
+@pytest.mark.parametrize(
+    "mode",
+    [[], ["--plain"], ["--decode-tp", "2"], ["--local-sndbuf-kib", "0"], ["--plain", "--local-sndbuf-kib", "256"]],
+)
 def test_thread_cpu_runs_small_transfers_both_ways(mode, tmp_path):
     import json
 
@@ -251,6 +254,12 @@ def test_thread_cpu_refuses_plain_sockets_to_several_decode_ranks():
     out = subprocess.run([sys.executable, str(BENCH / "thread_cpu.py"), "--plain", "--decode-tp", "2"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "--plain: one receiver only" in out.stderr
+
+
+def test_thread_cpu_refuses_a_send_buffer_that_would_stall():
+    out = subprocess.run([sys.executable, str(BENCH / "thread_cpu.py"), "--local-sndbuf-kib", "64"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "--local-sndbuf-kib: 0 (the kernel's autotuning) or at least 128" in out.stderr
 
 
 def test_checksum_speed_times_both_implementations_and_checks_after_receiving():

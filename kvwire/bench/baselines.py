@@ -122,9 +122,14 @@ def receive(listener: socket.socket, streams: int, nbytes: int, kind: str, memor
     return {"cpu_s": cpu_seconds() - cpu0}
 
 
-def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHECKED_PIECE) -> dict:
-    """The sending half of :func:`receive`."""
+def send(address, streams: int, nbytes: int, kind: str, memory, piece: int = CHECKED_PIECE,
+         sndbuf: int | None = None) -> dict:  # fmt: skip
+    """The sending half of :func:`receive`; ``sndbuf``: each socket's SO_SNDBUF (None: the
+    kernel's autotuning, as the targets define the baselines)."""
     socks = [socket.create_connection(tuple(address)) for _ in range(streams)]
+    if sndbuf is not None:
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     hot = memoryview(bytearray(os.urandom(BUFFER)))
     cpu0, machine0 = cpu_seconds(), machine_ticks()
 
