@@ -54,10 +54,9 @@ import torch
 import kvwire
 from kvwire.bench import baselines, profiles
 from kvwire.bench.fixture import memory_views
-from kvwire.bench.loopback import receiver_slot_bytes
+from kvwire.bench.loopback import receiver_slot_bytes, socket_options
 from kvwire.bench.procstats import machine_delta, machine_split, machine_ticks
 from kvwire.engine.sender import DEFAULT_CHUNK_BYTES
-from kvwire.transport.tcp import LOCAL_SNDBUF_MIN
 
 SECRET = "thread-cpu-benchmark"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -217,9 +216,10 @@ def main() -> None:
     if args.rounds < 2 or args.tokens < 1 or args.streams < 1 or args.chunk_kib < 4 or args.decode_tp < 1:
         parser.error("--rounds must be at least 2, --tokens, --streams and --decode-tp at least 1, --chunk-kib at "
                      "least 4")  # fmt: skip
-    kib = args.local_sndbuf_kib
-    if kib is not None and kib != 0 and kib < LOCAL_SNDBUF_MIN >> 10:
-        parser.error(f"--local-sndbuf-kib: 0 (the kernel's autotuning) or at least {LOCAL_SNDBUF_MIN >> 10}")
+    try:
+        sockets = socket_options(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.plain and args.decode_tp > 1:
         parser.error("--plain: one receiver only (plain sockets know no heads)")
     if args.perf and (why := perf_split.available()) is not None:
@@ -241,7 +241,6 @@ def main() -> None:
     address = addresses[0]
     round_bytes = args.tokens * layout.bytes_per_token()
     tx: kvwire.Sender | kvwire.ShardedSender | None = None
-    sockets = kvwire.SocketOptions() if kib is None else kvwire.SocketOptions(local_sndbuf=(kib << 10) or None)
     options = dict(secret=SECRET, kv_caches=caches, streams=args.streams, max_streams=args.streams,
                    checksum=args.checksum, chunk_bytes=args.chunk_kib << 10, socket_options=sockets)  # fmt: skip
     if args.decode_tp > 1:
@@ -259,7 +258,7 @@ def main() -> None:
             start, usage0, t0, machine0 = per_thread(), process_usage(), time.monotonic(), machine_ticks()
         if tx is None:
             baselines.send(address, args.streams, round_bytes, "cache", memory_views(caches),
-                           sndbuf=(kib << 10) if kib else None)  # fmt: skip
+                           sndbuf=sockets.local_sndbuf if args.local_sndbuf_kib is not None else None)  # fmt: skip
             continue
         order = list(range(blocks)) if args.source == "forward" else list(reversed(range(blocks)))
         transfer = tx.transfer(f"round-{r}", order, args.tokens, deadline=600)

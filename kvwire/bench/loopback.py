@@ -107,10 +107,14 @@ def chunk_bytes(args: argparse.Namespace) -> int | None:
 
 
 def socket_options(args: argparse.Namespace) -> kvwire.SocketOptions:
-    """The sender's socket options: the library's, but for ``--local-sndbuf-kib``."""
+    """The sender's socket options: the library's, but for ``--local-sndbuf-kib`` (0: the
+    kernel's autotuning). Raises ValueError naming the flag for a size that would stall."""
     kib = getattr(args, "local_sndbuf_kib", None)
     if kib is None:
         return kvwire.SocketOptions()
+    if kib != 0 and kib < LOCAL_SNDBUF_MIN >> 10:
+        raise ValueError(f"--local-sndbuf-kib: 0 (the kernel's autotuning) or at least {LOCAL_SNDBUF_MIN >> 10}, "
+                         f"got {kib}")  # fmt: skip
     return kvwire.SocketOptions(local_sndbuf=(kib << 10) or None)
 
 
@@ -120,10 +124,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("tokens", "requests", "rounds", "streams", "chunk_kib", "staging_mib", "encode_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    kib = getattr(args, "local_sndbuf_kib", None)
-    if kib is not None and kib != 0 and kib < LOCAL_SNDBUF_MIN >> 10:
-        raise ValueError(f"--local-sndbuf-kib: 0 (the kernel's autotuning) or at least {LOCAL_SNDBUF_MIN >> 10}, "
-                         f"got {kib}")  # fmt: skip
+    socket_options(args)  # its own message for --local-sndbuf-kib
     if args.exact_tokens < 0:
         raise ValueError(f"--exact-tokens: must be 0 or more, got {args.exact_tokens}")
     if args.layer_ms < 0:
