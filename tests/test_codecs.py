@@ -868,6 +868,10 @@ def test_encode_into_refuses_an_output_of_another_size_and_codecs_without_it():
     assert not int4.encodes_into(spec) and not int4.decodes_into(spec)
     with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes gathered rows only"):
         int4.encode_into(spans, spec, np.zeros(64, dtype=np.uint8))
+    int4h = kvwire.codec.get("int4h")  # its keys are int4 key groups: gathered, not coded where they lie
+    assert not int4h.encodes_into(spec)
+    with pytest.raises(NotImplementedError, match="codec 'int4h.*' encodes gathered keys only"):
+        int4h.encode_into(spans, spec, np.zeros(int4h.encoded_size(spec), dtype=np.uint8))
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")

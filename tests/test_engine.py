@@ -950,3 +950,35 @@ def test_finish_returns_once_the_sender_holds_no_record_of_the_transfer(receiver
             tx.send(f"r{i}", [10, 11], 2 * layout.block_size, timeout=30)
             assert tx.census() == {"transfers": 0, "inflight_chunks": 0, "queued_chunks": 0, "begun_tags": 0}
             h.wait(timeout=10)
+
+
+def test_finish_returns_within_its_bound_when_the_records_are_never_dropped(receiver_for, monkeypatch):
+    """finish() waits for the ended transfer's records to be dropped, but at most
+    FORGET_WAIT_S: a drop that never comes (a bug, a lock held elsewhere) costs the caller
+    that bound, not a hang, and the statistics still come back."""
+    import threading
+    import time
+
+    from kvwire.engine import sender as sender_module
+
+    forget, release = sender_module.Sender._forget, threading.Event()
+
+    def stuck_forget(self, handle):
+        release.wait(30)
+        forget(self, handle)
+
+    monkeypatch.setattr(sender_module, "FORGET_WAIT_S", 0.3)
+    monkeypatch.setattr(sender_module.Sender, "_forget", stuck_forget)
+    layout = LAYOUTS["gqa"]
+    rx, _ = receiver_for(layout)
+    with sender(layout, rx, filled(layout, 64, seed=6)) as tx:
+        try:
+            h = rx.expect("stuck", [1, 2], 2 * layout.block_size)
+            t0 = time.monotonic()
+            stats = tx.send("stuck", [10, 11], 2 * layout.block_size, timeout=30)
+            waited = time.monotonic() - t0
+            h.wait(timeout=10)
+        finally:
+            release.set()
+    assert stats["chunks"] > 0
+    assert 0.3 <= waited < 5, waited
