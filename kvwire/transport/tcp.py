@@ -42,7 +42,7 @@ WAITALL_MIN = 64 * 1024  # reads this large wait for all their bytes in one call
 MAX_OUTBOX_BYTES = 1 << 20
 LOCAL_SNDBUF = 128 << 10  # SocketOptions.local_sndbuf: a connection to this host
 # Below this, a loopback connection (64 KiB segments) holds under two segments in flight,
-# and the receiver's delayed acknowledgements pace it: 32 KiB moved about 2 MB/s.
+# and the receiver's delayed acknowledgements pace it: 32 KiB moved about 1.5 MB/s.
 LOCAL_SNDBUF_MIN = 128 << 10
 
 
