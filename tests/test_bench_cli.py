@@ -200,6 +200,10 @@ def test_loopback_compares_a_sharded_run_with_one_to_one_in_the_same_run(tmp_pat
     cpu = home["cpu_s_per_gb"]
     row = next(line for line in printed.splitlines() if line.startswith("CPU s per GB, 1 -> 1"))
     assert row.split()[-4:] == ["sender", f"{cpu['sender']:.3f},", "receiver", f"{cpu['receiver']:.3f}"]
+    both = report["cpu_s_per_gb"]["sender"] + report["cpu_s_per_gb"]["receiver"]
+    assert home["cpu_ratio"] == pytest.approx((cpu["sender"] + cpu["receiver"]) / both)
+    row = next(line for line in printed.splitlines() if line.startswith("sharded / 1 -> 1, by CPU"))
+    assert row.split("by CPU", 1)[1].split()[0] == f"{home['cpu_ratio']:.3f}"
 
 
 def test_loopback_with_layer_pacing_reports_both_exposed_latencies(tmp_path):

@@ -147,6 +147,10 @@ def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args, home_st
     errors = [received["error"] for _, received in homes if received["error"]]
     verified = None if home_args.no_verify else (not errors and all(r["verified"] for _, r in homes))
     gb_moved = sum(sent["wire_bytes"] for sent, _ in homes) / 1e9
+    cpu = {
+        "sender": sum(sent["cpu_s"] for sent, _ in homes) / gb_moved,
+        "receiver": sum(received["cpu_s"] for _, received in homes) / gb_moved,
+    }
     return {
         "streams": home_args.streams,
         "connections_at_end": home_stats["streams_policy"]["connections"],
@@ -158,10 +162,10 @@ def homogeneous(report: dict, homes: list[tuple[dict, dict]], home_args, home_st
         # best round over best round; and round by round, each sharded round with the 1 -> 1 one after it
         "ratio": report["effective_gb_per_s"] / max(by_round),
         "ratio_by_round": [a / b for a, b in zip(report["effective_gb_per_s_by_round"], by_round)],
-        "cpu_s_per_gb": {
-            "sender": sum(sent["cpu_s"] for sent, _ in homes) / gb_moved,
-            "receiver": sum(received["cpu_s"] for _, received in homes) / gb_moved,
-        },
+        "cpu_s_per_gb": cpu,
+        # both sides' CPU per GB, 1 -> 1's over the sharded run's: with both sides on one machine and
+        # no core idle, throughput goes as the inverse of CPU per GB, so "ratio" follows this
+        "cpu_ratio": sum(cpu.values()) / sum(report["cpu_s_per_gb"].values()),
         "machine_cpu": summed_split([sent for sent, _ in homes]),
     }
 
@@ -242,6 +246,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     if "homogeneous" in report:  # where the sharded run's extra CPU is: the side that splits heads
         home_cpu = report["homogeneous"]["cpu_s_per_gb"]
         rows.append(("CPU s per GB, 1 -> 1", f"sender {home_cpu['sender']:.3f}, receiver {home_cpu['receiver']:.3f}"))
+        by_cpu = report["homogeneous"]["cpu_ratio"]
+        rows.append(("sharded / 1 -> 1, by CPU", f"{by_cpu:.3f} (both sides' CPU per GB, 1 -> 1's over the "
+                     "sharded run's: what the throughput ratio follows while no core is idle)"))  # fmt: skip
     machine = {k: v for k, v in report["machine_cpu"].items() if v}
     if report.get("homogeneous", {}).get("machine_cpu"):
         machine["1 -> 1"] = report["homogeneous"]["machine_cpu"]
