@@ -426,10 +426,14 @@ def test_gpu_check_lists_every_gpu_test_and_runs_on_the_host_emulation():
     root = Path(__file__).resolve().parents[1]
     script = str(root / "bench" / "gpu_check")
     listed = subprocess.run([sys.executable, script, "--list"], capture_output=True, text=True, check=True).stdout
-    for part in ("env", "compile", "load", "tests", "timings", "sanitizer"):
+    for part in ("env", "compile", "load", "tests", "timings", "sanitizer", "sharded"):
         assert re.search(rf"^  {part} ", listed, re.M), part
     gpu_tests = re.findall(r"^def (test_\w+)", (root / "tests" / "test_gpu.py").read_text(), re.M)
     assert gpu_tests and [t for t in gpu_tests if f"[{t}]" not in listed] == []
     dry = subprocess.run([sys.executable, script, "--dry-run"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "workload: " in dry.stdout and "crc32c 64 KiB" in dry.stdout
+    # the sharded part: both directions ran, verified, and their rows reached the table
+    assert re.search(r"^sharded \(256 tokens\)\s+pass ", dry.stdout, re.M), dry.stdout[-2000:]
+    assert re.search(r"^1 -> 2 +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+  [0-9.]+, [0-9.]+$", dry.stdout, re.M)
+    assert re.search(r"^2 -> 1 +[0-9.]+", dry.stdout, re.M)
