@@ -2832,6 +2832,310 @@ done:
     return result;
 }
 
+/* int4 (kvwire/codec/int4.py): value groups (rows of ``g`` values, one fp16 scale and
+ * zero-point each) encoded in one pass, and both kinds of group decoded straight into a
+ * cache's rows. fp16 conversions are done on the bits: half_bits rounds a finite fp32 of
+ * at most 65504 in magnitude to nearest, ties to even (the parameters are clamped to that
+ * range first, as the format says), half_value widens any fp16 exactly. */
+static inline uint16_t half_bits(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ab = x & 0x7FFFFFFFu;
+    if (ab < 0x38800000u) { /* below 2^-14: a subnormal fp16 (or zero), steps of 2^-24 */
+        float a;
+        memcpy(&a, &ab, 4);
+        return (uint16_t)(sign | (uint32_t)((a * 16777216.0f + ROUNDER) - ROUNDER)); /* 1024 is 2^-14's bits */
+    }
+    const uint32_t r = ab + 0xFFFu + ((ab >> 13) & 1u); /* the 13 bits below the 10 kept rounded off */
+    return (uint16_t)(sign | ((r >> 13) - (112u << 10)));  /* exponent bias 127 -> 15 */
+}
+
+static inline float half_value(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3FFu;
+    uint32_t bits;
+    if (e == 0) { /* zero or subnormal: m 2^-24, exact in fp32 */
+        float v = (float)m * 5.9604644775390625e-8f;
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else {
+        bits = sign | (e == 31 ? 0x7F800000u : (e + 112u) << 23) | (m << 13); /* inf and NaN keep their payload */
+    }
+    float v;
+    memcpy(&v, &bits, 4);
+    return v;
+}
+
+/* One int4 group's parameters from its finite extremes (lo > hi: none finite), as
+ * int4_params and int4_inverse give them: the fp16 bits of scale and zero, and the fp32
+ * zero and 1 / scale (0 where the scale is not positive) the codes are made with. */
+static inline void int4_group_params(float lo, float hi, uint16_t *scale, uint16_t *zero, float *z, float *inv) {
+    const int none = lo > hi;
+    float mn = (none ? 0.0f : lo) + 0.0f, mx = (none ? 0.0f : hi) + 0.0f; /* + 0: no -0 */
+    mn = mn < -65504.0f ? -65504.0f : mn > 65504.0f ? 65504.0f : mn;
+    *zero = half_bits(mn);
+    *z = half_value(*zero);
+    float s = (mx - *z) / 15.0f;
+    s = s < -65504.0f ? -65504.0f : s > 65504.0f ? 65504.0f : s;
+    *scale = half_bits(s);
+    const float sv = half_value(*scale);
+    *inv = sv > 0.0f ? 1.0f / sv : 0.0f;
+}
+
+/* int4's value rows: each of the ``n`` rows of ``x`` is one group of ``g`` values (fp32,
+ * kind 0, or bf16 bits, kind 1): its scale and zero-point (fp16 bits) and its codes,
+ * clamp(rint((x - z) inv), 0, 15) with NaN -> 0, two per byte, the even one low; ``v``
+ * holds g floats (a row's codes before they are packed). */
+SIMD_CLONES
+static void int4_encode_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t g, uint16_t *scale, uint16_t *zero,
+                             uint8_t *codes, float *v) {
+    const Py_ssize_t vec = g % 8 == 0 ? g : 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_ssize_t row = i * g;
+        v8f lo8 = (v8f){0} + INFINITY, hi8 = (v8f){0} - INFINITY;
+        for (Py_ssize_t j = 0; j < vec; j += 8) {
+            const v8u bits = row_bits8(x, kind, row + j);
+            const v8i finite = (v8i)((bits & 0x7F800000u) != 0x7F800000u);
+            const v8f v = (v8f)bits;
+            lo8 = select8(finite & (v < lo8), v, lo8);
+            hi8 = select8(finite & (v > hi8), v, hi8);
+        }
+        float lo = hmin8(lo8), hi = hmax8(hi8);
+        for (Py_ssize_t j = vec; j < g; j++) {
+            const float v = widen(x, kind, row + j);
+            const int finite = v > -INFINITY && v < INFINITY; /* NaN compares false both ways */
+            lo = finite && v < lo ? v : lo;
+            hi = finite && v > hi ? v : hi;
+        }
+        float z, inv;
+        int4_group_params(lo, hi, scale + i, zero + i, &z, &inv);
+        for (Py_ssize_t j = 0; j < vec; j += 8) {
+            v8f q = ((v8f)row_bits8(x, kind, row + j) - z) * inv;
+            q = min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f); /* NaN and below 0 -> 0 */
+            store8(v + j, (q + ROUNDER) - ROUNDER);
+        }
+        for (Py_ssize_t j = vec; j < g; j++) {
+            float q = (widen(x, kind, row + j) - z) * inv;
+            q = q > 0.0f ? q : 0.0f;
+            q = q < 15.0f ? q : 15.0f;
+            v[j] = (q + ROUNDER) - ROUNDER;
+        }
+        uint8_t *c = codes + row / 2;
+        for (Py_ssize_t j = 0; j < g / 2; j++) c[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
+    }
+}
+
+/* The rows of ``g`` values of ``kind`` in ``len`` bytes, or -1 with a ValueError naming
+ * what is wrong (g even: two codes a byte). */
+static int int4_shape(const char *what, int kind, Py_ssize_t g, Py_ssize_t scale_len, Py_ssize_t zero_len,
+                      Py_ssize_t code_len, Py_ssize_t rows) {
+    if (g % 2 == 0 && scale_len == rows * 2 && zero_len == rows * 2 && code_len == rows * (g / 2)) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: rows of g values, g even, fp32 (kind 0) or bf16 (kind 1), scale and zero "
+                 "fp16 bits [N], codes uint8 [N, g / 2]; got %zd rows, g %zd, kind %d, %zd scale bytes, %zd zero "
+                 "bytes, %zd code bytes", what, rows, g, kind, scale_len, zero_len, code_len);
+    return -1;
+}
+
+/* int4_quantize(x, kind, g, scale, zero, codes): int4's value groups of contiguous rows
+ * ``x`` [N, g] (fp32, kind 0, or bf16 bits, kind 1): scale and zero fp16 bits [N], codes
+ * uint8 [N, g / 2], the bytes int4.py's torch path gives (tests/test_codecs.py). */
+static PyObject *py_int4_quantize(PyObject *self, PyObject *args) {
+    PyObject *objs[4];
+    Py_ssize_t g;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OinOOO", &objs[0], &kind, &g, &objs[1], &objs[2], &objs[3])) return NULL;
+    Py_buffer held[4];
+    if (get_buffers(objs, held, 4, 1) < 0) return NULL;
+    PyObject *result = NULL;
+    if (kind_and_d("int4_quantize", kind, g) < 0) goto done;
+    const Py_ssize_t item = kind == 1 ? 2 : 4, rows = held[0].len / (item * g);
+    if (held[0].len != rows * item * g) {
+        PyErr_Format(PyExc_ValueError, "int4_quantize: x holds %zd bytes, not whole rows of %zd values of kind %d",
+                     held[0].len, g, kind);
+        goto done;
+    }
+    if (int4_shape("int4_quantize", kind, g, held[1].len, held[2].len, held[3].len, rows) < 0) goto done;
+    float *v = PyMem_Malloc((size_t)g * sizeof(float));
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    int4_encode_rows(held[0].buf, kind, rows, g, held[1].buf, held[2].buf, held[3].buf, v);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(v);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 4);
+    return result;
+}
+
+/* int4_quantize_spans(iov, kind, g, scale, zero, codes): int4_quantize of rows that lie in
+ * spans (a cache's blocks or tokens, each span whole rows of g values), read where they
+ * lie: no gathered copy of the chunk first. */
+static PyObject *py_int4_quantize_spans(PyObject *self, PyObject *args) {
+    PyObject *objs[3], *iov_obj;
+    Py_ssize_t g;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OinOOO", &iov_obj, &kind, &g, &objs[0], &objs[1], &objs[2])) return NULL;
+    Py_buffer view, held[3];
+    struct iovec *iov;
+    size_t count;
+    if (get_iov(iov_obj, &view, &iov, &count) < 0) return NULL;
+    if (get_buffers(objs, held, 3, 0) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (kind_and_d("int4_quantize_spans", kind, g) < 0) goto done;
+    const Py_ssize_t rows = span_rows("int4_quantize_spans", iov, count, kind, g);
+    if (rows < 0 || int4_shape("int4_quantize_spans", kind, g, held[0].len, held[1].len, held[2].len, rows) < 0)
+        goto done;
+    float *v = PyMem_Malloc((size_t)g * sizeof(float));
+    if (v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)g;
+    uint16_t *scale = held[0].buf, *zero = held[1].buf;
+    uint8_t *codes = held[2].buf;
+    for (size_t i = 0, r = 0; i < count; r += iov[i].iov_len / row, i++)
+        int4_encode_rows(iov[i].iov_base, kind, (Py_ssize_t)(iov[i].iov_len / row), g, scale + r, zero + r,
+                         codes + r * (size_t)(g / 2), v);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(v);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 3);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* Rows [first, first + n) of an int4 chunk of ``heads`` rows a token, ``d`` values a row,
+ * decoded into ``out`` (fp32, kind 0, or bf16 bits, kind 1): x' = float(code) s + z, two
+ * roundings, then the cache dtype (nearest, ties to even; every NaN the canonical one).
+ * Keys (``key_rows`` > 0): the parameters of [t / key_rows, head, channel], widened into
+ * ``work`` (2 heads d floats) once a group; values: those of each run of ``g`` values.
+ * ``work`` then holds d more floats: the row in fp32. */
+SIMD_CLONES
+static void int4_decode_rows(const uint8_t *codes, const uint8_t *scale, const uint8_t *zero, Py_ssize_t first,
+                             Py_ssize_t n, Py_ssize_t heads, Py_ssize_t d, Py_ssize_t g, Py_ssize_t key_rows,
+                             float *work, void *out, int kind) {
+    const uint32_t nan_bits = 0x7FC00000u; /* every NaN written as this one (kvwire/codec/base.py) */
+    float canonical_nan, *y = work + 2 * heads * d;
+    memcpy(&canonical_nan, &nan_bits, 4);
+    Py_ssize_t widened = -1; /* the key group whose parameters are in ``work`` */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const Py_ssize_t r = first + i;
+        const uint8_t *c = codes + r * (d / 2);
+        for (Py_ssize_t j = 0; j < d / 2; j++) {
+            y[2 * j] = (float)(c[j] & 0x0F);
+            y[2 * j + 1] = (float)(c[j] >> 4);
+        }
+        if (key_rows) {
+            const Py_ssize_t group = r / heads / key_rows;
+            if (group != widened) {
+                const Py_ssize_t at = group * heads * d;
+                for (Py_ssize_t k = 0; k < heads * d; k++) {
+                    uint16_t hs, hz;
+                    memcpy(&hs, scale + 2 * (at + k), 2);
+                    memcpy(&hz, zero + 2 * (at + k), 2);
+                    work[k] = half_value(hs);
+                    work[heads * d + k] = half_value(hz);
+                }
+                widened = group;
+            }
+            const float *s = work + (r % heads) * d, *z = s + heads * d;
+            for (Py_ssize_t j = 0; j < d; j++) y[j] = y[j] * s[j] + z[j];
+        } else {
+            for (Py_ssize_t q = 0; q < d / g; q++) {
+                uint16_t hs, hz;
+                memcpy(&hs, scale + 2 * (r * (d / g) + q), 2);
+                memcpy(&hz, zero + 2 * (r * (d / g) + q), 2);
+                const float s = half_value(hs), z = half_value(hz);
+                for (Py_ssize_t j = q * g; j < (q + 1) * g; j++) y[j] = y[j] * s + z;
+            }
+        }
+        if (kind == 1) {
+            uint16_t *to = (uint16_t *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) to[j] = float_to_bf16(y[j]);
+        } else {
+            float *to = (float *)out + i * d;
+            for (Py_ssize_t j = 0; j < d; j++) to[j] = y[j] == y[j] ? y[j] : canonical_nan;
+        }
+    }
+}
+
+/* int4_dequantize(codes, scale, zero, heads, d, g, key_rows, out, kind, spans=None): an
+ * int4 chunk of N rows (``heads`` a token, ``d`` values each) decoded: ``codes`` uint8
+ * [N, d / 2], ``scale`` and ``zero`` fp16 bytes, [ceil(T / key_rows), heads, d] for keys
+ * (key_rows > 0) or [N, d / g] for values (key_rows 0); ``out`` fp32 (kind 0) or bf16 bits
+ * (kind 1) [N, d], or with ``spans`` (an iov array taking exactly the decoded rows) a work
+ * buffer of at least a row, written a piece at a time and copied out as fp8_dequantize's. */
+static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
+    PyObject *objs[4], *spans_obj = Py_None;
+    Py_ssize_t heads, d, g, key_rows;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OOOnnnnOi|O", &objs[0], &objs[1], &objs[2], &heads, &d, &g, &key_rows, &objs[3],
+                          &kind, &spans_obj))
+        return NULL;
+    OutSpans spans;
+    Py_buffer held[4];
+    if (decoder_args(objs, spans_obj, held, &spans) < 0) return NULL;
+    PyObject *result = NULL;
+    if (kind_and_d("int4_dequantize", kind, d) < 0) goto done;
+    const Py_ssize_t item = kind == 1 ? 2 : 4, n = d % 2 ? 0 : held[0].len / (d / 2);
+    const size_t total = spans.total;
+    const int spilled = spans.given;
+    int ok = d % 2 == 0 && heads > 0 && heads <= PY_SSIZE_T_MAX / d && key_rows >= 0 && n * (d / 2) == held[0].len &&
+             n % heads == 0;
+    if (ok) {
+        const Py_ssize_t groups = key_rows ? (n / heads + key_rows - 1) / key_rows * heads * d
+                                           : (g > 0 && d % g == 0 ? n * (d / g) : -1);
+        ok = groups >= 0 && held[1].len == groups * 2 && held[2].len == groups * 2 &&
+             (spilled ? held[3].len >= d * item && total == (size_t)(n * d * item) : held[3].len == n * d * item);
+    }
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "int4_dequantize: codes uint8 [N, d / 2] with N a multiple of heads, scale and "
+                     "zero fp16 [ceil(N / heads / key_rows), heads, d] (keys) or [N, d / g] (values, key_rows 0), out "
+                     "fp32 (kind 0) or bf16 bits (kind 1) [N, d] (with spans: at least a row, the spans taking [N, d]);"
+                     " got %zd code bytes, heads %zd, d %zd, g %zd, key_rows %zd, %zd scale bytes, %zd zero bytes, %zd "
+                     "out bytes, kind %d, %zu span bytes", held[0].len, heads, d, g, key_rows, held[1].len,
+                     held[2].len, held[3].len, kind, total);
+        goto done;
+    }
+    if (n == 0) { /* nothing to decode; ``heads`` is then bounded by nothing, so allocate nothing */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    float *sz = PyMem_Malloc((2 * (size_t)heads + 1) * (size_t)d * sizeof(float)); /* int4_decode_rows' work */
+    if (sz == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (!spilled) {
+        int4_decode_rows(held[0].buf, held[1].buf, held[2].buf, 0, n, heads, d, g, key_rows, sz, held[3].buf, kind);
+    } else { /* a piece of rows at a time in ``out``, in cache, then out to the spans */
+        const Py_ssize_t room = held[3].len / (d * item);
+        SpanCursor at = {spans.iov, 0, 0};
+        for (Py_ssize_t r = 0; r < n; r += room) {
+            const Py_ssize_t rows = n - r < room ? n - r : room;
+            int4_decode_rows(held[0].buf, held[1].buf, held[2].buf, r, rows, heads, d, g, key_rows, sz, held[3].buf,
+                             kind);
+            spill(&at, held[3].buf, (size_t)(rows * d * item));
+        }
+        store_fence();
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(sz);
+    result = Py_NewRef(Py_None);
+done:
+    out_spans_release(&spans);
+    release_buffers(held, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"rot_stats", py_rot_stats, METH_VARARGS, "rot_stats(x, kind, d, e, mn, mx): rotated rows' exponents and ranges."},
     {"rot_quantize", py_rot_quantize, METH_VARARGS, "rot_quantize(x, kind, d, mode, inv, z, out): rotated rows' codes."},
@@ -2840,6 +3144,11 @@ static PyMethodDef methods[] = {
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
     {"fp8_quantize_spans", py_fp8_quantize_spans, METH_VARARGS,
      "fp8_quantize_spans(iov, kind, d, scale, codes): fp8 rows encoded where they lie."},
+    {"int4_quantize", py_int4_quantize, METH_VARARGS, "int4_quantize(x, kind, g, scale, zero, codes): int4 value groups."},
+    {"int4_quantize_spans", py_int4_quantize_spans, METH_VARARGS,
+     "int4_quantize_spans(iov, kind, g, scale, zero, codes): int4 value groups encoded where they lie."},
+    {"int4_dequantize", py_int4_dequantize, METH_VARARGS,
+     "int4_dequantize(codes, scale, zero, heads, d, g, key_rows, out, kind, spans=None): int4 rows decoded."},
     {"fp8_dequantize", py_fp8_dequantize, METH_VARARGS,
      "fp8_dequantize(codes, d, scale, table, out, kind, spans=None): fp8 rows decoded (into spans: see the source)."},
     {"rot_dequantize", py_rot_dequantize, METH_VARARGS,

@@ -777,7 +777,17 @@ def test_fp8_encoded_in_c_equals_the_torch_encode(monkeypatch, dtype, head_dim):
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @settings(max_examples=90, deadline=None)
 @given(
-    name=st.sampled_from(["fp8", "int8h", "int4h"]),
+    coded=st.sampled_from(
+        [
+            ("fp8", "v"),
+            ("int8h", "v"),
+            ("int4h", "v"),
+            ("int4h", "k"),
+            ("int4/g32", "v"),
+            ("int4/g32", "k"),
+            ("int4/g64/k64", "k"),
+        ]
+    ),  # fmt: skip
     dtype=st.sampled_from([torch.bfloat16, torch.float32]),
     tokens=st.integers(1, 40),
     heads=st.integers(1, 3),
@@ -787,18 +797,24 @@ def test_fp8_encoded_in_c_equals_the_torch_encode(monkeypatch, dtype, head_dim):
     spill_rows=st.integers(1, 9),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads, head_dim, cuts, gap, spill_rows, seed):
+def test_decoded_into_spans_is_decode_bytes_in_place(
+    coded, dtype, tokens, heads, head_dim, cuts, gap, spill_rows, seed
+):
     """decode_into (a host cache's rows, decoded a few rows at a time and copied out with
-    streaming stores), for fp8 and the rotated rows (int8h, int4h's values): the values
+    streaming stores), for fp8, the rotated rows (int8h, int4h's values) and int4's groups
+    (keys across tokens, partial last groups included; values along the row): the values
     decode_bytes gives, in order, across spans cut anywhere (inside a row, inside a value)
     and pieces of any number of rows; nothing between the spans written."""
     from kvwire.codec import base
 
+    name, role = coded
+    if name.startswith("int4/") and head_dim % 32:
+        head_dim = 32  # int4's value groups are 32 channels at least
     codec = kvwire.codec.get(name)
-    spec = ChunkSpec(tokens, heads, head_dim, dtype, "v")
+    spec = ChunkSpec(tokens, heads, head_dim, dtype, role)
     x = realistic_keys(tokens, heads, head_dim, seed=seed % 1000).to(dtype)
     x[0, 0, 0] = float("nan")
-    wire = codec.encode(x, "v").data
+    wire = codec.encode(x, role).data
     want = bytes(codec.decode_bytes(wire, spec).view(torch.uint8).reshape(-1).numpy())
     total = len(want)
     bounds = sorted({0, total, *(c % (total + 1) for c in cuts)})
@@ -823,7 +839,7 @@ def test_decoded_into_spans_is_decode_bytes_in_place(name, dtype, tokens, heads,
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads", [None, (1, 2), (3, 1)], ids=["whole rows", "heads 1-2", "head 3"])
-@pytest.mark.parametrize("name", ["fp8", "int8h", "int4h"])
+@pytest.mark.parametrize("name", ["fp8", "int8h", "int4h", "int4", "int4/g32"])
 def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, heads):
     """encode_into reads a chunk's rows where they lie in a block cache (runs of blocks, or
     a span per token for some of its heads, from mid-block to a partial last block): the
@@ -831,7 +847,7 @@ def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, 
     from kvwire.scatter import block_spans, token_spans
 
     codec = kvwire.codec.get(name)
-    role = "v" if name == "int4h" else "k"  # int4h codes keys as int4 key groups, gathered
+    role = "v" if name.startswith("int4") else "k"  # int4 and int4h code keys as key groups, gathered
 
     cache = realistic_keys(12 * 16, 4, 64, seed=3).to(dtype).reshape(12, 16, 4, 64).contiguous()
     cache[2, 3, 0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
@@ -864,10 +880,11 @@ def test_encode_into_refuses_an_output_of_another_size_and_codecs_without_it():
             codec.encode_into(spans, coded, np.zeros(size - 1, dtype=np.uint8))
         with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size * 4} float32"):
             codec.encode_into(spans, coded, np.zeros(size, dtype=np.float32))
-    int4 = kvwire.codec.get("int4")
-    assert not int4.encodes_into(spec) and not int4.decodes_into(spec)
-    with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes gathered rows only"):
-        int4.encode_into(spans, spec, np.zeros(64, dtype=np.uint8))
+    int4 = kvwire.codec.get("int4")  # keys grouped across tokens: gathered first; decoded where they lie
+    assert not int4.encodes_into(spec) and int4.decodes_into(spec)
+    with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes gathered keys only"):
+        int4.encode_into(spans, spec, np.zeros(int4.encoded_size(spec), dtype=np.uint8))
+    assert not int4.encodes_into(ChunkSpec(4, 2, 64, torch.float16, "v"))  # the helper writes bf16 and fp32 only
     int4h = kvwire.codec.get("int4h")  # its keys are int4 key groups: gathered, not coded where they lie
     assert not int4h.encodes_into(spec)
     with pytest.raises(NotImplementedError, match="codec 'int4h.*' encodes gathered keys only"):
@@ -1136,3 +1153,109 @@ def test_int4_keys_in_c_equal_the_torch_ones(monkeypatch, dtype, name, T, H, D):
     fast = codec.encode(x, "k").data
     monkeypatch.setattr(int4, "_helper", None)
     assert torch.equal(codec.encode(x, "k").data, fast)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("name", "T", "H", "D"), [("int4", 70, 3, 64), ("int4/g32", 33, 2, 128),
+                                                    ("int4/g128", 5, 1, 128)])  # fmt: skip
+def test_int4_values_in_c_equal_the_torch_ones(monkeypatch, dtype, name, T, H, D):
+    """int4's value groups through kvwire/_scatter.c (int4_quantize: extremes, parameters
+    and codes in one pass) and through torch: the same bytes for every dtype, with special
+    values, a group with no finite value, the dtype's extremes and groups of one value;
+    and decoded, the same values (bf16 and fp32 by the helper, fp16 by torch)."""
+    from kvwire.codec import int4
+
+    codec = kvwire.codec.get(name)
+    x = (realistic_keys(T, H, D, seed=T) * 3).to(dtype)
+    x[0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    x[1, 0, :] = float("nan")  # no finite value: scale and zero 0
+    x[2 % T, H - 1, :] = 0.25  # one value: decodes exactly
+    x[3 % T, 0, 1], x[3 % T, 0, 2] = torch.finfo(dtype).max, -torch.finfo(dtype).max
+    x[4 % T, 0, 5] = torch.finfo(dtype).tiny
+    spec = ChunkSpec(T, H, D, dtype, "v")
+    fast = codec.encode(x, "v").data
+    decoded = codec.decode_bytes(fast, spec)
+    monkeypatch.setattr(int4, "_helper", None)
+    assert torch.equal(codec.encode(x, "v").data, fast)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(codec.decode_bytes(fast, spec).view(bits), decoded.view(bits))
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_int4_parameters_round_to_fp16_as_torch_does_at_every_tie(monkeypatch):
+    """The helper rounds scales and zero-points to fp16 on the bits (half_bits). Every
+    value halfway between two fp16 numbers, normal and subnormal, and the fp32 numbers
+    either side of it, as a group's zero-point (a group of that one value) and as its
+    scale (a group of 0 and 15 times it, so (mx - z) / 15 is exactly that value), up to
+    and past 65504, where the format clamps: the bytes torch's conversion gives."""
+    from kvwire.codec import int4
+
+    finite = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).double()
+    halfway = ((finite[1:] + finite[:-1]) / 2).float()  # exact in fp32: 12 significant bits at most
+    ties = torch.cat([halfway, torch.tensor([65504.0, 65519.0, 65520.0, 1e6])])
+    ties = torch.cat([ties, torch.nextafter(ties, torch.tensor(math.inf)), torch.nextafter(ties, torch.tensor(0.0))])
+    ties = torch.cat([ties, -ties])
+    g = 32
+    zeros = ties.view(-1, 1).expand(-1, g)  # one value per group: its zero-point is that value rounded
+    scales = torch.zeros(ties.numel(), g)
+    scales[:, 1] = ties.abs() * 15  # exact: 16 significant bits at most; the scale is then |tie| rounded
+    x = torch.cat([zeros, scales]).reshape(-1, 1, g)
+    codec = kvwire.codec.get("int4/g32")
+    fast = codec.encode(x, "v").data
+    monkeypatch.setattr(int4, "_helper", None)
+    assert torch.equal(codec.encode(x, "v").data, fast)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("name", "role"), [("int4", "v"), ("int4", "k"), ("int4/g32/k64", "k")])
+def test_int4_any_bytes_decode_in_c_as_in_torch(monkeypatch, dtype, name, role):
+    """Any wire bytes (fp16 scales and zero-points that are NaN, inf or subnormal
+    included) decode through int4_dequantize to the bits torch's decode gives, every NaN
+    the canonical one."""
+    from kvwire.codec import int4
+
+    codec = kvwire.codec.get(name)
+    spec = ChunkSpec(77, 3, 64, dtype, role)
+    wire = torch.randint(
+        0, 256, (codec.encoded_size(spec),), dtype=torch.uint8, generator=torch.Generator().manual_seed(7)
+    )
+    groups = (codec.encoded_size(spec) - spec.numel // 2) // 4
+    params = wire[: groups * 4].view(torch.int16)  # scales, then zero-points
+    params[:4] = torch.tensor([0x7C00, -0x400, 0x7E01, 0x0001], dtype=torch.int32).to(
+        torch.int16
+    )  # inf, -inf, NaN, 2^-24
+    params[groups : groups + 4] = torch.tensor([0x0001, 0x03FF, 0x7C00, -0x8000], dtype=torch.int32).to(torch.int16)
+    wire[groups * 4 :] |= 0x11  # no code 0: inf times a code stays inf
+    fast = codec.decode_bytes(wire, spec)
+    monkeypatch.setattr(int4, "_helper", None)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    slow = codec.decode_bytes(wire, spec)
+    assert torch.isnan(slow).any() and torch.isinf(slow).any()  # the bytes did reach the special cases
+    assert torch.equal(slow.view(bits), fast.view(bits))
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_int4_helper_calls_refuse_shapes_that_do_not_fit():
+    """The helper's int4 entry points check every length before touching memory, and
+    say what they expected."""
+    helper = kvwire.scatter._scatter
+    x = np.zeros((4, 64), dtype=np.float32)
+    scale, zero, codes = np.zeros(4, np.uint16), np.zeros(4, np.uint16), np.zeros(4 * 32, np.uint8)
+    helper.int4_quantize(x, 0, 64, scale, zero, codes)
+    with pytest.raises(ValueError, match="int4_quantize: rows of g values.*got 4 rows, g 64, kind 0, 8 scale bytes, "
+                       "8 zero bytes, 127 code bytes"):  # fmt: skip
+        helper.int4_quantize(x, 0, 64, scale, zero, codes[:127])
+    with pytest.raises(ValueError, match="x holds 1020 bytes, not whole rows of 64 values of kind 0"):
+        helper.int4_quantize(x.reshape(-1)[:255], 0, 64, scale, zero, codes)
+    with pytest.raises(ValueError, match="int4_quantize: kind 0 .fp32. or 1 .bf16."):
+        helper.int4_quantize(x, 2, 64, scale, zero, codes)
+    out = np.zeros((4, 64), dtype=np.float32)
+    helper.int4_dequantize(codes, scale, zero, 2, 64, 64, 0, out, 0)
+    with pytest.raises(ValueError, match="int4_dequantize: .*got 128 code bytes, heads 3, d 64"):
+        helper.int4_dequantize(codes, scale, zero, 3, 64, 64, 0, out, 0)  # 4 rows are not tokens of 3 heads
+    with pytest.raises(ValueError, match="int4_dequantize: .*key_rows 16, 8 scale bytes"):
+        helper.int4_dequantize(codes, scale, zero, 2, 64, 64, 16, out, 0)  # keys: 2 x 64 parameters
+    with pytest.raises(ValueError, match="int4_dequantize: .*16380 out bytes"):
+        helper.int4_dequantize(codes, scale, zero, 2, 64, 64, 0, np.zeros(4095, np.float32), 0)

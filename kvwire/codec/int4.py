@@ -33,7 +33,19 @@ import math
 import numpy as np
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, helper_rows, take, to_cache_dtype
+from kvwire.codec.base import (
+    HELPER_WRITES,
+    ChunkSpec,
+    Codec,
+    as_float32,
+    check_length,
+    check_out,
+    helper_out,
+    helper_rows,
+    helper_spill,
+    take,
+    to_cache_dtype,
+)
 from kvwire.codec.scratch import scratch
 from kvwire.scatter import _scatter as _helper  # the C helper (kvwire/_scatter.c), or None
 
@@ -207,6 +219,11 @@ class Int4Codec(Codec):
         if spec.role == "k":
             encode_key_groups(x3, self.key_group(spec), scales, zeros, packed)
             return out
+        if _helper is not None:  # one pass: each group's extremes, parameters and codes
+            rows, kind = helper_rows(x3.reshape(-1, self.group_size))
+            _helper.int4_quantize(rows, kind, self.group_size, scales.view(torch.int16).numpy(),
+                                  zeros.view(torch.int16).numpy(), packed.view(-1).numpy())  # fmt: skip
+            return out
         xf = as_float32(x3)
         q = scratch("a", (T, H, D))
         g = self.group_size
@@ -219,7 +236,48 @@ class Int4Codec(Codec):
         pack_nibbles(q, packed)
         return out
 
+    def encodes_into(self, spec: ChunkSpec) -> bool:
+        # keys are grouped across tokens: they still go through a gathered copy (encode_key_groups)
+        return _helper is not None and spec.dtype in HELPER_WRITES and spec.role != "k"
+
+    def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
+        self.check(spec)
+        if spec.role == "k":
+            raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered keys only")
+        check_out(out, self.encoded_size(spec))
+        assert self.encodes_into(spec)
+        groups = self._num_groups(spec)
+        _helper.int4_quantize_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, self.group_size,
+                                    out[: groups * 2].view(np.uint16), out[groups * 2 : groups * 4].view(np.uint16),
+                                    out[groups * 4 :])  # fmt: skip
+
+    def decodes_into(self, spec: ChunkSpec) -> bool:
+        return _helper is not None and spec.dtype in HELPER_WRITES
+
+    def _wire(self, data: torch.Tensor, spec: ChunkSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A chunk's (codes, scales, zeros) as bytes, as int4_dequantize takes them, its length checked."""
+        check_length(data, self.encoded_size(spec), self.name)
+        groups = self._num_groups(spec)
+        codes = take(data, groups * 4, spec.numel // 2, "int4 codes").numpy()
+        scales = take(data, 0, groups * 2, "int4 scales").numpy()
+        return codes, scales, take(data, groups * 2, groups * 2, "int4 zeros").numpy()
+
+    def _helper_args(self, spec: ChunkSpec) -> tuple[int, int, int, int]:
+        """int4_dequantize's (heads, d, g, key_rows) for chunks like ``spec``."""
+        keys = self.key_group(spec) if spec.role == "k" else 0
+        return spec.heads, spec.head_dim, self.group_size, keys
+
+    def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
+        if not self.decodes_into(spec):
+            return False
+        _helper.int4_dequantize(*self._wire(data, spec), *self._helper_args(spec), *helper_spill(spec), spans.iov)
+        return True
+
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
+        if self.decodes_into(spec):  # one pass, no temporaries
+            out = torch.empty(spec.shape, dtype=spec.dtype)
+            _helper.int4_dequantize(*self._wire(data, spec), *self._helper_args(spec), *helper_out(out))
+            return out
         check_length(data, self.encoded_size(spec), self.name)
         groups = self._num_groups(spec)
         scale = take(data, 0, groups * 2, "int4 scales").clone().view(torch.float16).float()

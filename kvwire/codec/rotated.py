@@ -389,10 +389,10 @@ class Int4hCodec(Int4Codec):
         return ROWS4.decode(data, spec)
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
-        return spec.role != "k" and _helper is not None and spec.dtype in HELPER_WRITES
+        return _helper is not None and spec.dtype in HELPER_WRITES  # keys: int4's, values: rotated rows
 
     def encodes_into(self, spec: ChunkSpec) -> bool:
-        return self.decodes_into(spec)  # values, latents and states: rotated rows
+        return spec.role != "k" and self.decodes_into(spec)  # values, latents and states: rotated rows
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         self.check(spec)
@@ -401,7 +401,7 @@ class Int4hCodec(Int4Codec):
         ROWS4.encode_into(spans, spec, out)
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
-        if spec.role == "k":  # int4 key groups: decoded and copied
-            return False
+        if spec.role == "k":  # int4 key groups
+            return super()._decode_into(data, spec, spans)
         check_length(data, self.encoded_size(spec), self.name)
         return ROWS4.decode_into(data, spec, spans)

@@ -4,8 +4,9 @@ Sending (cache -> wire), an :class:`Encoder`:
 
 * :class:`HostEncoder`: caches on the CPU (or on a GPU without kernels for the codec):
   ``raw`` from a contiguous CPU cache goes out as views of the cache itself (no copy);
-  a codec that codes rows where they lie (``Codec.encodes_into``: fp8 with the compiled
-  helper) reads them there, straight into a staging slot; anything else is gathered,
+  a codec that codes rows where they lie (``Codec.encodes_into``: with the compiled
+  helper, fp8, int8h, and int4's and int4h's values) reads them there, straight into a
+  staging slot; anything else is gathered,
   then encoded by the codec's CPU reference into a staging slot;
 * :class:`GpuStagedEncoder`: GPU caches with kernels: gather + encode on the side stream,
   then a copy into a pinned slot (and the ``+lz4`` stage on the host);
@@ -17,7 +18,7 @@ Receiving (wire -> cache), a :class:`Placement`:
 * :class:`HostPlacement`: CPU caches: ``raw`` bytes, or the codec's decoded rows, written
   into the blocks by one writer per cache tensor (numpy memcpys for contiguous caches,
   torch for strided views); a codec that decodes into the rows (``Codec.decodes_into``:
-  fp8, int8h and int4h's values with the compiled helper) writes them there itself;
+  with the compiled helper, fp8, int8h, int4 and int4h) writes them there itself;
 * :class:`GpuPlacement`: GPU caches: the payload (in a pinned slot, or already in GPU
   memory) decoded + scattered by the kernels on the side stream; codecs without kernels
   decode on the CPU and their rows are copied over.
