@@ -18,14 +18,18 @@
  *                               cache (below); the number of rows of ``out`` used
  *   key_encode, key_decode   -> the coded key groups of an int4a window (below)
  *   bit_planes               -> codes to bit planes over channels and back (below)
- *   key_extremes             -> key groups' finite extremes (int4a, int4; below)
- *   group_codes4             -> int4 key groups' packed codes (below)
+ *   key_extremes             -> key groups' finite extremes (int4a; below)
  *   rot_stats, rot_quantize,
  *   rot_dequantize           -> the element-wise work of rotated rows (below)
  *   fp8_quantize,
  *   fp8_quantize_spans,
  *   fp8_dequantize           -> fp8 rows encoded (from a buffer, or where they lie) and
  *                               decoded (into a buffer, or into spans) (below)
+ *   int4_quantize,
+ *   int4_quantize_spans,
+ *   int4_key_quantize_spans,
+ *   int4_dequantize          -> int4's value groups and key groups encoded (from a buffer,
+ *                               or where they lie) and decoded (into a buffer, or spans)
  *
  * all with the GIL released. ``timeout`` is seconds (negative: none), used only when the
  * socket is non-blocking (a Python socket with a timeout). sendv and recvv return the
@@ -1661,69 +1665,6 @@ done:
     return result;
 }
 
-/* The loop of group_codes4 (below). */
-SIMD_CLONES
-static void group_codes(const void *x, int kind, Py_ssize_t R, Py_ssize_t C, Py_ssize_t rows, const float *zero,
-                        const float *inv, float *v, uint8_t *out) {
-    for (Py_ssize_t t = 0; t < R; t++) {
-        const float *z = zero + (t / rows) * C, *s = inv + (t / rows) * C;
-        Py_ssize_t c = 0;
-        for (; C % 8 == 0 && c < C; c += 8) {
-            v8u bits;
-            if (kind)
-                bits = bf16_bits8((const uint16_t *)x + t * C + c);
-            else
-                memcpy(&bits, (const float *)x + t * C + c, sizeof bits);
-            v8f q = ((v8f)bits - load8(z + c)) * load8(s + c);
-            q = min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f); /* NaN and below 0 -> 0 */
-            store8(v + c, (q + ROUNDER) - ROUNDER);
-        }
-        for (; c < C; c++) {
-            float q = (widen(x, kind, t * C + c) - z[c]) * s[c];
-            q = q > 0.0f ? q : 0.0f;
-            q = q < 15.0f ? q : 15.0f;
-            v[c] = (q + ROUNDER) - ROUNDER;
-        }
-        uint8_t *o = out + t * (C / 2);
-        for (Py_ssize_t j = 0; j < C / 2; j++) o[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
-    }
-}
-
-/* group_codes4(x, kind, C, rows, zero, inv, out): int4 key codes, packed: for row t of
- * ``x`` [R, C] (fp32, kind 0, or bf16 bits, kind 1) and channel c, with g = t / rows,
- * code = clamp(rint((x - zero[g, c]) inv[g, c]), 0, 15), NaN -> 0 (the int4 codec's
- * int4_codes), two per byte, the even channel in the low nibble: ``out`` uint8 [R, C / 2];
- * ``zero``, ``inv`` fp32 [ceil(R / rows), C]. */
-static PyObject *py_group_codes4(PyObject *self, PyObject *args) {
-    PyObject *objs[4];
-    int kind;
-    Py_ssize_t C, rows;
-    if (!PyArg_ParseTuple(args, "OinnOOO", &objs[0], &kind, &C, &rows, &objs[1], &objs[2], &objs[3])) return NULL;
-    Py_buffer held[4];
-    if (get_buffers(objs, held, 4, 3) < 0) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t R, G;
-    if (C % 2 || group_shape(&held[0], kind, C, rows, &R, &G) < 0 || held[1].len != G * C * 4 ||
-        held[2].len != G * C * 4 || held[3].len != R * (C / 2)) {
-        PyErr_Format(PyExc_ValueError, "group_codes4: x fp32 (kind 0) or bf16 bits (kind 1) [R, C] with C even, zero and "
-                     "inv fp32 [ceil(R / rows), C], out uint8 [R, C / 2]; got kind %d, C %zd, rows %zd", kind, C, rows);
-        goto done;
-    }
-    float *v = PyMem_Malloc((size_t)C * sizeof(float));
-    if (v == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    group_codes(held[0].buf, kind, R, C, rows, held[1].buf, held[2].buf, v, held[3].buf);
-    Py_END_ALLOW_THREADS
-    PyMem_Free(v);
-    result = Py_NewRef(Py_None);
-done:
-    release_buffers(held, 4);
-    return result;
-}
-
 /* int4a's bit allocation for one head (kvwire/codec/allocated.py, allocate_bits): the 3 D
  * largest gains w[c] GAIN[b] (fp64; b-major index b D + c), ties to the lower index, each
  * chosen step one more bit for its channel (from 1). The k-th largest value by
@@ -3011,6 +2952,158 @@ done:
     return result;
 }
 
+/* half_bits, half_value and int4_group_params on 8 lanes (finite parameters only: no
+ * lane of half_value8 is inf or NaN, since every parameter is clamped first). */
+ALWAYS_INLINE v8u half_bits8(v8f f) {
+    const v8u x = (v8u)f, sign = (x >> 16) & 0x8000u, ab = x & 0x7FFFFFFFu;
+    const v8f steps = ((v8f)ab * 16777216.0f + ROUNDER) - ROUNDER; /* the subnormal lanes' count of 2^-24 */
+    const v8u sub = (v8u)__builtin_convertvector(steps, v8i);
+    const v8u r = ab + 0xFFFu + ((ab >> 13) & 1u);
+    return sign | select8u((v8i)(ab < 0x38800000u), sub, (r >> 13) - (112u << 10));
+}
+
+ALWAYS_INLINE v8f half_value8(v8u h) {
+    const v8u sign = (h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3FFu;
+    const v8u sub = (v8u)(__builtin_convertvector((v8i)m, v8f) * 5.9604644775390625e-8f);
+    return (v8f)(sign | select8u((v8i)(e == 0u), sub, ((e + 112u) << 23) | (m << 13)));
+}
+
+ALWAYS_INLINE void int4_group_params8(v8f lo, v8f hi, uint16_t *scale, uint16_t *zero, float *z, float *inv) {
+    const v8i none = (v8i)(lo > hi);
+    const v8f top = (v8f){0} + 65504.0f, bottom = (v8f){0} - 65504.0f;
+    v8f mn = select8(none, (v8f){0}, lo) + 0.0f, mx = select8(none, (v8f){0}, hi) + 0.0f; /* + 0: no -0 */
+    mn = min8(max8(mn, bottom), top);
+    const v8u zb = half_bits8(mn);
+    const v8f zv = half_value8(zb);
+    const v8f sc = min8(max8((mx - zv) / 15.0f, bottom), top);
+    const v8u sb = half_bits8(sc);
+    const v8f sv = half_value8(sb);
+    store8(z, zv);
+    store8(inv, select8((v8i)(sv > 0.0f), ((v8f){0} + 1.0f) / sv, (v8f){0}));
+    for (int k = 0; k < 8; k++) {
+        scale[k] = (uint16_t)sb[k];
+        zero[k] = (uint16_t)zb[k];
+    }
+}
+
+/* One int4 key group (kvwire/codec/int4.py): ``n`` rows of ``C`` values (fp32, kind 0, or
+ * bf16 bits, kind 1) at ``row[0..n)``; per channel the finite extremes (``lo``, ``hi``),
+ * then the parameters (``scale``, ``zero``: fp16 bits [C]; ``z``, ``inv``: fp32 [C]), then
+ * each row's codes, packed into ``codes`` [n, C / 2] through ``v`` (C floats). The group's
+ * rows are read twice, the second time from cache (a group is K rows: 16 rows of 8 bf16
+ * heads of 128 are 32 KiB). */
+SIMD_CLONES
+static void int4_key_group(const void *const *row, Py_ssize_t n, int kind, Py_ssize_t C, float *lo, float *hi,
+                           float *z, float *inv, uint16_t *scale, uint16_t *zero, uint8_t *codes, float *v) {
+    const Py_ssize_t vec = C % 8 == 0 ? C : 0;
+    for (Py_ssize_t c = 0; c < C; c++) {
+        lo[c] = INFINITY;
+        hi[c] = -INFINITY;
+    }
+    for (Py_ssize_t t = 0; t < n; t++) {
+        const void *x = row[t];
+        for (Py_ssize_t c = 0; c < vec; c += 8) {
+            const v8u bits = row_bits8(x, kind, c);
+            const v8i finite = (v8i)((bits & 0x7F800000u) != 0x7F800000u);
+            const v8f val = (v8f)bits, l = load8(lo + c), h = load8(hi + c);
+            store8(lo + c, select8(finite & (val < l), val, l));
+            store8(hi + c, select8(finite & (val > h), val, h));
+        }
+        for (Py_ssize_t c = vec; c < C; c++) {
+            const float val = widen(x, kind, c);
+            const int finite = val > -INFINITY && val < INFINITY; /* NaN compares false both ways */
+            lo[c] = finite && val < lo[c] ? val : lo[c];
+            hi[c] = finite && val > hi[c] ? val : hi[c];
+        }
+    }
+    for (Py_ssize_t c = 0; c < vec; c += 8)
+        int4_group_params8(load8(lo + c), load8(hi + c), scale + c, zero + c, z + c, inv + c);
+    for (Py_ssize_t c = vec; c < C; c++) int4_group_params(lo[c], hi[c], scale + c, zero + c, z + c, inv + c);
+    for (Py_ssize_t t = 0; t < n; t++) {
+        const void *x = row[t];
+        for (Py_ssize_t c = 0; c < vec; c += 8) {
+            v8f q = ((v8f)row_bits8(x, kind, c) - load8(z + c)) * load8(inv + c);
+            q = min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f); /* NaN and below 0 -> 0 */
+            store8(v + c, (q + ROUNDER) - ROUNDER);
+        }
+        for (Py_ssize_t c = vec; c < C; c++) {
+            float q = (widen(x, kind, c) - z[c]) * inv[c];
+            q = q > 0.0f ? q : 0.0f;
+            q = q < 15.0f ? q : 15.0f;
+            v[c] = (q + ROUNDER) - ROUNDER;
+        }
+        uint8_t *o = codes + t * (C / 2);
+        for (Py_ssize_t j = 0; j < C / 2; j++) o[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
+    }
+}
+
+/* int4_key_quantize_spans(iov, kind, C, rows, scale, zero, codes): int4's key groups of R
+ * rows of ``C`` values (a token's heads, fp32, kind 0, or bf16 bits, kind 1) lying in
+ * spans (a cache's blocks, or a span per token; each span whole rows), read where they
+ * lie: per group of ``rows`` rows (the last what is left) and channel, the fp16 scale and
+ * zero-point (``scale``, ``zero``: fp16 bits [ceil(R / rows), C]) and the codes (``codes``
+ * uint8 [R, C / 2]), the bytes int4.py's torch path gives (tests/test_codecs.py). */
+static PyObject *py_int4_key_quantize_spans(PyObject *self, PyObject *args) {
+    PyObject *objs[3], *iov_obj;
+    Py_ssize_t C, rows;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OinnOOO", &iov_obj, &kind, &C, &rows, &objs[0], &objs[1], &objs[2])) return NULL;
+    Py_buffer view, held[3];
+    struct iovec *iov;
+    size_t count;
+    if (get_iov(iov_obj, &view, &iov, &count) < 0) return NULL;
+    if (get_buffers(objs, held, 3, 0) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (kind_and_d("int4_key_quantize_spans", kind, C) < 0) goto done;
+    const Py_ssize_t R = span_rows("int4_key_quantize_spans", iov, count, kind, C);
+    if (R < 0) goto done;
+    const Py_ssize_t G = rows > 0 ? (R + rows - 1) / rows : -1;
+    if (C % 2 || rows <= 0 || rows > 4096 || held[0].len != G * C * 2 || held[1].len != G * C * 2 ||
+        held[2].len != R * (C / 2)) {
+        PyErr_Format(PyExc_ValueError, "int4_key_quantize_spans: rows of C values, C even, groups of 0 < rows <= 4096 "
+                     "rows, scale and zero fp16 bits [ceil(R / rows), C], codes uint8 [R, C / 2]; got %zd rows, C %zd, "
+                     "rows %zd, %zd scale bytes, %zd zero bytes, %zd code bytes", R, C, rows, held[0].len, held[1].len,
+                     held[2].len);
+        goto done;
+    }
+    float *work = PyMem_Malloc(5 * (size_t)C * sizeof(float));
+    const void **row = PyMem_Malloc((size_t)rows * sizeof(void *));
+    if (work == NULL || row == NULL) {
+        PyMem_Free(work);
+        PyMem_Free(row);
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const size_t bytes = (size_t)(kind == 1 ? 2 : 4) * (size_t)C;
+    size_t span = 0, at = 0; /* the next row: ``at`` bytes into span ``span`` */
+    for (Py_ssize_t g = 0; g < G; g++) {
+        const Py_ssize_t n = R - g * rows < rows ? R - g * rows : rows;
+        for (Py_ssize_t t = 0; t < n; t++) {
+            while (at == iov[span].iov_len) { /* empty spans hold no rows */
+                span++;
+                at = 0;
+            }
+            row[t] = (const char *)iov[span].iov_base + at;
+            at += bytes;
+        }
+        int4_key_group((const void *const *)row, n, kind, C, work, work + C, work + 2 * C, work + 3 * C,
+                       (uint16_t *)held[0].buf + g * C, (uint16_t *)held[1].buf + g * C,
+                       (uint8_t *)held[2].buf + g * rows * (C / 2), work + 4 * C);
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(work);
+    PyMem_Free(row);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 3);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* Rows [first, first + n) of an int4 chunk of ``heads`` rows a token, ``d`` values a row,
  * decoded into ``out`` (fp32, kind 0, or bf16 bits, kind 1): x' = float(code) s + z, two
  * roundings, then the cache dtype (nearest, ties to even; every NaN the canonical one).
@@ -3147,6 +3240,8 @@ static PyMethodDef methods[] = {
     {"int4_quantize", py_int4_quantize, METH_VARARGS, "int4_quantize(x, kind, g, scale, zero, codes): int4 value groups."},
     {"int4_quantize_spans", py_int4_quantize_spans, METH_VARARGS,
      "int4_quantize_spans(iov, kind, g, scale, zero, codes): int4 value groups encoded where they lie."},
+    {"int4_key_quantize_spans", py_int4_key_quantize_spans, METH_VARARGS,
+     "int4_key_quantize_spans(iov, kind, C, rows, scale, zero, codes): int4 key groups encoded where they lie."},
     {"int4_dequantize", py_int4_dequantize, METH_VARARGS,
      "int4_dequantize(codes, scale, zero, heads, d, g, key_rows, out, kind, spans=None): int4 rows decoded."},
     {"fp8_dequantize", py_fp8_dequantize, METH_VARARGS,
@@ -3155,7 +3250,6 @@ static PyMethodDef methods[] = {
      "rot_dequantize(codes, mode, d, scale, zero, out, kind, spans=None): rotated rows decoded (see the source)."},
     {"bit_planes", py_bit_planes, METH_VARARGS, "bit_planes(codes, n, bits, planes, encoding): codes <-> bit planes."},
     {"key_extremes", py_key_extremes, METH_VARARGS, "key_extremes(x, kind, C, gmn, gmx, mn, mx): int4a key groups' ranges."},
-    {"group_codes4", py_group_codes4, METH_VARARGS, "group_codes4(x, kind, C, rows, zero, inv, out): int4 key codes."},
     {"key_grid", py_key_grid, METH_VARARGS, "key_grid(lo, hi, heads, bounds, glo, scale, bits[, gmn, gmx]): int4a's grid."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},

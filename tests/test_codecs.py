@@ -839,15 +839,16 @@ def test_decoded_into_spans_is_decode_bytes_in_place(
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads", [None, (1, 2), (3, 1)], ids=["whole rows", "heads 1-2", "head 3"])
-@pytest.mark.parametrize("name", ["fp8", "int8h", "int4h", "int4", "int4/g32"])
-def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, dtype, heads):
+@pytest.mark.parametrize(("name", "role"), [("fp8", "k"), ("int8h", "k"), ("int4h", "v"), ("int4", "v"),
+                                           ("int4/g32", "v"), ("int4", "k"), ("int4/g64/k64", "k"),
+                                           ("int4h/k64", "k")])  # fmt: skip
+def test_encoded_where_the_rows_lie_is_encode_of_the_gathered_rows(name, role, dtype, heads):
     """encode_into reads a chunk's rows where they lie in a block cache (runs of blocks, or
     a span per token for some of its heads, from mid-block to a partial last block): the
     bytes encode gives for the same rows gathered, special values included."""
     from kvwire.scatter import block_spans, token_spans
 
-    codec = kvwire.codec.get(name)
-    role = "v" if name.startswith("int4") else "k"  # int4 and int4h code keys as key groups, gathered
+    codec = kvwire.codec.get(name)  # int4's key groups (16 or 64 rows) straddle the block spans
 
     cache = realistic_keys(12 * 16, 4, 64, seed=3).to(dtype).reshape(12, 16, 4, 64).contiguous()
     cache[2, 3, 0, :3] = torch.tensor([float("inf"), float("nan"), -0.0])
@@ -880,15 +881,18 @@ def test_encode_into_refuses_an_output_of_another_size_and_codecs_without_it():
             codec.encode_into(spans, coded, np.zeros(size - 1, dtype=np.uint8))
         with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size * 4} float32"):
             codec.encode_into(spans, coded, np.zeros(size, dtype=np.float32))
-    int4 = kvwire.codec.get("int4")  # keys grouped across tokens: gathered first; decoded where they lie
-    assert not int4.encodes_into(spec) and int4.decodes_into(spec)
-    with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes gathered keys only"):
-        int4.encode_into(spans, spec, np.zeros(int4.encoded_size(spec), dtype=np.uint8))
-    assert not int4.encodes_into(ChunkSpec(4, 2, 64, torch.float16, "v"))  # the helper writes bf16 and fp32 only
-    int4h = kvwire.codec.get("int4h")  # its keys are int4 key groups: gathered, not coded where they lie
-    assert not int4h.encodes_into(spec)
-    with pytest.raises(NotImplementedError, match="codec 'int4h.*' encodes gathered keys only"):
-        int4h.encode_into(spans, spec, np.zeros(int4h.encoded_size(spec), dtype=np.uint8))
+    int4 = kvwire.codec.get("int4")
+    assert int4.encodes_into(spec) and int4.decodes_into(spec)
+    size = int4.encoded_size(spec)
+    with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size + 1} uint8"):
+        int4.encode_into(spans, spec, np.zeros(size + 1, dtype=np.uint8))
+    assert not int4.encodes_into(ChunkSpec(4, 2, 64, torch.float16, "v"))  # the helper reads bf16 and fp32 only
+    int4h = kvwire.codec.get("int4h")  # its keys are int4 key groups, coded where they lie as int4's are
+    assert int4h.encodes_into(spec) and int4h.encoded_size(spec) == size
+    int4h.encode_into(spans, spec, keys := np.zeros(size, dtype=np.uint8))
+    out = np.zeros(size, dtype=np.uint8)
+    int4.encode_into(spans, spec, out)
+    assert bytes(keys) == bytes(out)
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
@@ -1028,11 +1032,19 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
     groups = np.zeros((1, 8), np.float32)
     with pytest.raises(ValueError, match="key_extremes: .* rows 0"):
         _scatter.key_extremes(rows, 0, 8, groups, groups, np.zeros(8, np.float32), np.zeros(8, np.float32), 0)
-    with pytest.raises(ValueError, match="group_codes4: .* C even"):
+    key_params = np.zeros(8, np.uint16)  # one group of 4 rows of 8 channels
+    span = np.array([[rows.ctypes.data, rows.nbytes]], dtype=np.uint64)
+    _scatter.int4_key_quantize_spans(span, 0, 8, 4, key_params, key_params, np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="int4_key_quantize_spans: .* C even.*got 4 rows, C 7"):
         odd = np.zeros((4, 7), np.float32)
-        _scatter.group_codes4(odd, 0, 7, 4, groups[:, :7], groups[:, :7], np.zeros(12, np.uint8))
-    with pytest.raises(ValueError, match="group_codes4"):  # out one row short
-        _scatter.group_codes4(rows, 0, 8, 4, groups, groups, np.zeros((3, 4), np.uint8))
+        odd_span = np.array([[odd.ctypes.data, odd.nbytes]], dtype=np.uint64)
+        _scatter.int4_key_quantize_spans(odd_span, 0, 7, 4, key_params[:7], key_params[:7], np.zeros(14, np.uint8))
+    with pytest.raises(ValueError, match="int4_key_quantize_spans: .*12 code bytes"):  # codes one row short
+        _scatter.int4_key_quantize_spans(span, 0, 8, 4, key_params, key_params, np.zeros((3, 4), np.uint8))
+    with pytest.raises(ValueError, match="int4_key_quantize_spans: .*rows 0"):
+        _scatter.int4_key_quantize_spans(span, 0, 8, 0, key_params, key_params, np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="int4_key_quantize_spans: span 0 holds 128 bytes, not whole rows of 48"):
+        _scatter.int4_key_quantize_spans(span, 0, 12, 4, key_params, key_params, np.zeros((4, 4), np.uint8))
     lohi, grid = np.zeros(8, np.float32), np.zeros((2, 8), np.float32)  # 2 groups of one head of 8 channels
     with pytest.raises(ValueError, match="key_grid: .* heads 3"):  # 8 channels are not whole heads of 3
         _scatter.key_grid(lohi, lohi, 3, np.zeros(32, np.uint8), grid, grid, np.zeros(8, np.uint8))
@@ -1184,11 +1196,12 @@ def test_int4_values_in_c_equal_the_torch_ones(monkeypatch, dtype, name, T, H, D
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 def test_int4_parameters_round_to_fp16_as_torch_does_at_every_tie(monkeypatch):
-    """The helper rounds scales and zero-points to fp16 on the bits (half_bits). Every
-    value halfway between two fp16 numbers, normal and subnormal, and the fp32 numbers
-    either side of it, as a group's zero-point (a group of that one value) and as its
-    scale (a group of 0 and 15 times it, so (mx - z) / 15 is exactly that value), up to
-    and past 65504, where the format clamps: the bytes torch's conversion gives."""
+    """The helper rounds scales and zero-points to fp16 on the bits (half_bits, and
+    half_bits8 for key groups, 8 channels at a time). Every value halfway between two
+    fp16 numbers, normal and subnormal, and the fp32 numbers either side of it, as a
+    group's zero-point (a group of that one value) and as its scale (a group of 0 and 15
+    times it, so (mx - z) / 15 is exactly that value), up to and past 65504, where the
+    format clamps, in value groups and key groups: the bytes torch's conversion gives."""
     from kvwire.codec import int4
 
     finite = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).double()
@@ -1202,9 +1215,18 @@ def test_int4_parameters_round_to_fp16_as_torch_does_at_every_tie(monkeypatch):
     scales[:, 1] = ties.abs() * 15  # exact: 16 significant bits at most; the scale is then |tie| rounded
     x = torch.cat([zeros, scales]).reshape(-1, 1, g)
     codec = kvwire.codec.get("int4/g32")
-    fast = codec.encode(x, "v").data
+    # keys: the same groups along 16 tokens of one channel each, one channel per tie; rows
+    # of a multiple of 8 channels take the helper's 8-lane path, others the scalar one
+    keyed = []
+    for pad in (-ties.numel() % 8, -ties.numel() % 8 + 2):
+        keys = torch.cat([ties, torch.ones(pad)]).view(1, 1, -1).expand(16, 1, -1)
+        keyed.append(torch.cat([keys, keys.abs() * 15]))  # the second group: a 0 and 15 times the value
+        keyed[-1][16] = 0.0
+    fast = [codec.encode(x, "v").data] + [codec.encode(k, "k").data for k in keyed]
     monkeypatch.setattr(int4, "_helper", None)
-    assert torch.equal(codec.encode(x, "v").data, fast)
+    assert torch.equal(codec.encode(x, "v").data, fast[0])
+    for k, want in zip(keyed, fast[1:]):
+        assert torch.equal(codec.encode(k, "k").data, want)
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")

@@ -121,22 +121,15 @@ def encode_key_groups(x3: torch.Tensor, group: int, scales: torch.Tensor, zeros:
     """int4's key groups of ``x3`` ([T, H, D], any float dtype), ``group`` tokens each (the
     last what is left), per channel: their fp16 scales and zero-points into ``scales`` and
     ``zeros`` (flat, [groups, H, D]) and their codes into ``packed`` ([T, H, D/2]). Through
-    the C helper when it is built (the groups' finite extremes in one pass, the codes and
-    their packing in a second; the parameters in the same torch code), else torch: the same
-    bytes (tests/test_codecs.py compares the two). ``int4a``'s first key group is one."""
+    the C helper when it is built (each group's extremes, parameters and codes while its
+    rows are in cache), else torch: the same bytes (tests/test_codecs.py compares the two).
+    ``int4a``'s first key group is one."""
     T, H, D = x3.shape
     if _helper is not None:
-        source, kind = helper_rows(x3.reshape(T, H * D))
-        count = -(-T // group)
-        mn, mx = torch.empty(count, H, D), torch.empty(count, H, D)
-        everywhere = torch.empty(2, H, D)  # the extremes over all rows: not used here
-        _helper.key_extremes(source, kind, H * D, mn.numpy(), mx.numpy(), everywhere[0].numpy(),
-                             everywhere[1].numpy(), group)  # fmt: skip
-        scale, zero = int4_params(mn, mx)
-        scales.copy_(scale.view(-1))
-        zeros.copy_(zero.view(-1))
-        inv = int4_inverse(scale)
-        _helper.group_codes4(source, kind, H * D, group, zero.float().numpy(), inv.numpy(), packed.view(T, -1).numpy())
+        rows, kind = helper_rows(x3.reshape(T, H * D))
+        iov = np.array([[rows.ctypes.data, rows.nbytes]], dtype=np.uint64)  # one span: the rows, gathered
+        _helper.int4_key_quantize_spans(iov, kind, H * D, group, scales.view(torch.int16).numpy(),
+                                        zeros.view(torch.int16).numpy(), packed.view(T, -1).numpy())  # fmt: skip
         return
     xf = as_float32(x3)
     q = scratch("a", (T, H, D))
@@ -237,19 +230,19 @@ class Int4Codec(Codec):
         return out
 
     def encodes_into(self, spec: ChunkSpec) -> bool:
-        # keys are grouped across tokens: they still go through a gathered copy (encode_key_groups)
-        return _helper is not None and spec.dtype in HELPER_WRITES and spec.role != "k"
+        return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         self.check(spec)
-        if spec.role == "k":
-            raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered keys only")
         check_out(out, self.encoded_size(spec))
         assert self.encodes_into(spec)
-        groups = self._num_groups(spec)
-        _helper.int4_quantize_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, self.group_size,
-                                    out[: groups * 2].view(np.uint16), out[groups * 2 : groups * 4].view(np.uint16),
-                                    out[groups * 4 :])  # fmt: skip
+        groups, kind = self._num_groups(spec), 1 if spec.dtype == torch.bfloat16 else 0
+        scales, zeros = out[: groups * 2].view(np.uint16), out[groups * 2 : groups * 4].view(np.uint16)
+        if spec.role == "k":  # a token's heads are a row; groups of key_group rows
+            _helper.int4_key_quantize_spans(spans.iov, kind, spec.heads * spec.head_dim, self.key_group(spec), scales,
+                                            zeros, out[groups * 4 :])  # fmt: skip
+        else:  # each run of group_size values is a row
+            _helper.int4_quantize_spans(spans.iov, kind, self.group_size, scales, zeros, out[groups * 4 :])
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
         return _helper is not None and spec.dtype in HELPER_WRITES

@@ -392,12 +392,13 @@ class Int4hCodec(Int4Codec):
         return _helper is not None and spec.dtype in HELPER_WRITES  # keys: int4's, values: rotated rows
 
     def encodes_into(self, spec: ChunkSpec) -> bool:
-        return spec.role != "k" and self.decodes_into(spec)  # values, latents and states: rotated rows
+        return self.decodes_into(spec)
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
+        if spec.role == "k":  # int4 key groups
+            super().encode_into(spans, spec, out)
+            return
         self.check(spec)
-        if spec.role == "k":
-            raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered keys only")
         ROWS4.encode_into(spans, spec, out)
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
