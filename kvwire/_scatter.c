@@ -2822,46 +2822,105 @@ static inline void int4_group_params(float lo, float hi, uint16_t *scale, uint16
     *inv = sv > 0.0f ? 1.0f / sv : 0.0f;
 }
 
+/* The steps int4's loops share: running finite extremes (NaN and inf left out; a vector
+ * of 8 lanes or one value), a code clamp(rint((x - z) inv), 0, 15) with NaN -> 0 (as a
+ * float), and codes packed two a byte, the even one low. */
+ALWAYS_INLINE void extremes8(v8u bits, v8f *lo, v8f *hi) {
+    const v8i finite = (v8i)((bits & 0x7F800000u) != 0x7F800000u);
+    const v8f v = (v8f)bits;
+    *lo = select8(finite & (v < *lo), v, *lo);
+    *hi = select8(finite & (v > *hi), v, *hi);
+}
+
+ALWAYS_INLINE void extremes1(float v, float *lo, float *hi) {
+    const int finite = v > -INFINITY && v < INFINITY; /* NaN compares false both ways */
+    *lo = finite && v < *lo ? v : *lo;
+    *hi = finite && v > *hi ? v : *hi;
+}
+
+ALWAYS_INLINE v8f codes8(v8u bits, v8f z, v8f inv) {
+    const v8f q = ((v8f)bits - z) * inv;
+    return (min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f) + ROUNDER) - ROUNDER; /* NaN, below 0 -> 0 */
+}
+
+ALWAYS_INLINE float code1(float x, float z, float inv) {
+    float q = (x - z) * inv;
+    q = q > 0.0f ? q : 0.0f;
+    q = q < 15.0f ? q : 15.0f;
+    return (q + ROUNDER) - ROUNDER;
+}
+
+ALWAYS_INLINE void pack_codes(const float *v, Py_ssize_t n, uint8_t *out) {
+    for (Py_ssize_t j = 0; j < n / 2; j++) out[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
+}
+
+/* half_bits, half_value and int4_group_params on 8 lanes (finite parameters only: no
+ * lane of half_value8 is inf or NaN, since every parameter is clamped first). */
+ALWAYS_INLINE v8u half_bits8(v8f f) {
+    const v8u x = (v8u)f, sign = (x >> 16) & 0x8000u, ab = x & 0x7FFFFFFFu;
+    const v8f steps = ((v8f)ab * 16777216.0f + ROUNDER) - ROUNDER; /* the subnormal lanes' count of 2^-24 */
+    const v8u sub = (v8u)__builtin_convertvector(steps, v8i);
+    const v8u r = ab + 0xFFFu + ((ab >> 13) & 1u);
+    return sign | select8u((v8i)(ab < 0x38800000u), sub, (r >> 13) - (112u << 10));
+}
+
+ALWAYS_INLINE v8f half_value8(v8u h) {
+    const v8u sign = (h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3FFu;
+    const v8u sub = (v8u)(__builtin_convertvector((v8i)m, v8f) * 5.9604644775390625e-8f);
+    return (v8f)(sign | select8u((v8i)(e == 0u), sub, ((e + 112u) << 23) | (m << 13)));
+}
+
+ALWAYS_INLINE void int4_group_params8(v8f lo, v8f hi, uint16_t *scale, uint16_t *zero, float *z, float *inv) {
+    const v8i none = (v8i)(lo > hi);
+    const v8f top = (v8f){0} + 65504.0f, bottom = (v8f){0} - 65504.0f;
+    v8f mn = select8(none, (v8f){0}, lo) + 0.0f, mx = select8(none, (v8f){0}, hi) + 0.0f; /* + 0: no -0 */
+    mn = min8(max8(mn, bottom), top);
+    const v8u zb = half_bits8(mn);
+    const v8f zv = half_value8(zb);
+    const v8f sc = min8(max8((mx - zv) / 15.0f, bottom), top);
+    const v8u sb = half_bits8(sc);
+    const v8f sv = half_value8(sb);
+    store8(z, zv);
+    store8(inv, select8((v8i)(sv > 0.0f), ((v8f){0} + 1.0f) / sv, (v8f){0}));
+    for (int k = 0; k < 8; k++) {
+        scale[k] = (uint16_t)sb[k];
+        zero[k] = (uint16_t)zb[k];
+    }
+}
+
 /* int4's value rows: each of the ``n`` rows of ``x`` is one group of ``g`` values (fp32,
  * kind 0, or bf16 bits, kind 1): its scale and zero-point (fp16 bits) and its codes,
  * clamp(rint((x - z) inv), 0, 15) with NaN -> 0, two per byte, the even one low; ``v``
- * holds g floats (a row's codes before they are packed). */
+ * holds g floats (a row's codes before they are packed). Eight rows at a time: their
+ * extremes, then their parameters on 8 lanes, then their codes (the rows, 1 KiB of bf16
+ * at g = 64, still in cache). */
 SIMD_CLONES
 static void int4_encode_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t g, uint16_t *scale, uint16_t *zero,
                              uint8_t *codes, float *v) {
     const Py_ssize_t vec = g % 8 == 0 ? g : 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const Py_ssize_t row = i * g;
-        v8f lo8 = (v8f){0} + INFINITY, hi8 = (v8f){0} - INFINITY;
-        for (Py_ssize_t j = 0; j < vec; j += 8) {
-            const v8u bits = row_bits8(x, kind, row + j);
-            const v8i finite = (v8i)((bits & 0x7F800000u) != 0x7F800000u);
-            const v8f v = (v8f)bits;
-            lo8 = select8(finite & (v < lo8), v, lo8);
-            hi8 = select8(finite & (v > hi8), v, hi8);
+    float lo[8], hi[8], z[8], inv[8];
+    for (Py_ssize_t first = 0; first < n; first += 8) {
+        const int rows = n - first < 8 ? (int)(n - first) : 8;
+        for (int k = 0; k < rows; k++) {
+            const Py_ssize_t row = (first + k) * g;
+            v8f lo8 = (v8f){0} + INFINITY, hi8 = (v8f){0} - INFINITY;
+            for (Py_ssize_t j = 0; j < vec; j += 8) extremes8(row_bits8(x, kind, row + j), &lo8, &hi8);
+            lo[k] = hmin8(lo8);
+            hi[k] = hmax8(hi8);
+            for (Py_ssize_t j = vec; j < g; j++) extremes1(widen(x, kind, row + j), lo + k, hi + k);
         }
-        float lo = hmin8(lo8), hi = hmax8(hi8);
-        for (Py_ssize_t j = vec; j < g; j++) {
-            const float v = widen(x, kind, row + j);
-            const int finite = v > -INFINITY && v < INFINITY; /* NaN compares false both ways */
-            lo = finite && v < lo ? v : lo;
-            hi = finite && v > hi ? v : hi;
+        if (rows == 8)
+            int4_group_params8(load8(lo), load8(hi), scale + first, zero + first, z, inv);
+        else
+            for (int k = 0; k < rows; k++)
+                int4_group_params(lo[k], hi[k], scale + first + k, zero + first + k, z + k, inv + k);
+        for (int k = 0; k < rows; k++) {
+            const Py_ssize_t row = (first + k) * g;
+            const v8f z8 = (v8f){0} + z[k], inv8 = (v8f){0} + inv[k];
+            for (Py_ssize_t j = 0; j < vec; j += 8) store8(v + j, codes8(row_bits8(x, kind, row + j), z8, inv8));
+            for (Py_ssize_t j = vec; j < g; j++) v[j] = code1(widen(x, kind, row + j), z[k], inv[k]);
+            pack_codes(v, g, codes + row / 2);
         }
-        float z, inv;
-        int4_group_params(lo, hi, scale + i, zero + i, &z, &inv);
-        for (Py_ssize_t j = 0; j < vec; j += 8) {
-            v8f q = ((v8f)row_bits8(x, kind, row + j) - z) * inv;
-            q = min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f); /* NaN and below 0 -> 0 */
-            store8(v + j, (q + ROUNDER) - ROUNDER);
-        }
-        for (Py_ssize_t j = vec; j < g; j++) {
-            float q = (widen(x, kind, row + j) - z) * inv;
-            q = q > 0.0f ? q : 0.0f;
-            q = q < 15.0f ? q : 15.0f;
-            v[j] = (q + ROUNDER) - ROUNDER;
-        }
-        uint8_t *c = codes + row / 2;
-        for (Py_ssize_t j = 0; j < g / 2; j++) c[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
     }
 }
 
@@ -2952,40 +3011,6 @@ done:
     return result;
 }
 
-/* half_bits, half_value and int4_group_params on 8 lanes (finite parameters only: no
- * lane of half_value8 is inf or NaN, since every parameter is clamped first). */
-ALWAYS_INLINE v8u half_bits8(v8f f) {
-    const v8u x = (v8u)f, sign = (x >> 16) & 0x8000u, ab = x & 0x7FFFFFFFu;
-    const v8f steps = ((v8f)ab * 16777216.0f + ROUNDER) - ROUNDER; /* the subnormal lanes' count of 2^-24 */
-    const v8u sub = (v8u)__builtin_convertvector(steps, v8i);
-    const v8u r = ab + 0xFFFu + ((ab >> 13) & 1u);
-    return sign | select8u((v8i)(ab < 0x38800000u), sub, (r >> 13) - (112u << 10));
-}
-
-ALWAYS_INLINE v8f half_value8(v8u h) {
-    const v8u sign = (h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3FFu;
-    const v8u sub = (v8u)(__builtin_convertvector((v8i)m, v8f) * 5.9604644775390625e-8f);
-    return (v8f)(sign | select8u((v8i)(e == 0u), sub, ((e + 112u) << 23) | (m << 13)));
-}
-
-ALWAYS_INLINE void int4_group_params8(v8f lo, v8f hi, uint16_t *scale, uint16_t *zero, float *z, float *inv) {
-    const v8i none = (v8i)(lo > hi);
-    const v8f top = (v8f){0} + 65504.0f, bottom = (v8f){0} - 65504.0f;
-    v8f mn = select8(none, (v8f){0}, lo) + 0.0f, mx = select8(none, (v8f){0}, hi) + 0.0f; /* + 0: no -0 */
-    mn = min8(max8(mn, bottom), top);
-    const v8u zb = half_bits8(mn);
-    const v8f zv = half_value8(zb);
-    const v8f sc = min8(max8((mx - zv) / 15.0f, bottom), top);
-    const v8u sb = half_bits8(sc);
-    const v8f sv = half_value8(sb);
-    store8(z, zv);
-    store8(inv, select8((v8i)(sv > 0.0f), ((v8f){0} + 1.0f) / sv, (v8f){0}));
-    for (int k = 0; k < 8; k++) {
-        scale[k] = (uint16_t)sb[k];
-        zero[k] = (uint16_t)zb[k];
-    }
-}
-
 /* One int4 key group (kvwire/codec/int4.py): ``n`` rows of ``C`` values (fp32, kind 0, or
  * bf16 bits, kind 1) at ``row[0..n)``; per channel the finite extremes (``lo``, ``hi``),
  * then the parameters (``scale``, ``zero``: fp16 bits [C]; ``z``, ``inv``: fp32 [C]), then
@@ -3003,37 +3028,22 @@ static void int4_key_group(const void *const *row, Py_ssize_t n, int kind, Py_ss
     for (Py_ssize_t t = 0; t < n; t++) {
         const void *x = row[t];
         for (Py_ssize_t c = 0; c < vec; c += 8) {
-            const v8u bits = row_bits8(x, kind, c);
-            const v8i finite = (v8i)((bits & 0x7F800000u) != 0x7F800000u);
-            const v8f val = (v8f)bits, l = load8(lo + c), h = load8(hi + c);
-            store8(lo + c, select8(finite & (val < l), val, l));
-            store8(hi + c, select8(finite & (val > h), val, h));
+            v8f l = load8(lo + c), h = load8(hi + c);
+            extremes8(row_bits8(x, kind, c), &l, &h);
+            store8(lo + c, l);
+            store8(hi + c, h);
         }
-        for (Py_ssize_t c = vec; c < C; c++) {
-            const float val = widen(x, kind, c);
-            const int finite = val > -INFINITY && val < INFINITY; /* NaN compares false both ways */
-            lo[c] = finite && val < lo[c] ? val : lo[c];
-            hi[c] = finite && val > hi[c] ? val : hi[c];
-        }
+        for (Py_ssize_t c = vec; c < C; c++) extremes1(widen(x, kind, c), lo + c, hi + c);
     }
     for (Py_ssize_t c = 0; c < vec; c += 8)
         int4_group_params8(load8(lo + c), load8(hi + c), scale + c, zero + c, z + c, inv + c);
     for (Py_ssize_t c = vec; c < C; c++) int4_group_params(lo[c], hi[c], scale + c, zero + c, z + c, inv + c);
     for (Py_ssize_t t = 0; t < n; t++) {
         const void *x = row[t];
-        for (Py_ssize_t c = 0; c < vec; c += 8) {
-            v8f q = ((v8f)row_bits8(x, kind, c) - load8(z + c)) * load8(inv + c);
-            q = min8(select8(q > 0.0f, q, (v8f){0}), (v8f){0} + 15.0f); /* NaN and below 0 -> 0 */
-            store8(v + c, (q + ROUNDER) - ROUNDER);
-        }
-        for (Py_ssize_t c = vec; c < C; c++) {
-            float q = (widen(x, kind, c) - z[c]) * inv[c];
-            q = q > 0.0f ? q : 0.0f;
-            q = q < 15.0f ? q : 15.0f;
-            v[c] = (q + ROUNDER) - ROUNDER;
-        }
-        uint8_t *o = codes + t * (C / 2);
-        for (Py_ssize_t j = 0; j < C / 2; j++) o[j] = (uint8_t)((int)v[2 * j] | ((int)v[2 * j + 1] << 4));
+        for (Py_ssize_t c = 0; c < vec; c += 8)
+            store8(v + c, codes8(row_bits8(x, kind, c), load8(z + c), load8(inv + c)));
+        for (Py_ssize_t c = vec; c < C; c++) v[c] = code1(widen(x, kind, c), z[c], inv[c]);
+        pack_codes(v, C, codes + t * (C / 2));
     }
 }
 
@@ -3237,7 +3247,8 @@ static PyMethodDef methods[] = {
     {"fp8_quantize", py_fp8_quantize, METH_VARARGS, "fp8_quantize(x, kind, d, scale, codes): fp8 rows encoded."},
     {"fp8_quantize_spans", py_fp8_quantize_spans, METH_VARARGS,
      "fp8_quantize_spans(iov, kind, d, scale, codes): fp8 rows encoded where they lie."},
-    {"int4_quantize", py_int4_quantize, METH_VARARGS, "int4_quantize(x, kind, g, scale, zero, codes): int4 value groups."},
+    {"int4_quantize", py_int4_quantize, METH_VARARGS,
+     "int4_quantize(x, kind, g, scale, zero, codes): int4 value groups encoded."},
     {"int4_quantize_spans", py_int4_quantize_spans, METH_VARARGS,
      "int4_quantize_spans(iov, kind, g, scale, zero, codes): int4 value groups encoded where they lie."},
     {"int4_key_quantize_spans", py_int4_key_quantize_spans, METH_VARARGS,
