@@ -2426,16 +2426,21 @@ static int kind_and_d(const char *what, int kind, Py_ssize_t d) {
  * naming ``what`` when a span is not whole rows (the rows a chunk's spans in a cache hold). */
 static Py_ssize_t span_rows(const char *what, const struct iovec *iov, size_t count, int kind, Py_ssize_t d) {
     const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
-    size_t rows = 0;
+    size_t bytes = 0; /* at most PY_SSIZE_T_MAX, so that no product of the rows with a row's size can wrap */
     for (size_t i = 0; i < count; i++) {
         if (iov[i].iov_len % row) {
             PyErr_Format(PyExc_ValueError, "%s: span %zu holds %zu bytes, not whole rows of %zu", what, i,
                          iov[i].iov_len, row);
             return -1;
         }
-        rows += iov[i].iov_len / row;
+        if (iov[i].iov_len > (size_t)PY_SSIZE_T_MAX - bytes) {
+            PyErr_Format(PyExc_ValueError, "%s: the spans hold more than %zd bytes in all (span %zu)", what,
+                         PY_SSIZE_T_MAX, i);
+            return -1;
+        }
+        bytes += iov[i].iov_len;
     }
-    return (Py_ssize_t)rows;
+    return (Py_ssize_t)(bytes / row);
 }
 
 /* rot_encode_spans(iov, kind, d, mode, params, codes): int8h's (mode 8) or int4h's values'
@@ -2677,8 +2682,8 @@ static PyObject *py_fp8_quantize_spans(PyObject *self, PyObject *args) {
     const size_t row = (size_t)(kind == 1 ? 2 : 4) * (size_t)d;
     int whole = 1;
     for (size_t i = 0; i < count; i++) {
-        whole &= iov[i].iov_len % row == 0;
-        rows += iov[i].iov_len / row;
+        whole &= iov[i].iov_len % row == 0 && iov[i].iov_len / row <= (size_t)PY_SSIZE_T_MAX / row - rows;
+        rows += iov[i].iov_len / row; /* checked above not to pass PY_SSIZE_T_MAX bytes in all */
     }
     if (!whole || held[0].len != (Py_ssize_t)rows * 4 || held[1].len != (Py_ssize_t)rows * d) {
         PyErr_Format(PyExc_ValueError, "fp8_quantize_spans: spans of whole rows of d fp32 (kind 0) or bf16 (kind 1) "
@@ -3070,17 +3075,17 @@ static PyObject *py_int4_key_quantize_spans(PyObject *self, PyObject *args) {
     if (kind_and_d("int4_key_quantize_spans", kind, C) < 0) goto done;
     const Py_ssize_t R = span_rows("int4_key_quantize_spans", iov, count, kind, C);
     if (R < 0) goto done;
-    const Py_ssize_t G = rows > 0 ? (R + rows - 1) / rows : -1;
-    if (C % 2 || rows <= 0 || rows > 4096 || held[0].len != G * C * 2 || held[1].len != G * C * 2 ||
-        held[2].len != R * (C / 2)) {
-        PyErr_Format(PyExc_ValueError, "int4_key_quantize_spans: rows of C values, C even, groups of 0 < rows <= 4096 "
-                     "rows, scale and zero fp16 bits [ceil(R / rows), C], codes uint8 [R, C / 2]; got %zd rows, C %zd, "
-                     "rows %zd, %zd scale bytes, %zd zero bytes, %zd code bytes", R, C, rows, held[0].len, held[1].len,
+    const Py_ssize_t G = rows > 0 ? R / rows + (R % rows != 0) : -1; /* G C <= R C: no product below can wrap */
+    if (C % 2 || rows <= 0 || held[0].len != G * C * 2 || held[1].len != G * C * 2 || held[2].len != R * (C / 2)) {
+        PyErr_Format(PyExc_ValueError, "int4_key_quantize_spans: rows of C values, C even, groups of rows > 0 rows, "
+                     "scale and zero fp16 bits [ceil(R / rows), C], codes uint8 [R, C / 2]; got %zd rows, C %zd, rows "
+                     "%zd, %zd scale bytes, %zd zero bytes, %zd code bytes", R, C, rows, held[0].len, held[1].len,
                      held[2].len);
         goto done;
     }
+    const Py_ssize_t most = rows < R ? rows : (R > 0 ? R : 1); /* the rows of the largest group */
     float *work = PyMem_Malloc(5 * (size_t)C * sizeof(float));
-    const void **row = PyMem_Malloc((size_t)rows * sizeof(void *));
+    const void **row = PyMem_Malloc((size_t)most * sizeof(void *));
     if (work == NULL || row == NULL) {
         PyMem_Free(work);
         PyMem_Free(row);
@@ -3193,7 +3198,8 @@ static PyObject *py_int4_dequantize(PyObject *self, PyObject *args) {
     int ok = d % 2 == 0 && heads > 0 && heads <= PY_SSIZE_T_MAX / d && key_rows >= 0 && n * (d / 2) == held[0].len &&
              n % heads == 0;
     if (ok) {
-        const Py_ssize_t groups = key_rows ? (n / heads + key_rows - 1) / key_rows * heads * d
+        const Py_ssize_t tokens = n / heads; /* groups: at most the values, n d, so no product wraps */
+        const Py_ssize_t groups = key_rows ? (tokens / key_rows + (tokens % key_rows != 0)) * heads * d
                                            : (g > 0 && d % g == 0 ? n * (d / g) : -1);
         ok = groups >= 0 && held[1].len == groups * 2 && held[2].len == groups * 2 &&
              (spilled ? held[3].len >= d * item && total == (size_t)(n * d * item) : held[3].len == n * d * item);

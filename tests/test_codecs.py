@@ -874,7 +874,7 @@ def test_encode_into_refuses_an_output_of_another_size_and_codecs_without_it():
     spec = ChunkSpec(4, 2, 8, torch.bfloat16, "k")
     x = np.zeros(64, dtype=np.uint16)
     spans = kvwire.scatter.Spans(np.array([[x.ctypes.data, 128]], dtype=np.uint64), x)
-    for name, role in (("fp8", "k"), ("int8h", "k"), ("int4h", "v")):  # int4h codes values in place, not keys
+    for name, role in (("fp8", "k"), ("int8h", "k"), ("int4h", "v")):
         codec, coded = kvwire.codec.get(name), ChunkSpec(4, 2, 8, torch.bfloat16, role)
         size = codec.encoded_size(coded)
         with pytest.raises(ValueError, match=f"out: {size} uint8 bytes, got {size - 1} uint8"):
@@ -1151,8 +1151,8 @@ def test_decode_bytes_takes_a_strided_buffer(name, role):
 @pytest.mark.parametrize(("name", "T", "H", "D"), [("int4", 70, 3, 64), ("int4/g64/k64", 150, 2, 128),
                                                     ("int4h", 33, 2, 64), ("int4", 21, 1, 6)])  # fmt: skip
 def test_int4_keys_in_c_equal_the_torch_ones(monkeypatch, dtype, name, T, H, D):
-    """int4's key groups (also int4h's keys) through kvwire/_scatter.c (key_extremes with
-    the group's rows, group_codes4) and through the torch path: the same bytes for every
+    """int4's key groups (also int4h's keys) through kvwire/_scatter.c
+    (int4_key_quantize_spans) and through the torch path: the same bytes for every
     dtype, partial last groups, special values, a group with no finite value, and a row
     width that is no multiple of 8 (1 x 6: the scalar loops)."""
     from kvwire.codec import int4
@@ -1231,7 +1231,7 @@ def test_int4_parameters_round_to_fp16_as_torch_does_at_every_tie(monkeypatch):
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("name", "role"), [("int4", "v"), ("int4", "k"), ("int4/g32/k64", "k")])
+@pytest.mark.parametrize(("name", "role"), [("int4", "v"), ("int4", "k"), ("int4/g32/k64", "k"), ("int4h", "k")])
 def test_int4_any_bytes_decode_in_c_as_in_torch(monkeypatch, dtype, name, role):
     """Any wire bytes (fp16 scales and zero-points that are NaN, inf or subnormal
     included) decode through int4_dequantize to the bits torch's decode gives, every NaN
@@ -1281,3 +1281,48 @@ def test_int4_helper_calls_refuse_shapes_that_do_not_fit():
         helper.int4_dequantize(codes, scale, zero, 2, 64, 64, 16, out, 0)  # keys: 2 x 64 parameters
     with pytest.raises(ValueError, match="int4_dequantize: .*16380 out bytes"):
         helper.int4_dequantize(codes, scale, zero, 2, 64, 64, 0, np.zeros(4095, np.float32), 0)
+    keys = np.zeros(2 * 64, np.uint16)  # 2 tokens of 2 heads: one key group, however long a group may be
+    for key_rows in (16, 2**62):  # a group count computed without overflow
+        helper.int4_dequantize(codes, keys, keys, 2, 64, 64, key_rows, out, 0)
+    spill, rows = np.zeros(64, np.float32), np.zeros(4 * 64, np.float32)
+    short = np.array([[rows.ctypes.data, rows.nbytes - 4]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="int4_dequantize: .*1020 span bytes"):  # the spans take 4 rows less 4 bytes
+        helper.int4_dequantize(codes, scale, zero, 2, 64, 64, 0, spill, 0, short)
+    # spans: not whole rows, or more bytes than memory can hold (their count would wrap)
+    span = np.array([[x.ctypes.data, x.nbytes]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="int4_quantize_spans: span 0 holds 1024 bytes, not whole rows of 384"):
+        helper.int4_quantize_spans(span, 0, 96, scale, zero, codes)
+    huge = np.array([[x.ctypes.data, 2**63], [x.ctypes.data, 2**63]], dtype=np.uint64)  # 2^64 bytes: 0 if wrapped
+    empty_params, no_codes = np.zeros(0, np.uint16), np.zeros(0, np.uint8)
+    with pytest.raises(ValueError, match="int4_quantize_spans: the spans hold more than"):
+        helper.int4_quantize_spans(huge, 0, 64, empty_params, empty_params, no_codes)
+    with pytest.raises(ValueError, match="int4_key_quantize_spans: the spans hold more than"):
+        helper.int4_key_quantize_spans(huge, 0, 64, 16, empty_params, empty_params, no_codes)
+    with pytest.raises(ValueError, match="fp8_quantize_spans: .*not all whole"):
+        helper.fp8_quantize_spans(huge, 0, 64, np.zeros(0, np.float32), no_codes)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_int4_keys_of_long_groups_and_empty_chunks_in_c_equal_the_torch_ones(monkeypatch):
+    """Key groups longer than any block size in use (8192 tokens: the helper keeps a
+    pointer per row of a group) and chunks of no tokens, both roles: the torch path's bytes."""
+    from kvwire.codec import int4
+
+    codec = kvwire.codec.get("int4/g32")
+    long_keys = realistic_keys(8200, 1, 32, seed=5).to(torch.bfloat16)
+    empty = torch.zeros(0, 2, 64, dtype=torch.bfloat16)
+    cases = [(long_keys, "k", 8192), (empty, "k", 16), (empty, "v", 16)]
+    fast = [codec.encode(x, role, block_size).data for x, role, block_size in cases]
+    monkeypatch.setattr(int4, "_helper", None)
+    for (x, role, block_size), want in zip(cases, fast):
+        assert torch.equal(codec.encode(x, role, block_size).data, want)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+def test_int4_encode_into_refuses_a_cache_dtype_the_helper_does_not_read():
+    codec, spec = kvwire.codec.get("int4"), ChunkSpec(4, 1, 64, torch.float16, "v")
+    x = np.zeros(256, np.float16)
+    spans = kvwire.scatter.Spans(np.array([[x.ctypes.data, x.nbytes]], dtype=np.uint64), x)
+    assert not codec.encodes_into(spec)
+    with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes torch.float16 rows gathered only"):
+        codec.encode_into(spans, spec, np.zeros(codec.encoded_size(spec), np.uint8))

@@ -128,8 +128,9 @@ def encode_key_groups(x3: torch.Tensor, group: int, scales: torch.Tensor, zeros:
     if _helper is not None:
         rows, kind = helper_rows(x3.reshape(T, H * D))
         iov = np.array([[rows.ctypes.data, rows.nbytes]], dtype=np.uint64)  # one span: the rows, gathered
+        codes = packed.reshape(T, H * (D // 2)).numpy()  # as rows: [T, -1] cannot be inferred with T = 0
         _helper.int4_key_quantize_spans(iov, kind, H * D, group, scales.view(torch.int16).numpy(),
-                                        zeros.view(torch.int16).numpy(), packed.view(T, -1).numpy())  # fmt: skip
+                                        zeros.view(torch.int16).numpy(), codes)  # fmt: skip
         return
     xf = as_float32(x3)
     q = scratch("a", (T, H, D))
@@ -235,7 +236,9 @@ class Int4Codec(Codec):
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         self.check(spec)
         check_out(out, self.encoded_size(spec))
-        assert self.encodes_into(spec)
+        if not self.encodes_into(spec):
+            raise NotImplementedError(f"codec {self.descriptor!r} encodes {spec.dtype} rows gathered only (in place: "
+                                      f"bf16 and fp32, with the C helper built)")  # fmt: skip
         groups, kind = self._num_groups(spec), 1 if spec.dtype == torch.bfloat16 else 0
         scales, zeros = out[: groups * 2].view(np.uint16), out[groups * 2 : groups * 4].view(np.uint16)
         if spec.role == "k":  # a token's heads are a row; groups of key_group rows

@@ -389,10 +389,12 @@ class Int4hCodec(Int4Codec):
         return ROWS4.decode(data, spec)
 
     def decodes_into(self, spec: ChunkSpec) -> bool:
-        return _helper is not None and spec.dtype in HELPER_WRITES  # keys: int4's, values: rotated rows
+        if spec.role == "k":  # int4 key groups
+            return super().decodes_into(spec)
+        return _helper is not None and spec.dtype in HELPER_WRITES  # rotated rows
 
     def encodes_into(self, spec: ChunkSpec) -> bool:
-        return self.decodes_into(spec)
+        return self.decodes_into(spec)  # both ways for each role
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
         if spec.role == "k":  # int4 key groups
