@@ -1319,10 +1319,61 @@ def test_int4_keys_of_long_groups_and_empty_chunks_in_c_equal_the_torch_ones(mon
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
-def test_int4_encode_into_refuses_a_cache_dtype_the_helper_does_not_read():
-    codec, spec = kvwire.codec.get("int4"), ChunkSpec(4, 1, 64, torch.float16, "v")
+@pytest.mark.parametrize("name", ["fp8", "int4", "int8h", "int4h"])
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_encode_into_refuses_a_cache_dtype_the_helper_does_not_read(name, role):
+    codec, spec = kvwire.codec.get(name), ChunkSpec(4, 1, 64, torch.float16, role)
     x = np.zeros(256, np.float16)
     spans = kvwire.scatter.Spans(np.array([[x.ctypes.data, x.nbytes]], dtype=np.uint64), x)
     assert not codec.encodes_into(spec)
-    with pytest.raises(NotImplementedError, match="codec 'int4/g64' encodes torch.float16 rows gathered only"):
-        codec.encode_into(spans, spec, np.zeros(codec.encoded_size(spec), np.uint8))
+    out = np.zeros(codec.encoded_size(spec), np.uint8)
+    with pytest.raises(NotImplementedError, match=f"codec '{codec.descriptor}' encodes torch.float16 rows gathered"):
+        codec.encode_into(spans, spec, out)
+    assert not out.any()
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("name", ["fp8", "int4", "int8h", "int4h"])
+def test_encode_into_refuses_an_output_off_its_alignment(name):
+    """The codecs write 2- and 4-byte scales into ``out`` in place: an ``out`` that starts
+    at an odd address is refused with what is wrong, and nothing is written."""
+    codec, spec = kvwire.codec.get(name), ChunkSpec(16, 2, 64, torch.bfloat16, "v")
+    x = torch.randn(16 * 2 * 64).to(torch.bfloat16).view(torch.uint16).numpy()
+    spans = kvwire.scatter.Spans(np.array([[x.ctypes.data, x.nbytes]], dtype=np.uint64), x)
+    size = codec.encoded_size(spec)
+    backing = np.zeros(size + 64, np.uint8)
+    first = -backing.ctypes.data % kvwire.codec.base.ALIGNMENT
+    for past in (1, 2, 4, 8):
+        with pytest.raises(ValueError, match=f"out: must start at a multiple of 16 bytes .* starts {past} bytes past"):
+            codec.encode_into(spans, spec, backing[first + past : first + past + size])
+    assert not backing.any()
+    codec.encode_into(spans, spec, backing[first + 16 : first + 16 + size])  # aligned: coded as encode codes it
+    want = codec.encode(torch.from_numpy(x).view(torch.bfloat16).view(16, 2, 64), "v").data.numpy()
+    assert bytes(backing[first + 16 : first + 16 + size]) == bytes(want)
+
+
+@pytest.mark.parametrize("name", ["raw", "fp8", "int4", "int4/g32/k64", "int8h", "int4h", "int4a", "int4+lz4"])
+@pytest.mark.parametrize("role", ["k", "v"])
+def test_wire_bytes_at_any_address_decode_as_aligned_ones(name, role):
+    """A caller's wire bytes need not start on any boundary (a slice of a larger message):
+    decode, decode_bytes and decode_into give what they give for the same bytes aligned."""
+    codec = kvwire.codec.get(name)
+    x = realistic_keys(40, 2, 64, seed=3).to(torch.bfloat16) if role == "k" else torch.randn(40, 2, 64)
+    x = x.to(torch.bfloat16)
+    encoded = codec.encode(x, role, 16)
+    spec, wire = encoded.spec, bytes(encoded.data.numpy())
+    want = codec.decode(encoded)
+    for past in (1, 2, 3, 5, 8):
+        message = bytearray(past) + bytearray(wire) + bytearray(3)
+        buf = memoryview(message)[past : past + len(wire)]
+        assert torch.equal(codec.decode_bytes(buf, spec).view(torch.int16), want.view(torch.int16))
+        as_tensor = torch.frombuffer(message, dtype=torch.uint8)[past : past + len(wire)]
+        assert torch.equal(codec.decode_bytes(as_tensor, spec).view(torch.int16), want.view(torch.int16))
+        rows = torch.full_like(want, 7.0)
+        flat = rows.view(torch.uint16).numpy()
+        spans = kvwire.scatter.Spans(np.array([[flat.ctypes.data, flat.nbytes]], dtype=np.uint64), flat)
+        if codec.decode_into(buf, spec, spans):
+            assert torch.equal(rows.view(torch.int16), want.view(torch.int16))
+        assert bytes(message[:past]) == bytes(past) and bytes(message[past : past + len(wire)]) == wire
+
+

@@ -209,6 +209,15 @@ class Codec:
         :meth:`encode` gives for the same values. Only where :meth:`encodes_into` says so."""
         raise NotImplementedError(f"codec {self.descriptor!r} encodes gathered rows only")
 
+    def _check_encode_into(self, spec: ChunkSpec, out: np.ndarray) -> None:
+        """:meth:`encode_into`'s arguments checked: ``spec`` valid, ``out`` its bytes, and a
+        build and dtype this codec codes in place for, else a NotImplementedError saying so."""
+        self.check(spec)
+        check_out(out, self.encoded_size(spec))
+        if not self.encodes_into(spec):
+            raise NotImplementedError(f"codec {self.descriptor!r} encodes {spec.dtype} rows gathered only (in place: "
+                                      f"bf16 and fp32, with the C helper built)")  # fmt: skip
+
     def decodes_into(self, spec: ChunkSpec) -> bool:
         """Whether :meth:`decode_into` may serve chunks like ``spec`` (this build, this dtype)."""
         return False
@@ -246,18 +255,26 @@ class Codec:
         return f"<codec {self.descriptor}>"
 
 
+# A chunk's wire bytes start at a multiple of this: its codecs read and write their scales
+# and words in place as 2-, 4- and 8-byte items. Staging slots and received payloads are
+# aligned; a caller's buffer that is not is copied (decoding) or refused (encode_into).
+ALIGNMENT = 16
+
+
 def _as_uint8(buf) -> torch.Tensor:
     if isinstance(buf, torch.Tensor):
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise TypeError(f"buf: expected a 1-D uint8 tensor, got {buf.dtype} of shape {tuple(buf.shape)}")
-        return buf.contiguous()  # a strided view is copied: the codecs read their parts as flat arrays
-    try:
-        mv = memoryview(buf).cast("B")
-    except TypeError as exc:
-        raise TypeError(f"buf: expected bytes-like data, got {type(buf).__name__}") from exc
-    if len(mv) == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mv, dtype=torch.uint8)
+        data = buf.contiguous()  # a strided view is copied: the codecs read their parts as flat arrays
+    else:
+        try:
+            mv = memoryview(buf).cast("B")
+        except TypeError as exc:
+            raise TypeError(f"buf: expected bytes-like data, got {type(buf).__name__}") from exc
+        if len(mv) == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        data = torch.frombuffer(mv, dtype=torch.uint8)
+    return data if data.data_ptr() % ALIGNMENT == 0 else data.clone()  # a fresh tensor is aligned
 
 
 # The one NaN a decoder writes in each cache dtype (docs/formats.md): a positive quiet NaN.
@@ -321,9 +338,13 @@ def abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def check_out(out: np.ndarray, size: int) -> None:
-    """``Codec.encode_into``'s ``out``: ``size`` uint8 bytes, else a ValueError naming both."""
+    """``Codec.encode_into``'s ``out``: ``size`` uint8 bytes from an ``ALIGNMENT`` boundary,
+    else a ValueError naming what is wrong."""
     if out.dtype != np.uint8 or out.nbytes != size:
         raise ValueError(f"out: {size} uint8 bytes, got {out.nbytes} {out.dtype}")
+    if size and (past := out.ctypes.data % ALIGNMENT):
+        raise ValueError(f"out: must start at a multiple of {ALIGNMENT} bytes (scales are written in place), "
+                         f"starts {past} bytes past one")  # fmt: skip
 
 
 def check_length(data: torch.Tensor, expected: int, codec: str) -> None:

@@ -30,7 +30,6 @@ from kvwire.codec.base import (
     abs_max,
     as_float32,
     check_length,
-    check_out,
     helper_out,
     helper_rows,
     helper_spill,
@@ -119,10 +118,8 @@ class Fp8Codec(Codec):
         return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
-        self.check(spec)
+        self._check_encode_into(spec, out)
         rows = spec.tokens * spec.heads
-        check_out(out, self.encoded_size(spec))
-        assert self.encodes_into(spec)
         _helper.fp8_quantize_spans(spans.iov, 1 if spec.dtype == torch.bfloat16 else 0, spec.head_dim,
                                    out[: rows * 4].view(np.float32), out[rows * 4 :])  # fmt: skip
 

@@ -39,7 +39,6 @@ from kvwire.codec.base import (
     Codec,
     as_float32,
     check_length,
-    check_out,
     helper_out,
     helper_rows,
     helper_spill,
@@ -234,11 +233,7 @@ class Int4Codec(Codec):
         return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
-        self.check(spec)
-        check_out(out, self.encoded_size(spec))
-        if not self.encodes_into(spec):
-            raise NotImplementedError(f"codec {self.descriptor!r} encodes {spec.dtype} rows gathered only (in place: "
-                                      f"bf16 and fp32, with the C helper built)")  # fmt: skip
+        self._check_encode_into(spec, out)
         groups, kind = self._num_groups(spec), 1 if spec.dtype == torch.bfloat16 else 0
         scales, zeros = out[: groups * 2].view(np.uint16), out[groups * 2 : groups * 4].view(np.uint16)
         if spec.role == "k":  # a token's heads are a row; groups of key_group rows

@@ -353,7 +353,7 @@ class Int8hCodec(Codec):
         return _helper is not None and spec.dtype in HELPER_WRITES
 
     def encode_into(self, spans, spec: ChunkSpec, out: np.ndarray) -> None:
-        self.check(spec)
+        self._check_encode_into(spec, out)
         ROWS8.encode_into(spans, spec, out)
 
 
@@ -400,7 +400,7 @@ class Int4hCodec(Int4Codec):
         if spec.role == "k":  # int4 key groups
             super().encode_into(spans, spec, out)
             return
-        self.check(spec)
+        self._check_encode_into(spec, out)
         ROWS4.encode_into(spans, spec, out)
 
     def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans) -> bool:
