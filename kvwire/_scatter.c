@@ -897,6 +897,29 @@ static void spill(SpanCursor *at, const unsigned char *src, size_t n) {
     }
 }
 
+/* The optional ``spans`` argument of the decoders: an iov array and the bytes it takes
+ * (none: ``given`` 0, no spans). */
+typedef struct {
+    Py_buffer view;
+    struct iovec *iov;
+    size_t count, total;
+    int given;
+} OutSpans;
+
+static int out_spans_get(PyObject *obj, OutSpans *out) {
+    memset(out, 0, sizeof *out);
+    if (obj == Py_None) return 0;
+    if (get_iov(obj, &out->view, &out->iov, &out->count) < 0) return -1;
+    out->given = 1;
+    for (size_t i = 0; i < out->count; i++) out->total += out->iov[i].iov_len;
+    return 0;
+}
+
+static void out_spans_release(OutSpans *out) {
+    if (out->given) PyBuffer_Release(&out->view);
+    out->given = 0;
+}
+
 /* Receive a payload for ``spans`` through ``bounce`` (``room`` bytes, small enough to stay
  * in the core's cache): a piece at a time, the kernel copies it into the bounce buffer
  * (in cache: no destination line is read first), its CRC32C is taken there, and it is
@@ -1289,6 +1312,27 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+/* fp32 to bf16 bits, nearest, ties to even; every NaN as 0x7FC0 (kvwire/codec/base.py). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* ``n`` decoded values to a cache's dtype: fp32 (kind 0) or bf16 bits (kind 1), every NaN
+ * written as that dtype's one (kvwire/codec/base.py, CANONICAL_NAN). */
+static void store_values(const float *y, size_t n, void *to, int kind) {
+    if (kind == 1) {
+        for (size_t j = 0; j < n; j++) ((uint16_t *)to)[j] = float_to_bf16(y[j]);
+        return;
+    }
+    const uint32_t nan_bits = 0x7FC00000u;
+    float canonical_nan;
+    memcpy(&canonical_nan, &nan_bits, 4);
+    for (size_t j = 0; j < n; j++) ((float *)to)[j] = y[j] == y[j] ? y[j] : canonical_nan;
+}
+
 /* Element k of rows of fp32 (kind 0) or bf16 bits (kind 1), as fp32. */
 ALWAYS_INLINE float widen(const void *x, int kind, Py_ssize_t k) {
     return kind ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
@@ -1411,44 +1455,58 @@ static void group_values8(const uint8_t *codes, Py_ssize_t here, Py_ssize_t C, c
         }
 }
 
-/* key_encode(x, glo, inv, bits, out) and key_decode(words, bits, scale, glo, out): the
- * coded groups of an int4a key window in one pass each (docs/formats.md, "int4a"): for
- * each group and channel in order, bits[c] 16-bit words, word j holding bit j of the
- * channel's 16 codes, token t in bit t (two 8 x 8 bit-matrix transposes). ``x``
+/* key_encode(x, glo, inv, bits, out, kind=0) and key_decode(words, bits, scale, glo, out,
+ * kind=0, spans=None): the coded groups of an int4a key window in one pass each
+ * (docs/formats.md, "int4a"): for each group and channel in order, bits[c] 16-bit words,
+ * word j holding bit j of the channel's 16 codes, token t in bit t (two 8 x 8 bit-matrix
+ * transposes). ``x``
  * (encode) and ``out`` (decode) fp32 [R, C], the window's rows after its first group;
  * ``glo``, ``inv`` (encode), ``scale`` (decode) fp32 [G, C] with G = ceil(R / 16);
- * key_encode's optional last argument 1 reads ``x`` as bf16 bits (uint16 [R, C]);
- * ``bits`` uint8 [C]; ``words`` uint16 [G, sum(bits)].
+ * ``bits`` uint8 [C]; ``words`` uint16 [G, sum(bits)]. The optional ``kind`` 1 reads
+ * ``x`` (encode) or writes ``out`` (decode) as bf16 bits (uint16 [R, C]); decoding
+ * writes NaN as the dtype's one NaN. key_decode's optional ``spans`` (an iov array taking
+ * exactly the rows) makes ``out`` a work buffer of at least a row, filled and copied out to
+ * the spans as fp8_dequantize's.
  *   encode: code = min(max(rint((x - glo) * inv), 0), 2^bits - 1), NaN -> 0
  *   decode: x' = code * scale + glo
  * each operation one fp32 rounding (built with -ffp-contract=off: no fused multiply-add). */
 static PyObject *key_coded(PyObject *args, int encoding) {
-    PyObject *a_obj, *bits_obj, *p_obj, *q_obj, *out_obj;
-    int kind = 0; /* encode: rows as fp32 (0) or bf16 bits (1) */
-    if (!PyArg_ParseTuple(args, "OOOOO|i", &a_obj, encoding ? &p_obj : &bits_obj, encoding ? &q_obj : &p_obj,
-                          encoding ? &bits_obj : &q_obj, &out_obj, &kind))
+    PyObject *a_obj, *bits_obj, *p_obj, *q_obj, *out_obj, *spans_obj = Py_None;
+    int kind = 0; /* rows as fp32 (0) or bf16 bits (1) */
+    if (!PyArg_ParseTuple(args, encoding ? "OOOOO|i" : "OOOOO|iO", &a_obj, encoding ? &p_obj : &bits_obj,
+                          encoding ? &q_obj : &p_obj, encoding ? &bits_obj : &q_obj, &out_obj, &kind, &spans_obj))
         return NULL;
-    if (kind != 0 && (kind != 1 || !encoding)) {
-        PyErr_Format(PyExc_ValueError, "key coded groups: kind must be 0 (fp32) or, to encode, 1 (bf16), got %d", kind);
+    if (kind != 0 && kind != 1) {
+        PyErr_Format(PyExc_ValueError, "key coded groups: kind must be 0 (fp32) or 1 (bf16), got %d", kind);
         return NULL;
     }
     Py_buffer a, bits, p, q, out;
     Py_buffer *held[5] = {&a, &bits, &p, &q, &out};
     PyObject *objs[5] = {a_obj, bits_obj, p_obj, q_obj, out_obj};
+    OutSpans spans;
     int n = 0;
     PyObject *result = NULL;
     uint8_t *codes = NULL;
+    if (out_spans_get(spans_obj, &spans) < 0) return NULL;
     for (; n < 5; n++)
         if (PyObject_GetBuffer(objs[n], held[n], PyBUF_C_CONTIGUOUS | (n == 4 ? PyBUF_WRITABLE : 0)) < 0) goto done;
     Py_ssize_t C = bits.len, total = 0;
-    /* 16 C codes, C floats (2^bits - 1), then a copy of the bits: ``out`` is sized from them,
-     * so the loops must read the bits checked here, not the caller's buffer again */
-    if (C > PY_SSIZE_T_MAX / 32 || (codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * (size_t)C + (size_t)C + 1)) == NULL) {
+    const int spilled = spans.given, direct = encoding || (kind == 0 && !spilled); /* no fp32 work rows */
+    /* 16 C codes, C floats (2^bits - 1), a group's values as fp32 to decode other than
+     * straight into fp32 rows (16 C floats), then a copy of the bits: ``out`` is sized from
+     * them, so the loops must read the bits checked here, not the caller's buffer again */
+    if (C > PY_SSIZE_T_MAX / 128) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const size_t floats = (size_t)C * (direct ? 1 : 17);
+    if ((codes = PyMem_Malloc((size_t)(16 * C) + sizeof(float) * floats + (size_t)C + 1)) == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     float *top = (float *)(codes + 16 * C); /* 16 C bytes keep it aligned */
-    uint8_t *b = (uint8_t *)(top + C);
+    float *values = top + C;                /* when not direct */
+    uint8_t *b = (uint8_t *)(top + floats);
     if (C) memcpy(b, bits.buf, (size_t)C);
     for (Py_ssize_t c = 0; c < C; c++) {
         if (b[c] < 1 || b[c] > 8) {
@@ -1457,13 +1515,21 @@ static PyObject *key_coded(PyObject *args, int encoding) {
         }
         total += b[c];
     }
-    Py_ssize_t rows_len = encoding ? a.len : out.len, words_len = encoding ? out.len : a.len, item = kind ? 2 : 4;
-    Py_ssize_t R = C ? rows_len / (item * C) : 0, G = (R + 15) / 16;
-    if (C == 0 || rows_len != R * item * C || p.len != G * 4 * C || q.len != G * 4 * C || words_len != G * total * 2) {
-        PyErr_SetString(PyExc_ValueError,
-                        "key coded groups: rows fp32 [R, C], parameters fp32 [ceil(R/16), C], words uint16 [G, sum(bits)]");
+    const Py_ssize_t item = kind ? 2 : 4, words_len = encoding ? out.len : a.len;
+    if (spilled && spans.total > (size_t)PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError, "key coded groups: the spans hold more than %zd bytes", PY_SSIZE_T_MAX);
         goto done;
     }
+    const Py_ssize_t rows_len = encoding ? a.len : spilled ? (Py_ssize_t)spans.total : out.len;
+    const Py_ssize_t R = C ? rows_len / (item * C) : 0, G = (R + 15) / 16;
+    if (C == 0 || rows_len != R * item * C || p.len != G * 4 * C || q.len != G * 4 * C ||
+        words_len != G * total * 2 || (spilled && out.len < C * item)) {
+        PyErr_SetString(PyExc_ValueError, "key coded groups: rows fp32 or bf16 [R, C], parameters fp32 [ceil(R/16), "
+                        "C], words uint16 [G, sum(bits)] (with spans: the spans taking [R, C], out at least a row)");
+        goto done;
+    }
+    SpanCursor at = {spans.iov, 0, 0};
+    const size_t room = (size_t)(out.len / item); /* with spans: values the work buffer holds */
     for (Py_ssize_t c = 0; c < C; c++) top[c] = (float)((1 << b[c]) - 1);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t g = 0; g < G; g++) {
@@ -1489,7 +1555,7 @@ static PyObject *key_coded(PyObject *args, int encoding) {
             }
         } else {
             const uint16_t *w = (const uint16_t *)a.buf + g * total;
-            float *y = (float *)out.buf + t0 * C;
+            float *y = direct ? (float *)out.buf + t0 * C : values;
             Py_ssize_t c = 0;
 #if HAVE_X86
             for (; c + 16 <= C; c += 16) w = channel_codes16(w, b + c, codes + c, C);
@@ -1508,13 +1574,27 @@ static PyObject *key_coded(PyObject *args, int encoding) {
                 }
             }
             group_values8(codes, here, C, pa, pb, y);
+            const size_t count = (size_t)(here * C);
+            if (direct) {
+                store_values(y, count, y, 0); /* NaN made canonical in place */
+            } else if (!spilled) {
+                store_values(y, count, (char *)out.buf + t0 * C * item, kind);
+            } else { /* a work buffer's worth at a time */
+                for (size_t done = 0, piece; done < count; done += piece) {
+                    piece = count - done < room ? count - done : room;
+                    store_values(y + done, piece, out.buf, kind);
+                    spill(&at, out.buf, piece * (size_t)item);
+                }
+            }
         }
     }
+    if (spilled) store_fence();
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     PyMem_Free(codes);
     while (n-- > 0) PyBuffer_Release(held[n]);
+    out_spans_release(&spans);
     return result;
 }
 
@@ -2044,13 +2124,6 @@ done:
  * by adding and taking away 1.5 * 2^23 (no libm call, and it stays in vector registers). */
 
 
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 static int rotation_block(Py_ssize_t d) {
     Py_ssize_t r = d & -d;
     return (int)(r < 256 ? r : 256);
@@ -2378,29 +2451,6 @@ static PyObject *py_rot_quantize(PyObject *self, PyObject *args) {
 done:
     release_buffers(held, 4);
     return result;
-}
-
-/* The optional ``spans`` argument of the decoders: an iov array and the bytes it takes
- * (none: ``given`` 0, no spans). */
-typedef struct {
-    Py_buffer view;
-    struct iovec *iov;
-    size_t count, total;
-    int given;
-} OutSpans;
-
-static int out_spans_get(PyObject *obj, OutSpans *out) {
-    memset(out, 0, sizeof *out);
-    if (obj == Py_None) return 0;
-    if (get_iov(obj, &out->view, &out->iov, &out->count) < 0) return -1;
-    out->given = 1;
-    for (size_t i = 0; i < out->count; i++) out->total += out->iov[i].iov_len;
-    return 0;
-}
-
-static void out_spans_release(OutSpans *out) {
-    if (out->given) PyBuffer_Release(&out->view);
-    out->given = 0;
 }
 
 /* A decoder's buffers: codes, scale, zero or table (read), out (written), and its
@@ -3269,7 +3319,8 @@ static PyMethodDef methods[] = {
     {"key_extremes", py_key_extremes, METH_VARARGS, "key_extremes(x, kind, C, gmn, gmx, mn, mx): int4a key groups' ranges."},
     {"key_grid", py_key_grid, METH_VARARGS, "key_grid(lo, hi, heads, bounds, glo, scale, bits[, gmn, gmx]): int4a's grid."},
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
-    {"key_decode", py_key_decode, METH_VARARGS, "key_decode(words, bits, scale, glo, out): key_encode undone."},
+    {"key_decode", py_key_decode, METH_VARARGS,
+     "key_decode(words, bits, scale, glo, out, kind=0, spans=None): key_encode undone."},
     {"row_params4a", py_row_params4a, METH_VARARGS,
      "row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): int4a value rows' scales."},
     {"row_steps4a", py_row_steps4a, METH_VARARGS, "row_steps4a(code, base, zeros, scale, z): row_params4a undone."},

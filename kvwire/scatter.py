@@ -50,6 +50,23 @@ class Spans:
         """CRC32C of the spans' concatenation, continuing ``crc``."""
         return _scatter.crc32c(self.iov, crc)
 
+    def cut(self, start: int, nbytes: int) -> Spans:
+        """Bytes ``start`` to ``start + nbytes`` of the spans' concatenation, as spans of
+        their own (the same arrays kept alive)."""
+        if start < 0 or nbytes < 0 or start + nbytes > self.nbytes:
+            raise ValueError(f"cut: bytes {start} to {start + nbytes} of spans holding {self.nbytes}")
+        if nbytes == 0:
+            return Spans(np.zeros((0, 2), dtype=IOV_DTYPE), self._owner, 0)
+        ends = np.cumsum(self.iov[:, 1])
+        first = int(np.searchsorted(ends, start, side="right"))  # the span holding byte start
+        last = int(np.searchsorted(ends, start + nbytes, side="left"))  # and the one holding the last byte
+        part = self.iov[first : last + 1].copy()
+        into = IOV_DTYPE(start - (int(ends[first]) - int(part[0, 1])))  # bytes of the first span before start
+        part[0, 0] += into
+        part[0, 1] -= into
+        part[-1, 1] -= IOV_DTYPE(int(ends[last]) - (start + nbytes))  # bytes of the last span after the cut
+        return Spans(part, self._owner, nbytes)
+
     def tobytes(self) -> bytes:
         """The spans' bytes, joined (for tests and for streams that need one buffer)."""
         return b"".join(_span_view(int(a), int(n)) for a, n in self.iov)

@@ -786,6 +786,8 @@ def test_fp8_encoded_in_c_equals_the_torch_encode(monkeypatch, dtype, head_dim):
             ("int4/g32", "v"),
             ("int4/g32", "k"),
             ("int4/g64/k64", "k"),
+            ("int4a", "k"),
+            ("int4a", "v"),
         ]
     ),  # fmt: skip
     dtype=st.sampled_from([torch.bfloat16, torch.float32]),
@@ -801,8 +803,9 @@ def test_decoded_into_spans_is_decode_bytes_in_place(
     coded, dtype, tokens, heads, head_dim, cuts, gap, spill_rows, seed
 ):
     """decode_into (a host cache's rows, decoded a few rows at a time and copied out with
-    streaming stores), for fp8, the rotated rows (int8h, int4h's values) and int4's groups
-    (keys across tokens, partial last groups included; values along the row): the values
+    streaming stores), for fp8, the rotated rows (int8h, int4h's values), int4's groups
+    (keys across tokens, partial last groups included; values along the row) and int4a
+    (its first group or rows, then its coded groups or compact rows): the values
     decode_bytes gives, in order, across spans cut anywhere (inside a row, inside a value)
     and pieces of any number of rows; nothing between the spans written."""
     from kvwire.codec import base
@@ -834,6 +837,33 @@ def test_decoded_into_spans_is_decode_bytes_in_place(
         at += end - start + gap
     assert got == want
     assert not out[outside].any()
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("role", ["k", "v"])
+@pytest.mark.parametrize("tokens", [1024, 1100, 2100])
+def test_int4a_decoded_into_spans_across_windows_is_the_torch_decode(monkeypatch, role, tokens):
+    """int4a chunks of one, two and three windows (1024 tokens each, the last partial),
+    decoded into spans cut inside rows by the C helper, a work buffer smaller than a
+    token's heads: the values torch's decode gives, NaN and infinities included."""
+    from kvwire.codec import allocated, base
+
+    codec, heads, head_dim = kvwire.codec.get("int4a"), 4, 64
+    x = realistic_keys(tokens, heads, head_dim, seed=11).to(torch.bfloat16)
+    x[5, 1, 3], x[1030 % tokens, 2, 9], x[7, 0, 0] = float("nan"), float("inf"), float("-inf")
+    encoded = codec.encode(x, role, 16)
+    monkeypatch.setattr(base, "SPILL_BYTES", 100)  # fewer than a row of heads: key_decode fills it piece by piece
+    out = torch.full((tokens, heads, head_dim), 7.0, dtype=torch.bfloat16)
+    flat = out.view(torch.uint8).view(-1).numpy()
+    bounds = [0, 5, 4096 + 2, 300_000, flat.nbytes]
+    iov = np.array([[flat.ctypes.data + a, b - a] for a, b in zip(bounds, bounds[1:])], dtype=np.uint64)
+    assert codec.decode_into(encoded.data, encoded.spec, kvwire.scatter.Spans(iov, flat))
+    monkeypatch.setattr(allocated, "_helper", None)
+    monkeypatch.setattr(kvwire.codec.rotated, "_helper", None)
+    monkeypatch.setattr(kvwire.codec.int4, "_helper", None)
+    assert not codec.decodes_into(encoded.spec)
+    want = codec.decode(encoded)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")

@@ -32,11 +32,21 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from kvwire.codec.base import ChunkSpec, Codec, as_float32, check_length, helper_rows, take, to_cache_dtype
+from kvwire.codec.base import (
+    HELPER_WRITES,
+    ChunkSpec,
+    Codec,
+    as_float32,
+    check_length,
+    helper_rows,
+    helper_spill,
+    take,
+    to_cache_dtype,
+)
 from kvwire.codec.int4 import FP16_MAX, _finite_minmax, encode_key_groups, pack_nibbles, unpack_nibbles
 from kvwire.codec.rotated import MODE4A, ROWS4, _pow2, dequantize, quantize, rotated, rotation_block
 from kvwire.codec.scratch import scratch
-from kvwire.scatter import _scatter
+from kvwire.scatter import Spans, _scatter
 
 # The C helper (kvwire/_scatter.c), or None; its key words and planes assume little-endian integers.
 _helper = _scatter if sys.byteorder == "little" else None
@@ -253,6 +263,43 @@ def encode_keys(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     return out
 
 
+def _key_ranges(data: torch.Tensor, lay: KeyLayout, h: int, d: int):
+    """A key window's coded groups' (lo, hi fp16 [H, D], bound codes uint8 [G, H, 2, D],
+    words uint16 [G, sum of bits])."""
+    at = lay.head
+    lo16 = data[at : at + 2 * h * d].clone().view(torch.float16).view(h, d)
+    hi16 = data[at + 2 * h * d : at + lay.ranges].clone().view(torch.float16).view(h, d)
+    at += lay.ranges
+    planes = data[at : at + lay.bounds].numpy().reshape(lay.groups, h, 2, BOUND_BITS, d // 8)
+    bound_codes = _from_planes(planes, d)  # [G, H, 2, D]
+    return lo16, hi16, bound_codes, data[at + lay.bounds :].numpy().view("<u2").reshape(lay.groups, -1)
+
+
+def _key_grid_c(lo16: torch.Tensor, hi16: torch.Tensor, bound_codes: np.ndarray, groups: int, h: int, d: int):
+    """The coded groups' (step, lo fp32 [G, H, D], bits uint8 [H D]) from the C helper."""
+    glo, step = torch.empty(groups, h, d), torch.empty(groups, h, d)
+    bits = np.empty(h * d, np.uint8)
+    _helper.key_grid(lo16.float().numpy(), hi16.float().numpy(), h, bound_codes, glo.numpy(), step.numpy(), bits)
+    return step.numpy(), glo.numpy(), bits
+
+
+def decode_keys_into(data: torch.Tensor, spec: ChunkSpec, spans: Spans) -> None:
+    """:func:`decode_keys`'s values written into ``spans`` by the C helper: the first group
+    as an ``int4`` key group (``int4_dequantize``), the coded groups a group at a time."""
+    t, h, d = spec.shape
+    lay = KeyLayout(spec)
+    check_length(data, lay.size, "int4a")
+    row = h * d * spec.itemsize
+    spill = helper_spill(spec, row=h * d)  # key_decode's rows are a token's heads
+    scale, zero = data[: 2 * h * d].numpy(), data[2 * h * d : 4 * h * d].numpy()
+    _helper.int4_dequantize(data[4 * h * d : lay.head].numpy(), scale, zero, h, d, d, lay.first, *spill,
+                            spans.cut(0, lay.first * row).iov)  # fmt: skip
+    if lay.groups:
+        lo16, hi16, bound_codes, sent = _key_ranges(data, lay, h, d)
+        step, glo, bits = _key_grid_c(lo16, hi16, bound_codes, lay.groups, h, d)
+        _helper.key_decode(sent, bits, step, glo, *spill, spans.cut(lay.first * row, (t - lay.first) * row).iov)
+
+
 def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     t, h, d = spec.shape
     lay = KeyLayout(spec)
@@ -263,26 +310,15 @@ def decode_keys(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     first = unpack_nibbles(data[4 * h * d : lay.head].view(lay.first, h, d // 2), y[: lay.first])
     first.mul_(scale).add_(zero)
     if lay.groups:
-        at = lay.head
-        lo16 = data[at : at + 2 * h * d].clone().view(torch.float16).view(h, d)
-        hi16 = data[at + 2 * h * d : at + lay.ranges].clone().view(torch.float16).view(h, d)
-        at += lay.ranges
-        planes = data[at : at + lay.bounds].numpy().reshape(lay.groups, h, 2, BOUND_BITS, d // 8)
-        bound_codes = _from_planes(planes, d)  # [G, H, 2, D]
-        at += lay.bounds
+        lo16, hi16, bound_codes, sent = _key_ranges(data, lay, h, d)
         rest = y[lay.first :]
         if _helper is not None:  # the C helper: the grid in one call, then words to values in one pass
-            glo, step_c = torch.empty(lay.groups, h, d), torch.empty(lay.groups, h, d)
-            bits_c = np.empty(h * d, np.uint8)
-            _helper.key_grid(lo16.float().numpy(), hi16.float().numpy(), h, bound_codes, glo.numpy(), step_c.numpy(),
-                             bits_c)  # fmt: skip
-            sent = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
-            _helper.key_decode(sent, bits_c, step_c.numpy(), glo.numpy(), rest.view(-1, h * d).numpy())
+            step, glo, bits = _key_grid_c(lo16, hi16, bound_codes, lay.groups, h, d)
+            _helper.key_decode(sent, bits, step, glo, rest.view(-1, h * d).numpy())
             return to_cache_dtype(y, spec.dtype, fresh=True)
         bounds = torch.from_numpy(bound_codes).to(torch.int64)
         group_lo, group_hi, bits = _group_grid(lo16, hi16, bounds[:, :, 0], bounds[:, :, 1])
         top = (torch.ones_like(bits) << bits).sub_(1).float()
-        sent = data[at:].numpy().view("<u2").reshape(lay.groups, -1)
         s = (group_hi - group_lo) / top
         # each channel's 8 words: its b sent ones, then zeros (a gather: 10x faster than a scatter)
         chosen = (np.arange(MOST_BITS) < bits.numpy()[..., None]).reshape(-1)
@@ -379,6 +415,30 @@ def _row_step(k: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     return torch.where(big, torch.inf, torch.where(small, 0.0, step))
 
 
+def _row_steps_c(base_part: torch.Tensor, code_part: torch.Tensor, zero_part: torch.Tensor, rows: int):
+    """The compact rows' (step, zero-point) fp32 [rows] from the C helper."""
+    scale, z = torch.empty(rows), torch.empty(rows)
+    _helper.row_steps4a(code_part.numpy(), base_part.numpy(), zero_part.numpy(), scale.numpy(), z.numpy())
+    return scale, z
+
+
+def decode_rows_into(data: torch.Tensor, spec: ChunkSpec, spans: Spans) -> None:
+    """:func:`decode_rows`'s values written into ``spans`` by the C helper: the first rows
+    as ``int4h``'s, the compact ones after them."""
+    t, h, d = spec.shape
+    first, rows, compact = _rows_layout(spec)
+    head_spec = ChunkSpec(first, h, d, spec.dtype, spec.role, spec.block_size)
+    head_bytes = ROWS4.size(head_spec)
+    check_length(data, head_bytes + compact, "int4a")
+    row = h * d * spec.itemsize
+    ROWS4.decode_into(data[:head_bytes], head_spec, spans.cut(0, first * row))
+    if rows:
+        base_part, code_part, zero_part, codes = _compact_parts(data, head_bytes, h, rows, t - first)
+        scale, z = _row_steps_c(base_part, code_part, zero_part, rows)
+        _helper.rot_dequantize(codes.numpy(), MODE4A, d, scale.numpy(), z.numpy(), *helper_spill(spec),
+                               spans.cut(first * row, (t - first) * row).iov)  # fmt: skip
+
+
 def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     t, h, d = spec.shape
     first, rows, compact = _rows_layout(spec)
@@ -393,8 +453,7 @@ def decode_rows(data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     later = t - first
     base_part, code_part, zero_part, codes = _compact_parts(data, head_bytes, h, rows, later)
     if _helper is not None:  # the C helper: the rows' scales and zero-points in one call
-        scale, z = torch.empty(rows), torch.empty(rows)
-        _helper.row_steps4a(code_part.numpy(), base_part.numpy(), zero_part.numpy(), scale.numpy(), z.numpy())
+        scale, z = _row_steps_c(base_part, code_part, zero_part, rows)
     else:
         base = base_part.clone().view(torch.int16).to(torch.int64)
         kk = (code_part.to(torch.int64).view(-1, h) + base).view(-1)
@@ -451,6 +510,21 @@ class Int4aCodec(Codec):
             parts.append(encode_keys(window, w) if spec.role == "k" else encode_rows(window, w))
             t0 += w.tokens
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def decodes_into(self, spec: ChunkSpec) -> bool:
+        return _helper is not None and spec.dtype in HELPER_WRITES
+
+    def _decode_into(self, data: torch.Tensor, spec: ChunkSpec, spans: Spans) -> bool:
+        if not self.decodes_into(spec):
+            return False
+        check_length(data, self.encoded_size(spec), self.name)
+        at, t0, row = 0, 0, spec.heads * spec.head_dim * spec.itemsize
+        for w in _windows(spec):  # each window's bytes to its own rows
+            size = _window_size(w)
+            place = spans.cut(t0 * row, w.tokens * row)
+            (decode_keys_into if spec.role == "k" else decode_rows_into)(data[at : at + size], w, place)
+            at, t0 = at + size, t0 + w.tokens
+        return True
 
     def _decode(self, data: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
         check_length(data, self.encoded_size(spec), self.name)

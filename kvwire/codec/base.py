@@ -325,10 +325,12 @@ def helper_out(out: torch.Tensor) -> tuple[np.ndarray, int]:
     return out.numpy(), 0
 
 
-def helper_spill(spec: ChunkSpec) -> tuple[np.ndarray, int]:
+def helper_spill(spec: ChunkSpec, row: int | None = None) -> tuple[np.ndarray, int]:
     """The work buffer a decoder writes rows into before they go to their spans
-    (``Codec.decode_into``): SPILL_BYTES, at least a row, as :func:`helper_out` gives it."""
-    return helper_out(scratch("spill", (max(SPILL_BYTES // spec.itemsize, spec.head_dim),), spec.dtype))
+    (``Codec.decode_into``): SPILL_BYTES, at least a row (``row`` values, else
+    ``head_dim``), as :func:`helper_out` gives it."""
+    least = spec.head_dim if row is None else row
+    return helper_out(scratch("spill", (max(SPILL_BYTES // spec.itemsize, least),), spec.dtype))
 
 
 def abs_max(x: torch.Tensor, dim: int) -> torch.Tensor:
