@@ -1985,85 +1985,40 @@ static inline float row_step_4a(int64_t k, int64_t exponent) {
     return ROOTS_4A[k & 15] * pow2f((int)exponent);
 }
 
-/* row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): an int4a value
- * window's compact rows' parameters from their rotated stats (rot_stats: e int32, mn, mx
- * fp32 [N], rows in [token][head] order, N a multiple of ``heads``), as allocated.py's
- * encode_rows computes them in torch: ``base`` int16 [heads], ``code`` uint8 [N] (the
- * scale bytes), ``zeros`` uint8 [heads, ceil(N / heads / 2)] (each head's zero-points,
- * two tokens a byte, the earlier in the low nibble), ``inv`` and ``z`` fp32 [N] for
- * rot_quantize's mode 5. */
-static PyObject *py_row_params4a(PyObject *self, PyObject *args) {
-    PyObject *objs[8];
-    Py_ssize_t heads;
-    int log_block;
-    if (!PyArg_ParseTuple(args, "OOOniOOOOO", &objs[0], &objs[1], &objs[2], &heads, &log_block, &objs[3], &objs[4],
-                          &objs[5], &objs[6], &objs[7]))
-        return NULL;
-    Py_buffer held[8];
-    if (get_buffers(objs, held, 8, 3) < 0) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t n = held[0].len / 4, later = heads > 0 ? n / heads : 0, half = (later + 1) / 2;
-    if (heads <= 0 || log_block < 0 || log_block > 8 || held[0].len != n * 4 || n % heads || held[1].len != n * 4 ||
-        held[2].len != n * 4 || held[3].len != heads * 2 || held[4].len != n || held[5].len != heads * half ||
-        held[6].len != n * 4 || held[7].len != n * 4) {
-        PyErr_Format(PyExc_ValueError, "row_params4a: e int32, mn and mx fp32 [N] with N a multiple of heads, "
-                     "base int16 [heads], code uint8 [N], zeros uint8 [heads, ceil(N / heads / 2)], inv and z fp32 "
-                     "[N], 0 <= log_block <= 8; got heads %zd, log_block %d", heads, log_block);
-        goto done;
-    }
-    int64_t *k = PyMem_Malloc((size_t)n * sizeof(int64_t) + (size_t)heads * sizeof(int16_t));
-    if (k == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    const int32_t *e = held[0].buf;
-    const float *mn = held[1].buf, *mx = held[2].buf;
-    uint8_t *base_bytes = held[3].buf, *code = held[4].buf, *zeros = held[5].buf; /* base: int16, maybe unaligned */
-    float *inv = held[6].buf, *z = held[7].buf;
-    int16_t *base = (int16_t *)(k + n); /* the bases, aligned, copied out at the end */
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < n; r++) { /* the least k with 2^(k/16) >= range / 15, in the row's real units */
-        float u = (mx[r] - mn[r]) / 15.0f;
-        if (!(u > 0.0f)) {
-            k[r] = NO_SCALE_4A;
-            continue;
-        }
-        int ex;
-        float twice = frexpf(u, &ex) * 2.0f; /* in [1, 2): exact */
-        int below = 0;
-        for (int j = 0; j < 16; j++) below += twice > ROOTS_4A[j];
-        k[r] = clamp64(16 * ((int64_t)ex - 1) + below + 16 * ((int64_t)e[r] - 16 - log_block), SCALE_LOW_4A,
-                       SCALE_HIGH_4A);
-    }
-    for (Py_ssize_t h = 0; h < heads; h++) { /* each head's base: its largest k less 255 */
+/* A compact row's k: the least k with 2^(k/16) >= range / 15, in the row's real units
+ * (its rotated stats: exponent e, min mn, max mx), clamped to the grid; NO_SCALE_4A for a
+ * row of one value. */
+static inline int64_t row_k_4a(int32_t e, float mn, float mx, int log_block) {
+    float u = (mx - mn) / 15.0f;
+    if (!(u > 0.0f)) return NO_SCALE_4A;
+    int ex;
+    float twice = frexpf(u, &ex) * 2.0f; /* in [1, 2): exact */
+    int below = 0;
+    for (int j = 0; j < 16; j++) below += twice > ROOTS_4A[j];
+    return clamp64(16 * ((int64_t)ex - 1) + below + 16 * ((int64_t)e - 16 - log_block), SCALE_LOW_4A, SCALE_HIGH_4A);
+}
+
+/* A compact row's code multiplier ``*inv`` and zero-point ``*z`` (rot_quantize's mode 5)
+ * when it travels with scale index ``kk``. */
+static inline void row_params_4a(int64_t kk, int32_t e, float mn, int log_block, float *inv, float *z) {
+    float step = row_step_4a(kk, floor_div16(kk) - e + 16 + log_block);
+    float q = step > 0.0f && step < INFINITY ? 1.0f / step : 0.0f;
+    float zp = rintf(-mn * q);
+    zp = zp > 0.0f ? zp : 0.0f;
+    *inv = q;
+    *z = zp < 15.0f ? zp : 15.0f;
+}
+
+/* Each head's base: its rows' largest k less 255, on the grid (rows in [token][head] order). */
+static void row_bases_4a(const int64_t *k, Py_ssize_t n, Py_ssize_t heads, int16_t *base) {
+    for (Py_ssize_t h = 0; h < heads; h++) {
         int64_t top = NO_SCALE_4A; /* no k is below it */
         for (Py_ssize_t r = h; r < n; r += heads) top = k[r] > top ? k[r] : top;
         base[h] = (int16_t)clamp64(top - 255, SCALE_LOW_4A, SCALE_HIGH_4A - 255);
     }
-    memset(zeros, 0, (size_t)(heads * half));
-    for (Py_ssize_t t = 0, r = 0; t < later; t++)
-        for (Py_ssize_t h = 0; h < heads; h++, r++) {
-            int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
-            float step = row_step_4a(kk, floor_div16(kk) - e[r] + 16 + log_block);
-            float q = step > 0.0f && step < INFINITY ? 1.0f / step : 0.0f;
-            float zp = rintf(-mn[r] * q);
-            zp = zp > 0.0f ? zp : 0.0f;
-            zp = zp < 15.0f ? zp : 15.0f;
-            code[r] = (uint8_t)c;
-            inv[r] = q;
-            z[r] = zp;
-            zeros[h * half + t / 2] |= (uint8_t)((int)zp << (4 * (t % 2)));
-        }
-    memcpy(base_bytes, base, (size_t)heads * sizeof(int16_t));
-    Py_END_ALLOW_THREADS
-    PyMem_Free(k);
-    result = Py_NewRef(Py_None);
-done:
-    release_buffers(held, 8);
-    return result;
 }
 
-/* row_steps4a(code, base, zeros, scale, z): row_params4a's bytes back to each row's scale
+/* row_steps4a(code, base, zeros, scale, z): rot_encode4a's bytes back to each row's scale
  * ``scale`` (ROOTS_4A[kk mod 16] 2^floor(kk / 16), kk = base[head] + code) and zero-point
  * ``z`` (fp32 [N]), for rot_dequantize's mode 5 (allocated.py's decode_rows). */
 static PyObject *py_row_steps4a(PyObject *self, PyObject *args) {
@@ -2289,6 +2244,40 @@ static void quantize_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, i
         rotate_row(x, kind, i, d, y);
         quantize_row(y, d, mode, inv[i], z[i], out, i);
     }
+}
+
+/* An int4a value window's compact rows coded in one call (py_rot_encode4a). Each row is
+ * rotated once and coded with its own scale index k while it is in cache. A row that the
+ * head's base then clamps (its range 2^(255/16) under the head's widest, or one value
+ * repeated) is rotated again and coded with the clamped index; a row of zeros has the
+ * same codes either way. ``y`` d floats; ``k``, ``e``, ``mn`` N each. */
+SIMD_CLONES
+static void encode_rows4a(const void *x, int kind, Py_ssize_t n, Py_ssize_t heads, Py_ssize_t d, int log_block,
+                          float *y, int64_t *k, int32_t *e, float *mn, int16_t *base, uint8_t *code, uint8_t *zeros,
+                          uint8_t *codes) {
+    for (Py_ssize_t r = 0; r < n; r++) {
+        float hi, inv = 0.0f, z = 0.0f;
+        e[r] = rotate_row(x, kind, r, d, y);
+        row_range(y, d, mn + r, &hi);
+        k[r] = row_k_4a(e[r], mn[r], hi, log_block);
+        if (k[r] != NO_SCALE_4A) row_params_4a(k[r], e[r], mn[r], log_block, &inv, &z);
+        quantize_row(y, d, 5, inv, z, codes, r);
+    }
+    row_bases_4a(k, n, heads, base);
+    const Py_ssize_t later = n / heads, half = (later + 1) / 2;
+    memset(zeros, 0, (size_t)(heads * half));
+    for (Py_ssize_t t = 0, r = 0; t < later; t++)
+        for (Py_ssize_t h = 0; h < heads; h++, r++) {
+            const int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
+            float inv, z;
+            row_params_4a(kk, e[r], mn[r], log_block, &inv, &z);
+            if (kk != k[r] && !(k[r] == NO_SCALE_4A && mn[r] == 0.0f)) {
+                rotate_row(x, kind, r, d, y);
+                quantize_row(y, d, 5, inv, z, codes, r);
+            }
+            code[r] = (uint8_t)c;
+            zeros[h * half + t / 2] |= (uint8_t)((int)z << (4 * (t % 2)));
+        }
 }
 
 static inline float bf16_value(uint16_t h) {
@@ -2541,6 +2530,57 @@ done:
     PyMem_Free(y);
     release_buffers(held, 2);
     PyBuffer_Release(&view);
+    return result;
+}
+
+/* rot_encode4a(x, kind, d, heads, log_block, base, code, zeros, codes): an int4a value
+ * window's compact rows ``x`` (fp32, kind 0, or bf16 bits, kind 1, [N, d], N a multiple
+ * of ``heads``, rows in [token][head] order) coded as allocated.py's encode_rows codes
+ * them in torch: ``base`` int16 [heads], ``code`` uint8 [N] (the scale bytes), ``zeros``
+ * uint8 [heads, ceil(N / heads / 2)] (each head's zero-points, two tokens a byte, the
+ * earlier in the low nibble) and ``codes`` uint8 [N, d / 2] (rot_quantize's mode 5),
+ * most rows rotated once (encode_rows4a). */
+static PyObject *py_rot_encode4a(PyObject *self, PyObject *args) {
+    PyObject *objs[5];
+    Py_ssize_t d, heads;
+    int kind, log_block;
+    if (!PyArg_ParseTuple(args, "OinniOOOO", &objs[0], &kind, &d, &heads, &log_block, &objs[1], &objs[2], &objs[3],
+                          &objs[4]))
+        return NULL;
+    Py_buffer held[5];
+    if (get_buffers(objs, held, 5, 1) < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = kind_and_d("rot_encode4a", kind, d) < 0 ? -1 : rot_rows(&held[0], kind, d);
+    if (n < 0) goto done;
+    const Py_ssize_t later = heads > 0 ? n / heads : 0, half = (later + 1) / 2;
+    if (heads <= 0 || n % heads || d % 2 || log_block < 0 || log_block > 8 || held[1].len != heads * 2 ||
+        held[2].len != n || held[3].len != heads * half || held[4].len != n * (d / 2)) {
+        PyErr_Format(PyExc_ValueError, "rot_encode4a: x [N, d] with N a multiple of heads and d even, base int16 "
+                     "[heads], code uint8 [N], zeros uint8 [heads, ceil(N / heads / 2)], codes uint8 [N, d / 2], "
+                     "0 <= log_block <= 8; got N %zd, d %zd, heads %zd, log_block %d, %zd base, %zd code, %zd zeros "
+                     "and %zd codes bytes", n, d, heads, log_block, held[1].len, held[2].len, held[3].len,
+                     held[4].len);
+        goto done;
+    }
+    /* y, then k, e, mn for each row, then the bases (copied out at the end: ``base`` may be unaligned) */
+    char *work = PyMem_Malloc((size_t)d * sizeof(float) + (size_t)n * 16 + (size_t)heads * sizeof(int16_t));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *y = (float *)work;
+    int64_t *k = (int64_t *)(work + (((size_t)d * sizeof(float) + 7) & ~(size_t)7));
+    int32_t *e = (int32_t *)(k + n);
+    float *mn = (float *)(e + n);
+    int16_t *base = (int16_t *)(mn + n);
+    Py_BEGIN_ALLOW_THREADS
+    encode_rows4a(held[0].buf, kind, n, heads, d, log_block, y, k, e, mn, base, held[2].buf, held[3].buf, held[4].buf);
+    memcpy(held[1].buf, base, (size_t)heads * sizeof(int16_t));
+    Py_END_ALLOW_THREADS
+    PyMem_Free(work);
+    result = Py_NewRef(Py_None);
+done:
+    release_buffers(held, 5);
     return result;
 }
 
@@ -3321,9 +3361,9 @@ static PyMethodDef methods[] = {
     {"key_encode", py_key_encode, METH_VARARGS, "key_encode(x, glo, inv, bits, out): int4a coded key groups."},
     {"key_decode", py_key_decode, METH_VARARGS,
      "key_decode(words, bits, scale, glo, out, kind=0, spans=None): key_encode undone."},
-    {"row_params4a", py_row_params4a, METH_VARARGS,
-     "row_params4a(e, mn, mx, heads, log_block, base, code, zeros, inv, z): int4a value rows' scales."},
-    {"row_steps4a", py_row_steps4a, METH_VARARGS, "row_steps4a(code, base, zeros, scale, z): row_params4a undone."},
+    {"rot_encode4a", py_rot_encode4a, METH_VARARGS,
+     "rot_encode4a(x, kind, d, heads, log_block, base, code, zeros, codes): int4a compact value rows coded."},
+    {"row_steps4a", py_row_steps4a, METH_VARARGS, "row_steps4a(code, base, zeros, scale, z): rot_encode4a's scales undone."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(iov, crc=0) -> CRC32C of the spans' concatenation."},
     {"crc32c_together", py_crc32c_together, METH_VARARGS,
      "crc32c_together(iovs) -> the CRC32C of each span list, their rows read once (see the source)."},

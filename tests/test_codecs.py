@@ -681,10 +681,11 @@ def test_int4a_chunks_are_windows_so_the_cut_does_not_matter():
     ("int4h", "v", 48, 70), ("int4h", "v", 6, 70), ("int4a", "v", 64, 70), ("int4a", "v", 256, 71)])  # fmt: skip
 def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, head_dim, T):
     """Rotated rows through kvwire/_scatter.c (rot_stats, rot_quantize, rot_dequantize;
-    for int4a also its rows' scales and zero-points, row_params4a and row_steps4a) and
+    for int4a also its rows' scales and zero-points, rot_encode4a and row_steps4a) and
     through the torch path a build without it takes: the same bytes and the same values,
     for every cache dtype, with special values, zero and tiny rows, and random bytes
-    decoded (NaN scales included); rows of 8 values or more take the helper's vector
+    decoded (NaN scales included); rows int4a codes again once their head's base is known
+    (a tiny row, a repeated value); rows of 8 values or more take the helper's vector
     loops, shorter rotation blocks (head_dim 12, 6) its scalar ones; an odd count of
     int4a's compact rows per head (71 tokens) leaves half a zero-point byte."""
     from kvwire.codec import allocated, rotated
@@ -695,6 +696,8 @@ def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, 
     x[40, 1] = 0.0
     x[41, 2] = torch.finfo(dtype).tiny
     x[50, 0, 5] = torch.finfo(dtype).max
+    x[45, 1] = 0.0
+    x[45, 1, 0] = 3.0  # rotated, one value repeated: int4a codes it with its head's base
     spec = ChunkSpec(T, 3, head_dim, dtype, role)
     noise = torch.randint(0, 256, (codec.encoded_size(spec),), generator=torch.Generator().manual_seed(head_dim),
                           dtype=torch.uint8)  # fmt: skip
@@ -1084,13 +1087,37 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
         _scatter.key_grid(lohi, lohi, 1, bytes(32), grid, grid, np.zeros(8, np.uint8), grid, grid)
     with pytest.raises(ValueError, match="key_grid: gmn and gmx go together"):  # neither encoding nor decoding
         _scatter.key_grid(lohi, lohi, 1, np.zeros(32, np.uint8), grid, grid, np.zeros(8, np.uint8), grid)
-    e4, f4 = np.zeros(8, np.int32), np.zeros(8, np.float32)
-    with pytest.raises(ValueError, match="row_params4a: .* heads 3"):  # 8 rows are not whole tokens of 3 heads
-        _scatter.row_params4a(e4, f4, f4, 3, 7, np.zeros(6, np.uint8), np.zeros(8, np.uint8), np.zeros(6, np.uint8),
-                              f4, f4)  # fmt: skip
-    with pytest.raises(ValueError, match="row_params4a"):  # zero-points: 4 heads x 1 byte, not 2
-        _scatter.row_params4a(e4, f4, f4, 4, 7, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(2, np.uint8),
-                              f4, f4)  # fmt: skip
+    f4, x8 = np.zeros(8, np.float32), np.zeros((8, 8), np.float32)  # 8 rows of 8 values
+    codes8 = np.zeros((8, 4), np.uint8)
+    _scatter.rot_encode4a(x8, 0, 8, 4, 3, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8), codes8)
+    with pytest.raises(ValueError, match="rot_encode4a: .* heads 3"):  # 8 rows are not whole tokens of 3 heads
+        _scatter.rot_encode4a(x8, 0, 8, 3, 3, np.zeros(6, np.uint8), np.zeros(8, np.uint8), np.zeros(6, np.uint8),
+                              codes8)  # fmt: skip
+    with pytest.raises(ValueError, match="rot_encode4a: .* 2 zeros"):  # zero-points: 4 heads x 1 byte, not 2
+        _scatter.rot_encode4a(x8, 0, 8, 4, 3, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(2, np.uint8),
+                              codes8)  # fmt: skip
+    with pytest.raises(ValueError, match="rot_encode4a: .* 28 codes"):  # codes a row short
+        _scatter.rot_encode4a(x8, 0, 8, 4, 3, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8),
+                              codes8[1:])  # fmt: skip
+    with pytest.raises(ValueError, match="rot_encode4a: kind 0 .* got kind 2"):
+        _scatter.rot_encode4a(x8, 2, 8, 4, 3, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8),
+                              codes8)  # fmt: skip
+    with pytest.raises(ValueError, match="rot_encode4a: .* log_block 9"):
+        _scatter.rot_encode4a(x8, 0, 8, 4, 9, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8),
+                              codes8)  # fmt: skip
+    rows16, spill = np.zeros(32, np.uint16), np.zeros(4, np.uint16)  # key_decode: 2 rows of 16 bf16 channels
+    words, bits = np.zeros((1, 16), np.uint16), np.ones(16, np.uint8)
+    params = np.zeros(16, np.float32)
+    spans16 = np.array([[rows16.ctypes.data, rows16.nbytes]], dtype=np.uint64)
+    _scatter.key_decode(words, bits, params, params, np.zeros(16, np.uint16), 1, spans16)
+    with pytest.raises(ValueError, match="key coded groups: .* out at least a row"):  # a work buffer of 4 values
+        _scatter.key_decode(words, bits, params, params, spill, 1, spans16)
+    with pytest.raises(ValueError, match="key coded groups: kind must be 0 .* got 3"):
+        _scatter.key_decode(words, bits, params, params, rows16, 3)
+    short = np.array([[rows16.ctypes.data, rows16.nbytes - 2]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="key coded groups"):  # the spans take a row and a half
+        _scatter.key_decode(words, bits, params, params, np.zeros(16, np.uint16), 1, short)
+    assert not rows16.any()
     with pytest.raises(ValueError, match="row_steps4a"):
         _scatter.row_steps4a(np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8), f4[:7], f4)
     with pytest.raises(ValueError, match="bit_planes: .* n a multiple of 8"):
@@ -1405,5 +1432,3 @@ def test_wire_bytes_at_any_address_decode_as_aligned_ones(name, role):
         if codec.decode_into(buf, spec, spans):
             assert torch.equal(rows.view(torch.int16), want.view(torch.int16))
         assert bytes(message[:past]) == bytes(past) and bytes(message[past : past + len(wire)]) == wire
-
-

@@ -378,17 +378,15 @@ def encode_rows(x3: torch.Tensor, spec: ChunkSpec) -> torch.Tensor:
     out = torch.empty(head.numel() + compact, dtype=torch.uint8)
     out[: head.numel()] = head
     at = head.numel()
-    r = rotated(x3[first:].reshape(rows, d))
-    e, mn, mx = r.e, r.mn, r.mx
     log_block = rotation_block(d).bit_length() - 1
     later = t - first
     base_part, code_part, zero_part, codes = _compact_parts(out, at, h, rows, later)
-    if _helper is not None:  # the C helper: the rows' scales and zero-points in one call
-        inv, z = torch.empty(rows), torch.empty(rows)
-        _helper.row_params4a(e.numpy(), mn.numpy(), mx.numpy(), h, log_block, base_part.numpy(), code_part.numpy(),
-                             zero_part.numpy(), inv.numpy(), z.numpy())  # fmt: skip
-        quantize(r, MODE4A, inv, z, codes.view(rows, d // 2))
+    if _helper is not None:  # the C helper: rows rotated, measured and coded in one call
+        _helper.rot_encode4a(*helper_rows(x3[first:].reshape(rows, d)), d, h, log_block, base_part.numpy(),
+                             code_part.numpy(), zero_part.numpy(), codes.view(rows, d // 2).numpy())  # fmt: skip
         return out
+    r = rotated(x3[first:].reshape(rows, d))
+    e, mn, mx = r.e, r.mn, r.mx
     shift = 16 * (e.to(torch.int64) - 16 - log_block)  # k in the row's units -> k of its real values
     k = _scale_index((mx - mn) / 15.0)
     k = torch.where(k == NO_SCALE, NO_SCALE, (k + shift).clamp(SCALE_LOW, SCALE_HIGH)).view(-1, h)
