@@ -1955,6 +1955,18 @@ done:
 static PyObject *py_key_encode(PyObject *self, PyObject *args) { return key_coded(args, 1); }
 static PyObject *py_key_decode(PyObject *self, PyObject *args) { return key_coded(args, 0); }
 
+/* frexpf without the call for normal numbers: f with |f| in [0.5, 1) and *ex, x = f 2^ex. */
+static inline float frexp_fast(float x, int *ex) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    const uint32_t biased = (bits >> 23) & 0xFFu;
+    if (biased == 0 || biased == 0xFFu) return frexpf(x, ex); /* zero, subnormal, inf, NaN */
+    *ex = (int)biased - 126;
+    bits = (bits & 0x807FFFFFu) | (126u << 23);
+    memcpy(&x, &bits, 4);
+    return x;
+}
+
 static inline float pow2f(int k) { /* 2^k for k in [-126, 127], exactly */
     uint32_t bits = (uint32_t)(k + 127) << 23;
     float f;
@@ -1992,7 +2004,7 @@ static inline int64_t row_k_4a(int32_t e, float mn, float mx, int log_block) {
     float u = (mx - mn) / 15.0f;
     if (!(u > 0.0f)) return NO_SCALE_4A;
     int ex;
-    float twice = frexpf(u, &ex) * 2.0f; /* in [1, 2): exact */
+    float twice = frexp_fast(u, &ex) * 2.0f; /* in [1, 2): exact */
     int below = 0;
     for (int j = 0; j < 16; j++) below += twice > ROOTS_4A[j];
     return clamp64(16 * ((int64_t)ex - 1) + below + 16 * ((int64_t)e - 16 - log_block), SCALE_LOW_4A, SCALE_HIGH_4A);
@@ -2135,22 +2147,34 @@ ALWAYS_INLINE void hadamard_rows(float *y, Py_ssize_t d, int r) {
     for (Py_ssize_t i = 0; i < d; i++) y[i] += 0.0f;
 }
 
+/* Values k .. k + 8 of ``x`` into ``y``, non-finite ones as +0; returns their magnitudes. */
+ALWAYS_INLINE v8f load_finite8(const void *x, int kind, Py_ssize_t k, float *y) {
+    v8u bits;
+    if (kind == 1) {
+        bits = bf16_bits8((const uint16_t *)x + k);
+    } else {
+        memcpy(&bits, (const float *)x + k, sizeof bits);
+    }
+    bits &= (v8u)((bits & 0x7F800000u) != 0x7F800000u); /* inf and NaN -> +0 */
+    store8(y, (v8f)bits);
+    return (v8f)(bits & 0x7FFFFFFFu);
+}
+
 /* Row ``i`` of ``x`` into ``y``, non-finite values as 0; returns max |y|. */
 ALWAYS_INLINE float load_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d, float *y) {
     if (d % 8 == 0) {
-        v8f m = {0};
-        for (Py_ssize_t j = 0; j < d; j += 8) {
-            v8u bits;
-            if (kind == 1) {
-                bits = bf16_bits8((const uint16_t *)x + i * d + j);
-            } else {
-                memcpy(&bits, (const float *)x + i * d + j, sizeof bits);
-            }
-            bits &= (v8u)((bits & 0x7F800000u) != 0x7F800000u); /* inf and NaN -> +0 */
-            store8(y + j, (v8f)bits);
-            m = max8(m, (v8f)(bits & 0x7FFFFFFFu));
+        /* four running maxima, so that no compare waits for the one before: over values
+         * that are neither NaN nor -0, any order gives the same maximum */
+        v8f m0 = {0}, m1 = {0}, m2 = {0}, m3 = {0};
+        Py_ssize_t j = 0;
+        for (; j + 32 <= d; j += 32) {
+            m0 = max8(m0, load_finite8(x, kind, i * d + j, y + j));
+            m1 = max8(m1, load_finite8(x, kind, i * d + j + 8, y + j + 8));
+            m2 = max8(m2, load_finite8(x, kind, i * d + j + 16, y + j + 16));
+            m3 = max8(m3, load_finite8(x, kind, i * d + j + 24, y + j + 24));
         }
-        return hmax8(m);
+        for (; j < d; j += 8) m0 = max8(m0, load_finite8(x, kind, i * d + j, y + j));
+        return hmax8(max8(max8(m0, m1), max8(m2, m3)));
     }
     float m = 0.0f;
     for (Py_ssize_t j = 0; j < d; j++) {
@@ -2167,7 +2191,7 @@ ALWAYS_INLINE float load_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d
 ALWAYS_INLINE int rotate_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d, float *y) {
     float m = load_row(x, kind, i, d, y);
     int e = 0;
-    frexpf(m, &e);
+    frexp_fast(m, &e);
     if (m == 0.0f || e < -90) {
         memset(y, 0, (size_t)d * sizeof(float));
         return 0;
@@ -2181,15 +2205,22 @@ ALWAYS_INLINE int rotate_row(const void *x, int kind, Py_ssize_t i, Py_ssize_t d
 /* The least and the greatest of a rotated row ``y``. */
 ALWAYS_INLINE void row_range(const float *y, Py_ssize_t d, float *mn, float *mx) {
     float lo = y[0], hi = y[0];
-    if (d % 8 == 0) {
-        v8f vlo = load8(y), vhi = vlo;
-        for (Py_ssize_t j = 8; j < d; j += 8) {
-            v8f v = load8(y + j);
-            vlo = min8(vlo, v);
-            vhi = max8(vhi, v);
+    if (d % 8 == 0) { /* four of each, as load_row's (a rotated row holds no NaN and no -0) */
+        v8f lo0 = load8(y), lo1 = lo0, lo2 = lo0, lo3 = lo0, hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
+        Py_ssize_t j = 0;
+        for (; j + 32 <= d; j += 32) {
+            v8f a = load8(y + j), b = load8(y + j + 8), c = load8(y + j + 16), e = load8(y + j + 24);
+            lo0 = min8(lo0, a), hi0 = max8(hi0, a);
+            lo1 = min8(lo1, b), hi1 = max8(hi1, b);
+            lo2 = min8(lo2, c), hi2 = max8(hi2, c);
+            lo3 = min8(lo3, e), hi3 = max8(hi3, e);
         }
-        lo = hmin8(vlo);
-        hi = hmax8(vhi);
+        for (; j < d; j += 8) {
+            v8f a = load8(y + j);
+            lo0 = min8(lo0, a), hi0 = max8(hi0, a);
+        }
+        lo = hmin8(min8(min8(lo0, lo1), min8(lo2, lo3)));
+        hi = hmax8(max8(max8(hi0, hi1), max8(hi2, hi3)));
     } else {
         for (Py_ssize_t j = 1; j < d; j++) {
             lo = y[j] < lo ? y[j] : lo;
@@ -2250,11 +2281,11 @@ static void quantize_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, i
  * rotated once and coded with its own scale index k while it is in cache. A row that the
  * head's base then clamps (its range 2^(255/16) under the head's widest, or one value
  * repeated) is rotated again and coded with the clamped index; a row of zeros has the
- * same codes either way. ``y`` d floats; ``k``, ``e``, ``mn`` N each. */
+ * same codes either way. ``y`` d floats; ``k``, ``e``, ``mn``, ``zr`` (zero-points) N each. */
 SIMD_CLONES
 static void encode_rows4a(const void *x, int kind, Py_ssize_t n, Py_ssize_t heads, Py_ssize_t d, int log_block,
-                          float *y, int64_t *k, int32_t *e, float *mn, int16_t *base, uint8_t *code, uint8_t *zeros,
-                          uint8_t *codes) {
+                          float *y, int64_t *k, int32_t *e, float *mn, uint8_t *zr, int16_t *base, uint8_t *code,
+                          uint8_t *zeros, uint8_t *codes) {
     for (Py_ssize_t r = 0; r < n; r++) {
         float hi, inv = 0.0f, z = 0.0f;
         e[r] = rotate_row(x, kind, r, d, y);
@@ -2262,6 +2293,7 @@ static void encode_rows4a(const void *x, int kind, Py_ssize_t n, Py_ssize_t head
         k[r] = row_k_4a(e[r], mn[r], hi, log_block);
         if (k[r] != NO_SCALE_4A) row_params_4a(k[r], e[r], mn[r], log_block, &inv, &z);
         quantize_row(y, d, 5, inv, z, codes, r);
+        zr[r] = (uint8_t)z;
     }
     row_bases_4a(k, n, heads, base);
     const Py_ssize_t later = n / heads, half = (later + 1) / 2;
@@ -2269,14 +2301,17 @@ static void encode_rows4a(const void *x, int kind, Py_ssize_t n, Py_ssize_t head
     for (Py_ssize_t t = 0, r = 0; t < later; t++)
         for (Py_ssize_t h = 0; h < heads; h++, r++) {
             const int64_t c = clamp64(k[r] - base[h], 0, 255), kk = base[h] + c;
-            float inv, z;
-            row_params_4a(kk, e[r], mn[r], log_block, &inv, &z);
-            if (kk != k[r] && !(k[r] == NO_SCALE_4A && mn[r] == 0.0f)) {
-                rotate_row(x, kind, r, d, y);
-                quantize_row(y, d, 5, inv, z, codes, r);
+            if (kk != k[r]) { /* clamped: its parameters from the base */
+                float inv, z;
+                row_params_4a(kk, e[r], mn[r], log_block, &inv, &z);
+                zr[r] = (uint8_t)z;
+                if (!(k[r] == NO_SCALE_4A && mn[r] == 0.0f)) {
+                    rotate_row(x, kind, r, d, y);
+                    quantize_row(y, d, 5, inv, z, codes, r);
+                }
             }
             code[r] = (uint8_t)c;
-            zeros[h * half + t / 2] |= (uint8_t)((int)z << (4 * (t % 2)));
+            zeros[h * half + t / 2] |= (uint8_t)(zr[r] << (4 * (t % 2)));
         }
 }
 
@@ -2562,8 +2597,9 @@ static PyObject *py_rot_encode4a(PyObject *self, PyObject *args) {
                      held[4].len);
         goto done;
     }
-    /* y, then k, e, mn for each row, then the bases (copied out at the end: ``base`` may be unaligned) */
-    char *work = PyMem_Malloc((size_t)d * sizeof(float) + (size_t)n * 16 + (size_t)heads * sizeof(int16_t));
+    /* y, then k, e, mn and the zero-point for each row, then the bases (copied out at the end:
+     * ``base`` may be unaligned) */
+    char *work = PyMem_Malloc((size_t)d * sizeof(float) + 8 + (size_t)n * 17 + (size_t)heads * sizeof(int16_t));
     if (work == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -2573,8 +2609,10 @@ static PyObject *py_rot_encode4a(PyObject *self, PyObject *args) {
     int32_t *e = (int32_t *)(k + n);
     float *mn = (float *)(e + n);
     int16_t *base = (int16_t *)(mn + n);
+    uint8_t *zr = (uint8_t *)(base + heads);
     Py_BEGIN_ALLOW_THREADS
-    encode_rows4a(held[0].buf, kind, n, heads, d, log_block, y, k, e, mn, base, held[2].buf, held[3].buf, held[4].buf);
+    encode_rows4a(held[0].buf, kind, n, heads, d, log_block, y, k, e, mn, zr, base, held[2].buf, held[3].buf,
+                  held[4].buf);
     memcpy(held[1].buf, base, (size_t)heads * sizeof(int16_t));
     Py_END_ALLOW_THREADS
     PyMem_Free(work);
