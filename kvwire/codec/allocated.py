@@ -277,6 +277,7 @@ def _key_ranges(data: torch.Tensor, lay: KeyLayout, h: int, d: int):
 
 def _key_grid_c(lo16: torch.Tensor, hi16: torch.Tensor, bound_codes: np.ndarray, groups: int, h: int, d: int):
     """The coded groups' (step, lo fp32 [G, H, D], bits uint8 [H D]) from the C helper."""
+    assert _helper is not None  # its callers check for it
     glo, step = torch.empty(groups, h, d), torch.empty(groups, h, d)
     bits = np.empty(h * d, np.uint8)
     _helper.key_grid(lo16.float().numpy(), hi16.float().numpy(), h, bound_codes, glo.numpy(), step.numpy(), bits)
@@ -286,6 +287,7 @@ def _key_grid_c(lo16: torch.Tensor, hi16: torch.Tensor, bound_codes: np.ndarray,
 def decode_keys_into(data: torch.Tensor, spec: ChunkSpec, spans: Spans) -> None:
     """:func:`decode_keys`'s values written into ``spans`` by the C helper: the first group
     as an ``int4`` key group (``int4_dequantize``), the coded groups a group at a time."""
+    assert _helper is not None  # Int4aCodec.decodes_into checks for it
     t, h, d = spec.shape
     lay = KeyLayout(spec)
     check_length(data, lay.size, "int4a")
@@ -415,6 +417,7 @@ def _row_step(k: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
 
 def _row_steps_c(base_part: torch.Tensor, code_part: torch.Tensor, zero_part: torch.Tensor, rows: int):
     """The compact rows' (step, zero-point) fp32 [rows] from the C helper."""
+    assert _helper is not None  # its callers check for it
     scale, z = torch.empty(rows), torch.empty(rows)
     _helper.row_steps4a(code_part.numpy(), base_part.numpy(), zero_part.numpy(), scale.numpy(), z.numpy())
     return scale, z
@@ -423,6 +426,7 @@ def _row_steps_c(base_part: torch.Tensor, code_part: torch.Tensor, zero_part: to
 def decode_rows_into(data: torch.Tensor, spec: ChunkSpec, spans: Spans) -> None:
     """:func:`decode_rows`'s values written into ``spans`` by the C helper: the first rows
     as ``int4h``'s, the compact ones after them."""
+    assert _helper is not None  # Int4aCodec.decodes_into checks for it
     t, h, d = spec.shape
     first, rows, compact = _rows_layout(spec)
     head_spec = ChunkSpec(first, h, d, spec.dtype, spec.role, spec.block_size)
