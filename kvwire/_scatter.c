@@ -2729,17 +2729,27 @@ ALWAYS_INLINE v8u row_bits8(const void *x, int kind, Py_ssize_t k) {
     return bits;
 }
 
+/* The larger of ``m`` and each finite |x| of the 8 values ``bits``, lane by lane. */
+ALWAYS_INLINE v8f finite_max8(v8f m, v8u bits) {
+    const v8u ab = bits & 0x7FFFFFFFu;
+    const v8f a = (v8f)ab;
+    return select8(((v8i)ab < 0x7F800000) & (a > m), a, m); /* finite only (the sign bit is clear) */
+}
+
 SIMD_CLONES
 static void fp8_encode_rows(const void *x, int kind, Py_ssize_t n, Py_ssize_t d, float *scale, uint8_t *codes) {
     for (Py_ssize_t i = 0; i < n; i++) {
         const Py_ssize_t row = i * d, vec = d % 8 == 0 ? d : 0;
-        v8f m8 = {0};
-        for (Py_ssize_t j = 0; j < vec; j += 8) {
-            const v8u ab = row_bits8(x, kind, row + j) & 0x7FFFFFFFu;
-            const v8f a = (v8f)ab;
-            m8 = select8(((v8i)ab < 0x7F800000) & (a > m8), a, m8); /* finite only (the sign bit is clear) */
+        v8f m8[4] = {{0}, {0}, {0}, {0}}; /* four running maxima (load_row's reason); |x| has no -0 */
+        Py_ssize_t j = 0;
+        for (; j + 32 <= vec; j += 32) {
+            m8[0] = finite_max8(m8[0], row_bits8(x, kind, row + j));
+            m8[1] = finite_max8(m8[1], row_bits8(x, kind, row + j + 8));
+            m8[2] = finite_max8(m8[2], row_bits8(x, kind, row + j + 16));
+            m8[3] = finite_max8(m8[3], row_bits8(x, kind, row + j + 24));
         }
-        float m = hmax8(m8);
+        for (; j < vec; j += 8) m8[0] = finite_max8(m8[0], row_bits8(x, kind, row + j));
+        float m = hmax8(max8(max8(m8[0], m8[1]), max8(m8[2], m8[3])));
         for (Py_ssize_t j = vec; j < d; j++) {
             const float a = fabsf(widen(x, kind, row + j));
             m = a <= FLT_MAX && a > m ? a : m; /* NaN and inf compare false with FLT_MAX */
