@@ -911,7 +911,15 @@ static int out_spans_get(PyObject *obj, OutSpans *out) {
     if (obj == Py_None) return 0;
     if (get_iov(obj, &out->view, &out->iov, &out->count) < 0) return -1;
     out->given = 1;
-    for (size_t i = 0; i < out->count; i++) out->total += out->iov[i].iov_len;
+    for (size_t i = 0; i < out->count; i++) { /* at most PY_SSIZE_T_MAX: no sum wraps, every size fits */
+        if (out->iov[i].iov_len > (size_t)PY_SSIZE_T_MAX - out->total) {
+            PyErr_Format(PyExc_ValueError, "spans: more than %zd bytes in all (span %zu)", PY_SSIZE_T_MAX, i);
+            PyBuffer_Release(&out->view);
+            out->given = 0;
+            return -1;
+        }
+        out->total += out->iov[i].iov_len;
+    }
     return 0;
 }
 
@@ -958,25 +966,25 @@ static int recv_bounced(int fd, const struct iovec *iov, size_t spans, unsigned 
  * the spans must take exactly the buffer's length. The GIL is released. */
 static PyObject *py_copy_out(PyObject *self, PyObject *args) {
     PyObject *obj;
-    Py_buffer data, view;
+    Py_buffer data;
+    OutSpans spans;
     if (!PyArg_ParseTuple(args, "y*O", &data, &obj)) return NULL;
-    struct iovec *iov;
-    size_t count, total = 0;
-    if (get_iov(obj, &view, &iov, &count) < 0) {
+    if (obj == Py_None || out_spans_get(obj, &spans) < 0) {
+        if (obj == Py_None) PyErr_SetString(PyExc_TypeError, "copy_out: spans, not None");
         PyBuffer_Release(&data);
         return NULL;
     }
-    for (size_t i = 0; i < count; i++) total += iov[i].iov_len;
+    const size_t total = spans.total;
     if (total != (size_t)data.len) {
-        PyBuffer_Release(&view);
+        out_spans_release(&spans);
         PyBuffer_Release(&data);
         return PyErr_Format(PyExc_ValueError, "copy_out: the spans take %zu bytes, the buffer holds %zd", total,
                             data.len);
     }
-    Py_BEGIN_ALLOW_THREADS SpanCursor at = {iov, 0, 0};
+    Py_BEGIN_ALLOW_THREADS SpanCursor at = {spans.iov, 0, 0};
     spill(&at, data.buf, total);
     store_fence();
-    Py_END_ALLOW_THREADS PyBuffer_Release(&view);
+    Py_END_ALLOW_THREADS out_spans_release(&spans);
     PyBuffer_Release(&data);
     return PyLong_FromSize_t(total);
 }
@@ -1516,10 +1524,6 @@ static PyObject *key_coded(PyObject *args, int encoding) {
         total += b[c];
     }
     const Py_ssize_t item = kind ? 2 : 4, words_len = encoding ? out.len : a.len;
-    if (spilled && spans.total > (size_t)PY_SSIZE_T_MAX) {
-        PyErr_Format(PyExc_ValueError, "key coded groups: the spans hold more than %zd bytes", PY_SSIZE_T_MAX);
-        goto done;
-    }
     const Py_ssize_t rows_len = encoding ? a.len : spilled ? (Py_ssize_t)spans.total : out.len;
     const Py_ssize_t R = C ? rows_len / (item * C) : 0, G = (R + 15) / 16;
     if (C == 0 || rows_len != R * item * C || p.len != G * 4 * C || q.len != G * 4 * C ||

@@ -373,3 +373,22 @@ def test_copy_out_refuses_spans_that_do_not_take_the_buffer():
     with pytest.raises(ValueError, match="the spans take 60 bytes, the buffer holds 50"):
         scatter._scatter.copy_out(bytes(50), spans_of([(0, 30), (40, 30)], out).iov)
     assert not out.any()
+
+
+@pytest.mark.skipif(scatter._scatter is None, reason="the C helper was not built")
+def test_span_lists_whose_lengths_wrap_are_refused_by_every_writer():
+    """Lengths that sum past 2^64 to exactly what a call expects (here 2^64 - 16 and then
+    16 + 64 bytes: 64 mod 2^64) are refused before anything is written, by copy_out and
+    by the decoders that write into spans."""
+    h = scatter._scatter
+    a, b = np.zeros(64, np.uint8), np.zeros(80, np.uint8)
+    wrapping = np.array([[a.ctypes.data, 2**64 - 16], [b.ctypes.data, 80]], dtype=np.uint64)
+    with pytest.raises(ValueError, match="spans: more than .* bytes in all"):
+        h.copy_out(bytes(64), wrapping)
+    words, bits, params = np.zeros((1, 4), np.uint16), np.full(4, 4, np.uint8), np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match="spans: more than .* bytes in all"):  # 16 rows of 4 fp32 channels
+        h.key_decode(words, bits, params, params, np.zeros(4, np.float32), 0, wrapping)
+    table = np.zeros(256, np.float32)
+    with pytest.raises(ValueError, match="spans: more than .* bytes in all"):  # 2 rows of 8 fp32 values
+        h.fp8_dequantize(np.zeros(16, np.uint8), 8, np.ones(2, np.float32), table, np.zeros(8, np.float32), 0, wrapping)
+    assert not a.any() and not b.any()
