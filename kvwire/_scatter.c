@@ -2592,7 +2592,8 @@ static PyObject *py_rot_encode4a(PyObject *self, PyObject *args) {
     Py_ssize_t n = kind_and_d("rot_encode4a", kind, d) < 0 ? -1 : rot_rows(&held[0], kind, d);
     if (n < 0) goto done;
     const Py_ssize_t later = heads > 0 ? n / heads : 0, half = (later + 1) / 2;
-    if (heads <= 0 || n % heads || d % 2 || log_block < 0 || log_block > 8 || held[1].len != heads * 2 ||
+    if (heads <= 0 || heads > PY_SSIZE_T_MAX / 16 || n % heads || d % 2 || log_block < 0 || log_block > 8 ||
+        held[1].len != heads * 2 ||
         held[2].len != n || held[3].len != heads * half || held[4].len != n * (d / 2)) {
         PyErr_Format(PyExc_ValueError, "rot_encode4a: x [N, d] with N a multiple of heads and d even, base int16 "
                      "[heads], code uint8 [N], zeros uint8 [heads, ceil(N / heads / 2)], codes uint8 [N, d / 2], "

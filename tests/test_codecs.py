@@ -712,6 +712,67 @@ def test_rotated_rows_in_c_equal_the_torch_ones(monkeypatch, dtype, name, role, 
 
 
 @pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("off", [-2, 64])
+def test_int4a_decode_into_refuses_spans_of_another_size_before_writing(off):
+    """Spans a row short or long for a chunk of three windows: a ValueError naming both
+    sizes, and none of the rows written (the first windows would fit)."""
+    codec = kvwire.codec.get("int4a")
+    encoded = codec.encode(torch.randn(2100, 2, 64).to(torch.bfloat16), "k", 16)
+    rows = np.zeros(encoded.spec.raw_nbytes + 64, np.uint8)
+    spans = kvwire.scatter.Spans(np.array([[rows.ctypes.data, encoded.spec.raw_nbytes + off]], dtype=np.uint64), rows)
+    with pytest.raises(ValueError, match=f"spans: take {encoded.spec.raw_nbytes + off} bytes, the chunk decodes to"):
+        codec.decode_into(encoded.data, encoded.spec, spans)
+    assert not rows.any()
+
+
+def _awkward_rows(tokens: int, heads: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[tokens, heads, d]`` of every kind the rotated coders treat apart: zeros, one
+    value repeated, one spike (at every lane of 32 in turn: the helper's running maxima
+    and minima each see a quarter of them), tiny rows their head's base clamps, huge rows,
+    subnormals, NaN and infinities, and plain random ones."""
+    g = torch.Generator().manual_seed(d * 7 + heads)
+    x = torch.randn(tokens, heads, d, generator=g) * 4
+    tiny, huge = (1e-7, 1e3) if dtype == torch.float16 else (1e-40, 1e30)
+    for r, row in enumerate(x.view(-1, d)):
+        kind = r % 9
+        if kind == 0:
+            row.zero_()
+        elif kind == 1:
+            row.fill_(3.0)
+        elif kind == 2:
+            row.zero_()
+            row[(r // 9) % min(d, 32)] = -100.0 if r % 2 else 100.0
+        elif kind == 3:
+            row.mul_(1e-6)
+        elif kind == 4:
+            row.mul_(huge)
+        elif kind == 5:
+            row.fill_(-tiny)
+        elif kind == 6:
+            row[0], row[-1] = float("nan"), float("inf")
+    return x.to(dtype)
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [2, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256])
+def test_rotated_coders_in_c_equal_torch_on_awkward_rows(monkeypatch, dtype, d):
+    """int4a's value windows (``rot_encode4a``: one visit per row, a second for the rows
+    their head's base clamps), int8h and int4h (``rot_stats``, ``rot_quantize``) over
+    :func:`_awkward_rows`: the bytes of the torch path, with every lane of a row's
+    running extremes holding its largest value in some row."""
+    from kvwire.codec import allocated, rotated
+
+    x = _awkward_rows(allocated.EXACT_ROWS + 70, 3, d, dtype)
+    names = ["int8h", "int4h"] + (["int4a"] if d % 8 == 0 else [])
+    fast = {name: kvwire.codec.get(name).encode(x, "v").data for name in names}
+    monkeypatch.setattr(rotated, "_helper", None)
+    monkeypatch.setattr(allocated, "_helper", None)
+    for name in names:
+        assert torch.equal(kvwire.codec.get(name).encode(x, "v").data, fast[name]), name
+
+
+@pytest.mark.skipif(kvwire.scatter._scatter is None, reason="the C helper was not built")
 @settings(max_examples=60, deadline=None)
 @given(
     dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]),
@@ -1102,6 +1163,9 @@ def test_rotated_rows_helper_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="rot_encode4a: kind 0 .* got kind 2"):
         _scatter.rot_encode4a(x8, 2, 8, 4, 3, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8),
                               codes8)  # fmt: skip
+    with pytest.raises(ValueError, match="rot_encode4a: .* heads 4611686018427387904"):  # no product of it wraps
+        _scatter.rot_encode4a(np.zeros(0, np.float32), 0, 16, 2**62, 4, bytearray(2), bytearray(0), bytearray(0),
+                              bytearray(0))  # fmt: skip
     with pytest.raises(ValueError, match="rot_encode4a: .* log_block 9"):
         _scatter.rot_encode4a(x8, 0, 8, 4, 9, np.zeros(8, np.uint8), np.zeros(8, np.uint8), np.zeros(4, np.uint8),
                               codes8)  # fmt: skip

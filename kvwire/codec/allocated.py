@@ -520,6 +520,8 @@ class Int4aCodec(Codec):
         if not self.decodes_into(spec):
             return False
         check_length(data, self.encoded_size(spec), self.name)
+        if spans.nbytes != spec.raw_nbytes:  # refused before any window is written
+            raise ValueError(f"spans: take {spans.nbytes} bytes, the chunk decodes to {spec.raw_nbytes}")
         at, t0, row = 0, 0, spec.heads * spec.head_dim * spec.itemsize
         for w in _windows(spec):  # each window's bytes to its own rows
             size = _window_size(w)
