@@ -1467,8 +1467,8 @@ static void group_values8(const uint8_t *codes, Py_ssize_t here, Py_ssize_t C, c
  * kind=0, spans=None): the coded groups of an int4a key window in one pass each
  * (docs/formats.md, "int4a"): for each group and channel in order, bits[c] 16-bit words,
  * word j holding bit j of the channel's 16 codes, token t in bit t (two 8 x 8 bit-matrix
- * transposes). ``x``
- * (encode) and ``out`` (decode) fp32 [R, C], the window's rows after its first group;
+ * transposes). ``x`` (encode) and ``out`` (decode) fp32 [R, C], the window's rows after
+ * its first group;
  * ``glo``, ``inv`` (encode), ``scale`` (decode) fp32 [G, C] with G = ceil(R / 16);
  * ``bits`` uint8 [C]; ``words`` uint16 [G, sum(bits)]. The optional ``kind`` 1 reads
  * ``x`` (encode) or writes ``out`` (decode) as bf16 bits (uint16 [R, C]); decoding
