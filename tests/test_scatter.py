@@ -392,3 +392,27 @@ def test_span_lists_whose_lengths_wrap_are_refused_by_every_writer():
     with pytest.raises(ValueError, match="spans: more than .* bytes in all"):  # 2 rows of 8 fp32 values
         h.fp8_dequantize(np.zeros(16, np.uint8), 8, np.ones(2, np.float32), table, np.zeros(8, np.float32), 0, wrapping)
     assert not a.any() and not b.any()
+
+
+def test_spans_cut_gives_the_bytes_of_the_cut_and_refuses_what_lies_outside():
+    """Any cut of spans of any lengths (an empty span among them) holds the same bytes as
+    the joined spans' slice; a cut past either end is refused with both bounds named."""
+    data = np.arange(200, dtype=np.uint8)
+    pieces = [(0, 30), (40, 0), (50, 1), (60, 70), (140, 45)]
+    spans = scatter.Spans(np.array([[data.ctypes.data + a, n] for a, n in pieces], dtype=np.uint64), data)
+    whole = spans.tobytes()
+    for start in range(0, len(whole) + 1, 7):
+        for nbytes in (0, 1, 29, 31, len(whole) - start):
+            if start + nbytes <= len(whole):
+                cut = spans.cut(start, nbytes)
+                assert cut.tobytes() == whole[start : start + nbytes] and cut.nbytes == nbytes
+    with pytest.raises(ValueError, match="cut: bytes 140 to 147 of spans holding 146"):
+        spans.cut(140, 7)
+    with pytest.raises(ValueError, match="cut: bytes -1 to 9 of spans holding 146"):
+        spans.cut(-1, 10)
+
+
+@pytest.mark.skipif(scatter._scatter is None, reason="the C helper was not built")
+def test_copy_out_refuses_no_spans():
+    with pytest.raises(TypeError, match="copy_out: spans, not None"):
+        scatter._scatter.copy_out(bytes(4), None)
